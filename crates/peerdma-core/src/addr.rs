@@ -176,7 +176,10 @@ impl<A: Address> Range<A> {
     /// Creates `[start, start + len)`, or `None` when that overflows.
     pub fn from_len(start: A, len: u64) -> Option<Self> {
         let end = start.raw_value().checked_add(len)?;
-        Some(Self { start, end: A::from_raw_value(end) })
+        Some(Self {
+            start,
+            end: A::from_raw_value(end),
+        })
     }
 
     /// Returns the length in bytes.
@@ -224,19 +227,31 @@ impl<A: Address> Range<A> {
     /// Returns an iterator over the start address of every 4 KiB page in a page-aligned range.
     pub fn pages(&self) -> impl Iterator<Item = A> + use<A> {
         let (start, end) = (self.start.raw_value(), self.end.raw_value());
-        (start..end).step_by(usize::try_from(PAGE_SIZE).expect("page size fits usize")).map(A::from_raw_value)
+        (start..end)
+            .step_by(usize::try_from(PAGE_SIZE).expect("page size fits usize"))
+            .map(A::from_raw_value)
     }
 }
 
 impl<A: Address> fmt::Debug for Range<A> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "[{:#x}, {:#x})", self.start.raw_value(), self.end.raw_value())
+        write!(
+            f,
+            "[{:#x}, {:#x})",
+            self.start.raw_value(),
+            self.end.raw_value()
+        )
     }
 }
 
 impl<A: Address> fmt::Display for Range<A> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "[{:#x}, {:#x})", self.start.raw_value(), self.end.raw_value())
+        write!(
+            f,
+            "[{:#x}, {:#x})",
+            self.start.raw_value(),
+            self.end.raw_value()
+        )
     }
 }
 

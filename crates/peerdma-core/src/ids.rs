@@ -101,8 +101,8 @@ mod tests {
 
     #[test]
     fn bdf_rejects_out_of_range_device() {
-        assert!("00:20.0".parse::<Bdf>().is_err());
-        assert!("00:00.8".parse::<Bdf>().is_err());
-        assert!("0000".parse::<Bdf>().is_err());
+        "00:20.0".parse::<Bdf>().unwrap_err();
+        "00:00.8".parse::<Bdf>().unwrap_err();
+        "0000".parse::<Bdf>().unwrap_err();
     }
 }
