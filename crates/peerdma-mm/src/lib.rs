@@ -1,1 +1,26 @@
-//! placeholder
+//! The memory-management model: physical frames with real bytes, process address spaces with VMAs and a
+//! multi-level page table, the system calls that change them (`mmap`, `munmap`, `mprotect`, `madvise`,
+//! `fork`, exit), CPU faults with copy-on-write, interval notifiers and `hmm_range_fault`, and the coherence
+//! oracle that checks every access.
+//!
+//! Linux counterparts: mm/memory.c (faults, COW, zap), mm/mmap.c and mm/mprotect.c (VMAs), mm/mmu_notifier.c,
+//! mm/hmm.c. The behavioural reference is spec/linux-hmm.md; section numbers are cited where they apply.
+//!
+//! Everything lives in one [`Kernel`] shared by the simulation's agents as `Rc<Kernel>`; its operations are
+//! `async` and yield to other agents exactly where Linux can sleep (see [`kernel`]).
+
+pub mod costs;
+pub mod file;
+pub mod hmm;
+pub mod kernel;
+pub mod notifier;
+pub mod oracle;
+pub mod pagetable;
+pub mod phys;
+pub mod vma;
+
+pub use costs::MmCosts;
+pub use kernel::{AddressSpace, Advice, Kernel, KernelState, MmapArgs, Signal, ThpPolicy};
+pub use notifier::{IntervalNotifierOps, NotifierEvent, NotifierId, NotifierRange};
+pub use oracle::{LogicalPage, Violation, ViolationKind};
+pub use vma::{Prot, VmFlags, Vma, VmaBacking};

@@ -1,0 +1,1546 @@
+//! The kernel object: physical memory, address spaces, files and the oracle, and the system calls and fault
+//! paths that change them.
+//!
+//! Every operation that can sleep in Linux is an `async fn` here, and sleeps at the same points: taking
+//! `mmap_lock`, calling interval-notifier callbacks (which take driver locks), and the time the operation
+//! costs. Between two `.await`s an operation is atomic; state lives in a `RefCell` that is never borrowed
+//! across an `.await`.
+//!
+//! Lock order (DESIGN.md terms): `mmap_lock` → notifier sequence → driver lock. Notifier callbacks are called
+//! between `range_start` and `range_end`, never from inside a page-table update step.
+
+use std::cell::{RefCell, RefMut};
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use peerdma_core::{
+    DeviceId, Errno, FrameId, PAGE_SIZE, PMD_SIZE, PageSize, Pid, Range, SimDuration, Va,
+};
+use peerdma_sim::{RwSem, Sim, WaitQueue};
+
+use crate::costs::MmCosts;
+use crate::file::File;
+use crate::notifier::{
+    IntervalNotifierOps, NotifierEvent, NotifierId, NotifierRange, NotifierState,
+};
+use crate::oracle::{LogicalPage, Oracle, ViolationKind};
+use crate::pagetable::{Leaf, PageTable, Pte};
+use crate::phys::{FRAMES_PER_PMD, FrameOwner, PhysMem};
+use crate::vma::{Prot, VmFlags, Vma, VmaBacking};
+
+/// Lowest address `mmap` hands out without a hint (`mmap_min_addr` is far lower; this keeps reports readable).
+pub const MMAP_MIN: u64 = 0x1_0000_0000;
+/// Where top-down `mmap` placement starts (`mmap_base`).
+pub const MMAP_BASE: u64 = 0x7f00_0000_0000;
+/// The end of user address space (`TASK_SIZE` for 47-bit x86-64).
+pub const TASK_SIZE: u64 = 0x7fff_ffff_f000;
+
+/// Transparent hugepage policy (`/sys/kernel/mm/transparent_hugepage/enabled`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ThpPolicy {
+    /// THP for every eligible anonymous VMA without VM_NOHUGEPAGE.
+    Always,
+    /// THP only for VMAs with VM_HUGEPAGE (the common distribution default).
+    #[default]
+    Madvise,
+    /// Never.
+    Never,
+}
+
+/// How a CPU access ended when it could not complete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGSEGV: no VMA, or the VMA forbids the access.
+    Segv {
+        /// The faulting address.
+        addr: Va,
+    },
+    /// SIGBUS: the VMA exists but nothing can back the page (beyond EOF, hugetlb pool empty, OOM).
+    Bus {
+        /// The faulting address.
+        addr: Va,
+    },
+}
+
+/// Arguments of [`Kernel::mmap`].
+#[derive(Clone, Debug, Default)]
+pub struct MmapArgs {
+    /// Hint, or the exact address with `fixed`/`fixed_noreplace`.
+    pub addr: Option<Va>,
+    /// Length in bytes (rounded up to pages).
+    pub len: u64,
+    /// Protection.
+    pub prot: Prot,
+    /// MAP_SHARED (else MAP_PRIVATE).
+    pub shared: bool,
+    /// MAP_PRIVATE was given (exactly one of shared/private must be).
+    pub private: bool,
+    /// MAP_ANONYMOUS.
+    pub anonymous: bool,
+    /// MAP_FIXED.
+    pub fixed: bool,
+    /// MAP_FIXED_NOREPLACE.
+    pub fixed_noreplace: bool,
+    /// MAP_POPULATE.
+    pub populate: bool,
+    /// MAP_HUGETLB (2 MiB pages).
+    pub hugetlb: bool,
+    /// The file for a file mapping.
+    pub file: Option<u32>,
+    /// File offset in bytes (page aligned).
+    pub offset: u64,
+    /// A name for reports.
+    pub name: Option<String>,
+}
+
+/// One process address space (`struct mm_struct`).
+#[derive(Debug)]
+pub struct AddressSpace {
+    /// The owning process.
+    pub pid: Pid,
+    /// VMAs by start address.
+    pub vmas: BTreeMap<Va, Vma>,
+    /// The CPU page table.
+    pub pt: PageTable,
+    /// Interval notifiers.
+    pub notifiers: NotifierState,
+    /// `mmap_lock`.
+    pub mmap_lock: RwSem,
+    /// False once the process exited.
+    pub alive: bool,
+}
+
+impl AddressSpace {
+    /// Returns the VMA containing `va` (`vma_lookup`).
+    pub fn vma(&self, va: Va) -> Option<&Vma> {
+        let (_, v) = self.vmas.range(..=va).next_back()?;
+        v.range.contains(va).then_some(v)
+    }
+
+    /// Returns the VMAs intersecting `r`, in order.
+    pub fn vmas_in(&self, r: Range<Va>) -> Vec<Vma> {
+        let first = self
+            .vmas
+            .range(..=r.start)
+            .next_back()
+            .map_or(r.start, |(k, _)| *k);
+        self.vmas
+            .range(first..r.end)
+            .map(|(_, v)| v)
+            .filter(|v| v.range.overlaps(&r))
+            .cloned()
+            .collect()
+    }
+
+    /// Returns whether every byte of `r` lies in some VMA.
+    pub fn fully_mapped(&self, r: Range<Va>) -> bool {
+        let mut cur = r.start;
+        for v in self.vmas_in(r) {
+            if v.range.start > cur {
+                return false;
+            }
+            cur = v.range.end;
+        }
+        cur >= r.end
+    }
+
+    /// Returns the frame and write permission a *present* mapping gives `va`, if any.
+    pub fn translate(&self, va: Va) -> Option<(FrameId, bool, Leaf)> {
+        let leaf = self.pt.lookup(va)?;
+        match leaf.pte {
+            Pte::Present { write, .. } => Some((leaf.frame_at(va)?, write, leaf)),
+            _ => None,
+        }
+    }
+}
+
+/// Mutable kernel state. Borrow it only between awaits.
+#[derive(Debug)]
+pub struct KernelState {
+    /// Physical memory.
+    pub phys: PhysMem,
+    /// Address spaces by pid.
+    pub mms: BTreeMap<Pid, AddressSpace>,
+    /// Files by id.
+    pub files: Vec<File>,
+    /// The coherence oracle.
+    pub oracle: Oracle,
+    /// Transparent hugepage policy.
+    pub thp: ThpPolicy,
+    next_pid: u32,
+    next_notifier: u64,
+}
+
+impl KernelState {
+    /// Returns the address space of `pid`.
+    ///
+    /// # Panics
+    /// Panics for an unknown pid (pids come from [`Kernel::create_process`] / [`Kernel::fork`]).
+    pub fn mm(&self, pid: Pid) -> &AddressSpace {
+        self.mms.get(&pid).expect("pid of a created process")
+    }
+
+    /// Returns the address space of `pid`, mutably.
+    pub fn mm_mut(&mut self, pid: Pid) -> &mut AddressSpace {
+        self.mms.get_mut(&pid).expect("pid of a created process")
+    }
+
+    /// Returns the logical page the oracle tracks for `va` in `pid` (see [`LogicalPage`]).
+    pub fn logical_page(&self, pid: Pid, va: Va) -> Option<LogicalPage> {
+        let mm = self.mms.get(&pid)?;
+        let vma = mm.vma(va)?;
+        let vpn = va.page_number();
+        match vma.backing {
+            VmaBacking::Anon => Some(LogicalPage::Anon { pid, vpn }),
+            VmaBacking::Driver => None,
+            VmaBacking::File { .. } => {
+                let (file, pgoff) = vma.file_pgoff(va)?;
+                if vma.is_shared() {
+                    return Some(LogicalPage::File { file, pgoff });
+                }
+                // A private file mapping reads the file until the page is COWed into an anonymous page.
+                match mm.translate(va) {
+                    Some((frame, _, _)) if self.phys.frame(frame).owner() == FrameOwner::Anon => {
+                        Some(LogicalPage::Anon { pid, vpn })
+                    }
+                    _ => Some(LogicalPage::File { file, pgoff }),
+                }
+            }
+        }
+    }
+
+    /// Returns (creating zero-filled on demand) the page-cache frame of `file` at `pgoff`; `None` beyond EOF
+    /// or when memory is exhausted.
+    pub fn file_page(&mut self, file: u32, pgoff: u64) -> Option<FrameId> {
+        let f = &self.files[file as usize];
+        if pgoff >= f.nr_pages() {
+            return None;
+        }
+        if let Some(&frame) = f.pages.get(&pgoff) {
+            return Some(frame);
+        }
+        let frame = self.phys.alloc(0, FrameOwner::File { file, pgoff }).ok()?;
+        self.phys.frame_mut(frame).lru = crate::phys::LruState::Inactive;
+        self.files[file as usize].pages.insert(pgoff, frame);
+        Some(frame)
+    }
+
+    /// Drops one mapping of `frame` (mapcount and reference).
+    fn unmap_frame(&mut self, frame: FrameId) {
+        if frame == self.phys.zero_page() {
+            return;
+        }
+        let fr = self.phys.frame_mut(frame);
+        fr.mapcount = fr.mapcount.saturating_sub(1);
+        if self.phys.put(frame) {
+            self.oracle.frame_freed(frame);
+        }
+    }
+
+    /// Adds one mapping of `frame`.
+    fn map_frame(&mut self, frame: FrameId) {
+        if frame == self.phys.zero_page() {
+            return;
+        }
+        self.phys.get(frame);
+        self.phys.frame_mut(frame).mapcount += 1;
+    }
+
+    /// Removes every leaf of `pid` inside `r` (splitting PMD leaves that stick out), dropping frame
+    /// references; returns the number of base pages zapped. `keep_file` leaves page-cache pages cached.
+    fn zap_range(&mut self, pid: Pid, r: Range<Va>) -> u64 {
+        let leaves = self.mm(pid).pt.leaves(r.start, r.end);
+        let mut nr = 0;
+        for leaf in leaves {
+            let leaf_range =
+                Range::from_len(leaf.base, leaf.size.bytes()).expect("leaf inside user space");
+            if !r.contains_range(&leaf_range) {
+                self.mm_mut(pid).pt.split_pmd(leaf.base);
+                for page in leaf_range.intersection(&r).expect("leaf overlaps").pages() {
+                    if let Some(l) = self.mm_mut(pid).pt.clear(page) {
+                        nr += 1;
+                        self.drop_leaf_refs(&l);
+                    }
+                }
+                continue;
+            }
+            let l = self
+                .mm_mut(pid)
+                .pt
+                .clear(leaf.base)
+                .expect("leaf listed above");
+            nr += l.size.nr_pages();
+            self.drop_leaf_refs(&l);
+        }
+        nr
+    }
+
+    fn drop_leaf_refs(&mut self, l: &Leaf) {
+        let special = matches!(l.pte, Pte::Present { special: true, .. });
+        if special {
+            return;
+        }
+        if let Some(f) = l.pte.frame() {
+            for i in 0..l.size.nr_pages() {
+                self.unmap_frame(FrameId(f.0 + i));
+            }
+        }
+    }
+
+    /// Removes `r` from the VMA map, splitting VMAs at its edges.
+    fn remove_vmas(&mut self, pid: Pid, r: Range<Va>) {
+        let mm = self.mm_mut(pid);
+        for v in mm.vmas_in(r) {
+            mm.vmas.remove(&v.range.start);
+            if v.range.start < r.start {
+                let left = v.slice(Range::new(v.range.start, r.start));
+                mm.vmas.insert(left.range.start, left);
+            }
+            if v.range.end > r.end {
+                let right = v.slice(Range::new(r.end, v.range.end));
+                mm.vmas.insert(right.range.start, right);
+            }
+        }
+    }
+
+    /// Splits VMAs so that `r`'s edges are VMA boundaries (`split_vma`), returning the VMAs inside `r`.
+    fn split_at(&mut self, pid: Pid, r: Range<Va>) -> Vec<Va> {
+        let mm = self.mm_mut(pid);
+        let mut inside = Vec::new();
+        for v in mm.vmas_in(r) {
+            let mid = v.range.intersection(&r).expect("overlapping");
+            if mid == v.range {
+                inside.push(v.range.start);
+                continue;
+            }
+            mm.vmas.remove(&v.range.start);
+            for part in [
+                Range::new(v.range.start, mid.start),
+                mid,
+                Range::new(mid.end, v.range.end),
+            ] {
+                if !part.is_empty() {
+                    let s = v.slice(part);
+                    mm.vmas.insert(part.start, s);
+                }
+            }
+            inside.push(mid.start);
+        }
+        inside
+    }
+}
+
+/// The simulated kernel: one per simulation, shared by every agent as `Rc<Kernel>`.
+#[derive(Debug)]
+pub struct Kernel {
+    /// The engine.
+    pub sim: Sim,
+    /// Timing parameters.
+    pub costs: MmCosts,
+    state: RefCell<KernelState>,
+    notifier_wq: WaitQueue,
+}
+
+/// The outcome of a fault: the access can be retried, or it raised a signal.
+type FaultResult = Result<(), Signal>;
+
+impl Kernel {
+    /// Creates a kernel with `ram_bytes` of RAM on node 0.
+    pub fn new(sim: &Sim, ram_bytes: u64, costs: MmCosts) -> Rc<Self> {
+        Rc::new(Self {
+            sim: sim.clone(),
+            costs,
+            state: RefCell::new(KernelState {
+                phys: PhysMem::new(ram_bytes),
+                mms: BTreeMap::new(),
+                files: Vec::new(),
+                oracle: Oracle::new(sim.clone()),
+                thp: ThpPolicy::default(),
+                next_pid: 1,
+                next_notifier: 1,
+            }),
+            notifier_wq: WaitQueue::new(sim),
+        })
+    }
+
+    /// Borrows the kernel state. Never hold the borrow across an `.await`.
+    pub fn state(&self) -> RefMut<'_, KernelState> {
+        self.state.borrow_mut()
+    }
+
+    /// Sleeps for `d` (jittered) in simulated time.
+    pub async fn spend(&self, d: SimDuration) {
+        if d.0 > 0 {
+            let d = self.sim.jitter(d);
+            self.sim.sleep(d).await;
+        }
+    }
+
+    /// Creates a process with an empty address space.
+    pub fn create_process(&self) -> Pid {
+        let mut st = self.state();
+        let pid = Pid(st.next_pid);
+        st.next_pid += 1;
+        let mm = AddressSpace {
+            pid,
+            vmas: BTreeMap::new(),
+            pt: PageTable::new(),
+            notifiers: NotifierState::default(),
+            mmap_lock: RwSem::new(&self.sim, "mmap_lock"),
+            alive: true,
+        };
+        st.mms.insert(pid, mm);
+        pid
+    }
+
+    /// Returns `pid`'s `mmap_lock`.
+    pub fn mmap_lock(&self, pid: Pid) -> RwSem {
+        self.state().mm(pid).mmap_lock.clone()
+    }
+
+    /// Creates an in-memory file of `size` bytes and returns its id.
+    pub fn create_file(&self, name: &str, size: u64, shmem: bool) -> u32 {
+        let mut st = self.state();
+        let id = u32::try_from(st.files.len()).expect("fewer than 2^32 files");
+        st.files.push(File {
+            name: name.to_owned(),
+            size,
+            pages: BTreeMap::new(),
+            shmem,
+        });
+        id
+    }
+
+    /// Writes `data` into `file` at `offset` through the page cache (`pwrite`). Writes past EOF extend it.
+    pub async fn pwrite(&self, file: u32, offset: u64, data: &[u8]) -> Result<(), Errno> {
+        self.spend(self.costs.syscall).await;
+        let end = offset.checked_add(data.len() as u64).ok_or(Errno::EINVAL)?;
+        {
+            let mut st = self.state();
+            if st.files[file as usize].size < end {
+                st.files[file as usize].size = end;
+            }
+            let mut pos = 0usize;
+            while pos < data.len() {
+                let off = offset + pos as u64;
+                let (pgoff, in_page) = (
+                    off / PAGE_SIZE,
+                    usize::try_from(off % PAGE_SIZE).expect("< 4096"),
+                );
+                let n = (4096 - in_page).min(data.len() - pos);
+                let frame = st.file_page(file, pgoff).ok_or(Errno::ENOSPC)?;
+                st.phys.write(frame, in_page, &data[pos..pos + n]);
+                let h = st.phys.content_hash(frame);
+                st.oracle.record(LogicalPage::File { file, pgoff }, h);
+                pos += n;
+            }
+        }
+        self.spend(
+            self.costs
+                .page_access
+                .saturating_mul(data.len().div_ceil(4096) as u64),
+        )
+        .await;
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes of `file` at `offset` (`pread`); bytes past EOF read as zero here, and the
+    /// count actually inside the file is returned.
+    pub async fn pread(&self, file: u32, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
+        self.spend(self.costs.syscall).await;
+        let n = {
+            let mut st = self.state();
+            let size = st.files[file as usize].size;
+            let n = usize::try_from(size.saturating_sub(offset).min(buf.len() as u64))
+                .expect("fits buffer");
+            buf.fill(0);
+            let mut pos = 0usize;
+            while pos < n {
+                let off = offset + pos as u64;
+                let (pgoff, in_page) = (
+                    off / PAGE_SIZE,
+                    usize::try_from(off % PAGE_SIZE).expect("< 4096"),
+                );
+                let k = (4096 - in_page).min(n - pos);
+                let frame = st.file_page(file, pgoff).ok_or(Errno::ENOMEM)?;
+                st.phys.read(frame, in_page, &mut buf[pos..pos + k]);
+                pos += k;
+            }
+            n
+        };
+        self.spend(
+            self.costs
+                .page_access
+                .saturating_mul(n.div_ceil(4096) as u64),
+        )
+        .await;
+        Ok(n)
+    }
+
+    // ------------------------------------------------------------------------------------------ notifiers
+
+    /// Registers an interval notifier over `[start, start + len)` of `pid` (`mmu_interval_notifier_insert`).
+    ///
+    /// # Errors
+    /// `EOVERFLOW` for a zero length or a range that wraps; `EINVAL` when the process has exited (no
+    /// `mm_users` reference).
+    pub fn interval_notifier_insert(
+        &self,
+        pid: Pid,
+        start: Va,
+        len: u64,
+        ops: Rc<dyn IntervalNotifierOps>,
+    ) -> Result<NotifierId, Errno> {
+        let range = match Range::from_len(start, len) {
+            Some(r) if len > 0 => r,
+            _ => return Err(Errno::EOVERFLOW),
+        };
+        let mut st = self.state();
+        if !st.mm(pid).alive {
+            return Err(Errno::EINVAL);
+        }
+        let id = NotifierId(st.next_notifier);
+        st.next_notifier += 1;
+        st.mm_mut(pid).notifiers.insert(id, range, ops);
+        Ok(id)
+    }
+
+    /// Removes an interval notifier (`mmu_interval_notifier_remove`). If an invalidation is in progress it
+    /// waits for it to end, so that once this returns no callback runs or will run.
+    pub async fn interval_notifier_remove(&self, pid: Pid, id: NotifierId) {
+        let st = &self.state;
+        self.notifier_wq
+            .wait_event(|| st.borrow().mm(pid).notifiers.active == 0)
+            .await;
+        self.state().mm_mut(pid).notifiers.subs.remove(&id);
+    }
+
+    /// `mmu_interval_read_begin`: sleeps while the subscription is being invalidated, then returns its sequence.
+    pub async fn interval_read_begin(&self, pid: Pid, id: NotifierId) -> u64 {
+        let st = &self.state;
+        self.notifier_wq
+            .wait_event(|| !st.borrow().mm(pid).notifiers.read_begin_must_wait(id))
+            .await;
+        self.state()
+            .mm(pid)
+            .notifiers
+            .subs
+            .get(&id)
+            .map_or(0, |s| s.seq)
+    }
+
+    /// `mmu_interval_read_retry`: whether the subscription was invalidated since `read_begin` returned `seq`.
+    /// Call it under the driver lock that the invalidate callback also takes.
+    pub fn interval_read_retry(&self, pid: Pid, id: NotifierId, seq: u64) -> bool {
+        self.state()
+            .mm(pid)
+            .notifiers
+            .subs
+            .get(&id)
+            .is_none_or(|s| s.seq != seq)
+    }
+
+    /// `mmu_interval_set_seq`: called by the invalidate callback, under the driver lock.
+    pub fn interval_set_seq(&self, pid: Pid, id: NotifierId, cur_seq: u64) {
+        if let Some(s) = self.state().mm_mut(pid).notifiers.subs.get_mut(&id) {
+            s.seq = cur_seq;
+        }
+    }
+
+    /// Runs step 1 of an invalidation (see [`crate::notifier`]): calls every intersecting subscription.
+    pub async fn invalidate_range_start(
+        &self,
+        pid: Pid,
+        range: Range<Va>,
+        event: NotifierEvent,
+        owner: Option<DeviceId>,
+    ) {
+        let (hits, cur_seq) = self.state().mm_mut(pid).notifiers.range_start(range);
+        self.sim.trace("mmu_notifier.start", || {
+            format!("pid {} {range} {event:?} seq {cur_seq}", pid.0)
+        });
+        let nr = NotifierRange {
+            mm: pid,
+            range,
+            event,
+            owner,
+            blockable: true,
+        };
+        for (id, ops) in hits {
+            let ok = ops.invalidate(id, &nr, cur_seq).await;
+            if !ok {
+                // A false return in blockable context is a driver bug in Linux (WARN); the model reports it.
+                self.state().oracle.violation(
+                    ViolationKind::Protocol,
+                    format!(
+                        "notifier {} refused a blockable invalidation of {range}",
+                        ops.name()
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Runs step 3 of an invalidation: the last end makes the sequence even and wakes sleepers.
+    pub fn invalidate_range_end(&self, pid: Pid) {
+        let last = self.state().mm_mut(pid).notifiers.range_end();
+        if last {
+            self.notifier_wq.wake_up_all();
+        }
+    }
+
+    // ------------------------------------------------------------------------------------------ syscalls
+
+    /// `mmap(2)`.
+    ///
+    /// # Errors
+    /// `EINVAL` for a zero length, an unaligned fixed address or offset, or neither/both of shared and
+    /// private; `ENOMEM` when the length overflows or no gap fits; `EEXIST` for MAP_FIXED_NOREPLACE over a
+    /// mapping; `EBADF` for a file mapping without a file.
+    pub async fn mmap(&self, pid: Pid, args: &MmapArgs) -> Result<Va, Errno> {
+        self.spend(self.costs.syscall).await;
+        if args.len == 0 || args.shared == args.private || !args.offset.is_multiple_of(PAGE_SIZE) {
+            return Err(Errno::EINVAL);
+        }
+        let align = if args.hugetlb { PMD_SIZE } else { PAGE_SIZE };
+        let len = args
+            .len
+            .checked_next_multiple_of(align)
+            .ok_or(Errno::ENOMEM)?;
+        if len > TASK_SIZE {
+            return Err(Errno::ENOMEM);
+        }
+        if !args.anonymous && args.file.is_none() {
+            return Err(Errno::EBADF);
+        }
+        let fixed = args.fixed || args.fixed_noreplace;
+        if fixed {
+            let a = args.addr.ok_or(Errno::EINVAL)?;
+            if !a.is_aligned(align) {
+                return Err(Errno::EINVAL);
+            }
+            if a.raw().checked_add(len).is_none_or(|e| e > TASK_SIZE) {
+                return Err(Errno::ENOMEM);
+            }
+        }
+        let lock = self.mmap_lock(pid);
+        let _g = lock.write().await;
+        let start = if fixed {
+            let a = args.addr.expect("checked above");
+            let r = Range::from_len(a, len).expect("checked above");
+            let overlaps = !self.state().mm(pid).vmas_in(r).is_empty();
+            if overlaps {
+                if args.fixed_noreplace {
+                    return Err(Errno::EEXIST);
+                }
+                self.do_munmap(pid, r).await;
+            }
+            a
+        } else {
+            self.find_gap(pid, args.addr, len, align)
+                .ok_or(Errno::ENOMEM)?
+        };
+        let range = Range::from_len(start, len).expect("gap inside user space");
+        let mut flags = args.prot.vm_flags();
+        if args.shared {
+            flags |= VmFlags::SHARED;
+        }
+        if args.hugetlb {
+            flags |= VmFlags::HUGETLB;
+        }
+        let backing = if args.anonymous {
+            if args.shared {
+                let f = self.create_file("shmem", len, true);
+                VmaBacking::File { file: f, pgoff: 0 }
+            } else {
+                VmaBacking::Anon
+            }
+        } else {
+            VmaBacking::File {
+                file: args.file.expect("checked above"),
+                pgoff: args.offset / PAGE_SIZE,
+            }
+        };
+        self.state().mm_mut(pid).vmas.insert(
+            start,
+            Vma {
+                range,
+                flags,
+                backing,
+                name: args.name.clone(),
+            },
+        );
+        self.sim
+            .trace("mmap", || format!("pid {} {range} {flags:?}", pid.0));
+        if args.populate {
+            let write = args.prot.write;
+            for page in range.pages() {
+                if self.state().mm(pid).translate(page).is_some() {
+                    continue;
+                }
+                if self.handle_mm_fault(pid, page, write).await.is_err() {
+                    break;
+                }
+            }
+        }
+        Ok(start)
+    }
+
+    /// Creates a VM_MIXEDMAP VMA whose pages are zeroed kernel pages inserted at mmap time
+    /// (`vm_insert_page`), as a driver's `mmap` file operation does (lib/test_hmm.c `dmirror_fops_mmap`).
+    pub async fn mmap_driver_pages(
+        &self,
+        pid: Pid,
+        len: u64,
+        prot: Prot,
+        shared: bool,
+    ) -> Result<Va, Errno> {
+        self.spend(self.costs.syscall).await;
+        let len = len
+            .checked_next_multiple_of(PAGE_SIZE)
+            .ok_or(Errno::ENOMEM)?;
+        if len == 0 {
+            return Err(Errno::EINVAL);
+        }
+        let lock = self.mmap_lock(pid);
+        let _g = lock.write().await;
+        let start = self
+            .find_gap(pid, None, len, PAGE_SIZE)
+            .ok_or(Errno::ENOMEM)?;
+        let range = Range::from_len(start, len).expect("gap inside user space");
+        let mut flags = prot.vm_flags() | VmFlags::MIXEDMAP;
+        if shared {
+            flags |= VmFlags::SHARED;
+        }
+        let mut st = self.state();
+        st.mm_mut(pid).vmas.insert(
+            start,
+            Vma {
+                range,
+                flags,
+                backing: VmaBacking::Driver,
+                name: None,
+            },
+        );
+        for page in range.pages() {
+            let frame = st
+                .phys
+                .alloc(0, FrameOwner::Kernel)
+                .map_err(|_| Errno::ENOMEM)?;
+            st.phys.frame_mut(frame).mapcount = 1;
+            // vm_insert_page maps the page read-only in a private mapping; a write fault COWs it.
+            let write = shared && prot.write;
+            st.mm_mut(pid).pt.set_pte(
+                page,
+                Pte::Present {
+                    frame,
+                    write,
+                    special: false,
+                },
+            );
+        }
+        Ok(start)
+    }
+
+    fn find_gap(&self, pid: Pid, hint: Option<Va>, len: u64, align: u64) -> Option<Va> {
+        let st = self.state();
+        let mm = st.mm(pid);
+        if let Some(h) = hint
+            && let Some(a) = h.align_up(align)
+            && let Some(r) = Range::from_len(a, len)
+            && r.start.raw() >= MMAP_MIN
+            && r.end.raw() <= TASK_SIZE
+            && mm.vmas_in(r).is_empty()
+        {
+            return Some(a);
+        }
+        // Top-down below MMAP_BASE (arch_get_unmapped_area_topdown).
+        let mut top = MMAP_BASE;
+        for (_, v) in mm.vmas.range(..Va::from_raw(MMAP_BASE)).rev() {
+            let gap_start = v.range.end.raw();
+            if let Some(cand) = top.checked_sub(len).map(|c| c & !(align - 1))
+                && cand >= gap_start
+            {
+                return Some(Va::from_raw(cand));
+            }
+            top = top.min(v.range.start.raw());
+        }
+        let cand = top.checked_sub(len)? & !(align - 1);
+        (cand >= MMAP_MIN).then_some(Va::from_raw(cand))
+    }
+
+    /// `munmap(2)`.
+    ///
+    /// # Errors
+    /// `EINVAL` for an unaligned address, a zero length or a range outside user space.
+    pub async fn munmap(&self, pid: Pid, addr: Va, len: u64) -> Result<(), Errno> {
+        self.spend(self.costs.syscall).await;
+        let r = check_range(addr, len)?;
+        let lock = self.mmap_lock(pid);
+        let _g = lock.write().await;
+        self.do_munmap(pid, r).await;
+        Ok(())
+    }
+
+    /// Unmaps `r` with the write lock held: notifier UNMAP, zap, VMA removal, TLB shootdown.
+    async fn do_munmap(&self, pid: Pid, r: Range<Va>) {
+        if self.state().mm(pid).vmas_in(r).is_empty() {
+            return;
+        }
+        self.invalidate_range_start(pid, r, NotifierEvent::Unmap, None)
+            .await;
+        let nr = {
+            let mut st = self.state();
+            let nr = st.zap_range(pid, r);
+            st.remove_vmas(pid, r);
+            st.oracle.forget_anon(pid, r);
+            nr
+        };
+        if nr > 0 {
+            self.spend(self.costs.tlb_shootdown).await;
+        }
+        self.invalidate_range_end(pid);
+        self.sim
+            .trace("munmap", || format!("pid {} {r} ({nr} pages)", pid.0));
+    }
+
+    /// `mprotect(2)`.
+    ///
+    /// # Errors
+    /// `EINVAL` for an unaligned address or a range outside user space; `ENOMEM` when part of the range is
+    /// not mapped.
+    pub async fn mprotect(&self, pid: Pid, addr: Va, len: u64, prot: Prot) -> Result<(), Errno> {
+        self.spend(self.costs.syscall).await;
+        if len == 0 && addr.is_page_aligned() {
+            return Ok(());
+        }
+        let r = check_range(addr, len)?;
+        let lock = self.mmap_lock(pid);
+        let _g = lock.write().await;
+        if !self.state().mm(pid).fully_mapped(r) {
+            return Err(Errno::ENOMEM);
+        }
+        let has_leaves = !self.state().mm(pid).pt.leaves(r.start, r.end).is_empty();
+        if has_leaves {
+            self.invalidate_range_start(pid, r, NotifierEvent::ProtectionVma, None)
+                .await;
+        }
+        {
+            let mut st = self.state();
+            for start in st.split_at(pid, r) {
+                let mm = st.mm_mut(pid);
+                let v = mm
+                    .vmas
+                    .get_mut(&start)
+                    .expect("split_at returns VMA starts");
+                v.flags = (v.flags - VmFlags::PROT) | prot.vm_flags();
+            }
+            // change_protection: removing write permission write-protects the entries; adding it does not make
+            // them writable (the next write fault decides, COW included).
+            if !prot.write {
+                for leaf in st.mm(pid).pt.leaves(r.start, r.end) {
+                    let leaf_range =
+                        Range::from_len(leaf.base, leaf.size.bytes()).expect("in user space");
+                    if !r.contains_range(&leaf_range) {
+                        st.mm_mut(pid).pt.split_pmd(leaf.base);
+                        for page in leaf_range.intersection(&r).expect("overlaps").pages() {
+                            if let Some(l) = st.mm(pid).pt.lookup(page) {
+                                st.mm_mut(pid).pt.set_pte(page, l.pte.with_write(false));
+                            }
+                        }
+                    } else if leaf.size == PageSize::Size2M {
+                        st.mm_mut(pid)
+                            .pt
+                            .set_pmd(leaf.base, leaf.pte.with_write(false));
+                    } else {
+                        st.mm_mut(pid)
+                            .pt
+                            .set_pte(leaf.base, leaf.pte.with_write(false));
+                    }
+                }
+            }
+        }
+        if has_leaves {
+            self.spend(self.costs.tlb_shootdown).await;
+            self.invalidate_range_end(pid);
+        }
+        self.sim
+            .trace("mprotect", || format!("pid {} {r} {prot:?}", pid.0));
+        Ok(())
+    }
+
+    /// `madvise(2)` with MADV_DONTNEED, MADV_HUGEPAGE or MADV_NOHUGEPAGE.
+    ///
+    /// # Errors
+    /// `EINVAL` for an unaligned address; `ENOMEM` when part of the range is not mapped.
+    pub async fn madvise(&self, pid: Pid, addr: Va, len: u64, advice: Advice) -> Result<(), Errno> {
+        self.spend(self.costs.syscall).await;
+        let r = check_range(addr, len)?;
+        let lock = self.mmap_lock(pid);
+        match advice {
+            Advice::DontNeed => {
+                let _g = lock.read().await;
+                if !self.state().mm(pid).fully_mapped(r) {
+                    return Err(Errno::ENOMEM);
+                }
+                self.invalidate_range_start(pid, r, NotifierEvent::Clear, None)
+                    .await;
+                let nr = {
+                    let mut st = self.state();
+                    let nr = st.zap_range(pid, r);
+                    st.oracle.forget_anon(pid, r);
+                    nr
+                };
+                if nr > 0 {
+                    self.spend(self.costs.tlb_shootdown).await;
+                }
+                self.invalidate_range_end(pid);
+            }
+            Advice::HugePage | Advice::NoHugePage => {
+                let _g = lock.write().await;
+                if !self.state().mm(pid).fully_mapped(r) {
+                    return Err(Errno::ENOMEM);
+                }
+                let mut st = self.state();
+                for start in st.split_at(pid, r) {
+                    let v = st
+                        .mm_mut(pid)
+                        .vmas
+                        .get_mut(&start)
+                        .expect("split_at returns VMA starts");
+                    if advice == Advice::HugePage {
+                        v.flags = (v.flags - VmFlags::NOHUGEPAGE) | VmFlags::HUGEPAGE;
+                    } else {
+                        v.flags = (v.flags - VmFlags::HUGEPAGE) | VmFlags::NOHUGEPAGE;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `fork(2)`: copies the address space with copy-on-write for private mappings. Returns the child's pid.
+    ///
+    /// Private writable pages are write-protected in the parent, which fires MMU_NOTIFY_PROTECTION_PAGE over
+    /// each COW VMA (mm/memory.c `copy_page_range`). An anonymous exclusive page that may be DMA-pinned is
+    /// copied for the child at once instead (`copy_present_page`), so the pinned page stays the parent's.
+    pub async fn fork(&self, pid: Pid) -> Result<Pid, Errno> {
+        self.spend(self.costs.syscall).await;
+        let lock = self.mmap_lock(pid);
+        let _g = lock.write().await;
+        let child = self.create_process();
+        let vmas: Vec<Vma> = self.state().mm(pid).vmas.values().cloned().collect();
+        let mut copies = 0u64;
+        for vma in vmas {
+            if vma.flags.contains(VmFlags::DONTCOPY) {
+                continue;
+            }
+            let cow = !vma.is_shared();
+            let leaves = self
+                .state()
+                .mm(pid)
+                .pt
+                .leaves(vma.range.start, vma.range.end);
+            let needs_wp = cow && leaves.iter().any(|l| l.pte.is_write());
+            if needs_wp {
+                self.invalidate_range_start(pid, vma.range, NotifierEvent::ProtectionPage, None)
+                    .await;
+            }
+            {
+                let mut st = self.state();
+                st.mm_mut(child).vmas.insert(vma.range.start, vma.clone());
+                for leaf in leaves {
+                    copies += st.copy_leaf(pid, child, &vma, leaf);
+                }
+                if cow {
+                    st.oracle.copy_anon(pid, child, vma.range);
+                }
+            }
+            if needs_wp {
+                self.invalidate_range_end(pid);
+            }
+        }
+        self.spend(self.costs.page_copy.saturating_mul(copies))
+            .await;
+        self.sim
+            .trace("fork", || format!("pid {} -> {}", pid.0, child.0));
+        Ok(child)
+    }
+
+    /// Tears the address space down at exit: MMU_NOTIFY_RELEASE to every interval, then every mapping goes.
+    pub async fn exit(&self, pid: Pid) {
+        let lock = self.mmap_lock(pid);
+        let _g = lock.write().await;
+        if !self.state().mm(pid).alive {
+            return;
+        }
+        let all = Range::new(Va::from_raw(0), Va::from_raw(u64::MAX));
+        self.invalidate_range_start(pid, all, NotifierEvent::Release, None)
+            .await;
+        {
+            let mut st = self.state();
+            st.zap_range(pid, Range::new(Va::from_raw(0), Va::from_raw(TASK_SIZE)));
+            st.mm_mut(pid).vmas.clear();
+            st.mm_mut(pid).alive = false;
+            st.oracle.forget_anon(pid, all);
+        }
+        self.invalidate_range_end(pid);
+        self.sim.trace("exit", || format!("pid {}", pid.0));
+    }
+
+    // ------------------------------------------------------------------------------------------ CPU access
+
+    /// CPU load of `buf.len()` bytes at `addr` (faulting pages in as needed).
+    pub async fn load(&self, pid: Pid, addr: Va, buf: &mut [u8]) -> Result<(), Signal> {
+        self.cpu_access(pid, addr, Access::Read(buf)).await
+    }
+
+    /// CPU store of `data` at `addr`.
+    pub async fn store(&self, pid: Pid, addr: Va, data: &[u8]) -> Result<(), Signal> {
+        self.cpu_access(pid, addr, Access::Write(data)).await
+    }
+
+    async fn cpu_access(&self, pid: Pid, addr: Va, mut access: Access<'_>) -> Result<(), Signal> {
+        let lock = self.mmap_lock(pid);
+        let _g = lock.read().await;
+        let len = access.len();
+        let write = matches!(access, Access::Write(_));
+        let mut pos = 0usize;
+        let mut pages = 0u64;
+        while pos < len {
+            let va = addr.checked_add(pos as u64).ok_or(Signal::Segv { addr })?;
+            let in_page = usize::try_from(va.page_offset()).expect("< 4096");
+            let n = (4096 - in_page).min(len - pos);
+            let page = va.align_down(PAGE_SIZE);
+            loop {
+                let hit = {
+                    let mut st = self.state();
+                    let allowed = st.mm(pid).vma(page).is_some_and(|v| {
+                        if write {
+                            v.flags.contains(VmFlags::WRITE)
+                        } else {
+                            v.flags.contains(VmFlags::READ)
+                        }
+                    });
+                    match st.mm(pid).translate(page) {
+                        Some((frame, w, _)) if allowed && (w || !write) => {
+                            match &mut access {
+                                Access::Read(buf) => {
+                                    st.oracle_check_cpu(pid, page, frame, false);
+                                    st.phys.read(frame, in_page, &mut buf[pos..pos + n]);
+                                }
+                                Access::Write(data) => {
+                                    st.phys.write(frame, in_page, &data[pos..pos + n]);
+                                    st.oracle_check_cpu(pid, page, frame, true);
+                                }
+                            }
+                            true
+                        }
+                        _ => false,
+                    }
+                };
+                if hit {
+                    break;
+                }
+                self.handle_mm_fault(pid, page, write).await?;
+            }
+            pos += n;
+            pages += 1;
+        }
+        self.spend(self.costs.page_access.saturating_mul(pages))
+            .await;
+        Ok(())
+    }
+
+    /// Resolves a CPU fault on `va` (`handle_mm_fault`): demand-zero, page-cache, huge page and
+    /// copy-on-write faults. Returns once the access can be retried, or with the signal the access raises.
+    pub async fn handle_mm_fault(&self, pid: Pid, va: Va, write: bool) -> FaultResult {
+        let va = va.align_down(PAGE_SIZE);
+        self.sim.count("cpu.faults", 1);
+        self.spend(self.costs.cpu_fault).await;
+        let vma = self
+            .state()
+            .mm(pid)
+            .vma(va)
+            .cloned()
+            .ok_or(Signal::Segv { addr: va })?;
+        let need = if write { VmFlags::WRITE } else { VmFlags::READ };
+        if !vma.flags.contains(need) {
+            return Err(Signal::Segv { addr: va });
+        }
+        let leaf = self.state().mm(pid).pt.lookup(va);
+        match leaf {
+            None => self.do_missing_page(pid, &vma, va, write),
+            Some(leaf) => match leaf.pte {
+                Pte::Present { write: true, .. } => Ok(()),
+                Pte::Present { write: false, .. } if !write => Ok(()),
+                Pte::Present { .. } => self.do_wp_page(pid, &vma, va, leaf).await,
+                _ => Err(Signal::Bus { addr: va }),
+            },
+        }
+    }
+
+    /// A fault on a none entry: anonymous zero page or new page (THP where eligible), page-cache page, or
+    /// COW copy of a page-cache page for a write to a private file mapping.
+    fn do_missing_page(&self, pid: Pid, vma: &Vma, va: Va, write: bool) -> FaultResult {
+        let mut st = self.state();
+        match vma.backing {
+            VmaBacking::Driver => Err(Signal::Bus { addr: va }),
+            VmaBacking::Anon => {
+                if vma.flags.contains(VmFlags::HUGETLB) {
+                    return st.hugetlb_fault(pid, vma, va);
+                }
+                if !write {
+                    let zero = st.phys.zero_page();
+                    st.mm_mut(pid).pt.set_pte(
+                        va,
+                        Pte::Present {
+                            frame: zero,
+                            write: false,
+                            special: false,
+                        },
+                    );
+                    return Ok(());
+                }
+                if st.thp_eligible(pid, vma, va) {
+                    let base = va.align_down(PMD_SIZE);
+                    if let Ok(head) = st.phys.alloc_pmd(0, FrameOwner::Anon) {
+                        for i in 0..FRAMES_PER_PMD {
+                            let f = st.phys.frame_mut(FrameId(head.0 + i));
+                            f.mapcount = 1;
+                            f.lru = crate::phys::LruState::Active;
+                        }
+                        st.mm_mut(pid).pt.set_pmd(
+                            base,
+                            Pte::Present {
+                                frame: head,
+                                write: true,
+                                special: false,
+                            },
+                        );
+                        self.sim.count("thp.fault_alloc", 1);
+                        return Ok(());
+                    }
+                    self.sim.count("thp.fault_fallback", 1);
+                }
+                let frame = st
+                    .phys
+                    .alloc(0, FrameOwner::Anon)
+                    .map_err(|_| Signal::Bus { addr: va })?;
+                let f = st.phys.frame_mut(frame);
+                f.mapcount = 1;
+                f.lru = crate::phys::LruState::Active;
+                st.mm_mut(pid).pt.set_pte(
+                    va,
+                    Pte::Present {
+                        frame,
+                        write: true,
+                        special: false,
+                    },
+                );
+                Ok(())
+            }
+            VmaBacking::File { .. } => {
+                let (file, pgoff) = vma.file_pgoff(va).expect("file VMA");
+                let cache = st.file_page(file, pgoff).ok_or(Signal::Bus { addr: va })?;
+                if write && !vma.is_shared() {
+                    // Private file write fault: COW from the page cache into a new anonymous page.
+                    let frame = st
+                        .phys
+                        .alloc(0, FrameOwner::Anon)
+                        .map_err(|_| Signal::Bus { addr: va })?;
+                    st.phys.copy_frame(cache, frame);
+                    st.phys.frame_mut(frame).mapcount = 1;
+                    st.mm_mut(pid).pt.set_pte(
+                        va,
+                        Pte::Present {
+                            frame,
+                            write: true,
+                            special: false,
+                        },
+                    );
+                    if let Some(e) = st.oracle.expected(LogicalPage::File { file, pgoff }) {
+                        st.oracle.record(
+                            LogicalPage::Anon {
+                                pid,
+                                vpn: va.page_number(),
+                            },
+                            e,
+                        );
+                    }
+                    return Ok(());
+                }
+                st.map_frame(cache);
+                let w = write && vma.is_shared();
+                st.mm_mut(pid).pt.set_pte(
+                    va,
+                    Pte::Present {
+                        frame: cache,
+                        write: w,
+                        special: false,
+                    },
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// A write fault on a present read-only entry (`do_wp_page`): make a shared mapping writable, reuse an
+    /// exclusive anonymous page, or copy (firing MMU_NOTIFY_CLEAR on the page being replaced).
+    async fn do_wp_page(&self, pid: Pid, vma: &Vma, va: Va, leaf: Leaf) -> FaultResult {
+        if vma.is_shared() {
+            let mut st = self.state();
+            match leaf.size {
+                PageSize::Size4K => st
+                    .mm_mut(pid)
+                    .pt
+                    .set_pte(leaf.base, leaf.pte.with_write(true)),
+                _ => st
+                    .mm_mut(pid)
+                    .pt
+                    .set_pmd(leaf.base, leaf.pte.with_write(true)),
+            };
+            return Ok(());
+        }
+        if leaf.size != PageSize::Size4K {
+            let mut st = self.state();
+            let head = leaf.pte.frame().expect("present");
+            let exclusive = (0..FRAMES_PER_PMD).all(|i| {
+                let f = st.phys.frame(FrameId(head.0 + i));
+                f.refcount == 1 && f.owner() == FrameOwner::Anon
+            });
+            if exclusive {
+                st.mm_mut(pid)
+                    .pt
+                    .set_pmd(leaf.base, leaf.pte.with_write(true));
+                return Ok(());
+            }
+            // Shared THP: split the PMD mapping and COW only the faulting base page (do_huge_pmd_wp_page).
+            st.mm_mut(pid).pt.split_pmd(va);
+        }
+        let (frame, zero, reuse) = {
+            let st = self.state();
+            let (frame, _, _) = st.mm(pid).translate(va).expect("present entry");
+            let f = st.phys.frame(frame);
+            let zero = frame == st.phys.zero_page();
+            (
+                frame,
+                zero,
+                !zero && f.owner() == FrameOwner::Anon && f.refcount == 1,
+            )
+        };
+        if reuse {
+            let mut st = self.state();
+            st.mm_mut(pid).pt.set_pte(
+                va,
+                Pte::Present {
+                    frame,
+                    write: true,
+                    special: false,
+                },
+            );
+            self.sim.count("cpu.cow_reuse", 1);
+            return Ok(());
+        }
+        // wp_page_copy: allocate, copy, then replace the entry inside a CLEAR invalidation.
+        let new = self
+            .state()
+            .phys
+            .alloc(0, FrameOwner::Anon)
+            .map_err(|_| Signal::Bus { addr: va })?;
+        if !zero {
+            self.state().phys.copy_frame(frame, new);
+            self.spend(self.costs.page_copy).await;
+        }
+        let page = Range::from_len(va, PAGE_SIZE).expect("page in user space");
+        self.invalidate_range_start(pid, page, NotifierEvent::Clear, None)
+            .await;
+        {
+            let mut st = self.state();
+            // pte_same: if the entry changed while we slept, drop the copy and let the access retry.
+            let same = st
+                .mm(pid)
+                .translate(va)
+                .is_some_and(|(f, w, _)| f == frame && !w);
+            if same {
+                // A COW of a page-cache page moves the page's identity from the file to this process.
+                if let FrameOwner::File { file, pgoff } = st.phys.frame(frame).owner()
+                    && let Some(e) = st.oracle.expected(LogicalPage::File { file, pgoff })
+                {
+                    st.oracle.record(
+                        LogicalPage::Anon {
+                            pid,
+                            vpn: va.page_number(),
+                        },
+                        e,
+                    );
+                }
+                st.phys.frame_mut(new).mapcount = 1;
+                st.phys.frame_mut(new).lru = crate::phys::LruState::Active;
+                st.mm_mut(pid).pt.set_pte(
+                    va,
+                    Pte::Present {
+                        frame: new,
+                        write: true,
+                        special: false,
+                    },
+                );
+                st.unmap_frame(frame);
+                self.sim.count("cpu.cow_copy", 1);
+            } else if st.phys.put(new) {
+                st.oracle.frame_freed(new);
+            }
+        }
+        self.invalidate_range_end(pid);
+        Ok(())
+    }
+
+    /// Copies `buf.len()` bytes from user memory (`copy_from_user`): a fault that cannot be resolved is EFAULT.
+    pub async fn copy_from_user(&self, pid: Pid, addr: Va, buf: &mut [u8]) -> Result<(), Errno> {
+        self.load(pid, addr, buf).await.map_err(|_| Errno::EFAULT)
+    }
+
+    /// Copies `data` to user memory (`copy_to_user`).
+    pub async fn copy_to_user(&self, pid: Pid, addr: Va, data: &[u8]) -> Result<(), Errno> {
+        self.store(pid, addr, data).await.map_err(|_| Errno::EFAULT)
+    }
+
+    // ------------------------------------------------------------------------------------------ devices
+
+    /// A device reads the 4 KiB `frame` it believes backs `va` in `pid` (DMA through its own translation).
+    /// The oracle checks the translation is current, the frame live and the data what was last written.
+    pub fn device_read(&self, dev: DeviceId, pid: Pid, va: Va, frame: FrameId, buf: &mut [u8]) {
+        let mut st = self.state();
+        st.oracle_check_device(dev, pid, va, frame, false);
+        st.phys.read(frame, 0, buf);
+    }
+
+    /// A device writes `data` (4 KiB) into `frame` for `va` in `pid`.
+    pub fn device_write(&self, dev: DeviceId, pid: Pid, va: Va, frame: FrameId, data: &[u8]) {
+        let mut st = self.state();
+        if !st.oracle_check_device(dev, pid, va, frame, true) {
+            return;
+        }
+        st.phys.write(frame, 0, data);
+        let h = st.phys.content_hash(frame);
+        if let Some(key) = st.logical_page(pid, va) {
+            st.oracle.record(key, h);
+        }
+    }
+}
+
+enum Access<'a> {
+    Read(&'a mut [u8]),
+    Write(&'a [u8]),
+}
+
+impl Access<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Access::Read(b) => b.len(),
+            Access::Write(d) => d.len(),
+        }
+    }
+}
+
+/// `madvise` advice values the model implements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Advice {
+    /// MADV_DONTNEED.
+    DontNeed,
+    /// MADV_HUGEPAGE.
+    HugePage,
+    /// MADV_NOHUGEPAGE.
+    NoHugePage,
+}
+
+/// Validates a `[addr, addr + len)` range argument of munmap/mprotect/madvise (mm/mmap.c): the address page
+/// aligned, the length non-zero once rounded up to pages, and the range inside user space.
+fn check_range(addr: Va, len: u64) -> Result<Range<Va>, Errno> {
+    if !addr.is_page_aligned() || len == 0 {
+        return Err(Errno::EINVAL);
+    }
+    let len = len
+        .checked_next_multiple_of(PAGE_SIZE)
+        .ok_or(Errno::EINVAL)?;
+    let r = Range::from_len(addr, len).ok_or(Errno::EINVAL)?;
+    if r.end.raw() > TASK_SIZE {
+        return Err(Errno::EINVAL);
+    }
+    Ok(r)
+}
+
+impl KernelState {
+    fn thp_eligible(&self, pid: Pid, vma: &Vma, va: Va) -> bool {
+        let wanted = match self.thp {
+            ThpPolicy::Always => !vma.flags.contains(VmFlags::NOHUGEPAGE),
+            ThpPolicy::Madvise => vma.flags.contains(VmFlags::HUGEPAGE),
+            ThpPolicy::Never => false,
+        };
+        if !wanted {
+            return false;
+        }
+        let base = va.align_down(PMD_SIZE);
+        let r = Range::from_len(base, PMD_SIZE).expect("in user space");
+        vma.range.contains_range(&r) && self.mm(pid).pt.leaves(r.start, r.end).is_empty()
+    }
+
+    fn hugetlb_fault(&mut self, pid: Pid, vma: &Vma, va: Va) -> FaultResult {
+        let base = va.align_down(PMD_SIZE);
+        if !self.mm(pid).pt.leaves(base, base.add(PMD_SIZE)).is_empty() {
+            return Ok(());
+        }
+        let head = self
+            .phys
+            .alloc_pmd(0, FrameOwner::Anon)
+            .map_err(|_| Signal::Bus { addr: va })?;
+        for i in 0..FRAMES_PER_PMD {
+            self.phys.frame_mut(FrameId(head.0 + i)).mapcount = 1;
+        }
+        let write = vma.flags.contains(VmFlags::WRITE);
+        self.mm_mut(pid).pt.set_pmd(
+            base,
+            Pte::Present {
+                frame: head,
+                write,
+                special: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// Copies one leaf from `parent` to `child` for fork; returns the number of pages copied eagerly.
+    fn copy_leaf(&mut self, parent: Pid, child: Pid, vma: &Vma, leaf: Leaf) -> u64 {
+        let Pte::Present {
+            frame,
+            write,
+            special,
+        } = leaf.pte
+        else {
+            // Non-present entries (swap, device) are copied by later layers; none exist yet here.
+            return 0;
+        };
+        if special {
+            self.mm_mut(child).pt.set_pte(leaf.base, leaf.pte);
+            return 0;
+        }
+        let cow = !vma.is_shared();
+        if cow && leaf.size == PageSize::Size4K {
+            let f = self.phys.frame(frame);
+            if f.owner() == FrameOwner::Anon && f.maybe_dma_pinned() && f.mapcount == 1 {
+                // copy_present_page: the pinned page stays the parent's; the child gets a copy now.
+                if let Ok(new) = self.phys.alloc(0, FrameOwner::Anon) {
+                    self.phys.copy_frame(frame, new);
+                    self.phys.frame_mut(new).mapcount = 1;
+                    self.mm_mut(child).pt.set_pte(
+                        leaf.base,
+                        Pte::Present {
+                            frame: new,
+                            write,
+                            special: false,
+                        },
+                    );
+                    return 1;
+                }
+            }
+        }
+        for i in 0..leaf.size.nr_pages() {
+            self.map_frame(FrameId(frame.0 + i));
+        }
+        let new_write = write && !cow;
+        let child_pte = Pte::Present {
+            frame,
+            write: new_write,
+            special: false,
+        };
+        let wp = leaf.pte.with_write(false);
+        if leaf.size == PageSize::Size4K {
+            self.mm_mut(child).pt.set_pte(leaf.base, child_pte);
+            if cow && write {
+                self.mm_mut(parent).pt.set_pte(leaf.base, wp);
+            }
+        } else {
+            self.mm_mut(child).pt.set_pmd(leaf.base, child_pte);
+            if cow && write {
+                self.mm_mut(parent).pt.set_pmd(leaf.base, wp);
+            }
+        }
+        0
+    }
+
+    /// Oracle checks on a CPU access of `frame` at `va` (after the write for stores).
+    fn oracle_check_cpu(&mut self, pid: Pid, va: Va, frame: FrameId, write: bool) {
+        if !self.oracle.enabled() {
+            return;
+        }
+        if !self.phys.frame(frame).is_allocated() {
+            self.oracle.violation(
+                ViolationKind::UseAfterFree,
+                format!("CPU access of freed {frame} at {va}"),
+            );
+            return;
+        }
+        let Some(key) = self.logical_page(pid, va) else {
+            return;
+        };
+        let h = self.phys.content_hash(frame);
+        if write {
+            self.oracle.record(key, h);
+        } else {
+            self.oracle.check_read(key, h, || {
+                format!("CPU read of pid {} va {va} ({frame})", pid.0)
+            });
+        }
+    }
+
+    /// Oracle checks on a device access; returns whether the access may proceed.
+    fn oracle_check_device(
+        &mut self,
+        dev: DeviceId,
+        pid: Pid,
+        va: Va,
+        frame: FrameId,
+        write: bool,
+    ) -> bool {
+        if !self.oracle.enabled() {
+            return true;
+        }
+        if !self.phys.exists(frame) || !self.phys.frame(frame).is_allocated() {
+            self.oracle.violation(
+                ViolationKind::UseAfterFree,
+                format!(
+                    "device {} accessed freed {frame} for pid {} va {va}",
+                    dev.0, pid.0
+                ),
+            );
+            return false;
+        }
+        let current = self.mms.get(&pid).and_then(|mm| mm.translate(va));
+        match current {
+            Some((f, w, _)) if f == frame && (w || !write) => {}
+            other => {
+                let now = match other {
+                    Some((f, w, _)) => format!("{f} ({})", if w { "rw" } else { "ro" }),
+                    None => "no present mapping".to_owned(),
+                };
+                self.oracle.violation(
+                    ViolationKind::StaleTranslation,
+                    format!(
+                        "device {} {} {frame} for pid {} va {va}, but the CPU page table maps {now}",
+                        dev.0,
+                        if write { "wrote" } else { "read" },
+                        pid.0
+                    ),
+                );
+                return false;
+            }
+        }
+        if !write && let Some(key) = self.logical_page(pid, va) {
+            let h = self.phys.content_hash(frame);
+            self.oracle.check_read(key, h, || {
+                format!("device {} read of pid {} va {va} ({frame})", dev.0, pid.0)
+            });
+        }
+        true
+    }
+}

@@ -1,0 +1,462 @@
+//! A 4-level x86-64 style page table with 4 KiB (PTE) and 2 MiB (PMD) leaves.
+//!
+//! Linux counterpart: the pgd/p4d→pud→pmd→pte hierarchy walked by `walk_page_range` and changed by the fault,
+//! zap and protection paths. Levels are indexed by 9 bits each of the virtual page number; a level-2 entry is
+//! either a leaf mapping 2 MiB or a pointer to a PTE table. Tables are allocated on demand and freed when empty.
+//!
+//! Entries hold [`Pte`] values: present mappings and the non-present kinds the kernel stores in a PTE
+//! (swap, migration, device-private, device-exclusive). The table itself only stores and finds entries;
+//! reference counting of the frames is the caller's (the fault and zap paths in `mm`).
+
+use peerdma_core::{FrameId, PAGE_SHIFT, PageSize, Va};
+
+const LEVEL_BITS: u32 = 9;
+const ENTRIES: usize = 1 << LEVEL_BITS;
+const INDEX_MASK: u64 = (1 << LEVEL_BITS) - 1;
+
+/// One page-table entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pte {
+    /// A present mapping of a frame (for a PMD leaf: the first of 512 frames).
+    Present {
+        /// The mapped frame.
+        frame: FrameId,
+        /// Writable by the CPU.
+        write: bool,
+        /// A raw PFN with no `struct page` semantics (VM_PFNMAP / `vm_normal_page` is NULL).
+        special: bool,
+    },
+    /// A device-private entry (a non-present swap-type entry naming device memory).
+    DevicePrivate {
+        /// The device-private frame.
+        frame: FrameId,
+        /// Writable.
+        write: bool,
+    },
+    /// A device-exclusive entry (restored on CPU access).
+    DeviceExclusive {
+        /// The frame.
+        frame: FrameId,
+        /// Writable once restored.
+        write: bool,
+    },
+    /// A migration entry: the page is being migrated; accessors wait.
+    Migration {
+        /// The source frame.
+        frame: FrameId,
+        /// Writable when restored.
+        write: bool,
+    },
+    /// A swap entry.
+    Swap {
+        /// Slot on the swap device.
+        slot: u64,
+        /// Writable when swapped back in (anon-exclusive).
+        write: bool,
+    },
+}
+
+impl Pte {
+    /// Returns the frame the entry names, if any.
+    pub fn frame(&self) -> Option<FrameId> {
+        match *self {
+            Pte::Present { frame, .. }
+            | Pte::DevicePrivate { frame, .. }
+            | Pte::DeviceExclusive { frame, .. }
+            | Pte::Migration { frame, .. } => Some(frame),
+            Pte::Swap { .. } => None,
+        }
+    }
+
+    /// Returns whether the entry is a present mapping.
+    pub fn is_present(&self) -> bool {
+        matches!(self, Pte::Present { .. })
+    }
+
+    /// Returns whether the entry allows writes (present or not).
+    pub fn is_write(&self) -> bool {
+        match *self {
+            Pte::Present { write, .. }
+            | Pte::DevicePrivate { write, .. }
+            | Pte::DeviceExclusive { write, .. }
+            | Pte::Migration { write, .. }
+            | Pte::Swap { write, .. } => write,
+        }
+    }
+
+    /// Returns the entry with its write permission replaced.
+    pub fn with_write(self, w: bool) -> Self {
+        match self {
+            Pte::Present { frame, special, .. } => Pte::Present {
+                frame,
+                write: w,
+                special,
+            },
+            Pte::DevicePrivate { frame, .. } => Pte::DevicePrivate { frame, write: w },
+            Pte::DeviceExclusive { frame, .. } => Pte::DeviceExclusive { frame, write: w },
+            Pte::Migration { frame, .. } => Pte::Migration { frame, write: w },
+            Pte::Swap { slot, .. } => Pte::Swap { slot, write: w },
+        }
+    }
+}
+
+/// A leaf found by a walk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Leaf {
+    /// The entry.
+    pub pte: Pte,
+    /// What it maps.
+    pub size: PageSize,
+    /// Virtual address of the first byte the leaf maps.
+    pub base: Va,
+}
+
+impl Leaf {
+    /// Returns the frame backing `va` inside this leaf (sub-frame of a PMD leaf).
+    pub fn frame_at(&self, va: Va) -> Option<FrameId> {
+        let f = self.pte.frame()?;
+        Some(FrameId(f.0 + (va.raw() - self.base.raw()) / 4096))
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+enum Entry {
+    #[default]
+    Empty,
+    Table(Box<Table>),
+    Leaf(Pte),
+}
+
+#[derive(Clone, Debug)]
+struct Table {
+    entries: Vec<Entry>,
+    used: usize,
+}
+
+impl Table {
+    fn new() -> Self {
+        Self {
+            entries: vec![Entry::Empty; ENTRIES],
+            used: 0,
+        }
+    }
+}
+
+/// The page table of one address space.
+#[derive(Clone, Debug)]
+pub struct PageTable {
+    root: Table,
+    nr_tables: usize,
+}
+
+impl Default for PageTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn index(va: Va, level: u32) -> usize {
+    // level 4 = PGD … level 1 = PTE table.
+    let shift = PAGE_SHIFT + LEVEL_BITS * (level - 1);
+    usize::try_from((va.raw() >> shift) & INDEX_MASK).expect("9-bit index fits usize")
+}
+
+impl PageTable {
+    /// Creates an empty page table.
+    pub fn new() -> Self {
+        Self {
+            root: Table::new(),
+            nr_tables: 1,
+        }
+    }
+
+    /// Returns the number of page-table pages (PGD included), the `mm->pgtables_bytes` / 4 KiB figure.
+    pub fn nr_tables(&self) -> usize {
+        self.nr_tables
+    }
+
+    /// Walks to the leaf that maps `va`, if any.
+    pub fn lookup(&self, va: Va) -> Option<Leaf> {
+        let mut table = &self.root;
+        for level in (1..=4).rev() {
+            match &table.entries[index(va, level)] {
+                Entry::Empty => return None,
+                Entry::Table(t) => table = t,
+                Entry::Leaf(pte) => {
+                    let size = match level {
+                        1 => PageSize::Size4K,
+                        2 => PageSize::Size2M,
+                        _ => PageSize::Size1G,
+                    };
+                    return Some(Leaf {
+                        pte: *pte,
+                        size,
+                        base: va.align_down(size.bytes()),
+                    });
+                }
+            }
+        }
+        None
+    }
+
+    /// Installs a 4 KiB entry for `va`, allocating tables on the way. Returns the entry it replaced.
+    ///
+    /// # Panics
+    /// Panics if a 2 MiB leaf covers `va`: the caller must split it first ([`PageTable::split_pmd`]).
+    pub fn set_pte(&mut self, va: Va, pte: Pte) -> Option<Pte> {
+        self.set_at(va, 1, pte)
+    }
+
+    /// Installs a 2 MiB leaf for the 2 MiB-aligned `va`.
+    ///
+    /// # Panics
+    /// Panics if `va` is not 2 MiB aligned or if any 4 KiB entry exists under it.
+    pub fn set_pmd(&mut self, va: Va, pte: Pte) -> Option<Pte> {
+        assert!(
+            va.is_aligned(PageSize::Size2M.bytes()),
+            "unaligned PMD leaf"
+        );
+        self.set_at(va, 2, pte)
+    }
+
+    fn set_at(&mut self, va: Va, leaf_level: u32, pte: Pte) -> Option<Pte> {
+        let mut nr_new = 0;
+        let mut table = &mut self.root;
+        for level in ((leaf_level + 1)..=4).rev() {
+            let i = index(va, level);
+            if matches!(table.entries[i], Entry::Empty) {
+                table.entries[i] = Entry::Table(Box::new(Table::new()));
+                table.used += 1;
+                nr_new += 1;
+            }
+            table = match &mut table.entries[i] {
+                Entry::Table(t) => t,
+                Entry::Leaf(_) => panic!("a larger leaf covers {va}"),
+                Entry::Empty => unreachable!("filled above"),
+            };
+        }
+        let i = index(va, leaf_level);
+        let old = std::mem::replace(&mut table.entries[i], Entry::Leaf(pte));
+        let prev = match old {
+            Entry::Empty => {
+                table.used += 1;
+                None
+            }
+            Entry::Leaf(p) => Some(p),
+            Entry::Table(t) => {
+                assert!(t.used == 0, "PMD leaf over a populated PTE table at {va}");
+                table.used += 0;
+                nr_new -= 1;
+                None
+            }
+        };
+        self.nr_tables = self.nr_tables.saturating_add_signed(nr_new);
+        prev
+    }
+
+    /// Replaces the 2 MiB leaf covering `va` by 512 PTEs mapping the same frames with the same permissions
+    /// (`__split_huge_pmd`). Does nothing if no PMD leaf covers `va`.
+    pub fn split_pmd(&mut self, va: Va) {
+        let Some(leaf) = self.lookup(va) else { return };
+        if leaf.size != PageSize::Size2M {
+            return;
+        }
+        self.clear(leaf.base);
+        for i in 0..512u64 {
+            let sub = match leaf.pte {
+                Pte::Present {
+                    frame,
+                    write,
+                    special,
+                } => Pte::Present {
+                    frame: FrameId(frame.0 + i),
+                    write,
+                    special,
+                },
+                Pte::DevicePrivate { frame, write } => Pte::DevicePrivate {
+                    frame: FrameId(frame.0 + i),
+                    write,
+                },
+                Pte::DeviceExclusive { frame, write } => Pte::DeviceExclusive {
+                    frame: FrameId(frame.0 + i),
+                    write,
+                },
+                Pte::Migration { frame, write } => Pte::Migration {
+                    frame: FrameId(frame.0 + i),
+                    write,
+                },
+                Pte::Swap { slot, write } => Pte::Swap {
+                    slot: slot + i,
+                    write,
+                },
+            };
+            self.set_pte(leaf.base.add(i * 4096), sub);
+        }
+    }
+
+    /// Removes the leaf covering `va` and returns it; frees tables left empty.
+    pub fn clear(&mut self, va: Va) -> Option<Leaf> {
+        let leaf = self.lookup(va)?;
+        let level = match leaf.size {
+            PageSize::Size4K => 1,
+            PageSize::Size2M => 2,
+            PageSize::Size1G => 3,
+        };
+        let freed = Self::clear_in(&mut self.root, va, 4, level);
+        self.nr_tables -= freed;
+        Some(leaf)
+    }
+
+    /// Clears the entry at `level` under `table`; returns how many tables became empty and were freed.
+    fn clear_in(table: &mut Table, va: Va, level: u32, leaf_level: u32) -> usize {
+        let i = index(va, level);
+        if level == leaf_level {
+            if matches!(table.entries[i], Entry::Leaf(_)) {
+                table.entries[i] = Entry::Empty;
+                table.used -= 1;
+            }
+            return 0;
+        }
+        let Entry::Table(child) = &mut table.entries[i] else {
+            return 0;
+        };
+        let mut freed = Self::clear_in(child, va, level - 1, leaf_level);
+        if child.used == 0 {
+            table.entries[i] = Entry::Empty;
+            table.used -= 1;
+            freed += 1;
+        }
+        freed
+    }
+
+    /// Returns every leaf that maps some address in `[start, end)`, in address order.
+    pub fn leaves(&self, start: Va, end: Va) -> Vec<Leaf> {
+        let mut out = Vec::new();
+        Self::collect(&self.root, 4, 0, start.raw(), end.raw(), &mut out);
+        out
+    }
+
+    fn collect(table: &Table, level: u32, base: u64, start: u64, end: u64, out: &mut Vec<Leaf>) {
+        if table.used == 0 {
+            return;
+        }
+        let span = 1u64 << (PAGE_SHIFT + LEVEL_BITS * (level - 1));
+        for (i, e) in table.entries.iter().enumerate() {
+            let lo = base + i as u64 * span;
+            let hi = lo.saturating_add(span);
+            if hi <= start || lo >= end {
+                continue;
+            }
+            match e {
+                Entry::Empty => {}
+                Entry::Table(t) => Self::collect(t, level - 1, lo, start, end, out),
+                Entry::Leaf(pte) => {
+                    let size = match level {
+                        1 => PageSize::Size4K,
+                        2 => PageSize::Size2M,
+                        _ => PageSize::Size1G,
+                    };
+                    out.push(Leaf {
+                        pte: *pte,
+                        size,
+                        base: Va::from_raw(lo),
+                    });
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn present(f: u64) -> Pte {
+        Pte::Present {
+            frame: FrameId(f),
+            write: true,
+            special: false,
+        }
+    }
+
+    #[test]
+    fn set_and_lookup_a_4k_entry() {
+        let mut pt = PageTable::new();
+        let va = Va::from_raw(0x7f12_3456_7000);
+        assert!(pt.lookup(va).is_none());
+        pt.set_pte(va, present(42));
+        let leaf = pt.lookup(va.add(0x123)).unwrap();
+        assert_eq!(leaf.pte, present(42));
+        assert_eq!(leaf.size, PageSize::Size4K);
+        assert_eq!(leaf.base, va);
+        assert_eq!(pt.nr_tables(), 4);
+    }
+
+    #[test]
+    fn pmd_leaf_covers_2m_and_reports_sub_frames() {
+        let mut pt = PageTable::new();
+        let base = Va::from_raw(0x4000_0000);
+        pt.set_pmd(base, present(512));
+        let leaf = pt.lookup(base.add(0x3000)).unwrap();
+        assert_eq!(leaf.size, PageSize::Size2M);
+        assert_eq!(leaf.frame_at(base.add(0x3000)), Some(FrameId(515)));
+        assert!(pt.lookup(base.add(0x20_0000)).is_none());
+    }
+
+    #[test]
+    fn split_pmd_keeps_every_translation() {
+        let mut pt = PageTable::new();
+        let base = Va::from_raw(0x4000_0000);
+        pt.set_pmd(
+            base,
+            Pte::Present {
+                frame: FrameId(1024),
+                write: false,
+                special: false,
+            },
+        );
+        pt.split_pmd(base.add(0x5000));
+        for i in [0u64, 5, 511] {
+            let leaf = pt.lookup(base.add(i * 4096)).unwrap();
+            assert_eq!(leaf.size, PageSize::Size4K);
+            assert_eq!(
+                leaf.pte,
+                Pte::Present {
+                    frame: FrameId(1024 + i),
+                    write: false,
+                    special: false
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn clearing_the_last_entry_frees_the_tables() {
+        let mut pt = PageTable::new();
+        let va = Va::from_raw(0x1000);
+        pt.set_pte(va, present(1));
+        pt.set_pte(va.add(0x1000), present(2));
+        assert_eq!(pt.clear(va).unwrap().pte, present(1));
+        assert_eq!(pt.nr_tables(), 4);
+        pt.clear(va.add(0x1000));
+        assert_eq!(pt.nr_tables(), 1);
+        assert!(
+            pt.leaves(Va::from_raw(0), Va::from_raw(u64::MAX))
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn leaves_lists_mappings_in_order_within_bounds() {
+        let mut pt = PageTable::new();
+        for (i, a) in [0x5000u64, 0x1000, 0x20_0000_0000].iter().enumerate() {
+            pt.set_pte(Va::from_raw(*a), present(i as u64));
+        }
+        let found: Vec<u64> = pt
+            .leaves(Va::from_raw(0x1000), Va::from_raw(0x6000))
+            .iter()
+            .map(|l| l.base.raw())
+            .collect();
+        assert_eq!(found, vec![0x1000, 0x5000]);
+    }
+}

@@ -1,0 +1,434 @@
+//! Physical memory: regions of frames with `struct page`-like metadata and real bytes.
+//!
+//! Linux counterpart: the memmap (`struct page` / `struct folio`), the buddy allocator and the shared zero page.
+//!
+//! - Each 4 KiB frame has a refcount, a mapcount (page-table mappings), a pin count kept the GUP way — a FOLL_PIN
+//!   adds [`GUP_PIN_COUNTING_BIAS`] to the refcount (mm/gup.c) and `maybe_dma_pinned` tests refcount ≥ bias —,
+//!   a dirty bit, an LRU state, and who owns it (anonymous or a file's page cache).
+//! - Data is real bytes, allocated lazily: a frame never written reads as zeros and holds no buffer.
+//! - Frame 0 of the first RAM region is the shared zero page: always allocated, never written, never freed.
+//! - A THP is 512 frames allocated together at a 2 MiB-aligned frame number. Each sub-frame keeps its own
+//!   counts (a PMD mapping adds one mapping to each), so a partial unmap frees sub-frames individually. This
+//!   collapses Linux's folio/split machinery into per-page accounting; it is a documented simplification.
+//! - Each allocation bumps the frame's `generation`, so a translation that recorded (frame, generation) can tell
+//!   a reused frame from the one it mapped (the oracle's use-after-free check).
+
+use std::collections::BTreeSet;
+
+use peerdma_core::{DeviceId, FrameId, PAGE_SIZE, PMD_SIZE};
+
+/// Refcount added by one FOLL_PIN (include/linux/mm.h `GUP_PIN_COUNTING_BIAS`).
+pub const GUP_PIN_COUNTING_BIAS: u32 = 1024;
+
+/// Frames per 2 MiB block.
+pub const FRAMES_PER_PMD: u64 = PMD_SIZE / PAGE_SIZE;
+
+const PAGE_BYTES: usize = 4096;
+
+/// What kind of memory a region is (DESIGN.md §3 table).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum MemoryKind {
+    /// System RAM of a NUMA node.
+    Ram {
+        /// The node.
+        node: u32,
+    },
+    /// MEMORY_DEVICE_PRIVATE: the CPU cannot address it.
+    DevicePrivate {
+        /// The owning device (`pgmap->owner`).
+        owner: DeviceId,
+    },
+    /// MEMORY_DEVICE_COHERENT: CPU-addressable device memory.
+    DeviceCoherent {
+        /// The owning device.
+        owner: DeviceId,
+    },
+}
+
+/// Who a frame belongs to while allocated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FrameOwner {
+    /// Not allocated.
+    Free,
+    /// The shared zero page.
+    Zero,
+    /// An anonymous page.
+    Anon,
+    /// A page-cache page of a file at a page offset.
+    File {
+        /// The file.
+        file: u32,
+        /// Page offset inside the file.
+        pgoff: u64,
+    },
+    /// A kernel/driver page (e.g. inserted into a VM_MIXEDMAP VMA).
+    Kernel,
+}
+
+/// LRU list membership (mm/vmscan.c).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LruState {
+    /// Not on an LRU list (free, zero page, device memory).
+    #[default]
+    None,
+    /// The active list.
+    Active,
+    /// The inactive list.
+    Inactive,
+}
+
+/// The metadata of one 4 KiB frame.
+#[derive(Clone, Debug, Default)]
+pub struct Frame {
+    /// References (mappings, page cache, pins with their bias, transient gets).
+    pub refcount: u32,
+    /// Page-table mappings of the frame.
+    pub mapcount: u32,
+    /// Dirty since last written back.
+    pub dirty: bool,
+    /// LRU membership.
+    pub lru: LruState,
+    /// Allocation counter; bumped at each allocation.
+    pub generation: u64,
+    owner: Option<FrameOwner>,
+    region: u32,
+    data: Option<Box<[u8]>>,
+}
+
+impl Frame {
+    /// Returns who owns the frame.
+    pub fn owner(&self) -> FrameOwner {
+        self.owner.unwrap_or(FrameOwner::Free)
+    }
+
+    /// Returns whether the frame is allocated.
+    pub fn is_allocated(&self) -> bool {
+        !matches!(self.owner(), FrameOwner::Free)
+    }
+
+    /// Returns whether the frame may be DMA-pinned (`folio_maybe_dma_pinned`, bias rule).
+    pub fn maybe_dma_pinned(&self) -> bool {
+        self.refcount >= GUP_PIN_COUNTING_BIAS
+    }
+}
+
+/// A contiguous range of frames of one kind.
+#[derive(Clone, Debug)]
+pub struct Region {
+    /// The kind of memory.
+    pub kind: MemoryKind,
+    /// First frame.
+    pub start: u64,
+    /// Number of frames.
+    pub nr_frames: u64,
+    free: BTreeSet<u64>,
+}
+
+/// All physical memory of a simulation.
+#[derive(Debug)]
+pub struct PhysMem {
+    frames: Vec<Frame>,
+    regions: Vec<Region>,
+    zero: FrameId,
+}
+
+/// An allocation request could not be met.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("out of memory in region {region}")]
+pub struct OutOfMemory {
+    /// The region that was full.
+    pub region: usize,
+}
+
+impl PhysMem {
+    /// Creates physical memory with one RAM region of `ram_bytes` on node 0 (rounded down to 2 MiB, at least
+    /// 2 MiB). Frame 0 becomes the zero page.
+    pub fn new(ram_bytes: u64) -> Self {
+        let nr = (ram_bytes / PMD_SIZE).max(1) * FRAMES_PER_PMD;
+        let mut pm = Self {
+            frames: Vec::new(),
+            regions: Vec::new(),
+            zero: FrameId(0),
+        };
+        let r = pm.add_region(MemoryKind::Ram { node: 0 }, nr);
+        let zero = pm.regions[r]
+            .free
+            .pop_first()
+            .expect("a fresh region has free frames");
+        let f = &mut pm.frames[usize::try_from(zero).expect("frame index fits usize")];
+        f.owner = Some(FrameOwner::Zero);
+        f.refcount = 1;
+        f.generation = 1;
+        pm.zero = FrameId(zero);
+        pm
+    }
+
+    /// Adds a region of `nr_frames` frames (rounded up to whole 2 MiB blocks) and returns its index.
+    pub fn add_region(&mut self, kind: MemoryKind, nr_frames: u64) -> usize {
+        let nr = nr_frames.div_ceil(FRAMES_PER_PMD) * FRAMES_PER_PMD;
+        // Keep regions 2 MiB aligned in frame space so THP allocation can align.
+        let start = (self.frames.len() as u64).div_ceil(FRAMES_PER_PMD) * FRAMES_PER_PMD;
+        let idx = self.regions.len();
+        let end = usize::try_from(start + nr).expect("frame count fits usize");
+        let region = u32::try_from(idx).expect("fewer than 2^32 regions");
+        self.frames.resize_with(end, || Frame {
+            region,
+            ..Frame::default()
+        });
+        self.regions.push(Region {
+            kind,
+            start,
+            nr_frames: nr,
+            free: (start..start + nr).collect(),
+        });
+        idx
+    }
+
+    /// Returns the shared zero page.
+    pub fn zero_page(&self) -> FrameId {
+        self.zero
+    }
+
+    /// Returns the frame's metadata.
+    ///
+    /// # Panics
+    /// Panics if the frame does not exist (an internal invariant: frame ids come from this allocator).
+    pub fn frame(&self, f: FrameId) -> &Frame {
+        &self.frames[usize::try_from(f.0).expect("frame index fits usize")]
+    }
+
+    /// Returns the frame's metadata, mutably.
+    pub fn frame_mut(&mut self, f: FrameId) -> &mut Frame {
+        &mut self.frames[usize::try_from(f.0).expect("frame index fits usize")]
+    }
+
+    /// Returns whether `f` names a frame of this memory.
+    pub fn exists(&self, f: FrameId) -> bool {
+        f.0 < self.frames.len() as u64
+    }
+
+    /// Returns the kind of memory the frame is in.
+    pub fn kind(&self, f: FrameId) -> MemoryKind {
+        self.regions[self.frame(f).region as usize].kind
+    }
+
+    /// Returns the regions.
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+
+    /// Returns the number of free frames in region `r`.
+    pub fn nr_free(&self, r: usize) -> u64 {
+        self.regions[r].free.len() as u64
+    }
+
+    /// Allocates one zero-filled frame from region `r` with refcount 1 (lowest free frame first).
+    pub fn alloc(&mut self, r: usize, owner: FrameOwner) -> Result<FrameId, OutOfMemory> {
+        let pfn = self.regions[r]
+            .free
+            .pop_first()
+            .ok_or(OutOfMemory { region: r })?;
+        let f = FrameId(pfn);
+        self.init_frame(f, owner);
+        Ok(f)
+    }
+
+    /// Allocates 512 contiguous, 2 MiB-aligned zero-filled frames (a THP) from region `r`; returns the head.
+    /// Each sub-frame gets refcount 1.
+    pub fn alloc_pmd(&mut self, r: usize, owner: FrameOwner) -> Result<FrameId, OutOfMemory> {
+        let region = &self.regions[r];
+        let mut head = None;
+        let mut block = region.start;
+        while block < region.start + region.nr_frames {
+            if region.free.range(block..block + FRAMES_PER_PMD).count() as u64 == FRAMES_PER_PMD {
+                head = Some(block);
+                break;
+            }
+            block += FRAMES_PER_PMD;
+        }
+        let head = head.ok_or(OutOfMemory { region: r })?;
+        for pfn in head..head + FRAMES_PER_PMD {
+            self.regions[r].free.remove(&pfn);
+            self.init_frame(FrameId(pfn), owner);
+        }
+        Ok(FrameId(head))
+    }
+
+    fn init_frame(&mut self, f: FrameId, owner: FrameOwner) {
+        let fr = self.frame_mut(f);
+        fr.owner = Some(owner);
+        fr.refcount = 1;
+        fr.mapcount = 0;
+        fr.dirty = false;
+        fr.lru = LruState::None;
+        fr.generation += 1;
+        fr.data = None;
+    }
+
+    /// Takes a reference (`get_page`).
+    pub fn get(&mut self, f: FrameId) {
+        if f != self.zero {
+            self.frame_mut(f).refcount += 1;
+        }
+    }
+
+    /// Drops a reference (`put_page`); the frame returns to its region's free list at zero. Returns whether the
+    /// frame was freed.
+    ///
+    /// # Panics
+    /// Panics if the refcount is already zero: a double free is a broken model invariant.
+    pub fn put(&mut self, f: FrameId) -> bool {
+        if f == self.zero {
+            return false;
+        }
+        let fr = self.frame_mut(f);
+        assert!(fr.refcount > 0, "put on a frame with refcount 0 ({f})");
+        fr.refcount -= 1;
+        if fr.refcount > 0 {
+            return false;
+        }
+        fr.owner = Some(FrameOwner::Free);
+        fr.mapcount = 0;
+        fr.lru = LruState::None;
+        fr.dirty = false;
+        fr.data = None;
+        let region = fr.region as usize;
+        self.regions[region].free.insert(f.0);
+        true
+    }
+
+    /// Sets who owns an allocated frame (the page cache adopting a page, for instance).
+    pub fn set_owner(&mut self, f: FrameId, owner: FrameOwner) {
+        self.frame_mut(f).owner = Some(owner);
+    }
+
+    /// Returns the frame's bytes (`None` means all zero).
+    pub fn data(&self, f: FrameId) -> Option<&[u8]> {
+        self.frame(f).data.as_deref()
+    }
+
+    /// Copies `buf.len()` bytes at `offset` inside the frame into `buf`.
+    pub fn read(&self, f: FrameId, offset: usize, buf: &mut [u8]) {
+        match &self.frame(f).data {
+            Some(d) => buf.copy_from_slice(&d[offset..offset + buf.len()]),
+            None => buf.fill(0),
+        }
+    }
+
+    /// Copies `buf` into the frame at `offset` and marks it dirty.
+    ///
+    /// # Panics
+    /// Panics when writing the zero page: the fault path must have replaced it (a broken model invariant).
+    pub fn write(&mut self, f: FrameId, offset: usize, buf: &[u8]) {
+        assert!(f != self.zero, "write to the shared zero page");
+        let fr = self.frame_mut(f);
+        fr.dirty = true;
+        if fr.data.is_none() {
+            if buf.iter().all(|&b| b == 0) {
+                return;
+            }
+            fr.data = Some(vec![0u8; PAGE_BYTES].into_boxed_slice());
+        }
+        let d = fr.data.as_mut().expect("allocated above");
+        d[offset..offset + buf.len()].copy_from_slice(buf);
+    }
+
+    /// Copies the whole contents of `src` into `dst` (`copy_highpage`).
+    pub fn copy_frame(&mut self, src: FrameId, dst: FrameId) {
+        let data = self.frame(src).data.clone();
+        let fr = self.frame_mut(dst);
+        fr.data = data;
+        fr.dirty = true;
+    }
+
+    /// Returns a 64-bit content hash of the frame (FNV-1a over the bytes; all-zero frames hash to [`ZERO_HASH`]).
+    pub fn content_hash(&self, f: FrameId) -> u64 {
+        match &self.frame(f).data {
+            None => ZERO_HASH,
+            Some(d) => hash_bytes(d),
+        }
+    }
+}
+
+/// The content hash of an all-zero page.
+pub const ZERO_HASH: u64 = 0;
+
+/// Hashes a page of bytes (FNV-1a, 8 bytes at a time); an all-zero page hashes to [`ZERO_HASH`].
+pub fn hash_bytes(d: &[u8]) -> u64 {
+    if d.iter().all(|&b| b == 0) {
+        return ZERO_HASH;
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for chunk in d.chunks(8) {
+        let mut w = [0u8; 8];
+        w[..chunk.len()].copy_from_slice(chunk);
+        h ^= u64::from_le_bytes(w);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h | 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_page_is_reserved_and_reads_zero() {
+        let pm = PhysMem::new(4 * PMD_SIZE);
+        let z = pm.zero_page();
+        assert_eq!(pm.frame(z).owner(), FrameOwner::Zero);
+        let mut buf = [1u8; 16];
+        pm.read(z, 0, &mut buf);
+        assert_eq!(buf, [0u8; 16]);
+    }
+
+    #[test]
+    fn put_to_zero_frees_and_realloc_bumps_generation() {
+        let mut pm = PhysMem::new(4 * PMD_SIZE);
+        let f = pm.alloc(0, FrameOwner::Anon).unwrap();
+        let gen0 = pm.frame(f).generation;
+        pm.write(f, 0, &[7]);
+        pm.get(f);
+        assert!(!pm.put(f));
+        assert!(pm.put(f));
+        assert!(!pm.frame(f).is_allocated());
+        let g = pm.alloc(0, FrameOwner::Anon).unwrap();
+        assert_eq!(g, f, "lowest free frame is reused first");
+        assert!(pm.frame(g).generation > gen0);
+        let mut b = [9u8; 1];
+        pm.read(g, 0, &mut b);
+        assert_eq!(b, [0], "a reallocated frame is zero-filled");
+    }
+
+    #[test]
+    fn pmd_allocation_is_aligned_and_contiguous() {
+        let mut pm = PhysMem::new(8 * PMD_SIZE);
+        let head = pm.alloc_pmd(0, FrameOwner::Anon).unwrap();
+        assert_eq!(head.0 % FRAMES_PER_PMD, 0);
+        assert_ne!(head, FrameId(0), "block 0 holds the zero page");
+        for i in 0..FRAMES_PER_PMD {
+            assert_eq!(pm.frame(FrameId(head.0 + i)).refcount, 1);
+        }
+    }
+
+    #[test]
+    fn pin_bias_marks_maybe_dma_pinned() {
+        let mut pm = PhysMem::new(2 * PMD_SIZE);
+        let f = pm.alloc(0, FrameOwner::Anon).unwrap();
+        assert!(!pm.frame(f).maybe_dma_pinned());
+        pm.frame_mut(f).refcount += GUP_PIN_COUNTING_BIAS;
+        assert!(pm.frame(f).maybe_dma_pinned());
+    }
+
+    #[test]
+    fn exhaustion_is_reported_not_panicked() {
+        let mut pm = PhysMem::new(PMD_SIZE);
+        for _ in 0..FRAMES_PER_PMD - 1 {
+            pm.alloc(0, FrameOwner::Anon).unwrap();
+        }
+        assert_eq!(
+            pm.alloc(0, FrameOwner::Anon),
+            Err(OutOfMemory { region: 0 })
+        );
+    }
+}

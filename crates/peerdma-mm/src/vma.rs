@@ -1,0 +1,153 @@
+//! Virtual memory areas (`struct vm_area_struct`) and their flags.
+//!
+//! VMAs live in an ordered map keyed by start address and are never merged implicitly (DESIGN.md §3), so a
+//! `munmap`/`mprotect` in the middle of a VMA splits it into up to three, as `split_vma` does.
+
+use bitflags::bitflags;
+use peerdma_core::{Range, Va};
+
+bitflags! {
+    /// `vm_flags` bits the model uses (include/linux/mm.h).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct VmFlags: u32 {
+        /// VM_READ.
+        const READ = 1 << 0;
+        /// VM_WRITE.
+        const WRITE = 1 << 1;
+        /// VM_EXEC.
+        const EXEC = 1 << 2;
+        /// VM_SHARED.
+        const SHARED = 1 << 3;
+        /// VM_IO: memory-mapped I/O.
+        const IO = 1 << 4;
+        /// VM_PFNMAP: raw PFNs without `struct page` semantics.
+        const PFNMAP = 1 << 5;
+        /// VM_MIXEDMAP: may hold both `struct page` pages and raw PFNs.
+        const MIXEDMAP = 1 << 6;
+        /// VM_HUGEPAGE (MADV_HUGEPAGE).
+        const HUGEPAGE = 1 << 7;
+        /// VM_NOHUGEPAGE (MADV_NOHUGEPAGE).
+        const NOHUGEPAGE = 1 << 8;
+        /// VM_HUGETLB.
+        const HUGETLB = 1 << 9;
+        /// VM_DONTCOPY: not inherited by fork.
+        const DONTCOPY = 1 << 10;
+    }
+}
+
+impl VmFlags {
+    /// The protection bits.
+    pub const PROT: VmFlags = VmFlags::READ.union(VmFlags::WRITE).union(VmFlags::EXEC);
+}
+
+/// Memory protection as `mmap`/`mprotect` take it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Prot {
+    /// PROT_READ.
+    pub read: bool,
+    /// PROT_WRITE.
+    pub write: bool,
+    /// PROT_EXEC.
+    pub exec: bool,
+}
+
+impl Prot {
+    /// PROT_NONE.
+    pub const NONE: Prot = Prot {
+        read: false,
+        write: false,
+        exec: false,
+    };
+    /// PROT_READ.
+    pub const READ: Prot = Prot {
+        read: true,
+        write: false,
+        exec: false,
+    };
+    /// PROT_READ | PROT_WRITE.
+    pub const RW: Prot = Prot {
+        read: true,
+        write: true,
+        exec: false,
+    };
+
+    /// Returns the VMA flags for this protection. On x86-64 PROT_WRITE and PROT_EXEC imply read access
+    /// (`protection_map`), so they set VM_READ too.
+    pub fn vm_flags(self) -> VmFlags {
+        let mut f = VmFlags::empty();
+        if self.read || self.write || self.exec {
+            f |= VmFlags::READ;
+        }
+        if self.write {
+            f |= VmFlags::WRITE;
+        }
+        if self.exec {
+            f |= VmFlags::EXEC;
+        }
+        f
+    }
+}
+
+/// What backs a VMA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmaBacking {
+    /// Anonymous memory (private: `vma_is_anonymous`).
+    Anon,
+    /// A file (or, for shared anonymous memory, a shmem object) at a page offset of its start.
+    File {
+        /// The file.
+        file: u32,
+        /// Page offset of the VMA start in the file.
+        pgoff: u64,
+    },
+    /// A driver mapping whose pages were inserted at mmap time (`vm_insert_page`, VM_MIXEDMAP).
+    Driver,
+}
+
+/// One VMA.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Vma {
+    /// `[vm_start, vm_end)`.
+    pub range: Range<Va>,
+    /// `vm_flags`.
+    pub flags: VmFlags,
+    /// What backs it.
+    pub backing: VmaBacking,
+    /// Name for reports (the scenario's mapping name, if any).
+    pub name: Option<String>,
+}
+
+impl Vma {
+    /// Returns whether the VMA is private anonymous memory (`vma_is_anonymous`).
+    pub fn is_anonymous(&self) -> bool {
+        matches!(self.backing, VmaBacking::Anon)
+    }
+
+    /// Returns whether writes are shared with other mappings (VM_SHARED).
+    pub fn is_shared(&self) -> bool {
+        self.flags.contains(VmFlags::SHARED)
+    }
+
+    /// Returns the file page offset of `va`, for file-backed VMAs.
+    pub fn file_pgoff(&self, va: Va) -> Option<(u32, u64)> {
+        match self.backing {
+            VmaBacking::File { file, pgoff } => {
+                Some((file, pgoff + (va.raw() - self.range.start.raw()) / 4096))
+            }
+            _ => None,
+        }
+    }
+
+    /// Returns the part of this VMA inside `[start, end)` as a new VMA, fixing the file offset.
+    pub fn slice(&self, r: Range<Va>) -> Vma {
+        let mut v = self.clone();
+        v.range = r;
+        if let VmaBacking::File { file, pgoff } = self.backing {
+            v.backing = VmaBacking::File {
+                file,
+                pgoff: pgoff + (r.start.raw() - self.range.start.raw()) / 4096,
+            };
+        }
+        v
+    }
+}
