@@ -777,22 +777,40 @@ impl Kernel {
         self.spend(self.costs.syscall).await;
         let r = check_range(addr, len)?;
         let lock = self.mmap_lock(pid);
-        let _g = lock.write().await;
-        self.do_munmap(pid, r).await;
+        let g = lock.write().await;
+        if self.state().mm(pid).vmas_in(r).is_empty() {
+            return Ok(());
+        }
+        // Detach the VMAs under the write lock, then downgrade and zap under the read lock, as
+        // do_vmi_align_munmap does (mm/vma.c): device faults holding mmap_lock for reading can run alongside
+        // the zap and its invalidation.
+        self.state().remove_vmas(pid, r);
+        let _r = g.downgrade();
+        self.unmap_region(pid, r).await;
         Ok(())
     }
 
-    /// Unmaps `r` with the write lock held: notifier UNMAP, zap, VMA removal, TLB shootdown.
+    /// Yields to every agent runnable now: a point where work on other CPUs interleaves with this one.
+    pub async fn preempt_point(&self) {
+        self.sim.sleep(SimDuration::ZERO).await;
+    }
+
+    /// Unmaps `r` with the write lock held (MAP_FIXED over existing mappings).
     async fn do_munmap(&self, pid: Pid, r: Range<Va>) {
         if self.state().mm(pid).vmas_in(r).is_empty() {
             return;
         }
+        self.state().remove_vmas(pid, r);
+        self.unmap_region(pid, r).await;
+    }
+
+    /// `unmap_region`: notifier UNMAP, zap, TLB shootdown, notifier end. The VMAs are already detached.
+    async fn unmap_region(&self, pid: Pid, r: Range<Va>) {
         self.invalidate_range_start(pid, r, NotifierEvent::Unmap, None)
             .await;
         let nr = {
             let mut st = self.state();
             let nr = st.zap_range(pid, r);
-            st.remove_vmas(pid, r);
             st.oracle.forget_anon(pid, r);
             nr
         };

@@ -1,0 +1,601 @@
+//! `dmirror`, the Linux HMM test device (lib/test_hmm.c), as a device model.
+//!
+//! Each *open* of the device is a [`Dmirror`]: it binds to the opener's address space with an interval
+//! notifier covering all of it, and keeps a "device page table" (`pt`) of frames tagged read, write or atomic,
+//! holding **no page references** — coherence comes only from invalidation (spec/linux-hmm.md §2.2, §4).
+//!
+//! Fault protocol (`dmirror_range_fault`, spec §1.2), per 64-page chunk:
+//! 1. `seq = read_begin(notifier)` (sleeps while an invalidation of this mirror is in progress);
+//! 2. take `mmap_lock` for reading, `hmm_range_fault`, drop it; `EBUSY` → back to 1;
+//! 3. take the driver lock; if `read_retry(seq)` → drop it and go back to 1;
+//! 4. program `pt` from the pfns, drop the lock. A 1 s (simulated) timeout gives `EBUSY`.
+//!
+//! Invalidate callback (spec §2.3): ignore MIGRATE events this device owns; otherwise take the driver lock
+//! (try-lock when non-blockable), `set_seq`, erase the `pt` entries of the range — `[start >> 12, end >> 12]`
+//! inclusive, exactly as test_hmm.c's `xa_for_each_range` does, so one page past the range goes too.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+
+use peerdma_core::{
+    DeviceId, Errno, FrameId, PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT, PUD_SHIFT, Pid, Range, SimDuration,
+    Va,
+};
+use peerdma_mm::hmm::{
+    HMM_PFN_ERROR, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_PFN_VALID, HMM_PFN_WRITE, HmmRange,
+    hmm_pfn_to_frame, hmm_pfn_to_map_order,
+};
+use peerdma_mm::{IntervalNotifierOps, Kernel, NotifierEvent, NotifierId, NotifierRange};
+use peerdma_sim::SimMutex;
+
+/// Pages per fault/snapshot chunk (test_hmm.c works in 64-page pieces).
+pub const CHUNK_PAGES: u64 = 64;
+
+/// `HMM_RANGE_DEFAULT_TIMEOUT`: the retry loop gives up with `EBUSY` after this long.
+pub const RANGE_TIMEOUT: SimDuration = SimDuration::from_millis(1_000);
+
+/// Snapshot byte values (`HMM_DMIRROR_PROT_*`, lib/test_hmm_uapi.h).
+pub mod prot {
+    /// The page cannot be accessed.
+    pub const ERROR: u8 = 0xff;
+    /// Not present.
+    pub const NONE: u8 = 0x00;
+    /// Readable.
+    pub const READ: u8 = 0x01;
+    /// Writable.
+    pub const WRITE: u8 = 0x02;
+    /// Mapped by a PMD leaf.
+    pub const PMD: u8 = 0x04;
+    /// Mapped by a PUD leaf.
+    pub const PUD: u8 = 0x08;
+    /// The shared zero page.
+    pub const ZERO: u8 = 0x10;
+    /// Device-private memory of this device.
+    pub const DEV_PRIVATE_LOCAL: u8 = 0x20;
+    /// Device-private memory of another device.
+    pub const DEV_PRIVATE_REMOTE: u8 = 0x30;
+    /// Device-coherent memory of this device.
+    pub const DEV_COHERENT_LOCAL: u8 = 0x40;
+    /// Device-coherent memory of another device.
+    pub const DEV_COHERENT_REMOTE: u8 = 0x50;
+}
+
+/// Which ZONE_DEVICE flavour the device's memory is (`HMM_DMIRROR_MEMORY_DEVICE_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DmirrorMemory {
+    /// MEMORY_DEVICE_PRIVATE (devices 0 and 1).
+    #[default]
+    Private,
+    /// MEMORY_DEVICE_COHERENT (devices 2 and 3).
+    Coherent,
+}
+
+/// Timing of the device model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DmirrorCosts {
+    /// The ioctl round trip.
+    pub ioctl: SimDuration,
+    /// Device DMA of one 4 KiB page (≈ 7 GB/s of a Gen3 x8 link, spec/numbers.md §1–2).
+    pub dma_page: SimDuration,
+    /// Programming or erasing one device page-table entry.
+    pub pt_update: SimDuration,
+}
+
+impl DmirrorCosts {
+    /// Calibrated defaults.
+    pub fn calibrated() -> Self {
+        Self {
+            ioctl: SimDuration::from_nanos(200),
+            dma_page: SimDuration::from_nanos(600),
+            pt_update: SimDuration::from_nanos(10),
+        }
+    }
+
+    /// Every cost zero.
+    pub fn zero() -> Self {
+        Self {
+            ioctl: SimDuration::ZERO,
+            dma_page: SimDuration::ZERO,
+            pt_update: SimDuration::ZERO,
+        }
+    }
+}
+
+/// A deliberate bug to inject, so tests can prove the oracle catches it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum FaultInjection {
+    /// A correct driver.
+    #[default]
+    None,
+    /// Program device entries without checking `read_retry` (a classic mirror bug).
+    SkipReadRetry,
+}
+
+/// The result of a successful command: the counters and the data it returns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DmirrorResult {
+    /// `cmd.cpages`.
+    pub cpages: u64,
+    /// `cmd.faults`.
+    pub faults: u64,
+    /// The bounce buffer (READ) or snapshot bytes (SNAPSHOT); empty otherwise.
+    pub data: Vec<u8>,
+}
+
+/// Device page-table entry tags (`DPT_XA_TAG_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tag {
+    Read,
+    Write,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct PtEntry {
+    frame: FrameId,
+    tag: Tag,
+}
+
+/// State shared by the open file and its notifier callbacks.
+#[derive(Debug)]
+struct Shared {
+    kernel: Rc<Kernel>,
+    dev: DeviceId,
+    pid: Pid,
+    lock: SimMutex,
+    pt: RefCell<BTreeMap<u64, PtEntry>>,
+    costs: DmirrorCosts,
+}
+
+/// The main notifier's callbacks (`dmirror_interval_invalidate`).
+#[derive(Debug)]
+struct MirrorOps(Rc<Shared>);
+
+impl IntervalNotifierOps for MirrorOps {
+    fn invalidate<'a>(
+        &'a self,
+        id: NotifierId,
+        range: &'a NotifierRange,
+        cur_seq: u64,
+    ) -> Pin<Box<dyn Future<Output = bool> + 'a>> {
+        Box::pin(async move {
+            let sh = &self.0;
+            // The driver's own migrations manage its page table (spec §2.3).
+            if range.event == NotifierEvent::Migrate && range.owner == Some(sh.dev) {
+                return true;
+            }
+            let _g = if range.blockable {
+                sh.lock.lock().await
+            } else {
+                match sh.lock.try_lock() {
+                    Some(g) => g,
+                    None => return false,
+                }
+            };
+            sh.kernel.interval_set_seq(sh.pid, id, cur_seq);
+            let first = range.range.start.page_number();
+            let last = range.range.end.page_number();
+            let erased = {
+                let mut pt = sh.pt.borrow_mut();
+                let keys: Vec<u64> = pt.range(first..=last).map(|(k, _)| *k).collect();
+                for k in &keys {
+                    pt.remove(k);
+                }
+                keys.len() as u64
+            };
+            sh.kernel.sim.trace("dmirror.invalidate", || {
+                format!(
+                    "dev {} {} {:?} erased {erased}",
+                    sh.dev.0, range.range, range.event
+                )
+            });
+            sh.kernel
+                .spend(sh.costs.pt_update.saturating_mul(erased))
+                .await;
+            true
+        })
+    }
+
+    fn name(&self) -> String {
+        format!("dmirror{}", self.0.dev.0)
+    }
+}
+
+/// The snapshot's temporary notifier: it only bumps the sequence (`dmirror_snapshot_invalidate`).
+#[derive(Debug)]
+struct SnapshotOps(Rc<Shared>);
+
+impl IntervalNotifierOps for SnapshotOps {
+    fn invalidate<'a>(
+        &'a self,
+        id: NotifierId,
+        range: &'a NotifierRange,
+        cur_seq: u64,
+    ) -> Pin<Box<dyn Future<Output = bool> + 'a>> {
+        Box::pin(async move {
+            let sh = &self.0;
+            let _g = if range.blockable {
+                sh.lock.lock().await
+            } else {
+                match sh.lock.try_lock() {
+                    Some(g) => g,
+                    None => return false,
+                }
+            };
+            sh.kernel.interval_set_seq(sh.pid, id, cur_seq);
+            true
+        })
+    }
+
+    fn name(&self) -> String {
+        format!("dmirror{}.snapshot", self.0.dev.0)
+    }
+}
+
+/// One open file of a dmirror device (`struct dmirror`).
+#[derive(Debug)]
+pub struct Dmirror {
+    sh: Rc<Shared>,
+    memory: DmirrorMemory,
+    notifier: NotifierId,
+    injection: Cell<FaultInjection>,
+    closed: Cell<bool>,
+}
+
+impl Dmirror {
+    /// Opens the device `dev` from process `pid`: registers the mirror's notifier over the whole address
+    /// space `[0, ULONG_MAX & PAGE_MASK)`.
+    ///
+    /// # Errors
+    /// `EINVAL` when the process has exited.
+    pub fn open(
+        kernel: &Rc<Kernel>,
+        dev: DeviceId,
+        memory: DmirrorMemory,
+        pid: Pid,
+        costs: DmirrorCosts,
+    ) -> Result<Rc<Self>, Errno> {
+        let sh = Rc::new(Shared {
+            kernel: kernel.clone(),
+            dev,
+            pid,
+            lock: SimMutex::new(&kernel.sim, "dmirror.mutex"),
+            pt: RefCell::new(BTreeMap::new()),
+            costs,
+        });
+        let notifier = kernel.interval_notifier_insert(
+            pid,
+            Va::from_raw(0),
+            !(PAGE_SIZE - 1), // ULONG_MAX & PAGE_MASK
+            Rc::new(MirrorOps(sh.clone())),
+        )?;
+        Ok(Rc::new(Self {
+            sh,
+            memory,
+            notifier,
+            injection: Cell::new(FaultInjection::None),
+            closed: Cell::new(false),
+        }))
+    }
+
+    /// Returns the device this file is open on.
+    pub fn device(&self) -> DeviceId {
+        self.sh.dev
+    }
+
+    /// Returns the memory flavour.
+    pub fn memory(&self) -> DmirrorMemory {
+        self.memory
+    }
+
+    /// Injects a driver bug (tests of the oracle only).
+    pub fn inject(&self, f: FaultInjection) {
+        self.injection.set(f);
+    }
+
+    /// Returns the number of entries in the device page table.
+    pub fn nr_mirrored(&self) -> usize {
+        self.sh.pt.borrow().len()
+    }
+
+    /// Closes the file: removes the notifier (waiting for a running invalidation) and drops the mirror.
+    pub async fn close(&self) {
+        if self.closed.replace(true) {
+            return;
+        }
+        self.sh
+            .kernel
+            .interval_notifier_remove(self.sh.pid, self.notifier)
+            .await;
+        self.sh.pt.borrow_mut().clear();
+    }
+
+    /// Validates `addr`/`npages` (spec §2.4) and returns the range.
+    fn check(&self, addr: Va, npages: u64) -> Result<Range<Va>, Errno> {
+        if self.closed.get() || !addr.is_page_aligned() || npages == 0 {
+            return Err(Errno::EINVAL);
+        }
+        let len = npages.checked_mul(PAGE_SIZE).ok_or(Errno::EINVAL)?;
+        let r = Range::from_len(addr, len).ok_or(Errno::EINVAL)?;
+        if !self.sh.kernel.state().mm(self.sh.pid).alive {
+            return Err(Errno::EINVAL);
+        }
+        Ok(r)
+    }
+
+    /// HMM_DMIRROR_READ: the device reads `npages` at `addr`, faulting what its page table lacks.
+    pub async fn read(&self, addr: Va, npages: u64) -> Result<DmirrorResult, Errno> {
+        let k = &self.sh.kernel;
+        k.spend(self.sh.costs.ioctl).await;
+        let r = self.check(addr, npages)?;
+        let mut bounce = vec![0u8; usize::try_from(r.len()).map_err(|_| Errno::ENOMEM)?];
+        let mut res = DmirrorResult::default();
+        let mut start = r.start;
+        loop {
+            let done = {
+                let _g = self.sh.lock.lock().await;
+                self.do_read(r, start, &mut bounce, &mut res.cpages)
+            };
+            self.dma_time(res.cpages).await;
+            if done {
+                break;
+            }
+            start = r.start.add(res.cpages * PAGE_SIZE);
+            self.fault(Range::new(start, r.end), false).await?;
+            res.faults += 1;
+        }
+        res.data = bounce;
+        k.sim.count("dmirror.read", 1);
+        Ok(res)
+    }
+
+    /// Copies pages from `start` while `pt` has entries; returns whether the whole range was read.
+    fn do_read(&self, r: Range<Va>, start: Va, bounce: &mut [u8], cpages: &mut u64) -> bool {
+        let pt = self.sh.pt.borrow();
+        for va in Range::new(start, r.end).pages() {
+            let Some(e) = pt.get(&va.page_number()).copied() else {
+                return false;
+            };
+            let off = usize::try_from(va.raw() - r.start.raw()).expect("inside the bounce buffer");
+            self.sh.kernel.device_read(
+                self.sh.dev,
+                self.sh.pid,
+                va,
+                e.frame,
+                &mut bounce[off..off + 4096],
+            );
+            *cpages += 1;
+        }
+        true
+    }
+
+    /// HMM_DMIRROR_WRITE: the device writes `data` (`npages` pages) at `addr`, write-faulting as needed.
+    pub async fn write(&self, addr: Va, npages: u64, data: &[u8]) -> Result<DmirrorResult, Errno> {
+        let k = &self.sh.kernel;
+        k.spend(self.sh.costs.ioctl).await;
+        let r = self.check(addr, npages)?;
+        if data.len() as u64 != r.len() {
+            return Err(Errno::EINVAL);
+        }
+        let mut res = DmirrorResult::default();
+        let mut start = r.start;
+        loop {
+            let done = {
+                let _g = self.sh.lock.lock().await;
+                self.do_write(r, start, data, &mut res.cpages)
+            };
+            self.dma_time(res.cpages).await;
+            if done {
+                break;
+            }
+            start = r.start.add(res.cpages * PAGE_SIZE);
+            self.fault(Range::new(start, r.end), true).await?;
+            res.faults += 1;
+        }
+        k.sim.count("dmirror.write", 1);
+        Ok(res)
+    }
+
+    fn do_write(&self, r: Range<Va>, start: Va, data: &[u8], cpages: &mut u64) -> bool {
+        let pt = self.sh.pt.borrow();
+        for va in Range::new(start, r.end).pages() {
+            let Some(e) = pt.get(&va.page_number()).copied() else {
+                return false;
+            };
+            if e.tag != Tag::Write {
+                return false;
+            }
+            let off = usize::try_from(va.raw() - r.start.raw()).expect("inside the data");
+            self.sh.kernel.device_write(
+                self.sh.dev,
+                self.sh.pid,
+                va,
+                e.frame,
+                &data[off..off + 4096],
+            );
+            *cpages += 1;
+        }
+        true
+    }
+
+    async fn dma_time(&self, pages: u64) {
+        self.sh
+            .kernel
+            .spend(self.sh.costs.dma_page.saturating_mul(pages))
+            .await;
+    }
+
+    /// `dmirror_fault`: faults `r` in 64-page chunks through the retry protocol.
+    async fn fault(&self, r: Range<Va>, write: bool) -> Result<(), Errno> {
+        let k = &self.sh.kernel;
+        k.sim.count("dmirror.faults", 1);
+        let mut addr = r.start;
+        while addr < r.end {
+            let next = addr.add(CHUNK_PAGES * PAGE_SIZE).min(r.end);
+            let flags = HMM_PFN_REQ_FAULT | if write { HMM_PFN_REQ_WRITE } else { 0 };
+            let mut range =
+                HmmRange::new(self.sh.pid, self.notifier, 0, Range::new(addr, next), flags);
+            range.dev_private_owner = Some(self.sh.dev);
+            self.range_fault(&mut range).await?;
+            addr = next;
+        }
+        Ok(())
+    }
+
+    /// `dmirror_range_fault`: steps 1–4 of the module docs.
+    async fn range_fault(&self, range: &mut HmmRange) -> Result<(), Errno> {
+        let k = &self.sh.kernel;
+        let deadline = k.sim.now() + RANGE_TIMEOUT;
+        let lock = k.mmap_lock(self.sh.pid);
+        let guard = loop {
+            if k.sim.now() > deadline {
+                return Err(Errno::EBUSY);
+            }
+            range.notifier_seq = k.interval_read_begin(self.sh.pid, self.notifier).await;
+            let ret = {
+                let _m = lock.read().await;
+                k.hmm_range_fault(range).await
+            };
+            match ret {
+                Err(Errno::EBUSY) => continue,
+                Err(e) => return Err(e),
+                Ok(()) => {}
+            }
+            // Between mmap_read_unlock and mutex_lock another CPU may run a whole invalidation: this is the
+            // window read_retry exists for.
+            k.preempt_point().await;
+            let g = self.sh.lock.lock().await;
+            let retry = k.interval_read_retry(self.sh.pid, self.notifier, range.notifier_seq);
+            if retry && self.injection.get() != FaultInjection::SkipReadRetry {
+                drop(g);
+                k.sim.count("dmirror.retries", 1);
+                continue;
+            }
+            k.state().oracle.mirror_install(retry, || {
+                format!("dmirror{} fault of {:#x}", self.sh.dev.0, range.start)
+            });
+            break g;
+        };
+        let n = self.do_fault(range);
+        drop(guard);
+        k.spend(self.sh.costs.pt_update.saturating_mul(n)).await;
+        Ok(())
+    }
+
+    /// `dmirror_do_fault`: programs `pt` from the pfns (under the driver lock).
+    fn do_fault(&self, range: &HmmRange) -> u64 {
+        let mut pt = self.sh.pt.borrow_mut();
+        let mut n = 0;
+        for (i, &w) in range.hmm_pfns.iter().enumerate() {
+            debug_assert!(
+                w & HMM_PFN_VALID != 0 && w & HMM_PFN_ERROR == 0,
+                "faulted range returned {w:#x}"
+            );
+            let vpn = range.start.page_number() + i as u64;
+            let tag = if w & HMM_PFN_WRITE != 0 {
+                Tag::Write
+            } else {
+                Tag::Read
+            };
+            pt.insert(
+                vpn,
+                PtEntry {
+                    frame: hmm_pfn_to_frame(w),
+                    tag,
+                },
+            );
+            n += 1;
+        }
+        n
+    }
+
+    /// HMM_DMIRROR_SNAPSHOT: one byte per page describing the CPU mapping, without faulting.
+    pub async fn snapshot(&self, addr: Va, npages: u64) -> Result<DmirrorResult, Errno> {
+        let k = &self.sh.kernel;
+        k.spend(self.sh.costs.ioctl).await;
+        let r = self.check(addr, npages)?;
+        let mut res = DmirrorResult::default();
+        let mut start = r.start;
+        while start < r.end {
+            let next = start.add(CHUNK_PAGES * PAGE_SIZE).min(r.end);
+            let chunk = Range::new(start, next);
+            let id = k.interval_notifier_insert(
+                self.sh.pid,
+                chunk.start,
+                chunk.len(),
+                Rc::new(SnapshotOps(self.sh.clone())),
+            )?;
+            let out = self.snapshot_chunk(id, chunk).await;
+            k.interval_notifier_remove(self.sh.pid, id).await;
+            let bytes = out?;
+            res.cpages += bytes.len() as u64;
+            res.data.extend(bytes);
+            start = next;
+        }
+        k.sim.count("dmirror.snapshot", 1);
+        Ok(res)
+    }
+
+    async fn snapshot_chunk(&self, id: NotifierId, chunk: Range<Va>) -> Result<Vec<u8>, Errno> {
+        let k = &self.sh.kernel;
+        let deadline = k.sim.now() + RANGE_TIMEOUT;
+        let lock = k.mmap_lock(self.sh.pid);
+        let mut range = HmmRange::new(self.sh.pid, id, 0, chunk, 0);
+        range.dev_private_owner = Some(self.sh.dev);
+        loop {
+            if k.sim.now() > deadline {
+                return Err(Errno::EBUSY);
+            }
+            range.notifier_seq = k.interval_read_begin(self.sh.pid, id).await;
+            let ret = {
+                let _m = lock.read().await;
+                k.hmm_range_fault(&mut range).await
+            };
+            match ret {
+                Err(Errno::EBUSY) => continue,
+                Err(e) => return Err(e),
+                Ok(()) => {}
+            }
+            let _g = self.sh.lock.lock().await;
+            if k.interval_read_retry(self.sh.pid, id, range.notifier_seq) {
+                continue;
+            }
+            let st = k.state();
+            let zero = st.phys.zero_page();
+            return Ok(range
+                .hmm_pfns
+                .iter()
+                .map(|&w| Self::mkentry(w, zero))
+                .collect());
+        }
+    }
+
+    /// `dmirror_mkentry`: the snapshot byte for one pfn word.
+    fn mkentry(w: u64, zero: FrameId) -> u8 {
+        if w & HMM_PFN_ERROR != 0 {
+            return prot::ERROR;
+        }
+        if w & HMM_PFN_VALID == 0 {
+            return prot::NONE;
+        }
+        let mut b = if hmm_pfn_to_frame(w) == zero {
+            prot::ZERO
+        } else {
+            prot::NONE
+        };
+        b |= if w & HMM_PFN_WRITE != 0 {
+            prot::WRITE
+        } else {
+            prot::READ
+        };
+        let shift = hmm_pfn_to_map_order(w) + PAGE_SHIFT;
+        if shift == PMD_SHIFT {
+            b |= prot::PMD;
+        } else if shift == PUD_SHIFT {
+            b |= prot::PUD;
+        }
+        b
+    }
+}
