@@ -1,5 +1,9 @@
 //! End-to-end tests of the dmirror model against the kernel model: counters of spec/linux-hmm.md §3 and the
 //! oracle catching a broken mirror.
+#![expect(
+    clippy::tests_outside_test_module,
+    reason = "an integration-test crate is all tests"
+)]
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -69,7 +73,8 @@ fn anon_read_faults_once_and_reads_what_the_cpu_wrote() {
             DmirrorCosts::zero(),
         )
         .unwrap();
-        *o2.borrow_mut() = Some(m.read(buf, N).await);
+        let r = m.read(buf, N).await;
+        *o2.borrow_mut() = Some(r);
         m.close().await;
     });
     assert_eq!(sim.run(), RunOutcome::Completed);
@@ -98,14 +103,17 @@ fn device_read_of_a_prot_none_range_is_efault_and_write_to_read_only_is_eperm() 
         k2.mprotect(pid, buf, 16 * PAGE_SIZE, Prot::NONE)
             .await
             .unwrap();
-        o2.borrow_mut().push(m.read(buf, 16).await);
+        let r = m.read(buf, 16).await;
+        o2.borrow_mut().push(r);
         k2.mprotect(pid, buf, 16 * PAGE_SIZE, Prot::READ)
             .await
             .unwrap();
-        o2.borrow_mut()
-            .push(m.write(buf, 16, &vec![1u8; 16 * 4096]).await);
-        o2.borrow_mut().push(m.read(Va::from_raw(0x1000), 1).await);
-        o2.borrow_mut().push(m.read(buf.add(1), 1).await);
+        let r = m.write(buf, 16, &vec![1u8; 16 * 4096]).await;
+        o2.borrow_mut().push(r);
+        let r = m.read(Va::from_raw(0x1000), 1).await;
+        o2.borrow_mut().push(r);
+        let r = m.read(buf.add(1), 1).await;
+        o2.borrow_mut().push(r);
     });
     assert_eq!(sim.run(), RunOutcome::Completed);
     let errs: Vec<Errno> = out
