@@ -2,6 +2,7 @@
 //! oracle catching a broken mirror.
 #![expect(
     clippy::tests_outside_test_module,
+    clippy::unwrap_used,
     reason = "an integration-test crate is all tests"
 )]
 
