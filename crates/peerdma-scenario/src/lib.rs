@@ -1,1 +1,37 @@
-//! placeholder
+//! Scenario files: the TOML format of `docs/scenario-format.md`, parsed into a validated model.
+//!
+//! A scenario declares simulation settings, files, devices, processes and threads; each thread runs a list of
+//! steps (`mmap`, `store`, `dmirror.read`...) with expectations. This crate turns the text into a
+//! [`Scenario`] and rejects every input error *before* anything runs, at its `file:line:col`:
+//!
+//! 1. [`parse()`] / [`parse_file()`] read the TOML and build the [`ast`] model ([`parse`](mod@parse) module);
+//! 2. values with units go through [`units`], data patterns through [`pattern`];
+//! 3. any problem is a [`ScenarioError`] ([`error`]), whose [`ScenarioError::render`] shows the source line
+//!    with a caret under the offending token.
+//!
+//! # Examples
+//! ```
+//! let err = peerdma_scenario::parse("s.toml", "[sim]\njitter = 2.0\n").unwrap_err();
+//! assert_eq!(err.line, 2);
+//! assert_eq!(err.col, 10);
+//! assert!(err.message.contains("between 0.0 and 1.0"));
+//! ```
+
+pub mod ast;
+pub mod error;
+pub mod parse;
+pub mod pattern;
+pub mod report;
+pub mod run;
+pub mod units;
+
+pub use ast::{
+    AddrError, AddrExpr, Advice, DeviceDecl, DeviceKind, DeviceMemoryKind, Expect, FileDecl, Loc,
+    MmapFlags, Op, Prot, Scenario, Signal, SimSettings, SleepSpec, Step, ThreadDecl, TimeMode,
+    WriteSource,
+};
+pub use error::ScenarioError;
+pub use parse::{parse, parse_file};
+pub use pattern::{Mismatch, Pattern, PatternError, Segment};
+pub use report::{Outcome, Report};
+pub use run::{RunOptions, run};

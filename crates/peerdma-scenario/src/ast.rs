@@ -1,0 +1,688 @@
+//! The parsed and statically validated model of a scenario file (see `docs/scenario-format.md`).
+//!
+//! Everything here has passed the static checks of [`crate::parse()`]: sizes are in bytes, times in
+//! nanoseconds, every `len` is non-zero, and every name a step uses (file, device, fd, mapping, process) is
+//! defined somewhere in the file. What can only be known at run time is left to the runner:
+//! - a symbolic address (`buf+0x1000`) is resolved against the mapping that `mmap { name = "buf" }` created
+//!   *in the acting process* (the static check only proves that some `mmap` step names `buf` and that the
+//!   offset lies within `[0, len]` of that step's length, the largest one when several steps share a name);
+//! - a `fd` names the device file that an `open` step opened in the acting process;
+//! - a `fork` child's threads start when the `fork` step runs.
+
+use std::fmt;
+use std::str::FromStr;
+
+use peerdma_core::{Errno, SimDuration};
+
+use crate::pattern::Pattern;
+use crate::units::{self, UnitError};
+
+/// A whole scenario: settings, declarations and threads, in file order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scenario {
+    /// The path the scenario was read from (as given to [`crate::parse()`]).
+    pub path: String,
+    /// The `[sim]` table.
+    pub sim: SimSettings,
+    /// The `[[file]]` tables.
+    pub files: Vec<FileDecl>,
+    /// The `[[device]]` tables.
+    pub devices: Vec<DeviceDecl>,
+    /// The processes that exist when the simulation starts: always `"main"` first, then each `[[process]]`.
+    /// Processes created by `fork` steps are not listed here; they come into being when the step runs.
+    pub processes: Vec<String>,
+    /// The `[[thread]]` tables.
+    pub threads: Vec<ThreadDecl>,
+}
+
+impl Scenario {
+    /// Returns the declared file named `name`.
+    pub fn file(&self, name: &str) -> Option<&FileDecl> {
+        self.files.iter().find(|f| f.name == name)
+    }
+
+    /// Returns the declared device named `name`.
+    pub fn device(&self, name: &str) -> Option<&DeviceDecl> {
+        self.devices.iter().find(|d| d.name == name)
+    }
+
+    /// Returns the names of the processes created by `fork` steps, in file order.
+    pub fn forked_processes(&self) -> Vec<&str> {
+        self.threads
+            .iter()
+            .flat_map(|t| &t.steps)
+            .filter_map(|s| match &s.op {
+                Op::Fork { child } => Some(child.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// The `[sim]` settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimSettings {
+    /// The random seed (`--seed` overrides it). Default 0.
+    pub seed: u64,
+    /// The timing model. Default [`TimeMode::Calibrated`].
+    pub time: TimeMode,
+    /// Whether agents ready at the same instant run in a random order. Default false.
+    pub explore: bool,
+    /// Relative latency jitter, in `0.0..=1.0`. Default 0.
+    pub jitter: f64,
+    /// The simulation stops with an error when simulated time passes this. Default 60 s.
+    pub time_limit: SimDuration,
+    /// RAM size of node 0 in bytes: non-zero and a multiple of the page size. Default 1 GiB.
+    pub memory: u64,
+}
+
+impl Default for SimSettings {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            time: TimeMode::Calibrated,
+            explore: false,
+            jitter: 0.0,
+            time_limit: SimDuration::from_millis(60_000),
+            memory: 1 << 30,
+        }
+    }
+}
+
+/// How simulated operations cost time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeMode {
+    /// `"calibrated"`: the timing model.
+    Calibrated,
+    /// `"zero"`: every cost is zero.
+    Zero,
+}
+
+/// A `[[file]]`: an in-memory file for file-backed mappings and `pread`/`pwrite`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileDecl {
+    /// Its name, unique among files.
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its initial contents, from offset 0. Default [`Pattern::Zero`].
+    pub pattern: Pattern,
+}
+
+/// A `[[device]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceDecl {
+    /// Its name, unique among devices.
+    pub name: String,
+    /// The kind of device.
+    pub kind: DeviceKind,
+    /// The kind of device memory it migrates to.
+    pub memory: DeviceMemoryKind,
+}
+
+/// The kinds of device a scenario can declare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// `"dmirror"`: the kernel's `test_hmm` mirror device.
+    Dmirror,
+}
+
+/// The kind of `ZONE_DEVICE` memory a device has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceMemoryKind {
+    /// `"private"`: `MEMORY_DEVICE_PRIVATE`, not CPU-addressable.
+    Private,
+    /// `"coherent"`: `MEMORY_DEVICE_COHERENT`, CPU-addressable.
+    Coherent,
+}
+
+/// A `[[thread]]`: a list of steps run in order by one simulated thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThreadDecl {
+    /// Its name, unique among threads.
+    pub name: String,
+    /// The process it belongs to: `"main"`, a `[[process]]`, or a child created by a `fork` step.
+    pub process: String,
+    /// Its steps, in order.
+    pub steps: Vec<Step>,
+}
+
+/// A position in the scenario file (1-based line and character column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Loc {
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column, in characters.
+    pub col: usize,
+}
+
+impl fmt::Display for Loc {
+    /// Prints `line:col`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.line, self.col)
+    }
+}
+
+/// One step of a thread: an operation and what it must produce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    /// The operation.
+    pub op: Op,
+    /// What the operation must produce; the default means "must succeed".
+    pub expect: Expect,
+    /// Where the step's table starts in the file (its `{`).
+    pub loc: Loc,
+}
+
+/// What a step must produce (`expect = { ... }`). Only the keys the step's op allows are ever set.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Expect {
+    /// `errno`: `Some(None)` expects success, `Some(Some(e))` expects `-e`. `None` (not written) also means
+    /// success is required, unless `signal` is set.
+    pub errno: Option<Option<Errno>>,
+    /// `errno = "any"`: success or any error is accepted (counters and data are then not checked on error).
+    pub any_errno: bool,
+    /// `cpages`: the dmirror command's `cpages` counter (checked on success only).
+    pub cpages: Option<u64>,
+    /// `faults`: the dmirror command's `faults` counter (checked on success only).
+    pub faults: Option<u64>,
+    /// `data`: the bytes read (`load`, `pread`, `dmirror.read`).
+    pub data: Option<Pattern>,
+    /// `bytes`: the snapshot bytes, one per page (`dmirror.snapshot`).
+    pub bytes: Option<Vec<u8>>,
+    /// `value`: the little-endian value read by a `load` of 1, 2, 4 or 8 bytes.
+    pub value: Option<u64>,
+    /// `signal`: the CPU access (`load`/`store`) faults with this signal.
+    pub signal: Option<Signal>,
+}
+
+impl Expect {
+    /// Returns whether nothing but success is expected (no `expect` table, or an empty one).
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// A signal a CPU access can raise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// `"SIGSEGV"`: segmentation fault.
+    Segv,
+}
+
+impl Signal {
+    /// Returns the signal's name (`"SIGSEGV"`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Segv => "SIGSEGV",
+        }
+    }
+}
+
+impl fmt::Display for Signal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An address: raw, or relative to a named mapping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AddrExpr {
+    /// A raw virtual address (`0x7f0000000000`).
+    Raw(u64),
+    /// `NAME`, `NAME+OFFSET` or `NAME-OFFSET`: the start of mapping `name` plus `offset` bytes. Statically
+    /// `0 <= offset <= len` of the mapping.
+    Sym {
+        /// The mapping's name (`mmap { name = ... }`).
+        name: String,
+        /// The byte offset from the mapping's start.
+        offset: i64,
+    },
+}
+
+impl fmt::Display for AddrExpr {
+    /// Prints `0x7f0000000000`, `buf`, `buf+0x1000` or `buf-0x1000`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Raw(addr) => write!(f, "{addr:#x}"),
+            Self::Sym { name, offset: 0 } => write!(f, "{name}"),
+            Self::Sym { name, offset } if *offset < 0 => {
+                write!(f, "{name}-{:#x}", offset.unsigned_abs())
+            }
+            Self::Sym { name, offset } => write!(f, "{name}+{offset:#x}"),
+        }
+    }
+}
+
+/// A malformed address expression; the message says what was expected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct AddrError {
+    /// What was expected and what was found.
+    pub message: String,
+}
+
+impl FromStr for AddrExpr {
+    type Err = AddrError;
+
+    /// Parses `0x7f0000000000` (or a decimal number), `NAME`, `NAME+OFFSET` or `NAME-OFFSET`, where NAME is
+    /// `[A-Za-z_][A-Za-z0-9_]*` and OFFSET a size (`4KiB`, `0x1000`, `3 pages`). Whitespace around the
+    /// operator is allowed. Whether NAME exists is not checked here.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let expected = || AddrError {
+            message: format!(
+                "expected an address like `buf`, `buf+4KiB`, `buf-0x1000` or `0x7f0000000000`, found `{text}`"
+            ),
+        };
+        let trimmed = text.trim();
+        if trimmed.starts_with(|c: char| c.is_ascii_digit()) {
+            return units::parse_number(trimmed)
+                .map(Self::Raw)
+                .map_err(|e| match e {
+                    UnitError::Overflow(_) => AddrError {
+                        message: format!(
+                            "expected an address below 2^64, found `{text}`, which overflows"
+                        ),
+                    },
+                    _ => expected(),
+                });
+        }
+        let name_end = trimmed
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(trimmed.len());
+        let (name, rest) = trimmed.split_at(name_end);
+        if !name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') {
+            return Err(expected());
+        }
+        let rest = rest.trim_start();
+        if rest.is_empty() {
+            return Ok(Self::Sym {
+                name: name.to_owned(),
+                offset: 0,
+            });
+        }
+        let (negative, size_text) = if let Some(r) = rest.strip_prefix('+') {
+            (false, r)
+        } else if let Some(r) = rest.strip_prefix('-') {
+            (true, r)
+        } else {
+            return Err(expected());
+        };
+        let magnitude = units::parse_size(size_text).map_err(|e| AddrError {
+            message: format!("bad offset in address `{text}`: {e}"),
+        })?;
+        let magnitude = i64::try_from(magnitude).map_err(|_| AddrError {
+            message: format!(
+                "expected an offset up to {:#x} in address `{text}`, found {magnitude:#x}, which overflows",
+                i64::MAX
+            ),
+        })?;
+        Ok(Self::Sym {
+            name: name.to_owned(),
+            offset: if negative { -magnitude } else { magnitude },
+        })
+    }
+}
+
+/// Page protections (`prot`): `"none"`, `"r"`, `"rw"`, `"rx"`, `"rwx"`, `"w"`...
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Prot {
+    /// `PROT_READ`.
+    pub read: bool,
+    /// `PROT_WRITE`.
+    pub write: bool,
+    /// `PROT_EXEC`.
+    pub exec: bool,
+}
+
+impl Prot {
+    /// `PROT_NONE`.
+    pub const NONE: Self = Self {
+        read: false,
+        write: false,
+        exec: false,
+    };
+    /// `PROT_READ`.
+    pub const READ: Self = Self {
+        read: true,
+        write: false,
+        exec: false,
+    };
+    /// `PROT_READ | PROT_WRITE`.
+    pub const READ_WRITE: Self = Self {
+        read: true,
+        write: true,
+        exec: false,
+    };
+}
+
+impl fmt::Display for Prot {
+    /// Prints the scenario spelling: `none`, `r`, `rw`, `rx`, `rwx`...
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if *self == Self::NONE {
+            return f.write_str("none");
+        }
+        for (set, c) in [(self.read, 'r'), (self.write, 'w'), (self.exec, 'x')] {
+            if set {
+                write!(f, "{c}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `mmap` flags. Exactly one of `private`/`shared` was written (`shared == false` means `MAP_PRIVATE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct MmapFlags {
+    /// `MAP_SHARED` (else `MAP_PRIVATE`).
+    pub shared: bool,
+    /// `MAP_ANONYMOUS`.
+    pub anonymous: bool,
+    /// `MAP_FIXED`.
+    pub fixed: bool,
+    /// `MAP_FIXED_NOREPLACE`.
+    pub fixed_noreplace: bool,
+    /// `MAP_POPULATE`.
+    pub populate: bool,
+    /// `MAP_HUGETLB`.
+    pub hugetlb: bool,
+}
+
+/// `madvise` advice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Advice {
+    /// `"dontneed"`: `MADV_DONTNEED`.
+    DontNeed,
+    /// `"hugepage"`: `MADV_HUGEPAGE`.
+    HugePage,
+    /// `"nohugepage"`: `MADV_NOHUGEPAGE`.
+    NoHugePage,
+}
+
+/// How long a `sleep` step sleeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SleepSpec {
+    /// `for = TIME`.
+    Fixed(SimDuration),
+    /// `random = [MIN, MAX]`: uniformly in `[MIN, MAX]` (MIN <= MAX), drawn from the simulation's RNG.
+    Random(SimDuration, SimDuration),
+}
+
+/// The source of a `dmirror.write`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteSource {
+    /// `ptr`: the data is copied from this address of the process.
+    Ptr(AddrExpr),
+    /// `pattern`: the data is this pattern.
+    Pattern(Pattern),
+}
+
+/// An operation, one per row of the steps table of the format doc. Lengths are in bytes and non-zero.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// `mmap(2)`.
+    Mmap {
+        /// The name later steps use for the mapping (`at = "buf+4KiB"`).
+        name: Option<String>,
+        /// Length in bytes.
+        len: u64,
+        /// Protections.
+        prot: Prot,
+        /// Flags.
+        flags: MmapFlags,
+        /// Hint address, or the address for `fixed`/`fixed_noreplace` (always set for those).
+        at: Option<AddrExpr>,
+        /// The `[[file]]` to map (set exactly when `flags.anonymous` is not).
+        file: Option<String>,
+        /// The file offset in bytes (0 for anonymous mappings).
+        offset: u64,
+        /// Align the returned address to this power of two inside an over-sized reservation.
+        align: Option<u64>,
+    },
+    /// `munmap(2)`.
+    Munmap {
+        /// Start address.
+        at: AddrExpr,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// `mprotect(2)`.
+    Mprotect {
+        /// Start address.
+        at: AddrExpr,
+        /// Length in bytes.
+        len: u64,
+        /// New protections.
+        prot: Prot,
+    },
+    /// `madvise(2)`.
+    Madvise {
+        /// Start address.
+        at: AddrExpr,
+        /// Length in bytes.
+        len: u64,
+        /// The advice.
+        advice: Advice,
+    },
+    /// The CPU writes a pattern.
+    Store {
+        /// Start address.
+        at: AddrExpr,
+        /// Length in bytes; `None` is "to the end of the mapping".
+        len: Option<u64>,
+        /// What to write.
+        pattern: Pattern,
+    },
+    /// The CPU reads.
+    Load {
+        /// Start address.
+        at: AddrExpr,
+        /// Length in bytes; `None` is "to the end of the mapping".
+        len: Option<u64>,
+    },
+    /// `pwrite(2)` on a `[[file]]`.
+    Pwrite {
+        /// The file's name.
+        file: String,
+        /// File offset in bytes (default 0).
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+        /// What to write.
+        pattern: Pattern,
+    },
+    /// `pread(2)` on a `[[file]]`.
+    Pread {
+        /// The file's name.
+        file: String,
+        /// File offset in bytes (default 0).
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// `fork(2)`: creates process `child`, whose threads then start.
+    Fork {
+        /// The new process's name (unique among processes).
+        child: String,
+    },
+    /// Waits for a child process to exit.
+    Wait {
+        /// The child's name (created by some `fork` step).
+        child: String,
+    },
+    /// The process exits.
+    Exit,
+    /// The thread sleeps in simulated time.
+    Sleep(SleepSpec),
+    /// Opens a device file.
+    Open {
+        /// The `[[device]]`'s name.
+        dev: String,
+        /// The name later steps use for the open file.
+        fd: String,
+    },
+    /// Closes a device file.
+    Close {
+        /// The open file's name.
+        fd: String,
+    },
+    /// `HMM_DMIRROR_READ`.
+    DmirrorRead {
+        /// The open file's name.
+        fd: String,
+        /// Start address (page-aligned, else the ioctl fails with `EINVAL`).
+        at: AddrExpr,
+        /// Number of 4 KiB pages (0 fails with `EINVAL`).
+        pages: u64,
+        /// Where to copy the data in the process, if anywhere.
+        ptr: Option<AddrExpr>,
+    },
+    /// `HMM_DMIRROR_WRITE`.
+    DmirrorWrite {
+        /// The open file's name.
+        fd: String,
+        /// Start address.
+        at: AddrExpr,
+        /// Number of 4 KiB pages.
+        pages: u64,
+        /// The data written.
+        src: WriteSource,
+    },
+    /// `HMM_DMIRROR_SNAPSHOT`.
+    DmirrorSnapshot {
+        /// The open file's name.
+        fd: String,
+        /// Start address.
+        at: AddrExpr,
+        /// Number of 4 KiB pages.
+        pages: u64,
+    },
+}
+
+impl Op {
+    /// Returns the op's name as written in `op = "..."`.
+    pub const fn name(&self) -> &'static str {
+        match self {
+            Self::Mmap { .. } => "mmap",
+            Self::Munmap { .. } => "munmap",
+            Self::Mprotect { .. } => "mprotect",
+            Self::Madvise { .. } => "madvise",
+            Self::Store { .. } => "store",
+            Self::Load { .. } => "load",
+            Self::Pwrite { .. } => "pwrite",
+            Self::Pread { .. } => "pread",
+            Self::Fork { .. } => "fork",
+            Self::Wait { .. } => "wait",
+            Self::Exit => "exit",
+            Self::Sleep(_) => "sleep",
+            Self::Open { .. } => "open",
+            Self::Close { .. } => "close",
+            Self::DmirrorRead { .. } => "dmirror.read",
+            Self::DmirrorWrite { .. } => "dmirror.write",
+            Self::DmirrorSnapshot { .. } => "dmirror.snapshot",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addr_expr_prints_as_written() {
+        assert_eq!(
+            AddrExpr::Raw(0x7f00_0000_0000).to_string(),
+            "0x7f0000000000"
+        );
+        let sym = |offset| AddrExpr::Sym {
+            name: "buf".into(),
+            offset,
+        };
+        assert_eq!(sym(0).to_string(), "buf");
+        assert_eq!(sym(0x1000).to_string(), "buf+0x1000");
+        assert_eq!(sym(-0x1000).to_string(), "buf-0x1000");
+        assert_eq!(sym(i64::MIN).to_string(), "buf-0x8000000000000000");
+    }
+
+    fn sym(name: &str, offset: i64) -> AddrExpr {
+        AddrExpr::Sym {
+            name: name.into(),
+            offset,
+        }
+    }
+
+    #[test]
+    fn raw_addresses_parse_as_hex_or_decimal() {
+        assert_eq!(
+            "0x7f0000000000".parse(),
+            Ok(AddrExpr::Raw(0x7f00_0000_0000))
+        );
+        assert_eq!("4096".parse(), Ok(AddrExpr::Raw(4096)));
+        assert_eq!(" 0x10 ".parse(), Ok(AddrExpr::Raw(0x10)));
+    }
+
+    #[test]
+    fn symbolic_addresses_take_a_size_offset() {
+        assert_eq!("buf".parse(), Ok(sym("buf", 0)));
+        assert_eq!("buf+2MiB".parse(), Ok(sym("buf", 2 << 20)));
+        assert_eq!("buf+0x1000".parse(), Ok(sym("buf", 0x1000)));
+        assert_eq!("buf + 3 pages".parse(), Ok(sym("buf", 3 * 4096)));
+        assert_eq!("_m2-4KiB".parse(), Ok(sym("_m2", -4096)));
+        assert_eq!("buf+0".parse(), Ok(sym("buf", 0)));
+    }
+
+    #[test]
+    fn malformed_addresses_say_what_was_expected() {
+        for bad in [
+            "", "+0x10", "buf*2", "buf 4KiB", "0xzz", "-buf", "b.u.f", "1.5",
+        ] {
+            let err = bad.parse::<AddrExpr>().unwrap_err();
+            assert!(
+                err.message.starts_with("expected an address like"),
+                "{bad}: {err}"
+            );
+        }
+        let err = "buf+4 KB B".parse::<AddrExpr>().unwrap_err();
+        assert!(
+            err.message
+                .starts_with("bad offset in address `buf+4 KB B`: expected a size"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn address_overflow_is_rejected() {
+        let err = "0x10000000000000000".parse::<AddrExpr>().unwrap_err();
+        assert!(err.message.contains("overflows"), "{err}");
+        let err = "buf+0x8000000000000000".parse::<AddrExpr>().unwrap_err();
+        assert!(err.message.contains("overflows"), "{err}");
+        assert_eq!("buf-0x7fffffffffffffff".parse(), Ok(sym("buf", -i64::MAX)));
+    }
+
+    #[test]
+    fn addr_expr_display_round_trips() {
+        for text in ["0x1000", "buf", "buf+0x2000", "buf-0x1000"] {
+            assert_eq!(text.parse::<AddrExpr>().unwrap().to_string(), text);
+        }
+    }
+
+    #[test]
+    fn prot_prints_scenario_spelling() {
+        assert_eq!(Prot::NONE.to_string(), "none");
+        assert_eq!(Prot::READ_WRITE.to_string(), "rw");
+        let rx = Prot {
+            read: true,
+            write: false,
+            exec: true,
+        };
+        assert_eq!(rx.to_string(), "rx");
+    }
+
+    #[test]
+    fn default_settings_match_the_format_doc() {
+        let s = SimSettings::default();
+        assert_eq!(s.time_limit, SimDuration::from_nanos(60_000_000_000));
+        assert_eq!(s.memory, 1 << 30);
+        assert_eq!(s.time, TimeMode::Calibrated);
+    }
+}

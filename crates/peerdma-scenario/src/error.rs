@@ -1,0 +1,178 @@
+//! Input errors located at `file:line:col`.
+//!
+//! Every problem with a scenario file — TOML syntax, an unknown key, a wrong type, a bad unit, an unknown
+//! name — becomes one [`ScenarioError`] that points at the offending token. Lines and columns are 1-based and
+//! columns count characters (not bytes), like rustc. Line 0 means the error has no position in the text
+//! (the file could not be read).
+
+use std::fmt::Write as _;
+
+/// An input error in a scenario file, at a 1-based line and column.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}:{line}:{col}: {message}")]
+pub struct ScenarioError {
+    /// The scenario's path, as given to [`crate::parse`].
+    pub path: String,
+    /// 1-based line; 0 when the error has no position (I/O error).
+    pub line: usize,
+    /// 1-based column in characters; 0 when the error has no position.
+    pub col: usize,
+    /// What was wrong and what was expected (lowercase, no trailing period).
+    pub message: String,
+    /// The text of the offending line, without its line terminator.
+    pub source_line: Option<String>,
+}
+
+impl ScenarioError {
+    /// Creates an error at byte `offset` of `text` (clamped to the text and to a character boundary).
+    pub fn at_offset(path: &str, text: &str, offset: usize, message: impl Into<String>) -> Self {
+        let pos = Position::of(text, offset);
+        Self {
+            path: path.to_owned(),
+            line: pos.line,
+            col: pos.col,
+            message: message.into(),
+            source_line: Some(pos.source_line.to_owned()),
+        }
+    }
+
+    /// Creates the error for a scenario file that could not be read (line 0, no source line).
+    pub fn io(path: &str, err: &std::io::Error) -> Self {
+        Self {
+            path: path.to_owned(),
+            line: 0,
+            col: 0,
+            message: format!("cannot read the scenario file: {err}"),
+            source_line: None,
+        }
+    }
+
+    /// Returns a rustc-style report: the message, the location, and the source line with a `^` under the
+    /// column.
+    ///
+    /// ```text
+    /// error: unknown mapping `bfu`; mappings named by `mmap` steps: buf
+    ///   --> scenario.toml:12:26
+    ///    |
+    /// 12 |   { op = "store", at = "bfu", pattern = "zero" },
+    ///    |                        ^
+    /// ```
+    pub fn render(&self) -> String {
+        let mut out = format!("error: {}\n", self.message);
+        let Some(source_line) = self.source_line.as_deref().filter(|_| self.line > 0) else {
+            let _ = writeln!(out, "  --> {}", self.path);
+            return out;
+        };
+        let number = self.line.to_string();
+        let gutter = " ".repeat(number.len());
+        let _ = writeln!(out, "{gutter}--> {}:{}:{}", self.path, self.line, self.col);
+        let _ = writeln!(out, "{gutter} |");
+        let _ = writeln!(out, "{number} | {source_line}");
+        // Keep tabs so that the caret lines up with the character above it.
+        let pad: String = source_line
+            .chars()
+            .take(self.col.saturating_sub(1))
+            .map(|c| if c == '\t' { '\t' } else { ' ' })
+            .collect();
+        let _ = writeln!(out, "{gutter} | {pad}^");
+        out
+    }
+}
+
+/// A resolved position in a text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Position<'a> {
+    /// 1-based line.
+    pub(crate) line: usize,
+    /// 1-based column in characters.
+    pub(crate) col: usize,
+    /// The whole line, without `\n` or `\r\n`.
+    pub(crate) source_line: &'a str,
+}
+
+impl<'a> Position<'a> {
+    /// Returns the line and column of byte `offset` in `text`.
+    pub(crate) fn of(text: &'a str, offset: usize) -> Self {
+        let mut offset = offset.min(text.len());
+        while !text.is_char_boundary(offset) {
+            offset -= 1;
+        }
+        let before = &text[..offset];
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let line_end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
+        Self {
+            line: before.matches('\n').count() + 1,
+            col: text[line_start..offset].chars().count() + 1,
+            source_line: text[line_start..line_end].trim_end_matches('\r'),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_map_to_one_based_lines_and_columns() {
+        let text = "a = 1\nbb = 2\n";
+        let p = Position::of(text, 6);
+        assert_eq!((p.line, p.col, p.source_line), (2, 1, "bb = 2"));
+        let p = Position::of(text, 11);
+        assert_eq!((p.line, p.col), (2, 6));
+        let p = Position::of(text, 0);
+        assert_eq!((p.line, p.col, p.source_line), (1, 1, "a = 1"));
+    }
+
+    #[test]
+    fn offset_at_end_of_text_is_on_the_last_line() {
+        let p = Position::of("a = 1\n", 6);
+        assert_eq!((p.line, p.col, p.source_line), (2, 1, ""));
+        let p = Position::of("a = [", 500);
+        assert_eq!((p.line, p.col), (1, 6));
+    }
+
+    #[test]
+    fn columns_count_characters_not_bytes() {
+        let text = "x = \"µµ\" y";
+        let p = Position::of(text, text.find('y').unwrap());
+        assert_eq!(p.col, 10);
+        // Inside a multi-byte character: clamped back to its start.
+        let p = Position::of(text, 6);
+        assert_eq!(p.col, 6);
+    }
+
+    #[test]
+    fn crlf_is_stripped_from_the_source_line() {
+        let p = Position::of("a = 1\r\nb = 2\r\n", 8);
+        assert_eq!((p.line, p.col, p.source_line), (2, 2, "b = 2"));
+    }
+
+    #[test]
+    fn display_is_path_line_col_message() {
+        let err = ScenarioError::at_offset("s.toml", "a = 1\nb = x\n", 10, "expected a value");
+        assert_eq!(err.to_string(), "s.toml:2:5: expected a value");
+    }
+
+    #[test]
+    fn render_puts_a_caret_under_the_column() {
+        let err = ScenarioError::at_offset("s.toml", "a = 1\n\tb = x\n", 11, "bad");
+        assert_eq!(
+            err.render(),
+            "error: bad\n --> s.toml:2:6\n  |\n2 | \tb = x\n  | \t    ^\n"
+        );
+    }
+
+    #[test]
+    fn io_errors_have_no_position() {
+        let err = ScenarioError::io(
+            "missing.toml",
+            &std::io::Error::from(std::io::ErrorKind::NotFound),
+        );
+        assert_eq!(err.line, 0);
+        assert!(err.to_string().starts_with("missing.toml:0:0: cannot read"));
+        assert_eq!(
+            err.render(),
+            format!("error: {}\n  --> missing.toml\n", err.message)
+        );
+    }
+}

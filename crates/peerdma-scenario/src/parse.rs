@@ -1,0 +1,1567 @@
+//! TOML → [`Scenario`]: parsing and static validation.
+//!
+//! The file is read in three passes:
+//! 1. `toml`'s spanned document parser ([`DeTable::parse`]) checks the TOML 1.1 syntax (including duplicate
+//!    keys) and keeps the byte span of every key and value.
+//! 2. A walk over that tree builds the model. Each table allows a fixed set of keys (per op for steps), so
+//!    an unknown key is reported at the key itself with the keys that were expected; each value is
+//!    converted (sizes, times, addresses, patterns...) and reported at the value on failure. Definitions
+//!    (`[[file]]`, `[[device]]`, `[[process]]`, `mmap { name }`, `open { fd }`, `fork { child }`) are
+//!    collected, and every use of a name is recorded with its span.
+//! 3. Every recorded use is resolved against the definitions, in source order, so that a name may be used
+//!    before (in the file) the step that defines it: a mapping used by one thread may be created by another.
+//!
+//! The first problem found stops the parse and becomes a [`ScenarioError`] at its `line:col`. Nothing here
+//! panics on any input: every index into the text is clamped, every arithmetic step is checked.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+use std::path::Path;
+
+use peerdma_core::{Errno, PAGE_SIZE, SimDuration};
+use toml::Spanned;
+use toml::de::{DeString, DeTable, DeValue};
+
+use crate::ast::{
+    AddrError, AddrExpr, Advice, DeviceDecl, DeviceKind, DeviceMemoryKind, Expect, FileDecl, Loc,
+    MmapFlags, Op, Prot, Scenario, Signal, SimSettings, SleepSpec, Step, ThreadDecl, TimeMode,
+    WriteSource,
+};
+use crate::error::{Position, ScenarioError};
+use crate::pattern::{Pattern, Segment};
+use crate::units;
+
+type Result<T> = std::result::Result<T, ScenarioError>;
+type Value<'i> = Spanned<DeValue<'i>>;
+
+/// Returns the scenario that `text` (read from `path`, used in error messages) describes.
+///
+/// # Errors
+/// Returns the first input error: TOML syntax, unknown key, wrong type, bad unit, unknown name...
+///
+/// # Examples
+/// ```
+/// let text = r#"
+/// [[thread]]
+/// name = "t0"
+/// steps = [
+///   { op = "mmap", name = "buf", len = "2 pages", prot = "rw", flags = ["private", "anonymous"] },
+///   { op = "store", at = "buf+4KiB", pattern = "u32:index" },
+/// ]
+/// "#;
+/// let scenario = peerdma_scenario::parse("example.toml", text).unwrap();
+/// assert_eq!(scenario.threads[0].steps.len(), 2);
+///
+/// let err = peerdma_scenario::parse("bad.toml", "[sim]\nseed = true\n").unwrap_err();
+/// assert_eq!(err.to_string(), "bad.toml:2:8: expected an integer for `seed`, found a boolean");
+/// ```
+pub fn parse(path: &str, text: &str) -> Result<Scenario> {
+    let doc = DeTable::parse(text).map_err(|e| {
+        let offset = e.span().map_or(0, |span| span.start);
+        let message = e.message().replace('\n', "; ");
+        ScenarioError::at_offset(path, text, offset, format!("invalid TOML: {message}"))
+    })?;
+    let mut parser = Parser::new(path, text);
+    let scenario = parser.document(doc.get_ref(), doc.span())?;
+    parser.resolve()?;
+    Ok(scenario)
+}
+
+/// Returns the scenario in the file at `path`.
+///
+/// # Errors
+/// Returns a [`ScenarioError`] at line 0 when the file cannot be read, or the first input error of
+/// [`parse`].
+pub fn parse_file(path: &Path) -> Result<Scenario> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ScenarioError::io(&shown, &e))?;
+    parse(&shown, &text)
+}
+
+/// The ops, their keys and the `expect` keys each one allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OpKind {
+    Mmap,
+    Munmap,
+    Mprotect,
+    Madvise,
+    Store,
+    Load,
+    Pwrite,
+    Pread,
+    Fork,
+    Wait,
+    Exit,
+    Sleep,
+    Open,
+    Close,
+    DmirrorRead,
+    DmirrorWrite,
+    DmirrorSnapshot,
+}
+
+impl OpKind {
+    const ALL: &[Self] = &[
+        Self::Mmap,
+        Self::Munmap,
+        Self::Mprotect,
+        Self::Madvise,
+        Self::Store,
+        Self::Load,
+        Self::Pwrite,
+        Self::Pread,
+        Self::Fork,
+        Self::Wait,
+        Self::Exit,
+        Self::Sleep,
+        Self::Open,
+        Self::Close,
+        Self::DmirrorRead,
+        Self::DmirrorWrite,
+        Self::DmirrorSnapshot,
+    ];
+
+    const fn name(self) -> &'static str {
+        match self {
+            Self::Mmap => "mmap",
+            Self::Munmap => "munmap",
+            Self::Mprotect => "mprotect",
+            Self::Madvise => "madvise",
+            Self::Store => "store",
+            Self::Load => "load",
+            Self::Pwrite => "pwrite",
+            Self::Pread => "pread",
+            Self::Fork => "fork",
+            Self::Wait => "wait",
+            Self::Exit => "exit",
+            Self::Sleep => "sleep",
+            Self::Open => "open",
+            Self::Close => "close",
+            Self::DmirrorRead => "dmirror.read",
+            Self::DmirrorWrite => "dmirror.write",
+            Self::DmirrorSnapshot => "dmirror.snapshot",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|k| k.name() == name)
+    }
+
+    /// The keys a step of this op may have (besides `op` and `expect`).
+    const fn keys(self) -> &'static [&'static str] {
+        match self {
+            Self::Mmap => &[
+                "name", "len", "prot", "flags", "at", "file", "offset", "align",
+            ],
+            Self::Munmap | Self::Load => &["at", "len"],
+            Self::Mprotect => &["at", "len", "prot"],
+            Self::Madvise => &["at", "len", "advice"],
+            Self::Store => &["at", "len", "pattern"],
+            Self::Pwrite => &["file", "offset", "len", "pattern"],
+            Self::Pread => &["file", "offset", "len"],
+            Self::Fork | Self::Wait => &["child"],
+            Self::Exit => &[],
+            Self::Sleep => &["for", "random"],
+            Self::Open => &["dev", "fd"],
+            Self::Close => &["fd"],
+            Self::DmirrorRead => &["fd", "at", "pages", "ptr"],
+            Self::DmirrorWrite => &["fd", "at", "pages", "ptr", "pattern"],
+            Self::DmirrorSnapshot => &["fd", "at", "pages"],
+        }
+    }
+
+    /// The `expect` keys a step of this op may have.
+    const fn expect_keys(self) -> &'static [&'static str] {
+        match self {
+            Self::Load => &["errno", "data", "value", "signal"],
+            Self::Store => &["errno", "signal"],
+            Self::Pread => &["errno", "data"],
+            Self::DmirrorRead => &["errno", "cpages", "faults", "data"],
+            Self::DmirrorWrite => &["errno", "cpages", "faults"],
+            Self::DmirrorSnapshot => &["errno", "cpages", "faults", "bytes"],
+            _ => &["errno"],
+        }
+    }
+}
+
+/// Every key an `expect` table may have for some op.
+const ALL_EXPECT_KEYS: &[&str] = &[
+    "errno", "cpages", "faults", "data", "bytes", "value", "signal",
+];
+
+/// What a missing required key should hold, for the "needs `key`" message.
+fn key_hint(key: &str) -> &'static str {
+    match key {
+        "len" => "a size like `4KiB` or `16 pages`",
+        "size" => "a size like `4MiB`",
+        "at" | "ptr" => "an address like `buf+4KiB` or `0x7f0000000000`",
+        "prot" => "`none`, `r`, `rw`, `rx`, `rwx` or `w`",
+        "flags" => "a list like `[\"private\", \"anonymous\"]`",
+        "pattern" => "a pattern like `u32:index`",
+        "file" => "the name of a `[[file]]`",
+        "dev" => "the name of a `[[device]]`",
+        "fd" => "a name for the open device file",
+        "child" => "a process name",
+        "pages" => "an integer number of 4 KiB pages",
+        "advice" => "`dontneed`, `hugepage` or `nohugepage`",
+        "kind" => "`dmirror`",
+        "steps" => "a list of steps like `[{ op = \"exit\" }]`",
+        "op" => "an op name",
+        _ => "a name",
+    }
+}
+
+/// Returns "a string", "an integer"... for a value's type.
+fn describe(v: &DeValue<'_>) -> &'static str {
+    match v {
+        DeValue::String(_) => "a string",
+        DeValue::Integer(_) => "an integer",
+        DeValue::Float(_) => "a float",
+        DeValue::Boolean(_) => "a boolean",
+        DeValue::Datetime(_) => "a date-time",
+        DeValue::Array(_) => "an array",
+        DeValue::Table(_) => "a table",
+    }
+}
+
+/// Returns whether `s` is a name for a thread, process, device, file or fd: `[A-Za-z_][A-Za-z0-9_.-]*`.
+fn is_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+/// Returns whether `s` is a mapping name, usable in an address expression: `[A-Za-z_][A-Za-z0-9_]*`.
+fn is_mapping_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Returns `names` as `a, b, c`.
+fn list<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
+    names.into_iter().collect::<Vec<_>>().join(", ")
+}
+
+/// A table's entries in source order, with a description for messages (`a `store` step`).
+struct Table<'t, 'i> {
+    entries: Vec<(&'t Spanned<DeString<'i>>, &'t Value<'i>)>,
+    span: Range<usize>,
+    what: String,
+}
+
+impl<'t, 'i> Table<'t, 'i> {
+    fn new(table: &'t DeTable<'i>, span: Range<usize>, what: impl Into<String>) -> Self {
+        let mut entries: Vec<_> = table.iter().collect();
+        entries.sort_by_key(|(key, _)| key.span().start);
+        Self {
+            entries,
+            span,
+            what: what.into(),
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&'t Value<'i>> {
+        self.entries
+            .iter()
+            .find(|(k, _)| k.get_ref().as_ref() == key)
+            .map(|&(_, v)| v)
+    }
+}
+
+/// What kind of name a use refers to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RefKind {
+    /// A mapping, with the offset from its start.
+    Mapping {
+        offset: i64,
+    },
+    File,
+    Device,
+    Fd,
+    /// The process of a `[[thread]]`.
+    Process,
+    /// The child of a `wait` step.
+    Child,
+}
+
+/// A use of a name, resolved after the whole file is read.
+#[derive(Debug)]
+struct NameRef {
+    kind: RefKind,
+    name: String,
+    /// The value as written (`buf+0x1000`), for messages.
+    written: String,
+    span: Range<usize>,
+}
+
+/// The walk's state: the definitions found so far and the uses to resolve.
+struct Parser<'s> {
+    path: &'s str,
+    text: &'s str,
+    /// Mapping name → the largest `len` of the `mmap` steps that name it.
+    mappings: BTreeMap<String, u64>,
+    files: BTreeMap<String, Range<usize>>,
+    devices: BTreeMap<String, Range<usize>>,
+    threads: BTreeMap<String, Range<usize>>,
+    /// Every process: `main`, the `[[process]]` ones and the `fork` children.
+    processes: BTreeMap<String, Option<Range<usize>>>,
+    children: BTreeSet<String>,
+    fds: BTreeSet<String>,
+    refs: Vec<NameRef>,
+}
+
+impl<'s> Parser<'s> {
+    fn new(path: &'s str, text: &'s str) -> Self {
+        Self {
+            path,
+            text,
+            mappings: BTreeMap::new(),
+            files: BTreeMap::new(),
+            devices: BTreeMap::new(),
+            threads: BTreeMap::new(),
+            processes: BTreeMap::from([("main".to_owned(), None)]),
+            children: BTreeSet::new(),
+            fds: BTreeSet::new(),
+            refs: Vec::new(),
+        }
+    }
+
+    /// Returns an error at the start of `span`.
+    fn err(&self, span: &Range<usize>, message: impl Into<String>) -> ScenarioError {
+        ScenarioError::at_offset(self.path, self.text, span.start, message)
+    }
+
+    fn line_of(&self, span: &Range<usize>) -> usize {
+        Position::of(self.text, span.start).line
+    }
+
+    // ----- structure -----
+
+    fn table<'t, 'i>(&self, v: &'t Value<'i>, what: &str) -> Result<Table<'t, 'i>> {
+        match v.get_ref() {
+            DeValue::Table(table) => Ok(Table::new(table, v.span(), what)),
+            other => Err(self.err(
+                &v.span(),
+                format!("expected {what} as a table, found {}", describe(other)),
+            )),
+        }
+    }
+
+    /// Checks that every key of `t` is in `keys`.
+    fn allow(&self, t: &Table<'_, '_>, keys: &[&str]) -> Result<()> {
+        for (key, _) in &t.entries {
+            if !keys.contains(&key.get_ref().as_ref()) {
+                return Err(self.err(
+                    &key.span(),
+                    format!(
+                        "unknown key `{}` in {}; expected one of: {}",
+                        key.get_ref(),
+                        t.what,
+                        list(keys.iter().copied())
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn required<'t, 'i>(&self, t: &Table<'t, 'i>, key: &str) -> Result<&'t Value<'i>> {
+        t.get(key).ok_or_else(|| {
+            self.err(
+                &t.span,
+                format!("{} needs `{key}` ({})", t.what, key_hint(key)),
+            )
+        })
+    }
+
+    /// Returns the tables of an array of tables (`[[thread]]`), or none when the key is absent.
+    fn array_of_tables<'t, 'i>(
+        &self,
+        top: &Table<'t, 'i>,
+        key: &str,
+    ) -> Result<Vec<Table<'t, 'i>>> {
+        let Some(v) = top.get(key) else {
+            return Ok(Vec::new());
+        };
+        let what = format!("a `[[{key}]]` table");
+        let DeValue::Array(items) = v.get_ref() else {
+            return Err(self.err(
+                &v.span(),
+                format!(
+                    "expected `[[{key}]]` tables (an array of tables), found {}",
+                    describe(v.get_ref())
+                ),
+            ));
+        };
+        items.iter().map(|item| self.table(item, &what)).collect()
+    }
+
+    // ----- scalar values -----
+
+    fn string<'v>(&self, v: &'v Value<'_>, key: &str) -> Result<&'v str> {
+        match v.get_ref() {
+            DeValue::String(s) => Ok(s.as_ref()),
+            other => Err(self.err(
+                &v.span(),
+                format!("expected a string for `{key}`, found {}", describe(other)),
+            )),
+        }
+    }
+
+    /// A name being defined (thread, process, device, file, fd).
+    fn name(&self, v: &Value<'_>, key: &str) -> Result<String> {
+        let s = self.string(v, key)?;
+        if is_name(s) {
+            Ok(s.to_owned())
+        } else {
+            Err(self.err(
+                &v.span(),
+                format!(
+                    "expected a name (a letter or `_`, then letters, digits, `_`, `-` or `.`) for `{key}`, \
+                     found `{s}`"
+                ),
+            ))
+        }
+    }
+
+    /// A name being used: recorded to be resolved once the whole file is read.
+    fn name_ref(&mut self, v: &Value<'_>, key: &str, kind: RefKind) -> Result<String> {
+        let s = self.string(v, key)?.to_owned();
+        self.refs.push(NameRef {
+            kind,
+            name: s.clone(),
+            written: s.clone(),
+            span: v.span(),
+        });
+        Ok(s)
+    }
+
+    fn keyword<T: Copy>(&self, v: &Value<'_>, key: &str, choices: &[(&str, T)]) -> Result<T> {
+        let expected = || {
+            choices
+                .iter()
+                .map(|(name, _)| format!("`{name}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let DeValue::String(s) = v.get_ref() else {
+            return Err(self.err(
+                &v.span(),
+                format!(
+                    "expected one of {} for `{key}`, found {}",
+                    expected(),
+                    describe(v.get_ref())
+                ),
+            ));
+        };
+        choices
+            .iter()
+            .find(|(name, _)| *name == s.as_ref())
+            .map(|&(_, value)| value)
+            .ok_or_else(|| {
+                self.err(
+                    &v.span(),
+                    format!("expected one of {} for `{key}`, found `{s}`", expected()),
+                )
+            })
+    }
+
+    fn boolean(&self, v: &Value<'_>, key: &str) -> Result<bool> {
+        match v.get_ref() {
+            DeValue::Boolean(b) => Ok(*b),
+            other => Err(self.err(
+                &v.span(),
+                format!(
+                    "expected a boolean (`true` or `false`) for `{key}`, found {}",
+                    describe(other)
+                ),
+            )),
+        }
+    }
+
+    /// A non-negative integer; `what` describes it ("an integer", "an integer number of pages").
+    fn uint_as(&self, v: &Value<'_>, key: &str, what: &str) -> Result<u64> {
+        let DeValue::Integer(int) = v.get_ref() else {
+            return Err(self.err(
+                &v.span(),
+                format!(
+                    "expected {what} for `{key}`, found {}",
+                    describe(v.get_ref())
+                ),
+            ));
+        };
+        match i128::from_str_radix(int.as_str(), int.radix()) {
+            Ok(n) if n < 0 => Err(self.err(
+                &v.span(),
+                format!("expected {what} of 0 or more for `{key}`, found {n}"),
+            )),
+            Ok(n) => u64::try_from(n).map_err(|_| {
+                self.err(
+                    &v.span(),
+                    format!("expected {what} below 2^64 for `{key}`, found {n}, which overflows"),
+                )
+            }),
+            Err(_) => Err(self.err(
+                &v.span(),
+                format!("expected {what} below 2^64 for `{key}`, found `{int}`, which overflows"),
+            )),
+        }
+    }
+
+    fn uint(&self, v: &Value<'_>, key: &str) -> Result<u64> {
+        self.uint_as(v, key, "an integer")
+    }
+
+    /// A size: an integer (bytes) or a string with a unit.
+    fn size(&self, v: &Value<'_>, key: &str) -> Result<u64> {
+        match v.get_ref() {
+            DeValue::Integer(_) => self.uint_as(v, key, "a size"),
+            DeValue::String(s) => units::parse_size(s).map_err(|e| self.err(&v.span(), e.to_string())),
+            other => Err(self.err(
+                &v.span(),
+                format!(
+                    "expected a size like `4KiB` or `16 pages` (or an integer number of bytes) for `{key}`, \
+                     found {}",
+                    describe(other)
+                ),
+            )),
+        }
+    }
+
+    /// A `len`: a size that is not zero.
+    fn len(&self, v: &Value<'_>, key: &str) -> Result<u64> {
+        let len = self.size(v, key)?;
+        if len == 0 {
+            return Err(self.err(
+                &v.span(),
+                format!("expected a non-zero length for `{key}`, found 0"),
+            ));
+        }
+        Ok(len)
+    }
+
+    /// A time: an integer (nanoseconds) or a string with a unit.
+    fn time(&self, v: &Value<'_>, key: &str) -> Result<SimDuration> {
+        match v.get_ref() {
+            DeValue::Integer(_) => self
+                .uint_as(v, key, "a time")
+                .map(SimDuration::from_nanos),
+            DeValue::String(s) => units::parse_time(s).map_err(|e| self.err(&v.span(), e.to_string())),
+            other => Err(self.err(
+                &v.span(),
+                format!(
+                    "expected a time like `250ns` or `2ms` (or an integer number of nanoseconds) for `{key}`, \
+                     found {}",
+                    describe(other)
+                ),
+            )),
+        }
+    }
+
+    /// An address: a raw one (integer or number string), or a symbolic one recorded for resolution.
+    fn addr(&mut self, v: &Value<'_>, key: &str) -> Result<AddrExpr> {
+        const EXPECTED: &str =
+            "expected an address like `buf`, `buf+4KiB`, `buf-0x1000` or `0x7f0000000000`";
+        let s = match v.get_ref() {
+            DeValue::Integer(_) => return self.uint_as(v, key, "an address").map(AddrExpr::Raw),
+            DeValue::String(s) => s.as_ref(),
+            other => {
+                return Err(self.err(
+                    &v.span(),
+                    format!("{EXPECTED} for `{key}`, found {}", describe(other)),
+                ));
+            }
+        };
+        let expr: AddrExpr = s
+            .parse()
+            .map_err(|e: AddrError| self.err(&v.span(), e.message))?;
+        let AddrExpr::Sym { name, offset } = &expr else {
+            return Ok(expr);
+        };
+        let (name, offset) = (name.clone(), *offset);
+        self.refs.push(NameRef {
+            kind: RefKind::Mapping { offset },
+            name,
+            written: s.to_owned(),
+            span: v.span(),
+        });
+        Ok(expr)
+    }
+
+    fn prot(&self, v: &Value<'_>) -> Result<Prot> {
+        let s = match v.get_ref() {
+            DeValue::String(s) => s.as_ref(),
+            other => {
+                return Err(self.err(
+                    &v.span(),
+                    format!(
+                        "expected a protection `none`, `r`, `rw`, `rx`, `rwx` or `w` for `prot`, found {}",
+                        describe(other)
+                    ),
+                ));
+            }
+        };
+        let prot = match s {
+            "none" => Some(Prot::NONE),
+            "" => None,
+            _ => {
+                // Any in-order subset of `rwx`.
+                let rest = s;
+                let (read, rest) = rest.strip_prefix('r').map_or((false, rest), |r| (true, r));
+                let (write, rest) = rest.strip_prefix('w').map_or((false, rest), |r| (true, r));
+                let (exec, rest) = rest.strip_prefix('x').map_or((false, rest), |r| (true, r));
+                rest.is_empty().then_some(Prot { read, write, exec })
+            }
+        };
+        prot.ok_or_else(|| {
+            self.err(
+                &v.span(),
+                format!(
+                    "expected a protection `none`, `r`, `rw`, `rx`, `rwx` or `w` for `prot`, found `{s}`"
+                ),
+            )
+        })
+    }
+
+    fn mmap_flags(&self, v: &Value<'_>) -> Result<MmapFlags> {
+        const NAMES: &[&str] = &[
+            "private",
+            "shared",
+            "anonymous",
+            "fixed",
+            "fixed_noreplace",
+            "populate",
+            "hugetlb",
+        ];
+        let DeValue::Array(items) = v.get_ref() else {
+            return Err(self.err(
+                &v.span(),
+                format!(
+                    "expected a list of flags like `[\"private\", \"anonymous\"]` for `flags`, found {}",
+                    describe(v.get_ref())
+                ),
+            ));
+        };
+        let mut flags = MmapFlags::default();
+        let mut private = false;
+        let mut seen = BTreeSet::new();
+        for item in items {
+            let flag = match item.get_ref() {
+                DeValue::String(s) if NAMES.contains(&s.as_ref()) => s.as_ref(),
+                DeValue::String(s) => {
+                    return Err(self.err(
+                        &item.span(),
+                        format!(
+                            "unknown mmap flag `{s}`; expected one of: {}",
+                            list(NAMES.iter().copied())
+                        ),
+                    ));
+                }
+                other => {
+                    return Err(self.err(
+                        &item.span(),
+                        format!(
+                            "expected a flag name (a string) in `flags`, found {}",
+                            describe(other)
+                        ),
+                    ));
+                }
+            };
+            if !seen.insert(flag) {
+                return Err(self.err(
+                    &item.span(),
+                    format!("flag `{flag}` is listed twice; expected each flag at most once"),
+                ));
+            }
+            match flag {
+                "private" => private = true,
+                "shared" => flags.shared = true,
+                "anonymous" => flags.anonymous = true,
+                "fixed" => flags.fixed = true,
+                "fixed_noreplace" => flags.fixed_noreplace = true,
+                "populate" => flags.populate = true,
+                _ => flags.hugetlb = true,
+            }
+        }
+        if private == flags.shared {
+            return Err(self.err(
+                &v.span(),
+                "expected exactly one of `private` or `shared` in `flags`",
+            ));
+        }
+        if flags.fixed && flags.fixed_noreplace {
+            return Err(self.err(
+                &v.span(),
+                "expected at most one of `fixed` and `fixed_noreplace` in `flags`",
+            ));
+        }
+        Ok(flags)
+    }
+
+    fn pattern(&self, v: &Value<'_>, key: &str) -> Result<Pattern> {
+        match v.get_ref() {
+            DeValue::String(s) => s
+                .parse::<Pattern>()
+                .map_err(|e| self.err(&v.span(), e.message)),
+            DeValue::Array(items) => {
+                if items.is_empty() {
+                    return Err(self.err(
+                        &v.span(),
+                        format!(
+                            "expected at least one segment `{{ len = SIZE, pattern = PATTERN }}` in `{key}`, \
+                             found an empty list"
+                        ),
+                    ));
+                }
+                let last = items.len() - 1;
+                let mut segments = Vec::with_capacity(items.len());
+                for (i, item) in items.iter().enumerate() {
+                    let t = self.table(item, "a pattern segment `{ len = SIZE, pattern = PATTERN }`")?;
+                    self.allow(&t, &["len", "pattern"])?;
+                    let len = match t.get("len") {
+                        Some(len) => Some(self.len(len, "len")?),
+                        None if i == last => None,
+                        None => {
+                            return Err(self.err(
+                                &t.span,
+                                "only the last segment may omit `len`; expected `len = SIZE` here",
+                            ));
+                        }
+                    };
+                    let p = self.required(&t, "pattern")?;
+                    let DeValue::String(s) = p.get_ref() else {
+                        return Err(self.err(
+                            &p.span(),
+                            format!(
+                                "expected a pattern string like `u32:index` in a segment, found {}",
+                                describe(p.get_ref())
+                            ),
+                        ));
+                    };
+                    let pattern = s
+                        .parse::<Pattern>()
+                        .map_err(|e| self.err(&p.span(), e.message))?;
+                    segments.push(Segment { len, pattern });
+                }
+                Ok(Pattern::Segments(segments))
+            }
+            other => Err(self.err(
+                &v.span(),
+                format!(
+                    "expected a pattern like `u32:index` or a list of segments for `{key}`, found {}",
+                    describe(other)
+                ),
+            )),
+        }
+    }
+
+    /// Checks that `base + len` fits in 64 bits.
+    fn check_end(&self, base: u64, len: u64, len_v: &Value<'_>, what: &str) -> Result<()> {
+        if base.checked_add(len).is_none() {
+            return Err(self.err(
+                &len_v.span(),
+                format!(
+                    "{what} {base:#x} + length {len:#x} overflows; expected a range that ends below 2^64"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks a raw `at` + `len` for overflow (symbolic addresses are checked against their mapping).
+    fn check_range(&self, at: &AddrExpr, len: u64, len_v: &Value<'_>) -> Result<()> {
+        match at {
+            AddrExpr::Raw(base) => self.check_end(*base, len, len_v, "address"),
+            AddrExpr::Sym { .. } => Ok(()),
+        }
+    }
+
+    // ----- top level -----
+
+    fn document(&mut self, doc: &DeTable<'_>, span: Range<usize>) -> Result<Scenario> {
+        let top = Table::new(doc, span, "the top level");
+        self.allow(&top, &["sim", "file", "device", "process", "thread"])?;
+        let sim = match top.get("sim") {
+            Some(v) => self.sim(v)?,
+            None => SimSettings::default(),
+        };
+        let mut files = Vec::new();
+        for t in self.array_of_tables(&top, "file")? {
+            files.push(self.file(&t)?);
+        }
+        let mut devices = Vec::new();
+        for t in self.array_of_tables(&top, "device")? {
+            devices.push(self.device(&t)?);
+        }
+        let mut processes = vec!["main".to_owned()];
+        for t in self.array_of_tables(&top, "process")? {
+            processes.push(self.process(&t)?);
+        }
+        let mut threads = Vec::new();
+        for t in self.array_of_tables(&top, "thread")? {
+            threads.push(self.thread(&t)?);
+        }
+        Ok(Scenario {
+            path: self.path.to_owned(),
+            sim,
+            files,
+            devices,
+            processes,
+            threads,
+        })
+    }
+
+    fn sim(&self, v: &Value<'_>) -> Result<SimSettings> {
+        let t = self.table(v, "the `[sim]` table")?;
+        self.allow(
+            &t,
+            &["seed", "time", "explore", "jitter", "time_limit", "memory"],
+        )?;
+        let mut sim = SimSettings::default();
+        if let Some(v) = t.get("seed") {
+            sim.seed = self.uint(v, "seed")?;
+        }
+        if let Some(v) = t.get("time") {
+            sim.time = self.keyword(
+                v,
+                "time",
+                &[
+                    ("calibrated", TimeMode::Calibrated),
+                    ("zero", TimeMode::Zero),
+                ],
+            )?;
+        }
+        if let Some(v) = t.get("explore") {
+            sim.explore = self.boolean(v, "explore")?;
+        }
+        if let Some(v) = t.get("jitter") {
+            sim.jitter = self.jitter(v)?;
+        }
+        if let Some(v) = t.get("time_limit") {
+            sim.time_limit = self.time(v, "time_limit")?;
+        }
+        if let Some(v) = t.get("memory") {
+            let memory = self.size(v, "memory")?;
+            if memory == 0 || memory % PAGE_SIZE != 0 {
+                return Err(self.err(
+                    &v.span(),
+                    format!(
+                        "expected a non-zero multiple of the 4 KiB page size for `memory`, found {memory:#x}"
+                    ),
+                ));
+            }
+            sim.memory = memory;
+        }
+        Ok(sim)
+    }
+
+    fn jitter(&self, v: &Value<'_>) -> Result<f64> {
+        let out_of_range = |shown: &str| {
+            self.err(
+                &v.span(),
+                format!("expected `jitter` between 0.0 and 1.0, found {shown}"),
+            )
+        };
+        match v.get_ref() {
+            DeValue::Float(f) => {
+                let value: f64 = f.as_str().parse().map_err(|_| out_of_range(f.as_str()))?;
+                if (0.0..=1.0).contains(&value) {
+                    Ok(value)
+                } else {
+                    Err(out_of_range(f.as_str()))
+                }
+            }
+            DeValue::Integer(i) => match i.as_str() {
+                "0" => Ok(0.0),
+                "1" => Ok(1.0),
+                other => Err(out_of_range(other)),
+            },
+            other => Err(self.err(
+                &v.span(),
+                format!(
+                    "expected a number between 0.0 and 1.0 for `jitter`, found {}",
+                    describe(other)
+                ),
+            )),
+        }
+    }
+
+    /// Checks that `name` is not in `defs` yet (a second definition of the same name is an error).
+    fn check_unique(
+        &self,
+        defs: &BTreeMap<String, Range<usize>>,
+        name: &str,
+        span: &Range<usize>,
+        kind: &str,
+    ) -> Result<()> {
+        match defs.get(name) {
+            Some(first) => Err(self.err(
+                span,
+                format!(
+                    "duplicate {kind} name `{name}`; the first one is at line {}; expected a unique name",
+                    self.line_of(first)
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn file(&mut self, t: &Table<'_, '_>) -> Result<FileDecl> {
+        self.allow(t, &["name", "size", "pattern"])?;
+        let name_v = self.required(t, "name")?;
+        let name = self.name(name_v, "name")?;
+        self.check_unique(&self.files, &name, &name_v.span(), "file")?;
+        self.files.insert(name.clone(), name_v.span());
+        let size = self.size(self.required(t, "size")?, "size")?;
+        let pattern = match t.get("pattern") {
+            Some(v) => self.pattern(v, "pattern")?,
+            None => Pattern::Zero,
+        };
+        Ok(FileDecl {
+            name,
+            size,
+            pattern,
+        })
+    }
+
+    fn device(&mut self, t: &Table<'_, '_>) -> Result<DeviceDecl> {
+        self.allow(t, &["name", "kind", "memory"])?;
+        let name_v = self.required(t, "name")?;
+        let name = self.name(name_v, "name")?;
+        self.check_unique(&self.devices, &name, &name_v.span(), "device")?;
+        self.devices.insert(name.clone(), name_v.span());
+        let kind = self.keyword(
+            self.required(t, "kind")?,
+            "kind",
+            &[("dmirror", DeviceKind::Dmirror)],
+        )?;
+        let memory = match t.get("memory") {
+            Some(v) => self.keyword(
+                v,
+                "memory",
+                &[
+                    ("private", DeviceMemoryKind::Private),
+                    ("coherent", DeviceMemoryKind::Coherent),
+                ],
+            )?,
+            None => DeviceMemoryKind::Private,
+        };
+        Ok(DeviceDecl { name, kind, memory })
+    }
+
+    /// Adds a process (declared or forked), failing when the name is taken.
+    fn define_process(&mut self, name: &str, span: Range<usize>) -> Result<()> {
+        match self.processes.get(name) {
+            Some(None) => Err(self.err(
+                &span,
+                format!(
+                    "duplicate process name `{name}`: a process named `main` always exists; expected another \
+                     name"
+                ),
+            )),
+            Some(Some(first)) => Err(self.err(
+                &span,
+                format!(
+                    "duplicate process name `{name}`; the first one is at line {}; expected a unique name",
+                    self.line_of(first)
+                ),
+            )),
+            None => {
+                self.processes.insert(name.to_owned(), Some(span));
+                Ok(())
+            }
+        }
+    }
+
+    fn process(&mut self, t: &Table<'_, '_>) -> Result<String> {
+        self.allow(t, &["name"])?;
+        let name_v = self.required(t, "name")?;
+        let name = self.name(name_v, "name")?;
+        self.define_process(&name, name_v.span())?;
+        Ok(name)
+    }
+
+    fn thread(&mut self, t: &Table<'_, '_>) -> Result<ThreadDecl> {
+        self.allow(t, &["name", "process", "steps"])?;
+        let name_v = self.required(t, "name")?;
+        let name = self.name(name_v, "name")?;
+        self.check_unique(&self.threads, &name, &name_v.span(), "thread")?;
+        self.threads.insert(name.clone(), name_v.span());
+        let process = match t.get("process") {
+            Some(v) => self.name_ref(v, "process", RefKind::Process)?,
+            None => "main".to_owned(),
+        };
+        let steps_v = self.required(t, "steps")?;
+        let DeValue::Array(items) = steps_v.get_ref() else {
+            return Err(self.err(
+                &steps_v.span(),
+                format!(
+                    "expected a list of steps like `[{{ op = \"exit\" }}]` for `steps`, found {}",
+                    describe(steps_v.get_ref())
+                ),
+            ));
+        };
+        let steps = items
+            .iter()
+            .map(|item| self.step(item))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ThreadDecl {
+            name,
+            process,
+            steps,
+        })
+    }
+
+    // ----- steps -----
+
+    fn step(&mut self, v: &Value<'_>) -> Result<Step> {
+        let DeValue::Table(table) = v.get_ref() else {
+            return Err(self.err(
+                &v.span(),
+                format!(
+                    "expected a step as an inline table like `{{ op = \"mmap\", ... }}`, found {}",
+                    describe(v.get_ref())
+                ),
+            ));
+        };
+        let mut t = Table::new(table, v.span(), "a step");
+        let op_v = t.get("op").ok_or_else(|| {
+            self.err(
+                &v.span(),
+                format!(
+                    "a step needs `op`; expected one of: {}",
+                    list(OpKind::ALL.iter().map(|k| k.name()))
+                ),
+            )
+        })?;
+        let op_name = self.string(op_v, "op")?;
+        let kind = OpKind::from_name(op_name).ok_or_else(|| {
+            self.err(
+                &op_v.span(),
+                format!(
+                    "unknown op `{op_name}`; expected one of: {}",
+                    list(OpKind::ALL.iter().map(|k| k.name()))
+                ),
+            )
+        })?;
+        t.what = format!("a `{op_name}` step");
+        let keys: Vec<&str> = std::iter::once("op")
+            .chain(kind.keys().iter().copied())
+            .chain(std::iter::once("expect"))
+            .collect();
+        self.allow(&t, &keys)?;
+        let op = self.op(kind, &t)?;
+        let expect = match t.get("expect") {
+            Some(e) => self.expect(e, kind, &op)?,
+            None => Expect::default(),
+        };
+        let pos = Position::of(self.text, v.span().start);
+        Ok(Step {
+            op,
+            expect,
+            loc: Loc {
+                line: pos.line,
+                col: pos.col,
+            },
+        })
+    }
+
+    fn op(&mut self, kind: OpKind, t: &Table<'_, '_>) -> Result<Op> {
+        Ok(match kind {
+            OpKind::Mmap => self.mmap(t)?,
+            OpKind::Munmap | OpKind::Mprotect | OpKind::Madvise => {
+                let at = self.addr(self.required(t, "at")?, "at")?;
+                let len_v = self.required(t, "len")?;
+                let len = self.len(len_v, "len")?;
+                self.check_range(&at, len, len_v)?;
+                match kind {
+                    OpKind::Munmap => Op::Munmap { at, len },
+                    OpKind::Mprotect => Op::Mprotect {
+                        at,
+                        len,
+                        prot: self.prot(self.required(t, "prot")?)?,
+                    },
+                    _ => Op::Madvise {
+                        at,
+                        len,
+                        advice: self.keyword(
+                            self.required(t, "advice")?,
+                            "advice",
+                            &[
+                                ("dontneed", Advice::DontNeed),
+                                ("hugepage", Advice::HugePage),
+                                ("nohugepage", Advice::NoHugePage),
+                            ],
+                        )?,
+                    },
+                }
+            }
+            OpKind::Store | OpKind::Load => {
+                let at = self.addr(self.required(t, "at")?, "at")?;
+                let len = match t.get("len") {
+                    Some(len_v) => {
+                        let len = self.len(len_v, "len")?;
+                        self.check_range(&at, len, len_v)?;
+                        Some(len)
+                    }
+                    None => None,
+                };
+                if kind == OpKind::Store {
+                    let pattern = self.pattern(self.required(t, "pattern")?, "pattern")?;
+                    Op::Store { at, len, pattern }
+                } else {
+                    Op::Load { at, len }
+                }
+            }
+            OpKind::Pwrite | OpKind::Pread => {
+                let file = self.name_ref(self.required(t, "file")?, "file", RefKind::File)?;
+                let offset = match t.get("offset") {
+                    Some(v) => self.size(v, "offset")?,
+                    None => 0,
+                };
+                let len_v = self.required(t, "len")?;
+                let len = self.len(len_v, "len")?;
+                self.check_end(offset, len, len_v, "file offset")?;
+                if kind == OpKind::Pwrite {
+                    let pattern = self.pattern(self.required(t, "pattern")?, "pattern")?;
+                    Op::Pwrite {
+                        file,
+                        offset,
+                        len,
+                        pattern,
+                    }
+                } else {
+                    Op::Pread { file, offset, len }
+                }
+            }
+            OpKind::Fork => {
+                let child_v = self.required(t, "child")?;
+                let child = self.name(child_v, "child")?;
+                self.define_process(&child, child_v.span())?;
+                self.children.insert(child.clone());
+                Op::Fork { child }
+            }
+            OpKind::Wait => Op::Wait {
+                child: self.name_ref(self.required(t, "child")?, "child", RefKind::Child)?,
+            },
+            OpKind::Exit => Op::Exit,
+            OpKind::Sleep => Op::Sleep(self.sleep(t)?),
+            OpKind::Open => {
+                let dev = self.name_ref(self.required(t, "dev")?, "dev", RefKind::Device)?;
+                let fd = self.name(self.required(t, "fd")?, "fd")?;
+                self.fds.insert(fd.clone());
+                Op::Open { dev, fd }
+            }
+            OpKind::Close => Op::Close {
+                fd: self.name_ref(self.required(t, "fd")?, "fd", RefKind::Fd)?,
+            },
+            OpKind::DmirrorRead | OpKind::DmirrorWrite | OpKind::DmirrorSnapshot => {
+                let fd = self.name_ref(self.required(t, "fd")?, "fd", RefKind::Fd)?;
+                let at = self.addr(self.required(t, "at")?, "at")?;
+                let pages = self.uint_as(
+                    self.required(t, "pages")?,
+                    "pages",
+                    "an integer number of pages",
+                )?;
+                match kind {
+                    OpKind::DmirrorRead => {
+                        let ptr = match t.get("ptr") {
+                            Some(v) => Some(self.addr(v, "ptr")?),
+                            None => None,
+                        };
+                        Op::DmirrorRead { fd, at, pages, ptr }
+                    }
+                    OpKind::DmirrorWrite => {
+                        let src = match (t.get("ptr"), t.get("pattern")) {
+                            (Some(ptr), None) => WriteSource::Ptr(self.addr(ptr, "ptr")?),
+                            (None, Some(p)) => WriteSource::Pattern(self.pattern(p, "pattern")?),
+                            _ => {
+                                return Err(self.err(
+                                    &t.span,
+                                    "a `dmirror.write` step needs exactly one source: `ptr` (an address) or \
+                                     `pattern`",
+                                ));
+                            }
+                        };
+                        Op::DmirrorWrite { fd, at, pages, src }
+                    }
+                    _ => Op::DmirrorSnapshot { fd, at, pages },
+                }
+            }
+        })
+    }
+
+    fn mmap(&mut self, t: &Table<'_, '_>) -> Result<Op> {
+        let name = match t.get("name") {
+            Some(v) => {
+                let s = self.string(v, "name")?;
+                if !is_mapping_name(s) {
+                    return Err(self.err(
+                        &v.span(),
+                        format!(
+                            "expected a mapping name (a letter or `_`, then letters, digits or `_`) for `name`, \
+                             found `{s}`"
+                        ),
+                    ));
+                }
+                Some(s.to_owned())
+            }
+            None => None,
+        };
+        let len_v = self.required(t, "len")?;
+        let len = self.len(len_v, "len")?;
+        let prot = self.prot(self.required(t, "prot")?)?;
+        let flags_v = self.required(t, "flags")?;
+        let flags = self.mmap_flags(flags_v)?;
+        let at = match t.get("at") {
+            Some(v) => {
+                let at = self.addr(v, "at")?;
+                self.check_range(&at, len, len_v)?;
+                Some(at)
+            }
+            None => None,
+        };
+        let file = match t.get("file") {
+            Some(v) => {
+                if flags.anonymous {
+                    return Err(self.err(
+                        &v.span(),
+                        "a file mapping cannot be `anonymous`; expected either `anonymous` in `flags` or a \
+                         `file`",
+                    ));
+                }
+                Some(self.name_ref(v, "file", RefKind::File)?)
+            }
+            None => None,
+        };
+        if file.is_none() && !flags.anonymous {
+            return Err(self.err(
+                &flags_v.span(),
+                "expected `anonymous` in `flags`, or a `file` to map",
+            ));
+        }
+        let offset = match t.get("offset") {
+            Some(v) if file.is_none() => {
+                return Err(self.err(
+                    &v.span(),
+                    "`offset` is for file mappings; expected a `file` with it",
+                ));
+            }
+            Some(v) => {
+                let offset = self.size(v, "offset")?;
+                self.check_end(offset, len, len_v, "file offset")?;
+                offset
+            }
+            None => 0,
+        };
+        if (flags.fixed || flags.fixed_noreplace) && at.is_none() {
+            return Err(self.err(
+                &flags_v.span(),
+                "`fixed` and `fixed_noreplace` need an address; expected `at` with them",
+            ));
+        }
+        let align = match t.get("align") {
+            Some(v) => {
+                let align = self.size(v, "align")?;
+                if !align.is_power_of_two() {
+                    return Err(self.err(
+                        &v.span(),
+                        format!("expected a power of two for `align`, found {align:#x}"),
+                    ));
+                }
+                Some(align)
+            }
+            None => None,
+        };
+        if let Some(name) = &name {
+            let longest = self.mappings.entry(name.clone()).or_insert(len);
+            *longest = (*longest).max(len);
+        }
+        Ok(Op::Mmap {
+            name,
+            len,
+            prot,
+            flags,
+            at,
+            file,
+            offset,
+            align,
+        })
+    }
+
+    fn sleep(&self, t: &Table<'_, '_>) -> Result<SleepSpec> {
+        match (t.get("for"), t.get("random")) {
+            (Some(v), None) => Ok(SleepSpec::Fixed(self.time(v, "for")?)),
+            (None, Some(v)) => {
+                let pair = match v.get_ref() {
+                    DeValue::Array(items) if items.len() == 2 => Some((
+                        self.time(&items[0], "random")?,
+                        self.time(&items[1], "random")?,
+                    )),
+                    _ => None,
+                };
+                let Some((min, max)) = pair else {
+                    return Err(self.err(
+                        &v.span(),
+                        format!(
+                            "expected `random = [MIN, MAX]` (two times), found {}",
+                            describe(v.get_ref())
+                        ),
+                    ));
+                };
+                if min > max {
+                    return Err(self.err(
+                        &v.span(),
+                        format!("expected MIN <= MAX in `random`, found [{min}, {max}]"),
+                    ));
+                }
+                Ok(SleepSpec::Random(min, max))
+            }
+            _ => Err(self.err(
+                &t.span,
+                "a `sleep` step needs exactly one of `for = TIME` or `random = [MIN, MAX]`",
+            )),
+        }
+    }
+
+    // ----- expectations -----
+
+    fn expect(&self, v: &Value<'_>, kind: OpKind, op: &Op) -> Result<Expect> {
+        let t = self.table(v, "`expect`")?;
+        let allowed = kind.expect_keys();
+        for (key, _) in &t.entries {
+            let key_name: &str = key.get_ref().as_ref();
+            if allowed.contains(&key_name) {
+                continue;
+            }
+            let message = if ALL_EXPECT_KEYS.contains(&key_name) {
+                format!(
+                    "`expect.{key_name}` is not checked for a `{}` step; expected one of: {}",
+                    kind.name(),
+                    list(allowed.iter().copied())
+                )
+            } else {
+                format!(
+                    "unknown key `{key_name}` in `expect`; expected one of: {}",
+                    list(allowed.iter().copied())
+                )
+            };
+            return Err(self.err(&key.span(), message));
+        }
+        let mut expect = Expect::default();
+        if let Some(v) = t.get("errno") {
+            if matches!(v.get_ref(), DeValue::String(s) if s.trim() == "any") {
+                expect.any_errno = true;
+            } else {
+                expect.errno = Some(self.errno(v)?);
+            }
+        }
+        if let Some(v) = t.get("cpages") {
+            expect.cpages = Some(self.uint(v, "cpages")?);
+        }
+        if let Some(v) = t.get("faults") {
+            expect.faults = Some(self.uint(v, "faults")?);
+        }
+        if let Some(v) = t.get("data") {
+            expect.data = Some(self.pattern(v, "data")?);
+        }
+        if let Some(v) = t.get("bytes") {
+            expect.bytes = Some(self.bytes(v)?);
+        }
+        if let Some(v) = t.get("value") {
+            let value = self.uint(v, "value")?;
+            let len = match op {
+                Op::Load { len, .. } => *len,
+                _ => None,
+            };
+            let Some(len @ (1 | 2 | 4 | 8)) = len else {
+                let found = len.map_or_else(|| "no `len`".to_owned(), |l| format!("len {l}"));
+                return Err(self.err(
+                    &v.span(),
+                    format!("`expect.value` needs a `load` with `len` of 1, 2, 4 or 8 bytes, found {found}"),
+                ));
+            };
+            if len < 8 && value >> (len * 8) != 0 {
+                return Err(self.err(
+                    &v.span(),
+                    format!(
+                        "expected a value that fits in {len} bytes for `value`, found {value:#x}"
+                    ),
+                ));
+            }
+            expect.value = Some(value);
+        }
+        if let Some(v) = t.get("signal") {
+            expect.signal = Some(self.keyword(v, "signal", &[("SIGSEGV", Signal::Segv)])?);
+        }
+        Ok(expect)
+    }
+
+    fn errno(&self, v: &Value<'_>) -> Result<Option<Errno>> {
+        let expected =
+            "expected an errno name like `EFAULT` or `EINVAL`, `ok` (or `0`) for success, or `any`";
+        match v.get_ref() {
+            DeValue::Integer(i) if i.as_str() == "0" => Ok(None),
+            DeValue::String(s) => {
+                let s = s.trim();
+                if s == "ok" || s == "0" {
+                    return Ok(None);
+                }
+                let name = s.strip_prefix('-').unwrap_or(s);
+                Errno::from_name(name).map(Some).ok_or_else(|| {
+                    self.err(
+                        &v.span(),
+                        format!(
+                            "unknown errno `{s}`; {expected}; known: {}",
+                            list(Errno::ALL.iter().map(|e| e.name()))
+                        ),
+                    )
+                })
+            }
+            other => Err(self.err(&v.span(), format!("{expected}, found {}", describe(other)))),
+        }
+    }
+
+    fn bytes(&self, v: &Value<'_>) -> Result<Vec<u8>> {
+        match v.get_ref() {
+            DeValue::Array(items) => items
+                .iter()
+                .map(|item| {
+                    let b = self.uint_as(item, "bytes", "a byte")?;
+                    u8::try_from(b).map_err(|_| {
+                        self.err(
+                            &item.span(),
+                            format!("expected a byte from 0 to 0xff in `bytes`, found {b:#x}"),
+                        )
+                    })
+                })
+                .collect(),
+            DeValue::String(s) => s
+                .split_whitespace()
+                .map(|token| {
+                    let digits = token
+                        .strip_prefix("0x")
+                        .or_else(|| token.strip_prefix("0X"))
+                        .unwrap_or(token);
+                    if (1..=2).contains(&digits.len())
+                        && let Ok(b) = u8::from_str_radix(digits, 16)
+                    {
+                        return Ok(b);
+                    }
+                    Err(self.err(
+                        &v.span(),
+                        format!(
+                            "expected hexadecimal bytes separated by spaces like \"ff 0a 01\" in `bytes`, \
+                             found `{token}`"
+                        ),
+                    ))
+                })
+                .collect(),
+            other => Err(self.err(
+                &v.span(),
+                format!(
+                    "expected a list of bytes like `[0x01, 0xff]` or a string like \"01 ff\" for `bytes`, found {}",
+                    describe(other)
+                ),
+            )),
+        }
+    }
+
+    // ----- name resolution -----
+
+    fn resolve(&mut self) -> Result<()> {
+        let mut refs = std::mem::take(&mut self.refs);
+        refs.sort_by_key(|r| r.span.start);
+        for r in &refs {
+            self.resolve_one(r)?;
+        }
+        Ok(())
+    }
+
+    fn resolve_one(&self, r: &NameRef) -> Result<()> {
+        let name = r.name.as_str();
+        let unknown = |what: &str, defined: Vec<&str>, how: &str| {
+            let known = if defined.is_empty() {
+                format!("none is defined; {how}")
+            } else {
+                format!("expected one of: {}", list(defined))
+            };
+            Err(self.err(&r.span, format!("unknown {what} `{name}`; {known}")))
+        };
+        match r.kind {
+            RefKind::Mapping { offset } => {
+                let Some(&len) = self.mappings.get(name) else {
+                    let defined: Vec<&str> = self.mappings.keys().map(String::as_str).collect();
+                    let known = if defined.is_empty() {
+                        "no `mmap` step has a `name`".to_owned()
+                    } else {
+                        format!("mappings defined: {}", list(defined))
+                    };
+                    return Err(self.err(
+                        &r.span,
+                        format!(
+                            "unknown mapping `{name}` in address `{}`; {known}",
+                            r.written
+                        ),
+                    ));
+                };
+                if offset < 0 {
+                    return Err(self.err(
+                        &r.span,
+                        format!(
+                            "address `{}` lies below the start of mapping `{name}`; expected an offset from 0 to \
+                             {len:#x}",
+                            r.written
+                        ),
+                    ));
+                }
+                if offset.unsigned_abs() > len {
+                    return Err(self.err(
+                        &r.span,
+                        format!(
+                            "address `{}` lies beyond the end of mapping `{name}` ({len:#x} bytes); expected an \
+                             offset from 0 to {len:#x}",
+                            r.written
+                        ),
+                    ));
+                }
+                Ok(())
+            }
+            RefKind::File if self.files.contains_key(name) => Ok(()),
+            RefKind::File => unknown(
+                "file",
+                self.files.keys().map(String::as_str).collect(),
+                "declare it with `[[file]]`",
+            ),
+            RefKind::Device if self.devices.contains_key(name) => Ok(()),
+            RefKind::Device => unknown(
+                "device",
+                self.devices.keys().map(String::as_str).collect(),
+                "declare it with `[[device]]`",
+            ),
+            RefKind::Fd if self.fds.contains(name) => Ok(()),
+            RefKind::Fd => unknown(
+                "fd",
+                self.fds.iter().map(String::as_str).collect(),
+                "open one with `{ op = \"open\", dev = ..., fd = ... }`",
+            ),
+            RefKind::Process if self.processes.contains_key(name) => Ok(()),
+            RefKind::Process => unknown(
+                "process",
+                self.processes.keys().map(String::as_str).collect(),
+                "declare it with `[[process]]` or create it with a `fork` step",
+            ),
+            RefKind::Child if self.children.contains(name) => Ok(()),
+            RefKind::Child => unknown(
+                "child process",
+                self.children.iter().map(String::as_str).collect(),
+                "create it with `{ op = \"fork\", child = ... }`",
+            ),
+        }
+    }
+}

@@ -1,0 +1,633 @@
+//! The runner: builds a world from a parsed [`Scenario`], runs every thread as a simulated agent, checks each
+//! step's `expect`, and returns a [`Report`].
+//!
+//! Threads start when their process exists (a forked child's threads start at the `fork`). A process exits
+//! when its last thread finishes or a thread runs `exit`; `wait` in the parent returns then. Mapping names are
+//! per process and inherited by a forked child; device files (`open`) are per process and not inherited (a
+//! child opens its own, as the HMM selftests do: the mirror binds to the opener's address space).
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use peerdma_core::{DeviceId, Errno, PAGE_SIZE, Pid, SimDuration, SimTime, Va};
+use peerdma_devices::{Dmirror, DmirrorCosts, DmirrorMemory, DmirrorResult};
+use peerdma_mm::{
+    Advice as MmAdvice, Kernel, MmCosts, MmapArgs, Prot as MmProt, Signal as MmSignal,
+};
+use peerdma_sim::{RngStream, RunOutcome, Sim, SimConfig, WaitQueue};
+
+use crate::ast::{
+    AddrExpr, Advice, DeviceMemoryKind, Expect, Op, Scenario, SleepSpec, Step, TimeMode,
+    WriteSource,
+};
+use crate::report::{ExpectFailure, Outcome, Report, StepRecord};
+
+/// Command-line overrides of the scenario's `[sim]` table.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Overrides `sim.seed`.
+    pub seed: Option<u64>,
+    /// Overrides `sim.explore`.
+    pub explore: Option<bool>,
+    /// Record the step log in the report.
+    pub step_log: bool,
+}
+
+/// What a step produced, compared against its `expect`.
+#[derive(Clone, Debug, Default)]
+struct StepResult {
+    errno: Option<Errno>,
+    signal: Option<MmSignal>,
+    dm: Option<DmirrorResult>,
+    data: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Default)]
+struct ProcState {
+    pid: Option<Pid>,
+    mappings: BTreeMap<String, (Va, u64)>,
+    fds: BTreeMap<String, Rc<Dmirror>>,
+    live_threads: usize,
+    exited: bool,
+}
+
+#[derive(Debug)]
+struct World {
+    kernel: Rc<Kernel>,
+    scn: Scenario,
+    procs: RefCell<BTreeMap<String, ProcState>>,
+    files: BTreeMap<String, u32>,
+    devices: BTreeMap<String, (DeviceId, DmirrorMemory)>,
+    dm_costs: DmirrorCosts,
+    proc_wq: WaitQueue,
+    records: RefCell<Vec<StepRecord>>,
+    failures: RefCell<Vec<ExpectFailure>>,
+    expectations: RefCell<u64>,
+    step_log: bool,
+}
+
+/// Runs `scn` to completion and returns its report.
+pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
+    let seed = opts.seed.unwrap_or(scn.sim.seed);
+    let explore = opts.explore.unwrap_or(scn.sim.explore);
+    let sim = Sim::new(SimConfig {
+        seed,
+        explore,
+        jitter: scn.sim.jitter,
+        time_limit: SimTime(scn.sim.time_limit.as_nanos()),
+        trace: true,
+    });
+    let (mm_costs, dm_costs) = match scn.sim.time {
+        TimeMode::Calibrated => (MmCosts::calibrated(), DmirrorCosts::calibrated()),
+        TimeMode::Zero => (MmCosts::zero(), DmirrorCosts::zero()),
+    };
+    let kernel = Kernel::new(&sim, scn.sim.memory, mm_costs);
+    let mut files = BTreeMap::new();
+    for f in &scn.files {
+        files.insert(f.name.clone(), kernel.create_file(&f.name, f.size, false));
+    }
+    let devices = scn
+        .devices
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let mem = match d.memory {
+                DeviceMemoryKind::Private => DmirrorMemory::Private,
+                DeviceMemoryKind::Coherent => DmirrorMemory::Coherent,
+            };
+            (
+                d.name.clone(),
+                (DeviceId(u32::try_from(i).expect("few devices")), mem),
+            )
+        })
+        .collect();
+    let mut procs = BTreeMap::new();
+    for p in &scn.processes {
+        procs.insert(p.clone(), ProcState::default());
+    }
+    for t in &scn.threads {
+        procs.entry(t.process.clone()).or_default().live_threads += 1;
+    }
+    let world = Rc::new(World {
+        kernel: kernel.clone(),
+        scn: scn.clone(),
+        procs: RefCell::new(procs),
+        files,
+        devices,
+        dm_costs,
+        proc_wq: WaitQueue::new(&sim),
+        records: RefCell::new(Vec::new()),
+        failures: RefCell::new(Vec::new()),
+        expectations: RefCell::new(0),
+        step_log: opts.step_log,
+    });
+    {
+        let w = world.clone();
+        sim.spawn("init", async move { w.init().await });
+    }
+    let outcome = sim.run();
+    world.finish(&sim, seed, explore, &outcome)
+}
+
+impl World {
+    async fn init(self: Rc<Self>) {
+        for f in &self.scn.files {
+            let id = self.files[&f.name];
+            let mut data = vec![0u8; usize::try_from(f.size).expect("file fits memory")];
+            f.pattern.fill(&mut data);
+            if self.kernel.pwrite(id, 0, &data).await.is_err() {
+                self.kernel
+                    .sim
+                    .stop(format!("file {} does not fit in memory", f.name));
+            }
+        }
+        // Declared processes (and "main") exist from the start; forked ones appear at their fork.
+        for p in &self.scn.processes {
+            let pid = self.kernel.create_process();
+            self.procs.borrow_mut().get_mut(p).expect("declared").pid = Some(pid);
+        }
+        for (i, t) in self.scn.threads.iter().enumerate() {
+            let w = self.clone();
+            self.kernel
+                .sim
+                .spawn(t.name.clone(), async move { w.thread(i).await });
+        }
+    }
+
+    async fn thread(self: Rc<Self>, idx: usize) {
+        let t = &self.scn.threads[idx];
+        let procs = &self.procs;
+        self.proc_wq
+            .wait_event(|| {
+                procs
+                    .borrow()
+                    .get(&t.process)
+                    .is_some_and(|p| p.pid.is_some())
+            })
+            .await;
+        let mut rng = self.kernel.sim.rng(&format!("thread.{}", t.name));
+        for step in &t.steps {
+            if self.procs.borrow()[&t.process].exited {
+                break;
+            }
+            let start = self.kernel.sim.now();
+            let res = self.step(&t.process, step, &mut rng).await;
+            self.check(&t.name, step, &res, start);
+            if matches!(step.op, Op::Exit) {
+                break;
+            }
+        }
+        let last = {
+            let mut p = self.procs.borrow_mut();
+            let st = p.get_mut(&t.process).expect("thread's process");
+            st.live_threads -= 1;
+            st.live_threads == 0 && !st.exited
+        };
+        if last || matches!(t.steps.last().map(|s| &s.op), Some(Op::Exit)) {
+            self.exit_process(&t.process).await;
+        }
+    }
+
+    async fn exit_process(&self, name: &str) {
+        let (pid, fds) = {
+            let mut p = self.procs.borrow_mut();
+            let st = p.get_mut(name).expect("known process");
+            if st.exited {
+                return;
+            }
+            st.exited = true;
+            (
+                st.pid.expect("running process"),
+                std::mem::take(&mut st.fds),
+            )
+        };
+        for m in fds.values() {
+            m.close().await;
+        }
+        self.kernel.exit(pid).await;
+        self.proc_wq.wake_up_all();
+    }
+
+    fn pid(&self, proc_name: &str) -> Pid {
+        self.procs.borrow()[proc_name]
+            .pid
+            .expect("a running thread's process has a pid")
+    }
+
+    /// Resolves an address expression in `proc_name`, with the length left in its mapping.
+    fn resolve(&self, proc_name: &str, a: &AddrExpr) -> Result<(Va, Option<u64>), String> {
+        match a {
+            AddrExpr::Raw(v) => Ok((Va::from_raw(*v), None)),
+            AddrExpr::Sym { name, offset } => {
+                let p = self.procs.borrow();
+                let (base, len) = *p[proc_name].mappings.get(name).ok_or_else(|| {
+                    format!(
+                        "mapping `{name}` does not exist in process `{proc_name}` at this point"
+                    )
+                })?;
+                let off = u64::try_from(*offset)
+                    .map_err(|_| format!("negative offset {offset} from `{name}`"))?;
+                Ok((base.add(off), Some(len.saturating_sub(off))))
+            }
+        }
+    }
+
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one arm per operation reads best in one place"
+    )]
+    async fn step(
+        &self,
+        proc_name: &str,
+        step: &Step,
+        rng: &mut RngStream,
+    ) -> Result<StepResult, String> {
+        let k = &self.kernel;
+        let pid = self.pid(proc_name);
+        let mut r = StepResult::default();
+        match &step.op {
+            Op::Mmap {
+                name,
+                len,
+                prot,
+                flags,
+                at,
+                file,
+                offset,
+                align,
+            } => {
+                let addr = match at {
+                    Some(a) => Some(self.resolve(proc_name, a)?.0),
+                    None => None,
+                };
+                let extra = align.unwrap_or(0);
+                let args = MmapArgs {
+                    addr,
+                    len: len.saturating_add(extra),
+                    prot: mm_prot(*prot),
+                    shared: flags.shared,
+                    private: !flags.shared,
+                    anonymous: flags.anonymous,
+                    fixed: flags.fixed,
+                    fixed_noreplace: flags.fixed_noreplace,
+                    populate: flags.populate,
+                    hugetlb: flags.hugetlb,
+                    file: file.as_ref().map(|f| self.files[f]),
+                    offset: *offset,
+                    name: name.clone(),
+                };
+                match k.mmap(pid, &args).await {
+                    Ok(va) => {
+                        let va = match align {
+                            Some(a) if *a > 0 => va.align_up(*a).expect("inside the reservation"),
+                            _ => va,
+                        };
+                        if let Some(n) = name {
+                            self.procs
+                                .borrow_mut()
+                                .get_mut(proc_name)
+                                .expect("known")
+                                .mappings
+                                .insert(n.clone(), (va, *len));
+                        }
+                    }
+                    Err(e) => r.errno = Some(e),
+                }
+            }
+            Op::Munmap { at, len } => {
+                let (va, _) = self.resolve(proc_name, at)?;
+                r.errno = k.munmap(pid, va, *len).await.err();
+            }
+            Op::Mprotect { at, len, prot } => {
+                let (va, _) = self.resolve(proc_name, at)?;
+                r.errno = k.mprotect(pid, va, *len, mm_prot(*prot)).await.err();
+            }
+            Op::Madvise { at, len, advice } => {
+                let (va, _) = self.resolve(proc_name, at)?;
+                let a = match advice {
+                    Advice::DontNeed => MmAdvice::DontNeed,
+                    Advice::HugePage => MmAdvice::HugePage,
+                    Advice::NoHugePage => MmAdvice::NoHugePage,
+                };
+                r.errno = k.madvise(pid, va, *len, a).await.err();
+            }
+            Op::Store { at, len, pattern } => {
+                let (va, rest) = self.resolve(proc_name, at)?;
+                let n = len.or(rest).ok_or("`store` at a raw address needs `len`")?;
+                let mut data = vec![0u8; usize::try_from(n).map_err(|_| "length too large")?];
+                pattern.fill(&mut data);
+                r.signal = k.store(pid, va, &data).await.err();
+            }
+            Op::Load { at, len } => {
+                let (va, rest) = self.resolve(proc_name, at)?;
+                let n = len.or(rest).ok_or("`load` at a raw address needs `len`")?;
+                let mut data = vec![0u8; usize::try_from(n).map_err(|_| "length too large")?];
+                match k.load(pid, va, &mut data).await {
+                    Ok(()) => r.data = Some(data),
+                    Err(s) => r.signal = Some(s),
+                }
+            }
+            Op::Pwrite {
+                file,
+                offset,
+                len,
+                pattern,
+            } => {
+                let mut data = vec![0u8; usize::try_from(*len).map_err(|_| "length too large")?];
+                pattern.fill(&mut data);
+                r.errno = k.pwrite(self.files[file], *offset, &data).await.err();
+            }
+            Op::Pread { file, offset, len } => {
+                let mut data = vec![0u8; usize::try_from(*len).map_err(|_| "length too large")?];
+                match k.pread(self.files[file], *offset, &mut data).await {
+                    Ok(_) => r.data = Some(data),
+                    Err(e) => r.errno = Some(e),
+                }
+            }
+            Op::Fork { child } => match k.fork(pid).await {
+                Ok(cpid) => {
+                    let mappings = self.procs.borrow()[proc_name].mappings.clone();
+                    let mut p = self.procs.borrow_mut();
+                    let st = p.entry(child.clone()).or_default();
+                    st.pid = Some(cpid);
+                    st.mappings = mappings;
+                    let no_threads = st.live_threads == 0;
+                    drop(p);
+                    self.proc_wq.wake_up_all();
+                    if no_threads {
+                        self.exit_process(child).await;
+                    }
+                }
+                Err(e) => r.errno = Some(e),
+            },
+            Op::Wait { child } => {
+                let procs = &self.procs;
+                self.proc_wq
+                    .wait_event(|| procs.borrow().get(child).is_some_and(|p| p.exited))
+                    .await;
+            }
+            Op::Exit => self.exit_process(proc_name).await,
+            Op::Sleep(s) => {
+                let d = match s {
+                    SleepSpec::Fixed(d) => *d,
+                    SleepSpec::Random(lo, hi) => {
+                        SimDuration(rng.between(lo.as_nanos(), hi.as_nanos()))
+                    }
+                };
+                k.sim.sleep(d).await;
+            }
+            Op::Open { dev, fd } => {
+                let (id, mem) = self.devices[dev];
+                match Dmirror::open(k, id, mem, pid, self.dm_costs.clone()) {
+                    Ok(m) => {
+                        self.procs
+                            .borrow_mut()
+                            .get_mut(proc_name)
+                            .expect("known")
+                            .fds
+                            .insert(fd.clone(), m);
+                    }
+                    Err(e) => r.errno = Some(e),
+                }
+            }
+            Op::Close { fd } => {
+                let m = self
+                    .procs
+                    .borrow_mut()
+                    .get_mut(proc_name)
+                    .expect("known")
+                    .fds
+                    .remove(fd);
+                match m {
+                    Some(m) => m.close().await,
+                    None => r.errno = Some(Errno::EBADF),
+                }
+            }
+            Op::DmirrorRead { fd, at, pages, ptr } => {
+                let m = self.fd(proc_name, fd)?;
+                let (va, _) = self.resolve(proc_name, at)?;
+                match m.read(va, *pages).await {
+                    Ok(res) => {
+                        if let Some(p) = ptr {
+                            let (dst, _) = self.resolve(proc_name, p)?;
+                            if let Err(e) = k.copy_to_user(pid, dst, &res.data).await {
+                                r.errno = Some(e);
+                            }
+                        }
+                        r.data = Some(res.data.clone());
+                        r.dm = Some(res);
+                    }
+                    Err(e) => r.errno = Some(e),
+                }
+            }
+            Op::DmirrorWrite { fd, at, pages, src } => {
+                let m = self.fd(proc_name, fd)?;
+                let (va, _) = self.resolve(proc_name, at)?;
+                let n = usize::try_from(pages.saturating_mul(PAGE_SIZE))
+                    .map_err(|_| "too many pages")?;
+                let mut data = vec![0u8; n.min(1 << 30)];
+                let copied = match src {
+                    WriteSource::Pattern(p) => {
+                        p.fill(&mut data);
+                        Ok(())
+                    }
+                    WriteSource::Ptr(p) => {
+                        let (srcva, _) = self.resolve(proc_name, p)?;
+                        k.copy_from_user(pid, srcva, &mut data).await
+                    }
+                };
+                match copied {
+                    Err(e) => r.errno = Some(e),
+                    Ok(()) => match m.write(va, *pages, &data).await {
+                        Ok(res) => r.dm = Some(res),
+                        Err(e) => r.errno = Some(e),
+                    },
+                }
+            }
+            Op::DmirrorSnapshot { fd, at, pages } => {
+                let m = self.fd(proc_name, fd)?;
+                let (va, _) = self.resolve(proc_name, at)?;
+                match m.snapshot(va, *pages).await {
+                    Ok(res) => {
+                        r.data = Some(res.data.clone());
+                        r.dm = Some(res);
+                    }
+                    Err(e) => r.errno = Some(e),
+                }
+            }
+        }
+        Ok(r)
+    }
+
+    fn fd(&self, proc_name: &str, fd: &str) -> Result<Rc<Dmirror>, String> {
+        self.procs.borrow()[proc_name]
+            .fds
+            .get(fd)
+            .cloned()
+            .ok_or_else(|| format!("`{fd}` is not open in process `{proc_name}`"))
+    }
+
+    /// Checks a step's result against its `expect` and records the outcome.
+    fn check(&self, thread: &str, step: &Step, res: &Result<StepResult, String>, start: SimTime) {
+        let mut fails = Vec::new();
+        let e: &Expect = &step.expect;
+        let summary;
+        match res {
+            Err(msg) => {
+                summary = format!("error: {msg}");
+                fails.push(msg.clone());
+            }
+            Ok(r) => {
+                summary = summarize(r);
+                let want_errno = e.errno.unwrap_or(None);
+                *self.expectations.borrow_mut() += 1;
+                if r.errno != want_errno && !e.any_errno {
+                    fails.push(format!(
+                        "expected {}, got {}",
+                        errno_text(want_errno),
+                        errno_text(r.errno)
+                    ));
+                }
+                match (e.signal.is_some(), r.signal) {
+                    (false, Some(s)) => fails.push(format!("unexpected {}", signal_text(s))),
+                    (true, None) => fails.push("expected SIGSEGV, the access completed".to_owned()),
+                    _ => {}
+                }
+                if r.errno.is_none() {
+                    if let Some(want) = e.cpages {
+                        let got = r.dm.as_ref().map_or(0, |d| d.cpages);
+                        if got != want {
+                            fails.push(format!("expected cpages = {want}, got {got}"));
+                        }
+                    }
+                    if let Some(want) = e.faults {
+                        let got = r.dm.as_ref().map_or(0, |d| d.faults);
+                        if got != want {
+                            fails.push(format!("expected faults = {want}, got {got}"));
+                        }
+                    }
+                    if let (Some(p), Some(d)) = (&e.data, &r.data)
+                        && let Err(m) = p.check(d)
+                    {
+                        fails.push(format!(
+                            "data differs from `{p}` at byte {:#x}: expected {:02x?}, found {:02x?}",
+                            m.offset, m.expected, m.found
+                        ));
+                    }
+                    if let (Some(want), Some(d)) = (&e.bytes, &r.data)
+                        && want != d
+                    {
+                        let i = want
+                            .iter()
+                            .zip(d)
+                            .position(|(a, b)| a != b)
+                            .unwrap_or(want.len().min(d.len()));
+                        fails.push(format!(
+                            "snapshot byte {i}: expected {}, got {} (expected {} bytes, got {})",
+                            want.get(i).map_or("none".into(), |b| format!("{b:#04x}")),
+                            d.get(i).map_or("none".into(), |b| format!("{b:#04x}")),
+                            want.len(),
+                            d.len()
+                        ));
+                    }
+                    if let (Some(want), Some(d)) = (e.value, &r.data) {
+                        let mut w = [0u8; 8];
+                        let n = d.len().min(8);
+                        w[..n].copy_from_slice(&d[..n]);
+                        let got = u64::from_le_bytes(w);
+                        if got != want {
+                            fails.push(format!("expected value {want:#x}, got {got:#x}"));
+                        }
+                    }
+                }
+            }
+        }
+        let sim = &self.kernel.sim;
+        for message in &fails {
+            self.failures.borrow_mut().push(ExpectFailure {
+                line: step.loc.line,
+                col: step.loc.col,
+                thread: thread.to_owned(),
+                op: step.op.name().to_owned(),
+                time: sim.now(),
+                message: message.clone(),
+            });
+        }
+        if self.step_log {
+            self.records.borrow_mut().push(StepRecord {
+                start,
+                end: sim.now(),
+                thread: thread.to_owned(),
+                op: step.op.name().to_owned(),
+                line: step.loc.line,
+                result: summary,
+                ok: fails.is_empty(),
+            });
+        }
+    }
+
+    fn finish(&self, sim: &Sim, seed: u64, explore: bool, outcome: &RunOutcome) -> Report {
+        let violations = self.kernel.state().oracle.violations().to_vec();
+        let failures = self.failures.borrow().clone();
+        let outcome = if let Some(v) = violations.first() {
+            Outcome::OracleViolation(v.to_string())
+        } else {
+            match outcome {
+                RunOutcome::Completed if failures.is_empty() => Outcome::Passed,
+                RunOutcome::Completed => Outcome::ExpectationFailed,
+                RunOutcome::Deadlock { blocked } => Outcome::Deadlock(blocked.clone()),
+                RunOutcome::TimeLimit => Outcome::TimeLimit,
+                RunOutcome::Stopped(r) => Outcome::Stopped(r.clone()),
+            }
+        };
+        let trace = sim.take_trace();
+        Report {
+            scenario: self.scn.path.clone(),
+            seed,
+            explore,
+            time_mode: match self.scn.sim.time {
+                TimeMode::Calibrated => "calibrated".into(),
+                TimeMode::Zero => "zero".into(),
+            },
+            outcome,
+            end_time: sim.now(),
+            events: sim.events_delivered(),
+            expectations: *self.expectations.borrow(),
+            failures,
+            metrics: sim.metrics().counters,
+            steps: self.records.borrow().clone(),
+            trace,
+        }
+    }
+}
+
+fn mm_prot(p: crate::ast::Prot) -> MmProt {
+    MmProt {
+        read: p.read,
+        write: p.write,
+        exec: p.exec,
+    }
+}
+
+fn errno_text(e: Option<Errno>) -> String {
+    e.map_or_else(|| "success".to_owned(), |e| format!("-{}", e.name()))
+}
+
+fn signal_text(s: MmSignal) -> String {
+    match s {
+        MmSignal::Segv { addr } => format!("SIGSEGV at {addr}"),
+        MmSignal::Bus { addr } => format!("SIGBUS at {addr}"),
+    }
+}
+
+fn summarize(r: &StepResult) -> String {
+    let mut s = errno_text(r.errno);
+    if let Some(sig) = r.signal {
+        s = signal_text(sig);
+    }
+    if let Some(d) = &r.dm {
+        s.push_str(&format!(" cpages={} faults={}", d.cpages, d.faults));
+    }
+    s
+}

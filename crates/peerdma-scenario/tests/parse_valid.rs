@@ -1,0 +1,308 @@
+//! A full valid scenario that uses every op and every `expect` key parses into the expected model.
+
+use peerdma_core::{Errno, SimDuration};
+use peerdma_scenario::{
+    AddrExpr, Advice, DeviceKind, DeviceMemoryKind, Expect, Loc, MmapFlags, Op, Pattern, Prot,
+    Segment, Signal, SleepSpec, TimeMode, WriteSource, parse,
+};
+
+const FULL: &str = r#"
+[sim]
+seed = 7
+time = "zero"
+explore = true
+jitter = 0.25
+time_limit = "10s"
+memory = "256MiB"
+
+[[file]]
+name = "data"
+size = "4MiB"
+pattern = "u32:index"
+
+[[file]]
+name = "empty"
+size = 0
+
+[[device]]
+name = "mirror0"
+kind = "dmirror"
+
+[[device]]
+name = "mirror1"
+kind = "dmirror"
+memory = "coherent"
+
+[[process]]
+name = "app"
+
+[[thread]]
+name = "t0"
+steps = [
+  { op = "mmap", name = "buf", len = "4MiB", prot = "rw", flags = ["private", "anonymous"] },
+  { op = "mmap", name = "big", len = "8MiB", prot = "none", flags = ["private", "anonymous", "populate"],
+    align = "2MiB" },
+  { op = "mmap", name = "fmap", len = "16 pages", prot = "r", flags = ["shared"], file = "data",
+    offset = "1 page" },
+  { op = "mmap", len = 4096, prot = "rwx", flags = ["private", "anonymous", "fixed_noreplace"],
+    at = "0x7f0000000000", expect = { errno = "EEXIST" } },
+  { op = "munmap", at = "buf+2MiB", len = "1MiB" },
+  { op = "mprotect", at = "buf", len = "4KiB", prot = "r" },
+  { op = "madvise", at = "big", len = "2MiB", advice = "hugepage" },
+  { op = "store", at = "buf", len = "8KiB", pattern = "u32:-index-3" },
+  { op = "store", at = "buf+4MiB", pattern = "zero", expect = { signal = "SIGSEGV" } },
+  { op = "load", at = "buf+0x1000", len = 4, expect = { value = 0xfffffbfc } },
+  { op = "load", at = "buf", len = "8KiB",
+    expect = { data = [{ len = "4KiB", pattern = "u32:-index-3" }, { pattern = "u32:-index-3" }] } },
+  { op = "pwrite", file = "data", offset = "4KiB", len = "4KiB", pattern = "byte:0x5a" },
+  { op = "pread", file = "data", len = 4, expect = { data = "u32:index" } },
+  { op = "open", dev = "mirror0", fd = "m" },
+  { op = "dmirror.read", fd = "m", at = "buf", pages = 2, ptr = "big", expect = { cpages = 2, faults = 1, data = "u32:-index-3" } },
+  { op = "dmirror.write", fd = "m", at = "buf", pages = 1, pattern = "u32:index" },
+  { op = "dmirror.write", fd = "m", at = "buf", pages = 1, ptr = "big+4KiB", expect = { errno = "ok" } },
+  { op = "dmirror.snapshot", fd = "m", at = "buf", pages = 4, expect = { bytes = [0x01, 0x0a, 0x11, 0] } },
+  { op = "dmirror.snapshot", fd = "m", at = "buf+1", pages = 0, expect = { errno = "EINVAL", bytes = "ff 0a" } },
+  { op = "close", fd = "m" },
+  { op = "fork", child = "kid" },
+  { op = "sleep", for = "1.5us" },
+  { op = "sleep", random = ["1us", "2ms"] },
+  { op = "wait", child = "kid" },
+]
+
+[[thread]]
+name = "child"
+process = "kid"
+steps = [
+  { op = "store", at = "buf", len = 1, pattern = "byte:0xff", expect = { errno = 0 } },
+  { op = "exit" },
+]
+
+[[thread]]
+name = "app-main"
+process = "app"
+steps = []
+"#;
+
+#[test]
+fn full_scenario_with_every_op_parses() {
+    let s = parse("full.toml", FULL).unwrap();
+
+    assert_eq!(s.path, "full.toml");
+    assert_eq!(s.sim.seed, 7);
+    assert_eq!(s.sim.time, TimeMode::Zero);
+    assert!(s.sim.explore);
+    assert!((s.sim.jitter - 0.25).abs() < f64::EPSILON);
+    assert_eq!(s.sim.time_limit, SimDuration::from_millis(10_000));
+    assert_eq!(s.sim.memory, 256 << 20);
+
+    assert_eq!(s.files.len(), 2);
+    assert_eq!(s.files[0].size, 4 << 20);
+    assert_eq!(s.files[0].pattern.to_string(), "u32:index");
+    assert_eq!(s.files[1].pattern, Pattern::Zero);
+    assert_eq!(s.devices[0].kind, DeviceKind::Dmirror);
+    assert_eq!(s.devices[0].memory, DeviceMemoryKind::Private);
+    assert_eq!(s.devices[1].memory, DeviceMemoryKind::Coherent);
+    assert_eq!(s.processes, ["main", "app"]);
+    assert_eq!(s.forked_processes(), ["kid"]);
+    assert_eq!(s.threads.len(), 3);
+    assert_eq!(s.threads[0].process, "main");
+    assert_eq!(s.threads[1].process, "kid");
+    assert_eq!(s.threads[2].process, "app");
+    assert!(s.threads[2].steps.is_empty());
+
+    let mut names: Vec<&str> = s
+        .threads
+        .iter()
+        .flat_map(|t| &t.steps)
+        .map(|st| st.op.name())
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(
+        names,
+        [
+            "close",
+            "dmirror.read",
+            "dmirror.snapshot",
+            "dmirror.write",
+            "exit",
+            "fork",
+            "load",
+            "madvise",
+            "mmap",
+            "mprotect",
+            "munmap",
+            "open",
+            "pread",
+            "pwrite",
+            "sleep",
+            "store",
+            "wait"
+        ],
+        "the scenario uses every op"
+    );
+}
+
+#[test]
+fn steps_keep_their_values_and_locations() {
+    let s = parse("full.toml", FULL).unwrap();
+    let steps = &s.threads[0].steps;
+
+    assert_eq!(steps[0].loc, Loc { line: 34, col: 3 });
+    assert_eq!(
+        steps[0].op,
+        Op::Mmap {
+            name: Some("buf".into()),
+            len: 4 << 20,
+            prot: Prot::READ_WRITE,
+            flags: MmapFlags {
+                anonymous: true,
+                ..MmapFlags::default()
+            },
+            at: None,
+            file: None,
+            offset: 0,
+            align: None,
+        }
+    );
+    assert!(steps[0].expect.is_default());
+    assert!(
+        matches!(&steps[1].op, Op::Mmap { align: Some(0x20_0000), flags, .. } if flags.populate)
+    );
+    assert!(matches!(
+        &steps[2].op,
+        Op::Mmap { file: Some(f), offset: 4096, flags, .. } if f == "data" && flags.shared
+    ));
+    assert_eq!(steps[3].loc, Loc { line: 39, col: 3 });
+    assert!(matches!(
+        &steps[3].op,
+        Op::Mmap { at: Some(AddrExpr::Raw(0x7f00_0000_0000)), flags, .. } if flags.fixed_noreplace
+    ));
+    assert_eq!(steps[3].expect.errno, Some(Some(Errno::EEXIST)));
+    assert_eq!(
+        steps[4].op,
+        Op::Munmap {
+            at: AddrExpr::Sym {
+                name: "buf".into(),
+                offset: 2 << 20
+            },
+            len: 1 << 20
+        }
+    );
+    assert!(matches!(
+        steps[6].op,
+        Op::Madvise {
+            advice: Advice::HugePage,
+            ..
+        }
+    ));
+    assert_eq!(steps[8].expect.signal, Some(Signal::Segv));
+    assert_eq!(steps[9].expect.value, Some(0xffff_fbfc));
+    assert_eq!(
+        steps[10].expect.data,
+        Some(Pattern::Segments(vec![
+            Segment {
+                len: Some(4096),
+                pattern: "u32:-index-3".parse().unwrap()
+            },
+            Segment {
+                len: None,
+                pattern: "u32:-index-3".parse().unwrap()
+            },
+        ]))
+    );
+    assert!(matches!(
+        &steps[11].op,
+        Op::Pwrite {
+            offset: 4096,
+            len: 4096,
+            pattern: Pattern::Byte(0x5a),
+            ..
+        }
+    ));
+    assert_eq!(
+        steps[14].expect,
+        Expect {
+            cpages: Some(2),
+            faults: Some(1),
+            data: Some("u32:-index-3".parse().unwrap()),
+            ..Expect::default()
+        }
+    );
+    assert!(matches!(
+        &steps[15].op,
+        Op::DmirrorWrite {
+            src: WriteSource::Pattern(_),
+            pages: 1,
+            ..
+        }
+    ));
+    assert!(matches!(
+        &steps[16].op,
+        Op::DmirrorWrite {
+            src: WriteSource::Ptr(AddrExpr::Sym { offset: 4096, .. }),
+            ..
+        }
+    ));
+    assert_eq!(steps[16].expect.errno, Some(None));
+    assert_eq!(steps[17].expect.bytes, Some(vec![1, 0x0a, 0x11, 0]));
+    assert_eq!(steps[18].expect.bytes, Some(vec![0xff, 0x0a]));
+    assert_eq!(steps[18].expect.errno, Some(Some(Errno::EINVAL)));
+    assert_eq!(
+        steps[21].op,
+        Op::Sleep(SleepSpec::Fixed(SimDuration::from_nanos(1_500)))
+    );
+    assert_eq!(
+        steps[22].op,
+        Op::Sleep(SleepSpec::Random(
+            SimDuration::from_micros(1),
+            SimDuration::from_millis(2)
+        ))
+    );
+    assert_eq!(s.threads[1].steps[0].expect.errno, Some(None));
+}
+
+#[test]
+fn minimal_scenario_uses_the_documented_defaults() {
+    let s = parse("min.toml", "").unwrap();
+    assert_eq!(s.sim.seed, 0);
+    assert_eq!(s.sim.time, TimeMode::Calibrated);
+    assert!(!s.sim.explore);
+    assert_eq!(s.sim.time_limit, SimDuration::from_millis(60_000));
+    assert_eq!(s.sim.memory, 1 << 30);
+    assert_eq!(s.processes, ["main"]);
+    assert!(s.threads.is_empty());
+}
+
+#[test]
+fn mapping_may_be_named_in_another_thread_or_later_in_the_file() {
+    let text = r#"
+[[thread]]
+name = "user"
+steps = [{ op = "store", at = "shared_buf+1KiB", pattern = "zero" }]
+
+[[thread]]
+name = "maker"
+steps = [{ op = "mmap", name = "shared_buf", len = "4KiB", prot = "rw", flags = ["shared", "anonymous"] }]
+"#;
+    let s = parse("order.toml", text).unwrap();
+    assert_eq!(s.threads.len(), 2);
+}
+
+#[test]
+fn parse_file_reads_from_disk_and_reports_io_errors() {
+    let dir = std::env::temp_dir().join(format!("peerdma-scenario-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("ok.toml");
+    std::fs::write(&path, "[sim]\nseed = 3\n").unwrap();
+    assert_eq!(peerdma_scenario::parse_file(&path).unwrap().sim.seed, 3);
+
+    let missing = dir.join("missing.toml");
+    let err = peerdma_scenario::parse_file(&missing).unwrap_err();
+    assert_eq!(err.line, 0);
+    assert!(
+        err.message.starts_with("cannot read the scenario file"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
