@@ -25,13 +25,13 @@ use std::fmt;
 
 use peerdma_core::{Bdf, Pa, Range};
 
-pub use link::{CompletionSplit, LinkConfig, LinkSpec, SharedLink};
+pub use link::{CompletionSplit, LinkConfig, LinkSpec, SharedLink, Transfer};
 pub use p2p::{
     MapType, NotSupportedReason, P2pCache, P2pDecision, distance_many, find_many, p2p_distance,
 };
 pub use topology::{
-    AcsCtrl, Bar, HostBridge, Node, NodeId, NodeKind, Topology, TopologyBuilder, TopologySpec,
-    WhitelistEntry,
+    AcsCtrl, Bar, HostBridge, Node, NodeDecl, NodeId, NodeKind, Topology, TopologyBuilder,
+    TopologySpec, WhitelistEntry,
 };
 
 /// A link parameter that [`Error::InvalidLink`] complains about.

@@ -548,6 +548,18 @@ pub enum Op {
         /// The data written.
         src: WriteSource,
     },
+    /// `mmap` of the dmirror device file itself: a VM_MIXEDMAP mapping whose pages the driver inserts
+    /// (zeroed kernel pages, `vm_insert_page`), MAP_PRIVATE like the selftest's.
+    DmirrorMmap {
+        /// The open file's name.
+        fd: String,
+        /// The mapping's name.
+        name: String,
+        /// Length in bytes.
+        len: u64,
+        /// Protection.
+        prot: Prot,
+    },
     /// `HMM_DMIRROR_SNAPSHOT`.
     DmirrorSnapshot {
         /// The open file's name.
@@ -580,6 +592,7 @@ impl Op {
             Self::DmirrorRead { .. } => "dmirror.read",
             Self::DmirrorWrite { .. } => "dmirror.write",
             Self::DmirrorSnapshot { .. } => "dmirror.snapshot",
+            Self::DmirrorMmap { .. } => "dmirror.mmap",
         }
     }
 }

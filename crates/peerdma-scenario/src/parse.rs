@@ -98,6 +98,7 @@ enum OpKind {
     DmirrorRead,
     DmirrorWrite,
     DmirrorSnapshot,
+    DmirrorMmap,
 }
 
 impl OpKind {
@@ -119,6 +120,7 @@ impl OpKind {
         Self::DmirrorRead,
         Self::DmirrorWrite,
         Self::DmirrorSnapshot,
+        Self::DmirrorMmap,
     ];
 
     const fn name(self) -> &'static str {
@@ -140,6 +142,7 @@ impl OpKind {
             Self::DmirrorRead => "dmirror.read",
             Self::DmirrorWrite => "dmirror.write",
             Self::DmirrorSnapshot => "dmirror.snapshot",
+            Self::DmirrorMmap => "dmirror.mmap",
         }
     }
 
@@ -167,6 +170,7 @@ impl OpKind {
             Self::DmirrorRead => &["fd", "at", "pages", "ptr"],
             Self::DmirrorWrite => &["fd", "at", "pages", "ptr", "pattern"],
             Self::DmirrorSnapshot => &["fd", "at", "pages"],
+            Self::DmirrorMmap => &["fd", "name", "len", "prot"],
         }
     }
 
@@ -1156,6 +1160,28 @@ impl<'s> Parser<'s> {
                 let fd = self.name(self.required(t, "fd")?, "fd")?;
                 self.fds.insert(fd.clone());
                 Op::Open { dev, fd }
+            }
+            OpKind::DmirrorMmap => {
+                let fd = self.name_ref(self.required(t, "fd")?, "fd", RefKind::Fd)?;
+                let v = self.required(t, "name")?;
+                let name = self.string(v, "name")?;
+                if !is_mapping_name(name) {
+                    return Err(self.err(
+                        &v.span(),
+                        format!("expected a mapping name (a letter or `_`, then letters, digits or `_`), found `{name}`"),
+                    ));
+                }
+                let name = name.to_owned();
+                let len = self.len(self.required(t, "len")?, "len")?;
+                let prot = self.prot(self.required(t, "prot")?)?;
+                let longest = self.mappings.entry(name.clone()).or_insert(len);
+                *longest = (*longest).max(len);
+                Op::DmirrorMmap {
+                    fd,
+                    name,
+                    len,
+                    prot,
+                }
             }
             OpKind::Close => Op::Close {
                 fd: self.name_ref(self.required(t, "fd")?, "fd", RefKind::Fd)?,

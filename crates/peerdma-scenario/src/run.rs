@@ -445,6 +445,25 @@ impl World {
                     },
                 }
             }
+            Op::DmirrorMmap {
+                fd,
+                name,
+                len,
+                prot,
+            } => {
+                self.fd(proc_name, fd)?;
+                match k.mmap_driver_pages(pid, *len, mm_prot(*prot), false).await {
+                    Ok(va) => {
+                        self.procs
+                            .borrow_mut()
+                            .get_mut(proc_name)
+                            .expect("known")
+                            .mappings
+                            .insert(name.clone(), (va, *len));
+                    }
+                    Err(e) => r.errno = Some(e),
+                }
+            }
             Op::DmirrorSnapshot { fd, at, pages } => {
                 let m = self.fd(proc_name, fd)?;
                 let (va, _) = self.resolve(proc_name, at)?;
