@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{path}:{line}:{col}: {message}")]
 pub struct ScenarioError {
-    /// The scenario's path, as given to [`crate::parse`].
+    /// The scenario's path, as given to [`crate::parse()`].
     pub path: String,
     /// 1-based line; 0 when the error has no position (I/O error).
     pub line: usize,
@@ -108,6 +108,34 @@ impl<'a> Position<'a> {
     }
 }
 
+/// The start offset of every line of a text, to turn many byte offsets into `line:col` in `O(log n)` each.
+#[derive(Debug, Clone)]
+pub(crate) struct LineIndex {
+    starts: Vec<usize>,
+}
+
+impl LineIndex {
+    /// Creates the index of `text`.
+    pub(crate) fn new(text: &str) -> Self {
+        let starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        Self { starts }
+    }
+
+    /// Returns the 1-based line and character column of byte `offset` of `text` (the indexed text), with the
+    /// same clamping as [`Position::of`].
+    pub(crate) fn line_col(&self, text: &str, offset: usize) -> (usize, usize) {
+        let mut offset = offset.min(text.len());
+        while !text.is_char_boundary(offset) {
+            offset -= 1;
+        }
+        let line = self.starts.partition_point(|&start| start <= offset).max(1);
+        let start = self.starts[line - 1].min(offset);
+        (line, text[start..offset].chars().count() + 1)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,6 +167,22 @@ mod tests {
         // Inside a multi-byte character: clamped back to its start.
         let p = Position::of(text, 6);
         assert_eq!(p.col, 6);
+    }
+
+    #[test]
+    fn line_index_agrees_with_position() {
+        let text = "a = 1\r\n\nx = \"µµ\" y\n\nlast";
+        let index = LineIndex::new(text);
+        for offset in 0..=text.len() + 3 {
+            let p = Position::of(text, offset);
+            assert_eq!(
+                index.line_col(text, offset),
+                (p.line, p.col),
+                "offset {offset}"
+            );
+        }
+        let empty = LineIndex::new("");
+        assert_eq!(empty.line_col("", 7), (1, 1));
     }
 
     #[test]

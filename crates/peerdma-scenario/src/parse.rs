@@ -27,7 +27,7 @@ use crate::ast::{
     MmapFlags, Op, Prot, Scenario, Signal, SimSettings, SleepSpec, Step, ThreadDecl, TimeMode,
     WriteSource,
 };
-use crate::error::{Position, ScenarioError};
+use crate::error::{LineIndex, ScenarioError};
 use crate::pattern::{Pattern, Segment};
 use crate::units;
 
@@ -307,6 +307,7 @@ struct NameRef {
 struct Parser<'s> {
     path: &'s str,
     text: &'s str,
+    lines: LineIndex,
     /// Mapping name → the largest `len` of the `mmap` steps that name it.
     mappings: BTreeMap<String, u64>,
     files: BTreeMap<String, Range<usize>>,
@@ -324,6 +325,7 @@ impl<'s> Parser<'s> {
         Self {
             path,
             text,
+            lines: LineIndex::new(text),
             mappings: BTreeMap::new(),
             files: BTreeMap::new(),
             devices: BTreeMap::new(),
@@ -341,7 +343,7 @@ impl<'s> Parser<'s> {
     }
 
     fn line_of(&self, span: &Range<usize>) -> usize {
-        Position::of(self.text, span.start).line
+        self.lines.line_col(self.text, span.start).0
     }
 
     // ----- structure -----
@@ -351,7 +353,7 @@ impl<'s> Parser<'s> {
             DeValue::Table(table) => Ok(Table::new(table, v.span(), what)),
             other => Err(self.err(
                 &v.span(),
-                format!("expected {what} as a table, found {}", describe(other)),
+                format!("expected {what}, found {}", describe(other)),
             )),
         }
     }
@@ -1064,14 +1066,11 @@ impl<'s> Parser<'s> {
             Some(e) => self.expect(e, kind, &op)?,
             None => Expect::default(),
         };
-        let pos = Position::of(self.text, v.span().start);
+        let (line, col) = self.lines.line_col(self.text, v.span().start);
         Ok(Step {
             op,
             expect,
-            loc: Loc {
-                line: pos.line,
-                col: pos.col,
-            },
+            loc: Loc { line, col },
         })
     }
 
@@ -1358,7 +1357,7 @@ impl<'s> Parser<'s> {
     // ----- expectations -----
 
     fn expect(&self, v: &Value<'_>, kind: OpKind, op: &Op) -> Result<Expect> {
-        let t = self.table(v, "`expect`")?;
+        let t = self.table(v, "an `expect` table like `{ errno = \"EFAULT\" }`")?;
         let allowed = kind.expect_keys();
         for (key, _) in &t.entries {
             let key_name: &str = key.get_ref().as_ref();

@@ -8,6 +8,7 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::rc::Rc;
 
 use peerdma_core::{DeviceId, Errno, PAGE_SIZE, Pid, SimDuration, SimTime, Va};
@@ -243,9 +244,9 @@ impl World {
         step: &Step,
         rng: &mut RngStream,
     ) -> Result<StepResult, String> {
-        let k = &self.kernel;
+        let kernel = &self.kernel;
         let pid = self.pid(proc_name);
-        let mut r = StepResult::default();
+        let mut out = StepResult::default();
         match &step.op {
             Op::Mmap {
                 name,
@@ -277,7 +278,7 @@ impl World {
                     offset: *offset,
                     name: name.clone(),
                 };
-                match k.mmap(pid, &args).await {
+                match kernel.mmap(pid, &args).await {
                     Ok(va) => {
                         let va = match align {
                             Some(a) if *a > 0 => va.align_up(*a).expect("inside the reservation"),
@@ -292,16 +293,16 @@ impl World {
                                 .insert(n.clone(), (va, *len));
                         }
                     }
-                    Err(e) => r.errno = Some(e),
+                    Err(e) => out.errno = Some(e),
                 }
             }
             Op::Munmap { at, len } => {
                 let (va, _) = self.resolve(proc_name, at)?;
-                r.errno = k.munmap(pid, va, *len).await.err();
+                out.errno = kernel.munmap(pid, va, *len).await.err();
             }
             Op::Mprotect { at, len, prot } => {
                 let (va, _) = self.resolve(proc_name, at)?;
-                r.errno = k.mprotect(pid, va, *len, mm_prot(*prot)).await.err();
+                out.errno = kernel.mprotect(pid, va, *len, mm_prot(*prot)).await.err();
             }
             Op::Madvise { at, len, advice } => {
                 let (va, _) = self.resolve(proc_name, at)?;
@@ -310,22 +311,22 @@ impl World {
                     Advice::HugePage => MmAdvice::HugePage,
                     Advice::NoHugePage => MmAdvice::NoHugePage,
                 };
-                r.errno = k.madvise(pid, va, *len, a).await.err();
+                out.errno = kernel.madvise(pid, va, *len, a).await.err();
             }
             Op::Store { at, len, pattern } => {
                 let (va, rest) = self.resolve(proc_name, at)?;
                 let n = len.or(rest).ok_or("`store` at a raw address needs `len`")?;
                 let mut data = vec![0u8; usize::try_from(n).map_err(|_| "length too large")?];
                 pattern.fill(&mut data);
-                r.signal = k.store(pid, va, &data).await.err();
+                out.signal = kernel.store(pid, va, &data).await.err();
             }
             Op::Load { at, len } => {
                 let (va, rest) = self.resolve(proc_name, at)?;
                 let n = len.or(rest).ok_or("`load` at a raw address needs `len`")?;
                 let mut data = vec![0u8; usize::try_from(n).map_err(|_| "length too large")?];
-                match k.load(pid, va, &mut data).await {
-                    Ok(()) => r.data = Some(data),
-                    Err(s) => r.signal = Some(s),
+                match kernel.load(pid, va, &mut data).await {
+                    Ok(()) => out.data = Some(data),
+                    Err(s) => out.signal = Some(s),
                 }
             }
             Op::Pwrite {
@@ -336,30 +337,31 @@ impl World {
             } => {
                 let mut data = vec![0u8; usize::try_from(*len).map_err(|_| "length too large")?];
                 pattern.fill(&mut data);
-                r.errno = k.pwrite(self.files[file], *offset, &data).await.err();
+                out.errno = kernel.pwrite(self.files[file], *offset, &data).await.err();
             }
             Op::Pread { file, offset, len } => {
                 let mut data = vec![0u8; usize::try_from(*len).map_err(|_| "length too large")?];
-                match k.pread(self.files[file], *offset, &mut data).await {
-                    Ok(_) => r.data = Some(data),
-                    Err(e) => r.errno = Some(e),
+                match kernel.pread(self.files[file], *offset, &mut data).await {
+                    Ok(_) => out.data = Some(data),
+                    Err(e) => out.errno = Some(e),
                 }
             }
-            Op::Fork { child } => match k.fork(pid).await {
+            Op::Fork { child } => match kernel.fork(pid).await {
                 Ok(cpid) => {
                     let mappings = self.procs.borrow()[proc_name].mappings.clone();
-                    let mut p = self.procs.borrow_mut();
-                    let st = p.entry(child.clone()).or_default();
-                    st.pid = Some(cpid);
-                    st.mappings = mappings;
-                    let no_threads = st.live_threads == 0;
-                    drop(p);
+                    let no_threads = {
+                        let mut procs = self.procs.borrow_mut();
+                        let st = procs.entry(child.clone()).or_default();
+                        st.pid = Some(cpid);
+                        st.mappings = mappings;
+                        st.live_threads == 0
+                    };
                     self.proc_wq.wake_up_all();
                     if no_threads {
                         self.exit_process(child).await;
                     }
                 }
-                Err(e) => r.errno = Some(e),
+                Err(e) => out.errno = Some(e),
             },
             Op::Wait { child } => {
                 let procs = &self.procs;
@@ -375,11 +377,11 @@ impl World {
                         SimDuration(rng.between(lo.as_nanos(), hi.as_nanos()))
                     }
                 };
-                k.sim.sleep(d).await;
+                kernel.sim.sleep(d).await;
             }
             Op::Open { dev, fd } => {
                 let (id, mem) = self.devices[dev];
-                match Dmirror::open(k, id, mem, pid, self.dm_costs.clone()) {
+                match Dmirror::open(kernel, id, mem, pid, self.dm_costs.clone()) {
                     Ok(m) => {
                         self.procs
                             .borrow_mut()
@@ -388,7 +390,7 @@ impl World {
                             .fds
                             .insert(fd.clone(), m);
                     }
-                    Err(e) => r.errno = Some(e),
+                    Err(e) => out.errno = Some(e),
                 }
             }
             Op::Close { fd } => {
@@ -401,7 +403,7 @@ impl World {
                     .remove(fd);
                 match m {
                     Some(m) => m.close().await,
-                    None => r.errno = Some(Errno::EBADF),
+                    None => out.errno = Some(Errno::EBADF),
                 }
             }
             Op::DmirrorRead { fd, at, pages, ptr } => {
@@ -411,14 +413,14 @@ impl World {
                     Ok(res) => {
                         if let Some(p) = ptr {
                             let (dst, _) = self.resolve(proc_name, p)?;
-                            if let Err(e) = k.copy_to_user(pid, dst, &res.data).await {
-                                r.errno = Some(e);
+                            if let Err(e) = kernel.copy_to_user(pid, dst, &res.data).await {
+                                out.errno = Some(e);
                             }
                         }
-                        r.data = Some(res.data.clone());
-                        r.dm = Some(res);
+                        out.data = Some(res.data.clone());
+                        out.dm = Some(res);
                     }
-                    Err(e) => r.errno = Some(e),
+                    Err(e) => out.errno = Some(e),
                 }
             }
             Op::DmirrorWrite { fd, at, pages, src } => {
@@ -434,14 +436,14 @@ impl World {
                     }
                     WriteSource::Ptr(p) => {
                         let (srcva, _) = self.resolve(proc_name, p)?;
-                        k.copy_from_user(pid, srcva, &mut data).await
+                        kernel.copy_from_user(pid, srcva, &mut data).await
                     }
                 };
                 match copied {
-                    Err(e) => r.errno = Some(e),
+                    Err(e) => out.errno = Some(e),
                     Ok(()) => match m.write(va, *pages, &data).await {
-                        Ok(res) => r.dm = Some(res),
-                        Err(e) => r.errno = Some(e),
+                        Ok(res) => out.dm = Some(res),
+                        Err(e) => out.errno = Some(e),
                     },
                 }
             }
@@ -452,7 +454,10 @@ impl World {
                 prot,
             } => {
                 self.fd(proc_name, fd)?;
-                match k.mmap_driver_pages(pid, *len, mm_prot(*prot), false).await {
+                match kernel
+                    .mmap_driver_pages(pid, *len, mm_prot(*prot), false)
+                    .await
+                {
                     Ok(va) => {
                         self.procs
                             .borrow_mut()
@@ -461,7 +466,7 @@ impl World {
                             .mappings
                             .insert(name.clone(), (va, *len));
                     }
-                    Err(e) => r.errno = Some(e),
+                    Err(e) => out.errno = Some(e),
                 }
             }
             Op::DmirrorSnapshot { fd, at, pages } => {
@@ -469,14 +474,14 @@ impl World {
                 let (va, _) = self.resolve(proc_name, at)?;
                 match m.snapshot(va, *pages).await {
                     Ok(res) => {
-                        r.data = Some(res.data.clone());
-                        r.dm = Some(res);
+                        out.data = Some(res.data.clone());
+                        out.dm = Some(res);
                     }
-                    Err(e) => r.errno = Some(e),
+                    Err(e) => out.errno = Some(e),
                 }
             }
         }
-        Ok(r)
+        Ok(out)
     }
 
     fn fd(&self, proc_name: &str, fd: &str) -> Result<Rc<Dmirror>, String> {
@@ -646,7 +651,7 @@ fn summarize(r: &StepResult) -> String {
         s = signal_text(sig);
     }
     if let Some(d) = &r.dm {
-        s.push_str(&format!(" cpages={} faults={}", d.cpages, d.faults));
+        let _ = write!(s, " cpages={} faults={}", d.cpages, d.faults);
     }
     s
 }

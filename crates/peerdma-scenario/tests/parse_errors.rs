@@ -1,5 +1,9 @@
 //! Every kind of input error is reported at the exact `line:col` of the offending token, with a message that
 //! says what was expected. One row per malformed input.
+#![expect(
+    clippy::tests_outside_test_module,
+    reason = "an integration-test crate is all tests"
+)]
 
 use peerdma_scenario::parse;
 
@@ -167,6 +171,45 @@ fn rows() -> Vec<Row> {
             1,
             1,
             "expected `[[file]]` tables (an array of tables), found a table",
+        ),
+        row(
+            "[sim] is not a table",
+            "sim = 5\n",
+            1,
+            7,
+            "expected the `[sim]` table, found an integer",
+        ),
+        row(
+            "expect is not a table",
+            steps(&[r#"{ op = "exit", expect = "EFAULT" }"#]),
+            14,
+            27,
+            "expected an `expect` table like `{ errno = \"EFAULT\" }`, found a string",
+        ),
+        row(
+            "anonymous file mapping",
+            steps(&[
+                r#"{ op = "mmap", len = 4096, prot = "r", flags = ["shared", "anonymous"], file = "data" }"#,
+            ]),
+            14,
+            82,
+            "a file mapping cannot be `anonymous`",
+        ),
+        row(
+            "sleep with two durations",
+            steps(&[r#"{ op = "sleep", for = "1us", random = ["1us", "2us"] }"#]),
+            14,
+            3,
+            "a `sleep` step needs exactly one of `for = TIME` or `random = [MIN, MAX]`",
+        ),
+        row(
+            "dmirror.write with two sources",
+            steps(&[
+                r#"{ op = "dmirror.write", fd = "m", at = "buf", pages = 1, ptr = "buf", pattern = "zero" }"#,
+            ]),
+            14,
+            3,
+            "a `dmirror.write` step needs exactly one source",
         ),
         // units
         row(

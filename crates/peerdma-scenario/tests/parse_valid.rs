@@ -1,4 +1,8 @@
 //! A full valid scenario that uses every op and every `expect` key parses into the expected model.
+#![expect(
+    clippy::tests_outside_test_module,
+    reason = "an integration-test crate is all tests"
+)]
 
 use peerdma_core::{Errno, SimDuration};
 use peerdma_scenario::{
@@ -6,82 +10,8 @@ use peerdma_scenario::{
     Segment, Signal, SleepSpec, TimeMode, WriteSource, parse,
 };
 
-const FULL: &str = r#"
-[sim]
-seed = 7
-time = "zero"
-explore = true
-jitter = 0.25
-time_limit = "10s"
-memory = "256MiB"
-
-[[file]]
-name = "data"
-size = "4MiB"
-pattern = "u32:index"
-
-[[file]]
-name = "empty"
-size = 0
-
-[[device]]
-name = "mirror0"
-kind = "dmirror"
-
-[[device]]
-name = "mirror1"
-kind = "dmirror"
-memory = "coherent"
-
-[[process]]
-name = "app"
-
-[[thread]]
-name = "t0"
-steps = [
-  { op = "mmap", name = "buf", len = "4MiB", prot = "rw", flags = ["private", "anonymous"] },
-  { op = "mmap", name = "big", len = "8MiB", prot = "none", flags = ["private", "anonymous", "populate"],
-    align = "2MiB" },
-  { op = "mmap", name = "fmap", len = "16 pages", prot = "r", flags = ["shared"], file = "data",
-    offset = "1 page" },
-  { op = "mmap", len = 4096, prot = "rwx", flags = ["private", "anonymous", "fixed_noreplace"],
-    at = "0x7f0000000000", expect = { errno = "EEXIST" } },
-  { op = "munmap", at = "buf+2MiB", len = "1MiB" },
-  { op = "mprotect", at = "buf", len = "4KiB", prot = "r" },
-  { op = "madvise", at = "big", len = "2MiB", advice = "hugepage" },
-  { op = "store", at = "buf", len = "8KiB", pattern = "u32:-index-3" },
-  { op = "store", at = "buf+4MiB", pattern = "zero", expect = { signal = "SIGSEGV" } },
-  { op = "load", at = "buf+0x1000", len = 4, expect = { value = 0xfffffbfc } },
-  { op = "load", at = "buf", len = "8KiB",
-    expect = { data = [{ len = "4KiB", pattern = "u32:-index-3" }, { pattern = "u32:-index-3" }] } },
-  { op = "pwrite", file = "data", offset = "4KiB", len = "4KiB", pattern = "byte:0x5a" },
-  { op = "pread", file = "data", len = 4, expect = { data = "u32:index" } },
-  { op = "open", dev = "mirror0", fd = "m" },
-  { op = "dmirror.read", fd = "m", at = "buf", pages = 2, ptr = "big", expect = { cpages = 2, faults = 1, data = "u32:-index-3" } },
-  { op = "dmirror.write", fd = "m", at = "buf", pages = 1, pattern = "u32:index" },
-  { op = "dmirror.write", fd = "m", at = "buf", pages = 1, ptr = "big+4KiB", expect = { errno = "ok" } },
-  { op = "dmirror.snapshot", fd = "m", at = "buf", pages = 4, expect = { bytes = [0x01, 0x0a, 0x11, 0] } },
-  { op = "dmirror.snapshot", fd = "m", at = "buf+1", pages = 0, expect = { errno = "EINVAL", bytes = "ff 0a" } },
-  { op = "close", fd = "m" },
-  { op = "fork", child = "kid" },
-  { op = "sleep", for = "1.5us" },
-  { op = "sleep", random = ["1us", "2ms"] },
-  { op = "wait", child = "kid" },
-]
-
-[[thread]]
-name = "child"
-process = "kid"
-steps = [
-  { op = "store", at = "buf", len = 1, pattern = "byte:0xff", expect = { errno = 0 } },
-  { op = "exit" },
-]
-
-[[thread]]
-name = "app-main"
-process = "app"
-steps = []
-"#;
+/// The fixture: every op, every `expect` key.
+const FULL: &str = include_str!("data/every_op.toml");
 
 #[test]
 fn full_scenario_with_every_op_parses() {
@@ -122,6 +52,7 @@ fn full_scenario_with_every_op_parses() {
         names,
         [
             "close",
+            "dmirror.mmap",
             "dmirror.read",
             "dmirror.snapshot",
             "dmirror.write",
@@ -148,7 +79,7 @@ fn steps_keep_their_values_and_locations() {
     let s = parse("full.toml", FULL).unwrap();
     let steps = &s.threads[0].steps;
 
-    assert_eq!(steps[0].loc, Loc { line: 34, col: 3 });
+    assert_eq!(steps[0].loc, Loc { line: 36, col: 3 });
     assert_eq!(
         steps[0].op,
         Op::Mmap {
@@ -173,7 +104,7 @@ fn steps_keep_their_values_and_locations() {
         &steps[2].op,
         Op::Mmap { file: Some(f), offset: 4096, flags, .. } if f == "data" && flags.shared
     ));
-    assert_eq!(steps[3].loc, Loc { line: 39, col: 3 });
+    assert_eq!(steps[3].loc, Loc { line: 41, col: 3 });
     assert!(matches!(
         &steps[3].op,
         Op::Mmap { at: Some(AddrExpr::Raw(0x7f00_0000_0000)), flags, .. } if flags.fixed_noreplace
