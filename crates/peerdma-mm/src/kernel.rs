@@ -742,6 +742,37 @@ impl Kernel {
         Ok(start)
     }
 
+    /// Creates a VM_IO | VM_PFNMAP VMA as a driver's `remap_pfn_range` of device MMIO leaves it: raw PFNs with
+    /// no `struct page`, which GUP and `hmm_range_fault` refuse. The entries are installed lazily by the
+    /// owning device in later layers; until then a CPU access raises SIGBUS.
+    pub async fn mmap_pfnmap(&self, pid: Pid, len: u64, prot: Prot) -> Result<Va, Errno> {
+        self.spend(self.costs.syscall).await;
+        let len = len
+            .checked_next_multiple_of(PAGE_SIZE)
+            .ok_or(Errno::ENOMEM)?;
+        if len == 0 {
+            return Err(Errno::EINVAL);
+        }
+        let lock = self.mmap_lock(pid);
+        let _g = lock.write().await;
+        let start = self
+            .find_gap(pid, None, len, PAGE_SIZE)
+            .ok_or(Errno::ENOMEM)?;
+        let range = Range::from_len(start, len).expect("gap inside user space");
+        let flags =
+            prot.vm_flags() | VmFlags::IO | VmFlags::PFNMAP | VmFlags::SHARED | VmFlags::DONTCOPY;
+        self.state().mm_mut(pid).vmas.insert(
+            start,
+            Vma {
+                range,
+                flags,
+                backing: VmaBacking::Driver,
+                name: None,
+            },
+        );
+        Ok(start)
+    }
+
     fn find_gap(&self, pid: Pid, hint: Option<Va>, len: u64, align: u64) -> Option<Va> {
         let st = self.state();
         let mm = st.mm(pid);

@@ -1,0 +1,188 @@
+//! Kernel-level behaviour: hmm_range_fault cases of spec/linux-hmm.md §1.1, notifier events of fork/COW
+//! (§1.3), VMA splitting and fork isolation.
+#![expect(
+    clippy::tests_outside_test_module,
+    clippy::unwrap_used,
+    reason = "an integration-test crate is all tests"
+)]
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+
+use peerdma_core::{Errno, PAGE_SIZE, Range, Va};
+use peerdma_mm::hmm::{
+    HMM_PFN_ERROR, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_PFN_VALID, HMM_PFN_WRITE, HmmRange,
+};
+use peerdma_mm::{
+    IntervalNotifierOps, Kernel, MmCosts, MmapArgs, NotifierEvent, NotifierId, NotifierRange, Prot,
+    Signal,
+};
+use peerdma_sim::{RunOutcome, Sim, SimConfig};
+
+/// Runs `f` as the only agent of a fresh simulation and returns its result.
+fn run<T: 'static, F: Future<Output = T> + 'static>(f: impl FnOnce(Rc<Kernel>) -> F) -> T {
+    let sim = Sim::new(SimConfig::default());
+    let k = Kernel::new(&sim, 64 << 20, MmCosts::zero());
+    let out = Rc::new(RefCell::new(None));
+    let (o, fut) = (out.clone(), f(k));
+    sim.spawn("test", async move { *o.borrow_mut() = Some(fut.await) });
+    assert_eq!(sim.run(), RunOutcome::Completed);
+    out.borrow_mut().take().unwrap()
+}
+
+fn anon(pages: u64, prot: Prot) -> MmapArgs {
+    MmapArgs {
+        len: pages * PAGE_SIZE,
+        prot,
+        private: true,
+        anonymous: true,
+        ..MmapArgs::default()
+    }
+}
+
+/// Records every invalidation event it sees.
+#[derive(Default)]
+struct Recorder(
+    RefCell<Vec<(NotifierEvent, Range<Va>)>>,
+    RefCell<Option<Rc<Kernel>>>,
+);
+
+impl IntervalNotifierOps for Recorder {
+    fn invalidate<'a>(
+        &'a self,
+        id: NotifierId,
+        r: &'a NotifierRange,
+        seq: u64,
+    ) -> Pin<Box<dyn Future<Output = bool> + 'a>> {
+        self.0.borrow_mut().push((r.event, r.range));
+        let k = self.1.borrow().clone().unwrap();
+        k.interval_set_seq(r.mm, id, seq);
+        Box::pin(async { true })
+    }
+    fn name(&self) -> String {
+        "recorder".into()
+    }
+}
+
+async fn hmm(
+    k: &Kernel,
+    pid: peerdma_core::Pid,
+    n: NotifierId,
+    r: Range<Va>,
+    flags: u64,
+) -> Result<Vec<u64>, Errno> {
+    let seq = k.interval_read_begin(pid, n).await;
+    let mut range = HmmRange::new(pid, n, seq, r, flags);
+    let lock = k.mmap_lock(pid);
+    let _g = lock.read().await;
+    k.hmm_range_fault(&mut range).await.map(|()| range.hmm_pfns)
+}
+
+#[test]
+fn hmm_range_fault_reports_pfnmap_and_holes_as_error_and_refuses_to_fault_them() {
+    let (snap, faulted, hole) = run(|k| async move {
+        let pid = k.create_process();
+        let io = k.mmap_pfnmap(pid, 2 * PAGE_SIZE, Prot::RW).await.unwrap();
+        let n = k
+            .interval_notifier_insert(pid, Va::from_raw(0), 1 << 47, Rc::new(Recorder::default()))
+            .unwrap();
+        let r = Range::from_len(io, 2 * PAGE_SIZE).unwrap();
+        let snap = hmm(&k, pid, n, r, 0).await.unwrap();
+        let faulted = hmm(&k, pid, n, r, HMM_PFN_REQ_FAULT).await;
+        let hole = hmm(
+            &k,
+            pid,
+            n,
+            Range::from_len(io.add(8 * PAGE_SIZE), PAGE_SIZE).unwrap(),
+            HMM_PFN_REQ_FAULT,
+        )
+        .await;
+        (snap, faulted, hole)
+    });
+    assert_eq!(snap, vec![HMM_PFN_ERROR, HMM_PFN_ERROR]);
+    assert_eq!(faulted, Err(Errno::EFAULT));
+    assert_eq!(hole, Err(Errno::EFAULT));
+}
+
+#[test]
+fn hmm_write_request_on_read_only_vma_is_eperm_and_zero_page_reads_valid_read_only() {
+    let (eperm, read) = run(|k| async move {
+        let pid = k.create_process();
+        let buf = k.mmap(pid, &anon(4, Prot::READ)).await.unwrap();
+        let n = k
+            .interval_notifier_insert(pid, Va::from_raw(0), 1 << 47, Rc::new(Recorder::default()))
+            .unwrap();
+        let r = Range::from_len(buf, 4 * PAGE_SIZE).unwrap();
+        let eperm = hmm(&k, pid, n, r, HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE).await;
+        let read = hmm(&k, pid, n, r, HMM_PFN_REQ_FAULT).await.unwrap();
+        (eperm, read)
+    });
+    assert_eq!(eperm, Err(Errno::EPERM));
+    assert!(
+        read.iter()
+            .all(|w| w & HMM_PFN_VALID != 0 && w & HMM_PFN_WRITE == 0)
+    );
+}
+
+#[test]
+fn fork_write_protects_with_protection_page_and_cow_break_clears_one_page() {
+    let events = run(|k| async move {
+        let pid = k.create_process();
+        let buf = k.mmap(pid, &anon(4, Prot::RW)).await.unwrap();
+        k.store(pid, buf, &vec![7u8; 4 * 4096]).await.unwrap();
+        let rec = Rc::new(Recorder::default());
+        *rec.1.borrow_mut() = Some(k.clone());
+        k.interval_notifier_insert(pid, Va::from_raw(0), 1 << 47, rec.clone())
+            .unwrap();
+        let child = k.fork(pid).await.unwrap();
+        // The parent writes page 1: COW copy, CLEAR invalidation of exactly that page.
+        k.store(pid, buf.add(PAGE_SIZE), &[1]).await.unwrap();
+        // The child still sees the old bytes; the parent its new one.
+        let mut c = [0u8; 1];
+        k.load(child, buf.add(PAGE_SIZE), &mut c).await.unwrap();
+        let mut p = [0u8; 1];
+        k.load(pid, buf.add(PAGE_SIZE), &mut p).await.unwrap();
+        assert_eq!((c[0], p[0]), (7, 1));
+        rec.0.borrow().clone()
+    });
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(events[0].0, NotifierEvent::ProtectionPage);
+    assert_eq!(events[1].0, NotifierEvent::Clear);
+    assert_eq!(events[1].1.len(), PAGE_SIZE);
+}
+
+#[test]
+fn munmap_in_the_middle_splits_the_vma_and_later_access_faults_with_sigsegv() {
+    let (nr_vmas, sig, ok) = run(|k| async move {
+        let pid = k.create_process();
+        let buf = k.mmap(pid, &anon(8, Prot::RW)).await.unwrap();
+        k.munmap(pid, buf.add(2 * PAGE_SIZE), 2 * PAGE_SIZE)
+            .await
+            .unwrap();
+        let nr = k.state().mm(pid).vmas.len();
+        let sig = k.store(pid, buf.add(2 * PAGE_SIZE), &[1]).await;
+        let ok = k.store(pid, buf.add(5 * PAGE_SIZE), &[1]).await;
+        (nr, sig, ok)
+    });
+    assert_eq!(nr_vmas, 2);
+    assert!(matches!(sig, Err(Signal::Segv { .. })));
+    assert_eq!(ok, Ok(()));
+}
+
+#[test]
+fn fixed_noreplace_over_a_mapping_is_eexist_and_zero_length_is_einval() {
+    let (eexist, einval) = run(|k| async move {
+        let pid = k.create_process();
+        let buf = k.mmap(pid, &anon(4, Prot::RW)).await.unwrap();
+        let mut a = anon(1, Prot::RW);
+        a.addr = Some(buf);
+        a.fixed_noreplace = true;
+        let eexist = k.mmap(pid, &a).await;
+        let einval = k.mmap(pid, &anon(0, Prot::RW)).await;
+        (eexist, einval)
+    });
+    assert_eq!(eexist, Err(Errno::EEXIST));
+    assert_eq!(einval, Err(Errno::EINVAL));
+}
