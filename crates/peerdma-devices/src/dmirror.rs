@@ -29,7 +29,7 @@ use peerdma_mm::hmm::{
     hmm_pfn_to_frame, hmm_pfn_to_map_order,
 };
 use peerdma_mm::{IntervalNotifierOps, Kernel, NotifierEvent, NotifierId, NotifierRange};
-use peerdma_sim::SimMutex;
+use peerdma_sim::{MutexGuard, SimMutex};
 
 /// Pages per fault/snapshot chunk (test_hmm.c works in 64-page pieces).
 pub const CHUNK_PAGES: u64 = 64;
@@ -149,6 +149,18 @@ struct Shared {
     costs: DmirrorCosts,
 }
 
+impl Shared {
+    /// Takes the driver lock for an invalidation: blocking when the range is blockable, else a try-lock
+    /// (`None` when contended, and the callback must return false).
+    async fn lock_for(&self, range: &NotifierRange) -> Option<MutexGuard> {
+        if range.blockable {
+            Some(self.lock.lock().await)
+        } else {
+            self.lock.try_lock()
+        }
+    }
+}
+
 /// The main notifier's callbacks (`dmirror_interval_invalidate`).
 #[derive(Debug)]
 struct MirrorOps(Rc<Shared>);
@@ -166,13 +178,8 @@ impl IntervalNotifierOps for MirrorOps {
             if range.event == NotifierEvent::Migrate && range.owner == Some(sh.dev) {
                 return true;
             }
-            let _g = if range.blockable {
-                sh.lock.lock().await
-            } else {
-                match sh.lock.try_lock() {
-                    Some(g) => g,
-                    None => return false,
-                }
+            let Some(_g) = sh.lock_for(range).await else {
+                return false;
             };
             sh.kernel.interval_set_seq(sh.pid, id, cur_seq);
             let first = range.range.start.page_number();
@@ -216,13 +223,8 @@ impl IntervalNotifierOps for SnapshotOps {
     ) -> Pin<Box<dyn Future<Output = bool> + 'a>> {
         Box::pin(async move {
             let sh = &self.0;
-            let _g = if range.blockable {
-                sh.lock.lock().await
-            } else {
-                match sh.lock.try_lock() {
-                    Some(g) => g,
-                    None => return false,
-                }
+            let Some(_g) = sh.lock_for(range).await else {
+                return false;
             };
             sh.kernel.interval_set_seq(sh.pid, id, cur_seq);
             true

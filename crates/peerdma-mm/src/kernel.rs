@@ -695,38 +695,24 @@ impl Kernel {
         prot: Prot,
         shared: bool,
     ) -> Result<Va, Errno> {
-        self.spend(self.costs.syscall).await;
-        let len = len
-            .checked_next_multiple_of(PAGE_SIZE)
-            .ok_or(Errno::ENOMEM)?;
-        if len == 0 {
-            return Err(Errno::EINVAL);
-        }
-        let lock = self.mmap_lock(pid);
-        let _g = lock.write().await;
-        let start = self
-            .find_gap(pid, None, len, PAGE_SIZE)
-            .ok_or(Errno::ENOMEM)?;
-        let range = Range::from_len(start, len).expect("gap inside user space");
         let mut flags = prot.vm_flags() | VmFlags::MIXEDMAP;
         if shared {
             flags |= VmFlags::SHARED;
         }
+        let lock = self.mmap_lock(pid);
+        let _g = lock.write().await;
+        let range = self.insert_driver_vma(pid, len, flags).await?;
         let mut st = self.state();
-        st.mm_mut(pid).vmas.insert(
-            start,
-            Vma {
-                range,
-                flags,
-                backing: VmaBacking::Driver,
-                name: None,
-            },
-        );
+        let nr = range.nr_pages();
+        if st.phys.nr_free(0) < nr {
+            st.remove_vmas(pid, range);
+            return Err(Errno::ENOMEM);
+        }
         for page in range.pages() {
             let frame = st
                 .phys
                 .alloc(0, FrameOwner::Kernel)
-                .map_err(|_| Errno::ENOMEM)?;
+                .expect("counted free frames above");
             st.phys.frame_mut(frame).mapcount = 1;
             // vm_insert_page maps the page read-only in a private mapping; a write fault COWs it.
             let write = shared && prot.write;
@@ -739,13 +725,27 @@ impl Kernel {
                 },
             );
         }
-        Ok(start)
+        Ok(range.start)
     }
 
     /// Creates a VM_IO | VM_PFNMAP VMA as a driver's `remap_pfn_range` of device MMIO leaves it: raw PFNs with
     /// no `struct page`, which GUP and `hmm_range_fault` refuse. The entries are installed lazily by the
     /// owning device in later layers; until then a CPU access raises SIGBUS.
     pub async fn mmap_pfnmap(&self, pid: Pid, len: u64, prot: Prot) -> Result<Va, Errno> {
+        let flags =
+            prot.vm_flags() | VmFlags::IO | VmFlags::PFNMAP | VmFlags::SHARED | VmFlags::DONTCOPY;
+        let lock = self.mmap_lock(pid);
+        let _g = lock.write().await;
+        Ok(self.insert_driver_vma(pid, len, flags).await?.start)
+    }
+
+    /// Places and inserts a driver-backed VMA of `len` bytes (the caller holds `mmap_lock` for writing).
+    async fn insert_driver_vma(
+        &self,
+        pid: Pid,
+        len: u64,
+        flags: VmFlags,
+    ) -> Result<Range<Va>, Errno> {
         self.spend(self.costs.syscall).await;
         let len = len
             .checked_next_multiple_of(PAGE_SIZE)
@@ -753,14 +753,10 @@ impl Kernel {
         if len == 0 {
             return Err(Errno::EINVAL);
         }
-        let lock = self.mmap_lock(pid);
-        let _g = lock.write().await;
         let start = self
             .find_gap(pid, None, len, PAGE_SIZE)
             .ok_or(Errno::ENOMEM)?;
         let range = Range::from_len(start, len).expect("gap inside user space");
-        let flags =
-            prot.vm_flags() | VmFlags::IO | VmFlags::PFNMAP | VmFlags::SHARED | VmFlags::DONTCOPY;
         self.state().mm_mut(pid).vmas.insert(
             start,
             Vma {
@@ -770,7 +766,7 @@ impl Kernel {
                 name: None,
             },
         );
-        Ok(start)
+        Ok(range)
     }
 
     fn find_gap(&self, pid: Pid, hint: Option<Va>, len: u64, align: u64) -> Option<Va> {
