@@ -232,9 +232,7 @@ impl KernelState {
         }
         let fr = self.phys.frame_mut(frame);
         fr.mapcount = fr.mapcount.saturating_sub(1);
-        if self.phys.put(frame) {
-            self.oracle.frame_freed(frame);
-        }
+        self.phys.put(frame);
     }
 
     /// Adds one mapping of `frame`.
@@ -1332,8 +1330,8 @@ impl Kernel {
                 );
                 st.unmap_frame(frame);
                 self.sim.count("cpu.cow_copy", 1);
-            } else if st.phys.put(new) {
-                st.oracle.frame_freed(new);
+            } else {
+                st.phys.put(new);
             }
         }
         self.invalidate_range_end(pid);

@@ -5,7 +5,8 @@
 //! 1. **No stale translation** — a device reaches frame F for address v of process P only if P's page table
 //!    maps v to F now, writable for a write ([`crate::Kernel::device_read`] / `device_write`).
 //! 2. **No use after free** — no CPU or device access reaches a free frame.
-//! 3. **Pins hold** — a frame is never freed while its refcount carries a pin bias.
+//! 3. **Pins hold** — not checked yet: nothing in the model pins until GUP arrives (the device-memory issue);
+//!    the frame allocator already cannot free a frame whose refcount carries a pin bias.
 //! 4. **Data integrity** — every read returns the last value written to that memory. The oracle keeps a
 //!    content hash per *logical page* — `(process, virtual page)` for private anonymous memory and COWed
 //!    pages, `(file, page offset)` for page-cache pages — updated on every write and carried over by fork
@@ -17,7 +18,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use peerdma_core::{FrameId, Pid, Range, SimTime, Va};
+use peerdma_core::{Pid, Range, SimTime, Va};
 use peerdma_sim::Sim;
 
 use crate::phys::ZERO_HASH;
@@ -211,9 +212,6 @@ impl Oracle {
             .collect();
         self.shadow.extend(copies);
     }
-
-    /// Notes that `frame` was freed.
-    pub fn frame_freed(&mut self, _frame: FrameId) {}
 
     /// Check 6: a mirror is about to program entries for a range whose subscription `retry` says must be
     /// retried.
