@@ -18,7 +18,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 
 use peerdma_core::{
     DeviceId, Errno, FrameId, PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT, PUD_SHIFT, Pid, Range, SimDuration,
@@ -28,7 +28,15 @@ use peerdma_mm::hmm::{
     HMM_PFN_ERROR, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_PFN_VALID, HMM_PFN_WRITE, HmmRange,
     hmm_pfn_to_frame, hmm_pfn_to_map_order,
 };
-use peerdma_mm::{IntervalNotifierOps, Kernel, NotifierEvent, NotifierId, NotifierRange};
+use peerdma_mm::migrate::{
+    MIGRATE_PFN_MIGRATE, MIGRATE_PFN_VALID, MIGRATE_PFN_WRITE, MIGRATE_VMA_SELECT_DEVICE_COHERENT,
+    MIGRATE_VMA_SELECT_DEVICE_PRIVATE, MIGRATE_VMA_SELECT_SYSTEM, migrate_pfn,
+    migrate_pfn_to_frame,
+};
+use peerdma_mm::{
+    DevicePagemapOps, IntervalNotifierOps, Kernel, MemoryKind, MigrateVma, NotifierEvent,
+    NotifierId, NotifierRange, VmFlags,
+};
 use peerdma_sim::{MutexGuard, SimMutex};
 
 /// Pages per fault/snapshot chunk (test_hmm.c works in 64-page pieces).
@@ -142,6 +150,7 @@ struct PtEntry {
 #[derive(Debug)]
 struct Shared {
     kernel: Rc<Kernel>,
+    device: Rc<DmirrorDevice>,
     dev: DeviceId,
     pid: Pid,
     lock: SimMutex,
@@ -236,6 +245,119 @@ impl IntervalNotifierOps for SnapshotOps {
     }
 }
 
+/// One dmirror device (`/dev/hmm_dmirrorN`) and its device memory (`dev_pagemap`): the device-private or
+/// device-coherent region its migrations allocate from. Each device page remembers the open file that
+/// migrated it, whose page table must lose the entry when the page migrates back (test_hmm.c keeps that in
+/// `zone_device_data`).
+#[derive(Debug)]
+pub struct DmirrorDevice {
+    kernel: Rc<Kernel>,
+    id: DeviceId,
+    memory: DmirrorMemory,
+    region: Cell<usize>,
+    owners: RefCell<BTreeMap<FrameId, Weak<Shared>>>,
+    costs: DmirrorCosts,
+}
+
+/// The region's `dev_pagemap_ops`.
+#[derive(Debug)]
+struct PagemapOps(Weak<DmirrorDevice>);
+
+impl DevicePagemapOps for PagemapOps {
+    fn migrate_to_ram<'a>(
+        &'a self,
+        pid: Pid,
+        va: Va,
+        _frame: FrameId,
+    ) -> Pin<Box<dyn Future<Output = Result<(), ()>> + 'a>> {
+        Box::pin(async move {
+            let dev = self.0.upgrade().ok_or(())?;
+            dev.migrate_to_ram(pid, va).await
+        })
+    }
+}
+
+impl DmirrorDevice {
+    /// Creates device `id` with `bytes` of device memory of the given flavour.
+    pub fn new(
+        kernel: &Rc<Kernel>,
+        id: DeviceId,
+        memory: DmirrorMemory,
+        bytes: u64,
+        costs: DmirrorCosts,
+    ) -> Rc<Self> {
+        let dev = Rc::new(Self {
+            kernel: kernel.clone(),
+            id,
+            memory,
+            region: Cell::new(0),
+            owners: RefCell::new(BTreeMap::new()),
+            costs,
+        });
+        let kind = match memory {
+            DmirrorMemory::Private => MemoryKind::DevicePrivate { owner: id },
+            DmirrorMemory::Coherent => MemoryKind::DeviceCoherent { owner: id },
+        };
+        let r = kernel.add_device_memory(kind, bytes, Rc::new(PagemapOps(Rc::downgrade(&dev))));
+        dev.region.set(r);
+        dev
+    }
+
+    /// Returns the device id (`pgmap->owner`).
+    pub fn id(&self) -> DeviceId {
+        self.id
+    }
+
+    fn select_flag(&self) -> u32 {
+        match self.memory {
+            DmirrorMemory::Private => MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
+            DmirrorMemory::Coherent => MIGRATE_VMA_SELECT_DEVICE_COHERENT,
+        }
+    }
+
+    /// `dmirror_devmem_fault`: migrates the faulting page back to system RAM.
+    async fn migrate_to_ram(&self, pid: Pid, va: Va) -> Result<(), ()> {
+        let k = &self.kernel;
+        let page = Range::from_len(va.align_down(PAGE_SIZE), PAGE_SIZE).ok_or(())?;
+        let mut m = MigrateVma::new(pid, page, self.select_flag(), self.id);
+        k.migrate_vma_setup(&mut m).await.map_err(|_| ())?;
+        let n = self.copy_to_sys(&mut m);
+        k.spend(self.costs.dma_page.saturating_mul(n)).await;
+        k.migrate_vma_pages(&mut m);
+        k.migrate_vma_finalize(&mut m);
+        Ok(())
+    }
+
+    /// `dmirror_devmem_fault_alloc_and_copy` / `dmirror_migrate_alloc_and_copy` towards system memory: for each
+    /// collected page, allocate a system page, erase the owning mirror's entry, copy. Returns the pages copied.
+    fn copy_to_sys(&self, m: &mut MigrateVma) -> u64 {
+        let mut n = 0;
+        for i in 0..m.src.len() {
+            if m.src[i] & MIGRATE_PFN_MIGRATE == 0 {
+                continue;
+            }
+            let Some(src) = migrate_pfn_to_frame(m.src[i]) else {
+                continue;
+            };
+            let Some(dst) = self.kernel.alloc_page(0) else {
+                continue;
+            };
+            if let Some(fd) = self
+                .owners
+                .borrow_mut()
+                .remove(&src)
+                .and_then(|w| w.upgrade())
+            {
+                fd.pt.borrow_mut().remove(&m.va(i).page_number());
+            }
+            self.kernel.copy_page(src, dst);
+            m.dst[i] = migrate_pfn(dst) | (m.src[i] & MIGRATE_PFN_WRITE);
+            n += 1;
+        }
+        n
+    }
+}
+
 /// One open file of a dmirror device (`struct dmirror`).
 #[derive(Debug)]
 pub struct Dmirror {
@@ -247,25 +369,21 @@ pub struct Dmirror {
 }
 
 impl Dmirror {
-    /// Opens the device `dev` from process `pid`: registers the mirror's notifier over the whole address
-    /// space `[0, ULONG_MAX & PAGE_MASK)`.
+    /// Opens `device` from process `pid`: registers the mirror's notifier over the whole address space
+    /// `[0, ULONG_MAX & PAGE_MASK)`.
     ///
     /// # Errors
     /// `EINVAL` when the process has exited.
-    pub fn open(
-        kernel: &Rc<Kernel>,
-        dev: DeviceId,
-        memory: DmirrorMemory,
-        pid: Pid,
-        costs: DmirrorCosts,
-    ) -> Result<Rc<Self>, Errno> {
+    pub fn open(device: &Rc<DmirrorDevice>, pid: Pid) -> Result<Rc<Self>, Errno> {
+        let kernel = &device.kernel;
         let sh = Rc::new(Shared {
             kernel: kernel.clone(),
-            dev,
+            device: device.clone(),
+            dev: device.id,
             pid,
             lock: SimMutex::new(&kernel.sim, "dmirror.mutex"),
             pt: RefCell::new(BTreeMap::new()),
-            costs,
+            costs: device.costs.clone(),
         });
         let notifier = kernel.interval_notifier_insert(
             pid,
@@ -275,7 +393,7 @@ impl Dmirror {
         )?;
         Ok(Rc::new(Self {
             sh,
-            memory,
+            memory: device.memory,
             notifier,
             injection: Cell::new(FaultInjection::None),
             closed: Cell::new(false),
@@ -513,6 +631,140 @@ impl Dmirror {
         n
     }
 
+    /// HMM_DMIRROR_MIGRATE_TO_DEV: migrates `npages` at `addr` into this device's memory, then reads the
+    /// range from the device page table without faulting (`-ENOENT` if any page is not there).
+    pub async fn migrate_to_dev(&self, addr: Va, npages: u64) -> Result<DmirrorResult, Errno> {
+        let k = &self.sh.kernel;
+        k.spend(self.sh.costs.ioctl).await;
+        let r = self.check(addr, npages)?;
+        let dev = &self.sh.device;
+        {
+            let lock = k.mmap_lock(self.sh.pid);
+            let _m = lock.read().await;
+            let mut addr = r.start;
+            while addr < r.end {
+                let vma = k.state().mm(self.sh.pid).vma(addr).cloned();
+                let vma = vma
+                    .filter(|v| v.flags.contains(VmFlags::READ))
+                    .ok_or(Errno::EINVAL)?;
+                let next = addr
+                    .add(CHUNK_PAGES * PAGE_SIZE)
+                    .min(r.end)
+                    .min(vma.range.end);
+                let mut m = MigrateVma::new(
+                    self.sh.pid,
+                    Range::new(addr, next),
+                    MIGRATE_VMA_SELECT_SYSTEM,
+                    dev.id,
+                );
+                k.migrate_vma_setup(&mut m).await?;
+                let mut copied = 0;
+                for i in 0..m.src.len() {
+                    if m.src[i] & MIGRATE_PFN_MIGRATE == 0 {
+                        continue;
+                    }
+                    let src = migrate_pfn_to_frame(m.src[i]);
+                    if src.is_some_and(|f| !matches!(k.memory_kind(f), MemoryKind::Ram { .. })) {
+                        continue;
+                    }
+                    let Some(dst) = k.alloc_page(dev.region.get()) else {
+                        continue;
+                    };
+                    if let Some(src) = src {
+                        k.copy_page(src, dst);
+                        copied += 1;
+                    }
+                    let write = m.src[i] & MIGRATE_PFN_WRITE != 0
+                        || (src.is_none() && vma.flags.contains(VmFlags::WRITE));
+                    m.dst[i] = migrate_pfn(dst) | if write { MIGRATE_PFN_WRITE } else { 0 };
+                }
+                k.spend(self.sh.costs.dma_page.saturating_mul(copied)).await;
+                k.migrate_vma_pages(&mut m);
+                {
+                    let _g = self.sh.lock.lock().await;
+                    let mut pt = self.sh.pt.borrow_mut();
+                    for i in 0..m.src.len() {
+                        if m.src[i] & MIGRATE_PFN_MIGRATE == 0 {
+                            continue;
+                        }
+                        let Some(dst) = migrate_pfn_to_frame(m.dst[i]) else {
+                            continue;
+                        };
+                        let tag = if m.dst[i] & MIGRATE_PFN_WRITE != 0 {
+                            Tag::Write
+                        } else {
+                            Tag::Read
+                        };
+                        pt.insert(m.va(i).page_number(), PtEntry { frame: dst, tag });
+                        dev.owners.borrow_mut().insert(dst, Rc::downgrade(&self.sh));
+                    }
+                }
+                k.migrate_vma_finalize(&mut m);
+                addr = next;
+            }
+        }
+        let mut bounce = vec![0u8; usize::try_from(r.len()).map_err(|_| Errno::ENOMEM)?];
+        let mut cpages = 0;
+        let done = {
+            let _g = self.sh.lock.lock().await;
+            self.do_read(r, r.start, &mut bounce, &mut cpages)
+        };
+        if !done {
+            return Err(Errno::ENOENT);
+        }
+        k.sim.count("dmirror.migrate_to_dev", 1);
+        Ok(DmirrorResult {
+            cpages: npages,
+            faults: 0,
+            data: bounce,
+        })
+    }
+
+    /// HMM_DMIRROR_MIGRATE_TO_SYS: migrates this device's pages in the range back to system memory;
+    /// `cpages` counts the pages migrated.
+    pub async fn migrate_to_sys(&self, addr: Va, npages: u64) -> Result<DmirrorResult, Errno> {
+        let k = &self.sh.kernel;
+        k.spend(self.sh.costs.ioctl).await;
+        let r = self.check(addr, npages)?;
+        let dev = &self.sh.device;
+        let lock = k.mmap_lock(self.sh.pid);
+        let _m = lock.read().await;
+        let mut res = DmirrorResult::default();
+        let mut addr = r.start;
+        while addr < r.end {
+            let vma = k.state().mm(self.sh.pid).vma(addr).cloned();
+            let vma = vma
+                .filter(|v| v.flags.contains(VmFlags::READ))
+                .ok_or(Errno::EINVAL)?;
+            let next = addr
+                .add(CHUNK_PAGES * PAGE_SIZE)
+                .min(r.end)
+                .min(vma.range.end);
+            let mut m = MigrateVma::new(
+                self.sh.pid,
+                Range::new(addr, next),
+                dev.select_flag(),
+                dev.id,
+            );
+            k.migrate_vma_setup(&mut m).await?;
+            let n = dev.copy_to_sys(&mut m);
+            k.spend(self.sh.costs.dma_page.saturating_mul(n)).await;
+            k.migrate_vma_pages(&mut m);
+            res.cpages += m
+                .src
+                .iter()
+                .filter(|&&w| {
+                    w & (MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE)
+                        == MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE
+                })
+                .count() as u64;
+            k.migrate_vma_finalize(&mut m);
+            addr = next;
+        }
+        k.sim.count("dmirror.migrate_to_sys", 1);
+        Ok(res)
+    }
+
     /// HMM_DMIRROR_SNAPSHOT: one byte per page describing the CPU mapping, without faulting.
     pub async fn snapshot(&self, addr: Va, npages: u64) -> Result<DmirrorResult, Errno> {
         let k = &self.sh.kernel;
@@ -569,23 +821,36 @@ impl Dmirror {
             return Ok(range
                 .hmm_pfns
                 .iter()
-                .map(|&w| Self::mkentry(w, zero))
+                .map(|&w| {
+                    let kind = if w & HMM_PFN_VALID != 0 {
+                        st.phys.kind(hmm_pfn_to_frame(w))
+                    } else {
+                        MemoryKind::Ram { node: 0 }
+                    };
+                    self.mkentry(w, zero, kind)
+                })
                 .collect());
         }
     }
 
     /// `dmirror_mkentry`: the snapshot byte for one pfn word.
-    fn mkentry(w: u64, zero: FrameId) -> u8 {
+    fn mkentry(&self, w: u64, zero: FrameId, kind: MemoryKind) -> u8 {
         if w & HMM_PFN_ERROR != 0 {
             return prot::ERROR;
         }
         if w & HMM_PFN_VALID == 0 {
             return prot::NONE;
         }
-        let mut b = if hmm_pfn_to_frame(w) == zero {
-            prot::ZERO
-        } else {
-            prot::NONE
+        let frame = hmm_pfn_to_frame(w);
+        let mut b = match kind {
+            MemoryKind::DevicePrivate { owner } if owner == self.sh.dev => prot::DEV_PRIVATE_LOCAL,
+            MemoryKind::DevicePrivate { .. } => prot::DEV_PRIVATE_REMOTE,
+            MemoryKind::DeviceCoherent { owner } if owner == self.sh.dev => {
+                prot::DEV_COHERENT_LOCAL
+            }
+            MemoryKind::DeviceCoherent { .. } => prot::DEV_COHERENT_REMOTE,
+            MemoryKind::Ram { .. } if frame == zero => prot::ZERO,
+            MemoryKind::Ram { .. } => prot::NONE,
         };
         b |= if w & HMM_PFN_WRITE != 0 {
             prot::WRITE

@@ -5,4 +5,6 @@
 
 pub mod dmirror;
 
-pub use dmirror::{Dmirror, DmirrorCosts, DmirrorMemory, DmirrorResult, FaultInjection};
+pub use dmirror::{
+    Dmirror, DmirrorCosts, DmirrorDevice, DmirrorMemory, DmirrorResult, FaultInjection,
+};

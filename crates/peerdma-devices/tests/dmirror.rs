@@ -10,7 +10,9 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use peerdma_core::{DeviceId, Errno, PAGE_SIZE, SimDuration, SimTime, Va};
-use peerdma_devices::{Dmirror, DmirrorCosts, DmirrorMemory, DmirrorResult, FaultInjection};
+use peerdma_devices::{
+    Dmirror, DmirrorCosts, DmirrorDevice, DmirrorMemory, DmirrorResult, FaultInjection,
+};
 use peerdma_mm::{Kernel, MmCosts, MmapArgs, Prot};
 use peerdma_sim::{RunOutcome, Sim, SimConfig};
 
@@ -67,11 +69,14 @@ fn anon_read_faults_once_and_reads_what_the_cpu_wrote() {
         let mut v = [0u8; 4];
         k2.load(pid, buf.add(PAGE_SIZE), &mut v).await.unwrap();
         let m = Dmirror::open(
-            &k2,
-            DeviceId(0),
-            DmirrorMemory::Private,
+            &DmirrorDevice::new(
+                &k2,
+                DeviceId(0),
+                DmirrorMemory::Private,
+                64 << 20,
+                DmirrorCosts::zero(),
+            ),
             pid,
-            DmirrorCosts::zero(),
         )
         .unwrap();
         let r = m.read(buf, N).await;
@@ -94,11 +99,14 @@ fn device_read_of_a_prot_none_range_is_efault_and_write_to_read_only_is_eperm() 
         let pid = k2.create_process();
         let buf = k2.mmap(pid, &anon(16 * PAGE_SIZE, Prot::RW)).await.unwrap();
         let m = Dmirror::open(
-            &k2,
-            DeviceId(0),
-            DmirrorMemory::Private,
+            &DmirrorDevice::new(
+                &k2,
+                DeviceId(0),
+                DmirrorMemory::Private,
+                64 << 20,
+                DmirrorCosts::zero(),
+            ),
             pid,
-            DmirrorCosts::zero(),
         )
         .unwrap();
         k2.mprotect(pid, buf, 16 * PAGE_SIZE, Prot::NONE)
@@ -135,11 +143,14 @@ fn teardown_race(seed: u64, injection: FaultInjection) -> RunOutcome {
     let pid = k.create_process();
     let buf: Rc<RefCell<Option<Va>>> = Rc::default();
     let mirror = Dmirror::open(
-        &k,
-        DeviceId(0),
-        DmirrorMemory::Private,
+        &DmirrorDevice::new(
+            &k,
+            DeviceId(0),
+            DmirrorMemory::Private,
+            64 << 20,
+            DmirrorCosts::calibrated(),
+        ),
         pid,
-        DmirrorCosts::calibrated(),
     )
     .unwrap();
     mirror.inject(injection);
@@ -212,4 +223,122 @@ fn oracle_catches_a_mirror_that_skips_read_retry() {
         })
         .collect();
     assert!(!caught.is_empty(), "no seed exposed the missing read_retry");
+}
+
+type Devs = (Rc<Kernel>, Rc<DmirrorDevice>, Rc<DmirrorDevice>);
+
+/// Runs `f` with a kernel and two devices of the given flavour, as the only agent.
+fn with_devices<T: 'static, F: Future<Output = T> + 'static>(
+    mem: DmirrorMemory,
+    f: impl FnOnce(Devs) -> F,
+) -> T {
+    let (sim, k) = setup(0, false, false);
+    let d0 = DmirrorDevice::new(&k, DeviceId(0), mem, 64 << 20, DmirrorCosts::zero());
+    let d1 = DmirrorDevice::new(&k, DeviceId(1), mem, 64 << 20, DmirrorCosts::zero());
+    let out = Rc::new(RefCell::new(None));
+    let (o, fut) = (out.clone(), f((k, d0, d1)));
+    sim.spawn("test", async move {
+        let r = fut.await;
+        *o.borrow_mut() = Some(r);
+    });
+    assert_eq!(sim.run(), RunOutcome::Completed);
+    out.borrow_mut().take().unwrap()
+}
+
+#[test]
+fn migrate_then_cpu_fault_back_then_migrate_again() {
+    // hmm.migrate_fault (spec §3.2 #14), private variant.
+    let (first, back, second) = with_devices(DmirrorMemory::Private, |(k, d0, _)| async move {
+        let pid = k.create_process();
+        let buf = k.mmap(pid, &anon(N * PAGE_SIZE, Prot::RW)).await.unwrap();
+        let data = u32_index(N * PAGE_SIZE, |i| i);
+        k.store(pid, buf, &data).await.unwrap();
+        let m = Dmirror::open(&d0, pid).unwrap();
+        let first = m.migrate_to_dev(buf, N).await.unwrap();
+        assert!(first.data == data);
+        let mut half = vec![0u8; usize::try_from(N / 2 * PAGE_SIZE).unwrap()];
+        k.load(pid, buf, &mut half).await.unwrap();
+        let back = half == data[..half.len()];
+        let second = m.migrate_to_dev(buf, N).await.unwrap();
+        assert!(second.data == data);
+        (first.cpages, back, second.cpages)
+    });
+    assert_eq!((first, back, second), (N, true, N));
+}
+
+#[test]
+fn migrating_shared_anonymous_memory_is_enoent() {
+    // hmm.migrate_shared (§3.2 #16).
+    let r = with_devices(DmirrorMemory::Private, |(k, d0, _)| async move {
+        let pid = k.create_process();
+        let args = MmapArgs {
+            len: N * PAGE_SIZE,
+            prot: Prot::RW,
+            shared: true,
+            anonymous: true,
+            ..MmapArgs::default()
+        };
+        let buf = k.mmap(pid, &args).await.unwrap();
+        let m = Dmirror::open(&d0, pid).unwrap();
+        m.migrate_to_dev(buf, N).await
+    });
+    assert_eq!(r.unwrap_err(), Errno::ENOENT);
+}
+
+#[test]
+fn double_map_faults_the_other_devices_private_pages_back() {
+    // hmm2.double_map (§3.2 #24), private variant.
+    let counters = with_devices(DmirrorMemory::Private, |(k, d0, d1)| async move {
+        let pid = k.create_process();
+        let buf = k.mmap(pid, &anon(6 * PAGE_SIZE, Prot::RW)).await.unwrap();
+        let data = u32_index(6 * PAGE_SIZE, |i| i);
+        k.store(pid, buf, &data).await.unwrap();
+        k.mprotect(pid, buf, 6 * PAGE_SIZE, Prot::READ)
+            .await
+            .unwrap();
+        let (m0, m1) = (
+            Dmirror::open(&d0, pid).unwrap(),
+            Dmirror::open(&d1, pid).unwrap(),
+        );
+        let a = m0.read(buf, 6).await.unwrap();
+        let b = m1.read(buf, 6).await.unwrap();
+        let c = m1.migrate_to_dev(buf, 6).await.unwrap();
+        let d = m0.read(buf, 6).await.unwrap();
+        assert!(d.data == data);
+        [
+            (a.cpages, a.faults),
+            (b.cpages, b.faults),
+            (c.cpages, 0),
+            (d.cpages, d.faults),
+        ]
+    });
+    assert_eq!(counters, [(6, 1), (6, 1), (6, 0), (6, 1)]);
+}
+
+#[test]
+fn snapshot_tells_local_and_remote_device_pages_apart() {
+    // The device pages of hmm2.snapshot (§3.2 #22): m5 local, m6 another device's.
+    for (mem, want) in [
+        (DmirrorMemory::Private, [0x22u8, 0x00]),
+        (DmirrorMemory::Coherent, [0x42, 0x52]),
+    ] {
+        let bytes = with_devices(mem, |(k, d0, d1)| async move {
+            let pid = k.create_process();
+            let buf = k.mmap(pid, &anon(2 * PAGE_SIZE, Prot::RW)).await.unwrap();
+            let (m0, m1) = (
+                Dmirror::open(&d0, pid).unwrap(),
+                Dmirror::open(&d1, pid).unwrap(),
+            );
+            assert_eq!(m0.migrate_to_dev(buf, 1).await.unwrap().cpages, 1);
+            assert_eq!(
+                m1.migrate_to_dev(buf.add(PAGE_SIZE), 1)
+                    .await
+                    .unwrap()
+                    .cpages,
+                1
+            );
+            m0.snapshot(buf, 2).await.unwrap().data
+        });
+        assert_eq!(bytes, want, "{mem:?}");
+    }
 }

@@ -17,6 +17,11 @@ use peerdma_core::{DeviceId, Errno, FrameId, PAGE_SIZE, PageSize, Pid, Range, Va
 use crate::kernel::{Kernel, KernelState};
 use crate::notifier::NotifierId;
 use crate::pagetable::Pte;
+use crate::phys::MemoryKind;
+
+fn owner_of(d: Option<DeviceId>) -> DeviceId {
+    d.unwrap_or(DeviceId(u32::MAX))
+}
 use crate::vma::VmFlags;
 
 /// HMM_PFN_VALID; as input, HMM_PFN_REQ_FAULT.
@@ -123,7 +128,13 @@ fn need_fault(req: u64, cpu: u64) -> Option<bool> {
     None
 }
 
-fn classify(st: &KernelState, pid: Pid, va: Va, req: u64) -> PageResult {
+fn classify(
+    st: &KernelState,
+    pid: Pid,
+    va: Va,
+    req: u64,
+    dev_owner: Option<DeviceId>,
+) -> PageResult {
     let mm = st.mm(pid);
     let wants_fault = req & HMM_PFN_REQ_FAULT != 0;
     let unusable = match mm.vma(va) {
@@ -161,6 +172,21 @@ fn classify(st: &KernelState, pid: Pid, va: Va, req: u64) -> PageResult {
             let frame = leaf.frame_at(va).expect("present entry has a frame");
             let order = u64::from(leaf.size.order()) << HMM_PFN_ORDER_SHIFT;
             PageResult::Out(frame.0 | cpu | order)
+        }
+        Pte::DevicePrivate { frame, write }
+            if st.phys.kind(frame)
+                == (MemoryKind::DevicePrivate {
+                    owner: owner_of(dev_owner),
+                })
+                && dev_owner.is_some() =>
+        {
+            // A device-private page of the caller's own device is reported, never faulted — except a write
+            // request on a read-only entry (spec §1.1).
+            let cpu = HMM_PFN_VALID | if write { HMM_PFN_WRITE } else { 0 };
+            match need_fault(req, cpu) {
+                Some(w) => PageResult::Fault(w),
+                None => PageResult::Out(frame.0 | cpu),
+            }
         }
         // Swap, migration, device-exclusive and other-owner device-private entries read as "not present";
         // a fault request faults them in.
@@ -203,7 +229,7 @@ impl Kernel {
             let idx = usize::try_from((va.raw() - range.start.raw()) / PAGE_SIZE)
                 .expect("index fits usize");
             let req = (range.hmm_pfns[idx] & range.pfn_flags_mask) | range.default_flags;
-            let result = classify(&self.state(), range.pid, va, req);
+            let result = classify(&self.state(), range.pid, va, req, range.dev_private_owner);
             walked += 1;
             match result {
                 PageResult::Out(word) => {
@@ -233,7 +259,8 @@ impl Kernel {
                         let i = usize::try_from((page.raw() - range.start.raw()) / PAGE_SIZE)
                             .expect("fits");
                         let req = (range.hmm_pfns[i] & range.pfn_flags_mask) | range.default_flags;
-                        let r = classify(&self.state(), range.pid, page, req);
+                        let r =
+                            classify(&self.state(), range.pid, page, req, range.dev_private_owner);
                         match r {
                             PageResult::Fault(w) => {
                                 if w && !vma_write {

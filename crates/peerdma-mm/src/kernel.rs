@@ -337,6 +337,10 @@ pub struct Kernel {
     pub costs: MmCosts,
     state: RefCell<KernelState>,
     notifier_wq: WaitQueue,
+    /// Wakes CPU accesses waiting on migration entries.
+    pub(crate) migration_wq: WaitQueue,
+    /// The callbacks of each device memory region (`dev_pagemap`), by region index.
+    pub(crate) pgmaps: RefCell<BTreeMap<usize, Rc<dyn crate::migrate::DevicePagemapOps>>>,
 }
 
 /// The outcome of a fault: the access can be retried, or it raised a signal.
@@ -358,6 +362,8 @@ impl Kernel {
                 next_notifier: 1,
             }),
             notifier_wq: WaitQueue::new(sim),
+            migration_wq: WaitQueue::new(sim),
+            pgmaps: RefCell::new(BTreeMap::new()),
         })
     }
 
@@ -1118,9 +1124,39 @@ impl Kernel {
                 Pte::Present { write: true, .. } => Ok(()),
                 Pte::Present { write: false, .. } if !write => Ok(()),
                 Pte::Present { .. } => self.do_wp_page(pid, &vma, va, leaf).await,
+                Pte::DevicePrivate { frame, .. } => {
+                    self.do_device_private_fault(pid, va, frame).await
+                }
+                Pte::Migration { .. } => {
+                    // Wait for the migration to finish, then let the access retry (migration_entry_wait).
+                    let st = &self.state;
+                    self.migration_wq
+                        .wait_event(|| {
+                            !matches!(
+                                st.borrow().mm(pid).pt.lookup(va).map(|l| l.pte),
+                                Some(Pte::Migration { .. })
+                            )
+                        })
+                        .await;
+                    Ok(())
+                }
                 _ => Err(Signal::Bus { addr: va }),
             },
         }
+    }
+
+    /// A CPU access to a device-private entry: the owning pagemap migrates the page back to RAM
+    /// (`do_swap_page` → `pgmap->ops->migrate_to_ram`, spec §1.6); the access then retries.
+    async fn do_device_private_fault(&self, pid: Pid, va: Va, frame: FrameId) -> FaultResult {
+        let region = self.state().phys.region_of(frame);
+        let ops = self.pgmaps.borrow().get(&region).cloned();
+        let Some(ops) = ops else {
+            return Err(Signal::Bus { addr: va });
+        };
+        self.sim.count("cpu.migrate_to_ram", 1);
+        ops.migrate_to_ram(pid, va, frame)
+            .await
+            .map_err(|()| Signal::Bus { addr: va })
     }
 
     /// A fault on a none entry: anonymous zero page or new page (THP where eligible), page-cache page, or
@@ -1454,13 +1490,35 @@ impl KernelState {
 
     /// Copies one leaf from `parent` to `child` for fork; returns the number of pages copied eagerly.
     fn copy_leaf(&mut self, parent: Pid, child: Pid, vma: &Vma, leaf: Leaf) -> u64 {
+        if let Pte::DevicePrivate { frame, write } = leaf.pte {
+            // Device-private entries are copied as such; for COW both sides become read-only (spec §1.6).
+            self.map_frame(frame);
+            let cow = !vma.is_shared();
+            self.mm_mut(child).pt.set_pte(
+                leaf.base,
+                Pte::DevicePrivate {
+                    frame,
+                    write: write && !cow,
+                },
+            );
+            if cow && write {
+                self.mm_mut(parent).pt.set_pte(
+                    leaf.base,
+                    Pte::DevicePrivate {
+                        frame,
+                        write: false,
+                    },
+                );
+            }
+            return 0;
+        }
         let Pte::Present {
             frame,
             write,
             special,
         } = leaf.pte
         else {
-            // Non-present entries (swap, device) are copied by later layers; none exist yet here.
+            // Other non-present entries (swap, migration) are not produced by fork's callers yet.
             return 0;
         };
         if special {
@@ -1558,7 +1616,15 @@ impl KernelState {
             );
             return false;
         }
-        let current = self.mms.get(&pid).and_then(|mm| mm.translate(va));
+        let current = self.mms.get(&pid).and_then(|mm| {
+            mm.translate(va).or_else(|| {
+                let leaf = mm.pt.lookup(va)?;
+                match leaf.pte {
+                    Pte::DevicePrivate { frame, write } => Some((frame, write, leaf)),
+                    _ => None,
+                }
+            })
+        });
         match current {
             Some((f, w, _)) if f == frame && (w || !write) => {}
             other => {

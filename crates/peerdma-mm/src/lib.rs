@@ -13,6 +13,7 @@ pub mod costs;
 pub mod file;
 pub mod hmm;
 pub mod kernel;
+pub mod migrate;
 pub mod notifier;
 pub mod oracle;
 pub mod pagetable;
@@ -21,6 +22,8 @@ pub mod vma;
 
 pub use costs::MmCosts;
 pub use kernel::{AddressSpace, Advice, Kernel, KernelState, MmapArgs, Signal, ThpPolicy};
+pub use migrate::{DevicePagemapOps, MigrateVma};
 pub use notifier::{IntervalNotifierOps, NotifierEvent, NotifierId, NotifierRange};
 pub use oracle::{LogicalPage, Violation, ViolationKind};
+pub use phys::MemoryKind;
 pub use vma::{Prot, VmFlags, Vma, VmaBacking};

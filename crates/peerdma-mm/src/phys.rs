@@ -212,6 +212,11 @@ impl PhysMem {
         self.regions[self.frame(f).region as usize].kind
     }
 
+    /// Returns the index of the region holding `f`.
+    pub fn region_of(&self, f: FrameId) -> usize {
+        self.frame(f).region as usize
+    }
+
     /// Returns the regions.
     pub fn regions(&self) -> &[Region] {
         &self.regions

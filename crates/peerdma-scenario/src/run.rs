@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 use std::rc::Rc;
 
 use peerdma_core::{DeviceId, Errno, PAGE_SIZE, Pid, SimDuration, SimTime, Va};
-use peerdma_devices::{Dmirror, DmirrorCosts, DmirrorMemory, DmirrorResult};
+use peerdma_devices::{Dmirror, DmirrorCosts, DmirrorDevice, DmirrorMemory, DmirrorResult};
 use peerdma_mm::{
     Advice as MmAdvice, Kernel, MmCosts, MmapArgs, Prot as MmProt, Signal as MmSignal,
 };
@@ -23,6 +23,9 @@ use crate::ast::{
     WriteSource,
 };
 use crate::report::{ExpectFailure, Outcome, Report, StepRecord};
+
+/// Device memory of each dmirror device (test_hmm.c adds 256 MiB chunks on demand; one chunk here).
+const DEVICE_MEMORY: u64 = 256 << 20;
 
 /// Command-line overrides of the scenario's `[sim]` table.
 #[derive(Clone, Debug, Default)]
@@ -59,8 +62,7 @@ struct World {
     scn: Scenario,
     procs: RefCell<BTreeMap<String, ProcState>>,
     files: BTreeMap<String, u32>,
-    devices: BTreeMap<String, (DeviceId, DmirrorMemory)>,
-    dm_costs: DmirrorCosts,
+    devices: BTreeMap<String, Rc<DmirrorDevice>>,
     proc_wq: WaitQueue,
     records: RefCell<Vec<StepRecord>>,
     failures: RefCell<Vec<ExpectFailure>>,
@@ -97,9 +99,10 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
                 DeviceMemoryKind::Private => DmirrorMemory::Private,
                 DeviceMemoryKind::Coherent => DmirrorMemory::Coherent,
             };
+            let id = DeviceId(u32::try_from(i).expect("few devices"));
             (
                 d.name.clone(),
-                (DeviceId(u32::try_from(i).expect("few devices")), mem),
+                DmirrorDevice::new(&kernel, id, mem, DEVICE_MEMORY, dm_costs.clone()),
             )
         })
         .collect();
@@ -116,7 +119,6 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
         procs: RefCell::new(procs),
         files,
         devices,
-        dm_costs,
         proc_wq: WaitQueue::new(&sim),
         records: RefCell::new(Vec::new()),
         failures: RefCell::new(Vec::new()),
@@ -379,20 +381,17 @@ impl World {
                 };
                 kernel.sim.sleep(d).await;
             }
-            Op::Open { dev, fd } => {
-                let (id, mem) = self.devices[dev];
-                match Dmirror::open(kernel, id, mem, pid, self.dm_costs.clone()) {
-                    Ok(m) => {
-                        self.procs
-                            .borrow_mut()
-                            .get_mut(proc_name)
-                            .expect("known")
-                            .fds
-                            .insert(fd.clone(), m);
-                    }
-                    Err(e) => out.errno = Some(e),
+            Op::Open { dev, fd } => match Dmirror::open(&self.devices[dev], pid) {
+                Ok(m) => {
+                    self.procs
+                        .borrow_mut()
+                        .get_mut(proc_name)
+                        .expect("known")
+                        .fds
+                        .insert(fd.clone(), m);
                 }
-            }
+                Err(e) => out.errno = Some(e),
+            },
             Op::Close { fd } => {
                 let m = self
                     .procs

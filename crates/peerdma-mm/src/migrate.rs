@@ -1,0 +1,329 @@
+//! Device memory and `migrate_vma`: moving pages between system RAM and device memory by virtual range.
+//!
+//! Linux counterparts: mm/migrate_device.c (`migrate_vma_setup` / `_pages` / `_finalize`), include/linux/memremap.h
+//! (`dev_pagemap`, `migrate_to_ram`), spec/linux-hmm.md §1.4–1.6.
+//!
+//! The protocol, as numbered steps (the caller holds `mmap_lock` for reading throughout):
+//! 1. [`Kernel::migrate_vma_setup`] validates the range (one VMA, not hugetlb/IO/PFNMAP/MIXEDMAP, `EINVAL`
+//!    otherwise), fires MMU_NOTIFY_MIGRATE with the driver's `pgmap_owner`, and collects the pages the
+//!    selection flags pick: holes and the zero page of anonymous VMAs (no source page), system pages, and
+//!    device pages of this owner. Each collected page's PTE becomes a migration entry (CPU accesses wait);
+//!    pinned pages are skipped. `cpages` counts what was collected.
+//! 2. The driver allocates destination pages, copies, and fills `dst` (0 declines a page).
+//! 3. [`Kernel::migrate_vma_pages`] installs destinations for entries without a source page (anonymous VMAs
+//!    only) and drops entries the driver declined.
+//! 4. [`Kernel::migrate_vma_finalize`] replaces each migration entry by the destination (a device-private
+//!    entry for device-private memory, a present PTE otherwise) or restores the source, frees what is left,
+//!    and wakes CPU accesses waiting on migration entries.
+//!
+//! A CPU fault on a device-private entry calls the owning pagemap's [`DevicePagemapOps::migrate_to_ram`],
+//! which migrates the page back with the same protocol.
+//!
+//! Simplifications: no compound (THP) migration — PMD mappings are split first, as without
+//! MIGRATE_VMA_SELECT_COMPOUND; `migrate_vma_pages` does not fire its second, insert-time notifier.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+
+use peerdma_core::{DeviceId, Errno, FrameId, PAGE_SIZE, PageSize, Pid, Range, Va};
+
+use crate::kernel::Kernel;
+use crate::notifier::NotifierEvent;
+use crate::pagetable::Pte;
+use crate::phys::{FrameOwner, MemoryKind};
+use crate::vma::VmFlags;
+
+/// MIGRATE_PFN_VALID: the entry names a page.
+pub const MIGRATE_PFN_VALID: u64 = 1 << 0;
+/// MIGRATE_PFN_MIGRATE: the page is being migrated.
+pub const MIGRATE_PFN_MIGRATE: u64 = 1 << 1;
+/// MIGRATE_PFN_WRITE: the page is (to be) mapped writable.
+pub const MIGRATE_PFN_WRITE: u64 = 1 << 3;
+/// MIGRATE_PFN_SHIFT.
+pub const MIGRATE_PFN_SHIFT: u32 = 6;
+
+/// MIGRATE_VMA_SELECT_SYSTEM.
+pub const MIGRATE_VMA_SELECT_SYSTEM: u32 = 1 << 0;
+/// MIGRATE_VMA_SELECT_DEVICE_PRIVATE.
+pub const MIGRATE_VMA_SELECT_DEVICE_PRIVATE: u32 = 1 << 1;
+/// MIGRATE_VMA_SELECT_DEVICE_COHERENT.
+pub const MIGRATE_VMA_SELECT_DEVICE_COHERENT: u32 = 1 << 2;
+
+/// Returns the migrate-pfn word of `frame` (`migrate_pfn`).
+pub fn migrate_pfn(frame: FrameId) -> u64 {
+    (frame.0 << MIGRATE_PFN_SHIFT) | MIGRATE_PFN_VALID
+}
+
+/// Returns the frame a migrate-pfn word names, if any (`migrate_pfn_to_page`).
+pub fn migrate_pfn_to_frame(m: u64) -> Option<FrameId> {
+    (m & MIGRATE_PFN_VALID != 0).then_some(FrameId(m >> MIGRATE_PFN_SHIFT))
+}
+
+/// `struct migrate_vma`.
+#[derive(Clone, Debug)]
+pub struct MigrateVma {
+    /// The address space.
+    pub pid: Pid,
+    /// Page-aligned start.
+    pub start: Va,
+    /// Page-aligned end.
+    pub end: Va,
+    /// Source entries, one per page (filled by setup).
+    pub src: Vec<u64>,
+    /// Destination entries (filled by the driver).
+    pub dst: Vec<u64>,
+    /// MIGRATE_VMA_SELECT_* flags.
+    pub flags: u32,
+    /// The driver's `pgmap_owner`.
+    pub pgmap_owner: DeviceId,
+    /// Pages collected by setup.
+    pub cpages: u64,
+}
+
+impl MigrateVma {
+    /// Creates the arguments for `[start, end)`.
+    pub fn new(pid: Pid, range: Range<Va>, flags: u32, pgmap_owner: DeviceId) -> Self {
+        Self {
+            pid,
+            start: range.start,
+            end: range.end,
+            src: Vec::new(),
+            dst: Vec::new(),
+            flags,
+            pgmap_owner,
+            cpages: 0,
+        }
+    }
+
+    /// Returns the address of entry `i`.
+    pub fn va(&self, i: usize) -> Va {
+        self.start.add(i as u64 * PAGE_SIZE)
+    }
+}
+
+/// The driver side of a device memory region (`struct dev_pagemap_ops`).
+pub trait DevicePagemapOps: std::fmt::Debug {
+    /// Migrates the device-private page `frame` mapped at `va` of `pid` back to system RAM (`migrate_to_ram`);
+    /// called from the CPU fault path with `mmap_lock` held for reading. `Err` is VM_FAULT_SIGBUS.
+    fn migrate_to_ram<'a>(
+        &'a self,
+        pid: Pid,
+        va: Va,
+        frame: FrameId,
+    ) -> Pin<Box<dyn Future<Output = Result<(), ()>> + 'a>>;
+}
+
+impl Kernel {
+    /// Adds `bytes` of device memory of `kind` (device-private or device-coherent) with its pagemap callbacks
+    /// (`memremap_pages`); returns the region index.
+    pub fn add_device_memory(
+        &self,
+        kind: MemoryKind,
+        bytes: u64,
+        ops: Rc<dyn DevicePagemapOps>,
+    ) -> usize {
+        let r = self.state().phys.add_region(kind, bytes / PAGE_SIZE);
+        self.pgmaps.borrow_mut().insert(r, ops);
+        r
+    }
+
+    /// Allocates a zero-filled anonymous page in region `r`.
+    pub fn alloc_page(&self, r: usize) -> Option<FrameId> {
+        self.state().phys.alloc(r, FrameOwner::Anon).ok()
+    }
+
+    /// Copies a page for a migration (the driver's copy step).
+    pub fn copy_page(&self, src: FrameId, dst: FrameId) {
+        self.state().phys.copy_frame(src, dst);
+    }
+
+    /// Returns the kind of memory `frame` is in.
+    pub fn memory_kind(&self, frame: FrameId) -> MemoryKind {
+        self.state().phys.kind(frame)
+    }
+
+    /// Step 1: `migrate_vma_setup`.
+    ///
+    /// # Errors
+    /// `EINVAL` for an empty range, a range not inside one VMA, or a hugetlb/IO/PFNMAP/MIXEDMAP VMA.
+    pub async fn migrate_vma_setup(&self, m: &mut MigrateVma) -> Result<(), Errno> {
+        let n = usize::try_from((m.end.raw().saturating_sub(m.start.raw())) / PAGE_SIZE)
+            .map_err(|_| Errno::EINVAL)?;
+        if n == 0 || !m.start.is_page_aligned() {
+            return Err(Errno::EINVAL);
+        }
+        let vma = self
+            .state()
+            .mm(m.pid)
+            .vma(m.start)
+            .cloned()
+            .ok_or(Errno::EINVAL)?;
+        if vma
+            .flags
+            .intersects(VmFlags::HUGETLB | VmFlags::IO | VmFlags::PFNMAP | VmFlags::MIXEDMAP)
+            || m.end > vma.range.end
+        {
+            return Err(Errno::EINVAL);
+        }
+        m.src = vec![0; n];
+        m.dst = vec![0; n];
+        m.cpages = 0;
+        let range = Range::new(m.start, m.end);
+        self.invalidate_range_start(m.pid, range, NotifierEvent::Migrate, Some(m.pgmap_owner))
+            .await;
+        {
+            let mut st = self.state();
+            for i in 0..n {
+                let va = m.va(i);
+                let mut leaf = st.mm(m.pid).pt.lookup(va);
+                if leaf.is_some_and(|l| l.size != PageSize::Size4K) {
+                    st.mm_mut(m.pid).pt.split_pmd(va);
+                    leaf = st.mm(m.pid).pt.lookup(va);
+                }
+                let Some(leaf) = leaf else {
+                    if vma.is_anonymous() {
+                        m.src[i] = MIGRATE_PFN_MIGRATE;
+                        m.cpages += 1;
+                    }
+                    continue;
+                };
+                let (frame, write, private) = match leaf.pte {
+                    Pte::Present {
+                        frame,
+                        write,
+                        special: false,
+                    } => (frame, write, false),
+                    Pte::DevicePrivate { frame, write } => (frame, write, true),
+                    _ => continue,
+                };
+                if frame == st.phys.zero_page() {
+                    if m.flags & MIGRATE_VMA_SELECT_SYSTEM != 0 && vma.is_anonymous() {
+                        m.src[i] = MIGRATE_PFN_MIGRATE;
+                        m.cpages += 1;
+                    }
+                    continue;
+                }
+                let selected = match st.phys.kind(frame) {
+                    MemoryKind::Ram { .. } => m.flags & MIGRATE_VMA_SELECT_SYSTEM != 0,
+                    MemoryKind::DevicePrivate { owner } => {
+                        private
+                            && owner == m.pgmap_owner
+                            && m.flags & MIGRATE_VMA_SELECT_DEVICE_PRIVATE != 0
+                    }
+                    MemoryKind::DeviceCoherent { owner } => {
+                        owner == m.pgmap_owner && m.flags & MIGRATE_VMA_SELECT_DEVICE_COHERENT != 0
+                    }
+                };
+                let fr = st.phys.frame(frame);
+                // Only anonymous pages move; pinned pages stay (the refcount check of migrate_vma_unmap).
+                if !selected || fr.owner() != FrameOwner::Anon || fr.maybe_dma_pinned() {
+                    continue;
+                }
+                st.mm_mut(m.pid)
+                    .pt
+                    .set_pte(va, Pte::Migration { frame, write });
+                m.src[i] = migrate_pfn(frame)
+                    | MIGRATE_PFN_MIGRATE
+                    | if write { MIGRATE_PFN_WRITE } else { 0 };
+                m.cpages += 1;
+            }
+        }
+        self.invalidate_range_end(m.pid);
+        Ok(())
+    }
+
+    /// Step 3: `migrate_vma_pages`.
+    pub fn migrate_vma_pages(&self, m: &mut MigrateVma) {
+        let mut st = self.state();
+        let Some(vma) = st.mm(m.pid).vma(m.start).cloned() else {
+            return;
+        };
+        for i in 0..m.src.len() {
+            if m.src[i] & MIGRATE_PFN_MIGRATE == 0 {
+                continue;
+            }
+            let Some(dst) = migrate_pfn_to_frame(m.dst[i]) else {
+                m.src[i] &= !MIGRATE_PFN_MIGRATE;
+                continue;
+            };
+            if m.src[i] & MIGRATE_PFN_VALID != 0 {
+                continue;
+            }
+            // No source page (hole or zero page): migrate_vma_insert_page, anonymous VMAs only.
+            let va = m.va(i);
+            let zero = st.phys.zero_page();
+            let ok = vma.is_anonymous()
+                && match st.mm(m.pid).pt.lookup(va) {
+                    None => true,
+                    Some(l) => {
+                        l.pte
+                            == Pte::Present {
+                                frame: zero,
+                                write: false,
+                                special: false,
+                            }
+                    }
+                };
+            if !ok {
+                m.src[i] &= !MIGRATE_PFN_MIGRATE;
+                continue;
+            }
+            let write = vma.flags.contains(VmFlags::WRITE);
+            let pte = match st.phys.kind(dst) {
+                MemoryKind::DevicePrivate { .. } => Pte::DevicePrivate { frame: dst, write },
+                _ => Pte::Present {
+                    frame: dst,
+                    write,
+                    special: false,
+                },
+            };
+            st.mm_mut(m.pid).pt.set_pte(va, pte);
+            st.phys.frame_mut(dst).mapcount = 1;
+            m.dst[i] |= 1 << 2; // consumed: finalize must not free it
+        }
+    }
+
+    /// Step 4: `migrate_vma_finalize`.
+    pub fn migrate_vma_finalize(&self, m: &mut MigrateVma) {
+        {
+            let mut st = self.state();
+            for i in 0..m.src.len() {
+                let dst = migrate_pfn_to_frame(m.dst[i]);
+                let consumed = m.dst[i] & (1 << 2) != 0;
+                let Some(src) = migrate_pfn_to_frame(m.src[i]) else {
+                    // No source page: the destination was installed by migrate_vma_pages, or is unused.
+                    if let (Some(d), false) = (dst, consumed) {
+                        st.phys.put(d);
+                    }
+                    continue;
+                };
+                let va = m.va(i);
+                let migrated = m.src[i] & MIGRATE_PFN_MIGRATE != 0 && dst.is_some();
+                let (frame, write) = if migrated {
+                    (dst.expect("migrated"), m.dst[i] & MIGRATE_PFN_WRITE != 0)
+                } else {
+                    if let Some(d) = dst {
+                        st.phys.put(d);
+                    }
+                    (src, m.src[i] & MIGRATE_PFN_WRITE != 0)
+                };
+                let pte = match st.phys.kind(frame) {
+                    MemoryKind::DevicePrivate { .. } => Pte::DevicePrivate { frame, write },
+                    _ => Pte::Present {
+                        frame,
+                        write,
+                        special: false,
+                    },
+                };
+                st.mm_mut(m.pid).pt.set_pte(va, pte);
+                if migrated {
+                    st.phys.frame_mut(frame).mapcount = 1;
+                    // The source's mapping reference goes with the old entry; the page is freed (page_free).
+                    st.phys.put(src);
+                }
+            }
+        }
+        self.migration_wq.wake_up_all();
+    }
+}
