@@ -198,9 +198,11 @@ impl KernelState {
                 if vma.is_shared() {
                     return Some(LogicalPage::File { file, pgoff });
                 }
-                // A private file mapping reads the file until the page is COWed into an anonymous page.
-                match mm.translate(va) {
-                    Some((frame, _, _)) if self.phys.frame(frame).owner() == FrameOwner::Anon => {
+                // A private file mapping reads the file until the page is COWed into an anonymous page (which
+                // may since have migrated to device memory: any entry naming an anonymous frame counts).
+                let frame = mm.pt.lookup(va).and_then(|l| l.frame_at(va));
+                match frame {
+                    Some(f) if self.phys.frame(f).owner() == FrameOwner::Anon => {
                         Some(LogicalPage::Anon { pid, vpn })
                     }
                     _ => Some(LogicalPage::File { file, pgoff }),

@@ -560,6 +560,27 @@ pub enum Op {
         /// Protection.
         prot: Prot,
     },
+    /// `HMM_DMIRROR_MIGRATE_TO_DEV`: migrate the range into the device's memory; the data read back from the
+    /// device page table is checked by `expect.data` and copied to `ptr` if given.
+    DmirrorMigrateToDev {
+        /// The open file's name.
+        fd: String,
+        /// Start address.
+        at: AddrExpr,
+        /// Number of 4 KiB pages.
+        pages: u64,
+        /// Where to copy the data read back (the selftests' `buffer.mirror`).
+        ptr: Option<AddrExpr>,
+    },
+    /// `HMM_DMIRROR_MIGRATE_TO_SYS`: migrate the device's pages in the range back to system memory.
+    DmirrorMigrateToSys {
+        /// The open file's name.
+        fd: String,
+        /// Start address.
+        at: AddrExpr,
+        /// Number of 4 KiB pages.
+        pages: u64,
+    },
     /// `HMM_DMIRROR_SNAPSHOT`.
     DmirrorSnapshot {
         /// The open file's name.
@@ -593,6 +614,8 @@ impl Op {
             Self::DmirrorWrite { .. } => "dmirror.write",
             Self::DmirrorSnapshot { .. } => "dmirror.snapshot",
             Self::DmirrorMmap { .. } => "dmirror.mmap",
+            Self::DmirrorMigrateToDev { .. } => "dmirror.migrate_to_dev",
+            Self::DmirrorMigrateToSys { .. } => "dmirror.migrate_to_sys",
         }
     }
 }

@@ -99,6 +99,8 @@ enum OpKind {
     DmirrorWrite,
     DmirrorSnapshot,
     DmirrorMmap,
+    DmirrorMigrateToDev,
+    DmirrorMigrateToSys,
 }
 
 impl OpKind {
@@ -121,6 +123,8 @@ impl OpKind {
         Self::DmirrorWrite,
         Self::DmirrorSnapshot,
         Self::DmirrorMmap,
+        Self::DmirrorMigrateToDev,
+        Self::DmirrorMigrateToSys,
     ];
 
     const fn name(self) -> &'static str {
@@ -143,6 +147,8 @@ impl OpKind {
             Self::DmirrorWrite => "dmirror.write",
             Self::DmirrorSnapshot => "dmirror.snapshot",
             Self::DmirrorMmap => "dmirror.mmap",
+            Self::DmirrorMigrateToDev => "dmirror.migrate_to_dev",
+            Self::DmirrorMigrateToSys => "dmirror.migrate_to_sys",
         }
     }
 
@@ -167,9 +173,9 @@ impl OpKind {
             Self::Sleep => &["for", "random"],
             Self::Open => &["dev", "fd"],
             Self::Close => &["fd"],
-            Self::DmirrorRead => &["fd", "at", "pages", "ptr"],
+            Self::DmirrorRead | Self::DmirrorMigrateToDev => &["fd", "at", "pages", "ptr"],
             Self::DmirrorWrite => &["fd", "at", "pages", "ptr", "pattern"],
-            Self::DmirrorSnapshot => &["fd", "at", "pages"],
+            Self::DmirrorSnapshot | Self::DmirrorMigrateToSys => &["fd", "at", "pages"],
             Self::DmirrorMmap => &["fd", "name", "len", "prot"],
         }
     }
@@ -183,6 +189,8 @@ impl OpKind {
             Self::DmirrorRead => &["errno", "cpages", "faults", "data"],
             Self::DmirrorWrite => &["errno", "cpages", "faults"],
             Self::DmirrorSnapshot => &["errno", "cpages", "faults", "bytes"],
+            Self::DmirrorMigrateToDev => &["errno", "cpages", "data"],
+            Self::DmirrorMigrateToSys => &["errno", "cpages"],
             _ => &["errno"],
         }
     }
@@ -1159,6 +1167,24 @@ impl<'s> Parser<'s> {
                 let fd = self.name(self.required(t, "fd")?, "fd")?;
                 self.fds.insert(fd.clone());
                 Op::Open { dev, fd }
+            }
+            OpKind::DmirrorMigrateToDev | OpKind::DmirrorMigrateToSys => {
+                let fd = self.name_ref(self.required(t, "fd")?, "fd", RefKind::Fd)?;
+                let at = self.addr(self.required(t, "at")?, "at")?;
+                let pages = self.uint_as(
+                    self.required(t, "pages")?,
+                    "pages",
+                    "an integer number of pages",
+                )?;
+                if kind == OpKind::DmirrorMigrateToDev {
+                    let ptr = match t.get("ptr") {
+                        Some(v) => Some(self.addr(v, "ptr")?),
+                        None => None,
+                    };
+                    Op::DmirrorMigrateToDev { fd, at, pages, ptr }
+                } else {
+                    Op::DmirrorMigrateToSys { fd, at, pages }
+                }
             }
             OpKind::DmirrorMmap => {
                 let fd = self.name_ref(self.required(t, "fd")?, "fd", RefKind::Fd)?;

@@ -468,6 +468,31 @@ impl World {
                     Err(e) => out.errno = Some(e),
                 }
             }
+            Op::DmirrorMigrateToDev { fd, at, pages, ptr } => {
+                let m = self.fd(proc_name, fd)?;
+                let (va, _) = self.resolve(proc_name, at)?;
+                match m.migrate_to_dev(va, *pages).await {
+                    Ok(res) => {
+                        if let Some(p) = ptr {
+                            let (dst, _) = self.resolve(proc_name, p)?;
+                            if let Err(e) = kernel.copy_to_user(pid, dst, &res.data).await {
+                                out.errno = Some(e);
+                            }
+                        }
+                        out.data = Some(res.data.clone());
+                        out.dm = Some(res);
+                    }
+                    Err(e) => out.errno = Some(e),
+                }
+            }
+            Op::DmirrorMigrateToSys { fd, at, pages } => {
+                let m = self.fd(proc_name, fd)?;
+                let (va, _) = self.resolve(proc_name, at)?;
+                match m.migrate_to_sys(va, *pages).await {
+                    Ok(res) => out.dm = Some(res),
+                    Err(e) => out.errno = Some(e),
+                }
+            }
             Op::DmirrorSnapshot { fd, at, pages } => {
                 let m = self.fd(proc_name, fd)?;
                 let (va, _) = self.resolve(proc_name, at)?;
