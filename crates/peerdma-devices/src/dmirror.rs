@@ -255,8 +255,17 @@ pub struct DmirrorDevice {
     id: DeviceId,
     memory: DmirrorMemory,
     region: Cell<usize>,
-    owners: RefCell<BTreeMap<FrameId, Weak<Shared>>>,
+    owners: RefCell<BTreeMap<FrameId, PageOwner>>,
     costs: DmirrorCosts,
+}
+
+/// Who a device page belongs to: the open file that migrated it and where it was mapped then (test_hmm.c
+/// keeps the first in `zone_device_data`; the model has no rmap, so it also remembers the mapping for RELEASE).
+#[derive(Debug)]
+struct PageOwner {
+    fd: Weak<Shared>,
+    pid: Pid,
+    va: Va,
 }
 
 /// The region's `dev_pagemap_ops`.
@@ -328,6 +337,38 @@ impl DmirrorDevice {
         Ok(())
     }
 
+    /// Evicts every page of this device back to system memory (`dmirror_device_evict_chunk`, which uses
+    /// `migrate_device_range`). Without an rmap the model migrates each page at the mapping recorded when it
+    /// was migrated in; pages no longer mapped there were already freed or moved.
+    async fn evict_all(&self) {
+        let pages: Vec<(Pid, Va)> = self
+            .owners
+            .borrow()
+            .values()
+            .map(|o| (o.pid, o.va))
+            .collect();
+        for (pid, va) in pages {
+            if !self.kernel.state().mm(pid).alive {
+                continue;
+            }
+            let lock = self.kernel.mmap_lock(pid);
+            let _m = lock.read().await;
+            let Some(page) = Range::from_len(va, PAGE_SIZE) else {
+                continue;
+            };
+            let mut m = MigrateVma::new(pid, page, self.select_flag(), self.id);
+            if self.kernel.migrate_vma_setup(&mut m).await.is_err() {
+                continue;
+            }
+            let n = self.copy_to_sys(&mut m);
+            self.kernel
+                .spend(self.costs.dma_page.saturating_mul(n))
+                .await;
+            self.kernel.migrate_vma_pages(&mut m);
+            self.kernel.migrate_vma_finalize(&mut m);
+        }
+    }
+
     /// `dmirror_devmem_fault_alloc_and_copy` / `dmirror_migrate_alloc_and_copy` towards system memory: for each
     /// collected page, allocate a system page, erase the owning mirror's entry, copy. Returns the pages copied.
     fn copy_to_sys(&self, m: &mut MigrateVma) -> u64 {
@@ -346,7 +387,7 @@ impl DmirrorDevice {
                 .owners
                 .borrow_mut()
                 .remove(&src)
-                .and_then(|w| w.upgrade())
+                .and_then(|o| o.fd.upgrade())
             {
                 fd.pt.borrow_mut().remove(&m.va(i).page_number());
             }
@@ -696,7 +737,12 @@ impl Dmirror {
                             Tag::Read
                         };
                         pt.insert(m.va(i).page_number(), PtEntry { frame: dst, tag });
-                        dev.owners.borrow_mut().insert(dst, Rc::downgrade(&self.sh));
+                        let owner = PageOwner {
+                            fd: Rc::downgrade(&self.sh),
+                            pid: self.sh.pid,
+                            va: m.va(i),
+                        };
+                        dev.owners.borrow_mut().insert(dst, owner);
                     }
                 }
                 k.migrate_vma_finalize(&mut m);
@@ -763,6 +809,17 @@ impl Dmirror {
         }
         k.sim.count("dmirror.migrate_to_sys", 1);
         Ok(res)
+    }
+
+    /// HMM_DMIRROR_RELEASE: evicts all of this device's memory (for every open file) back to system memory.
+    pub async fn release(&self) -> Result<DmirrorResult, Errno> {
+        self.sh.kernel.spend(self.sh.costs.ioctl).await;
+        if self.closed.get() {
+            return Err(Errno::EINVAL);
+        }
+        self.sh.device.evict_all().await;
+        self.sh.kernel.sim.count("dmirror.release", 1);
+        Ok(DmirrorResult::default())
     }
 
     /// HMM_DMIRROR_SNAPSHOT: one byte per page describing the CPU mapping, without faulting.

@@ -581,6 +581,11 @@ pub enum Op {
         /// Number of 4 KiB pages.
         pages: u64,
     },
+    /// `HMM_DMIRROR_RELEASE`: evict all of the device's memory back to system memory.
+    DmirrorRelease {
+        /// The open file's name.
+        fd: String,
+    },
     /// `HMM_DMIRROR_SNAPSHOT`.
     DmirrorSnapshot {
         /// The open file's name.
@@ -616,6 +621,7 @@ impl Op {
             Self::DmirrorMmap { .. } => "dmirror.mmap",
             Self::DmirrorMigrateToDev { .. } => "dmirror.migrate_to_dev",
             Self::DmirrorMigrateToSys { .. } => "dmirror.migrate_to_sys",
+            Self::DmirrorRelease { .. } => "dmirror.release",
         }
     }
 }

@@ -101,6 +101,7 @@ enum OpKind {
     DmirrorMmap,
     DmirrorMigrateToDev,
     DmirrorMigrateToSys,
+    DmirrorRelease,
 }
 
 impl OpKind {
@@ -125,6 +126,7 @@ impl OpKind {
         Self::DmirrorMmap,
         Self::DmirrorMigrateToDev,
         Self::DmirrorMigrateToSys,
+        Self::DmirrorRelease,
     ];
 
     const fn name(self) -> &'static str {
@@ -149,6 +151,7 @@ impl OpKind {
             Self::DmirrorMmap => "dmirror.mmap",
             Self::DmirrorMigrateToDev => "dmirror.migrate_to_dev",
             Self::DmirrorMigrateToSys => "dmirror.migrate_to_sys",
+            Self::DmirrorRelease => "dmirror.release",
         }
     }
 
@@ -172,7 +175,7 @@ impl OpKind {
             Self::Exit => &[],
             Self::Sleep => &["for", "random"],
             Self::Open => &["dev", "fd"],
-            Self::Close => &["fd"],
+            Self::Close | Self::DmirrorRelease => &["fd"],
             Self::DmirrorRead | Self::DmirrorMigrateToDev => &["fd", "at", "pages", "ptr"],
             Self::DmirrorWrite => &["fd", "at", "pages", "ptr", "pattern"],
             Self::DmirrorSnapshot | Self::DmirrorMigrateToSys => &["fd", "at", "pages"],
@@ -1168,6 +1171,9 @@ impl<'s> Parser<'s> {
                 self.fds.insert(fd.clone());
                 Op::Open { dev, fd }
             }
+            OpKind::DmirrorRelease => Op::DmirrorRelease {
+                fd: self.name_ref(self.required(t, "fd")?, "fd", RefKind::Fd)?,
+            },
             OpKind::DmirrorMigrateToDev | OpKind::DmirrorMigrateToSys => {
                 let fd = self.name_ref(self.required(t, "fd")?, "fd", RefKind::Fd)?;
                 let at = self.addr(self.required(t, "at")?, "at")?;

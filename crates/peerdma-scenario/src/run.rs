@@ -493,6 +493,11 @@ impl World {
                     Err(e) => out.errno = Some(e),
                 }
             }
+            Op::DmirrorRelease { fd } => {
+                if let Err(e) = self.fd(proc_name, fd)?.release().await {
+                    out.errno = Some(e);
+                }
+            }
             Op::DmirrorSnapshot { fd, at, pages } => {
                 let m = self.fd(proc_name, fd)?;
                 let (va, _) = self.resolve(proc_name, at)?;
