@@ -138,6 +138,9 @@ pub struct DmirrorResult {
 enum Tag {
     Read,
     Write,
+    /// DPT_XA_TAG_ATOMIC: mapped through a device-exclusive entry. test_hmm.c tests `tag & WRITE`, and
+    /// ATOMIC (1) shares a bit with WRITE (3), so an atomic entry also serves device writes.
+    Atomic,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -565,7 +568,7 @@ impl Dmirror {
             let Some(e) = pt.get(&va.page_number()).copied() else {
                 return false;
             };
-            if e.tag != Tag::Write {
+            if e.tag == Tag::Read {
                 return false;
             }
             let off = usize::try_from(va.raw() - r.start.raw()).expect("inside the data");
@@ -809,6 +812,61 @@ impl Dmirror {
         }
         k.sim.count("dmirror.migrate_to_sys", 1);
         Ok(res)
+    }
+
+    /// HMM_DMIRROR_EXCLUSIVE: makes every page of the range device-exclusive (`make_device_exclusive` with
+    /// no owner, so this mirror's own invalidation clears the old entry) and maps it ATOMIC, then reads the
+    /// range from the device page table.
+    pub async fn exclusive(&self, addr: Va, npages: u64) -> Result<DmirrorResult, Errno> {
+        let k = &self.sh.kernel;
+        k.spend(self.sh.costs.ioctl).await;
+        let r = self.check(addr, npages)?;
+        {
+            let lock = k.mmap_lock(self.sh.pid);
+            let _m = lock.read().await;
+            for va in r.pages() {
+                let frame = k.make_device_exclusive(self.sh.pid, va, None).await?;
+                let _g = self.sh.lock.lock().await;
+                self.sh.pt.borrow_mut().insert(
+                    va.page_number(),
+                    PtEntry {
+                        frame,
+                        tag: Tag::Atomic,
+                    },
+                );
+            }
+        }
+        let mut bounce = vec![0u8; usize::try_from(r.len()).map_err(|_| Errno::ENOMEM)?];
+        let mut cpages = 0;
+        let done = {
+            let _g = self.sh.lock.lock().await;
+            self.do_read(r, r.start, &mut bounce, &mut cpages)
+        };
+        if !done {
+            return Err(Errno::ENOENT);
+        }
+        k.sim.count("dmirror.exclusive", 1);
+        Ok(DmirrorResult {
+            cpages: npages,
+            faults: 0,
+            data: bounce,
+        })
+    }
+
+    /// HMM_DMIRROR_CHECK_EXCLUSIVE: `EPERM` if any page of the range is still mapped ATOMIC.
+    pub async fn check_exclusive(&self, addr: Va, npages: u64) -> Result<DmirrorResult, Errno> {
+        self.sh.kernel.spend(self.sh.costs.ioctl).await;
+        let r = self.check(addr, npages)?;
+        let _g = self.sh.lock.lock().await;
+        let pt = self.sh.pt.borrow();
+        let atomic = pt
+            .range(r.start.page_number()..r.end.page_number())
+            .any(|(_, e)| e.tag == Tag::Atomic);
+        if atomic {
+            Err(Errno::EPERM)
+        } else {
+            Ok(DmirrorResult::default())
+        }
     }
 
     /// HMM_DMIRROR_RELEASE: evicts all of this device's memory (for every open file) back to system memory.

@@ -1129,6 +1129,30 @@ impl Kernel {
                 Pte::DevicePrivate { frame, .. } => {
                     self.do_device_private_fault(pid, va, frame).await
                 }
+                Pte::DeviceExclusive { .. } => {
+                    // restore_exclusive_pte: the device loses its atomic mapping through an EXCLUSIVE
+                    // invalidation with no owner, then the original PTE comes back (spec §1.7).
+                    let page = Range::from_len(va, PAGE_SIZE).expect("page in user space");
+                    self.invalidate_range_start(pid, page, NotifierEvent::Exclusive, None)
+                        .await;
+                    {
+                        let mut st = self.state();
+                        if let Some(Pte::DeviceExclusive { frame, write }) =
+                            st.mm(pid).pt.lookup(va).map(|l| l.pte)
+                        {
+                            st.mm_mut(pid).pt.set_pte(
+                                va,
+                                Pte::Present {
+                                    frame,
+                                    write,
+                                    special: false,
+                                },
+                            );
+                        }
+                    }
+                    self.invalidate_range_end(pid);
+                    Ok(())
+                }
                 Pte::Migration { .. } => {
                     // Wait for the migration to finish, then let the access retry (migration_entry_wait).
                     let st = &self.state;
@@ -1142,7 +1166,8 @@ impl Kernel {
                         .await;
                     Ok(())
                 }
-                _ => Err(Signal::Bus { addr: va }),
+                // No swap device yet: nothing creates swap entries.
+                Pte::Swap { .. } => Err(Signal::Bus { addr: va }),
             },
         }
     }
@@ -1492,6 +1517,18 @@ impl KernelState {
 
     /// Copies one leaf from `parent` to `child` for fork; returns the number of pages copied eagerly.
     fn copy_leaf(&mut self, parent: Pid, child: Pid, vma: &Vma, leaf: Leaf) -> u64 {
+        let mut leaf = leaf;
+        if let Pte::DeviceExclusive { frame, write } = leaf.pte {
+            // Current kernels restore a device-exclusive entry before copying it (spec §1.7); fork's
+            // PROTECTION_PAGE invalidation has already told the device.
+            let pte = Pte::Present {
+                frame,
+                write,
+                special: false,
+            };
+            self.mm_mut(parent).pt.set_pte(leaf.base, pte);
+            leaf.pte = pte;
+        }
         if let Pte::DevicePrivate { frame, write } = leaf.pte {
             // Device-private entries are copied as such; for COW both sides become read-only (spec §1.6).
             self.map_frame(frame);
@@ -1622,7 +1659,9 @@ impl KernelState {
             mm.translate(va).or_else(|| {
                 let leaf = mm.pt.lookup(va)?;
                 match leaf.pte {
-                    Pte::DevicePrivate { frame, write } => Some((frame, write, leaf)),
+                    Pte::DevicePrivate { frame, write } | Pte::DeviceExclusive { frame, write } => {
+                        Some((frame, write, leaf))
+                    }
                     _ => None,
                 }
             })

@@ -115,6 +115,50 @@ pub trait DevicePagemapOps: std::fmt::Debug {
 }
 
 impl Kernel {
+    /// `make_device_exclusive(mm, addr, owner)` for one page (spec §1.7): faults the page in writable, fires
+    /// MMU_NOTIFY_EXCLUSIVE with `owner`, and replaces the PTE by a device-exclusive entry; returns the frame.
+    /// The caller holds `mmap_lock` for reading. Any later CPU access restores the PTE (see the fault path).
+    ///
+    /// # Errors
+    /// `EFAULT` when the page cannot be faulted in writable; `EOPNOTSUPP` for a page that is not anonymous.
+    pub async fn make_device_exclusive(
+        &self,
+        pid: Pid,
+        va: Va,
+        owner: Option<DeviceId>,
+    ) -> Result<FrameId, Errno> {
+        let va = va.align_down(PAGE_SIZE);
+        loop {
+            let cur = self.state().mm(pid).translate(va);
+            match cur {
+                Some((_, true, leaf)) if leaf.size == PageSize::Size4K => break,
+                Some((_, true, _)) => self.state().mm_mut(pid).pt.split_pmd(va),
+                _ => self
+                    .handle_mm_fault(pid, va, true)
+                    .await
+                    .map_err(|_| Errno::EFAULT)?,
+            }
+        }
+        let page = Range::from_len(va, PAGE_SIZE).ok_or(Errno::EFAULT)?;
+        self.invalidate_range_start(pid, page, NotifierEvent::Exclusive, owner)
+            .await;
+        let res = {
+            let mut st = self.state();
+            match st.mm(pid).translate(va) {
+                Some((frame, write, _)) if st.phys.frame(frame).owner() == FrameOwner::Anon => {
+                    st.mm_mut(pid)
+                        .pt
+                        .set_pte(va, Pte::DeviceExclusive { frame, write });
+                    Ok(frame)
+                }
+                Some(_) => Err(Errno::EOPNOTSUPP),
+                None => Err(Errno::EBUSY),
+            }
+        };
+        self.invalidate_range_end(pid);
+        res
+    }
+
     /// Adds `bytes` of device memory of `kind` (device-private or device-coherent) with its pagemap callbacks
     /// (`memremap_pages`); returns the region index.
     pub fn add_device_memory(

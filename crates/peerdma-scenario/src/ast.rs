@@ -581,6 +581,24 @@ pub enum Op {
         /// Number of 4 KiB pages.
         pages: u64,
     },
+    /// `HMM_DMIRROR_EXCLUSIVE`: map the range device-exclusive (atomic); `expect.data` checks what it read.
+    DmirrorExclusive {
+        /// The open file's name.
+        fd: String,
+        /// Start address.
+        at: AddrExpr,
+        /// Number of 4 KiB pages.
+        pages: u64,
+    },
+    /// `HMM_DMIRROR_CHECK_EXCLUSIVE`: `EPERM` while any page of the range is still mapped atomic.
+    DmirrorCheckExclusive {
+        /// The open file's name.
+        fd: String,
+        /// Start address.
+        at: AddrExpr,
+        /// Number of 4 KiB pages.
+        pages: u64,
+    },
     /// `HMM_DMIRROR_RELEASE`: evict all of the device's memory back to system memory.
     DmirrorRelease {
         /// The open file's name.
@@ -622,6 +640,8 @@ impl Op {
             Self::DmirrorMigrateToDev { .. } => "dmirror.migrate_to_dev",
             Self::DmirrorMigrateToSys { .. } => "dmirror.migrate_to_sys",
             Self::DmirrorRelease { .. } => "dmirror.release",
+            Self::DmirrorExclusive { .. } => "dmirror.exclusive",
+            Self::DmirrorCheckExclusive { .. } => "dmirror.check_exclusive",
         }
     }
 }

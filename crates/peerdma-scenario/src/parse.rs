@@ -102,6 +102,8 @@ enum OpKind {
     DmirrorMigrateToDev,
     DmirrorMigrateToSys,
     DmirrorRelease,
+    DmirrorExclusive,
+    DmirrorCheckExclusive,
 }
 
 impl OpKind {
@@ -127,6 +129,8 @@ impl OpKind {
         Self::DmirrorMigrateToDev,
         Self::DmirrorMigrateToSys,
         Self::DmirrorRelease,
+        Self::DmirrorExclusive,
+        Self::DmirrorCheckExclusive,
     ];
 
     const fn name(self) -> &'static str {
@@ -152,6 +156,8 @@ impl OpKind {
             Self::DmirrorMigrateToDev => "dmirror.migrate_to_dev",
             Self::DmirrorMigrateToSys => "dmirror.migrate_to_sys",
             Self::DmirrorRelease => "dmirror.release",
+            Self::DmirrorExclusive => "dmirror.exclusive",
+            Self::DmirrorCheckExclusive => "dmirror.check_exclusive",
         }
     }
 
@@ -178,7 +184,10 @@ impl OpKind {
             Self::Close | Self::DmirrorRelease => &["fd"],
             Self::DmirrorRead | Self::DmirrorMigrateToDev => &["fd", "at", "pages", "ptr"],
             Self::DmirrorWrite => &["fd", "at", "pages", "ptr", "pattern"],
-            Self::DmirrorSnapshot | Self::DmirrorMigrateToSys => &["fd", "at", "pages"],
+            Self::DmirrorSnapshot
+            | Self::DmirrorMigrateToSys
+            | Self::DmirrorExclusive
+            | Self::DmirrorCheckExclusive => &["fd", "at", "pages"],
             Self::DmirrorMmap => &["fd", "name", "len", "prot"],
         }
     }
@@ -192,7 +201,7 @@ impl OpKind {
             Self::DmirrorRead => &["errno", "cpages", "faults", "data"],
             Self::DmirrorWrite => &["errno", "cpages", "faults"],
             Self::DmirrorSnapshot => &["errno", "cpages", "faults", "bytes"],
-            Self::DmirrorMigrateToDev => &["errno", "cpages", "data"],
+            Self::DmirrorMigrateToDev | Self::DmirrorExclusive => &["errno", "cpages", "data"],
             Self::DmirrorMigrateToSys => &["errno", "cpages"],
             _ => &["errno"],
         }
@@ -1170,6 +1179,20 @@ impl<'s> Parser<'s> {
                 let fd = self.name(self.required(t, "fd")?, "fd")?;
                 self.fds.insert(fd.clone());
                 Op::Open { dev, fd }
+            }
+            OpKind::DmirrorExclusive | OpKind::DmirrorCheckExclusive => {
+                let fd = self.name_ref(self.required(t, "fd")?, "fd", RefKind::Fd)?;
+                let at = self.addr(self.required(t, "at")?, "at")?;
+                let pages = self.uint_as(
+                    self.required(t, "pages")?,
+                    "pages",
+                    "an integer number of pages",
+                )?;
+                if kind == OpKind::DmirrorExclusive {
+                    Op::DmirrorExclusive { fd, at, pages }
+                } else {
+                    Op::DmirrorCheckExclusive { fd, at, pages }
+                }
             }
             OpKind::DmirrorRelease => Op::DmirrorRelease {
                 fd: self.name_ref(self.required(t, "fd")?, "fd", RefKind::Fd)?,

@@ -493,6 +493,24 @@ impl World {
                     Err(e) => out.errno = Some(e),
                 }
             }
+            Op::DmirrorExclusive { fd, at, pages } => {
+                let m = self.fd(proc_name, fd)?;
+                let (va, _) = self.resolve(proc_name, at)?;
+                match m.exclusive(va, *pages).await {
+                    Ok(res) => {
+                        out.data = Some(res.data.clone());
+                        out.dm = Some(res);
+                    }
+                    Err(e) => out.errno = Some(e),
+                }
+            }
+            Op::DmirrorCheckExclusive { fd, at, pages } => {
+                let m = self.fd(proc_name, fd)?;
+                let (va, _) = self.resolve(proc_name, at)?;
+                if let Err(e) = m.check_exclusive(va, *pages).await {
+                    out.errno = Some(e);
+                }
+            }
             Op::DmirrorRelease { fd } => {
                 if let Err(e) = self.fd(proc_name, fd)?.release().await {
                     out.errno = Some(e);
