@@ -1293,7 +1293,7 @@ impl Kernel {
 
     /// A write fault on a present read-only entry (`do_wp_page`): make a shared mapping writable, reuse an
     /// exclusive anonymous page, or copy (firing MMU_NOTIFY_CLEAR on the page being replaced).
-    async fn do_wp_page(&self, pid: Pid, vma: &Vma, va: Va, leaf: Leaf) -> FaultResult {
+    pub(crate) async fn do_wp_page(&self, pid: Pid, vma: &Vma, va: Va, leaf: Leaf) -> FaultResult {
         if vma.is_shared() {
             let mut st = self.state();
             match leaf.size {

@@ -11,6 +11,7 @@
 
 pub mod costs;
 pub mod file;
+pub mod gup;
 pub mod hmm;
 pub mod kernel;
 pub mod migrate;
@@ -21,6 +22,7 @@ pub mod phys;
 pub mod vma;
 
 pub use costs::MmCosts;
+pub use gup::{GupFlags, PinnedPages};
 pub use kernel::{AddressSpace, Advice, Kernel, KernelState, MmapArgs, Signal, ThpPolicy};
 pub use migrate::{DevicePagemapOps, MigrateVma};
 pub use notifier::{IntervalNotifierOps, NotifierEvent, NotifierId, NotifierRange};

@@ -79,6 +79,9 @@ pub struct MigrateVma {
     pub pgmap_owner: DeviceId,
     /// Pages collected by setup.
     pub cpages: u64,
+    /// The owner the MIGRATE invalidation reports (`pgmap_owner` for driver migrations, none for the core's
+    /// own, e.g. long-term GUP evicting device-coherent pages).
+    pub event_owner: Option<DeviceId>,
 }
 
 impl MigrateVma {
@@ -93,6 +96,7 @@ impl MigrateVma {
             flags,
             pgmap_owner,
             cpages: 0,
+            event_owner: Some(pgmap_owner),
         }
     }
 
@@ -214,7 +218,7 @@ impl Kernel {
         m.dst = vec![0; n];
         m.cpages = 0;
         let range = Range::new(m.start, m.end);
-        self.invalidate_range_start(m.pid, range, NotifierEvent::Migrate, Some(m.pgmap_owner))
+        self.invalidate_range_start(m.pid, range, NotifierEvent::Migrate, m.event_owner)
             .await;
         {
             let mut st = self.state();

@@ -186,3 +186,104 @@ fn fixed_noreplace_over_a_mapping_is_eexist_and_zero_length_is_einval() {
     assert_eq!(eexist, Err(Errno::EEXIST));
     assert_eq!(einval, Err(Errno::EINVAL));
 }
+
+/// spec/linux-p2p.md §2.3, one row per per-VMA check, plus the partial result of a range crossing a hole.
+#[test]
+fn gup_per_vma_checks_and_partial_results() {
+    use peerdma_mm::GupFlags as F;
+    let results = run(|k| async move {
+        let pid = k.create_process();
+        let rw = k.mmap(pid, &anon(4, Prot::RW)).await.unwrap();
+        let ro = k.mmap(pid, &anon(4, Prot::READ)).await.unwrap();
+        let none = k.mmap(pid, &anon(1, Prot::NONE)).await.unwrap();
+        let io = k.mmap_pfnmap(pid, PAGE_SIZE, Prot::RW).await.unwrap();
+        let shared = MmapArgs {
+            len: PAGE_SIZE,
+            prot: Prot::RW,
+            shared: true,
+            anonymous: true,
+            ..MmapArgs::default()
+        };
+        let shm = k.mmap(pid, &shared).await.unwrap();
+        let file = k.create_file("f", PAGE_SIZE, false);
+        let fargs = MmapArgs {
+            len: PAGE_SIZE,
+            prot: Prot::RW,
+            shared: true,
+            file: Some(file),
+            ..MmapArgs::default()
+        };
+        let fmap = k.mmap(pid, &fargs).await.unwrap();
+        k.munmap(pid, rw.add(2 * PAGE_SIZE), PAGE_SIZE)
+            .await
+            .unwrap();
+        let cases = [
+            (io, 1, F::GET),
+            (ro, 1, F::GET | F::WRITE),
+            (ro, 1, F::GET | F::WRITE | F::FORCE),
+            (none, 1, F::GET),
+            (shm, 1, F::GET | F::ANON),
+            (fmap, 1, F::PIN | F::LONGTERM | F::WRITE),
+            (shm, 1, F::PIN | F::LONGTERM | F::WRITE),
+            (rw, 4, F::PIN | F::WRITE),
+            (rw.add(2 * PAGE_SIZE), 1, F::PIN),
+        ];
+        let mut out = Vec::new();
+        for (va, n, flags) in cases {
+            out.push(k.get_user_pages(pid, va, n, flags).await.map(|p| p.len()));
+        }
+        out
+    });
+    assert_eq!(
+        results,
+        [
+            Err(Errno::EFAULT), // VM_IO | VM_PFNMAP: no struct page
+            Err(Errno::EFAULT), // write to a VMA without VM_WRITE
+            Ok(1),              // ... unless FORCE on a private mapping
+            Err(Errno::EFAULT), // read from a VMA without VM_READ
+            Err(Errno::EFAULT), // FOLL_ANON on a shmem VMA
+            Err(Errno::EFAULT), // long-term writable pin of a dirty-tracked file mapping
+            Ok(1),              // ... shmem is fine
+            Ok(2),              // a hole after two pages: partial result
+            Err(Errno::EFAULT), // a hole at the first page
+        ]
+    );
+}
+
+#[test]
+fn pins_use_the_bias_release_on_drop_and_make_fork_copy_for_the_child() {
+    use peerdma_mm::GupFlags as F;
+    let (pinned, after_drop, parent_kept, child_copy) = run(|k| async move {
+        let pid = k.create_process();
+        let buf = k.mmap(pid, &anon(1, Prot::RW)).await.unwrap();
+        k.store(pid, buf, &[9]).await.unwrap();
+        let pin = k
+            .get_user_pages(pid, buf, 1, F::PIN | F::LONGTERM | F::WRITE)
+            .await
+            .unwrap();
+        let frame = pin.frames()[0];
+        let pinned = k.state().phys.frame(frame).maybe_dma_pinned();
+        let child = k.fork(pid).await.unwrap();
+        let (pf, cf) = {
+            let st = k.state();
+            (
+                st.mm(pid).translate(buf).unwrap(),
+                st.mm(child).translate(buf).unwrap(),
+            )
+        };
+        let mut b = [0u8; 1];
+        k.load(child, buf, &mut b).await.unwrap();
+        drop(pin);
+        let after_drop = k.state().phys.frame(frame).maybe_dma_pinned();
+        (
+            pinned,
+            after_drop,
+            pf.0 == frame && pf.1,
+            cf.0 != frame && b[0] == 9,
+        )
+    });
+    assert!(pinned, "a FOLL_PIN adds the bias");
+    assert!(!after_drop, "dropping the pin releases it");
+    assert!(parent_kept, "the parent keeps the pinned page, writable");
+    assert!(child_copy, "the child gets a copy with the same bytes");
+}

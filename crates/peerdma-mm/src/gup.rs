@@ -1,0 +1,355 @@
+//! GUP: `get_user_pages` / `pin_user_pages` — taking references on the pages behind a user virtual range.
+//!
+//! Linux counterpart: mm/gup.c (about v6.16), spec/linux-p2p.md §2. In order:
+//! 1. Argument validation (`is_valid_gup_args`, §2.2): internal flags, GET with PIN, LONGTERM without PIN,
+//!    neither GET nor PIN, LONGTERM with PCI_P2PDMA — each `EINVAL`.
+//! 2. Per VMA (`check_vma_flags`, §2.3): VM_IO/VM_PFNMAP (memory without `struct page`: the 2016 problem),
+//!    FOLL_ANON on a non-anonymous VMA, a write without VM_WRITE (unless FORCE on a private mapping), a read
+//!    without VM_READ, a long-term writable pin of a dirty-tracked file mapping — `EFAULT`.
+//! 3. Per page: fault it in (write-faulting for FOLL_WRITE; a device-private page migrates back to RAM
+//!    through the CPU fault path), then grab: GET adds 1 to the refcount, PIN adds
+//!    [`GUP_PIN_COUNTING_BIAS`] (never for the zero page).
+//! 4. FOLL_LONGTERM (`__gup_longterm_locked`, §2.4): pages that are not long-term pinnable (device-coherent
+//!    memory) are unpinned, migrated to system RAM, and the whole range is pinned again.
+//! 5. A hole after the first page ends the walk early: the result holds fewer pages than asked (Linux's
+//!    partial return); a failure on the first page is the errno.
+//!
+//! Pins are values: dropping a [`PinnedPages`] releases every reference it holds (`unpin_user_pages`).
+
+use std::fmt;
+use std::rc::Rc;
+
+use bitflags::bitflags;
+use peerdma_core::{Errno, FrameId, PAGE_SIZE, Pid, Range, Va};
+
+use crate::kernel::Kernel;
+use crate::migrate::{
+    MIGRATE_PFN_MIGRATE, MIGRATE_PFN_WRITE, MIGRATE_VMA_SELECT_DEVICE_COHERENT, MigrateVma,
+    migrate_pfn, migrate_pfn_to_frame,
+};
+use crate::phys::{GUP_PIN_COUNTING_BIAS, MemoryKind};
+use crate::vma::{VmFlags, VmaBacking};
+
+bitflags! {
+    /// `FOLL_*` flags (include/linux/mm_types.h).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct GupFlags: u32 {
+        /// FOLL_WRITE: write intent.
+        const WRITE = 1 << 0;
+        /// FOLL_GET: a plain reference.
+        const GET = 1 << 1;
+        /// FOLL_PIN: a DMA pin (set by the `pin_*` entry points).
+        const PIN = 1 << 2;
+        /// FOLL_LONGTERM: the pin may be held indefinitely.
+        const LONGTERM = 1 << 3;
+        /// FOLL_PCI_P2PDMA: the caller accepts P2PDMA pages.
+        const PCI_P2PDMA = 1 << 4;
+        /// FOLL_FORCE: write read-only private COW mappings (ptrace).
+        const FORCE = 1 << 5;
+        /// FOLL_NOFAULT: never fault.
+        const NOFAULT = 1 << 6;
+        /// FOLL_ANON: anonymous VMAs only.
+        const ANON = 1 << 7;
+        /// FOLL_TOUCH (internal only).
+        const TOUCH = 1 << 16;
+        /// FOLL_TRIED (internal only).
+        const TRIED = 1 << 17;
+        /// FOLL_REMOTE (internal only).
+        const REMOTE = 1 << 18;
+    }
+}
+
+impl GupFlags {
+    /// Flags only mm/gup.c itself may set.
+    pub const INTERNAL: GupFlags = GupFlags::TOUCH
+        .union(GupFlags::TRIED)
+        .union(GupFlags::REMOTE);
+}
+
+/// References taken by GUP. Dropping it releases them (`put_page` / `unpin_user_page`).
+pub struct PinnedPages {
+    kernel: Rc<Kernel>,
+    frames: Vec<FrameId>,
+    pin: bool,
+}
+
+impl fmt::Debug for PinnedPages {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PinnedPages")
+            .field("frames", &self.frames)
+            .field("pin", &self.pin)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PinnedPages {
+    /// Returns the frames, one per page taken (possibly fewer than asked: a partial result).
+    pub fn frames(&self) -> &[FrameId] {
+        &self.frames
+    }
+
+    /// Returns the number of pages taken.
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// Returns whether no page was taken.
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+}
+
+impl Drop for PinnedPages {
+    fn drop(&mut self) {
+        release(&self.kernel, &self.frames, self.pin);
+    }
+}
+
+fn release(kernel: &Kernel, frames: &[FrameId], pin: bool) {
+    let mut st = kernel.state();
+    let zero = st.phys.zero_page();
+    for &f in frames {
+        if f == zero {
+            continue;
+        }
+        if pin {
+            st.phys.frame_mut(f).refcount -= GUP_PIN_COUNTING_BIAS - 1;
+        }
+        st.phys.put(f);
+    }
+}
+
+/// `is_valid_gup_args`.
+fn check_args(flags: GupFlags) -> Result<(), Errno> {
+    let bad = flags.intersects(GupFlags::INTERNAL)
+        || flags.contains(GupFlags::GET | GupFlags::PIN)
+        || (flags.contains(GupFlags::LONGTERM) && !flags.contains(GupFlags::PIN))
+        || !flags.intersects(GupFlags::GET | GupFlags::PIN)
+        || flags.contains(GupFlags::LONGTERM | GupFlags::PCI_P2PDMA);
+    if bad { Err(Errno::EINVAL) } else { Ok(()) }
+}
+
+impl Kernel {
+    /// `get_user_pages` (flags must hold GET) or `pin_user_pages` (PIN) over `nr_pages` pages at `start` of
+    /// `pid`. Takes `mmap_lock` for reading itself (the `_unlocked` variants).
+    ///
+    /// # Errors
+    /// The errno of the first page's failure (see the module docs); a later failure ends the walk early.
+    pub async fn get_user_pages(
+        self: &Rc<Self>,
+        pid: Pid,
+        start: Va,
+        nr_pages: u64,
+        flags: GupFlags,
+    ) -> Result<PinnedPages, Errno> {
+        check_args(flags)?;
+        if nr_pages == 0 || !start.is_page_aligned() {
+            return Err(Errno::EINVAL);
+        }
+        let range = Range::from_len(start, nr_pages.checked_mul(PAGE_SIZE).ok_or(Errno::EINVAL)?)
+            .ok_or(Errno::EINVAL)?;
+        let lock = self.mmap_lock(pid);
+        let _g = lock.read().await;
+        loop {
+            let frames = self.grab_range(pid, range, flags).await?;
+            let pin = flags.contains(GupFlags::PIN);
+            if !flags.contains(GupFlags::LONGTERM) {
+                return Ok(PinnedPages {
+                    kernel: self.clone(),
+                    frames,
+                    pin,
+                });
+            }
+            // collect_longterm_unpinnable_folios: device-coherent memory must stay evictable.
+            let unpinnable: Vec<(usize, FrameId)> = frames
+                .iter()
+                .copied()
+                .enumerate()
+                .filter(|(_, f)| matches!(self.memory_kind(*f), MemoryKind::DeviceCoherent { .. }))
+                .collect();
+            if unpinnable.is_empty() {
+                return Ok(PinnedPages {
+                    kernel: self.clone(),
+                    frames,
+                    pin,
+                });
+            }
+            release(self, &frames, pin);
+            for (i, f) in unpinnable {
+                let va = range.start.add(i as u64 * PAGE_SIZE);
+                self.migrate_device_coherent_page(pid, va, f).await?;
+            }
+            self.sim.count("gup.longterm_migrations", 1);
+        }
+    }
+
+    /// Walks `range` taking one reference (or pin) per page; returns the frames taken.
+    async fn grab_range(
+        &self,
+        pid: Pid,
+        range: Range<Va>,
+        flags: GupFlags,
+    ) -> Result<Vec<FrameId>, Errno> {
+        let write = flags.contains(GupFlags::WRITE);
+        let mut frames = Vec::new();
+        for va in range.pages() {
+            let r = self.grab_page(pid, va, flags, write).await;
+            match r {
+                Ok(f) => frames.push(f),
+                Err(e) if frames.is_empty() => return Err(e),
+                Err(_) => break,
+            }
+        }
+        Ok(frames)
+    }
+
+    async fn grab_page(
+        &self,
+        pid: Pid,
+        va: Va,
+        flags: GupFlags,
+        write: bool,
+    ) -> Result<FrameId, Errno> {
+        let vma = self.state().mm(pid).vma(va).cloned().ok_or(Errno::EFAULT)?;
+        // check_vma_flags (§2.3).
+        if vma.flags.intersects(VmFlags::IO | VmFlags::PFNMAP) {
+            return Err(Errno::EFAULT);
+        }
+        if flags.contains(GupFlags::ANON) && !vma.is_anonymous() {
+            return Err(Errno::EFAULT);
+        }
+        let private = !vma.is_shared();
+        if write
+            && !vma.flags.contains(VmFlags::WRITE)
+            && !(flags.contains(GupFlags::FORCE) && private)
+        {
+            return Err(Errno::EFAULT);
+        }
+        if !write && !vma.flags.contains(VmFlags::READ) {
+            return Err(Errno::EFAULT);
+        }
+        if write && flags.contains(GupFlags::PIN | GupFlags::LONGTERM) && vma.is_shared() {
+            let dirty_tracked = match vma.backing {
+                VmaBacking::File { file, .. } => !self.state().files[file as usize].shmem,
+                _ => false,
+            };
+            if dirty_tracked {
+                return Err(Errno::EFAULT);
+            }
+        }
+        // FOLL_FORCE write to a read-only private mapping: break COW into an exclusive anonymous page that
+        // stays read-only in the CPU page table (`can_follow_write_pte`).
+        let force_cow = write && !vma.flags.contains(VmFlags::WRITE);
+        loop {
+            let hit = {
+                let st = self.state();
+                match st.mm(pid).translate(va) {
+                    Some((frame, w, leaf)) => {
+                        let f = leaf.frame_at(va).unwrap_or(frame);
+                        let exclusive_anon = f != st.phys.zero_page()
+                            && st.phys.frame(f).owner() == crate::phys::FrameOwner::Anon
+                            && st.phys.frame(f).refcount == 1;
+                        (w || !write || (force_cow && exclusive_anon)).then_some(f)
+                    }
+                    None => None,
+                }
+            };
+            if let Some(frame) = hit {
+                let mut st = self.state();
+                let zero = st.phys.zero_page();
+                if frame != zero {
+                    let fr = st.phys.frame_mut(frame);
+                    if fr.refcount == 0 {
+                        return Err(Errno::ENOMEM);
+                    }
+                    fr.refcount += if flags.contains(GupFlags::PIN) {
+                        GUP_PIN_COUNTING_BIAS
+                    } else {
+                        1
+                    };
+                }
+                return Ok(frame);
+            }
+            if flags.contains(GupFlags::NOFAULT) {
+                return Err(Errno::EFAULT);
+            }
+            if force_cow {
+                self.handle_mm_fault(pid, va, false)
+                    .await
+                    .map_err(|_| Errno::EFAULT)?;
+                let leaf = self.state().mm(pid).pt.lookup(va).ok_or(Errno::EFAULT)?;
+                self.do_wp_page(pid, &vma, va, leaf)
+                    .await
+                    .map_err(|_| Errno::EFAULT)?;
+                let mut st = self.state();
+                if let Some(l) = st.mm(pid).pt.lookup(va) {
+                    st.mm_mut(pid).pt.set_pte(va, l.pte.with_write(false));
+                }
+                continue;
+            }
+            self.handle_mm_fault(pid, va, write)
+                .await
+                .map_err(|_| Errno::EFAULT)?;
+        }
+    }
+
+    /// `migrate_device_coherent_folio`: moves one device-coherent page at `va` back to system RAM, as
+    /// long-term GUP does before pinning (the owner's mirrors are told through a MIGRATE invalidation with
+    /// no owner). The caller holds `mmap_lock`.
+    ///
+    /// # Errors
+    /// `EBUSY` when the page could not be migrated.
+    pub async fn migrate_device_coherent_page(
+        &self,
+        pid: Pid,
+        va: Va,
+        frame: FrameId,
+    ) -> Result<(), Errno> {
+        let MemoryKind::DeviceCoherent { owner } = self.memory_kind(frame) else {
+            return Ok(());
+        };
+        let page = Range::from_len(va, PAGE_SIZE).ok_or(Errno::EBUSY)?;
+        let mut m = MigrateVma::new(pid, page, MIGRATE_VMA_SELECT_DEVICE_COHERENT, owner);
+        m.event_owner = None;
+        self.migrate_vma_setup(&mut m)
+            .await
+            .map_err(|_| Errno::EBUSY)?;
+        if m.src[0] & MIGRATE_PFN_MIGRATE == 0 {
+            return Err(Errno::EBUSY);
+        }
+        let src = migrate_pfn_to_frame(m.src[0]).ok_or(Errno::EBUSY)?;
+        let dst = self.alloc_page(0).ok_or(Errno::EBUSY)?;
+        self.copy_page(src, dst);
+        m.dst[0] = migrate_pfn(dst) | (m.src[0] & MIGRATE_PFN_WRITE);
+        self.migrate_vma_pages(&mut m);
+        self.migrate_vma_finalize(&mut m);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// spec/linux-p2p.md §2.2, one row per check.
+    #[test]
+    fn argument_checks_follow_is_valid_gup_args() {
+        let rows: &[(GupFlags, Result<(), Errno>)] = &[
+            (GupFlags::GET, Ok(())),
+            (GupFlags::PIN, Ok(())),
+            (GupFlags::PIN | GupFlags::LONGTERM, Ok(())),
+            (GupFlags::PIN | GupFlags::PCI_P2PDMA, Ok(())),
+            (GupFlags::GET | GupFlags::TOUCH, Err(Errno::EINVAL)),
+            (GupFlags::GET | GupFlags::PIN, Err(Errno::EINVAL)),
+            (GupFlags::GET | GupFlags::LONGTERM, Err(Errno::EINVAL)),
+            (GupFlags::WRITE, Err(Errno::EINVAL)),
+            (
+                GupFlags::PIN | GupFlags::LONGTERM | GupFlags::PCI_P2PDMA,
+                Err(Errno::EINVAL),
+            ),
+        ];
+        for (flags, want) in rows {
+            assert_eq!(check_args(*flags), *want, "{flags:?}");
+        }
+    }
+}
