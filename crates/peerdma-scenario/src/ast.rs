@@ -581,6 +581,16 @@ pub enum Op {
         /// Number of 4 KiB pages.
         pages: u64,
     },
+    /// `gup`: take references on `pages` pages at `at` with FOLL_* `flags` and release them at once, as the
+    /// kernel's gup_test ioctls do; `cpages` checks how many pages were taken.
+    Gup {
+        /// Start address.
+        at: AddrExpr,
+        /// Number of 4 KiB pages.
+        pages: u64,
+        /// FOLL_* flags.
+        flags: peerdma_mm::GupFlags,
+    },
     /// `HMM_DMIRROR_EXCLUSIVE`: map the range device-exclusive (atomic); `expect.data` checks what it read.
     DmirrorExclusive {
         /// The open file's name.
@@ -642,6 +652,7 @@ impl Op {
             Self::DmirrorRelease { .. } => "dmirror.release",
             Self::DmirrorExclusive { .. } => "dmirror.exclusive",
             Self::DmirrorCheckExclusive { .. } => "dmirror.check_exclusive",
+            Self::Gup { .. } => "gup",
         }
     }
 }

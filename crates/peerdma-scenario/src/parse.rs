@@ -19,6 +19,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use peerdma_core::{Errno, PAGE_SIZE, SimDuration};
+use peerdma_mm::GupFlags;
 use toml::Spanned;
 use toml::de::{DeString, DeTable, DeValue};
 
@@ -104,6 +105,7 @@ enum OpKind {
     DmirrorRelease,
     DmirrorExclusive,
     DmirrorCheckExclusive,
+    Gup,
 }
 
 impl OpKind {
@@ -131,6 +133,7 @@ impl OpKind {
         Self::DmirrorRelease,
         Self::DmirrorExclusive,
         Self::DmirrorCheckExclusive,
+        Self::Gup,
     ];
 
     const fn name(self) -> &'static str {
@@ -158,6 +161,7 @@ impl OpKind {
             Self::DmirrorRelease => "dmirror.release",
             Self::DmirrorExclusive => "dmirror.exclusive",
             Self::DmirrorCheckExclusive => "dmirror.check_exclusive",
+            Self::Gup => "gup",
         }
     }
 
@@ -189,6 +193,7 @@ impl OpKind {
             | Self::DmirrorExclusive
             | Self::DmirrorCheckExclusive => &["fd", "at", "pages"],
             Self::DmirrorMmap => &["fd", "name", "len", "prot"],
+            Self::Gup => &["at", "pages", "flags"],
         }
     }
 
@@ -202,7 +207,7 @@ impl OpKind {
             Self::DmirrorWrite => &["errno", "cpages", "faults"],
             Self::DmirrorSnapshot => &["errno", "cpages", "faults", "bytes"],
             Self::DmirrorMigrateToDev | Self::DmirrorExclusive => &["errno", "cpages", "data"],
-            Self::DmirrorMigrateToSys => &["errno", "cpages"],
+            Self::DmirrorMigrateToSys | Self::Gup => &["errno", "cpages"],
             _ => &["errno"],
         }
     }
@@ -652,6 +657,48 @@ impl<'s> Parser<'s> {
                 ),
             )
         })
+    }
+
+    /// Reads a `gup` step's `flags`: FOLL_* names. Combinations Linux rejects (`get` with `pin`, `longterm`
+    /// without `pin`) are run-time `EINVAL` outcomes, not input errors.
+    fn gup_flags(&self, v: &Value<'_>) -> Result<GupFlags> {
+        const NAMES: &[(&str, GupFlags)] = &[
+            ("get", GupFlags::GET),
+            ("pin", GupFlags::PIN),
+            ("longterm", GupFlags::LONGTERM),
+            ("write", GupFlags::WRITE),
+            ("force", GupFlags::FORCE),
+            ("pci_p2pdma", GupFlags::PCI_P2PDMA),
+            ("nofault", GupFlags::NOFAULT),
+            ("anon", GupFlags::ANON),
+        ];
+        let DeValue::Array(items) = v.get_ref() else {
+            return Err(self.err(
+                &v.span(),
+                format!("expected a list of FOLL_* names like `[\"pin\", \"write\"]` for `flags`, found {}", describe(v.get_ref())),
+            ));
+        };
+        let mut flags = GupFlags::empty();
+        for item in items {
+            let found = match item.get_ref() {
+                DeValue::String(s) => NAMES
+                    .iter()
+                    .find(|(n, _)| *n == s.as_ref())
+                    .map(|(_, f)| *f),
+                _ => None,
+            };
+            let Some(f) = found else {
+                return Err(self.err(
+                    &item.span(),
+                    format!(
+                        "expected a FOLL_* flag name; one of: {}",
+                        list(NAMES.iter().map(|(n, _)| *n))
+                    ),
+                ));
+            };
+            flags |= f;
+        }
+        Ok(flags)
     }
 
     fn mmap_flags(&self, v: &Value<'_>) -> Result<MmapFlags> {
@@ -1179,6 +1226,16 @@ impl<'s> Parser<'s> {
                 let fd = self.name(self.required(t, "fd")?, "fd")?;
                 self.fds.insert(fd.clone());
                 Op::Open { dev, fd }
+            }
+            OpKind::Gup => {
+                let at = self.addr(self.required(t, "at")?, "at")?;
+                let pages = self.uint_as(
+                    self.required(t, "pages")?,
+                    "pages",
+                    "an integer number of pages",
+                )?;
+                let flags = self.gup_flags(self.required(t, "flags")?)?;
+                Op::Gup { at, pages, flags }
             }
             OpKind::DmirrorExclusive | OpKind::DmirrorCheckExclusive => {
                 let fd = self.name_ref(self.required(t, "fd")?, "fd", RefKind::Fd)?;

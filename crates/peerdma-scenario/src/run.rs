@@ -511,6 +511,18 @@ impl World {
                     out.errno = Some(e);
                 }
             }
+            Op::Gup { at, pages, flags } => {
+                let (va, _) = self.resolve(proc_name, at)?;
+                match kernel.get_user_pages(pid, va, *pages, *flags).await {
+                    Ok(pinned) => {
+                        out.dm = Some(DmirrorResult {
+                            cpages: pinned.len() as u64,
+                            ..DmirrorResult::default()
+                        });
+                    }
+                    Err(e) => out.errno = Some(e),
+                }
+            }
             Op::DmirrorRelease { fd } => {
                 if let Err(e) = self.fd(proc_name, fd)?.release().await {
                     out.errno = Some(e);
