@@ -23,7 +23,9 @@ pub mod vma;
 
 pub use costs::MmCosts;
 pub use gup::{GupFlags, PinnedPages};
-pub use kernel::{AddressSpace, Advice, Kernel, KernelState, MmapArgs, Signal, ThpPolicy};
+pub use kernel::{
+    AddressSpace, Advice, Kernel, KernelState, MmapArgs, MremapFlags, Signal, ThpPolicy,
+};
 pub use migrate::{DevicePagemapOps, MigrateVma};
 pub use notifier::{IntervalNotifierOps, NotifierEvent, NotifierId, NotifierRange};
 pub use oracle::{LogicalPage, Violation, ViolationKind};

@@ -192,6 +192,35 @@ impl Oracle {
         }
     }
 
+    /// Moves the private anonymous pages of `pid` in `from` to start at `to` (mremap).
+    pub fn move_anon(&mut self, pid: Pid, from: Range<Va>, to: Va) {
+        let lo = LogicalPage::Anon {
+            pid,
+            vpn: from.start.page_number(),
+        };
+        let hi = LogicalPage::Anon {
+            pid,
+            vpn: from.end.raw().div_ceil(4096),
+        };
+        let moved: Vec<(LogicalPage, u64)> =
+            self.shadow.range(lo..hi).map(|(k, h)| (*k, *h)).collect();
+        for (k, _) in &moved {
+            self.shadow.remove(k);
+        }
+        let delta = to.page_number().wrapping_sub(from.start.page_number());
+        for (k, h) in moved {
+            if let LogicalPage::Anon { vpn, .. } = k {
+                self.shadow.insert(
+                    LogicalPage::Anon {
+                        pid,
+                        vpn: vpn.wrapping_add(delta),
+                    },
+                    h,
+                );
+            }
+        }
+    }
+
     /// Gives `child` a copy of `parent`'s private anonymous pages inside `r` (fork).
     pub fn copy_anon(&mut self, parent: Pid, child: Pid, r: Range<Va>) {
         let lo = LogicalPage::Anon {

@@ -581,6 +581,21 @@ pub enum Op {
         /// Number of 4 KiB pages.
         pages: u64,
     },
+    /// `mremap(2)`; the moved (or resized) mapping is named `name`.
+    Mremap {
+        /// Old address.
+        at: AddrExpr,
+        /// Old length.
+        len: u64,
+        /// New length.
+        new_len: u64,
+        /// MREMAP_* flags (`new_addr` is filled from `to` at run time).
+        flags: peerdma_mm::MremapFlags,
+        /// The MREMAP_FIXED target.
+        to: Option<AddrExpr>,
+        /// Name of the resulting mapping.
+        name: String,
+    },
     /// `gup`: take references on `pages` pages at `at` with FOLL_* `flags` and release them at once, as the
     /// kernel's gup_test ioctls do; `cpages` checks how many pages were taken.
     Gup {
@@ -653,6 +668,7 @@ impl Op {
             Self::DmirrorExclusive { .. } => "dmirror.exclusive",
             Self::DmirrorCheckExclusive { .. } => "dmirror.check_exclusive",
             Self::Gup { .. } => "gup",
+            Self::Mremap { .. } => "mremap",
         }
     }
 }

@@ -106,6 +106,7 @@ enum OpKind {
     DmirrorExclusive,
     DmirrorCheckExclusive,
     Gup,
+    Mremap,
 }
 
 impl OpKind {
@@ -134,6 +135,7 @@ impl OpKind {
         Self::DmirrorExclusive,
         Self::DmirrorCheckExclusive,
         Self::Gup,
+        Self::Mremap,
     ];
 
     const fn name(self) -> &'static str {
@@ -162,6 +164,7 @@ impl OpKind {
             Self::DmirrorExclusive => "dmirror.exclusive",
             Self::DmirrorCheckExclusive => "dmirror.check_exclusive",
             Self::Gup => "gup",
+            Self::Mremap => "mremap",
         }
     }
 
@@ -194,6 +197,7 @@ impl OpKind {
             | Self::DmirrorCheckExclusive => &["fd", "at", "pages"],
             Self::DmirrorMmap => &["fd", "name", "len", "prot"],
             Self::Gup => &["at", "pages", "flags"],
+            Self::Mremap => &["at", "len", "new_len", "flags", "to", "name"],
         }
     }
 
@@ -1226,6 +1230,60 @@ impl<'s> Parser<'s> {
                 let fd = self.name(self.required(t, "fd")?, "fd")?;
                 self.fds.insert(fd.clone());
                 Op::Open { dev, fd }
+            }
+            OpKind::Mremap => {
+                let at = self.addr(self.required(t, "at")?, "at")?;
+                let len_v = self.required(t, "len")?;
+                let len = self.len(len_v, "len")?;
+                self.check_range(&at, len, len_v)?;
+                let new_len = self.len(self.required(t, "new_len")?, "new_len")?;
+                let mut flags = peerdma_mm::MremapFlags::default();
+                if let Some(v) = t.get("flags") {
+                    let DeValue::Array(items) = v.get_ref() else {
+                        return Err(self.err(
+                            &v.span(),
+                            "expected a list like `[\"maymove\", \"fixed\"]` for `flags`",
+                        ));
+                    };
+                    for item in items {
+                        match item.get_ref() {
+                            DeValue::String(s) if s.as_ref() == "maymove" => flags.maymove = true,
+                            DeValue::String(s) if s.as_ref() == "fixed" => flags.fixed = true,
+                            DeValue::String(s) if s.as_ref() == "dontunmap" => {
+                                flags.dontunmap = true;
+                            }
+                            _ => {
+                                return Err(self.err(
+                                    &item.span(),
+                                    "expected an mremap flag: one of maymove, fixed, dontunmap",
+                                ));
+                            }
+                        }
+                    }
+                }
+                let to = match t.get("to") {
+                    Some(v) => Some(self.addr(v, "to")?),
+                    None => None,
+                };
+                let v = self.required(t, "name")?;
+                let name = self.string(v, "name")?;
+                if !is_mapping_name(name) {
+                    return Err(self.err(
+                        &v.span(),
+                        format!("expected a mapping name, found `{name}`"),
+                    ));
+                }
+                let name = name.to_owned();
+                let longest = self.mappings.entry(name.clone()).or_insert(new_len);
+                *longest = (*longest).max(new_len);
+                Op::Mremap {
+                    at,
+                    len,
+                    new_len,
+                    flags,
+                    to,
+                    name,
+                }
             }
             OpKind::Gup => {
                 let at = self.addr(self.required(t, "at")?, "at")?;

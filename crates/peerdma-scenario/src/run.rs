@@ -511,6 +511,31 @@ impl World {
                     out.errno = Some(e);
                 }
             }
+            Op::Mremap {
+                at,
+                len,
+                new_len,
+                flags,
+                to,
+                name,
+            } => {
+                let (va, _) = self.resolve(proc_name, at)?;
+                let mut flags = *flags;
+                if let Some(t) = to {
+                    flags.new_addr = Some(self.resolve(proc_name, t)?.0);
+                }
+                match kernel.mremap(pid, va, *len, *new_len, flags).await {
+                    Ok(nva) => {
+                        self.procs
+                            .borrow_mut()
+                            .get_mut(proc_name)
+                            .expect("known")
+                            .mappings
+                            .insert(name.clone(), (nva, *new_len));
+                    }
+                    Err(e) => out.errno = Some(e),
+                }
+            }
             Op::Gup { at, pages, flags } => {
                 let (va, _) = self.resolve(proc_name, at)?;
                 match kernel.get_user_pages(pid, va, *pages, *flags).await {

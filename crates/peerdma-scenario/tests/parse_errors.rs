@@ -160,10 +160,10 @@ fn rows() -> Vec<Row> {
         ),
         row(
             "unknown op",
-            steps(&[r#"{ op = "mremap" }"#]),
+            steps(&[r#"{ op = "mlock" }"#]),
             14,
             10,
-            "unknown op `mremap`; expected one of: mmap",
+            "unknown op `mlock`; expected one of: mmap",
         ),
         row(
             "file section is not an array of tables",
