@@ -240,6 +240,9 @@ impl Kernel {
         // FOLL_FORCE write to a read-only private mapping: break COW into an exclusive anonymous page that
         // stays read-only in the CPU page table (`can_follow_write_pte`).
         let force_cow = write && !vma.flags.contains(VmFlags::WRITE);
+        // gup_must_unshare: a read-only PIN of a COW-shared anonymous page first unshares it
+        // (FAULT_FLAG_UNSHARE), so the pinned page is exclusive and a later write reuses it.
+        let unshare = flags.contains(GupFlags::PIN) && !write && vma.is_anonymous();
         loop {
             let hit = {
                 let st = self.state();
@@ -248,8 +251,14 @@ impl Kernel {
                         let f = leaf.frame_at(va).unwrap_or(frame);
                         let exclusive_anon = f != st.phys.zero_page()
                             && st.phys.frame(f).owner() == crate::phys::FrameOwner::Anon
-                            && st.phys.frame(f).refcount == 1;
-                        (w || !write || (force_cow && exclusive_anon)).then_some(f)
+                            && st.phys.frame(f).mapcount <= 1
+                            && st.phys.frame(f).refcount % GUP_PIN_COUNTING_BIAS == 1;
+                        let shared_anon = f != st.phys.zero_page()
+                            && st.phys.frame(f).owner() == crate::phys::FrameOwner::Anon
+                            && !exclusive_anon;
+                        let ok = (w || !write || (force_cow && exclusive_anon))
+                            && !(unshare && shared_anon);
+                        ok.then_some(f)
                     }
                     None => None,
                 }
@@ -273,7 +282,7 @@ impl Kernel {
             if flags.contains(GupFlags::NOFAULT) {
                 return Err(Errno::EFAULT);
             }
-            if force_cow {
+            if force_cow || (unshare && self.state().mm(pid).translate(va).is_some()) {
                 self.handle_mm_fault(pid, va, false)
                     .await
                     .map_err(|_| Errno::EFAULT)?;
@@ -282,7 +291,10 @@ impl Kernel {
                     .await
                     .map_err(|_| Errno::EFAULT)?;
                 let mut st = self.state();
-                if let Some(l) = st.mm(pid).pt.lookup(va) {
+                // The copy stays read-only where the mapping or the old entry was.
+                if let Some(l) = st.mm(pid).pt.lookup(va)
+                    && (force_cow || !vma.flags.contains(VmFlags::WRITE))
+                {
                     st.mm_mut(pid).pt.set_pte(va, l.pte.with_write(false));
                 }
                 continue;

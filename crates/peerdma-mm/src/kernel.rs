@@ -1447,11 +1447,13 @@ impl Kernel {
             let (frame, _, _) = st.mm(pid).translate(va).expect("present entry");
             let f = st.phys.frame(frame);
             let zero = frame == st.phys.zero_page();
-            (
-                frame,
-                zero,
-                !zero && f.owner() == FrameOwner::Anon && f.refcount == 1,
-            )
+            // wp_can_reuse_anon_folio: reuse an exclusive anonymous page. The model's "exclusive" is one
+            // mapping and no references beyond pins (fork never shares a pinned exclusive page: it copies it for
+            // the child), so a pinned page is reused, never replaced under its DMA.
+            let exclusive = f.owner() == FrameOwner::Anon
+                && f.mapcount <= 1
+                && f.refcount % crate::phys::GUP_PIN_COUNTING_BIAS == 1;
+            (frame, zero, !zero && exclusive)
         };
         if reuse {
             let mut st = self.state();
@@ -1465,6 +1467,16 @@ impl Kernel {
             );
             self.sim.count("cpu.cow_reuse", 1);
             return Ok(());
+        }
+        // Oracle check 3: a COW must never replace a page a device may be writing through a pin.
+        {
+            let mut st = self.state();
+            if st.oracle.enabled() && !zero && st.phys.frame(frame).maybe_dma_pinned() {
+                st.oracle.violation(
+                    ViolationKind::PinBroken,
+                    format!("COW replaced pinned {frame} at pid {} va {va}: DMA through the pin is lost", pid.0),
+                );
+            }
         }
         // wp_page_copy: allocate, copy, then replace the entry inside a CLEAR invalidation.
         let new = self
@@ -1537,6 +1549,46 @@ impl Kernel {
         let mut st = self.state();
         st.oracle_check_device(dev, pid, va, frame, false);
         st.phys.read(frame, 0, buf);
+    }
+
+    /// A device writes `data` (4 KiB) into a frame it holds a pin on (DMA through a short- or long-term pin,
+    /// DESIGN.md §4.5). The oracle accepts the frame because of the pin, not a mapping: it must be allocated
+    /// and pinned; if `pid` still maps it at `va`, that page's content record follows the write.
+    pub fn device_write_pinned(
+        &self,
+        dev: DeviceId,
+        pid: Pid,
+        va: Va,
+        frame: FrameId,
+        data: &[u8],
+    ) {
+        let mut st = self.state();
+        if st.oracle.enabled() {
+            let fr = st.phys.frame(frame);
+            if !fr.is_allocated() {
+                st.oracle.violation(
+                    ViolationKind::UseAfterFree,
+                    format!("device {} wrote freed {frame}", dev.0),
+                );
+                return;
+            }
+            if !fr.maybe_dma_pinned() {
+                st.oracle.violation(
+                    ViolationKind::PinBroken,
+                    format!(
+                        "device {} wrote {frame} through a pin that no longer holds it",
+                        dev.0
+                    ),
+                );
+                return;
+            }
+        }
+        st.phys.write(frame, 0, data);
+        let mapped = st.mm(pid).translate(va).is_some_and(|(f, _, _)| f == frame);
+        if mapped && let Some(key) = st.logical_page(pid, va) {
+            let h = st.phys.content_hash(frame);
+            st.oracle.record(key, h);
+        }
     }
 
     /// A device writes `data` (4 KiB) into `frame` for `va` in `pid`.

@@ -5,8 +5,9 @@
 //! 1. **No stale translation** — a device reaches frame F for address v of process P only if P's page table
 //!    maps v to F now, writable for a write ([`crate::Kernel::device_read`] / `device_write`).
 //! 2. **No use after free** — no CPU or device access reaches a free frame.
-//! 3. **Pins hold** — not checked yet: nothing in the model pins until GUP arrives (the device-memory issue);
-//!    the frame allocator already cannot free a frame whose refcount carries a pin bias.
+//! 3. **Pins hold** — a COW never replaces a pinned page in its mapping, and a device writing through a pin
+//!    reaches a frame that is still allocated and pinned. Migration skips pinned pages and the allocator cannot
+//!    free a frame whose refcount carries a pin bias, so those paths hold by construction.
 //! 4. **Data integrity** — every read returns the last value written to that memory. The oracle keeps a
 //!    content hash per *logical page* — `(process, virtual page)` for private anonymous memory and COWed
 //!    pages, `(file, page offset)` for page-cache pages — updated on every write and carried over by fork

@@ -287,3 +287,28 @@ fn pins_use_the_bias_release_on_drop_and_make_fork_copy_for_the_child() {
     assert!(parent_kept, "the parent keeps the pinned page, writable");
     assert!(child_copy, "the child gets a copy with the same bytes");
 }
+
+#[test]
+fn read_only_pin_of_a_cow_shared_page_unshares_it_so_dma_survives_the_parents_write() {
+    use peerdma_mm::GupFlags as F;
+    let (child_sees, parent_sees, violations) = run(|k| async move {
+        let pid = k.create_process();
+        let buf = k.mmap(pid, &anon(1, Prot::RW)).await.unwrap();
+        k.store(pid, buf, &[1]).await.unwrap();
+        let child = k.fork(pid).await.unwrap();
+        // The page is COW-shared now; a read-only pin must unshare it first (gup_must_unshare).
+        let pin = k.get_user_pages(pid, buf, 1, F::PIN).await.unwrap();
+        let frame = pin.frames()[0];
+        // The parent writes: without the unshare this COW would replace the pinned page (oracle check 3).
+        k.store(pid, buf.add(8), &[2]).await.unwrap();
+        k.device_write_pinned(peerdma_core::DeviceId(9), pid, buf, frame, &[5u8; 4096]);
+        let mut c = [0u8; 1];
+        k.load(child, buf, &mut c).await.unwrap();
+        let mut p = [0u8; 1];
+        k.load(pid, buf, &mut p).await.unwrap();
+        drop(pin);
+        let v = k.state().oracle.violations().len();
+        (c[0], p[0], v)
+    });
+    assert_eq!((child_sees, parent_sees, violations), (1, 5, 0));
+}

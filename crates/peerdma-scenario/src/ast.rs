@@ -596,6 +596,29 @@ pub enum Op {
         /// Name of the resulting mapping.
         name: String,
     },
+    /// `pin`: `pin_user_pages` (or `get_user_pages`) held under `name` until `unpin` or process exit.
+    Pin {
+        /// Start address.
+        at: AddrExpr,
+        /// Number of 4 KiB pages.
+        pages: u64,
+        /// FOLL_* flags.
+        flags: peerdma_mm::GupFlags,
+        /// The pin's name.
+        name: String,
+    },
+    /// `unpin`: release a held pin.
+    Unpin {
+        /// The pin's name.
+        pin: String,
+    },
+    /// `dma.write`: a DMA engine writes `pattern` into every page of a held pin (short-term pin discipline).
+    DmaWrite {
+        /// The pin's name.
+        pin: String,
+        /// What to write, laid out over the pinned pages in order.
+        pattern: Pattern,
+    },
     /// `gup`: take references on `pages` pages at `at` with FOLL_* `flags` and release them at once, as the
     /// kernel's gup_test ioctls do; `cpages` checks how many pages were taken.
     Gup {
@@ -669,6 +692,9 @@ impl Op {
             Self::DmirrorCheckExclusive { .. } => "dmirror.check_exclusive",
             Self::Gup { .. } => "gup",
             Self::Mremap { .. } => "mremap",
+            Self::Pin { .. } => "pin",
+            Self::Unpin { .. } => "unpin",
+            Self::DmaWrite { .. } => "dma.write",
         }
     }
 }

@@ -107,6 +107,9 @@ enum OpKind {
     DmirrorCheckExclusive,
     Gup,
     Mremap,
+    Pin,
+    Unpin,
+    DmaWrite,
 }
 
 impl OpKind {
@@ -136,6 +139,9 @@ impl OpKind {
         Self::DmirrorCheckExclusive,
         Self::Gup,
         Self::Mremap,
+        Self::Pin,
+        Self::Unpin,
+        Self::DmaWrite,
     ];
 
     const fn name(self) -> &'static str {
@@ -165,6 +171,9 @@ impl OpKind {
             Self::DmirrorCheckExclusive => "dmirror.check_exclusive",
             Self::Gup => "gup",
             Self::Mremap => "mremap",
+            Self::Pin => "pin",
+            Self::Unpin => "unpin",
+            Self::DmaWrite => "dma.write",
         }
     }
 
@@ -197,6 +206,9 @@ impl OpKind {
             | Self::DmirrorCheckExclusive => &["fd", "at", "pages"],
             Self::DmirrorMmap => &["fd", "name", "len", "prot"],
             Self::Gup => &["at", "pages", "flags"],
+            Self::Pin => &["at", "pages", "flags", "name"],
+            Self::Unpin => &["pin"],
+            Self::DmaWrite => &["pin", "pattern"],
             Self::Mremap => &["at", "len", "new_len", "flags", "to", "name"],
         }
     }
@@ -211,7 +223,7 @@ impl OpKind {
             Self::DmirrorWrite => &["errno", "cpages", "faults"],
             Self::DmirrorSnapshot => &["errno", "cpages", "faults", "bytes"],
             Self::DmirrorMigrateToDev | Self::DmirrorExclusive => &["errno", "cpages", "data"],
-            Self::DmirrorMigrateToSys | Self::Gup => &["errno", "cpages"],
+            Self::DmirrorMigrateToSys | Self::Gup | Self::Pin => &["errno", "cpages"],
             _ => &["errno"],
         }
     }
@@ -316,6 +328,8 @@ enum RefKind {
     File,
     Device,
     Fd,
+    /// A pin held by a `pin` step.
+    Pin,
     /// The process of a `[[thread]]`.
     Process,
     /// The child of a `wait` step.
@@ -346,6 +360,7 @@ struct Parser<'s> {
     processes: BTreeMap<String, Option<Range<usize>>>,
     children: BTreeSet<String>,
     fds: BTreeSet<String>,
+    pins: BTreeSet<String>,
     refs: Vec<NameRef>,
 }
 
@@ -362,6 +377,7 @@ impl<'s> Parser<'s> {
             processes: BTreeMap::from([("main".to_owned(), None)]),
             children: BTreeSet::new(),
             fds: BTreeSet::new(),
+            pins: BTreeSet::new(),
             refs: Vec::new(),
         }
     }
@@ -1285,6 +1301,35 @@ impl<'s> Parser<'s> {
                     name,
                 }
             }
+            OpKind::Pin => {
+                let at = self.addr(self.required(t, "at")?, "at")?;
+                let pages = self.uint_as(
+                    self.required(t, "pages")?,
+                    "pages",
+                    "an integer number of pages",
+                )?;
+                let flags = self.gup_flags(self.required(t, "flags")?)?;
+                let name = self.string(self.required(t, "name")?, "name")?.to_owned();
+                self.pins.insert(name.clone());
+                Op::Pin {
+                    at,
+                    pages,
+                    flags,
+                    name,
+                }
+            }
+            OpKind::Unpin => Op::Unpin {
+                pin: self.name_ref(self.required(t, "pin")?, "pin", RefKind::Pin)?,
+            },
+            OpKind::DmaWrite => {
+                let pin = self.name_ref(self.required(t, "pin")?, "pin", RefKind::Pin)?;
+                let v = self.required(t, "pattern")?;
+                let text = self.string(v, "pattern")?;
+                let pattern = text
+                    .parse::<Pattern>()
+                    .map_err(|e| self.err(&v.span(), e.to_string()))?;
+                Op::DmaWrite { pin, pattern }
+            }
             OpKind::Gup => {
                 let at = self.addr(self.required(t, "at")?, "at")?;
                 let pages = self.uint_as(
@@ -1738,6 +1783,12 @@ impl<'s> Parser<'s> {
                 "device",
                 self.devices.keys().map(String::as_str).collect(),
                 "declare it with `[[device]]`",
+            ),
+            RefKind::Pin if self.pins.contains(name) => Ok(()),
+            RefKind::Pin => unknown(
+                "pin",
+                self.pins.iter().map(String::as_str).collect(),
+                "take one with `{ op = \"pin\", at = ..., pages = ..., flags = [...], name = ... }`",
             ),
             RefKind::Fd if self.fds.contains(name) => Ok(()),
             RefKind::Fd => unknown(

@@ -27,6 +27,9 @@ use crate::report::{ExpectFailure, Outcome, Report, StepRecord};
 /// Device memory of each dmirror device (test_hmm.c adds 256 MiB chunks on demand; one chunk here).
 const DEVICE_MEMORY: u64 = 256 << 20;
 
+/// The device id DMA through `pin`s is attributed to (a generic DMA engine, not a declared device).
+const DMA_ENGINE: DeviceId = DeviceId(u32::MAX);
+
 /// Command-line overrides of the scenario's `[sim]` table.
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
@@ -52,6 +55,7 @@ struct ProcState {
     pid: Option<Pid>,
     mappings: BTreeMap<String, (Va, u64)>,
     fds: BTreeMap<String, Rc<Dmirror>>,
+    pins: BTreeMap<String, (peerdma_mm::PinnedPages, Va)>,
     live_threads: usize,
     exited: bool,
 }
@@ -63,6 +67,7 @@ struct World {
     procs: RefCell<BTreeMap<String, ProcState>>,
     files: BTreeMap<String, u32>,
     devices: BTreeMap<String, Rc<DmirrorDevice>>,
+    dma_page_cost: SimDuration,
     proc_wq: WaitQueue,
     records: RefCell<Vec<StepRecord>>,
     failures: RefCell<Vec<ExpectFailure>>,
@@ -118,6 +123,7 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
         scn: scn.clone(),
         procs: RefCell::new(procs),
         files,
+        dma_page_cost: dm_costs.dma_page,
         devices,
         proc_wq: WaitQueue::new(&sim),
         records: RefCell::new(Vec::new()),
@@ -200,6 +206,8 @@ impl World {
                 return;
             }
             st.exited = true;
+            // Pins are released with the process.
+            st.pins.clear();
             (
                 st.pid.expect("running process"),
                 std::mem::take(&mut st.fds),
@@ -535,6 +543,65 @@ impl World {
                     }
                     Err(e) => out.errno = Some(e),
                 }
+            }
+            Op::Pin {
+                at,
+                pages,
+                flags,
+                name,
+            } => {
+                let (va, _) = self.resolve(proc_name, at)?;
+                match kernel.get_user_pages(pid, va, *pages, *flags).await {
+                    Ok(pinned) => {
+                        out.dm = Some(DmirrorResult {
+                            cpages: pinned.len() as u64,
+                            ..DmirrorResult::default()
+                        });
+                        self.procs
+                            .borrow_mut()
+                            .get_mut(proc_name)
+                            .expect("known")
+                            .pins
+                            .insert(name.clone(), (pinned, va));
+                    }
+                    Err(e) => out.errno = Some(e),
+                }
+            }
+            Op::Unpin { pin } => {
+                let p = self
+                    .procs
+                    .borrow_mut()
+                    .get_mut(proc_name)
+                    .expect("known")
+                    .pins
+                    .remove(pin);
+                if p.is_none() {
+                    return Err(format!("pin `{pin}` is not held by process `{proc_name}`"));
+                }
+            }
+            Op::DmaWrite { pin, pattern } => {
+                let (frames, va) = {
+                    let procs = self.procs.borrow();
+                    let (p, va) = procs[proc_name].pins.get(pin).ok_or_else(|| {
+                        format!("pin `{pin}` is not held by process `{proc_name}`")
+                    })?;
+                    (p.frames().to_vec(), *va)
+                };
+                let mut data = vec![0u8; frames.len() * 4096];
+                pattern.fill(&mut data);
+                for (i, f) in frames.iter().enumerate() {
+                    let page_va = va.add(i as u64 * PAGE_SIZE);
+                    kernel.device_write_pinned(
+                        DMA_ENGINE,
+                        pid,
+                        page_va,
+                        *f,
+                        &data[i * 4096..(i + 1) * 4096],
+                    );
+                }
+                kernel
+                    .spend(self.dma_page_cost.saturating_mul(frames.len() as u64))
+                    .await;
             }
             Op::Gup { at, pages, flags } => {
                 let (va, _) = self.resolve(proc_name, at)?;
