@@ -965,7 +965,7 @@ impl Dmirror {
             }
             MemoryKind::DeviceCoherent { .. } => prot::DEV_COHERENT_REMOTE,
             MemoryKind::Ram { .. } if frame == zero => prot::ZERO,
-            MemoryKind::Ram { .. } => prot::NONE,
+            MemoryKind::Ram { .. } | MemoryKind::FsDax { .. } => prot::NONE,
         };
         b |= if w & HMM_PFN_WRITE != 0 {
             prot::WRITE

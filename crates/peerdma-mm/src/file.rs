@@ -19,6 +19,8 @@ pub struct File {
     pub pages: BTreeMap<u64, FrameId>,
     /// A shmem object backing shared anonymous memory (not visible by name).
     pub shmem: bool,
+    /// For a DAX file: the persistent-memory region whose frames are its blocks.
+    pub dax_region: Option<usize>,
 }
 
 impl File {

@@ -102,6 +102,7 @@ impl PinnedPages {
 impl Drop for PinnedPages {
     fn drop(&mut self) {
         release(&self.kernel, &self.frames, self.pin);
+        self.kernel.pin_wq.wake_up_all();
     }
 }
 
@@ -217,6 +218,10 @@ impl Kernel {
         }
         if flags.contains(GupFlags::ANON) && !vma.is_anonymous() {
             return Err(Errno::EFAULT);
+        }
+        // Filesystem truncate and hole-punch must be able to complete: no long-term pins of fsdax.
+        if flags.contains(GupFlags::LONGTERM) && vma.flags.contains(VmFlags::DAX) {
+            return Err(Errno::EOPNOTSUPP);
         }
         let private = !vma.is_shared();
         if write

@@ -25,7 +25,7 @@ use crate::notifier::{
 };
 use crate::oracle::{LogicalPage, Oracle, ViolationKind};
 use crate::pagetable::{Leaf, PageTable, Pte};
-use crate::phys::{FRAMES_PER_PMD, FrameOwner, PhysMem};
+use crate::phys::{FRAMES_PER_PMD, FrameOwner, MemoryKind, PhysMem};
 use crate::vma::{Prot, VmFlags, Vma, VmaBacking};
 
 /// Lowest address `mmap` hands out without a hint (`mmap_min_addr` is far lower; this keeps reports readable).
@@ -221,7 +221,11 @@ impl KernelState {
         if let Some(&frame) = f.pages.get(&pgoff) {
             return Some(frame);
         }
-        let frame = self.phys.alloc(0, FrameOwner::File { file, pgoff }).ok()?;
+        let region = f.dax_region.unwrap_or(0);
+        let frame = self
+            .phys
+            .alloc(region, FrameOwner::File { file, pgoff })
+            .ok()?;
         self.phys.frame_mut(frame).lru = crate::phys::LruState::Inactive;
         self.files[file as usize].pages.insert(pgoff, frame);
         Some(frame)
@@ -341,6 +345,8 @@ pub struct Kernel {
     notifier_wq: WaitQueue,
     /// Wakes CPU accesses waiting on migration entries.
     pub(crate) migration_wq: WaitQueue,
+    /// Wakes waiters for pins to drop (DAX truncate).
+    pub(crate) pin_wq: WaitQueue,
     /// The callbacks of each device memory region (`dev_pagemap`), by region index.
     pub(crate) pgmaps: RefCell<BTreeMap<usize, Rc<dyn crate::migrate::DevicePagemapOps>>>,
 }
@@ -365,6 +371,7 @@ impl Kernel {
             }),
             notifier_wq: WaitQueue::new(sim),
             migration_wq: WaitQueue::new(sim),
+            pin_wq: WaitQueue::new(sim),
             pgmaps: RefCell::new(BTreeMap::new()),
         })
     }
@@ -413,8 +420,112 @@ impl Kernel {
             size,
             pages: BTreeMap::new(),
             shmem,
+            dax_region: None,
         });
         id
+    }
+
+    /// Creates a DAX file of `size` bytes on a persistent-memory region of its own (MEMORY_DEVICE_FS_DAX): its
+    /// blocks are frames with struct pages that mappings reach directly, with no page cache in between.
+    pub fn create_dax_file(&self, name: &str, size: u64) -> u32 {
+        let id = self.create_file(name, size, false);
+        let mut st = self.state();
+        let r = st.phys.add_region(
+            MemoryKind::FsDax { file: id },
+            size.div_ceil(PAGE_SIZE).max(1),
+        );
+        st.files[id as usize].dax_region = Some(r);
+        id
+    }
+
+    /// `truncate(2)` to `size`: every mapping of the pages past the new end is zapped (inside a CLEAR
+    /// invalidation, so mirrors drop them), then — for DAX — the call waits until no pin holds those blocks
+    /// (`dax_layout_busy_page`) before they are freed for reuse.
+    pub async fn truncate(&self, file: u32, size: u64) -> Result<(), Errno> {
+        self.spend(self.costs.syscall).await;
+        let first = size.div_ceil(PAGE_SIZE);
+        let last = self.state().files[file as usize].nr_pages();
+        self.remove_file_pages(file, first, last.max(first)).await;
+        self.state().files[file as usize].size = size;
+        Ok(())
+    }
+
+    /// `fallocate(FALLOC_FL_PUNCH_HOLE)` over `[offset, offset + len)`: like truncate for the whole pages inside.
+    ///
+    /// # Errors
+    /// `EINVAL` for a range that overflows.
+    pub async fn punch_hole(&self, file: u32, offset: u64, len: u64) -> Result<(), Errno> {
+        self.spend(self.costs.syscall).await;
+        let end = offset.checked_add(len).ok_or(Errno::EINVAL)?;
+        self.remove_file_pages(file, offset.div_ceil(PAGE_SIZE), end / PAGE_SIZE)
+            .await;
+        Ok(())
+    }
+
+    /// Zaps every mapping of `file`'s pages `[first, last)` in every address space (`unmap_mapping_range`,
+    /// COWed private copies included), waits for pins on DAX blocks to drop, then frees the pages.
+    async fn remove_file_pages(&self, file: u32, first: u64, last: u64) {
+        if first >= last {
+            return;
+        }
+        // The i_mmap walk: every VMA of every process that maps this file range.
+        let targets: Vec<(Pid, Range<Va>)> = {
+            let st = self.state();
+            st.mms
+                .values()
+                .filter(|mm| mm.alive)
+                .flat_map(|mm| mm.vmas.values().map(move |v| (mm.pid, v)))
+                .filter_map(|(pid, v)| {
+                    let VmaBacking::File { file: f, pgoff } = v.backing else {
+                        return None;
+                    };
+                    if f != file {
+                        return None;
+                    }
+                    let vpages = v.range.len() / PAGE_SIZE;
+                    let lo = first.max(pgoff);
+                    let hi = last.min(pgoff + vpages);
+                    (lo < hi).then(|| {
+                        let start = v.range.start.add((lo - pgoff) * PAGE_SIZE);
+                        (pid, Range::new(start, start.add((hi - lo) * PAGE_SIZE)))
+                    })
+                })
+                .collect()
+        };
+        for (pid, r) in targets {
+            self.invalidate_range_start(pid, r, NotifierEvent::Clear, None)
+                .await;
+            {
+                let mut st = self.state();
+                st.zap_range(pid, r);
+                st.oracle.forget_anon(pid, r);
+            }
+            self.invalidate_range_end(pid);
+        }
+        let frames: Vec<(u64, FrameId)> = self.state().files[file as usize]
+            .pages
+            .range(first..last)
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        let dax = self.state().files[file as usize].dax_region.is_some();
+        if dax {
+            // Only the file's own reference may remain before the blocks are reused.
+            let st = &self.state;
+            self.pin_wq
+                .wait_event(|| {
+                    frames
+                        .iter()
+                        .all(|(_, f)| st.borrow().phys.frame(*f).refcount <= 1)
+                })
+                .await;
+        }
+        let mut st = self.state();
+        for (pgoff, f) in frames {
+            st.files[file as usize].pages.remove(&pgoff);
+            st.phys.put(f);
+            st.oracle
+                .record(LogicalPage::File { file, pgoff }, crate::phys::ZERO_HASH);
+        }
     }
 
     /// Writes `data` into `file` at `offset` through the page cache (`pwrite`). Writes past EOF extend it.
@@ -653,6 +764,14 @@ impl Kernel {
         }
         if args.hugetlb {
             flags |= VmFlags::HUGETLB;
+        }
+        if args.file.is_some_and(|f| {
+            self.state()
+                .files
+                .get(f as usize)
+                .is_some_and(|f| f.dax_region.is_some())
+        }) {
+            flags |= VmFlags::DAX;
         }
         let backing = if args.anonymous {
             if args.shared {

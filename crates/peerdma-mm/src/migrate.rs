@@ -207,10 +207,9 @@ impl Kernel {
             .vma(m.start)
             .cloned()
             .ok_or(Errno::EINVAL)?;
-        if vma
-            .flags
-            .intersects(VmFlags::HUGETLB | VmFlags::IO | VmFlags::PFNMAP | VmFlags::MIXEDMAP)
-            || m.end > vma.range.end
+        if vma.flags.intersects(
+            VmFlags::HUGETLB | VmFlags::IO | VmFlags::PFNMAP | VmFlags::MIXEDMAP | VmFlags::DAX,
+        ) || m.end > vma.range.end
         {
             return Err(Errno::EINVAL);
         }
@@ -262,6 +261,7 @@ impl Kernel {
                     MemoryKind::DeviceCoherent { owner } => {
                         owner == m.pgmap_owner && m.flags & MIGRATE_VMA_SELECT_DEVICE_COHERENT != 0
                     }
+                    MemoryKind::FsDax { .. } => false,
                 };
                 let fr = st.phys.frame(frame);
                 // Only anonymous pages move; pinned pages stay (the refcount check of migrate_vma_unmap).

@@ -43,6 +43,11 @@ pub enum MemoryKind {
         /// The owning device.
         owner: DeviceId,
     },
+    /// MEMORY_DEVICE_FS_DAX: persistent memory a DAX file maps directly (struct pages, direct CPU access).
+    FsDax {
+        /// The DAX file it backs.
+        file: u32,
+    },
 }
 
 /// Who a frame belongs to while allocated.

@@ -32,6 +32,8 @@ bitflags! {
         const HUGETLB = 1 << 9;
         /// VM_DONTCOPY: not inherited by fork.
         const DONTCOPY = 1 << 10;
+        /// A filesystem-DAX mapping (`vma_is_fsdax`).
+        const DAX = 1 << 11;
     }
 }
 

@@ -312,3 +312,46 @@ fn read_only_pin_of_a_cow_shared_page_unshares_it_so_dma_survives_the_parents_wr
     });
     assert_eq!((child_sees, parent_sees, violations), (1, 5, 0));
 }
+
+#[test]
+fn dax_truncate_waits_for_short_term_pins_and_long_term_pins_are_refused() {
+    use peerdma_mm::GupFlags as F;
+    let sim = Sim::new(SimConfig::default());
+    let k = Kernel::new(&sim, 64 << 20, MmCosts::zero());
+    let file = k.create_dax_file("pmem", 8 * PAGE_SIZE);
+    let pid = k.create_process();
+    let log: Rc<RefCell<Vec<(&str, u64)>>> = Rc::default();
+    let pin_slot: Rc<RefCell<Option<peerdma_mm::PinnedPages>>> = Rc::default();
+    {
+        let (k, log, slot, s) = (k.clone(), log.clone(), pin_slot.clone(), sim.clone());
+        sim.spawn("app", async move {
+            let args = MmapArgs {
+                len: 8 * PAGE_SIZE,
+                prot: Prot::RW,
+                shared: true,
+                file: Some(file),
+                ..MmapArgs::default()
+            };
+            let buf = k.mmap(pid, &args).await.unwrap();
+            let lt = k.get_user_pages(pid, buf, 1, F::PIN | F::LONGTERM).await;
+            assert_eq!(lt.unwrap_err(), Errno::EOPNOTSUPP);
+            *slot.borrow_mut() = Some(
+                k.get_user_pages(pid, buf.add(6 * PAGE_SIZE), 1, F::PIN)
+                    .await
+                    .unwrap(),
+            );
+            k.truncate(file, 4 * PAGE_SIZE).await.unwrap();
+            log.borrow_mut().push(("truncated", s.now().0));
+        });
+    }
+    {
+        let (log, slot, s) = (log.clone(), pin_slot.clone(), sim.clone());
+        sim.spawn("io", async move {
+            s.sleep(peerdma_core::SimDuration::from_micros(50)).await;
+            drop(slot.borrow_mut().take());
+            log.borrow_mut().push(("unpinned", s.now().0));
+        });
+    }
+    assert_eq!(sim.run(), RunOutcome::Completed);
+    assert_eq!(*log.borrow(), [("unpinned", 50_000), ("truncated", 50_000)]);
+}

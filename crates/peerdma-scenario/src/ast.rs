@@ -107,6 +107,8 @@ pub struct FileDecl {
     pub size: u64,
     /// Its initial contents, from offset 0. Default [`Pattern::Zero`].
     pub pattern: Pattern,
+    /// A DAX file on persistent memory (`dax = true`) instead of a page-cache file.
+    pub dax: bool,
 }
 
 /// A `[[device]]`.
@@ -619,6 +621,22 @@ pub enum Op {
         /// What to write, laid out over the pinned pages in order.
         pattern: Pattern,
     },
+    /// `truncate(2)` of a file to `size`.
+    Truncate {
+        /// The file.
+        file: String,
+        /// The new size.
+        size: u64,
+    },
+    /// `fallocate(FALLOC_FL_PUNCH_HOLE)` over `[offset, offset + len)`.
+    PunchHole {
+        /// The file.
+        file: String,
+        /// Start of the hole.
+        offset: u64,
+        /// Its length.
+        len: u64,
+    },
     /// `gup`: take references on `pages` pages at `at` with FOLL_* `flags` and release them at once, as the
     /// kernel's gup_test ioctls do; `cpages` checks how many pages were taken.
     Gup {
@@ -691,6 +709,8 @@ impl Op {
             Self::DmirrorExclusive { .. } => "dmirror.exclusive",
             Self::DmirrorCheckExclusive { .. } => "dmirror.check_exclusive",
             Self::Gup { .. } => "gup",
+            Self::Truncate { .. } => "truncate",
+            Self::PunchHole { .. } => "punch_hole",
             Self::Mremap { .. } => "mremap",
             Self::Pin { .. } => "pin",
             Self::Unpin { .. } => "unpin",

@@ -110,6 +110,8 @@ enum OpKind {
     Pin,
     Unpin,
     DmaWrite,
+    Truncate,
+    PunchHole,
 }
 
 impl OpKind {
@@ -142,6 +144,8 @@ impl OpKind {
         Self::Pin,
         Self::Unpin,
         Self::DmaWrite,
+        Self::Truncate,
+        Self::PunchHole,
     ];
 
     const fn name(self) -> &'static str {
@@ -174,6 +178,8 @@ impl OpKind {
             Self::Pin => "pin",
             Self::Unpin => "unpin",
             Self::DmaWrite => "dma.write",
+            Self::Truncate => "truncate",
+            Self::PunchHole => "punch_hole",
         }
     }
 
@@ -192,7 +198,7 @@ impl OpKind {
             Self::Madvise => &["at", "len", "advice"],
             Self::Store => &["at", "len", "pattern"],
             Self::Pwrite => &["file", "offset", "len", "pattern"],
-            Self::Pread => &["file", "offset", "len"],
+            Self::Pread | Self::PunchHole => &["file", "offset", "len"],
             Self::Fork | Self::Wait => &["child"],
             Self::Exit => &[],
             Self::Sleep => &["for", "random"],
@@ -209,6 +215,7 @@ impl OpKind {
             Self::Pin => &["at", "pages", "flags", "name"],
             Self::Unpin => &["pin"],
             Self::DmaWrite => &["pin", "pattern"],
+            Self::Truncate => &["file", "size"],
             Self::Mremap => &["at", "len", "new_len", "flags", "to", "name"],
         }
     }
@@ -1005,7 +1012,7 @@ impl<'s> Parser<'s> {
     }
 
     fn file(&mut self, t: &Table<'_, '_>) -> Result<FileDecl> {
-        self.allow(t, &["name", "size", "pattern"])?;
+        self.allow(t, &["name", "size", "pattern", "dax"])?;
         let name_v = self.required(t, "name")?;
         let name = self.name(name_v, "name")?;
         self.check_unique(&self.files, &name, &name_v.span(), "file")?;
@@ -1015,10 +1022,15 @@ impl<'s> Parser<'s> {
             Some(v) => self.pattern(v, "pattern")?,
             None => Pattern::Zero,
         };
+        let dax = match t.get("dax") {
+            Some(v) => self.boolean(v, "dax")?,
+            None => false,
+        };
         Ok(FileDecl {
             name,
             size,
             pattern,
+            dax,
         })
     }
 
@@ -1301,6 +1313,15 @@ impl<'s> Parser<'s> {
                     name,
                 }
             }
+            OpKind::Truncate => Op::Truncate {
+                file: self.name_ref(self.required(t, "file")?, "file", RefKind::File)?,
+                size: self.size(self.required(t, "size")?, "size")?,
+            },
+            OpKind::PunchHole => Op::PunchHole {
+                file: self.name_ref(self.required(t, "file")?, "file", RefKind::File)?,
+                offset: self.size(self.required(t, "offset")?, "offset")?,
+                len: self.len(self.required(t, "len")?, "len")?,
+            },
             OpKind::Pin => {
                 let at = self.addr(self.required(t, "at")?, "at")?;
                 let pages = self.uint_as(

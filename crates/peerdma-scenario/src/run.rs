@@ -93,7 +93,12 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
     let kernel = Kernel::new(&sim, scn.sim.memory, mm_costs);
     let mut files = BTreeMap::new();
     for f in &scn.files {
-        files.insert(f.name.clone(), kernel.create_file(&f.name, f.size, false));
+        let id = if f.dax {
+            kernel.create_dax_file(&f.name, f.size)
+        } else {
+            kernel.create_file(&f.name, f.size, false)
+        };
+        files.insert(f.name.clone(), id);
     }
     let devices = scn
         .devices
@@ -602,6 +607,15 @@ impl World {
                 kernel
                     .spend(self.dma_page_cost.saturating_mul(frames.len() as u64))
                     .await;
+            }
+            Op::Truncate { file, size } => {
+                out.errno = kernel.truncate(self.files[file], *size).await.err();
+            }
+            Op::PunchHole { file, offset, len } => {
+                out.errno = kernel
+                    .punch_hole(self.files[file], *offset, *len)
+                    .await
+                    .err();
             }
             Op::Gup { at, pages, flags } => {
                 let (va, _) = self.resolve(proc_name, at)?;
