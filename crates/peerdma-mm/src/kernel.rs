@@ -167,6 +167,8 @@ pub struct KernelState {
     pub oracle: Oracle,
     /// Transparent hugepage policy.
     pub thp: ThpPolicy,
+    /// The swap device and the anonymous LRU.
+    pub swap: crate::swap::Swap,
     next_pid: u32,
     next_notifier: u64,
 }
@@ -280,6 +282,10 @@ impl KernelState {
     }
 
     fn drop_leaf_refs(&mut self, l: &Leaf) {
+        if let Pte::Swap { slot, .. } = l.pte {
+            self.swap.free(slot);
+            return;
+        }
         let special = matches!(l.pte, Pte::Present { special: true, .. });
         if special {
             return;
@@ -366,6 +372,7 @@ impl Kernel {
                 files: Vec::new(),
                 oracle: Oracle::new(sim.clone()),
                 thp: ThpPolicy::default(),
+                swap: crate::swap::Swap::default(),
                 next_pid: 1,
                 next_notifier: 1,
             }),
@@ -1358,7 +1365,10 @@ impl Kernel {
         }
         let leaf = self.state().mm(pid).pt.lookup(va);
         match leaf {
-            None => self.do_missing_page(pid, &vma, va, write),
+            None => {
+                self.reclaim_if_low().await;
+                self.do_missing_page(pid, &vma, va, write)
+            }
             Some(leaf) => match leaf.pte {
                 Pte::Present { write: true, .. } => Ok(()),
                 Pte::Present { write: false, .. } if !write => Ok(()),
@@ -1403,8 +1413,10 @@ impl Kernel {
                         .await;
                     Ok(())
                 }
-                // No swap device yet: nothing creates swap entries.
-                Pte::Swap { .. } => Err(Signal::Bus { addr: va }),
+                Pte::Swap { slot, write } => self
+                    .swap_in(pid, va, slot, write)
+                    .await
+                    .map_err(|()| Signal::Bus { addr: va }),
             },
         }
     }
@@ -1473,6 +1485,7 @@ impl Kernel {
                 let f = st.phys.frame_mut(frame);
                 f.mapcount = 1;
                 f.lru = crate::phys::LruState::Active;
+                st.swap.lru.push_back(frame);
                 st.mm_mut(pid).pt.set_pte(
                     va,
                     Pte::Present {
@@ -1494,6 +1507,7 @@ impl Kernel {
                         .map_err(|_| Signal::Bus { addr: va })?;
                     st.phys.copy_frame(cache, frame);
                     st.phys.frame_mut(frame).mapcount = 1;
+                    st.swap.lru.push_back(frame);
                     st.mm_mut(pid).pt.set_pte(
                         va,
                         Pte::Present {
@@ -1632,6 +1646,7 @@ impl Kernel {
                 }
                 st.phys.frame_mut(new).mapcount = 1;
                 st.phys.frame_mut(new).lru = crate::phys::LruState::Active;
+                st.swap.lru.push_back(new);
                 st.mm_mut(pid).pt.set_pte(
                     va,
                     Pte::Present {
@@ -1819,6 +1834,24 @@ impl KernelState {
 
     /// Copies one leaf from `parent` to `child` for fork; returns the number of pages copied eagerly.
     fn copy_leaf(&mut self, parent: Pid, child: Pid, vma: &Vma, leaf: Leaf) -> u64 {
+        if let Pte::Swap { slot, write } = leaf.pte {
+            // A swap entry is shared by parent and child (swap_duplicate), read-only for COW.
+            self.swap.dup(slot);
+            let cow = !vma.is_shared();
+            self.mm_mut(child).pt.set_pte(
+                leaf.base,
+                Pte::Swap {
+                    slot,
+                    write: write && !cow,
+                },
+            );
+            if cow && write {
+                self.mm_mut(parent)
+                    .pt
+                    .set_pte(leaf.base, Pte::Swap { slot, write: false });
+            }
+            return 0;
+        }
         let mut leaf = leaf;
         if let Pte::DeviceExclusive { frame, write } = leaf.pte {
             // Current kernels restore a device-exclusive entry before copying it (spec §1.7); fork's

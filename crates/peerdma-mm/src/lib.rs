@@ -19,6 +19,7 @@ pub mod notifier;
 pub mod oracle;
 pub mod pagetable;
 pub mod phys;
+pub mod swap;
 pub mod vma;
 
 pub use costs::MmCosts;

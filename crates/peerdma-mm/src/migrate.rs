@@ -367,6 +367,9 @@ impl Kernel {
                 st.mm_mut(m.pid).pt.set_pte(va, pte);
                 if migrated {
                     st.phys.frame_mut(frame).mapcount = 1;
+                    if matches!(st.phys.kind(frame), MemoryKind::Ram { .. }) {
+                        st.swap.lru.push_back(frame);
+                    }
                     // The source's mapping reference goes with the old entry; the page is freed (page_free).
                     st.phys.put(src);
                 }

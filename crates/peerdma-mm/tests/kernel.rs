@@ -355,3 +355,39 @@ fn dax_truncate_waits_for_short_term_pins_and_long_term_pins_are_refused() {
     assert_eq!(sim.run(), RunOutcome::Completed);
     assert_eq!(*log.borrow(), [("unpinned", 50_000), ("truncated", 50_000)]);
 }
+
+#[test]
+fn anonymous_memory_twice_the_ram_swaps_out_and_back_in_intact() {
+    let sim = Sim::new(SimConfig::default());
+    let k = Kernel::new(&sim, 4 << 20, MmCosts::zero());
+    let out: Rc<RefCell<Option<(bool, u64, usize)>>> = Rc::default();
+    {
+        let (k, out) = (k.clone(), out.clone());
+        sim.spawn("app", async move {
+            let pid = k.create_process();
+            let n = 2048u64;
+            let buf = k.mmap(pid, &anon(n, Prot::RW)).await.unwrap();
+            let data: Vec<u8> = (0..n * 1024)
+                .flat_map(|i| u32::try_from(i).unwrap().to_le_bytes())
+                .collect();
+            let stored = k.store(pid, buf, &data).await;
+            let mut back = vec![0u8; data.len()];
+            let loaded = k.load(pid, buf, &mut back).await;
+            let free = k.state().phys.nr_free(0);
+            let slots = k.state().swap.nr_slots();
+            *out.borrow_mut() = Some((
+                stored.is_ok() && loaded.is_ok() && back == data,
+                free,
+                slots,
+            ));
+        });
+    }
+    assert_eq!(sim.run(), RunOutcome::Completed);
+    let (intact, _free, slots) = out.borrow_mut().take().unwrap();
+    assert!(intact, "data lost through swap");
+    assert!(
+        slots > 0,
+        "nothing is swapped out while the working set is twice the RAM"
+    );
+    assert!(sim.metrics().get("swap.in") > 0);
+}
