@@ -42,6 +42,9 @@ use peerdma_sim::{MutexGuard, SimMutex};
 /// Pages per fault/snapshot chunk (test_hmm.c works in 64-page pieces).
 pub const CHUNK_PAGES: u64 = 64;
 
+/// Device pages evicted at once when device memory is full.
+const EVICT_BATCH: usize = 32;
+
 /// `HMM_RANGE_DEFAULT_TIMEOUT`: the retry loop gives up with `EBUSY` after this long.
 pub const RANGE_TIMEOUT: SimDuration = SimDuration::from_millis(1_000);
 
@@ -259,6 +262,8 @@ pub struct DmirrorDevice {
     memory: DmirrorMemory,
     region: Cell<usize>,
     owners: RefCell<BTreeMap<FrameId, PageOwner>>,
+    /// Device pages in allocation order, for eviction under device memory pressure.
+    lru: RefCell<std::collections::VecDeque<FrameId>>,
     costs: DmirrorCosts,
 }
 
@@ -304,6 +309,7 @@ impl DmirrorDevice {
             memory,
             region: Cell::new(0),
             owners: RefCell::new(BTreeMap::new()),
+            lru: RefCell::new(std::collections::VecDeque::new()),
             costs,
         });
         let kind = match memory {
@@ -333,6 +339,7 @@ impl DmirrorDevice {
         let page = Range::from_len(va.align_down(PAGE_SIZE), PAGE_SIZE).ok_or(())?;
         let mut m = MigrateVma::new(pid, page, self.select_flag(), self.id);
         k.migrate_vma_setup(&mut m).await.map_err(|_| ())?;
+        self.kernel.reclaim_if_low().await;
         let n = self.copy_to_sys(&mut m);
         k.spend(self.costs.dma_page.saturating_mul(n)).await;
         k.migrate_vma_pages(&mut m);
@@ -350,12 +357,40 @@ impl DmirrorDevice {
             .values()
             .map(|o| (o.pid, o.va))
             .collect();
+        self.evict(pages, None).await;
+    }
+
+    /// Evicts up to `nr` of this device's oldest pages back to system memory, to make room under device
+    /// memory pressure. `held` is the address space whose `mmap_lock` the caller already holds for reading.
+    async fn evict_oldest(&self, nr: usize, held: Pid) -> u64 {
+        let pages: Vec<(Pid, Va)> = {
+            let owners = self.owners.borrow();
+            let mut lru = self.lru.borrow_mut();
+            let mut out = Vec::new();
+            while out.len() < nr {
+                let Some(f) = lru.pop_front() else { break };
+                if let Some(o) = owners.get(&f) {
+                    out.push((o.pid, o.va));
+                }
+            }
+            out
+        };
+        self.evict(pages, Some(held)).await
+    }
+
+    /// Migrates each recorded page mapping back to system memory; returns the pages moved.
+    async fn evict(&self, pages: Vec<(Pid, Va)>, held: Option<Pid>) -> u64 {
+        let mut moved = 0;
         for (pid, va) in pages {
             if !self.kernel.state().mm(pid).alive {
                 continue;
             }
             let lock = self.kernel.mmap_lock(pid);
-            let _m = lock.read().await;
+            let _m = if held == Some(pid) {
+                None
+            } else {
+                Some(lock.read().await)
+            };
             let Some(page) = Range::from_len(va, PAGE_SIZE) else {
                 continue;
             };
@@ -363,13 +398,17 @@ impl DmirrorDevice {
             if self.kernel.migrate_vma_setup(&mut m).await.is_err() {
                 continue;
             }
+            self.kernel.reclaim_if_low().await;
             let n = self.copy_to_sys(&mut m);
             self.kernel
                 .spend(self.costs.dma_page.saturating_mul(n))
                 .await;
             self.kernel.migrate_vma_pages(&mut m);
             self.kernel.migrate_vma_finalize(&mut m);
+            moved += n;
         }
+        self.kernel.sim.count("dmirror.evicted", moved);
+        moved
     }
 
     /// `dmirror_devmem_fault_alloc_and_copy` / `dmirror_migrate_alloc_and_copy` towards system memory: for each
@@ -711,8 +750,15 @@ impl Dmirror {
                     if src.is_some_and(|f| !matches!(k.memory_kind(f), MemoryKind::Ram { .. })) {
                         continue;
                     }
-                    let Some(dst) = k.alloc_page(dev.region.get()) else {
-                        continue;
+                    let dst = if let Some(d) = k.alloc_page(dev.region.get()) {
+                        d
+                    } else {
+                        // Device memory is full: evict the oldest device pages, then try again.
+                        dev.evict_oldest(EVICT_BATCH, self.sh.pid).await;
+                        let Some(d) = k.alloc_page(dev.region.get()) else {
+                            continue;
+                        };
+                        d
                     };
                     if let Some(src) = src {
                         k.copy_page(src, dst);
@@ -746,6 +792,7 @@ impl Dmirror {
                             va: m.va(i),
                         };
                         dev.owners.borrow_mut().insert(dst, owner);
+                        dev.lru.borrow_mut().push_back(dst);
                     }
                 }
                 k.migrate_vma_finalize(&mut m);
@@ -796,6 +843,7 @@ impl Dmirror {
                 dev.id,
             );
             k.migrate_vma_setup(&mut m).await?;
+            k.reclaim_if_low().await;
             let n = dev.copy_to_sys(&mut m);
             k.spend(self.sh.costs.dma_page.saturating_mul(n)).await;
             k.migrate_vma_pages(&mut m);

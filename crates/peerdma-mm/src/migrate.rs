@@ -375,6 +375,13 @@ impl Kernel {
                 }
             }
         }
+        let moved = m
+            .src
+            .iter()
+            .zip(&m.dst)
+            .filter(|(s, d)| **s & MIGRATE_PFN_MIGRATE != 0 && **d != 0)
+            .count();
+        self.sim.count("migrate.pages", moved as u64);
         self.migration_wq.wake_up_all();
     }
 }

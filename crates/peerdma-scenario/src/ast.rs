@@ -120,6 +120,8 @@ pub struct DeviceDecl {
     pub kind: DeviceKind,
     /// The kind of device memory it migrates to.
     pub memory: DeviceMemoryKind,
+    /// Its device memory in bytes (`size`; default 256 MiB, test_hmm.c's chunk).
+    pub size: u64,
 }
 
 /// The kinds of device a scenario can declare.

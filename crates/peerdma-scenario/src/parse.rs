@@ -1035,7 +1035,7 @@ impl<'s> Parser<'s> {
     }
 
     fn device(&mut self, t: &Table<'_, '_>) -> Result<DeviceDecl> {
-        self.allow(t, &["name", "kind", "memory"])?;
+        self.allow(t, &["name", "kind", "memory", "size"])?;
         let name_v = self.required(t, "name")?;
         let name = self.name(name_v, "name")?;
         self.check_unique(&self.devices, &name, &name_v.span(), "device")?;
@@ -1056,7 +1056,27 @@ impl<'s> Parser<'s> {
             )?,
             None => DeviceMemoryKind::Private,
         };
-        Ok(DeviceDecl { name, kind, memory })
+        let size = match t.get("size") {
+            Some(v) => {
+                let size = self.len(v, "size")?;
+                if size % PAGE_SIZE != 0 {
+                    return Err(self.err(
+                        &v.span(),
+                        format!(
+                            "expected a whole number of 4 KiB pages for `size`, found {size} bytes"
+                        ),
+                    ));
+                }
+                size
+            }
+            None => 256 << 20,
+        };
+        Ok(DeviceDecl {
+            name,
+            kind,
+            memory,
+            size,
+        })
     }
 
     /// Adds a process (declared or forked), failing when the name is taken.

@@ -24,9 +24,6 @@ use crate::ast::{
 };
 use crate::report::{ExpectFailure, Outcome, Report, StepRecord};
 
-/// Device memory of each dmirror device (test_hmm.c adds 256 MiB chunks on demand; one chunk here).
-const DEVICE_MEMORY: u64 = 256 << 20;
-
 /// The device id DMA through `pin`s is attributed to (a generic DMA engine, not a declared device).
 const DMA_ENGINE: DeviceId = DeviceId(u32::MAX);
 
@@ -112,7 +109,7 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
             let id = DeviceId(u32::try_from(i).expect("few devices"));
             (
                 d.name.clone(),
-                DmirrorDevice::new(&kernel, id, mem, DEVICE_MEMORY, dm_costs.clone()),
+                DmirrorDevice::new(&kernel, id, mem, d.size, dm_costs.clone()),
             )
         })
         .collect();
