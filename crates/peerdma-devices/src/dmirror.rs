@@ -449,6 +449,7 @@ pub struct Dmirror {
     notifier: NotifierId,
     injection: Cell<FaultInjection>,
     closed: Cell<bool>,
+    fail_alloc: Cell<bool>,
 }
 
 impl Dmirror {
@@ -480,6 +481,7 @@ impl Dmirror {
             notifier,
             injection: Cell::new(FaultInjection::None),
             closed: Cell::new(false),
+            fail_alloc: Cell::new(false),
         }))
     }
 
@@ -915,6 +917,13 @@ impl Dmirror {
         } else {
             Ok(DmirrorResult::default())
         }
+    }
+
+    /// HMM_DMIRROR_FLAGS with HMM_DMIRROR_FLAG_FAIL_ALLOC: the next large (THP) allocation fails. The model
+    /// migrates base pages only, so the flag never finds a large allocation to fail; it is recorded and reported.
+    pub fn set_flags(&self, fail_alloc: bool) {
+        self.fail_alloc.set(fail_alloc);
+        self.sh.kernel.sim.count("dmirror.flags", 1);
     }
 
     /// HMM_DMIRROR_RELEASE: evicts all of this device's memory (for every open file) back to system memory.

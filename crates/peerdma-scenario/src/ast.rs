@@ -401,6 +401,10 @@ pub enum Advice {
     HugePage,
     /// `"nohugepage"`: `MADV_NOHUGEPAGE`.
     NoHugePage,
+    /// `MADV_FREE`.
+    Free,
+    /// `MADV_COLLAPSE`.
+    Collapse,
 }
 
 /// How long a `sleep` step sleeps.
@@ -639,6 +643,13 @@ pub enum Op {
         /// Its length.
         len: u64,
     },
+    /// `HMM_DMIRROR_FLAGS`: set the open file's flags (`fail_alloc`: the next large allocation fails).
+    DmirrorFlags {
+        /// The open file's name.
+        fd: String,
+        /// HMM_DMIRROR_FLAG_FAIL_ALLOC.
+        fail_alloc: bool,
+    },
     /// `gup`: take references on `pages` pages at `at` with FOLL_* `flags` and release them at once, as the
     /// kernel's gup_test ioctls do; `cpages` checks how many pages were taken.
     Gup {
@@ -713,6 +724,7 @@ impl Op {
             Self::Gup { .. } => "gup",
             Self::Truncate { .. } => "truncate",
             Self::PunchHole { .. } => "punch_hole",
+            Self::DmirrorFlags { .. } => "dmirror.flags",
             Self::Mremap { .. } => "mremap",
             Self::Pin { .. } => "pin",
             Self::Unpin { .. } => "unpin",

@@ -112,6 +112,7 @@ enum OpKind {
     DmaWrite,
     Truncate,
     PunchHole,
+    DmirrorFlags,
 }
 
 impl OpKind {
@@ -146,6 +147,7 @@ impl OpKind {
         Self::DmaWrite,
         Self::Truncate,
         Self::PunchHole,
+        Self::DmirrorFlags,
     ];
 
     const fn name(self) -> &'static str {
@@ -180,6 +182,7 @@ impl OpKind {
             Self::DmaWrite => "dma.write",
             Self::Truncate => "truncate",
             Self::PunchHole => "punch_hole",
+            Self::DmirrorFlags => "dmirror.flags",
         }
     }
 
@@ -216,6 +219,7 @@ impl OpKind {
             Self::Unpin => &["pin"],
             Self::DmaWrite => &["pin", "pattern"],
             Self::Truncate => &["file", "size"],
+            Self::DmirrorFlags => &["fd", "flags"],
             Self::Mremap => &["at", "len", "new_len", "flags", "to", "name"],
         }
     }
@@ -1218,6 +1222,8 @@ impl<'s> Parser<'s> {
                                 ("dontneed", Advice::DontNeed),
                                 ("hugepage", Advice::HugePage),
                                 ("nohugepage", Advice::NoHugePage),
+                                ("free", Advice::Free),
+                                ("collapse", Advice::Collapse),
                             ],
                         )?,
                     },
@@ -1332,6 +1338,28 @@ impl<'s> Parser<'s> {
                     to,
                     name,
                 }
+            }
+            OpKind::DmirrorFlags => {
+                let fd = self.name_ref(self.required(t, "fd")?, "fd", RefKind::Fd)?;
+                let v = self.required(t, "flags")?;
+                let DeValue::Array(items) = v.get_ref() else {
+                    return Err(self.err(
+                        &v.span(),
+                        "expected a list like `[\"fail_alloc\"]` for `flags`",
+                    ));
+                };
+                let mut fail_alloc = false;
+                for item in items {
+                    match item.get_ref() {
+                        DeValue::String(s) if s.as_ref() == "fail_alloc" => fail_alloc = true,
+                        _ => {
+                            return Err(
+                                self.err(&item.span(), "expected a dmirror flag: `fail_alloc`")
+                            );
+                        }
+                    }
+                }
+                Op::DmirrorFlags { fd, fail_alloc }
             }
             OpKind::Truncate => Op::Truncate {
                 file: self.name_ref(self.required(t, "file")?, "file", RefKind::File)?,

@@ -322,6 +322,8 @@ impl World {
                     Advice::DontNeed => MmAdvice::DontNeed,
                     Advice::HugePage => MmAdvice::HugePage,
                     Advice::NoHugePage => MmAdvice::NoHugePage,
+                    Advice::Free => MmAdvice::Free,
+                    Advice::Collapse => MmAdvice::Collapse,
                 };
                 out.errno = kernel.madvise(pid, va, *len, a).await.err();
             }
@@ -604,6 +606,9 @@ impl World {
                 kernel
                     .spend(self.dma_page_cost.saturating_mul(frames.len() as u64))
                     .await;
+            }
+            Op::DmirrorFlags { fd, fail_alloc } => {
+                self.fd(proc_name, fd)?.set_flags(*fail_alloc);
             }
             Op::Truncate { file, size } => {
                 out.errno = kernel.truncate(self.files[file], *size).await.err();
