@@ -33,6 +33,8 @@ pub struct Scenario {
     pub processes: Vec<String>,
     /// The `[[thread]]` tables.
     pub threads: Vec<ThreadDecl>,
+    /// The `[topology]` table: the PCIe tree, validated (it builds into a [`peerdma_pci::Topology`]).
+    pub topology: Option<peerdma_pci::TopologySpec>,
 }
 
 impl Scenario {

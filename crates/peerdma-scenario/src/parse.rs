@@ -20,6 +20,9 @@ use std::path::Path;
 
 use peerdma_core::{Errno, PAGE_SIZE, SimDuration};
 use peerdma_mm::GupFlags;
+use peerdma_pci::TopologySpec;
+use serde::Deserialize as _;
+use serde::de::IntoDeserializer as _;
 use toml::Spanned;
 use toml::de::{DeString, DeTable, DeValue};
 
@@ -889,11 +892,15 @@ impl<'s> Parser<'s> {
 
     fn document(&mut self, doc: &DeTable<'_>, span: Range<usize>) -> Result<Scenario> {
         let top = Table::new(doc, span, "the top level");
-        self.allow(&top, &["sim", "file", "device", "process", "thread"])?;
+        self.allow(
+            &top,
+            &["sim", "topology", "file", "device", "process", "thread"],
+        )?;
         let sim = match top.get("sim") {
             Some(v) => self.sim(v)?,
             None => SimSettings::default(),
         };
+        let topology = top.get("topology").map(|v| self.topology(v)).transpose()?;
         let mut files = Vec::new();
         for t in self.array_of_tables(&top, "file")? {
             files.push(self.file(&t)?);
@@ -917,7 +924,25 @@ impl<'s> Parser<'s> {
             devices,
             processes,
             threads,
+            topology,
         })
+    }
+
+    /// The `[topology]` table: deserialized with serde straight from the spanned tree (so `toml`'s errors
+    /// keep their position in the file), then built, so that an invalid tree is reported at the node's
+    /// declaration.
+    fn topology(&self, v: &Value<'_>) -> Result<TopologySpec> {
+        self.table(v, "the `[topology]` table")?;
+        let spec = TopologySpec::deserialize(v.clone().into_deserializer()).map_err(|e| {
+            let span = e.span().unwrap_or_else(|| v.span());
+            let message = e.message().trim_end().replace('\n', "; ");
+            self.err(&span, format!("invalid `[topology]`: {message}"))
+        })?;
+        if let Err(e) = spec.build() {
+            let span = topology_error_span(v, &e).unwrap_or_else(|| v.span());
+            return Err(self.err(&span, format!("invalid `[topology]`: {e}")));
+        }
+        Ok(spec)
     }
 
     fn sim(&self, v: &Value<'_>) -> Result<SimSettings> {
@@ -1879,4 +1904,85 @@ impl<'s> Parser<'s> {
             ),
         }
     }
+}
+
+// ----- locating topology errors -----
+
+/// Returns the `[[topology.*]]` tables (and switch `downstream` entries) that declare a node called `name`,
+/// in file order.
+fn topology_decls<'t, 'i>(topology: &'t Value<'i>, name: &str) -> Vec<&'t DeTable<'i>> {
+    fn tables<'t, 'i>(v: &'t Value<'i>) -> impl Iterator<Item = &'t DeTable<'i>> {
+        v.get_ref()
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|item| item.get_ref().as_table())
+    }
+    let named = |t: &DeTable<'_>| {
+        t.get("name")
+            .and_then(|n| n.get_ref().as_str())
+            .is_some_and(|n| n == name)
+    };
+    let Some(top) = topology.get_ref().as_table() else {
+        return Vec::new();
+    };
+    let mut found: Vec<&DeTable<'i>> = Vec::new();
+    for (_, list) in top.iter() {
+        for t in tables(list) {
+            if named(t) {
+                found.push(t);
+            }
+            if let Some(downstream) = t.get("downstream") {
+                found.extend(tables(downstream).filter(|d| named(d)));
+            }
+        }
+    }
+    let start = |t: &DeTable<'_>| t.get("name").map_or(usize::MAX, |n| n.span().start);
+    found.sort_by_key(|t| start(t));
+    found
+}
+
+/// Returns where a [`peerdma_pci::Error`] about a node points: the key of the node's declaration that is at
+/// fault (`bdf`, `parent`, `link`, the BAR with the index in question) or else its `name` value. For a
+/// duplicated name, its last declaration. `None` when the node is not found (the caller points at
+/// `[topology]`).
+fn topology_error_span(topology: &Value<'_>, err: &peerdma_pci::Error) -> Option<Range<usize>> {
+    use peerdma_pci::Error as E;
+    let decls = topology_decls(topology, err.node()?);
+    let decl = decls.last()?;
+    let key = |k: &str| decl.get(k).map(Spanned::span);
+    let bar = |index: u8| {
+        decl.get("bars")
+            .and_then(|b| b.get_ref().as_array())
+            .into_iter()
+            .flatten()
+            .find(|b| {
+                b.get_ref()
+                    .get("index")
+                    .and_then(|i| i.get_ref().as_integer())
+                    .and_then(|i| i128::from_str_radix(i.as_str(), i.radix()).ok())
+                    .is_some_and(|i| i == i128::from(index))
+            })
+            .map(Spanned::span)
+            .or_else(|| key("bars"))
+    };
+    let specific = match err {
+        E::MissingParent { .. }
+        | E::ParentRequired { .. }
+        | E::EndpointAsParent { .. }
+        | E::BadParent { .. }
+        | E::Cycle { .. } => key("parent"),
+        E::MissingBdf { .. } | E::DuplicateBdf { .. } => key("bdf"),
+        E::InvalidBar { index, .. } | E::OverlappingBars { index, .. } => bar(*index),
+        E::InvalidLink { .. } => key("link"),
+        E::AttributeNotAllowed { attribute, .. } => match *attribute {
+            "bars" => key("bars"),
+            "acs" => key("acs"),
+            "a bdf" => key("bdf"),
+            "a link" => key("link"),
+            _ => None,
+        },
+        E::DuplicateName { .. } | E::UnknownNode { .. } => None,
+    };
+    specific.or_else(|| key("name"))
 }
