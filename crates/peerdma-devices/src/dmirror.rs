@@ -29,7 +29,8 @@ use peerdma_mm::hmm::{
     hmm_pfn_to_frame, hmm_pfn_to_map_order,
 };
 use peerdma_mm::migrate::{
-    MIGRATE_PFN_MIGRATE, MIGRATE_PFN_VALID, MIGRATE_PFN_WRITE, MIGRATE_VMA_SELECT_DEVICE_COHERENT,
+    MIGRATE_PFN_COMPOUND, MIGRATE_PFN_MIGRATE, MIGRATE_PFN_VALID, MIGRATE_PFN_WRITE,
+    MIGRATE_VMA_SELECT_COMPOUND, MIGRATE_VMA_SELECT_DEVICE_COHERENT,
     MIGRATE_VMA_SELECT_DEVICE_PRIVATE, MIGRATE_VMA_SELECT_SYSTEM, migrate_pfn,
     migrate_pfn_to_frame,
 };
@@ -732,14 +733,22 @@ impl Dmirror {
                 let vma = vma
                     .filter(|v| v.flags.contains(VmFlags::READ))
                     .ok_or(Errno::EINVAL)?;
+                // The THP version sizes its arrays for a whole PMD; chunks follow PMD boundaries so a THP lies
+                // inside one chunk.
                 let next = addr
-                    .add(CHUNK_PAGES * PAGE_SIZE)
+                    .align_down(peerdma_core::PMD_SIZE)
+                    .add(peerdma_core::PMD_SIZE)
                     .min(r.end)
                     .min(vma.range.end);
                 let mut m = MigrateVma::new(
                     self.sh.pid,
                     Range::new(addr, next),
-                    MIGRATE_VMA_SELECT_SYSTEM,
+                    // FAIL_ALLOC is one-shot: the large allocation fails, so this chunk migrates base pages.
+                    if self.fail_alloc.replace(false) {
+                        MIGRATE_VMA_SELECT_SYSTEM
+                    } else {
+                        MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_COMPOUND
+                    },
                     dev.id,
                 );
                 k.migrate_vma_setup(&mut m).await?;
@@ -750,6 +759,25 @@ impl Dmirror {
                     }
                     let src = migrate_pfn_to_frame(m.src[i]);
                     if src.is_some_and(|f| !matches!(k.memory_kind(f), MemoryKind::Ram { .. })) {
+                        continue;
+                    }
+                    if m.src[i] & MIGRATE_PFN_COMPOUND != 0 {
+                        // A whole THP: a 2 MiB block of device memory (declined if none is free).
+                        let mut head = k.alloc_pmd_page(dev.region.get());
+                        if head.is_none() {
+                            dev.evict_oldest(512, self.sh.pid).await;
+                            head = k.alloc_pmd_page(dev.region.get());
+                        }
+                        let (Some(head), Some(src)) = (head, src) else {
+                            continue;
+                        };
+                        for j in 0..512 {
+                            k.copy_page(FrameId(src.0 + j), FrameId(head.0 + j));
+                        }
+                        copied += 512;
+                        m.dst[i] = migrate_pfn(head)
+                            | MIGRATE_PFN_COMPOUND
+                            | (m.src[i] & MIGRATE_PFN_WRITE);
                         continue;
                     }
                     let dst = if let Some(d) = k.alloc_page(dev.region.get()) {
@@ -787,14 +815,22 @@ impl Dmirror {
                         } else {
                             Tag::Read
                         };
-                        pt.insert(m.va(i).page_number(), PtEntry { frame: dst, tag });
-                        let owner = PageOwner {
-                            fd: Rc::downgrade(&self.sh),
-                            pid: self.sh.pid,
-                            va: m.va(i),
+                        let nr = if m.dst[i] & MIGRATE_PFN_COMPOUND != 0 {
+                            512
+                        } else {
+                            1
                         };
-                        dev.owners.borrow_mut().insert(dst, owner);
-                        dev.lru.borrow_mut().push_back(dst);
+                        for j in 0..nr {
+                            let (frame, va) = (FrameId(dst.0 + j), m.va(i).add(j * PAGE_SIZE));
+                            pt.insert(va.page_number(), PtEntry { frame, tag });
+                            let owner = PageOwner {
+                                fd: Rc::downgrade(&self.sh),
+                                pid: self.sh.pid,
+                                va,
+                            };
+                            dev.owners.borrow_mut().insert(frame, owner);
+                            dev.lru.borrow_mut().push_back(frame);
+                        }
                     }
                 }
                 k.migrate_vma_finalize(&mut m);

@@ -181,11 +181,14 @@ fn classify(
                 && dev_owner.is_some() =>
         {
             // A device-private page of the caller's own device is reported, never faulted — except a write
-            // request on a read-only entry (spec §1.1).
+            // request on a read-only entry (spec §1.1). A PMD-level entry reports order 9 (≥ v6.19).
             let cpu = HMM_PFN_VALID | if write { HMM_PFN_WRITE } else { 0 };
-            match need_fault(req, cpu) {
-                Some(w) => PageResult::Fault(w),
-                None => PageResult::Out(frame.0 | cpu),
+            if let Some(w) = need_fault(req, cpu) {
+                PageResult::Fault(w)
+            } else {
+                let f = leaf.frame_at(va).expect("device-private entry has a frame");
+                let order = u64::from(leaf.size.order()) << HMM_PFN_ORDER_SHIFT;
+                PageResult::Out(f.0 | cpu | order)
             }
         }
         // Swap, migration, device-exclusive and other-owner device-private entries read as "not present";

@@ -1941,23 +1941,28 @@ impl KernelState {
         }
         if let Pte::DevicePrivate { frame, write } = leaf.pte {
             // Device-private entries are copied as such; for COW both sides become read-only (spec §1.6).
-            self.map_frame(frame);
+            for i in 0..leaf.size.nr_pages() {
+                self.map_frame(FrameId(frame.0 + i));
+            }
             let cow = !vma.is_shared();
-            self.mm_mut(child).pt.set_pte(
-                leaf.base,
-                Pte::DevicePrivate {
-                    frame,
-                    write: write && !cow,
-                },
-            );
-            if cow && write {
-                self.mm_mut(parent).pt.set_pte(
-                    leaf.base,
-                    Pte::DevicePrivate {
-                        frame,
-                        write: false,
-                    },
-                );
+            let child_pte = Pte::DevicePrivate {
+                frame,
+                write: write && !cow,
+            };
+            let parent_pte = Pte::DevicePrivate {
+                frame,
+                write: false,
+            };
+            if leaf.size == PageSize::Size4K {
+                self.mm_mut(child).pt.set_pte(leaf.base, child_pte);
+                if cow && write {
+                    self.mm_mut(parent).pt.set_pte(leaf.base, parent_pte);
+                }
+            } else {
+                self.mm_mut(child).pt.set_pmd(leaf.base, child_pte);
+                if cow && write {
+                    self.mm_mut(parent).pt.set_pmd(leaf.base, parent_pte);
+                }
             }
             return 0;
         }
@@ -2069,8 +2074,8 @@ impl KernelState {
             mm.translate(va).or_else(|| {
                 let leaf = mm.pt.lookup(va)?;
                 match leaf.pte {
-                    Pte::DevicePrivate { frame, write } | Pte::DeviceExclusive { frame, write } => {
-                        Some((frame, write, leaf))
+                    Pte::DevicePrivate { write, .. } | Pte::DeviceExclusive { write, .. } => {
+                        Some((leaf.frame_at(va)?, write, leaf))
                     }
                     _ => None,
                 }

@@ -40,6 +40,8 @@ pub const MIGRATE_PFN_VALID: u64 = 1 << 0;
 pub const MIGRATE_PFN_MIGRATE: u64 = 1 << 1;
 /// MIGRATE_PFN_WRITE: the page is (to be) mapped writable.
 pub const MIGRATE_PFN_WRITE: u64 = 1 << 3;
+/// MIGRATE_PFN_COMPOUND: the entry is a whole THP (512 pages); the next 511 entries are unused.
+pub const MIGRATE_PFN_COMPOUND: u64 = 1 << 4;
 /// MIGRATE_PFN_SHIFT.
 pub const MIGRATE_PFN_SHIFT: u32 = 6;
 
@@ -49,6 +51,12 @@ pub const MIGRATE_VMA_SELECT_SYSTEM: u32 = 1 << 0;
 pub const MIGRATE_VMA_SELECT_DEVICE_PRIVATE: u32 = 1 << 1;
 /// MIGRATE_VMA_SELECT_DEVICE_COHERENT.
 pub const MIGRATE_VMA_SELECT_DEVICE_COHERENT: u32 = 1 << 2;
+/// MIGRATE_VMA_SELECT_COMPOUND: collect a PMD-mapped THP lying wholly inside the range as one compound entry
+/// instead of splitting it (the THP series, ~v6.19).
+pub const MIGRATE_VMA_SELECT_COMPOUND: u32 = 1 << 3;
+
+/// Marks a destination installed by `migrate_vma_pages` (model-internal; bit 2 was MIGRATE_PFN_LOCKED).
+const DST_CONSUMED: u64 = 1 << 2;
 
 /// Returns the migrate-pfn word of `frame` (`migrate_pfn`).
 pub fn migrate_pfn(frame: FrameId) -> u64 {
@@ -181,6 +189,11 @@ impl Kernel {
         self.state().phys.alloc(r, FrameOwner::Anon).ok()
     }
 
+    /// Allocates 512 contiguous zero-filled anonymous pages (a THP) in region `r`; returns the head.
+    pub fn alloc_pmd_page(&self, r: usize) -> Option<FrameId> {
+        self.state().phys.alloc_pmd(r, FrameOwner::Anon).ok()
+    }
+
     /// Copies a page for a migration (the driver's copy step).
     pub fn copy_page(&self, src: FrameId, dst: FrameId) {
         self.state().phys.copy_frame(src, dst);
@@ -221,9 +234,42 @@ impl Kernel {
             .await;
         {
             let mut st = self.state();
+            let mut skip_to = 0;
             for i in 0..n {
+                if i < skip_to {
+                    continue;
+                }
                 let va = m.va(i);
                 let mut leaf = st.mm(m.pid).pt.lookup(va);
+                // A whole PMD-mapped anonymous THP inside the range, with SELECT_COMPOUND: one compound entry.
+                if let Some(l) = leaf
+                    && l.size == PageSize::Size2M
+                    && m.flags & MIGRATE_VMA_SELECT_COMPOUND != 0
+                    && l.base == va
+                    && i + 512 <= n
+                    && let Pte::Present {
+                        frame,
+                        write,
+                        special: false,
+                    } = l.pte
+                    && matches!(st.phys.kind(frame), MemoryKind::Ram { .. })
+                    && m.flags & MIGRATE_VMA_SELECT_SYSTEM != 0
+                    && (0..512).all(|k| {
+                        let f = st.phys.frame(FrameId(frame.0 + k));
+                        f.owner() == FrameOwner::Anon && !f.maybe_dma_pinned()
+                    })
+                {
+                    st.mm_mut(m.pid)
+                        .pt
+                        .set_pmd(va, Pte::Migration { frame, write });
+                    m.src[i] = migrate_pfn(frame)
+                        | MIGRATE_PFN_MIGRATE
+                        | MIGRATE_PFN_COMPOUND
+                        | if write { MIGRATE_PFN_WRITE } else { 0 };
+                    m.cpages += 512;
+                    skip_to = i + 512;
+                    continue;
+                }
                 if leaf.is_some_and(|l| l.size != PageSize::Size4K) {
                     st.mm_mut(m.pid).pt.split_pmd(va);
                     leaf = st.mm(m.pid).pt.lookup(va);
@@ -328,7 +374,7 @@ impl Kernel {
             };
             st.mm_mut(m.pid).pt.set_pte(va, pte);
             st.phys.frame_mut(dst).mapcount = 1;
-            m.dst[i] |= 1 << 2; // consumed: finalize must not free it
+            m.dst[i] |= DST_CONSUMED;
         }
     }
 
@@ -338,7 +384,7 @@ impl Kernel {
             let mut st = self.state();
             for i in 0..m.src.len() {
                 let dst = migrate_pfn_to_frame(m.dst[i]);
-                let consumed = m.dst[i] & (1 << 2) != 0;
+                let consumed = m.dst[i] & DST_CONSUMED != 0;
                 let Some(src) = migrate_pfn_to_frame(m.src[i]) else {
                     // No source page: the destination was installed by migrate_vma_pages, or is unused.
                     if let (Some(d), false) = (dst, consumed) {
@@ -348,6 +394,36 @@ impl Kernel {
                 };
                 let va = m.va(i);
                 let migrated = m.src[i] & MIGRATE_PFN_MIGRATE != 0 && dst.is_some();
+                if m.src[i] & MIGRATE_PFN_COMPOUND != 0 {
+                    // A compound entry: the destination must be compound too (a declined one restores the THP).
+                    let to = dst.filter(|_| migrated && m.dst[i] & MIGRATE_PFN_COMPOUND != 0);
+                    let (frame, write) = if let Some(d) = to {
+                        (d, m.dst[i] & MIGRATE_PFN_WRITE != 0)
+                    } else {
+                        if let Some(d) = dst {
+                            for k in 0..512 {
+                                st.phys.put(FrameId(d.0 + k));
+                            }
+                        }
+                        (src, m.src[i] & MIGRATE_PFN_WRITE != 0)
+                    };
+                    let pte = match st.phys.kind(frame) {
+                        MemoryKind::DevicePrivate { .. } => Pte::DevicePrivate { frame, write },
+                        _ => Pte::Present {
+                            frame,
+                            write,
+                            special: false,
+                        },
+                    };
+                    st.mm_mut(m.pid).pt.set_pmd(va, pte);
+                    if to.is_some() {
+                        for k in 0..512 {
+                            st.phys.frame_mut(FrameId(frame.0 + k)).mapcount = 1;
+                            st.phys.put(FrameId(src.0 + k));
+                        }
+                    }
+                    continue;
+                }
                 let (frame, write) = if migrated {
                     (dst.expect("migrated"), m.dst[i] & MIGRATE_PFN_WRITE != 0)
                 } else {
