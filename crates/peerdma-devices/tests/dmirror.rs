@@ -342,3 +342,20 @@ fn snapshot_tells_local_and_remote_device_pages_apart() {
         assert_eq!(bytes, want, "{mem:?}");
     }
 }
+
+#[test]
+fn migrating_a_pfnmap_range_is_einval() {
+    // migrate_vma_setup refuses VM_IO | VM_PFNMAP VMAs (spec/linux-hmm.md §1.4): memory without struct page.
+    let r = with_devices(DmirrorMemory::Private, |(k, d0, _)| async move {
+        let pid = k.create_process();
+        let io = k.mmap_pfnmap(pid, 4 * PAGE_SIZE, Prot::RW).await.unwrap();
+        let m = Dmirror::open(&d0, pid).unwrap();
+        (m.migrate_to_dev(io, 4).await, m.read(io, 1).await)
+    });
+    assert_eq!(r.0.unwrap_err(), Errno::EINVAL);
+    assert_eq!(
+        r.1.unwrap_err(),
+        Errno::EFAULT,
+        "hmm_range_fault refuses to fault PFNMAP pages"
+    );
+}
