@@ -1927,7 +1927,7 @@ fn topology_decls<'t, 'i>(topology: &'t Value<'i>, name: &str) -> Vec<&'t DeTabl
         return Vec::new();
     };
     let mut found: Vec<&DeTable<'i>> = Vec::new();
-    for (_, list) in top.iter() {
+    for (_, list) in top {
         for t in tables(list) {
             if named(t) {
                 found.push(t);

@@ -83,7 +83,7 @@ fn rows() -> Vec<Row> {
             "[sim]\nseed = 1\n\n[simulation]\nseed = 2\n",
             4,
             2,
-            "unknown key `simulation` in the top level; expected one of: sim, file, device, process, thread",
+            "unknown key `simulation` in the top level; expected one of: sim, topology, file, device, process, thread",
         ),
         row(
             "unknown key in [sim]",

@@ -237,3 +237,39 @@ fn parse_file_reads_from_disk_and_reports_io_errors() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn topology_table_is_kept_as_its_spec_and_builds() {
+    let text = r#"
+[topology]
+cpu_allows_all_host_bridges = true
+
+[[topology.host_bridge]]
+name = "hb0"
+
+[[topology.root_port]]
+name = "rp0"
+parent = "hb0"
+
+[[topology.endpoint]]
+name = "nvme0"
+parent = "rp0"
+bdf = "01:00.0"
+bars = [ { index = 2, size = "1MiB", phys = "0x1000_0000" } ]
+"#;
+    let scn = parse("t.toml", text).unwrap();
+    let spec = scn.topology.expect("the [topology] table is kept");
+    assert!(spec.cpu_allows_all_host_bridges);
+    assert_eq!(spec.endpoints[0].bars[0].size, 1 << 20);
+    let topo = spec.build().unwrap();
+    assert!(topo.lookup("nvme0").is_some());
+    assert!(parse("t.toml", "[sim]\n").unwrap().topology.is_none());
+}
+
+#[test]
+fn topology_build_errors_point_at_the_node() {
+    let text = "[[topology.host_bridge]]\nname = \"hb0\"\n\n[[topology.root_port]]\nname = \"rp0\"\nparent = \"hb1\"\n";
+    let err = parse("t.toml", text).unwrap_err();
+    assert_eq!((err.line, err.col), (6, 10), "{err}");
+    assert!(err.message.contains("parent `hb1` does not exist"), "{err}");
+}

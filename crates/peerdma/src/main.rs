@@ -1,4 +1,5 @@
-//! `peerdma`: run, check and explore scenario files.
+//! `peerdma`: run, check and explore scenario files; size PCIe links (`link`); show a scenario's PCIe
+//! topology and its P2PDMA decisions (`topo`).
 //!
 //! Exit codes: 0 the run passed (or the file is valid), 1 an expectation failed or the oracle found a
 //! violation, 2 the input is invalid (a located error is printed) or a file could not be read or written.
@@ -8,7 +9,10 @@
     reason = "a command line prints its results"
 )]
 
-use std::path::PathBuf;
+mod link;
+mod topo;
+
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -49,6 +53,75 @@ enum Command {
         /// The scenario file (TOML).
         file: PathBuf,
     },
+    /// Prints the effective write and read bandwidth of a PCIe link for each payload size (spec/numbers.md §1).
+    Link {
+        /// PCIe generation, 1-7.
+        #[arg(long = "gen", value_name = "G")]
+        generation: u8,
+        /// Negotiated width: x1, x2, x4, x8, x16 or x32.
+        #[arg(long, value_name = "xN", value_parser = link::parse_width)]
+        width: u8,
+        /// Max Payload Size in bytes (a power of two in 128..=4096; units allowed).
+        #[arg(long, value_name = "M", value_parser = link::parse_size_u32)]
+        mps: u32,
+        /// Max Read Request Size in bytes (a power of two in 128..=4096; units allowed).
+        #[arg(long, value_name = "R", value_parser = link::parse_size_u32)]
+        mrrs: u32,
+        /// Read Completion Boundary in bytes: 64, 128, 256 or 512.
+        #[arg(long, value_name = "B", default_value = "64", value_parser = link::parse_size_u32)]
+        rcb: u32,
+        /// Request address width: 32 or 64 bits.
+        #[arg(long, value_name = "32|64", default_value_t = 64)]
+        addr: u8,
+        /// Every TLP carries an ECRC digest.
+        #[arg(long)]
+        ecrc: bool,
+        /// Payload sizes, comma-separated, with units (`64,256B,4KiB`).
+        #[arg(long, value_name = "S[,S...]", value_delimiter = ',', required = true)]
+        size: Vec<String>,
+        /// Prints JSON: the link parameters and one `{size, write_gbps, read_gbps}` per size.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prints a scenario's `[topology]` tree and the P2PDMA map type, distance, path and bottleneck link of
+    /// every (provider, client) pair of endpoints.
+    Topo {
+        /// The scenario file (TOML) with a `[topology]` table.
+        file: PathBuf,
+        /// Prints the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `peerdma topo`.
+fn topo_command(file: &Path, json: bool) -> ExitCode {
+    let scn = match parse_file(file) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{}", e.render());
+            return ExitCode::from(2);
+        }
+    };
+    let shown = file.display().to_string();
+    let Some(spec) = scn.topology.as_ref() else {
+        eprintln!("error: {shown} has no `[topology]` table");
+        return ExitCode::from(2);
+    };
+    // The parser has built it once already; an error here cannot happen, but is reported, not unwrapped.
+    let topology = match spec.build() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {shown}: invalid `[topology]`: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if json {
+        print!("{}", topo::render_json(&shown, &topology));
+    } else {
+        print!("{}", topo::render_text(&shown, &topology));
+    }
+    ExitCode::SUCCESS
 }
 
 fn main() -> ExitCode {
@@ -103,5 +176,38 @@ fn main() -> ExitCode {
             }
             ExitCode::from(u8::try_from(report.exit_code()).unwrap_or(1))
         }
+        Command::Link {
+            generation,
+            width,
+            mps,
+            mrrs,
+            rcb,
+            addr,
+            ecrc,
+            size,
+            json,
+        } => {
+            let args = link::LinkArgs {
+                generation,
+                width,
+                mps,
+                mrrs,
+                rcb,
+                addr_bits: addr,
+                ecrc,
+                sizes: size,
+            };
+            match link::run(&args, json) {
+                Ok(out) => {
+                    print!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Topo { file, json } => topo_command(&file, json),
     }
 }

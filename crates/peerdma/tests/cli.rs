@@ -239,3 +239,349 @@ fn missing_file_exits_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("no/such/scenario.toml"));
 }
+
+/// `peerdma link --json` for one configuration and payload sizes: (size, write Gb/s, read Gb/s) per size.
+fn link_json(args: &[&str]) -> Vec<(u64, f64, f64)> {
+    let mut all = vec!["link", "--json"];
+    all.extend_from_slice(args);
+    let out = peerdma(&all);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["sizes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["size"].as_u64().unwrap(),
+                r["write_gbps"].as_f64().unwrap(),
+                r["read_gbps"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// spec/numbers.md §1 reference rows: (generation, width, payload sizes, write Gb/s, read Gb/s), MPS 256,
+/// MRRS 512, 64-bit addresses, no ECRC, RCB 64, completions split at MPS.
+const LINK_REFERENCE: &[(&str, &str, &str, f64, f64)] = &[
+    ("3", "x8", "64", 42.10, 44.10),
+    ("3", "x8", "128B", 48.75, 50.06),
+    ("3", "x8", "256", 52.92, 53.69),
+    ("3", "x8", "512,4KiB,64KiB", 52.92, 53.69),
+    ("3", "x8", "1500", 52.81, 53.60),
+    ("4", "x16", "256", 207.91, 210.92),
+    ("5", "16", "256", 415.82, 421.84),
+];
+
+#[test]
+fn link_reproduces_the_numbers_md_section_1_reference_rows() {
+    let mut wrong = Vec::new();
+    for &(generation, width, sizes, write, read) in LINK_REFERENCE {
+        let rows = link_json(&[
+            "--gen", generation, "--width", width, "--mps", "256", "--mrrs", "512", "--size", sizes,
+        ]);
+        assert_eq!(rows.len(), sizes.split(',').count());
+        for (size, w, r) in rows {
+            if (w - write).abs() >= 0.01 || (r - read).abs() >= 0.01 {
+                wrong.push(format!(
+                    "Gen{generation} {width} {size} B: write {w:.4} read {r:.4}, want {write:.2} {read:.2}"
+                ));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn link_json_carries_the_link_parameters() {
+    let out = peerdma(&[
+        "link", "--gen", "4", "--width", "x4", "--mps", "512", "--mrrs", "1KiB", "--rcb", "128",
+        "--addr", "32", "--ecrc", "--size", "4KiB", "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let link = &v["link"];
+    assert_eq!(
+        (&link["gen"], &link["width"], &link["mps"], &link["mrrs"]),
+        (&4.into(), &4.into(), &512.into(), &1024.into())
+    );
+    assert_eq!(
+        (&link["rcb"], &link["addr"], &link["ecrc"]),
+        (&128.into(), &32.into(), &true.into())
+    );
+    assert_eq!(v["sizes"][0]["size"], 4096);
+}
+
+#[test]
+fn link_text_prints_two_decimals_per_size() {
+    let out = peerdma(&[
+        "link", "--gen", "3", "--width", "x8", "--mps", "256", "--mrrs", "512", "--size", "64,1500",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let o = text(&out.stdout);
+    assert!(o.contains("42.10") && o.contains("44.10"), "{o}");
+    assert!(o.contains("52.81") && o.contains("53.60"), "{o}");
+}
+
+#[test]
+fn link_with_invalid_parameters_exits_2_without_panicking() {
+    let base = |generation: &'static str,
+                width: &'static str,
+                mps: &'static str,
+                extra: &[&'static str]| {
+        let mut a = vec![
+            "link", "--gen", generation, "--width", width, "--mps", mps, "--mrrs", "512", "--size",
+            "64",
+        ];
+        a.extend_from_slice(extra);
+        a
+    };
+    let cases: Vec<(&str, Vec<&str>, &str)> = vec![
+        ("gen 9", base("9", "x8", "256", &[]), "generation 9"),
+        ("gen 0", base("0", "x8", "256", &[]), "generation 0"),
+        ("width x3", base("3", "x3", "256", &[]), "width 3"),
+        ("width y8", base("3", "y8", "256", &[]), "y8"),
+        ("mps 100", base("3", "x8", "100", &[]), "mps 100"),
+        ("mps 8KiB", base("3", "x8", "8KiB", &[]), "mps 8192"),
+        ("rcb 32", base("3", "x8", "256", &["--rcb", "32"]), "rcb 32"),
+        (
+            "addr 48",
+            base("3", "x8", "256", &["--addr", "48"]),
+            "--addr 48",
+        ),
+        (
+            "size 0",
+            base("3", "x8", "256", &["--size", "0"]),
+            "at least 1 byte",
+        ),
+        (
+            "bad size",
+            base("3", "x8", "256", &["--size", "4 KB B"]),
+            "4 KB B",
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (what, args, fragment) in cases {
+        let out = peerdma(&args);
+        let err = text(&out.stderr);
+        if out.status.code() != Some(2) || !err.contains(fragment) || err.contains("panicked") {
+            wrong.push(format!(
+                "{what}: exit {:?}, wanted `{fragment}` in:\n{err}",
+                out.status.code()
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// `peerdma topo FILE --json`: the pairs, keyed by (provider, client).
+fn topo_pairs(file: &str) -> std::collections::BTreeMap<(String, String), serde_json::Value> {
+    let out = peerdma(&["topo", file, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let key = (
+                p["provider"].as_str().unwrap().to_owned(),
+                p["client"].as_str().unwrap().to_owned(),
+            );
+            (key, p.clone())
+        })
+        .collect()
+}
+
+fn pair<'a>(
+    pairs: &'a std::collections::BTreeMap<(String, String), serde_json::Value>,
+    provider: &str,
+    client: &str,
+) -> &'a serde_json::Value {
+    pairs
+        .get(&(provider.to_owned(), client.to_owned()))
+        .unwrap_or_else(|| panic!("no pair {provider} -> {client} in {pairs:?}"))
+}
+
+#[test]
+fn topo_switch_example_is_bus_addr_through_the_switch() {
+    let pairs = topo_pairs("examples/p2p-switch.toml");
+    assert_eq!(pairs.len(), 1, "only the NVMe has a BAR: {pairs:?}");
+    let p = pair(&pairs, "nvme0", "nic0");
+    assert_eq!(p["map_type"], "BUS_ADDR");
+    assert_eq!(p["distance"], 4);
+    assert_eq!(
+        p["path"],
+        serde_json::json!(["nvme0", "sw0.d0", "sw0", "sw0.d1", "nic0"])
+    );
+    assert_eq!(p["common_upstream"], "sw0");
+    assert_eq!(p["reason"], serde_json::Value::Null);
+    // The Gen4 x4 SSD link is slower than the Gen3 x16 NIC link; the switch's own upstream link is not crossed.
+    assert_eq!(p["bottleneck"]["node"], "nvme0");
+    assert_eq!(p["bottleneck"]["link"], "Gen4 x4");
+    let text_out = text(&peerdma(&["topo", "examples/p2p-switch.toml"]).stdout);
+    assert!(text_out.contains("BUS_ADDR"), "{text_out}");
+    assert!(
+        text_out.contains("nvme0 -> sw0.d0 -> sw0 -> sw0.d1 -> nic0"),
+        "{text_out}"
+    );
+}
+
+#[test]
+fn topo_host_bridge_example_shows_whitelist_and_acs_outcomes() {
+    let pairs = topo_pairs("examples/p2p-host-bridge.toml");
+    let p = pair(&pairs, "nvme0", "nic0");
+    assert_eq!(p["map_type"], "THRU_HOST_BRIDGE");
+    assert_eq!(p["distance"], 4);
+    assert_eq!(p["common_upstream"], serde_json::Value::Null);
+    assert_eq!(
+        p["path"],
+        serde_json::json!(["nvme0", "rp0", "hb0", "s0", "hb1", "rp1", "nic0"])
+    );
+
+    let p = pair(&pairs, "nvme0", "nic1");
+    assert_eq!(p["map_type"], "NOT_SUPPORTED");
+    assert_eq!(p["reason"]["kind"], "host-bridge-not-whitelisted");
+    assert_eq!(p["reason"]["host_bridge"], "hb2");
+    assert_eq!(p["path"], serde_json::json!([]));
+    assert_eq!(p["bottleneck"], serde_json::Value::Null);
+
+    let p = pair(&pairs, "nvme1", "nic2");
+    assert_eq!(p["map_type"], "THRU_HOST_BRIDGE");
+    assert_eq!(p["distance"], 4);
+    assert_eq!(p["common_upstream"], "sw0");
+    assert_eq!(p["acs_redirects"], serde_json::json!(["sw0.d0"]));
+    assert_eq!(p["bottleneck"]["node"], "nic2");
+
+    let p = pair(&pairs, "nvme1", "nic1");
+    assert_eq!(p["map_type"], "NOT_SUPPORTED");
+    assert_eq!(p["reason"]["host_bridge"], "hb2");
+    assert_eq!(
+        pair(&pairs, "nvme0", "nic2")["map_type"],
+        "THRU_HOST_BRIDGE"
+    );
+}
+
+/// A valid topology with a switch, an NVMe and a NIC; the cases below break one line of it.
+const TOPO_BASE: &str = r#"[topology]
+
+[[topology.host_bridge]]
+name = "hb0"
+
+[[topology.root_port]]
+name = "rp0"
+parent = "hb0"
+bdf = "00:01.0"
+
+[[topology.switch]]
+name = "sw0"
+parent = "rp0"
+bdf = "01:00.0"
+downstream = [ { name = "sw0.d0", bdf = "02:00.0" }, { name = "sw0.d1", bdf = "02:01.0" } ]
+
+[[topology.endpoint]]
+name = "nvme0"
+parent = "sw0.d0"
+bdf = "03:00.0"
+link = { gen = 4, width = 4 }
+bars = [ { index = 2, size = "256MiB", phys = "0x3800_0000_0000" } ]
+
+[[topology.endpoint]]
+name = "nic0"
+parent = "sw0.d1"
+bdf = "04:00.0"
+link = { gen = 3, width = 8 }
+bars = [ { index = 0, size = "32MiB", phys = "0x3800_1000_0000" } ]
+
+[[thread]]
+name = "t"
+steps = [ { op = "exit" } ]
+"#;
+
+/// Invalid topologies: (what, line of `TOPO_BASE` to replace, its replacement, expected `:line:col`, a
+/// fragment of the message).
+const BAD_TOPOLOGIES: &[(&str, &str, &str, &str, &str)] = &[
+    (
+        "duplicate bdf",
+        r#"bdf = "04:00.0""#,
+        r#"bdf = "03:00.0""#,
+        ":27:7",
+        "already used by `nvme0`",
+    ),
+    (
+        "device on a missing port",
+        r#"parent = "sw0.d1""#,
+        r#"parent = "sw0.d7""#,
+        ":26:10",
+        "parent `sw0.d7` does not exist",
+    ),
+    (
+        "overlapping bars",
+        r#"phys = "0x3800_1000_0000""#,
+        r#"phys = "0x3800_0800_0000""#,
+        ":29:10",
+        "overlaps bar 2",
+    ),
+    (
+        "impossible link width",
+        "link = { gen = 3, width = 8 }",
+        "link = { gen = 3, width = 3 }",
+        ":28:8",
+        "width 3",
+    ),
+    (
+        "unknown key in a topology table",
+        "link = { gen = 3, width = 8 }",
+        "lnk = { gen = 3, width = 8 }",
+        ":28:1",
+        "unknown field `lnk`",
+    ),
+    (
+        "bad size in a bar",
+        r#"size = "32MiB""#,
+        r#"size = "32 furlongs""#,
+        ":29:30",
+        "32 furlongs",
+    ),
+];
+
+#[test]
+fn invalid_topologies_exit_2_at_the_node_and_no_panic() {
+    let dir = std::env::temp_dir().join(format!("peerdma-topo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.toml");
+    std::fs::write(&good, TOPO_BASE).unwrap();
+    let out = peerdma(&["check", good.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let mut wrong = Vec::new();
+    for (i, (what, line, replacement, loc, fragment)) in BAD_TOPOLOGIES.iter().enumerate() {
+        let body = TOPO_BASE.replacen(line, replacement, 1);
+        assert_ne!(body, TOPO_BASE, "{what}: `{line}` not in the base topology");
+        let f = dir.join(format!("topo{i}.toml"));
+        std::fs::write(&f, body).unwrap();
+        for cmd in ["check", "run", "topo"] {
+            let out = peerdma(&[cmd, f.to_str().unwrap()]);
+            let err = text(&out.stderr);
+            let located = format!("topo{i}.toml{loc}");
+            if out.status.code() != Some(2)
+                || !err.contains(&located)
+                || !err.contains(fragment)
+                || err.contains("panicked")
+            {
+                wrong.push(format!(
+                    "{what} ({cmd}): exit {:?}, wanted `{located}` and `{fragment}` in:\n{err}",
+                    out.status.code()
+                ));
+            }
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn topo_without_a_topology_table_exits_2() {
+    let out = peerdma(&["topo", "examples/quickstart.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("no `[topology]` table"));
+}
