@@ -837,6 +837,14 @@ impl Dmirror {
                 addr = next;
             }
         }
+        let res = self.read_back(r, npages).await?;
+        k.sim.count("dmirror.migrate_to_dev", 1);
+        Ok(res)
+    }
+
+    /// Reads the whole range from the device page table without faulting (the tail of MIGRATE_TO_DEV and
+    /// EXCLUSIVE): `ENOENT` if any page is missing.
+    async fn read_back(&self, r: Range<Va>, npages: u64) -> Result<DmirrorResult, Errno> {
         let mut bounce = vec![0u8; usize::try_from(r.len()).map_err(|_| Errno::ENOMEM)?];
         let mut cpages = 0;
         let done = {
@@ -846,7 +854,6 @@ impl Dmirror {
         if !done {
             return Err(Errno::ENOENT);
         }
-        k.sim.count("dmirror.migrate_to_dev", 1);
         Ok(DmirrorResult {
             cpages: npages,
             faults: 0,
@@ -922,21 +929,9 @@ impl Dmirror {
                 );
             }
         }
-        let mut bounce = vec![0u8; usize::try_from(r.len()).map_err(|_| Errno::ENOMEM)?];
-        let mut cpages = 0;
-        let done = {
-            let _g = self.sh.lock.lock().await;
-            self.do_read(r, r.start, &mut bounce, &mut cpages)
-        };
-        if !done {
-            return Err(Errno::ENOENT);
-        }
+        let res = self.read_back(r, npages).await?;
         k.sim.count("dmirror.exclusive", 1);
-        Ok(DmirrorResult {
-            cpages: npages,
-            faults: 0,
-            data: bounce,
-        })
+        Ok(res)
     }
 
     /// HMM_DMIRROR_CHECK_EXCLUSIVE: `EPERM` if any page of the range is still mapped ATOMIC.

@@ -500,14 +500,7 @@ impl Kernel {
                 .collect()
         };
         for (pid, r) in targets {
-            self.invalidate_range_start(pid, r, NotifierEvent::Clear, None)
-                .await;
-            {
-                let mut st = self.state();
-                st.zap_range(pid, r);
-                st.oracle.forget_anon(pid, r);
-            }
-            self.invalidate_range_end(pid);
+            self.zap_notify(pid, r, NotifierEvent::Clear).await;
         }
         let frames: Vec<(u64, FrameId)> = self.state().files[file as usize]
             .pages
@@ -963,10 +956,10 @@ impl Kernel {
         self.unmap_region(pid, r).await;
     }
 
-    /// `unmap_region`: notifier UNMAP, zap, TLB shootdown, notifier end. The VMAs are already detached.
-    async fn unmap_region(&self, pid: Pid, r: Range<Va>) {
-        self.invalidate_range_start(pid, r, NotifierEvent::Unmap, None)
-            .await;
+    /// Zaps every entry of `r` inside an invalidation of kind `event` (start, zap, TLB shootdown, end);
+    /// returns the number of base pages zapped. Private anonymous contents are forgotten (they read zero again).
+    async fn zap_notify(&self, pid: Pid, r: Range<Va>, event: NotifierEvent) -> u64 {
+        self.invalidate_range_start(pid, r, event, None).await;
         let nr = {
             let mut st = self.state();
             let nr = st.zap_range(pid, r);
@@ -977,6 +970,12 @@ impl Kernel {
             self.spend(self.costs.tlb_shootdown).await;
         }
         self.invalidate_range_end(pid);
+        nr
+    }
+
+    /// `unmap_region`: notifier UNMAP, zap, TLB shootdown, notifier end. The VMAs are already detached.
+    async fn unmap_region(&self, pid: Pid, r: Range<Va>) {
+        let nr = self.zap_notify(pid, r, NotifierEvent::Unmap).await;
         self.sim
             .trace("munmap", || format!("pid {} {r} ({nr} pages)", pid.0));
     }
@@ -1178,18 +1177,7 @@ impl Kernel {
                 if !self.state().mm(pid).fully_mapped(r) {
                     return Err(Errno::ENOMEM);
                 }
-                self.invalidate_range_start(pid, r, NotifierEvent::Clear, None)
-                    .await;
-                let nr = {
-                    let mut st = self.state();
-                    let nr = st.zap_range(pid, r);
-                    st.oracle.forget_anon(pid, r);
-                    nr
-                };
-                if nr > 0 {
-                    self.spend(self.costs.tlb_shootdown).await;
-                }
-                self.invalidate_range_end(pid);
+                self.zap_notify(pid, r, NotifierEvent::Clear).await;
             }
             Advice::Free => {
                 let _g = lock.read().await;
