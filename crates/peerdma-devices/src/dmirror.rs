@@ -36,7 +36,7 @@ use peerdma_mm::migrate::{
 };
 use peerdma_mm::{
     DevicePagemapOps, IntervalNotifierOps, Kernel, MemoryKind, MigrateVma, NotifierEvent,
-    NotifierId, NotifierRange, VmFlags,
+    NotifierId, NotifierRange, VmFlags, Vma,
 };
 use peerdma_sim::{MutexGuard, SimMutex};
 
@@ -729,10 +729,7 @@ impl Dmirror {
             let _m = lock.read().await;
             let mut addr = r.start;
             while addr < r.end {
-                let vma = k.state().mm(self.sh.pid).vma(addr).cloned();
-                let vma = vma
-                    .filter(|v| v.flags.contains(VmFlags::READ))
-                    .ok_or(Errno::EINVAL)?;
+                let vma = self.readable_vma(addr)?;
                 // The THP version sizes its arrays for a whole PMD; chunks follow PMD boundaries so a THP lies
                 // inside one chunk.
                 let next = addr
@@ -861,6 +858,14 @@ impl Dmirror {
         })
     }
 
+    /// Returns the VMA at `addr` if it is readable: the per-chunk check of the migrate commands
+    /// (`vma_lookup` + VM_READ, `EINVAL` otherwise — it also rejects holes).
+    fn readable_vma(&self, addr: Va) -> Result<Vma, Errno> {
+        let vma = self.sh.kernel.state().mm(self.sh.pid).vma(addr).cloned();
+        vma.filter(|v| v.flags.contains(VmFlags::READ))
+            .ok_or(Errno::EINVAL)
+    }
+
     /// HMM_DMIRROR_MIGRATE_TO_SYS: migrates this device's pages in the range back to system memory;
     /// `cpages` counts the pages migrated.
     pub async fn migrate_to_sys(&self, addr: Va, npages: u64) -> Result<DmirrorResult, Errno> {
@@ -873,10 +878,7 @@ impl Dmirror {
         let mut res = DmirrorResult::default();
         let mut addr = r.start;
         while addr < r.end {
-            let vma = k.state().mm(self.sh.pid).vma(addr).cloned();
-            let vma = vma
-                .filter(|v| v.flags.contains(VmFlags::READ))
-                .ok_or(Errno::EINVAL)?;
+            let vma = self.readable_vma(addr)?;
             let next = addr
                 .add(CHUNK_PAGES * PAGE_SIZE)
                 .min(r.end)

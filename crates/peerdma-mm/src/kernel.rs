@@ -1072,11 +1072,9 @@ impl Kernel {
             for leaf in st.mm(pid).pt.leaves(src.start, src.end) {
                 let off = leaf.base.raw() - old.raw();
                 st.mm_mut(pid).pt.clear(leaf.base);
-                if leaf.size == PageSize::Size4K {
-                    st.mm_mut(pid).pt.set_pte(target.add(off), leaf.pte);
-                } else {
-                    st.mm_mut(pid).pt.set_pmd(target.add(off), leaf.pte);
-                }
+                st.mm_mut(pid)
+                    .pt
+                    .set_leaf(target.add(off), leaf.size, leaf.pte);
             }
             let new_vma = vma.slice(Range::from_len(old, moved).expect("inside"));
             let mut nv = new_vma.clone();
@@ -1135,21 +1133,19 @@ impl Kernel {
                 for leaf in st.mm(pid).pt.leaves(r.start, r.end) {
                     let leaf_range =
                         Range::from_len(leaf.base, leaf.size.bytes()).expect("in user space");
-                    if !r.contains_range(&leaf_range) {
+                    if r.contains_range(&leaf_range) {
+                        st.mm_mut(pid).pt.set_leaf(
+                            leaf.base,
+                            leaf.size,
+                            leaf.pte.with_write(false),
+                        );
+                    } else {
                         st.mm_mut(pid).pt.split_pmd(leaf.base);
                         for page in leaf_range.intersection(&r).expect("overlaps").pages() {
                             if let Some(l) = st.mm(pid).pt.lookup(page) {
                                 st.mm_mut(pid).pt.set_pte(page, l.pte.with_write(false));
                             }
                         }
-                    } else if leaf.size == PageSize::Size2M {
-                        st.mm_mut(pid)
-                            .pt
-                            .set_pmd(leaf.base, leaf.pte.with_write(false));
-                    } else {
-                        st.mm_mut(pid)
-                            .pt
-                            .set_pte(leaf.base, leaf.pte.with_write(false));
                     }
                 }
             }
@@ -1605,16 +1601,9 @@ impl Kernel {
     pub(crate) async fn do_wp_page(&self, pid: Pid, vma: &Vma, va: Va, leaf: Leaf) -> FaultResult {
         if vma.is_shared() {
             let mut st = self.state();
-            match leaf.size {
-                PageSize::Size4K => st
-                    .mm_mut(pid)
-                    .pt
-                    .set_pte(leaf.base, leaf.pte.with_write(true)),
-                _ => st
-                    .mm_mut(pid)
-                    .pt
-                    .set_pmd(leaf.base, leaf.pte.with_write(true)),
-            };
+            st.mm_mut(pid)
+                .pt
+                .set_leaf(leaf.base, leaf.size, leaf.pte.with_write(true));
             return Ok(());
         }
         if leaf.size != PageSize::Size4K {
@@ -1941,16 +1930,13 @@ impl KernelState {
                 frame,
                 write: false,
             };
-            if leaf.size == PageSize::Size4K {
-                self.mm_mut(child).pt.set_pte(leaf.base, child_pte);
-                if cow && write {
-                    self.mm_mut(parent).pt.set_pte(leaf.base, parent_pte);
-                }
-            } else {
-                self.mm_mut(child).pt.set_pmd(leaf.base, child_pte);
-                if cow && write {
-                    self.mm_mut(parent).pt.set_pmd(leaf.base, parent_pte);
-                }
+            self.mm_mut(child)
+                .pt
+                .set_leaf(leaf.base, leaf.size, child_pte);
+            if cow && write {
+                self.mm_mut(parent)
+                    .pt
+                    .set_leaf(leaf.base, leaf.size, parent_pte);
             }
             return 0;
         }
@@ -1997,16 +1983,11 @@ impl KernelState {
             special: false,
         };
         let wp = leaf.pte.with_write(false);
-        if leaf.size == PageSize::Size4K {
-            self.mm_mut(child).pt.set_pte(leaf.base, child_pte);
-            if cow && write {
-                self.mm_mut(parent).pt.set_pte(leaf.base, wp);
-            }
-        } else {
-            self.mm_mut(child).pt.set_pmd(leaf.base, child_pte);
-            if cow && write {
-                self.mm_mut(parent).pt.set_pmd(leaf.base, wp);
-            }
+        self.mm_mut(child)
+            .pt
+            .set_leaf(leaf.base, leaf.size, child_pte);
+        if cow && write {
+            self.mm_mut(parent).pt.set_leaf(leaf.base, leaf.size, wp);
         }
         0
     }

@@ -126,6 +126,19 @@ pub trait DevicePagemapOps: std::fmt::Debug {
     ) -> Pin<Box<dyn Future<Output = Result<(), ()>> + 'a>>;
 }
 
+/// Returns the CPU page-table entry that maps `frame` of memory `kind`: a non-present device-private entry for
+/// device-private memory (the CPU cannot touch it), a present PTE for everything else.
+fn mapping_entry(kind: MemoryKind, frame: FrameId, write: bool) -> Pte {
+    match kind {
+        MemoryKind::DevicePrivate { .. } => Pte::DevicePrivate { frame, write },
+        _ => Pte::Present {
+            frame,
+            write,
+            special: false,
+        },
+    }
+}
+
 impl Kernel {
     /// `make_device_exclusive(mm, addr, owner)` for one page (spec §1.7): faults the page in writable, fires
     /// MMU_NOTIFY_EXCLUSIVE with `owner`, and replaces the PTE by a device-exclusive entry; returns the frame.
@@ -364,14 +377,7 @@ impl Kernel {
                 continue;
             }
             let write = vma.flags.contains(VmFlags::WRITE);
-            let pte = match st.phys.kind(dst) {
-                MemoryKind::DevicePrivate { .. } => Pte::DevicePrivate { frame: dst, write },
-                _ => Pte::Present {
-                    frame: dst,
-                    write,
-                    special: false,
-                },
-            };
+            let pte = mapping_entry(st.phys.kind(dst), dst, write);
             st.mm_mut(m.pid).pt.set_pte(va, pte);
             st.phys.frame_mut(dst).mapcount = 1;
             m.dst[i] |= DST_CONSUMED;
@@ -407,14 +413,7 @@ impl Kernel {
                         }
                         (src, m.src[i] & MIGRATE_PFN_WRITE != 0)
                     };
-                    let pte = match st.phys.kind(frame) {
-                        MemoryKind::DevicePrivate { .. } => Pte::DevicePrivate { frame, write },
-                        _ => Pte::Present {
-                            frame,
-                            write,
-                            special: false,
-                        },
-                    };
+                    let pte = mapping_entry(st.phys.kind(frame), frame, write);
                     st.mm_mut(m.pid).pt.set_pmd(va, pte);
                     if to.is_some() {
                         for k in 0..512 {
@@ -432,14 +431,7 @@ impl Kernel {
                     }
                     (src, m.src[i] & MIGRATE_PFN_WRITE != 0)
                 };
-                let pte = match st.phys.kind(frame) {
-                    MemoryKind::DevicePrivate { .. } => Pte::DevicePrivate { frame, write },
-                    _ => Pte::Present {
-                        frame,
-                        write,
-                        special: false,
-                    },
-                };
+                let pte = mapping_entry(st.phys.kind(frame), frame, write);
                 st.mm_mut(m.pid).pt.set_pte(va, pte);
                 if migrated {
                     st.phys.frame_mut(frame).mapcount = 1;

@@ -207,6 +207,18 @@ impl PageTable {
         self.set_at(va, 1, pte)
     }
 
+    /// Installs `pte` as a leaf of `size` at `va` (a PTE or a PMD leaf); returns the entry it replaced.
+    ///
+    /// # Panics
+    /// As [`PageTable::set_pte`] / [`PageTable::set_pmd`]; 1 GiB leaves are not modelled.
+    pub fn set_leaf(&mut self, va: Va, size: PageSize, pte: Pte) -> Option<Pte> {
+        match size {
+            PageSize::Size4K => self.set_pte(va, pte),
+            PageSize::Size2M => self.set_pmd(va, pte),
+            PageSize::Size1G => panic!("1 GiB leaves are not modelled"),
+        }
+    }
+
     /// Installs a 2 MiB leaf for the 2 MiB-aligned `va`.
     ///
     /// # Panics

@@ -1353,8 +1353,7 @@ impl<'s> Parser<'s> {
                     ));
                 }
                 let name = name.to_owned();
-                let longest = self.mappings.entry(name.clone()).or_insert(new_len);
-                *longest = (*longest).max(new_len);
+                self.define_mapping(&name, new_len);
                 Op::Mremap {
                     at,
                     len,
@@ -1482,8 +1481,7 @@ impl<'s> Parser<'s> {
                 let name = name.to_owned();
                 let len = self.len(self.required(t, "len")?, "len")?;
                 let prot = self.prot(self.required(t, "prot")?)?;
-                let longest = self.mappings.entry(name.clone()).or_insert(len);
-                *longest = (*longest).max(len);
+                self.define_mapping(&name, len);
                 Op::DmirrorMmap {
                     fd,
                     name,
@@ -1528,6 +1526,12 @@ impl<'s> Parser<'s> {
                 }
             }
         })
+    }
+
+    /// Records a mapping name; symbolic offsets are checked against the longest length it is given.
+    fn define_mapping(&mut self, name: &str, len: u64) {
+        let longest = self.mappings.entry(name.to_owned()).or_insert(len);
+        *longest = (*longest).max(len);
     }
 
     fn mmap(&mut self, t: &Table<'_, '_>) -> Result<Op> {
@@ -1613,8 +1617,7 @@ impl<'s> Parser<'s> {
             None => None,
         };
         if let Some(name) = &name {
-            let longest = self.mappings.entry(name.clone()).or_insert(len);
-            *longest = (*longest).max(len);
+            self.define_mapping(name, len);
         }
         Ok(Op::Mmap {
             name,

@@ -420,19 +420,9 @@ impl World {
             Op::DmirrorRead { fd, at, pages, ptr } => {
                 let m = self.fd(proc_name, fd)?;
                 let (va, _) = self.resolve(proc_name, at)?;
-                match m.read(va, *pages).await {
-                    Ok(res) => {
-                        if let Some(p) = ptr {
-                            let (dst, _) = self.resolve(proc_name, p)?;
-                            if let Err(e) = kernel.copy_to_user(pid, dst, &res.data).await {
-                                out.errno = Some(e);
-                            }
-                        }
-                        out.data = Some(res.data.clone());
-                        out.dm = Some(res);
-                    }
-                    Err(e) => out.errno = Some(e),
-                }
+                let res = m.read(va, *pages).await;
+                self.record_data(&mut out, pid, proc_name, ptr.as_ref(), res)
+                    .await?;
             }
             Op::DmirrorWrite { fd, at, pages, src } => {
                 let m = self.fd(proc_name, fd)?;
@@ -483,19 +473,9 @@ impl World {
             Op::DmirrorMigrateToDev { fd, at, pages, ptr } => {
                 let m = self.fd(proc_name, fd)?;
                 let (va, _) = self.resolve(proc_name, at)?;
-                match m.migrate_to_dev(va, *pages).await {
-                    Ok(res) => {
-                        if let Some(p) = ptr {
-                            let (dst, _) = self.resolve(proc_name, p)?;
-                            if let Err(e) = kernel.copy_to_user(pid, dst, &res.data).await {
-                                out.errno = Some(e);
-                            }
-                        }
-                        out.data = Some(res.data.clone());
-                        out.dm = Some(res);
-                    }
-                    Err(e) => out.errno = Some(e),
-                }
+                let res = m.migrate_to_dev(va, *pages).await;
+                self.record_data(&mut out, pid, proc_name, ptr.as_ref(), res)
+                    .await?;
             }
             Op::DmirrorMigrateToSys { fd, at, pages } => {
                 let m = self.fd(proc_name, fd)?;
@@ -508,13 +488,9 @@ impl World {
             Op::DmirrorExclusive { fd, at, pages } => {
                 let m = self.fd(proc_name, fd)?;
                 let (va, _) = self.resolve(proc_name, at)?;
-                match m.exclusive(va, *pages).await {
-                    Ok(res) => {
-                        out.data = Some(res.data.clone());
-                        out.dm = Some(res);
-                    }
-                    Err(e) => out.errno = Some(e),
-                }
+                let res = m.exclusive(va, *pages).await;
+                self.record_data(&mut out, pid, proc_name, None, res)
+                    .await?;
             }
             Op::DmirrorCheckExclusive { fd, at, pages } => {
                 let m = self.fd(proc_name, fd)?;
@@ -639,16 +615,38 @@ impl World {
             Op::DmirrorSnapshot { fd, at, pages } => {
                 let m = self.fd(proc_name, fd)?;
                 let (va, _) = self.resolve(proc_name, at)?;
-                match m.snapshot(va, *pages).await {
-                    Ok(res) => {
-                        out.data = Some(res.data.clone());
-                        out.dm = Some(res);
-                    }
-                    Err(e) => out.errno = Some(e),
-                }
+                let res = m.snapshot(va, *pages).await;
+                self.record_data(&mut out, pid, proc_name, None, res)
+                    .await?;
             }
         }
         Ok(out)
+    }
+
+    /// Records the result of a dmirror command that returns data, copying the data to `ptr` first when the
+    /// step names one (the driver's `copy_to_user` into the selftests' `buffer.mirror`).
+    async fn record_data(
+        &self,
+        out: &mut StepResult,
+        pid: Pid,
+        proc_name: &str,
+        ptr: Option<&AddrExpr>,
+        res: Result<DmirrorResult, Errno>,
+    ) -> Result<(), String> {
+        match res {
+            Ok(res) => {
+                if let Some(p) = ptr {
+                    let (dst, _) = self.resolve(proc_name, p)?;
+                    if let Err(e) = self.kernel.copy_to_user(pid, dst, &res.data).await {
+                        out.errno = Some(e);
+                    }
+                }
+                out.data = Some(res.data.clone());
+                out.dm = Some(res);
+            }
+            Err(e) => out.errno = Some(e),
+        }
+        Ok(())
     }
 
     fn fd(&self, proc_name: &str, fd: &str) -> Result<Rc<Dmirror>, String> {
