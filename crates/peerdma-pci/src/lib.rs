@@ -12,13 +12,14 @@
 //! - [`topology`]: the tree, its validating builder and the serde description a scenario's `[topology]`
 //!   section deserializes into;
 //! - [`p2p`]: `p2p_distance` / map types, the map-type cache, `distance_many` / `find_many`;
+//! - [`provider`]: P2P providers — BAR ranges added and published as P2P memory, `find_many` over the
+//!   published ones, bus addresses, the provider state freed at unbind (the pages themselves are the memory
+//!   model's);
 //! - [`link`]: link bandwidth, transfer time, per-hop latency and the coarse shared-link model.
-//!
-//! P2P providers (published BAR ranges, the allocator) are not here yet; they will build on
-//! [`topology::Bar`] and [`p2p::P2pCache`].
 
 pub mod link;
 pub mod p2p;
+pub mod provider;
 pub mod topology;
 
 use std::fmt;
@@ -29,6 +30,7 @@ pub use link::{CompletionSplit, LinkConfig, LinkSpec, SharedLink, Transfer};
 pub use p2p::{
     MapType, NotSupportedReason, P2pCache, P2pDecision, distance_many, find_many, p2p_distance,
 };
+pub use provider::{P2pProviders, P2pResource};
 pub use topology::{
     AcsCtrl, Bar, HostBridge, Node, NodeDecl, NodeId, NodeKind, Topology, TopologyBuilder,
     TopologySpec, WhitelistEntry,

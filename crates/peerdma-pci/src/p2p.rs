@@ -28,8 +28,9 @@
 //! - A lookup for a non-PCI client answers NOT_SUPPORTED without touching the cache.
 //! - The kernel keys the cache by the client's `(domain << 16) | BDF`; the model keys it by [`NodeId`], which
 //!   is equivalent while nothing is hot-plugged.
-//! - The kernel only stores when the provider has P2PDMA state; providers are not modelled yet, so every
-//!   provider is treated as having it.
+//! - The kernel only stores when the provider has P2PDMA state. This cache does not know providers; the
+//!   provider registry ([`crate::provider::P2pProviders::map_type`]) answers NOT_SUPPORTED for a function
+//!   without state before it consults the cache.
 
 use std::collections::BTreeMap;
 use std::fmt;
