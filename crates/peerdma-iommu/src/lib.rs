@@ -1,0 +1,160 @@
+//! The IOMMU DMA-domain model: what sits between a device's DMA address and physical memory when the DMA
+//! API runs on an IOMMU.
+//!
+//! Linux counterparts: drivers/iommu/iommu.c (domain types, `iommu_map` / `iommu_unmap`,
+//! `iommu_flush_iotlb_all`, `iommu.strict`), drivers/iommu/dma-iommu.c (IOVA allocation for the DMA API,
+//! `__iommu_dma_unmap`, the flush queue) and drivers/iommu/iova.c (the IOVA allocator). Design reference:
+//! `DESIGN.md` §4.3; timing reference: `spec/numbers.md` §2.
+//!
+//! Layout:
+//! - [`domain`]: [`IommuDomain`] (identity, strict DMA, deferred DMA with a flush queue), its config,
+//!   translation outcomes and counters;
+//! - [`iova`]: the top-down, size-aligned IOVA allocator;
+//! - [`pagetable`]: the IO page table and [`IommuProt`];
+//! - [`iotlb`]: the bounded LRU IOTLB and its cache rules (what is cached, when it is dropped, stale entries);
+//! - [`costs`]: [`IommuCosts`], which turns outcomes into simulated time.
+//!
+//! Everything here is plain data: no simulator, no async, no wall clock. Outcomes a device sees
+//! (translation faults, IOTLB misses, stale hits) are [`Translation`] values; [`Error`] means the caller
+//! misused the API.
+//!
+//! Not modelled yet (DESIGN.md §4.3 lists them): SVA / PASID domains, the device ATC (ATS) and invalidation
+//! completion, PRI / IOPF queues, large IO pages, per-CPU flush queues.
+//!
+//! # Examples
+//! ```
+//! use peerdma_core::{Pa, SimTime, PAGE_SIZE};
+//! use peerdma_iommu::{DomainConfig, DomainType, IommuDomain, IommuProt, Translation};
+//!
+//! let mut dom = IommuDomain::new(DomainConfig::with_type(DomainType::DmaFq));
+//! let iova = dom.alloc_iova(PAGE_SIZE)?;
+//! dom.map(iova, Pa::from_raw(0x8000_0000), PAGE_SIZE, IommuProt::READ_WRITE)?;
+//! assert!(matches!(dom.translate(iova, true), Translation::Miss { .. }));
+//! dom.unmap(iova, PAGE_SIZE, SimTime::ZERO)?;
+//! // Deferred flushing: the device can still reach the old page until the flush queue drains.
+//! assert_eq!(dom.translate(iova, true), Translation::Hit { pa: Pa::from_raw(0x8000_0000), stale: true });
+//! dom.flush_all();
+//! assert!(matches!(dom.translate(iova, true), Translation::Fault(_)));
+//! # Ok::<(), peerdma_iommu::Error>(())
+//! ```
+
+pub mod costs;
+pub mod domain;
+pub mod iotlb;
+pub mod iova;
+pub mod pagetable;
+
+use peerdma_core::{Errno, Iova, Pa, Range};
+
+pub use costs::IommuCosts;
+pub use domain::{
+    DomainConfig, DomainType, FaultReason, IommuDomain, IommuFault, IommuStats, Translation,
+    UnmapOutcome,
+};
+pub use iotlb::Iotlb;
+pub use pagetable::{IO_PAGE_TABLE_LEVELS, IommuProt};
+
+/// A misuse of the IOMMU API or an invalid configuration. Device-side outcomes are [`Translation`]s, not
+/// errors.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The operation needs a paging (DMA) domain.
+    #[error("identity domain has no {op}")]
+    IdentityDomain {
+        /// What was asked for ("iova allocator", "page table").
+        op: &'static str,
+    },
+    /// The domain config is invalid.
+    #[error("invalid domain config: {reason}")]
+    InvalidConfig {
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// A zero-length allocation, map or unmap.
+    #[error("zero-length request")]
+    ZeroSize,
+    /// A map whose IOVA, physical address or length is not 4 KiB aligned.
+    #[error("map of iova {iova:#x} to pa {pa:#x}, len {len:#x}, is not page aligned")]
+    Unaligned {
+        /// The IOVA asked for.
+        iova: Iova,
+        /// The physical address asked for.
+        pa: Pa,
+        /// The length asked for.
+        len: u64,
+    },
+    /// A map that grants neither read nor write.
+    #[error("mapping grants neither read nor write")]
+    NoAccess,
+    /// The range is not inside the domain's aperture.
+    #[error("range {range} is outside the aperture {aperture}")]
+    OutsideAperture {
+        /// The range asked for.
+        range: Range<Iova>,
+        /// The domain's aperture.
+        aperture: Range<Iova>,
+    },
+    /// No hole in the IOVA space fits the request.
+    #[error("no iova space for {nr_pages} pages below {limit:#x}")]
+    IovaExhausted {
+        /// Pages asked for (before rounding).
+        nr_pages: u64,
+        /// The limit the allocation had to stay below.
+        limit: Iova,
+    },
+    /// The range is not inside one live IOVA allocation (freed, never allocated, waiting on the flush
+    /// queue, or not starting at an allocation where one must start).
+    #[error("no live iova allocation holds {range}")]
+    NotAllocated {
+        /// The range asked for.
+        range: Range<Iova>,
+    },
+    /// A page of the range is already mapped.
+    #[error("iova {iova:#x} is already mapped")]
+    AlreadyMapped {
+        /// The first mapped page.
+        iova: Iova,
+    },
+    /// A page of the range is not mapped.
+    #[error("iova {iova:#x} is not mapped")]
+    NotMapped {
+        /// The first unmapped page.
+        iova: Iova,
+    },
+    /// A page of the allocation would stay mapped after its IOVA is released.
+    #[error("iova {iova:#x} is still mapped")]
+    StillMapped {
+        /// The first page still mapped.
+        iova: Iova,
+    },
+    /// A reservation overlaps an allocation or another reservation.
+    #[error("iova range {range} overlaps {existing}")]
+    Overlap {
+        /// The range asked for.
+        range: Range<Iova>,
+        /// The range in the way.
+        existing: Range<Iova>,
+    },
+}
+
+impl Error {
+    /// Returns the errno Linux would return for the same misuse.
+    pub fn errno(&self) -> Errno {
+        match self {
+            Self::IdentityDomain { .. }
+            | Self::InvalidConfig { .. }
+            | Self::ZeroSize
+            | Self::Unaligned { .. }
+            | Self::NoAccess
+            | Self::NotAllocated { .. } => Errno::EINVAL,
+            Self::OutsideAperture { .. } => Errno::EFAULT,
+            Self::IovaExhausted { .. } => Errno::ENOMEM,
+            Self::AlreadyMapped { .. } => Errno::EEXIST,
+            Self::NotMapped { .. } => Errno::ENOENT,
+            Self::StillMapped { .. } | Self::Overlap { .. } => Errno::EBUSY,
+        }
+    }
+}
+
+/// The result type of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
