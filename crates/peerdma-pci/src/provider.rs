@@ -179,6 +179,16 @@ impl P2pProviders {
         self.cache.map_type(topo, provider, client)
     }
 
+    /// Returns how `client` must address BAR memory of `owner` that has no struct page and no provider
+    /// state — the "naked `p2pdma_provider`" a dma-buf exporter consults (`spec/linux-p2p.md` §1.8 (a)):
+    /// the same decision and cache as [`P2pProviders::map_type`], without the provider-state check.
+    ///
+    /// # Panics
+    /// Panics if an id does not come from `topo`.
+    pub fn provider_map_type(&mut self, topo: &Topology, owner: NodeId, client: NodeId) -> MapType {
+        self.cache.map_type(topo, owner, client)
+    }
+
     /// Returns the cached map type of a pair without computing it.
     pub fn cached(&self, provider: NodeId, client: NodeId) -> Option<MapType> {
         self.cache.cached(provider, client)
