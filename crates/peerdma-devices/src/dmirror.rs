@@ -1055,7 +1055,9 @@ impl Dmirror {
             }
             MemoryKind::DeviceCoherent { .. } => prot::DEV_COHERENT_REMOTE,
             MemoryKind::Ram { .. } if frame == zero => prot::ZERO,
-            MemoryKind::Ram { .. } | MemoryKind::FsDax { .. } => prot::NONE,
+            MemoryKind::Ram { .. } | MemoryKind::FsDax { .. } | MemoryKind::P2pMem { .. } => {
+                prot::NONE
+            }
         };
         b |= if w & HMM_PFN_WRITE != 0 {
             prot::WRITE

@@ -7,10 +7,12 @@
 //!    FOLL_ANON on a non-anonymous VMA, a write without VM_WRITE (unless FORCE on a private mapping), a read
 //!    without VM_READ, a long-term writable pin of a dirty-tracked file mapping — `EFAULT`.
 //! 3. Per page: fault it in (write-faulting for FOLL_WRITE; a device-private page migrates back to RAM
-//!    through the CPU fault path), then grab: GET adds 1 to the refcount, PIN adds
+//!    through the CPU fault path), then grab (`try_grab_folio`, §2.4): refcount 0 is `ENOMEM`, a P2PDMA page
+//!    without FOLL_PCI_P2PDMA is `EREMOTEIO`, GET adds 1 to the refcount, PIN adds
 //!    [`GUP_PIN_COUNTING_BIAS`] (never for the zero page).
-//! 4. FOLL_LONGTERM (`__gup_longterm_locked`, §2.4): pages that are not long-term pinnable (device-coherent
-//!    memory) are unpinned, migrated to system RAM, and the whole range is pinned again.
+//! 4. FOLL_LONGTERM (`__gup_longterm_locked`, §2.4): if any page is not long-term pinnable
+//!    ([`folio_is_longterm_pinnable`]), everything is unpinned, device-coherent pages are migrated to system
+//!    RAM, and the whole range is pinned again.
 //! 5. A hole after the first page ends the walk early: the result holds fewer pages than asked (Linux's
 //!    partial return); a failure on the first page is the errno.
 //!
@@ -120,6 +122,27 @@ fn release(kernel: &Kernel, frames: &[FrameId], pin: bool) {
     }
 }
 
+/// Returns whether a folio of memory `kind` may be pinned with FOLL_LONGTERM where it is
+/// (`folio_is_longterm_pinnable`, v6.13+, spec §2.4 table). The model has no CMA or ZONE_MOVABLE, so:
+/// - the zero page: yes;
+/// - device-coherent memory: no ("must always allow eviction"; long-term GUP migrates it to RAM first);
+/// - fsdax: no (truncate and hole-punch must complete);
+/// - RAM: yes;
+/// - P2P memory: yes — its long-term exclusion is the argument check (LONGTERM with PCI_P2PDMA is `EINVAL`);
+/// - device-private memory: yes, as in Linux (ZONE_DEVICE, not movable, neither coherent nor fsdax). GUP never
+///   holds such a folio anyway: the walk faults a device-private entry back to RAM before grabbing it.
+pub fn folio_is_longterm_pinnable(kind: MemoryKind, is_zero_page: bool) -> bool {
+    if is_zero_page {
+        return true;
+    }
+    match kind {
+        MemoryKind::DeviceCoherent { .. } | MemoryKind::FsDax { .. } => false,
+        MemoryKind::Ram { .. } | MemoryKind::P2pMem { .. } | MemoryKind::DevicePrivate { .. } => {
+            true
+        }
+    }
+}
+
 /// `is_valid_gup_args`.
 fn check_args(flags: GupFlags) -> Result<(), Errno> {
     let bad = flags.intersects(GupFlags::INTERNAL)
@@ -162,11 +185,12 @@ impl Kernel {
                 });
             }
             // collect_longterm_unpinnable_folios: device-coherent memory must stay evictable.
+            let zero = self.state().phys.zero_page();
             let unpinnable: Vec<(usize, FrameId)> = frames
                 .iter()
                 .copied()
                 .enumerate()
-                .filter(|(_, f)| matches!(self.memory_kind(*f), MemoryKind::DeviceCoherent { .. }))
+                .filter(|(_, f)| !folio_is_longterm_pinnable(self.memory_kind(*f), *f == zero))
                 .collect();
             if unpinnable.is_empty() {
                 return Ok(PinnedPages {
@@ -176,6 +200,16 @@ impl Kernel {
                 });
             }
             release(self, &frames, pin);
+            self.pin_wq.wake_up_all();
+            // Only device-coherent folios can be moved here (migrate_device_coherent_folio); any other
+            // unpinnable folio would need migrate_pages, whose failure is ENOMEM. (fsdax, the only other kind,
+            // never gets here: its VMA is refused with EOPNOTSUPP first.)
+            if unpinnable
+                .iter()
+                .any(|(_, f)| !matches!(self.memory_kind(*f), MemoryKind::DeviceCoherent { .. }))
+            {
+                return Err(Errno::ENOMEM);
+            }
             for (i, f) in unpinnable {
                 let va = range.start.add(i as u64 * PAGE_SIZE);
                 self.migrate_device_coherent_page(pid, va, f).await?;
@@ -272,10 +306,14 @@ impl Kernel {
                 let mut st = self.state();
                 let zero = st.phys.zero_page();
                 if frame != zero {
-                    let fr = st.phys.frame_mut(frame);
-                    if fr.refcount == 0 {
+                    if st.phys.frame(frame).refcount == 0 {
                         return Err(Errno::ENOMEM);
                     }
+                    // try_grab_folio: a P2PDMA page only for callers that accept it (spec §2.4 step 2).
+                    if st.phys.is_p2pdma_page(frame) && !flags.contains(GupFlags::PCI_P2PDMA) {
+                        return Err(Errno::EREMOTEIO);
+                    }
+                    let fr = st.phys.frame_mut(frame);
                     fr.refcount += if flags.contains(GupFlags::PIN) {
                         GUP_PIN_COUNTING_BIAS
                     } else {

@@ -169,6 +169,8 @@ pub struct KernelState {
     pub thp: ThpPolicy,
     /// The swap device and the anonymous LRU.
     pub swap: crate::swap::Swap,
+    /// P2P memory regions' removal state and MMIO ranges without struct pages.
+    pub p2p: crate::p2p::P2pState,
     next_pid: u32,
     next_notifier: u64,
 }
@@ -194,7 +196,7 @@ impl KernelState {
         let vpn = va.page_number();
         match vma.backing {
             VmaBacking::Anon => Some(LogicalPage::Anon { pid, vpn }),
-            VmaBacking::Driver => None,
+            VmaBacking::Driver | VmaBacking::P2pMem { .. } | VmaBacking::Mmio { .. } => None,
             VmaBacking::File { .. } => {
                 let (file, pgoff) = vma.file_pgoff(va)?;
                 if vma.is_shared() {
@@ -298,7 +300,7 @@ impl KernelState {
     }
 
     /// Removes `r` from the VMA map, splitting VMAs at its edges.
-    fn remove_vmas(&mut self, pid: Pid, r: Range<Va>) {
+    pub(crate) fn remove_vmas(&mut self, pid: Pid, r: Range<Va>) {
         let mm = self.mm_mut(pid);
         for v in mm.vmas_in(r) {
             mm.vmas.remove(&v.range.start);
@@ -373,6 +375,7 @@ impl Kernel {
                 oracle: Oracle::new(sim.clone()),
                 thp: ThpPolicy::default(),
                 swap: crate::swap::Swap::default(),
+                p2p: crate::p2p::P2pState::default(),
                 next_pid: 1,
                 next_notifier: 1,
             }),
@@ -865,7 +868,7 @@ impl Kernel {
     }
 
     /// Places and inserts a driver-backed VMA of `len` bytes (the caller holds `mmap_lock` for writing).
-    async fn insert_driver_vma(
+    pub(crate) async fn insert_driver_vma(
         &self,
         pid: Pid,
         len: u64,
@@ -958,7 +961,7 @@ impl Kernel {
 
     /// Zaps every entry of `r` inside an invalidation of kind `event` (start, zap, TLB shootdown, end);
     /// returns the number of base pages zapped. Private anonymous contents are forgotten (they read zero again).
-    async fn zap_notify(&self, pid: Pid, r: Range<Va>, event: NotifierEvent) -> u64 {
+    pub(crate) async fn zap_notify(&self, pid: Pid, r: Range<Va>, event: NotifierEvent) -> u64 {
         self.invalidate_range_start(pid, r, event, None).await;
         let nr = {
             let mut st = self.state();
@@ -1371,21 +1374,52 @@ impl Kernel {
                             v.flags.contains(VmFlags::READ)
                         }
                     });
-                    match st.mm(pid).translate(page) {
-                        Some((frame, w, _)) if allowed && (w || !write) => {
-                            match &mut access {
+                    let pfn_leaf = st
+                        .mm(pid)
+                        .pt
+                        .lookup(page)
+                        .filter(|l| matches!(l.pte, Pte::Pfn { .. }));
+                    if let Some(leaf) = pfn_leaf {
+                        // A raw PFN entry: the access goes to MMIO bytes, not a frame.
+                        let Pte::Pfn { pfn, write: w } = leaf.pte else {
+                            unreachable!("filtered above")
+                        };
+                        if allowed && (w || !write) {
+                            let pa = peerdma_core::Pa::from_raw(
+                                pfn * PAGE_SIZE + (page.raw() - leaf.base.raw()) + in_page as u64,
+                            );
+                            let ok = match &mut access {
                                 Access::Read(buf) => {
-                                    st.oracle_check_cpu(pid, page, frame, false);
-                                    st.phys.read(frame, in_page, &mut buf[pos..pos + n]);
+                                    st.p2p.mmio_read_bytes(pa, &mut buf[pos..pos + n])
                                 }
                                 Access::Write(data) => {
-                                    st.phys.write(frame, in_page, &data[pos..pos + n]);
-                                    st.oracle_check_cpu(pid, page, frame, true);
+                                    st.p2p.mmio_write_bytes(pa, &data[pos..pos + n])
                                 }
+                            };
+                            if !ok {
+                                return Err(Signal::Bus { addr: va });
                             }
                             true
+                        } else {
+                            false
                         }
-                        _ => false,
+                    } else {
+                        match st.mm(pid).translate(page) {
+                            Some((frame, w, _)) if allowed && (w || !write) => {
+                                match &mut access {
+                                    Access::Read(buf) => {
+                                        st.oracle_check_cpu(pid, page, frame, false);
+                                        st.phys.read(frame, in_page, &mut buf[pos..pos + n]);
+                                    }
+                                    Access::Write(data) => {
+                                        st.phys.write(frame, in_page, &data[pos..pos + n]);
+                                        st.oracle_check_cpu(pid, page, frame, true);
+                                    }
+                                }
+                                true
+                            }
+                            _ => false,
+                        }
                     }
                 };
                 if hit {
@@ -1471,6 +1505,14 @@ impl Kernel {
                     .swap_in(pid, va, slot, write)
                     .await
                     .map_err(|()| Signal::Bus { addr: va }),
+                Pte::Pfn { write: w, .. } => {
+                    // wp_pfn_shared: a PFNMAP VMA is shared, so a write fault just makes the entry writable.
+                    if write && !w {
+                        let mut st = self.state();
+                        st.mm_mut(pid).pt.set_pte(va, leaf.pte.with_write(true));
+                    }
+                    Ok(())
+                }
             },
         }
     }
@@ -1494,7 +1536,11 @@ impl Kernel {
     fn do_missing_page(&self, pid: Pid, vma: &Vma, va: Va, write: bool) -> FaultResult {
         let mut st = self.state();
         match vma.backing {
-            VmaBacking::Driver => Err(Signal::Bus { addr: va }),
+            // Driver, P2P memory and PFNMAP VMAs are populated at mmap time and have no fault handler: an entry
+            // that is gone (zapped at unbind or revoke) stays gone.
+            VmaBacking::Driver | VmaBacking::P2pMem { .. } | VmaBacking::Mmio { .. } => {
+                Err(Signal::Bus { addr: va })
+            }
             VmaBacking::Anon => {
                 if vma.flags.contains(VmFlags::HUGETLB) {
                     return st.hugetlb_fault(pid, vma, va);

@@ -17,18 +17,20 @@ pub mod kernel;
 pub mod migrate;
 pub mod notifier;
 pub mod oracle;
+pub mod p2p;
 pub mod pagetable;
 pub mod phys;
 pub mod swap;
 pub mod vma;
 
 pub use costs::MmCosts;
-pub use gup::{GupFlags, PinnedPages};
+pub use gup::{GupFlags, PinnedPages, folio_is_longterm_pinnable};
 pub use kernel::{
     AddressSpace, Advice, Kernel, KernelState, MmapArgs, MremapFlags, Signal, ThpPolicy,
 };
 pub use migrate::{DevicePagemapOps, MigrateVma};
 pub use notifier::{IntervalNotifierOps, NotifierEvent, NotifierId, NotifierRange};
 pub use oracle::{LogicalPage, Violation, ViolationKind};
+pub use p2p::MmioId;
 pub use phys::MemoryKind;
 pub use vma::{Prot, VmFlags, Vma, VmaBacking};

@@ -320,7 +320,8 @@ impl Kernel {
                     MemoryKind::DeviceCoherent { owner } => {
                         owner == m.pgmap_owner && m.flags & MIGRATE_VMA_SELECT_DEVICE_COHERENT != 0
                     }
-                    MemoryKind::FsDax { .. } => false,
+                    // P2P memory never migrates (it is a BAR, not memory the kernel can move).
+                    MemoryKind::FsDax { .. } | MemoryKind::P2pMem { .. } => false,
                 };
                 let fr = st.phys.frame(frame);
                 // Only anonymous pages move; pinned pages stay (the refcount check of migrate_vma_unmap).

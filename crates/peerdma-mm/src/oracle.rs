@@ -15,6 +15,8 @@
 //!    violation (a lost COW copy, a wrong frame, a torn migration). Unwritten anonymous memory must read zero.
 //! 6. **Protocol** — invalidations end as often as they start; a mirror never programs an entry after
 //!    `read_retry` would have said retry ([`Oracle::mirror_install`]).
+//! 7. **No access to a removed BAR** — after `revoke_mmio` no peer DMA may reach the MMIO range
+//!    ([`crate::Kernel::mmio_read`] / `mmio_write`).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -56,6 +58,8 @@ pub enum ViolationKind {
     DataIntegrity,
     /// Check 6.
     Protocol,
+    /// Check 7: an access reached a BAR after its provider removed (revoked) it.
+    RemovedBar,
 }
 
 impl fmt::Display for ViolationKind {
@@ -66,6 +70,7 @@ impl fmt::Display for ViolationKind {
             ViolationKind::PinBroken => "pin broken",
             ViolationKind::DataIntegrity => "data integrity",
             ViolationKind::Protocol => "protocol",
+            ViolationKind::RemovedBar => "removed bar",
         })
     }
 }

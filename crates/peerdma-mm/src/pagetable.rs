@@ -54,6 +54,16 @@ pub enum Pte {
         /// Writable when swapped back in (anon-exclusive).
         write: bool,
     },
+    /// A present mapping of a raw page frame number with no `struct page` (`remap_pfn_range` into a
+    /// VM_PFNMAP VMA; `pte_special`, `vm_normal_page` is NULL). The number is a CPU physical page number
+    /// (`pa >> PAGE_SHIFT`), not a [`FrameId`]: nothing here names a frame of physical memory, so nothing
+    /// takes or drops a reference through it.
+    Pfn {
+        /// The CPU physical page number.
+        pfn: u64,
+        /// Writable by the CPU.
+        write: bool,
+    },
 }
 
 impl Pte {
@@ -64,7 +74,7 @@ impl Pte {
             | Pte::DevicePrivate { frame, .. }
             | Pte::DeviceExclusive { frame, .. }
             | Pte::Migration { frame, .. } => Some(frame),
-            Pte::Swap { .. } => None,
+            Pte::Swap { .. } | Pte::Pfn { .. } => None,
         }
     }
 
@@ -80,7 +90,8 @@ impl Pte {
             | Pte::DevicePrivate { write, .. }
             | Pte::DeviceExclusive { write, .. }
             | Pte::Migration { write, .. }
-            | Pte::Swap { write, .. } => write,
+            | Pte::Swap { write, .. }
+            | Pte::Pfn { write, .. } => write,
         }
     }
 
@@ -96,6 +107,7 @@ impl Pte {
             Pte::DeviceExclusive { frame, .. } => Pte::DeviceExclusive { frame, write: w },
             Pte::Migration { frame, .. } => Pte::Migration { frame, write: w },
             Pte::Swap { slot, .. } => Pte::Swap { slot, write: w },
+            Pte::Pfn { pfn, .. } => Pte::Pfn { pfn, write: w },
         }
     }
 }
@@ -299,6 +311,10 @@ impl PageTable {
                 },
                 Pte::Swap { slot, write } => Pte::Swap {
                     slot: slot + i,
+                    write,
+                },
+                Pte::Pfn { pfn, write } => Pte::Pfn {
+                    pfn: pfn + i,
                     write,
                 },
             };

@@ -15,7 +15,7 @@
 
 use std::collections::BTreeSet;
 
-use peerdma_core::{DeviceId, FrameId, PAGE_SIZE, PMD_SIZE};
+use peerdma_core::{DeviceId, FrameId, PAGE_SIZE, PMD_SIZE, Pa};
 
 /// Refcount added by one FOLL_PIN (include/linux/mm.h `GUP_PIN_COUNTING_BIAS`).
 pub const GUP_PIN_COUNTING_BIAS: u32 = 1024;
@@ -47,6 +47,12 @@ pub enum MemoryKind {
     FsDax {
         /// The DAX file it backs.
         file: u32,
+    },
+    /// MEMORY_DEVICE_PCI_P2PDMA: a PCI BAR range published for peer-to-peer DMA, with struct pages
+    /// (drivers/pci/p2pdma.c `pci_p2pdma_add_resource`). The CPU reaches it only as MMIO.
+    P2pMem {
+        /// The PCI device whose BAR it is.
+        provider: DeviceId,
     },
 }
 
@@ -126,6 +132,9 @@ pub struct Region {
     pub start: u64,
     /// Number of frames.
     pub nr_frames: u64,
+    /// The CPU physical address of the first frame, for regions backing a device BAR (P2P memory); `None`
+    /// for regions of the simulated physical map, whose frame `f` is at `f.pa()`.
+    pub base_pa: Option<Pa>,
     free: BTreeSet<u64>,
 }
 
@@ -184,9 +193,90 @@ impl PhysMem {
             kind,
             start,
             nr_frames: nr,
+            base_pa: None,
             free: (start..start + nr).collect(),
         });
         idx
+    }
+
+    /// Adds a region of exactly `nr_frames` frames whose first frame sits at CPU physical address `base`
+    /// (a device BAR range: `devm_memremap_pages` over it), and returns its index. Frame numbers stay 2 MiB
+    /// aligned as for [`PhysMem::add_region`]; the padding frames up to the next 2 MiB block are never
+    /// allocatable.
+    pub fn add_region_at(&mut self, kind: MemoryKind, nr_frames: u64, base: Pa) -> usize {
+        let idx = self.add_region(kind, nr_frames);
+        let region = &mut self.regions[idx];
+        let end = region.start + nr_frames;
+        region.free.retain(|&pfn| pfn < end);
+        region.nr_frames = nr_frames;
+        region.base_pa = Some(base);
+        idx
+    }
+
+    /// Returns the CPU physical address of frame `f`: `f.pa()` in the simulated physical map, or the BAR
+    /// address for frames of a region with a [`Region::base_pa`].
+    pub fn frame_pa(&self, f: FrameId) -> Pa {
+        let region = &self.regions[self.region_of(f)];
+        match region.base_pa {
+            Some(base) => base.add((f.0 - region.start) * PAGE_SIZE),
+            None => f.pa(),
+        }
+    }
+
+    /// Returns the frame holding CPU physical address `pa`, if any (the inverse of [`PhysMem::frame_pa`]).
+    /// BAR-backed regions are looked up first, then the simulated physical map.
+    pub fn frame_at_pa(&self, pa: Pa) -> Option<FrameId> {
+        let in_bar = self.regions.iter().find_map(|r| {
+            let base = r.base_pa?;
+            let off = pa.raw().checked_sub(base.raw())? / PAGE_SIZE;
+            (off < r.nr_frames).then_some(FrameId(r.start + off))
+        });
+        if in_bar.is_some() {
+            return in_bar;
+        }
+        let pfn = pa.raw() / PAGE_SIZE;
+        self.regions
+            .iter()
+            .find(|r| r.base_pa.is_none() && (r.start..r.start + r.nr_frames).contains(&pfn))
+            .map(|_| FrameId(pfn))
+    }
+
+    /// Allocates `nr_frames` contiguous zero-filled frames from region `r`, lowest address first (first fit,
+    /// as `gen_pool_alloc` does for the P2P pool); returns the first. Each frame gets refcount 1.
+    ///
+    /// # Errors
+    /// [`OutOfMemory`] when no run of `nr_frames` free frames exists (or `nr_frames` is zero).
+    pub fn alloc_contiguous(
+        &mut self,
+        r: usize,
+        nr_frames: u64,
+        owner: FrameOwner,
+    ) -> Result<FrameId, OutOfMemory> {
+        let oom = OutOfMemory { region: r };
+        if nr_frames == 0 {
+            return Err(oom);
+        }
+        let mut run_start = None;
+        let mut run_len = 0u64;
+        let mut prev = None;
+        for &pfn in &self.regions[r].free {
+            if prev.is_some_and(|p: u64| p + 1 == pfn) {
+                run_len += 1;
+            } else {
+                run_start = Some(pfn);
+                run_len = 1;
+            }
+            prev = Some(pfn);
+            if run_len == nr_frames {
+                break;
+            }
+        }
+        let first = run_start.filter(|_| run_len == nr_frames).ok_or(oom)?;
+        for pfn in first..first + nr_frames {
+            self.regions[r].free.remove(&pfn);
+            self.init_frame(FrameId(pfn), owner);
+        }
+        Ok(FrameId(first))
     }
 
     /// Returns the shared zero page.
@@ -428,6 +518,57 @@ mod tests {
         assert!(!pm.frame(f).maybe_dma_pinned());
         pm.frame_mut(f).refcount += GUP_PIN_COUNTING_BIAS;
         assert!(pm.frame(f).maybe_dma_pinned());
+    }
+
+    #[test]
+    fn bar_region_frames_sit_at_the_bar_address_and_ram_frames_at_their_number() {
+        let mut pm = PhysMem::new(2 * PMD_SIZE);
+        let base = Pa::from_raw(0xe000_0000);
+        let r = pm.add_region_at(
+            MemoryKind::P2pMem {
+                provider: DeviceId(1),
+            },
+            3,
+            base,
+        );
+        assert_eq!(pm.nr_free(r), 3, "padding frames are not allocatable");
+        let first = FrameId(pm.regions()[r].start);
+        assert_eq!(pm.frame_pa(first), base);
+        assert_eq!(pm.frame_pa(FrameId(first.0 + 2)), base.add(2 * PAGE_SIZE));
+        assert_eq!(
+            pm.frame_at_pa(base.add(2 * PAGE_SIZE + 5)),
+            Some(FrameId(first.0 + 2))
+        );
+        assert_eq!(pm.frame_at_pa(base.add(3 * PAGE_SIZE)), None);
+        assert_eq!(pm.frame_pa(FrameId(7)), FrameId(7).pa());
+        assert_eq!(pm.frame_at_pa(FrameId(7).pa()), Some(FrameId(7)));
+    }
+
+    #[test]
+    fn contiguous_allocation_is_first_fit_lowest_address() {
+        let mut pm = PhysMem::new(2 * PMD_SIZE);
+        let r = pm.add_region_at(
+            MemoryKind::P2pMem {
+                provider: DeviceId(1),
+            },
+            8,
+            Pa::from_raw(0),
+        );
+        let start = pm.regions()[r].start;
+        let first = pm.alloc_contiguous(r, 2, FrameOwner::Kernel).unwrap();
+        let second = pm.alloc_contiguous(r, 3, FrameOwner::Kernel).unwrap();
+        assert_eq!((first.0, second.0), (start, start + 2));
+        pm.put(first);
+        pm.put(FrameId(first.0 + 1));
+        // The 2-frame hole at the bottom is too small for 3; the run after b fits.
+        let third = pm.alloc_contiguous(r, 3, FrameOwner::Kernel).unwrap();
+        assert_eq!(third.0, start + 5);
+        let fourth = pm.alloc_contiguous(r, 2, FrameOwner::Kernel).unwrap();
+        assert_eq!(fourth.0, start, "the lowest fitting hole first");
+        assert_eq!(
+            pm.alloc_contiguous(r, 1, FrameOwner::Kernel),
+            Err(OutOfMemory { region: r })
+        );
     }
 
     #[test]

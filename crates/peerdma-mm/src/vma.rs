@@ -6,6 +6,8 @@
 use bitflags::bitflags;
 use peerdma_core::{Range, Va};
 
+use crate::p2p::MmioId;
+
 bitflags! {
     /// `vm_flags` bits the model uses (include/linux/mm.h).
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -104,6 +106,20 @@ pub enum VmaBacking {
     },
     /// A driver mapping whose pages were inserted at mmap time (`vm_insert_page`, VM_MIXEDMAP).
     Driver,
+    /// The p2pmem `allocate` file of a P2P memory region (drivers/pci/p2pdma.c `p2pmem_alloc_mmap`): pages
+    /// of that region inserted at mmap time, shared only.
+    P2pMem {
+        /// The region (index into the physical memory's regions).
+        region: usize,
+    },
+    /// A BAR range without struct pages mapped by its owner driver with `remap_pfn_range` (VM_IO |
+    /// VM_PFNMAP): raw PFN entries from `pgoff` pages into the MMIO range on.
+    Mmio {
+        /// The MMIO range.
+        mmio: MmioId,
+        /// Page offset of the VMA start inside the MMIO range.
+        pgoff: u64,
+    },
 }
 
 /// One VMA.
@@ -147,6 +163,12 @@ impl Vma {
         if let VmaBacking::File { file, pgoff } = self.backing {
             v.backing = VmaBacking::File {
                 file,
+                pgoff: pgoff + (r.start.raw() - self.range.start.raw()) / 4096,
+            };
+        }
+        if let VmaBacking::Mmio { mmio, pgoff } = self.backing {
+            v.backing = VmaBacking::Mmio {
+                mmio,
                 pgoff: pgoff + (r.start.raw() - self.range.start.raw()) / 4096,
             };
         }
