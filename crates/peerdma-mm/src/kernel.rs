@@ -1790,31 +1790,38 @@ impl Kernel {
         data: &[u8],
     ) {
         let mut st = self.state();
-        if st.oracle.enabled() {
-            let fr = st.phys.frame(frame);
-            if !fr.is_allocated() {
-                st.oracle.violation(
-                    ViolationKind::UseAfterFree,
-                    format!("device {} wrote freed {frame}", dev.0),
-                );
-                return;
-            }
-            if !fr.maybe_dma_pinned() {
-                st.oracle.violation(
-                    ViolationKind::PinBroken,
-                    format!(
-                        "device {} wrote {frame} through a pin that no longer holds it",
-                        dev.0
-                    ),
-                );
-                return;
-            }
+        if st.oracle.enabled() && !st.check_pinned_frame(dev, frame) {
+            return;
         }
         st.phys.write(frame, 0, data);
         let mapped = st.mm(pid).translate(va).is_some_and(|(f, _, _)| f == frame);
         if mapped && let Some(key) = st.logical_page(pid, va) {
             let h = st.phys.content_hash(frame);
             st.oracle.record(key, h);
+        }
+    }
+
+    /// A device reads the 4 KiB `frame` through a pin it holds (DMA through a short- or long-term pin). The
+    /// oracle accepts the frame because of the pin: it must be allocated and pinned; the data is checked
+    /// against `va`'s record only while `pid` still maps the frame there.
+    pub fn device_read_pinned(
+        &self,
+        dev: DeviceId,
+        pid: Pid,
+        va: Va,
+        frame: FrameId,
+        buf: &mut [u8],
+    ) {
+        let mut st = self.state();
+        if st.oracle.enabled() && !st.check_pinned_frame(dev, frame) {
+            return;
+        }
+        st.phys.read(frame, 0, buf);
+        let mapped = st.mm(pid).translate(va).is_some_and(|(f, _, _)| f == frame);
+        if mapped && let Some(key) = st.logical_page(pid, va) {
+            let h = st.phys.content_hash(frame);
+            st.oracle
+                .check_read(key, h, || format!("device {} read {frame} at {va}", dev.0));
         }
     }
 
@@ -2064,6 +2071,29 @@ impl KernelState {
     }
 
     /// Oracle checks on a device access; returns whether the access may proceed.
+    /// Oracle checks 2 and 3 for DMA through a pin: the frame must be allocated and still pinned.
+    fn check_pinned_frame(&mut self, dev: DeviceId, frame: FrameId) -> bool {
+        let fr = self.phys.frame(frame);
+        if !fr.is_allocated() {
+            self.oracle.violation(
+                ViolationKind::UseAfterFree,
+                format!("device {} accessed freed {frame} through a pin", dev.0),
+            );
+            return false;
+        }
+        if !fr.maybe_dma_pinned() {
+            self.oracle.violation(
+                ViolationKind::PinBroken,
+                format!(
+                    "device {} accessed {frame} through a pin that no longer holds it",
+                    dev.0
+                ),
+            );
+            return false;
+        }
+        true
+    }
+
     fn oracle_check_device(
         &mut self,
         dev: DeviceId,

@@ -56,9 +56,12 @@ pub enum ViolationKind {
     PinBroken,
     /// Check 4.
     DataIntegrity,
+    /// Check 5: a P2P access used an address or path its map type does not allow.
+    Routing,
     /// Check 6.
     Protocol,
-    /// Check 7: an access reached a BAR after its provider removed (revoked) it.
+    /// An access reached a BAR after its provider removed (revoked) it (check 2 for memory without
+    /// struct page).
     RemovedBar,
 }
 
@@ -69,6 +72,7 @@ impl fmt::Display for ViolationKind {
             ViolationKind::UseAfterFree => "use after free",
             ViolationKind::PinBroken => "pin broken",
             ViolationKind::DataIntegrity => "data integrity",
+            ViolationKind::Routing => "routing",
             ViolationKind::Protocol => "protocol",
             ViolationKind::RemovedBar => "removed bar",
         })
