@@ -1,0 +1,32 @@
+//! The DMA layer of peerdma: how a device gets DMA addresses for memory a process sees as virtual addresses,
+//! whatever backs them (DESIGN.md §2, §4.2–§4.6).
+//!
+//! Linux counterparts: kernel/dma/mapping.c and drivers/iommu/dma-iommu.c (`dma_map_sg` with per-segment
+//! P2PDMA classification, `pci_p2pdma_state`), drivers/pci/p2pdma.c (p2pmem `allocate`, provider removal),
+//! drivers/dma-buf/dma-buf.c (dynamic importers, `move_notify`), drivers/infiniband/core/umem_odp.c (the
+//! coherent mirror), and the 2016 proposal `get_user_dma_sg()` that never landed as such
+//! (`spec/linux-p2p.md` §7, §9 item 7).
+//!
+//! Layout:
+//! - [`platform`]: the [`Platform`] — topology, P2P providers, each DMA device's IOMMU domain, BAR exports —
+//!   and P2P memory set-up, p2pmem mmap and provider removal;
+//! - [`map`]: `map_sg` / `unmap_sg` with P2P classification, and a device's access through a DMA address;
+//! - [`dmabuf`]: BAR memory without `struct page` exported to importers (dynamic with `move_notify`, or
+//!   pinned), revoked at removal;
+//! - [`mirror`]: the long-term coherent translation mirror (ODP/HMM pattern, no pins);
+//! - [`sg`]: `get_user_dma_sg(mm, range, initiator, flags)` dispatching per VMA (DESIGN.md §4.6).
+//!
+//! Everything here returns Linux errnos ([`peerdma_core::Errno`]): a refused DMA mapping is a model outcome
+//! that scenarios compare one-to-one with the kernel, not a misuse of the API.
+
+pub mod dmabuf;
+pub mod map;
+pub mod mirror;
+pub mod platform;
+pub mod sg;
+
+pub use dmabuf::{AttachId, ImporterKind};
+pub use map::{DmaAddr, DmaSegment, MappedSg, SegKind};
+pub use mirror::DmaMirror;
+pub use platform::{DmaCosts, DmaDevice, Platform};
+pub use sg::{DmaSgFlags, DmaSgHandle, get_user_dma_sg};

@@ -1,0 +1,405 @@
+//! The DMA API: `map_sg` / `unmap_sg` with per-segment P2P classification, and a device's access through a
+//! DMA address (`spec/linux-p2p.md` §1.6; DESIGN.md §4.2–§4.3).
+//!
+//! Linux counterparts: kernel/dma/mapping.c `dma_map_sgtable`, kernel/dma/direct.c `dma_direct_map_sg`,
+//! drivers/iommu/dma-iommu.c `iommu_dma_map_sg` / `__iommu_dma_unmap`, drivers/pci/p2pdma.c
+//! `pci_p2pdma_state` / `pci_p2pdma_map_type`.
+//!
+//! `map_sg`, as numbered steps (v6.x; a mixed list of RAM and several providers is allowed):
+//! 1. Classify every page: not P2P memory → NONE; P2P memory → the provider's map type for this device
+//!    (cached per pair; a run of pages of one provider reuses it, as `pci_p2pdma_state` does).
+//! 2. Any NOT_SUPPORTED page fails the whole call with `EREMOTEIO` and nothing stays mapped.
+//! 3. BUS_ADDR pages get `phys + bus_offset` and are marked as bus addresses: no IOVA, skipped at unmap.
+//! 4. NONE and THRU_HOST_BRIDGE pages: with an identity domain the DMA address is the physical address; with
+//!    a DMA domain one IOVA range is allocated for all of them and each page is mapped into it, the
+//!    THRU_HOST_BRIDGE ones with the MMIO attribute (`DMA_ATTR_MMIO`, v6.18).
+//!
+//! `unmap_sg` releases the IOVA range through the domain (strict: now; lazy: the flush queue) and skips bus
+//! addresses. A device access resolves a DMA address back to a physical one: through the IOTLB / IO page
+//! table for an IOVA, through the provider's BAR for a bus address — and the routing check of the oracle
+//! (DESIGN.md §7 check 5) tells a bus-address access that its map type does not allow.
+
+use std::rc::Rc;
+
+use peerdma_core::{BusAddr, DeviceId, Errno, Iova, PAGE_SIZE, Pa, SimDuration};
+use peerdma_iommu::{DomainType, IommuProt, Translation};
+use peerdma_mm::oracle::ViolationKind;
+use peerdma_pci::link::time_at_gbps;
+use peerdma_pci::{MapType, p2p_distance};
+
+use crate::platform::{DmaDevice, Platform};
+
+/// A DMA address as the device is told it (`dma_addr_t`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum DmaAddr {
+    /// An address the IOMMU translates (or, with an identity domain, the physical address itself).
+    Iova(Iova),
+    /// A PCI bus address that stays in the fabric (`SG_DMA_BUS_ADDRESS`).
+    Bus(BusAddr),
+}
+
+impl DmaAddr {
+    /// Returns the raw `dma_addr_t`.
+    pub fn raw(self) -> u64 {
+        match self {
+            Self::Iova(a) => a.raw(),
+            Self::Bus(b) => b.raw(),
+        }
+    }
+
+    fn add(self, off: u64) -> Self {
+        match self {
+            Self::Iova(a) => Self::Iova(a.add(off)),
+            Self::Bus(b) => Self::Bus(b.add(off)),
+        }
+    }
+}
+
+/// What kind of memory a segment reaches, and how.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SegKind {
+    /// System or device memory that is not P2P memory (map type NONE).
+    Ram,
+    /// Peer memory reached by bus address inside the fabric (BUS_ADDR).
+    P2pBusAddr,
+    /// Peer memory reached through the host bridge (THRU_HOST_BRIDGE), mapped like RAM with the MMIO
+    /// attribute.
+    P2pThruHostBridge,
+}
+
+impl SegKind {
+    /// Returns the name reports print (`ram`, `bus`, `host-bridge`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ram => "ram",
+            Self::P2pBusAddr => "bus",
+            Self::P2pThruHostBridge => "host-bridge",
+        }
+    }
+}
+
+/// One merged run of a mapped list: contiguous DMA addresses of one kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaSegment {
+    /// The first DMA address.
+    pub addr: DmaAddr,
+    /// Bytes.
+    pub len: u64,
+    /// What it reaches.
+    pub kind: SegKind,
+}
+
+/// One mapped page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct MappedPage {
+    pub(crate) addr: DmaAddr,
+    pub(crate) pa: Pa,
+    pub(crate) kind: SegKind,
+}
+
+/// The result of `map_sg`: the device's DMA addresses, page by page, and what to release at unmap.
+#[derive(Debug, Default)]
+pub struct MappedSg {
+    pub(crate) pages: Vec<MappedPage>,
+    /// The IOVA range allocated for the non-bus pages, if the domain translates.
+    iova: Option<(Iova, u64)>,
+}
+
+impl MappedSg {
+    /// Returns the merged segments (adjacent pages of one kind with contiguous DMA addresses).
+    pub fn segments(&self) -> Vec<DmaSegment> {
+        let mut out: Vec<DmaSegment> = Vec::new();
+        for p in &self.pages {
+            if let Some(last) = out.last_mut()
+                && last.kind == p.kind
+                && last.addr.add(last.len) == p.addr
+            {
+                last.len += PAGE_SIZE;
+                continue;
+            }
+            out.push(DmaSegment {
+                addr: p.addr,
+                len: PAGE_SIZE,
+                kind: p.kind,
+            });
+        }
+        out
+    }
+
+    /// Returns the number of pages mapped.
+    pub fn nr_pages(&self) -> usize {
+        self.pages.len()
+    }
+
+    /// Returns the DMA address of page `i`.
+    pub fn page_addr(&self, i: usize) -> Option<DmaAddr> {
+        self.pages.get(i).map(|p| p.addr)
+    }
+}
+
+/// One page to map: its physical address, its P2P class (`None`: not P2P memory; else the map type and the
+/// BAR's bus offset) and whether it is BAR memory without struct page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct MapTarget {
+    pub(crate) pa: Pa,
+    pub(crate) class: Option<(MapType, i64)>,
+    pub(crate) mmio: bool,
+}
+
+/// Where a device access through a DMA address landed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Resolved {
+    pub(crate) pa: Pa,
+    pub(crate) cost: SimDuration,
+}
+
+impl Platform {
+    /// Returns how `dev` must address the page at `pa` (step 1): `None` for memory that is not P2P memory.
+    pub(crate) fn classify(&self, dev: &DmaDevice, pa: Pa) -> Option<(MapType, i64)> {
+        let (res, _) = self.p2p_resource_at(pa)?;
+        let mt = self
+            .providers
+            .borrow_mut()
+            .map_type(self.topology(), res.provider, dev.node);
+        Some((mt, res.bus_offset))
+    }
+
+    /// `dma_map_sg` of the pages at `pas` for `dev` (module docs, steps 1–4).
+    ///
+    /// # Errors
+    /// `EREMOTEIO` when a page is P2P memory `dev` cannot reach; `ENOMEM` when the IOVA space is exhausted;
+    /// `ENODEV` for an unknown device.
+    pub fn map_sg(&self, dev: DeviceId, pas: &[Pa], write: bool) -> Result<MappedSg, Errno> {
+        let d = self.device(dev)?;
+        let targets: Vec<MapTarget> = pas
+            .iter()
+            .map(|&pa| MapTarget {
+                pa,
+                class: self.classify(&d, pa),
+                mmio: false,
+            })
+            .collect();
+        self.map_targets(&d, &targets, write)
+    }
+
+    /// Maps pages whose classification is known; `mmio` marks pages of a BAR without struct page (mapped
+    /// like THRU_HOST_BRIDGE memory when not bus-addressed).
+    pub(crate) fn map_targets(
+        &self,
+        d: &Rc<DmaDevice>,
+        targets: &[MapTarget],
+        write: bool,
+    ) -> Result<MappedSg, Errno> {
+        // Step 2.
+        if targets
+            .iter()
+            .any(|t| matches!(t.class, Some((MapType::NotSupported, _))))
+        {
+            self.kernel.sim.count("dma.map_sg_eremoteio", 1);
+            return Err(Errno::EREMOTEIO);
+        }
+        let mut domain = d.domain_mut();
+        let translates = domain.domain_type() != DomainType::Identity;
+        let nr_iova = targets
+            .iter()
+            .filter(|t| !matches!(t.class, Some((MapType::BusAddr, _))))
+            .count() as u64;
+        let iova = if translates && nr_iova > 0 {
+            Some(
+                domain
+                    .alloc_iova(nr_iova * PAGE_SIZE)
+                    .map_err(|e| e.errno())?,
+            )
+        } else {
+            None
+        };
+        let mut pages = Vec::with_capacity(targets.len());
+        let mut next = 0u64;
+        for &MapTarget { pa, class, mmio } in targets {
+            if let Some((MapType::BusAddr, off)) = class {
+                // Step 3.
+                pages.push(MappedPage {
+                    addr: DmaAddr::Bus(BusAddr::from_raw(
+                        pa.raw()
+                            .checked_add_signed(off)
+                            .expect("validated topology: bus range fits 64 bits"),
+                    )),
+                    pa,
+                    kind: SegKind::P2pBusAddr,
+                });
+                continue;
+            }
+            // Step 4.
+            let thru = class.is_some() || mmio;
+            let kind = if thru {
+                SegKind::P2pThruHostBridge
+            } else {
+                SegKind::Ram
+            };
+            let addr = match iova {
+                Some(base) => {
+                    let a = base.add(next * PAGE_SIZE);
+                    next += 1;
+                    let prot = IommuProt {
+                        read: true,
+                        write,
+                        mmio: thru,
+                    };
+                    domain
+                        .map(a, pa, PAGE_SIZE, prot)
+                        .expect("a freshly allocated IOVA range is unmapped");
+                    a
+                }
+                None => Iova::from_raw(pa.raw()),
+            };
+            pages.push(MappedPage {
+                addr: DmaAddr::Iova(addr),
+                pa,
+                kind,
+            });
+        }
+        self.kernel.sim.count("dma.map_sg", 1);
+        self.kernel
+            .sim
+            .count("dma.mapped_pages", targets.len() as u64);
+        Ok(MappedSg {
+            pages,
+            iova: iova.map(|a| (a, nr_iova * PAGE_SIZE)),
+        })
+    }
+
+    /// `dma_unmap_sg`: releases the IOVA range (bus addresses are skipped: they were never mapped).
+    ///
+    /// # Errors
+    /// `ENODEV` for an unknown device.
+    pub fn unmap_sg(&self, dev: DeviceId, sg: &mut MappedSg) -> Result<(), Errno> {
+        let d = self.device(dev)?;
+        if let Some((iova, len)) = sg.iova.take() {
+            let now = self.kernel.sim.now();
+            let mut domain = d.domain_mut();
+            domain
+                .unmap(iova, len, now)
+                .expect("map_sg mapped this IOVA range");
+        }
+        sg.pages.clear();
+        self.kernel.sim.count("dma.unmap_sg", 1);
+        Ok(())
+    }
+
+    /// Resolves a device access at `addr` to a physical address, with its translation cost; `None` when the
+    /// IOMMU faults or the bus address hits no live P2P memory. A bus-address access whose map type is not
+    /// BUS_ADDR is a routing violation (oracle check 5), and so is a deferred-flush IOTLB hit whose entry
+    /// the IO page table no longer has (the device used a DMA address after it was unmapped).
+    pub(crate) fn resolve(&self, d: &DmaDevice, addr: DmaAddr, write: bool) -> Option<Resolved> {
+        match addr {
+            DmaAddr::Iova(iova) => {
+                let t = d.domain_mut().translate(iova, write);
+                let c = &self.costs.iommu;
+                match t {
+                    Translation::Hit { pa, stale } => {
+                        if stale {
+                            self.violation(
+                                ViolationKind::StaleTranslation,
+                                format!(
+                                    "{} used IOVA {:#x} after it was unmapped (stale IOTLB entry)",
+                                    d.name,
+                                    iova.raw()
+                                ),
+                            );
+                        }
+                        Some(Resolved {
+                            pa,
+                            cost: c.iotlb_hit,
+                        })
+                    }
+                    Translation::Miss { pa, levels } => Some(Resolved {
+                        pa,
+                        cost: c.iotlb_miss + c.walk_per_level.saturating_mul(u64::from(levels)),
+                    }),
+                    Translation::Fault(_) => {
+                        self.kernel.sim.count("iommu.faults", 1);
+                        None
+                    }
+                }
+            }
+            DmaAddr::Bus(bus) => {
+                let (res, pa) = self.providers_bus_lookup(bus)?;
+                let mt = self
+                    .providers
+                    .borrow_mut()
+                    .map_type(self.topology(), res, d.node);
+                if mt != MapType::BusAddr {
+                    self.violation(
+                        ViolationKind::Routing,
+                        format!(
+                            "{} sent a bus-address access to {:#x} whose map type is {mt:?}",
+                            d.name,
+                            bus.raw()
+                        ),
+                    );
+                    return None;
+                }
+                Some(Resolved {
+                    pa,
+                    cost: SimDuration::ZERO,
+                })
+            }
+        }
+    }
+
+    fn providers_bus_lookup(&self, bus: BusAddr) -> Option<(peerdma_pci::NodeId, Pa)> {
+        let topo = self.topology();
+        for id in topo.endpoints() {
+            for b in topo.node(id).bars() {
+                if b.bus_range().contains(bus) {
+                    let pa = Pa::from_raw(bus.raw().checked_add_signed(-b.bus_offset)?);
+                    return Some((id, pa));
+                }
+            }
+        }
+        None
+    }
+
+    pub(crate) fn violation(&self, kind: ViolationKind, detail: String) {
+        self.kernel.state().oracle.violation(kind, detail);
+    }
+
+    /// Returns the link time of moving `bytes` between `dev` and the memory at `pa` (zero in zero-time
+    /// mode): the bottleneck link's effective bandwidth for this payload plus the per-hop latency of the
+    /// path (P2P: the provider–client path of the map-type decision; RAM: the device's path to its host
+    /// bridge).
+    pub(crate) fn transfer_time(
+        &self,
+        d: &DmaDevice,
+        pa: Pa,
+        bytes: u64,
+        write: bool,
+    ) -> SimDuration {
+        if !self.costs.timed {
+            return SimDuration::ZERO;
+        }
+        let topo = self.topology();
+        let path: Vec<peerdma_pci::NodeId> = match self.p2p_resource_at(pa) {
+            Some((res, _)) => p2p_distance(topo, res.provider, d.node).path,
+            None => topo.upstream_chain(d.node),
+        };
+        let links: Vec<_> = path.iter().filter_map(|&n| topo.node(n).link()).collect();
+        let gbps = links
+            .iter()
+            .map(|l| {
+                if write {
+                    l.effective_write_gbps(bytes)
+                } else {
+                    l.effective_read_gbps(bytes)
+                }
+            })
+            .fold(f64::INFINITY, f64::min);
+        let wire = if gbps.is_finite() {
+            time_at_gbps(bytes, gbps)
+        } else {
+            SimDuration::ZERO
+        };
+        let hops = u64::try_from(links.len()).expect("few links");
+        wire + self.costs.hop.saturating_mul(hops)
+    }
+}

@@ -1,0 +1,328 @@
+//! The platform a DMA happens on: the PCIe topology, the P2P providers, every DMA-capable device with its
+//! IOMMU domain, and the BAR exports of devices whose memory has no `struct page`.
+//!
+//! Linux counterparts: the `pci_dev` / `iommu_group` / `dev_pagemap` state spread over drivers/pci/p2pdma.c
+//! (`pci_p2pdma_add_resource`, the p2pmem `allocate` file, unbind), drivers/iommu/iommu.c (one default domain
+//! per device) and drivers/vfio/pci (a BAR exported as a dma-buf).
+//!
+//! Set-up and teardown of P2P memory, as numbered steps:
+//! 1. [`Platform::p2p_add_resource`]: the P2P subsystem records the BAR range (`peerdma_pci::P2pProviders`)
+//!    and the memory model creates its struct pages (`Kernel::add_p2p_memory`).
+//! 2. [`Platform::p2p_publish`]: other drivers may find it ([`Platform::p2p_find_many`]).
+//! 3. [`Platform::p2pmem_mmap`]: a process maps it through the provider's `allocate` file.
+//! 4. [`Platform::remove_device`] (unbind): every dma-buf importer of the device's BARs is revoked and
+//!    unmapped, user mappings of its PFNMAP BARs and P2P pages are zapped, and the call waits until every
+//!    page reference (pins) is gone; only then is the provider state freed.
+
+use std::cell::{Ref, RefCell, RefMut};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::rc::Rc;
+
+use peerdma_core::{DeviceId, Errno, Pa, Pid, Range, SimDuration, Va};
+use peerdma_iommu::{DomainConfig, IommuCosts, IommuDomain};
+use peerdma_mm::kernel::Kernel;
+use peerdma_mm::vma::Prot;
+use peerdma_pci::link::DEFAULT_HOP_LATENCY;
+use peerdma_pci::{NodeId, P2pProviders, P2pResource, Topology};
+use peerdma_sim::RngStream;
+
+use crate::dmabuf::Exports;
+
+/// Timing-model parameters of the DMA layer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DmaCosts {
+    /// IOMMU costs (IOTLB hit/miss, walks, invalidations).
+    pub iommu: IommuCosts,
+    /// Latency of crossing one switch or root port (spec/numbers.md §1; `peerdma_pci::link`).
+    pub hop: SimDuration,
+    /// Whether transfers take link time at all (`false` in zero-time mode).
+    pub timed: bool,
+}
+
+impl DmaCosts {
+    /// The calibrated defaults.
+    pub fn calibrated() -> Self {
+        Self {
+            iommu: IommuCosts::calibrated(),
+            hop: DEFAULT_HOP_LATENCY,
+            timed: true,
+        }
+    }
+
+    /// Every cost zero.
+    pub fn zero() -> Self {
+        Self {
+            iommu: IommuCosts::zero(),
+            hop: SimDuration::ZERO,
+            timed: false,
+        }
+    }
+}
+
+/// A DMA-capable device: its id in the memory model, its PCI function, and its IOMMU domain.
+pub struct DmaDevice {
+    /// The device id the memory model and the oracle know it by.
+    pub id: DeviceId,
+    /// Its node in the topology.
+    pub node: NodeId,
+    /// Its name.
+    pub name: String,
+    pub(crate) domain: RefCell<IommuDomain>,
+}
+
+impl fmt::Debug for DmaDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DmaDevice")
+            .field("id", &self.id)
+            .field("node", &self.node)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DmaDevice {
+    /// Returns the device's IOMMU domain (statistics, lookups).
+    pub fn domain(&self) -> Ref<'_, IommuDomain> {
+        self.domain.borrow()
+    }
+
+    pub(crate) fn domain_mut(&self) -> RefMut<'_, IommuDomain> {
+        self.domain.borrow_mut()
+    }
+}
+
+/// The machine the DMA layer runs on (module docs).
+pub struct Platform {
+    /// The memory model.
+    pub kernel: Rc<Kernel>,
+    topo: Topology,
+    pub(crate) providers: RefCell<P2pProviders>,
+    devices: RefCell<BTreeMap<DeviceId, Rc<DmaDevice>>>,
+    /// P2P resources with their memory-model regions, per provider node.
+    p2p_regions: RefCell<BTreeMap<NodeId, Vec<(P2pResource, usize)>>>,
+    pub(crate) exports: RefCell<Exports>,
+    pub(crate) costs: DmaCosts,
+    rng: RefCell<RngStream>,
+}
+
+impl fmt::Debug for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Platform")
+            .field("devices", &self.devices.borrow().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Platform {
+    /// Creates the platform over `topo`.
+    pub fn new(kernel: Rc<Kernel>, topo: Topology, costs: DmaCosts) -> Rc<Self> {
+        let rng = kernel.sim.rng("p2pdma.find");
+        Rc::new(Self {
+            kernel,
+            topo,
+            providers: RefCell::new(P2pProviders::new()),
+            devices: RefCell::new(BTreeMap::new()),
+            p2p_regions: RefCell::new(BTreeMap::new()),
+            exports: RefCell::new(Exports::default()),
+            costs,
+            rng: RefCell::new(rng),
+        })
+    }
+
+    /// Returns the topology.
+    pub fn topology(&self) -> &Topology {
+        &self.topo
+    }
+
+    /// Attaches device `id` at PCI function `node` with an IOMMU domain built from `domain`.
+    ///
+    /// # Errors
+    /// `EINVAL` when `node` is not a PCI function of the topology, `EEXIST` when `id` or `node` is taken.
+    pub fn add_device(
+        &self,
+        id: DeviceId,
+        node: NodeId,
+        name: &str,
+        domain: DomainConfig,
+    ) -> Result<Rc<DmaDevice>, Errno> {
+        if self.topo.get(node).is_none_or(|n| !n.is_pci_function()) {
+            return Err(Errno::EINVAL);
+        }
+        let mut devs = self.devices.borrow_mut();
+        if devs.contains_key(&id) || devs.values().any(|d| d.node == node) {
+            return Err(Errno::EEXIST);
+        }
+        let d = Rc::new(DmaDevice {
+            id,
+            node,
+            name: name.to_owned(),
+            domain: RefCell::new(IommuDomain::new(domain)),
+        });
+        devs.insert(id, d.clone());
+        Ok(d)
+    }
+
+    /// Returns device `id`.
+    ///
+    /// # Errors
+    /// `ENODEV` for an unknown device.
+    pub fn device(&self, id: DeviceId) -> Result<Rc<DmaDevice>, Errno> {
+        self.devices.borrow().get(&id).cloned().ok_or(Errno::ENODEV)
+    }
+
+    /// Returns the device at PCI function `node`.
+    pub fn device_at(&self, node: NodeId) -> Option<Rc<DmaDevice>> {
+        self.devices
+            .borrow()
+            .values()
+            .find(|d| d.node == node)
+            .cloned()
+    }
+
+    /// Adds `size` bytes at `offset` of BAR `bar` of `dev` as P2P memory with struct pages (step 1).
+    ///
+    /// # Errors
+    /// The `pci_p2pdma_add_resource` errnos (`EINVAL`), `ENODEV` for an unknown device.
+    pub fn p2p_add_resource(
+        &self,
+        dev: DeviceId,
+        bar: u8,
+        size: u64,
+        offset: u64,
+    ) -> Result<P2pResource, Errno> {
+        let d = self.device(dev)?;
+        let res = self
+            .providers
+            .borrow_mut()
+            .add_resource(&self.topo, d.node, bar, size, offset)?;
+        let region = self
+            .kernel
+            .add_p2p_memory(dev, res.phys.start, res.phys.len());
+        self.p2p_regions
+            .borrow_mut()
+            .entry(d.node)
+            .or_default()
+            .push((res, region));
+        Ok(res)
+    }
+
+    /// Publishes `dev`'s P2P memory (step 2).
+    ///
+    /// # Errors
+    /// `ENODEV` for an unknown device.
+    pub fn p2p_publish(&self, dev: DeviceId, publish: bool) -> Result<(), Errno> {
+        let d = self.device(dev)?;
+        self.providers.borrow_mut().publish(d.node, publish);
+        Ok(())
+    }
+
+    /// Returns the published provider nearest to every client, ties broken by the seeded `p2pdma.find`
+    /// stream (`pci_p2pmem_find_many`).
+    ///
+    /// # Errors
+    /// `ENODEV` for an unknown client.
+    pub fn p2p_find_many(&self, clients: &[DeviceId]) -> Result<Option<DeviceId>, Errno> {
+        let nodes = clients
+            .iter()
+            .map(|&c| self.device(c).map(|d| d.node))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut rng = self.rng.borrow_mut();
+        let found = self
+            .providers
+            .borrow_mut()
+            .find_many(&self.topo, &nodes, |n| {
+                usize::try_from(rng.below(n as u64)).expect("below n fits usize")
+            });
+        Ok(found.and_then(|n| self.device_at(n)).map(|d| d.id))
+    }
+
+    /// Maps `len` bytes of `provider`'s P2P memory into `pid` through its p2pmem `allocate` file (step 3;
+    /// `spec/linux-p2p.md` §1.7). Each resource is tried in the order it was added (one gen_pool with
+    /// several chunks).
+    ///
+    /// # Errors
+    /// `ENODEV` when the device has no P2P memory (or it was removed), the §1.7 errnos otherwise (`EINVAL`
+    /// for a private mapping or a non-zero offset, `ENOMEM` when no chunk has `len` contiguous bytes).
+    pub async fn p2pmem_mmap(
+        &self,
+        pid: Pid,
+        provider: DeviceId,
+        len: u64,
+        prot: Prot,
+        shared: bool,
+        pgoff: u64,
+    ) -> Result<Va, Errno> {
+        let d = self.device(provider)?;
+        let regions: Vec<usize> = self
+            .p2p_regions
+            .borrow()
+            .get(&d.node)
+            .map(|v| v.iter().map(|&(_, r)| r).collect())
+            .unwrap_or_default();
+        if regions.is_empty() {
+            return Err(Errno::ENODEV);
+        }
+        let mut last = Errno::ENOMEM;
+        for r in regions {
+            match self
+                .kernel
+                .mmap_p2pmem(pid, r, len, prot, shared, pgoff)
+                .await
+            {
+                Err(Errno::ENOMEM) => last = Errno::ENOMEM,
+                other => return other,
+            }
+        }
+        Err(last)
+    }
+
+    /// Returns the memory-model regions of `dev`'s P2P memory.
+    pub fn p2p_regions(&self, dev: DeviceId) -> Vec<usize> {
+        let Ok(d) = self.device(dev) else {
+            return Vec::new();
+        };
+        self.p2p_regions
+            .borrow()
+            .get(&d.node)
+            .map(|v| v.iter().map(|&(_, r)| r).collect())
+            .unwrap_or_default()
+    }
+
+    /// Unbinds `dev` (step 4 of the module docs): revokes every importer of its BAR exports, zaps every
+    /// user mapping of its BARs and P2P pages, waits for every page reference to drop, then frees its
+    /// provider state. Afterwards no DMA can reach its BARs (the oracle flags one that tries).
+    ///
+    /// # Errors
+    /// `ENODEV` for an unknown device.
+    pub async fn remove_device(self: &Rc<Self>, dev: DeviceId) -> Result<(), Errno> {
+        let d = self.device(dev)?;
+        self.kernel.sim.trace("p2pdma.remove", || d.name.clone());
+        self.revoke_exports(dev).await;
+        let regions: Vec<usize> = self
+            .p2p_regions
+            .borrow()
+            .get(&d.node)
+            .map(|v| v.iter().map(|&(_, r)| r).collect())
+            .unwrap_or_default();
+        for r in regions {
+            self.kernel.remove_p2p_memory(r).await;
+        }
+        self.providers.borrow_mut().remove(d.node);
+        self.p2p_regions.borrow_mut().remove(&d.node);
+        self.kernel.sim.count("p2pdma.removals", 1);
+        Ok(())
+    }
+
+    /// Returns the P2P resource (and its provider device) containing `pa`, if a live provider has one.
+    pub(crate) fn p2p_resource_at(&self, pa: Pa) -> Option<(P2pResource, Rc<DmaDevice>)> {
+        let res = *self.providers.borrow().resource_at(pa)?;
+        let dev = self.device_at(res.provider)?;
+        Some((res, dev))
+    }
+
+    /// Returns the range of a P2P resource of a live provider containing `pa`.
+    pub fn p2p_range_at(&self, pa: Pa) -> Option<Range<Pa>> {
+        self.providers.borrow().resource_at(pa).map(|r| r.phys)
+    }
+}

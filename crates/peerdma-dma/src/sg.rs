@@ -1,0 +1,437 @@
+//! `get_user_dma_sg(mm, range, initiator, flags)`: a VA range and the device that will DMA to it in, a
+//! DMA-addressable list out, whatever backs each VMA (DESIGN.md §4.6; `spec/linux-p2p.md` §7, §9 item 7).
+//!
+//! Linux never merged it; it composes what did land: `pin_user_pages` (mm/gup.c) + `dma_map_sg` for struct-page
+//! memory, a dma-buf attachment for BARs without struct page, an ODP-style interval-notifier mirror for the
+//! long-term coherent discipline.
+//!
+//! Dispatch, per VMA piece of the range (the rows of DESIGN.md §4.6):
+//! | backing | short-term | long-term pin | mirror |
+//! |---|---|---|---|
+//! | RAM (anon, shmem, file) | pin + map | pin LONGTERM + map | register, fault on demand |
+//! | device-coherent | pin + map | GUP migrates to RAM, then pins | mirror |
+//! | device-private (other owner) | GUP's fault migrates it to RAM, then pin | same | fault migrates it back |
+//! | P2P memory (struct page) | needs [`DmaSgFlags::P2P`] (else `EREMOTEIO`, GUP's rule); map type decides | `EINVAL` (never long-term) | mirror with P2P map types |
+//! | BAR without struct page | dma-buf attach through its exporter; map type decides | only if the export is revocable, else `EOPNOTSUPP` | `EFAULT` at fault (hmm refuses PFNMAP) |
+//! | FsDax | pin + map | `EOPNOTSUPP` (GUP) | mirror |
+//! | hole, PROT_NONE, write to read-only | `EFAULT` (GUP) | same | registration succeeds; the device's fault gets `EFAULT`/`EPERM` |
+//!
+//! Rules:
+//! 1. The range must be page-aligned and non-empty (`EINVAL`).
+//! 2. The whole call is all or nothing: on any error, everything taken so far is released before returning.
+//! 3. The returned [`DmaSgHandle`] owns what it took: dropping it (or [`DmaSgHandle::release`]) unmaps every
+//!    list, unpins every page, detaches every importer and unregisters the mirror.
+//! 4. Mixed lists are fine: a range spanning RAM and several providers gives segments of several kinds.
+
+use std::fmt;
+use std::rc::Rc;
+
+use bitflags::bitflags;
+use peerdma_core::{DeviceId, Errno, PAGE_SIZE, Pid, Range, Va};
+use peerdma_mm::MmioId;
+use peerdma_mm::gup::{GupFlags, PinnedPages};
+use peerdma_mm::phys::MemoryKind;
+use peerdma_mm::vma::VmFlags;
+
+use crate::dmabuf::{AttachId, ImporterKind};
+use crate::map::{DmaSegment, MappedPage, MappedSg};
+use crate::mirror::DmaMirror;
+use crate::platform::{DmaDevice, Platform};
+
+bitflags! {
+    /// How the caller will use the translation.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct DmaSgFlags: u32 {
+        /// The device will write (FOLL_WRITE; IOMMU write permission).
+        const WRITE = 1 << 0;
+        /// A long-term pin (RDMA MR, VFIO): FOLL_LONGTERM placement rules.
+        const LONGTERM = 1 << 1;
+        /// A coherent mirror instead of a pin (ODP): nothing pinned, faults on demand.
+        const MIRROR = 1 << 2;
+        /// The caller accepts P2P memory (FOLL_PCI_P2PDMA).
+        const P2P = 1 << 3;
+    }
+}
+
+enum Piece {
+    Pinned {
+        start: Va,
+        pins: PinnedPages,
+        sg: MappedSg,
+    },
+    Bar {
+        start: Va,
+        nr_pages: u64,
+        mmio: MmioId,
+        att: AttachId,
+    },
+}
+
+/// What `get_user_dma_sg` took (rule 3).
+pub struct DmaSgHandle {
+    platform: Rc<Platform>,
+    dev: Rc<DmaDevice>,
+    pid: Pid,
+    range: Range<Va>,
+    pieces: Vec<Piece>,
+    mirror: Option<DmaMirror>,
+}
+
+impl fmt::Debug for DmaSgHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DmaSgHandle")
+            .field("dev", &self.dev.name)
+            .field("range", &self.range)
+            .field("pieces", &self.pieces.len())
+            .field("mirror", &self.mirror.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Translates `range` of `pid` for DMA by `initiator` (module docs).
+///
+/// # Errors
+/// The errno of the first piece that fails (module table); `EINVAL` for a bad range; `ENODEV` for an
+/// unknown device.
+pub async fn get_user_dma_sg(
+    platform: &Rc<Platform>,
+    pid: Pid,
+    range: Range<Va>,
+    initiator: DeviceId,
+    flags: DmaSgFlags,
+) -> Result<DmaSgHandle, Errno> {
+    let dev = platform.device(initiator)?;
+    if range.is_empty() || !range.start.is_page_aligned() || !range.end.is_page_aligned() {
+        return Err(Errno::EINVAL);
+    }
+    let mut h = DmaSgHandle {
+        platform: platform.clone(),
+        dev: dev.clone(),
+        pid,
+        range,
+        pieces: Vec::new(),
+        mirror: None,
+    };
+    if flags.contains(DmaSgFlags::MIRROR) {
+        h.mirror = Some(DmaMirror::register(platform, dev, pid, range)?);
+        platform.kernel.sim.count("dma_sg.mirror", 1);
+        return Ok(h);
+    }
+    let mut va = range.start;
+    while va < range.end {
+        let vma = platform.kernel.state().mm(pid).vma(va).cloned();
+        let Some(vma) = vma else {
+            return Err(Errno::EFAULT);
+        };
+        let end = vma.range.end.min(range.end);
+        let piece = Range::new(va, end);
+        let p = if vma.flags.intersects(VmFlags::PFNMAP | VmFlags::IO) {
+            bar_piece(platform, &dev, pid, piece, flags)?
+        } else {
+            pinned_piece(platform, &dev, pid, piece, flags).await?
+        };
+        h.pieces.push(p);
+        va = end;
+    }
+    platform.kernel.sim.count(
+        if flags.contains(DmaSgFlags::LONGTERM) {
+            "dma_sg.longterm"
+        } else {
+            "dma_sg.short_term"
+        },
+        1,
+    );
+    Ok(h)
+}
+
+/// A PFNMAP piece: translated by the BAR's owner (its dma-buf export).
+fn bar_piece(
+    platform: &Rc<Platform>,
+    dev: &DmaDevice,
+    pid: Pid,
+    piece: Range<Va>,
+    flags: DmaSgFlags,
+) -> Result<Piece, Errno> {
+    let mut pas = Vec::new();
+    let mut mmio = None;
+    for va in piece.pages() {
+        let (m, pa) = platform
+            .kernel
+            .follow_pfnmap(pid, va)
+            .ok_or(Errno::EFAULT)?;
+        if mmio.is_some_and(|x| x != m) {
+            return Err(Errno::EFAULT);
+        }
+        mmio = Some(m);
+        pas.push(pa);
+    }
+    let mmio = mmio.ok_or(Errno::EFAULT)?;
+    let revocable = platform.export_revocable(mmio).ok_or(Errno::EFAULT)?;
+    if flags.contains(DmaSgFlags::LONGTERM) && !revocable {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    let kind = if revocable {
+        ImporterKind::Dynamic
+    } else {
+        ImporterKind::Pinned
+    };
+    let att = platform.dmabuf_attach(mmio, dev.id, kind, pas, flags.contains(DmaSgFlags::WRITE))?;
+    Ok(Piece::Bar {
+        start: piece.start,
+        nr_pages: piece.nr_pages(),
+        mmio,
+        att,
+    })
+}
+
+/// A struct-page piece: GUP pin, then `map_sg`.
+async fn pinned_piece(
+    platform: &Rc<Platform>,
+    dev: &DmaDevice,
+    pid: Pid,
+    piece: Range<Va>,
+    flags: DmaSgFlags,
+) -> Result<Piece, Errno> {
+    let k = &platform.kernel;
+    let longterm = flags.contains(DmaSgFlags::LONGTERM);
+    // P2P memory is never pinned long-term: FOLL_LONGTERM | FOLL_PCI_P2PDMA is EINVAL (mm/gup.c
+    // is_valid_gup_args), so the pgmap can always be hot-unplugged.
+    if longterm && piece_is_p2p(platform, pid, piece) {
+        return Err(Errno::EINVAL);
+    }
+    let mut gup = GupFlags::PIN;
+    if flags.contains(DmaSgFlags::WRITE) {
+        gup |= GupFlags::WRITE;
+    }
+    if longterm {
+        gup |= GupFlags::LONGTERM;
+    } else if flags.contains(DmaSgFlags::P2P) {
+        gup |= GupFlags::PCI_P2PDMA;
+    }
+    let nr = piece.nr_pages();
+    let pins = k.get_user_pages(pid, piece.start, nr, gup).await?;
+    if (pins.len() as u64) < nr {
+        // A partial pin: the errno is the one of the first page GUP could not take.
+        let at = piece.start.add(pins.len() as u64 * PAGE_SIZE);
+        drop(pins);
+        return Err(k
+            .get_user_pages(pid, at, 1, gup)
+            .await
+            .err()
+            .unwrap_or(Errno::EFAULT));
+    }
+    let pas: Vec<_> = {
+        let st = k.state();
+        pins.frames().iter().map(|&f| st.phys.frame_pa(f)).collect()
+    };
+    let sg = platform.map_sg(dev.id, &pas, flags.contains(DmaSgFlags::WRITE))?;
+    Ok(Piece::Pinned {
+        start: piece.start,
+        pins,
+        sg,
+    })
+}
+
+fn piece_is_p2p(platform: &Platform, pid: Pid, piece: Range<Va>) -> bool {
+    let st = platform.kernel.state();
+    piece.pages().any(|va| {
+        st.mm(pid)
+            .translate(va)
+            .is_some_and(|(f, _, _)| matches!(st.phys.kind(f), MemoryKind::P2pMem { .. }))
+    })
+}
+
+impl DmaSgHandle {
+    /// Returns the translated range.
+    pub fn range(&self) -> Range<Va> {
+        self.range
+    }
+
+    /// Returns whether the handle is a mirror registration (nothing pinned).
+    pub fn is_mirror(&self) -> bool {
+        self.mirror.is_some()
+    }
+
+    /// Returns the current DMA segments: the pinned and attached lists in VA order, or the mirror's current
+    /// entries. A revoked BAR piece contributes nothing.
+    pub fn segments(&self) -> Vec<DmaSegment> {
+        if let Some(m) = &self.mirror {
+            return m.segments();
+        }
+        let mut all = MappedSg::default();
+        for p in &self.pieces {
+            match p {
+                Piece::Pinned { sg, .. } => all.pages.extend(sg.pages.iter().copied()),
+                Piece::Bar { mmio, att, .. } => {
+                    if self.platform.dmabuf_is_mapped(*mmio, *att)
+                        && let Ok(pages) = self.platform.dmabuf_mapping(*mmio, *att)
+                    {
+                        all.pages.extend(pages);
+                    }
+                }
+            }
+        }
+        all.segments()
+    }
+
+    /// Returns the number of pages pinned by this handle.
+    pub fn nr_pinned(&self) -> usize {
+        self.pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Pinned { pins, .. } => pins.len(),
+                Piece::Bar { .. } => 0,
+            })
+            .sum()
+    }
+
+    /// The device writes `data` (whole pages) at byte `offset` of the range.
+    ///
+    /// # Errors
+    /// `EINVAL` outside the range or not page-sized; `ENODEV` once a BAR piece is revoked; the mirror's
+    /// fault errnos; `EFAULT` when the IOMMU faults.
+    pub async fn write(&self, offset: u64, data: &[u8]) -> Result<(), Errno> {
+        let nr = self.check(offset, data.len())?;
+        for i in 0..nr {
+            let chunk = &data[i * 4096..(i + 1) * 4096];
+            let va = self.range.start.add(offset + i as u64 * PAGE_SIZE);
+            self.access(va, Some(chunk), None).await?;
+        }
+        Ok(())
+    }
+
+    /// The device reads `len` bytes (whole pages) at byte `offset` of the range.
+    ///
+    /// # Errors
+    /// As [`DmaSgHandle::write`].
+    pub async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, Errno> {
+        let nr = self.check(offset, len)?;
+        let mut out = vec![0u8; len];
+        for i in 0..nr {
+            let va = self.range.start.add(offset + i as u64 * PAGE_SIZE);
+            self.access(va, None, Some(&mut out[i * 4096..(i + 1) * 4096]))
+                .await?;
+        }
+        Ok(out)
+    }
+
+    fn check(&self, offset: u64, len: usize) -> Result<usize, Errno> {
+        let end = offset.checked_add(len as u64).ok_or(Errno::EINVAL)?;
+        if !offset.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(4096) || end > self.range.len()
+        {
+            return Err(Errno::EINVAL);
+        }
+        Ok(len / 4096)
+    }
+
+    async fn access(
+        &self,
+        va: Va,
+        data: Option<&[u8]>,
+        buf: Option<&mut [u8]>,
+    ) -> Result<(), Errno> {
+        let p = &self.platform;
+        let write = data.is_some();
+        if let Some(m) = &self.mirror {
+            return match (data, buf) {
+                (Some(d), _) => m.write_page(va, d).await,
+                (None, Some(b)) => m.read_page(va, b).await,
+                (None, None) => Ok(()),
+            };
+        }
+        let (mp, frame) = self.page(va)?;
+        let res = p.resolve(&self.dev, mp.addr, write).ok_or(Errno::EFAULT)?;
+        let k = &p.kernel;
+        match frame {
+            Some(f) => {
+                if res.pa != k.state().phys.frame_pa(f) {
+                    p.violation(
+                        peerdma_mm::oracle::ViolationKind::StaleTranslation,
+                        format!(
+                            "{} reached {:#x} for pinned {f} at {va}",
+                            self.dev.name,
+                            res.pa.raw()
+                        ),
+                    );
+                    return Err(Errno::EFAULT);
+                }
+                match (data, buf) {
+                    (Some(d), _) => k.device_write_pinned(self.dev.id, self.pid, va, f, d),
+                    (None, Some(b)) => k.device_read_pinned(self.dev.id, self.pid, va, f, b),
+                    (None, None) => {}
+                }
+            }
+            None => match (data, buf) {
+                (Some(d), _) => k.mmio_write(self.dev.id, res.pa, d)?,
+                (None, Some(b)) => k.mmio_read(self.dev.id, res.pa, b)?,
+                (None, None) => {}
+            },
+        }
+        let t = p.transfer_time(&self.dev, res.pa, PAGE_SIZE, write);
+        k.spend(res.cost + t).await;
+        Ok(())
+    }
+
+    /// Returns the mapped page for `va` and, for pinned memory, its frame.
+    fn page(&self, va: Va) -> Result<(MappedPage, Option<peerdma_core::FrameId>), Errno> {
+        for p in &self.pieces {
+            match p {
+                Piece::Pinned { start, pins, sg } => {
+                    if va < *start {
+                        continue;
+                    }
+                    let i = usize::try_from(va.offset_from(*start) / PAGE_SIZE)
+                        .expect("page index fits usize");
+                    if i < pins.len() {
+                        return Ok((sg.pages[i], Some(pins.frames()[i])));
+                    }
+                }
+                Piece::Bar {
+                    start,
+                    nr_pages,
+                    mmio,
+                    att,
+                } => {
+                    if va >= *start && va.offset_from(*start) / PAGE_SIZE < *nr_pages {
+                        let i = usize::try_from(va.offset_from(*start) / PAGE_SIZE)
+                            .expect("page index fits usize");
+                        let pages = self.platform.dmabuf_mapping(*mmio, *att)?;
+                        return Ok((pages[i], None));
+                    }
+                }
+            }
+        }
+        Err(Errno::EINVAL)
+    }
+
+    /// Releases everything (rule 3), waiting for the mirror's notifier removal.
+    pub async fn release(mut self) {
+        if let Some(m) = self.mirror.take() {
+            m.unregister().await;
+        }
+        self.release_pieces();
+    }
+
+    fn release_pieces(&mut self) {
+        for p in self.pieces.drain(..) {
+            match p {
+                Piece::Pinned { mut sg, pins, .. } => {
+                    let _ = self.platform.unmap_sg(self.dev.id, &mut sg);
+                    drop(pins);
+                }
+                Piece::Bar { mmio, att, .. } => self.platform.dmabuf_detach(mmio, att),
+            }
+        }
+    }
+}
+
+impl Drop for DmaSgHandle {
+    fn drop(&mut self) {
+        self.release_pieces();
+        if let Some(m) = self.mirror.take() {
+            // Removing an interval notifier may wait for an invalidation in progress: let an agent do it.
+            let sim = self.platform.kernel.sim.clone();
+            sim.spawn("dma_sg.release", async move { m.unregister().await });
+        }
+    }
+}
