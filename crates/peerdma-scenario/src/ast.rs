@@ -124,6 +124,65 @@ pub struct DeviceDecl {
     pub memory: DeviceMemoryKind,
     /// Its device memory in bytes (`size`; default 256 MiB, test_hmm.c's chunk).
     pub size: u64,
+    /// A `pci` device's PCI function in `[topology]` (`node`, default the device's name).
+    pub node: Option<String>,
+    /// A `pci` device's IOMMU domain.
+    pub iommu: IommuMode,
+    /// BAR ranges a `pci` device adds as P2P memory with struct pages (`p2p = [...]`).
+    pub p2p: Vec<P2pDecl>,
+    /// BAR ranges a `pci` device exports as memory without struct page (`export = [...]`).
+    pub exports: Vec<ExportDecl>,
+}
+
+/// How a `pci` device's DMA is translated (`iommu = "..."`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IommuMode {
+    /// `"identity"`: DMA address = physical address (IOMMU_DOMAIN_IDENTITY, or no IOMMU).
+    #[default]
+    Identity,
+    /// `"dma"`: IOVA domain with strict invalidation (IOMMU_DOMAIN_DMA, `iommu.strict=1`).
+    Dma,
+    /// `"dma-lazy"`: IOVA domain with the deferred flush queue (IOMMU_DOMAIN_DMA_FQ).
+    DmaLazy,
+}
+
+/// One `p2p = [...]` entry: `pci_p2pdma_add_resource(dev, bar, size, offset)` and optionally publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct P2pDecl {
+    /// The BAR index.
+    pub bar: u8,
+    /// Bytes (0: to the end of the BAR).
+    pub size: u64,
+    /// Offset in the BAR.
+    pub offset: u64,
+    /// `pci_p2pmem_publish` (default true).
+    pub publish: bool,
+}
+
+/// One `export = [...]` entry: a BAR range without struct page the device exports (dma-buf style).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportDecl {
+    /// The name `bar.mmap` and `dmabuf.move_notify` steps use, unique among exports.
+    pub name: String,
+    /// The BAR index.
+    pub bar: u8,
+    /// Offset in the BAR.
+    pub offset: u64,
+    /// Bytes (0: to the end of the BAR).
+    pub len: u64,
+    /// Whether importers can be revoked (a dma-buf export); `false` refuses long-term users.
+    pub revocable: bool,
+}
+
+/// The discipline of a `dma.map` step (`get_user_dma_sg` flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DmaMode {
+    /// `"short-term"`: pin, map, DMA, unmap, unpin.
+    ShortTerm,
+    /// `"long-term"`: a FOLL_LONGTERM pin (RDMA MR, VFIO).
+    LongTerm,
+    /// `"mirror"`: a coherent mirror, no pins (ODP).
+    Mirror,
 }
 
 /// The kinds of device a scenario can declare.
@@ -131,6 +190,9 @@ pub struct DeviceDecl {
 pub enum DeviceKind {
     /// `"dmirror"`: the kernel's `test_hmm` mirror device.
     Dmirror,
+    /// `"pci"`: a PCI function in `[topology]` with a DMA engine (a NIC, an NVMe controller, a GPU's copy
+    /// engine: modelled alike), optionally providing P2P memory or exporting BARs.
+    Pci,
 }
 
 /// The kind of `ZONE_DEVICE` memory a device has.
@@ -200,6 +262,13 @@ pub struct Expect {
     pub value: Option<u64>,
     /// `signal`: the CPU access (`load`/`store`) faults with this signal.
     pub signal: Option<Signal>,
+    /// `segments`: a `dma.map` handle's merged DMA segments as `kind:len` (`bus:64KiB`, `ram:8KiB`,
+    /// `host-bridge:4KiB`), in order.
+    pub segments: Option<Vec<(String, u64)>>,
+    /// `pinned`: the number of pages a `dma.map` step pinned.
+    pub pinned: Option<u64>,
+    /// `dma_addr`: the first DMA address of a `dma.map` handle.
+    pub dma_addr: Option<u64>,
 }
 
 impl Expect {
@@ -214,6 +283,8 @@ impl Expect {
 pub enum Signal {
     /// `"SIGSEGV"`: segmentation fault.
     Segv,
+    /// `"SIGBUS"`: bus error (an access to a mapping whose memory is gone, e.g. a revoked BAR).
+    Bus,
 }
 
 impl Signal {
@@ -221,6 +292,7 @@ impl Signal {
     pub const fn name(self) -> &'static str {
         match self {
             Self::Segv => "SIGSEGV",
+            Self::Bus => "SIGBUS",
         }
     }
 }
@@ -694,6 +766,86 @@ pub enum Op {
         /// Number of 4 KiB pages.
         pages: u64,
     },
+    /// `p2pmem.mmap`: mmap of a provider's `/sys/bus/pci/devices/<bdf>/p2pmem/allocate`.
+    P2pmemMmap {
+        /// The provider device.
+        dev: String,
+        /// Name of the mapping.
+        name: String,
+        /// Length in bytes.
+        len: u64,
+        /// Protections.
+        prot: Prot,
+        /// MAP_SHARED (p2pmem refuses MAP_PRIVATE).
+        shared: bool,
+        /// The mmap offset (p2pmem refuses a non-zero one).
+        offset: u64,
+    },
+    /// `bar.mmap`: the exporting driver's mmap of a BAR without struct page (VM_IO | VM_PFNMAP).
+    BarMmap {
+        /// The export.
+        export: String,
+        /// Name of the mapping.
+        name: String,
+        /// Offset in the export.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+        /// Protections.
+        prot: Prot,
+    },
+    /// `dma.map`: `get_user_dma_sg(mm, [at, at + len), dev, flags)`, held under `name`.
+    DmaMap {
+        /// The initiating device.
+        dev: String,
+        /// Start address.
+        at: AddrExpr,
+        /// Length in bytes.
+        len: u64,
+        /// Discipline.
+        mode: DmaMode,
+        /// The device writes.
+        write: bool,
+        /// The caller accepts P2P memory (FOLL_PCI_P2PDMA).
+        p2p: bool,
+        /// The handle's name.
+        name: String,
+    },
+    /// `dma_sg.write`: the device writes `pattern` at `offset` of a `dma.map` handle's range.
+    DmaSgWrite {
+        /// The handle.
+        handle: String,
+        /// Byte offset in the range (page-aligned).
+        offset: u64,
+        /// Bytes (whole pages); `None`: to the end of the range.
+        len: Option<u64>,
+        /// What to write.
+        pattern: Pattern,
+    },
+    /// `dma_sg.read`: the device reads at `offset` of a handle's range; `expect.data` checks it.
+    DmaSgRead {
+        /// The handle.
+        handle: String,
+        /// Byte offset in the range (page-aligned).
+        offset: u64,
+        /// Bytes (whole pages); `None`: to the end of the range.
+        len: Option<u64>,
+    },
+    /// `dma_sg.release`: drop a handle (unmap, unpin, detach, unregister).
+    DmaSgRelease {
+        /// The handle.
+        handle: String,
+    },
+    /// `device.remove`: unbind a `pci` device (revoke importers, zap mappings, wait for page references).
+    DeviceRemove {
+        /// The device.
+        dev: String,
+    },
+    /// `dmabuf.move_notify`: the exporter moves the buffer; dynamic importers lose their mappings.
+    DmabufMoveNotify {
+        /// The export.
+        export: String,
+    },
 }
 
 impl Op {
@@ -731,6 +883,14 @@ impl Op {
             Self::Pin { .. } => "pin",
             Self::Unpin { .. } => "unpin",
             Self::DmaWrite { .. } => "dma.write",
+            Self::P2pmemMmap { .. } => "p2pmem.mmap",
+            Self::BarMmap { .. } => "bar.mmap",
+            Self::DmaMap { .. } => "dma.map",
+            Self::DmaSgWrite { .. } => "dma_sg.write",
+            Self::DmaSgRead { .. } => "dma_sg.read",
+            Self::DmaSgRelease { .. } => "dma_sg.release",
+            Self::DeviceRemove { .. } => "device.remove",
+            Self::DmabufMoveNotify { .. } => "dmabuf.move_notify",
         }
     }
 }

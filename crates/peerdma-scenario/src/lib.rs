@@ -26,9 +26,9 @@ pub mod run;
 pub mod units;
 
 pub use ast::{
-    AddrError, AddrExpr, Advice, DeviceDecl, DeviceKind, DeviceMemoryKind, Expect, FileDecl, Loc,
-    MmapFlags, Op, Prot, Scenario, Signal, SimSettings, SleepSpec, Step, ThreadDecl, TimeMode,
-    WriteSource,
+    AddrError, AddrExpr, Advice, DeviceDecl, DeviceKind, DeviceMemoryKind, DmaMode, Expect,
+    ExportDecl, FileDecl, IommuMode, Loc, MmapFlags, Op, P2pDecl, Prot, Scenario, Signal,
+    SimSettings, SleepSpec, Step, ThreadDecl, TimeMode, WriteSource,
 };
 pub use error::ScenarioError;
 pub use parse::{parse, parse_file};

@@ -27,9 +27,9 @@ use toml::Spanned;
 use toml::de::{DeString, DeTable, DeValue};
 
 use crate::ast::{
-    AddrError, AddrExpr, Advice, DeviceDecl, DeviceKind, DeviceMemoryKind, Expect, FileDecl, Loc,
-    MmapFlags, Op, Prot, Scenario, Signal, SimSettings, SleepSpec, Step, ThreadDecl, TimeMode,
-    WriteSource,
+    AddrError, AddrExpr, Advice, DeviceDecl, DeviceKind, DeviceMemoryKind, DmaMode, Expect,
+    ExportDecl, FileDecl, IommuMode, Loc, MmapFlags, Op, P2pDecl, Prot, Scenario, Signal,
+    SimSettings, SleepSpec, Step, ThreadDecl, TimeMode, WriteSource,
 };
 use crate::error::{LineIndex, ScenarioError};
 use crate::pattern::{Pattern, Segment};
@@ -116,6 +116,14 @@ enum OpKind {
     Truncate,
     PunchHole,
     DmirrorFlags,
+    P2pmemMmap,
+    BarMmap,
+    DmaMap,
+    DmaSgWrite,
+    DmaSgRead,
+    DmaSgRelease,
+    DeviceRemove,
+    DmabufMoveNotify,
 }
 
 impl OpKind {
@@ -151,6 +159,14 @@ impl OpKind {
         Self::Truncate,
         Self::PunchHole,
         Self::DmirrorFlags,
+        Self::P2pmemMmap,
+        Self::BarMmap,
+        Self::DmaMap,
+        Self::DmaSgWrite,
+        Self::DmaSgRead,
+        Self::DmaSgRelease,
+        Self::DeviceRemove,
+        Self::DmabufMoveNotify,
     ];
 
     const fn name(self) -> &'static str {
@@ -186,6 +202,14 @@ impl OpKind {
             Self::Truncate => "truncate",
             Self::PunchHole => "punch_hole",
             Self::DmirrorFlags => "dmirror.flags",
+            Self::P2pmemMmap => "p2pmem.mmap",
+            Self::BarMmap => "bar.mmap",
+            Self::DmaMap => "dma.map",
+            Self::DmaSgWrite => "dma_sg.write",
+            Self::DmaSgRead => "dma_sg.read",
+            Self::DmaSgRelease => "dma_sg.release",
+            Self::DeviceRemove => "device.remove",
+            Self::DmabufMoveNotify => "dmabuf.move_notify",
         }
     }
 
@@ -224,6 +248,14 @@ impl OpKind {
             Self::Truncate => &["file", "size"],
             Self::DmirrorFlags => &["fd", "flags"],
             Self::Mremap => &["at", "len", "new_len", "flags", "to", "name"],
+            Self::P2pmemMmap => &["dev", "name", "len", "prot", "flags", "offset"],
+            Self::BarMmap => &["export", "name", "offset", "len", "prot"],
+            Self::DmaMap => &["dev", "at", "len", "mode", "flags", "name"],
+            Self::DmaSgWrite => &["handle", "offset", "len", "pattern"],
+            Self::DmaSgRead => &["handle", "offset", "len"],
+            Self::DmaSgRelease => &["handle"],
+            Self::DeviceRemove => &["dev"],
+            Self::DmabufMoveNotify => &["export"],
         }
     }
 
@@ -232,12 +264,13 @@ impl OpKind {
         match self {
             Self::Load => &["errno", "data", "value", "signal"],
             Self::Store => &["errno", "signal"],
-            Self::Pread => &["errno", "data"],
+            Self::Pread | Self::DmaSgRead => &["errno", "data"],
             Self::DmirrorRead => &["errno", "cpages", "faults", "data"],
             Self::DmirrorWrite => &["errno", "cpages", "faults"],
             Self::DmirrorSnapshot => &["errno", "cpages", "faults", "bytes"],
             Self::DmirrorMigrateToDev | Self::DmirrorExclusive => &["errno", "cpages", "data"],
             Self::DmirrorMigrateToSys | Self::Gup | Self::Pin => &["errno", "cpages"],
+            Self::DmaMap => &["errno", "segments", "pinned", "dma_addr"],
             _ => &["errno"],
         }
     }
@@ -245,7 +278,8 @@ impl OpKind {
 
 /// Every key an `expect` table may have for some op.
 const ALL_EXPECT_KEYS: &[&str] = &[
-    "errno", "cpages", "faults", "data", "bytes", "value", "signal",
+    "errno", "cpages", "faults", "data", "bytes", "value", "signal", "segments", "pinned",
+    "dma_addr",
 ];
 
 /// What a missing required key should hold, for the "needs `key`" message.
@@ -344,6 +378,12 @@ enum RefKind {
     Fd,
     /// A pin held by a `pin` step.
     Pin,
+    /// A `pci` device.
+    PciDevice,
+    /// A BAR export of a `pci` device.
+    Export,
+    /// A handle held by a `dma.map` step.
+    Handle,
     /// The process of a `[[thread]]`.
     Process,
     /// The child of a `wait` step.
@@ -375,6 +415,11 @@ struct Parser<'s> {
     children: BTreeSet<String>,
     fds: BTreeSet<String>,
     pins: BTreeSet<String>,
+    /// The built `[topology]`, to check `pci` devices against.
+    topo: Option<peerdma_pci::Topology>,
+    pci_devices: BTreeSet<String>,
+    exports: BTreeMap<String, Range<usize>>,
+    handles: BTreeSet<String>,
     refs: Vec<NameRef>,
 }
 
@@ -392,6 +437,10 @@ impl<'s> Parser<'s> {
             children: BTreeSet::new(),
             fds: BTreeSet::new(),
             pins: BTreeSet::new(),
+            topo: None,
+            pci_devices: BTreeSet::new(),
+            exports: BTreeMap::new(),
+            handles: BTreeSet::new(),
             refs: Vec::new(),
         }
     }
@@ -901,6 +950,9 @@ impl<'s> Parser<'s> {
             None => SimSettings::default(),
         };
         let topology = top.get("topology").map(|v| self.topology(v)).transpose()?;
+        self.topo = topology
+            .as_ref()
+            .map(|t| t.build().expect("validated by `topology`"));
         let mut files = Vec::new();
         for t in self.array_of_tables(&top, "file")? {
             files.push(self.file(&t)?);
@@ -1064,7 +1116,12 @@ impl<'s> Parser<'s> {
     }
 
     fn device(&mut self, t: &Table<'_, '_>) -> Result<DeviceDecl> {
-        self.allow(t, &["name", "kind", "memory", "size"])?;
+        self.allow(
+            t,
+            &[
+                "name", "kind", "memory", "size", "node", "iommu", "p2p", "export",
+            ],
+        )?;
         let name_v = self.required(t, "name")?;
         let name = self.name(name_v, "name")?;
         self.check_unique(&self.devices, &name, &name_v.span(), "device")?;
@@ -1072,8 +1129,18 @@ impl<'s> Parser<'s> {
         let kind = self.keyword(
             self.required(t, "kind")?,
             "kind",
-            &[("dmirror", DeviceKind::Dmirror)],
+            &[("dmirror", DeviceKind::Dmirror), ("pci", DeviceKind::Pci)],
         )?;
+        if kind == DeviceKind::Dmirror {
+            for key in ["node", "iommu", "p2p", "export"] {
+                if let Some(v) = t.get(key) {
+                    return Err(self.err(
+                        &v.span(),
+                        format!("`{key}` is for a `kind = \"pci\"` device, not a `dmirror`"),
+                    ));
+                }
+            }
+        }
         let memory = match t.get("memory") {
             Some(v) => self.keyword(
                 v,
@@ -1100,12 +1167,192 @@ impl<'s> Parser<'s> {
             }
             None => 256 << 20,
         };
-        Ok(DeviceDecl {
+        let mut decl = DeviceDecl {
             name,
             kind,
             memory,
             size,
-        })
+            node: None,
+            iommu: IommuMode::default(),
+            p2p: Vec::new(),
+            exports: Vec::new(),
+        };
+        if kind == DeviceKind::Pci {
+            self.pci_device(t, &name_v.span(), &mut decl)?;
+        }
+        Ok(decl)
+    }
+
+    /// The `pci` keys of a `[[device]]`: its topology node, IOMMU mode, P2P resources and BAR exports.
+    fn pci_device(
+        &mut self,
+        t: &Table<'_, '_>,
+        name_span: &Range<usize>,
+        decl: &mut DeviceDecl,
+    ) -> Result<()> {
+        let Some(topo) = self.topo.clone() else {
+            return Err(self.err(
+                name_span,
+                "a `kind = \"pci\"` device needs a `[topology]` with its PCI function",
+            ));
+        };
+        let (node_name, node_span) = match t.get("node") {
+            Some(v) => (self.string(v, "node")?.to_owned(), v.span()),
+            None => (decl.name.clone(), name_span.clone()),
+        };
+        let Some(node) = topo.lookup(&node_name) else {
+            let endpoints: Vec<&str> = topo.endpoints().map(|e| topo.name(e)).collect();
+            return Err(self.err(
+                &node_span,
+                format!(
+                    "no node `{node_name}` in `[topology]` for device `{}`; expected one of: {}",
+                    decl.name,
+                    list(endpoints)
+                ),
+            ));
+        };
+        if topo.node(node).kind() != peerdma_pci::NodeKind::Endpoint {
+            return Err(self.err(
+                &node_span,
+                format!(
+                    "node `{node_name}` is a {}, expected an endpoint for a `pci` device",
+                    topo.node(node).kind().name()
+                ),
+            ));
+        }
+        decl.node = Some(node_name.clone());
+        self.pci_devices.insert(decl.name.clone());
+        if let Some(v) = t.get("iommu") {
+            decl.iommu = self.keyword(
+                v,
+                "iommu",
+                &[
+                    ("identity", IommuMode::Identity),
+                    ("dma", IommuMode::Dma),
+                    ("dma-lazy", IommuMode::DmaLazy),
+                ],
+            )?;
+        }
+        let bar_of = |this: &Self, e: &Table<'_, '_>| -> Result<u8> {
+            let v = this.required(e, "bar")?;
+            let bar = this.uint_as(v, "bar", "a BAR index 0-5")?;
+            let bar = u8::try_from(bar).unwrap_or(u8::MAX);
+            if topo.node(node).bar(bar).is_none() {
+                let have: Vec<String> = topo
+                    .node(node)
+                    .bars()
+                    .iter()
+                    .map(|b| b.index.to_string())
+                    .collect();
+                return Err(this.err(
+                    &v.span(),
+                    format!(
+                        "node `{node_name}` has no BAR {bar}; expected one of: {}",
+                        list(have.iter().map(String::as_str))
+                    ),
+                ));
+            }
+            Ok(bar)
+        };
+        if let Some(v) = t.get("p2p") {
+            for item in self.inline_tables(
+                v,
+                "p2p",
+                "a P2P resource like `{ bar = 2, size = \"1MiB\" }`",
+            )? {
+                self.allow(&item, &["bar", "size", "offset", "publish"])?;
+                let bar = bar_of(self, &item)?;
+                let size = item
+                    .get("size")
+                    .map(|v| self.size(v, "size"))
+                    .transpose()?
+                    .unwrap_or(0);
+                let offset = item
+                    .get("offset")
+                    .map(|v| self.size(v, "offset"))
+                    .transpose()?
+                    .unwrap_or(0);
+                let publish = item
+                    .get("publish")
+                    .map(|v| self.boolean(v, "publish"))
+                    .transpose()?
+                    .unwrap_or(true);
+                decl.p2p.push(P2pDecl {
+                    bar,
+                    size,
+                    offset,
+                    publish,
+                });
+            }
+        }
+        if let Some(v) = t.get("export") {
+            for item in self.inline_tables(
+                v,
+                "export",
+                "a BAR export like `{ name = \"vram\", bar = 2 }`",
+            )? {
+                self.allow(&item, &["name", "bar", "offset", "len", "revocable"])?;
+                let name_v = self.required(&item, "name")?;
+                let name = self.name(name_v, "name")?;
+                self.check_unique(&self.exports, &name, &name_v.span(), "export")?;
+                self.exports.insert(name.clone(), name_v.span());
+                let bar = bar_of(self, &item)?;
+                let offset = item
+                    .get("offset")
+                    .map(|v| self.size(v, "offset"))
+                    .transpose()?
+                    .unwrap_or(0);
+                let len = item
+                    .get("len")
+                    .map(|v| self.len(v, "len"))
+                    .transpose()?
+                    .unwrap_or(0);
+                let revocable = item
+                    .get("revocable")
+                    .map(|v| self.boolean(v, "revocable"))
+                    .transpose()?
+                    .unwrap_or(true);
+                decl.exports.push(ExportDecl {
+                    name,
+                    bar,
+                    offset,
+                    len,
+                    revocable,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The inline tables of an array value (`p2p = [{ ... }, ...]`).
+    fn inline_tables<'t, 'i>(
+        &self,
+        v: &'t Value<'i>,
+        key: &str,
+        what: &str,
+    ) -> Result<Vec<Table<'t, 'i>>> {
+        let DeValue::Array(items) = v.get_ref() else {
+            return Err(self.err(
+                &v.span(),
+                format!(
+                    "expected a list of tables for `{key}`, found {}",
+                    describe(v.get_ref())
+                ),
+            ));
+        };
+        items.iter().map(|item| self.table(item, what)).collect()
+    }
+
+    /// A new mapping's name (`name = "buf"`).
+    fn mapping_name(&self, v: &Value<'_>) -> Result<String> {
+        let name = self.string(v, "name")?;
+        if !is_mapping_name(name) {
+            return Err(self.err(
+                &v.span(),
+                format!("expected a mapping name (a letter or `_`, then letters, digits or `_`), found `{name}`"),
+            ));
+        }
+        Ok(name.to_owned())
     }
 
     /// Adds a process (declared or forked), failing when the name is taken.
@@ -1385,6 +1632,184 @@ impl<'s> Parser<'s> {
                 }
                 Op::DmirrorFlags { fd, fail_alloc }
             }
+            OpKind::P2pmemMmap => {
+                let dev = self.name_ref(self.required(t, "dev")?, "dev", RefKind::PciDevice)?;
+                let name = self.mapping_name(self.required(t, "name")?)?;
+                let len = self.len(self.required(t, "len")?, "len")?;
+                let prot = match t.get("prot") {
+                    Some(v) => self.prot(v)?,
+                    None => Prot {
+                        read: true,
+                        write: true,
+                        exec: false,
+                    },
+                };
+                let shared = match t.get("flags") {
+                    Some(v) => {
+                        let DeValue::Array(items) = v.get_ref() else {
+                            return Err(self.err(
+                                &v.span(),
+                                format!(
+                                    "expected `[\"shared\"]` or `[\"private\"]` for `flags`, found {}",
+                                    describe(v.get_ref())
+                                ),
+                            ));
+                        };
+                        let mut shared = true;
+                        for item in items {
+                            shared = self.keyword(
+                                item,
+                                "flags",
+                                &[("shared", true), ("private", false)],
+                            )?;
+                        }
+                        shared
+                    }
+                    None => true,
+                };
+                let offset = t
+                    .get("offset")
+                    .map(|v| self.size(v, "offset"))
+                    .transpose()?
+                    .unwrap_or(0);
+                self.define_mapping(&name, len);
+                Op::P2pmemMmap {
+                    dev,
+                    name,
+                    len,
+                    prot,
+                    shared,
+                    offset,
+                }
+            }
+            OpKind::BarMmap => {
+                let export =
+                    self.name_ref(self.required(t, "export")?, "export", RefKind::Export)?;
+                let name = self.mapping_name(self.required(t, "name")?)?;
+                let len = self.len(self.required(t, "len")?, "len")?;
+                let offset = t
+                    .get("offset")
+                    .map(|v| self.size(v, "offset"))
+                    .transpose()?
+                    .unwrap_or(0);
+                let prot = match t.get("prot") {
+                    Some(v) => self.prot(v)?,
+                    None => Prot {
+                        read: true,
+                        write: true,
+                        exec: false,
+                    },
+                };
+                self.define_mapping(&name, len);
+                Op::BarMmap {
+                    export,
+                    name,
+                    offset,
+                    len,
+                    prot,
+                }
+            }
+            OpKind::DmaMap => {
+                let dev = self.name_ref(self.required(t, "dev")?, "dev", RefKind::PciDevice)?;
+                let at = self.addr(self.required(t, "at")?, "at")?;
+                let len_v = self.required(t, "len")?;
+                let len = self.len(len_v, "len")?;
+                self.check_range(&at, len, len_v)?;
+                let mode = match t.get("mode") {
+                    Some(v) => self.keyword(
+                        v,
+                        "mode",
+                        &[
+                            ("short-term", DmaMode::ShortTerm),
+                            ("long-term", DmaMode::LongTerm),
+                            ("mirror", DmaMode::Mirror),
+                        ],
+                    )?,
+                    None => DmaMode::ShortTerm,
+                };
+                let (mut write, mut p2p) = (false, false);
+                if let Some(v) = t.get("flags") {
+                    let DeValue::Array(items) = v.get_ref() else {
+                        return Err(self.err(
+                            &v.span(),
+                            format!(
+                                "expected a list of `dma.map` flags like `[\"write\", \"p2p\"]`, found {}",
+                                describe(v.get_ref())
+                            ),
+                        ));
+                    };
+                    for item in items {
+                        match self.keyword(item, "flags", &[("write", 0u8), ("p2p", 1u8)])? {
+                            0 => write = true,
+                            _ => p2p = true,
+                        }
+                    }
+                }
+                let name = self.name(self.required(t, "name")?, "name")?;
+                self.handles.insert(name.clone());
+                Op::DmaMap {
+                    dev,
+                    at,
+                    len,
+                    mode,
+                    write,
+                    p2p,
+                    name,
+                }
+            }
+            OpKind::DmaSgWrite | OpKind::DmaSgRead => {
+                let handle =
+                    self.name_ref(self.required(t, "handle")?, "handle", RefKind::Handle)?;
+                let offset_v = t.get("offset");
+                let offset = offset_v
+                    .map(|v| self.size(v, "offset"))
+                    .transpose()?
+                    .unwrap_or(0);
+                if let Some(v) = offset_v
+                    && offset % PAGE_SIZE != 0
+                {
+                    return Err(self.err(
+                        &v.span(),
+                        format!("expected a page-aligned `offset`, found {offset:#x}"),
+                    ));
+                }
+                let len_v = t.get("len");
+                let len = len_v.map(|v| self.len(v, "len")).transpose()?;
+                if let (Some(v), Some(l)) = (len_v, len)
+                    && l % PAGE_SIZE != 0
+                {
+                    return Err(self.err(
+                        &v.span(),
+                        format!(
+                            "expected a whole number of 4 KiB pages for `len`, found {l} bytes"
+                        ),
+                    ));
+                }
+                if kind == OpKind::DmaSgWrite {
+                    let pattern = self.pattern(self.required(t, "pattern")?, "pattern")?;
+                    Op::DmaSgWrite {
+                        handle,
+                        offset,
+                        len,
+                        pattern,
+                    }
+                } else {
+                    Op::DmaSgRead {
+                        handle,
+                        offset,
+                        len,
+                    }
+                }
+            }
+            OpKind::DmaSgRelease => Op::DmaSgRelease {
+                handle: self.name_ref(self.required(t, "handle")?, "handle", RefKind::Handle)?,
+            },
+            OpKind::DeviceRemove => Op::DeviceRemove {
+                dev: self.name_ref(self.required(t, "dev")?, "dev", RefKind::PciDevice)?,
+            },
+            OpKind::DmabufMoveNotify => Op::DmabufMoveNotify {
+                export: self.name_ref(self.required(t, "export")?, "export", RefKind::Export)?,
+            },
             OpKind::Truncate => Op::Truncate {
                 file: self.name_ref(self.required(t, "file")?, "file", RefKind::File)?,
                 size: self.size(self.required(t, "size")?, "size")?,
@@ -1470,15 +1895,7 @@ impl<'s> Parser<'s> {
             }
             OpKind::DmirrorMmap => {
                 let fd = self.name_ref(self.required(t, "fd")?, "fd", RefKind::Fd)?;
-                let v = self.required(t, "name")?;
-                let name = self.string(v, "name")?;
-                if !is_mapping_name(name) {
-                    return Err(self.err(
-                        &v.span(),
-                        format!("expected a mapping name (a letter or `_`, then letters, digits or `_`), found `{name}`"),
-                    ));
-                }
-                let name = name.to_owned();
+                let name = self.mapping_name(self.required(t, "name")?)?;
                 let len = self.len(self.required(t, "len")?, "len")?;
                 let prot = self.prot(self.required(t, "prot")?)?;
                 self.define_mapping(&name, len);
@@ -1734,9 +2151,50 @@ impl<'s> Parser<'s> {
             expect.value = Some(value);
         }
         if let Some(v) = t.get("signal") {
-            expect.signal = Some(self.keyword(v, "signal", &[("SIGSEGV", Signal::Segv)])?);
+            expect.signal = Some(self.keyword(
+                v,
+                "signal",
+                &[("SIGSEGV", Signal::Segv), ("SIGBUS", Signal::Bus)],
+            )?);
+        }
+        if let Some(v) = t.get("segments") {
+            expect.segments = Some(self.segments(v)?);
+        }
+        if let Some(v) = t.get("pinned") {
+            expect.pinned = Some(self.uint(v, "pinned")?);
+        }
+        if let Some(v) = t.get("dma_addr") {
+            expect.dma_addr = Some(self.uint(v, "dma_addr")?);
         }
         Ok(expect)
+    }
+
+    /// `expect.segments`: `["bus:64KiB", "ram:8KiB"]`.
+    fn segments(&self, v: &Value<'_>) -> Result<Vec<(String, u64)>> {
+        let hint = "expected a list of `kind:len` strings like `[\"bus:64KiB\", \"ram:4KiB\"]` (kinds: `ram`, \
+                    `bus`, `host-bridge`)";
+        let DeValue::Array(items) = v.get_ref() else {
+            return Err(self.err(
+                &v.span(),
+                format!("{hint}, found {}", describe(v.get_ref())),
+            ));
+        };
+        let mut out = Vec::new();
+        for item in items {
+            let text = self.string(item, "segments")?;
+            let parsed = text.split_once(':').and_then(|(k, l)| {
+                let k = k.trim();
+                let len = units::parse_size(l.trim()).ok()?;
+                ["ram", "bus", "host-bridge"]
+                    .contains(&k)
+                    .then(|| (k.to_owned(), len))
+            });
+            match parsed {
+                Some(seg) => out.push(seg),
+                None => return Err(self.err(&item.span(), format!("{hint}, found `{text}`"))),
+            }
+        }
+        Ok(out)
     }
 
     fn errno(&self, v: &Value<'_>) -> Result<Option<Errno>> {
@@ -1886,6 +2344,24 @@ impl<'s> Parser<'s> {
                 "pin",
                 self.pins.iter().map(String::as_str).collect(),
                 "take one with `{ op = \"pin\", at = ..., pages = ..., flags = [...], name = ... }`",
+            ),
+            RefKind::PciDevice if self.pci_devices.contains(name) => Ok(()),
+            RefKind::PciDevice => unknown(
+                "pci device",
+                self.pci_devices.iter().map(String::as_str).collect(),
+                "declare it with `[[device]]` and `kind = \"pci\"`",
+            ),
+            RefKind::Export if self.exports.contains_key(name) => Ok(()),
+            RefKind::Export => unknown(
+                "export",
+                self.exports.keys().map(String::as_str).collect(),
+                "declare it in a `pci` device's `export = [...]`",
+            ),
+            RefKind::Handle if self.handles.contains(name) => Ok(()),
+            RefKind::Handle => unknown(
+                "dma handle",
+                self.handles.iter().map(String::as_str).collect(),
+                "take one with `{ op = \"dma.map\", dev = ..., at = ..., len = ..., name = ... }`",
             ),
             RefKind::Fd if self.fds.contains(name) => Ok(()),
             RefKind::Fd => unknown(

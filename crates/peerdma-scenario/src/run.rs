@@ -11,16 +11,18 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::rc::Rc;
 
-use peerdma_core::{DeviceId, Errno, PAGE_SIZE, Pid, SimDuration, SimTime, Va};
+use peerdma_core::{DeviceId, Errno, PAGE_SIZE, Pid, Range, SimDuration, SimTime, Va};
 use peerdma_devices::{Dmirror, DmirrorCosts, DmirrorDevice, DmirrorMemory, DmirrorResult};
+use peerdma_dma::{DmaCosts, DmaSgFlags, DmaSgHandle, Platform, get_user_dma_sg};
+use peerdma_iommu::{DomainConfig, DomainType};
 use peerdma_mm::{
     Advice as MmAdvice, Kernel, MmCosts, MmapArgs, Prot as MmProt, Signal as MmSignal,
 };
 use peerdma_sim::{RngStream, RunOutcome, Sim, SimConfig, WaitQueue};
 
 use crate::ast::{
-    AddrExpr, Advice, DeviceMemoryKind, Expect, Op, Scenario, SleepSpec, Step, TimeMode,
-    WriteSource,
+    AddrExpr, Advice, DeviceKind, DeviceMemoryKind, DmaMode, Expect, IommuMode, Op, Scenario,
+    Signal, SleepSpec, Step, TimeMode, WriteSource,
 };
 use crate::report::{ExpectFailure, Outcome, Report, StepRecord};
 
@@ -45,6 +47,11 @@ struct StepResult {
     signal: Option<MmSignal>,
     dm: Option<DmirrorResult>,
     data: Option<Vec<u8>>,
+    /// A `dma.map` handle's merged segments (`kind`, bytes) and first DMA address.
+    segments: Option<Vec<(String, u64)>>,
+    dma_addr: Option<u64>,
+    /// Pages a `dma.map` step pinned.
+    pinned: Option<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -53,6 +60,7 @@ struct ProcState {
     mappings: BTreeMap<String, (Va, u64)>,
     fds: BTreeMap<String, Rc<Dmirror>>,
     pins: BTreeMap<String, (peerdma_mm::PinnedPages, Va)>,
+    handles: BTreeMap<String, DmaSgHandle>,
     live_threads: usize,
     exited: bool,
 }
@@ -64,6 +72,12 @@ struct World {
     procs: RefCell<BTreeMap<String, ProcState>>,
     files: BTreeMap<String, u32>,
     devices: BTreeMap<String, Rc<DmirrorDevice>>,
+    /// The DMA platform, when the scenario has a `[topology]`.
+    platform: Option<Rc<Platform>>,
+    /// `pci` devices by name.
+    pci: BTreeMap<String, DeviceId>,
+    /// BAR exports by name.
+    exports: BTreeMap<String, peerdma_mm::MmioId>,
     dma_page_cost: SimDuration,
     proc_wq: WaitQueue,
     records: RefCell<Vec<StepRecord>>,
@@ -101,6 +115,7 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
         .devices
         .iter()
         .enumerate()
+        .filter(|(_, d)| d.kind == DeviceKind::Dmirror)
         .map(|(i, d)| {
             let mem = match d.memory {
                 DeviceMemoryKind::Private => DmirrorMemory::Private,
@@ -113,6 +128,17 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
             )
         })
         .collect();
+    let dma_costs = match scn.sim.time {
+        TimeMode::Calibrated => DmaCosts::calibrated(),
+        TimeMode::Zero => DmaCosts::zero(),
+    };
+    let (platform, pci, exports) = match build_platform(scn, &kernel, dma_costs) {
+        Ok(p) => p,
+        Err(msg) => {
+            sim.stop(msg);
+            (None, BTreeMap::new(), BTreeMap::new())
+        }
+    };
     let mut procs = BTreeMap::new();
     for p in &scn.processes {
         procs.insert(p.clone(), ProcState::default());
@@ -127,6 +153,9 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
         files,
         dma_page_cost: dm_costs.dma_page,
         devices,
+        platform,
+        pci,
+        exports,
         proc_wq: WaitQueue::new(&sim),
         records: RefCell::new(Vec::new()),
         failures: RefCell::new(Vec::new()),
@@ -139,6 +168,81 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
     }
     let outcome = sim.run();
     world.finish(&sim, seed, explore, &outcome)
+}
+
+type PlatformParts = (
+    Option<Rc<Platform>>,
+    BTreeMap<String, DeviceId>,
+    BTreeMap<String, peerdma_mm::MmioId>,
+);
+
+/// Builds the DMA platform from `[topology]` and the `pci` devices: attaches each to its PCI function with
+/// its IOMMU domain, adds its P2P resources and its BAR exports. An error is a run-time refusal of the
+/// kernel (a resource that does not fit its BAR), reported as the run's stop reason.
+fn build_platform(
+    scn: &Scenario,
+    kernel: &Rc<Kernel>,
+    costs: DmaCosts,
+) -> Result<PlatformParts, String> {
+    let Some(spec) = &scn.topology else {
+        return Ok((None, BTreeMap::new(), BTreeMap::new()));
+    };
+    let topo = spec.build().map_err(|e| e.to_string())?;
+    let platform = Platform::new(kernel.clone(), topo, costs);
+    let mut pci = BTreeMap::new();
+    let mut exports = BTreeMap::new();
+    for (i, d) in scn.devices.iter().enumerate() {
+        if d.kind != DeviceKind::Pci {
+            continue;
+        }
+        let id = DeviceId(u32::try_from(i).expect("few devices"));
+        let node_name = d.node.as_deref().unwrap_or(&d.name);
+        let node = platform
+            .topology()
+            .lookup(node_name)
+            .ok_or_else(|| format!("device {}: no node {node_name}", d.name))?;
+        let domain = DomainConfig::with_type(match d.iommu {
+            IommuMode::Identity => DomainType::Identity,
+            IommuMode::Dma => DomainType::Dma,
+            IommuMode::DmaLazy => DomainType::DmaFq,
+        });
+        platform
+            .add_device(id, node, &d.name, domain)
+            .map_err(|e| format!("device {}: {}", d.name, e.name()))?;
+        for r in &d.p2p {
+            platform
+                .p2p_add_resource(id, r.bar, r.size, r.offset)
+                .map_err(|e| {
+                    format!(
+                        "device {}: pci_p2pdma_add_resource(bar {}, size {:#x}, offset {:#x}) failed with -{}",
+                        d.name,
+                        r.bar,
+                        r.size,
+                        r.offset,
+                        e.name()
+                    )
+                })?;
+            platform
+                .p2p_publish(id, r.publish)
+                .map_err(|e| e.name().to_owned())?;
+        }
+        for x in &d.exports {
+            let mmio = platform
+                .export_bar(id, x.bar, x.offset, x.len, x.revocable)
+                .map_err(|e| {
+                    format!(
+                        "device {}: export `{}` does not fit BAR {}: -{}",
+                        d.name,
+                        x.name,
+                        x.bar,
+                        e.name()
+                    )
+                })?;
+            exports.insert(x.name.clone(), mmio);
+        }
+        pci.insert(d.name.clone(), id);
+    }
+    Ok((Some(platform), pci, exports))
 }
 
 impl World {
@@ -208,8 +312,9 @@ impl World {
                 return;
             }
             st.exited = true;
-            // Pins are released with the process.
+            // Pins and DMA handles are released with the process.
             st.pins.clear();
+            st.handles.clear();
             (
                 st.pid.expect("running process"),
                 std::mem::take(&mut st.fds),
@@ -607,6 +712,124 @@ impl World {
                     Err(e) => out.errno = Some(e),
                 }
             }
+            Op::P2pmemMmap {
+                dev,
+                name,
+                len,
+                prot,
+                shared,
+                offset,
+            } => {
+                let platform = self.platform()?;
+                let pgoff = if offset % PAGE_SIZE == 0 {
+                    offset / PAGE_SIZE
+                } else {
+                    u64::MAX
+                };
+                let res = if pgoff == u64::MAX {
+                    Err(Errno::EINVAL)
+                } else {
+                    platform
+                        .p2pmem_mmap(pid, self.pci[dev], *len, mm_prot(*prot), *shared, pgoff)
+                        .await
+                };
+                self.record_mapping(&mut out, proc_name, name, *len, res);
+            }
+            Op::BarMmap {
+                export,
+                name,
+                offset,
+                len,
+                prot,
+            } => {
+                let platform = self.platform()?;
+                let res = platform
+                    .mmap_bar(pid, self.exports[export], *offset, *len, mm_prot(*prot))
+                    .await;
+                self.record_mapping(&mut out, proc_name, name, *len, res);
+            }
+            Op::DmaMap {
+                dev,
+                at,
+                len,
+                mode,
+                write,
+                p2p,
+                name,
+            } => {
+                let platform = self.platform()?;
+                let (va, _) = self.resolve(proc_name, at)?;
+                let range = Range::from_len(va, *len)
+                    .ok_or_else(|| format!("range at {va} of {len:#x} bytes wraps"))?;
+                let mut flags = DmaSgFlags::empty();
+                flags.set(DmaSgFlags::WRITE, *write);
+                flags.set(DmaSgFlags::P2P, *p2p);
+                flags.set(DmaSgFlags::LONGTERM, *mode == DmaMode::LongTerm);
+                flags.set(DmaSgFlags::MIRROR, *mode == DmaMode::Mirror);
+                match get_user_dma_sg(&platform, pid, range, self.pci[dev], flags).await {
+                    Ok(h) => {
+                        let segs = h.segments();
+                        out.dma_addr = segs.first().map(|s| s.addr.raw());
+                        out.segments = Some(
+                            segs.iter()
+                                .map(|s| (s.kind.name().to_owned(), s.len))
+                                .collect(),
+                        );
+                        out.pinned = Some(h.nr_pinned() as u64);
+                        self.procs
+                            .borrow_mut()
+                            .get_mut(proc_name)
+                            .expect("known")
+                            .handles
+                            .insert(name.clone(), h);
+                    }
+                    Err(e) => out.errno = Some(e),
+                }
+            }
+            Op::DmaSgWrite {
+                handle,
+                offset,
+                len,
+                pattern,
+            } => {
+                let (h, bytes) = self.take_handle(proc_name, handle, *offset, *len)?;
+                let mut data = vec![0u8; bytes];
+                pattern.fill(&mut data);
+                out.errno = h.write(*offset, &data).await.err();
+                self.put_handle(proc_name, handle, h);
+            }
+            Op::DmaSgRead {
+                handle,
+                offset,
+                len,
+            } => {
+                let (h, bytes) = self.take_handle(proc_name, handle, *offset, *len)?;
+                match h.read(*offset, bytes).await {
+                    Ok(d) => out.data = Some(d),
+                    Err(e) => out.errno = Some(e),
+                }
+                self.put_handle(proc_name, handle, h);
+            }
+            Op::DmaSgRelease { handle } => {
+                let h = self
+                    .procs
+                    .borrow_mut()
+                    .get_mut(proc_name)
+                    .expect("known")
+                    .handles
+                    .remove(handle)
+                    .ok_or_else(|| {
+                        format!("dma handle `{handle}` is not held by process `{proc_name}`")
+                    })?;
+                h.release().await;
+            }
+            Op::DeviceRemove { dev } => {
+                let platform = self.platform()?;
+                out.errno = platform.remove_device(self.pci[dev]).await.err();
+            }
+            Op::DmabufMoveNotify { export } => {
+                self.platform()?.dmabuf_move_notify(self.exports[export]);
+            }
             Op::DmirrorRelease { fd } => {
                 if let Err(e) = self.fd(proc_name, fd)?.release().await {
                     out.errno = Some(e);
@@ -621,6 +844,75 @@ impl World {
             }
         }
         Ok(out)
+    }
+
+    fn platform(&self) -> Result<Rc<Platform>, String> {
+        self.platform
+            .clone()
+            .ok_or_else(|| "this step needs a `[topology]`".to_owned())
+    }
+
+    /// Records a new mapping under `name` (or the errno).
+    fn record_mapping(
+        &self,
+        out: &mut StepResult,
+        proc_name: &str,
+        name: &str,
+        len: u64,
+        res: Result<Va, Errno>,
+    ) {
+        match res {
+            Ok(va) => {
+                self.procs
+                    .borrow_mut()
+                    .get_mut(proc_name)
+                    .expect("known")
+                    .mappings
+                    .insert(name.to_owned(), (va, len));
+            }
+            Err(e) => out.errno = Some(e),
+        }
+    }
+
+    /// Takes a handle out of its process for an access (so no borrow is held across the access's awaits)
+    /// and returns it with the access length in bytes.
+    fn take_handle(
+        &self,
+        proc_name: &str,
+        handle: &str,
+        offset: u64,
+        len: Option<u64>,
+    ) -> Result<(DmaSgHandle, usize), String> {
+        let h = self
+            .procs
+            .borrow_mut()
+            .get_mut(proc_name)
+            .expect("known")
+            .handles
+            .remove(handle)
+            .ok_or_else(|| format!("dma handle `{handle}` is not held by process `{proc_name}`"))?;
+        let total = h.range().len();
+        let bytes = len.unwrap_or(total.saturating_sub(offset));
+        if offset.checked_add(bytes).is_none_or(|e| e > total) {
+            let msg = format!(
+                "offset {offset:#x} + {bytes:#x} bytes passes the end of handle `{handle}` ({total:#x} bytes)"
+            );
+            self.put_handle(proc_name, handle, h);
+            return Err(msg);
+        }
+        Ok((
+            h,
+            usize::try_from(bytes).expect("a handle's range fits memory"),
+        ))
+    }
+
+    fn put_handle(&self, proc_name: &str, handle: &str, h: DmaSgHandle) {
+        self.procs
+            .borrow_mut()
+            .get_mut(proc_name)
+            .expect("known")
+            .handles
+            .insert(handle.to_owned(), h);
     }
 
     /// Records the result of a dmirror command that returns data, copying the data to `ptr` first when the
@@ -678,9 +970,18 @@ impl World {
                         errno_text(r.errno)
                     ));
                 }
-                match (e.signal.is_some(), r.signal) {
-                    (false, Some(s)) => fails.push(format!("unexpected {}", signal_text(s))),
-                    (true, None) => fails.push("expected SIGSEGV, the access completed".to_owned()),
+                match (e.signal, r.signal) {
+                    (None, Some(s)) => fails.push(format!("unexpected {}", signal_text(s))),
+                    (Some(want), None) => {
+                        fails.push(format!("expected {}, the access completed", want.name()));
+                    }
+                    (Some(want), Some(got)) if !signal_matches(want, got) => {
+                        fails.push(format!(
+                            "expected {}, got {}",
+                            want.name(),
+                            signal_text(got)
+                        ));
+                    }
                     _ => {}
                 }
                 if r.errno.is_none() {
@@ -718,6 +1019,37 @@ impl World {
                             d.get(i).map_or("none".into(), |b| format!("{b:#04x}")),
                             want.len(),
                             d.len()
+                        ));
+                    }
+                    if let Some(want) = &e.segments {
+                        let got = r.segments.clone().unwrap_or_default();
+                        if *want != got {
+                            let show = |v: &[(String, u64)]| {
+                                v.iter()
+                                    .map(|(k, l)| format!("{k}:{l:#x}"))
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            };
+                            fails.push(format!(
+                                "expected segments [{}], got [{}]",
+                                show(want),
+                                show(&got)
+                            ));
+                        }
+                    }
+                    if let Some(want) = e.pinned {
+                        let got = r.pinned.unwrap_or(0);
+                        if got != want {
+                            fails.push(format!("expected pinned = {want}, got {got}"));
+                        }
+                    }
+                    if let Some(want) = e.dma_addr
+                        && r.dma_addr != Some(want)
+                    {
+                        fails.push(format!(
+                            "expected dma_addr {want:#x}, got {}",
+                            r.dma_addr
+                                .map_or_else(|| "no segment".to_owned(), |a| format!("{a:#x}"))
                         ));
                     }
                     if let (Some(want), Some(d)) = (e.value, &r.data) {
@@ -810,6 +1142,13 @@ fn signal_text(s: MmSignal) -> String {
     }
 }
 
+fn signal_matches(want: Signal, got: MmSignal) -> bool {
+    matches!(
+        (want, got),
+        (Signal::Segv, MmSignal::Segv { .. }) | (Signal::Bus, MmSignal::Bus { .. })
+    )
+}
+
 fn summarize(r: &StepResult) -> String {
     let mut s = errno_text(r.errno);
     if let Some(sig) = r.signal {
@@ -817,6 +1156,16 @@ fn summarize(r: &StepResult) -> String {
     }
     if let Some(d) = &r.dm {
         let _ = write!(s, " cpages={} faults={}", d.cpages, d.faults);
+    }
+    if let Some(segs) = &r.segments {
+        let _ = write!(s, " pinned={} segments=[", r.pinned.unwrap_or(0));
+        for (i, (k, l)) in segs.iter().enumerate() {
+            let _ = write!(s, "{}{k}:{l:#x}", if i == 0 { "" } else { ", " });
+        }
+        s.push(']');
+        if let Some(a) = r.dma_addr {
+            let _ = write!(s, " dma_addr={a:#x}");
+        }
     }
     s
 }
