@@ -71,7 +71,9 @@ pub enum FrameOwner {
     Kernel,
 }
 
-/// LRU list membership (mm/vmscan.c; `PG_lru` + `PG_active`). A page isolated by reclaim is on no list.
+/// LRU list membership (mm/vmscan.c; `PG_lru` + `PG_active`). Anonymous 4 KiB pages are on the lists of
+/// [`crate::swap`] (a page isolated by reclaim is on none); page-cache pages and THPs carry a state but sit on
+/// no list, as they are not reclaimed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum LruState {
     /// Not on an LRU list (free, zero page, device memory).

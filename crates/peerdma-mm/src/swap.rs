@@ -21,9 +21,9 @@
 //!
 //! Rules:
 //! 1. A new anonymous page (demand fault, COW copy, swap-in, migration back to RAM) goes to the head of the
-//!    **inactive** list: since Linux 5.9 ("mm/vmscan: protect the workingset on
-//!    anonymous LRU") `folio_add_lru_vma` no longer sets `PG_active` for new anonymous pages, so one-shot
-//!    pages cannot push the working set off the active list. The refault (workingset) activation of 5.9
+//!    **inactive** list: since Linux 5.9 ("mm/vmscan: protect the workingset on anonymous LRU")
+//!    `folio_add_lru_vma` no longer sets `PG_active` for new anonymous pages (with MGLRU off,
+//!    `folio_add_lru` leaves it clear), so one-shot pages cannot push the working set off the active list. The refault (workingset) activation of 5.9
 //!    needs shadow entries in the swap cache and is not modelled: a swapped-in page starts inactive too.
 //! 2. A reclaim pass scans the inactive list from its tail, each page once, until it has isolated its
 //!    batch. Each scanned page goes through `folio_check_references`: young and already `referenced`
@@ -31,8 +31,8 @@
 //!    (back to the inactive head, "another trip"); not young — reclaim (clearing `referenced`).
 //! 3. A reclaim candidate that may be DMA-pinned is activated instead: `try_to_unmap` refuses to unmap a
 //!    pinned exclusive anonymous page (`folio_try_share_anon_rmap_pte`), and `shrink_folio_list` sends
-//!    pages it failed to unmap to `activate_locked`. The same happens to an isolated page that still has a
-//!    mapping after step 5 (a pin taken while an invalidation slept).
+//!    pages it failed to unmap to `activate_locked`. The same happens to an isolated page still allocated
+//!    after step 5 (a pin taken while an invalidation slept, or no 4 KiB mapping to replace).
 //! 4. After the scan, if the inactive list is low against the active one (`inactive_is_low`: inactive ×
 //!    ratio < active, where ratio is `int_sqrt(10 × GiB of the two lists)`, 1 below 1 GiB), up to
 //!    [`SWAP_CLUSTER_MAX`] pages move from the active tail to the inactive head (`shrink_active_list` at
@@ -118,7 +118,8 @@ struct LruEntry {
 /// The anonymous active and inactive lists of the one RAM node (`lruvec`).
 ///
 /// Each list maps a sequence number to a frame: the smallest number is the tail (oldest), and adding at the
-/// head takes a fresh, larger one. Entries of frames freed since are dropped lazily ([`AnonLru::purge`]).
+/// head takes a fresh, larger one. Entries of frames freed since are dropped lazily, at the start of each
+/// reclaim pass.
 #[derive(Debug, Default)]
 pub struct AnonLru {
     inactive: BTreeMap<u64, FrameId>,
