@@ -1406,6 +1406,8 @@ impl Kernel {
                     } else {
                         match st.mm(pid).translate(page) {
                             Some((frame, w, _)) if allowed && (w || !write) => {
+                                // The MMU sets the PTE young bit (crate::swap: one bit per frame).
+                                st.phys.frame_mut(frame).accessed = true;
                                 match &mut access {
                                     Access::Read(buf) => {
                                         st.oracle_check_cpu(pid, page, frame, false);
@@ -1582,10 +1584,8 @@ impl Kernel {
                     .phys
                     .alloc(0, FrameOwner::Anon)
                     .map_err(|_| Signal::Bus { addr: va })?;
-                let f = st.phys.frame_mut(frame);
-                f.mapcount = 1;
-                f.lru = crate::phys::LruState::Active;
-                st.swap.lru.push_back(frame);
+                st.phys.frame_mut(frame).mapcount = 1;
+                st.lru_add_new_anon(frame);
                 st.mm_mut(pid).pt.set_pte(
                     va,
                     Pte::Present {
@@ -1607,7 +1607,7 @@ impl Kernel {
                         .map_err(|_| Signal::Bus { addr: va })?;
                     st.phys.copy_frame(cache, frame);
                     st.phys.frame_mut(frame).mapcount = 1;
-                    st.swap.lru.push_back(frame);
+                    st.lru_add_new_anon(frame);
                     st.mm_mut(pid).pt.set_pte(
                         va,
                         Pte::Present {
@@ -1738,8 +1738,7 @@ impl Kernel {
                     );
                 }
                 st.phys.frame_mut(new).mapcount = 1;
-                st.phys.frame_mut(new).lru = crate::phys::LruState::Active;
-                st.swap.lru.push_back(new);
+                st.lru_add_new_anon(new);
                 st.mm_mut(pid).pt.set_pte(
                     va,
                     Pte::Present {

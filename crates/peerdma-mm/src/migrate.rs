@@ -437,7 +437,7 @@ impl Kernel {
                 if migrated {
                     st.phys.frame_mut(frame).mapcount = 1;
                     if matches!(st.phys.kind(frame), MemoryKind::Ram { .. }) {
-                        st.swap.lru.push_back(frame);
+                        st.lru_add_new_anon(frame);
                     }
                     // The source's mapping reference goes with the old entry; the page is freed (page_free).
                     st.phys.put(src);

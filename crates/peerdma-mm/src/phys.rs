@@ -4,7 +4,8 @@
 //!
 //! - Each 4 KiB frame has a refcount, a mapcount (page-table mappings), a pin count kept the GUP way — a FOLL_PIN
 //!   adds [`GUP_PIN_COUNTING_BIAS`] to the refcount (mm/gup.c) and `maybe_dma_pinned` tests refcount ≥ bias —,
-//!   a dirty bit, an LRU state, and who owns it (anonymous or a file's page cache).
+//!   a dirty bit, an LRU state with the two aging bits reclaim reads (`accessed`, `referenced`; see
+//!   [`crate::swap`]), and who owns it (anonymous or a file's page cache).
 //! - Data is real bytes, allocated lazily: a frame never written reads as zeros and holds no buffer.
 //! - Frame 0 of the first RAM region is the shared zero page: always allocated, never written, never freed.
 //! - A THP is 512 frames allocated together at a 2 MiB-aligned frame number. Each sub-frame keeps its own
@@ -76,7 +77,9 @@ pub enum FrameOwner {
     Kernel,
 }
 
-/// LRU list membership (mm/vmscan.c).
+/// LRU list membership (mm/vmscan.c; `PG_lru` + `PG_active`). Anonymous 4 KiB pages are on the lists of
+/// [`crate::swap`] (a page isolated by reclaim is on none); page-cache pages and THPs carry a state but sit on
+/// no list, as they are not reclaimed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum LruState {
     /// Not on an LRU list (free, zero page, device memory).
@@ -99,6 +102,13 @@ pub struct Frame {
     pub dirty: bool,
     /// LRU membership.
     pub lru: LruState,
+    /// The accessed ("young") bit of the page's PTEs, merged into one bit per frame: set by a CPU access
+    /// through any mapping, tested and cleared by reclaim (`folio_referenced`). A simplification of the
+    /// per-PTE hardware bit: a page young in two mappings counts once.
+    pub accessed: bool,
+    /// `PG_referenced`: reclaim saw the page young once already (the "look twice" mark of
+    /// `folio_check_references`, mm/vmscan.c).
+    pub referenced: bool,
     /// Allocation counter; bumped at each allocation.
     pub generation: u64,
     owner: Option<FrameOwner>,
@@ -361,6 +371,8 @@ impl PhysMem {
         fr.mapcount = 0;
         fr.dirty = false;
         fr.lru = LruState::None;
+        fr.accessed = false;
+        fr.referenced = false;
         fr.generation += 1;
         fr.data = None;
     }
@@ -390,6 +402,8 @@ impl PhysMem {
         fr.owner = Some(FrameOwner::Free);
         fr.mapcount = 0;
         fr.lru = LruState::None;
+        fr.accessed = false;
+        fr.referenced = false;
         fr.dirty = false;
         fr.data = None;
         let region = fr.region as usize;

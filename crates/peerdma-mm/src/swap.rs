@@ -1,39 +1,213 @@
-//! Reclaim and swap: when free RAM falls below a watermark, the oldest anonymous pages are written to a swap
-//! device and their PTEs become swap entries; a later access swaps them back in.
+//! Reclaim and swap: the anonymous active/inactive LRU, direct reclaim below a watermark, a swap device
+//! whose pages come back on fault.
 //!
-//! Linux counterparts: mm/vmscan.c (shrink_folio_list), mm/rmap.c (try_to_unmap), mm/swapfile.c, do_swap_page.
-//! The reclaim pass, as numbered steps (run by the faulting task, like direct reclaim):
-//! 1. Take victims from the head of the anonymous LRU (allocation order: the oldest first). Pages that may be
-//!    DMA-pinned are rotated back (reclaim cannot unmap a pinned exclusive page), THP-mapped and freed ones
-//!    are dropped from the list.
-//! 2. Find every mapping of the victims by walking the page tables of all address spaces (the model has no
-//!    rmap; MGLRU walks page tables too), and replace each mapping inside a CLEAR invalidation, so mirrors drop
-//!    their translations before the page goes.
-//! 3. Write the page to a swap slot (shared by every mapping, with a count) and free it.
+//! Linux counterparts: mm/vmscan.c (`shrink_lruvec`, `shrink_inactive_list`, `shrink_folio_list`,
+//! `folio_check_references`, `shrink_active_list`, `inactive_is_low`), mm/swap.c (`folio_add_lru`),
+//! mm/rmap.c (`folio_referenced`, `try_to_unmap`), mm/swapfile.c, mm/memory.c (`do_swap_page`). The rules
+//! follow the classic two-list LRU of Linux 6.x with `CONFIG_LRU_GEN` off (MGLRU is not modelled).
 //!
-//! Simplifications: only private anonymous pages are reclaimed (clean page-cache pages are not dropped yet);
-//! the LRU is a single FIFO (no active/inactive aging); there is no swap cache — each mapping that faults a
-//! shared slot back in gets its own copy, read-only while the slot is still shared.
+//! # The LRU
+//!
+//! RAM has one node (`[sim] memory` sets its size), so there is one anonymous `lruvec`: an inactive and an
+//! active list, each ordered from its tail (oldest) to its head (newest). A frame's [`LruState`] says which
+//! list it is on; a page isolated by a reclaim pass is on none. Two bits per frame drive aging:
+//! - `accessed` stands for the PTE young bit. A fresh PTE is young (x86's user page protections carry
+//!   `_PAGE_ACCESSED`) and every CPU load or store through a mapping sets it again; reclaim tests and
+//!   clears it (`folio_referenced`). It is one bit per frame, not per PTE, so a page young in two mappings
+//!   counts once (Linux activates it on `referenced_ptes > 1`). Device accesses through a mirror do not set
+//!   it: a secondary MMU's accesses reach aging only through `mmu_notifier_clear_young`, which test_hmm's
+//!   device does not implement.
+//! - `referenced` is `PG_referenced`, the mark of a first look.
+//!
+//! Rules:
+//! 1. A new anonymous page (demand fault, COW copy, swap-in, migration back to RAM) goes to the head of the
+//!    **inactive** list: since Linux 5.9 ("mm/vmscan: protect the workingset on anonymous LRU")
+//!    `folio_add_lru_vma` no longer sets `PG_active` for new anonymous pages (with MGLRU off,
+//!    `folio_add_lru` leaves it clear), so one-shot pages cannot push the working set off the active list. The refault (workingset) activation of 5.9
+//!    needs shadow entries in the swap cache and is not modelled: a swapped-in page starts inactive too.
+//! 2. A reclaim pass scans the inactive list from its tail, each page once, until it has isolated its
+//!    batch. Each scanned page goes through `folio_check_references`: young and already `referenced`
+//!    (seen young before) — **activate** (to the active head); young only — set `referenced` and **rotate**
+//!    (back to the inactive head, "another trip"); not young — reclaim (clearing `referenced`).
+//! 3. A reclaim candidate that may be DMA-pinned is activated instead: `try_to_unmap` refuses to unmap a
+//!    pinned exclusive anonymous page (`folio_try_share_anon_rmap_pte`), and `shrink_folio_list` sends
+//!    pages it failed to unmap to `activate_locked`. The same happens to an isolated page still allocated
+//!    after step 5 (a pin taken while an invalidation slept, or no 4 KiB mapping to replace).
+//! 4. After the scan, if the inactive list is low against the active one (`inactive_is_low`: inactive ×
+//!    ratio < active, where ratio is `int_sqrt(10 × GiB of the two lists)`, 1 below 1 GiB), up to
+//!    [`SWAP_CLUSTER_MAX`] pages move from the active tail to the inactive head (`shrink_active_list` at
+//!    the end of `shrink_lruvec`). Their young bit is cleared and their `referenced` mark kept; anonymous
+//!    pages are deactivated whether or not they were young (only executable file pages stay active).
+//!
+//! # The reclaim pass
+//!
+//! Run by the faulting task, like direct reclaim, as numbered steps:
+//! 1. Drop list entries of frames freed since they were added (the model finds them lazily; Linux takes a
+//!    page off its list when it is freed).
+//! 2. Scan the inactive tail (rules 2 and 3 above), isolating the reclaim candidates.
+//! 3. Age the active list (rule 4).
+//! 4. Find every mapping of the candidates by walking the page tables of all address spaces (the model
+//!    has no rmap; MGLRU walks page tables too).
+//! 5. Replace each mapping inside a CLEAR invalidation, so mirrors drop their translations before the page
+//!    goes, and write the page to a swap slot (shared by every mapping, with a count); the last mapping
+//!    frees the frame.
+//! 6. Put back the candidates that survived (rule 3), then spend the swap device's write time.
+//!
+//! [`Kernel::reclaim_if_low`] runs one pass below [`LOW_WATERMARK`], so the task's accesses between two
+//! faults can re-reference pages between two looks. Below [`MIN_WATERMARK`] it runs up to
+//! [`MAX_RECLAIM_PASSES`] passes until one frees a page: a pass that only rotated young pages leaves them
+//! ready for the next, as Linux's falling scan priority does.
+//!
+//! # Counters
+//!
+//! `lru.scan` (vmstat `pgscan_direct`), `lru.steal` (`pgsteal_direct`), `lru.activate` (`pgactivate`),
+//! `lru.deactivate` (`pgdeactivate`), `lru.rotate` (`FOLIOREF_KEEP`: kept on the inactive list for another
+//! trip; Linux has no vmstat for it — its `pgrotated` counts pages rotated at writeback end), `swap.out`
+//! (pages written to swap) and `swap.in`.
+//!
+//! Simplifications: only private anonymous 4 KiB pages are on the lists and reclaimed (THPs and clean
+//! page-cache pages are not); scanning costs no simulated time; there is no swap cache — each mapping that
+//! faults a shared slot back in gets its own copy, read-only while the slot is still shared. Device memory
+//! under pressure is evicted back to RAM by its driver (`peerdma-devices` dmirror), not by this module.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::BTreeMap;
 
 use peerdma_core::{FrameId, PAGE_SIZE, PageSize, Pid, Range, SimDuration, Va};
 
-use crate::kernel::Kernel;
+use crate::kernel::{Kernel, KernelState};
 use crate::notifier::NotifierEvent;
 use crate::pagetable::Pte;
-use crate::phys::FrameOwner;
+use crate::phys::{Frame, FrameOwner, LruState, PhysMem};
 
 /// Free RAM pages below which a fault reclaims first.
 pub const LOW_WATERMARK: u64 = 64;
 /// Pages reclaimed per pass.
 pub const RECLAIM_BATCH: u64 = 32;
+/// Pages moved from the active to the inactive list per pass (include/linux/swap.h `SWAP_CLUSTER_MAX`).
+pub const SWAP_CLUSTER_MAX: u64 = 32;
+/// Free RAM pages below which [`Kernel::reclaim_if_low`] runs further passes until one frees a page.
+pub const MIN_WATERMARK: u64 = 16;
+/// Reclaim passes [`Kernel::reclaim_if_low`] runs at most.
+pub const MAX_RECLAIM_PASSES: u32 = 3;
 
-/// One swap slot.
+/// Returns whether the inactive list is low against the active one (mm/vmscan.c `inactive_is_low`): the
+/// inactive list should hold at least `1 / int_sqrt(10 × GiB)` of the two lists, and as much as the active
+/// one below 1 GiB.
+pub fn inactive_is_low(nr_inactive: u64, nr_active: u64) -> bool {
+    let gib = ((nr_inactive + nr_active) * PAGE_SIZE) >> 30;
+    let ratio = if gib > 0 { (10 * gib).isqrt() } else { 1 };
+    nr_inactive * ratio < nr_active
+}
+
+/// One slot.
 #[derive(Debug, Clone)]
 struct Slot {
     data: Option<Box<[u8]>>,
     count: u32,
+}
+
+/// Where a frame sits on the LRU.
+#[derive(Clone, Copy, Debug)]
+struct LruEntry {
+    active: bool,
+    seq: u64,
+    /// The frame's generation when it was added: a freed and reallocated frame no longer matches.
+    generation: u64,
+}
+
+/// The anonymous active and inactive lists of the one RAM node (`lruvec`).
+///
+/// Each list maps a sequence number to a frame: the smallest number is the tail (oldest), and adding at the
+/// head takes a fresh, larger one. Entries of frames freed since are dropped lazily, at the start of each
+/// reclaim pass.
+#[derive(Debug, Default)]
+pub struct AnonLru {
+    inactive: BTreeMap<u64, FrameId>,
+    active: BTreeMap<u64, FrameId>,
+    index: BTreeMap<FrameId, LruEntry>,
+    next_seq: u64,
+}
+
+impl AnonLru {
+    fn list_mut(&mut self, active: bool) -> &mut BTreeMap<u64, FrameId> {
+        if active {
+            &mut self.active
+        } else {
+            &mut self.inactive
+        }
+    }
+
+    /// Puts `frame` at the head of a list (taking it off any list first) and records it in the frame.
+    fn add_head(&mut self, fr: &mut Frame, frame: FrameId, active: bool) {
+        self.remove(frame);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.list_mut(active).insert(seq, frame);
+        self.index.insert(
+            frame,
+            LruEntry {
+                active,
+                seq,
+                generation: fr.generation,
+            },
+        );
+        fr.lru = if active {
+            LruState::Active
+        } else {
+            LruState::Inactive
+        };
+    }
+
+    /// Takes `frame` off its list, if it is on one.
+    fn remove(&mut self, frame: FrameId) {
+        if let Some(e) = self.index.remove(&frame) {
+            self.list_mut(e.active).remove(&e.seq);
+        }
+    }
+
+    /// Takes the tail (oldest) frame off a list.
+    fn pop_tail(&mut self, active: bool) -> Option<(FrameId, LruEntry)> {
+        let (_, frame) = self.list_mut(active).pop_first()?;
+        let e = self
+            .index
+            .remove(&frame)
+            .expect("listed frames are indexed");
+        Some((frame, e))
+    }
+
+    /// Returns whether the entry still describes the frame: allocated since as the same anonymous page and
+    /// not moved by anyone else.
+    fn current(phys: &PhysMem, frame: FrameId, e: LruEntry) -> bool {
+        let fr = phys.frame(frame);
+        let state = if e.active {
+            LruState::Active
+        } else {
+            LruState::Inactive
+        };
+        fr.owner() == FrameOwner::Anon && fr.generation == e.generation && fr.lru == state
+    }
+
+    /// Drops the entries of frames freed (or reused) since they were added.
+    fn purge(&mut self, phys: &PhysMem) {
+        let stale: Vec<FrameId> = self
+            .index
+            .iter()
+            .filter(|&(&f, &e)| !Self::current(phys, f, e))
+            .map(|(&f, _)| f)
+            .collect();
+        for f in stale {
+            self.remove(f);
+        }
+    }
+
+    /// Returns the number of entries on a list (including stale ones not yet purged).
+    fn len(&self, active: bool) -> u64 {
+        if active {
+            self.active.len() as u64
+        } else {
+            self.inactive.len() as u64
+        }
+    }
 }
 
 /// The swap device and the anonymous LRU.
@@ -41,8 +215,8 @@ struct Slot {
 pub struct Swap {
     slots: BTreeMap<u64, Slot>,
     next: u64,
-    /// Anonymous pages in allocation order (head = oldest).
-    pub(crate) lru: VecDeque<FrameId>,
+    /// The anonymous active and inactive lists.
+    pub(crate) lru: AnonLru,
 }
 
 impl Swap {
@@ -74,51 +248,191 @@ impl Swap {
     }
 }
 
+impl KernelState {
+    /// Adds a new anonymous page, just mapped by a young PTE, to the head of the inactive list
+    /// (`folio_add_lru_vma`, rule 1 of the module docs).
+    pub(crate) fn lru_add_new_anon(&mut self, frame: FrameId) {
+        let fr = self.phys.frame_mut(frame);
+        fr.accessed = true;
+        self.swap.lru.add_head(fr, frame, false);
+    }
+
+    /// Returns the number of pages on the active (`LruState::Active`) or inactive list; `LruState::None`
+    /// counts nothing.
+    pub fn nr_lru_pages(&self, list: LruState) -> u64 {
+        let active = match list {
+            LruState::None => return 0,
+            LruState::Active => true,
+            LruState::Inactive => false,
+        };
+        self.swap
+            .lru
+            .index
+            .iter()
+            .filter(|&(&f, &e)| e.active == active && AnonLru::current(&self.phys, f, e))
+            .count() as u64
+    }
+}
+
+/// What `folio_check_references` decides for a scanned inactive page.
+enum References {
+    Activate,
+    Keep,
+    Reclaim,
+}
+
+/// `folio_check_references` (mm/vmscan.c) for a mapped anonymous page, with the young bit of all its PTEs
+/// merged into `accessed`: tests and clears it (`folio_referenced`) and `referenced`.
+fn check_references(fr: &mut Frame) -> References {
+    let young = std::mem::take(&mut fr.accessed);
+    let referenced = std::mem::take(&mut fr.referenced);
+    if young {
+        // Kept for activated pages too, so a deactivated page in use comes back at once.
+        fr.referenced = true;
+        if referenced {
+            References::Activate
+        } else {
+            References::Keep
+        }
+    } else {
+        References::Reclaim
+    }
+}
+
+/// What one pass did, for the counters.
+#[derive(Debug, Default)]
+struct PassStats {
+    scan: u64,
+    activate: u64,
+    deactivate: u64,
+    rotate: u64,
+}
+
 /// Swap-device latency per 4 KiB page (spec/numbers.md §5: a major fault from NVMe is 80–200 µs [B]; the
 /// write-out side is modelled with the same figure).
 pub const SWAP_IO: SimDuration = SimDuration::from_micros(80);
 
 impl Kernel {
-    /// Runs a reclaim pass if free RAM is below [`LOW_WATERMARK`] (direct reclaim from the fault path).
+    /// Runs a reclaim pass if free RAM is below [`LOW_WATERMARK`] (direct reclaim from the fault path);
+    /// below [`MIN_WATERMARK`], up to [`MAX_RECLAIM_PASSES`] passes until one frees a page.
     pub async fn reclaim_if_low(&self) {
-        let free = self.state().phys.nr_free(0);
-        if free < LOW_WATERMARK {
-            self.reclaim(RECLAIM_BATCH).await;
+        for pass in 0..MAX_RECLAIM_PASSES {
+            let watermark = if pass == 0 {
+                LOW_WATERMARK
+            } else {
+                MIN_WATERMARK
+            };
+            if self.state().phys.nr_free(0) >= watermark || self.reclaim(RECLAIM_BATCH).await > 0 {
+                return;
+            }
         }
     }
 
-    /// Reclaims up to `nr` anonymous pages to swap; returns how many were swapped out.
+    /// Runs one reclaim pass (the numbered steps of the module docs) aiming at `nr` pages; returns how many
+    /// pages were written to swap.
     pub async fn reclaim(&self, nr: u64) -> u64 {
-        // Step 1: victims from the LRU head.
-        let victims: BTreeSet<FrameId> = {
-            let mut st = self.state();
-            let mut victims = BTreeSet::new();
-            let mut rotated = Vec::new();
-            let budget = st.swap.lru.len();
-            for _ in 0..budget {
+        let mut stats = PassStats::default();
+        let victims = {
+            let mut guard = self.state();
+            let st = &mut *guard;
+            // Step 1: forget freed frames.
+            st.swap.lru.purge(&st.phys);
+            // Step 2: shrink_inactive_list — scan the inactive tail, each page once.
+            let mut victims: BTreeMap<FrameId, u64> = BTreeMap::new();
+            for _ in 0..st.swap.lru.len(false) {
                 if victims.len() as u64 >= nr {
                     break;
                 }
-                let Some(f) = st.swap.lru.pop_front() else {
+                let Some((frame, e)) = st.swap.lru.pop_tail(false) else {
                     break;
                 };
-                let fr = st.phys.frame(f);
-                if !fr.is_allocated() || fr.owner() != FrameOwner::Anon {
+                if !AnonLru::current(&st.phys, frame, e) {
                     continue;
                 }
-                if fr.maybe_dma_pinned() {
-                    rotated.push(f);
-                    continue;
+                stats.scan += 1;
+                let fr = st.phys.frame_mut(frame);
+                match check_references(fr) {
+                    References::Activate => {
+                        st.swap.lru.add_head(fr, frame, true);
+                        stats.activate += 1;
+                    }
+                    References::Keep => {
+                        st.swap.lru.add_head(fr, frame, false);
+                        stats.rotate += 1;
+                    }
+                    References::Reclaim if fr.maybe_dma_pinned() => {
+                        // try_to_unmap fails on a pinned exclusive page: activate_locked.
+                        st.swap.lru.add_head(fr, frame, true);
+                        stats.activate += 1;
+                    }
+                    References::Reclaim => {
+                        // Isolated: on no list until it is freed or put back.
+                        fr.lru = LruState::None;
+                        victims.insert(frame, fr.generation);
+                    }
                 }
-                victims.insert(f);
             }
-            st.swap.lru.extend(rotated);
+            // Step 3: shrink_active_list when the inactive list is low.
+            while stats.deactivate < SWAP_CLUSTER_MAX
+                && inactive_is_low(st.swap.lru.len(false), st.swap.lru.len(true))
+            {
+                let Some((frame, e)) = st.swap.lru.pop_tail(true) else {
+                    break;
+                };
+                if !AnonLru::current(&st.phys, frame, e) {
+                    continue;
+                }
+                let fr = st.phys.frame_mut(frame);
+                // folio_referenced clears the young bits; an anonymous page is deactivated regardless.
+                fr.accessed = false;
+                st.swap.lru.add_head(fr, frame, false);
+                stats.deactivate += 1;
+            }
             victims
         };
-        if victims.is_empty() {
-            return 0;
+        let swapped = if victims.is_empty() {
+            0
+        } else {
+            self.swap_out(&victims).await
+        };
+        // Step 6: put back what could not be freed (unmap failed: activate_locked).
+        let mut steal = 0;
+        {
+            let mut guard = self.state();
+            let st = &mut *guard;
+            for (&frame, &generation) in &victims {
+                let fr = st.phys.frame_mut(frame);
+                if fr.owner() == FrameOwner::Anon
+                    && fr.generation == generation
+                    && fr.lru == LruState::None
+                {
+                    st.swap.lru.add_head(fr, frame, true);
+                    stats.activate += 1;
+                } else {
+                    steal += 1;
+                }
+            }
         }
-        // Step 2: every 4 KiB mapping of a victim, in every address space.
+        self.spend(SWAP_IO.saturating_mul(swapped)).await;
+        for (name, n) in [
+            ("lru.scan", stats.scan),
+            ("lru.steal", steal),
+            ("lru.activate", stats.activate),
+            ("lru.deactivate", stats.deactivate),
+            ("lru.rotate", stats.rotate),
+            ("swap.out", swapped),
+        ] {
+            if n > 0 {
+                self.sim.count(name, n);
+            }
+        }
+        swapped
+    }
+
+    /// Steps 4 and 5 of a reclaim pass: unmaps every 4 KiB mapping of the isolated `victims` inside CLEAR
+    /// invalidations and writes them to swap slots; returns how many pages were written.
+    async fn swap_out(&self, victims: &BTreeMap<FrameId, u64>) -> u64 {
+        // Step 4: every 4 KiB mapping of a victim, in every address space.
         let mappings: Vec<(Pid, Va, FrameId, bool)> = {
             let st = self.state();
             let mut out = Vec::new();
@@ -130,7 +444,7 @@ impl Kernel {
                         special: false,
                     } = leaf.pte
                         && leaf.size == PageSize::Size4K
-                        && victims.contains(&frame)
+                        && victims.contains_key(&frame)
                     {
                         out.push((mm.pid, leaf.base, frame, write));
                     }
@@ -138,6 +452,7 @@ impl Kernel {
             }
             out
         };
+        // Step 5: replace each mapping with a swap entry.
         let mut slots: BTreeMap<FrameId, u64> = BTreeMap::new();
         let mut swapped = 0;
         for (pid, va, frame, write) in mappings {
@@ -173,9 +488,6 @@ impl Kernel {
             }
             self.invalidate_range_end(pid);
         }
-        // Step 3: the writes to the swap device.
-        self.spend(SWAP_IO.saturating_mul(swapped)).await;
-        self.sim.count("swap.out", swapped);
         swapped
     }
 
@@ -203,9 +515,48 @@ impl Kernel {
             },
         );
         st.swap.free(slot);
-        st.swap.lru.push_back(frame);
+        st.lru_add_new_anon(frame);
         drop(st);
         self.sim.count("swap.in", 1);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB_PAGES: u64 = (1 << 30) / PAGE_SIZE;
+
+    #[test]
+    fn inactive_is_low_uses_ratio_one_below_a_gib() {
+        assert!(inactive_is_low(3, 4));
+        assert!(!inactive_is_low(4, 4));
+        assert!(!inactive_is_low(0, 0));
+    }
+
+    #[test]
+    fn inactive_is_low_ratio_is_int_sqrt_of_ten_per_gib() {
+        // 1 GiB: int_sqrt(10) = 3, so a quarter inactive is enough.
+        let quarter = GIB_PAGES / 4;
+        assert!(!inactive_is_low(quarter, GIB_PAGES - quarter));
+        assert!(inactive_is_low(quarter - 1, GIB_PAGES - quarter + 1));
+        // 10 GiB: int_sqrt(100) = 10.
+        let total = 10 * GIB_PAGES;
+        assert!(!inactive_is_low(total / 11 + 1, total - total / 11 - 1));
+        assert!(inactive_is_low(total / 12, total - total / 12));
+    }
+
+    #[test]
+    fn check_references_looks_twice_before_activating() {
+        let mut fr = Frame::default();
+        fr.accessed = true;
+        assert!(matches!(check_references(&mut fr), References::Keep));
+        assert!(fr.referenced && !fr.accessed, "marked, young bit cleared");
+        fr.accessed = true;
+        assert!(matches!(check_references(&mut fr), References::Activate));
+        assert!(fr.referenced, "kept for activated pages");
+        assert!(matches!(check_references(&mut fr), References::Reclaim));
+        assert!(!fr.referenced, "a reclaimed page loses its mark");
     }
 }
