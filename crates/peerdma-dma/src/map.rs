@@ -15,7 +15,8 @@
 //!    THRU_HOST_BRIDGE ones with the MMIO attribute (`DMA_ATTR_MMIO`, v6.18).
 //!
 //! `unmap_sg` releases the IOVA range through the domain (strict: now; lazy: the flush queue) and skips bus
-//! addresses. A device access resolves a DMA address back to a physical one: through the IOTLB / IO page
+//! addresses. *Coarse:* the flush queue's 10 ms timer is run lazily, when the domain is next used (a map, an
+//! unmap or a device access), which no observer can tell from a timer that fired on time. A device access resolves a DMA address back to a physical one: through the IOTLB / IO page
 //! table for an IOVA, through the provider's BAR for a bus address — and the routing check of the oracle
 //! (DESIGN.md §7 check 5) tells a bus-address access that its map type does not allow.
 
@@ -199,6 +200,7 @@ impl Platform {
             return Err(Errno::EREMOTEIO);
         }
         let mut domain = d.domain_mut();
+        domain.tick(self.kernel.sim.now());
         let translates = domain.domain_type() != DomainType::Identity;
         let nr_iova = targets
             .iter()
@@ -293,7 +295,11 @@ impl Platform {
     pub(crate) fn resolve(&self, d: &DmaDevice, addr: DmaAddr, write: bool) -> Option<Resolved> {
         match addr {
             DmaAddr::Iova(iova) => {
-                let t = d.domain_mut().translate(iova, write);
+                let t = {
+                    let mut domain = d.domain_mut();
+                    domain.tick(self.kernel.sim.now());
+                    domain.translate(iova, write)
+                };
                 let c = &self.costs.iommu;
                 match t {
                     Translation::Hit { pa, stale } => {
