@@ -11,8 +11,9 @@
 //! 2. Any NOT_SUPPORTED page fails the whole call with `EREMOTEIO` and nothing stays mapped.
 //! 3. BUS_ADDR pages get `phys + bus_offset` and are marked as bus addresses: no IOVA, skipped at unmap.
 //! 4. NONE and THRU_HOST_BRIDGE pages: with an identity domain the DMA address is the physical address; with
-//!    a DMA domain one IOVA range is allocated for all of them and each page is mapped into it, the
-//!    THRU_HOST_BRIDGE ones with the MMIO attribute (`DMA_ATTR_MMIO`, v6.18).
+//!    a DMA domain one IOVA range is allocated for all of them (below 4 GiB first, as `iommu_dma_alloc_iova`
+//!    does for PCI devices) and each page is mapped into it, the THRU_HOST_BRIDGE ones with the MMIO
+//!    attribute (`DMA_ATTR_MMIO`, v6.18).
 //!
 //! `unmap_sg` releases the IOVA range through the domain (strict: now; lazy: the flush queue) and skips bus
 //! addresses. *Coarse:* the flush queue's 10 ms timer is run lazily, when the domain is next used (a map, an
@@ -29,6 +30,9 @@ use peerdma_pci::link::time_at_gbps;
 use peerdma_pci::{MapType, p2p_distance};
 
 use crate::platform::{DmaDevice, Platform};
+
+/// `DMA_BIT_MASK(32)`: the top of the 32-bit DMA space a PCI device's IOVAs come from first.
+const DMA_BIT_MASK_32: u64 = (1 << 32) - 1;
 
 /// A DMA address as the device is told it (`dma_addr_t`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -206,10 +210,13 @@ impl Platform {
             .iter()
             .filter(|t| !matches!(t.class, Some((MapType::BusAddr, _))))
             .count() as u64;
+        // iommu_dma_alloc_iova: a PCI device first tries below 4 GiB (a SAC address), then the whole space.
         let iova = if translates && nr_iova > 0 {
+            let size = nr_iova * PAGE_SIZE;
             Some(
                 domain
-                    .alloc_iova(nr_iova * PAGE_SIZE)
+                    .alloc_iova_limit(size, Iova::from_raw(DMA_BIT_MASK_32 + 1))
+                    .or_else(|_| domain.alloc_iova(size))
                     .map_err(|e| e.errno())?,
             )
         } else {
@@ -330,10 +337,12 @@ impl Platform {
             }
             DmaAddr::Bus(bus) => {
                 let (res, pa) = self.providers_bus_lookup(bus)?;
-                let mt = self
-                    .providers
-                    .borrow_mut()
-                    .map_type(self.topology(), res, d.node);
+                // The route is the topology's answer for the pair, whether the BAR is P2P memory or an
+                // export without provider state.
+                let mt =
+                    self.providers
+                        .borrow_mut()
+                        .provider_map_type(self.topology(), res, d.node);
                 if mt != MapType::BusAddr {
                     self.violation(
                         ViolationKind::Routing,
