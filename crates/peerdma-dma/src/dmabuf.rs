@@ -27,6 +27,7 @@ use std::collections::BTreeMap;
 use peerdma_core::{DeviceId, Errno, PAGE_SIZE, Pa, Pid, Range, Va};
 use peerdma_mm::MmioId;
 use peerdma_mm::vma::Prot;
+use peerdma_pci::NodeId;
 
 use crate::map::{MapTarget, MappedSg};
 use crate::platform::Platform;
@@ -129,6 +130,18 @@ impl Platform {
         self.kernel
             .mmap_pfnmap_mmio(pid, mmio, offset, len, prot)
             .await
+    }
+
+    /// Returns the owner of the export whose BAR range contains `pa`.
+    pub(crate) fn export_owner_at(&self, pa: Pa) -> Option<NodeId> {
+        let owner = self
+            .exports
+            .borrow()
+            .by_mmio
+            .values()
+            .find(|e| e.range.contains(pa))
+            .map(|e| e.owner)?;
+        self.device(owner).ok().map(|d| d.node)
     }
 
     /// Returns the physical range of an export.

@@ -26,8 +26,8 @@ use std::rc::Rc;
 use peerdma_core::{BusAddr, DeviceId, Errno, Iova, PAGE_SIZE, Pa, SimDuration};
 use peerdma_iommu::{DomainType, IommuProt, Translation};
 use peerdma_mm::oracle::ViolationKind;
-use peerdma_pci::link::time_at_gbps;
-use peerdma_pci::{MapType, p2p_distance};
+use peerdma_pci::link::{fair_share_gbps, time_at_gbps};
+use peerdma_pci::{MapType, NodeId, p2p_distance};
 
 use crate::platform::{DmaDevice, Platform};
 
@@ -362,7 +362,7 @@ impl Platform {
         }
     }
 
-    fn providers_bus_lookup(&self, bus: BusAddr) -> Option<(peerdma_pci::NodeId, Pa)> {
+    fn providers_bus_lookup(&self, bus: BusAddr) -> Option<(NodeId, Pa)> {
         let topo = self.topology();
         for id in topo.endpoints() {
             for b in topo.node(id).bars() {
@@ -379,42 +379,78 @@ impl Platform {
         self.kernel.state().oracle.violation(kind, detail);
     }
 
-    /// Returns the link time of moving `bytes` between `dev` and the memory at `pa` (zero in zero-time
-    /// mode): the bottleneck link's effective bandwidth for this payload plus the per-hop latency of the
-    /// path (P2P: the provider–client path of the map-type decision; RAM: the device's path to its host
-    /// bridge).
-    pub(crate) fn transfer_time(
+    /// Moves `bytes` between `dev` and the memory at `pa` in simulated time, after `extra` (the translation
+    /// cost): the path's links (P2P: the provider–client path of the map-type decision; RAM: the device's
+    /// path to its host bridge) each carry one more flow while the transfer runs, and the transfer runs at
+    /// the smallest per-flow share among them (`peerdma_pci::link::fair_share_gbps`: a link shared by N
+    /// concurrent flows gives each 1/N of its effective bandwidth for this payload), plus the per-hop
+    /// latency. *Coarse:* a flow's rate is fixed when it starts; flows that start later slow only
+    /// themselves (no re-sharing mid-transfer). Zero-time mode spends only `extra`.
+    pub(crate) async fn transfer(
         &self,
         d: &DmaDevice,
         pa: Pa,
         bytes: u64,
         write: bool,
-    ) -> SimDuration {
+        extra: SimDuration,
+    ) {
         if !self.costs.timed {
-            return SimDuration::ZERO;
+            self.kernel.spend(extra).await;
+            return;
         }
         let topo = self.topology();
-        let path: Vec<peerdma_pci::NodeId> = match self.p2p_resource_at(pa) {
-            Some((res, _)) => p2p_distance(topo, res.provider, d.node).path,
-            None => topo.upstream_chain(d.node),
+        let provider = self
+            .p2p_resource_at(pa)
+            .map(|(res, _)| res.provider)
+            .or_else(|| self.export_owner_at(pa));
+        let (path, turnaround) = match provider {
+            Some(p) => {
+                let dec = p2p_distance(topo, p, d.node);
+                // A BUS_ADDR transfer turns around in the common switch: its upstream link is not crossed.
+                let turn = (dec.map_type == MapType::BusAddr)
+                    .then_some(dec.common_upstream)
+                    .flatten();
+                (dec.path, turn)
+            }
+            None => (topo.upstream_chain(d.node), None),
         };
-        let links: Vec<_> = path.iter().filter_map(|&n| topo.node(n).link()).collect();
-        let gbps = links
-            .iter()
-            .map(|l| {
-                if write {
-                    l.effective_write_gbps(bytes)
-                } else {
-                    l.effective_read_gbps(bytes)
-                }
-            })
-            .fold(f64::INFINITY, f64::min);
+        let links: Vec<NodeId> = path
+            .into_iter()
+            .filter(|&n| Some(n) != turnaround && topo.node(n).link().is_some())
+            .collect();
+        let gbps = {
+            let mut flows = self.flows.borrow_mut();
+            links
+                .iter()
+                .map(|&n| {
+                    let nr = flows.entry(n).or_insert(0);
+                    *nr += 1;
+                    let l = topo.node(n).link().expect("filtered above");
+                    let full = if write {
+                        l.effective_write_gbps(bytes)
+                    } else {
+                        l.effective_read_gbps(bytes)
+                    };
+                    fair_share_gbps(full, *nr)
+                })
+                .fold(f64::INFINITY, f64::min)
+        };
         let wire = if gbps.is_finite() {
             time_at_gbps(bytes, gbps)
         } else {
             SimDuration::ZERO
         };
         let hops = u64::try_from(links.len()).expect("few links");
-        wire + self.costs.hop.saturating_mul(hops)
+        self.kernel
+            .spend(extra + wire + self.costs.hop.saturating_mul(hops))
+            .await;
+        let mut flows = self.flows.borrow_mut();
+        for n in &links {
+            if let Some(nr) = flows.get_mut(n) {
+                *nr -= 1;
+            }
+        }
+        drop(flows);
+        self.kernel.sim.count("dma.bytes", bytes);
     }
 }

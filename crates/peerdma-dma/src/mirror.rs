@@ -287,13 +287,14 @@ impl DmaMirror {
             let res = platform
                 .resolve(&sh.dev, mapped.addr, write)
                 .ok_or(Errno::EFAULT)?;
-            let link = platform.transfer_time(&sh.dev, res.pa, PAGE_SIZE, write);
             let kernel = &platform.kernel;
             match &mut acc {
                 Access::Write(data) => kernel.device_write(sh.dev.id, sh.pid, page, frame, data),
                 Access::Read(buf) => kernel.device_read(sh.dev.id, sh.pid, page, frame, buf),
             }
-            kernel.spend(res.cost + link).await;
+            platform
+                .transfer(&sh.dev, res.pa, PAGE_SIZE, write, res.cost)
+                .await;
             return Ok(());
         }
     }

@@ -104,6 +104,8 @@ pub struct Platform {
     pub(crate) exports: RefCell<Exports>,
     pub(crate) costs: DmaCosts,
     rng: RefCell<RngStream>,
+    /// Transfers in flight per link (the node whose upstream link it is), for bandwidth sharing.
+    pub(crate) flows: RefCell<BTreeMap<NodeId, u32>>,
 }
 
 impl fmt::Debug for Platform {
@@ -127,6 +129,7 @@ impl Platform {
             exports: RefCell::new(Exports::default()),
             costs,
             rng: RefCell::new(rng),
+            flows: RefCell::new(BTreeMap::new()),
         })
     }
 

@@ -367,8 +367,8 @@ impl DmaSgHandle {
                 (None, None) => {}
             },
         }
-        let t = p.transfer_time(&self.dev, res.pa, PAGE_SIZE, write);
-        k.spend(res.cost + t).await;
+        p.transfer(&self.dev, res.pa, PAGE_SIZE, write, res.cost)
+            .await;
         Ok(())
     }
 

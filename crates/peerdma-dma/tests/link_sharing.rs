@@ -1,0 +1,138 @@
+//! Link timing of DMA through get_user_dma_sg (DESIGN.md §6): a transfer takes the bottleneck link's
+//! effective bandwidth plus per-hop latency, and concurrent flows on one link divide its bandwidth.
+#![expect(
+    clippy::tests_outside_test_module,
+    clippy::unwrap_used,
+    reason = "an integration-test crate is all tests"
+)]
+
+use std::cell::Cell;
+use std::rc::Rc;
+
+use peerdma_core::{Bdf, DeviceId, Pa, Range, SimTime};
+use peerdma_dma::{DmaCosts, DmaSgFlags, Platform, get_user_dma_sg};
+use peerdma_iommu::DomainConfig;
+use peerdma_mm::{Kernel, MmCosts, Prot};
+use peerdma_pci::{Bar, LinkSpec, TopologyBuilder, WhitelistEntry};
+use peerdma_sim::{RunOutcome, Sim, SimConfig};
+
+const NVME: DeviceId = DeviceId(0);
+const NIC0: DeviceId = DeviceId(1);
+const NIC1: DeviceId = DeviceId(2);
+const LEN: u64 = 64 << 10;
+
+/// nvme0 (Gen3 x4, the narrowest link) and two NICs (Gen4 x16) under one switch.
+fn platform(sim: &Sim) -> Rc<Platform> {
+    let kernel = Kernel::new(sim, 64 << 20, MmCosts::zero());
+    let mut b = TopologyBuilder::new();
+    b.host_bridge("hb0", WhitelistEntry::NotListed);
+    b.root_port("rp0", "hb0").bdf(Bdf::new(0, 1, 0).unwrap());
+    b.switch_upstream("up", "rp0")
+        .bdf(Bdf::new(1, 0, 0).unwrap())
+        .link(LinkSpec::new(4, 16));
+    for (i, n) in ["d0", "d1", "d2"].iter().enumerate() {
+        b.switch_downstream(n, "up")
+            .bdf(Bdf::new(2, u8::try_from(i).unwrap(), 0).unwrap());
+    }
+    b.endpoint("nvme0", "d0", Bdf::new(3, 0, 0).unwrap())
+        .link(LinkSpec::new(3, 4))
+        .bar(Bar {
+            index: 2,
+            size: 1 << 28,
+            phys: Pa::from_raw(0x3800_0000_0000),
+            bus_offset: 0,
+            prefetchable: true,
+        });
+    b.endpoint("nic0", "d1", Bdf::new(4, 0, 0).unwrap())
+        .link(LinkSpec::new(4, 16));
+    b.endpoint("nic1", "d2", Bdf::new(5, 0, 0).unwrap())
+        .link(LinkSpec::new(4, 16));
+    let topo = b.build().unwrap();
+    let p = Platform::new(kernel, topo.clone(), DmaCosts::calibrated());
+    for (id, name) in [(NVME, "nvme0"), (NIC0, "nic0"), (NIC1, "nic1")] {
+        p.add_device(
+            id,
+            topo.lookup(name).unwrap(),
+            name,
+            DomainConfig::default(),
+        )
+        .unwrap();
+    }
+    p.p2p_add_resource(NVME, 2, 1 << 20, 0).unwrap();
+    p
+}
+
+/// Returns how long each NIC's read of the whole CMB mapping took, the NICs starting together when
+/// `concurrent`, one after the other otherwise.
+fn read_times(concurrent: bool) -> (u64, u64) {
+    let sim = Sim::new(SimConfig::default());
+    let p = platform(&sim);
+    let times = Rc::new([Cell::new(0u64), Cell::new(0u64)]);
+    let (p2, t2, s2) = (p.clone(), times.clone(), sim.clone());
+    sim.spawn("test", async move {
+        let k = p2.kernel.clone();
+        let pid = k.create_process();
+        let rw = Prot {
+            read: true,
+            write: true,
+            exec: false,
+        };
+        let va = p2.p2pmem_mmap(pid, NVME, LEN, rw, true, 0).await.unwrap();
+        let range = Range::from_len(va, LEN).unwrap();
+        let mut handles = Vec::new();
+        for nic in [NIC0, NIC1] {
+            handles.push(
+                get_user_dma_sg(&p2, pid, range, nic, DmaSgFlags::P2P)
+                    .await
+                    .unwrap(),
+            );
+        }
+        let len = usize::try_from(LEN).unwrap();
+        for (i, h) in handles.into_iter().enumerate() {
+            let (t3, s3) = (t2.clone(), s2.clone());
+            let read = async move {
+                let start = s3.now();
+                h.read(0, len).await.unwrap();
+                t3[i].set(s3.now().0 - start.0);
+            };
+            if concurrent {
+                s2.spawn(format!("nic{i}"), read);
+            } else {
+                read.await;
+            }
+        }
+    });
+    assert_eq!(sim.run(), RunOutcome::Completed);
+    assert!(sim.now() > SimTime(0));
+    (times[0].get(), times[1].get())
+}
+
+#[test]
+fn a_transfer_alone_takes_the_bottleneck_links_time() {
+    let (a, b) = read_times(false);
+    assert_eq!(a, b, "the two NICs have the same path to the CMB");
+    // 16 pages over nvme0's Gen3 x4 link: 4 KiB reads at its effective read bandwidth, plus two hops.
+    let gen3x4 = peerdma_pci::LinkConfig::from_spec(&LinkSpec::new(3, 4)).unwrap();
+    let page = peerdma_pci::link::time_at_gbps(4096, gen3x4.effective_read_gbps(4096)).as_nanos();
+    assert!(a >= 16 * page, "{a} ns < 16 x {page} ns");
+    assert!(
+        a < 16 * page + 16 * 1000,
+        "{a} ns: far more than the link time"
+    );
+}
+
+#[test]
+fn concurrent_flows_divide_a_shared_link() {
+    let (alone, _) = read_times(false);
+    let (a, b) = read_times(true);
+    // Both flows cross nvme0's upstream link: each gets a share, so each takes markedly longer than alone
+    // (the first page of the first flow starts at full rate; every later page is shared).
+    assert!(
+        a.min(b) * 10 > alone * 15,
+        "alone {alone} ns, together {a} / {b} ns"
+    );
+    assert!(
+        a.max(b) <= alone * 2 + 2000,
+        "alone {alone} ns, together {a} / {b} ns"
+    );
+}
