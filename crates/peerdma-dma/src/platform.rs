@@ -280,6 +280,41 @@ impl Platform {
         Err(last)
     }
 
+    /// `pci_alloc_p2pmem`: `len` contiguous bytes of `provider`'s P2P memory for a driver's own use (chunks
+    /// tried in the order they were added). Returns the CPU physical range; its bus address is
+    /// [`Platform::p2pmem_virt_to_bus`]. The allocation blocks the provider's removal until freed.
+    ///
+    /// # Errors
+    /// `ENODEV` for a device without (live) P2P memory; `ENOMEM` when no chunk has `len` contiguous bytes.
+    pub fn p2pmem_alloc(&self, provider: DeviceId, len: u64) -> Result<Range<Pa>, Errno> {
+        let regions = self.p2p_regions(provider);
+        if regions.is_empty() {
+            return Err(Errno::ENODEV);
+        }
+        for r in regions {
+            if let Some(first) = self.kernel.alloc_p2pmem(r, len) {
+                let pa = self.kernel.state().phys.frame_pa(first);
+                let len = len.div_ceil(peerdma_core::PAGE_SIZE) * peerdma_core::PAGE_SIZE;
+                return Range::from_len(pa, len).ok_or(Errno::EINVAL);
+            }
+        }
+        Err(Errno::ENOMEM)
+    }
+
+    /// `pci_free_p2pmem` of an allocation made by [`Platform::p2pmem_alloc`].
+    pub fn p2pmem_free(&self, alloc: Range<Pa>) {
+        let first = self.kernel.state().phys.frame_at_pa(alloc.start);
+        if let Some(f) = first {
+            self.kernel.free_p2pmem(f, alloc.len());
+        }
+    }
+
+    /// `pci_p2pmem_virt_to_bus`: the bus address of P2P memory at `pa`, `None` (the kernel's 0) when no live
+    /// provider covers it.
+    pub fn p2pmem_virt_to_bus(&self, pa: Pa) -> Option<peerdma_core::BusAddr> {
+        self.providers.borrow().bus_addr(pa)
+    }
+
     /// Returns the memory-model regions of `dev`'s P2P memory.
     pub fn p2p_regions(&self, dev: DeviceId) -> Vec<usize> {
         let Ok(d) = self.device(dev) else {

@@ -228,6 +228,38 @@ impl Kernel {
         Ok(range.start)
     }
 
+    /// `pci_alloc_p2pmem`: takes `len` bytes (rounded up to pages) of P2P region `region` for in-kernel use
+    /// (an NVMe-oF target's queues and data buffers), one contiguous run first fit. Each page holds one
+    /// reference (the allocation's pgmap reference) until [`Kernel::free_p2pmem`], so an allocation blocks
+    /// the provider's removal like a pin does. Returns the first frame, or `None` (the kernel's NULL) when
+    /// the region is not live P2P memory or has no contiguous run.
+    pub fn alloc_p2pmem(&self, region: usize, len: u64) -> Option<FrameId> {
+        if !self.p2p_region_live(region) || len == 0 {
+            return None;
+        }
+        let nr = len.div_ceil(PAGE_SIZE);
+        let first = self
+            .state()
+            .phys
+            .alloc_contiguous(region, nr, FrameOwner::Kernel)
+            .ok()?;
+        self.sim.count("p2pdma.alloc_pages", nr);
+        Some(first)
+    }
+
+    /// `pci_free_p2pmem`: returns an allocation of `len` bytes at `first` to the pool (drops each page's
+    /// reference; a page someone else still references goes back when that reference drops).
+    pub fn free_p2pmem(&self, first: FrameId, len: u64) {
+        let nr = len.div_ceil(PAGE_SIZE);
+        {
+            let mut st = self.state();
+            for i in 0..nr {
+                st.phys.put(FrameId(first.0 + i));
+            }
+        }
+        self.pin_wq.wake_up_all();
+    }
+
     fn p2p_region_live(&self, region: usize) -> bool {
         let st = self.state();
         st.phys

@@ -1,5 +1,6 @@
-//! Link timing of DMA through get_user_dma_sg (DESIGN.md §6): a transfer takes the bottleneck link's
-//! effective bandwidth plus per-hop latency, and concurrent flows on one link divide its bandwidth.
+//! The platform: link timing of DMA through get_user_dma_sg (DESIGN.md §6: a transfer takes the bottleneck
+//! link's effective bandwidth plus per-hop latency, and concurrent flows on one link divide its bandwidth),
+//! and the in-kernel P2P orchestration API (`pci_p2pmem_find_many`, `pci_alloc_p2pmem`, removal).
 #![expect(
     clippy::tests_outside_test_module,
     clippy::unwrap_used,
@@ -135,4 +136,53 @@ fn concurrent_flows_divide_a_shared_link() {
         a.max(b) <= alone * 2 + 2000,
         "alone {alone} ns, together {a} / {b} ns"
     );
+}
+
+#[test]
+fn an_in_kernel_p2pmem_allocation_blocks_removal_until_freed() {
+    let sim = Sim::new(SimConfig::default());
+    let p = platform(&sim);
+    let done_at = Rc::new(Cell::new(None));
+    let (p2, d2, s2) = (p.clone(), done_at.clone(), sim.clone());
+    sim.spawn("orchestrator", async move {
+        // pci_p2pmem_find_many for the two NICs, then pci_alloc_p2pmem from the provider it found.
+        assert_eq!(
+            p2.p2p_find_many(&[NIC0, NIC1]).unwrap(),
+            None,
+            "not published yet"
+        );
+        p2.p2p_publish(NVME, true).unwrap();
+        assert_eq!(p2.p2p_find_many(&[NIC0, NIC1]).unwrap(), Some(NVME));
+        let a = p2.p2pmem_alloc(NVME, 8192).unwrap();
+        assert_eq!(a.start, Pa::from_raw(0x3800_0000_0000));
+        assert_eq!(a.len(), 8192);
+        assert_eq!(
+            p2.p2pmem_virt_to_bus(a.start)
+                .map(peerdma_core::BusAddr::raw),
+            Some(0x3800_0000_0000)
+        );
+        assert_eq!(
+            p2.p2pmem_alloc(NVME, 2 << 20),
+            Err(peerdma_core::Errno::ENOMEM)
+        );
+        let (p3, s3) = (p2.clone(), s2.clone());
+        s2.spawn("driver", async move {
+            s3.sleep(peerdma_core::SimDuration::from_nanos(5_000)).await;
+            p3.p2pmem_free(a);
+        });
+        p2.remove_device(NVME).await.unwrap();
+        d2.set(Some(s2.now()));
+        assert_eq!(
+            p2.p2pmem_alloc(NVME, 4096),
+            Err(peerdma_core::Errno::ENODEV)
+        );
+        assert_eq!(p2.p2p_find_many(&[NIC0]).unwrap(), None);
+    });
+    assert_eq!(sim.run(), RunOutcome::Completed);
+    assert_eq!(
+        done_at.get(),
+        Some(SimTime(5_000)),
+        "removal waited for the free"
+    );
+    assert!(p.kernel.state().oracle.violations().is_empty());
 }
