@@ -29,6 +29,10 @@
 //!    CPU access raises SIGBUS;
 //! 3. any later peer access returns `ENODEV` and is an oracle violation ([`ViolationKind::RemovedBar`]): the
 //!    exporter must have revoked every importer (dma-buf `move_notify`, spec §6) before removing the BAR.
+//!
+//! CPU loads and stores through either kind of mapping cost the ordinary per-page `page_access` (there is no
+//! separate MMIO cost). Simplifications: `mremap` and `MADV_DONTNEED` are not refused on VM_PFNMAP VMAs as
+//! Linux refuses them; a removed P2P region's frames stay in the physical map (never reused).
 
 use std::collections::{BTreeMap, BTreeSet};
 

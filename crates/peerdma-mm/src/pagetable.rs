@@ -4,8 +4,9 @@
 //! zap and protection paths. Levels are indexed by 9 bits each of the virtual page number; a level-2 entry is
 //! either a leaf mapping 2 MiB or a pointer to a PTE table. Tables are allocated on demand and freed when empty.
 //!
-//! Entries hold [`Pte`] values: present mappings and the non-present kinds the kernel stores in a PTE
-//! (swap, migration, device-private, device-exclusive). The table itself only stores and finds entries;
+//! Entries hold [`Pte`] values: present mappings of frames, present raw-PFN mappings of MMIO without struct
+//! page (`remap_pfn_range`), and the non-present kinds the kernel stores in a PTE (swap, migration,
+//! device-private, device-exclusive). The table itself only stores and finds entries;
 //! reference counting of the frames is the caller's (the fault and zap paths in `mm`).
 
 use peerdma_core::{FrameId, PAGE_SHIFT, PageSize, Va};
@@ -78,7 +79,8 @@ impl Pte {
         }
     }
 
-    /// Returns whether the entry is a present mapping.
+    /// Returns whether the entry is a present mapping of a frame ([`Pte::Present`]; a raw [`Pte::Pfn`] entry,
+    /// which names no frame, is not counted).
     pub fn is_present(&self) -> bool {
         matches!(self, Pte::Present { .. })
     }
