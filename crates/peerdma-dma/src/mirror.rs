@@ -19,6 +19,10 @@
 //! 3. Zap the device entries of the range, then DMA-unmap them (in that order: the device must stop using
 //!    the addresses before the IOMMU mapping goes).
 //!
+//! A range in a PFNMAP VMA (a BAR without struct page) is mirrored through the BAR's owner instead of
+//! `hmm_range_fault`, which refuses it: each page is a dynamic attachment to the owner's export
+//! ([`crate::dmabuf`]), dropped by the same invalidations and revoked with the export.
+//!
 //! There is no pin anywhere: pages are free to migrate, swap or COW once an invalidation returns.
 //! *Coarse:* one IOVA mapping per page (no MR-wide IOVA reservation); dirty tracking of written pages is
 //! not modelled.
@@ -31,23 +35,34 @@ use std::pin::Pin;
 use std::rc::Rc;
 
 use peerdma_core::{Errno, FrameId, PAGE_SIZE, Pid, Range, SimDuration, Va};
+use peerdma_mm::MmioId;
 use peerdma_mm::hmm::{
     HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_PFN_WRITE, HmmRange, hmm_pfn_to_frame,
 };
 use peerdma_mm::notifier::{IntervalNotifierOps, NotifierId, NotifierRange};
+use peerdma_mm::vma::VmFlags;
 use peerdma_sim::SimMutex;
 
+use crate::dmabuf::{AttachId, ImporterKind};
 use crate::map::{DmaSegment, MapTarget, MappedSg};
 use crate::platform::{DmaDevice, Platform};
 
 /// The HMM fault retry timeout (`HMM_RANGE_DEFAULT_TIMEOUT`, 1 s).
 const RANGE_TIMEOUT: SimDuration = SimDuration::from_nanos(1_000_000_000);
 
+/// What a device entry points at.
+#[derive(Debug)]
+enum Target {
+    /// A page with struct page, DMA-mapped for the device.
+    Page { frame: FrameId, sg: MappedSg },
+    /// A page of a BAR without struct page, reached through a dynamic attachment to its export.
+    Bar { mmio: MmioId, att: AttachId },
+}
+
 #[derive(Debug)]
 struct Entry {
-    frame: FrameId,
     write: bool,
-    sg: MappedSg,
+    target: Target,
 }
 
 struct Shared {
@@ -70,10 +85,19 @@ impl Shared {
             keys.iter().filter_map(|k| e.remove(k)).collect()
         };
         let n = gone.len() as u64;
-        for mut en in gone {
-            let _ = self.platform.unmap_sg(self.dev.id, &mut en.sg);
+        for en in gone {
+            self.release(en.target);
         }
         n
+    }
+
+    fn release(&self, t: Target) {
+        match t {
+            Target::Page { mut sg, .. } => {
+                let _ = self.platform.unmap_sg(self.dev.id, &mut sg);
+            }
+            Target::Bar { mmio, att } => self.platform.dmabuf_detach(mmio, att),
+        }
     }
 }
 
@@ -173,7 +197,16 @@ impl DmaMirror {
     pub fn segments(&self) -> Vec<DmaSegment> {
         let mut all = MappedSg::default();
         for e in self.sh.entries.borrow().values() {
-            all.pages.extend(e.sg.pages.iter().copied());
+            match &e.target {
+                Target::Page { sg, .. } => all.pages.extend(sg.pages.iter().copied()),
+                Target::Bar { mmio, att } => {
+                    if self.sh.platform.dmabuf_is_mapped(*mmio, *att)
+                        && let Ok(p) = self.sh.platform.dmabuf_mapping(*mmio, *att)
+                    {
+                        all.pages.extend(p);
+                    }
+                }
+            }
         }
         all.segments()
     }
@@ -190,6 +223,14 @@ impl DmaMirror {
         let sh = &self.sh;
         let k = &sh.platform.kernel;
         k.sim.count("mirror.faults", 1);
+        let pfnmap = k
+            .state()
+            .mm(sh.pid)
+            .vma(r.start)
+            .is_some_and(|v| v.flags.intersects(VmFlags::PFNMAP | VmFlags::IO));
+        if pfnmap {
+            return self.bar_fault(r, write).await;
+        }
         let flags = HMM_PFN_REQ_FAULT | if write { HMM_PFN_REQ_WRITE } else { 0 };
         let mut range = HmmRange::new(sh.pid, self.notifier, 0, r, flags);
         let deadline = k.sim.now() + RANGE_TIMEOUT;
@@ -240,12 +281,65 @@ impl DmaMirror {
             };
             let sg = sh.platform.map_targets(&sh.dev, &[target], write)?;
             let vpn = range.start.page_number() + i as u64;
-            let old = sh
-                .entries
-                .borrow_mut()
-                .insert(vpn, Entry { frame, write, sg });
-            if let Some(mut o) = old {
-                let _ = sh.platform.unmap_sg(sh.dev.id, &mut o.sg);
+            let old = sh.entries.borrow_mut().insert(
+                vpn,
+                Entry {
+                    write,
+                    target: Target::Page { frame, sg },
+                },
+            );
+            if let Some(o) = old {
+                sh.release(o.target);
+            }
+        }
+        Ok(())
+    }
+
+    /// The fault of a range in a PFNMAP VMA: `hmm_range_fault` refuses it, so the mirror goes through the
+    /// BAR's owner instead (DESIGN.md §4.6, "mirror through the provider"): under `mmap_lock` the owner
+    /// translates each page (`follow_pfnmap`); under the mirror lock each page is attached to the export as
+    /// a dynamic importer. A revocation zaps the PFNMAP entries inside an invalidation, which removes these
+    /// entries; a later fault then finds no translation (`EFAULT`). A `move_notify` only drops the
+    /// attachment's mapping, rebuilt at the next access. `EAGAIN` when an invalidation raced the fault.
+    async fn bar_fault(&self, r: Range<Va>, write: bool) -> Result<(), Errno> {
+        let sh = &self.sh;
+        let k = &sh.platform.kernel;
+        let seq = k.interval_read_begin(sh.pid, self.notifier).await;
+        let pages = {
+            let lock = k.mmap_lock(sh.pid);
+            let _m = lock.read().await;
+            let mut out = Vec::new();
+            for va in r.pages() {
+                let vma = k.state().mm(sh.pid).vma(va).cloned().ok_or(Errno::EFAULT)?;
+                if write && !vma.flags.contains(VmFlags::WRITE) {
+                    return Err(Errno::EPERM);
+                }
+                out.push(k.follow_pfnmap(sh.pid, va).ok_or(Errno::EFAULT)?);
+            }
+            out
+        };
+        let _g = sh.lock.lock().await;
+        if k.interval_read_retry(sh.pid, self.notifier, seq) {
+            k.sim.count("mirror.retries", 1);
+            return Err(Errno::EAGAIN);
+        }
+        for (va, (mmio, pa)) in r.pages().zip(pages) {
+            let att = sh.platform.dmabuf_attach(
+                mmio,
+                sh.dev.id,
+                ImporterKind::Dynamic,
+                vec![pa],
+                write,
+            )?;
+            let old = sh.entries.borrow_mut().insert(
+                va.page_number(),
+                Entry {
+                    write,
+                    target: Target::Bar { mmio, att },
+                },
+            );
+            if let Some(o) = old {
+                sh.release(o.target);
             }
         }
         Ok(())
@@ -278,19 +372,33 @@ impl DmaMirror {
                 .borrow()
                 .get(&page.page_number())
                 .filter(|e| e.write || !write)
-                .map(|e| (e.frame, e.sg.pages[0]));
+                .map(|e| match &e.target {
+                    Target::Page { frame, sg } => (Some(*frame), Ok(sg.pages[0])),
+                    Target::Bar { mmio, att } => {
+                        (None, platform.dmabuf_mapping(*mmio, *att).map(|p| p[0]))
+                    }
+                });
             let Some((frame, mapped)) = hit else {
                 let one = Range::from_len(page, PAGE_SIZE).ok_or(Errno::EFAULT)?;
-                self.fault(one, write).await?;
+                match self.fault(one, write).await {
+                    // Raced with an invalidation: fault again, as the hardware would.
+                    Err(Errno::EAGAIN) => {}
+                    other => other?,
+                }
                 continue;
             };
+            let mapped = mapped?;
             let res = platform
                 .resolve(&sh.dev, mapped.addr, write)
                 .ok_or(Errno::EFAULT)?;
             let kernel = &platform.kernel;
-            match &mut acc {
-                Access::Write(data) => kernel.device_write(sh.dev.id, sh.pid, page, frame, data),
-                Access::Read(buf) => kernel.device_read(sh.dev.id, sh.pid, page, frame, buf),
+            match (frame, &mut acc) {
+                (Some(f), Access::Write(data)) => {
+                    kernel.device_write(sh.dev.id, sh.pid, page, f, data)
+                }
+                (Some(f), Access::Read(buf)) => kernel.device_read(sh.dev.id, sh.pid, page, f, buf),
+                (None, Access::Write(data)) => kernel.mmio_write(sh.dev.id, res.pa, data)?,
+                (None, Access::Read(buf)) => kernel.mmio_read(sh.dev.id, res.pa, buf)?,
             }
             platform
                 .transfer(&sh.dev, res.pa, PAGE_SIZE, write, res.cost)

@@ -12,7 +12,7 @@
 //! | device-coherent | pin + map | GUP migrates to RAM, then pins | mirror |
 //! | device-private (other owner) | GUP's fault migrates it to RAM, then pin | same | fault migrates it back |
 //! | P2P memory (struct page) | needs [`DmaSgFlags::P2P`] (else `EREMOTEIO`, GUP's rule); map type decides | `EINVAL` (never long-term) | mirror with P2P map types |
-//! | BAR without struct page | dma-buf attach through its exporter; map type decides | only if the export is revocable, else `EOPNOTSUPP` | `EFAULT` at fault (hmm refuses PFNMAP) |
+//! | BAR without struct page | dma-buf attach through its exporter; map type decides | only if the export is revocable, else `EOPNOTSUPP` | through the owner: each faulted page a dynamic attachment; revocation invalidates (then `EFAULT`) |
 //! | FsDax | pin + map | `EOPNOTSUPP` (GUP) | mirror |
 //! | hole, PROT_NONE, write to read-only | `EFAULT` (GUP) | same | registration succeeds; the device's fault gets `EFAULT`/`EPERM` |
 //!
