@@ -1024,6 +1024,10 @@ impl Kernel {
         if !vma.range.contains_range(&old_r) {
             return Err(Errno::EFAULT);
         }
+        // vma_to_resize (mm/mremap.c): a remap_pfn_range mapping (VM_PFNMAP, and VM_DONTEXPAND) cannot grow.
+        if new_len > old_len && vma.flags.contains(VmFlags::PFNMAP) {
+            return Err(Errno::EFAULT);
+        }
         if !flags.fixed && new_len <= old_len {
             if new_len < old_len {
                 let tail = Range::new(old.add(new_len), old_r.end);
@@ -1175,6 +1179,16 @@ impl Kernel {
                 let _g = lock.read().await;
                 if !self.state().mm(pid).fully_mapped(r) {
                     return Err(Errno::ENOMEM);
+                }
+                // madvise_dontneed_free_valid_vma (mm/madvise.c): raw PFN mappings cannot be zapped this way.
+                if self
+                    .state()
+                    .mm(pid)
+                    .vmas_in(r)
+                    .iter()
+                    .any(|v| v.flags.contains(VmFlags::PFNMAP))
+                {
+                    return Err(Errno::EINVAL);
                 }
                 self.zap_notify(pid, r, NotifierEvent::Clear).await;
             }

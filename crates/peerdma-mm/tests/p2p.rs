@@ -575,3 +575,37 @@ fn revoking_mmio_zaps_pfn_entries_and_a_later_peer_access_is_a_violation() {
         "the oracle stops the run"
     );
 }
+
+/// mm/madvise.c `madvise_dontneed_free_valid_vma` and mm/mremap.c `vma_to_resize`: a `remap_pfn_range`
+/// mapping can be neither zapped by MADV_DONTNEED (EINVAL) nor grown by mremap (EFAULT); its entries stay.
+#[test]
+fn pfnmap_mmio_refuses_dontneed_and_growing_mremap() {
+    let (dontneed, grow, still_mapped) = run(|k| async move {
+        let pid = k.create_process();
+        let bar = mmio_bar(&k, 4);
+        let va = k
+            .mmap_pfnmap_mmio(pid, bar, 0, pages(2), Prot::RW)
+            .await
+            .unwrap();
+        let dontneed = k
+            .madvise(pid, va, pages(2), peerdma_mm::Advice::DontNeed)
+            .await;
+        let grow = k
+            .mremap(
+                pid,
+                va,
+                pages(2),
+                pages(4),
+                peerdma_mm::MremapFlags {
+                    maymove: true,
+                    ..peerdma_mm::MremapFlags::default()
+                },
+            )
+            .await;
+        let still = k.follow_pfnmap(pid, va).is_some();
+        (dontneed, grow, still)
+    });
+    assert_eq!(dontneed, Err(Errno::EINVAL));
+    assert_eq!(grow, Err(Errno::EFAULT));
+    assert!(still_mapped);
+}
