@@ -256,13 +256,8 @@ impl Platform {
         shared: bool,
         pgoff: u64,
     ) -> Result<Va, Errno> {
-        let d = self.device(provider)?;
-        let regions: Vec<usize> = self
-            .p2p_regions
-            .borrow()
-            .get(&d.node)
-            .map(|v| v.iter().map(|&(_, r)| r).collect())
-            .unwrap_or_default();
+        self.device(provider)?;
+        let regions = self.p2p_regions(provider);
         if regions.is_empty() {
             return Err(Errno::ENODEV);
         }
@@ -337,13 +332,7 @@ impl Platform {
         let d = self.device(dev)?;
         self.kernel.sim.trace("p2pdma.remove", || d.name.clone());
         self.revoke_exports(dev).await;
-        let regions: Vec<usize> = self
-            .p2p_regions
-            .borrow()
-            .get(&d.node)
-            .map(|v| v.iter().map(|&(_, r)| r).collect())
-            .unwrap_or_default();
-        for r in regions {
+        for r in self.p2p_regions(dev) {
             self.kernel.remove_p2p_memory(r).await;
         }
         self.providers.borrow_mut().remove(d.node);

@@ -126,6 +126,10 @@ pub async fn get_user_dma_sg(
         let end = vma.range.end.min(range.end);
         let piece = Range::new(va, end);
         let p = if vma.flags.intersects(VmFlags::PFNMAP | VmFlags::IO) {
+            // The GUP rule for a write to a read-only VMA holds for the owner's translation too.
+            if flags.contains(DmaSgFlags::WRITE) && !vma.flags.contains(VmFlags::WRITE) {
+                return Err(Errno::EFAULT);
+            }
             bar_piece(platform, &dev, pid, piece, flags)?
         } else {
             pinned_piece(platform, &dev, pid, piece, flags).await?
