@@ -394,7 +394,7 @@ impl DmaMirror {
             let kernel = &platform.kernel;
             match (frame, &mut acc) {
                 (Some(f), Access::Write(data)) => {
-                    kernel.device_write(sh.dev.id, sh.pid, page, f, data)
+                    kernel.device_write(sh.dev.id, sh.pid, page, f, data);
                 }
                 (Some(f), Access::Read(buf)) => kernel.device_read(sh.dev.id, sh.pid, page, f, buf),
                 (None, Access::Write(data)) => kernel.mmio_write(sh.dev.id, res.pa, data)?,
