@@ -366,6 +366,16 @@ impl<'t, 'i> Table<'t, 'i> {
     }
 }
 
+/// The range of a `dma_sg.read` or `dma_sg.write` step, to check against its handle's length.
+struct HandleRange {
+    handle: String,
+    offset: u64,
+    len: Option<u64>,
+    offset_span: Option<Range<usize>>,
+    len_span: Option<Range<usize>>,
+    handle_span: Range<usize>,
+}
+
 /// What kind of name a use refers to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RefKind {
@@ -422,6 +432,10 @@ struct Parser<'s> {
     pci_nodes: BTreeMap<String, String>,
     exports: BTreeMap<String, Range<usize>>,
     handles: BTreeSet<String>,
+    /// The longest `len` of the `dma.map` steps that name each handle.
+    handle_lens: BTreeMap<String, u64>,
+    /// `dma_sg.read`/`dma_sg.write` ranges, checked against their handle's length once the file is read.
+    handle_ranges: Vec<HandleRange>,
     refs: Vec<NameRef>,
 }
 
@@ -444,6 +458,8 @@ impl<'s> Parser<'s> {
             pci_nodes: BTreeMap::new(),
             exports: BTreeMap::new(),
             handles: BTreeSet::new(),
+            handle_lens: BTreeMap::new(),
+            handle_ranges: Vec::new(),
             refs: Vec::new(),
         }
     }
@@ -1843,6 +1859,8 @@ impl<'s> Parser<'s> {
                 }
                 let name = self.name(self.required(t, "name")?, "name")?;
                 self.handles.insert(name.clone());
+                let longest = self.handle_lens.entry(name.clone()).or_insert(0);
+                *longest = (*longest).max(len);
                 Op::DmaMap {
                     dev,
                     at,
@@ -1881,6 +1899,14 @@ impl<'s> Parser<'s> {
                         ),
                     ));
                 }
+                self.handle_ranges.push(HandleRange {
+                    handle: handle.clone(),
+                    offset,
+                    len,
+                    offset_span: offset_v.map(Value::span),
+                    len_span: len_v.map(Value::span),
+                    handle_span: t.get("handle").map(Value::span).unwrap_or_default(),
+                });
                 if kind == OpKind::DmaSgWrite {
                     let pattern = self.pattern(self.required(t, "pattern")?, "pattern")?;
                     Op::DmaSgWrite {
@@ -2389,6 +2415,29 @@ impl<'s> Parser<'s> {
         refs.sort_by_key(|r| r.span.start);
         for r in &refs {
             self.resolve_one(r)?;
+        }
+        for r in &self.handle_ranges {
+            let Some(&total) = self.handle_lens.get(&r.handle) else {
+                continue;
+            };
+            let bytes = r.len.unwrap_or(total.saturating_sub(r.offset));
+            if r.offset.checked_add(bytes).is_some_and(|end| end <= total) && bytes > 0 {
+                continue;
+            }
+            let span = if r.offset >= total || r.len_span.is_none() {
+                r.offset_span.as_ref().or(r.len_span.as_ref())
+            } else {
+                r.len_span.as_ref()
+            }
+            .unwrap_or(&r.handle_span);
+            return Err(self.err(
+                span,
+                format!(
+                    "offset {:#x} + {bytes:#x} bytes passes the end of handle `{}` ({total:#x} bytes, the longest \
+                     `dma.map` named `{}`); expected a range inside it",
+                    r.offset, r.handle, r.handle
+                ),
+            ));
         }
         Ok(())
     }

@@ -876,6 +876,20 @@ kind"#,
             "len = ^0",
             "non-zero length",
         ),
+        row_at(
+            "dma_sg.read offset at the end of the handle",
+            pci(&[r#"{ op = "dma_sg.read", handle = "h", offset = "64KiB" }"#]),
+            r#"offset = ^"64KiB" }"#,
+            "offset 0x10000 + 0x0 bytes passes the end of handle `h` (0x10000 bytes",
+        ),
+        row_at(
+            "dma_sg.write len past the end of the handle",
+            pci(&[
+                r#"{ op = "dma_sg.write", handle = "h", offset = "60KiB", len = "8KiB", pattern = "zero" }"#,
+            ]),
+            r#"len = ^"8KiB", pattern"#,
+            "offset 0xf000 + 0x2000 bytes passes the end of handle `h` (0x10000 bytes",
+        ),
         // ranges
         row_at(
             "dma.map starting beyond its mapping",
