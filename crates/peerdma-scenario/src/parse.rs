@@ -2497,6 +2497,26 @@ impl<'s> Parser<'s> {
                 self.files.keys().map(String::as_str).collect(),
                 "declare it with `[[file]]`",
             ),
+            RefKind::Device if self.pci_devices.contains(name) => {
+                let dmirrors: Vec<&str> = self
+                    .devices
+                    .keys()
+                    .filter(|d| !self.pci_devices.contains(*d))
+                    .map(String::as_str)
+                    .collect();
+                let known = if dmirrors.is_empty() {
+                    "none is declared".to_owned()
+                } else {
+                    format!("expected one of: {}", list(dmirrors))
+                };
+                Err(self.err(
+                    &r.span,
+                    format!(
+                        "device `{name}` is a `kind = \"pci\"` device, which has no device file; `open` needs a \
+                         `dmirror` ({known})"
+                    ),
+                ))
+            }
             RefKind::Device if self.devices.contains_key(name) => Ok(()),
             RefKind::Device => unknown(
                 "device",

@@ -605,6 +605,13 @@ fn pci_rows() -> Vec<Row> {
             "unknown dma handle `k`",
         ),
         row_at(
+            "open of a pci device",
+            pci(&[r#"{ op = "open", dev = "nic0", fd = "f" }"#]),
+            r#"{ op = "open", dev = ^"nic0""#,
+            "device `nic0` is a `kind = \"pci\"` device, which has no device file; `open` needs a `dmirror` \
+             (expected one of: mirror0)",
+        ),
+        row_at(
             "a handle used with no dma.map at all",
             steps(&[r#"{ op = "dma_sg.release", handle = "h" }"#]),
             r#"handle = ^"h""#,

@@ -487,5 +487,5 @@ fn pci_devices_and_p2p_ops_parse_with_their_defaults() {
     assert_eq!(*ops[14], Op::DeviceRemove { dev: "gpu0".into() });
     assert_eq!(steps[15].expect.signal, Some(Signal::Bus));
     assert_eq!(steps.len(), 16);
-    assert_eq!(steps[6].loc, Loc { line: 83, col: 3 });
+    assert_eq!(steps[6].loc, Loc { line: 84, col: 3 });
 }

@@ -277,6 +277,12 @@ const MALFORMED: &[(&str, &str, &str, &str)] = &[
         "unknown segment kind `disk` in `disk:4KiB`",
     ),
     (
+        "open of a pci device (was a panic in run)",
+        PCI_OPEN,
+        ":21:24",
+        "device `nic0` is a `kind = \"pci\"` device, which has no device file",
+    ),
+    (
         "dma_sg.read of an unknown handle",
         PCI_UNKNOWN_HANDLE,
         ":22:34",
@@ -307,6 +313,29 @@ name = "t"
 steps = [
   { op = "mmap", name = "buf", len = "4KiB", prot = "rw", flags = ["private", "anonymous"] },
   { op = "dma.map", dev = "nic0", at = "buf", len = "4KiB", name = "h", expect = { segments = ["disk:4KiB"] } },
+]
+"#;
+const PCI_OPEN: &str = r#"[topology]
+[[topology.socket]]
+name = "s0"
+[[topology.host_bridge]]
+name = "hb0"
+socket = "s0"
+[[topology.root_port]]
+name = "rp0"
+parent = "hb0"
+bdf = "00:01.0"
+[[topology.endpoint]]
+name = "nic0"
+parent = "rp0"
+bdf = "01:00.0"
+[[device]]
+name = "nic0"
+kind = "pci"
+[[thread]]
+name = "t"
+steps = [
+  { op = "open", dev = "nic0", fd = "f" },
 ]
 "#;
 const PCI_UNKNOWN_HANDLE: &str = r#"[topology]
