@@ -366,6 +366,16 @@ impl<'t, 'i> Table<'t, 'i> {
     }
 }
 
+/// The range of a `dma_sg.read` or `dma_sg.write` step, to check against its handle's length.
+struct HandleRange {
+    handle: String,
+    offset: u64,
+    len: Option<u64>,
+    offset_span: Option<Range<usize>>,
+    len_span: Option<Range<usize>>,
+    handle_span: Range<usize>,
+}
+
 /// What kind of name a use refers to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RefKind {
@@ -418,8 +428,14 @@ struct Parser<'s> {
     /// The built `[topology]`, to check `pci` devices against.
     topo: Option<peerdma_pci::Topology>,
     pci_devices: BTreeSet<String>,
+    /// The topology node of each `pci` device: node name -> device name.
+    pci_nodes: BTreeMap<String, String>,
     exports: BTreeMap<String, Range<usize>>,
     handles: BTreeSet<String>,
+    /// The longest `len` of the `dma.map` steps that name each handle.
+    handle_lens: BTreeMap<String, u64>,
+    /// `dma_sg.read`/`dma_sg.write` ranges, checked against their handle's length once the file is read.
+    handle_ranges: Vec<HandleRange>,
     refs: Vec<NameRef>,
 }
 
@@ -439,8 +455,11 @@ impl<'s> Parser<'s> {
             pins: BTreeSet::new(),
             topo: None,
             pci_devices: BTreeSet::new(),
+            pci_nodes: BTreeMap::new(),
             exports: BTreeMap::new(),
             handles: BTreeSet::new(),
+            handle_lens: BTreeMap::new(),
+            handle_ranges: Vec::new(),
             refs: Vec::new(),
         }
     }
@@ -1220,6 +1239,16 @@ impl<'s> Parser<'s> {
                 ),
             ));
         }
+        if let Some(owner) = self.pci_nodes.get(&node_name) {
+            return Err(self.err(
+                &node_span,
+                format!(
+                    "node `{node_name}` already belongs to device `{owner}`; expected one `pci` device per PCI \
+                     function"
+                ),
+            ));
+        }
+        self.pci_nodes.insert(node_name.clone(), decl.name.clone());
         decl.node = Some(node_name.clone());
         self.pci_devices.insert(decl.name.clone());
         if let Some(v) = t.get("iommu") {
@@ -1233,26 +1262,71 @@ impl<'s> Parser<'s> {
                 ],
             )?;
         }
-        let bar_of = |this: &Self, e: &Table<'_, '_>| -> Result<u8> {
+        // Returns the entry's BAR index and the BAR's size.
+        let bar_of = |this: &Self, e: &Table<'_, '_>| -> Result<(u8, u64)> {
             let v = this.required(e, "bar")?;
             let bar = this.uint_as(v, "bar", "a BAR index 0-5")?;
-            let bar = u8::try_from(bar).unwrap_or(u8::MAX);
-            if topo.node(node).bar(bar).is_none() {
+            let Ok(bar @ 0..=5) = u8::try_from(bar) else {
+                return Err(this.err(
+                    &v.span(),
+                    format!("expected a BAR index 0-5 for `bar`, found {bar}"),
+                ));
+            };
+            let Some(b) = topo.node(node).bar(bar) else {
                 let have: Vec<String> = topo
                     .node(node)
                     .bars()
                     .iter()
                     .map(|b| b.index.to_string())
                     .collect();
+                let known = if have.is_empty() {
+                    "it has no BARs (declare them in its `[[topology.endpoint]]` `bars`)".to_owned()
+                } else {
+                    format!("expected one of: {}", list(have.iter().map(String::as_str)))
+                };
                 return Err(this.err(
                     &v.span(),
-                    format!(
-                        "node `{node_name}` has no BAR {bar}; expected one of: {}",
-                        list(have.iter().map(String::as_str))
-                    ),
+                    format!("node `{node_name}` has no BAR {bar}; {known}"),
                 ));
+            };
+            Ok((bar, b.size))
+        };
+        // Checks that `[offset, offset + len)` (len 0: to the end) lies inside the BAR, as
+        // `pci_p2pdma_add_resource` and the exporter do; the error points at `offset` when it is past the end
+        // of the BAR, else at the length.
+        let fits = |this: &Self,
+                    what: &str,
+                    bar: u8,
+                    bar_size: u64,
+                    (offset, offset_v): (u64, Option<&Value<'_>>),
+                    (len, len_v): (u64, Option<&Value<'_>>)|
+         -> Result<()> {
+            let end = if len == 0 {
+                Some(bar_size)
+            } else {
+                offset.checked_add(len)
+            };
+            if offset < bar_size && end.is_some_and(|e| e <= bar_size) {
+                return Ok(());
             }
-            Ok(bar)
+            let span = if offset >= bar_size || len_v.is_none() {
+                offset_v.or(len_v).map(Value::span)
+            } else {
+                len_v.map(Value::span)
+            }
+            .unwrap_or_else(|| name_span.clone());
+            let len_text = if len == 0 {
+                "to the end".to_owned()
+            } else {
+                format!("of {len:#x} bytes")
+            };
+            Err(this.err(
+                &span,
+                format!(
+                    "{what} range at offset {offset:#x} {len_text} does not fit BAR {bar} of node `{node_name}` \
+                     ({bar_size:#x} bytes)"
+                ),
+            ))
         };
         if let Some(v) = t.get("p2p") {
             for item in self.inline_tables(
@@ -1260,8 +1334,10 @@ impl<'s> Parser<'s> {
                 "p2p",
                 "a P2P resource like `{ bar = 2, size = \"1MiB\" }`",
             )? {
+                let mut item = item;
+                "a `p2p` entry".clone_into(&mut item.what);
                 self.allow(&item, &["bar", "size", "offset", "publish"])?;
-                let bar = bar_of(self, &item)?;
+                let (bar, bar_size) = bar_of(self, &item)?;
                 let size = item
                     .get("size")
                     .map(|v| self.size(v, "size"))
@@ -1272,6 +1348,14 @@ impl<'s> Parser<'s> {
                     .map(|v| self.size(v, "offset"))
                     .transpose()?
                     .unwrap_or(0);
+                fits(
+                    self,
+                    "p2p",
+                    bar,
+                    bar_size,
+                    (offset, item.get("offset")),
+                    (size, item.get("size")),
+                )?;
                 let publish = item
                     .get("publish")
                     .map(|v| self.boolean(v, "publish"))
@@ -1291,12 +1375,14 @@ impl<'s> Parser<'s> {
                 "export",
                 "a BAR export like `{ name = \"vram\", bar = 2 }`",
             )? {
+                let mut item = item;
+                "an `export` entry".clone_into(&mut item.what);
                 self.allow(&item, &["name", "bar", "offset", "len", "revocable"])?;
                 let name_v = self.required(&item, "name")?;
                 let name = self.name(name_v, "name")?;
                 self.check_unique(&self.exports, &name, &name_v.span(), "export")?;
                 self.exports.insert(name.clone(), name_v.span());
-                let bar = bar_of(self, &item)?;
+                let (bar, bar_size) = bar_of(self, &item)?;
                 let offset = item
                     .get("offset")
                     .map(|v| self.size(v, "offset"))
@@ -1307,6 +1393,26 @@ impl<'s> Parser<'s> {
                     .map(|v| self.len(v, "len"))
                     .transpose()?
                     .unwrap_or(0);
+                for (key, n) in [("offset", offset), ("len", len)] {
+                    if let Some(v) = item.get(key)
+                        && n % PAGE_SIZE != 0
+                    {
+                        return Err(self.err(
+                            &v.span(),
+                            format!(
+                                "expected a page-aligned `{key}` for a BAR export, found {n:#x}"
+                            ),
+                        ));
+                    }
+                }
+                fits(
+                    self,
+                    "export",
+                    bar,
+                    bar_size,
+                    (offset, item.get("offset")),
+                    (len, item.get("len")),
+                )?;
                 let revocable = item
                     .get("revocable")
                     .map(|v| self.boolean(v, "revocable"))
@@ -1655,14 +1761,20 @@ impl<'s> Parser<'s> {
                                 ),
                             ));
                         };
-                        let mut shared = true;
+                        let mut chosen = Vec::with_capacity(items.len());
                         for item in items {
-                            shared = self.keyword(
+                            chosen.push(self.keyword(
                                 item,
                                 "flags",
                                 &[("shared", true), ("private", false)],
-                            )?;
+                            )?);
                         }
+                        let [shared] = chosen[..] else {
+                            return Err(self.err(
+                                &v.span(),
+                                "expected exactly one of `shared` or `private` in `flags`",
+                            ));
+                        };
                         shared
                     }
                     None => true,
@@ -1747,6 +1859,8 @@ impl<'s> Parser<'s> {
                 }
                 let name = self.name(self.required(t, "name")?, "name")?;
                 self.handles.insert(name.clone());
+                let longest = self.handle_lens.entry(name.clone()).or_insert(0);
+                *longest = (*longest).max(len);
                 Op::DmaMap {
                     dev,
                     at,
@@ -1785,6 +1899,14 @@ impl<'s> Parser<'s> {
                         ),
                     ));
                 }
+                self.handle_ranges.push(HandleRange {
+                    handle: handle.clone(),
+                    offset,
+                    len,
+                    offset_span: offset_v.map(Value::span),
+                    len_span: len_v.map(Value::span),
+                    handle_span: t.get("handle").map(Value::span).unwrap_or_default(),
+                });
                 if kind == OpKind::DmaSgWrite {
                     let pattern = self.pattern(self.required(t, "pattern")?, "pattern")?;
                     Op::DmaSgWrite {
@@ -2171,6 +2293,7 @@ impl<'s> Parser<'s> {
 
     /// `expect.segments`: `["bus:64KiB", "ram:8KiB"]`.
     fn segments(&self, v: &Value<'_>) -> Result<Vec<(String, u64)>> {
+        const KINDS: [&str; 3] = ["ram", "bus", "host-bridge"];
         let hint = "expected a list of `kind:len` strings like `[\"bus:64KiB\", \"ram:4KiB\"]` (kinds: `ram`, \
                     `bus`, `host-bridge`)";
         let DeValue::Array(items) = v.get_ref() else {
@@ -2182,17 +2305,35 @@ impl<'s> Parser<'s> {
         let mut out = Vec::new();
         for item in items {
             let text = self.string(item, "segments")?;
-            let parsed = text.split_once(':').and_then(|(k, l)| {
-                let k = k.trim();
-                let len = units::parse_size(l.trim()).ok()?;
-                ["ram", "bus", "host-bridge"]
-                    .contains(&k)
-                    .then(|| (k.to_owned(), len))
-            });
-            match parsed {
-                Some(seg) => out.push(seg),
-                None => return Err(self.err(&item.span(), format!("{hint}, found `{text}`"))),
+            let Some((kind, len)) = text.split_once(':') else {
+                return Err(self.err(
+                    &item.span(),
+                    format!(
+                        "expected a segment `kind:len` like `bus:64KiB` in `segments`, found `{text}` (kinds: \
+                         `ram`, `bus`, `host-bridge`)"
+                    ),
+                ));
+            };
+            let kind = kind.trim();
+            if !KINDS.contains(&kind) {
+                return Err(self.err(
+                    &item.span(),
+                    format!(
+                        "unknown segment kind `{kind}` in `{text}`; expected one of: {}",
+                        list(KINDS)
+                    ),
+                ));
             }
+            let len = units::parse_size(len.trim()).map_err(|e| {
+                self.err(&item.span(), format!("bad length in segment `{text}`: {e}"))
+            })?;
+            if len == 0 {
+                return Err(self.err(
+                    &item.span(),
+                    format!("expected a non-zero length in segment `{text}`"),
+                ));
+            }
+            out.push((kind.to_owned(), len));
         }
         Ok(out)
     }
@@ -2275,6 +2416,29 @@ impl<'s> Parser<'s> {
         for r in &refs {
             self.resolve_one(r)?;
         }
+        for r in &self.handle_ranges {
+            let Some(&total) = self.handle_lens.get(&r.handle) else {
+                continue;
+            };
+            let bytes = r.len.unwrap_or(total.saturating_sub(r.offset));
+            if r.offset.checked_add(bytes).is_some_and(|end| end <= total) && bytes > 0 {
+                continue;
+            }
+            let span = if r.offset >= total || r.len_span.is_none() {
+                r.offset_span.as_ref().or(r.len_span.as_ref())
+            } else {
+                r.len_span.as_ref()
+            }
+            .unwrap_or(&r.handle_span);
+            return Err(self.err(
+                span,
+                format!(
+                    "offset {:#x} + {bytes:#x} bytes passes the end of handle `{}` ({total:#x} bytes, the longest \
+                     `dma.map` named `{}`); expected a range inside it",
+                    r.offset, r.handle, r.handle
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -2333,6 +2497,26 @@ impl<'s> Parser<'s> {
                 self.files.keys().map(String::as_str).collect(),
                 "declare it with `[[file]]`",
             ),
+            RefKind::Device if self.pci_devices.contains(name) => {
+                let dmirrors: Vec<&str> = self
+                    .devices
+                    .keys()
+                    .filter(|d| !self.pci_devices.contains(*d))
+                    .map(String::as_str)
+                    .collect();
+                let known = if dmirrors.is_empty() {
+                    "none is declared".to_owned()
+                } else {
+                    format!("expected one of: {}", list(dmirrors))
+                };
+                Err(self.err(
+                    &r.span,
+                    format!(
+                        "device `{name}` is a `kind = \"pci\"` device, which has no device file; `open` needs a \
+                         `dmirror` ({known})"
+                    ),
+                ))
+            }
             RefKind::Device if self.devices.contains_key(name) => Ok(()),
             RefKind::Device => unknown(
                 "device",
@@ -2346,6 +2530,23 @@ impl<'s> Parser<'s> {
                 "take one with `{ op = \"pin\", at = ..., pages = ..., flags = [...], name = ... }`",
             ),
             RefKind::PciDevice if self.pci_devices.contains(name) => Ok(()),
+            RefKind::PciDevice if self.devices.contains_key(name) => {
+                let known = if self.pci_devices.is_empty() {
+                    "none is declared; declare one with `[[device]]` and `kind = \"pci\"`"
+                        .to_owned()
+                } else {
+                    format!(
+                        "expected one of: {}",
+                        list(self.pci_devices.iter().map(String::as_str))
+                    )
+                };
+                Err(self.err(
+                    &r.span,
+                    format!(
+                        "device `{name}` is a `dmirror`, not a `kind = \"pci\"` device; {known}"
+                    ),
+                ))
+            }
             RefKind::PciDevice => unknown(
                 "pci device",
                 self.pci_devices.iter().map(String::as_str).collect(),

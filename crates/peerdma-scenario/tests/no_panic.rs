@@ -10,6 +10,8 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 
 const VALID: &str = include_str!("data/every_op.toml");
+/// Every `pci` device key and P2P / DMA op, so that edits reach the topology-dependent checks too.
+const VALID_P2P: &str = include_str!("data/every_p2p_op.toml");
 
 /// Characters that matter to TOML and to the scenario grammar, so that edits often reach deep validation.
 const INTERESTING: &[char] = &[
@@ -98,7 +100,80 @@ proptest! {
         }
         parse_is_total(&text);
     }
+
+    #[test]
+    fn edits_of_a_valid_p2p_scenario_never_panic(edits in proptest::collection::vec(edit_strategy(), 1..6)) {
+        let mut text = VALID_P2P.to_owned();
+        for edit in &edits {
+            text = apply(&text, edit);
+        }
+        parse_is_total(&text);
+    }
+
+    /// Swaps the value of one `key = "..."` in the P2P fixture for another word the grammar knows, so that
+    /// references, keywords and sizes meet each other's values.
+    #[test]
+    fn swapped_words_in_a_p2p_scenario_never_panic(
+        swaps in proptest::collection::vec((any::<Index>(), proptest::sample::select(WORDS)), 1..4),
+    ) {
+        let mut text = VALID_P2P.to_owned();
+        for (at, word) in &swaps {
+            let quotes: Vec<usize> = text.match_indices(" = \"").map(|(i, _)| i + 4).collect();
+            let start = quotes[at.index(quotes.len())];
+            let end = start + text[start..].find('"').unwrap_or(0);
+            text.replace_range(start..end, word);
+        }
+        parse_is_total(&text);
+    }
 }
+
+/// Values that are valid somewhere in a scenario: op names, device, export, handle and mapping names,
+/// keywords and sizes.
+const WORDS: &[&str] = &[
+    "p2pmem.mmap",
+    "bar.mmap",
+    "dma.map",
+    "dma_sg.write",
+    "dma_sg.read",
+    "dma_sg.release",
+    "device.remove",
+    "dmabuf.move_notify",
+    "mmap",
+    "load",
+    "ssd",
+    "gpu0",
+    "nic",
+    "nvme0",
+    "nic0",
+    "sw0.d0",
+    "rp0",
+    "vram",
+    "pinned_vram",
+    "h",
+    "lt",
+    "cmb",
+    "bar",
+    "ram",
+    "pci",
+    "dmirror",
+    "dma",
+    "dma-lazy",
+    "identity",
+    "short-term",
+    "long-term",
+    "mirror",
+    "shared",
+    "private",
+    "write",
+    "p2p",
+    "SIGBUS",
+    "bus:4KiB",
+    "0",
+    "4KiB",
+    "1MiB",
+    "0x3800_0000_0000",
+    "",
+];
 
 #[test]
 fn the_fixture_parses() {

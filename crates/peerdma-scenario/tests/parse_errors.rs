@@ -433,10 +433,532 @@ fn rows() -> Vec<Row> {
     ]
 }
 
+/// A PCIe tree for the `pci` device rows: `nvme0` (BAR 2, 256 MiB) and `nic0` (no BAR) under the two
+/// downstream ports of switch `sw0`.
+const TOPOLOGY: &str = r#"[topology]
+
+[[topology.socket]]
+name = "s0"
+
+[[topology.host_bridge]]
+name = "hb0"
+socket = "s0"
+
+[[topology.root_port]]
+name = "rp0"
+parent = "hb0"
+bdf = "00:01.0"
+
+[[topology.switch]]
+name = "sw0"
+parent = "rp0"
+bdf = "01:00.0"
+downstream = [
+  { name = "sw0.d0", bdf = "02:00.0" },
+  { name = "sw0.d1", bdf = "02:01.0" },
+]
+
+[[topology.endpoint]]
+name = "nvme0"
+parent = "sw0.d0"
+bdf = "03:00.0"
+bars = [ { index = 2, size = "256MiB", phys = "0x3800_0000_0000", prefetchable = true } ]
+
+[[topology.endpoint]]
+name = "nic0"
+parent = "sw0.d1"
+bdf = "04:00.0"
+
+"#;
+
+/// A P2P provider with a BAR export, a client behind an IOMMU and a dmirror, then a thread that maps `buf`
+/// (64 KiB), maps `cmb` from the provider's p2pmem and holds the `dma.map` handle `h`.
+const PCI_DEVICES: &str = r#"[[device]]
+name = "nvme0"
+kind = "pci"
+p2p = [ { bar = 2, size = "1MiB" } ]
+export = [ { name = "vram", bar = 2, offset = "1MiB", len = "1MiB" } ]
+
+[[device]]
+name = "nic0"
+kind = "pci"
+iommu = "dma"
+
+[[device]]
+name = "mirror0"
+kind = "dmirror"
+
+[[thread]]
+name = "t0"
+steps = [
+  { op = "mmap", name = "buf", len = "64KiB", prot = "rw", flags = ["private", "anonymous"] },
+  { op = "p2pmem.mmap", dev = "nvme0", name = "cmb", len = "64KiB" },
+  { op = "dma.map", dev = "nic0", at = "buf", len = "64KiB", name = "h" },
+"#;
+
+/// The `pci` scenario with `steps` appended to the thread.
+fn pci(steps: &[&str]) -> String {
+    let mut text = format!("{TOPOLOGY}{PCI_DEVICES}");
+    for step in steps {
+        text.push_str("  ");
+        text.push_str(step);
+        text.push_str(",\n");
+    }
+    text.push_str("]\n");
+    text
+}
+
+/// `text` with its one occurrence of `from` replaced by `to`.
+fn edit(text: &str, from: &str, to: &str) -> String {
+    assert_eq!(text.matches(from).count(), 1, "`{from}` must occur once");
+    text.replacen(from, to, 1)
+}
+
+/// The 1-based line and column of the `^` in `needle`, which (without the `^`) must occur exactly once in
+/// `text`: `dev = ^"nic9"` is the column of the opening quote of `"nic9"`.
+fn locate(text: &str, needle: &str) -> (usize, usize) {
+    let marker = needle.find('^').expect("needle has a ^");
+    let plain = needle.replacen('^', "", 1);
+    assert_eq!(
+        text.matches(&plain).count(),
+        1,
+        "`{plain}` must occur exactly once"
+    );
+    let at = text.find(&plain).expect("counted once") + marker;
+    let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    (
+        text[..at].matches('\n').count() + 1,
+        text[line_start..at].chars().count() + 1,
+    )
+}
+
+/// A row whose error is expected at the `^` of `needle`.
+fn row_at(name: &'static str, text: impl Into<String>, needle: &str, message: &'static str) -> Row {
+    let text = text.into();
+    let (line, col) = locate(&text, needle);
+    row(name, text, line, col, message)
+}
+
+/// Rows for the `pci` device keys and the P2P / DMA ops.
+fn pci_rows() -> Vec<Row> {
+    let base = pci(&[]);
+    vec![
+        // dangling or wrong-kind references
+        row_at(
+            "dma.map of an unknown device",
+            pci(&[r#"{ op = "dma.map", dev = "nic9", at = "buf", len = "4KiB", name = "h2" }"#]),
+            r#"dev = ^"nic9""#,
+            "unknown pci device `nic9`; expected one of: nic0, nvme0",
+        ),
+        row_at(
+            "dma.map by a dmirror",
+            pci(&[r#"{ op = "dma.map", dev = "mirror0", at = "buf", len = "4KiB", name = "h2" }"#]),
+            r#"dev = ^"mirror0""#,
+            "device `mirror0` is a `dmirror`, not a `kind = \"pci\"` device; expected one of: nic0, nvme0",
+        ),
+        row_at(
+            "p2pmem.mmap of an unknown device",
+            pci(&[r#"{ op = "p2pmem.mmap", dev = "ssd", name = "p", len = "4KiB" }"#]),
+            r#"dev = ^"ssd""#,
+            "unknown pci device `ssd`",
+        ),
+        row_at(
+            "p2pmem.mmap of a dmirror",
+            pci(&[r#"{ op = "p2pmem.mmap", dev = "mirror0", name = "p", len = "4KiB" }"#]),
+            r#"dev = ^"mirror0""#,
+            "device `mirror0` is a `dmirror`, not a `kind = \"pci\"` device",
+        ),
+        row_at(
+            "device.remove of an unknown device",
+            pci(&[r#"{ op = "device.remove", dev = "gpu0" }"#]),
+            r#"dev = ^"gpu0""#,
+            "unknown pci device `gpu0`",
+        ),
+        row_at(
+            "bar.mmap of an unknown export",
+            pci(&[r#"{ op = "bar.mmap", export = "vrma", name = "v", len = "4KiB" }"#]),
+            r#"export = ^"vrma""#,
+            "unknown export `vrma`; expected one of: vram",
+        ),
+        row_at(
+            "dmabuf.move_notify of an unknown export",
+            pci(&[r#"{ op = "dmabuf.move_notify", export = "fb" }"#]),
+            r#"export = ^"fb""#,
+            "unknown export `fb`",
+        ),
+        row_at(
+            "dma_sg.read of an unknown handle",
+            pci(&[r#"{ op = "dma_sg.read", handle = "hh" }"#]),
+            r#"handle = ^"hh""#,
+            "unknown dma handle `hh`; expected one of: h",
+        ),
+        row_at(
+            "dma_sg.write of an unknown handle",
+            pci(&[r#"{ op = "dma_sg.write", handle = "g", pattern = "zero" }"#]),
+            r#"handle = ^"g""#,
+            "unknown dma handle `g`",
+        ),
+        row_at(
+            "dma_sg.release of an unknown handle",
+            pci(&[r#"{ op = "dma_sg.release", handle = "k" }"#]),
+            r#"handle = ^"k""#,
+            "unknown dma handle `k`",
+        ),
+        row_at(
+            "open of a pci device",
+            pci(&[r#"{ op = "open", dev = "nic0", fd = "f" }"#]),
+            r#"{ op = "open", dev = ^"nic0""#,
+            "device `nic0` is a `kind = \"pci\"` device, which has no device file; `open` needs a `dmirror` \
+             (expected one of: mirror0)",
+        ),
+        row_at(
+            "a handle used with no dma.map at all",
+            steps(&[r#"{ op = "dma_sg.release", handle = "h" }"#]),
+            r#"handle = ^"h""#,
+            "unknown dma handle `h`; none is defined",
+        ),
+        // `pci` device declarations
+        row_at(
+            "pci device without a topology",
+            "[[device]]\nname = \"nvme0\"\nkind = \"pci\"\n",
+            r#"name = ^"nvme0""#,
+            "a `kind = \"pci\"` device needs a `[topology]` with its PCI function",
+        ),
+        row_at(
+            "pci device whose name is not a topology node",
+            edit(
+                &base,
+                r#"name = "nic0"
+kind"#,
+                r#"name = "nic1"
+kind"#,
+            ),
+            r#"name = ^"nic1""#,
+            "no node `nic1` in `[topology]` for device `nic1`; expected one of: nvme0, nic0",
+        ),
+        row_at(
+            "node not in the topology",
+            edit(&base, r#"iommu = "dma""#, r#"node = "nic7""#),
+            r#"node = ^"nic7""#,
+            "no node `nic7` in `[topology]` for device `nic0`",
+        ),
+        row_at(
+            "node that is a switch port",
+            edit(&base, r#"iommu = "dma""#, r#"node = "sw0.d1""#),
+            r#"node = ^"sw0.d1""#,
+            "node `sw0.d1` is a switch downstream port, expected an endpoint for a `pci` device",
+        ),
+        row_at(
+            "node that is a root port",
+            edit(&base, r#"iommu = "dma""#, r#"node = "rp0""#),
+            r#"node = ^"rp0""#,
+            "expected an endpoint for a `pci` device",
+        ),
+        row_at(
+            "two pci devices on one node",
+            edit(&base, r#"iommu = "dma""#, r#"node = "nvme0""#),
+            r#"node = ^"nvme0""#,
+            "node `nvme0` already belongs to device `nvme0`",
+        ),
+        row_at(
+            "bad iommu keyword",
+            edit(&base, r#"iommu = "dma""#, r#"iommu = "strict""#),
+            r#"iommu = ^"strict""#,
+            "expected one of `identity`, `dma`, `dma-lazy` for `iommu`, found `strict`",
+        ),
+        row_at(
+            "node on a dmirror",
+            edit(
+                &base,
+                "kind = \"dmirror\"\n",
+                "kind = \"dmirror\"\nnode = \"nic0\"\n",
+            ),
+            r#"node = ^"nic0""#,
+            "`node` is for a `kind = \"pci\"` device, not a `dmirror`",
+        ),
+        row_at(
+            "iommu on a dmirror",
+            edit(
+                &base,
+                "kind = \"dmirror\"\n",
+                "kind = \"dmirror\"\niommu = \"dma-lazy\"\n",
+            ),
+            r#"iommu = ^"dma-lazy""#,
+            "`iommu` is for a `kind = \"pci\"` device, not a `dmirror`",
+        ),
+        row_at(
+            "p2p BAR the node does not have",
+            edit(&base, r"p2p = [ { bar = 2,", r"p2p = [ { bar = 4,"),
+            "bar = ^4",
+            "node `nvme0` has no BAR 4; expected one of: 2",
+        ),
+        row_at(
+            "export BAR the node does not have",
+            edit(&base, r#""vram", bar = 2"#, r#""vram", bar = 0"#),
+            "bar = ^0",
+            "node `nvme0` has no BAR 0; expected one of: 2",
+        ),
+        row_at(
+            "BAR index above 5",
+            edit(&base, r"p2p = [ { bar = 2,", r"p2p = [ { bar = 300,"),
+            "bar = ^300",
+            "expected a BAR index 0-5 for `bar`, found 300",
+        ),
+        row_at(
+            "BAR on a node without BARs",
+            edit(&base, r#"iommu = "dma""#, r"p2p = [ { bar = 2 } ]"),
+            "p2p = [ { bar = ^2 } ]",
+            "node `nic0` has no BAR 2; it has no BARs (declare them in its `[[topology.endpoint]]` `bars`)",
+        ),
+        row_at(
+            "p2p range beyond the BAR",
+            edit(
+                &base,
+                r#"size = "1MiB" }"#,
+                r#"size = "1MiB", offset = "256MiB" }"#,
+            ),
+            r#"offset = ^"256MiB""#,
+            "p2p range at offset 0x10000000 of 0x100000 bytes does not fit BAR 2 of node `nvme0` (0x10000000 bytes)",
+        ),
+        row_at(
+            "export range beyond the BAR",
+            edit(&base, r#"len = "1MiB" }"#, r#"len = "512MiB" }"#),
+            r#"len = ^"512MiB""#,
+            "export range at offset 0x100000 of 0x20000000 bytes does not fit BAR 2 of node `nvme0` (0x10000000 bytes)",
+        ),
+        row_at(
+            "unaligned export offset",
+            edit(&base, r#"offset = "1MiB", len"#, r#"offset = "1000", len"#),
+            r#"offset = ^"1000""#,
+            "expected a page-aligned `offset` for a BAR export, found 0x3e8",
+        ),
+        row_at(
+            "duplicate export name",
+            edit(
+                &base,
+                r#"len = "1MiB" }"#,
+                r#"len = "1MiB" }, { name = "vram", bar = 2 }"#,
+            ),
+            r#"}, { name = ^"vram""#,
+            "duplicate export name `vram`",
+        ),
+        row_at(
+            "unknown key in a p2p entry",
+            edit(&base, r#"size = "1MiB" }"#, r#"sise = "1MiB" }"#),
+            "^sise",
+            "unknown key `sise` in a `p2p` entry; expected one of: bar, size, offset, publish",
+        ),
+        row_at(
+            "unknown key in an export entry",
+            edit(&base, r#"len = "1MiB" }"#, r#"length = "1MiB" }"#),
+            "^length",
+            "unknown key `length` in an `export` entry; expected one of: name, bar, offset, len, revocable",
+        ),
+        row_at(
+            "p2p entry that is not a table",
+            edit(
+                &base,
+                r#"p2p = [ { bar = 2, size = "1MiB" } ]"#,
+                "p2p = [ 2 ]",
+            ),
+            "p2p = [ ^2 ]",
+            "expected a P2P resource like `{ bar = 2, size = \"1MiB\" }`, found an integer",
+        ),
+        // op keywords
+        row_at(
+            "bad dma.map mode",
+            pci(&[
+                r#"{ op = "dma.map", dev = "nic0", at = "buf", len = "4KiB", mode = "longterm", name = "h2" }"#,
+            ]),
+            r#"mode = ^"longterm""#,
+            "expected one of `short-term`, `long-term`, `mirror` for `mode`, found `longterm`",
+        ),
+        row_at(
+            "bad dma.map flag",
+            pci(&[
+                r#"{ op = "dma.map", dev = "nic0", at = "buf", len = "4KiB", flags = ["read"], name = "h2" }"#,
+            ]),
+            r#"flags = [^"read"]"#,
+            "expected one of `write`, `p2p` for `flags`, found `read`",
+        ),
+        row_at(
+            "bad p2pmem.mmap flag",
+            pci(&[
+                r#"{ op = "p2pmem.mmap", dev = "nvme0", name = "p", len = "4KiB", flags = ["anonymous"] }"#,
+            ]),
+            r#"flags = [^"anonymous"]"#,
+            "expected one of `shared`, `private` for `flags`, found `anonymous`",
+        ),
+        row_at(
+            "p2pmem.mmap both shared and private",
+            pci(&[
+                r#"{ op = "p2pmem.mmap", dev = "nvme0", name = "p", len = "4KiB", flags = ["shared", "private"] }"#,
+            ]),
+            r#"flags = ^["shared", "private"]"#,
+            "expected exactly one of `shared` or `private` in `flags`",
+        ),
+        row_at(
+            "p2pmem.mmap empty flags",
+            pci(&[
+                r#"{ op = "p2pmem.mmap", dev = "nvme0", name = "p", len = "4KiB", flags = [] }"#,
+            ]),
+            "flags = ^[]",
+            "expected exactly one of `shared` or `private` in `flags`",
+        ),
+        // expect.segments
+        row_at(
+            "segment without a length",
+            pci(&[
+                r#"{ op = "dma.map", dev = "nic0", at = "buf", len = "4KiB", name = "h2", expect = { segments = ["bus"] } }"#,
+            ]),
+            r#"segments = [^"bus"]"#,
+            "expected a segment `kind:len` like `bus:64KiB` in `segments`, found `bus`",
+        ),
+        row_at(
+            "segment of an unknown kind",
+            pci(&[
+                r#"{ op = "dma.map", dev = "nic0", at = "buf", len = "4KiB", name = "h2", expect = { segments = ["disk:4KiB"] } }"#,
+            ]),
+            r#"segments = [^"disk:4KiB"]"#,
+            "unknown segment kind `disk` in `disk:4KiB`; expected one of: ram, bus, host-bridge",
+        ),
+        row_at(
+            "segment with a bad length",
+            pci(&[
+                r#"{ op = "dma.map", dev = "nic0", at = "buf", len = "4KiB", name = "h2", expect = { segments = ["ram:4KiB", "bus:lots"] } }"#,
+            ]),
+            r#", ^"bus:lots"]"#,
+            "bad length in segment `bus:lots`: expected a size",
+        ),
+        row_at(
+            "segment of zero length",
+            pci(&[
+                r#"{ op = "dma.map", dev = "nic0", at = "buf", len = "4KiB", name = "h2", expect = { segments = ["ram:0"] } }"#,
+            ]),
+            r#"segments = [^"ram:0"]"#,
+            "expected a non-zero length in segment `ram:0`",
+        ),
+        row_at(
+            "segments not a list",
+            pci(&[
+                r#"{ op = "dma.map", dev = "nic0", at = "buf", len = "4KiB", name = "h2", expect = { segments = "bus:4KiB" } }"#,
+            ]),
+            r#"segments = ^"bus:4KiB""#,
+            "expected a list of `kind:len` strings",
+        ),
+        row_at(
+            "expect.segments on a dma_sg.read",
+            pci(&[r#"{ op = "dma_sg.read", handle = "h", expect = { segments = ["ram:4KiB"] } }"#]),
+            "expect = { ^segments",
+            "`expect.segments` is not checked for a `dma_sg.read` step; expected one of: errno, data",
+        ),
+        row_at(
+            "expect.pinned on a load",
+            pci(&[r#"{ op = "load", at = "buf", expect = { pinned = 1 } }"#]),
+            "expect = { ^pinned",
+            "`expect.pinned` is not checked for a `load` step",
+        ),
+        row_at(
+            "bad signal",
+            pci(&[r#"{ op = "load", at = "cmb", expect = { signal = "SIGKILL" } }"#]),
+            r#"signal = ^"SIGKILL""#,
+            "expected one of `SIGSEGV`, `SIGBUS` for `signal`, found `SIGKILL`",
+        ),
+        // dma_sg offsets and lengths
+        row_at(
+            "unaligned dma_sg.read offset",
+            pci(&[r#"{ op = "dma_sg.read", handle = "h", offset = 100 }"#]),
+            "offset = ^100",
+            "expected a page-aligned `offset`, found 0x64",
+        ),
+        row_at(
+            "partial-page dma_sg.write len",
+            pci(&[r#"{ op = "dma_sg.write", handle = "h", len = 6000, pattern = "zero" }"#]),
+            "len = ^6000",
+            "expected a whole number of 4 KiB pages for `len`, found 6000 bytes",
+        ),
+        row_at(
+            "zero dma_sg.read len",
+            pci(&[r#"{ op = "dma_sg.read", handle = "h", len = 0 }"#]),
+            "len = ^0",
+            "non-zero length",
+        ),
+        row_at(
+            "dma_sg.read offset at the end of the handle",
+            pci(&[r#"{ op = "dma_sg.read", handle = "h", offset = "64KiB" }"#]),
+            r#"offset = ^"64KiB" }"#,
+            "offset 0x10000 + 0x0 bytes passes the end of handle `h` (0x10000 bytes",
+        ),
+        row_at(
+            "dma_sg.write len past the end of the handle",
+            pci(&[
+                r#"{ op = "dma_sg.write", handle = "h", offset = "60KiB", len = "8KiB", pattern = "zero" }"#,
+            ]),
+            r#"len = ^"8KiB", pattern"#,
+            "offset 0xf000 + 0x2000 bytes passes the end of handle `h` (0x10000 bytes",
+        ),
+        // ranges
+        row_at(
+            "dma.map starting beyond its mapping",
+            pci(&[
+                r#"{ op = "dma.map", dev = "nic0", at = "buf+128KiB", len = "4KiB", name = "h2" }"#,
+            ]),
+            r#"at = ^"buf+128KiB""#,
+            "address `buf+128KiB` lies beyond the end of mapping `buf`",
+        ),
+        row_at(
+            "dma.map of a raw range that wraps",
+            pci(&[
+                r#"{ op = "dma.map", dev = "nic0", at = "0xffffffffffff0000", len = "1MiB", name = "h2" }"#,
+            ]),
+            r#"len = ^"1MiB", name = "h2""#,
+            "overflows",
+        ),
+        row_at(
+            "dma.map without a name",
+            pci(&[r#"{ op = "dma.map", dev = "nic0", at = "buf", len = "4KiB" }"#]),
+            r#"^{ op = "dma.map", dev = "nic0", at = "buf", len = "4KiB" }"#,
+            "a `dma.map` step needs `name`",
+        ),
+        row_at(
+            "unknown key in a dma.map step",
+            pci(&[
+                r#"{ op = "dma.map", dev = "nic0", at = "buf", len = "4KiB", name = "h2", pages = 1 }"#,
+            ]),
+            "^pages = 1",
+            "unknown key `pages` in a `dma.map` step; expected one of: op, dev, at, len, mode, flags, name, expect",
+        ),
+    ]
+}
+
+#[test]
+fn each_malformed_pci_input_is_reported_at_its_token() {
+    check_rows(pci_rows());
+}
+
+#[test]
+fn the_pci_rows_are_valid_without_their_defect() {
+    parse(
+        "ok.toml",
+        &pci(&[
+            r#"{ op = "dma.map", dev = "nic0", at = "buf", len = "4KiB", flags = ["write", "p2p"], name = "h2", expect = { segments = ["ram:4KiB"] } }"#,
+            r#"{ op = "dma_sg.read", handle = "h", offset = "4KiB", len = "8KiB" }"#,
+            r#"{ op = "bar.mmap", export = "vram", name = "v", len = "4KiB" }"#,
+            r#"{ op = "load", at = "v", expect = { signal = "SIGBUS" } }"#,
+        ]),
+    )
+    .unwrap();
+}
+
 #[test]
 fn each_malformed_input_is_reported_at_its_token() {
+    check_rows(rows());
+}
+
+/// Parses each row and checks that it fails at the row's `line:col` with its message fragment.
+fn check_rows(rows: Vec<Row>) {
     let mut failures = Vec::new();
-    for row in rows() {
+    for row in rows {
         match parse("bad.toml", &row.text) {
             Ok(_) => failures.push(format!("{}: parsed without error", row.name)),
             Err(err) => {

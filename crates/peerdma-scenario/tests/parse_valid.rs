@@ -6,8 +6,9 @@
 
 use peerdma_core::{Errno, SimDuration};
 use peerdma_scenario::{
-    AddrExpr, Advice, DeviceKind, DeviceMemoryKind, Expect, Loc, MmapFlags, Op, Pattern, Prot,
-    Segment, Signal, SleepSpec, TimeMode, WriteSource, parse,
+    AddrExpr, Advice, DeviceKind, DeviceMemoryKind, DmaMode, Expect, ExportDecl, IommuMode, Loc,
+    MmapFlags, Op, P2pDecl, Pattern, Prot, Segment, Signal, SleepSpec, TimeMode, WriteSource,
+    parse,
 };
 
 /// The fixture: every op, every `expect` key.
@@ -272,4 +273,219 @@ fn topology_build_errors_point_at_the_node() {
     let err = parse("t.toml", text).unwrap_err();
     assert_eq!((err.line, err.col), (6, 10), "{err}");
     assert!(err.message.contains("parent `hb1` does not exist"), "{err}");
+}
+
+/// The P2P fixture: every `pci` device key, every P2P / DMA op and expect key.
+const P2P: &str = include_str!("data/every_p2p_op.toml");
+
+fn sym(name: &str, offset: i64) -> AddrExpr {
+    AddrExpr::Sym {
+        name: name.into(),
+        offset,
+    }
+}
+
+#[test]
+fn pci_devices_and_p2p_ops_parse_with_their_defaults() {
+    let s = parse("p2p.toml", P2P).unwrap();
+
+    // Devices: explicit and default `node`, `iommu` (default identity), `p2p` (default publish, size 0 =
+    // rest of the BAR is not used here) and `export` (default offset 0, len 0 = to the end, revocable).
+    let [ssd, gpu, nic] = &s.devices[..] else {
+        panic!("three devices: {:?}", s.devices)
+    };
+    assert_eq!(
+        (ssd.kind, gpu.kind, nic.kind),
+        (DeviceKind::Pci, DeviceKind::Pci, DeviceKind::Pci)
+    );
+    assert_eq!(ssd.node.as_deref(), Some("nvme0"));
+    assert_eq!(
+        gpu.node.as_deref(),
+        Some("gpu0"),
+        "node defaults to the device name"
+    );
+    assert_eq!(nic.node.as_deref(), Some("nic0"));
+    assert_eq!(ssd.iommu, IommuMode::DmaLazy);
+    assert_eq!(gpu.iommu, IommuMode::Identity, "iommu defaults to identity");
+    assert_eq!(nic.iommu, IommuMode::Dma);
+    assert_eq!(
+        ssd.p2p,
+        [
+            P2pDecl {
+                bar: 2,
+                size: 1 << 20,
+                offset: 0,
+                publish: true
+            },
+            P2pDecl {
+                bar: 2,
+                size: 2 << 20,
+                offset: 4 << 20,
+                publish: false
+            },
+        ]
+    );
+    assert!(ssd.exports.is_empty() && gpu.p2p.is_empty() && nic.p2p.is_empty());
+    assert_eq!(
+        gpu.exports,
+        [
+            ExportDecl {
+                name: "vram".into(),
+                bar: 4,
+                offset: 1 << 20,
+                len: 2 << 20,
+                revocable: true
+            },
+            ExportDecl {
+                name: "pinned_vram".into(),
+                bar: 4,
+                offset: 0,
+                len: 0,
+                revocable: false
+            },
+        ]
+    );
+
+    let steps = &s.threads[0].steps;
+    let ops: Vec<&Op> = steps.iter().map(|st| &st.op).collect();
+    let rw = Prot::READ_WRITE;
+    assert_eq!(
+        *ops[0],
+        Op::P2pmemMmap {
+            dev: "ssd".into(),
+            name: "cmb".into(),
+            len: 64 << 10,
+            prot: rw,
+            shared: true,
+            offset: 0
+        },
+        "p2pmem.mmap defaults: rw, shared, offset 0"
+    );
+    assert_eq!(
+        *ops[1],
+        Op::P2pmemMmap {
+            dev: "ssd".into(),
+            name: "cmb2".into(),
+            len: 8 << 10,
+            prot: Prot::READ,
+            shared: false,
+            offset: 4 << 10
+        }
+    );
+    assert_eq!(steps[1].expect.errno, Some(Some(Errno::EINVAL)));
+    assert_eq!(
+        *ops[2],
+        Op::BarMmap {
+            export: "vram".into(),
+            name: "bar".into(),
+            offset: 0,
+            len: 64 << 10,
+            prot: rw
+        }
+    );
+    assert_eq!(
+        *ops[3],
+        Op::BarMmap {
+            export: "pinned_vram".into(),
+            name: "bar2".into(),
+            offset: 8 << 10,
+            len: 4 << 10,
+            prot: Prot::READ
+        }
+    );
+    assert_eq!(
+        *ops[5],
+        Op::DmaMap {
+            dev: "nic".into(),
+            at: sym("cmb", 0),
+            len: 64 << 10,
+            mode: DmaMode::ShortTerm,
+            write: false,
+            p2p: false,
+            name: "h".into()
+        },
+        "dma.map defaults: short-term, no flags"
+    );
+    assert!(steps[5].expect.is_default());
+    assert_eq!(
+        *ops[6],
+        Op::DmaMap {
+            dev: "nic".into(),
+            at: sym("cmb", 4 << 10),
+            len: 8 << 10,
+            mode: DmaMode::LongTerm,
+            write: true,
+            p2p: true,
+            name: "lt".into()
+        }
+    );
+    assert_eq!(
+        steps[6].expect,
+        Expect {
+            segments: Some(vec![
+                ("bus".into(), 4096),
+                ("host-bridge".into(), 4096),
+                ("ram".into(), 4096)
+            ]),
+            pinned: Some(2),
+            dma_addr: Some(0x3800_0000_1000),
+            ..Expect::default()
+        }
+    );
+    assert!(matches!(
+        ops[7],
+        Op::DmaMap {
+            mode: DmaMode::Mirror,
+            ..
+        }
+    ));
+    assert_eq!(steps[7].expect.errno, Some(Some(Errno::EFAULT)));
+    assert_eq!(
+        *ops[8],
+        Op::DmaSgWrite {
+            handle: "h".into(),
+            offset: 0,
+            len: None,
+            pattern: "byte:0x5a".parse().unwrap()
+        },
+        "dma_sg.write defaults: offset 0, to the end of the range"
+    );
+    assert_eq!(
+        *ops[9],
+        Op::DmaSgWrite {
+            handle: "h".into(),
+            offset: 4 << 10,
+            len: Some(8 << 10),
+            pattern: "u32:index".parse().unwrap()
+        }
+    );
+    assert_eq!(
+        *ops[10],
+        Op::DmaSgRead {
+            handle: "h".into(),
+            offset: 0,
+            len: None
+        }
+    );
+    assert_eq!(steps[10].expect.data, Some("byte:0x5a".parse().unwrap()));
+    assert_eq!(
+        *ops[11],
+        Op::DmaSgRead {
+            handle: "h".into(),
+            offset: 8 << 10,
+            len: Some(4 << 10)
+        }
+    );
+    assert_eq!(steps[11].expect.errno, Some(Some(Errno::EIO)));
+    assert_eq!(*ops[12], Op::DmaSgRelease { handle: "h".into() });
+    assert_eq!(
+        *ops[13],
+        Op::DmabufMoveNotify {
+            export: "vram".into()
+        }
+    );
+    assert_eq!(*ops[14], Op::DeviceRemove { dev: "gpu0".into() });
+    assert_eq!(steps[15].expect.signal, Some(Signal::Bus));
+    assert_eq!(steps.len(), 16);
+    assert_eq!(steps[6].loc, Loc { line: 84, col: 3 });
 }

@@ -26,18 +26,22 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Every `.toml` under `scenarios/` and `examples/`, in subdirectories too, as paths from the repository root.
 fn scenario_files() -> Vec<String> {
-    let mut files = Vec::new();
-    for dir in ["scenarios", "scenarios/conformance", "examples"] {
-        for e in std::fs::read_dir(root().join(dir)).unwrap() {
+    fn walk(dir: &Path, rel: &str, files: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).unwrap() {
             let p = e.unwrap().path();
-            if p.extension().is_some_and(|x| x == "toml") {
-                files.push(format!(
-                    "{dir}/{}",
-                    p.file_name().unwrap().to_string_lossy()
-                ));
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            if p.is_dir() {
+                walk(&p, &format!("{rel}/{name}"), files);
+            } else if p.extension().is_some_and(|x| x == "toml") {
+                files.push(format!("{rel}/{name}"));
             }
         }
+    }
+    let mut files = Vec::new();
+    for dir in ["scenarios", "examples"] {
+        walk(&root().join(dir), dir, &mut files);
     }
     files.sort();
     files
@@ -107,6 +111,71 @@ fn json_report_carries_seed_outcome_and_counters() {
     assert_eq!(v["seed"], 11);
     assert_eq!(v["outcome"]["kind"], "passed");
     assert_eq!(v["metrics"]["dmirror.read"], 3);
+}
+
+#[test]
+fn every_example_is_in_the_bundled_run() {
+    let files = scenario_files();
+    for f in [
+        "examples/p2p-switch.toml",
+        "examples/p2p-host-bridge.toml",
+        "examples/quickstart.toml",
+        "scenarios/conformance/anon_teardown.toml",
+    ] {
+        assert!(files.iter().any(|x| x == f), "{f} missing from {files:?}");
+    }
+}
+
+#[test]
+fn run_json_reports_the_dma_map_segments_of_the_p2p_switch_example() {
+    let out = peerdma(&["run", "examples/p2p-switch.toml", "--json", "--steps"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["outcome"]["kind"], "passed");
+    let maps: Vec<(u64, &str)> = v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["op"] == "dma.map")
+        .map(|s| (s["line"].as_u64().unwrap(), s["result"].as_str().unwrap()))
+        .collect();
+    // The CMB alone: 16 pinned P2P pages, one bus-address segment at the BAR's bus address (no IOVA).
+    assert_eq!(
+        maps[0].1,
+        "success pinned=16 segments=[bus:0x10000] dma_addr=0x380000000000"
+    );
+    // Without FOLL_PCI_P2PDMA, and long-term: refused.
+    assert_eq!(maps[1].1, "-EREMOTEIO");
+    assert_eq!(maps[2].1, "-EINVAL");
+    // The CMB then a RAM page: one list, bus addresses then an IOVA.
+    assert_eq!(
+        maps[3].1,
+        "success pinned=17 segments=[bus:0x10000, ram:0x1000] dma_addr=0x380000000000"
+    );
+    assert!(maps.windows(2).all(|w| w[0].0 < w[1].0), "{maps:?}");
+    // Counters: every map_sg is unmapped by the end of the run.
+    let m = &v["metrics"];
+    assert!(m["dma.map_sg"].as_u64().unwrap() >= 2, "{m}");
+    assert_eq!(m["dma.map_sg"], m["dma.unmap_sg"], "{m}");
+}
+
+#[test]
+fn check_accepts_the_p2p_examples_and_rejects_a_bad_pci_file_at_its_token() {
+    for f in ["examples/p2p-switch.toml", "examples/p2p-host-bridge.toml"] {
+        let out = peerdma(&["check", f]);
+        assert_eq!(out.status.code(), Some(0), "{f}: {}", text(&out.stderr));
+    }
+    let dir = std::env::temp_dir().join(format!("peerdma-pci-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("bad-pci.toml");
+    std::fs::write(&f, PCI_BAD_SEGMENT.replace("disk:4KiB", "bus:lots")).unwrap();
+    let out = peerdma(&["check", f.to_str().unwrap()]);
+    let err = text(&out.stderr);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("bad-pci.toml:22:96"), "{err}");
+    assert!(err.contains("bad length in segment `bus:lots`"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
 }
 
 #[test]
@@ -195,8 +264,105 @@ const MALFORMED: &[(&str, &str, &str, &str)] = &[
     ),
     ("zero length", STEP_ZERO_LEN, ":3:44", "non-zero length"),
     ("overflowing length", STEP_OVERFLOW, ":3:44", "overflows"),
+    (
+        "pci device without a topology",
+        "[[device]]\nname = \"nvme0\"\nkind = \"pci\"\n",
+        ":2:8",
+        "a `kind = \"pci\"` device needs a `[topology]`",
+    ),
+    (
+        "dma.map segment of an unknown kind",
+        PCI_BAD_SEGMENT,
+        ":22:96",
+        "unknown segment kind `disk` in `disk:4KiB`",
+    ),
+    (
+        "open of a pci device (was a panic in run)",
+        PCI_OPEN,
+        ":21:24",
+        "device `nic0` is a `kind = \"pci\"` device, which has no device file",
+    ),
+    (
+        "dma_sg.read of an unknown handle",
+        PCI_UNKNOWN_HANDLE,
+        ":22:34",
+        "unknown dma handle `g`; expected one of: h",
+    ),
 ];
 
+/// A root port with one endpoint `nic0` and its `pci` device, then a thread whose line 22 is the bad step.
+const PCI_BAD_SEGMENT: &str = r#"[topology]
+[[topology.socket]]
+name = "s0"
+[[topology.host_bridge]]
+name = "hb0"
+socket = "s0"
+[[topology.root_port]]
+name = "rp0"
+parent = "hb0"
+bdf = "00:01.0"
+[[topology.endpoint]]
+name = "nic0"
+parent = "rp0"
+bdf = "01:00.0"
+[[device]]
+name = "nic0"
+kind = "pci"
+[[thread]]
+name = "t"
+steps = [
+  { op = "mmap", name = "buf", len = "4KiB", prot = "rw", flags = ["private", "anonymous"] },
+  { op = "dma.map", dev = "nic0", at = "buf", len = "4KiB", name = "h", expect = { segments = ["disk:4KiB"] } },
+]
+"#;
+const PCI_OPEN: &str = r#"[topology]
+[[topology.socket]]
+name = "s0"
+[[topology.host_bridge]]
+name = "hb0"
+socket = "s0"
+[[topology.root_port]]
+name = "rp0"
+parent = "hb0"
+bdf = "00:01.0"
+[[topology.endpoint]]
+name = "nic0"
+parent = "rp0"
+bdf = "01:00.0"
+[[device]]
+name = "nic0"
+kind = "pci"
+[[thread]]
+name = "t"
+steps = [
+  { op = "open", dev = "nic0", fd = "f" },
+]
+"#;
+const PCI_UNKNOWN_HANDLE: &str = r#"[topology]
+[[topology.socket]]
+name = "s0"
+[[topology.host_bridge]]
+name = "hb0"
+socket = "s0"
+[[topology.root_port]]
+name = "rp0"
+parent = "hb0"
+bdf = "00:01.0"
+[[topology.endpoint]]
+name = "nic0"
+parent = "rp0"
+bdf = "01:00.0"
+[[device]]
+name = "nic0"
+kind = "pci"
+[[thread]]
+name = "t"
+steps = [
+  { op = "mmap", name = "buf", len = "4KiB", prot = "rw", flags = ["private", "anonymous"] },
+  { op = "dma_sg.read", handle = "g" },
+  { op = "dma.map", dev = "nic0", at = "buf", len = "4KiB", name = "h" },
+]
+"#;
 const STEP_UNKNOWN: &str =
     "[[thread]]\nname = \"t\"\nsteps = [ { op = \"munmap\", at = \"0x10000\", lenght = 4096 } ]\n";
 const STEP_BAD_UNIT: &str = "[[thread]]\nname = \"t\"\nsteps = [ { op = \"mmap\", name = \"b\", len = \"4 KB B\", prot = \"rw\", flags = [\"private\", \"anonymous\"] } ]\n";
