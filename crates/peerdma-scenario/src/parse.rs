@@ -679,6 +679,21 @@ impl<'s> Parser<'s> {
     }
 
     /// A time: an integer (nanoseconds) or a string with a unit.
+    /// An optional size `key` of `t`, or `default`.
+    fn opt_size(&self, t: &Table<'_, '_>, key: &str, default: u64) -> Result<u64> {
+        t.get(key).map_or(Ok(default), |v| self.size(v, key))
+    }
+
+    /// An optional non-zero length `key` of `t`, or `default`.
+    fn opt_len(&self, t: &Table<'_, '_>, key: &str, default: u64) -> Result<u64> {
+        t.get(key).map_or(Ok(default), |v| self.len(v, key))
+    }
+
+    /// An optional boolean `key` of `t`, or `default`.
+    fn opt_bool(&self, t: &Table<'_, '_>, key: &str, default: bool) -> Result<bool> {
+        t.get(key).map_or(Ok(default), |v| self.boolean(v, key))
+    }
+
     fn time(&self, v: &Value<'_>, key: &str) -> Result<SimDuration> {
         match v.get_ref() {
             DeValue::Integer(_) => self
@@ -1338,16 +1353,8 @@ impl<'s> Parser<'s> {
                 "a `p2p` entry".clone_into(&mut item.what);
                 self.allow(&item, &["bar", "size", "offset", "publish"])?;
                 let (bar, bar_size) = bar_of(self, &item)?;
-                let size = item
-                    .get("size")
-                    .map(|v| self.size(v, "size"))
-                    .transpose()?
-                    .unwrap_or(0);
-                let offset = item
-                    .get("offset")
-                    .map(|v| self.size(v, "offset"))
-                    .transpose()?
-                    .unwrap_or(0);
+                let size = self.opt_size(&item, "size", 0)?;
+                let offset = self.opt_size(&item, "offset", 0)?;
                 fits(
                     self,
                     "p2p",
@@ -1356,11 +1363,7 @@ impl<'s> Parser<'s> {
                     (offset, item.get("offset")),
                     (size, item.get("size")),
                 )?;
-                let publish = item
-                    .get("publish")
-                    .map(|v| self.boolean(v, "publish"))
-                    .transpose()?
-                    .unwrap_or(true);
+                let publish = self.opt_bool(&item, "publish", true)?;
                 decl.p2p.push(P2pDecl {
                     bar,
                     size,
@@ -1383,16 +1386,8 @@ impl<'s> Parser<'s> {
                 self.check_unique(&self.exports, &name, &name_v.span(), "export")?;
                 self.exports.insert(name.clone(), name_v.span());
                 let (bar, bar_size) = bar_of(self, &item)?;
-                let offset = item
-                    .get("offset")
-                    .map(|v| self.size(v, "offset"))
-                    .transpose()?
-                    .unwrap_or(0);
-                let len = item
-                    .get("len")
-                    .map(|v| self.len(v, "len"))
-                    .transpose()?
-                    .unwrap_or(0);
+                let offset = self.opt_size(&item, "offset", 0)?;
+                let len = self.opt_len(&item, "len", 0)?;
                 for (key, n) in [("offset", offset), ("len", len)] {
                     if let Some(v) = item.get(key)
                         && n % PAGE_SIZE != 0
@@ -1413,11 +1408,7 @@ impl<'s> Parser<'s> {
                     (offset, item.get("offset")),
                     (len, item.get("len")),
                 )?;
-                let revocable = item
-                    .get("revocable")
-                    .map(|v| self.boolean(v, "revocable"))
-                    .transpose()?
-                    .unwrap_or(true);
+                let revocable = self.opt_bool(&item, "revocable", true)?;
                 decl.exports.push(ExportDecl {
                     name,
                     bar,
@@ -1742,14 +1733,10 @@ impl<'s> Parser<'s> {
                 let dev = self.name_ref(self.required(t, "dev")?, "dev", RefKind::PciDevice)?;
                 let name = self.mapping_name(self.required(t, "name")?)?;
                 let len = self.len(self.required(t, "len")?, "len")?;
-                let prot = match t.get("prot") {
-                    Some(v) => self.prot(v)?,
-                    None => Prot {
-                        read: true,
-                        write: true,
-                        exec: false,
-                    },
-                };
+                // A device file's mmap defaults to PROT_READ | PROT_WRITE.
+                let prot = t
+                    .get("prot")
+                    .map_or(Ok(Prot::READ_WRITE), |v| self.prot(v))?;
                 let shared = match t.get("flags") {
                     Some(v) => {
                         let DeValue::Array(items) = v.get_ref() else {
@@ -1779,11 +1766,7 @@ impl<'s> Parser<'s> {
                     }
                     None => true,
                 };
-                let offset = t
-                    .get("offset")
-                    .map(|v| self.size(v, "offset"))
-                    .transpose()?
-                    .unwrap_or(0);
+                let offset = self.opt_size(t, "offset", 0)?;
                 self.define_mapping(&name, len);
                 Op::P2pmemMmap {
                     dev,
@@ -1799,19 +1782,11 @@ impl<'s> Parser<'s> {
                     self.name_ref(self.required(t, "export")?, "export", RefKind::Export)?;
                 let name = self.mapping_name(self.required(t, "name")?)?;
                 let len = self.len(self.required(t, "len")?, "len")?;
-                let offset = t
-                    .get("offset")
-                    .map(|v| self.size(v, "offset"))
-                    .transpose()?
-                    .unwrap_or(0);
-                let prot = match t.get("prot") {
-                    Some(v) => self.prot(v)?,
-                    None => Prot {
-                        read: true,
-                        write: true,
-                        exec: false,
-                    },
-                };
+                let offset = self.opt_size(t, "offset", 0)?;
+                // A device file's mmap defaults to PROT_READ | PROT_WRITE.
+                let prot = t
+                    .get("prot")
+                    .map_or(Ok(Prot::READ_WRITE), |v| self.prot(v))?;
                 self.define_mapping(&name, len);
                 Op::BarMmap {
                     export,
