@@ -402,10 +402,7 @@ impl World {
                             _ => va,
                         };
                         if let Some(n) = name {
-                            self.procs
-                                .borrow_mut()
-                                .get_mut(proc_name)
-                                .expect("known")
+                            self.proc_mut(proc_name)
                                 .mappings
                                 .insert(n.clone(), (va, *len));
                         }
@@ -500,23 +497,12 @@ impl World {
             }
             Op::Open { dev, fd } => match Dmirror::open(&self.devices[dev], pid) {
                 Ok(m) => {
-                    self.procs
-                        .borrow_mut()
-                        .get_mut(proc_name)
-                        .expect("known")
-                        .fds
-                        .insert(fd.clone(), m);
+                    self.proc_mut(proc_name).fds.insert(fd.clone(), m);
                 }
                 Err(e) => out.errno = Some(e),
             },
             Op::Close { fd } => {
-                let m = self
-                    .procs
-                    .borrow_mut()
-                    .get_mut(proc_name)
-                    .expect("known")
-                    .fds
-                    .remove(fd);
+                let m = self.proc_mut(proc_name).fds.remove(fd);
                 match m {
                     Some(m) => m.close().await,
                     None => out.errno = Some(Errno::EBADF),
@@ -565,10 +551,7 @@ impl World {
                     .await
                 {
                     Ok(va) => {
-                        self.procs
-                            .borrow_mut()
-                            .get_mut(proc_name)
-                            .expect("known")
+                        self.proc_mut(proc_name)
                             .mappings
                             .insert(name.clone(), (va, *len));
                     }
@@ -619,10 +602,7 @@ impl World {
                 }
                 match kernel.mremap(pid, va, *len, *new_len, flags).await {
                     Ok(nva) => {
-                        self.procs
-                            .borrow_mut()
-                            .get_mut(proc_name)
-                            .expect("known")
+                        self.proc_mut(proc_name)
                             .mappings
                             .insert(name.clone(), (nva, *new_len));
                     }
@@ -642,10 +622,7 @@ impl World {
                             cpages: pinned.len() as u64,
                             ..DmirrorResult::default()
                         });
-                        self.procs
-                            .borrow_mut()
-                            .get_mut(proc_name)
-                            .expect("known")
+                        self.proc_mut(proc_name)
                             .pins
                             .insert(name.clone(), (pinned, va));
                     }
@@ -653,13 +630,7 @@ impl World {
                 }
             }
             Op::Unpin { pin } => {
-                let p = self
-                    .procs
-                    .borrow_mut()
-                    .get_mut(proc_name)
-                    .expect("known")
-                    .pins
-                    .remove(pin);
+                let p = self.proc_mut(proc_name).pins.remove(pin);
                 if p.is_none() {
                     return Err(format!("pin `{pin}` is not held by process `{proc_name}`"));
                 }
@@ -776,12 +747,7 @@ impl World {
                                 .collect(),
                         );
                         out.pinned = Some(h.nr_pinned() as u64);
-                        self.procs
-                            .borrow_mut()
-                            .get_mut(proc_name)
-                            .expect("known")
-                            .handles
-                            .insert(name.clone(), h);
+                        self.proc_mut(proc_name).handles.insert(name.clone(), h);
                     }
                     Err(e) => out.errno = Some(e),
                 }
@@ -812,10 +778,7 @@ impl World {
             }
             Op::DmaSgRelease { handle } => {
                 let h = self
-                    .procs
-                    .borrow_mut()
-                    .get_mut(proc_name)
-                    .expect("known")
+                    .proc_mut(proc_name)
                     .handles
                     .remove(handle)
                     .ok_or_else(|| {
@@ -846,6 +809,14 @@ impl World {
         Ok(out)
     }
 
+    /// Returns the state of a process a running thread belongs to.
+    fn proc_mut(&self, proc_name: &str) -> std::cell::RefMut<'_, ProcState> {
+        std::cell::RefMut::map(self.procs.borrow_mut(), |p| {
+            p.get_mut(proc_name)
+                .expect("a running thread's process is known")
+        })
+    }
+
     fn platform(&self) -> Result<Rc<Platform>, String> {
         self.platform
             .clone()
@@ -863,10 +834,7 @@ impl World {
     ) {
         match res {
             Ok(va) => {
-                self.procs
-                    .borrow_mut()
-                    .get_mut(proc_name)
-                    .expect("known")
+                self.proc_mut(proc_name)
                     .mappings
                     .insert(name.to_owned(), (va, len));
             }
@@ -884,10 +852,7 @@ impl World {
         len: Option<u64>,
     ) -> Result<(DmaSgHandle, usize), String> {
         let h = self
-            .procs
-            .borrow_mut()
-            .get_mut(proc_name)
-            .expect("known")
+            .proc_mut(proc_name)
             .handles
             .remove(handle)
             .ok_or_else(|| format!("dma handle `{handle}` is not held by process `{proc_name}`"))?;
@@ -907,10 +872,7 @@ impl World {
     }
 
     fn put_handle(&self, proc_name: &str, handle: &str, h: DmaSgHandle) {
-        self.procs
-            .borrow_mut()
-            .get_mut(proc_name)
-            .expect("known")
+        self.proc_mut(proc_name)
             .handles
             .insert(handle.to_owned(), h);
     }
