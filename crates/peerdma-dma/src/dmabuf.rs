@@ -136,6 +136,15 @@ impl Platform {
         self.exports.borrow().by_mmio.get(&mmio).map(|e| e.range)
     }
 
+    /// Returns whether `pa` lies in an export that has not been revoked (rule 3).
+    pub(crate) fn export_live_at(&self, pa: Pa) -> bool {
+        self.exports
+            .borrow()
+            .by_mmio
+            .values()
+            .any(|e| !e.revoked && e.range.contains(pa))
+    }
+
     /// Returns whether the export is revocable (rule 4).
     pub(crate) fn export_revocable(&self, mmio: MmioId) -> Option<bool> {
         self.exports

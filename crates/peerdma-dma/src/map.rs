@@ -330,10 +330,23 @@ impl Platform {
             }
             DmaAddr::Bus(bus) => {
                 let (res, pa) = self.providers_bus_lookup(bus)?;
-                let mt = self
-                    .providers
-                    .borrow_mut()
-                    .map_type(self.topology(), res, d.node);
+                let has_provider_state = self.providers.borrow().resource_at(pa).is_some();
+                let mt = if has_provider_state {
+                    self.providers
+                        .borrow_mut()
+                        .map_type(self.topology(), res, d.node)
+                } else if self.export_live_at(pa) {
+                    // BAR memory without struct page has no P2P provider state: its exporter decided the map
+                    // type with the "naked p2pdma_provider" (spec/linux-p2p.md §1.8 (a); dmabuf.rs rule 1), so
+                    // the routing check must use the same decision, not `pci_p2pdma_map_type`, which answers
+                    // NOT_SUPPORTED for a device without provider state.
+                    self.providers
+                        .borrow_mut()
+                        .provider_map_type(self.topology(), res, d.node)
+                } else {
+                    // Neither live P2P memory nor a live export: nothing may carry data there (oracle check 5).
+                    MapType::NotSupported
+                };
                 if mt != MapType::BusAddr {
                     self.violation(
                         ViolationKind::Routing,

@@ -6,6 +6,7 @@
 //!                      │           │                 BAR2: exported BAR without struct page
 //!                      │           └─ dn1 ── nic    the DMA initiator (client)
 //!                      └─ rp1 ── gpu                BAR0: P2P memory (host-bridge path to nic)
+//!                                                   BAR2: exported BAR without struct page
 //! hb1 (NotListed) ──── rp2 ── acc                   BAR0: P2P memory (nic cannot reach it)
 //! ```
 #![allow(
@@ -49,6 +50,8 @@ pub const NVME_BUS_OFFSET: i64 = 0x1000_0000;
 pub const NVME_BAR2: u64 = 0x1_0100_0000;
 /// GPU BAR0 (P2P memory).
 pub const GPU_BAR0: u64 = 0x2_0000_0000;
+/// GPU BAR2 (exported BAR without struct page; host-bridge path to nic).
+pub const GPU_BAR2: u64 = 0x2_0100_0000;
 /// ACC BAR0 (P2P memory).
 pub const ACC_BAR0: u64 = 0x3_0000_0000;
 /// Bytes of P2P memory each provider adds.
@@ -102,7 +105,8 @@ pub fn world_seeded(nic_domain: DomainType, seed: u64) -> World {
     b.endpoint("nic", "dn1", Bdf::new(4, 0, 0).unwrap())
         .bar(bar(0, 0x1_0200_0000, 0x10_0000, 0));
     b.endpoint("gpu", "rp1", Bdf::new(5, 0, 0).unwrap())
-        .bar(bar(0, GPU_BAR0, 0x10_0000, 0));
+        .bar(bar(0, GPU_BAR0, 0x10_0000, 0))
+        .bar(bar(2, GPU_BAR2, 0x10_0000, 0));
     b.endpoint("acc", "rp2", Bdf::new(1, 0, 0).unwrap())
         .bar(bar(0, ACC_BAR0, 0x10_0000, 0));
     let topo = b.build().unwrap();

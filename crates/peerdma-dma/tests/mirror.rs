@@ -1,0 +1,163 @@
+//! The coherent DMA mirror (mirror.rs fault steps 1–3 and invalidate steps 1–3; DESIGN.md §4.4): CPU-side
+//! changes zap the device's entries, the next device access faults them back, P2P pages are mapped by map
+//! type, and nothing is ever pinned.
+#![expect(
+    clippy::tests_outside_test_module,
+    clippy::unwrap_used,
+    reason = "an integration-test crate is all tests"
+)]
+
+mod common;
+
+use common::*;
+use peerdma_core::{Errno, PAGE_SIZE};
+use peerdma_dma::{DmaAddr, DmaMirror, SegKind};
+use peerdma_iommu::DomainType;
+use peerdma_mm::{Advice, Prot};
+
+#[test]
+fn munmap_of_a_mirrored_page_zaps_its_entry_and_unmaps_its_iova() {
+    let w = world(DomainType::Dma);
+    let (faulted, after, mapped, invalidated) = w.run(|k, p| async move {
+        let pid = k.create_process();
+        let va = anon(&k, pid, 3, Prot::RW).await;
+        let m = DmaMirror::register(&p, p.device(NIC).unwrap(), pid, range(va, 3)).unwrap();
+        m.fault(range(va, 3), true).await.unwrap();
+        let faulted = (
+            m.nr_mapped(),
+            p.device(NIC).unwrap().domain().mapped_pages(),
+        );
+        k.munmap(pid, va.add(PAGE_SIZE), PAGE_SIZE).await.unwrap();
+        let after = m.nr_mapped();
+        let mapped = p.device(NIC).unwrap().domain().mapped_pages();
+        m.unregister().await;
+        (
+            faulted,
+            after,
+            mapped,
+            k.sim.metrics().get("mirror.invalidated_pages"),
+        )
+    });
+    assert_eq!(faulted, (3, 3));
+    assert_eq!(after, 2);
+    assert_eq!(mapped, 2, "the zapped entry's IOVA is unmapped too");
+    assert_eq!(
+        invalidated, 1,
+        "the notifier zapped exactly the unmapped page"
+    );
+    assert_eq!(w.nic_mapped_pages(), 0);
+}
+
+#[test]
+fn dontneed_zaps_the_entry_and_the_next_device_access_faults_it_back() {
+    let w = world(DomainType::Dma);
+    let (steps, data, faults) = w.run(|k, p| async move {
+        let pid = k.create_process();
+        let va = anon(&k, pid, 1, Prot::RW).await;
+        let m = DmaMirror::register(&p, p.device(NIC).unwrap(), pid, range(va, 1)).unwrap();
+        m.write_page(va, &page_of(0xee)).await.unwrap();
+        let mut steps = vec![m.nr_mapped()];
+        k.madvise(pid, va, PAGE_SIZE, Advice::DontNeed)
+            .await
+            .unwrap();
+        steps.push(m.nr_mapped());
+        let mut buf = page_of(0x11);
+        m.read_page(va, &mut buf).await.unwrap();
+        steps.push(m.nr_mapped());
+        m.unregister().await;
+        (steps, buf, k.sim.metrics().get("mirror.faults"))
+    });
+    assert_eq!(steps, [1, 0, 1]);
+    assert_eq!(
+        data,
+        page_of(0),
+        "DONTNEED dropped the anonymous page: the refault reads zeroes"
+    );
+    assert_eq!(faults, 2, "one fault per access without an entry");
+}
+
+#[test]
+fn device_write_through_the_mirror_is_seen_by_the_cpu_and_vice_versa() {
+    let w = world(DomainType::Dma);
+    let (cpu_sees, dev_sees) = w.run(|k, p| async move {
+        let pid = k.create_process();
+        let va = anon(&k, pid, 2, Prot::RW).await;
+        let m = DmaMirror::register(&p, p.device(NIC).unwrap(), pid, range(va, 2)).unwrap();
+        m.write_page(va, &page_of(0x42)).await.unwrap();
+        let mut b = [0u8; 3];
+        k.load(pid, va.add(100), &mut b).await.unwrap();
+        k.store(pid, va.add(PAGE_SIZE), b"cpu").await.unwrap();
+        let mut buf = page_of(0);
+        m.read_page(va.add(PAGE_SIZE), &mut buf).await.unwrap();
+        m.unregister().await;
+        (b, buf[..3].to_vec())
+    });
+    assert_eq!(cpu_sees, [0x42; 3]);
+    assert_eq!(dev_sees, b"cpu");
+}
+
+#[test]
+fn mirror_over_p2p_pages_uses_their_map_types() {
+    let w = world(DomainType::Dma);
+    let (nvme_segs, gpu_segs, acc, mapped) = w.run(|k, p| async move {
+        let pid = k.create_process();
+        let nic = p.device(NIC).unwrap();
+        let mut out = Vec::new();
+        for prov in [NVME, GPU, ACC] {
+            let va = p
+                .p2pmem_mmap(pid, prov, pages(2), Prot::RW, true, 0)
+                .await
+                .unwrap();
+            let m = DmaMirror::register(&p, nic.clone(), pid, range(va, 2)).unwrap();
+            out.push((m.fault(range(va, 2), false).await, m.segments(), m));
+        }
+        let mapped = nic.domain().mapped_pages();
+        let [(r0, s0, m0), (r1, s1, m1), (r2, _, m2)] = <[_; 3]>::try_from(out).unwrap();
+        r0.unwrap();
+        r1.unwrap();
+        for m in [m0, m1, m2] {
+            m.unregister().await;
+        }
+        (s0, s1, r2, mapped)
+    });
+    assert_eq!(nvme_segs.len(), 1);
+    assert_eq!(nvme_segs[0].kind, SegKind::P2pBusAddr);
+    assert_eq!(nvme_segs[0].addr.raw(), NVME_BAR0 + 0x1000_0000);
+    assert_eq!(nvme_segs[0].len, pages(2));
+    assert!(
+        gpu_segs
+            .iter()
+            .all(|s| s.kind == SegKind::P2pThruHostBridge && matches!(s.addr, DmaAddr::Iova(_)))
+    );
+    assert_eq!(gpu_segs.iter().map(|s| s.len).sum::<u64>(), pages(2));
+    assert_eq!(acc, Err(Errno::EREMOTEIO));
+    assert_eq!(mapped, 2, "only the host-bridge pages took IOVAs");
+}
+
+#[test]
+fn mirror_never_pins_so_the_pages_can_migrate_and_be_freed() {
+    let w = world(DomainType::Dma);
+    let (any_pinned, entries_after_migrate, refs) = w.run(|k, p| async move {
+        let pid = k.create_process();
+        let va = anon(&k, pid, 2, Prot::RW).await;
+        let m = DmaMirror::register(&p, p.device(NIC).unwrap(), pid, range(va, 2)).unwrap();
+        m.fault(range(va, 2), true).await.unwrap();
+        let frames = [frame_of(&k, pid, va), frame_of(&k, pid, va.add(PAGE_SIZE))];
+        let any_pinned = frames.iter().any(|&f| pinned(&k, f));
+        let refs: Vec<u32> = frames
+            .iter()
+            .map(|&f| k.state().phys.frame(f).refcount)
+            .collect();
+        let r = add_devmem(&k, false, 4);
+        assert_eq!(migrate_to_device(&k, pid, range(va, 2), r).await, 2);
+        let entries = m.nr_mapped();
+        m.unregister().await;
+        (any_pinned, entries, refs)
+    });
+    assert!(!any_pinned);
+    assert_eq!(refs, [1, 1], "the mapping holds the only reference");
+    assert_eq!(
+        entries_after_migrate, 0,
+        "the migration's invalidation zapped both entries"
+    );
+}
