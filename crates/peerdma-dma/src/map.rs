@@ -385,8 +385,8 @@ impl Platform {
 
     /// Returns the link time of moving `bytes` between `dev` and the memory at `pa` (zero in zero-time
     /// mode): the bottleneck link's effective bandwidth for this payload plus the per-hop latency of the
-    /// path (P2P: the provider–client path of the map-type decision; RAM: the device's path to its host
-    /// bridge).
+    /// path (a BAR, P2P memory or exported: the owner–client path of the map-type decision; RAM: the
+    /// device's path to its host bridge).
     pub(crate) fn transfer_time(
         &self,
         d: &DmaDevice,
@@ -398,8 +398,11 @@ impl Platform {
             return SimDuration::ZERO;
         }
         let topo = self.topology();
-        let path: Vec<peerdma_pci::NodeId> = match self.p2p_resource_at(pa) {
-            Some((res, _)) => p2p_distance(topo, res.provider, d.node).path,
+        // Any BAR is peer memory, whether it is P2P memory with struct pages or an exported BAR without them:
+        // both travel the owner–client path (a BAR export's bytes never go through the host bridge's RAM
+        // path just because the BAR has no provider state).
+        let path: Vec<peerdma_pci::NodeId> = match topo.bar_at(pa) {
+            Some((owner, _)) => p2p_distance(topo, owner, d.node).path,
             None => topo.upstream_chain(d.node),
         };
         let links: Vec<_> = path.iter().filter_map(|&n| topo.node(n).link()).collect();

@@ -692,3 +692,35 @@ fn ram_p2p_bar_then_unreachable_p2p_fail_with_everything_released() {
     assert_eq!(detached_all, 3, "and unmapped with the two pinned pieces");
     assert_eq!(w.nic_mapped_pages(), 0);
 }
+
+/// Rule 2 inside one VMA: GUP pins the first page and stops at the second (beyond the file's end); the
+/// partial pin is dropped and the errno is the second page's.
+#[test]
+fn partial_pin_inside_one_vma_is_released_and_fails_with_efault() {
+    let w = world(DomainType::Dma);
+    let (r, first_pinned) = w.run(|k, p| async move {
+        let pid = k.create_process();
+        let f = k.create_file("short", PAGE_SIZE, false);
+        let va = k
+            .mmap(
+                pid,
+                &MmapArgs {
+                    len: pages(2),
+                    prot: Prot::RW,
+                    shared: true,
+                    file: Some(f),
+                    ..MmapArgs::default()
+                },
+            )
+            .await
+            .unwrap();
+        let r = get_user_dma_sg(&p, pid, range(va, 2), NIC, SHORT)
+            .await
+            .map(|_| ());
+        let fr = frame_of(&k, pid, va);
+        (r, pinned(&k, fr))
+    });
+    assert_eq!(r, Err(Errno::EFAULT));
+    assert!(!first_pinned);
+    assert_eq!(w.nic_mapped_pages(), 0);
+}

@@ -226,3 +226,43 @@ fn lazy_domain_queues_the_release_and_flushes_on_the_next_use_after_the_timeout(
     let dom = d.domain();
     assert!(!dom.iotlb().contains(iova.page_number()));
 }
+
+// ------------------------------------------------------------------------------------------ timing
+
+/// One page written by the NIC into each target, with calibrated costs; returns the simulated time of each.
+fn dma_times() -> [u64; 3] {
+    let w = world_with(DomainType::Dma, 0, peerdma_dma::DmaCosts::calibrated());
+    w.run(|k, p| async move {
+        let pid = k.create_process();
+        let p2p = p
+            .p2pmem_mmap(pid, NVME, pages(1), Prot::RW, true, 0)
+            .await
+            .unwrap();
+        let mmio = p.export_bar(NVME, 2, 0, pages(1), true).unwrap();
+        let bar = p.mmap_bar(pid, mmio, 0, pages(1), Prot::RW).await.unwrap();
+        let ram = anon(&k, pid, 1, Prot::RW).await;
+        let mut out = [0; 3];
+        for (i, (va, f)) in [(p2p, S::P2P), (bar, S::empty()), (ram, S::empty())]
+            .into_iter()
+            .enumerate()
+        {
+            let h = get_user_dma_sg(&p, pid, range(va, 1), NIC, f | S::WRITE)
+                .await
+                .unwrap();
+            let t0 = k.sim.now();
+            h.write(0, &page_of(1)).await.unwrap();
+            out[i] = k.sim.now().0 - t0.0;
+        }
+        out
+    })
+}
+
+/// The link time of a DMA into a BAR follows the owner–client path whether the BAR is P2P memory or an
+/// exported BAR without struct page: both cross the NVMe's own (slowest) link.
+#[test]
+fn dma_into_an_exported_bar_takes_the_same_path_as_p2p_memory_of_that_device() {
+    let [p2p, bar, ram] = dma_times();
+    assert!(p2p > 0);
+    assert_eq!(bar, p2p);
+    assert_ne!(ram, p2p, "RAM goes up to the host bridge instead");
+}

@@ -227,3 +227,29 @@ fn find_many_breaks_ties_by_the_seed_and_only_by_it() {
         "the tie is really broken by the random stream: {distinct:?}"
     );
 }
+
+/// A mirror of the provider's p2pmem holds no pin: removal does not wait for it, the notifier zaps the
+/// device's entries, and the device's next fault finds nothing to map (EFAULT), with no oracle violation.
+#[test]
+fn remove_device_zaps_a_mirror_of_its_p2p_memory_without_waiting() {
+    let w = world(DomainType::Dma);
+    let (at, entries, refault) = w.run(|k, p| async move {
+        let pid = k.create_process();
+        let va = p
+            .p2pmem_mmap(pid, NVME, pages(2), Prot::RW, true, 0)
+            .await
+            .unwrap();
+        let m = peerdma_dma::DmaMirror::register(&p, p.device(NIC).unwrap(), pid, range(va, 2))
+            .unwrap();
+        m.fault(range(va, 2), true).await.unwrap();
+        p.remove_device(NVME).await.unwrap();
+        let at = k.sim.now().0;
+        let entries = m.nr_mapped();
+        let refault = m.fault(range(va, 1), false).await;
+        m.unregister().await;
+        (at, entries, refault)
+    });
+    assert_eq!(at, 0, "no pin to wait for");
+    assert_eq!(entries, 0);
+    assert_eq!(refault, Err(Errno::EFAULT));
+}

@@ -28,6 +28,7 @@ use peerdma_mm::migrate::{
     MIGRATE_VMA_SELECT_SYSTEM, migrate_pfn, migrate_pfn_to_frame,
 };
 use peerdma_mm::{DevicePagemapOps, Kernel, MemoryKind, MigrateVma, MmCosts, MmapArgs, Prot};
+use peerdma_pci::LinkSpec;
 use peerdma_pci::topology::{Bar, TopologyBuilder, WhitelistEntry};
 use peerdma_sim::{RunOutcome, Sim, SimConfig};
 
@@ -82,6 +83,11 @@ pub fn world(nic_domain: DomainType) -> World {
 
 /// As [`world`], with a seed.
 pub fn world_seeded(nic_domain: DomainType, seed: u64) -> World {
+    world_with(nic_domain, seed, DmaCosts::zero())
+}
+
+/// As [`world`], with the DMA layer's costs.
+pub fn world_with(nic_domain: DomainType, seed: u64, costs: DmaCosts) -> World {
     let sim = Sim::new(SimConfig {
         seed,
         ..SimConfig::default()
@@ -100,9 +106,11 @@ pub fn world_seeded(nic_domain: DomainType, seed: u64) -> World {
     b.switch_downstream("dn1", "up")
         .bdf(Bdf::new(2, 1, 0).unwrap());
     b.endpoint("nvme", "dn0", Bdf::new(3, 0, 0).unwrap())
+        .link(LinkSpec::new(3, 4))
         .bar(bar(0, NVME_BAR0, 0x10_0000, NVME_BUS_OFFSET))
         .bar(bar(2, NVME_BAR2, 0x10_0000, NVME_BUS_OFFSET));
     b.endpoint("nic", "dn1", Bdf::new(4, 0, 0).unwrap())
+        .link(LinkSpec::new(4, 8))
         .bar(bar(0, 0x1_0200_0000, 0x10_0000, 0));
     b.endpoint("gpu", "rp1", Bdf::new(5, 0, 0).unwrap())
         .bar(bar(0, GPU_BAR0, 0x10_0000, 0))
@@ -110,7 +118,7 @@ pub fn world_seeded(nic_domain: DomainType, seed: u64) -> World {
     b.endpoint("acc", "rp2", Bdf::new(1, 0, 0).unwrap())
         .bar(bar(0, ACC_BAR0, 0x10_0000, 0));
     let topo = b.build().unwrap();
-    let p = Platform::new(k.clone(), topo, DmaCosts::zero());
+    let p = Platform::new(k.clone(), topo, costs);
     let node = |n: &str| p.topology().lookup(n).unwrap();
     p.add_device(NIC, node("nic"), "nic", DomainConfig::with_type(nic_domain))
         .unwrap();
