@@ -724,3 +724,46 @@ fn partial_pin_inside_one_vma_is_released_and_fails_with_efault() {
     assert!(!first_pinned);
     assert_eq!(w.nic_mapped_pages(), 0);
 }
+
+/// The last row for a BAR piece: the exporter translates the user address as `follow_pfnmap` with the
+/// access checked (VFIO `follow_fault_pfn`: a write to a read-only PFN entry is EFAULT), so a device write
+/// through a read-only BAR mapping, or any access through a PROT_NONE one, is refused like the GUP rule.
+#[test]
+fn bar_mapped_read_only_or_prot_none_is_efault_for_the_refused_access() {
+    let w = world(DomainType::Dma);
+    let rows = w.run(|k, p| async move {
+        let pid = k.create_process();
+        let mmio = p.export_bar(NVME, 2, 0, pages(4), true).unwrap();
+        let ro = p
+            .mmap_bar(pid, mmio, 0, pages(1), Prot::READ)
+            .await
+            .unwrap();
+        let none = p
+            .mmap_bar(pid, mmio, PAGE_SIZE, pages(1), Prot::NONE)
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        for (va, flags) in [
+            (ro, SHORT),
+            (ro, LONG),
+            (ro, S::empty()),
+            (none, S::empty()),
+        ] {
+            out.push(
+                get_user_dma_sg(&p, pid, range(va, 1), NIC, flags)
+                    .await
+                    .map(|h| h.segments().len()),
+            );
+        }
+        out
+    });
+    assert_eq!(
+        rows,
+        [
+            Err(Errno::EFAULT), // device write, read-only mapping
+            Err(Errno::EFAULT),
+            Ok(1),              // a device read of a read-only mapping is fine
+            Err(Errno::EFAULT), // PROT_NONE
+        ]
+    );
+}
