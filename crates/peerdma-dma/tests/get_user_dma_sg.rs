@@ -767,3 +767,96 @@ fn bar_mapped_read_only_or_prot_none_is_efault_for_the_refused_access() {
         ]
     );
 }
+
+#[test]
+fn unknown_initiator_is_enodev() {
+    let w = world(DomainType::Dma);
+    let r = w.run(|k, p| async move {
+        let pid = k.create_process();
+        let va = anon(&k, pid, 1, Prot::RW).await;
+        get_user_dma_sg(&p, pid, range(va, 1), peerdma_core::DeviceId(99), SHORT)
+            .await
+            .map(|_| ())
+    });
+    assert_eq!(r, Err(Errno::ENODEV));
+}
+
+/// Rule 3 per handle: each handle owns its own pins, so dropping one leaves the other's in place.
+#[test]
+fn two_handles_on_one_page_hold_separate_pins() {
+    let w = world(DomainType::Dma);
+    let (both, one, none) = w.run(|k, p| async move {
+        let pid = k.create_process();
+        let va = anon(&k, pid, 1, Prot::RW).await;
+        let f = frame_of(&k, pid, va);
+        let refs = |k: &peerdma_mm::Kernel| k.state().phys.frame(f).refcount;
+        let a = get_user_dma_sg(&p, pid, range(va, 1), NIC, SHORT)
+            .await
+            .unwrap();
+        let b = get_user_dma_sg(&p, pid, range(va, 1), NIC, LONG)
+            .await
+            .unwrap();
+        let both = (refs(&k), p.device(NIC).unwrap().domain().mapped_pages());
+        drop(a);
+        let one = (refs(&k), pinned(&k, f));
+        b.release().await;
+        (both, one, (refs(&k), pinned(&k, f)))
+    });
+    assert_eq!(
+        both,
+        (1 + 2 * 1024, 2),
+        "GUP_PIN_COUNTING_BIAS per pin, one IOVA each"
+    );
+    assert_eq!(one, (1 + 1024, true));
+    assert_eq!(none, (1, false));
+    assert_eq!(w.nic_mapped_pages(), 0);
+}
+
+/// Rule 3 for a mirror: dropping the handle unregisters the notifier (in an agent), so later CPU changes
+/// invalidate nothing.
+#[test]
+fn dropping_a_mirror_handle_unregisters_it() {
+    let w = world(DomainType::Dma);
+    let (invalidated, mapped) = w.run(|k, p| async move {
+        let pid = k.create_process();
+        let va = anon(&k, pid, 2, Prot::RW).await;
+        let h = get_user_dma_sg(&p, pid, range(va, 2), NIC, S::MIRROR)
+            .await
+            .unwrap();
+        h.read(0, pages(2).try_into().unwrap()).await.unwrap();
+        drop(h);
+        k.sim.sleep(peerdma_core::SimDuration::from_micros(1)).await;
+        let mapped = p.device(NIC).unwrap().domain().mapped_pages();
+        k.munmap(pid, va, pages(2)).await.unwrap();
+        (k.sim.metrics().get("mirror.invalidated_pages"), mapped)
+    });
+    assert_eq!(invalidated, 0, "no notifier left to call");
+    assert_eq!(mapped, 0, "the entries' IOVAs went with it");
+}
+
+#[test]
+fn device_access_outside_the_range_or_not_page_sized_is_einval() {
+    let w = world(DomainType::Dma);
+    let rows = w.run(|k, p| async move {
+        let pid = k.create_process();
+        let va = anon(&k, pid, 2, Prot::RW).await;
+        let h = get_user_dma_sg(&p, pid, range(va, 2), NIC, SHORT)
+            .await
+            .unwrap();
+        vec![
+            h.read(PAGE_SIZE, 8192).await.map(|_| ()),
+            h.read(8, 4096).await.map(|_| ()),
+            h.write(0, &[0u8; 100]).await,
+            h.read(PAGE_SIZE, 4096).await.map(|_| ()),
+        ]
+    });
+    assert_eq!(
+        rows,
+        [
+            Err(Errno::EINVAL),
+            Err(Errno::EINVAL),
+            Err(Errno::EINVAL),
+            Ok(())
+        ]
+    );
+}

@@ -266,3 +266,56 @@ fn dma_into_an_exported_bar_takes_the_same_path_as_p2p_memory_of_that_device() {
     assert_eq!(bar, p2p);
     assert_ne!(ram, p2p, "RAM goes up to the host bridge instead");
 }
+
+/// `export_bar` validation (dmabuf.rs; the VFIO dma-buf range checks): the BAR must exist and the range
+/// must be page-aligned and fit; a zero length means the rest of the BAR.
+#[test]
+fn export_bar_checks_the_bar_and_the_range() {
+    type Row = (u8, u64, u64, Result<(u64, u64), Errno>);
+    let rows: &[Row] = &[
+        (1, 0, 0, Err(Errno::EINVAL)),                               // no BAR 1
+        (2, 0, 0x10_1000, Err(Errno::EINVAL)),                       // longer than the BAR
+        (2, 0xf_f000, 2 * PAGE_SIZE, Err(Errno::EINVAL)),            // runs past its end
+        (2, 8, PAGE_SIZE, Err(Errno::EINVAL)),                       // unaligned offset
+        (2, 0, 100, Err(Errno::EINVAL)),                             // unaligned length
+        (2, 0xf_e000, 0, Ok((NVME_BAR2 + 0xf_e000, 2 * PAGE_SIZE))), // the rest of the BAR
+        (
+            2,
+            PAGE_SIZE,
+            PAGE_SIZE,
+            Ok((NVME_BAR2 + PAGE_SIZE, PAGE_SIZE)),
+        ),
+    ];
+    for &(bar, offset, len, want) in rows {
+        let w = world(DomainType::Dma);
+        let got =
+            w.p.export_bar(NVME, bar, offset, len, true)
+                .map(|m| w.p.export_range(m).unwrap())
+                .map(|r| (r.start.raw(), r.len()));
+        assert_eq!(got, want, "bar {bar} offset {offset:#x} len {len:#x}");
+    }
+}
+
+#[test]
+fn add_device_refuses_a_non_function_node_and_a_taken_id_or_node() {
+    let w = world(DomainType::Dma);
+    let topo = w.p.topology();
+    let cfg = || peerdma_iommu::DomainConfig::with_type(DomainType::Identity);
+    let sw = topo.lookup("hb0").unwrap();
+    let nic = topo.lookup("nic").unwrap();
+    let gpu = topo.lookup("gpu").unwrap();
+    assert_eq!(
+        w.p.add_device(peerdma_core::DeviceId(50), sw, "hb", cfg())
+            .map(|_| ()),
+        Err(Errno::EINVAL)
+    );
+    assert_eq!(
+        w.p.add_device(NIC, gpu, "again", cfg()).map(|_| ()),
+        Err(Errno::EEXIST)
+    );
+    assert_eq!(
+        w.p.add_device(peerdma_core::DeviceId(51), nic, "twin", cfg())
+            .map(|_| ()),
+        Err(Errno::EEXIST)
+    );
+}
