@@ -860,3 +860,37 @@ fn device_access_outside_the_range_or_not_page_sized_is_einval() {
         ]
     );
 }
+
+/// Row "RAM (file)", long-term column with write: FOLL_LONGTERM | FOLL_WRITE on a file mapping that needs
+/// dirty tracking is EFAULT (spec/linux-p2p.md §2.3); shmem is fine (covered above).
+#[test]
+fn long_term_write_pin_of_a_writeback_file_mapping_is_efault() {
+    let w = world(DomainType::Dma);
+    let r = w.run(|k, p| async move {
+        let pid = k.create_process();
+        let va = map_ram(&k, pid, Ram::File, 1).await;
+        get_user_dma_sg(&p, pid, range(va, 1), NIC, LONG)
+            .await
+            .map(|_| ())
+    });
+    assert_eq!(r, Err(Errno::EFAULT));
+    assert_eq!(w.nic_mapped_pages(), 0);
+}
+
+/// Row "BAR without struct page": the same map-type rule as P2P memory, so an initiator that cannot
+/// reach the exporter is refused with EREMOTEIO and nothing stays attached.
+#[test]
+fn bar_export_unreachable_from_the_initiator_is_eremoteio() {
+    let w = world(DomainType::Dma);
+    let (r, attached) = w.run(|k, p| async move {
+        let pid = k.create_process();
+        let mmio = p.export_bar(NVME, 2, 0, pages(1), true).unwrap();
+        let va = p.mmap_bar(pid, mmio, 0, pages(1), Prot::RW).await.unwrap();
+        let r = get_user_dma_sg(&p, pid, range(va, 1), ACC, SHORT)
+            .await
+            .map(|_| ());
+        (r, k.sim.metrics().get("dmabuf.attach"))
+    });
+    assert_eq!(r, Err(Errno::EREMOTEIO));
+    assert_eq!(attached, 0);
+}
