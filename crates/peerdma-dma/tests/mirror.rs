@@ -161,3 +161,70 @@ fn mirror_never_pins_so_the_pages_can_migrate_and_be_freed() {
         "the migration's invalidation zapped both entries"
     );
 }
+
+/// Mirror fault steps 1–2 against a concurrent invalidation, over many schedules (exploration mode): a
+/// device write through the mirror races a DONTNEED and a CPU store of the same page. Whatever the order,
+/// the oracle sees no stale translation and no lost write, and the final bytes are the last writer's.
+#[test]
+#[expect(
+    clippy::many_single_char_names,
+    reason = "w, k, p, m, b, d: the harness names used in every test"
+)]
+fn mirror_fault_racing_an_invalidation_never_installs_a_stale_entry() {
+    let mut outcomes = std::collections::BTreeSet::new();
+    let mut retries = 0;
+    for seed in 0..48 {
+        let w = world_explore(DomainType::Dma, seed);
+        let k = w.k.clone();
+        let pid = k.create_process();
+        let done: std::rc::Rc<std::cell::RefCell<Vec<&str>>> = std::rc::Rc::default();
+        let setup = w.run(move |k, p| async move {
+            let va = anon(&k, pid, 1, Prot::RW).await;
+            let m = DmaMirror::register(&p, p.device(NIC).unwrap(), pid, range(va, 1)).unwrap();
+            (va, std::rc::Rc::new(m))
+        });
+        let (va, m) = setup;
+        {
+            let (m, done) = (m.clone(), done.clone());
+            w.sim.spawn("device", async move {
+                m.write_page(va, &page_of(b'D')).await.unwrap();
+                done.borrow_mut().push("D");
+            });
+        }
+        {
+            let (k, done) = (k.clone(), done.clone());
+            w.sim.spawn("cpu", async move {
+                k.madvise(pid, va, PAGE_SIZE, Advice::DontNeed)
+                    .await
+                    .unwrap();
+                k.store(pid, va, b"C").await.unwrap();
+                done.borrow_mut().push("C");
+            });
+        }
+        assert_eq!(
+            w.sim.run(),
+            peerdma_sim::RunOutcome::Completed,
+            "seed {seed}"
+        );
+        w.assert_no_violation();
+        let last = *done.borrow().last().unwrap();
+        let (cpu, dev) = w.run(move |k, _p| async move {
+            let mut b = [0u8; 1];
+            k.load(pid, va, &mut b).await.unwrap();
+            let mut d = page_of(0);
+            m.read_page(va, &mut d).await.unwrap();
+            m.unregister().await;
+            (b[0], d[0])
+        });
+        assert_eq!(cpu, dev, "seed {seed}: the device and the CPU see one page");
+        outcomes.insert((done.borrow().clone(), cpu));
+        assert_eq!(
+            cpu,
+            last.as_bytes()[0],
+            "seed {seed}: the last writer's byte"
+        );
+        retries += w.sim.metrics().get("mirror.retries");
+    }
+    assert!(outcomes.len() > 1, "the schedules differ: {outcomes:?}");
+    assert!(retries > 0, "some schedule hit read_retry (fault step 2)");
+}

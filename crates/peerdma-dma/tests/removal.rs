@@ -253,3 +253,52 @@ fn remove_device_zaps_a_mirror_of_its_p2p_memory_without_waiting() {
     assert_eq!(entries, 0);
     assert_eq!(refault, Err(Errno::EFAULT));
 }
+
+/// platform.rs step 3 (`spec/linux-p2p.md` §1.7): the allocate file's errnos through the platform, and a
+/// provider with two resources serving from the second once the first is exhausted.
+#[test]
+fn p2pmem_mmap_tries_each_resource_in_order_and_keeps_the_allocate_file_errnos() {
+    let w = world(DomainType::Dma);
+    w.p.p2p_add_resource(GPU, 0, pages(4), 0x8_0000).unwrap();
+    let rows = w.run(|k, p| async move {
+        let pid = k.create_process();
+        let pa_of = |k: &Kernel, va: Va| {
+            let f = frame_of(k, pid, va);
+            k.state().phys.frame_pa(f).raw()
+        };
+        let first = p
+            .p2pmem_mmap(pid, GPU, P2P_LEN, Prot::RW, true, 0)
+            .await
+            .map(|va| pa_of(&k, va));
+        let second = p
+            .p2pmem_mmap(pid, GPU, pages(4), Prot::RW, true, 0)
+            .await
+            .map(|va| pa_of(&k, va));
+        let errs: Vec<_> = [
+            p.p2pmem_mmap(pid, GPU, pages(1), Prot::RW, true, 0).await, // both pools empty
+            p.p2pmem_mmap(pid, NVME, pages(17), Prot::RW, true, 0).await, // larger than the pool
+            p.p2pmem_mmap(pid, NVME, pages(1), Prot::RW, false, 0).await, // private
+            p.p2pmem_mmap(pid, NVME, pages(1), Prot::RW, true, 1).await, // offset
+            p.p2pmem_mmap(pid, NIC, pages(1), Prot::RW, true, 0).await, // no P2P memory
+            p.p2pmem_mmap(pid, DeviceId(99), pages(1), Prot::RW, true, 0)
+                .await,
+        ]
+        .into_iter()
+        .map(|r| r.map(|_| ()))
+        .collect();
+        (first, second, errs)
+    });
+    assert_eq!(rows.0, Ok(GPU_BAR0));
+    assert_eq!(rows.1, Ok(GPU_BAR0 + 0x8_0000), "the second resource");
+    assert_eq!(
+        rows.2,
+        [
+            Err(Errno::ENOMEM),
+            Err(Errno::ENOMEM),
+            Err(Errno::EINVAL),
+            Err(Errno::EINVAL),
+            Err(Errno::ENODEV),
+            Err(Errno::ENODEV),
+        ]
+    );
+}

@@ -88,10 +88,31 @@ pub fn world_seeded(nic_domain: DomainType, seed: u64) -> World {
 
 /// As [`world`], with the DMA layer's costs.
 pub fn world_with(nic_domain: DomainType, seed: u64, costs: DmaCosts) -> World {
-    let sim = Sim::new(SimConfig {
-        seed,
-        ..SimConfig::default()
-    });
+    world_sim(
+        nic_domain,
+        SimConfig {
+            seed,
+            ..SimConfig::default()
+        },
+        costs,
+    )
+}
+
+/// As [`world`], in the engine's exploration mode (ready agents ordered by the seed).
+pub fn world_explore(nic_domain: DomainType, seed: u64) -> World {
+    world_sim(
+        nic_domain,
+        SimConfig {
+            seed,
+            explore: true,
+            ..SimConfig::default()
+        },
+        DmaCosts::zero(),
+    )
+}
+
+fn world_sim(nic_domain: DomainType, cfg: SimConfig, costs: DmaCosts) -> World {
+    let sim = Sim::new(cfg);
     let k = Kernel::new(&sim, 64 << 20, MmCosts::zero());
     let mut b = TopologyBuilder::new();
     b.host_bridge("hb0", WhitelistEntry::Unrestricted);
