@@ -228,3 +228,62 @@ fn mirror_fault_racing_an_invalidation_never_installs_a_stale_entry() {
     assert!(outcomes.len() > 1, "the schedules differ: {outcomes:?}");
     assert!(retries > 0, "some schedule hit read_retry (fault step 2)");
 }
+
+/// fork write-protects the parent's private pages with an invalidation (copy_page_range's
+/// `mmu_notifier_invalidate_range_start`), so a mirror's writable entry cannot keep writing into a page
+/// the child now shares: the device's next write faults, breaks COW in the parent, and the child keeps its
+/// bytes.
+#[test]
+fn fork_invalidates_the_mirror_so_device_writes_do_not_reach_the_child() {
+    let w = world(DomainType::Dma);
+    let (after_fork, parent, child) = w.run(|k, p| async move {
+        let pid = k.create_process();
+        let va = anon(&k, pid, 1, Prot::RW).await;
+        k.store(pid, va, b"P").await.unwrap();
+        let m = DmaMirror::register(&p, p.device(NIC).unwrap(), pid, range(va, 1)).unwrap();
+        m.fault(range(va, 1), true).await.unwrap();
+        let child = k.fork(pid).await.unwrap();
+        let after_fork = m.nr_mapped();
+        m.write_page(va, &page_of(b'D')).await.unwrap();
+        let (mut a, mut b) = ([0u8; 1], [0u8; 1]);
+        k.load(pid, va, &mut a).await.unwrap();
+        k.load(child, va, &mut b).await.unwrap();
+        m.unregister().await;
+        (after_fork, a[0], b[0])
+    });
+    assert_eq!(after_fork, 0);
+    assert_eq!(parent, b'D');
+    assert_eq!(child, b'P');
+}
+
+#[test]
+fn mirror_fault_outside_its_range_or_empty_is_einval() {
+    let w = world(DomainType::Dma);
+    let rows = w.run(|k, p| async move {
+        let pid = k.create_process();
+        let va = anon(&k, pid, 3, Prot::RW).await;
+        let m = DmaMirror::register(&p, p.device(NIC).unwrap(), pid, range(va.add(PAGE_SIZE), 1))
+            .unwrap();
+        let rows = vec![
+            m.fault(range(va, 1), false).await,
+            m.fault(range(va, 2), false).await,
+            m.fault(
+                peerdma_core::Range::new(va.add(PAGE_SIZE), va.add(PAGE_SIZE)),
+                false,
+            )
+            .await,
+            m.fault(range(va.add(PAGE_SIZE), 1), false).await,
+        ];
+        m.unregister().await;
+        rows
+    });
+    assert_eq!(
+        rows,
+        [
+            Err(Errno::EINVAL),
+            Err(Errno::EINVAL),
+            Err(Errno::EINVAL),
+            Ok(())
+        ]
+    );
+}
