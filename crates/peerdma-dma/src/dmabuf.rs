@@ -27,7 +27,6 @@ use std::collections::BTreeMap;
 use peerdma_core::{DeviceId, Errno, PAGE_SIZE, Pa, Pid, Range, Va};
 use peerdma_mm::MmioId;
 use peerdma_mm::vma::Prot;
-use peerdma_pci::NodeId;
 
 use crate::map::{MapTarget, MappedSg};
 use crate::platform::Platform;
@@ -132,21 +131,18 @@ impl Platform {
             .await
     }
 
-    /// Returns the owner of the export whose BAR range contains `pa`.
-    pub(crate) fn export_owner_at(&self, pa: Pa) -> Option<NodeId> {
-        let owner = self
-            .exports
-            .borrow()
-            .by_mmio
-            .values()
-            .find(|e| e.range.contains(pa))
-            .map(|e| e.owner)?;
-        self.device(owner).ok().map(|d| d.node)
-    }
-
     /// Returns the physical range of an export.
     pub fn export_range(&self, mmio: MmioId) -> Option<Range<Pa>> {
         self.exports.borrow().by_mmio.get(&mmio).map(|e| e.range)
+    }
+
+    /// Returns whether `pa` lies in an export that has not been revoked (rule 3).
+    pub(crate) fn export_live_at(&self, pa: Pa) -> bool {
+        self.exports
+            .borrow()
+            .by_mmio
+            .values()
+            .any(|e| !e.revoked && e.range.contains(pa))
     }
 
     /// Returns whether the export is revocable (rule 4).

@@ -337,12 +337,23 @@ impl Platform {
             }
             DmaAddr::Bus(bus) => {
                 let (res, pa) = self.providers_bus_lookup(bus)?;
-                // The route is the topology's answer for the pair, whether the BAR is P2P memory or an
-                // export without provider state.
-                let mt =
+                let has_provider_state = self.providers.borrow().resource_at(pa).is_some();
+                let mt = if has_provider_state {
                     self.providers
                         .borrow_mut()
-                        .provider_map_type(self.topology(), res, d.node);
+                        .map_type(self.topology(), res, d.node)
+                } else if self.export_live_at(pa) {
+                    // BAR memory without struct page has no P2P provider state: its exporter decided the map
+                    // type with the "naked p2pdma_provider" (spec/linux-p2p.md §1.8 (a); dmabuf.rs rule 1), so
+                    // the routing check must use the same decision, not `pci_p2pdma_map_type`, which answers
+                    // NOT_SUPPORTED for a device without provider state.
+                    self.providers
+                        .borrow_mut()
+                        .provider_map_type(self.topology(), res, d.node)
+                } else {
+                    // Neither live P2P memory nor a live export: nothing may carry data there (oracle check 5).
+                    MapType::NotSupported
+                };
                 if mt != MapType::BusAddr {
                     self.violation(
                         ViolationKind::Routing,
@@ -380,8 +391,8 @@ impl Platform {
     }
 
     /// Moves `bytes` between `dev` and the memory at `pa` in simulated time, after `extra` (the translation
-    /// cost): the path's links (P2P: the provider–client path of the map-type decision; RAM: the device's
-    /// path to its host bridge) each carry one more flow while the transfer runs, and the transfer runs at
+    /// cost): the path's links (a BAR, P2P memory or exported: the owner–client path of the map-type
+    /// decision; RAM: the device's path to its host bridge) each carry one more flow while the transfer runs, and the transfer runs at
     /// the smallest per-flow share among them (`peerdma_pci::link::fair_share_gbps`: a link shared by N
     /// concurrent flows gives each 1/N of its effective bandwidth for this payload), plus the per-hop
     /// latency. *Coarse:* a flow's rate is fixed when it starts; flows that start later slow only
@@ -399,10 +410,9 @@ impl Platform {
             return;
         }
         let topo = self.topology();
-        let provider = self
-            .p2p_resource_at(pa)
-            .map(|(res, _)| res.provider)
-            .or_else(|| self.export_owner_at(pa));
+        // Any BAR is peer memory, P2P memory with struct pages or an export without: both travel the
+        // owner–client path.
+        let provider = topo.bar_at(pa).map(|(owner, _)| owner);
         let (path, turnaround) = match provider {
             Some(p) => {
                 let dec = p2p_distance(topo, p, d.node);

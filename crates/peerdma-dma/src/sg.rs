@@ -126,11 +126,7 @@ pub async fn get_user_dma_sg(
         let end = vma.range.end.min(range.end);
         let piece = Range::new(va, end);
         let p = if vma.flags.intersects(VmFlags::PFNMAP | VmFlags::IO) {
-            // The GUP rule for a write to a read-only VMA holds for the owner's translation too.
-            if flags.contains(DmaSgFlags::WRITE) && !vma.flags.contains(VmFlags::WRITE) {
-                return Err(Errno::EFAULT);
-            }
-            bar_piece(platform, &dev, pid, piece, flags)?
+            bar_piece(platform, &dev, pid, piece, vma.flags, flags)?
         } else {
             pinned_piece(platform, &dev, pid, piece, flags).await?
         };
@@ -154,8 +150,18 @@ fn bar_piece(
     dev: &DmaDevice,
     pid: Pid,
     piece: Range<Va>,
+    vm_flags: VmFlags,
     flags: DmaSgFlags,
 ) -> Result<Piece, Errno> {
+    // The exporter translates the user address with the access checked, as VFIO's `follow_fault_pfn` does
+    // (drivers/vfio/vfio_iommu_type1.c: a write fault on a PFN entry that is not writable is -EFAULT) and as
+    // GUP's `check_vma_flags` does for struct-page memory (spec/linux-p2p.md §2.3): a device write needs
+    // VM_WRITE, any access needs VM_READ (a PROT_NONE mapping has no usable entry).
+    if !vm_flags.contains(VmFlags::READ)
+        || (flags.contains(DmaSgFlags::WRITE) && !vm_flags.contains(VmFlags::WRITE))
+    {
+        return Err(Errno::EFAULT);
+    }
     let mut pas = Vec::new();
     let mut mmio = None;
     for va in piece.pages() {
