@@ -24,7 +24,9 @@
 //!    pages are split first. Then the reference check of `migrate_device_unmap`: a page with references
 //!    beyond its migration entries and the one taken in step 1 — a pin (`maybe_dma_pinned`), a GUP
 //!    reference — or with a mapping that could not be replaced, cannot migrate: its migration entries are
-//!    restored at once, it is unlocked and its entry becomes 0.
+//!    restored at once, it is unlocked and its entry becomes 0. A restored or migrated device-exclusive entry
+//!    comes back as a normal PTE (`remove_migration_pte`): the device already lost its atomic mapping through
+//!    the CLEAR invalidation.
 //! 3. The caller allocates destination pages (system RAM), copies, and fills `dst` (0 declines a page).
 //! 4. [`Kernel::migrate_device_pages`] clears MIGRATE where `dst` is 0 and moves the page's identity (owner)
 //!    to the destination.
