@@ -13,6 +13,12 @@
 //! Invalidate callback (spec §2.3): ignore MIGRATE events this device owns; otherwise take the driver lock
 //! (try-lock when non-blockable), `set_seq`, erase the `pt` entries of the range — `[start >> 12, end >> 12]`
 //! inclusive, exactly as test_hmm.c's `xa_for_each_range` does, so one page past the range goes too.
+//!
+//! Eviction (RELEASE, and full device memory during MIGRATE_TO_DEV) works by physical page, as
+//! `dmirror_device_evict_chunk` does: `migrate_device_range` / `migrate_device_pfns`
+//! ([`peerdma_mm::migrate_device`]) find every mapping of each device page in every process, so a page
+//! shared by parent and child after `fork` moves to one system page mapped by both. The mirrors' entries go
+//! through the walk's CLEAR invalidations; no mirror page table is edited directly.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -268,13 +274,11 @@ pub struct DmirrorDevice {
     costs: DmirrorCosts,
 }
 
-/// Who a device page belongs to: the open file that migrated it and where it was mapped then (test_hmm.c
-/// keeps the first in `zone_device_data`; the model has no rmap, so it also remembers the mapping for RELEASE).
+/// Who a device page belongs to: the open file that migrated it (test_hmm.c keeps it in
+/// `zone_device_data`). Eviction finds the page's mappings itself (`migrate_device_range`'s rmap walk).
 #[derive(Debug)]
 struct PageOwner {
     fd: Weak<Shared>,
-    pid: Pid,
-    va: Va,
 }
 
 /// The region's `dev_pagemap_ops`.
@@ -348,68 +352,87 @@ impl DmirrorDevice {
         Ok(())
     }
 
-    /// Evicts every page of this device back to system memory (`dmirror_device_evict_chunk`, which uses
-    /// `migrate_device_range`). Without an rmap the model migrates each page at the mapping recorded when it
-    /// was migrated in; pages no longer mapped there were already freed or moved.
-    async fn evict_all(&self) {
-        let pages: Vec<(Pid, Va)> = self
-            .owners
-            .borrow()
-            .values()
-            .map(|o| (o.pid, o.va))
-            .collect();
-        self.evict(pages, None).await;
+    /// Evicts every page of this device back to system memory: `dmirror_device_evict_chunk` over the device's
+    /// region, with `migrate_device_range`. Every mapping of each page, in every process, moves to the new
+    /// page; the mirrors lose their entries through the CLEAR invalidations of the rmap walk. Free pages are
+    /// skipped, and pinned pages stay where they are.
+    async fn evict_all(&self) -> u64 {
+        let (start, nr) = {
+            let st = self.kernel.state();
+            let r = &st.phys.regions()[self.region.get()];
+            (FrameId(r.start), r.nr_frames)
+        };
+        let mut src = vec![0u64; usize::try_from(nr).expect("region size fits usize")];
+        self.kernel.migrate_device_range(&mut src, start, nr).await;
+        self.evict_collected(&mut src).await
     }
 
     /// Evicts up to `nr` of this device's oldest pages back to system memory, to make room under device
-    /// memory pressure. `held` is the address space whose `mmap_lock` the caller already holds for reading.
-    async fn evict_oldest(&self, nr: usize, held: Pid) -> u64 {
-        let pages: Vec<(Pid, Va)> = {
-            let owners = self.owners.borrow();
+    /// memory pressure (`migrate_device_pfns` over the chosen frames). It takes no `mmap_lock`, so callers
+    /// may hold one (MIGRATE_TO_DEV holds its process's for reading).
+    async fn evict_oldest(&self, nr: usize) -> u64 {
+        let mut src: Vec<u64> = {
+            let mut owners = self.owners.borrow_mut();
             let mut lru = self.lru.borrow_mut();
+            let st = self.kernel.state();
+            let mut chosen = std::collections::BTreeSet::new();
             let mut out = Vec::new();
             while out.len() < nr {
                 let Some(f) = lru.pop_front() else { break };
-                if let Some(o) = owners.get(&f) {
-                    out.push((o.pid, o.va));
+                if !owners.contains_key(&f) || !chosen.insert(f) {
+                    continue;
                 }
+                if !st.phys.frame(f).is_allocated() {
+                    // Freed since (unmapped): page_free forgets it.
+                    owners.remove(&f);
+                    continue;
+                }
+                out.push(f.0);
             }
             out
         };
-        self.evict(pages, Some(held)).await
+        self.kernel.migrate_device_pfns(&mut src).await;
+        self.evict_collected(&mut src).await
     }
 
-    /// Migrates each recorded page mapping back to system memory; returns the pages moved.
-    async fn evict(&self, pages: Vec<(Pid, Va)>, held: Option<Pid>) -> u64 {
-        let mut moved = 0;
-        for (pid, va) in pages {
-            if !self.kernel.state().mm(pid).alive {
+    /// The rest of `dmirror_device_evict_chunk` for pages `migrate_device_range` / `_pfns` collected: allocate
+    /// system pages (direct reclaim first, as `__GFP_NOFAIL` would), copy, keep the WRITE bit, then
+    /// `migrate_device_pages` and `migrate_device_finalize`. Returns the pages moved.
+    async fn evict_collected(&self, src: &mut [u64]) -> u64 {
+        let k = &self.kernel;
+        let mut dst = vec![0u64; src.len()];
+        let mut n = 0;
+        for (s, d) in src.iter().zip(dst.iter_mut()) {
+            if *s & MIGRATE_PFN_MIGRATE == 0 {
                 continue;
             }
-            let lock = self.kernel.mmap_lock(pid);
-            let _m = if held == Some(pid) {
-                None
-            } else {
-                Some(lock.read().await)
-            };
-            let Some(page) = Range::from_len(va, PAGE_SIZE) else {
+            let Some(spage) = migrate_pfn_to_frame(*s) else {
                 continue;
             };
-            let mut m = MigrateVma::new(pid, page, self.select_flag(), self.id);
-            if self.kernel.migrate_vma_setup(&mut m).await.is_err() {
+            k.reclaim_if_low().await;
+            let Some(dpage) = k.alloc_page(0) else {
                 continue;
-            }
-            self.kernel.reclaim_if_low().await;
-            let n = self.copy_to_sys(&mut m);
-            self.kernel
-                .spend(self.costs.dma_page.saturating_mul(n))
-                .await;
-            self.kernel.migrate_vma_pages(&mut m);
-            self.kernel.migrate_vma_finalize(&mut m);
-            moved += n;
+            };
+            k.copy_page(spage, dpage);
+            *d = migrate_pfn(dpage) | (*s & MIGRATE_PFN_WRITE);
+            n += 1;
         }
-        self.kernel.sim.count("dmirror.evicted", moved);
-        moved
+        k.spend(self.costs.dma_page.saturating_mul(n)).await;
+        k.migrate_device_pages(src, &dst);
+        {
+            // The pages leave the device: no open file owns them any more.
+            let mut owners = self.owners.borrow_mut();
+            for &s in src.iter() {
+                if s & MIGRATE_PFN_MIGRATE != 0
+                    && let Some(f) = migrate_pfn_to_frame(s)
+                {
+                    owners.remove(&f);
+                }
+            }
+        }
+        k.migrate_device_finalize(src, &dst);
+        k.sim.count("dmirror.evicted", n);
+        n
     }
 
     /// `dmirror_devmem_fault_alloc_and_copy` / `dmirror_migrate_alloc_and_copy` towards system memory: for each
@@ -762,7 +785,7 @@ impl Dmirror {
                         // A whole THP: a 2 MiB block of device memory (declined if none is free).
                         let mut head = k.alloc_pmd_page(dev.region.get());
                         if head.is_none() {
-                            dev.evict_oldest(512, self.sh.pid).await;
+                            dev.evict_oldest(512).await;
                             head = k.alloc_pmd_page(dev.region.get());
                         }
                         let (Some(head), Some(src)) = (head, src) else {
@@ -781,7 +804,7 @@ impl Dmirror {
                         d
                     } else {
                         // Device memory is full: evict the oldest device pages, then try again.
-                        dev.evict_oldest(EVICT_BATCH, self.sh.pid).await;
+                        dev.evict_oldest(EVICT_BATCH).await;
                         let Some(d) = k.alloc_page(dev.region.get()) else {
                             continue;
                         };
@@ -822,8 +845,6 @@ impl Dmirror {
                             pt.insert(va.page_number(), PtEntry { frame, tag });
                             let owner = PageOwner {
                                 fd: Rc::downgrade(&self.sh),
-                                pid: self.sh.pid,
-                                va,
                             };
                             dev.owners.borrow_mut().insert(frame, owner);
                             dev.lru.borrow_mut().push_back(frame);

@@ -1536,6 +1536,15 @@ impl Kernel {
     /// A CPU access to a device-private entry: the owning pagemap migrates the page back to RAM
     /// (`do_swap_page` → `pgmap->ops->migrate_to_ram`, spec §1.6); the access then retries.
     async fn do_device_private_fault(&self, pid: Pid, va: Va, frame: FrameId) -> FaultResult {
+        if self.state().phys.frame(frame).locked {
+            // A device-range migration holds the page (crate::migrate_device): do_swap_page's trylock fails;
+            // wait for the unlock, then the access retries against whatever entry is there now.
+            let st = &self.state;
+            self.migration_wq
+                .wait_event(|| !st.borrow().phys.frame(frame).locked)
+                .await;
+            return Ok(());
+        }
         let region = self.state().phys.region_of(frame);
         let ops = self.pgmaps.borrow().get(&region).cloned();
         let Some(ops) = ops else {
@@ -2006,13 +2015,35 @@ impl KernelState {
             }
             return 0;
         }
+        if let Pte::Migration { frame, write } = leaf.pte {
+            // Only a device-range migration (crate::migrate_device), which takes no mmap_lock, leaves migration
+            // entries for fork to meet: copy them (copy_nonpresent_pte), read-only for COW; its finalize finds
+            // both through the rmap walk.
+            for i in 0..leaf.size.nr_pages() {
+                self.map_frame(FrameId(frame.0 + i));
+            }
+            let cow = !vma.is_shared();
+            let child_pte = Pte::Migration {
+                frame,
+                write: write && !cow,
+            };
+            self.mm_mut(child)
+                .pt
+                .set_leaf(leaf.base, leaf.size, child_pte);
+            if cow && write {
+                self.mm_mut(parent)
+                    .pt
+                    .set_leaf(leaf.base, leaf.size, leaf.pte.with_write(false));
+            }
+            return 0;
+        }
         let Pte::Present {
             frame,
             write,
             special,
         } = leaf.pte
         else {
-            // Other non-present entries (swap, migration) are not produced by fork's callers yet.
+            // Other non-present entries are not produced by fork's callers yet.
             return 0;
         };
         if special {

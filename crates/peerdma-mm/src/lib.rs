@@ -15,11 +15,13 @@ pub mod gup;
 pub mod hmm;
 pub mod kernel;
 pub mod migrate;
+pub mod migrate_device;
 pub mod notifier;
 pub mod oracle;
 pub mod p2p;
 pub mod pagetable;
 pub mod phys;
+pub mod rmap;
 pub mod swap;
 pub mod vma;
 

@@ -19,6 +19,9 @@
 //! A CPU fault on a device-private entry calls the owning pagemap's [`DevicePagemapOps::migrate_to_ram`],
 //! which migrates the page back with the same protocol.
 //!
+//! `migrate_vma` works on the mappings inside its range only. Evicting device memory by physical range,
+//! with every mapping of each page found by the rmap walk, is [`crate::migrate_device`].
+//!
 //! Simplifications: no compound (THP) migration — PMD mappings are split first, as without
 //! MIGRATE_VMA_SELECT_COMPOUND; `migrate_vma_pages` does not fire its second, insert-time notifier.
 
@@ -128,7 +131,7 @@ pub trait DevicePagemapOps: std::fmt::Debug {
 
 /// Returns the CPU page-table entry that maps `frame` of memory `kind`: a non-present device-private entry for
 /// device-private memory (the CPU cannot touch it), a present PTE for everything else.
-fn mapping_entry(kind: MemoryKind, frame: FrameId, write: bool) -> Pte {
+pub(crate) fn mapping_entry(kind: MemoryKind, frame: FrameId, write: bool) -> Pte {
     match kind {
         MemoryKind::DevicePrivate { .. } => Pte::DevicePrivate { frame, write },
         _ => Pte::Present {
@@ -324,8 +327,10 @@ impl Kernel {
                     MemoryKind::FsDax { .. } | MemoryKind::P2pMem { .. } => false,
                 };
                 let fr = st.phys.frame(frame);
-                // Only anonymous pages move; pinned pages stay (the refcount check of migrate_vma_unmap).
-                if !selected || fr.owner() != FrameOwner::Anon || fr.maybe_dma_pinned() {
+                // Only anonymous pages move; pinned pages stay (the refcount check of migrate_vma_unmap); a page
+                // a device-range migration holds locked is skipped (the trylock of migrate_vma_collect_pmd).
+                if !selected || fr.owner() != FrameOwner::Anon || fr.maybe_dma_pinned() || fr.locked
+                {
                     continue;
                 }
                 st.mm_mut(m.pid)

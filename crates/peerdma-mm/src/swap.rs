@@ -46,8 +46,8 @@
 //!    page off its list when it is freed).
 //! 2. Scan the inactive tail (rules 2 and 3 above), isolating the reclaim candidates.
 //! 3. Age the active list (rule 4).
-//! 4. Find every mapping of the candidates by walking the page tables of all address spaces (the model
-//!    has no rmap; MGLRU walks page tables too).
+//! 4. Find every mapping of the candidates with the model's rmap walk ([`crate::rmap`]: the page tables of
+//!    all address spaces; MGLRU walks page tables too).
 //! 5. Replace each mapping inside a CLEAR invalidation, so mirrors drop their translations before the page
 //!    goes, and write the page to a swap slot (shared by every mapping, with a count); the last mapping
 //!    frees the frame.
@@ -433,25 +433,19 @@ impl Kernel {
     /// invalidations and writes them to swap slots; returns how many pages were written.
     async fn swap_out(&self, victims: &BTreeMap<FrameId, u64>) -> u64 {
         // Step 4: every 4 KiB mapping of a victim, in every address space.
-        let mappings: Vec<(Pid, Va, FrameId, bool)> = {
-            let st = self.state();
-            let mut out = Vec::new();
-            for mm in st.mms.values().filter(|m| m.alive) {
-                for leaf in mm.pt.leaves(Va::from_raw(0), Va::from_raw(u64::MAX)) {
-                    if let Pte::Present {
-                        frame,
-                        write,
-                        special: false,
-                    } = leaf.pte
-                        && leaf.size == PageSize::Size4K
-                        && victims.contains_key(&frame)
-                    {
-                        out.push((mm.pid, leaf.base, frame, write));
-                    }
-                }
-            }
-            out
-        };
+        let mappings: Vec<(Pid, Va, FrameId, bool)> = self
+            .state()
+            .rmap_walk(|f| victims.contains_key(&f))
+            .into_iter()
+            .filter_map(|m| match m.leaf.pte {
+                Pte::Present {
+                    write,
+                    special: false,
+                    ..
+                } if m.leaf.size == PageSize::Size4K => Some((m.pid, m.va, m.frame, write)),
+                _ => None,
+            })
+            .collect();
         // Step 5: replace each mapping with a swap entry.
         let mut slots: BTreeMap<FrameId, u64> = BTreeMap::new();
         let mut swapped = 0;

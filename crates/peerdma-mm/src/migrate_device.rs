@@ -1,0 +1,313 @@
+//! Device memory migration by physical range: `migrate_device_range` / `migrate_device_pfns`,
+//! `migrate_device_pages` and `migrate_device_finalize`, which evict device pages wherever they are mapped.
+//!
+//! Linux counterparts: mm/migrate_device.c (`migrate_device_range`, `migrate_device_pfns`,
+//! `migrate_device_unmap`, `migrate_device_pages`, `migrate_device_finalize`), mm/rmap.c (`try_to_migrate`,
+//! `remove_migration_ptes`), lib/test_hmm.c (`dmirror_device_evict_chunk`), spec/linux-hmm.md §1.4.
+//!
+//! Unlike `migrate_vma` ([`crate::migrate`]), which starts from a virtual range of one process, this starts
+//! from device page frames and finds every mapping of each page with the rmap walk ([`crate::rmap`]): after
+//! `fork`, one device page is mapped by two processes, and both mappings move to the same new page.
+//!
+//! The protocol, as numbered steps. It takes **no `mmap_lock`** (a driver evicts at unbind, or under memory
+//! pressure while some process's `mmap_lock` may already be held):
+//! 1. [`Kernel::migrate_device_range`] (or [`Kernel::migrate_device_pfns`] for a list of frames) takes each
+//!    allocated device page (device-private or device-coherent memory): a reference and the page lock, giving
+//!    `src = migrate_pfn | MIGRATE`. Free pages, pages of other memory, and busy pages (locked, or with a
+//!    mapping that is already a migration entry: another migration holds them) give 0.
+//! 2. It replaces every mapping of each taken page — device-private entries, device-coherent present PTEs,
+//!    device-exclusive entries, in every process — by a migration entry that keeps that mapping's write bit,
+//!    each inside an MMU_NOTIFY_CLEAR invalidation with no owner, as `try_to_migrate_one` does. Every mirror
+//!    of every process that maps the page therefore drops its translation through its invalidate callback,
+//!    the owning device's included (a MIGRATE event with the device as owner would be skipped by its own
+//!    mirrors, test_hmm.c's rule, and leave them pointing at a page about to be freed). PMD-mapped device
+//!    pages are split first. Then the reference check of `migrate_device_unmap`: a page with references
+//!    beyond its migration entries and the one taken in step 1 — a pin (`maybe_dma_pinned`), a GUP
+//!    reference — or with a mapping that could not be replaced, cannot migrate: its migration entries are
+//!    restored at once, it is unlocked and its entry becomes 0. A restored or migrated device-exclusive entry
+//!    comes back as a normal PTE (`remove_migration_pte`): the device already lost its atomic mapping through
+//!    the CLEAR invalidation.
+//! 3. The caller allocates destination pages (system RAM), copies, and fills `dst` (0 declines a page).
+//! 4. [`Kernel::migrate_device_pages`] clears MIGRATE where `dst` is 0 and moves the page's identity (owner)
+//!    to the destination.
+//! 5. [`Kernel::migrate_device_finalize`] finds the migration entries of each page with the rmap walk
+//!    (`remove_migration_ptes`) — including those `fork` copied meanwhile — and installs the destination in
+//!    each, with that entry's write bit, or restores the source where the page did not migrate. The new page
+//!    has one mapping and one reference per entry, so a page COW-shared by two processes stays shared and
+//!    read-only in both (not anon-exclusive: a write in either copies). It unlocks the source and drops the
+//!    reference of step 1: the device page is freed (`page_free`) once its last mapping went. CPU accesses
+//!    waiting on migration entries, and CPU faults waiting on the page lock, are woken.
+//!
+//! A migration entry holds its mapping's reference, as everywhere in this model: `munmap` or exit during
+//! steps 2–5 drops it, and the walk of step 5 no longer finds that mapping.
+//!
+//! Simplifications: only device memory is taken (Linux would also migrate a system page whose pfn is in
+//! the range); device THPs are split rather than migrated as compound pages; `migrate_device_pages` does no
+//! refcount freeze (step 5 installs whatever migration entries exist then).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use peerdma_core::{FrameId, PAGE_SIZE, PageSize, Pid, Range, Va};
+
+use crate::kernel::Kernel;
+use crate::migrate::{
+    MIGRATE_PFN_MIGRATE, MIGRATE_PFN_VALID, mapping_entry, migrate_pfn, migrate_pfn_to_frame,
+};
+use crate::notifier::NotifierEvent;
+use crate::pagetable::Pte;
+use crate::phys::MemoryKind;
+
+/// Returns the frame and write bit of an entry that maps a device page for step 2 (device-private,
+/// device-coherent present, device-exclusive).
+fn device_mapping(pte: Pte) -> Option<(FrameId, bool)> {
+    match pte {
+        Pte::DevicePrivate { frame, write }
+        | Pte::DeviceExclusive { frame, write }
+        | Pte::Present {
+            frame,
+            write,
+            special: false,
+        } => Some((frame, write)),
+        _ => None,
+    }
+}
+
+impl Kernel {
+    /// `migrate_device_range(src_pfns, start, npages)`: steps 1 and 2 of the module docs for the `npages`
+    /// frames from `start`; fills `src_pfns[..npages]`.
+    ///
+    /// # Panics
+    /// Panics if `src_pfns` holds fewer than `npages` entries (a caller bug).
+    pub async fn migrate_device_range(&self, src_pfns: &mut [u64], start: FrameId, npages: u64) {
+        let n = usize::try_from(npages).expect("npages fits the src_pfns array");
+        assert!(src_pfns.len() >= n, "src_pfns shorter than npages");
+        for (i, s) in (0u64..).zip(src_pfns[..n].iter_mut()) {
+            *s = start.0 + i;
+        }
+        self.migrate_device_pfns(&mut src_pfns[..n]).await;
+    }
+
+    /// `migrate_device_pfns(src_pfns, npages)`: steps 1 and 2 of the module docs for the frames whose numbers
+    /// `src_pfns` holds on entry (raw frame numbers); each becomes a migrate-pfn word, or 0.
+    pub async fn migrate_device_pfns(&self, src_pfns: &mut [u64]) {
+        // Step 1: take the pages.
+        let taken: BTreeSet<FrameId> = {
+            let mut guard = self.state();
+            let st = &mut *guard;
+            let wanted: BTreeSet<FrameId> = src_pfns.iter().map(|&p| FrameId(p)).collect();
+            let busy: BTreeSet<FrameId> = st
+                .rmap_walk(|f| wanted.contains(&f))
+                .into_iter()
+                .filter(|m| matches!(m.leaf.pte, Pte::Migration { .. }))
+                .map(|m| m.frame)
+                .collect();
+            let mut taken = BTreeSet::new();
+            for s in src_pfns.iter_mut() {
+                let f = FrameId(*s);
+                *s = 0;
+                if !st.phys.exists(f)
+                    || !matches!(
+                        st.phys.kind(f),
+                        MemoryKind::DevicePrivate { .. } | MemoryKind::DeviceCoherent { .. }
+                    )
+                {
+                    continue;
+                }
+                let fr = st.phys.frame(f);
+                // get_page_unless_zero + trylock_page.
+                if !fr.is_allocated() || fr.locked || busy.contains(&f) || !taken.insert(f) {
+                    continue;
+                }
+                st.phys.get(f);
+                st.phys.frame_mut(f).locked = true;
+                *s = migrate_pfn(f) | MIGRATE_PFN_MIGRATE;
+            }
+            taken
+        };
+        if taken.is_empty() {
+            return;
+        }
+        // Step 2: try_to_migrate — every mapping of every taken page, PMD leaves split first.
+        let mappings: Vec<(Pid, Va, FrameId)> = {
+            let mut st = self.state();
+            let walk = st.rmap_walk(|f| taken.contains(&f));
+            for m in &walk {
+                if m.leaf.size != PageSize::Size4K && device_mapping(m.leaf.pte).is_some() {
+                    st.mm_mut(m.pid).pt.split_pmd(m.va);
+                }
+            }
+            walk.into_iter()
+                .filter(|m| device_mapping(m.leaf.pte).is_some())
+                .map(|m| (m.pid, m.va, m.frame))
+                .collect()
+        };
+        for (pid, va, frame) in mappings {
+            let page = Range::from_len(va, PAGE_SIZE).expect("page in user space");
+            self.invalidate_range_start(pid, page, NotifierEvent::Clear, None)
+                .await;
+            {
+                let mut st = self.state();
+                // The entry may have changed while the invalidation slept (zapped, COW-broken).
+                let cur = st
+                    .mm(pid)
+                    .pt
+                    .lookup(va)
+                    .filter(|l| l.size == PageSize::Size4K)
+                    .and_then(|l| device_mapping(l.pte));
+                // A pinned exclusive page cannot be shared for migration (folio_try_share_anon_rmap_pte).
+                if let Some((f, write)) = cur
+                    && f == frame
+                    && !st.phys.frame(frame).maybe_dma_pinned()
+                {
+                    st.mm_mut(pid)
+                        .pt
+                        .set_pte(va, Pte::Migration { frame, write });
+                }
+            }
+            self.invalidate_range_end(pid);
+        }
+        // The reference check of migrate_device_unmap: restore what cannot migrate.
+        let mut restored = false;
+        {
+            let mut guard = self.state();
+            let st = &mut *guard;
+            let mut entries: BTreeMap<FrameId, Vec<(Pid, Va, bool)>> = BTreeMap::new();
+            let mut still_mapped: BTreeSet<FrameId> = BTreeSet::new();
+            for m in st.rmap_walk(|f| taken.contains(&f)) {
+                match m.leaf.pte {
+                    Pte::Migration { write, .. } if m.leaf.size == PageSize::Size4K => {
+                        entries
+                            .entry(m.frame)
+                            .or_default()
+                            .push((m.pid, m.va, write));
+                    }
+                    _ => {
+                        still_mapped.insert(m.frame);
+                    }
+                }
+            }
+            for s in src_pfns.iter_mut() {
+                let Some(f) = migrate_pfn_to_frame(*s) else {
+                    continue;
+                };
+                let mine = entries.get(&f).map_or(&[][..], Vec::as_slice);
+                let expected = u32::try_from(mine.len()).expect("mappings fit u32") + 1;
+                if !still_mapped.contains(&f) && st.phys.frame(f).refcount == expected {
+                    continue;
+                }
+                let kind = st.phys.kind(f);
+                for &(pid, va, write) in mine {
+                    st.mm_mut(pid).pt.set_pte(va, mapping_entry(kind, f, write));
+                }
+                st.phys.frame_mut(f).locked = false;
+                st.phys.put(f);
+                *s = 0;
+                restored = true;
+            }
+        }
+        if restored {
+            self.migration_wq.wake_up_all();
+        }
+    }
+
+    /// `migrate_device_pages(src_pfns, dst_pfns, npages)`: step 4 of the module docs.
+    ///
+    /// # Panics
+    /// Panics if the two arrays differ in length (a caller bug).
+    pub fn migrate_device_pages(&self, src_pfns: &mut [u64], dst_pfns: &[u64]) {
+        assert_eq!(src_pfns.len(), dst_pfns.len(), "src and dst arrays differ");
+        let mut st = self.state();
+        for (s, &d) in src_pfns.iter_mut().zip(dst_pfns) {
+            if *s & MIGRATE_PFN_MIGRATE == 0 {
+                continue;
+            }
+            let (Some(src), Some(dst)) = (migrate_pfn_to_frame(*s), migrate_pfn_to_frame(d)) else {
+                *s &= !MIGRATE_PFN_MIGRATE;
+                continue;
+            };
+            // folio_migrate_mapping: the destination takes the page's place (an anonymous page here).
+            let owner = st.phys.frame(src).owner();
+            st.phys.set_owner(dst, owner);
+        }
+    }
+
+    /// `migrate_device_finalize(src_pfns, dst_pfns, npages)`: step 5 of the module docs.
+    ///
+    /// # Panics
+    /// Panics if the two arrays differ in length (a caller bug).
+    pub fn migrate_device_finalize(&self, src_pfns: &[u64], dst_pfns: &[u64]) {
+        assert_eq!(src_pfns.len(), dst_pfns.len(), "src and dst arrays differ");
+        let mut moved = 0u64;
+        {
+            let mut guard = self.state();
+            let st = &mut *guard;
+            let sources: BTreeSet<FrameId> = src_pfns
+                .iter()
+                .filter_map(|&s| migrate_pfn_to_frame(s))
+                .collect();
+            // remove_migration_ptes: every migration entry of each source, wherever it is now.
+            let mut entries: BTreeMap<FrameId, Vec<(Pid, Va, bool)>> = BTreeMap::new();
+            for m in st.rmap_walk(|f| sources.contains(&f)) {
+                if let Pte::Migration { write, .. } = m.leaf.pte
+                    && m.leaf.size == PageSize::Size4K
+                {
+                    entries
+                        .entry(m.frame)
+                        .or_default()
+                        .push((m.pid, m.va, write));
+                }
+            }
+            for (&s, &d) in src_pfns.iter().zip(dst_pfns) {
+                let dst = migrate_pfn_to_frame(d);
+                let Some(src) = migrate_pfn_to_frame(s) else {
+                    if let Some(d) = dst {
+                        st.phys.put(d);
+                    }
+                    continue;
+                };
+                let migrated = s & (MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE)
+                    == MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE
+                    && dst.is_some();
+                let to = if migrated {
+                    dst.expect("migrated")
+                } else {
+                    src
+                };
+                let kind = st.phys.kind(to);
+                for &(pid, va, write) in entries.get(&src).map_or(&[][..], Vec::as_slice) {
+                    st.mm_mut(pid)
+                        .pt
+                        .set_pte(va, mapping_entry(kind, to, write));
+                    if migrated {
+                        // The mapping's reference moves from the old page to the new one.
+                        st.phys.get(to);
+                        st.phys.frame_mut(to).mapcount += 1;
+                        let fr = st.phys.frame_mut(src);
+                        fr.mapcount = fr.mapcount.saturating_sub(1);
+                        st.phys.put(src);
+                    }
+                }
+                if let Some(d) = dst {
+                    if migrated
+                        && st.phys.frame(d).mapcount > 0
+                        && matches!(st.phys.kind(d), MemoryKind::Ram { .. })
+                    {
+                        st.lru_add_new_anon(d);
+                    }
+                    // The caller's allocation reference; an unused destination is freed.
+                    st.phys.put(d);
+                }
+                st.phys.frame_mut(src).locked = false;
+                // The reference of step 1: the last one frees the device page (page_free).
+                st.phys.put(src);
+                if migrated {
+                    moved += 1;
+                }
+            }
+        }
+        if moved > 0 {
+            self.sim.count("migrate.pages", moved);
+        }
+        self.migration_wq.wake_up_all();
+    }
+}
