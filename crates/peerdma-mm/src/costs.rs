@@ -9,13 +9,13 @@ use peerdma_core::SimDuration;
 pub struct MmCosts {
     /// Entering and leaving a system call.
     pub syscall: SimDuration,
-    /// A minor anonymous fault, zero-fill included (spec/numbers.md §5: median ≈ 1.0 µs [B]).
+    /// A minor anonymous fault, zero-fill included (spec/numbers.md §5: median ≈ 1.0 µs \[B\]).
     pub cpu_fault: SimDuration,
-    /// Copying one 4 KiB page between RAM pages (≈ 10 GB/s memcpy, [R]; used for COW and fork copies).
+    /// Copying one 4 KiB page between RAM pages (≈ 10 GB/s memcpy, \[R\]; used for COW and fork copies).
     pub page_copy: SimDuration,
     /// CPU load/store of one 4 KiB page worth of data once translated (same memcpy bandwidth).
     pub page_access: SimDuration,
-    /// A TLB shootdown after unmap/protect (spec/numbers.md §5: ≈ 1–3 µs IPI round trip [B]).
+    /// A TLB shootdown after unmap/protect (spec/numbers.md §5: ≈ 1–3 µs IPI round trip \[B\]).
     pub tlb_shootdown: SimDuration,
     /// Walking the page table for one page inside `hmm_range_fault`.
     pub hmm_walk_page: SimDuration,

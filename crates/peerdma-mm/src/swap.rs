@@ -308,7 +308,7 @@ struct PassStats {
     rotate: u64,
 }
 
-/// Swap-device latency per 4 KiB page (spec/numbers.md §5: a major fault from NVMe is 80–200 µs [B]; the
+/// Swap-device latency per 4 KiB page (spec/numbers.md §5: a major fault from NVMe is 80–200 µs \[B\]; the
 /// write-out side is modelled with the same figure).
 pub const SWAP_IO: SimDuration = SimDuration::from_micros(80);
 
