@@ -154,8 +154,15 @@ impl Report {
         }
         if !self.metrics.is_empty() {
             let _ = writeln!(s, "\ncounters:");
+            let width = self
+                .metrics
+                .keys()
+                .map(String::len)
+                .max()
+                .unwrap_or(0)
+                .max(24);
             for (k, v) in &self.metrics {
-                let _ = writeln!(s, "  {k:<24} {v:>10}");
+                let _ = writeln!(s, "  {k:<width$} {v:>10}");
             }
         }
         s

@@ -1050,7 +1050,36 @@ impl World {
         }
     }
 
+    /// Adds each `pci` device's IOMMU statistics to the counters (`iommu.<device>.<stat>`, non-zero ones).
+    fn count_iommu_stats(&self, sim: &Sim) {
+        let Some(platform) = &self.platform else {
+            return;
+        };
+        for (name, &id) in &self.pci {
+            let Ok(d) = platform.device(id) else {
+                continue;
+            };
+            let st = d.domain().stats().clone();
+            for (stat, n) in [
+                ("iotlb_hits", st.iotlb_hits),
+                ("iotlb_misses", st.iotlb_misses),
+                ("iotlb_evictions", st.iotlb_evictions),
+                ("stale_hits", st.stale_hits),
+                ("faults", st.faults),
+                ("flushes", st.flushes),
+                ("range_invalidations", st.range_invalidations),
+                ("fq_queued", st.fq_queued),
+                ("iova_allocs", st.iova_allocs),
+            ] {
+                if n > 0 {
+                    sim.count(&format!("iommu.{name}.{stat}"), n);
+                }
+            }
+        }
+    }
+
     fn finish(&self, sim: &Sim, seed: u64, explore: bool, outcome: &RunOutcome) -> Report {
+        self.count_iommu_stats(sim);
         let violations = self.kernel.state().oracle.violations().to_vec();
         let failures = self.failures.borrow().clone();
         let outcome = if let Some(v) = violations.first() {
