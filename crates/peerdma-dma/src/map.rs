@@ -108,6 +108,8 @@ pub struct MappedSg {
     pub(crate) pages: Vec<MappedPage>,
     /// The IOVA range allocated for the non-bus pages, if the domain translates.
     iova: Option<(Iova, u64)>,
+    /// The CPU time the mapping took (IO PTE updates), for callers that can spend it.
+    pub(crate) cost: SimDuration,
 }
 
 impl MappedSg {
@@ -271,28 +273,38 @@ impl Platform {
         self.kernel
             .sim
             .count("dma.mapped_pages", targets.len() as u64);
+        let cost = if iova.is_some() {
+            self.costs.iommu.map(nr_iova)
+        } else {
+            SimDuration::ZERO
+        };
         Ok(MappedSg {
             pages,
             iova: iova.map(|a| (a, nr_iova * PAGE_SIZE)),
+            cost,
         })
     }
 
-    /// `dma_unmap_sg`: releases the IOVA range (bus addresses are skipped: they were never mapped).
+    /// `dma_unmap_sg`: releases the IOVA range (bus addresses are skipped: they were never mapped). Returns
+    /// the CPU time the unmap takes (IO PTE updates, and the IOTLB invalidation of a strict domain or the
+    /// full flush a lazy domain's flush queue ran), for callers that can spend it.
     ///
     /// # Errors
     /// `ENODEV` for an unknown device.
-    pub fn unmap_sg(&self, dev: DeviceId, sg: &mut MappedSg) -> Result<(), Errno> {
+    pub fn unmap_sg(&self, dev: DeviceId, sg: &mut MappedSg) -> Result<SimDuration, Errno> {
         let d = self.device(dev)?;
+        let mut cost = SimDuration::ZERO;
         if let Some((iova, len)) = sg.iova.take() {
             let now = self.kernel.sim.now();
             let mut domain = d.domain_mut();
-            domain
+            let outcome = domain
                 .unmap(iova, len, now)
                 .expect("map_sg mapped this IOVA range");
+            cost = self.costs.iommu.unmap(&outcome);
         }
         sg.pages.clear();
         self.kernel.sim.count("dma.unmap_sg", 1);
-        Ok(())
+        Ok(cost)
     }
 
     /// Resolves a device access at `addr` to a physical address, with its translation cost; `None` when the

@@ -74,8 +74,9 @@ struct Shared {
 }
 
 impl Shared {
-    /// Zaps and DMA-unmaps the entries of `r` (invalidate steps 3); returns how many went.
-    fn zap(&self, r: Range<Va>) -> u64 {
+    /// Zaps and DMA-unmaps the entries of `r` (invalidate step 3); returns how many went and the unmaps'
+    /// CPU time.
+    fn zap(&self, r: Range<Va>) -> (u64, SimDuration) {
         let gone: Vec<Entry> = {
             let mut e = self.entries.borrow_mut();
             let keys: Vec<u64> = e
@@ -85,18 +86,24 @@ impl Shared {
             keys.iter().filter_map(|k| e.remove(k)).collect()
         };
         let n = gone.len() as u64;
+        let mut cost = SimDuration::ZERO;
         for en in gone {
-            self.release(en.target);
+            cost += self.release(en.target);
         }
-        n
+        (n, cost)
     }
 
-    fn release(&self, t: Target) {
+    /// DMA-unmaps (or detaches) one entry's target; returns the unmap's CPU time.
+    fn release(&self, t: Target) -> SimDuration {
         match t {
-            Target::Page { mut sg, .. } => {
-                let _ = self.platform.unmap_sg(self.dev.id, &mut sg);
+            Target::Page { mut sg, .. } => self
+                .platform
+                .unmap_sg(self.dev.id, &mut sg)
+                .unwrap_or(SimDuration::ZERO),
+            Target::Bar { mmio, att } => {
+                self.platform.dmabuf_detach(mmio, att);
+                SimDuration::ZERO
             }
-            Target::Bar { mmio, att } => self.platform.dmabuf_detach(mmio, att),
         }
     }
 }
@@ -122,8 +129,9 @@ impl IntervalNotifierOps for Ops {
             };
             let k = &sh.platform.kernel;
             k.interval_set_seq(sh.pid, id, cur_seq);
-            let n = sh.zap(range.range);
+            let (n, cost) = sh.zap(range.range);
             k.sim.count("mirror.invalidated_pages", n);
+            k.spend(cost).await;
             true
         })
     }
@@ -261,14 +269,19 @@ impl DmaMirror {
             });
             break g;
         };
+        // The device entries are programmed and DMA-mapped under the mirror lock.
         let res = self.install(&range);
+        if let Ok(cost) = res {
+            k.spend(cost).await;
+        }
         drop(guard);
-        res
+        res.map(|_| ())
     }
 
-    /// Fault step 3, under the mirror lock.
-    fn install(&self, range: &HmmRange) -> Result<(), Errno> {
+    /// Fault step 3, under the mirror lock; returns the CPU time of the DMA mappings.
+    fn install(&self, range: &HmmRange) -> Result<SimDuration, Errno> {
         let sh = &self.sh;
+        let mut cost = SimDuration::ZERO;
         for (i, &w) in range.hmm_pfns.iter().enumerate() {
             let frame = hmm_pfn_to_frame(w);
             let write = w & HMM_PFN_WRITE != 0;
@@ -280,6 +293,7 @@ impl DmaMirror {
                 mmio: false,
             };
             let sg = sh.platform.map_targets(&sh.dev, &[target], write)?;
+            cost += sg.cost;
             let vpn = range.start.page_number() + i as u64;
             let old = sh.entries.borrow_mut().insert(
                 vpn,
@@ -289,10 +303,10 @@ impl DmaMirror {
                 },
             );
             if let Some(o) = old {
-                sh.release(o.target);
+                cost += sh.release(o.target);
             }
         }
-        Ok(())
+        Ok(cost)
     }
 
     /// The fault of a range in a PFNMAP VMA: `hmm_range_fault` refuses it, so the mirror goes through the
@@ -339,7 +353,7 @@ impl DmaMirror {
                 },
             );
             if let Some(o) = old {
-                sh.release(o.target);
+                let _ = sh.release(o.target);
             }
         }
         Ok(())
@@ -412,7 +426,8 @@ impl DmaMirror {
         let sh = &self.sh;
         {
             let _g = sh.lock.lock().await;
-            sh.zap(self.range);
+            let (_, cost) = sh.zap(self.range);
+            sh.platform.kernel.spend(cost).await;
         }
         sh.platform
             .kernel

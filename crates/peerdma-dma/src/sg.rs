@@ -27,7 +27,7 @@ use std::fmt;
 use std::rc::Rc;
 
 use bitflags::bitflags;
-use peerdma_core::{DeviceId, Errno, PAGE_SIZE, Pid, Range, Va};
+use peerdma_core::{DeviceId, Errno, PAGE_SIZE, Pid, Range, SimDuration, Va};
 use peerdma_mm::MmioId;
 use peerdma_mm::gup::{GupFlags, PinnedPages};
 use peerdma_mm::phys::MemoryKind;
@@ -235,6 +235,7 @@ async fn pinned_piece(
         pins.frames().iter().map(|&f| st.phys.frame_pa(f)).collect()
     };
     let sg = platform.map_sg(dev.id, &pas, flags.contains(DmaSgFlags::WRITE))?;
+    k.spend(sg.cost).await;
     Ok(Piece::Pinned {
         start: piece.start,
         pins,
@@ -414,30 +415,39 @@ impl DmaSgHandle {
         Err(Errno::EINVAL)
     }
 
-    /// Releases everything (rule 3), waiting for the mirror's notifier removal.
+    /// Releases everything (rule 3), waiting for the mirror's notifier removal and spending the unmaps'
+    /// CPU time (a strict domain's IOTLB invalidations).
     pub async fn release(mut self) {
         if let Some(m) = self.mirror.take() {
             m.unregister().await;
         }
-        self.release_pieces();
+        let cost = self.release_pieces();
+        self.platform.kernel.spend(cost).await;
     }
 
-    fn release_pieces(&mut self) {
+    /// Unmaps, unpins and detaches every piece; returns the unmaps' CPU time (dropped, with the handle, by
+    /// `Drop`, which cannot wait).
+    fn release_pieces(&mut self) -> SimDuration {
+        let mut cost = SimDuration::ZERO;
         for p in self.pieces.drain(..) {
             match p {
                 Piece::Pinned { mut sg, pins, .. } => {
-                    let _ = self.platform.unmap_sg(self.dev.id, &mut sg);
+                    cost += self
+                        .platform
+                        .unmap_sg(self.dev.id, &mut sg)
+                        .unwrap_or(SimDuration::ZERO);
                     drop(pins);
                 }
                 Piece::Bar { mmio, att, .. } => self.platform.dmabuf_detach(mmio, att),
             }
         }
+        cost
     }
 }
 
 impl Drop for DmaSgHandle {
     fn drop(&mut self) {
-        self.release_pieces();
+        let _ = self.release_pieces();
         if let Some(m) = self.mirror.take() {
             // Removing an interval notifier may wait for an invalidation in progress: let an agent do it.
             let sim = self.platform.kernel.sim.clone();
