@@ -80,6 +80,8 @@ fn same_scenario_and_seed_give_byte_identical_reports_and_traces() {
             "5",
             "--json",
         ],
+        // Two threads, DMA link sharing, provider removal waiting for pins, calibrated time.
+        vec!["run", "scenarios/p2p_remove.toml", "--json", "--steps"],
     ] {
         let mut outs = Vec::new();
         for i in 0..2 {
