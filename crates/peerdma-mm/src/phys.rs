@@ -16,9 +16,11 @@
 //!   preferred (home) node, whose free pages are at or above [`LOW_WATERMARK`] — the fast path's
 //!   `ALLOC_WMARK_LOW` check, and a node below it is skipped rather than reclaimed because
 //!   `node_reclaim_mode` is 0 by default —, then the first at or above [`MIN_WATERMARK`] (the slow path's
-//!   `ALLOC_WMARK_MIN`), then the first with any free page. Fallback order is the home node, then the other
-//!   nodes in ascending node id: every remote node is at the same distance in the model (a SLIT of 10 local,
-//!   20 remote), and `build_zonelists` orders equal distances by node id on its first pass. Reclaim, which
+//!   `ALLOC_WMARK_MIN`), then the first with any free page. Fallback order is the home node, then the nodes
+//!   above it in ascending id, wrapping round to node 0 and up (for node 1 of 3: 1, 2, 0): every remote
+//!   node is at the same distance in the model (a SLIT of 10 local, 20 remote), and `find_next_best_node`
+//!   (mm/page_alloc.c) breaks equal distances by penalising nodes below the local one ("prefer the next
+//!   node"); its `node_load` round-robin between zonelists is not modelled. Reclaim, which
 //!   runs only when the walk finds no node above a watermark, is [`crate::swap`]'s.
 //! - A THP is 512 frames allocated together at a 2 MiB-aligned frame number. Each sub-frame keeps its own
 //!   counts (a PMD mapping adds one mapping to each), so a partial unmap frees sub-frames individually. This
@@ -252,14 +254,14 @@ impl PhysMem {
         (0..self.nr_nodes).map(|n| self.nr_free_node(n)).sum()
     }
 
-    /// Returns the nodes an allocation preferring `home` tries, in order: `home`, then the other nodes in
-    /// ascending node id (the zonelist of the module docs).
+    /// Returns the nodes an allocation preferring `home` tries, in order: `home`, then the nodes above it,
+    /// then those below it, each in ascending id (the zonelist of the module docs).
     ///
     /// # Panics
     /// Panics when `home` is not below [`PhysMem::nr_nodes`].
     pub fn fallback_order(&self, home: u32) -> impl Iterator<Item = u32> + use<> {
         assert!(home < self.nr_nodes, "node {home} of {}", self.nr_nodes);
-        std::iter::once(home).chain((0..self.nr_nodes).filter(move |&n| n != home))
+        (home..self.nr_nodes).chain(0..home)
     }
 
     /// Returns the node an allocation preferring `home` takes its page from: the first in fallback order at
@@ -707,10 +709,10 @@ mod tests {
     }
 
     #[test]
-    fn fallback_order_is_home_then_the_other_nodes_by_id() {
+    fn fallback_order_is_home_then_the_next_nodes_wrapping_round() {
         let pm = PhysMem::new_numa(&[PMD_SIZE, PMD_SIZE, PMD_SIZE]);
         assert_eq!(pm.fallback_order(0).collect::<Vec<_>>(), [0, 1, 2]);
-        assert_eq!(pm.fallback_order(1).collect::<Vec<_>>(), [1, 0, 2]);
+        assert_eq!(pm.fallback_order(1).collect::<Vec<_>>(), [1, 2, 0]);
         assert_eq!(pm.fallback_order(2).collect::<Vec<_>>(), [2, 0, 1]);
         assert_eq!(
             (0..3).map(|n| pm.regions()[n].kind).collect::<Vec<_>>(),
