@@ -344,7 +344,7 @@ impl DmirrorDevice {
         let page = Range::from_len(va.align_down(PAGE_SIZE), PAGE_SIZE).ok_or(())?;
         let mut m = MigrateVma::new(pid, page, self.select_flag(), self.id);
         k.migrate_vma_setup(&mut m).await.map_err(|_| ())?;
-        self.kernel.reclaim_if_low().await;
+        self.kernel.reclaim_if_low_for(pid).await;
         let n = self.copy_to_sys(&mut m);
         k.spend(self.costs.dma_page.saturating_mul(n)).await;
         k.migrate_vma_pages(&mut m);
@@ -409,8 +409,9 @@ impl DmirrorDevice {
             let Some(spage) = migrate_pfn_to_frame(*s) else {
                 continue;
             };
+            // No one process is known for an evicted page: node 0's allocation policy.
             k.reclaim_if_low().await;
-            let Some(dpage) = k.alloc_page(0) else {
+            let Some(dpage) = k.alloc_ram_page(None) else {
                 continue;
             };
             k.copy_page(spage, dpage);
@@ -446,7 +447,7 @@ impl DmirrorDevice {
             let Some(src) = migrate_pfn_to_frame(m.src[i]) else {
                 continue;
             };
-            let Some(dst) = self.kernel.alloc_page(0) else {
+            let Some(dst) = self.kernel.alloc_ram_page(Some(m.pid)) else {
                 continue;
             };
             if let Some(fd) = self
@@ -911,7 +912,7 @@ impl Dmirror {
                 dev.id,
             );
             k.migrate_vma_setup(&mut m).await?;
-            k.reclaim_if_low().await;
+            k.reclaim_if_low_for(self.sh.pid).await;
             let n = dev.copy_to_sys(&mut m);
             k.spend(self.sh.costs.dma_page.saturating_mul(n)).await;
             k.migrate_vma_pages(&mut m);

@@ -373,7 +373,7 @@ impl Kernel {
             return Err(Errno::EBUSY);
         }
         let src = migrate_pfn_to_frame(m.src[0]).ok_or(Errno::EBUSY)?;
-        let dst = self.alloc_page(0).ok_or(Errno::EBUSY)?;
+        let dst = self.alloc_ram_page(Some(pid)).ok_or(Errno::EBUSY)?;
         self.copy_page(src, dst);
         m.dst[0] = migrate_pfn(dst) | (m.src[0] & MIGRATE_PFN_WRITE);
         self.migrate_vma_pages(&mut m);

@@ -6,6 +6,12 @@
 //! costs. Between two `.await`s an operation is atomic; state lives in a `RefCell` that is never borrowed
 //! across an `.await`.
 //!
+//! NUMA: RAM is one region per node ([`Kernel::new_numa`]). Each process has a home node (0 unless
+//! [`Kernel::set_home_node`] says otherwise; a fork child inherits its parent's), standing for the node of the
+//! CPU it runs on under the default local policy. Its faults, COW copies, swap-ins, THPs and driver pages
+//! allocate from the home node first and fall back to the others ([`crate::phys`] module docs); page-cache
+//! pages, which no one process owns, prefer node 0.
+//!
 //! Lock order (DESIGN.md terms): `mmap_lock` → notifier sequence → driver lock. Notifier callbacks are called
 //! between `range_start` and `range_end`, never from inside a page-table update step.
 
@@ -108,6 +114,8 @@ pub struct AddressSpace {
     pub mmap_lock: RwSem,
     /// False once the process exited.
     pub alive: bool,
+    /// The NUMA node its allocations prefer (the default local policy's node).
+    pub home_node: u32,
 }
 
 impl AddressSpace {
@@ -189,6 +197,18 @@ impl KernelState {
         self.mms.get_mut(&pid).expect("pid of a created process")
     }
 
+    /// Returns the home node of `pid` (0 for a pid with no address space).
+    pub fn home_node(&self, pid: Pid) -> u32 {
+        self.mms.get(&pid).map_or(0, |mm| mm.home_node)
+    }
+
+    /// Allocates an anonymous RAM page for `pid`: its home node first, then fallback
+    /// ([`PhysMem::alloc_node`]).
+    fn alloc_anon_for(&mut self, pid: Pid) -> Result<FrameId, crate::phys::OutOfMemory> {
+        let home = self.home_node(pid);
+        self.phys.alloc_node(home, FrameOwner::Anon)
+    }
+
     /// Returns the logical page the oracle tracks for `va` in `pid` (see [`LogicalPage`]).
     pub fn logical_page(&self, pid: Pid, va: Va) -> Option<LogicalPage> {
         let mm = self.mms.get(&pid)?;
@@ -225,11 +245,13 @@ impl KernelState {
         if let Some(&frame) = f.pages.get(&pgoff) {
             return Some(frame);
         }
-        let region = f.dax_region.unwrap_or(0);
-        let frame = self
-            .phys
-            .alloc(region, FrameOwner::File { file, pgoff })
-            .ok()?;
+        let owner = FrameOwner::File { file, pgoff };
+        // A page-cache page belongs to no one process: node 0 first, then fallback.
+        let frame = match f.dax_region {
+            Some(region) => self.phys.alloc(region, owner),
+            None => self.phys.alloc_node(0, owner),
+        }
+        .ok()?;
         self.phys.frame_mut(frame).lru = crate::phys::LruState::Inactive;
         self.files[file as usize].pages.insert(pgoff, frame);
         Some(frame)
@@ -363,13 +385,22 @@ pub struct Kernel {
 type FaultResult = Result<(), Signal>;
 
 impl Kernel {
-    /// Creates a kernel with `ram_bytes` of RAM on node 0.
+    /// Creates a kernel with `ram_bytes` of RAM on node 0 (one NUMA node).
     pub fn new(sim: &Sim, ram_bytes: u64, costs: MmCosts) -> Rc<Self> {
+        Self::new_numa(sim, &[ram_bytes], costs)
+    }
+
+    /// Creates a kernel with one RAM node per entry of `node_sizes` (bytes, each rounded down to 2 MiB, at
+    /// least 2 MiB); node `n` is region `n`, and the zero page is on node 0.
+    ///
+    /// # Panics
+    /// Panics when `node_sizes` is empty.
+    pub fn new_numa(sim: &Sim, node_sizes: &[u64], costs: MmCosts) -> Rc<Self> {
         Rc::new(Self {
             sim: sim.clone(),
             costs,
             state: RefCell::new(KernelState {
-                phys: PhysMem::new(ram_bytes),
+                phys: PhysMem::new_numa(node_sizes),
                 mms: BTreeMap::new(),
                 files: Vec::new(),
                 oracle: Oracle::new(sim.clone()),
@@ -411,9 +442,43 @@ impl Kernel {
             notifiers: NotifierState::default(),
             mmap_lock: RwSem::new(&self.sim, "mmap_lock"),
             alive: true,
+            home_node: 0,
         };
         st.mms.insert(pid, mm);
         pid
+    }
+
+    /// Returns the number of RAM (NUMA) nodes.
+    pub fn nr_nodes(&self) -> u32 {
+        self.state().phys.nr_nodes()
+    }
+
+    /// Sets the NUMA node `pid`'s allocations prefer from now on (the node of the CPU it runs on, under the
+    /// default local policy); pages already allocated stay where they are.
+    ///
+    /// # Errors
+    /// `EINVAL` when `node` is not below [`Kernel::nr_nodes`] (as `set_mempolicy` refuses an offline node).
+    pub fn set_home_node(&self, pid: Pid, node: u32) -> Result<(), Errno> {
+        let mut st = self.state();
+        if node >= st.phys.nr_nodes() {
+            return Err(Errno::EINVAL);
+        }
+        st.mm_mut(pid).home_node = node;
+        Ok(())
+    }
+
+    /// Returns the NUMA node `pid`'s allocations prefer.
+    pub fn home_node(&self, pid: Pid) -> u32 {
+        self.state().home_node(pid)
+    }
+
+    /// Allocates a zero-filled anonymous RAM page with the allocation policy of `pid` (its home node, then
+    /// fallback), or of node 0 when no process is known (`None`: device eviction, for instance). Device
+    /// memory migrating back to RAM allocates here.
+    pub fn alloc_ram_page(&self, pid: Option<Pid>) -> Option<FrameId> {
+        let mut st = self.state();
+        let home = pid.map_or(0, |p| st.home_node(p));
+        st.phys.alloc_node(home, FrameOwner::Anon).ok()
     }
 
     /// Returns `pid`'s `mmap_lock`.
@@ -832,14 +897,15 @@ impl Kernel {
         let range = self.insert_driver_vma(pid, len, flags).await?;
         let mut st = self.state();
         let nr = range.nr_pages();
-        if st.phys.nr_free(0) < nr {
+        if st.phys.nr_free_ram() < nr {
             st.remove_vmas(pid, range);
             return Err(Errno::ENOMEM);
         }
+        let home = st.home_node(pid);
         for page in range.pages() {
             let frame = st
                 .phys
-                .alloc(0, FrameOwner::Kernel)
+                .alloc_node(home, FrameOwner::Kernel)
                 .expect("counted free frames above");
             st.phys.frame_mut(frame).mapcount = 1;
             // vm_insert_page maps the page read-only in a private mapping; a write fault COWs it.
@@ -1254,7 +1320,11 @@ impl Kernel {
                 ok.then(|| leaves.iter().filter_map(|l| l.pte.frame()).collect())
             };
             if let Some(frames) = frames {
-                let head = self.state().phys.alloc_pmd(0, FrameOwner::Anon);
+                let head = {
+                    let mut st = self.state();
+                    let home = st.home_node(pid);
+                    st.phys.alloc_pmd_node(home, FrameOwner::Anon)
+                };
                 if let Ok(head) = head {
                     self.invalidate_range_start(pid, b, NotifierEvent::Clear, None)
                         .await;
@@ -1295,6 +1365,12 @@ impl Kernel {
         let lock = self.mmap_lock(pid);
         let _g = lock.write().await;
         let child = self.create_process();
+        {
+            // The child runs where the parent ran: it inherits the home node (and Linux's mempolicy).
+            let mut st = self.state();
+            let home = st.home_node(pid);
+            st.mm_mut(child).home_node = home;
+        }
         let vmas: Vec<Vma> = self.state().mm(pid).vmas.values().cloned().collect();
         let mut copies = 0u64;
         for vma in vmas {
@@ -1470,7 +1546,7 @@ impl Kernel {
         let leaf = self.state().mm(pid).pt.lookup(va);
         match leaf {
             None => {
-                self.reclaim_if_low().await;
+                self.reclaim_if_low_for(pid).await;
                 self.do_missing_page(pid, &vma, va, write)
             }
             Some(leaf) => match leaf.pte {
@@ -1584,7 +1660,8 @@ impl Kernel {
                 }
                 if st.thp_eligible(pid, vma, va) {
                     let base = va.align_down(PMD_SIZE);
-                    if let Ok(head) = st.phys.alloc_pmd(0, FrameOwner::Anon) {
+                    let home = st.home_node(pid);
+                    if let Ok(head) = st.phys.alloc_pmd_node(home, FrameOwner::Anon) {
                         for i in 0..FRAMES_PER_PMD {
                             let f = st.phys.frame_mut(FrameId(head.0 + i));
                             f.mapcount = 1;
@@ -1604,8 +1681,7 @@ impl Kernel {
                     self.sim.count("thp.fault_fallback", 1);
                 }
                 let frame = st
-                    .phys
-                    .alloc(0, FrameOwner::Anon)
+                    .alloc_anon_for(pid)
                     .map_err(|_| Signal::Bus { addr: va })?;
                 st.phys.frame_mut(frame).mapcount = 1;
                 st.lru_add_new_anon(frame);
@@ -1625,8 +1701,7 @@ impl Kernel {
                 if write && !vma.is_shared() {
                     // Private file write fault: COW from the page cache into a new anonymous page.
                     let frame = st
-                        .phys
-                        .alloc(0, FrameOwner::Anon)
+                        .alloc_anon_for(pid)
                         .map_err(|_| Signal::Bus { addr: va })?;
                     st.phys.copy_frame(cache, frame);
                     st.phys.frame_mut(frame).mapcount = 1;
@@ -1730,8 +1805,7 @@ impl Kernel {
         // wp_page_copy: allocate, copy, then replace the entry inside a CLEAR invalidation.
         let new = self
             .state()
-            .phys
-            .alloc(0, FrameOwner::Anon)
+            .alloc_anon_for(pid)
             .map_err(|_| Signal::Bus { addr: va })?;
         if !zero {
             self.state().phys.copy_frame(frame, new);
@@ -1940,9 +2014,10 @@ impl KernelState {
         if !self.mm(pid).pt.leaves(base, base.add(PMD_SIZE)).is_empty() {
             return Ok(());
         }
+        let home = self.home_node(pid);
         let head = self
             .phys
-            .alloc_pmd(0, FrameOwner::Anon)
+            .alloc_pmd_node(home, FrameOwner::Anon)
             .map_err(|_| Signal::Bus { addr: va })?;
         for i in 0..FRAMES_PER_PMD {
             self.phys.frame_mut(FrameId(head.0 + i)).mapcount = 1;
@@ -2055,7 +2130,7 @@ impl KernelState {
             let f = self.phys.frame(frame);
             if f.owner() == FrameOwner::Anon && f.maybe_dma_pinned() && f.mapcount == 1 {
                 // copy_present_page: the pinned page stays the parent's; the child gets a copy now.
-                if let Ok(new) = self.phys.alloc(0, FrameOwner::Anon) {
+                if let Ok(new) = self.alloc_anon_for(child) {
                     self.phys.copy_frame(frame, new);
                     self.phys.frame_mut(new).mapcount = 1;
                     self.mm_mut(child).pt.set_pte(

@@ -7,7 +7,21 @@
 //!   a dirty bit, an LRU state with the two aging bits reclaim reads (`accessed`, `referenced`; see
 //!   [`crate::swap`]), and who owns it (anonymous or a file's page cache).
 //! - Data is real bytes, allocated lazily: a frame never written reads as zeros and holds no buffer.
-//! - Frame 0 of the first RAM region is the shared zero page: always allocated, never written, never freed.
+//! - RAM is one region per NUMA node (`MemoryKind::Ram { node }`): regions `0..nr_nodes` are the nodes, region
+//!   `n` is node `n`, and device regions come after them. Frame 0 of node 0 is the shared zero page: always
+//!   allocated, never written, never freed.
+//! - RAM allocation follows Linux's default local policy with zonelist fallback (mm/mempolicy.c: with no
+//!   policy set a task allocates on its local node; mm/page_alloc.c `get_page_from_freelist` walks the
+//!   zonelist): [`PhysMem::alloc_node`] takes the first node, in [`PhysMem::fallback_order`] from the
+//!   preferred (home) node, whose free pages are at or above [`LOW_WATERMARK`] — the fast path's
+//!   `ALLOC_WMARK_LOW` check, and a node below it is skipped rather than reclaimed because
+//!   `node_reclaim_mode` is 0 by default —, then the first at or above [`MIN_WATERMARK`] (the slow path's
+//!   `ALLOC_WMARK_MIN`), then the first with any free page. Fallback order is the home node, then the nodes
+//!   above it in ascending id, wrapping round to node 0 and up (for node 1 of 3: 1, 2, 0): every remote
+//!   node is at the same distance in the model (a SLIT of 10 local, 20 remote), and `find_next_best_node`
+//!   (mm/page_alloc.c) breaks equal distances by penalising nodes below the local one ("prefer the next
+//!   node"); its `node_load` round-robin between zonelists is not modelled. Reclaim, which
+//!   runs only when the walk finds no node above a watermark, is [`crate::swap`]'s.
 //! - A THP is 512 frames allocated together at a 2 MiB-aligned frame number. Each sub-frame keeps its own
 //!   counts (a PMD mapping adds one mapping to each), so a partial unmap frees sub-frames individually. This
 //!   collapses Linux's folio/split machinery into per-page accounting; it is a documented simplification.
@@ -17,6 +31,8 @@
 use std::collections::BTreeSet;
 
 use peerdma_core::{DeviceId, FrameId, PAGE_SIZE, PMD_SIZE, Pa};
+
+use crate::swap::{LOW_WATERMARK, MIN_WATERMARK};
 
 /// Refcount added by one FOLL_PIN (include/linux/mm.h `GUP_PIN_COUNTING_BIAS`).
 pub const GUP_PIN_COUNTING_BIAS: u32 = 1024;
@@ -157,6 +173,7 @@ pub struct PhysMem {
     frames: Vec<Frame>,
     regions: Vec<Region>,
     zero: FrameId,
+    nr_nodes: u32,
 }
 
 /// An allocation request could not be met.
@@ -171,14 +188,29 @@ impl PhysMem {
     /// Creates physical memory with one RAM region of `ram_bytes` on node 0 (rounded down to 2 MiB, at least
     /// 2 MiB). Frame 0 becomes the zero page.
     pub fn new(ram_bytes: u64) -> Self {
-        let nr = (ram_bytes / PMD_SIZE).max(1) * FRAMES_PER_PMD;
+        Self::new_numa(&[ram_bytes])
+    }
+
+    /// Creates physical memory with one RAM region per NUMA node, node `n` of `node_sizes[n]` bytes (each
+    /// rounded down to 2 MiB, at least 2 MiB); region `n` is node `n`. Frame 0 (on node 0) becomes the zero
+    /// page.
+    ///
+    /// # Panics
+    /// Panics when `node_sizes` is empty: a machine has at least one node.
+    pub fn new_numa(node_sizes: &[u64]) -> Self {
+        assert!(!node_sizes.is_empty(), "at least one RAM node");
         let mut pm = Self {
             frames: Vec::new(),
             regions: Vec::new(),
             zero: FrameId(0),
+            nr_nodes: u32::try_from(node_sizes.len()).expect("fewer than 2^32 nodes"),
         };
-        let r = pm.add_region(MemoryKind::Ram { node: 0 }, nr);
-        let zero = pm.regions[r]
+        for (node, &bytes) in (0u32..).zip(node_sizes) {
+            let nr = (bytes / PMD_SIZE).max(1) * FRAMES_PER_PMD;
+            let r = pm.add_region(MemoryKind::Ram { node }, nr);
+            debug_assert_eq!(r, node as usize, "region n is node n");
+        }
+        let zero = pm.regions[0]
             .free
             .pop_first()
             .expect("a fresh region has free frames");
@@ -188,6 +220,94 @@ impl PhysMem {
         f.generation = 1;
         pm.zero = FrameId(zero);
         pm
+    }
+
+    /// Returns the number of RAM (NUMA) nodes.
+    pub fn nr_nodes(&self) -> u32 {
+        self.nr_nodes
+    }
+
+    /// Returns the region index of RAM node `node` (the same number).
+    ///
+    /// # Panics
+    /// Panics when `node` is not below [`PhysMem::nr_nodes`].
+    pub fn node_region(&self, node: u32) -> usize {
+        assert!(node < self.nr_nodes, "node {node} of {}", self.nr_nodes);
+        node as usize
+    }
+
+    /// Returns the RAM node frame `f` is on, or `None` for device memory.
+    pub fn node_of(&self, f: FrameId) -> Option<u32> {
+        match self.kind(f) {
+            MemoryKind::Ram { node } => Some(node),
+            _ => None,
+        }
+    }
+
+    /// Returns the number of free frames on RAM node `node` (`NR_FREE_PAGES` of the node).
+    pub fn nr_free_node(&self, node: u32) -> u64 {
+        self.nr_free(self.node_region(node))
+    }
+
+    /// Returns the number of free RAM frames over all nodes.
+    pub fn nr_free_ram(&self) -> u64 {
+        (0..self.nr_nodes).map(|n| self.nr_free_node(n)).sum()
+    }
+
+    /// Returns the nodes an allocation preferring `home` tries, in order: `home`, then the nodes above it,
+    /// then those below it, each in ascending id (the zonelist of the module docs).
+    ///
+    /// # Panics
+    /// Panics when `home` is not below [`PhysMem::nr_nodes`].
+    pub fn fallback_order(&self, home: u32) -> impl Iterator<Item = u32> + use<> {
+        assert!(home < self.nr_nodes, "node {home} of {}", self.nr_nodes);
+        (home..self.nr_nodes).chain(0..home)
+    }
+
+    /// Returns the node an allocation preferring `home` takes its page from: the first in fallback order at
+    /// or above [`LOW_WATERMARK`] free pages, else the first at or above [`MIN_WATERMARK`], else the first
+    /// with any free page (module docs); `None` when all RAM is allocated.
+    pub fn pick_node(&self, home: u32) -> Option<u32> {
+        [LOW_WATERMARK, MIN_WATERMARK, 1]
+            .into_iter()
+            .find_map(|wmark| {
+                self.fallback_order(home)
+                    .find(|&n| self.nr_free_node(n) >= wmark)
+            })
+    }
+
+    /// Returns whether some node in `home`'s fallback order has at least `wmark` free pages (the
+    /// watermark check of the allocator's zonelist walk).
+    pub fn any_node_above(&self, home: u32, wmark: u64) -> bool {
+        self.fallback_order(home)
+            .any(|n| self.nr_free_node(n) >= wmark)
+    }
+
+    /// Allocates one zero-filled RAM frame with refcount 1, preferring node `home` and falling back as the
+    /// module docs say ([`PhysMem::pick_node`]).
+    ///
+    /// # Errors
+    /// [`OutOfMemory`] (naming `home`'s region) when every node is full.
+    pub fn alloc_node(&mut self, home: u32, owner: FrameOwner) -> Result<FrameId, OutOfMemory> {
+        let node = self.pick_node(home).ok_or(OutOfMemory {
+            region: self.node_region(home),
+        })?;
+        self.alloc(self.node_region(node), owner)
+    }
+
+    /// Allocates a THP (512 aligned contiguous frames, see [`PhysMem::alloc_pmd`]) from the first node in
+    /// `home`'s fallback order that has a free 2 MiB block; returns the head.
+    ///
+    /// # Errors
+    /// [`OutOfMemory`] (naming `home`'s region) when no node has a free 2 MiB block.
+    pub fn alloc_pmd_node(&mut self, home: u32, owner: FrameOwner) -> Result<FrameId, OutOfMemory> {
+        let nodes: Vec<u32> = self.fallback_order(home).collect();
+        nodes
+            .into_iter()
+            .find_map(|n| self.alloc_pmd(self.node_region(n), owner).ok())
+            .ok_or(OutOfMemory {
+                region: self.node_region(home),
+            })
     }
 
     /// Adds a region of `nr_frames` frames (rounded up to whole 2 MiB blocks) and returns its index.
@@ -586,6 +706,62 @@ mod tests {
             pm.alloc_contiguous(r, 1, FrameOwner::Kernel),
             Err(OutOfMemory { region: r })
         );
+    }
+
+    #[test]
+    fn fallback_order_is_home_then_the_next_nodes_wrapping_round() {
+        let pm = PhysMem::new_numa(&[PMD_SIZE, PMD_SIZE, PMD_SIZE]);
+        assert_eq!(pm.fallback_order(0).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(pm.fallback_order(1).collect::<Vec<_>>(), [1, 2, 0]);
+        assert_eq!(pm.fallback_order(2).collect::<Vec<_>>(), [2, 0, 1]);
+        assert_eq!(
+            (0..3).map(|n| pm.regions()[n].kind).collect::<Vec<_>>(),
+            (0..3)
+                .map(|node| MemoryKind::Ram { node })
+                .collect::<Vec<_>>(),
+            "region n is node n"
+        );
+    }
+
+    #[test]
+    fn node_choice_steps_down_the_watermarks_before_taking_the_last_pages() {
+        let mut pm = PhysMem::new_numa(&[PMD_SIZE, PMD_SIZE]);
+        let take = |pm: &mut PhysMem, node: u32, keep: u64| {
+            while pm.nr_free_node(node) > keep {
+                pm.alloc(pm.node_region(node), FrameOwner::Anon).unwrap();
+            }
+        };
+        // Home node 1 below low, node 0 above it: node 0.
+        take(&mut pm, 1, LOW_WATERMARK - 1);
+        assert_eq!(pm.pick_node(1), Some(0));
+        // Both below low, node 0 also below min: home node 1 (above min) is next.
+        take(&mut pm, 0, MIN_WATERMARK - 1);
+        assert_eq!(pm.pick_node(1), Some(1));
+        assert_eq!(
+            pm.pick_node(0),
+            Some(1),
+            "node 0 is below min, node 1 above"
+        );
+        // Both below min: the home node while it has any page, then the other.
+        take(&mut pm, 1, 1);
+        assert_eq!(pm.pick_node(1), Some(1));
+        take(&mut pm, 1, 0);
+        assert_eq!(pm.pick_node(1), Some(0));
+        let f = pm.alloc_node(1, FrameOwner::Anon).unwrap();
+        assert_eq!(pm.node_of(f), Some(0));
+        take(&mut pm, 0, 0);
+        assert_eq!(
+            pm.alloc_node(1, FrameOwner::Anon),
+            Err(OutOfMemory { region: 1 })
+        );
+    }
+
+    #[test]
+    fn a_thp_falls_back_to_the_next_node_with_a_free_block() {
+        let mut pm = PhysMem::new_numa(&[PMD_SIZE, 2 * PMD_SIZE]);
+        // Node 0's only block holds the zero page.
+        let head = pm.alloc_pmd_node(0, FrameOwner::Anon).unwrap();
+        assert_eq!(pm.node_of(head), Some(1));
     }
 
     #[test]

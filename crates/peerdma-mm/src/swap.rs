@@ -8,8 +8,9 @@
 //!
 //! # The LRU
 //!
-//! RAM has one node (`[sim] memory` sets its size), so there is one anonymous `lruvec`: an inactive and an
-//! active list, each ordered from its tail (oldest) to its head (newest). A frame's [`LruState`] says which
+//! Each RAM node (`[sim] memory` sets their sizes) has its own anonymous `lruvec` (the per-node lruvec of
+//! `pglist_data`): an inactive and an active list, each ordered from its tail (oldest) to its head (newest).
+//! A page is on the lists of the node its frame is on. A frame's [`LruState`] says which
 //! list it is on; a page isolated by a reclaim pass is on none. Two bits per frame drive aging:
 //! - `accessed` stands for the PTE young bit. A fresh PTE is young (x86's user page protections carry
 //!   `_PAGE_ACCESSED`) and every CPU load or store through a mapping sets it again; reclaim tests and
@@ -53,10 +54,28 @@
 //!    frees the frame.
 //! 6. Put back the candidates that survived (rule 3), then spend the swap device's write time.
 //!
-//! [`Kernel::reclaim_if_low`] runs one pass below [`LOW_WATERMARK`], so the task's accesses between two
-//! faults can re-reference pages between two looks. Below [`MIN_WATERMARK`] it runs up to
-//! [`MAX_RECLAIM_PASSES`] passes until one frees a page: a pass that only rotated young pages leaves them
-//! ready for the next, as Linux's falling scan priority does.
+//! A pass works on one node's lists ([`Kernel::reclaim_node`], `shrink_node`); the rmap walk and the swap
+//! device are shared by all nodes.
+//!
+//! # When reclaim runs (NUMA)
+//!
+//! [`Kernel::reclaim_if_low_for`] runs before an allocation for a process, with that process's home node
+//! (node 0 where no process is known: [`Kernel::reclaim_if_low`]). Following Linux's allocator with the
+//! default `node_reclaim_mode` 0 (mm/page_alloc.c `get_page_from_freelist`, `__alloc_pages_slowpath`), the
+//! allocation first falls back to other nodes' free memory and reclaims only when that fails too:
+//! 1. If some node in the home node's fallback order ([`crate::phys::PhysMem::fallback_order`]) has at least
+//!    [`LOW_WATERMARK`] free pages, nothing is reclaimed: the allocation takes its page from the first such
+//!    node. A node below its low watermark is skipped, not reclaimed, while another node has room.
+//! 2. Otherwise a pass runs on the home node; if it frees nothing, on the next node in fallback order, and so
+//!    on, stopping at the first node that yields pages (direct reclaim, `shrink_zones`, walks the same
+//!    zonelist; Linux shrinks every node of it, the model stops early).
+//! 3. Further passes run while no node in the fallback order has [`MIN_WATERMARK`] free pages, up to
+//!    [`MAX_RECLAIM_PASSES`] passes in all, until one frees a page: a pass that only rotated young pages
+//!    leaves them ready for the next, as Linux's falling scan priority does.
+//!
+//! With one node this is one pass below [`LOW_WATERMARK`] (so the task's accesses between two faults can
+//! re-reference pages between two looks) and more below [`MIN_WATERMARK`]. Watermarks are per node and the
+//! same on every node; counters (`lru.*`, `swap.*`) are global.
 //!
 //! # Counters
 //!
@@ -115,7 +134,7 @@ struct LruEntry {
     generation: u64,
 }
 
-/// The anonymous active and inactive lists of the one RAM node (`lruvec`).
+/// The anonymous active and inactive lists of one RAM node (`lruvec`).
 ///
 /// Each list maps a sequence number to a frame: the smallest number is the tail (oldest), and adding at the
 /// head takes a fresh, larger one. Entries of frames freed since are dropped lazily, at the start of each
@@ -215,8 +234,8 @@ impl AnonLru {
 pub struct Swap {
     slots: BTreeMap<u64, Slot>,
     next: u64,
-    /// The anonymous active and inactive lists.
-    pub(crate) lru: AnonLru,
+    /// The anonymous active and inactive lists of each RAM node, by node.
+    lru: BTreeMap<u32, AnonLru>,
 }
 
 impl Swap {
@@ -249,28 +268,47 @@ impl Swap {
 }
 
 impl KernelState {
-    /// Adds a new anonymous page, just mapped by a young PTE, to the head of the inactive list
+    /// Adds a new anonymous page, just mapped by a young PTE, to the head of its node's inactive list
     /// (`folio_add_lru_vma`, rule 1 of the module docs).
+    ///
+    /// # Panics
+    /// Panics when `frame` is not RAM: only RAM pages go on an LRU list.
     pub(crate) fn lru_add_new_anon(&mut self, frame: FrameId) {
+        let node = self
+            .phys
+            .node_of(frame)
+            .expect("only RAM pages go on an LRU list");
         let fr = self.phys.frame_mut(frame);
         fr.accessed = true;
-        self.swap.lru.add_head(fr, frame, false);
+        self.swap
+            .lru
+            .entry(node)
+            .or_default()
+            .add_head(fr, frame, false);
     }
 
-    /// Returns the number of pages on the active (`LruState::Active`) or inactive list; `LruState::None`
-    /// counts nothing.
-    pub fn nr_lru_pages(&self, list: LruState) -> u64 {
+    /// Returns the number of pages of RAM node `node` on the active (`LruState::Active`) or inactive list;
+    /// `LruState::None` counts nothing.
+    pub fn nr_lru_pages_node(&self, node: u32, list: LruState) -> u64 {
         let active = match list {
             LruState::None => return 0,
             LruState::Active => true,
             LruState::Inactive => false,
         };
-        self.swap
-            .lru
-            .index
-            .iter()
-            .filter(|&(&f, &e)| e.active == active && AnonLru::current(&self.phys, f, e))
-            .count() as u64
+        self.swap.lru.get(&node).map_or(0, |lru| {
+            lru.index
+                .iter()
+                .filter(|&(&f, &e)| e.active == active && AnonLru::current(&self.phys, f, e))
+                .count() as u64
+        })
+    }
+
+    /// Returns the number of pages on the active (`LruState::Active`) or inactive list; `LruState::None`
+    /// counts nothing.
+    pub fn nr_lru_pages(&self, list: LruState) -> u64 {
+        (0..self.phys.nr_nodes())
+            .map(|n| self.nr_lru_pages_node(n, list))
+            .sum()
     }
 }
 
@@ -313,37 +351,63 @@ struct PassStats {
 pub const SWAP_IO: SimDuration = SimDuration::from_micros(80);
 
 impl Kernel {
-    /// Runs a reclaim pass if free RAM is below [`LOW_WATERMARK`] (direct reclaim from the fault path);
-    /// below [`MIN_WATERMARK`], up to [`MAX_RECLAIM_PASSES`] passes until one frees a page.
+    /// Runs direct reclaim before an allocation where no process is known (device eviction, for instance):
+    /// [`Kernel::reclaim_if_low_for`] with node 0 as the home node.
     pub async fn reclaim_if_low(&self) {
+        self.reclaim_if_low_from(0).await;
+    }
+
+    /// Runs direct reclaim before an allocation for `pid`, from its home node ("When reclaim runs" in the
+    /// module docs): nothing while a node in the fallback order has [`LOW_WATERMARK`] free pages; otherwise
+    /// passes over the nodes in fallback order, home first, and below [`MIN_WATERMARK`] up to
+    /// [`MAX_RECLAIM_PASSES`] passes until one frees a page.
+    pub async fn reclaim_if_low_for(&self, pid: Pid) {
+        let home = self.home_node(pid);
+        self.reclaim_if_low_from(home).await;
+    }
+
+    async fn reclaim_if_low_from(&self, home: u32) {
+        let order: Vec<u32> = self.state().phys.fallback_order(home).collect();
         for pass in 0..MAX_RECLAIM_PASSES {
             let watermark = if pass == 0 {
                 LOW_WATERMARK
             } else {
                 MIN_WATERMARK
             };
-            if self.state().phys.nr_free(0) >= watermark || self.reclaim(RECLAIM_BATCH).await > 0 {
+            if self.state().phys.any_node_above(home, watermark) {
                 return;
+            }
+            for &node in &order {
+                if self.reclaim_node(node, RECLAIM_BATCH).await > 0 {
+                    return;
+                }
             }
         }
     }
 
-    /// Runs one reclaim pass (the numbered steps of the module docs) aiming at `nr` pages; returns how many
-    /// pages were written to swap.
+    /// Runs one reclaim pass on node 0 ([`Kernel::reclaim_node`]); returns how many pages were written to
+    /// swap.
     pub async fn reclaim(&self, nr: u64) -> u64 {
+        self.reclaim_node(0, nr).await
+    }
+
+    /// Runs one reclaim pass (the numbered steps of the module docs) on the lists of RAM node `node`
+    /// (`shrink_node`), aiming at `nr` pages; returns how many pages were written to swap.
+    pub async fn reclaim_node(&self, node: u32, nr: u64) -> u64 {
         let mut stats = PassStats::default();
         let victims = {
             let mut guard = self.state();
             let st = &mut *guard;
+            let lru = st.swap.lru.entry(node).or_default();
             // Step 1: forget freed frames.
-            st.swap.lru.purge(&st.phys);
+            lru.purge(&st.phys);
             // Step 2: shrink_inactive_list — scan the inactive tail, each page once.
             let mut victims: BTreeMap<FrameId, u64> = BTreeMap::new();
-            for _ in 0..st.swap.lru.len(false) {
+            for _ in 0..lru.len(false) {
                 if victims.len() as u64 >= nr {
                     break;
                 }
-                let Some((frame, e)) = st.swap.lru.pop_tail(false) else {
+                let Some((frame, e)) = lru.pop_tail(false) else {
                     break;
                 };
                 if !AnonLru::current(&st.phys, frame, e) {
@@ -353,16 +417,16 @@ impl Kernel {
                 let fr = st.phys.frame_mut(frame);
                 match check_references(fr) {
                     References::Activate => {
-                        st.swap.lru.add_head(fr, frame, true);
+                        lru.add_head(fr, frame, true);
                         stats.activate += 1;
                     }
                     References::Keep => {
-                        st.swap.lru.add_head(fr, frame, false);
+                        lru.add_head(fr, frame, false);
                         stats.rotate += 1;
                     }
                     References::Reclaim if fr.maybe_dma_pinned() => {
                         // try_to_unmap fails on a pinned exclusive page: activate_locked.
-                        st.swap.lru.add_head(fr, frame, true);
+                        lru.add_head(fr, frame, true);
                         stats.activate += 1;
                     }
                     References::Reclaim => {
@@ -374,9 +438,9 @@ impl Kernel {
             }
             // Step 3: shrink_active_list when the inactive list is low.
             while stats.deactivate < SWAP_CLUSTER_MAX
-                && inactive_is_low(st.swap.lru.len(false), st.swap.lru.len(true))
+                && inactive_is_low(lru.len(false), lru.len(true))
             {
-                let Some((frame, e)) = st.swap.lru.pop_tail(true) else {
+                let Some((frame, e)) = lru.pop_tail(true) else {
                     break;
                 };
                 if !AnonLru::current(&st.phys, frame, e) {
@@ -385,7 +449,7 @@ impl Kernel {
                 let fr = st.phys.frame_mut(frame);
                 // folio_referenced clears the young bits; an anonymous page is deactivated regardless.
                 fr.accessed = false;
-                st.swap.lru.add_head(fr, frame, false);
+                lru.add_head(fr, frame, false);
                 stats.deactivate += 1;
             }
             victims
@@ -406,7 +470,11 @@ impl Kernel {
                     && fr.generation == generation
                     && fr.lru == LruState::None
                 {
-                    st.swap.lru.add_head(fr, frame, true);
+                    st.swap
+                        .lru
+                        .entry(node)
+                        .or_default()
+                        .add_head(fr, frame, true);
                     stats.activate += 1;
                 } else {
                     steal += 1;
@@ -485,16 +553,18 @@ impl Kernel {
         swapped
     }
 
-    /// `do_swap_page`: brings the page of `slot` back for `va` of `pid`.
+    /// `do_swap_page`: brings the page of `slot` back for `va` of `pid`, on a node chosen from `pid`'s home
+    /// node ([`crate::phys::PhysMem::alloc_node`]).
     pub(crate) async fn swap_in(&self, pid: Pid, va: Va, slot: u64, write: bool) -> Result<(), ()> {
-        self.reclaim_if_low().await;
+        self.reclaim_if_low_for(pid).await;
         self.spend(SWAP_IO).await;
         let mut st = self.state();
         // Another agent may have swapped it in meanwhile.
         if st.mm(pid).pt.lookup(va).map(|l| l.pte) != Some(Pte::Swap { slot, write }) {
             return Ok(());
         }
-        let frame = st.phys.alloc(0, FrameOwner::Anon).map_err(|_| ())?;
+        let home = st.home_node(pid);
+        let frame = st.phys.alloc_node(home, FrameOwner::Anon).map_err(|_| ())?;
         if let Some(d) = st.swap.slots.get(&slot).and_then(|s| s.data.clone()) {
             st.phys.write(frame, 0, &d);
         }

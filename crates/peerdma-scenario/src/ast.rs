@@ -9,6 +9,7 @@
 //! - a `fd` names the device file that an `open` step opened in the acting process;
 //! - a `fork` child's threads start when the `fork` step runs.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -31,6 +32,10 @@ pub struct Scenario {
     /// The processes that exist when the simulation starts: always `"main"` first, then each `[[process]]`.
     /// Processes created by `fork` steps are not listed here; they come into being when the step runs.
     pub processes: Vec<String>,
+    /// The home NUMA node of each `[[process]]` that sets `node`, by name (each below the number of
+    /// [`SimSettings::memory`] nodes). Every other process starts on node 0; a forked child inherits its
+    /// parent's node.
+    pub process_nodes: BTreeMap<String, u32>,
     /// The `[[thread]]` tables.
     pub threads: Vec<ThreadDecl>,
     /// The `[topology]` table: the PCIe tree, validated (it builds into a [`peerdma_pci::Topology`]).
@@ -74,8 +79,10 @@ pub struct SimSettings {
     pub jitter: f64,
     /// The simulation stops with an error when simulated time passes this. Default 60 s.
     pub time_limit: SimDuration,
-    /// RAM size of node 0 in bytes: non-zero and a multiple of the page size. Default 1 GiB.
-    pub memory: u64,
+    /// RAM size of each NUMA node in bytes, node 0 first (`memory = "1GiB"` is one node, a list is one entry
+    /// per node): at least one entry, each non-zero and a multiple of the page size. Default one node of
+    /// 1 GiB.
+    pub memory: Vec<u64>,
 }
 
 impl Default for SimSettings {
@@ -86,7 +93,7 @@ impl Default for SimSettings {
             explore: false,
             jitter: 0.0,
             time_limit: SimDuration::from_millis(60_000),
-            memory: 1 << 30,
+            memory: vec![1 << 30],
         }
     }
 }
@@ -993,7 +1000,7 @@ mod tests {
     fn default_settings_match_the_format_doc() {
         let s = SimSettings::default();
         assert_eq!(s.time_limit, SimDuration::from_nanos(60_000_000_000));
-        assert_eq!(s.memory, 1 << 30);
+        assert_eq!(s.memory, [1 << 30]);
         assert_eq!(s.time, TimeMode::Calibrated);
     }
 }

@@ -276,6 +276,9 @@ impl OpKind {
     }
 }
 
+/// The most NUMA nodes `[sim] memory` may list (`MAX_NUMNODES` of a kernel built with `NODES_SHIFT` 6).
+const MAX_NODES: usize = 64;
+
 /// Every key an `expect` table may have for some op.
 const ALL_EXPECT_KEYS: &[&str] = &[
     "errno", "cpages", "faults", "data", "bytes", "value", "signal", "segments", "pinned",
@@ -996,8 +999,13 @@ impl<'s> Parser<'s> {
             devices.push(self.device(&t)?);
         }
         let mut processes = vec!["main".to_owned()];
+        let mut process_nodes = BTreeMap::new();
         for t in self.array_of_tables(&top, "process")? {
-            processes.push(self.process(&t)?);
+            let (name, node) = self.process(&t, sim.memory.len())?;
+            if let Some(node) = node {
+                process_nodes.insert(name.clone(), node);
+            }
+            processes.push(name);
         }
         let mut threads = Vec::new();
         for t in self.array_of_tables(&top, "thread")? {
@@ -1009,6 +1017,7 @@ impl<'s> Parser<'s> {
             files,
             devices,
             processes,
+            process_nodes,
             threads,
             topology,
         })
@@ -1061,18 +1070,40 @@ impl<'s> Parser<'s> {
             sim.time_limit = self.time(v, "time_limit")?;
         }
         if let Some(v) = t.get("memory") {
-            let memory = self.size(v, "memory")?;
-            if memory == 0 || memory % PAGE_SIZE != 0 {
-                return Err(self.err(
-                    &v.span(),
-                    format!(
-                        "expected a non-zero multiple of the 4 KiB page size for `memory`, found {memory:#x}"
-                    ),
-                ));
-            }
-            sim.memory = memory;
+            sim.memory = match v.get_ref() {
+                DeValue::Array(items) => {
+                    if items.is_empty() || items.len() > MAX_NODES {
+                        return Err(self.err(
+                            &v.span(),
+                            format!(
+                                "expected 1 to {MAX_NODES} node sizes for `memory`, found {}",
+                                items.len()
+                            ),
+                        ));
+                    }
+                    items
+                        .iter()
+                        .map(|item| self.node_size(item))
+                        .collect::<Result<Vec<_>>>()?
+                }
+                _ => vec![self.node_size(v)?],
+            };
         }
         Ok(sim)
+    }
+
+    /// One node's RAM size in `[sim] memory`: a non-zero multiple of the page size.
+    fn node_size(&self, v: &Value<'_>) -> Result<u64> {
+        let memory = self.size(v, "memory")?;
+        if memory == 0 || memory % PAGE_SIZE != 0 {
+            return Err(self.err(
+                &v.span(),
+                format!(
+                    "expected a non-zero multiple of the 4 KiB page size for `memory`, found {memory:#x}"
+                ),
+            ));
+        }
+        Ok(memory)
     }
 
     fn jitter(&self, v: &Value<'_>) -> Result<f64> {
@@ -1476,12 +1507,35 @@ impl<'s> Parser<'s> {
         }
     }
 
-    fn process(&mut self, t: &Table<'_, '_>) -> Result<String> {
-        self.allow(t, &["name"])?;
+    /// A `[[process]]`: its name and, when it sets `node`, its home NUMA node (below `nr_nodes`, the number
+    /// of `[sim] memory` entries).
+    fn process(&mut self, t: &Table<'_, '_>, nr_nodes: usize) -> Result<(String, Option<u32>)> {
+        self.allow(t, &["name", "node"])?;
         let name_v = self.required(t, "name")?;
         let name = self.name(name_v, "name")?;
         self.define_process(&name, name_v.span())?;
-        Ok(name)
+        let node = match t.get("node") {
+            Some(v) => {
+                let node = self.uint(v, "node")?;
+                if node >= nr_nodes as u64 {
+                    let nodes = if nr_nodes == 1 {
+                        "the only node is 0".to_owned()
+                    } else {
+                        format!("nodes are 0 to {}", nr_nodes - 1)
+                    };
+                    return Err(self.err(
+                        &v.span(),
+                        format!(
+                            "expected a NUMA node below {nr_nodes} for `node` ({nodes}: one per `[sim] \
+                             memory` entry), found {node}"
+                        ),
+                    ));
+                }
+                Some(u32::try_from(node).expect("below the node count"))
+            }
+            None => None,
+        };
+        Ok((name, node))
     }
 
     fn thread(&mut self, t: &Table<'_, '_>) -> Result<ThreadDecl> {

@@ -101,7 +101,7 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
         TimeMode::Calibrated => (MmCosts::calibrated(), DmirrorCosts::calibrated()),
         TimeMode::Zero => (MmCosts::zero(), DmirrorCosts::zero()),
     };
-    let kernel = Kernel::new(&sim, scn.sim.memory, mm_costs);
+    let kernel = Kernel::new_numa(&sim, &scn.sim.memory, mm_costs);
     let mut files = BTreeMap::new();
     for f in &scn.files {
         let id = if f.dax {
@@ -260,6 +260,11 @@ impl World {
         // Declared processes (and "main") exist from the start; forked ones appear at their fork.
         for p in &self.scn.processes {
             let pid = self.kernel.create_process();
+            if let Some(&node) = self.scn.process_nodes.get(p) {
+                self.kernel
+                    .set_home_node(pid, node)
+                    .expect("validated below the node count by the parser");
+            }
             self.procs.borrow_mut().get_mut(p).expect("declared").pid = Some(pid);
         }
         for (i, t) in self.scn.threads.iter().enumerate() {

@@ -24,7 +24,7 @@ fn full_scenario_with_every_op_parses() {
     assert!(s.sim.explore);
     assert!((s.sim.jitter - 0.25).abs() < f64::EPSILON);
     assert_eq!(s.sim.time_limit, SimDuration::from_millis(10_000));
-    assert_eq!(s.sim.memory, 256 << 20);
+    assert_eq!(s.sim.memory, [256 << 20]);
 
     assert_eq!(s.files.len(), 2);
     assert_eq!(s.files[0].size, 4 << 20);
@@ -201,7 +201,7 @@ fn minimal_scenario_uses_the_documented_defaults() {
     assert_eq!(s.sim.time, TimeMode::Calibrated);
     assert!(!s.sim.explore);
     assert_eq!(s.sim.time_limit, SimDuration::from_millis(60_000));
-    assert_eq!(s.sim.memory, 1 << 30);
+    assert_eq!(s.sim.memory, [1 << 30]);
     assert_eq!(s.processes, ["main"]);
     assert!(s.threads.is_empty());
 }
@@ -488,4 +488,29 @@ fn pci_devices_and_p2p_ops_parse_with_their_defaults() {
     assert_eq!(steps[15].expect.signal, Some(Signal::Bus));
     assert_eq!(steps.len(), 16);
     assert_eq!(steps[6].loc, Loc { line: 84, col: 3 });
+}
+
+#[test]
+fn memory_takes_one_size_per_numa_node_and_a_process_its_home_node() {
+    let s = parse(
+        "numa.toml",
+        r#"[sim]
+memory = ["512MiB", 268435456]
+
+[[process]]
+name = "near"
+
+[[process]]
+name = "far"
+node = 1
+"#,
+    )
+    .unwrap();
+    assert_eq!(s.sim.memory, [512 << 20, 256 << 20]);
+    assert_eq!(s.processes, ["main", "near", "far"]);
+    assert_eq!(
+        s.process_nodes.iter().collect::<Vec<_>>(),
+        [(&"far".to_owned(), &1)],
+        "only processes that set `node` are listed"
+    );
 }
