@@ -6,8 +6,10 @@
 //! `remove_migration_ptes`), lib/test_hmm.c (`dmirror_device_evict_chunk`), spec/linux-hmm.md §1.4.
 //!
 //! Unlike `migrate_vma` ([`crate::migrate`]), which starts from a virtual range of one process, this starts
-//! from device page frames and finds every mapping of each page with the rmap walk ([`crate::rmap`]): after
-//! `fork`, one device page is mapped by two processes, and both mappings move to the same new page.
+//! from device page frames. Both find every mapping of each page with the rmap walk ([`crate::rmap`]): after
+//! `fork`, one device page is mapped by two processes, and both mappings move to the same new page. The
+//! unmap (`try_to_migrate`), reference-check and finalize (`remove_migration_ptes`) pieces here are shared
+//! with `migrate_vma`.
 //!
 //! The protocol, as numbered steps. It takes **no `mmap_lock`** (a driver evicts at unbind, or under memory
 //! pressure while some process's `mmap_lock` may already be held):
