@@ -8,12 +8,12 @@
     reason = "an integration-test crate is all tests"
 )]
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::{Rc, Weak};
 
-use peerdma_core::{DeviceId, FrameId, PAGE_SIZE, Pid, Range, Va};
+use peerdma_core::{DeviceId, FrameId, PAGE_SIZE, Pid, Range, SimDuration, Va};
 use peerdma_mm::migrate::{
     MIGRATE_PFN_MIGRATE, MIGRATE_PFN_WRITE, MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
     MIGRATE_VMA_SELECT_SYSTEM, migrate_pfn, migrate_pfn_to_frame,
@@ -394,4 +394,88 @@ fn a_pinned_page_is_not_migrated() {
         k.load(pid, va, &mut buf).await.unwrap();
         assert!(buf == data);
     });
+}
+
+/// Sleeps in every CLEAR invalidation: holds a migration between collecting its pages and unmapping their
+/// other mappings.
+struct SlowClear(Sim);
+
+impl IntervalNotifierOps for SlowClear {
+    fn invalidate<'a>(
+        &'a self,
+        _id: NotifierId,
+        r: &'a NotifierRange,
+        _seq: u64,
+    ) -> Pin<Box<dyn Future<Output = bool> + 'a>> {
+        Box::pin(async move {
+            if r.event == NotifierEvent::Clear {
+                self.0.sleep(SimDuration::from_micros(1)).await;
+            }
+            true
+        })
+    }
+
+    fn name(&self) -> String {
+        "slow-clear".to_owned()
+    }
+}
+
+/// Parent, child, the shared page's address and its device frame.
+type Forked = (Pid, Pid, Va, FrameId);
+
+#[test]
+fn a_child_fault_while_the_parent_migrates_the_page_waits_and_lands_on_the_same_page() {
+    let sim = Sim::new(SimConfig::default());
+    let k = Kernel::new(&sim, 64 << 20, MmCosts::zero());
+    let ops = Rc::new(ToRam::default());
+    *ops.kernel.borrow_mut() = Rc::downgrade(&k);
+    let r = k.add_device_memory(MemoryKind::DevicePrivate { owner: OWNER }, 2 << 20, ops);
+    let shared: Rc<Cell<Option<Forked>>> = Rc::default();
+    let data: Rc<RefCell<Vec<u8>>> = Rc::default();
+    let loaded: Rc<RefCell<Option<Vec<u8>>>> = Rc::default();
+    {
+        let (k, shared, data, s) = (k.clone(), shared.clone(), data.clone(), sim.clone());
+        sim.spawn("parent", async move {
+            let parent = k.create_process();
+            let (child, va, d, dev) = forked_device_page(&k, r, parent).await;
+            *data.borrow_mut() = d;
+            k.interval_notifier_insert(child, va, PAGE_SIZE, Rc::new(SlowClear(s)))
+                .unwrap();
+            shared.set(Some((parent, child, va, dev)));
+            let mut buf = vec![0u8; 4096];
+            k.load(parent, va, &mut buf).await.unwrap();
+        });
+    }
+    {
+        let (k, shared, loaded, s) = (k.clone(), shared.clone(), loaded.clone(), sim.clone());
+        sim.spawn("child", async move {
+            // Touch the page while the parent's migration holds it locked but the child's entry is still
+            // device-private: the fault must wait rather than start a second migration.
+            let mut polls = 0;
+            let (child, va) = loop {
+                polls += 1;
+                assert!(polls < 1000, "never saw the locked window");
+                if let Some((_, child, va, dev)) = shared.get()
+                    && k.state().phys.frame(dev).locked
+                    && matches!(pte(&k, child, va), Some(Pte::DevicePrivate { .. }))
+                {
+                    break (child, va);
+                }
+                s.sleep(SimDuration::from_nanos(100)).await;
+            };
+            let mut buf = vec![0u8; 4096];
+            k.load(child, va, &mut buf).await.unwrap();
+            *loaded.borrow_mut() = Some(buf);
+        });
+    }
+    assert_eq!(sim.run(), RunOutcome::Completed);
+    assert!(loaded.borrow_mut().take().unwrap() == *data.borrow());
+    let (parent, child, va, dev) = shared.get().unwrap();
+    let Some(Pte::Present { frame: ram, .. }) = pte(&k, parent, va) else {
+        panic!("parent not present");
+    };
+    assert_eq!(pte(&k, child, va), pte(&k, parent, va));
+    let st = k.state();
+    assert_eq!(st.phys.frame(ram).mapcount, 2);
+    assert!(!st.phys.frame(dev).is_allocated());
 }
