@@ -359,3 +359,82 @@ fn migrating_a_pfnmap_range_is_einval() {
         "hmm_range_fault refuses to fault PFNMAP pages"
     );
 }
+
+/// Returns the PTE of `pid` at `va`.
+fn pte(k: &Kernel, pid: peerdma_core::Pid, va: Va) -> Option<peerdma_mm::pagetable::Pte> {
+    k.state().mm(pid).pt.lookup(va).map(|l| l.pte)
+}
+
+#[test]
+fn after_fork_migrate_to_sys_or_a_cpu_fault_in_the_parent_moves_the_child_too() {
+    // migrate_vma_unmap → try_to_migrate (spec §1.4 step 3, §1.6): the device-private pages the parent
+    // migrated before fork are mapped by both; bringing the parent's back brings the child's to the same
+    // RAM pages, and the child's mirror on the same device loses them through a CLEAR invalidation.
+    const NP: u64 = 4;
+    for via_fault in [false, true] {
+        let (moved, child_mirrored, child_after, parent_after) =
+            with_devices(DmirrorMemory::Private, |(k, d0, _)| async move {
+                let parent = k.create_process();
+                let buf = k
+                    .mmap(parent, &anon(NP * PAGE_SIZE, Prot::RW))
+                    .await
+                    .unwrap();
+                let data = u32_index(NP * PAGE_SIZE, |i| i ^ 0x5a5a);
+                k.store(parent, buf, &data).await.unwrap();
+                let m = Dmirror::open(&d0, parent).unwrap();
+                assert_eq!(m.migrate_to_dev(buf, NP).await.unwrap().cpages, NP);
+                let child = k.fork(parent).await.unwrap();
+                let mc = Dmirror::open(&d0, child).unwrap();
+                let r = mc.read(buf, NP).await.unwrap();
+                assert!(r.data == data);
+                let child_mirrored = mc.nr_mirrored();
+                let dev_frames: Vec<_> = (0..NP)
+                    .map(|i| match pte(&k, child, buf.add(i * PAGE_SIZE)) {
+                        Some(peerdma_mm::pagetable::Pte::DevicePrivate { frame, .. }) => frame,
+                        other => panic!("child page {i} not device-private: {other:?}"),
+                    })
+                    .collect();
+
+                let moved = if via_fault {
+                    let mut got = vec![0u8; data.len()];
+                    k.load(parent, buf, &mut got).await.unwrap();
+                    assert!(got == data);
+                    NP
+                } else {
+                    m.migrate_to_sys(buf, NP).await.unwrap().cpages
+                };
+
+                for i in 0..NP {
+                    let va = buf.add(i * PAGE_SIZE);
+                    let p = pte(&k, parent, va);
+                    assert!(
+                        matches!(
+                            p,
+                            Some(peerdma_mm::pagetable::Pte::Present { write: false, .. })
+                        ),
+                        "parent page {i}: {p:?}"
+                    );
+                    assert_eq!(pte(&k, child, va), p, "child page {i} on another page");
+                }
+                assert!(
+                    dev_frames
+                        .iter()
+                        .all(|&f| !k.state().phys.frame(f).is_allocated()),
+                    "device pages not freed"
+                );
+                let mut got = vec![0u8; data.len()];
+                k.load(child, buf, &mut got).await.unwrap();
+                assert!(got == data, "child data");
+                let (child_after, parent_after) = (mc.nr_mirrored(), m.nr_mirrored());
+                mc.close().await;
+                m.close().await;
+                (moved, child_mirrored, child_after, parent_after)
+            });
+        let np = usize::try_from(NP).unwrap();
+        assert_eq!(
+            (moved, child_mirrored, child_after, parent_after),
+            (NP, np, 0, 0),
+            "via_fault = {via_fault}"
+        );
+    }
+}

@@ -1613,7 +1613,7 @@ impl Kernel {
     /// (`do_swap_page` → `pgmap->ops->migrate_to_ram`, spec §1.6); the access then retries.
     async fn do_device_private_fault(&self, pid: Pid, va: Va, frame: FrameId) -> FaultResult {
         if self.state().phys.frame(frame).locked {
-            // A device-range migration holds the page (crate::migrate_device): do_swap_page's trylock fails;
+            // A migration holds the page (crate::migrate, crate::migrate_device): do_swap_page's trylock fails;
             // wait for the unlock, then the access retries against whatever entry is there now.
             let st = &self.state;
             self.migration_wq
@@ -2091,9 +2091,9 @@ impl KernelState {
             return 0;
         }
         if let Pte::Migration { frame, write } = leaf.pte {
-            // Only a device-range migration (crate::migrate_device), which takes no mmap_lock, leaves migration
-            // entries for fork to meet: copy them (copy_nonpresent_pte), read-only for COW; its finalize finds
-            // both through the rmap walk.
+            // Only a migration that reaches this process through the rmap walk, without its mmap_lock
+            // (crate::migrate_device, migrate_vma's unmap step), leaves migration entries for fork to meet:
+            // copy them (copy_nonpresent_pte), read-only for COW; its finalize finds both through the rmap walk.
             for i in 0..leaf.size.nr_pages() {
                 self.map_frame(FrameId(frame.0 + i));
             }

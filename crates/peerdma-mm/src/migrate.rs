@@ -5,26 +5,45 @@
 //!
 //! The protocol, as numbered steps (the caller holds `mmap_lock` for reading throughout):
 //! 1. [`Kernel::migrate_vma_setup`] validates the range (one VMA, not hugetlb/IO/PFNMAP/MIXEDMAP, `EINVAL`
-//!    otherwise), fires MMU_NOTIFY_MIGRATE with the driver's `pgmap_owner`, and collects the pages the
-//!    selection flags pick: holes and the zero page of anonymous VMAs (no source page), system pages, and
-//!    device pages of this owner. Each collected page's PTE becomes a migration entry (CPU accesses wait);
-//!    pinned pages are skipped. `cpages` counts what was collected.
+//!    otherwise), then:
+//!    1. *collect* (`migrate_vma_collect`, `migrate_vma_collect_pmd`): inside one MMU_NOTIFY_MIGRATE
+//!       invalidation of the range with the driver's `pgmap_owner` (so the driver's own mirrors may skip it),
+//!       it picks what the selection flags select: holes and the zero page of anonymous VMAs (no source
+//!       page), system pages, and device pages of this owner. Each picked page is referenced and locked
+//!       (pages another migration holds locked, and pinned pages, are skipped) and its PTE in the range
+//!       becomes a migration entry (CPU accesses wait);
+//!    2. *unmap* (`migrate_vma_unmap` → `migrate_device_unmap`, mm/migrate_device.c): `try_to_migrate`
+//!       (mm/rmap.c) replaces every **other** mapping of each collected page — another process's after
+//!       `fork`, found by the rmap walk ([`crate::rmap`]) — by a migration entry keeping that mapping's
+//!       write bit, each inside its own MMU_NOTIFY_CLEAR invalidation with no owner, as
+//!       `try_to_migrate_one` fires it: every mirror of those processes, the owning device's included,
+//!       drops its translation. Then the reference check: a page still mapped somewhere, or with references
+//!       beyond its migration entries and the collect's (a pin, a GUP reference), gets all its migration
+//!       entries restored, is unlocked and dropped (`src` = 0).
+//!
+//!    `cpages` counts what is still migrating.
 //! 2. The driver allocates destination pages, copies, and fills `dst` (0 declines a page).
 //! 3. [`Kernel::migrate_vma_pages`] installs destinations for entries without a source page (anonymous VMAs
 //!    only) and drops entries the driver declined.
-//! 4. [`Kernel::migrate_vma_finalize`] replaces each migration entry by the destination (a device-private
-//!    entry for device-private memory, a present PTE otherwise) or restores the source, frees what is left,
-//!    and wakes CPU accesses waiting on migration entries.
+//! 4. [`Kernel::migrate_vma_finalize`] (`remove_migration_ptes` through the rmap walk) replaces **every**
+//!    migration entry of each source page — in the range and wherever step 1.2 put one — by the destination
+//!    (a device-private entry for device-private memory, a present PTE otherwise), each with its own write
+//!    bit, or restores the source; mapcount and refcount move with each mapping, so a page COW-shared by
+//!    parent and child stays shared and read-only in both. It unlocks and releases the sources (a device
+//!    page is freed once its last mapping went) and wakes CPU accesses waiting on migration entries or on
+//!    the page lock.
 //!
 //! A CPU fault on a device-private entry calls the owning pagemap's [`DevicePagemapOps::migrate_to_ram`],
-//! which migrates the page back with the same protocol.
+//! which migrates the page back with the same protocol: after `fork`, a fault in either process brings both
+//! mappings to the one new page. Evicting device memory by physical range is [`crate::migrate_device`],
+//! whose unmap and finalize steps this shares.
 //!
-//! `migrate_vma` works on the mappings inside its range only. Evicting device memory by physical range,
-//! with every mapping of each page found by the rmap walk, is [`crate::migrate_device`].
-//!
-//! Simplifications: no compound (THP) migration — PMD mappings are split first, as without
-//! MIGRATE_VMA_SELECT_COMPOUND; `migrate_vma_pages` does not fire its second, insert-time notifier.
+//! Simplifications: a compound (THP) entry is collected only for a THP mapped once, by this range's PMD (a
+//! shared one is split and migrated page by page, so step 1.2 reaches its other mappings); `migrate_vma_pages`
+//! does not fire its second, insert-time notifier; there is no `fault_page` (the CPU fault path takes no
+//! page lock, so the collect step locks the faulting page like any other).
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -32,6 +51,7 @@ use std::rc::Rc;
 use peerdma_core::{DeviceId, Errno, FrameId, PAGE_SIZE, PageSize, Pid, Range, Va};
 
 use crate::kernel::Kernel;
+use crate::migrate_device::{migrate_unmap_check, remove_migration_ptes};
 use crate::notifier::NotifierEvent;
 use crate::pagetable::Pte;
 use crate::phys::{FrameOwner, MemoryKind};
@@ -272,7 +292,9 @@ impl Kernel {
                     && m.flags & MIGRATE_VMA_SELECT_SYSTEM != 0
                     && (0..512).all(|k| {
                         let f = st.phys.frame(FrameId(frame.0 + k));
-                        f.owner() == FrameOwner::Anon && !f.maybe_dma_pinned()
+                        // Mapped only here: a THP shared after fork is split and migrated page by page,
+                        // so try_to_migrate reaches its other mappings (a simplification of compound rmap).
+                        f.owner() == FrameOwner::Anon && !f.maybe_dma_pinned() && f.mapcount == 1
                     })
                 {
                     st.mm_mut(m.pid)
@@ -333,6 +355,10 @@ impl Kernel {
                 {
                     continue;
                 }
+                // folio_get + folio_trylock: the page stays locked and referenced until finalize (or until
+                // the reference check below gives it back).
+                st.phys.get(frame);
+                st.phys.frame_mut(frame).locked = true;
                 st.mm_mut(m.pid)
                     .pt
                     .set_pte(va, Pte::Migration { frame, write });
@@ -343,6 +369,24 @@ impl Kernel {
             }
         }
         self.invalidate_range_end(m.pid);
+        // migrate_vma_unmap: the pages' other mappings (other processes after fork) become migration entries
+        // too, each under its own CLEAR invalidation; what cannot be fully unmapped, or holds extra references,
+        // is restored everywhere and dropped from the migration.
+        let taken: BTreeSet<FrameId> = m
+            .src
+            .iter()
+            .filter(|&&s| s & MIGRATE_PFN_COMPOUND == 0)
+            .filter_map(|&s| migrate_pfn_to_frame(s))
+            .collect();
+        self.try_to_migrate(&taken).await;
+        let restored = {
+            let mut st = self.state();
+            migrate_unmap_check(&mut st, &mut m.src, &taken)
+        };
+        if restored > 0 {
+            m.cpages -= restored as u64;
+            self.migration_wq.wake_up_all();
+        }
         Ok(())
     }
 
@@ -394,6 +438,8 @@ impl Kernel {
     pub fn migrate_vma_finalize(&self, m: &mut MigrateVma) {
         {
             let mut st = self.state();
+            let mut src_pfns = Vec::new();
+            let mut dst_pfns = Vec::new();
             for i in 0..m.src.len() {
                 let dst = migrate_pfn_to_frame(m.dst[i]);
                 let consumed = m.dst[i] & DST_CONSUMED != 0;
@@ -429,25 +475,13 @@ impl Kernel {
                     }
                     continue;
                 }
-                let (frame, write) = if migrated {
-                    (dst.expect("migrated"), m.dst[i] & MIGRATE_PFN_WRITE != 0)
-                } else {
-                    if let Some(d) = dst {
-                        st.phys.put(d);
-                    }
-                    (src, m.src[i] & MIGRATE_PFN_WRITE != 0)
-                };
-                let pte = mapping_entry(st.phys.kind(frame), frame, write);
-                st.mm_mut(m.pid).pt.set_pte(va, pte);
-                if migrated {
-                    st.phys.frame_mut(frame).mapcount = 1;
-                    if matches!(st.phys.kind(frame), MemoryKind::Ram { .. }) {
-                        st.lru_add_new_anon(frame);
-                    }
-                    // The source's mapping reference goes with the old entry; the page is freed (page_free).
-                    st.phys.put(src);
-                }
+                // A base page: every mapping that holds a migration entry for it, in this range or found by
+                // try_to_migrate, is finalized below through the rmap walk.
+                // A declined or failed one gets its source back there and its destination freed.
+                src_pfns.push(m.src[i]);
+                dst_pfns.push(m.dst[i]);
             }
+            remove_migration_ptes(&mut st, &src_pfns, &dst_pfns);
         }
         let moved = m
             .src

@@ -6,8 +6,10 @@
 //! `remove_migration_ptes`), lib/test_hmm.c (`dmirror_device_evict_chunk`), spec/linux-hmm.md §1.4.
 //!
 //! Unlike `migrate_vma` ([`crate::migrate`]), which starts from a virtual range of one process, this starts
-//! from device page frames and finds every mapping of each page with the rmap walk ([`crate::rmap`]): after
-//! `fork`, one device page is mapped by two processes, and both mappings move to the same new page.
+//! from device page frames. Both find every mapping of each page with the rmap walk ([`crate::rmap`]): after
+//! `fork`, one device page is mapped by two processes, and both mappings move to the same new page. The
+//! unmap (`try_to_migrate`), reference-check and finalize (`remove_migration_ptes`) pieces here are shared
+//! with `migrate_vma`.
 //!
 //! The protocol, as numbered steps. It takes **no `mmap_lock`** (a driver evicts at unbind, or under memory
 //! pressure while some process's `mmap_lock` may already be held):
@@ -49,7 +51,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use peerdma_core::{FrameId, PAGE_SIZE, PageSize, Pid, Range, Va};
 
-use crate::kernel::Kernel;
+use crate::kernel::{Kernel, KernelState};
 use crate::migrate::{
     MIGRATE_PFN_MIGRATE, MIGRATE_PFN_VALID, mapping_entry, migrate_pfn, migrate_pfn_to_frame,
 };
@@ -57,9 +59,9 @@ use crate::notifier::NotifierEvent;
 use crate::pagetable::Pte;
 use crate::phys::MemoryKind;
 
-/// Returns the frame and write bit of an entry that maps a device page for step 2 (device-private,
-/// device-coherent present, device-exclusive).
-fn device_mapping(pte: Pte) -> Option<(FrameId, bool)> {
+/// Returns the frame and write bit of an entry that maps a page `try_to_migrate` can replace by a migration
+/// entry (device-private, present — system RAM or device-coherent —, device-exclusive).
+fn migratable_mapping(pte: Pte) -> Option<(FrameId, bool)> {
     match pte {
         Pte::DevicePrivate { frame, write }
         | Pte::DeviceExclusive { frame, write }
@@ -127,17 +129,36 @@ impl Kernel {
         if taken.is_empty() {
             return;
         }
-        // Step 2: try_to_migrate — every mapping of every taken page, PMD leaves split first.
+        // Step 2: try_to_migrate, then the reference check of migrate_device_unmap.
+        self.try_to_migrate(&taken).await;
+        let restored = {
+            let mut st = self.state();
+            migrate_unmap_check(&mut st, src_pfns, &taken)
+        };
+        if restored > 0 {
+            self.migration_wq.wake_up_all();
+        }
+    }
+
+    /// `try_to_migrate` (mm/rmap.c, `try_to_migrate_one`) for every page of `taken`, which the caller holds
+    /// locked and referenced: replaces each of their mappings that is not a migration entry yet, in every
+    /// process, by a migration entry keeping that mapping's write bit, each inside its own MMU_NOTIFY_CLEAR
+    /// invalidation with no owner (step 2 of the module docs). PMD leaves are split first. A pinned page's
+    /// mapping is left alone (`folio_try_share_anon_rmap_pte` fails), so the reference check restores it.
+    pub(crate) async fn try_to_migrate(&self, taken: &BTreeSet<FrameId>) {
+        if taken.is_empty() {
+            return;
+        }
         let mappings: Vec<(Pid, Va, FrameId)> = {
             let mut st = self.state();
             let walk = st.rmap_walk(|f| taken.contains(&f));
             for m in &walk {
-                if m.leaf.size != PageSize::Size4K && device_mapping(m.leaf.pte).is_some() {
+                if m.leaf.size != PageSize::Size4K && migratable_mapping(m.leaf.pte).is_some() {
                     st.mm_mut(m.pid).pt.split_pmd(m.va);
                 }
             }
             walk.into_iter()
-                .filter(|m| device_mapping(m.leaf.pte).is_some())
+                .filter(|m| migratable_mapping(m.leaf.pte).is_some())
                 .map(|m| (m.pid, m.va, m.frame))
                 .collect()
         };
@@ -153,7 +174,7 @@ impl Kernel {
                     .pt
                     .lookup(va)
                     .filter(|l| l.size == PageSize::Size4K)
-                    .and_then(|l| device_mapping(l.pte));
+                    .and_then(|l| migratable_mapping(l.pte));
                 // A pinned exclusive page cannot be shared for migration (folio_try_share_anon_rmap_pte).
                 if let Some((f, write)) = cur
                     && f == frame
@@ -165,48 +186,6 @@ impl Kernel {
                 }
             }
             self.invalidate_range_end(pid);
-        }
-        // The reference check of migrate_device_unmap: restore what cannot migrate.
-        let mut restored = false;
-        {
-            let mut guard = self.state();
-            let st = &mut *guard;
-            let mut entries: BTreeMap<FrameId, Vec<(Pid, Va, bool)>> = BTreeMap::new();
-            let mut still_mapped: BTreeSet<FrameId> = BTreeSet::new();
-            for m in st.rmap_walk(|f| taken.contains(&f)) {
-                match m.leaf.pte {
-                    Pte::Migration { write, .. } if m.leaf.size == PageSize::Size4K => {
-                        entries
-                            .entry(m.frame)
-                            .or_default()
-                            .push((m.pid, m.va, write));
-                    }
-                    _ => {
-                        still_mapped.insert(m.frame);
-                    }
-                }
-            }
-            for s in src_pfns.iter_mut() {
-                let Some(f) = migrate_pfn_to_frame(*s) else {
-                    continue;
-                };
-                let mine = entries.get(&f).map_or(&[][..], Vec::as_slice);
-                let expected = u32::try_from(mine.len()).expect("mappings fit u32") + 1;
-                if !still_mapped.contains(&f) && st.phys.frame(f).refcount == expected {
-                    continue;
-                }
-                let kind = st.phys.kind(f);
-                for &(pid, va, write) in mine {
-                    st.mm_mut(pid).pt.set_pte(va, mapping_entry(kind, f, write));
-                }
-                st.phys.frame_mut(f).locked = false;
-                st.phys.put(f);
-                *s = 0;
-                restored = true;
-            }
-        }
-        if restored {
-            self.migration_wq.wake_up_all();
         }
     }
 
@@ -237,77 +216,139 @@ impl Kernel {
     /// Panics if the two arrays differ in length (a caller bug).
     pub fn migrate_device_finalize(&self, src_pfns: &[u64], dst_pfns: &[u64]) {
         assert_eq!(src_pfns.len(), dst_pfns.len(), "src and dst arrays differ");
-        let mut moved = 0u64;
-        {
-            let mut guard = self.state();
-            let st = &mut *guard;
-            let sources: BTreeSet<FrameId> = src_pfns
-                .iter()
-                .filter_map(|&s| migrate_pfn_to_frame(s))
-                .collect();
-            // remove_migration_ptes: every migration entry of each source, wherever it is now.
-            let mut entries: BTreeMap<FrameId, Vec<(Pid, Va, bool)>> = BTreeMap::new();
-            for m in st.rmap_walk(|f| sources.contains(&f)) {
-                if let Pte::Migration { write, .. } = m.leaf.pte
-                    && m.leaf.size == PageSize::Size4K
-                {
-                    entries
-                        .entry(m.frame)
-                        .or_default()
-                        .push((m.pid, m.va, write));
-                }
-            }
-            for (&s, &d) in src_pfns.iter().zip(dst_pfns) {
-                let dst = migrate_pfn_to_frame(d);
-                let Some(src) = migrate_pfn_to_frame(s) else {
-                    if let Some(d) = dst {
-                        st.phys.put(d);
-                    }
-                    continue;
-                };
-                let migrated = s & (MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE)
-                    == MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE
-                    && dst.is_some();
-                let to = if migrated {
-                    dst.expect("migrated")
-                } else {
-                    src
-                };
-                let kind = st.phys.kind(to);
-                for &(pid, va, write) in entries.get(&src).map_or(&[][..], Vec::as_slice) {
-                    st.mm_mut(pid)
-                        .pt
-                        .set_pte(va, mapping_entry(kind, to, write));
-                    if migrated {
-                        // The mapping's reference moves from the old page to the new one.
-                        st.phys.get(to);
-                        st.phys.frame_mut(to).mapcount += 1;
-                        let fr = st.phys.frame_mut(src);
-                        fr.mapcount = fr.mapcount.saturating_sub(1);
-                        st.phys.put(src);
-                    }
-                }
-                if let Some(d) = dst {
-                    if migrated
-                        && st.phys.frame(d).mapcount > 0
-                        && matches!(st.phys.kind(d), MemoryKind::Ram { .. })
-                    {
-                        st.lru_add_new_anon(d);
-                    }
-                    // The caller's allocation reference; an unused destination is freed.
-                    st.phys.put(d);
-                }
-                st.phys.frame_mut(src).locked = false;
-                // The reference of step 1: the last one frees the device page (page_free).
-                st.phys.put(src);
-                if migrated {
-                    moved += 1;
-                }
-            }
-        }
+        let moved = {
+            let mut st = self.state();
+            remove_migration_ptes(&mut st, src_pfns, dst_pfns)
+        };
         if moved > 0 {
             self.sim.count("migrate.pages", moved);
         }
         self.migration_wq.wake_up_all();
     }
+}
+
+/// The reference check of `migrate_device_unmap` (mm/migrate_device.c) after [`Kernel::try_to_migrate`], for
+/// the entries of `src_pfns` whose page is in `taken` (locked, with one reference of the caller's): a page
+/// still mapped somewhere other than by a migration entry, or with references beyond its migration entries
+/// and the caller's — a pin (`maybe_dma_pinned`), a GUP reference — cannot migrate. Its migration entries are
+/// restored everywhere (`remove_migration_ptes(src, src)`), it is unlocked, the caller's reference is dropped
+/// and its entry becomes 0. Returns the number of pages restored; the caller wakes the migration wait queue.
+pub(crate) fn migrate_unmap_check(
+    st: &mut KernelState,
+    src_pfns: &mut [u64],
+    taken: &BTreeSet<FrameId>,
+) -> usize {
+    let mut entries: BTreeMap<FrameId, Vec<(Pid, Va, bool)>> = BTreeMap::new();
+    let mut still_mapped: BTreeSet<FrameId> = BTreeSet::new();
+    for m in st.rmap_walk(|f| taken.contains(&f)) {
+        match m.leaf.pte {
+            Pte::Migration { write, .. } if m.leaf.size == PageSize::Size4K => {
+                entries
+                    .entry(m.frame)
+                    .or_default()
+                    .push((m.pid, m.va, write));
+            }
+            _ => {
+                still_mapped.insert(m.frame);
+            }
+        }
+    }
+    let mut restored = 0;
+    for s in src_pfns.iter_mut() {
+        let Some(f) = migrate_pfn_to_frame(*s).filter(|f| taken.contains(f)) else {
+            continue;
+        };
+        let mine = entries.get(&f).map_or(&[][..], Vec::as_slice);
+        let expected = u32::try_from(mine.len()).expect("mappings fit u32") + 1;
+        if !still_mapped.contains(&f) && st.phys.frame(f).refcount == expected {
+            continue;
+        }
+        let kind = st.phys.kind(f);
+        for &(pid, va, write) in mine {
+            st.mm_mut(pid).pt.set_pte(va, mapping_entry(kind, f, write));
+        }
+        st.phys.frame_mut(f).locked = false;
+        st.phys.put(f);
+        *s = 0;
+        restored += 1;
+    }
+    restored
+}
+
+/// `remove_migration_ptes` for every entry of `src_pfns` (step 5 of the module docs, shared with
+/// `migrate_vma_finalize`): each source page's migration entries, wherever the rmap walk finds them, get the
+/// destination (where the entry migrated: VALID, MIGRATE and a destination) or the source back, each with its
+/// own write bit; mapcount and refcount move with each mapping. The destination's allocation reference is
+/// dropped (an unused destination is freed), the source is unlocked and the caller's reference on it dropped
+/// (the last one frees it: `page_free`). Entries without a source page only drop their destination. Returns
+/// the number of pages migrated; the caller counts them and wakes the migration wait queue.
+pub(crate) fn remove_migration_ptes(
+    st: &mut KernelState,
+    src_pfns: &[u64],
+    dst_pfns: &[u64],
+) -> u64 {
+    let mut moved = 0u64;
+    let sources: BTreeSet<FrameId> = src_pfns
+        .iter()
+        .filter_map(|&s| migrate_pfn_to_frame(s))
+        .collect();
+    let mut entries: BTreeMap<FrameId, Vec<(Pid, Va, bool)>> = BTreeMap::new();
+    for m in st.rmap_walk(|f| sources.contains(&f)) {
+        if let Pte::Migration { write, .. } = m.leaf.pte
+            && m.leaf.size == PageSize::Size4K
+        {
+            entries
+                .entry(m.frame)
+                .or_default()
+                .push((m.pid, m.va, write));
+        }
+    }
+    for (&s, &d) in src_pfns.iter().zip(dst_pfns) {
+        let dst = migrate_pfn_to_frame(d);
+        let Some(src) = migrate_pfn_to_frame(s) else {
+            if let Some(d) = dst {
+                st.phys.put(d);
+            }
+            continue;
+        };
+        let migrated = s & (MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE)
+            == MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE
+            && dst.is_some();
+        let to = if migrated {
+            dst.expect("migrated")
+        } else {
+            src
+        };
+        let kind = st.phys.kind(to);
+        for &(pid, va, write) in entries.get(&src).map_or(&[][..], Vec::as_slice) {
+            st.mm_mut(pid)
+                .pt
+                .set_pte(va, mapping_entry(kind, to, write));
+            if migrated {
+                // The mapping's reference moves from the old page to the new one.
+                st.phys.get(to);
+                st.phys.frame_mut(to).mapcount += 1;
+                let fr = st.phys.frame_mut(src);
+                fr.mapcount = fr.mapcount.saturating_sub(1);
+                st.phys.put(src);
+            }
+        }
+        if let Some(d) = dst {
+            if migrated
+                && st.phys.frame(d).mapcount > 0
+                && matches!(st.phys.kind(d), MemoryKind::Ram { .. })
+            {
+                st.lru_add_new_anon(d);
+            }
+            // The caller's allocation reference; an unused destination is freed.
+            st.phys.put(d);
+        }
+        st.phys.frame_mut(src).locked = false;
+        // The caller's reference on the source: the last one frees the page (page_free).
+        st.phys.put(src);
+        if migrated {
+            moved += 1;
+        }
+    }
+    moved
 }

@@ -127,8 +127,9 @@ pub struct Frame {
     pub referenced: bool,
     /// Allocation counter; bumped at each allocation.
     pub generation: u64,
-    /// `PG_locked`, as far as the model needs it: set while a device-range migration
-    /// ([`crate::migrate_device`]) holds the page, so `migrate_vma_setup` skips it and a CPU fault on it waits.
+    /// `PG_locked`, as far as the model needs it: set while a migration (`migrate_vma`, [`crate::migrate`], or
+    /// a device-range one, [`crate::migrate_device`]) holds the page, so another migration skips it and a CPU
+    /// fault on it waits.
     pub locked: bool,
     owner: Option<FrameOwner>,
     region: u32,
