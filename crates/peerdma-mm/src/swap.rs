@@ -30,7 +30,9 @@
 //!    batch. Each scanned page goes through `folio_check_references`: young and already `referenced`
 //!    (seen young before) — **activate** (to the active head); young only — set `referenced` and **rotate**
 //!    (back to the inactive head, "another trip"); not young — reclaim (clearing `referenced`).
-//! 3. A reclaim candidate that may be DMA-pinned is activated instead: `try_to_unmap` refuses to unmap a
+//! 3. A page locked by a migration in progress (`PG_locked`; `shrink_folio_list`'s `folio_trylock` fails)
+//!    is put back on the inactive list untouched. A reclaim candidate that may be DMA-pinned is activated
+//!    instead: `try_to_unmap` refuses to unmap a
 //!    pinned exclusive anonymous page (`folio_try_share_anon_rmap_pte`), and `shrink_folio_list` sends
 //!    pages it failed to unmap to `activate_locked`. The same happens to an isolated page still allocated
 //!    after step 5 (a pin taken while an invalidation slept, or no 4 KiB mapping to replace).
@@ -415,6 +417,12 @@ impl Kernel {
                 }
                 stats.scan += 1;
                 let fr = st.phys.frame_mut(frame);
+                // shrink_folio_list trylocks each folio: one a migration holds locked is kept for later.
+                if fr.locked {
+                    lru.add_head(fr, frame, false);
+                    stats.rotate += 1;
+                    continue;
+                }
                 match check_references(fr) {
                     References::Activate => {
                         lru.add_head(fr, frame, true);

@@ -243,3 +243,35 @@ fn hot_working_set_stays_resident_while_a_larger_stream_passes_through() {
         "promoted hot pages are not swapped out by the stream"
     );
 }
+
+/// mm/vmscan.c `shrink_folio_list`: a folio that cannot be trylocked (a migration holds `PG_locked`) is kept
+/// on the LRU and never unmapped; once unlocked it is reclaimable again.
+#[test]
+fn a_page_locked_by_a_migration_is_skipped_by_reclaim() {
+    let ((kept, swapped_after_unlock), m) = run(64 << 20, |k| async move {
+        let (pid, buf) = populate(&k, 2).await;
+        let frame = k.state().mm(pid).translate(buf).unwrap().0;
+        k.state().phys.frame_mut(frame).locked = true;
+        let mut kept = true;
+        for _ in 0..6 {
+            k.reclaim(32).await;
+            kept &= k.state().mm(pid).translate(buf).map(|t| t.0) == Some(frame);
+        }
+        k.state().phys.frame_mut(frame).locked = false;
+        let mut swapped = 0;
+        for _ in 0..3 {
+            swapped += k.reclaim(32).await;
+        }
+        (kept, swapped)
+    });
+    assert!(
+        kept,
+        "the locked page stays mapped in its frame through every pass"
+    );
+    assert_eq!(
+        m.get("swap.out"),
+        2,
+        "the other page, then the unlocked one"
+    );
+    assert_eq!(swapped_after_unlock, 1);
+}
