@@ -44,7 +44,7 @@ use peerdma_mm::{
     DevicePagemapOps, IntervalNotifierOps, Kernel, MemoryKind, MigrateVma, NotifierEvent,
     NotifierId, NotifierRange, VmFlags, Vma,
 };
-use peerdma_sim::{MutexGuard, SimMutex};
+use peerdma_sim::SimMutex;
 
 /// Pages per fault/snapshot chunk (test_hmm.c works in 64-page pieces).
 pub const CHUNK_PAGES: u64 = 64;
@@ -171,17 +171,7 @@ struct Shared {
     costs: DmirrorCosts,
 }
 
-impl Shared {
-    /// Takes the driver lock for an invalidation: blocking when the range is blockable, else a try-lock
-    /// (`None` when contended, and the callback must return false).
-    async fn lock_for(&self, range: &NotifierRange) -> Option<MutexGuard> {
-        if range.blockable {
-            Some(self.lock.lock().await)
-        } else {
-            self.lock.try_lock()
-        }
-    }
-}
+impl Shared {}
 
 /// The main notifier's callbacks (`dmirror_interval_invalidate`).
 #[derive(Debug)]
@@ -200,7 +190,7 @@ impl IntervalNotifierOps for MirrorOps {
             if range.event == NotifierEvent::Migrate && range.owner == Some(sh.dev) {
                 return true;
             }
-            let Some(_g) = sh.lock_for(range).await else {
+            let Some(_g) = sh.lock.lock_if_blockable(range.blockable).await else {
                 return false;
             };
             sh.kernel.interval_set_seq(sh.pid, id, cur_seq);
@@ -245,7 +235,7 @@ impl IntervalNotifierOps for SnapshotOps {
     ) -> Pin<Box<dyn Future<Output = bool> + 'a>> {
         Box::pin(async move {
             let sh = &self.0;
-            let Some(_g) = sh.lock_for(range).await else {
+            let Some(_g) = sh.lock.lock_if_blockable(range.blockable).await else {
                 return false;
             };
             sh.kernel.interval_set_seq(sh.pid, id, cur_seq);

@@ -119,13 +119,8 @@ impl IntervalNotifierOps for Ops {
     ) -> Pin<Box<dyn Future<Output = bool> + 'a>> {
         Box::pin(async move {
             let sh = &self.0;
-            let _g = if range.blockable {
-                sh.lock.lock().await
-            } else {
-                match sh.lock.try_lock() {
-                    Some(g) => g,
-                    None => return false,
-                }
+            let Some(_g) = sh.lock.lock_if_blockable(range.blockable).await else {
+                return false;
             };
             let k = &sh.platform.kernel;
             k.interval_set_seq(sh.pid, id, cur_seq);

@@ -2066,45 +2066,20 @@ impl KernelState {
             self.mm_mut(parent).pt.set_pte(leaf.base, pte);
             leaf.pte = pte;
         }
-        if let Pte::DevicePrivate { frame, write } = leaf.pte {
-            // Device-private entries are copied as such; for COW both sides become read-only (spec §1.6).
+        if let Pte::DevicePrivate { frame, write } | Pte::Migration { frame, write } = leaf.pte {
+            // copy_nonpresent_pte: device-private entries are copied as such (spec §1.6), and so are the
+            // migration entries a migration that reaches this process through the rmap walk, without its
+            // mmap_lock (crate::migrate_device, migrate_vma's unmap step), leaves for fork to meet (its finalize
+            // finds both through the rmap walk). For COW both sides become read-only.
             for i in 0..leaf.size.nr_pages() {
                 self.map_frame(FrameId(frame.0 + i));
             }
             let cow = !vma.is_shared();
-            let child_pte = Pte::DevicePrivate {
-                frame,
-                write: write && !cow,
-            };
-            let parent_pte = Pte::DevicePrivate {
-                frame,
-                write: false,
-            };
-            self.mm_mut(child)
-                .pt
-                .set_leaf(leaf.base, leaf.size, child_pte);
-            if cow && write {
-                self.mm_mut(parent)
-                    .pt
-                    .set_leaf(leaf.base, leaf.size, parent_pte);
-            }
-            return 0;
-        }
-        if let Pte::Migration { frame, write } = leaf.pte {
-            // Only a migration that reaches this process through the rmap walk, without its mmap_lock
-            // (crate::migrate_device, migrate_vma's unmap step), leaves migration entries for fork to meet:
-            // copy them (copy_nonpresent_pte), read-only for COW; its finalize finds both through the rmap walk.
-            for i in 0..leaf.size.nr_pages() {
-                self.map_frame(FrameId(frame.0 + i));
-            }
-            let cow = !vma.is_shared();
-            let child_pte = Pte::Migration {
-                frame,
-                write: write && !cow,
-            };
-            self.mm_mut(child)
-                .pt
-                .set_leaf(leaf.base, leaf.size, child_pte);
+            self.mm_mut(child).pt.set_leaf(
+                leaf.base,
+                leaf.size,
+                leaf.pte.with_write(write && !cow),
+            );
             if cow && write {
                 self.mm_mut(parent)
                     .pt

@@ -82,6 +82,17 @@ impl SimMutex {
         })
     }
 
+    /// Acquires the mutex, waiting if `may_block`, else only if it is free: what an MMU-notifier callback
+    /// does with its driver lock (`mutex_lock` for a blockable range, `mutex_trylock` otherwise). `None`
+    /// when it would have to wait and may not.
+    pub async fn lock_if_blockable(&self, may_block: bool) -> Option<MutexGuard> {
+        if may_block {
+            Some(self.lock().await)
+        } else {
+            self.try_lock()
+        }
+    }
+
     fn unlock(&self) {
         let next = {
             let mut st = self.state.borrow_mut();
@@ -642,6 +653,31 @@ mod tests {
         assert_eq!(sim.run(), RunOutcome::Completed);
         assert_eq!(*log.borrow(), ["a+", "a-", "b+", "b-", "c+", "c-"]);
         assert_eq!(sim.now().0, 30);
+    }
+
+    /// A non-blockable invalidation gives up on a held lock; a blockable one waits for it.
+    #[test]
+    fn lock_if_blockable_waits_only_when_it_may_block() {
+        let sim = Sim::new(SimConfig::default());
+        let m = SimMutex::new(&sim, "m");
+        let log: Log = Rc::default();
+        let (s, m1) = (sim.clone(), m.clone());
+        sim.spawn("holder", async move {
+            let g = m1.lock().await;
+            s.sleep(SimDuration(10)).await;
+            drop(g);
+        });
+        let (s, m2, l) = (sim.clone(), m.clone(), log.clone());
+        sim.spawn("notifier", async move {
+            push(
+                &l,
+                format!("try:{}", m2.lock_if_blockable(false).await.is_some()),
+            );
+            let g = m2.lock_if_blockable(true).await;
+            push(&l, format!("wait:{}@{}", g.is_some(), s.now().0));
+        });
+        assert_eq!(sim.run(), RunOutcome::Completed);
+        assert_eq!(*log.borrow(), ["try:false", "wait:true@10"]);
     }
 
     #[test]
