@@ -922,9 +922,9 @@ impl Kernel {
         Ok(range.start)
     }
 
-    /// Creates a VM_IO | VM_PFNMAP VMA as a driver's `remap_pfn_range` of device MMIO leaves it: raw PFNs with
-    /// no `struct page`, which GUP and `hmm_range_fault` refuse. The entries are installed lazily by the
-    /// owning device in later layers; until then a CPU access raises SIGBUS.
+    /// Creates an empty VM_IO | VM_PFNMAP VMA, as a driver whose `mmap` installs no entries leaves it (a CPU
+    /// access raises SIGBUS; GUP and `hmm_range_fault` refuse it). A BAR mapped with its entries is
+    /// [`Kernel::mmap_pfnmap_mmio`] (`remap_pfn_range`).
     pub async fn mmap_pfnmap(&self, pid: Pid, len: u64, prot: Prot) -> Result<Va, Errno> {
         let flags =
             prot.vm_flags() | VmFlags::IO | VmFlags::PFNMAP | VmFlags::SHARED | VmFlags::DONTCOPY;
