@@ -476,3 +476,73 @@ impl Platform {
         self.kernel.sim.count("dma.bytes", bytes);
     }
 }
+
+impl Platform {
+    /// A device DMA of whole pages at a raw DMA address — no handle, no pin, no mirror — as a device holding
+    /// a stale or forged address issues it. `data` is written when given, else `buf` is read.
+    ///
+    /// The fabric routes it: an address in a peer BAR's bus range that `dev` reaches BUS_ADDR goes
+    /// peer-to-peer; anything else goes upstream through `dev`'s IOMMU domain, the only protection. So the
+    /// oracle sees what a real machine would suffer: a stale IOTLB hit inside a lazy domain's flush window
+    /// (stale translation), a write to a freed frame (use after free), content changed behind a mapping's
+    /// back (data integrity, at the next read), a write to a removed BAR.
+    ///
+    /// # Errors
+    /// `EFAULT` when the IOMMU faults (a strict domain after unmap) or nothing answers the address;
+    /// `EINVAL` for an unaligned address or length; `ENODEV` for an unknown device or a removed BAR.
+    pub async fn raw_dma(
+        &self,
+        dev: DeviceId,
+        addr: u64,
+        data: Option<&[u8]>,
+        buf: &mut [u8],
+    ) -> Result<(), Errno> {
+        let d = self.device(dev)?;
+        let len = data.map_or(buf.len(), <[u8]>::len);
+        if !addr.is_multiple_of(PAGE_SIZE) || len == 0 || !len.is_multiple_of(4096) {
+            return Err(Errno::EINVAL);
+        }
+        self.kernel.sim.count("dma.raw", 1);
+        for i in 0..len / 4096 {
+            let a = addr + i as u64 * PAGE_SIZE;
+            let bus = BusAddr::from_raw(a);
+            let routed_peer = self.providers_bus_lookup(bus).is_some_and(|(owner, _)| {
+                self.providers
+                    .borrow_mut()
+                    .provider_map_type(self.topology(), owner, d.node)
+                    == MapType::BusAddr
+            });
+            let dma = if routed_peer {
+                DmaAddr::Bus(bus)
+            } else {
+                DmaAddr::Iova(Iova::from_raw(a))
+            };
+            let write = data.is_some();
+            let res = self.resolve(&d, dma, write).ok_or(Errno::EFAULT)?;
+            let frame = self.kernel.state().phys.frame_at_pa(res.pa);
+            let page = i * 4096..(i + 1) * 4096;
+            match frame {
+                Some(f) => {
+                    let mut st = self.kernel.state();
+                    if !st.phys.frame(f).is_allocated() {
+                        st.oracle.violation(
+                            ViolationKind::UseAfterFree,
+                            format!("{} DMA at {a:#x} reached freed {f}", d.name),
+                        );
+                        continue;
+                    }
+                    match data {
+                        Some(bytes) => st.phys.write(f, 0, &bytes[page]),
+                        None => st.phys.read(f, 0, &mut buf[page]),
+                    }
+                }
+                None => match data {
+                    Some(bytes) => self.kernel.mmio_write(d.id, res.pa, &bytes[page])?,
+                    None => self.kernel.mmio_read(d.id, res.pa, &mut buf[page])?,
+                },
+            }
+            self.transfer(&d, res.pa, PAGE_SIZE, write, res.cost).await;
+        }
+        Ok(())
+    }
+}

@@ -65,6 +65,32 @@ pub enum ViolationKind {
     RemovedBar,
 }
 
+impl ViolationKind {
+    /// Every kind, in check order.
+    pub const ALL: &[ViolationKind] = &[
+        ViolationKind::StaleTranslation,
+        ViolationKind::UseAfterFree,
+        ViolationKind::PinBroken,
+        ViolationKind::DataIntegrity,
+        ViolationKind::Routing,
+        ViolationKind::Protocol,
+        ViolationKind::RemovedBar,
+    ];
+
+    /// Returns the kind's identifier as scenario files write it (`stale_translation`).
+    pub fn key(self) -> &'static str {
+        match self {
+            ViolationKind::StaleTranslation => "stale_translation",
+            ViolationKind::UseAfterFree => "use_after_free",
+            ViolationKind::PinBroken => "pin_broken",
+            ViolationKind::DataIntegrity => "data_integrity",
+            ViolationKind::Routing => "routing",
+            ViolationKind::Protocol => "protocol",
+            ViolationKind::RemovedBar => "removed_bar",
+        }
+    }
+}
+
 impl fmt::Display for ViolationKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -109,6 +135,10 @@ pub struct Oracle {
     enabled: bool,
     shadow: BTreeMap<LogicalPage, u64>,
     violations: Vec<Violation>,
+    /// The kind of violation a caller said is coming ([`Oracle::expect_violation`]).
+    armed: Option<ViolationKind>,
+    /// Violations of the armed kind seen while armed.
+    expected: Vec<Violation>,
 }
 
 impl Oracle {
@@ -119,6 +149,8 @@ impl Oracle {
             enabled: true,
             shadow: BTreeMap::new(),
             violations: Vec::new(),
+            armed: None,
+            expected: Vec::new(),
         }
     }
 
@@ -137,7 +169,8 @@ impl Oracle {
         &self.violations
     }
 
-    /// Records a violation and stops the simulation.
+    /// Records a violation and stops the simulation — unless it is of the kind armed with
+    /// [`Oracle::expect_violation`], in which case it is kept apart as expected and the run goes on.
     pub fn violation(&mut self, kind: ViolationKind, detail: String) {
         let v = Violation {
             time: self.sim.now(),
@@ -145,8 +178,26 @@ impl Oracle {
             kind,
             detail,
         };
+        if self.armed == Some(kind) {
+            self.expected.push(v);
+            return;
+        }
         self.sim.stop(v.to_string());
         self.violations.push(v);
+    }
+
+    /// Says that a violation of `kind` is coming (a scenario step that demonstrates what the oracle
+    /// catches): until [`Oracle::take_expected`], violations of that kind are recorded as expected and do
+    /// not stop the run; any other kind still does.
+    pub fn expect_violation(&mut self, kind: ViolationKind) {
+        self.armed = Some(kind);
+        self.expected.clear();
+    }
+
+    /// Disarms [`Oracle::expect_violation`] and returns the expected violations seen since it was armed.
+    pub fn take_expected(&mut self) -> Vec<Violation> {
+        self.armed = None;
+        std::mem::take(&mut self.expected)
     }
 
     /// Records that `page` now holds content with hash `h`.

@@ -276,6 +276,9 @@ pub struct Expect {
     pub pinned: Option<u64>,
     /// `dma_addr`: the first DMA address of a `dma.map` handle.
     pub dma_addr: Option<u64>,
+    /// `violation`: the oracle must report a violation of this kind while the step runs (a step that
+    /// demonstrates what the oracle catches); it is then expected and the run goes on.
+    pub violation: Option<peerdma_mm::ViolationKind>,
 }
 
 impl Expect {
@@ -853,6 +856,18 @@ pub enum Op {
         /// The export.
         export: String,
     },
+    /// `dma.raw`: the device DMAs at a raw DMA address with no handle (a stale or forged address): writes
+    /// `pattern`, or reads (`expect.data`) without one.
+    DmaRaw {
+        /// The device.
+        dev: String,
+        /// The DMA address (IOVA, physical address under an identity domain, or a peer's bus address).
+        addr: u64,
+        /// Bytes (whole pages).
+        len: u64,
+        /// What to write; `None` reads.
+        pattern: Option<Pattern>,
+    },
 }
 
 impl Op {
@@ -898,6 +913,7 @@ impl Op {
             Self::DmaSgRelease { .. } => "dma_sg.release",
             Self::DeviceRemove { .. } => "device.remove",
             Self::DmabufMoveNotify { .. } => "dmabuf.move_notify",
+            Self::DmaRaw { .. } => "dma.raw",
         }
     }
 }

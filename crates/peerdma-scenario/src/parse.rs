@@ -124,6 +124,7 @@ enum OpKind {
     DmaSgRelease,
     DeviceRemove,
     DmabufMoveNotify,
+    DmaRaw,
 }
 
 impl OpKind {
@@ -167,6 +168,7 @@ impl OpKind {
         Self::DmaSgRelease,
         Self::DeviceRemove,
         Self::DmabufMoveNotify,
+        Self::DmaRaw,
     ];
 
     const fn name(self) -> &'static str {
@@ -210,6 +212,7 @@ impl OpKind {
             Self::DmaSgRelease => "dma_sg.release",
             Self::DeviceRemove => "device.remove",
             Self::DmabufMoveNotify => "dmabuf.move_notify",
+            Self::DmaRaw => "dma.raw",
         }
     }
 
@@ -256,15 +259,18 @@ impl OpKind {
             Self::DmaSgRelease => &["handle"],
             Self::DeviceRemove => &["dev"],
             Self::DmabufMoveNotify => &["export"],
+            Self::DmaRaw => &["dev", "addr", "len", "pattern"],
         }
     }
 
     /// The `expect` keys a step of this op may have.
     const fn expect_keys(self) -> &'static [&'static str] {
         match self {
-            Self::Load => &["errno", "data", "value", "signal"],
-            Self::Store => &["errno", "signal"],
-            Self::Pread | Self::DmaSgRead => &["errno", "data"],
+            Self::Load => &["errno", "data", "value", "signal", "violation"],
+            Self::Store => &["errno", "signal", "violation"],
+            Self::Pread => &["errno", "data"],
+            Self::DmaSgRead | Self::DmaRaw => &["errno", "data", "violation"],
+            Self::DmaSgWrite => &["errno", "violation"],
             Self::DmirrorRead => &["errno", "cpages", "faults", "data"],
             Self::DmirrorWrite => &["errno", "cpages", "faults"],
             Self::DmirrorSnapshot => &["errno", "cpages", "faults", "bytes"],
@@ -281,8 +287,17 @@ const MAX_NODES: usize = 64;
 
 /// Every key an `expect` table may have for some op.
 const ALL_EXPECT_KEYS: &[&str] = &[
-    "errno", "cpages", "faults", "data", "bytes", "value", "signal", "segments", "pinned",
+    "errno",
+    "cpages",
+    "faults",
+    "data",
+    "bytes",
+    "value",
+    "signal",
+    "segments",
+    "pinned",
     "dma_addr",
+    "violation",
 ];
 
 /// What a missing required key should hold, for the "needs `key`" message.
@@ -1961,6 +1976,37 @@ impl<'s> Parser<'s> {
             OpKind::DmabufMoveNotify => Op::DmabufMoveNotify {
                 export: self.name_ref(self.required(t, "export")?, "export", RefKind::Export)?,
             },
+            OpKind::DmaRaw => {
+                let dev = self.name_ref(self.required(t, "dev")?, "dev", RefKind::PciDevice)?;
+                let addr_v = self.required(t, "addr")?;
+                let addr = self.uint(addr_v, "addr")?;
+                if addr % PAGE_SIZE != 0 {
+                    return Err(self.err(
+                        &addr_v.span(),
+                        format!("expected a page-aligned DMA address for `addr`, found {addr:#x}"),
+                    ));
+                }
+                let len = self.opt_len(t, "len", PAGE_SIZE)?;
+                if len % PAGE_SIZE != 0 {
+                    let span = t.get("len").map_or_else(|| t.span.clone(), Value::span);
+                    return Err(self.err(
+                        &span,
+                        format!(
+                            "expected a whole number of 4 KiB pages for `len`, found {len} bytes"
+                        ),
+                    ));
+                }
+                let pattern = t
+                    .get("pattern")
+                    .map(|v| self.pattern(v, "pattern"))
+                    .transpose()?;
+                Op::DmaRaw {
+                    dev,
+                    addr,
+                    len,
+                    pattern,
+                }
+            }
             OpKind::Truncate => Op::Truncate {
                 file: self.name_ref(self.required(t, "file")?, "file", RefKind::File)?,
                 size: self.size(self.required(t, "size")?, "size")?,
@@ -2316,6 +2362,13 @@ impl<'s> Parser<'s> {
         }
         if let Some(v) = t.get("dma_addr") {
             expect.dma_addr = Some(self.uint(v, "dma_addr")?);
+        }
+        if let Some(v) = t.get("violation") {
+            let kinds: Vec<(&str, peerdma_mm::ViolationKind)> = peerdma_mm::ViolationKind::ALL
+                .iter()
+                .map(|&k| (k.key(), k))
+                .collect();
+            expect.violation = Some(self.keyword(v, "violation", &kinds)?);
         }
         Ok(expect)
     }

@@ -292,6 +292,9 @@ impl World {
                 break;
             }
             let start = self.kernel.sim.now();
+            if let Some(kind) = step.expect.violation {
+                self.kernel.state().oracle.expect_violation(kind);
+            }
             let res = self.step(&t.process, step, &mut rng).await;
             self.check(&t.name, step, &res, start);
             if matches!(step.op, Op::Exit) {
@@ -798,6 +801,29 @@ impl World {
             Op::DmabufMoveNotify { export } => {
                 self.platform()?.dmabuf_move_notify(self.exports[export]);
             }
+            Op::DmaRaw {
+                dev,
+                addr,
+                len,
+                pattern,
+            } => {
+                let platform = self.platform()?;
+                let bytes = usize::try_from(*len).map_err(|_| format!("len {len:#x} too large"))?;
+                let mut buf = vec![0u8; bytes];
+                let data = pattern.as_ref().map(|p| {
+                    let mut d = vec![0u8; bytes];
+                    p.fill(&mut d);
+                    d
+                });
+                match platform
+                    .raw_dma(self.pci[dev], *addr, data.as_deref(), &mut buf)
+                    .await
+                {
+                    Ok(()) if data.is_none() => out.data = Some(buf),
+                    Ok(()) => {}
+                    Err(e) => out.errno = Some(e),
+                }
+            }
             Op::DmirrorRelease { fd } => {
                 if let Err(e) = self.fd(proc_name, fd)?.release().await {
                     out.errno = Some(e);
@@ -920,6 +946,10 @@ impl World {
     fn check(&self, thread: &str, step: &Step, res: &Result<StepResult, String>, start: SimTime) {
         let mut fails = Vec::new();
         let e: &Expect = &step.expect;
+        // Disarm the oracle whatever happened; what it saw is checked below.
+        let seen = e
+            .violation
+            .map(|_| self.kernel.state().oracle.take_expected());
         let summary;
         match res {
             Err(msg) => {
@@ -928,6 +958,17 @@ impl World {
             }
             Ok(r) => {
                 summary = summarize(r);
+                if let (Some(kind), Some(seen)) = (e.violation, &seen) {
+                    if seen.is_empty() {
+                        fails.push(format!(
+                            "expected the oracle to report a {kind} violation, it reported none"
+                        ));
+                    } else {
+                        self.kernel
+                            .sim
+                            .count("oracle.expected_violations", seen.len() as u64);
+                    }
+                }
                 let want_errno = e.errno.unwrap_or(None);
                 *self.expectations.borrow_mut() += 1;
                 if r.errno != want_errno && !e.any_errno {

@@ -585,6 +585,35 @@ fn row_at(name: &'static str, text: impl Into<String>, needle: &str, message: &'
 fn pci_rows() -> Vec<Row> {
     let base = pci(&[]);
     vec![
+        // dma.raw and expect.violation
+        row_at(
+            "dma.raw at an unaligned address",
+            pci(&[r#"{ op = "dma.raw", dev = "nic0", addr = 0x1234 }"#]),
+            "addr = ^0x1234",
+            "expected a page-aligned DMA address for `addr`, found 0x1234",
+        ),
+        row_at(
+            "dma.raw of a partial page",
+            pci(&[r#"{ op = "dma.raw", dev = "nic0", addr = 0x1000, len = "100" }"#]),
+            r#"len = ^"100""#,
+            "expected a whole number of 4 KiB pages for `len`, found 100 bytes",
+        ),
+        row_at(
+            "an unknown violation kind",
+            pci(&[
+                r#"{ op = "dma.raw", dev = "nic0", addr = 0x1000, expect = { violation = "stale" } }"#,
+            ]),
+            r#"violation = ^"stale""#,
+            "stale_translation",
+        ),
+        row_at(
+            "expect.violation on an op that does not check it",
+            pci(&[
+                r#"{ op = "dma.map", dev = "nic0", at = "buf", len = "4KiB", name = "h2", expect = { violation = "routing" } }"#,
+            ]),
+            "^violation",
+            "`expect.violation` is not checked for a `dma.map` step",
+        ),
         // dangling or wrong-kind references
         row_at(
             "dma.map of an unknown device",

@@ -230,6 +230,32 @@ fn failed_expectation_exits_1_naming_the_step() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `expect.violation` is an expectation like any other: a strict domain faults the stale DMA, so the
+/// oracle reports nothing and the step fails; the same DMA from a lazy domain is caught and the run passes.
+#[test]
+fn an_expected_violation_that_does_not_happen_fails_the_step() {
+    let dir = std::env::temp_dir().join(format!("peerdma-viol-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let example = std::fs::read_to_string(root().join("examples/iommu-lazy-window.toml")).unwrap();
+    let f = dir.join("strict.toml");
+    // Make nic0 strict too: its stale DMA now faults instead of reaching the page.
+    std::fs::write(
+        &f,
+        example.replace("iommu = \"dma-lazy\"", "iommu = \"dma\""),
+    )
+    .unwrap();
+    let out = peerdma(&["run", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let o = text(&out.stdout);
+    assert!(
+        o.contains("expected the oracle to report a stale translation violation, it reported none"),
+        "{o}"
+    );
+    let ok = peerdma(&["run", "examples/iommu-lazy-window.toml"]);
+    assert_eq!(ok.status.code(), Some(0), "{}", text(&ok.stdout));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// One malformed input: the file text, then the expected `line:col` and a fragment of the message.
 const MALFORMED: &[(&str, &str, &str, &str)] = &[
     ("toml syntax error", "[sim\nseed = 1\n", ":1:5", "expected"),
