@@ -314,3 +314,37 @@ impl Oracle {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use peerdma_sim::SimConfig;
+
+    /// An armed kind is kept apart and does not stop the run; any other kind still does; disarming returns
+    /// what was seen.
+    #[test]
+    fn an_expected_violation_is_kept_apart_and_does_not_stop_the_run() {
+        let sim = Sim::new(SimConfig::default());
+        let mut o = Oracle::new(sim.clone());
+        o.expect_violation(ViolationKind::StaleTranslation);
+        o.violation(ViolationKind::StaleTranslation, "stale".into());
+        assert!(o.violations().is_empty());
+        assert!(sim.stopped().is_none());
+        let seen = o.take_expected();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].kind, ViolationKind::StaleTranslation);
+        o.violation(ViolationKind::StaleTranslation, "again".into());
+        assert_eq!(o.violations().len(), 1, "disarmed: a violation again");
+        assert!(sim.stopped().is_some());
+    }
+
+    #[test]
+    fn another_kind_stops_the_run_while_armed() {
+        let sim = Sim::new(SimConfig::default());
+        let mut o = Oracle::new(sim.clone());
+        o.expect_violation(ViolationKind::Routing);
+        o.violation(ViolationKind::UseAfterFree, "uaf".into());
+        assert_eq!(o.violations().len(), 1);
+        assert!(o.take_expected().is_empty());
+    }
+}
