@@ -928,6 +928,38 @@ mod tests {
     }
 
     #[test]
+    fn kernel_and_page_cache_pages_skip_movable_nodes_and_anonymous_pages_do_not() {
+        let mut pm = PhysMem::new_numa(&[2 * PMD_SIZE, PMD_SIZE, PMD_SIZE]);
+        pm.set_node_movable(1).unwrap();
+        assert_eq!(pm.zonelist(1, GfpZone::Movable), [1, 2, 0]);
+        assert_eq!(pm.zonelist(1, GfpZone::Normal), [2, 0]);
+        let node = |pm: &mut PhysMem, owner| {
+            let f = pm.alloc_node(1, owner).unwrap();
+            (pm.node_of(f), pm.is_zone_movable_page(f))
+        };
+        assert_eq!(node(&mut pm, FrameOwner::Anon), (Some(1), true));
+        assert_eq!(node(&mut pm, FrameOwner::Kernel), (Some(2), false));
+        assert_eq!(
+            node(&mut pm, FrameOwner::File { file: 0, pgoff: 0 }),
+            (Some(2), false)
+        );
+        let thp = pm.alloc_pmd_node(1, FrameOwner::Anon).unwrap();
+        assert_eq!(
+            pm.node_of(thp),
+            Some(0),
+            "node 1 and 2 have no free 2 MiB block"
+        );
+        assert_eq!(
+            pm.alloc_pmd_node_in(1, FrameOwner::Anon, GfpZone::Normal),
+            Err(OutOfMemory { region: 1 })
+        );
+        assert_eq!(
+            pm.nr_free_zone(GfpZone::Movable) - pm.nr_free_zone(GfpZone::Normal),
+            pm.nr_free_node(1)
+        );
+    }
+
+    #[test]
     fn exhaustion_is_reported_not_panicked() {
         let mut pm = PhysMem::new(PMD_SIZE);
         for _ in 0..FRAMES_PER_PMD - 1 {
