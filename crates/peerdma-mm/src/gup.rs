@@ -10,9 +10,27 @@
 //!    through the CPU fault path), then grab (`try_grab_folio`, §2.4): refcount 0 is `ENOMEM`, a P2PDMA page
 //!    without FOLL_PCI_P2PDMA is `EREMOTEIO`, GET adds 1 to the refcount, PIN adds
 //!    [`GUP_PIN_COUNTING_BIAS`] (never for the zero page).
-//! 4. FOLL_LONGTERM (`__gup_longterm_locked`, §2.4): if any page is not long-term pinnable
-//!    ([`folio_is_longterm_pinnable`]), everything is unpinned, device-coherent pages are migrated to system
-//!    RAM, and the whole range is pinned again.
+//! 4. FOLL_LONGTERM (`__gup_longterm_locked`, §2.4), as numbered steps:
+//!    1. The whole call runs inside a `memalloc_pin_save` scope on the address space
+//!       ([`crate::kernel::AddressSpace::memalloc_pin`], include/linux/sched/mm.h): pages it faults in avoid
+//!       movable memory from the start.
+//!    2. Pin the range (steps 1–3 above).
+//!    3. `collect_longterm_unpinnable_folios` (mm/gup.c): the pages that are not long-term pinnable
+//!       ([`folio_is_longterm_pinnable`]): device-coherent pages and pages in movable memory
+//!       (ZONE_MOVABLE, [`crate::phys::PhysMem::is_zone_movable_page`]). None: done.
+//!    4. `migrate_longterm_unpinnable_folios` (mm/gup.c): every pin is released; each device-coherent page
+//!       is migrated to RAM on its own (`migrate_device_coherent_folio`; failure is `EBUSY`); each movable
+//!       page is migrated to a page outside movable memory (`migrate_pages(MR_LONGTERM_PIN)`; the model
+//!       reuses `migrate_vma` with MIGRATE_VMA_SELECT_SYSTEM, so the pinning address space's mirrors see a
+//!       MIGRATE invalidation with no owner and every other mapping's a CLEAR one; Linux's `try_to_migrate`
+//!       fires CLEAR for all of them). Every destination is allocated with [`GfpZone::Normal`] (`GFP_USER`
+//!       under the pin scope: never a movable node). A page that cannot be moved — no page outside movable
+//!       memory free, the page pinned or locked by someone else — makes the call `ENOMEM` with nothing
+//!       pinned (pages already moved stay moved, as in Linux). Counters: `gup.longterm_migrations` (one
+//!       per round that migrated) and `gup.longterm_migrated_pages`.
+//!    5. Go back to step 2: the whole range is pinned again from scratch (Linux's `-EAGAIN`).
+//!
+//!    Short-term pins (no FOLL_LONGTERM) leave pages in movable memory where they are.
 //! 5. A hole after the first page ends the walk early: the result holds fewer pages than asked (Linux's
 //!    partial return); a failure on the first page is the errno.
 //!
@@ -22,14 +40,14 @@ use std::fmt;
 use std::rc::Rc;
 
 use bitflags::bitflags;
-use peerdma_core::{Errno, FrameId, PAGE_SIZE, Pid, Range, Va};
+use peerdma_core::{DeviceId, Errno, FrameId, PAGE_SIZE, Pid, Range, Va};
 
 use crate::kernel::Kernel;
 use crate::migrate::{
-    MIGRATE_PFN_MIGRATE, MIGRATE_PFN_WRITE, MIGRATE_VMA_SELECT_DEVICE_COHERENT, MigrateVma,
-    migrate_pfn, migrate_pfn_to_frame,
+    MIGRATE_PFN_MIGRATE, MIGRATE_PFN_WRITE, MIGRATE_VMA_SELECT_DEVICE_COHERENT,
+    MIGRATE_VMA_SELECT_SYSTEM, MigrateVma, migrate_pfn, migrate_pfn_to_frame,
 };
-use crate::phys::{GUP_PIN_COUNTING_BIAS, MemoryKind};
+use crate::phys::{GUP_PIN_COUNTING_BIAS, GfpZone, MemoryKind};
 use crate::vma::{VmFlags, VmaBacking};
 
 bitflags! {
@@ -122,23 +140,54 @@ fn release(kernel: &Kernel, frames: &[FrameId], pin: bool) {
     }
 }
 
-/// Returns whether a folio of memory `kind` may be pinned with FOLL_LONGTERM where it is
-/// (`folio_is_longterm_pinnable`, v6.13+, spec §2.4 table). The model has no CMA or ZONE_MOVABLE, so:
+/// Returns whether a folio of memory `kind`, in ZONE_MOVABLE or not (`in_zone_movable`, a movable RAM node:
+/// [`crate::phys::PhysMem::is_zone_movable_page`]), may be pinned with FOLL_LONGTERM where it is
+/// (`folio_is_longterm_pinnable`, include/linux/mm.h, v6.13+, spec §2.4 table). The model has no CMA, so:
 /// - the zero page: yes;
 /// - device-coherent memory: no ("must always allow eviction"; long-term GUP migrates it to RAM first);
 /// - fsdax: no (truncate and hole-punch must complete);
-/// - RAM: yes;
+/// - RAM in ZONE_MOVABLE: no (the zone must stay migratable; long-term GUP migrates the page out first);
+/// - other RAM: yes;
 /// - P2P memory: yes — its long-term exclusion is the argument check (LONGTERM with PCI_P2PDMA is `EINVAL`);
 /// - device-private memory: yes, as in Linux (ZONE_DEVICE, not movable, neither coherent nor fsdax). GUP never
 ///   holds such a folio anyway: the walk faults a device-private entry back to RAM before grabbing it.
-pub fn folio_is_longterm_pinnable(kind: MemoryKind, is_zero_page: bool) -> bool {
+pub fn folio_is_longterm_pinnable(
+    kind: MemoryKind,
+    is_zero_page: bool,
+    in_zone_movable: bool,
+) -> bool {
     if is_zero_page {
         return true;
     }
     match kind {
         MemoryKind::DeviceCoherent { .. } | MemoryKind::FsDax { .. } => false,
-        MemoryKind::Ram { .. } | MemoryKind::P2pMem { .. } | MemoryKind::DevicePrivate { .. } => {
-            true
+        MemoryKind::Ram { .. } => !in_zone_movable,
+        MemoryKind::P2pMem { .. } | MemoryKind::DevicePrivate { .. } => true,
+    }
+}
+
+/// A `memalloc_pin_save` scope on one address space (include/linux/sched/mm.h): while it lives, the address
+/// space's anonymous allocations avoid movable memory; dropping it is `memalloc_pin_restore`.
+struct MemallocPinScope {
+    kernel: Rc<Kernel>,
+    pid: Pid,
+}
+
+impl MemallocPinScope {
+    fn save(kernel: &Rc<Kernel>, pid: Pid) -> Self {
+        kernel.state().mm_mut(pid).memalloc_pin += 1;
+        Self {
+            kernel: kernel.clone(),
+            pid,
+        }
+    }
+}
+
+impl Drop for MemallocPinScope {
+    fn drop(&mut self) {
+        let mut st = self.kernel.state();
+        if let Some(mm) = st.mms.get_mut(&self.pid) {
+            mm.memalloc_pin -= 1;
         }
     }
 }
@@ -174,6 +223,9 @@ impl Kernel {
             .ok_or(Errno::EINVAL)?;
         let lock = self.mmap_lock(pid);
         let _g = lock.read().await;
+        let _pin_scope = flags
+            .contains(GupFlags::LONGTERM)
+            .then(|| MemallocPinScope::save(self, pid));
         loop {
             let frames = self.grab_range(pid, range, flags).await?;
             let pin = flags.contains(GupFlags::PIN);
@@ -184,14 +236,24 @@ impl Kernel {
                     pin,
                 });
             }
-            // collect_longterm_unpinnable_folios: device-coherent memory must stay evictable.
-            let zero = self.state().phys.zero_page();
-            let unpinnable: Vec<(usize, FrameId)> = frames
-                .iter()
-                .copied()
-                .enumerate()
-                .filter(|(_, f)| !folio_is_longterm_pinnable(self.memory_kind(*f), *f == zero))
-                .collect();
+            // collect_longterm_unpinnable_folios: device-coherent memory must stay evictable, ZONE_MOVABLE
+            // migratable.
+            let unpinnable: Vec<(usize, FrameId)> = {
+                let st = self.state();
+                let zero = st.phys.zero_page();
+                frames
+                    .iter()
+                    .copied()
+                    .enumerate()
+                    .filter(|&(_, f)| {
+                        !folio_is_longterm_pinnable(
+                            st.phys.kind(f),
+                            f == zero,
+                            st.phys.is_zone_movable_page(f),
+                        )
+                    })
+                    .collect()
+            };
             if unpinnable.is_empty() {
                 return Ok(PinnedPages {
                     kernel: self.clone(),
@@ -201,20 +263,28 @@ impl Kernel {
             }
             release(self, &frames, pin);
             self.pin_wq.wake_up_all();
-            // Only device-coherent folios can be moved here (migrate_device_coherent_folio); any other
-            // unpinnable folio would need migrate_pages, whose failure is ENOMEM. (fsdax, the only other kind,
-            // never gets here: its VMA is refused with EOPNOTSUPP first.)
-            if unpinnable
-                .iter()
-                .any(|(_, f)| !matches!(self.memory_kind(*f), MemoryKind::DeviceCoherent { .. }))
-            {
+            // migrate_longterm_unpinnable_folios: device-coherent folios one by one
+            // (migrate_device_coherent_folio), movable RAM through migrate_pages, whose failure is ENOMEM.
+            // (fsdax, the only other kind, never gets here: its VMA is refused with EOPNOTSUPP first.)
+            if unpinnable.iter().any(|&(_, f)| {
+                !matches!(
+                    self.memory_kind(f),
+                    MemoryKind::DeviceCoherent { .. } | MemoryKind::Ram { .. }
+                )
+            }) {
                 return Err(Errno::ENOMEM);
             }
+            let nr = unpinnable.len() as u64;
             for (i, f) in unpinnable {
                 let va = range.start.add(i as u64 * PAGE_SIZE);
-                self.migrate_device_coherent_page(pid, va, f).await?;
+                if matches!(self.memory_kind(f), MemoryKind::DeviceCoherent { .. }) {
+                    self.migrate_device_coherent_page(pid, va, f).await?;
+                } else {
+                    self.migrate_longterm_movable_page(pid, va, f).await?;
+                }
             }
             self.sim.count("gup.longterm_migrations", 1);
+            self.sim.count("gup.longterm_migrated_pages", nr);
         }
     }
 
@@ -348,12 +418,14 @@ impl Kernel {
         }
     }
 
-    /// `migrate_device_coherent_folio`: moves one device-coherent page at `va` back to system RAM, as
-    /// long-term GUP does before pinning (the owner's mirrors are told through a MIGRATE invalidation with
-    /// no owner). The caller holds `mmap_lock`.
+    /// `migrate_device_coherent_folio`: moves one device-coherent page at `va` back to system RAM outside
+    /// movable memory (`GFP_USER` under the pin scope: [`GfpZone::Normal`]), as long-term GUP does before
+    /// pinning (the owner's mirrors are told through a MIGRATE invalidation with no owner). The caller holds
+    /// `mmap_lock`.
     ///
     /// # Errors
-    /// `EBUSY` when the page could not be migrated.
+    /// `EBUSY` when the page could not be migrated (a destination that cannot be allocated included: the
+    /// source is then put back).
     pub async fn migrate_device_coherent_page(
         &self,
         pid: Pid,
@@ -372,13 +444,65 @@ impl Kernel {
         if m.src[0] & MIGRATE_PFN_MIGRATE == 0 {
             return Err(Errno::EBUSY);
         }
-        let src = migrate_pfn_to_frame(m.src[0]).ok_or(Errno::EBUSY)?;
-        let dst = self.alloc_ram_page(Some(pid)).ok_or(Errno::EBUSY)?;
-        self.copy_page(src, dst);
-        m.dst[0] = migrate_pfn(dst) | (m.src[0] & MIGRATE_PFN_WRITE);
-        self.migrate_vma_pages(&mut m);
-        self.migrate_vma_finalize(&mut m);
-        Ok(())
+        self.migrate_one_page_out_of(&mut m, pid)
+            .then_some(())
+            .ok_or(Errno::EBUSY)
+    }
+
+    /// The `migrate_pages(MR_LONGTERM_PIN)` step of `migrate_longterm_unpinnable_folios` (mm/gup.c) for one
+    /// page: moves the anonymous page `frame` mapped at `va` out of movable memory, to a page allocated with
+    /// [`GfpZone::Normal`] from `pid`'s home node's fallback order (`alloc_migration_target` with
+    /// `GFP_USER`). Reuses `migrate_vma` (MIGRATE_VMA_SELECT_SYSTEM, no owner): the pinning address space's
+    /// mirrors see a MIGRATE invalidation, other mappings' a CLEAR one. The caller holds `mmap_lock` and no
+    /// pin of its own on the page.
+    ///
+    /// # Errors
+    /// `ENOMEM` when the page could not be migrated: no page outside movable memory is free, or the page is
+    /// pinned, locked by another migration or not anonymous. The source is left mapped where it was.
+    pub async fn migrate_longterm_movable_page(
+        &self,
+        pid: Pid,
+        va: Va,
+        frame: FrameId,
+    ) -> Result<(), Errno> {
+        if !self.is_zone_movable_page(frame) {
+            return Ok(());
+        }
+        let page = Range::from_len(va, PAGE_SIZE).ok_or(Errno::ENOMEM)?;
+        // pgmap_owner matters only for device pages, which SELECT_SYSTEM does not pick.
+        let mut m = MigrateVma::new(pid, page, MIGRATE_VMA_SELECT_SYSTEM, DeviceId(0));
+        m.event_owner = None;
+        self.migrate_vma_setup(&mut m)
+            .await
+            .map_err(|_| Errno::ENOMEM)?;
+        if m.src[0] & MIGRATE_PFN_MIGRATE == 0 || migrate_pfn_to_frame(m.src[0]) != Some(frame) {
+            // Not collected (pinned, locked, not anonymous) or a different page by now: give back whatever
+            // was collected.
+            m.dst[0] = 0;
+            self.migrate_vma_pages(&mut m);
+            self.migrate_vma_finalize(&mut m);
+            return Err(Errno::ENOMEM);
+        }
+        self.migrate_one_page_out_of(&mut m, pid)
+            .then_some(())
+            .ok_or(Errno::ENOMEM)
+    }
+
+    /// Allocates the destination of the one collected page of `m` outside movable memory, copies it and
+    /// completes the migration; with no page to be had, declines it (the source is restored). Returns
+    /// whether the page moved.
+    fn migrate_one_page_out_of(&self, m: &mut MigrateVma, pid: Pid) -> bool {
+        let src = migrate_pfn_to_frame(m.src[0]);
+        let dst = src.and_then(|_| self.alloc_ram_page_in(Some(pid), GfpZone::Normal));
+        m.dst[0] = 0;
+        if let (Some(src), Some(dst)) = (src, dst) {
+            self.copy_page(src, dst);
+            m.dst[0] = migrate_pfn(dst) | (m.src[0] & MIGRATE_PFN_WRITE);
+        }
+        let moved = m.dst[0] != 0;
+        self.migrate_vma_pages(m);
+        self.migrate_vma_finalize(m);
+        moved
     }
 }
 

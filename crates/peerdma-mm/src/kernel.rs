@@ -12,6 +12,16 @@
 //! allocate from the home node first and fall back to the others ([`crate::phys`] module docs); page-cache
 //! pages, which no one process owns, prefer node 0.
 //!
+//! Movable memory: a node made movable ([`Kernel::set_node_movable`]) is ZONE_MOVABLE. Anonymous pages
+//! (faults, COW copies, THPs, swap-ins) may land there; kernel/driver pages, hugetlb pages and page-cache
+//! pages never do ([`crate::phys::GfpZone::for_owner`]; hugetlb pages stay out because the model cannot
+//! migrate them). While a long-term GUP runs on an address space it holds the `memalloc_pin_save` scope
+//! ([`AddressSpace::memalloc_pin`]): that address space's anonymous allocations then avoid movable nodes
+//! too (faults, COW copies and THPs; a swap-in, [`crate::swap`]'s, does not look at the scope and may still
+//! land there, where the long-term loop's migration step catches it). *Simplification:* Linux's `PF_MEMALLOC_PIN` is a flag of the calling task; the model has no tasks
+//! and puts it on the address space, so another agent faulting in the same address space meanwhile also
+//! allocates outside movable memory (placement only, never correctness: the long-term loop re-checks).
+//!
 //! Lock order (DESIGN.md terms): `mmap_lock` → notifier sequence → driver lock. Notifier callbacks are called
 //! between `range_start` and `range_end`, never from inside a page-table update step.
 
@@ -31,7 +41,7 @@ use crate::notifier::{
 };
 use crate::oracle::{LogicalPage, Oracle, ViolationKind};
 use crate::pagetable::{Leaf, PageTable, Pte};
-use crate::phys::{FRAMES_PER_PMD, FrameOwner, MemoryKind, PhysMem};
+use crate::phys::{FRAMES_PER_PMD, FrameOwner, GfpZone, MemoryKind, MovableError, PhysMem};
 use crate::vma::{Prot, VmFlags, Vma, VmaBacking};
 
 /// Lowest address `mmap` hands out without a hint (`mmap_min_addr` is far lower; this keeps reports readable).
@@ -116,6 +126,9 @@ pub struct AddressSpace {
     pub alive: bool,
     /// The NUMA node its allocations prefer (the default local policy's node).
     pub home_node: u32,
+    /// Depth of `memalloc_pin_save` scopes open on it (long-term GUP): while non-zero its anonymous
+    /// allocations avoid movable memory (module docs).
+    pub memalloc_pin: u32,
 }
 
 impl AddressSpace {
@@ -202,11 +215,21 @@ impl KernelState {
         self.mms.get(&pid).map_or(0, |mm| mm.home_node)
     }
 
+    /// Returns the zone limit of `pid`'s anonymous allocations: [`GfpZone::Movable`], or
+    /// [`GfpZone::Normal`] inside a `memalloc_pin_save` scope (module docs).
+    pub fn anon_zone(&self, pid: Pid) -> GfpZone {
+        match self.mms.get(&pid) {
+            Some(mm) if mm.memalloc_pin > 0 => GfpZone::Normal,
+            _ => GfpZone::Movable,
+        }
+    }
+
     /// Allocates an anonymous RAM page for `pid`: its home node first, then fallback
-    /// ([`PhysMem::alloc_node`]).
+    /// ([`PhysMem::alloc_node_in`]), within [`KernelState::anon_zone`].
     fn alloc_anon_for(&mut self, pid: Pid) -> Result<FrameId, crate::phys::OutOfMemory> {
         let home = self.home_node(pid);
-        self.phys.alloc_node(home, FrameOwner::Anon)
+        let zone = self.anon_zone(pid);
+        self.phys.alloc_node_in(home, FrameOwner::Anon, zone)
     }
 
     /// Returns the logical page the oracle tracks for `va` in `pid` (see [`LogicalPage`]).
@@ -443,6 +466,7 @@ impl Kernel {
             mmap_lock: RwSem::new(&self.sim, "mmap_lock"),
             alive: true,
             home_node: 0,
+            memalloc_pin: 0,
         };
         st.mms.insert(pid, mm);
         pid
@@ -472,13 +496,35 @@ impl Kernel {
         self.state().home_node(pid)
     }
 
+    /// Makes RAM node `node` movable (ZONE_MOVABLE; [`PhysMem::set_node_movable`]), before anything is
+    /// allocated on it: from then on only anonymous pages land there, and long-term GUP migrates them out.
+    ///
+    /// # Errors
+    /// [`MovableError`] for a node out of range, node 0, or a node already in use.
+    pub fn set_node_movable(&self, node: u32) -> Result<(), MovableError> {
+        self.state().phys.set_node_movable(node)
+    }
+
+    /// Returns whether frame `f` is in movable memory (`is_zone_movable_page`).
+    pub fn is_zone_movable_page(&self, f: FrameId) -> bool {
+        self.state().phys.is_zone_movable_page(f)
+    }
+
     /// Allocates a zero-filled anonymous RAM page with the allocation policy of `pid` (its home node, then
-    /// fallback), or of node 0 when no process is known (`None`: device eviction, for instance). Device
-    /// memory migrating back to RAM allocates here.
+    /// fallback, within [`KernelState::anon_zone`]), or of node 0 when no process is known (`None`: device
+    /// eviction, for instance; movable memory allowed, as `GFP_HIGHUSER_MOVABLE`). Device memory migrating
+    /// back to RAM allocates here.
     pub fn alloc_ram_page(&self, pid: Option<Pid>) -> Option<FrameId> {
+        let zone = pid.map_or(GfpZone::Movable, |p| self.state().anon_zone(p));
+        self.alloc_ram_page_in(pid, zone)
+    }
+
+    /// Allocates a zero-filled anonymous RAM page as [`Kernel::alloc_ram_page`] does, limited to `zone`
+    /// ([`GfpZone::Normal`]: never from a movable node, the destination of a long-term GUP migration).
+    pub fn alloc_ram_page_in(&self, pid: Option<Pid>, zone: GfpZone) -> Option<FrameId> {
         let mut st = self.state();
         let home = pid.map_or(0, |p| st.home_node(p));
-        st.phys.alloc_node(home, FrameOwner::Anon).ok()
+        st.phys.alloc_node_in(home, FrameOwner::Anon, zone).ok()
     }
 
     /// Returns `pid`'s `mmap_lock`.
@@ -897,7 +943,8 @@ impl Kernel {
         let range = self.insert_driver_vma(pid, len, flags).await?;
         let mut st = self.state();
         let nr = range.nr_pages();
-        if st.phys.nr_free_ram() < nr {
+        // Kernel pages (GFP_KERNEL) never come from movable memory.
+        if st.phys.nr_free_zone(GfpZone::Normal) < nr {
             st.remove_vmas(pid, range);
             return Err(Errno::ENOMEM);
         }
@@ -1323,7 +1370,8 @@ impl Kernel {
                 let head = {
                     let mut st = self.state();
                     let home = st.home_node(pid);
-                    st.phys.alloc_pmd_node(home, FrameOwner::Anon)
+                    let zone = st.anon_zone(pid);
+                    st.phys.alloc_pmd_node_in(home, FrameOwner::Anon, zone)
                 };
                 if let Ok(head) = head {
                     self.invalidate_range_start(pid, b, NotifierEvent::Clear, None)
@@ -1661,7 +1709,8 @@ impl Kernel {
                 if st.thp_eligible(pid, vma, va) {
                     let base = va.align_down(PMD_SIZE);
                     let home = st.home_node(pid);
-                    if let Ok(head) = st.phys.alloc_pmd_node(home, FrameOwner::Anon) {
+                    let zone = st.anon_zone(pid);
+                    if let Ok(head) = st.phys.alloc_pmd_node_in(home, FrameOwner::Anon, zone) {
                         for i in 0..FRAMES_PER_PMD {
                             let f = st.phys.frame_mut(FrameId(head.0 + i));
                             f.mapcount = 1;
@@ -2015,9 +2064,10 @@ impl KernelState {
             return Ok(());
         }
         let home = self.home_node(pid);
+        // Hugetlb pool pages stay out of movable memory: the model cannot migrate them.
         let head = self
             .phys
-            .alloc_pmd_node(home, FrameOwner::Anon)
+            .alloc_pmd_node_in(home, FrameOwner::Anon, GfpZone::Normal)
             .map_err(|_| Signal::Bus { addr: va })?;
         for i in 0..FRAMES_PER_PMD {
             self.phys.frame_mut(FrameId(head.0 + i)).mapcount = 1;

@@ -34,5 +34,5 @@ pub use migrate::{DevicePagemapOps, MigrateVma};
 pub use notifier::{IntervalNotifierOps, NotifierEvent, NotifierId, NotifierRange};
 pub use oracle::{LogicalPage, Violation, ViolationKind};
 pub use p2p::MmioId;
-pub use phys::MemoryKind;
+pub use phys::{GfpZone, MemoryKind, MovableError};
 pub use vma::{Prot, VmFlags, Vma, VmaBacking};

@@ -22,6 +22,27 @@
 //!   (mm/page_alloc.c) breaks equal distances by penalising nodes below the local one ("prefer the next
 //!   node"); its `node_load` round-robin between zonelists is not modelled. Reclaim, which
 //!   runs only when the walk finds no node above a watermark, is [`crate::swap`]'s.
+//! - A RAM node can be **movable** ([`PhysMem::set_node_movable`], [`Region::movable`]): all its memory is
+//!   ZONE_MOVABLE, as with the `movable_node` boot option or memory hotplugged and onlined movable
+//!   (mm/page_alloc.c, mm/memory_hotplug.c). `MemoryKind::Ram { node }` stays as it is; the zone is a
+//!   property of the region ([`PhysMem::is_zone_movable_page`], include/linux/mm.h `is_zone_movable_page`).
+//!   Which allocations may use it is the zone part of their gfp mask ([`GfpZone`], include/linux/gfp.h
+//!   `gfp_zone`): an allocation limited to [`GfpZone::Normal`] walks the same fallback order with the
+//!   movable nodes left out (a zonelist of a movable-only node holds no populated zone at or below
+//!   ZONE_NORMAL, so such a request falls through to the next node). The rule by owner
+//!   ([`GfpZone::for_owner`]):
+//!   1. anonymous user pages (faults, COW copies, swap-ins, THPs: `GFP_HIGHUSER_MOVABLE`,
+//!      `GFP_TRANSHUGE`) may come from movable memory;
+//!   2. kernel/driver pages ([`FrameOwner::Kernel`], `GFP_KERNEL`) and the zero page never do; node 0,
+//!      which holds the zero page and stands for the boot node holding the kernel image, cannot be made
+//!      movable;
+//!   3. page-cache pages do not either. *Deviation:* Linux's default `mapping_gfp_mask` is
+//!      `GFP_HIGHUSER_MOVABLE`, so its page cache may sit in ZONE_MOVABLE; the model keeps it out because
+//!      its long-term GUP migration ([`crate::gup`]) moves anonymous pages only (`migrate_vma`), and a
+//!      page-cache page it could not move would be pinned in ZONE_MOVABLE for good;
+//!   4. an allocation made inside a long-term pin's `memalloc_pin_save` scope, and every destination of a
+//!      long-term migration, is limited to [`GfpZone::Normal`] (include/linux/sched/mm.h
+//!      `memalloc_pin_save`, `current_gfp_context` clearing `__GFP_MOVABLE`).
 //! - A THP is 512 frames allocated together at a 2 MiB-aligned frame number. Each sub-frame keeps its own
 //!   counts (a PMD mapping adds one mapping to each), so a partial unmap frees sub-frames individually. This
 //!   collapses Linux's folio/split machinery into per-page accounting; it is a documented simplification.
@@ -70,6 +91,50 @@ pub enum MemoryKind {
     P2pMem {
         /// The PCI device whose BAR it is.
         provider: DeviceId,
+    },
+}
+
+/// The highest zone an allocation may use (include/linux/gfp.h `gfp_zone`): whether ZONE_MOVABLE, the memory
+/// of movable nodes, is allowed (module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum GfpZone {
+    /// Up to ZONE_NORMAL: never movable memory (`GFP_KERNEL`, `GFP_USER`, or any request under
+    /// `memalloc_pin_save`).
+    Normal,
+    /// Up to ZONE_MOVABLE: movable nodes too (`__GFP_MOVABLE`: `GFP_HIGHUSER_MOVABLE`, `GFP_TRANSHUGE`).
+    Movable,
+}
+
+impl GfpZone {
+    /// Returns the zone limit of an allocation for a frame of `owner` (module docs, rules 1–3): anonymous
+    /// pages may use movable memory; kernel pages, the zero page and page-cache pages may not.
+    pub fn for_owner(owner: FrameOwner) -> Self {
+        match owner {
+            FrameOwner::Anon | FrameOwner::Free => GfpZone::Movable,
+            FrameOwner::Zero | FrameOwner::File { .. } | FrameOwner::Kernel => GfpZone::Normal,
+        }
+    }
+}
+
+/// Why a node could not be made movable ([`PhysMem::set_node_movable`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MovableError {
+    /// The node does not exist.
+    #[error("node {node} out of range (the machine has {nr_nodes} nodes)")]
+    NoSuchNode {
+        /// The node asked for.
+        node: u32,
+        /// Nodes there are.
+        nr_nodes: u32,
+    },
+    /// Node 0 holds the zero page and stands for the boot node: it cannot be movable.
+    #[error("node 0 holds the zero page and kernel memory and cannot be movable")]
+    BootNode,
+    /// The node already has allocated pages (memory is onlined movable before use).
+    #[error("node {node} already has allocated pages")]
+    InUse {
+        /// The node.
+        node: u32,
     },
 }
 
@@ -165,6 +230,9 @@ pub struct Region {
     /// The CPU physical address of the first frame, for regions backing a device BAR (P2P memory); `None`
     /// for regions of the simulated physical map, whose frame `f` is at `f.pa()`.
     pub base_pa: Option<Pa>,
+    /// The region is ZONE_MOVABLE: a movable RAM node ([`PhysMem::set_node_movable`]). Only anonymous pages
+    /// are allocated here (module docs), and long-term GUP migrates them out before pinning.
+    pub movable: bool,
     free: BTreeSet<u64>,
 }
 
@@ -245,6 +313,51 @@ impl PhysMem {
         }
     }
 
+    /// Makes RAM node `node` movable: all its memory becomes ZONE_MOVABLE (the `movable_node` boot option,
+    /// or hotplugged memory onlined movable), so only anonymous pages are allocated there (module docs).
+    ///
+    /// # Errors
+    /// [`MovableError`] for a node out of range, node 0 (the zero page and kernel memory live there), or a
+    /// node that already has allocated pages.
+    pub fn set_node_movable(&mut self, node: u32) -> Result<(), MovableError> {
+        if node >= self.nr_nodes {
+            return Err(MovableError::NoSuchNode {
+                node,
+                nr_nodes: self.nr_nodes,
+            });
+        }
+        if node == 0 {
+            return Err(MovableError::BootNode);
+        }
+        let r = self.node_region(node);
+        if self.regions[r].free.len() as u64 != self.regions[r].nr_frames {
+            return Err(MovableError::InUse { node });
+        }
+        self.regions[r].movable = true;
+        Ok(())
+    }
+
+    /// Returns whether RAM node `node` is movable (its memory is ZONE_MOVABLE).
+    ///
+    /// # Panics
+    /// Panics when `node` is not below [`PhysMem::nr_nodes`].
+    pub fn is_node_movable(&self, node: u32) -> bool {
+        self.regions[self.node_region(node)].movable
+    }
+
+    /// Returns whether frame `f` is in ZONE_MOVABLE (include/linux/mm.h `is_zone_movable_page`).
+    pub fn is_zone_movable_page(&self, f: FrameId) -> bool {
+        self.regions[self.region_of(f)].movable
+    }
+
+    /// Returns the number of free frames on the nodes an allocation limited to `zone` may use.
+    pub fn nr_free_zone(&self, zone: GfpZone) -> u64 {
+        (0..self.nr_nodes)
+            .filter(|&n| zone == GfpZone::Movable || !self.is_node_movable(n))
+            .map(|n| self.nr_free_node(n))
+            .sum()
+    }
+
     /// Returns the number of free frames on RAM node `node` (`NR_FREE_PAGES` of the node).
     pub fn nr_free_node(&self, node: u32) -> u64 {
         self.nr_free(self.node_region(node))
@@ -265,14 +378,34 @@ impl PhysMem {
         (home..self.nr_nodes).chain(0..home)
     }
 
+    /// Returns the nodes an allocation preferring `home` and limited to `zone` tries, in order: the
+    /// [`PhysMem::fallback_order`], without the movable nodes for [`GfpZone::Normal`] (the zonelist).
+    ///
+    /// # Panics
+    /// Panics when `home` is not below [`PhysMem::nr_nodes`].
+    pub fn zonelist(&self, home: u32, zone: GfpZone) -> Vec<u32> {
+        self.fallback_order(home)
+            .filter(|&n| zone == GfpZone::Movable || !self.is_node_movable(n))
+            .collect()
+    }
+
     /// Returns the node an allocation preferring `home` takes its page from: the first in fallback order at
     /// or above [`LOW_WATERMARK`] free pages, else the first at or above [`MIN_WATERMARK`], else the first
-    /// with any free page (module docs); `None` when all RAM is allocated.
+    /// with any free page (module docs); `None` when all RAM is allocated. Movable nodes count
+    /// ([`GfpZone::Movable`]); [`PhysMem::pick_node_in`] takes the zone limit.
     pub fn pick_node(&self, home: u32) -> Option<u32> {
+        self.pick_node_in(home, GfpZone::Movable)
+    }
+
+    /// Returns the node [`PhysMem::pick_node`] would, over the [`PhysMem::zonelist`] of `home` and `zone`.
+    pub fn pick_node_in(&self, home: u32, zone: GfpZone) -> Option<u32> {
+        let nodes = self.zonelist(home, zone);
         [LOW_WATERMARK, MIN_WATERMARK, 1]
             .into_iter()
             .find_map(|wmark| {
-                self.fallback_order(home)
+                nodes
+                    .iter()
+                    .copied()
                     .find(|&n| self.nr_free_node(n) >= wmark)
             })
     }
@@ -285,25 +418,53 @@ impl PhysMem {
     }
 
     /// Allocates one zero-filled RAM frame with refcount 1, preferring node `home` and falling back as the
-    /// module docs say ([`PhysMem::pick_node`]).
+    /// module docs say ([`PhysMem::pick_node_in`]), over the nodes `owner`'s zone limit allows
+    /// ([`GfpZone::for_owner`]).
     ///
     /// # Errors
-    /// [`OutOfMemory`] (naming `home`'s region) when every node is full.
+    /// [`OutOfMemory`] (naming `home`'s region) when every node allowed is full.
     pub fn alloc_node(&mut self, home: u32, owner: FrameOwner) -> Result<FrameId, OutOfMemory> {
-        let node = self.pick_node(home).ok_or(OutOfMemory {
+        self.alloc_node_in(home, owner, GfpZone::for_owner(owner))
+    }
+
+    /// Allocates one frame as [`PhysMem::alloc_node`] does, limited to `zone` whatever the owner (a
+    /// [`GfpZone::Normal`] request never takes a page from a movable node).
+    ///
+    /// # Errors
+    /// [`OutOfMemory`] (naming `home`'s region) when every node allowed is full.
+    pub fn alloc_node_in(
+        &mut self,
+        home: u32,
+        owner: FrameOwner,
+        zone: GfpZone,
+    ) -> Result<FrameId, OutOfMemory> {
+        let node = self.pick_node_in(home, zone).ok_or(OutOfMemory {
             region: self.node_region(home),
         })?;
         self.alloc(self.node_region(node), owner)
     }
 
     /// Allocates a THP (512 aligned contiguous frames, see [`PhysMem::alloc_pmd`]) from the first node in
-    /// `home`'s fallback order that has a free 2 MiB block; returns the head.
+    /// `home`'s fallback order that has a free 2 MiB block and that `owner`'s zone limit allows
+    /// ([`GfpZone::for_owner`]); returns the head.
     ///
     /// # Errors
-    /// [`OutOfMemory`] (naming `home`'s region) when no node has a free 2 MiB block.
+    /// [`OutOfMemory`] (naming `home`'s region) when no node allowed has a free 2 MiB block.
     pub fn alloc_pmd_node(&mut self, home: u32, owner: FrameOwner) -> Result<FrameId, OutOfMemory> {
-        let nodes: Vec<u32> = self.fallback_order(home).collect();
-        nodes
+        self.alloc_pmd_node_in(home, owner, GfpZone::for_owner(owner))
+    }
+
+    /// Allocates a THP as [`PhysMem::alloc_pmd_node`] does, limited to `zone` whatever the owner.
+    ///
+    /// # Errors
+    /// [`OutOfMemory`] (naming `home`'s region) when no node allowed has a free 2 MiB block.
+    pub fn alloc_pmd_node_in(
+        &mut self,
+        home: u32,
+        owner: FrameOwner,
+        zone: GfpZone,
+    ) -> Result<FrameId, OutOfMemory> {
+        self.zonelist(home, zone)
             .into_iter()
             .find_map(|n| self.alloc_pmd(self.node_region(n), owner).ok())
             .ok_or(OutOfMemory {
@@ -328,6 +489,7 @@ impl PhysMem {
             start,
             nr_frames: nr,
             base_pa: None,
+            movable: false,
             free: (start..start + nr).collect(),
         });
         idx
@@ -763,6 +925,38 @@ mod tests {
         // Node 0's only block holds the zero page.
         let head = pm.alloc_pmd_node(0, FrameOwner::Anon).unwrap();
         assert_eq!(pm.node_of(head), Some(1));
+    }
+
+    #[test]
+    fn kernel_and_page_cache_pages_skip_movable_nodes_and_anonymous_pages_do_not() {
+        let mut pm = PhysMem::new_numa(&[2 * PMD_SIZE, PMD_SIZE, PMD_SIZE]);
+        pm.set_node_movable(1).unwrap();
+        assert_eq!(pm.zonelist(1, GfpZone::Movable), [1, 2, 0]);
+        assert_eq!(pm.zonelist(1, GfpZone::Normal), [2, 0]);
+        let node = |pm: &mut PhysMem, owner| {
+            let f = pm.alloc_node(1, owner).unwrap();
+            (pm.node_of(f), pm.is_zone_movable_page(f))
+        };
+        assert_eq!(node(&mut pm, FrameOwner::Anon), (Some(1), true));
+        assert_eq!(node(&mut pm, FrameOwner::Kernel), (Some(2), false));
+        assert_eq!(
+            node(&mut pm, FrameOwner::File { file: 0, pgoff: 0 }),
+            (Some(2), false)
+        );
+        let thp = pm.alloc_pmd_node(1, FrameOwner::Anon).unwrap();
+        assert_eq!(
+            pm.node_of(thp),
+            Some(0),
+            "node 1 and 2 have no free 2 MiB block"
+        );
+        assert_eq!(
+            pm.alloc_pmd_node_in(1, FrameOwner::Anon, GfpZone::Normal),
+            Err(OutOfMemory { region: 1 })
+        );
+        assert_eq!(
+            pm.nr_free_zone(GfpZone::Movable) - pm.nr_free_zone(GfpZone::Normal),
+            pm.nr_free_node(1)
+        );
     }
 
     #[test]

@@ -542,25 +542,42 @@ fn gup_longterm_with_pci_p2pdma_is_einval_table() {
 #[test]
 fn folio_is_longterm_pinnable_table() {
     let dev = DeviceId(1);
+    // (row, kind, is the zero page, in ZONE_MOVABLE, long-term pinnable)
     let rows = [
-        ("RAM", MemoryKind::Ram { node: 0 }, false, true),
+        ("RAM", MemoryKind::Ram { node: 0 }, false, false, true),
         (
             "RAM of another node",
             MemoryKind::Ram { node: 1 },
             false,
+            false,
             true,
         ),
-        ("the zero page", MemoryKind::Ram { node: 0 }, true, true),
+        (
+            "RAM of a movable node (ZONE_MOVABLE)",
+            MemoryKind::Ram { node: 1 },
+            false,
+            true,
+            false,
+        ),
+        (
+            "the zero page",
+            MemoryKind::Ram { node: 0 },
+            true,
+            false,
+            true,
+        ),
         (
             "device-coherent",
             MemoryKind::DeviceCoherent { owner: dev },
             false,
             false,
+            false,
         ),
-        ("fsdax", MemoryKind::FsDax { file: 0 }, false, false),
+        ("fsdax", MemoryKind::FsDax { file: 0 }, false, false, false),
         (
             "P2PDMA pgmap page",
             MemoryKind::P2pMem { provider: dev },
+            false,
             false,
             true,
         ),
@@ -568,12 +585,15 @@ fn folio_is_longterm_pinnable_table() {
             "device-private (never reached: GUP migrates it to RAM first)",
             MemoryKind::DevicePrivate { owner: dev },
             false,
+            false,
             true,
         ),
     ];
     let wrong: Vec<&str> = rows
         .iter()
-        .filter(|(_, kind, zero, want)| folio_is_longterm_pinnable(*kind, *zero) != *want)
+        .filter(|(_, kind, zero, movable, want)| {
+            folio_is_longterm_pinnable(*kind, *zero, *movable) != *want
+        })
         .map(|(name, ..)| *name)
         .collect();
     assert!(wrong.is_empty(), "rows failed: {wrong:?}");

@@ -83,6 +83,12 @@ pub struct SimSettings {
     /// per node): at least one entry, each non-zero and a multiple of the page size. Default one node of
     /// 1 GiB.
     pub memory: Vec<u64>,
+    /// The NUMA nodes whose memory is ZONE_MOVABLE (`movable = [1]`: the `movable_node` boot option, or
+    /// memory hotplugged and onlined movable), ascending and without duplicates; each is a
+    /// [`SimSettings::memory`] node other than 0 (node 0 holds the zero page and kernel memory). Only
+    /// anonymous user pages are allocated there; kernel/driver, hugetlb and page-cache pages never are, and a
+    /// FOLL_LONGTERM pin migrates pages out of them first. Default none.
+    pub movable: Vec<u32>,
 }
 
 impl Default for SimSettings {
@@ -94,6 +100,7 @@ impl Default for SimSettings {
             jitter: 0.0,
             time_limit: SimDuration::from_millis(60_000),
             memory: vec![1 << 30],
+            movable: Vec::new(),
         }
     }
 }

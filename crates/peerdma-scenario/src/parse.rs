@@ -1059,7 +1059,15 @@ impl<'s> Parser<'s> {
         let t = self.table(v, "the `[sim]` table")?;
         self.allow(
             &t,
-            &["seed", "time", "explore", "jitter", "time_limit", "memory"],
+            &[
+                "seed",
+                "time",
+                "explore",
+                "jitter",
+                "time_limit",
+                "memory",
+                "movable",
+            ],
         )?;
         let mut sim = SimSettings::default();
         if let Some(v) = t.get("seed") {
@@ -1104,7 +1112,58 @@ impl<'s> Parser<'s> {
                 _ => vec![self.node_size(v)?],
             };
         }
+        if let Some(v) = t.get("movable") {
+            sim.movable = self.movable_nodes(v, sim.memory.len())?;
+        }
         Ok(sim)
+    }
+
+    /// `[sim] movable`: a list of NUMA node ids whose memory is ZONE_MOVABLE, each below the node count, not
+    /// node 0 (the zero page and kernel memory live there) and listed once; returned ascending.
+    fn movable_nodes(&self, v: &Value<'_>, nr_nodes: usize) -> Result<Vec<u32>> {
+        let DeValue::Array(items) = v.get_ref() else {
+            return Err(self.err(
+                &v.span(),
+                format!(
+                    "expected a list of NUMA node ids for `movable`, found {}",
+                    describe(v.get_ref())
+                ),
+            ));
+        };
+        let mut nodes = Vec::new();
+        for item in items {
+            let node = self.uint(item, "movable")?;
+            if node >= nr_nodes as u64 {
+                let nodes = if nr_nodes == 1 {
+                    "the only node is 0".to_owned()
+                } else {
+                    format!("nodes are 0 to {}", nr_nodes - 1)
+                };
+                return Err(self.err(
+                    &item.span(),
+                    format!(
+                        "expected a NUMA node below {nr_nodes} for `movable` ({nodes}: one per `[sim] \
+                         memory` entry), found {node}"
+                    ),
+                ));
+            }
+            if node == 0 {
+                return Err(self.err(
+                    &item.span(),
+                    "node 0 cannot be `movable`: it holds the zero page and kernel memory",
+                ));
+            }
+            let node = u32::try_from(node).expect("below the node count");
+            if nodes.contains(&node) {
+                return Err(self.err(
+                    &item.span(),
+                    format!("node {node} is listed twice in `movable`"),
+                ));
+            }
+            nodes.push(node);
+        }
+        nodes.sort_unstable();
+        Ok(nodes)
     }
 
     /// One node's RAM size in `[sim] memory`: a non-zero multiple of the page size.

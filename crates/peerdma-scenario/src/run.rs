@@ -102,6 +102,11 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
         TimeMode::Zero => (MmCosts::zero(), DmirrorCosts::zero()),
     };
     let kernel = Kernel::new_numa(&sim, &scn.sim.memory, mm_costs);
+    for &node in &scn.sim.movable {
+        kernel
+            .set_node_movable(node)
+            .expect("validated by the parser: a fresh node other than 0, below the node count");
+    }
     let mut files = BTreeMap::new();
     for f in &scn.files {
         let id = if f.dax {

@@ -514,3 +514,15 @@ node = 1
         "only processes that set `node` are listed"
     );
 }
+
+#[test]
+fn movable_lists_the_zone_movable_nodes_ascending_and_defaults_to_none() {
+    let s = parse(
+        "movable.toml",
+        "[sim]\nmemory = [\"4MiB\", \"4MiB\", \"4MiB\"]\nmovable = [2, 1]\n",
+    )
+    .unwrap();
+    assert_eq!(s.sim.movable, [1, 2]);
+    let d = parse("plain.toml", "[sim]\nmemory = [\"4MiB\", \"4MiB\"]\n").unwrap();
+    assert!(d.sim.movable.is_empty());
+}
