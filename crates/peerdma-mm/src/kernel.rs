@@ -17,8 +17,7 @@
 //! pages never do ([`crate::phys::GfpZone::for_owner`]; hugetlb pages stay out because the model cannot
 //! migrate them). While a long-term GUP runs on an address space it holds the `memalloc_pin_save` scope
 //! ([`AddressSpace::memalloc_pin`]): that address space's anonymous allocations then avoid movable nodes
-//! too (faults, COW copies and THPs; a swap-in, [`crate::swap`]'s, does not look at the scope and may still
-//! land there, where the long-term loop's migration step catches it). *Simplification:* Linux's `PF_MEMALLOC_PIN` is a flag of the calling task; the model has no tasks
+//! too (faults, COW copies, THPs and swap-ins). *Simplification:* Linux's `PF_MEMALLOC_PIN` is a flag of the calling task; the model has no tasks
 //! and puts it on the address space, so another agent faulting in the same address space meanwhile also
 //! allocates outside movable memory (placement only, never correctness: the long-term loop re-checks).
 //!
@@ -226,7 +225,7 @@ impl KernelState {
 
     /// Allocates an anonymous RAM page for `pid`: its home node first, then fallback
     /// ([`PhysMem::alloc_node_in`]), within [`KernelState::anon_zone`].
-    fn alloc_anon_for(&mut self, pid: Pid) -> Result<FrameId, crate::phys::OutOfMemory> {
+    pub(crate) fn alloc_anon_for(&mut self, pid: Pid) -> Result<FrameId, crate::phys::OutOfMemory> {
         let home = self.home_node(pid);
         let zone = self.anon_zone(pid);
         self.phys.alloc_node_in(home, FrameOwner::Anon, zone)

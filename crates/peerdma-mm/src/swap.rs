@@ -571,8 +571,8 @@ impl Kernel {
         if st.mm(pid).pt.lookup(va).map(|l| l.pte) != Some(Pte::Swap { slot, write }) {
             return Ok(());
         }
-        let home = st.home_node(pid);
-        let frame = st.phys.alloc_node(home, FrameOwner::Anon).map_err(|_| ())?;
+        // Within the process's zone: a swap-in under a long-term pin's memalloc_pin scope avoids movable memory.
+        let frame = st.alloc_anon_for(pid).map_err(|_| ())?;
         if let Some(d) = st.swap.slots.get(&slot).and_then(|s| s.data.clone()) {
             st.phys.write(frame, 0, &d);
         }
