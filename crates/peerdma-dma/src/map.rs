@@ -348,7 +348,10 @@ impl Platform {
                 }
             }
             DmaAddr::Bus(bus) => {
-                let (res, pa) = self.providers_bus_lookup(bus)?;
+                let (res, pa) = self
+                    .topology()
+                    .bar_at_bus(bus)
+                    .map(|(id, _, pa)| (id, pa))?;
                 let has_provider_state = self.providers.borrow().resource_at(pa).is_some();
                 let mt = if has_provider_state {
                     self.providers
@@ -385,17 +388,33 @@ impl Platform {
         }
     }
 
-    fn providers_bus_lookup(&self, bus: BusAddr) -> Option<(NodeId, Pa)> {
-        let topo = self.topology();
-        for id in topo.endpoints() {
-            for b in topo.node(id).bars() {
-                if b.bus_range().contains(bus) {
-                    let pa = Pa::from_raw(bus.raw().checked_add_signed(-b.bus_offset)?);
-                    return Some((id, pa));
-                }
-            }
+    /// Returns the nodes whose upstream links a transfer between `client` and the memory of `provider`
+    /// (`None`: system RAM) crosses: the provider–client path of the map-type decision, less the common
+    /// switch's own uplink for a BUS_ADDR transfer (it turns around there), or the client's path to its host
+    /// bridge for RAM. The topology never changes, so each pair is computed once.
+    fn path_links(&self, provider: Option<NodeId>, client: NodeId) -> Rc<[NodeId]> {
+        if let Some(l) = self.links.borrow().get(&(provider, client)) {
+            return l.clone();
         }
-        None
+        let topo = self.topology();
+        let (path, turnaround) = match provider {
+            Some(p) => {
+                let dec = p2p_distance(topo, p, client);
+                let turn = (dec.map_type == MapType::BusAddr)
+                    .then_some(dec.common_upstream)
+                    .flatten();
+                (dec.path, turn)
+            }
+            None => (topo.upstream_chain(client), None),
+        };
+        let links: Rc<[NodeId]> = path
+            .into_iter()
+            .filter(|&n| Some(n) != turnaround && topo.node(n).link().is_some())
+            .collect();
+        self.links
+            .borrow_mut()
+            .insert((provider, client), links.clone());
+        links
     }
 
     pub(crate) fn violation(&self, kind: ViolationKind, detail: String) {
@@ -425,21 +444,7 @@ impl Platform {
         // Any BAR is peer memory, P2P memory with struct pages or an export without: both travel the
         // owner–client path.
         let provider = topo.bar_at(pa).map(|(owner, _)| owner);
-        let (path, turnaround) = match provider {
-            Some(p) => {
-                let dec = p2p_distance(topo, p, d.node);
-                // A BUS_ADDR transfer turns around in the common switch: its upstream link is not crossed.
-                let turn = (dec.map_type == MapType::BusAddr)
-                    .then_some(dec.common_upstream)
-                    .flatten();
-                (dec.path, turn)
-            }
-            None => (topo.upstream_chain(d.node), None),
-        };
-        let links: Vec<NodeId> = path
-            .into_iter()
-            .filter(|&n| Some(n) != turnaround && topo.node(n).link().is_some())
-            .collect();
+        let links = self.path_links(provider, d.node);
         let gbps = {
             let mut flows = self.flows.borrow_mut();
             links
@@ -467,7 +472,7 @@ impl Platform {
             .spend(extra + wire + self.costs.hop.saturating_mul(hops))
             .await;
         let mut flows = self.flows.borrow_mut();
-        for n in &links {
+        for n in links.iter() {
             if let Some(nr) = flows.get_mut(n) {
                 *nr -= 1;
             }
@@ -506,12 +511,16 @@ impl Platform {
         for i in 0..len / 4096 {
             let a = addr + i as u64 * PAGE_SIZE;
             let bus = BusAddr::from_raw(a);
-            let routed_peer = self.providers_bus_lookup(bus).is_some_and(|(owner, _)| {
-                self.providers
-                    .borrow_mut()
-                    .provider_map_type(self.topology(), owner, d.node)
-                    == MapType::BusAddr
-            });
+            let routed_peer = self
+                .topology()
+                .bar_at_bus(bus)
+                .map(|(id, _, pa)| (id, pa))
+                .is_some_and(|(owner, _)| {
+                    self.providers
+                        .borrow_mut()
+                        .provider_map_type(self.topology(), owner, d.node)
+                        == MapType::BusAddr
+                });
             let dma = if routed_peer {
                 DmaAddr::Bus(bus)
             } else {

@@ -92,6 +92,9 @@ impl DmaDevice {
     }
 }
 
+/// The links a transfer crosses, by (provider or `None` for system RAM, client).
+pub(crate) type PathLinks = BTreeMap<(Option<NodeId>, NodeId), Rc<[NodeId]>>;
+
 /// The machine the DMA layer runs on (module docs).
 pub struct Platform {
     /// The memory model.
@@ -106,6 +109,8 @@ pub struct Platform {
     rng: RefCell<RngStream>,
     /// Transfers in flight per link (the node whose upstream link it is), for bandwidth sharing.
     pub(crate) flows: RefCell<BTreeMap<NodeId, u32>>,
+    /// The links a transfer crosses, per (provider or RAM, client) pair (`Platform::path_links`).
+    pub(crate) links: RefCell<PathLinks>,
 }
 
 impl fmt::Debug for Platform {
@@ -130,6 +135,7 @@ impl Platform {
             costs,
             rng: RefCell::new(rng),
             flows: RefCell::new(BTreeMap::new()),
+            links: RefCell::new(BTreeMap::new()),
         })
     }
 

@@ -304,6 +304,19 @@ mod tests {
     }
 
     #[test]
+    fn a_bus_address_is_delivered_to_its_bar_at_bus_minus_offset() {
+        let t = topo();
+        let (id, bar, pa) = t.bar_at_bus(BusAddr::from_raw(0x1_1000_2000)).unwrap();
+        assert_eq!((t.name(id), bar.index), ("nvme", 0));
+        assert_eq!(pa, Pa::from_raw(0x1_0000_2000));
+        // The nvme BAR's CPU address is not its bus address (offset 0x1000_0000): nothing answers there
+        // but the nic's BAR, which starts right after the nvme's in CPU space.
+        assert!(t.bar_at_bus(BusAddr::from_raw(0x1_0000_2000)).is_none());
+        let (nic, _, _) = t.bar_at_bus(BusAddr::from_raw(0x1_0010_0000)).unwrap();
+        assert_eq!(t.name(nic), "nic");
+    }
+
+    #[test]
     fn only_published_memory_is_found_and_removal_forgets_the_provider() {
         let t = topo();
         let (nvme, nic, gpu) = (id(&t, "nvme"), id(&t, "nic"), id(&t, "gpu"));

@@ -523,6 +523,19 @@ impl Topology {
         bar.contains(pa).then_some((id, bar))
     }
 
+    /// Returns the BAR whose PCI bus range contains `bus`, its function, and the CPU physical address `bus`
+    /// stands for (`bus - bus_offset`): where the fabric delivers a transaction at that bus address.
+    pub fn bar_at_bus(&self, bus: BusAddr) -> Option<(NodeId, &Bar, Pa)> {
+        self.nodes().find_map(|(id, n)| {
+            n.bars().iter().find_map(|b| {
+                b.bus_range().contains(bus).then(|| {
+                    let pa = bus.raw().checked_add_signed(-b.bus_offset)?;
+                    Some((id, b, Pa::from_raw(pa)))
+                })?
+            })
+        })
+    }
+
     /// Returns the bus address of CPU physical address `pa` inside some BAR (`pa + bus_offset` of that BAR),
     /// or `None` when `pa` is in no BAR.
     pub fn bus_addr(&self, pa: Pa) -> Option<BusAddr> {
