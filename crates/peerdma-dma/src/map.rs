@@ -163,7 +163,7 @@ pub(crate) struct Resolved {
 impl Platform {
     /// Returns how `dev` must address the page at `pa` (step 1): `None` for memory that is not P2P memory.
     pub(crate) fn classify(&self, dev: &DmaDevice, pa: Pa) -> Option<(MapType, i64)> {
-        let (res, _) = self.p2p_resource_at(pa)?;
+        let res = *self.providers.borrow().resource_at(pa)?;
         let mt = self
             .providers
             .borrow_mut()

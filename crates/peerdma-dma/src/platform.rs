@@ -346,16 +346,4 @@ impl Platform {
         self.kernel.sim.count("p2pdma.removals", 1);
         Ok(())
     }
-
-    /// Returns the P2P resource (and its provider device) containing `pa`, if a live provider has one.
-    pub(crate) fn p2p_resource_at(&self, pa: Pa) -> Option<(P2pResource, Rc<DmaDevice>)> {
-        let res = *self.providers.borrow().resource_at(pa)?;
-        let dev = self.device_at(res.provider)?;
-        Some((res, dev))
-    }
-
-    /// Returns the range of a P2P resource of a live provider containing `pa`.
-    pub fn p2p_range_at(&self, pa: Pa) -> Option<Range<Pa>> {
-        self.providers.borrow().resource_at(pa).map(|r| r.phys)
-    }
 }
