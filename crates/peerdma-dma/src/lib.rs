@@ -14,7 +14,9 @@
 //! - [`dmabuf`]: BAR memory without `struct page` exported to importers (dynamic with `move_notify`, or
 //!   pinned), revoked at removal;
 //! - [`mirror`]: the long-term coherent translation mirror (ODP/HMM pattern, no pins);
-//! - [`sg`]: `get_user_dma_sg(mm, range, initiator, flags)` dispatching per VMA (DESIGN.md §4.6).
+//! - [`sg`]: `get_user_dma_sg(mm, range, initiator, flags)` dispatching per VMA (DESIGN.md §4.6);
+//! - [`space`]: `DmaSpace`, the one path every device access takes, with DMA in flight and the fence
+//!   (DESIGN.md §4.8).
 //!
 //! Everything here returns Linux errnos ([`peerdma_core::Errno`]): a refused DMA mapping is a model outcome
 //! that scenarios compare one-to-one with the kernel, not a misuse of the API.
@@ -24,9 +26,14 @@ pub mod map;
 pub mod mirror;
 pub mod platform;
 pub mod sg;
+pub mod space;
 
 pub use dmabuf::{AttachId, ImporterKind};
 pub use map::{DmaAddr, DmaSegment, MappedSg, SegKind};
 pub use mirror::DmaMirror;
 pub use platform::{DmaCosts, DmaDevice, Platform};
 pub use sg::{DmaSgFlags, DmaSgHandle, get_user_dma_sg};
+pub use space::{
+    DeviceAddr, DmaFault, DmaOp, DmaOutcome, DmaRequest, DmaSpace, FenceInjection, FenceMode,
+    RequestId,
+};

@@ -25,11 +25,13 @@ use std::rc::Rc;
 
 use peerdma_core::{BusAddr, DeviceId, Errno, Iova, PAGE_SIZE, Pa, SimDuration};
 use peerdma_iommu::{DomainType, IommuProt, Translation};
+use peerdma_mm::DeviceGrant;
 use peerdma_mm::oracle::ViolationKind;
 use peerdma_pci::link::{fair_share_gbps, time_at_gbps};
 use peerdma_pci::{MapType, NodeId, p2p_distance};
 
 use crate::platform::{DmaDevice, Platform};
+use crate::space::{DeviceAddr, DmaOp, DmaRequest};
 
 /// `DMA_BIT_MASK(32)`: the top of the 32-bit DMA space a PCI device's IOVAs come from first.
 const DMA_BIT_MASK_32: u64 = (1 << 32) - 1;
@@ -269,6 +271,11 @@ impl Platform {
                 kind,
             });
         }
+        for p in &pages {
+            if let Some((frame, generation)) = self.kernel.frame_at_pa(p.pa) {
+                d.space.record_issued(p.addr.raw(), frame, generation);
+            }
+        }
         self.kernel.sim.count("dma.map_sg", 1);
         self.kernel
             .sim
@@ -392,7 +399,7 @@ impl Platform {
     /// (`None`: system RAM) crosses: the provider–client path of the map-type decision, less the common
     /// switch's own uplink for a BUS_ADDR transfer (it turns around there), or the client's path to its host
     /// bridge for RAM. The topology never changes, so each pair is computed once.
-    fn path_links(&self, provider: Option<NodeId>, client: NodeId) -> Rc<[NodeId]> {
+    pub(crate) fn path_links(&self, provider: Option<NodeId>, client: NodeId) -> Rc<[NodeId]> {
         if let Some(l) = self.links.borrow().get(&(provider, client)) {
             return l.clone();
         }
@@ -508,50 +515,41 @@ impl Platform {
             return Err(Errno::EINVAL);
         }
         self.kernel.sim.count("dma.raw", 1);
-        for i in 0..len / 4096 {
-            let a = addr + i as u64 * PAGE_SIZE;
-            let bus = BusAddr::from_raw(a);
-            let routed_peer = self
-                .topology()
-                .bar_at_bus(bus)
-                .map(|(id, _, pa)| (id, pa))
-                .is_some_and(|(owner, _)| {
-                    self.providers
-                        .borrow_mut()
-                        .provider_map_type(self.topology(), owner, d.node)
-                        == MapType::BusAddr
-                });
-            let dma = if routed_peer {
-                DmaAddr::Bus(bus)
-            } else {
-                DmaAddr::Iova(Iova::from_raw(a))
-            };
-            let write = data.is_some();
-            let res = self.resolve(&d, dma, write).ok_or(Errno::EFAULT)?;
-            let frame = self.kernel.state().phys.frame_at_pa(res.pa);
-            let page = i * 4096..(i + 1) * 4096;
-            match frame {
-                Some(f) => {
-                    let mut st = self.kernel.state();
-                    if !st.phys.frame(f).is_allocated() {
-                        st.oracle.violation(
-                            ViolationKind::UseAfterFree,
-                            format!("{} DMA at {a:#x} reached freed {f}", d.name),
-                        );
-                        continue;
-                    }
-                    match data {
-                        Some(bytes) => st.phys.write(f, 0, &bytes[page]),
-                        None => st.phys.read(f, 0, &mut buf[page]),
-                    }
+        let write = data.is_some();
+        let reqs: Vec<DmaRequest> = (0..len / 4096)
+            .map(|i| {
+                let a = addr + i as u64 * PAGE_SIZE;
+                let bus = BusAddr::from_raw(a);
+                let routed_peer = self
+                    .topology()
+                    .bar_at_bus(bus)
+                    .is_some_and(|(owner, _, _)| {
+                        self.providers.borrow_mut().provider_map_type(
+                            self.topology(),
+                            owner,
+                            d.node,
+                        ) == MapType::BusAddr
+                    });
+                let dma = if routed_peer {
+                    DmaAddr::Bus(bus)
+                } else {
+                    DmaAddr::Iova(Iova::from_raw(a))
+                };
+                DmaRequest {
+                    addr: DeviceAddr::Dma(dma),
+                    grant: DeviceGrant::Raw,
+                    op: match data {
+                        Some(bytes) => DmaOp::Write(bytes[i * 4096..(i + 1) * 4096].to_vec()),
+                        None => DmaOp::Read,
+                    },
                 }
-                None => match data {
-                    Some(bytes) => self.kernel.mmio_write(d.id, res.pa, &bytes[page])?,
-                    None => self.kernel.mmio_read(d.id, res.pa, &mut buf[page])?,
-                },
-            }
-            self.transfer(&d, res.pa, PAGE_SIZE, write, res.cost).await;
+            })
+            .collect();
+        let out = self.dma(&d, reqs).await;
+        if !write {
+            buf.copy_from_slice(&out.data);
         }
+        out.into_result()?;
         Ok(())
     }
 }

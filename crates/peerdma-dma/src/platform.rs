@@ -28,6 +28,10 @@ use peerdma_pci::{NodeId, P2pProviders, P2pResource, Topology};
 use peerdma_sim::RngStream;
 
 use crate::dmabuf::Exports;
+use crate::space::{DmaSpace, LinkFlows};
+
+/// The default outstanding-request limit of a device ([`DmaCosts::max_outstanding`]).
+pub const DEFAULT_MAX_OUTSTANDING: u32 = 256;
 
 /// Timing-model parameters of the DMA layer.
 #[derive(Clone, Debug, PartialEq)]
@@ -38,6 +42,10 @@ pub struct DmaCosts {
     pub hop: SimDuration,
     /// Whether transfers take link time at all (`false` in zero-time mode).
     pub timed: bool,
+    /// Requests a device may have in flight (tags): 256, the 8-bit Tag field with Extended Tag enabled
+    /// (PCIe base spec §2.2.6.2); `spec/numbers.md` §2: throughput under misses follows from latency ×
+    /// outstanding requests.
+    pub max_outstanding: u32,
 }
 
 impl DmaCosts {
@@ -47,6 +55,7 @@ impl DmaCosts {
             iommu: IommuCosts::calibrated(),
             hop: DEFAULT_HOP_LATENCY,
             timed: true,
+            max_outstanding: DEFAULT_MAX_OUTSTANDING,
         }
     }
 
@@ -56,6 +65,7 @@ impl DmaCosts {
             iommu: IommuCosts::zero(),
             hop: SimDuration::ZERO,
             timed: false,
+            max_outstanding: DEFAULT_MAX_OUTSTANDING,
         }
     }
 }
@@ -69,6 +79,8 @@ pub struct DmaDevice {
     /// Its name.
     pub name: String,
     pub(crate) domain: RefCell<IommuDomain>,
+    /// Its access path and requests in flight.
+    pub space: DmaSpace,
 }
 
 impl fmt::Debug for DmaDevice {
@@ -107,8 +119,8 @@ pub struct Platform {
     pub(crate) exports: RefCell<Exports>,
     pub(crate) costs: DmaCosts,
     rng: RefCell<RngStream>,
-    /// Transfers in flight per link (the node whose upstream link it is), for bandwidth sharing.
-    pub(crate) flows: RefCell<BTreeMap<NodeId, u32>>,
+    /// Devices with requests in flight per link, for bandwidth sharing ([`crate::space`]).
+    pub(crate) flows: LinkFlows,
     /// The links a transfer crosses, per (provider or RAM, client) pair (`Platform::path_links`).
     pub(crate) links: RefCell<PathLinks>,
 }
@@ -134,7 +146,7 @@ impl Platform {
             exports: RefCell::new(Exports::default()),
             costs,
             rng: RefCell::new(rng),
-            flows: RefCell::new(BTreeMap::new()),
+            flows: LinkFlows::default(),
             links: RefCell::new(BTreeMap::new()),
         })
     }
@@ -167,6 +179,13 @@ impl Platform {
             node,
             name: name.to_owned(),
             domain: RefCell::new(IommuDomain::new(domain)),
+            space: DmaSpace::with_flows(
+                &self.kernel,
+                id,
+                name,
+                self.costs.max_outstanding,
+                self.flows.clone(),
+            ),
         });
         devs.insert(id, d.clone());
         Ok(d)

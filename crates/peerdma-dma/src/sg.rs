@@ -28,15 +28,16 @@ use std::rc::Rc;
 
 use bitflags::bitflags;
 use peerdma_core::{DeviceId, Errno, PAGE_SIZE, Pid, Range, SimDuration, Va};
-use peerdma_mm::MmioId;
 use peerdma_mm::gup::{GupFlags, PinnedPages};
 use peerdma_mm::phys::MemoryKind;
 use peerdma_mm::vma::VmFlags;
+use peerdma_mm::{DeviceGrant, MmioId};
 
 use crate::dmabuf::{AttachId, ImporterKind};
 use crate::map::{DmaSegment, MappedPage, MappedSg};
 use crate::mirror::DmaMirror;
 use crate::platform::{DmaDevice, Platform};
+use crate::space::{DeviceAddr, DmaOp, DmaRequest};
 
 bitflags! {
     /// How the caller will use the translation.
@@ -296,34 +297,53 @@ impl DmaSgHandle {
             .sum()
     }
 
-    /// The device writes `data` (whole pages) at byte `offset` of the range.
+    /// The device writes `data` (whole pages) at byte `offset` of the range, through its access path
+    /// ([`crate::space`]): the pages are issued in order and pipelined up to the device's outstanding limit.
     ///
     /// # Errors
     /// `EINVAL` outside the range or not page-sized; `ENODEV` once a BAR piece is revoked; the mirror's
     /// fault errnos; `EFAULT` when the IOMMU faults.
     pub async fn write(&self, offset: u64, data: &[u8]) -> Result<(), Errno> {
         let nr = self.check(offset, data.len())?;
-        for i in 0..nr {
-            let chunk = &data[i * 4096..(i + 1) * 4096];
-            let va = self.range.start.add(offset + i as u64 * PAGE_SIZE);
-            self.access(va, Some(chunk), None).await?;
+        if let Some(m) = &self.mirror {
+            for i in 0..nr {
+                let va = self.range.start.add(offset + i as u64 * PAGE_SIZE);
+                m.write_page(va, &data[i * 4096..(i + 1) * 4096]).await?;
+            }
+            return Ok(());
         }
+        let reqs = (0..nr)
+            .map(|i| {
+                let va = self.range.start.add(offset + i as u64 * PAGE_SIZE);
+                self.request(va, DmaOp::Write(data[i * 4096..(i + 1) * 4096].to_vec()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.platform.dma(&self.dev, reqs).await.into_result()?;
         Ok(())
     }
 
-    /// The device reads `len` bytes (whole pages) at byte `offset` of the range.
+    /// The device reads `len` bytes (whole pages) at byte `offset` of the range (see
+    /// [`DmaSgHandle::write`]).
     ///
     /// # Errors
     /// As [`DmaSgHandle::write`].
     pub async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, Errno> {
         let nr = self.check(offset, len)?;
-        let mut out = vec![0u8; len];
-        for i in 0..nr {
-            let va = self.range.start.add(offset + i as u64 * PAGE_SIZE);
-            self.access(va, None, Some(&mut out[i * 4096..(i + 1) * 4096]))
-                .await?;
+        if let Some(m) = &self.mirror {
+            let mut out = vec![0u8; len];
+            for i in 0..nr {
+                let va = self.range.start.add(offset + i as u64 * PAGE_SIZE);
+                m.read_page(va, &mut out[i * 4096..(i + 1) * 4096]).await?;
+            }
+            return Ok(out);
         }
-        Ok(out)
+        let reqs = (0..nr)
+            .map(|i| {
+                let va = self.range.start.add(offset + i as u64 * PAGE_SIZE);
+                self.request(va, DmaOp::Read)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.platform.dma(&self.dev, reqs).await.into_result()
     }
 
     fn check(&self, offset: u64, len: usize) -> Result<usize, Errno> {
@@ -335,56 +355,19 @@ impl DmaSgHandle {
         Ok(len / 4096)
     }
 
-    async fn access(
-        &self,
-        va: Va,
-        data: Option<&[u8]>,
-        buf: Option<&mut [u8]>,
-    ) -> Result<(), Errno> {
-        let p = &self.platform;
-        let write = data.is_some();
-        if let Some(m) = &self.mirror {
-            return match (data, buf) {
-                (Some(d), _) => m.write_page(va, d).await,
-                (None, Some(b)) => m.read_page(va, b).await,
-                (None, None) => Ok(()),
-            };
-        }
-        let (mp, frame) = self.page(va)?;
-        let res = p.resolve(&self.dev, mp.addr, write).ok_or(Errno::EFAULT)?;
-        let k = &p.kernel;
-        match frame {
-            Some(f) => {
-                if res.pa != k.state().phys.frame_pa(f) {
-                    p.violation(
-                        peerdma_mm::oracle::ViolationKind::StaleTranslation,
-                        format!(
-                            "{} reached {:#x} for pinned {f} at {va}",
-                            self.dev.name,
-                            res.pa.raw()
-                        ),
-                    );
-                    return Err(Errno::EFAULT);
-                }
-                match (data, buf) {
-                    (Some(d), _) => k.device_write_pinned(self.dev.id, self.pid, va, f, d),
-                    (None, Some(b)) => k.device_read_pinned(self.dev.id, self.pid, va, f, b),
-                    (None, None) => {}
-                }
-            }
-            None => match (data, buf) {
-                (Some(d), _) => k.mmio_write(self.dev.id, res.pa, d)?,
-                (None, Some(b)) => k.mmio_read(self.dev.id, res.pa, b)?,
-                (None, None) => {}
-            },
-        }
-        p.transfer(&self.dev, res.pa, PAGE_SIZE, write, res.cost)
-            .await;
-        Ok(())
+    /// The device's request for the page at `va`: through the DMA address its pin (or its attachment to a
+    /// BAR export) gave it.
+    fn request(&self, va: Va, op: DmaOp) -> Result<DmaRequest, Errno> {
+        let mp = self.page(va)?;
+        Ok(DmaRequest {
+            addr: DeviceAddr::Dma(mp.addr),
+            grant: DeviceGrant::Pin { pid: self.pid, va },
+            op,
+        })
     }
 
-    /// Returns the mapped page for `va` and, for pinned memory, its frame.
-    fn page(&self, va: Va) -> Result<(MappedPage, Option<peerdma_core::FrameId>), Errno> {
+    /// Returns the mapped page for `va`.
+    fn page(&self, va: Va) -> Result<MappedPage, Errno> {
         for p in &self.pieces {
             match p {
                 Piece::Pinned { start, pins, sg } => {
@@ -394,7 +377,7 @@ impl DmaSgHandle {
                     let i = usize::try_from(va.offset_from(*start) / PAGE_SIZE)
                         .expect("page index fits usize");
                     if i < pins.len() {
-                        return Ok((sg.pages[i], Some(pins.frames()[i])));
+                        return Ok(sg.pages[i]);
                     }
                 }
                 Piece::Bar {
@@ -407,7 +390,7 @@ impl DmaSgHandle {
                         let i = usize::try_from(va.offset_from(*start) / PAGE_SIZE)
                             .expect("page index fits usize");
                         let pages = self.platform.dmabuf_mapping(*mmio, *att)?;
-                        return Ok((pages[i], None));
+                        return Ok(pages[i]);
                     }
                 }
             }

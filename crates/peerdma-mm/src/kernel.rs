@@ -34,6 +34,7 @@ use peerdma_core::{
 use peerdma_sim::{RwSem, Sim, WaitQueue};
 
 use crate::costs::MmCosts;
+use crate::device_access::{DeviceData, DeviceGrant, FrameTranslation};
 use crate::file::File;
 use crate::notifier::{
     IntervalNotifierOps, NotifierEvent, NotifierId, NotifierRange, NotifierState,
@@ -1914,17 +1915,35 @@ impl Kernel {
 
     // ------------------------------------------------------------------------------------------ devices
 
-    /// A device reads the 4 KiB `frame` it believes backs `va` in `pid` (DMA through its own translation).
-    /// The oracle checks the translation is current, the frame live and the data what was last written.
+    /// A device reads the 4 KiB `frame` it believes backs `va` in `pid` through a mirror entry, issued and
+    /// landed at once (a device that copies with the CPU, like dmirror; [`crate::device_access`]).
     pub fn device_read(&self, dev: DeviceId, pid: Pid, va: Va, frame: FrameId, buf: &mut [u8]) {
-        let mut st = self.state();
-        st.oracle_check_device(dev, pid, va, frame, false);
-        st.phys.read(frame, 0, buf);
+        let t = self.mirror_translation(pid, va, frame);
+        if self.device_issue(dev, &t, false) {
+            self.device_land(dev, &t, DeviceData::Read(buf));
+        }
     }
 
-    /// A device writes `data` (4 KiB) into a frame it holds a pin on (DMA through a short- or long-term pin,
-    /// DESIGN.md §4.5). The oracle accepts the frame because of the pin, not a mapping: it must be allocated
-    /// and pinned; if `pid` still maps it at `va`, that page's content record follows the write.
+    /// A device writes `data` (4 KiB) into `frame` for `va` in `pid` through a mirror entry, issued and
+    /// landed at once.
+    pub fn device_write(&self, dev: DeviceId, pid: Pid, va: Va, frame: FrameId, data: &[u8]) {
+        let t = self.mirror_translation(pid, va, frame);
+        if self.device_issue(dev, &t, true) {
+            self.device_land(dev, &t, DeviceData::Write(data));
+        }
+    }
+
+    fn mirror_translation(&self, pid: Pid, va: Va, frame: FrameId) -> FrameTranslation {
+        FrameTranslation {
+            frame,
+            // A frame that is free now is reported by the ownership check whatever generation it had.
+            generation: self.frame_generation(frame).unwrap_or(0),
+            grant: DeviceGrant::Mirror { pid, va },
+        }
+    }
+
+    /// A device writes `data` (4 KiB) into a frame it holds a pin on, issued and landed at once
+    /// ([`crate::device_access`], the pin rule).
     pub fn device_write_pinned(
         &self,
         dev: DeviceId,
@@ -1933,52 +1952,13 @@ impl Kernel {
         frame: FrameId,
         data: &[u8],
     ) {
-        let mut st = self.state();
-        if st.oracle.enabled() && !st.check_pinned_frame(dev, frame) {
-            return;
-        }
-        st.phys.write(frame, 0, data);
-        let mapped = st.mm(pid).translate(va).is_some_and(|(f, _, _)| f == frame);
-        if mapped && let Some(key) = st.logical_page(pid, va) {
-            let h = st.phys.content_hash(frame);
-            st.oracle.record(key, h);
-        }
-    }
-
-    /// A device reads the 4 KiB `frame` through a pin it holds (DMA through a short- or long-term pin). The
-    /// oracle accepts the frame because of the pin: it must be allocated and pinned; the data is checked
-    /// against `va`'s record only while `pid` still maps the frame there.
-    pub fn device_read_pinned(
-        &self,
-        dev: DeviceId,
-        pid: Pid,
-        va: Va,
-        frame: FrameId,
-        buf: &mut [u8],
-    ) {
-        let mut st = self.state();
-        if st.oracle.enabled() && !st.check_pinned_frame(dev, frame) {
-            return;
-        }
-        st.phys.read(frame, 0, buf);
-        let mapped = st.mm(pid).translate(va).is_some_and(|(f, _, _)| f == frame);
-        if mapped && let Some(key) = st.logical_page(pid, va) {
-            let h = st.phys.content_hash(frame);
-            st.oracle
-                .check_read(key, h, || format!("device {} read {frame} at {va}", dev.0));
-        }
-    }
-
-    /// A device writes `data` (4 KiB) into `frame` for `va` in `pid`.
-    pub fn device_write(&self, dev: DeviceId, pid: Pid, va: Va, frame: FrameId, data: &[u8]) {
-        let mut st = self.state();
-        if !st.oracle_check_device(dev, pid, va, frame, true) {
-            return;
-        }
-        st.phys.write(frame, 0, data);
-        let h = st.phys.content_hash(frame);
-        if let Some(key) = st.logical_page(pid, va) {
-            st.oracle.record(key, h);
+        let t = FrameTranslation {
+            frame,
+            generation: self.frame_generation(frame).unwrap_or(0),
+            grant: DeviceGrant::Pin { pid, va },
+        };
+        if self.device_issue(dev, &t, true) {
+            self.device_land(dev, &t, DeviceData::Write(data));
         }
     }
 }
@@ -2213,9 +2193,32 @@ impl KernelState {
         }
     }
 
-    /// Oracle checks on a device access; returns whether the access may proceed.
-    /// Oracle checks 2 and 3 for DMA through a pin: the frame must be allocated and still pinned.
-    fn check_pinned_frame(&mut self, dev: DeviceId, frame: FrameId) -> bool {
+    /// Oracle check 2 for a device translation: the frame is allocated, in the generation the translation
+    /// saw (not freed and reallocated since).
+    pub(crate) fn check_frame_owned(&mut self, dev: DeviceId, t: &FrameTranslation) -> bool {
+        let frame = t.frame;
+        let allocated = self.phys.exists(frame) && self.phys.frame(frame).is_allocated();
+        if allocated && self.phys.frame(frame).generation == t.generation {
+            return true;
+        }
+        let what = if allocated {
+            format!(
+                "{frame}, reallocated since the translation it used (generation {} then, {} now)",
+                t.generation,
+                self.phys.frame(frame).generation
+            )
+        } else {
+            format!("freed {frame}")
+        };
+        self.oracle.violation(
+            ViolationKind::UseAfterFree,
+            format!("device {} reached {what} ({:?})", dev.0, t.grant),
+        );
+        false
+    }
+
+    /// Oracle check 3 for DMA through a pin: the frame must be allocated and still pinned.
+    pub(crate) fn check_pinned_frame(&mut self, dev: DeviceId, frame: FrameId) -> bool {
         let fr = self.phys.frame(frame);
         if !fr.is_allocated() {
             self.oracle.violation(
@@ -2237,7 +2240,9 @@ impl KernelState {
         true
     }
 
-    fn oracle_check_device(
+    /// Oracle check 1 for a mirror translation at issue: the CPU page table maps `frame` at `va` now
+    /// (device-private and device-exclusive entries included), writable for a write.
+    pub(crate) fn check_mirror_current(
         &mut self,
         dev: DeviceId,
         pid: Pid,
@@ -2245,19 +2250,6 @@ impl KernelState {
         frame: FrameId,
         write: bool,
     ) -> bool {
-        if !self.oracle.enabled() {
-            return true;
-        }
-        if !self.phys.exists(frame) || !self.phys.frame(frame).is_allocated() {
-            self.oracle.violation(
-                ViolationKind::UseAfterFree,
-                format!(
-                    "device {} accessed freed {frame} for pid {} va {va}",
-                    dev.0, pid.0
-                ),
-            );
-            return false;
-        }
         let current = self.mms.get(&pid).and_then(|mm| {
             mm.translate(va).or_else(|| {
                 let leaf = mm.pt.lookup(va)?;
@@ -2287,12 +2279,6 @@ impl KernelState {
                 );
                 return false;
             }
-        }
-        if !write && let Some(key) = self.logical_page(pid, va) {
-            let h = self.phys.content_hash(frame);
-            self.oracle.check_read(key, h, || {
-                format!("device {} read of pid {} va {va} ({frame})", dev.0, pid.0)
-            });
         }
         true
     }

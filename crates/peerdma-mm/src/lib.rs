@@ -10,6 +10,7 @@
 //! `async` and yield to other agents exactly where Linux can sleep (see [`kernel`]).
 
 pub mod costs;
+pub mod device_access;
 pub mod file;
 pub mod gup;
 pub mod hmm;
@@ -26,6 +27,7 @@ pub mod swap;
 pub mod vma;
 
 pub use costs::MmCosts;
+pub use device_access::{DeviceData, DeviceGrant, FrameTranslation};
 pub use gup::{GupFlags, PinnedPages, folio_is_longterm_pinnable};
 pub use kernel::{
     AddressSpace, Advice, Kernel, KernelState, MmapArgs, MremapFlags, Signal, ThpPolicy,

@@ -1,0 +1,679 @@
+//! `DmaSpace`: the one path every device access takes (DESIGN.md §4.8), and DMA in flight.
+//!
+//! Like vm-memory's `IommuMemory` (translate first, then hand off to memory; misses come back as data), a
+//! device access goes, per request of one 4 KiB page:
+//! 1. **translate** — identity / IOVA through the device's IOMMU domain and IOTLB / bus address through the
+//!    provider's BAR ([`Platform::resolve`]), or the frame the device holds itself (a device page table
+//!    like dmirror's); the translation remembers the frame's allocation generation: the one recorded when
+//!    the DMA address was handed to the device (`map_sg`), else the current one;
+//! 2. **route** — the links between the device and the memory (the map-type decision's path);
+//! 3. **oracle at issue** — the grant's rule ([`peerdma_mm::device_access`]): a mirror translation must
+//!    match the CPU page table, a pin must hold, and an IOVA that now reaches another frame than the one it
+//!    was mapped for is a stale translation;
+//! 4. **transfer** — the request's landing time in closed form (below); one engine event per request;
+//! 5. **memory + oracle at landing** — the data moves when the request lands (reads sample memory then,
+//!    writes store then), after the ownership check (a frame freed or reallocated since the translation is
+//!    a use after free, reads included) and, for a mirror request whose invalidation did not wait for it,
+//!    a stale-translation report.
+//!
+//! Failures come back as data ([`DmaOutcome::faults`]: which request failed, with what errno): a device
+//! stops issuing at the first one, and what it had in flight still lands.
+//!
+//! **DMA in flight.** Each device has at most [`crate::DmaCosts::max_outstanding`] requests in flight (tags);
+//! issuing one more waits for a landing. A request's landing time is closed-form:
+//! `start = max(now + translation cost, the device's pipe free time for that direction)`,
+//! `land = start + wire time + hops × hop latency`, where the wire time is 4 KiB at the smallest fair share,
+//! among the links crossed, of the link's effective bandwidth for 4 KiB payloads (`peerdma_pci::link`): a
+//! link shared by N devices with requests in flight gives each 1/N. So one device pipelines up to its
+//! bottleneck link's bandwidth, translation and hop latencies hide behind the data, and several devices
+//! divide a shared link. The issuer yields after each request, so devices issuing at the same instant
+//! interleave. *Coarse:* a request's rate is fixed when it is issued (no re-sharing mid-flight); whole
+//! pages only.
+//!
+//! **The fence** ([`DmaSpace::fence`]): an invalidation of a range a device mirrors returns only after every
+//! in-flight request holding a mirror translation of that range has landed ([`FenceMode::Drain`]) or been
+//! aborted ([`FenceMode::Abort`]); the device model chooses. [`FenceInjection::SkipWait`] is a test-only
+//! driver bug: the invalidation returns at once, and the requests it should have waited for are reported
+//! as stale translations when they land.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::rc::Rc;
+
+use peerdma_core::{DeviceId, Errno, FrameId, PAGE_SIZE, Pa, Pid, Range, SimDuration, SimTime, Va};
+use peerdma_mm::oracle::ViolationKind;
+use peerdma_mm::{DeviceData, DeviceGrant, FrameTranslation, Kernel};
+use peerdma_pci::NodeId;
+use peerdma_sim::WaitQueue;
+
+use peerdma_pci::link::{fair_share_gbps, time_at_gbps};
+
+use crate::map::DmaAddr;
+use crate::platform::{DmaDevice, Platform};
+
+/// Bytes one request moves (the model's DMA granule: one page).
+pub const REQUEST_BYTES: usize = 4096;
+
+/// Where a device sends a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceAddr {
+    /// A DMA address, translated by the device's IOMMU domain or routed by the fabric.
+    Dma(DmaAddr),
+    /// A frame the device holds itself (its own page table, no IOMMU), with the generation it saw.
+    Frame {
+        /// The frame.
+        frame: FrameId,
+        /// Its allocation generation when the device's entry was made.
+        generation: u64,
+    },
+}
+
+/// What a request does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DmaOp {
+    /// Reads one page.
+    Read,
+    /// Writes these 4 KiB.
+    Write(Vec<u8>),
+}
+
+impl DmaOp {
+    /// Returns whether it writes memory.
+    pub fn is_write(&self) -> bool {
+        matches!(self, Self::Write(_))
+    }
+}
+
+/// One device request of one page.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DmaRequest {
+    /// Where it goes.
+    pub addr: DeviceAddr,
+    /// How the device holds the translation.
+    pub grant: DeviceGrant,
+    /// Read or write.
+    pub op: DmaOp,
+}
+
+/// A request that failed: its index in the batch and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaFault {
+    /// Index of the request in the batch.
+    pub index: usize,
+    /// `EFAULT` (IOMMU fault, nothing answers, an oracle violation), `ENODEV` (a removed BAR), `EAGAIN`
+    /// (aborted by an invalidation's fence).
+    pub errno: Errno,
+}
+
+/// What a batch of requests did (failures as data).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DmaOutcome {
+    /// The bytes read, 4 KiB per read request in batch order (zero for a request that did not land).
+    pub data: Vec<u8>,
+    /// Requests that landed.
+    pub landed: usize,
+    /// Requests that failed, in batch order; the device issued nothing after the first translation failure.
+    pub faults: Vec<DmaFault>,
+}
+
+impl DmaOutcome {
+    /// Returns the data read, or the errno of the first failed request.
+    ///
+    /// # Errors
+    /// The first fault's errno.
+    pub fn into_result(self) -> Result<Vec<u8>, Errno> {
+        match self.faults.first() {
+            Some(f) => Err(f.errno),
+            None => Ok(self.data),
+        }
+    }
+}
+
+/// What an invalidation's fence does with a device's in-flight requests of the range.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FenceMode {
+    /// Waits until they land (block and flush).
+    #[default]
+    Drain,
+    /// Aborts them: they never land and their issuer sees `EAGAIN` (the device retries after a fault).
+    Abort,
+}
+
+/// A deliberate driver bug, so tests can prove the oracle catches it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FenceInjection {
+    /// A correct fence.
+    #[default]
+    None,
+    /// The fence returns without waiting for in-flight requests.
+    SkipWait,
+}
+
+/// Identifies a request in flight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RequestId(u64);
+
+/// What the memory at the far end of a request is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// A frame with struct page.
+    Frame(FrameTranslation),
+    /// MMIO without struct page (a BAR), at this CPU physical address.
+    Mmio(Pa),
+}
+
+/// A translated request, ready to go in flight.
+#[derive(Debug)]
+pub(crate) struct Issue {
+    pub(crate) target: Target,
+    pub(crate) grant: DeviceGrant,
+    pub(crate) op: DmaOp,
+    /// When translation is done.
+    pub(crate) ready: SimTime,
+    /// Its time on the wire.
+    pub(crate) wire: SimDuration,
+    /// Hop latency after the wire.
+    pub(crate) latency: SimDuration,
+    /// The links it crosses (registered with [`DmaSpace::register_links`]).
+    pub(crate) links: Rc<[NodeId]>,
+}
+
+/// How a request ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Landing {
+    Read(Vec<u8>),
+    Written,
+    Failed(Errno),
+}
+
+#[derive(Debug)]
+struct InFlight {
+    target: Target,
+    grant: DeviceGrant,
+    op: DmaOp,
+    land_at: SimTime,
+    links: Rc<[NodeId]>,
+    /// Its translation was removed by an invalidation that completed without waiting for it.
+    stale: bool,
+}
+
+#[derive(Debug, Default)]
+struct SpaceState {
+    next_id: u64,
+    inflight: BTreeMap<RequestId, InFlight>,
+    done: BTreeMap<RequestId, Landing>,
+    /// When the device's pipe is free again, per direction (0: reads, 1: writes).
+    pipe_free: [SimTime; 2],
+    /// This device's requests in flight per link.
+    link_users: BTreeMap<NodeId, u32>,
+    /// The frame and generation each DMA address page was last handed to the device for.
+    issued: BTreeMap<u64, (FrameId, u64)>,
+}
+
+/// Devices with requests in flight, per link (the node whose upstream link it is), shared by every device
+/// of a platform.
+pub(crate) type LinkFlows = Rc<RefCell<BTreeMap<NodeId, u32>>>;
+
+struct SpaceInner {
+    kernel: Rc<Kernel>,
+    dev: DeviceId,
+    name: String,
+    max_outstanding: usize,
+    flows: LinkFlows,
+    st: RefCell<SpaceState>,
+    wq: WaitQueue,
+    fence_mode: Cell<FenceMode>,
+    injection: Cell<FenceInjection>,
+}
+
+/// One device's access path and its requests in flight (module docs). Cloning shares it.
+#[derive(Clone)]
+pub struct DmaSpace(Rc<SpaceInner>);
+
+impl fmt::Debug for DmaSpace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DmaSpace")
+            .field("dev", &self.0.name)
+            .field("in_flight", &self.0.st.borrow().inflight.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DmaSpace {
+    /// Creates the access path of device `dev` with at most `max_outstanding` requests in flight.
+    pub fn new(kernel: &Rc<Kernel>, dev: DeviceId, name: &str, max_outstanding: u32) -> Self {
+        Self::with_flows(kernel, dev, name, max_outstanding, LinkFlows::default())
+    }
+
+    pub(crate) fn with_flows(
+        kernel: &Rc<Kernel>,
+        dev: DeviceId,
+        name: &str,
+        max_outstanding: u32,
+        flows: LinkFlows,
+    ) -> Self {
+        Self(Rc::new(SpaceInner {
+            wq: WaitQueue::new(&kernel.sim),
+            kernel: kernel.clone(),
+            dev,
+            name: name.to_owned(),
+            max_outstanding: usize::try_from(max_outstanding.max(1)).expect("u32 fits usize"),
+            flows,
+            st: RefCell::default(),
+            fence_mode: Cell::new(FenceMode::Drain),
+            injection: Cell::new(FenceInjection::None),
+        }))
+    }
+
+    /// Returns the device.
+    pub fn device(&self) -> DeviceId {
+        self.0.dev
+    }
+
+    /// Returns the outstanding-request limit.
+    pub fn max_outstanding(&self) -> usize {
+        self.0.max_outstanding
+    }
+
+    /// Returns the number of requests in flight.
+    pub fn nr_in_flight(&self) -> usize {
+        self.0.st.borrow().inflight.len()
+    }
+
+    /// Sets what the fence does with in-flight requests (the device model's choice).
+    pub fn set_fence_mode(&self, mode: FenceMode) {
+        self.0.fence_mode.set(mode);
+    }
+
+    /// Injects a fence bug (tests of the oracle only).
+    pub fn inject(&self, f: FenceInjection) {
+        self.0.injection.set(f);
+    }
+
+    /// A device that copies with the CPU under its driver lock (dmirror) accesses one page through `t`:
+    /// translate, oracle, memory at once, no transfer (its caller charges its CPU copy cost). Returns
+    /// whether the data moved.
+    pub fn copy(&self, t: &FrameTranslation, data: DeviceData<'_>) -> bool {
+        let k = &self.0.kernel;
+        let write = matches!(data, DeviceData::Write(_));
+        k.device_issue(self.0.dev, t, write) && k.device_land(self.0.dev, t, data)
+    }
+
+    /// Records that DMA address page `addr` was handed to the device for `frame` in its current generation
+    /// (step 1: a later access through the address remembers what it was for).
+    pub(crate) fn record_issued(&self, addr: u64, frame: FrameId, generation: u64) {
+        self.0
+            .st
+            .borrow_mut()
+            .issued
+            .insert(addr / PAGE_SIZE, (frame, generation));
+    }
+
+    /// Returns what DMA address page `addr` was last handed to the device for.
+    pub(crate) fn issued(&self, addr: u64) -> Option<(FrameId, u64)> {
+        self.0.st.borrow().issued.get(&(addr / PAGE_SIZE)).copied()
+    }
+
+    /// Waits until the device has a free tag.
+    pub(crate) async fn wait_tag(&self) {
+        let inner = &self.0;
+        inner
+            .wq
+            .wait_event(|| inner.st.borrow().inflight.len() < inner.max_outstanding)
+            .await;
+    }
+
+    /// Registers a new request of the device on `links` (flow accounting of the module docs); returns, per
+    /// link, the number of devices that now have requests in flight on it.
+    pub(crate) fn register_links(&self, links: &[NodeId]) -> Vec<u32> {
+        let mut st = self.0.st.borrow_mut();
+        let mut flows = self.0.flows.borrow_mut();
+        links
+            .iter()
+            .map(|&n| {
+                let users = st.link_users.entry(n).or_insert(0);
+                *users += 1;
+                let nr = flows.entry(n).or_insert(0);
+                if *users == 1 {
+                    *nr += 1;
+                }
+                *nr
+            })
+            .collect()
+    }
+
+    /// Step 4: puts a translated request in flight and spawns its landing. Returns its id.
+    pub(crate) fn issue(&self, req: Issue) -> RequestId {
+        let inner = &self.0;
+        let sim = &inner.kernel.sim;
+        let (id, land_at) = {
+            let mut st = inner.st.borrow_mut();
+            let dir = usize::from(req.op.is_write());
+            let start = req.ready.max(st.pipe_free[dir]);
+            let end = start + req.wire;
+            st.pipe_free[dir] = end;
+            let land_at = end + req.latency;
+            let id = RequestId(st.next_id);
+            st.next_id += 1;
+            st.inflight.insert(
+                id,
+                InFlight {
+                    target: req.target,
+                    grant: req.grant,
+                    op: req.op,
+                    land_at,
+                    links: req.links,
+                    stale: false,
+                },
+            );
+            (id, land_at)
+        };
+        let space = self.clone();
+        let delay = land_at - sim.now();
+        let s = sim.clone();
+        sim.spawn(format!("{}.dma", inner.name), async move {
+            s.sleep(delay).await;
+            space.land(id);
+        });
+        id
+    }
+
+    /// Issues a request to a frame the device holds itself, with no topology (a device without a PCI
+    /// function: the scenario's `dma.write` through a pin): the oracle at issue, then a landing `wire`
+    /// later. `Err` when the oracle refused it at issue.
+    pub async fn submit_frame(
+        &self,
+        t: FrameTranslation,
+        op: DmaOp,
+        wire: SimDuration,
+    ) -> Result<RequestId, Errno> {
+        self.wait_tag().await;
+        let k = &self.0.kernel;
+        if !k.device_issue(self.0.dev, &t, op.is_write()) {
+            return Err(Errno::EFAULT);
+        }
+        let id = self.issue(Issue {
+            target: Target::Frame(t),
+            grant: t.grant,
+            op,
+            ready: k.sim.now(),
+            wire: k.sim.jitter(wire),
+            latency: SimDuration::ZERO,
+            links: Rc::from([]),
+        });
+        k.sim.sleep(SimDuration::ZERO).await;
+        Ok(id)
+    }
+
+    /// Waits for request `id` to land; returns the page it read (empty for a write).
+    ///
+    /// # Errors
+    /// The errno the request failed with at landing (`EFAULT` for an oracle violation, `ENODEV` for a
+    /// removed BAR, `EAGAIN` when a fence aborted it).
+    pub async fn wait(&self, id: RequestId) -> Result<Vec<u8>, Errno> {
+        let inner = &self.0;
+        inner
+            .wq
+            .wait_event(|| inner.st.borrow().done.contains_key(&id))
+            .await;
+        match inner.st.borrow_mut().done.remove(&id) {
+            Some(Landing::Read(d)) => Ok(d),
+            Some(Landing::Written) => Ok(Vec::new()),
+            Some(Landing::Failed(e)) => Err(e),
+            None => unreachable!("waited for it"),
+        }
+    }
+
+    /// The fence of an invalidation of `range` of `pid` (module docs): returns once no request holding a
+    /// mirror translation of the range is in flight.
+    pub async fn fence(&self, pid: Pid, range: Range<Va>) {
+        let inner = &self.0;
+        let covers = |f: &InFlight| matches!(f.grant, DeviceGrant::Mirror { pid: p, va } if p == pid && range.contains(va));
+        if inner.injection.get() == FenceInjection::SkipWait {
+            for f in inner.st.borrow_mut().inflight.values_mut() {
+                if covers(f) {
+                    f.stale = true;
+                }
+            }
+            return;
+        }
+        if inner.fence_mode.get() == FenceMode::Abort {
+            let aborted: Vec<RequestId> = inner
+                .st
+                .borrow()
+                .inflight
+                .iter()
+                .filter(|(_, f)| covers(f))
+                .map(|(id, _)| *id)
+                .collect();
+            for id in aborted {
+                if let Some(f) = self.take(id) {
+                    drop(f);
+                    inner
+                        .st
+                        .borrow_mut()
+                        .done
+                        .insert(id, Landing::Failed(Errno::EAGAIN));
+                    inner.kernel.sim.count("dma.aborted", 1);
+                }
+            }
+            inner.wq.wake_up_all();
+            return;
+        }
+        let waited = inner.st.borrow().inflight.values().any(&covers);
+        inner
+            .wq
+            .wait_event(|| !inner.st.borrow().inflight.values().any(&covers))
+            .await;
+        if waited {
+            inner.kernel.sim.count("dma.fence_waits", 1);
+        }
+    }
+
+    /// Removes request `id` from the in-flight set and releases its links.
+    fn take(&self, id: RequestId) -> Option<InFlight> {
+        let inner = &self.0;
+        let mut st = inner.st.borrow_mut();
+        let f = st.inflight.remove(&id)?;
+        let mut flows = inner.flows.borrow_mut();
+        for n in f.links.iter() {
+            let users = st.link_users.get_mut(n).expect("registered at issue");
+            *users -= 1;
+            if *users == 0 {
+                st.link_users.remove(n);
+                if let Some(nr) = flows.get_mut(n) {
+                    *nr -= 1;
+                }
+            }
+        }
+        Some(f)
+    }
+
+    /// Step 5: request `id` lands (nothing happens if a fence aborted it).
+    fn land(&self, id: RequestId) {
+        let Some(f) = self.take(id) else {
+            return;
+        };
+        let inner = &self.0;
+        let k = &inner.kernel;
+        debug_assert_eq!(
+            f.land_at,
+            k.sim.now(),
+            "a request lands at its landing time"
+        );
+        let landing = if f.stale {
+            k.state().oracle.violation(
+                ViolationKind::StaleTranslation,
+                format!(
+                    "{} request ({:?}) landed after the invalidation that removed its translation \
+                     completed without waiting for it",
+                    inner.name, f.grant
+                ),
+            );
+            Landing::Failed(Errno::EFAULT)
+        } else {
+            let mut page = [0u8; REQUEST_BYTES];
+            let moved = match (&f.target, &f.op) {
+                (Target::Frame(t), DmaOp::Write(d)) => k
+                    .device_land(inner.dev, t, DeviceData::Write(d))
+                    .then_some(())
+                    .ok_or(Errno::EFAULT),
+                (Target::Frame(t), DmaOp::Read) => k
+                    .device_land(inner.dev, t, DeviceData::Read(&mut page))
+                    .then_some(())
+                    .ok_or(Errno::EFAULT),
+                (Target::Mmio(pa), DmaOp::Write(d)) => k.mmio_write(inner.dev, *pa, d),
+                (Target::Mmio(pa), DmaOp::Read) => k.mmio_read(inner.dev, *pa, &mut page),
+            };
+            match (moved, &f.op) {
+                (Err(e), _) => Landing::Failed(e),
+                (Ok(()), DmaOp::Read) => Landing::Read(page.to_vec()),
+                (Ok(()), DmaOp::Write(_)) => Landing::Written,
+            }
+        };
+        if !matches!(landing, Landing::Failed(_)) {
+            k.sim.count("dma.bytes", REQUEST_BYTES as u64);
+        }
+        inner.st.borrow_mut().done.insert(id, landing);
+        inner.wq.wake_up_all();
+    }
+}
+
+impl Platform {
+    /// Steps 1–4 for one request of device `d`: translate, route, the oracle at issue, in flight.
+    ///
+    /// # Errors
+    /// `EFAULT` when the IOMMU faults, nothing answers the address, or the oracle refused the access.
+    pub fn dma_issue(&self, d: &DmaDevice, req: DmaRequest) -> Result<RequestId, Errno> {
+        let k = &self.kernel;
+        let write = req.op.is_write();
+        // Step 1: translate.
+        let (target, pa, cost) = match req.addr {
+            DeviceAddr::Dma(addr) => {
+                let res = self.resolve(d, addr, write).ok_or(Errno::EFAULT)?;
+                let target = match k.frame_at_pa(res.pa) {
+                    Some((frame, now_gen)) => {
+                        let generation = match d.space.issued(addr.raw()) {
+                            Some((f0, g0)) if f0 == frame => g0,
+                            Some((f0, _)) if req.grant != DeviceGrant::Raw => {
+                                self.violation(
+                                    ViolationKind::StaleTranslation,
+                                    format!(
+                                        "{} reached {frame} through {:#x}, which was mapped for {f0}",
+                                        d.name,
+                                        addr.raw()
+                                    ),
+                                );
+                                return Err(Errno::EFAULT);
+                            }
+                            _ => now_gen,
+                        };
+                        Target::Frame(FrameTranslation {
+                            frame,
+                            generation,
+                            grant: req.grant,
+                        })
+                    }
+                    None => Target::Mmio(res.pa),
+                };
+                (target, res.pa, res.cost)
+            }
+            DeviceAddr::Frame { frame, generation } => {
+                let t = FrameTranslation {
+                    frame,
+                    generation,
+                    grant: req.grant,
+                };
+                (Target::Frame(t), k.frame_pa(frame), SimDuration::ZERO)
+            }
+        };
+        // Step 3: the oracle at issue.
+        if let Target::Frame(t) = &target
+            && !k.device_issue(d.id, t, write)
+        {
+            return Err(Errno::EFAULT);
+        }
+        // Steps 2 and 4: route, then the closed-form landing.
+        let topo = self.topology();
+        let provider = topo.bar_at(pa).map(|(owner, _)| owner);
+        let links = self.path_links(provider, d.node);
+        let shares = d.space.register_links(&links);
+        let (wire, latency) = if self.costs.timed {
+            let gbps = links
+                .iter()
+                .zip(shares)
+                .map(|(&n, nr)| {
+                    let l = topo.node(n).link().expect("path_links keeps linked nodes");
+                    let full = if write {
+                        l.effective_write_gbps(REQUEST_BYTES as u64)
+                    } else {
+                        l.effective_read_gbps(REQUEST_BYTES as u64)
+                    };
+                    fair_share_gbps(full, nr)
+                })
+                .fold(f64::INFINITY, f64::min);
+            let wire = if gbps.is_finite() {
+                k.sim.jitter(time_at_gbps(REQUEST_BYTES as u64, gbps))
+            } else {
+                SimDuration::ZERO
+            };
+            let hops = u64::try_from(links.len()).expect("few links");
+            (wire, self.costs.hop.saturating_mul(hops))
+        } else {
+            (SimDuration::ZERO, SimDuration::ZERO)
+        };
+        Ok(d.space.issue(Issue {
+            target,
+            grant: req.grant,
+            op: req.op,
+            ready: k.sim.now() + cost,
+            wire,
+            latency,
+            links,
+        }))
+    }
+
+    /// Device `d` runs a batch of requests through its access path (module docs): issues them in order as
+    /// tags free up, stops issuing at the first translation failure, and waits for everything in flight.
+    pub async fn dma(&self, d: &DmaDevice, reqs: Vec<DmaRequest>) -> DmaOutcome {
+        let mut read_at = Vec::with_capacity(reqs.len());
+        let mut nr_reads = 0;
+        for r in &reqs {
+            read_at.push((!r.op.is_write()).then_some(nr_reads));
+            nr_reads += usize::from(!r.op.is_write());
+        }
+        let mut out = DmaOutcome {
+            data: vec![0; nr_reads * REQUEST_BYTES],
+            ..DmaOutcome::default()
+        };
+        let mut issued = Vec::with_capacity(reqs.len());
+        for (i, req) in reqs.into_iter().enumerate() {
+            d.space.wait_tag().await;
+            match self.dma_issue(d, req) {
+                Ok(id) => issued.push((i, id)),
+                Err(errno) => {
+                    out.faults.push(DmaFault { index: i, errno });
+                    break;
+                }
+            }
+            // Let devices issuing at the same instant interleave (module docs).
+            self.kernel.sim.sleep(SimDuration::ZERO).await;
+        }
+        let mut late = Vec::new();
+        for (i, id) in issued {
+            match d.space.wait(id).await {
+                Ok(page) => {
+                    out.landed += 1;
+                    if let Some(j) = read_at[i] {
+                        out.data[j * REQUEST_BYTES..(j + 1) * REQUEST_BYTES].copy_from_slice(&page);
+                    }
+                }
+                Err(errno) => late.push(DmaFault { index: i, errno }),
+            }
+        }
+        out.faults.extend(late);
+        out.faults.sort_by_key(|f| f.index);
+        out
+    }
+}

@@ -1,0 +1,165 @@
+//! What the memory model sees of a device access to a frame: the oracle's checks at the two instants of a
+//! DMA request — when it is issued (translated) and when its data lands — and the data movement itself.
+//! The DMA layer's `DmaSpace` (`peerdma-dma`) drives these; no other crate touches frame bytes for a device.
+//!
+//! A device holds a translation to a frame ([`FrameTranslation`]) by one of three grants ([`DeviceGrant`]),
+//! and the grant decides the rule (DESIGN.md §7):
+//! 1. **Mirror** (a coherent translation, no reference held, the ODP/HMM pattern): at issue the CPU page
+//!    table must map the frame at that address now, writable for a write (check 1). While the request is in
+//!    flight the translation stays valid until the invalidation that removes it *completes*: an
+//!    invalidation waits for the device's in-flight requests (the fence) before it returns and before the
+//!    frame can be freed, so the landing is checked only for the frame's ownership (below) — and the DMA
+//!    layer reports a request whose invalidation completed without waiting for it as a stale translation.
+//! 2. **Pin** (a short- or long-term pin): the frame must be allocated and still pinned, at issue and at
+//!    landing (check 3); the content record of the process page follows only while the process still maps
+//!    that frame there.
+//! 3. **Raw** (an address the device holds without any handle — stale or forged): nothing but the IOMMU and
+//!    the fabric protect; the oracle checks only ownership and never updates content records, so a write
+//!    behind a mapping's back is caught at the next read (check 4).
+//!
+//! **Ownership (check 2)**: every translation remembers the frame's allocation generation when it was made
+//! (`Frame::generation`, bumped at each allocation). An access that reaches a free frame, or a frame freed
+//! and reallocated since (a different generation), is a use after free — reads included.
+
+use peerdma_core::{DeviceId, FrameId, Pa, Pid, Va};
+
+use crate::kernel::Kernel;
+
+/// How a device came to hold the translation it uses (module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceGrant {
+    /// A mirror entry for `va` of `pid`, holding no reference (coherent translation mirror).
+    Mirror {
+        /// The process mirrored.
+        pid: Pid,
+        /// The page's virtual address.
+        va: Va,
+    },
+    /// A pin the device's driver took for `va` of `pid`.
+    Pin {
+        /// The process the pin was taken in.
+        pid: Pid,
+        /// The page's virtual address when it was pinned.
+        va: Va,
+    },
+    /// A raw DMA address with no handle behind it.
+    Raw,
+}
+
+impl DeviceGrant {
+    /// Returns the process and page a mirror or pin grant is for.
+    pub fn page(self) -> Option<(Pid, Va)> {
+        match self {
+            Self::Mirror { pid, va } | Self::Pin { pid, va } => Some((pid, va)),
+            Self::Raw => None,
+        }
+    }
+}
+
+/// A device's translation to one 4 KiB frame, as it stood when it was made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameTranslation {
+    /// The frame reached.
+    pub frame: FrameId,
+    /// The frame's allocation generation the translation saw.
+    pub generation: u64,
+    /// How the device holds it.
+    pub grant: DeviceGrant,
+}
+
+/// The data of a device access: the buffer a read fills or the bytes a write stores (4 KiB).
+#[derive(Debug)]
+pub enum DeviceData<'a> {
+    /// A read into this buffer.
+    Read(&'a mut [u8]),
+    /// A write of these bytes.
+    Write(&'a [u8]),
+}
+
+impl Kernel {
+    /// Returns the frame at physical address `pa` and its current allocation generation (`None` for MMIO
+    /// without struct page or an address no region covers).
+    pub fn frame_at_pa(&self, pa: Pa) -> Option<(FrameId, u64)> {
+        let st = self.state();
+        let f = st.phys.frame_at_pa(pa)?;
+        Some((f, st.phys.frame(f).generation))
+    }
+
+    /// Returns the CPU physical address of `frame`.
+    pub fn frame_pa(&self, frame: FrameId) -> Pa {
+        self.state().phys.frame_pa(frame)
+    }
+
+    /// Returns the generation of `frame` when it is allocated, `None` when it is free (or no such frame).
+    pub fn frame_generation(&self, frame: FrameId) -> Option<u64> {
+        let st = self.state();
+        (st.phys.exists(frame) && st.phys.frame(frame).is_allocated())
+            .then(|| st.phys.frame(frame).generation)
+    }
+
+    /// The oracle's checks when device `dev` issues an access through `t` (module docs); returns whether
+    /// the access may go on. A violation stops the run (unless armed as expected).
+    pub fn device_issue(&self, dev: DeviceId, t: &FrameTranslation, write: bool) -> bool {
+        let mut st = self.state();
+        if !st.oracle.enabled() {
+            return true;
+        }
+        if !st.check_frame_owned(dev, t) {
+            return false;
+        }
+        match t.grant {
+            DeviceGrant::Mirror { pid, va } => {
+                st.check_mirror_current(dev, pid, va, t.frame, write)
+            }
+            DeviceGrant::Pin { .. } => st.check_pinned_frame(dev, t.frame),
+            DeviceGrant::Raw => true,
+        }
+    }
+
+    /// The landing of a device access through `t`: the ownership (and pin) checks of the module docs, then
+    /// the data moves and the content record follows a write (or checks a read). Returns whether the data
+    /// moved.
+    pub fn device_land(&self, dev: DeviceId, t: &FrameTranslation, data: DeviceData<'_>) -> bool {
+        let mut st = self.state();
+        if st.oracle.enabled() {
+            if !st.check_frame_owned(dev, t) {
+                return false;
+            }
+            if matches!(t.grant, DeviceGrant::Pin { .. }) && !st.check_pinned_frame(dev, t.frame) {
+                return false;
+            }
+        }
+        let frame = t.frame;
+        let key = match t.grant {
+            DeviceGrant::Mirror { pid, va } => st.logical_page(pid, va),
+            DeviceGrant::Pin { pid, va } => {
+                let mapped = st.mm(pid).translate(va).is_some_and(|(f, _, _)| f == frame);
+                if mapped {
+                    st.logical_page(pid, va)
+                } else {
+                    None
+                }
+            }
+            DeviceGrant::Raw => None,
+        };
+        match data {
+            DeviceData::Write(bytes) => {
+                st.phys.write(frame, 0, bytes);
+                if let Some(key) = key {
+                    let h = st.phys.content_hash(frame);
+                    st.oracle.record(key, h);
+                }
+            }
+            DeviceData::Read(buf) => {
+                st.phys.read(frame, 0, buf);
+                if let Some(key) = key {
+                    let h = st.phys.content_hash(frame);
+                    st.oracle.check_read(key, h, || {
+                        format!("device {} read of {frame} ({:?})", dev.0, t.grant)
+                    });
+                }
+            }
+        }
+        true
+    }
+}
