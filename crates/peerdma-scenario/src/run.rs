@@ -13,10 +13,11 @@ use std::rc::Rc;
 
 use peerdma_core::{DeviceId, Errno, PAGE_SIZE, Pid, Range, SimDuration, SimTime, Va};
 use peerdma_devices::{Dmirror, DmirrorCosts, DmirrorDevice, DmirrorMemory, DmirrorResult};
-use peerdma_dma::{DmaCosts, DmaSgFlags, DmaSgHandle, Platform, get_user_dma_sg};
+use peerdma_dma::{DmaCosts, DmaOp, DmaSgFlags, DmaSgHandle, DmaSpace, Platform, get_user_dma_sg};
 use peerdma_iommu::{DomainConfig, DomainType};
 use peerdma_mm::{
-    Advice as MmAdvice, Kernel, MmCosts, MmapArgs, Prot as MmProt, Signal as MmSignal,
+    Advice as MmAdvice, DeviceGrant, FrameTranslation, Kernel, MmCosts, MmapArgs, Prot as MmProt,
+    Signal as MmSignal,
 };
 use peerdma_sim::{RngStream, RunOutcome, Sim, SimConfig, WaitQueue};
 
@@ -79,6 +80,8 @@ struct World {
     /// BAR exports by name.
     exports: BTreeMap<String, peerdma_mm::MmioId>,
     dma_page_cost: SimDuration,
+    /// The access path of the scenario's DMA engine (`dma.write` through a pin).
+    dma_engine: DmaSpace,
     proc_wq: WaitQueue,
     records: RefCell<Vec<StepRecord>>,
     failures: RefCell<Vec<ExpectFailure>>,
@@ -157,6 +160,7 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
         procs: RefCell::new(procs),
         files,
         dma_page_cost: dm_costs.dma_page,
+        dma_engine: DmaSpace::new(&kernel, DMA_ENGINE, "dma_engine", 1),
         devices,
         platform,
         pci,
@@ -658,19 +662,30 @@ impl World {
                 };
                 let mut data = vec![0u8; frames.len() * 4096];
                 pattern.fill(&mut data);
+                // The scenario's DMA engine writes through its pins one page at a time (one tag), each
+                // page landing `dma_page` after the previous one (peerdma_dma::space).
+                let mut ids = Vec::with_capacity(frames.len());
                 for (i, f) in frames.iter().enumerate() {
                     let page_va = va.add(i as u64 * PAGE_SIZE);
-                    kernel.device_write_pinned(
-                        DMA_ENGINE,
-                        pid,
-                        page_va,
-                        *f,
-                        &data[i * 4096..(i + 1) * 4096],
-                    );
+                    let t = FrameTranslation {
+                        frame: *f,
+                        generation: kernel.frame_generation(*f).unwrap_or(0),
+                        grant: DeviceGrant::Pin { pid, va: page_va },
+                    };
+                    let op = DmaOp::Write(data[i * 4096..(i + 1) * 4096].to_vec());
+                    match self
+                        .dma_engine
+                        .submit_frame(t, op, self.dma_page_cost)
+                        .await
+                    {
+                        Ok(id) => ids.push(id),
+                        Err(_) => break,
+                    }
                 }
-                kernel
-                    .spend(self.dma_page_cost.saturating_mul(frames.len() as u64))
-                    .await;
+                for id in ids {
+                    // A refused landing is the oracle's to report; the step itself has no errno.
+                    let _ = self.dma_engine.wait(id).await;
+                }
             }
             Op::DmirrorFlags { fd, fail_alloc } => {
                 self.fd(proc_name, fd)?.set_flags(*fail_alloc);
