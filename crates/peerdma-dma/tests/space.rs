@@ -66,12 +66,12 @@ fn read_time(costs: DmaCosts, domain: DomainType, len: u64) -> (SimDuration, usi
             .await
             .unwrap();
         let dev = p2.device(DEV).unwrap();
-        let (s, d2, pk) = (k.sim.clone(), dev.clone(), peak2.clone());
+        let (sim2, d2, pk) = (k.sim.clone(), dev.clone(), peak2.clone());
         // A watcher samples the in-flight count while the read runs.
         k.sim.spawn("watch", async move {
             for _ in 0..2_000 {
                 pk.set(pk.get().max(d2.space.nr_in_flight()));
-                s.sleep(SimDuration::from_nanos(500)).await;
+                sim2.sleep(SimDuration::from_nanos(500)).await;
             }
         });
         let start = k.sim.now();
