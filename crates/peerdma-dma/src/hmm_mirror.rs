@@ -318,3 +318,198 @@ impl<D: MirrorDevice> HmmMirror<D> {
             .await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::cell::{Cell, RefCell};
+    use std::collections::BTreeMap;
+
+    use peerdma_core::{FrameId, PAGE_SIZE};
+    use peerdma_mm::hmm::hmm_pfn_to_frame;
+    use peerdma_mm::{Advice, MmCosts, MmapArgs, Prot};
+    use peerdma_sim::{RunOutcome, Sim, SimConfig};
+
+    use super::*;
+
+    /// A device that only records what the loop asks of it.
+    struct TestDev {
+        kernel: Rc<Kernel>,
+        pid: Pid,
+        lock: SimMutex,
+        entries: RefCell<BTreeMap<u64, FrameId>>,
+        log: RefCell<Vec<String>>,
+        skip_read_retry: Cell<bool>,
+    }
+
+    impl MirrorDevice for TestDev {
+        type Zapped = Vec<u64>;
+
+        const COUNTER_PREFIX: &'static str = "test";
+
+        fn kernel(&self) -> &Kernel {
+            &self.kernel
+        }
+
+        fn pid(&self) -> Pid {
+            self.pid
+        }
+
+        fn driver_lock(&self) -> &SimMutex {
+            &self.lock
+        }
+
+        fn notifier_name(&self) -> String {
+            "test".to_owned()
+        }
+
+        fn fault_label(&self) -> String {
+            "test".to_owned()
+        }
+
+        fn skip_read_retry(&self) -> bool {
+            self.skip_read_retry.get()
+        }
+
+        fn program(&self, range: &HmmRange) -> Result<ProgramCost, Errno> {
+            let mut e = self.entries.borrow_mut();
+            for (i, &w) in range.hmm_pfns.iter().enumerate() {
+                e.insert(range.start.page_number() + i as u64, hmm_pfn_to_frame(w));
+            }
+            self.log
+                .borrow_mut()
+                .push(format!("program {}", range.hmm_pfns.len()));
+            Ok(ProgramCost::default())
+        }
+
+        fn zap(&self, range: Range<Va>) -> Vec<u64> {
+            let mut e = self.entries.borrow_mut();
+            let keys: Vec<u64> = e
+                .range(range.start.page_number()..range.end.page_number())
+                .map(|(k, _)| *k)
+                .collect();
+            for k in &keys {
+                e.remove(k);
+            }
+            self.log.borrow_mut().push(format!("zap {}", keys.len()));
+            keys
+        }
+
+        fn fence<'a>(&'a self, _range: Range<Va>) -> Pin<Box<dyn Future<Output = ()> + 'a>> {
+            Box::pin(async move {
+                // What the fence sees: the entries already zapped, none released yet.
+                let left = self.entries.borrow().len();
+                self.log.borrow_mut().push(format!("fence {left}"));
+                // Holds the driver lock a while, as a drain of in-flight requests would.
+                self.kernel.sim.sleep(SimDuration::from_nanos(1_000)).await;
+            })
+        }
+
+        fn release(&self, zapped: Vec<u64>) -> SimDuration {
+            self.log
+                .borrow_mut()
+                .push(format!("release {}", zapped.len()));
+            SimDuration::ZERO
+        }
+    }
+
+    const PAGES: u64 = 4;
+
+    /// Runs `body` as the only agent (it may spawn others) with a process holding `PAGES` populated
+    /// anonymous pages and a test device mirroring all of them; returns the device's log, its entries,
+    /// the `test.retries` counter and the run's outcome.
+    fn run<F, Fut>(skip_read_retry: bool, body: F) -> (Vec<String>, usize, u64, RunOutcome)
+    where
+        F: FnOnce(Rc<Kernel>, HmmMirror<TestDev>, Va) -> Fut + 'static,
+        Fut: Future<Output = ()> + 'static,
+    {
+        let sim = Sim::new(SimConfig::default());
+        let kernel = Kernel::new(&sim, 64 << 20, MmCosts::zero());
+        let pid = kernel.create_process();
+        let dev = Rc::new(TestDev {
+            kernel: kernel.clone(),
+            pid,
+            lock: SimMutex::new(&sim, "test.mutex"),
+            entries: RefCell::default(),
+            log: RefCell::default(),
+            skip_read_retry: Cell::new(skip_read_retry),
+        });
+        let d = dev.clone();
+        sim.spawn("app", async move {
+            let args = MmapArgs {
+                len: PAGES * PAGE_SIZE,
+                prot: Prot::RW,
+                private: true,
+                anonymous: true,
+                ..MmapArgs::default()
+            };
+            let va = kernel.mmap(pid, &args).await.unwrap();
+            let data = vec![0x5a; usize::try_from(PAGES * PAGE_SIZE).unwrap()];
+            kernel.store(pid, va, &data).await.unwrap();
+            let m = HmmMirror::register(d, va, PAGES * PAGE_SIZE).unwrap();
+            body(kernel, m, va).await;
+        });
+        let outcome = sim.run();
+        let log = dev.log.borrow().clone();
+        let nr = dev.entries.borrow().len();
+        (log, nr, sim.metrics().get("test.retries"), outcome)
+    }
+
+    fn pages(va: Va, from: u64, to: u64) -> Range<Va> {
+        Range::new(va.add(from * PAGE_SIZE), va.add(to * PAGE_SIZE))
+    }
+
+    #[test]
+    fn fault_installs_entries_and_invalidation_zaps_then_fences_then_releases() {
+        let (log, nr, retries, outcome) = run(false, |k, m, va| async move {
+            m.range_fault(pages(va, 0, 2), false).await.unwrap();
+            k.madvise(m.device().pid, va, PAGE_SIZE, Advice::DontNeed)
+                .await
+                .unwrap();
+        });
+        assert_eq!(outcome, RunOutcome::Completed);
+        assert_eq!(
+            log,
+            ["program 2", "zap 1", "fence 1", "release 1"],
+            "the fence runs after the zap (one entry left) and before the DMA-unmap"
+        );
+        assert_eq!(nr, 1);
+        assert_eq!(retries, 0);
+    }
+
+    /// An invalidation runs in the window between `hmm_range_fault` and the driver lock (fault step 4): it
+    /// holds the driver lock through its fence, and the fault then finds `read_retry` set.
+    fn fault_racing_an_invalidation(
+        skip_read_retry: bool,
+    ) -> (Vec<String>, usize, u64, RunOutcome) {
+        run(skip_read_retry, |k, m, va| async move {
+            let (k2, pid) = (k.clone(), m.device().pid);
+            // Page 3: inside the notifier's interval, outside the faulted range.
+            k.sim.spawn("madvise", async move {
+                k2.madvise(pid, va.add(3 * PAGE_SIZE), PAGE_SIZE, Advice::DontNeed)
+                    .await
+                    .unwrap();
+            });
+            m.range_fault(pages(va, 0, 2), false).await.unwrap();
+        })
+    }
+
+    #[test]
+    fn fault_racing_an_invalidation_retries() {
+        let (log, nr, retries, outcome) = fault_racing_an_invalidation(false);
+        assert_eq!(outcome, RunOutcome::Completed);
+        assert_eq!(log, ["zap 0", "fence 0", "release 0", "program 2"]);
+        assert_eq!(nr, 2);
+        assert_eq!(retries, 1, "the fault retried once, then programmed");
+    }
+
+    #[test]
+    fn skipping_read_retry_programs_at_once_and_the_oracle_reports_it() {
+        let (log, _, retries, outcome) = fault_racing_an_invalidation(true);
+        assert_eq!(retries, 0);
+        assert_eq!(log, ["zap 0", "fence 0", "release 0", "program 2"]);
+        let RunOutcome::Stopped(why) = outcome else {
+            panic!("the oracle did not stop the run: {outcome:?}");
+        };
+        assert!(why.contains("test fault of"), "{why}");
+    }
+}
