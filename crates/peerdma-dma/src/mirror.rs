@@ -10,7 +10,8 @@
 //! - program (fault step 7): DMA-map every returned page for the device (P2P pages by their map type: bus
 //!   address, IOVA with the MMIO attribute, or `EREMOTEIO`) and program the device entries, spending the
 //!   mappings' CPU time under the mirror lock (`umem_mutex`);
-//! - zap (invalidate step 4): remove the device entries of the range, counting `mirror.invalidated_pages`;
+//! - zap (invalidate step 4): remove the device entries of the range; a notifier invalidation (not
+//!   `unregister`) counts them in `mirror.invalidated_pages`;
 //! - fence (invalidate step 5): the default (nothing in flight is tracked yet);
 //! - release (invalidate step 6): DMA-unmap (or detach) the zapped entries — after the zap and the fence:
 //!   the device must stop using the addresses before the IOMMU mapping goes.
@@ -236,7 +237,7 @@ impl DmaMirror {
     }
 
     /// Faults `r` (page-aligned, inside the mirror) into the device: the shared loop of
-    /// [`crate::hmm_mirror`], or [`DmaMirror::bar_fault`]'s path for a PFNMAP range.
+    /// [`crate::hmm_mirror`], or, for a PFNMAP range, the path through the BAR's owner (`bar_fault`).
     ///
     /// # Errors
     /// `EFAULT` / `EPERM` from `hmm_range_fault`, `EBUSY` after the 1 s timeout, `EREMOTEIO` for P2P memory
