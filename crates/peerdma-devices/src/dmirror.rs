@@ -4,15 +4,17 @@
 //! notifier covering all of it, and keeps a "device page table" (`pt`) of frames tagged read, write or atomic,
 //! holding **no page references** — coherence comes only from invalidation (spec/linux-hmm.md §2.2, §4).
 //!
-//! Fault protocol (`dmirror_range_fault`, spec §1.2), per 64-page chunk:
-//! 1. `seq = read_begin(notifier)` (sleeps while an invalidation of this mirror is in progress);
-//! 2. take `mmap_lock` for reading, `hmm_range_fault`, drop it; `EBUSY` → back to 1;
-//! 3. take the driver lock; if `read_retry(seq)` → drop it and go back to 1;
-//! 4. program `pt` from the pfns, drop the lock. A 1 s (simulated) timeout gives `EBUSY`.
-//!
-//! Invalidate callback (spec §2.3): ignore MIGRATE events this device owns; otherwise take the driver lock
-//! (try-lock when non-blockable), `set_seq`, erase the `pt` entries of the range — `[start >> 12, end >> 12]`
-//! inclusive, exactly as test_hmm.c's `xa_for_each_range` does, so one page past the range goes too.
+//! The fault protocol (`dmirror_range_fault`, spec §1.2) and the invalidate callback
+//! (`dmirror_interval_invalidate`, spec §2.3) are the shared mirror loop of [`peerdma_dma::hmm_mirror`] (its
+//! numbered steps); this module supplies the dmirror device side ([`MirrorDevice`]):
+//! - fault: per 64-page chunk, with `dev_private_owner` = this device (its own device-private pages come
+//!   back as they are); program `pt` from the pfns (`dmirror_do_fault`), the page-table writes' time spent
+//!   after the driver lock drops; [`FaultInjection::SkipReadRetry`] programs despite a retry, and the oracle
+//!   reports it;
+//! - invalidate: ignore MIGRATE events this device owns; erase the `pt` entries of the range —
+//!   `[start >> 12, end >> 12]` inclusive, exactly as test_hmm.c's `xa_for_each_range` does, so one page past
+//!   the range goes too; no fence (the model's device accesses are synchronous under the driver lock) and
+//!   nothing to DMA-unmap (test_hmm.c's device reaches pages by PFN).
 //!
 //! Eviction (RELEASE, and full device memory during MIGRATE_TO_DEV) works by physical page, as
 //! `dmirror_device_evict_chunk` does: `migrate_device_range` / `migrate_device_pfns`
@@ -30,9 +32,11 @@ use peerdma_core::{
     DeviceId, Errno, FrameId, PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT, PUD_SHIFT, Pid, Range, SimDuration,
     Va,
 };
+use peerdma_dma::hmm_mirror::{
+    HMM_RANGE_DEFAULT_TIMEOUT, HmmMirror, MirrorDevice, ProgramCost, lock_and_set_seq,
+};
 use peerdma_mm::hmm::{
-    HMM_PFN_ERROR, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_PFN_VALID, HMM_PFN_WRITE, HmmRange,
-    hmm_pfn_to_frame, hmm_pfn_to_map_order,
+    HMM_PFN_ERROR, HMM_PFN_VALID, HMM_PFN_WRITE, HmmRange, hmm_pfn_to_frame, hmm_pfn_to_map_order,
 };
 use peerdma_mm::migrate::{
     MIGRATE_PFN_COMPOUND, MIGRATE_PFN_MIGRATE, MIGRATE_PFN_VALID, MIGRATE_PFN_WRITE,
@@ -52,8 +56,8 @@ pub const CHUNK_PAGES: u64 = 64;
 /// Device pages evicted at once when device memory is full.
 const EVICT_BATCH: usize = 32;
 
-/// `HMM_RANGE_DEFAULT_TIMEOUT`: the retry loop gives up with `EBUSY` after this long.
-pub const RANGE_TIMEOUT: SimDuration = SimDuration::from_millis(1_000);
+/// `HMM_RANGE_DEFAULT_TIMEOUT`: the retry loops (fault and snapshot) give up with `EBUSY` after this long.
+pub const RANGE_TIMEOUT: SimDuration = HMM_RANGE_DEFAULT_TIMEOUT;
 
 /// Snapshot byte values (`HMM_DMIRROR_PROT_*`, lib/test_hmm_uapi.h).
 pub mod prot {
@@ -169,56 +173,104 @@ struct Shared {
     lock: SimMutex,
     pt: RefCell<BTreeMap<u64, PtEntry>>,
     costs: DmirrorCosts,
+    injection: Cell<FaultInjection>,
 }
 
-impl Shared {}
+/// The device side of the shared mirror loop: `dmirror_do_fault` and `dmirror_interval_invalidate`.
+impl MirrorDevice for Shared {
+    /// The number of `pt` entries erased.
+    type Zapped = u64;
 
-/// The main notifier's callbacks (`dmirror_interval_invalidate`).
-#[derive(Debug)]
-struct MirrorOps(Rc<Shared>);
+    const COUNTER_PREFIX: &'static str = "dmirror";
 
-impl IntervalNotifierOps for MirrorOps {
-    fn invalidate<'a>(
-        &'a self,
-        id: NotifierId,
-        range: &'a NotifierRange,
-        cur_seq: u64,
-    ) -> Pin<Box<dyn Future<Output = bool> + 'a>> {
-        Box::pin(async move {
-            let sh = &self.0;
-            // The driver's own migrations manage its page table (spec §2.3).
-            if range.event == NotifierEvent::Migrate && range.owner == Some(sh.dev) {
-                return true;
-            }
-            let Some(_g) = sh.lock.lock_if_blockable(range.blockable).await else {
-                return false;
+    fn kernel(&self) -> &Kernel {
+        &self.kernel
+    }
+
+    fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    fn driver_lock(&self) -> &SimMutex {
+        &self.lock
+    }
+
+    fn notifier_name(&self) -> String {
+        format!("dmirror{}", self.dev.0)
+    }
+
+    fn fault_label(&self) -> String {
+        format!("dmirror{}", self.dev.0)
+    }
+
+    fn dev_private_owner(&self) -> Option<DeviceId> {
+        Some(self.dev)
+    }
+
+    fn skip_read_retry(&self) -> bool {
+        self.injection.get() == FaultInjection::SkipReadRetry
+    }
+
+    /// The driver's own migrations manage its page table (spec §2.3).
+    fn ignores(&self, range: &NotifierRange) -> bool {
+        range.event == NotifierEvent::Migrate && range.owner == Some(self.dev)
+    }
+
+    /// `dmirror_do_fault`: programs `pt` from the pfns (under the driver lock); the page-table writes' time
+    /// is spent after the lock drops.
+    fn program(&self, range: &HmmRange) -> Result<ProgramCost, Errno> {
+        let mut pt = self.pt.borrow_mut();
+        let mut n = 0;
+        for (i, &w) in range.hmm_pfns.iter().enumerate() {
+            debug_assert!(
+                w & HMM_PFN_VALID != 0 && w & HMM_PFN_ERROR == 0,
+                "faulted range returned {w:#x}"
+            );
+            let vpn = range.start.page_number() + i as u64;
+            let tag = if w & HMM_PFN_WRITE != 0 {
+                Tag::Write
+            } else {
+                Tag::Read
             };
-            sh.kernel.interval_set_seq(sh.pid, id, cur_seq);
-            let first = range.range.start.page_number();
-            let last = range.range.end.page_number();
-            let erased = {
-                let mut pt = sh.pt.borrow_mut();
-                let keys: Vec<u64> = pt.range(first..=last).map(|(k, _)| *k).collect();
-                for k in &keys {
-                    pt.remove(k);
-                }
-                keys.len() as u64
-            };
-            sh.kernel.sim.trace("dmirror.invalidate", || {
-                format!(
-                    "dev {} {} {:?} erased {erased}",
-                    sh.dev.0, range.range, range.event
-                )
-            });
-            sh.kernel
-                .spend(sh.costs.pt_update.saturating_mul(erased))
-                .await;
-            true
+            pt.insert(
+                vpn,
+                PtEntry {
+                    frame: hmm_pfn_to_frame(w),
+                    tag,
+                },
+            );
+            n += 1;
+        }
+        Ok(ProgramCost {
+            locked: SimDuration::ZERO,
+            unlocked: self.costs.pt_update.saturating_mul(n),
         })
     }
 
-    fn name(&self) -> String {
-        format!("dmirror{}", self.0.dev.0)
+    /// Erases `[start >> 12, end >> 12]` — inclusive, as test_hmm.c's `xa_for_each_range` does.
+    fn zap(&self, r: Range<Va>) -> u64 {
+        let first = r.start.page_number();
+        let last = r.end.page_number();
+        let mut pt = self.pt.borrow_mut();
+        let keys: Vec<u64> = pt.range(first..=last).map(|(k, _)| *k).collect();
+        for k in &keys {
+            pt.remove(k);
+        }
+        keys.len() as u64
+    }
+
+    fn invalidated(&self, range: &NotifierRange, erased: &u64) {
+        self.kernel.sim.trace("dmirror.invalidate", || {
+            format!(
+                "dev {} {} {:?} erased {erased}",
+                self.dev.0, range.range, range.event
+            )
+        });
+    }
+
+    /// Nothing is DMA-mapped: the cost is the page-table erasure's.
+    fn release(&self, erased: u64) -> SimDuration {
+        self.costs.pt_update.saturating_mul(erased)
     }
 }
 
@@ -234,12 +286,9 @@ impl IntervalNotifierOps for SnapshotOps {
         cur_seq: u64,
     ) -> Pin<Box<dyn Future<Output = bool> + 'a>> {
         Box::pin(async move {
-            let sh = &self.0;
-            let Some(_g) = sh.lock.lock_if_blockable(range.blockable).await else {
-                return false;
-            };
-            sh.kernel.interval_set_seq(sh.pid, id, cur_seq);
-            true
+            lock_and_set_seq(&*self.0, id, range, cur_seq)
+                .await
+                .is_some()
         })
     }
 
@@ -461,8 +510,7 @@ impl DmirrorDevice {
 pub struct Dmirror {
     sh: Rc<Shared>,
     memory: DmirrorMemory,
-    notifier: NotifierId,
-    injection: Cell<FaultInjection>,
+    mirror: HmmMirror<Shared>,
     closed: Cell<bool>,
     fail_alloc: Cell<bool>,
 }
@@ -483,18 +531,17 @@ impl Dmirror {
             lock: SimMutex::new(&kernel.sim, "dmirror.mutex"),
             pt: RefCell::new(BTreeMap::new()),
             costs: device.costs.clone(),
+            injection: Cell::new(FaultInjection::None),
         });
-        let notifier = kernel.interval_notifier_insert(
-            pid,
+        let mirror = HmmMirror::register(
+            sh.clone(),
             Va::from_raw(0),
             !(PAGE_SIZE - 1), // ULONG_MAX & PAGE_MASK
-            Rc::new(MirrorOps(sh.clone())),
         )?;
         Ok(Rc::new(Self {
             sh,
             memory: device.memory,
-            notifier,
-            injection: Cell::new(FaultInjection::None),
+            mirror,
             closed: Cell::new(false),
             fail_alloc: Cell::new(false),
         }))
@@ -512,7 +559,7 @@ impl Dmirror {
 
     /// Injects a driver bug (tests of the oracle only).
     pub fn inject(&self, f: FaultInjection) {
-        self.injection.set(f);
+        self.sh.injection.set(f);
     }
 
     /// Returns the number of entries in the device page table.
@@ -525,10 +572,7 @@ impl Dmirror {
         if self.closed.replace(true) {
             return;
         }
-        self.sh
-            .kernel
-            .interval_notifier_remove(self.sh.pid, self.notifier)
-            .await;
+        self.mirror.remove().await;
         self.sh.pt.borrow_mut().clear();
     }
 
@@ -647,88 +691,20 @@ impl Dmirror {
             .await;
     }
 
-    /// `dmirror_fault`: faults `r` in 64-page chunks through the retry protocol.
+    /// `dmirror_fault`: faults `r` in 64-page chunks through the shared mirror loop
+    /// ([`HmmMirror::range_fault`], `dmirror_range_fault`).
     async fn fault(&self, r: Range<Va>, write: bool) -> Result<(), Errno> {
         let k = &self.sh.kernel;
         k.sim.count("dmirror.faults", 1);
         let mut addr = r.start;
         while addr < r.end {
             let next = addr.add(CHUNK_PAGES * PAGE_SIZE).min(r.end);
-            let flags = HMM_PFN_REQ_FAULT | if write { HMM_PFN_REQ_WRITE } else { 0 };
-            let mut range =
-                HmmRange::new(self.sh.pid, self.notifier, 0, Range::new(addr, next), flags);
-            range.dev_private_owner = Some(self.sh.dev);
-            self.range_fault(&mut range).await?;
+            self.mirror
+                .range_fault(Range::new(addr, next), write)
+                .await?;
             addr = next;
         }
         Ok(())
-    }
-
-    /// `dmirror_range_fault`: steps 1–4 of the module docs.
-    async fn range_fault(&self, range: &mut HmmRange) -> Result<(), Errno> {
-        let k = &self.sh.kernel;
-        let deadline = k.sim.now() + RANGE_TIMEOUT;
-        let lock = k.mmap_lock(self.sh.pid);
-        let guard = loop {
-            if k.sim.now() > deadline {
-                return Err(Errno::EBUSY);
-            }
-            range.notifier_seq = k.interval_read_begin(self.sh.pid, self.notifier).await;
-            let ret = {
-                let _m = lock.read().await;
-                k.hmm_range_fault(range).await
-            };
-            match ret {
-                Err(Errno::EBUSY) => continue,
-                Err(e) => return Err(e),
-                Ok(()) => {}
-            }
-            // Between mmap_read_unlock and mutex_lock another CPU may run a whole invalidation: this is the
-            // window read_retry exists for.
-            k.preempt_point().await;
-            let g = self.sh.lock.lock().await;
-            let retry = k.interval_read_retry(self.sh.pid, self.notifier, range.notifier_seq);
-            if retry && self.injection.get() != FaultInjection::SkipReadRetry {
-                drop(g);
-                k.sim.count("dmirror.retries", 1);
-                continue;
-            }
-            k.state().oracle.mirror_install(retry, || {
-                format!("dmirror{} fault of {:#x}", self.sh.dev.0, range.start)
-            });
-            break g;
-        };
-        let n = self.do_fault(range);
-        drop(guard);
-        k.spend(self.sh.costs.pt_update.saturating_mul(n)).await;
-        Ok(())
-    }
-
-    /// `dmirror_do_fault`: programs `pt` from the pfns (under the driver lock).
-    fn do_fault(&self, range: &HmmRange) -> u64 {
-        let mut pt = self.sh.pt.borrow_mut();
-        let mut n = 0;
-        for (i, &w) in range.hmm_pfns.iter().enumerate() {
-            debug_assert!(
-                w & HMM_PFN_VALID != 0 && w & HMM_PFN_ERROR == 0,
-                "faulted range returned {w:#x}"
-            );
-            let vpn = range.start.page_number() + i as u64;
-            let tag = if w & HMM_PFN_WRITE != 0 {
-                Tag::Write
-            } else {
-                Tag::Read
-            };
-            pt.insert(
-                vpn,
-                PtEntry {
-                    frame: hmm_pfn_to_frame(w),
-                    tag,
-                },
-            );
-            n += 1;
-        }
-        n
     }
 
     /// HMM_DMIRROR_MIGRATE_TO_DEV: migrates `npages` at `addr` into this device's memory, then reads the

@@ -13,7 +13,9 @@
 //! - [`map`]: `map_sg` / `unmap_sg` with P2P classification, and a device's access through a DMA address;
 //! - [`dmabuf`]: BAR memory without `struct page` exported to importers (dynamic with `move_notify`, or
 //!   pinned), revoked at removal;
-//! - [`mirror`]: the long-term coherent translation mirror (ODP/HMM pattern, no pins);
+//! - [`hmm_mirror`]: the one mirror loop (fault with `read_begin` / `read_retry`, invalidate with zap, fence
+//!   and DMA-unmap) that every mirroring device uses through [`MirrorDevice`];
+//! - [`mirror`]: the long-term coherent translation mirror of a DMA device (ODP/HMM pattern, no pins);
 //! - [`sg`]: `get_user_dma_sg(mm, range, initiator, flags)` dispatching per VMA (DESIGN.md §4.6);
 //! - [`space`]: `DmaSpace`, the one path every device access takes, with DMA in flight and the fence
 //!   (DESIGN.md §4.8).
@@ -22,6 +24,7 @@
 //! that scenarios compare one-to-one with the kernel, not a misuse of the API.
 
 pub mod dmabuf;
+pub mod hmm_mirror;
 pub mod map;
 pub mod mirror;
 pub mod platform;
@@ -29,6 +32,7 @@ pub mod sg;
 pub mod space;
 
 pub use dmabuf::{AttachId, ImporterKind};
+pub use hmm_mirror::{HMM_RANGE_DEFAULT_TIMEOUT, HmmMirror, MirrorDevice, ProgramCost};
 pub use map::{DmaAddr, DmaSegment, MappedSg, SegKind};
 pub use mirror::DmaMirror;
 pub use platform::{DmaCosts, DmaDevice, Platform};

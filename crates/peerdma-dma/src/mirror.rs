@@ -5,19 +5,16 @@
 //! `ib_umem_odp_unmap_dma_pages`), drivers/infiniband/hw/mlx5/odp.c (`mlx5_ib_invalidate_range`), mm/hmm.c
 //! `hmm_dma_map_pfn` (P2P-aware per-page DMA mapping).
 //!
-//! Fault, as numbered steps:
-//! 1. `seq = read_begin`; take `mmap_lock` for reading; `hmm_range_fault` with REQ_FAULT (and REQ_WRITE for
-//!    a write); drop `mmap_lock`. `EBUSY` retries (up to the 1 s HMM timeout), any other errno is the
-//!    device's fault result (`EFAULT` for a hole or PFNMAP, `EPERM` for a write to a read-only VMA).
-//! 2. Take the mirror lock; if `read_retry(seq)`, unlock and go to 1.
-//! 3. DMA-map every returned page for the device (P2P pages by their map type: bus address, IOVA with the
-//!    MMIO attribute, or `EREMOTEIO`) and program the device entries; unlock.
-//!
-//! Invalidate (the interval notifier):
-//! 1. Take the mirror lock (a non-blockable invalidation that finds it held fails, as mlx5 does).
-//! 2. `set_seq(cur_seq)`.
-//! 3. Zap the device entries of the range, then DMA-unmap them (in that order: the device must stop using
-//!    the addresses before the IOMMU mapping goes).
+//! The fault loop and the invalidation are the shared ones of [`crate::hmm_mirror`] (its numbered steps);
+//! this module supplies the ODP device side ([`MirrorDevice`]):
+//! - program (fault step 7): DMA-map every returned page for the device (P2P pages by their map type: bus
+//!   address, IOVA with the MMIO attribute, or `EREMOTEIO`) and program the device entries, spending the
+//!   mappings' CPU time under the mirror lock (`umem_mutex`);
+//! - zap (invalidate step 4): remove the device entries of the range; a notifier invalidation (not
+//!   `unregister`) counts them in `mirror.invalidated_pages`;
+//! - fence (invalidate step 5): the default (nothing in flight is tracked yet);
+//! - release (invalidate step 6): DMA-unmap (or detach) the zapped entries — after the zap and the fence:
+//!   the device must stop using the addresses before the IOMMU mapping goes.
 //!
 //! A range in a PFNMAP VMA (a BAR without struct page) is mirrored through the BAR's owner instead of
 //! `hmm_range_fault`, which refuses it: each page is a dynamic attachment to the owner's export
@@ -30,25 +27,20 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::rc::Rc;
 
 use peerdma_core::{Errno, FrameId, PAGE_SIZE, Pid, Range, SimDuration, Va};
+use peerdma_mm::Kernel;
 use peerdma_mm::MmioId;
-use peerdma_mm::hmm::{
-    HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HMM_PFN_WRITE, HmmRange, hmm_pfn_to_frame,
-};
-use peerdma_mm::notifier::{IntervalNotifierOps, NotifierId, NotifierRange};
+use peerdma_mm::hmm::{HMM_PFN_WRITE, HmmRange, hmm_pfn_to_frame};
+use peerdma_mm::notifier::NotifierRange;
 use peerdma_mm::vma::VmFlags;
 use peerdma_sim::SimMutex;
 
 use crate::dmabuf::{AttachId, ImporterKind};
+use crate::hmm_mirror::{HmmMirror, MirrorDevice, ProgramCost};
 use crate::map::{DmaSegment, MapTarget, MappedSg};
 use crate::platform::{DmaDevice, Platform};
-
-/// The HMM fault retry timeout (`HMM_RANGE_DEFAULT_TIMEOUT`, 1 s).
-const RANGE_TIMEOUT: SimDuration = SimDuration::from_nanos(1_000_000_000);
 
 /// What a device entry points at.
 #[derive(Debug)]
@@ -74,27 +66,8 @@ struct Shared {
 }
 
 impl Shared {
-    /// Zaps and DMA-unmaps the entries of `r` (invalidate step 3); returns how many went and the unmaps'
-    /// CPU time.
-    fn zap(&self, r: Range<Va>) -> (u64, SimDuration) {
-        let gone: Vec<Entry> = {
-            let mut e = self.entries.borrow_mut();
-            let keys: Vec<u64> = e
-                .range(r.start.page_number()..r.end.raw().div_ceil(PAGE_SIZE))
-                .map(|(k, _)| *k)
-                .collect();
-            keys.iter().filter_map(|k| e.remove(k)).collect()
-        };
-        let n = gone.len() as u64;
-        let mut cost = SimDuration::ZERO;
-        for en in gone {
-            cost += self.release(en.target);
-        }
-        (n, cost)
-    }
-
     /// DMA-unmaps (or detaches) one entry's target; returns the unmap's CPU time.
-    fn release(&self, t: Target) -> SimDuration {
+    fn release_target(&self, t: Target) -> SimDuration {
         match t {
             Target::Page { mut sg, .. } => self
                 .platform
@@ -108,38 +81,96 @@ impl Shared {
     }
 }
 
-struct Ops(Rc<Shared>);
+impl MirrorDevice for Shared {
+    type Zapped = Vec<Entry>;
 
-impl IntervalNotifierOps for Ops {
-    fn invalidate<'a>(
-        &'a self,
-        id: NotifierId,
-        range: &'a NotifierRange,
-        cur_seq: u64,
-    ) -> Pin<Box<dyn Future<Output = bool> + 'a>> {
-        Box::pin(async move {
-            let sh = &self.0;
-            let Some(_g) = sh.lock.lock_if_blockable(range.blockable).await else {
-                return false;
+    const COUNTER_PREFIX: &'static str = "mirror";
+
+    fn kernel(&self) -> &Kernel {
+        &self.platform.kernel
+    }
+
+    fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    fn driver_lock(&self) -> &SimMutex {
+        &self.lock
+    }
+
+    fn notifier_name(&self) -> String {
+        format!("mirror.{}", self.dev.name)
+    }
+
+    fn fault_label(&self) -> String {
+        format!("mirror {}", self.dev.name)
+    }
+
+    /// Fault step 7, under the mirror lock: DMA-maps each page and programs its entry; the mappings' CPU
+    /// time is spent before the lock drops.
+    fn program(&self, range: &HmmRange) -> Result<ProgramCost, Errno> {
+        let mut cost = SimDuration::ZERO;
+        for (i, &w) in range.hmm_pfns.iter().enumerate() {
+            let frame = hmm_pfn_to_frame(w);
+            let write = w & HMM_PFN_WRITE != 0;
+            let pa = self.platform.kernel.state().phys.frame_pa(frame);
+            let class = self.platform.classify(&self.dev, pa);
+            let target = MapTarget {
+                pa,
+                class,
+                mmio: false,
             };
-            let k = &sh.platform.kernel;
-            k.interval_set_seq(sh.pid, id, cur_seq);
-            let (n, cost) = sh.zap(range.range);
-            k.sim.count("mirror.invalidated_pages", n);
-            k.spend(cost).await;
-            true
+            let sg = self.platform.map_targets(&self.dev, &[target], write)?;
+            cost += sg.cost;
+            let vpn = range.start.page_number() + i as u64;
+            let old = self.entries.borrow_mut().insert(
+                vpn,
+                Entry {
+                    write,
+                    target: Target::Page { frame, sg },
+                },
+            );
+            if let Some(o) = old {
+                cost += self.release_target(o.target);
+            }
+        }
+        Ok(ProgramCost {
+            locked: cost,
+            unlocked: SimDuration::ZERO,
         })
     }
 
-    fn name(&self) -> String {
-        format!("mirror.{}", self.0.dev.name)
+    /// Removes the entries of the pages `r` touches; their mappings stay until `release`.
+    fn zap(&self, r: Range<Va>) -> Vec<Entry> {
+        let mut e = self.entries.borrow_mut();
+        let keys: Vec<u64> = e
+            .range(r.start.page_number()..r.end.raw().div_ceil(PAGE_SIZE))
+            .map(|(k, _)| *k)
+            .collect();
+        keys.iter().filter_map(|k| e.remove(k)).collect()
+    }
+
+    fn invalidated(&self, _range: &NotifierRange, zapped: &Vec<Entry>) {
+        self.platform
+            .kernel
+            .sim
+            .count("mirror.invalidated_pages", zapped.len() as u64);
+    }
+
+    /// DMA-unmaps the zapped entries; returns the unmaps' CPU time.
+    fn release(&self, zapped: Vec<Entry>) -> SimDuration {
+        let mut cost = SimDuration::ZERO;
+        for en in zapped {
+            cost += self.release_target(en.target);
+        }
+        cost
     }
 }
 
 /// A device's coherent mirror of `[start, end)` of one process (module docs).
 pub struct DmaMirror {
     sh: Rc<Shared>,
-    notifier: NotifierId,
+    mirror: HmmMirror<Shared>,
     range: Range<Va>,
 }
 
@@ -172,18 +203,9 @@ impl DmaMirror {
             pid,
             entries: RefCell::new(BTreeMap::new()),
         });
-        let notifier = platform.kernel.interval_notifier_insert(
-            pid,
-            range.start,
-            range.len(),
-            Rc::new(Ops(sh.clone())),
-        )?;
+        let mirror = HmmMirror::register(sh.clone(), range.start, range.len())?;
         platform.kernel.sim.count("mirror.registrations", 1);
-        Ok(Self {
-            sh,
-            notifier,
-            range,
-        })
+        Ok(Self { sh, mirror, range })
     }
 
     /// Returns the mirrored range.
@@ -214,7 +236,8 @@ impl DmaMirror {
         all.segments()
     }
 
-    /// Faults `r` (page-aligned, inside the mirror) into the device (fault steps 1–3).
+    /// Faults `r` (page-aligned, inside the mirror) into the device: the shared loop of
+    /// [`crate::hmm_mirror`], or, for a PFNMAP range, the path through the BAR's owner (`bar_fault`).
     ///
     /// # Errors
     /// `EFAULT` / `EPERM` from `hmm_range_fault`, `EBUSY` after the 1 s timeout, `EREMOTEIO` for P2P memory
@@ -234,74 +257,7 @@ impl DmaMirror {
         if pfnmap {
             return self.bar_fault(r, write).await;
         }
-        let flags = HMM_PFN_REQ_FAULT | if write { HMM_PFN_REQ_WRITE } else { 0 };
-        let mut range = HmmRange::new(sh.pid, self.notifier, 0, r, flags);
-        let deadline = k.sim.now() + RANGE_TIMEOUT;
-        let lock = k.mmap_lock(sh.pid);
-        let guard = loop {
-            if k.sim.now() > deadline {
-                return Err(Errno::EBUSY);
-            }
-            range.notifier_seq = k.interval_read_begin(sh.pid, self.notifier).await;
-            let ret = {
-                let _m = lock.read().await;
-                k.hmm_range_fault(&mut range).await
-            };
-            match ret {
-                Err(Errno::EBUSY) => continue,
-                Err(e) => return Err(e),
-                Ok(()) => {}
-            }
-            k.preempt_point().await;
-            let g = sh.lock.lock().await;
-            if k.interval_read_retry(sh.pid, self.notifier, range.notifier_seq) {
-                drop(g);
-                k.sim.count("mirror.retries", 1);
-                continue;
-            }
-            k.state().oracle.mirror_install(false, || {
-                format!("mirror {} fault of {:#x}", sh.dev.name, r.start)
-            });
-            break g;
-        };
-        // The device entries are programmed and DMA-mapped under the mirror lock.
-        let res = self.install(&range);
-        if let Ok(cost) = res {
-            k.spend(cost).await;
-        }
-        drop(guard);
-        res.map(|_| ())
-    }
-
-    /// Fault step 3, under the mirror lock; returns the CPU time of the DMA mappings.
-    fn install(&self, range: &HmmRange) -> Result<SimDuration, Errno> {
-        let sh = &self.sh;
-        let mut cost = SimDuration::ZERO;
-        for (i, &w) in range.hmm_pfns.iter().enumerate() {
-            let frame = hmm_pfn_to_frame(w);
-            let write = w & HMM_PFN_WRITE != 0;
-            let pa = sh.platform.kernel.state().phys.frame_pa(frame);
-            let class = sh.platform.classify(&sh.dev, pa);
-            let target = MapTarget {
-                pa,
-                class,
-                mmio: false,
-            };
-            let sg = sh.platform.map_targets(&sh.dev, &[target], write)?;
-            cost += sg.cost;
-            let vpn = range.start.page_number() + i as u64;
-            let old = sh.entries.borrow_mut().insert(
-                vpn,
-                Entry {
-                    write,
-                    target: Target::Page { frame, sg },
-                },
-            );
-            if let Some(o) = old {
-                cost += sh.release(o.target);
-            }
-        }
-        Ok(cost)
+        self.mirror.range_fault(r, write).await
     }
 
     /// The fault of a range in a PFNMAP VMA: `hmm_range_fault` refuses it, so the mirror goes through the
@@ -313,7 +269,7 @@ impl DmaMirror {
     async fn bar_fault(&self, r: Range<Va>, write: bool) -> Result<(), Errno> {
         let sh = &self.sh;
         let k = &sh.platform.kernel;
-        let seq = k.interval_read_begin(sh.pid, self.notifier).await;
+        let seq = k.interval_read_begin(sh.pid, self.mirror.notifier()).await;
         let pages = {
             let lock = k.mmap_lock(sh.pid);
             let _m = lock.read().await;
@@ -328,7 +284,7 @@ impl DmaMirror {
             out
         };
         let _g = sh.lock.lock().await;
-        if k.interval_read_retry(sh.pid, self.notifier, seq) {
+        if k.interval_read_retry(sh.pid, self.mirror.notifier(), seq) {
             k.sim.count("mirror.retries", 1);
             return Err(Errno::EAGAIN);
         }
@@ -348,7 +304,7 @@ impl DmaMirror {
                 },
             );
             if let Some(o) = old {
-                let _ = sh.release(o.target);
+                let _ = sh.release_target(o.target);
             }
         }
         Ok(())
@@ -418,16 +374,8 @@ impl DmaMirror {
 
     /// Unregisters the mirror: zaps and unmaps every entry, removes the notifier (`ib_umem_odp_release`).
     pub async fn unregister(&self) {
-        let sh = &self.sh;
-        {
-            let _g = sh.lock.lock().await;
-            let (_, cost) = sh.zap(self.range);
-            sh.platform.kernel.spend(cost).await;
-        }
-        sh.platform
-            .kernel
-            .interval_notifier_remove(sh.pid, self.notifier)
-            .await;
+        self.mirror.unmap_range(self.range).await;
+        self.mirror.remove().await;
     }
 }
 
