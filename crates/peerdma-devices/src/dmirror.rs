@@ -32,6 +32,7 @@ use peerdma_core::{
     DeviceId, Errno, FrameId, PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT, PUD_SHIFT, Pid, Range, SimDuration,
     Va,
 };
+use peerdma_dma::DmaSpace;
 use peerdma_dma::hmm_mirror::{
     HMM_RANGE_DEFAULT_TIMEOUT, HmmMirror, MirrorDevice, ProgramCost, lock_and_set_seq,
 };
@@ -45,8 +46,8 @@ use peerdma_mm::migrate::{
     migrate_pfn_to_frame,
 };
 use peerdma_mm::{
-    DevicePagemapOps, IntervalNotifierOps, Kernel, MemoryKind, MigrateVma, NotifierEvent,
-    NotifierId, NotifierRange, VmFlags, Vma,
+    DeviceData, DeviceGrant, DevicePagemapOps, FrameTranslation, IntervalNotifierOps, Kernel,
+    MemoryKind, MigrateVma, NotifierEvent, NotifierId, NotifierRange, VmFlags, Vma,
 };
 use peerdma_sim::SimMutex;
 
@@ -160,6 +161,8 @@ enum Tag {
 #[derive(Clone, Copy, Debug)]
 struct PtEntry {
     frame: FrameId,
+    /// The frame's allocation generation when the entry was programmed (the translation's epoch).
+    generation: u64,
     tag: Tag,
 }
 
@@ -174,6 +177,17 @@ struct Shared {
     pt: RefCell<BTreeMap<u64, PtEntry>>,
     costs: DmirrorCosts,
     injection: Cell<FaultInjection>,
+}
+
+impl Shared {
+    /// The device's translation of `va` through its page-table entry `e` (a mirror grant).
+    fn translation(&self, va: Va, e: PtEntry) -> FrameTranslation {
+        FrameTranslation {
+            frame: e.frame,
+            generation: e.generation,
+            grant: DeviceGrant::Mirror { pid: self.pid, va },
+        }
+    }
 }
 
 /// The device side of the shared mirror loop: `dmirror_do_fault` and `dmirror_interval_invalidate`.
@@ -236,6 +250,10 @@ impl MirrorDevice for Shared {
                 vpn,
                 PtEntry {
                     frame: hmm_pfn_to_frame(w),
+                    generation: self
+                        .kernel
+                        .frame_generation(hmm_pfn_to_frame(w))
+                        .unwrap_or(0),
                     tag,
                 },
             );
@@ -311,6 +329,9 @@ pub struct DmirrorDevice {
     /// Device pages in allocation order, for eviction under device memory pressure.
     lru: RefCell<std::collections::VecDeque<FrameId>>,
     costs: DmirrorCosts,
+    /// The device's access path: its reads and writes of mirrored pages take the one translate → memory
+    /// → oracle path, with the CPU copy's cost instead of a transfer (test_hmm.c copies with the CPU).
+    space: DmaSpace,
 }
 
 /// Who a device page belongs to: the open file that migrated it (test_hmm.c keeps it in
@@ -355,6 +376,7 @@ impl DmirrorDevice {
             owners: RefCell::new(BTreeMap::new()),
             lru: RefCell::new(std::collections::VecDeque::new()),
             costs,
+            space: DmaSpace::new(kernel, id, &format!("dmirror{}", id.0), 1),
         });
         let kind = match memory {
             DmirrorMemory::Private => MemoryKind::DevicePrivate { owner: id },
@@ -623,12 +645,9 @@ impl Dmirror {
                 return false;
             };
             let off = usize::try_from(va.raw() - r.start.raw()).expect("inside the bounce buffer");
-            self.sh.kernel.device_read(
-                self.sh.dev,
-                self.sh.pid,
-                va,
-                e.frame,
-                &mut bounce[off..off + 4096],
+            self.sh.device.space.copy(
+                &self.sh.translation(va, e),
+                DeviceData::Read(&mut bounce[off..off + 4096]),
             );
             *cpages += 1;
         }
@@ -672,12 +691,9 @@ impl Dmirror {
                 return false;
             }
             let off = usize::try_from(va.raw() - r.start.raw()).expect("inside the data");
-            self.sh.kernel.device_write(
-                self.sh.dev,
-                self.sh.pid,
-                va,
-                e.frame,
-                &data[off..off + 4096],
+            self.sh.device.space.copy(
+                &self.sh.translation(va, e),
+                DeviceData::Write(&data[off..off + 4096]),
             );
             *cpages += 1;
         }
@@ -809,7 +825,15 @@ impl Dmirror {
                         };
                         for j in 0..nr {
                             let (frame, va) = (FrameId(dst.0 + j), m.va(i).add(j * PAGE_SIZE));
-                            pt.insert(va.page_number(), PtEntry { frame, tag });
+                            let generation = k.frame_generation(frame).unwrap_or(0);
+                            pt.insert(
+                                va.page_number(),
+                                PtEntry {
+                                    frame,
+                                    generation,
+                                    tag,
+                                },
+                            );
                             let owner = PageOwner {
                                 fd: Rc::downgrade(&self.sh),
                             };
@@ -914,6 +938,7 @@ impl Dmirror {
                     va.page_number(),
                     PtEntry {
                         frame,
+                        generation: self.sh.kernel.frame_generation(frame).unwrap_or(0),
                         tag: Tag::Atomic,
                     },
                 );

@@ -27,7 +27,6 @@ use peerdma_core::{BusAddr, DeviceId, Errno, Iova, PAGE_SIZE, Pa, SimDuration};
 use peerdma_iommu::{DomainType, IommuProt, Translation};
 use peerdma_mm::DeviceGrant;
 use peerdma_mm::oracle::ViolationKind;
-use peerdma_pci::link::{fair_share_gbps, time_at_gbps};
 use peerdma_pci::{MapType, NodeId, p2p_distance};
 
 use crate::platform::{DmaDevice, Platform};
@@ -426,66 +425,6 @@ impl Platform {
 
     pub(crate) fn violation(&self, kind: ViolationKind, detail: String) {
         self.kernel.state().oracle.violation(kind, detail);
-    }
-
-    /// Moves `bytes` between `dev` and the memory at `pa` in simulated time, after `extra` (the translation
-    /// cost): the path's links (a BAR, P2P memory or exported: the owner–client path of the map-type
-    /// decision; RAM: the device's path to its host bridge) each carry one more flow while the transfer runs, and the transfer runs at
-    /// the smallest per-flow share among them (`peerdma_pci::link::fair_share_gbps`: a link shared by N
-    /// concurrent flows gives each 1/N of its effective bandwidth for this payload), plus the per-hop
-    /// latency. *Coarse:* a flow's rate is fixed when it starts; flows that start later slow only
-    /// themselves (no re-sharing mid-transfer). Zero-time mode spends only `extra`.
-    pub(crate) async fn transfer(
-        &self,
-        d: &DmaDevice,
-        pa: Pa,
-        bytes: u64,
-        write: bool,
-        extra: SimDuration,
-    ) {
-        if !self.costs.timed {
-            self.kernel.spend(extra).await;
-            return;
-        }
-        let topo = self.topology();
-        // Any BAR is peer memory, P2P memory with struct pages or an export without: both travel the
-        // owner–client path.
-        let provider = topo.bar_at(pa).map(|(owner, _)| owner);
-        let links = self.path_links(provider, d.node);
-        let gbps = {
-            let mut flows = self.flows.borrow_mut();
-            links
-                .iter()
-                .map(|&n| {
-                    let nr = flows.entry(n).or_insert(0);
-                    *nr += 1;
-                    let l = topo.node(n).link().expect("filtered above");
-                    let full = if write {
-                        l.effective_write_gbps(bytes)
-                    } else {
-                        l.effective_read_gbps(bytes)
-                    };
-                    fair_share_gbps(full, *nr)
-                })
-                .fold(f64::INFINITY, f64::min)
-        };
-        let wire = if gbps.is_finite() {
-            time_at_gbps(bytes, gbps)
-        } else {
-            SimDuration::ZERO
-        };
-        let hops = u64::try_from(links.len()).expect("few links");
-        self.kernel
-            .spend(extra + wire + self.costs.hop.saturating_mul(hops))
-            .await;
-        let mut flows = self.flows.borrow_mut();
-        for n in links.iter() {
-            if let Some(nr) = flows.get_mut(n) {
-                *nr -= 1;
-            }
-        }
-        drop(flows);
-        self.kernel.sim.count("dma.bytes", bytes);
     }
 }
 

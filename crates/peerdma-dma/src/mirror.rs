@@ -12,7 +12,8 @@
 //!   mappings' CPU time under the mirror lock (`umem_mutex`);
 //! - zap (invalidate step 4): remove the device entries of the range; a notifier invalidation (not
 //!   `unregister`) counts them in `mirror.invalidated_pages`;
-//! - fence (invalidate step 5): the default (nothing in flight is tracked yet);
+//! - fence (invalidate step 5): wait until the device's in-flight requests holding a translation of the
+//!   range have landed ([`crate::space::DmaSpace::fence`]);
 //! - release (invalidate step 6): DMA-unmap (or detach) the zapped entries — after the zap and the fence:
 //!   the device must stop using the addresses before the IOMMU mapping goes.
 //!
@@ -29,24 +30,27 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::rc::Rc;
 
-use peerdma_core::{Errno, FrameId, PAGE_SIZE, Pid, Range, SimDuration, Va};
-use peerdma_mm::Kernel;
-use peerdma_mm::MmioId;
+use std::future::Future;
+use std::pin::Pin;
+
+use peerdma_core::{Errno, PAGE_SIZE, Pid, Range, SimDuration, Va};
 use peerdma_mm::hmm::{HMM_PFN_WRITE, HmmRange, hmm_pfn_to_frame};
 use peerdma_mm::notifier::NotifierRange;
 use peerdma_mm::vma::VmFlags;
+use peerdma_mm::{DeviceGrant, Kernel, MmioId};
 use peerdma_sim::SimMutex;
 
 use crate::dmabuf::{AttachId, ImporterKind};
 use crate::hmm_mirror::{HmmMirror, MirrorDevice, ProgramCost};
 use crate::map::{DmaSegment, MapTarget, MappedSg};
 use crate::platform::{DmaDevice, Platform};
+use crate::space::{DeviceAddr, DmaOp, DmaRequest, REQUEST_BYTES, RequestId};
 
 /// What a device entry points at.
 #[derive(Debug)]
 enum Target {
     /// A page with struct page, DMA-mapped for the device.
-    Page { frame: FrameId, sg: MappedSg },
+    Page { sg: MappedSg },
     /// A page of a BAR without struct page, reached through a dynamic attachment to its export.
     Bar { mmio: MmioId, att: AttachId },
 }
@@ -127,7 +131,7 @@ impl MirrorDevice for Shared {
                 vpn,
                 Entry {
                     write,
-                    target: Target::Page { frame, sg },
+                    target: Target::Page { sg },
                 },
             );
             if let Some(o) = old {
@@ -158,6 +162,10 @@ impl MirrorDevice for Shared {
     }
 
     /// DMA-unmaps the zapped entries; returns the unmaps' CPU time.
+    fn fence<'a>(&'a self, range: Range<Va>) -> Pin<Box<dyn Future<Output = ()> + 'a>> {
+        Box::pin(self.dev.space.fence(self.pid, range))
+    }
+
     fn release(&self, zapped: Vec<Entry>) -> SimDuration {
         let mut cost = SimDuration::ZERO;
         for en in zapped {
@@ -314,37 +322,100 @@ impl DmaMirror {
     /// no (writable) entry (the ODP page-fault path).
     ///
     /// # Errors
-    /// The errnos of [`DmaMirror::fault`]; `EFAULT` when the IOMMU faults.
+    /// As [`DmaMirror::access`].
     pub async fn write_page(&self, va: Va, data: &[u8]) -> Result<(), Errno> {
-        self.access_page(va, true, Access::Write(data)).await
+        self.access(va, vec![DmaOp::Write(data.to_vec())])
+            .await
+            .map(drop)
     }
 
     /// The device reads one page at `va` through its mirror (see [`DmaMirror::write_page`]).
     ///
     /// # Errors
-    /// The errnos of [`DmaMirror::fault`]; `EFAULT` when the IOMMU faults.
+    /// As [`DmaMirror::access`].
     pub async fn read_page(&self, va: Va, buf: &mut [u8]) -> Result<(), Errno> {
-        self.access_page(va, false, Access::Read(buf)).await
+        let data = self.access(va, vec![DmaOp::Read]).await?;
+        buf.copy_from_slice(&data);
+        Ok(())
     }
 
-    async fn access_page(&self, va: Va, write: bool, mut acc: Access<'_>) -> Result<(), Errno> {
-        let page = va.align_down(PAGE_SIZE);
+    /// The device runs `ops` on consecutive pages from `start` through its mirror and its access path
+    /// ([`crate::space`]): each page's entry is looked up (and faulted in when missing, or read-only for
+    /// a write — the ODP page-fault path) just before its request is issued, so requests pipeline up to
+    /// the device's outstanding limit and an invalidation's fence waits for those in flight. A request a
+    /// fence aborted is faulted and issued again. Returns the bytes read, 4 KiB per read.
+    ///
+    /// # Errors
+    /// The errnos of [`DmaMirror::fault`]; `EFAULT` when the IOMMU faults or the oracle refuses an access;
+    /// `ENODEV` for a revoked BAR.
+    pub async fn access(&self, start: Va, ops: Vec<DmaOp>) -> Result<Vec<u8>, Errno> {
+        let sh = &self.sh;
+        let start = start.align_down(PAGE_SIZE);
+        let nr_reads = ops.iter().filter(|o| !o.is_write()).count();
+        let mut data = vec![0u8; nr_reads * REQUEST_BYTES];
+        let mut pending: Vec<(usize, Option<usize>, DmaOp)> = Vec::with_capacity(ops.len());
+        let mut next_read = 0;
+        for op in ops {
+            let slot = (!op.is_write()).then(|| {
+                next_read += 1;
+                next_read - 1
+            });
+            pending.push((pending.len(), slot, op));
+        }
+        while !pending.is_empty() {
+            let mut issued = Vec::with_capacity(pending.len());
+            let mut first_err = None;
+            for (i, slot, op) in pending.drain(..) {
+                let va = start.add(i as u64 * PAGE_SIZE);
+                match self.issue(va, op.clone()).await {
+                    Ok(id) => issued.push((i, slot, op, id)),
+                    Err(e) => {
+                        first_err = Some(e);
+                        break;
+                    }
+                }
+                sh.platform.kernel.sim.sleep(SimDuration::ZERO).await;
+            }
+            let mut landed_err = None;
+            for (i, slot, op, id) in issued {
+                match sh.dev.space.wait(id).await {
+                    Ok(page) => {
+                        if let Some(j) = slot {
+                            data[j * REQUEST_BYTES..(j + 1) * REQUEST_BYTES].copy_from_slice(&page);
+                        }
+                    }
+                    // Aborted by an invalidation's fence: fault it back and issue it again.
+                    Err(Errno::EAGAIN) => pending.push((i, slot, op)),
+                    Err(e) => landed_err = landed_err.or(Some(e)),
+                }
+            }
+            if let Some(e) = first_err.or(landed_err) {
+                return Err(e);
+            }
+        }
+        Ok(data)
+    }
+
+    /// Looks up (faulting as needed) the device entry for `va` and issues one request through it.
+    async fn issue(&self, va: Va, op: DmaOp) -> Result<RequestId, Errno> {
         let sh = &self.sh;
         let platform = &sh.platform;
+        let write = op.is_write();
         loop {
+            sh.dev.space.wait_tag().await;
             let hit = sh
                 .entries
                 .borrow()
-                .get(&page.page_number())
+                .get(&va.page_number())
                 .filter(|e| e.write || !write)
                 .map(|e| match &e.target {
-                    Target::Page { frame, sg } => (Some(*frame), Ok(sg.pages[0])),
+                    Target::Page { sg } => Ok(sg.pages[0].addr),
                     Target::Bar { mmio, att } => {
-                        (None, platform.dmabuf_mapping(*mmio, *att).map(|p| p[0]))
+                        platform.dmabuf_mapping(*mmio, *att).map(|p| p[0].addr)
                     }
                 });
-            let Some((frame, mapped)) = hit else {
-                let one = Range::from_len(page, PAGE_SIZE).ok_or(Errno::EFAULT)?;
+            let Some(addr) = hit else {
+                let one = Range::from_len(va, PAGE_SIZE).ok_or(Errno::EFAULT)?;
                 match self.fault(one, write).await {
                     // Raced with an invalidation: fault again, as the hardware would.
                     Err(Errno::EAGAIN) => {}
@@ -352,23 +423,12 @@ impl DmaMirror {
                 }
                 continue;
             };
-            let mapped = mapped?;
-            let res = platform
-                .resolve(&sh.dev, mapped.addr, write)
-                .ok_or(Errno::EFAULT)?;
-            let kernel = &platform.kernel;
-            match (frame, &mut acc) {
-                (Some(f), Access::Write(data)) => {
-                    kernel.device_write(sh.dev.id, sh.pid, page, f, data);
-                }
-                (Some(f), Access::Read(buf)) => kernel.device_read(sh.dev.id, sh.pid, page, f, buf),
-                (None, Access::Write(data)) => kernel.mmio_write(sh.dev.id, res.pa, data)?,
-                (None, Access::Read(buf)) => kernel.mmio_read(sh.dev.id, res.pa, buf)?,
-            }
-            platform
-                .transfer(&sh.dev, res.pa, PAGE_SIZE, write, res.cost)
-                .await;
-            return Ok(());
+            let req = DmaRequest {
+                addr: DeviceAddr::Dma(addr?),
+                grant: DeviceGrant::Mirror { pid: sh.pid, va },
+                op,
+            };
+            return platform.dma_issue(&sh.dev, req);
         }
     }
 
@@ -377,9 +437,4 @@ impl DmaMirror {
         self.mirror.unmap_range(self.range).await;
         self.mirror.remove().await;
     }
-}
-
-enum Access<'a> {
-    Read(&'a mut [u8]),
-    Write(&'a [u8]),
 }

@@ -306,11 +306,11 @@ impl DmaSgHandle {
     pub async fn write(&self, offset: u64, data: &[u8]) -> Result<(), Errno> {
         let nr = self.check(offset, data.len())?;
         if let Some(m) = &self.mirror {
-            for i in 0..nr {
-                let va = self.range.start.add(offset + i as u64 * PAGE_SIZE);
-                m.write_page(va, &data[i * 4096..(i + 1) * 4096]).await?;
-            }
-            return Ok(());
+            let ops = data
+                .chunks(4096)
+                .map(|c| DmaOp::Write(c.to_vec()))
+                .collect();
+            return m.access(self.range.start.add(offset), ops).await.map(drop);
         }
         let reqs = (0..nr)
             .map(|i| {
@@ -330,12 +330,8 @@ impl DmaSgHandle {
     pub async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, Errno> {
         let nr = self.check(offset, len)?;
         if let Some(m) = &self.mirror {
-            let mut out = vec![0u8; len];
-            for i in 0..nr {
-                let va = self.range.start.add(offset + i as u64 * PAGE_SIZE);
-                m.read_page(va, &mut out[i * 4096..(i + 1) * 4096]).await?;
-            }
-            return Ok(out);
+            let ops = (0..nr).map(|_| DmaOp::Read).collect();
+            return m.access(self.range.start.add(offset), ops).await;
         }
         let reqs = (0..nr)
             .map(|i| {

@@ -532,6 +532,14 @@ impl DmaSpace {
                 (Ok(()), DmaOp::Write(_)) => Landing::Written,
             }
         };
+        k.sim.trace("dma.land", || {
+            let what = if f.op.is_write() { "write" } else { "read" };
+            match (&landing, f.target) {
+                (Landing::Failed(e), _) => format!("{what} failed: {e}"),
+                (_, Target::Frame(t)) => format!("{what} {} ({:?})", t.frame, t.grant),
+                (_, Target::Mmio(pa)) => format!("{what} mmio {:#x}", pa.raw()),
+            }
+        });
         if !matches!(landing, Landing::Failed(_)) {
             k.sim.count("dma.bytes", REQUEST_BYTES as u64);
         }

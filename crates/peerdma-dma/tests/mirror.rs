@@ -198,6 +198,7 @@ fn mirror_fault_racing_an_invalidation_never_installs_a_stale_entry() {
                     .await
                     .unwrap();
                 k.store(pid, va, b"C").await.unwrap();
+                k.sim.trace("test.cpu_store", String::new);
                 done.borrow_mut().push("C");
             });
         }
@@ -207,7 +208,19 @@ fn mirror_fault_racing_an_invalidation_never_installs_a_stale_entry() {
             "seed {seed}"
         );
         w.assert_no_violation();
-        let last = *done.borrow().last().unwrap();
+        // The last writer is the last to reach memory: the CPU's store, or the device write's landing
+        // (its issuer learns of it later, so `done` may list "D" after a store that followed the landing).
+        let last = w
+            .sim
+            .take_trace()
+            .iter()
+            .rev()
+            .find_map(|e| match e.kind {
+                "test.cpu_store" => Some("C"),
+                "dma.land" if e.detail.starts_with("write") => Some("D"),
+                _ => None,
+            })
+            .unwrap();
         let (cpu, dev) = w.run(move |k, _p| async move {
             let mut b = [0u8; 1];
             k.load(pid, va, &mut b).await.unwrap();

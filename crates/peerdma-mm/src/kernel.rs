@@ -34,7 +34,7 @@ use peerdma_core::{
 use peerdma_sim::{RwSem, Sim, WaitQueue};
 
 use crate::costs::MmCosts;
-use crate::device_access::{DeviceData, DeviceGrant, FrameTranslation};
+use crate::device_access::FrameTranslation;
 use crate::file::File;
 use crate::notifier::{
     IntervalNotifierOps, NotifierEvent, NotifierId, NotifierRange, NotifierState,
@@ -1911,55 +1911,6 @@ impl Kernel {
     /// Copies `data` to user memory (`copy_to_user`).
     pub async fn copy_to_user(&self, pid: Pid, addr: Va, data: &[u8]) -> Result<(), Errno> {
         self.store(pid, addr, data).await.map_err(|_| Errno::EFAULT)
-    }
-
-    // ------------------------------------------------------------------------------------------ devices
-
-    /// A device reads the 4 KiB `frame` it believes backs `va` in `pid` through a mirror entry, issued and
-    /// landed at once (a device that copies with the CPU, like dmirror; [`crate::device_access`]).
-    pub fn device_read(&self, dev: DeviceId, pid: Pid, va: Va, frame: FrameId, buf: &mut [u8]) {
-        let t = self.mirror_translation(pid, va, frame);
-        if self.device_issue(dev, &t, false) {
-            self.device_land(dev, &t, DeviceData::Read(buf));
-        }
-    }
-
-    /// A device writes `data` (4 KiB) into `frame` for `va` in `pid` through a mirror entry, issued and
-    /// landed at once.
-    pub fn device_write(&self, dev: DeviceId, pid: Pid, va: Va, frame: FrameId, data: &[u8]) {
-        let t = self.mirror_translation(pid, va, frame);
-        if self.device_issue(dev, &t, true) {
-            self.device_land(dev, &t, DeviceData::Write(data));
-        }
-    }
-
-    fn mirror_translation(&self, pid: Pid, va: Va, frame: FrameId) -> FrameTranslation {
-        FrameTranslation {
-            frame,
-            // A frame that is free now is reported by the ownership check whatever generation it had.
-            generation: self.frame_generation(frame).unwrap_or(0),
-            grant: DeviceGrant::Mirror { pid, va },
-        }
-    }
-
-    /// A device writes `data` (4 KiB) into a frame it holds a pin on, issued and landed at once
-    /// ([`crate::device_access`], the pin rule).
-    pub fn device_write_pinned(
-        &self,
-        dev: DeviceId,
-        pid: Pid,
-        va: Va,
-        frame: FrameId,
-        data: &[u8],
-    ) {
-        let t = FrameTranslation {
-            frame,
-            generation: self.frame_generation(frame).unwrap_or(0),
-            grant: DeviceGrant::Pin { pid, va },
-        };
-        if self.device_issue(dev, &t, true) {
-            self.device_land(dev, &t, DeviceData::Write(data));
-        }
     }
 }
 

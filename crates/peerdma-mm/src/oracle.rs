@@ -3,8 +3,12 @@
 //!
 //! Checks made here:
 //! 1. **No stale translation** — a device reaches frame F for address v of process P only if P's page table
-//!    maps v to F now, writable for a write ([`crate::Kernel::device_read`] / `device_write`).
-//! 2. **No use after free** — no CPU or device access reaches a free frame.
+//!    maps v to F now, writable for a write, or the device holds a pin on F ([`crate::device_access`]:
+//!    checked when a request is issued; while it is in flight the translation stays valid until the
+//!    invalidation that removes it completes).
+//! 2. **No use after free** — no CPU or device access reaches a free frame, nor (devices) a frame
+//!    reallocated since the translation was made: frames carry an allocation generation
+//!    ([`crate::device_access`]).
 //! 3. **Pins hold** — a COW never replaces a pinned page in its mapping, and a device writing through a pin
 //!    reaches a frame that is still allocated and pinned. Migration skips pinned pages and the allocator cannot
 //!    free a frame whose refcount carries a pin bias, so those paths hold by construction.

@@ -301,7 +301,14 @@ fn read_only_pin_of_a_cow_shared_page_unshares_it_so_dma_survives_the_parents_wr
         let frame = pin.frames()[0];
         // The parent writes: without the unshare this COW would replace the pinned page (oracle check 3).
         k.store(pid, buf.add(8), &[2]).await.unwrap();
-        k.device_write_pinned(peerdma_core::DeviceId(9), pid, buf, frame, &[5u8; 4096]);
+        let t = peerdma_mm::FrameTranslation {
+            frame,
+            generation: k.frame_generation(frame).unwrap(),
+            grant: peerdma_mm::DeviceGrant::Pin { pid, va: buf },
+        };
+        let dev = peerdma_core::DeviceId(9);
+        assert!(k.device_issue(dev, &t, true));
+        assert!(k.device_land(dev, &t, peerdma_mm::DeviceData::Write(&[5u8; 4096])));
         let mut c = [0u8; 1];
         k.load(child, buf, &mut c).await.unwrap();
         let mut p = [0u8; 1];
