@@ -211,6 +211,11 @@ struct SpaceState {
     issued: BTreeMap<u64, (FrameId, u64)>,
 }
 
+/// Returns whether `f` holds a mirror translation of `range` of `pid`.
+fn covers(f: &InFlight, pid: Pid, range: Range<Va>) -> bool {
+    matches!(f.grant, DeviceGrant::Mirror { pid: p, va } if p == pid && range.contains(va))
+}
+
 /// Devices with requests in flight, per link (the node whose upstream link it is), shared by every device
 /// of a platform.
 pub(crate) type LinkFlows = Rc<RefCell<BTreeMap<NodeId, u32>>>;
@@ -279,6 +284,17 @@ impl DmaSpace {
     /// Returns the number of requests in flight.
     pub fn nr_in_flight(&self) -> usize {
         self.0.st.borrow().inflight.len()
+    }
+
+    /// Returns the number of requests in flight that hold a mirror translation of `range` of `pid`.
+    pub fn nr_in_flight_in(&self, pid: Pid, range: Range<Va>) -> usize {
+        self.0
+            .st
+            .borrow()
+            .inflight
+            .values()
+            .filter(|f| covers(f, pid, range))
+            .count()
     }
 
     /// Sets what the fence does with in-flight requests (the device model's choice).

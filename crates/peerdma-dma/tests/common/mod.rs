@@ -111,6 +111,21 @@ pub fn world_explore(nic_domain: DomainType, seed: u64) -> World {
     )
 }
 
+/// As [`world_explore`], with the DMA layer's costs and a latency jitter (so transfers take time and
+/// their landings move with the seed).
+pub fn world_explore_timed(nic_domain: DomainType, seed: u64, costs: DmaCosts) -> World {
+    world_sim(
+        nic_domain,
+        SimConfig {
+            seed,
+            explore: true,
+            jitter: 0.3,
+            ..SimConfig::default()
+        },
+        costs,
+    )
+}
+
 fn world_sim(nic_domain: DomainType, cfg: SimConfig, costs: DmaCosts) -> World {
     let sim = Sim::new(cfg);
     let k = Kernel::new(&sim, 64 << 20, MmCosts::zero());
