@@ -36,6 +36,10 @@ struct Race {
 /// A device writes 64 mirrored pages (pipelined, in flight over calibrated link time) while the CPU, after a
 /// seed-dependent delay, drops the range with MADV_DONTNEED — whose CLEAR invalidation reaches the mirror —
 /// and at once reads the range back.
+#[expect(
+    clippy::many_single_char_names,
+    reason = "w, k, p, m: the harness names used in every test"
+)]
 fn race(seed: u64, injection: FenceInjection, mode: FenceMode) -> Race {
     let w = world_explore_timed(DomainType::Dma, seed, DmaCosts::calibrated());
     let (k, p) = (w.k.clone(), w.p.clone());
@@ -74,7 +78,7 @@ fn race(seed: u64, injection: FenceInjection, mode: FenceMode) -> Race {
         });
     });
     let outcome = w.sim.run();
-    let m = w.sim.metrics();
+    let metrics = w.sim.metrics();
     Race {
         outcome,
         violations: k
@@ -84,8 +88,8 @@ fn race(seed: u64, injection: FenceInjection, mode: FenceMode) -> Race {
             .iter()
             .map(|v| v.kind)
             .collect(),
-        fence_waits: m.get("dma.fence_waits"),
-        aborted: m.get("dma.aborted"),
+        fence_waits: metrics.get("dma.fence_waits"),
+        aborted: metrics.get("dma.aborted"),
         returned_with_requests_in_flight: in_flight_after.get(),
     }
 }
