@@ -28,6 +28,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::rc::{Rc, Weak};
 
+use peerdma_core::timing::{ParamSpec, Timing};
 use peerdma_core::{
     DeviceId, Errno, FrameId, PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT, PUD_SHIFT, Pid, Range, SimDuration,
     Va,
@@ -96,34 +97,57 @@ pub enum DmirrorMemory {
     Coherent,
 }
 
+const IOCTL: ParamSpec = ParamSpec::time(
+    "dmirror.ioctl",
+    200,
+    "assumption",
+    "the dmirror ioctl round trip (entering and leaving the driver)",
+);
+const DMA_PAGE: ParamSpec = ParamSpec::time(
+    "dmirror.dma_page",
+    600,
+    "spec/numbers.md §1–2 (≈ 7 GB/s of a Gen3 x8 link)",
+    "device DMA of one 4 KiB page by the dmirror device",
+);
+const PT_UPDATE: ParamSpec = ParamSpec::time(
+    "dmirror.pt_update",
+    10,
+    "assumption",
+    "programming or erasing one dmirror device page-table entry",
+);
+
 /// Timing of the device model.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DmirrorCosts {
-    /// The ioctl round trip.
+    /// The ioctl round trip (`dmirror.ioctl`).
     pub ioctl: SimDuration,
-    /// Device DMA of one 4 KiB page (≈ 7 GB/s of a Gen3 x8 link, spec/numbers.md §1–2).
+    /// Device DMA of one 4 KiB page (`dmirror.dma_page`; ≈ 7 GB/s of a Gen3 x8 link, spec/numbers.md §1–2).
     pub dma_page: SimDuration,
-    /// Programming or erasing one device page-table entry.
+    /// Programming or erasing one device page-table entry (`dmirror.pt_update`).
     pub pt_update: SimDuration,
 }
 
 impl DmirrorCosts {
+    /// The parameters these costs are built from, in field order.
+    pub const PARAMS: &[ParamSpec] = &[IOCTL, DMA_PAGE, PT_UPDATE];
+
+    /// Returns the costs `timing` gives.
+    pub fn from_timing(timing: &Timing) -> Self {
+        Self {
+            ioctl: timing.time(&IOCTL),
+            dma_page: timing.time(&DMA_PAGE),
+            pt_update: timing.time(&PT_UPDATE),
+        }
+    }
+
     /// Calibrated defaults.
     pub fn calibrated() -> Self {
-        Self {
-            ioctl: SimDuration::from_nanos(200),
-            dma_page: SimDuration::from_nanos(600),
-            pt_update: SimDuration::from_nanos(10),
-        }
+        Self::from_timing(&Timing::calibrated())
     }
 
     /// Every cost zero.
     pub fn zero() -> Self {
-        Self {
-            ioctl: SimDuration::ZERO,
-            dma_page: SimDuration::ZERO,
-            pt_update: SimDuration::ZERO,
-        }
+        Self::from_timing(&Timing::zero())
     }
 }
 

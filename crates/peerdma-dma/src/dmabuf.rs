@@ -24,7 +24,7 @@
 
 use std::collections::BTreeMap;
 
-use peerdma_core::{DeviceId, Errno, PAGE_SIZE, Pa, Pid, Range, Va};
+use peerdma_core::{DeviceId, Errno, PAGE_SIZE, Pa, Pid, Range, SimDuration, Va};
 use peerdma_mm::MmioId;
 use peerdma_mm::vma::Prot;
 
@@ -268,8 +268,26 @@ impl Platform {
         Ok(pages)
     }
 
+    /// Returns the CPU time the current mapping of an attachment took (its IO PTE writes; 0 for an unknown
+    /// or unmapped attachment), for the async caller of [`Platform::dmabuf_attach`] to spend.
+    pub fn dmabuf_map_cost(&self, mmio: MmioId, att: AttachId) -> SimDuration {
+        self.exports
+            .borrow()
+            .by_mmio
+            .get(&mmio)
+            .and_then(|e| e.attachments.get(&att))
+            .and_then(|a| a.sg.as_ref())
+            .map_or(SimDuration::ZERO, |sg| sg.cost)
+    }
+
     /// Detaches an importer (`dma_buf_unmap_attachment` + `dma_buf_detach`).
     pub fn dmabuf_detach(&self, mmio: MmioId, att: AttachId) {
+        let _ = self.dmabuf_detach_cost(mmio, att);
+    }
+
+    /// [`Platform::dmabuf_detach`], returning the unmap's CPU time (IO PTE clears, a strict domain's IOTLB
+    /// invalidation) for a caller that can spend it.
+    pub fn dmabuf_detach_cost(&self, mmio: MmioId, att: AttachId) -> SimDuration {
         let a = self
             .exports
             .borrow_mut()
@@ -279,8 +297,9 @@ impl Platform {
         if let Some(mut a) = a
             && let Some(sg) = a.sg.as_mut()
         {
-            let _ = self.unmap_sg(a.importer, sg);
+            return self.unmap_sg(a.importer, sg).unwrap_or(SimDuration::ZERO);
         }
+        SimDuration::ZERO
     }
 
     /// `dma_buf_move_notify`: every dynamic importer loses its mapping (pinned importers are left alone).
@@ -331,9 +350,12 @@ impl Platform {
         self.kernel
             .sim
             .count("dmabuf.revoked_importers", unmaps.len() as u64);
+        let mut cost = SimDuration::ZERO;
         for (imp, mut sg) in unmaps {
-            let _ = self.unmap_sg(imp, &mut sg);
+            cost += self.unmap_sg(imp, &mut sg).unwrap_or(SimDuration::ZERO);
         }
+        // The importers' unmaps (IO PTE clears, strict IOTLB invalidations) run on the removing CPU.
+        self.kernel.spend(cost).await;
         for m in mmios {
             self.kernel.revoke_mmio(m).await;
         }

@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::rc::Rc;
 
+use peerdma_core::timing::{ParamSpec, Timing};
 use peerdma_core::{DeviceId, Errno, Pa, Pid, Range, SimDuration, Va};
 use peerdma_iommu::{DomainConfig, IommuCosts, IommuDomain};
 use peerdma_mm::kernel::Kernel;
@@ -33,40 +34,57 @@ use crate::space::{DmaSpace, LinkFlows};
 /// The default outstanding-request limit of a device ([`DmaCosts::max_outstanding`]).
 pub const DEFAULT_MAX_OUTSTANDING: u32 = 256;
 
+const HOP: ParamSpec = ParamSpec::time(
+    "dma.hop",
+    DEFAULT_HOP_LATENCY.as_nanos(),
+    "vendor figure [B]: Gen5 switch port to port ≈ 115 ns (peerdma_pci::link::DEFAULT_HOP_LATENCY)",
+    "latency of crossing one PCIe switch or root port",
+);
+const MAX_OUTSTANDING: ParamSpec = ParamSpec::count(
+    "dma.max_outstanding",
+    DEFAULT_MAX_OUTSTANDING as u64,
+    "PCIe base spec §2.2.6.2 (8-bit Tag with Extended Tag: 256 outstanding non-posted requests); \
+     spec/numbers.md §2 (a bounded number of outstanding reads)",
+    "requests one device may have in flight (the access path pipelines up to this many)",
+);
+
 /// Timing-model parameters of the DMA layer.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DmaCosts {
-    /// IOMMU costs (IOTLB hit/miss, walks, invalidations).
+    /// IOMMU costs (IOTLB hit/miss, walks, invalidations; `iommu.*`).
     pub iommu: IommuCosts,
-    /// Latency of crossing one switch or root port (spec/numbers.md §1; `peerdma_pci::link`).
+    /// Latency of crossing one switch or root port (`dma.hop`; spec/numbers.md §1; `peerdma_pci::link`).
     pub hop: SimDuration,
     /// Whether transfers take link time at all (`false` in zero-time mode).
     pub timed: bool,
-    /// Requests a device may have in flight (tags): 256, the 8-bit Tag field with Extended Tag enabled
-    /// (PCIe base spec §2.2.6.2); `spec/numbers.md` §2: throughput under misses follows from latency ×
-    /// outstanding requests.
+    /// The most requests a device keeps in flight (`dma.max_outstanding`, a count: 256, the 8-bit Tag field
+    /// with Extended Tag enabled, PCIe base spec §2.2.6.2; spec/numbers.md §2: throughput under misses
+    /// follows from latency × outstanding requests). Used by the access path ([`crate::space`]).
     pub max_outstanding: u32,
 }
 
 impl DmaCosts {
+    /// The parameters of the DMA layer itself, in field order (the IOMMU's are [`IommuCosts::PARAMS`]).
+    pub const PARAMS: &[ParamSpec] = &[HOP, MAX_OUTSTANDING];
+
+    /// Returns the costs `timing` gives, the IOMMU's included. Zero mode also turns link time off.
+    pub fn from_timing(timing: &Timing) -> Self {
+        Self {
+            iommu: IommuCosts::from_timing(timing),
+            hop: timing.time(&HOP),
+            timed: !timing.is_zero(),
+            max_outstanding: u32::try_from(timing.count(&MAX_OUTSTANDING)).unwrap_or(u32::MAX),
+        }
+    }
+
     /// The calibrated defaults.
     pub fn calibrated() -> Self {
-        Self {
-            iommu: IommuCosts::calibrated(),
-            hop: DEFAULT_HOP_LATENCY,
-            timed: true,
-            max_outstanding: DEFAULT_MAX_OUTSTANDING,
-        }
+        Self::from_timing(&Timing::calibrated())
     }
 
     /// Every cost zero.
     pub fn zero() -> Self {
-        Self {
-            iommu: IommuCosts::zero(),
-            hop: SimDuration::ZERO,
-            timed: false,
-            max_outstanding: DEFAULT_MAX_OUTSTANDING,
-        }
+        Self::from_timing(&Timing::zero())
     }
 }
 

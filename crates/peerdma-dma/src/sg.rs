@@ -127,7 +127,13 @@ pub async fn get_user_dma_sg(
         let end = vma.range.end.min(range.end);
         let piece = Range::new(va, end);
         let p = if vma.flags.intersects(VmFlags::PFNMAP | VmFlags::IO) {
-            bar_piece(platform, &dev, pid, piece, vma.flags, flags)?
+            let p = bar_piece(platform, &dev, pid, piece, vma.flags, flags)?;
+            // The attachment's mapping (IO PTE writes) is CPU time of this call.
+            if let Piece::Bar { mmio, att, .. } = &p {
+                let cost = platform.dmabuf_map_cost(*mmio, *att);
+                platform.kernel.spend(cost).await;
+            }
+            p
         } else {
             pinned_piece(platform, &dev, pid, piece, flags).await?
         };
@@ -417,7 +423,9 @@ impl DmaSgHandle {
                         .unwrap_or(SimDuration::ZERO);
                     drop(pins);
                 }
-                Piece::Bar { mmio, att, .. } => self.platform.dmabuf_detach(mmio, att),
+                Piece::Bar { mmio, att, .. } => {
+                    cost += self.platform.dmabuf_detach_cost(mmio, att);
+                }
             }
         }
         cost

@@ -4,30 +4,95 @@
 //! Only the IOTLB miss penalty is published (numbers.md §2, \[M\]: +226 ns on Haswell-EP to +293 ns on
 //! Ivy Bridge-EP per read). The other figures are order-of-magnitude assumptions, kept configurable and never
 //! asserted as constants.
+//!
+//! Each field is a named parameter ([`IommuCosts::PARAMS`], keys `iommu.*`) a scenario's `[timing]` table may
+//! override ([`peerdma_core::timing`] states the rules).
 
 use peerdma_core::SimDuration;
+use peerdma_core::timing::{ParamSpec, Timing};
 
 use crate::domain::{Translation, UnmapOutcome};
 use crate::pagetable::IO_PAGE_TABLE_LEVELS;
 
+const IOTLB_HIT: ParamSpec = ParamSpec::time(
+    "iommu.iotlb_hit",
+    0,
+    "spec/numbers.md §2 (the base DMA latency already includes a hit)",
+    "latency an IOTLB hit adds to a DMA read",
+);
+const IOTLB_MISS: ParamSpec = ParamSpec::time(
+    "iommu.iotlb_miss",
+    26,
+    "spec/numbers.md §2 (miss ≈ +226 ns on Haswell-EP [M]: 26 + 4 levels × 50; the split is an assumption)",
+    "fixed part of an IOTLB miss (detection, fill), on top of the walk",
+);
+const WALK_PER_LEVEL: ParamSpec = ParamSpec::time(
+    "iommu.walk_per_level",
+    50,
+    "spec/numbers.md §2 (miss ≈ +226 ns on Haswell-EP [M]: 26 + 4 levels × 50; the split is an assumption)",
+    "each IO page-table level walked on an IOTLB miss",
+);
+const INVALIDATE: ParamSpec = ParamSpec::time(
+    "iommu.invalidate",
+    1_000,
+    "assumption (makes strict mode markedly slower per unmap, spec/numbers.md §2)",
+    "a range IOTLB invalidation with its wait descriptor, paid by the CPU on a strict unmap",
+);
+const FLUSH_ALL: ParamSpec = ParamSpec::time(
+    "iommu.flush_all",
+    1_000,
+    "assumption",
+    "a whole-IOTLB flush (iommu_flush_iotlb_all), paid by the CPU that runs it",
+);
+const PTE_UPDATE: ParamSpec = ParamSpec::time(
+    "iommu.pte_update",
+    10,
+    "assumption",
+    "writing or clearing one IO page-table entry (map and unmap, per page)",
+);
+
 /// Costs of IOMMU events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IommuCosts {
-    /// Latency an IOTLB hit adds to a DMA read (0: numbers.md §2's base latency already includes it).
+    /// Latency an IOTLB hit adds to a DMA read (`iommu.iotlb_hit`; 0: numbers.md §2's base latency already
+    /// includes it).
     pub iotlb_hit: SimDuration,
-    /// The fixed part of a miss (detection, fill), on top of the walk.
+    /// The fixed part of a miss (detection, fill), on top of the walk (`iommu.iotlb_miss`).
     pub iotlb_miss: SimDuration,
-    /// Each page-table level walked on a miss.
+    /// Each page-table level walked on a miss (`iommu.walk_per_level`).
     pub walk_per_level: SimDuration,
-    /// A range IOTLB invalidation with its wait descriptor, paid by the CPU on a strict unmap.
+    /// A range IOTLB invalidation with its wait descriptor, paid by the CPU on a strict unmap
+    /// (`iommu.invalidate`).
     pub invalidate: SimDuration,
-    /// A whole-IOTLB flush (`iommu_flush_iotlb_all`), paid by the CPU that runs it.
+    /// A whole-IOTLB flush (`iommu_flush_iotlb_all`), paid by the CPU that runs it (`iommu.flush_all`).
     pub flush_all: SimDuration,
-    /// Writing or clearing one PTE.
+    /// Writing or clearing one PTE (`iommu.pte_update`).
     pub pte_update: SimDuration,
 }
 
 impl IommuCosts {
+    /// The parameters these costs are built from, in field order.
+    pub const PARAMS: &[ParamSpec] = &[
+        IOTLB_HIT,
+        IOTLB_MISS,
+        WALK_PER_LEVEL,
+        INVALIDATE,
+        FLUSH_ALL,
+        PTE_UPDATE,
+    ];
+
+    /// Returns the costs `timing` gives.
+    pub fn from_timing(timing: &Timing) -> Self {
+        Self {
+            iotlb_hit: timing.time(&IOTLB_HIT),
+            iotlb_miss: timing.time(&IOTLB_MISS),
+            walk_per_level: timing.time(&WALK_PER_LEVEL),
+            invalidate: timing.time(&INVALIDATE),
+            flush_all: timing.time(&FLUSH_ALL),
+            pte_update: timing.time(&PTE_UPDATE),
+        }
+    }
+
     /// Returns the calibrated costs.
     ///
     /// A miss totals `iotlb_miss + 4 * walk_per_level` = 26 + 4 × 50 = **226 ns**, the Haswell-EP figure of
@@ -35,27 +100,13 @@ impl IommuCosts {
     /// part and per-level parts is an assumption; only the total is published.
     /// `invalidate` and `flush_all` (1 µs each) and `pte_update` (10 ns) are assumptions, not from
     /// numbers.md; they make strict mode markedly slower per unmap, as numbers.md §2 reports.
-    pub const fn calibrated() -> Self {
-        Self {
-            iotlb_hit: SimDuration::ZERO,
-            iotlb_miss: SimDuration::from_nanos(26),
-            walk_per_level: SimDuration::from_nanos(50),
-            invalidate: SimDuration::from_micros(1),
-            flush_all: SimDuration::from_micros(1),
-            pte_update: SimDuration::from_nanos(10),
-        }
+    pub fn calibrated() -> Self {
+        Self::from_timing(&Timing::calibrated())
     }
 
     /// Returns all-zero costs, for tests that check behaviour only.
-    pub const fn zero() -> Self {
-        Self {
-            iotlb_hit: SimDuration::ZERO,
-            iotlb_miss: SimDuration::ZERO,
-            walk_per_level: SimDuration::ZERO,
-            invalidate: SimDuration::ZERO,
-            flush_all: SimDuration::ZERO,
-            pte_update: SimDuration::ZERO,
-        }
+    pub fn zero() -> Self {
+        Self::from_timing(&Timing::zero())
     }
 
     /// Returns the latency a translation adds to the device access. A fault is charged as a full walk.
@@ -138,5 +189,19 @@ mod tests {
         assert_eq!(c.unmap(&strict).as_nanos(), 20 + 1_000);
         assert_eq!(c.unmap(&lazy).as_nanos(), 20);
         assert_eq!(IommuCosts::zero().unmap(&strict), SimDuration::ZERO);
+    }
+
+    #[test]
+    fn each_param_reaches_its_field() {
+        for spec in IommuCosts::PARAMS {
+            let mut t = Timing::calibrated();
+            t.set(spec.key, spec.default + 1);
+            assert_ne!(
+                IommuCosts::from_timing(&t),
+                IommuCosts::calibrated(),
+                "{}",
+                spec.key
+            );
+        }
     }
 }

@@ -34,6 +34,10 @@
 //! 5. A hole after the first page ends the walk early: the result holds fewer pages than asked (Linux's
 //!    partial return); a failure on the first page is the errno.
 //!
+//! Time: after step 3, the call spends `dma.pin_page` ([`crate::MmCosts::pin_page`]) per page taken, GET or
+//! PIN, holding `mmap_lock` for reading; faults it triggers cost what faults cost. A FOLL_LONGTERM retry
+//! (step 4.5) pays again.
+//!
 //! Pins are values: dropping a [`PinnedPages`] releases every reference it holds (`unpin_user_pages`).
 
 use std::fmt;
@@ -228,6 +232,9 @@ impl Kernel {
             .then(|| MemallocPinScope::save(self, pid));
         loop {
             let frames = self.grab_range(pid, range, flags).await?;
+            // The walk and the refcount update of every page taken (`dma.pin_page`), under mmap_lock.
+            self.spend(self.costs.pin_page.saturating_mul(frames.len() as u64))
+                .await;
             let pin = flags.contains(GupFlags::PIN);
             if !flags.contains(GupFlags::LONGTERM) {
                 return Ok(PinnedPages {

@@ -93,7 +93,7 @@
 
 use std::collections::BTreeMap;
 
-use peerdma_core::{FrameId, PAGE_SIZE, PageSize, Pid, Range, SimDuration, Va};
+use peerdma_core::{FrameId, PAGE_SIZE, PageSize, Pid, Range, Va};
 
 use crate::kernel::{Kernel, KernelState};
 use crate::notifier::NotifierEvent;
@@ -348,10 +348,6 @@ struct PassStats {
     rotate: u64,
 }
 
-/// Swap-device latency per 4 KiB page (spec/numbers.md §5: a major fault from NVMe is 80–200 µs \[B\]; the
-/// write-out side is modelled with the same figure).
-pub const SWAP_IO: SimDuration = SimDuration::from_micros(80);
-
 impl Kernel {
     /// Runs direct reclaim before an allocation where no process is known (device eviction, for instance):
     /// [`Kernel::reclaim_if_low_for`] with node 0 as the home node.
@@ -489,7 +485,7 @@ impl Kernel {
                 }
             }
         }
-        self.spend(SWAP_IO.saturating_mul(swapped)).await;
+        self.spend(self.costs.swap_io.saturating_mul(swapped)).await;
         for (name, n) in [
             ("lru.scan", stats.scan),
             ("lru.steal", steal),
@@ -565,7 +561,7 @@ impl Kernel {
     /// node ([`crate::phys::PhysMem::alloc_node`]).
     pub(crate) async fn swap_in(&self, pid: Pid, va: Va, slot: u64, write: bool) -> Result<(), ()> {
         self.reclaim_if_low_for(pid).await;
-        self.spend(SWAP_IO).await;
+        self.spend(self.costs.swap_io).await;
         let mut st = self.state();
         // Another agent may have swapped it in meanwhile.
         if st.mm(pid).pt.lookup(va).map(|l| l.pte) != Some(Pte::Swap { slot, write }) {

@@ -40,9 +40,25 @@ pub struct Scenario {
     pub threads: Vec<ThreadDecl>,
     /// The `[topology]` table: the PCIe tree, validated (it builds into a [`peerdma_pci::Topology`]).
     pub topology: Option<peerdma_pci::TopologySpec>,
+    /// The `[timing]` table: parameter overrides by key (each a key of [`crate::params::all_params`]), in the
+    /// parameter's unit (nanoseconds for a time). Ignored for time parameters in zero mode.
+    pub timing: BTreeMap<String, u64>,
 }
 
 impl Scenario {
+    /// Returns the timing every cost table of the run is built from: the `[sim] time` mode with the
+    /// `[timing]` overrides (which zero mode ignores for time parameters).
+    pub fn timing(&self) -> peerdma_core::Timing {
+        let mut t = match self.sim.time {
+            TimeMode::Calibrated => peerdma_core::Timing::calibrated(),
+            TimeMode::Zero => peerdma_core::Timing::zero(),
+        };
+        for (key, &value) in &self.timing {
+            t.set(key.clone(), value);
+        }
+        t
+    }
+
     /// Returns the declared file named `name`.
     pub fn file(&self, name: &str) -> Option<&FileDecl> {
         self.files.iter().find(|f| f.name == name)

@@ -5,7 +5,8 @@
 //! [`Scenario`] and rejects every input error *before* anything runs, at its `file:line:col`:
 //!
 //! 1. [`parse()`] / [`parse_file()`] read the TOML and build the [`ast`] model ([`parse`](mod@parse) module);
-//! 2. values with units go through [`units`], data patterns through [`pattern`];
+//! 2. values with units go through [`units`], data patterns through [`pattern`], `[timing]` keys through the
+//!    [`params`] registry;
 //! 3. any problem is a [`ScenarioError`] ([`error`]), whose [`ScenarioError::render`] shows the source line
 //!    with a caret under the offending token.
 //!
@@ -19,6 +20,7 @@
 
 pub mod ast;
 pub mod error;
+pub mod params;
 pub mod parse;
 pub mod pattern;
 pub mod report;

@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::path::Path;
 
+use peerdma_core::timing::ParamUnit;
 use peerdma_core::{Errno, PAGE_SIZE, SimDuration};
 use peerdma_mm::GupFlags;
 use peerdma_pci::TopologySpec;
@@ -32,6 +33,7 @@ use crate::ast::{
     SimSettings, SleepSpec, Step, ThreadDecl, TimeMode, WriteSource,
 };
 use crate::error::{LineIndex, ScenarioError};
+use crate::params;
 use crate::pattern::{Pattern, Segment};
 use crate::units;
 
@@ -995,12 +997,19 @@ impl<'s> Parser<'s> {
         let top = Table::new(doc, span, "the top level");
         self.allow(
             &top,
-            &["sim", "topology", "file", "device", "process", "thread"],
+            &[
+                "sim", "timing", "topology", "file", "device", "process", "thread",
+            ],
         )?;
         let sim = match top.get("sim") {
             Some(v) => self.sim(v)?,
             None => SimSettings::default(),
         };
+        let mut timing = BTreeMap::new();
+        if let Some(v) = top.get("timing") {
+            let t = self.table(v, "the `[timing]` table")?;
+            self.timing(&t, "", &mut timing)?;
+        }
         let topology = top.get("topology").map(|v| self.topology(v)).transpose()?;
         self.topo = topology
             .as_ref()
@@ -1035,7 +1044,81 @@ impl<'s> Parser<'s> {
             process_nodes,
             threads,
             topology,
+            timing,
         })
+    }
+
+    /// The `[timing]` table (or one of its dotted-key groups, `prefix` being the keys above it): each entry
+    /// is a parameter of the [`params`] registry, written as a quoted key (`"mm.cpu_fault" = "2us"`), a
+    /// dotted key (`mm.cpu_fault = "2us"`) or inside a group table (`[timing.mm]`). A time takes a unit
+    /// (no unit: nanoseconds), a count is an integer. Unknown keys (with the nearest key), wrong units,
+    /// negative values and a parameter set twice are errors at the key or value.
+    fn timing(
+        &self,
+        t: &Table<'_, '_>,
+        prefix: &str,
+        out: &mut BTreeMap<String, u64>,
+    ) -> Result<()> {
+        for (k, v) in &t.entries {
+            let key = if prefix.is_empty() {
+                k.get_ref().to_string()
+            } else {
+                format!("{prefix}.{}", k.get_ref())
+            };
+            let Some(spec) = params::find(&key) else {
+                if params::is_group(&key) {
+                    let what = format!(
+                        "a group of timing parameters for `{key}` (like `{key}.<name> = \"1us\"`)"
+                    );
+                    let group = self.table(v, &what)?;
+                    self.timing(&group, &key, out)?;
+                    continue;
+                }
+                // Suggest the nearest key, else list the keys of the group written (`mm.*` for
+                // `mm.xyz`), else every key.
+                let group = key
+                    .rsplit_once('.')
+                    .map(|(g, _)| g)
+                    .filter(|g| params::is_group(g));
+                let in_group = |k: &&str| {
+                    group.is_none_or(|g| k.strip_prefix(g).is_some_and(|r| r.starts_with('.')))
+                };
+                let hint = match params::nearest(&key) {
+                    Some(near) => {
+                        format!("did you mean `{near}`? (`peerdma params` lists them all)")
+                    }
+                    None => format!(
+                        "expected one of: {}",
+                        list(params::all_params().iter().map(|p| p.key).filter(in_group))
+                    ),
+                };
+                return Err(self.err(
+                    &k.span(),
+                    format!("unknown timing parameter `{key}` in `[timing]`; {hint}"),
+                ));
+            };
+            let value = match spec.unit {
+                ParamUnit::Time => {
+                    if let DeValue::String(s) = v.get_ref()
+                        && s.trim_start().starts_with('-')
+                    {
+                        return Err(self.err(
+                            &v.span(),
+                            format!("expected a time of 0 or more for `{key}`, found `{s}`"),
+                        ));
+                    }
+                    self.time(v, &key)?.as_nanos()
+                }
+                ParamUnit::Count => self.uint_as(v, &key, "an integer count")?,
+            };
+            if out.insert(key.clone(), value).is_some() {
+                return Err(self.err(
+                    &k.span(),
+                    format!("timing parameter `{key}` is set twice in `[timing]`"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The `[topology]` table: deserialized with serde straight from the spanned tree (so `toml`'s errors

@@ -100,10 +100,10 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
         time_limit: SimTime(scn.sim.time_limit.as_nanos()),
         trace: true,
     });
-    let (mm_costs, dm_costs) = match scn.sim.time {
-        TimeMode::Calibrated => (MmCosts::calibrated(), DmirrorCosts::calibrated()),
-        TimeMode::Zero => (MmCosts::zero(), DmirrorCosts::zero()),
-    };
+    // Every cost table comes from one timing: `[sim] time` with the `[timing]` overrides.
+    let timing = scn.timing();
+    let mm_costs = MmCosts::from_timing(&timing);
+    let dm_costs = DmirrorCosts::from_timing(&timing);
     let kernel = Kernel::new_numa(&sim, &scn.sim.memory, mm_costs);
     for &node in &scn.sim.movable {
         kernel
@@ -136,10 +136,7 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
             )
         })
         .collect();
-    let dma_costs = match scn.sim.time {
-        TimeMode::Calibrated => DmaCosts::calibrated(),
-        TimeMode::Zero => DmaCosts::zero(),
-    };
+    let dma_costs = DmaCosts::from_timing(&timing);
     let (platform, pci, exports) = match build_platform(scn, &kernel, dma_costs) {
         Ok(p) => p,
         Err(msg) => {

@@ -1,5 +1,5 @@
 //! `peerdma`: run, check and explore scenario files; size PCIe links (`link`); show a scenario's PCIe
-//! topology and its P2PDMA decisions (`topo`).
+//! topology and its P2PDMA decisions (`topo`); list the timing-model parameters (`params`).
 //!
 //! Exit codes: 0 the run passed (or the file is valid), 1 an expectation failed or the oracle found a
 //! violation, 2 the input is invalid (a located error is printed) or a file could not be read or written.
@@ -10,6 +10,7 @@
 )]
 
 mod link;
+mod params;
 mod topo;
 
 use std::path::{Path, PathBuf};
@@ -80,6 +81,13 @@ enum Command {
         #[arg(long, value_name = "S[,S...]", value_delimiter = ',', required = true)]
         size: Vec<String>,
         /// Prints JSON: the link parameters and one `{size, write_gbps, read_gbps}` per size.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lists every timing-model parameter: key, default with unit, description and source (overridable in a
+    /// scenario's `[timing]` table).
+    Params {
+        /// Prints a JSON array of `{key, unit, default, source, doc}` (`unit` "ns" or "count").
         #[arg(long)]
         json: bool,
     },
@@ -209,5 +217,14 @@ fn main() -> ExitCode {
             }
         }
         Command::Topo { file, json } => topo_command(&file, json),
+        Command::Params { json } => {
+            let all = peerdma_scenario::params::all_params();
+            if json {
+                print!("{}", params::render_json(&all));
+            } else {
+                print!("{}", params::render_text(&all));
+            }
+            ExitCode::SUCCESS
+        }
     }
 }

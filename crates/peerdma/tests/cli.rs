@@ -779,3 +779,48 @@ fn topo_without_a_topology_table_exits_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("no `[topology]` table"));
 }
+
+#[test]
+fn params_json_lists_every_parameter_once_with_unit_default_source_and_doc() {
+    let out = peerdma(&["params", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = v.as_array().unwrap();
+    let mut keys = std::collections::BTreeMap::new();
+    for r in rows {
+        for field in ["key", "unit", "source", "doc"] {
+            assert!(
+                r[field].as_str().is_some_and(|s| !s.is_empty()),
+                "{field} of {r}"
+            );
+        }
+        assert!(r["default"].is_u64(), "{r}");
+        let key = r["key"].as_str().unwrap().to_owned();
+        assert!(keys.insert(key.clone(), r.clone()).is_none(), "{key} twice");
+    }
+    for key in [
+        "mm.cpu_fault",
+        "mm.swap_io",
+        "iommu.iotlb_miss",
+        "dma.hop",
+        "dmirror.ioctl",
+        "dma.pin_page",
+    ] {
+        assert_eq!(keys[key]["unit"], "ns", "{key}");
+    }
+    assert_eq!(keys["mm.swap_io"]["default"], 80_000);
+    assert_eq!(keys["dma.max_outstanding"]["unit"], "count");
+    assert_eq!(keys["dma.max_outstanding"]["default"], 256);
+}
+
+#[test]
+fn params_text_shows_defaults_with_units() {
+    let out = peerdma(&["params"]);
+    assert_eq!(out.status.code(), Some(0));
+    let t = text(&out.stdout);
+    let line = t.lines().find(|l| l.starts_with("mm.swap_io ")).unwrap();
+    assert!(
+        line.contains("80us") && line.contains("spec/numbers.md §5"),
+        "{line}"
+    );
+}
