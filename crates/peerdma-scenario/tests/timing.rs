@@ -121,6 +121,26 @@ fn pin_page_override_slows_only_the_pinning_dma_map() {
 }
 
 #[test]
+fn outstanding_limit_override_changes_only_the_device_read() {
+    // 256 tags → 1: the 16-page read no longer pipelines (each page waits for the previous landing, so the
+    // hop latency and IOTLB misses are paid in series); nothing else issues device requests.
+    let deltas = step_deltas("[timing]\ndma.max_outstanding = 1\n");
+    let read = deltas.iter().find(|(op, _)| op == "dma_sg.read").unwrap().1;
+    // At least one hop (115 ns) per page but the first comes out of the shadow of the wire time.
+    assert!(read >= 115 * i128::from(NR_PAGES - 1), "read slower by {read} ns");
+    assert_eq!(
+        deltas,
+        expected(&[
+            ("mmap", 0),
+            ("store", 0),
+            ("dma.map", 0),
+            ("dma_sg.read", read),
+            ("dma_sg.release", 0),
+        ])
+    );
+}
+
+#[test]
 fn pte_update_override_slows_only_the_iommu_map_and_unmap() {
     // 10 ns → 1010 ns per IO PTE written (dma.map) and cleared (dma_sg.release).
     let deltas = step_deltas("[timing.iommu]\npte_update = 1010\n");
