@@ -77,10 +77,7 @@ impl Shared {
                 .platform
                 .unmap_sg(self.dev.id, &mut sg)
                 .unwrap_or(SimDuration::ZERO),
-            Target::Bar { mmio, att } => {
-                self.platform.dmabuf_detach(mmio, att);
-                SimDuration::ZERO
-            }
+            Target::Bar { mmio, att } => self.platform.dmabuf_detach_cost(mmio, att),
         }
     }
 }
@@ -296,6 +293,7 @@ impl DmaMirror {
             k.sim.count("mirror.retries", 1);
             return Err(Errno::EAGAIN);
         }
+        let mut cost = SimDuration::ZERO;
         for (va, (mmio, pa)) in r.pages().zip(pages) {
             let att = sh.platform.dmabuf_attach(
                 mmio,
@@ -304,6 +302,7 @@ impl DmaMirror {
                 vec![pa],
                 write,
             )?;
+            cost += sh.platform.dmabuf_map_cost(mmio, att);
             let old = sh.entries.borrow_mut().insert(
                 va.page_number(),
                 Entry {
@@ -312,9 +311,11 @@ impl DmaMirror {
                 },
             );
             if let Some(o) = old {
-                let _ = sh.release_target(o.target);
+                cost += sh.release_target(o.target);
             }
         }
+        // The attachments' IOMMU mappings are made under the mirror lock, like the page mappings.
+        k.spend(cost).await;
         Ok(())
     }
 
