@@ -3,7 +3,7 @@
 //! Like vm-memory's `IommuMemory` (translate first, then hand off to memory; misses come back as data), a
 //! device access goes, per request of one 4 KiB page:
 //! 1. **translate** — identity / IOVA through the device's IOMMU domain and IOTLB / bus address through the
-//!    provider's BAR ([`Platform::resolve`]), or the frame the device holds itself (a device page table
+//!    provider's BAR (`Platform::resolve`), or the frame the device holds itself (a device page table
 //!    like dmirror's); the translation remembers the frame's allocation generation: the one recorded when
 //!    the DMA address was handed to the device (`map_sg`), else the current one;
 //! 2. **route** — the links between the device and the memory (the map-type decision's path);

@@ -127,7 +127,10 @@ fn outstanding_limit_override_changes_only_the_device_read() {
     let deltas = step_deltas("[timing]\ndma.max_outstanding = 1\n");
     let read = deltas.iter().find(|(op, _)| op == "dma_sg.read").unwrap().1;
     // At least one hop (115 ns) per page but the first comes out of the shadow of the wire time.
-    assert!(read >= 115 * i128::from(NR_PAGES - 1), "read slower by {read} ns");
+    assert!(
+        read >= 115 * i128::from(NR_PAGES - 1),
+        "read slower by {read} ns"
+    );
     assert_eq!(
         deltas,
         expected(&[
