@@ -424,7 +424,7 @@ impl Platform {
     }
 
     pub(crate) fn violation(&self, kind: ViolationKind, detail: String) {
-        self.kernel.state().oracle.violation(kind, detail);
+        self.kernel.report_violation(kind, detail);
     }
 }
 

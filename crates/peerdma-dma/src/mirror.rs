@@ -114,7 +114,7 @@ impl MirrorDevice for Shared {
         for (i, &w) in range.hmm_pfns.iter().enumerate() {
             let frame = hmm_pfn_to_frame(w);
             let write = w & HMM_PFN_WRITE != 0;
-            let pa = self.platform.kernel.state().phys.frame_pa(frame);
+            let pa = self.platform.kernel.frame_pa(frame);
             let class = self.platform.classify(&self.dev, pa);
             let target = MapTarget {
                 pa,

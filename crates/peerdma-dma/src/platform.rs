@@ -331,7 +331,7 @@ impl Platform {
         }
         for r in regions {
             if let Some(first) = self.kernel.alloc_p2pmem(r, len) {
-                let pa = self.kernel.state().phys.frame_pa(first);
+                let pa = self.kernel.frame_pa(first);
                 let len = len.div_ceil(peerdma_core::PAGE_SIZE) * peerdma_core::PAGE_SIZE;
                 return Range::from_len(pa, len).ok_or(Errno::EINVAL);
             }
@@ -341,8 +341,7 @@ impl Platform {
 
     /// `pci_free_p2pmem` of an allocation made by [`Platform::p2pmem_alloc`].
     pub fn p2pmem_free(&self, alloc: Range<Pa>) {
-        let first = self.kernel.state().phys.frame_at_pa(alloc.start);
-        if let Some(f) = first {
+        if let Some((f, _)) = self.kernel.frame_at_pa(alloc.start) {
             self.kernel.free_p2pmem(f, alloc.len());
         }
     }

@@ -519,7 +519,7 @@ impl DmaSpace {
             "a request lands at its landing time"
         );
         let landing = if f.stale {
-            k.state().oracle.violation(
+            k.report_violation(
                 ViolationKind::StaleTranslation,
                 format!(
                     "{} request ({:?}) landed after the invalidation that removed its translation \

@@ -24,6 +24,7 @@
 use peerdma_core::{DeviceId, FrameId, Pa, Pid, Va};
 
 use crate::kernel::Kernel;
+use crate::oracle::ViolationKind;
 
 /// How a device came to hold the translation it uses (module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,6 +89,12 @@ impl Kernel {
     /// Returns the CPU physical address of `frame`.
     pub fn frame_pa(&self, frame: FrameId) -> Pa {
         self.state().phys.frame_pa(frame)
+    }
+
+    /// Reports a violation the DMA layer detected (a stale IOTLB hit, a routing error, a landing after a
+    /// fence that did not wait) to the oracle, which stops the run unless the kind is armed as expected.
+    pub fn report_violation(&self, kind: ViolationKind, detail: String) {
+        self.state().oracle.violation(kind, detail);
     }
 
     /// Returns the generation of `frame` when it is allocated, `None` when it is free (or no such frame).
