@@ -386,10 +386,7 @@ impl DmaSpace {
             (id, land_at)
         };
         let space = self.clone();
-        let delay = land_at - sim.now();
-        let s = sim.clone();
-        sim.spawn(format!("{}.dma", inner.name), async move {
-            s.sleep(delay).await;
+        sim.spawn_at(land_at, format!("{}.dma", inner.name), async move {
             space.land(id);
         });
         id

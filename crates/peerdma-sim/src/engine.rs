@@ -156,6 +156,18 @@ impl Sim {
         name: impl Into<String>,
         future: impl Future<Output = ()> + 'static,
     ) -> TaskId {
+        let now = self.now();
+        self.spawn_at(now, name, future)
+    }
+
+    /// Spawns an agent that first runs at `at` (not before now): one event, where a spawned agent that
+    /// sleeps until `at` would take two. Returns its id.
+    pub fn spawn_at(
+        &self,
+        at: SimTime,
+        name: impl Into<String>,
+        future: impl Future<Output = ()> + 'static,
+    ) -> TaskId {
         let mut inner = self.inner.borrow_mut();
         let id = inner.tasks.len();
         inner.tasks.push(Task {
@@ -164,8 +176,8 @@ impl Sim {
             scheduled: false,
             done: false,
         });
-        let now = inner.now;
-        inner.schedule(id, now);
+        let at = at.max(inner.now);
+        inner.schedule(id, at);
         TaskId(id)
     }
 
@@ -431,6 +443,19 @@ mod tests {
         }
         assert_eq!(sim.run(), RunOutcome::Completed);
         Rc::try_unwrap(log).unwrap().into_inner()
+    }
+
+    #[test]
+    fn spawn_at_runs_the_agent_first_at_that_time_in_one_event() {
+        let sim = Sim::new(SimConfig::default());
+        let ran_at = Rc::new(RefCell::new(None));
+        let (s, r) = (sim.clone(), ran_at.clone());
+        sim.spawn_at(SimTime(700), "later", async move {
+            *r.borrow_mut() = Some(s.now());
+        });
+        assert_eq!(sim.run(), RunOutcome::Completed);
+        assert_eq!(*ran_at.borrow(), Some(SimTime(700)));
+        assert_eq!(sim.events_delivered(), 1);
     }
 
     #[test]
