@@ -12,9 +12,11 @@
 //!    was mapped for is a stale translation;
 //! 4. **transfer** — the request's landing time in closed form (below); one engine event per request;
 //! 5. **memory + oracle at landing** — the data moves when the request lands (reads sample memory then,
-//!    writes store then), after the ownership check (a frame freed or reallocated since the translation is
-//!    a use after free, reads included) and, for a mirror request whose invalidation did not wait for it,
-//!    a stale-translation report.
+//!    writes store then), after the landing checks: a mirror translation stays valid until the invalidation
+//!    that removes it completes — a request still in flight when its invalidation's fence returned is a
+//!    stale translation, and the page table must still map the frame unless an invalidation of the
+//!    address is in progress ([`peerdma_mm::device_access`]) —, and the frame must not have been freed or
+//!    reallocated since the translation (a use after free, reads included).
 //!
 //! Failures come back as data ([`DmaOutcome::faults`]: which request failed, with what errno): a device
 //! stops issuing at the first one, and what it had in flight still lands.
@@ -33,8 +35,9 @@
 //! **The fence** ([`DmaSpace::fence`]): an invalidation of a range a device mirrors returns only after every
 //! in-flight request holding a mirror translation of that range has landed ([`FenceMode::Drain`]) or been
 //! aborted ([`FenceMode::Abort`]); the device model chooses. [`FenceInjection::SkipWait`] is a test-only
-//! driver bug: the invalidation returns at once, and the requests it should have waited for are reported
-//! as stale translations when they land.
+//! driver bug: the fence returns at once, and the requests it left in flight are reported as stale
+//! translations when they land (any fence that returns with covering requests in flight is caught the
+//! same way, whatever its bug).
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -45,9 +48,8 @@ use peerdma_core::{DeviceId, Errno, FrameId, PAGE_SIZE, Pa, Pid, Range, SimDurat
 use peerdma_mm::oracle::ViolationKind;
 use peerdma_mm::{DeviceData, DeviceGrant, FrameTranslation, Kernel};
 use peerdma_pci::NodeId;
-use peerdma_sim::WaitQueue;
-
 use peerdma_pci::link::{fair_share_gbps, time_at_gbps};
+use peerdma_sim::WaitQueue;
 
 use crate::map::DmaAddr;
 use crate::platform::{DmaDevice, Platform};
@@ -194,7 +196,7 @@ struct InFlight {
     op: DmaOp,
     land_at: SimTime,
     links: Rc<[NodeId]>,
-    /// Its translation was removed by an invalidation that completed without waiting for it.
+    /// The invalidation that removed its translation completed while it was in flight.
     stale: bool,
 }
 
@@ -442,45 +444,47 @@ impl DmaSpace {
     /// mirror translation of the range is in flight.
     pub async fn fence(&self, pid: Pid, range: Range<Va>) {
         let inner = &self.0;
-        let covers = |f: &InFlight| matches!(f.grant, DeviceGrant::Mirror { pid: p, va } if p == pid && range.contains(va));
-        if inner.injection.get() == FenceInjection::SkipWait {
-            for f in inner.st.borrow_mut().inflight.values_mut() {
-                if covers(f) {
-                    f.stale = true;
+        let covers = |f: &InFlight| covers(f, pid, range);
+        match (inner.injection.get(), inner.fence_mode.get()) {
+            (FenceInjection::SkipWait, _) => {}
+            (FenceInjection::None, FenceMode::Abort) => {
+                let aborted: Vec<RequestId> = inner
+                    .st
+                    .borrow()
+                    .inflight
+                    .iter()
+                    .filter(|(_, f)| covers(f))
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in aborted {
+                    if self.take(id).is_some() {
+                        inner
+                            .st
+                            .borrow_mut()
+                            .done
+                            .insert(id, Landing::Failed(Errno::EAGAIN));
+                        inner.kernel.sim.count("dma.aborted", 1);
+                    }
+                }
+                inner.wq.wake_up_all();
+            }
+            (FenceInjection::None, FenceMode::Drain) => {
+                let waited = inner.st.borrow().inflight.values().any(&covers);
+                inner
+                    .wq
+                    .wait_event(|| !inner.st.borrow().inflight.values().any(&covers))
+                    .await;
+                if waited {
+                    inner.kernel.sim.count("dma.fence_waits", 1);
                 }
             }
-            return;
         }
-        if inner.fence_mode.get() == FenceMode::Abort {
-            let aborted: Vec<RequestId> = inner
-                .st
-                .borrow()
-                .inflight
-                .iter()
-                .filter(|(_, f)| covers(f))
-                .map(|(id, _)| *id)
-                .collect();
-            for id in aborted {
-                if let Some(f) = self.take(id) {
-                    drop(f);
-                    inner
-                        .st
-                        .borrow_mut()
-                        .done
-                        .insert(id, Landing::Failed(Errno::EAGAIN));
-                    inner.kernel.sim.count("dma.aborted", 1);
-                }
+        // The invalidation that removed these translations completes when its fence returns: a request that
+        // still holds one lands through a stale translation (reported at landing).
+        for f in inner.st.borrow_mut().inflight.values_mut() {
+            if covers(f) {
+                f.stale = true;
             }
-            inner.wq.wake_up_all();
-            return;
-        }
-        let waited = inner.st.borrow().inflight.values().any(&covers);
-        inner
-            .wq
-            .wait_event(|| !inner.st.borrow().inflight.values().any(&covers))
-            .await;
-        if waited {
-            inner.kernel.sim.count("dma.fence_waits", 1);
         }
     }
 
@@ -515,35 +519,35 @@ impl DmaSpace {
             k.sim.now(),
             "a request lands at its landing time"
         );
-        let landing = if f.stale {
-            k.report_violation(
-                ViolationKind::StaleTranslation,
-                format!(
-                    "{} request ({:?}) landed after the invalidation that removed its translation \
-                     completed without waiting for it",
-                    inner.name, f.grant
-                ),
-            );
-            Landing::Failed(Errno::EFAULT)
-        } else {
-            let mut page = [0u8; REQUEST_BYTES];
-            let moved = match (&f.target, &f.op) {
-                (Target::Frame(t), DmaOp::Write(d)) => k
-                    .device_land(inner.dev, t, DeviceData::Write(d))
-                    .then_some(())
-                    .ok_or(Errno::EFAULT),
-                (Target::Frame(t), DmaOp::Read) => k
-                    .device_land(inner.dev, t, DeviceData::Read(&mut page))
-                    .then_some(())
-                    .ok_or(Errno::EFAULT),
-                (Target::Mmio(pa), DmaOp::Write(d)) => k.mmio_write(inner.dev, *pa, d),
-                (Target::Mmio(pa), DmaOp::Read) => k.mmio_read(inner.dev, *pa, &mut page),
-            };
-            match (moved, &f.op) {
-                (Err(e), _) => Landing::Failed(e),
-                (Ok(()), DmaOp::Read) => Landing::Read(page.to_vec()),
-                (Ok(()), DmaOp::Write(_)) => Landing::Written,
+        let mut page = [0u8; REQUEST_BYTES];
+        let moved = match (f.target, &f.op) {
+            _ if f.stale => {
+                k.report_violation(
+                    ViolationKind::StaleTranslation,
+                    format!(
+                        "{} request ({:?}) landed after the invalidation that removed its translation \
+                         completed (its fence did not wait for it)",
+                        inner.name, f.grant
+                    ),
+                );
+                Err(Errno::EFAULT)
             }
+            (Target::Frame(t), op) => {
+                let data = match op {
+                    DmaOp::Write(d) => DeviceData::Write(d),
+                    DmaOp::Read => DeviceData::Read(&mut page),
+                };
+                k.device_land(inner.dev, &t, data)
+                    .then_some(())
+                    .ok_or(Errno::EFAULT)
+            }
+            (Target::Mmio(pa), DmaOp::Write(d)) => k.mmio_write(inner.dev, pa, d),
+            (Target::Mmio(pa), DmaOp::Read) => k.mmio_read(inner.dev, pa, &mut page),
+        };
+        let landing = match (moved, &f.op) {
+            (Err(e), _) => Landing::Failed(e),
+            (Ok(()), DmaOp::Read) => Landing::Read(page.to_vec()),
+            (Ok(()), DmaOp::Write(_)) => Landing::Written,
         };
         k.sim.trace("dma.land", || {
             let what = if f.op.is_write() { "write" } else { "read" };

@@ -6,10 +6,11 @@
 //! and the grant decides the rule (DESIGN.md §7):
 //! 1. **Mirror** (a coherent translation, no reference held, the ODP/HMM pattern): at issue the CPU page
 //!    table must map the frame at that address now, writable for a write (check 1). While the request is in
-//!    flight the translation stays valid until the invalidation that removes it *completes*: an
-//!    invalidation waits for the device's in-flight requests (the fence) before it returns and before the
-//!    frame can be freed, so the landing is checked only for the frame's ownership (below) — and the DMA
-//!    layer reports a request whose invalidation completed without waiting for it as a stale translation.
+//!    flight the translation stays valid until the invalidation that removes it *completes*: at landing the
+//!    page table must still map the frame — or an invalidation of that address must still be in progress
+//!    (between `invalidate_range_start` and its end, the window in which a device may still use a cached
+//!    translation). A correct driver's invalidation waits for its in-flight requests (the fence) before the
+//!    page table changes; one that does not is caught here as a stale translation.
 //! 2. **Pin** (a short- or long-term pin): the frame must be allocated and still pinned, at issue and at
 //!    landing (check 3); the content record of the process page follows only while the process still maps
 //!    that frame there.
@@ -23,7 +24,7 @@
 
 use peerdma_core::{DeviceId, FrameId, Pa, Pid, Va};
 
-use crate::kernel::Kernel;
+use crate::kernel::{Kernel, KernelState};
 use crate::oracle::ViolationKind;
 
 /// How a device came to hold the translation it uses (module docs).
@@ -129,6 +130,17 @@ impl Kernel {
     pub fn device_land(&self, dev: DeviceId, t: &FrameTranslation, data: DeviceData<'_>) -> bool {
         let mut st = self.state();
         if st.oracle.enabled() {
+            if let DeviceGrant::Mirror { pid, va } = t.grant
+                && !st.check_mirror_in_flight(
+                    dev,
+                    pid,
+                    va,
+                    t.frame,
+                    matches!(data, DeviceData::Write(_)),
+                )
+            {
+                return false;
+            }
             if !st.check_frame_owned(dev, t) {
                 return false;
             }
@@ -168,5 +180,24 @@ impl Kernel {
             }
         }
         true
+    }
+}
+
+impl KernelState {
+    /// The mirror rule at landing (module docs, grant 1): the translation is still valid when the page
+    /// table maps the frame, or while an invalidation of that address is in progress.
+    pub(crate) fn check_mirror_in_flight(
+        &mut self,
+        dev: DeviceId,
+        pid: Pid,
+        va: Va,
+        frame: FrameId,
+        write: bool,
+    ) -> bool {
+        let invalidating = self
+            .mms
+            .get(&pid)
+            .is_some_and(|mm| mm.notifiers.invalidating(va));
+        invalidating || self.check_mirror_current(dev, pid, va, frame, write)
     }
 }

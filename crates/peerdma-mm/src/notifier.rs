@@ -111,6 +111,10 @@ pub struct NotifierState {
     pub seq: u64,
     /// `active_invalidate_ranges`.
     pub active: u32,
+    /// The ranges of the invalidations started since `active` was last zero (the oracle's "an
+    /// invalidation of this address is in progress"; cleared when the last one ends, so a range that
+    /// ended while another is still active counts until then — a conservative simplification).
+    active_ranges: Vec<Range<Va>>,
     /// The interval tree (kept sorted by id; lookups scan, intervals are few).
     pub subs: BTreeMap<NotifierId, Subscription>,
 }
@@ -120,6 +124,7 @@ impl Default for NotifierState {
         Self {
             seq: 2,
             active: 0,
+            active_ranges: Vec::new(),
             subs: BTreeMap::new(),
         }
     }
@@ -141,6 +146,7 @@ impl NotifierState {
     /// interval intersects: nothing to call, the sequence stays even).
     pub fn range_start(&mut self, range: Range<Va>) -> (Vec<NotifierHit>, u64) {
         self.active += 1;
+        self.active_ranges.push(range);
         let hits: Vec<NotifierHit> = self
             .subs
             .iter()
@@ -158,12 +164,18 @@ impl NotifierState {
     pub fn range_end(&mut self) -> bool {
         self.active -= 1;
         if self.active == 0 {
+            self.active_ranges.clear();
             if self.seq & 1 == 1 {
                 self.seq += 1;
             }
             return true;
         }
         false
+    }
+
+    /// Returns whether an invalidation whose range contains `va` is in progress (see `active_ranges`).
+    pub fn invalidating(&self, va: Va) -> bool {
+        self.active_ranges.iter().any(|r| r.contains(va))
     }
 
     /// Returns whether `read_begin` on `id` must sleep now.
