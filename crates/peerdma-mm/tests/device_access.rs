@@ -2,7 +2,6 @@
 //! §7 checks 1–3): mirror translations against the page table, pins, and frame generations.
 #![expect(
     clippy::tests_outside_test_module,
-    clippy::unwrap_used,
     reason = "an integration-test crate is all tests"
 )]
 
