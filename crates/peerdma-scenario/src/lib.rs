@@ -32,7 +32,7 @@ pub use ast::{
     ExportDecl, FileDecl, IommuMode, Loc, MmapFlags, Op, P2pDecl, Prot, Scenario, Signal,
     SimSettings, SleepSpec, Step, ThreadDecl, TimeMode, WriteSource,
 };
-pub use error::ScenarioError;
+pub use error::{RunError, ScenarioError};
 pub use parse::{parse, parse_file};
 pub use pattern::{Mismatch, Pattern, PatternError, Segment};
 pub use report::{Outcome, Report};

@@ -25,6 +25,7 @@ use crate::ast::{
     AddrExpr, Advice, DeviceKind, DeviceMemoryKind, DmaMode, Expect, IommuMode, Op, Scenario,
     Signal, SleepSpec, Step, TimeMode, WriteSource,
 };
+use crate::error::RunError;
 use crate::report::{ExpectFailure, Outcome, Report, StepRecord};
 
 /// The device id DMA through `pin`s is attributed to (a generic DMA engine, not a declared device).
@@ -139,8 +140,8 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
     let dma_costs = DmaCosts::from_timing(&timing);
     let (platform, pci, exports) = match build_platform(scn, &kernel, dma_costs) {
         Ok(p) => p,
-        Err(msg) => {
-            sim.stop(msg);
+        Err(e) => {
+            sim.stop(e.to_string());
             (None, BTreeMap::new(), BTreeMap::new())
         }
     };
@@ -189,11 +190,11 @@ fn build_platform(
     scn: &Scenario,
     kernel: &Rc<Kernel>,
     costs: DmaCosts,
-) -> Result<PlatformParts, String> {
+) -> Result<PlatformParts, RunError> {
     let Some(spec) = &scn.topology else {
         return Ok((None, BTreeMap::new(), BTreeMap::new()));
     };
-    let topo = spec.build().map_err(|e| e.to_string())?;
+    let topo = spec.build()?;
     let platform = Platform::new(kernel.clone(), topo, costs);
     let mut pci = BTreeMap::new();
     let mut exports = BTreeMap::new();
@@ -206,7 +207,10 @@ fn build_platform(
         let node = platform
             .topology()
             .lookup(node_name)
-            .ok_or_else(|| format!("device {}: no node {node_name}", d.name))?;
+            .ok_or_else(|| RunError::NoNode {
+                device: d.name.clone(),
+                node: node_name.to_owned(),
+            })?;
         let domain = DomainConfig::with_type(match d.iommu {
             IommuMode::Identity => DomainType::Identity,
             IommuMode::Dma => DomainType::Dma,
@@ -214,35 +218,35 @@ fn build_platform(
         });
         platform
             .add_device(id, node, &d.name, domain)
-            .map_err(|e| format!("device {}: {}", d.name, e.name()))?;
+            .map_err(|errno| RunError::AddDevice {
+                device: d.name.clone(),
+                errno,
+            })?;
         for r in &d.p2p {
             platform
                 .p2p_add_resource(id, r.bar, r.size, r.offset)
-                .map_err(|e| {
-                    format!(
-                        "device {}: pci_p2pdma_add_resource(bar {}, size {:#x}, offset {:#x}) failed with -{}",
-                        d.name,
-                        r.bar,
-                        r.size,
-                        r.offset,
-                        e.name()
-                    )
+                .map_err(|errno| RunError::P2pAddResource {
+                    device: d.name.clone(),
+                    bar: r.bar,
+                    size: r.size,
+                    offset: r.offset,
+                    errno,
                 })?;
             platform
                 .p2p_publish(id, r.publish)
-                .map_err(|e| e.name().to_owned())?;
+                .map_err(|errno| RunError::P2pPublish {
+                    device: d.name.clone(),
+                    errno,
+                })?;
         }
         for x in &d.exports {
             let mmio = platform
                 .export_bar(id, x.bar, x.offset, x.len, x.revocable)
-                .map_err(|e| {
-                    format!(
-                        "device {}: export `{}` does not fit BAR {}: -{}",
-                        d.name,
-                        x.name,
-                        x.bar,
-                        e.name()
-                    )
+                .map_err(|errno| RunError::ExportDoesNotFit {
+                    device: d.name.clone(),
+                    export: x.name.clone(),
+                    bar: x.bar,
+                    errno,
                 })?;
             exports.insert(x.name.clone(), mmio);
         }
@@ -348,18 +352,23 @@ impl World {
     }
 
     /// Resolves an address expression in `proc_name`, with the length left in its mapping.
-    fn resolve(&self, proc_name: &str, a: &AddrExpr) -> Result<(Va, Option<u64>), String> {
+    fn resolve(&self, proc_name: &str, a: &AddrExpr) -> Result<(Va, Option<u64>), RunError> {
         match a {
             AddrExpr::Raw(v) => Ok((Va::from_raw(*v), None)),
             AddrExpr::Sym { name, offset } => {
                 let p = self.procs.borrow();
-                let (base, len) = *p[proc_name].mappings.get(name).ok_or_else(|| {
-                    format!(
-                        "mapping `{name}` does not exist in process `{proc_name}` at this point"
-                    )
+                let (base, len) =
+                    *p[proc_name]
+                        .mappings
+                        .get(name)
+                        .ok_or_else(|| RunError::NoMapping {
+                            name: name.clone(),
+                            process: proc_name.to_owned(),
+                        })?;
+                let off = u64::try_from(*offset).map_err(|_| RunError::NegativeOffset {
+                    name: name.clone(),
+                    offset: *offset,
                 })?;
-                let off = u64::try_from(*offset)
-                    .map_err(|_| format!("negative offset {offset} from `{name}`"))?;
                 Ok((base.add(off), Some(len.saturating_sub(off))))
             }
         }
@@ -374,7 +383,7 @@ impl World {
         proc_name: &str,
         step: &Step,
         rng: &mut RngStream,
-    ) -> Result<StepResult, String> {
+    ) -> Result<StepResult, RunError> {
         let kernel = &self.kernel;
         let pid = self.pid(proc_name);
         let mut out = StepResult::default();
@@ -445,15 +454,19 @@ impl World {
             }
             Op::Store { at, len, pattern } => {
                 let (va, rest) = self.resolve(proc_name, at)?;
-                let n = len.or(rest).ok_or("`store` at a raw address needs `len`")?;
-                let mut data = vec![0u8; usize::try_from(n).map_err(|_| "length too large")?];
+                let n = len
+                    .or(rest)
+                    .ok_or(RunError::RawAddressNeedsLen { op: "store" })?;
+                let mut data = vec![0u8; usize::try_from(n).map_err(|_| RunError::LengthTooLarge)?];
                 pattern.fill(&mut data);
                 out.signal = kernel.store(pid, va, &data).await.err();
             }
             Op::Load { at, len } => {
                 let (va, rest) = self.resolve(proc_name, at)?;
-                let n = len.or(rest).ok_or("`load` at a raw address needs `len`")?;
-                let mut data = vec![0u8; usize::try_from(n).map_err(|_| "length too large")?];
+                let n = len
+                    .or(rest)
+                    .ok_or(RunError::RawAddressNeedsLen { op: "load" })?;
+                let mut data = vec![0u8; usize::try_from(n).map_err(|_| RunError::LengthTooLarge)?];
                 match kernel.load(pid, va, &mut data).await {
                     Ok(()) => out.data = Some(data),
                     Err(s) => out.signal = Some(s),
@@ -465,12 +478,14 @@ impl World {
                 len,
                 pattern,
             } => {
-                let mut data = vec![0u8; usize::try_from(*len).map_err(|_| "length too large")?];
+                let mut data =
+                    vec![0u8; usize::try_from(*len).map_err(|_| RunError::LengthTooLarge)?];
                 pattern.fill(&mut data);
                 out.errno = kernel.pwrite(self.files[file], *offset, &data).await.err();
             }
             Op::Pread { file, offset, len } => {
-                let mut data = vec![0u8; usize::try_from(*len).map_err(|_| "length too large")?];
+                let mut data =
+                    vec![0u8; usize::try_from(*len).map_err(|_| RunError::LengthTooLarge)?];
                 match kernel.pread(self.files[file], *offset, &mut data).await {
                     Ok(_) => out.data = Some(data),
                     Err(e) => out.errno = Some(e),
@@ -533,7 +548,7 @@ impl World {
                 let m = self.fd(proc_name, fd)?;
                 let (va, _) = self.resolve(proc_name, at)?;
                 let n = usize::try_from(pages.saturating_mul(PAGE_SIZE))
-                    .map_err(|_| "too many pages")?;
+                    .map_err(|_| RunError::TooManyPages)?;
                 let mut data = vec![0u8; n.min(1 << 30)];
                 let copied = match src {
                     WriteSource::Pattern(p) => {
@@ -646,15 +661,23 @@ impl World {
             Op::Unpin { pin } => {
                 let p = self.proc_mut(proc_name).pins.remove(pin);
                 if p.is_none() {
-                    return Err(format!("pin `{pin}` is not held by process `{proc_name}`"));
+                    return Err(RunError::NoPin {
+                        pin: pin.clone(),
+                        process: proc_name.to_owned(),
+                    });
                 }
             }
             Op::DmaWrite { pin, pattern } => {
                 let (frames, va) = {
                     let procs = self.procs.borrow();
-                    let (p, va) = procs[proc_name].pins.get(pin).ok_or_else(|| {
-                        format!("pin `{pin}` is not held by process `{proc_name}`")
-                    })?;
+                    let (p, va) =
+                        procs[proc_name]
+                            .pins
+                            .get(pin)
+                            .ok_or_else(|| RunError::NoPin {
+                                pin: pin.clone(),
+                                process: proc_name.to_owned(),
+                            })?;
                     (p.frames().to_vec(), *va)
                 };
                 let mut data = vec![0u8; frames.len() * 4096];
@@ -755,8 +778,8 @@ impl World {
             } => {
                 let platform = self.platform()?;
                 let (va, _) = self.resolve(proc_name, at)?;
-                let range = Range::from_len(va, *len)
-                    .ok_or_else(|| format!("range at {va} of {len:#x} bytes wraps"))?;
+                let range =
+                    Range::from_len(va, *len).ok_or(RunError::RangeWraps { va, len: *len })?;
                 let mut flags = DmaSgFlags::empty();
                 flags.set(DmaSgFlags::WRITE, *write);
                 flags.set(DmaSgFlags::P2P, *p2p);
@@ -806,8 +829,9 @@ impl World {
                     .proc_mut(proc_name)
                     .handles
                     .remove(handle)
-                    .ok_or_else(|| {
-                        format!("dma handle `{handle}` is not held by process `{proc_name}`")
+                    .ok_or_else(|| RunError::NoHandle {
+                        handle: handle.clone(),
+                        process: proc_name.to_owned(),
                     })?;
                 h.release().await;
             }
@@ -825,7 +849,8 @@ impl World {
                 pattern,
             } => {
                 let platform = self.platform()?;
-                let bytes = usize::try_from(*len).map_err(|_| format!("len {len:#x} too large"))?;
+                let bytes =
+                    usize::try_from(*len).map_err(|_| RunError::LenTooLarge { len: *len })?;
                 let mut buf = vec![0u8; bytes];
                 let data = pattern.as_ref().map(|p| {
                     let mut d = vec![0u8; bytes];
@@ -865,10 +890,8 @@ impl World {
         })
     }
 
-    fn platform(&self) -> Result<Rc<Platform>, String> {
-        self.platform
-            .clone()
-            .ok_or_else(|| "this step needs a `[topology]`".to_owned())
+    fn platform(&self) -> Result<Rc<Platform>, RunError> {
+        self.platform.clone().ok_or(RunError::NoTopology)
     }
 
     /// Records a new mapping under `name` (or the errno).
@@ -898,20 +921,25 @@ impl World {
         handle: &str,
         offset: u64,
         len: Option<u64>,
-    ) -> Result<(DmaSgHandle, usize), String> {
+    ) -> Result<(DmaSgHandle, usize), RunError> {
         let h = self
             .proc_mut(proc_name)
             .handles
             .remove(handle)
-            .ok_or_else(|| format!("dma handle `{handle}` is not held by process `{proc_name}`"))?;
+            .ok_or_else(|| RunError::NoHandle {
+                handle: handle.to_owned(),
+                process: proc_name.to_owned(),
+            })?;
         let total = h.range().len();
         let bytes = len.unwrap_or(total.saturating_sub(offset));
         if offset.checked_add(bytes).is_none_or(|e| e > total) {
-            let msg = format!(
-                "offset {offset:#x} + {bytes:#x} bytes passes the end of handle `{handle}` ({total:#x} bytes)"
-            );
             self.put_handle(proc_name, handle, h);
-            return Err(msg);
+            return Err(RunError::PastHandleEnd {
+                handle: handle.to_owned(),
+                offset,
+                bytes,
+                total,
+            });
         }
         Ok((
             h,
@@ -934,7 +962,7 @@ impl World {
         proc_name: &str,
         ptr: Option<&AddrExpr>,
         res: Result<DmirrorResult, Errno>,
-    ) -> Result<(), String> {
+    ) -> Result<(), RunError> {
         match res {
             Ok(res) => {
                 if let Some(p) = ptr {
@@ -951,16 +979,19 @@ impl World {
         Ok(())
     }
 
-    fn fd(&self, proc_name: &str, fd: &str) -> Result<Rc<Dmirror>, String> {
+    fn fd(&self, proc_name: &str, fd: &str) -> Result<Rc<Dmirror>, RunError> {
         self.procs.borrow()[proc_name]
             .fds
             .get(fd)
             .cloned()
-            .ok_or_else(|| format!("`{fd}` is not open in process `{proc_name}`"))
+            .ok_or_else(|| RunError::FdNotOpen {
+                fd: fd.to_owned(),
+                process: proc_name.to_owned(),
+            })
     }
 
     /// Checks a step's result against its `expect` and records the outcome.
-    fn check(&self, thread: &str, step: &Step, res: &Result<StepResult, String>, start: SimTime) {
+    fn check(&self, thread: &str, step: &Step, res: &Result<StepResult, RunError>, start: SimTime) {
         let mut fails = Vec::new();
         let e: &Expect = &step.expect;
         // Disarm the oracle whatever happened; what it saw is checked below.
@@ -969,9 +1000,9 @@ impl World {
             .map(|_| self.kernel.state().oracle.take_expected());
         let summary;
         match res {
-            Err(msg) => {
-                summary = format!("error: {msg}");
-                fails.push(msg.clone());
+            Err(err) => {
+                summary = format!("error: {err}");
+                fails.push(err.to_string());
             }
             Ok(r) => {
                 summary = summarize(r);
