@@ -1,12 +1,16 @@
-//! Address-space and CPU-access ops: `mmap`, `munmap`, `mprotect`, `madvise`, `mremap`, `store`, `load`.
+//! Address-space and CPU-access ops: `mmap`, `munmap`, `mprotect`, `madvise`, `mremap`, `store`, `load`,
+//! `reclaim`.
 //!
 //! These are the system calls of `mm/mmap.c`, `mm/mprotect.c`, `mm/madvise.c` and `mm/mremap.c`, and the
 //! CPU's loads and stores (which fault pages in, break COW, and raise SIGSEGV/SIGBUS as the `signal` of the
 //! step). A named mapping (`mmap`/`mremap` `name`) is recorded in the acting process, where later symbolic
-//! addresses (`buf+4KiB`) resolve.
+//! addresses (`buf+4KiB`) resolve. `reclaim` runs one pass of page reclaim (`mm/vmscan.c` `shrink_node`) on a
+//! node when the scenario asks, instead of when memory runs low.
 
 use std::collections::BTreeSet;
 
+use peerdma_core::Errno;
+use peerdma_devices::DmirrorResult;
 use peerdma_mm::{Advice as MmAdvice, MmapArgs};
 use toml::de::DeValue;
 
@@ -124,6 +128,29 @@ pub(crate) const MREMAP: OpSpec = OpSpec {
     parse: parse_mremap,
 };
 
+/// `reclaim`.
+pub(crate) const RECLAIM: OpSpec = OpSpec {
+    name: "reclaim",
+    keys: &["pages", "node"],
+    expect_keys: &["errno", "cpages"],
+    doc_keys: "`pages` (an integer), `node` (default 0)",
+    doc: "one reclaim pass (`shrink_node`, as memory pressure runs it) over the NUMA node's LRU lists, aiming \
+          at `pages` pages: proactive reclaim at a chosen moment; `cpages` = pages written to swap; a node that \
+          does not exist is `ENOENT`",
+    parse: |p, t| {
+        let pages = p.uint_as(
+            p.required(t, "pages")?,
+            "pages",
+            "an integer number of pages",
+        )?;
+        let node = t.get("node").map(|v| p.uint(v, "node")).transpose()?;
+        Ok(Op::Mem(MemOp::Reclaim {
+            pages,
+            node: node.unwrap_or(0),
+        }))
+    },
+};
+
 /// The address-space and CPU-access ops.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MemOp {
@@ -201,6 +228,13 @@ pub enum MemOp {
         to: Option<AddrExpr>,
         /// Name of the resulting mapping.
         name: String,
+    },
+    /// One reclaim pass over a NUMA node's LRU lists (`shrink_node`), at the step's moment.
+    Reclaim {
+        /// How many pages the pass aims at.
+        pages: u64,
+        /// The node (a node the scenario does not have is `ENOENT` at run time).
+        node: u64,
     },
 }
 
@@ -463,6 +497,7 @@ impl MemOp {
             Self::Store { .. } => STORE.name,
             Self::Load { .. } => LOAD.name,
             Self::Mremap { .. } => MREMAP.name,
+            Self::Reclaim { .. } => RECLAIM.name,
         }
     }
 
@@ -587,6 +622,16 @@ impl MemOp {
                     Err(e) => out.errno = Some(e),
                 }
             }
+            Self::Reclaim { pages, node } => match u32::try_from(*node) {
+                Ok(node) if node < kernel.nr_nodes() => {
+                    let swapped = kernel.reclaim_node(node, *pages).await;
+                    out.dm = Some(DmirrorResult {
+                        cpages: swapped,
+                        ..DmirrorResult::default()
+                    });
+                }
+                _ => out.errno = Some(Errno::ENOENT),
+            },
         }
         Ok(out)
     }

@@ -113,6 +113,7 @@ pub const OPS: &[OpSpec] = &[
     p2p::DEVICE_REMOVE,
     p2p::DMABUF_MOVE_NOTIFY,
     dma::DMA_RAW,
+    mem::RECLAIM,
 ];
 
 /// Returns the op named `name` (as written in `op = "..."`).
