@@ -4,8 +4,164 @@
 //! name — becomes one [`ScenarioError`] that points at the offending token. Lines and columns are 1-based and
 //! columns count characters (not bytes), like rustc. Line 0 means the error has no position in the text
 //! (the file could not be read).
+//!
+//! A scenario that parses can still meet errors only the run can see: a step naming a mapping, pin, DMA
+//! handle or open file its process does not hold at that moment, or a kernel refusal while the DMA platform
+//! is built from `[topology]`. Those are [`RunError`]s; the runner renders one as the failed step's message
+//! (or the run's stop reason), so its text is part of the report format.
 
 use std::fmt::Write as _;
+
+use peerdma_core::{Errno, Va};
+
+/// Why a step could not run, or why the run's DMA platform could not be built: the runner's error, rendered
+/// as an expectation failure of the step (or the run's stop reason for the platform).
+///
+/// The static checks of [`crate::parse()`] prove that every name is defined *somewhere* in the file; these
+/// are the cases only the run can see — the acting process does not hold the mapping, pin, handle or open
+/// file at this point — and the kernel's refusals while the platform is assembled from `[topology]`.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A symbolic address names a mapping the acting process does not have (yet, or any more).
+    #[error("mapping `{name}` does not exist in process `{process}` at this point")]
+    NoMapping {
+        /// The mapping name.
+        name: String,
+        /// The acting process.
+        process: String,
+    },
+    /// A symbolic address with a negative offset.
+    #[error("negative offset {offset} from `{name}`")]
+    NegativeOffset {
+        /// The mapping name.
+        name: String,
+        /// The offset as written.
+        offset: i64,
+    },
+    /// A `store` or `load` at a raw address without `len` (no mapping to take the length from).
+    #[error("`{op}` at a raw address needs `len`")]
+    RawAddressNeedsLen {
+        /// The op's name.
+        op: &'static str,
+    },
+    /// A length that does not fit the host's memory.
+    #[error("length too large")]
+    LengthTooLarge,
+    /// A page count whose bytes do not fit the host's memory.
+    #[error("too many pages")]
+    TooManyPages,
+    /// A `dma.raw` length that does not fit the host's memory.
+    #[error("len {len:#x} too large")]
+    LenTooLarge {
+        /// The length in bytes.
+        len: u64,
+    },
+    /// A pin the acting process does not hold.
+    #[error("pin `{pin}` is not held by process `{process}`")]
+    NoPin {
+        /// The pin's name.
+        pin: String,
+        /// The acting process.
+        process: String,
+    },
+    /// A DMA handle the acting process does not hold.
+    #[error("dma handle `{handle}` is not held by process `{process}`")]
+    NoHandle {
+        /// The handle's name.
+        handle: String,
+        /// The acting process.
+        process: String,
+    },
+    /// A `dma_sg` access past the end of its handle's range.
+    #[error(
+        "offset {offset:#x} + {bytes:#x} bytes passes the end of handle `{handle}` ({total:#x} bytes)"
+    )]
+    PastHandleEnd {
+        /// The handle's name.
+        handle: String,
+        /// The access's offset in the range.
+        offset: u64,
+        /// The access's length.
+        bytes: u64,
+        /// The handle's length.
+        total: u64,
+    },
+    /// A device file the acting process has not opened (or has closed).
+    #[error("`{fd}` is not open in process `{process}`")]
+    FdNotOpen {
+        /// The fd's name.
+        fd: String,
+        /// The acting process.
+        process: String,
+    },
+    /// A `dma.map` range that wraps around the address space.
+    #[error("range at {va} of {len:#x} bytes wraps")]
+    RangeWraps {
+        /// The start address.
+        va: Va,
+        /// The length in bytes.
+        len: u64,
+    },
+    /// A step that needs the DMA platform in a scenario without `[topology]`.
+    #[error("this step needs a `[topology]`")]
+    NoTopology,
+    /// `[topology]` does not build.
+    #[error(transparent)]
+    Topology(#[from] peerdma_pci::Error),
+    /// A `pci` device's node is not in the topology.
+    #[error("device {device}: no node {node}")]
+    NoNode {
+        /// The device.
+        device: String,
+        /// The topology node it names.
+        node: String,
+    },
+    /// The platform refused to attach a `pci` device.
+    #[error("device {device}: {}", errno.name())]
+    AddDevice {
+        /// The device.
+        device: String,
+        /// The refusal.
+        errno: Errno,
+    },
+    /// `pci_p2pdma_add_resource` refused a `p2p` entry.
+    #[error(
+        "device {device}: pci_p2pdma_add_resource(bar {bar}, size {size:#x}, offset {offset:#x}) failed with -{}",
+        errno.name()
+    )]
+    P2pAddResource {
+        /// The device.
+        device: String,
+        /// The BAR index.
+        bar: u8,
+        /// The resource's size.
+        size: u64,
+        /// Its offset in the BAR.
+        offset: u64,
+        /// The refusal.
+        errno: Errno,
+    },
+    /// `pci_p2pmem_publish` refused.
+    #[error("{}", errno.name())]
+    P2pPublish {
+        /// The device.
+        device: String,
+        /// The refusal.
+        errno: Errno,
+    },
+    /// A BAR export does not fit its BAR.
+    #[error("device {device}: export `{export}` does not fit BAR {bar}: -{}", errno.name())]
+    ExportDoesNotFit {
+        /// The device.
+        device: String,
+        /// The export's name.
+        export: String,
+        /// The BAR index.
+        bar: u8,
+        /// The refusal.
+        errno: Errno,
+    },
+}
 
 /// An input error in a scenario file, at a 1-based line and column.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

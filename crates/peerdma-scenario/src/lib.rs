@@ -10,6 +10,11 @@
 //! 3. any problem is a [`ScenarioError`] ([`error`]), whose [`ScenarioError::render`] shows the source line
 //!    with a caret under the offending token.
 //!
+//! Each step's op belongs to one family module of [`ops`] (`mem`, `file`, `proc`, `dmirror`, `gup`, `dma`,
+//! `p2p`), which holds the op's keys, its documentation line, its parsing and its execution; the registry
+//! [`OPS`] lists every op once. [`run()`] executes a scenario; a step that cannot run as written is a
+//! [`RunError`].
+//!
 //! # Examples
 //! ```
 //! let err = peerdma_scenario::parse("s.toml", "[sim]\njitter = 2.0\n").unwrap_err();
@@ -20,6 +25,7 @@
 
 pub mod ast;
 pub mod error;
+pub mod ops;
 pub mod params;
 pub mod parse;
 pub mod pattern;
@@ -29,10 +35,11 @@ pub mod units;
 
 pub use ast::{
     AddrError, AddrExpr, Advice, DeviceDecl, DeviceKind, DeviceMemoryKind, DmaMode, Expect,
-    ExportDecl, FileDecl, IommuMode, Loc, MmapFlags, Op, P2pDecl, Prot, Scenario, Signal,
-    SimSettings, SleepSpec, Step, ThreadDecl, TimeMode, WriteSource,
+    ExportDecl, FileDecl, IommuMode, Loc, MmapFlags, P2pDecl, Prot, Scenario, Signal, SimSettings,
+    SleepSpec, Step, ThreadDecl, TimeMode, WriteSource,
 };
-pub use error::ScenarioError;
+pub use error::{RunError, ScenarioError};
+pub use ops::{OPS, Op, OpSpec};
 pub use parse::{parse, parse_file};
 pub use pattern::{Mismatch, Pattern, PatternError, Segment};
 pub use report::{Outcome, Report};

@@ -3,7 +3,8 @@
 //! The file is read in three passes:
 //! 1. `toml`'s spanned document parser ([`DeTable::parse`]) checks the TOML 1.1 syntax (including duplicate
 //!    keys) and keeps the byte span of every key and value.
-//! 2. A walk over that tree builds the model. Each table allows a fixed set of keys (per op for steps), so
+//! 2. A walk over that tree builds the model. Each table allows a fixed set of keys (per op for steps: the
+//!    op's [`OpSpec`], whose family module in [`crate::ops`] also parses the step), so
 //!    an unknown key is reported at the key itself with the keys that were expected; each value is
 //!    converted (sizes, times, addresses, patterns...) and reported at the value on failure. Definitions
 //!    (`[[file]]`, `[[device]]`, `[[process]]`, `mmap { name }`, `open { fd }`, `fork { child }`) are
@@ -20,7 +21,6 @@ use std::path::Path;
 
 use peerdma_core::timing::ParamUnit;
 use peerdma_core::{Errno, PAGE_SIZE, SimDuration};
-use peerdma_mm::GupFlags;
 use peerdma_pci::TopologySpec;
 use serde::Deserialize as _;
 use serde::de::IntoDeserializer as _;
@@ -28,17 +28,17 @@ use toml::Spanned;
 use toml::de::{DeString, DeTable, DeValue};
 
 use crate::ast::{
-    AddrError, AddrExpr, Advice, DeviceDecl, DeviceKind, DeviceMemoryKind, DmaMode, Expect,
-    ExportDecl, FileDecl, IommuMode, Loc, MmapFlags, Op, P2pDecl, Prot, Scenario, Signal,
-    SimSettings, SleepSpec, Step, ThreadDecl, TimeMode, WriteSource,
+    AddrError, AddrExpr, DeviceDecl, DeviceKind, DeviceMemoryKind, Expect, ExportDecl, FileDecl,
+    IommuMode, Loc, P2pDecl, Prot, Scenario, Signal, SimSettings, Step, ThreadDecl, TimeMode,
 };
 use crate::error::{LineIndex, ScenarioError};
+use crate::ops::{self, OPS, Op, OpSpec};
 use crate::params;
 use crate::pattern::{Pattern, Segment};
 use crate::units;
 
 type Result<T> = std::result::Result<T, ScenarioError>;
-type Value<'i> = Spanned<DeValue<'i>>;
+pub(crate) type Value<'i> = Spanned<DeValue<'i>>;
 
 /// Returns the scenario that `text` (read from `path`, used in error messages) describes.
 ///
@@ -84,206 +84,6 @@ pub fn parse_file(path: &Path) -> Result<Scenario> {
     parse(&shown, &text)
 }
 
-/// The ops, their keys and the `expect` keys each one allows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum OpKind {
-    Mmap,
-    Munmap,
-    Mprotect,
-    Madvise,
-    Store,
-    Load,
-    Pwrite,
-    Pread,
-    Fork,
-    Wait,
-    Exit,
-    Sleep,
-    Open,
-    Close,
-    DmirrorRead,
-    DmirrorWrite,
-    DmirrorSnapshot,
-    DmirrorMmap,
-    DmirrorMigrateToDev,
-    DmirrorMigrateToSys,
-    DmirrorRelease,
-    DmirrorExclusive,
-    DmirrorCheckExclusive,
-    Gup,
-    Mremap,
-    Pin,
-    Unpin,
-    DmaWrite,
-    Truncate,
-    PunchHole,
-    DmirrorFlags,
-    P2pmemMmap,
-    BarMmap,
-    DmaMap,
-    DmaSgWrite,
-    DmaSgRead,
-    DmaSgRelease,
-    DeviceRemove,
-    DmabufMoveNotify,
-    DmaRaw,
-}
-
-impl OpKind {
-    const ALL: &[Self] = &[
-        Self::Mmap,
-        Self::Munmap,
-        Self::Mprotect,
-        Self::Madvise,
-        Self::Store,
-        Self::Load,
-        Self::Pwrite,
-        Self::Pread,
-        Self::Fork,
-        Self::Wait,
-        Self::Exit,
-        Self::Sleep,
-        Self::Open,
-        Self::Close,
-        Self::DmirrorRead,
-        Self::DmirrorWrite,
-        Self::DmirrorSnapshot,
-        Self::DmirrorMmap,
-        Self::DmirrorMigrateToDev,
-        Self::DmirrorMigrateToSys,
-        Self::DmirrorRelease,
-        Self::DmirrorExclusive,
-        Self::DmirrorCheckExclusive,
-        Self::Gup,
-        Self::Mremap,
-        Self::Pin,
-        Self::Unpin,
-        Self::DmaWrite,
-        Self::Truncate,
-        Self::PunchHole,
-        Self::DmirrorFlags,
-        Self::P2pmemMmap,
-        Self::BarMmap,
-        Self::DmaMap,
-        Self::DmaSgWrite,
-        Self::DmaSgRead,
-        Self::DmaSgRelease,
-        Self::DeviceRemove,
-        Self::DmabufMoveNotify,
-        Self::DmaRaw,
-    ];
-
-    const fn name(self) -> &'static str {
-        match self {
-            Self::Mmap => "mmap",
-            Self::Munmap => "munmap",
-            Self::Mprotect => "mprotect",
-            Self::Madvise => "madvise",
-            Self::Store => "store",
-            Self::Load => "load",
-            Self::Pwrite => "pwrite",
-            Self::Pread => "pread",
-            Self::Fork => "fork",
-            Self::Wait => "wait",
-            Self::Exit => "exit",
-            Self::Sleep => "sleep",
-            Self::Open => "open",
-            Self::Close => "close",
-            Self::DmirrorRead => "dmirror.read",
-            Self::DmirrorWrite => "dmirror.write",
-            Self::DmirrorSnapshot => "dmirror.snapshot",
-            Self::DmirrorMmap => "dmirror.mmap",
-            Self::DmirrorMigrateToDev => "dmirror.migrate_to_dev",
-            Self::DmirrorMigrateToSys => "dmirror.migrate_to_sys",
-            Self::DmirrorRelease => "dmirror.release",
-            Self::DmirrorExclusive => "dmirror.exclusive",
-            Self::DmirrorCheckExclusive => "dmirror.check_exclusive",
-            Self::Gup => "gup",
-            Self::Mremap => "mremap",
-            Self::Pin => "pin",
-            Self::Unpin => "unpin",
-            Self::DmaWrite => "dma.write",
-            Self::Truncate => "truncate",
-            Self::PunchHole => "punch_hole",
-            Self::DmirrorFlags => "dmirror.flags",
-            Self::P2pmemMmap => "p2pmem.mmap",
-            Self::BarMmap => "bar.mmap",
-            Self::DmaMap => "dma.map",
-            Self::DmaSgWrite => "dma_sg.write",
-            Self::DmaSgRead => "dma_sg.read",
-            Self::DmaSgRelease => "dma_sg.release",
-            Self::DeviceRemove => "device.remove",
-            Self::DmabufMoveNotify => "dmabuf.move_notify",
-            Self::DmaRaw => "dma.raw",
-        }
-    }
-
-    fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.iter().copied().find(|k| k.name() == name)
-    }
-
-    /// The keys a step of this op may have (besides `op` and `expect`).
-    const fn keys(self) -> &'static [&'static str] {
-        match self {
-            Self::Mmap => &[
-                "name", "len", "prot", "flags", "at", "file", "offset", "align",
-            ],
-            Self::Munmap | Self::Load => &["at", "len"],
-            Self::Mprotect => &["at", "len", "prot"],
-            Self::Madvise => &["at", "len", "advice"],
-            Self::Store => &["at", "len", "pattern"],
-            Self::Pwrite => &["file", "offset", "len", "pattern"],
-            Self::Pread | Self::PunchHole => &["file", "offset", "len"],
-            Self::Fork | Self::Wait => &["child"],
-            Self::Exit => &[],
-            Self::Sleep => &["for", "random"],
-            Self::Open => &["dev", "fd"],
-            Self::Close | Self::DmirrorRelease => &["fd"],
-            Self::DmirrorRead | Self::DmirrorMigrateToDev => &["fd", "at", "pages", "ptr"],
-            Self::DmirrorWrite => &["fd", "at", "pages", "ptr", "pattern"],
-            Self::DmirrorSnapshot
-            | Self::DmirrorMigrateToSys
-            | Self::DmirrorExclusive
-            | Self::DmirrorCheckExclusive => &["fd", "at", "pages"],
-            Self::DmirrorMmap => &["fd", "name", "len", "prot"],
-            Self::Gup => &["at", "pages", "flags"],
-            Self::Pin => &["at", "pages", "flags", "name"],
-            Self::Unpin => &["pin"],
-            Self::DmaWrite => &["pin", "pattern"],
-            Self::Truncate => &["file", "size"],
-            Self::DmirrorFlags => &["fd", "flags"],
-            Self::Mremap => &["at", "len", "new_len", "flags", "to", "name"],
-            Self::P2pmemMmap => &["dev", "name", "len", "prot", "flags", "offset"],
-            Self::BarMmap => &["export", "name", "offset", "len", "prot"],
-            Self::DmaMap => &["dev", "at", "len", "mode", "flags", "name"],
-            Self::DmaSgWrite => &["handle", "offset", "len", "pattern"],
-            Self::DmaSgRead => &["handle", "offset", "len"],
-            Self::DmaSgRelease => &["handle"],
-            Self::DeviceRemove => &["dev"],
-            Self::DmabufMoveNotify => &["export"],
-            Self::DmaRaw => &["dev", "addr", "len", "pattern"],
-        }
-    }
-
-    /// The `expect` keys a step of this op may have.
-    const fn expect_keys(self) -> &'static [&'static str] {
-        match self {
-            Self::Load => &["errno", "data", "value", "signal", "violation"],
-            Self::Store => &["errno", "signal", "violation"],
-            Self::Pread => &["errno", "data"],
-            Self::DmaSgRead | Self::DmaRaw => &["errno", "data", "violation"],
-            Self::DmaSgWrite => &["errno", "violation"],
-            Self::DmirrorRead => &["errno", "cpages", "faults", "data"],
-            Self::DmirrorWrite => &["errno", "cpages", "faults"],
-            Self::DmirrorSnapshot => &["errno", "cpages", "faults", "bytes"],
-            Self::DmirrorMigrateToDev | Self::DmirrorExclusive => &["errno", "cpages", "data"],
-            Self::DmirrorMigrateToSys | Self::Gup | Self::Pin => &["errno", "cpages"],
-            Self::DmaMap => &["errno", "segments", "pinned", "dma_addr"],
-            _ => &["errno"],
-        }
-    }
-}
-
 /// The most NUMA nodes `[sim] memory` may list (`MAX_NUMNODES` of a kernel built with `NODES_SHIFT` 6).
 const MAX_NODES: usize = 64;
 
@@ -325,7 +125,7 @@ fn key_hint(key: &str) -> &'static str {
 }
 
 /// Returns "a string", "an integer"... for a value's type.
-fn describe(v: &DeValue<'_>) -> &'static str {
+pub(crate) fn describe(v: &DeValue<'_>) -> &'static str {
     match v {
         DeValue::String(_) => "a string",
         DeValue::Integer(_) => "an integer",
@@ -347,7 +147,7 @@ fn is_name(s: &str) -> bool {
 }
 
 /// Returns whether `s` is a mapping name, usable in an address expression: `[A-Za-z_][A-Za-z0-9_]*`.
-fn is_mapping_name(s: &str) -> bool {
+pub(crate) fn is_mapping_name(s: &str) -> bool {
     let mut chars = s.chars();
     chars
         .next()
@@ -356,14 +156,14 @@ fn is_mapping_name(s: &str) -> bool {
 }
 
 /// Returns `names` as `a, b, c`.
-fn list<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
+pub(crate) fn list<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
     names.into_iter().collect::<Vec<_>>().join(", ")
 }
 
 /// A table's entries in source order, with a description for messages (`a `store` step`).
-struct Table<'t, 'i> {
+pub(crate) struct Table<'t, 'i> {
     entries: Vec<(&'t Spanned<DeString<'i>>, &'t Value<'i>)>,
-    span: Range<usize>,
+    pub(crate) span: Range<usize>,
     what: String,
 }
 
@@ -378,7 +178,7 @@ impl<'t, 'i> Table<'t, 'i> {
         }
     }
 
-    fn get(&self, key: &str) -> Option<&'t Value<'i>> {
+    pub(crate) fn get(&self, key: &str) -> Option<&'t Value<'i>> {
         self.entries
             .iter()
             .find(|(k, _)| k.get_ref().as_ref() == key)
@@ -387,18 +187,18 @@ impl<'t, 'i> Table<'t, 'i> {
 }
 
 /// The range of a `dma_sg.read` or `dma_sg.write` step, to check against its handle's length.
-struct HandleRange {
-    handle: String,
-    offset: u64,
-    len: Option<u64>,
-    offset_span: Option<Range<usize>>,
-    len_span: Option<Range<usize>>,
-    handle_span: Range<usize>,
+pub(crate) struct HandleRange {
+    pub(crate) handle: String,
+    pub(crate) offset: u64,
+    pub(crate) len: Option<u64>,
+    pub(crate) offset_span: Option<Range<usize>>,
+    pub(crate) len_span: Option<Range<usize>>,
+    pub(crate) handle_span: Range<usize>,
 }
 
 /// What kind of name a use refers to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RefKind {
+pub(crate) enum RefKind {
     /// A mapping, with the offset from its start.
     Mapping {
         offset: i64,
@@ -431,7 +231,7 @@ struct NameRef {
 }
 
 /// The walk's state: the definitions found so far and the uses to resolve.
-struct Parser<'s> {
+pub(crate) struct Parser<'s> {
     path: &'s str,
     text: &'s str,
     lines: LineIndex,
@@ -442,20 +242,20 @@ struct Parser<'s> {
     threads: BTreeMap<String, Range<usize>>,
     /// Every process: `main`, the `[[process]]` ones and the `fork` children.
     processes: BTreeMap<String, Option<Range<usize>>>,
-    children: BTreeSet<String>,
-    fds: BTreeSet<String>,
-    pins: BTreeSet<String>,
+    pub(crate) children: BTreeSet<String>,
+    pub(crate) fds: BTreeSet<String>,
+    pub(crate) pins: BTreeSet<String>,
     /// The built `[topology]`, to check `pci` devices against.
     topo: Option<peerdma_pci::Topology>,
     pci_devices: BTreeSet<String>,
     /// The topology node of each `pci` device: node name -> device name.
     pci_nodes: BTreeMap<String, String>,
     exports: BTreeMap<String, Range<usize>>,
-    handles: BTreeSet<String>,
+    pub(crate) handles: BTreeSet<String>,
     /// The longest `len` of the `dma.map` steps that name each handle.
-    handle_lens: BTreeMap<String, u64>,
+    pub(crate) handle_lens: BTreeMap<String, u64>,
     /// `dma_sg.read`/`dma_sg.write` ranges, checked against their handle's length once the file is read.
-    handle_ranges: Vec<HandleRange>,
+    pub(crate) handle_ranges: Vec<HandleRange>,
     refs: Vec<NameRef>,
 }
 
@@ -485,7 +285,7 @@ impl<'s> Parser<'s> {
     }
 
     /// Returns an error at the start of `span`.
-    fn err(&self, span: &Range<usize>, message: impl Into<String>) -> ScenarioError {
+    pub(crate) fn err(&self, span: &Range<usize>, message: impl Into<String>) -> ScenarioError {
         ScenarioError::at_offset(self.path, self.text, span.start, message)
     }
 
@@ -523,7 +323,7 @@ impl<'s> Parser<'s> {
         Ok(())
     }
 
-    fn required<'t, 'i>(&self, t: &Table<'t, 'i>, key: &str) -> Result<&'t Value<'i>> {
+    pub(crate) fn required<'t, 'i>(&self, t: &Table<'t, 'i>, key: &str) -> Result<&'t Value<'i>> {
         t.get(key).ok_or_else(|| {
             self.err(
                 &t.span,
@@ -556,7 +356,7 @@ impl<'s> Parser<'s> {
 
     // ----- scalar values -----
 
-    fn string<'v>(&self, v: &'v Value<'_>, key: &str) -> Result<&'v str> {
+    pub(crate) fn string<'v>(&self, v: &'v Value<'_>, key: &str) -> Result<&'v str> {
         match v.get_ref() {
             DeValue::String(s) => Ok(s.as_ref()),
             other => Err(self.err(
@@ -567,7 +367,7 @@ impl<'s> Parser<'s> {
     }
 
     /// A name being defined (thread, process, device, file, fd).
-    fn name(&self, v: &Value<'_>, key: &str) -> Result<String> {
+    pub(crate) fn name(&self, v: &Value<'_>, key: &str) -> Result<String> {
         let s = self.string(v, key)?;
         if is_name(s) {
             Ok(s.to_owned())
@@ -583,7 +383,7 @@ impl<'s> Parser<'s> {
     }
 
     /// A name being used: recorded to be resolved once the whole file is read.
-    fn name_ref(&mut self, v: &Value<'_>, key: &str, kind: RefKind) -> Result<String> {
+    pub(crate) fn name_ref(&mut self, v: &Value<'_>, key: &str, kind: RefKind) -> Result<String> {
         let s = self.string(v, key)?.to_owned();
         self.refs.push(NameRef {
             kind,
@@ -594,7 +394,12 @@ impl<'s> Parser<'s> {
         Ok(s)
     }
 
-    fn keyword<T: Copy>(&self, v: &Value<'_>, key: &str, choices: &[(&str, T)]) -> Result<T> {
+    pub(crate) fn keyword<T: Copy>(
+        &self,
+        v: &Value<'_>,
+        key: &str,
+        choices: &[(&str, T)],
+    ) -> Result<T> {
         let expected = || {
             choices
                 .iter()
@@ -638,7 +443,7 @@ impl<'s> Parser<'s> {
     }
 
     /// A non-negative integer; `what` describes it ("an integer", "an integer number of pages").
-    fn uint_as(&self, v: &Value<'_>, key: &str, what: &str) -> Result<u64> {
+    pub(crate) fn uint_as(&self, v: &Value<'_>, key: &str, what: &str) -> Result<u64> {
         let DeValue::Integer(int) = v.get_ref() else {
             return Err(self.err(
                 &v.span(),
@@ -666,12 +471,12 @@ impl<'s> Parser<'s> {
         }
     }
 
-    fn uint(&self, v: &Value<'_>, key: &str) -> Result<u64> {
+    pub(crate) fn uint(&self, v: &Value<'_>, key: &str) -> Result<u64> {
         self.uint_as(v, key, "an integer")
     }
 
     /// A size: an integer (bytes) or a string with a unit.
-    fn size(&self, v: &Value<'_>, key: &str) -> Result<u64> {
+    pub(crate) fn size(&self, v: &Value<'_>, key: &str) -> Result<u64> {
         match v.get_ref() {
             DeValue::Integer(_) => self.uint_as(v, key, "a size"),
             DeValue::String(s) => units::parse_size(s).map_err(|e| self.err(&v.span(), e.to_string())),
@@ -687,7 +492,7 @@ impl<'s> Parser<'s> {
     }
 
     /// A `len`: a size that is not zero.
-    fn len(&self, v: &Value<'_>, key: &str) -> Result<u64> {
+    pub(crate) fn len(&self, v: &Value<'_>, key: &str) -> Result<u64> {
         let len = self.size(v, key)?;
         if len == 0 {
             return Err(self.err(
@@ -700,12 +505,12 @@ impl<'s> Parser<'s> {
 
     /// A time: an integer (nanoseconds) or a string with a unit.
     /// An optional size `key` of `t`, or `default`.
-    fn opt_size(&self, t: &Table<'_, '_>, key: &str, default: u64) -> Result<u64> {
+    pub(crate) fn opt_size(&self, t: &Table<'_, '_>, key: &str, default: u64) -> Result<u64> {
         t.get(key).map_or(Ok(default), |v| self.size(v, key))
     }
 
     /// An optional non-zero length `key` of `t`, or `default`.
-    fn opt_len(&self, t: &Table<'_, '_>, key: &str, default: u64) -> Result<u64> {
+    pub(crate) fn opt_len(&self, t: &Table<'_, '_>, key: &str, default: u64) -> Result<u64> {
         t.get(key).map_or(Ok(default), |v| self.len(v, key))
     }
 
@@ -714,7 +519,7 @@ impl<'s> Parser<'s> {
         t.get(key).map_or(Ok(default), |v| self.boolean(v, key))
     }
 
-    fn time(&self, v: &Value<'_>, key: &str) -> Result<SimDuration> {
+    pub(crate) fn time(&self, v: &Value<'_>, key: &str) -> Result<SimDuration> {
         match v.get_ref() {
             DeValue::Integer(_) => self
                 .uint_as(v, key, "a time")
@@ -732,7 +537,7 @@ impl<'s> Parser<'s> {
     }
 
     /// An address: a raw one (integer or number string), or a symbolic one recorded for resolution.
-    fn addr(&mut self, v: &Value<'_>, key: &str) -> Result<AddrExpr> {
+    pub(crate) fn addr(&mut self, v: &Value<'_>, key: &str) -> Result<AddrExpr> {
         const EXPECTED: &str =
             "expected an address like `buf`, `buf+4KiB`, `buf-0x1000` or `0x7f0000000000`";
         let s = match v.get_ref() {
@@ -761,7 +566,7 @@ impl<'s> Parser<'s> {
         Ok(expr)
     }
 
-    fn prot(&self, v: &Value<'_>) -> Result<Prot> {
+    pub(crate) fn prot(&self, v: &Value<'_>) -> Result<Prot> {
         let s = match v.get_ref() {
             DeValue::String(s) => s.as_ref(),
             other => {
@@ -796,124 +601,7 @@ impl<'s> Parser<'s> {
         })
     }
 
-    /// Reads a `gup` step's `flags`: FOLL_* names. Combinations Linux rejects (`get` with `pin`, `longterm`
-    /// without `pin`) are run-time `EINVAL` outcomes, not input errors.
-    fn gup_flags(&self, v: &Value<'_>) -> Result<GupFlags> {
-        const NAMES: &[(&str, GupFlags)] = &[
-            ("get", GupFlags::GET),
-            ("pin", GupFlags::PIN),
-            ("longterm", GupFlags::LONGTERM),
-            ("write", GupFlags::WRITE),
-            ("force", GupFlags::FORCE),
-            ("pci_p2pdma", GupFlags::PCI_P2PDMA),
-            ("nofault", GupFlags::NOFAULT),
-            ("anon", GupFlags::ANON),
-        ];
-        let DeValue::Array(items) = v.get_ref() else {
-            return Err(self.err(
-                &v.span(),
-                format!("expected a list of FOLL_* names like `[\"pin\", \"write\"]` for `flags`, found {}", describe(v.get_ref())),
-            ));
-        };
-        let mut flags = GupFlags::empty();
-        for item in items {
-            let found = match item.get_ref() {
-                DeValue::String(s) => NAMES
-                    .iter()
-                    .find(|(n, _)| *n == s.as_ref())
-                    .map(|(_, f)| *f),
-                _ => None,
-            };
-            let Some(f) = found else {
-                return Err(self.err(
-                    &item.span(),
-                    format!(
-                        "expected a FOLL_* flag name; one of: {}",
-                        list(NAMES.iter().map(|(n, _)| *n))
-                    ),
-                ));
-            };
-            flags |= f;
-        }
-        Ok(flags)
-    }
-
-    fn mmap_flags(&self, v: &Value<'_>) -> Result<MmapFlags> {
-        const NAMES: &[&str] = &[
-            "private",
-            "shared",
-            "anonymous",
-            "fixed",
-            "fixed_noreplace",
-            "populate",
-            "hugetlb",
-        ];
-        let DeValue::Array(items) = v.get_ref() else {
-            return Err(self.err(
-                &v.span(),
-                format!(
-                    "expected a list of flags like `[\"private\", \"anonymous\"]` for `flags`, found {}",
-                    describe(v.get_ref())
-                ),
-            ));
-        };
-        let mut flags = MmapFlags::default();
-        let mut private = false;
-        let mut seen = BTreeSet::new();
-        for item in items {
-            let flag = match item.get_ref() {
-                DeValue::String(s) if NAMES.contains(&s.as_ref()) => s.as_ref(),
-                DeValue::String(s) => {
-                    return Err(self.err(
-                        &item.span(),
-                        format!(
-                            "unknown mmap flag `{s}`; expected one of: {}",
-                            list(NAMES.iter().copied())
-                        ),
-                    ));
-                }
-                other => {
-                    return Err(self.err(
-                        &item.span(),
-                        format!(
-                            "expected a flag name (a string) in `flags`, found {}",
-                            describe(other)
-                        ),
-                    ));
-                }
-            };
-            if !seen.insert(flag) {
-                return Err(self.err(
-                    &item.span(),
-                    format!("flag `{flag}` is listed twice; expected each flag at most once"),
-                ));
-            }
-            match flag {
-                "private" => private = true,
-                "shared" => flags.shared = true,
-                "anonymous" => flags.anonymous = true,
-                "fixed" => flags.fixed = true,
-                "fixed_noreplace" => flags.fixed_noreplace = true,
-                "populate" => flags.populate = true,
-                _ => flags.hugetlb = true,
-            }
-        }
-        if private == flags.shared {
-            return Err(self.err(
-                &v.span(),
-                "expected exactly one of `private` or `shared` in `flags`",
-            ));
-        }
-        if flags.fixed && flags.fixed_noreplace {
-            return Err(self.err(
-                &v.span(),
-                "expected at most one of `fixed` and `fixed_noreplace` in `flags`",
-            ));
-        }
-        Ok(flags)
-    }
-
-    fn pattern(&self, v: &Value<'_>, key: &str) -> Result<Pattern> {
+    pub(crate) fn pattern(&self, v: &Value<'_>, key: &str) -> Result<Pattern> {
         match v.get_ref() {
             DeValue::String(s) => s
                 .parse::<Pattern>()
@@ -971,7 +659,13 @@ impl<'s> Parser<'s> {
     }
 
     /// Checks that `base + len` fits in 64 bits.
-    fn check_end(&self, base: u64, len: u64, len_v: &Value<'_>, what: &str) -> Result<()> {
+    pub(crate) fn check_end(
+        &self,
+        base: u64,
+        len: u64,
+        len_v: &Value<'_>,
+        what: &str,
+    ) -> Result<()> {
         if base.checked_add(len).is_none() {
             return Err(self.err(
                 &len_v.span(),
@@ -984,7 +678,7 @@ impl<'s> Parser<'s> {
     }
 
     /// Checks a raw `at` + `len` for overflow (symbolic addresses are checked against their mapping).
-    fn check_range(&self, at: &AddrExpr, len: u64, len_v: &Value<'_>) -> Result<()> {
+    pub(crate) fn check_range(&self, at: &AddrExpr, len: u64, len_v: &Value<'_>) -> Result<()> {
         match at {
             AddrExpr::Raw(base) => self.check_end(*base, len, len_v, "address"),
             AddrExpr::Sym { .. } => Ok(()),
@@ -1629,7 +1323,7 @@ impl<'s> Parser<'s> {
     }
 
     /// A new mapping's name (`name = "buf"`).
-    fn mapping_name(&self, v: &Value<'_>) -> Result<String> {
+    pub(crate) fn mapping_name(&self, v: &Value<'_>) -> Result<String> {
         let name = self.string(v, "name")?;
         if !is_mapping_name(name) {
             return Err(self.err(
@@ -1641,7 +1335,7 @@ impl<'s> Parser<'s> {
     }
 
     /// Adds a process (declared or forked), failing when the name is taken.
-    fn define_process(&mut self, name: &str, span: Range<usize>) -> Result<()> {
+    pub(crate) fn define_process(&mut self, name: &str, span: Range<usize>) -> Result<()> {
         match self.processes.get(name) {
             Some(None) => Err(self.err(
                 &span,
@@ -1744,29 +1438,29 @@ impl<'s> Parser<'s> {
                 &v.span(),
                 format!(
                     "a step needs `op`; expected one of: {}",
-                    list(OpKind::ALL.iter().map(|k| k.name()))
+                    list(OPS.iter().map(|s| s.name))
                 ),
             )
         })?;
         let op_name = self.string(op_v, "op")?;
-        let kind = OpKind::from_name(op_name).ok_or_else(|| {
+        let spec = ops::spec(op_name).ok_or_else(|| {
             self.err(
                 &op_v.span(),
                 format!(
                     "unknown op `{op_name}`; expected one of: {}",
-                    list(OpKind::ALL.iter().map(|k| k.name()))
+                    list(OPS.iter().map(|s| s.name))
                 ),
             )
         })?;
         t.what = format!("a `{op_name}` step");
         let keys: Vec<&str> = std::iter::once("op")
-            .chain(kind.keys().iter().copied())
+            .chain(spec.keys.iter().copied())
             .chain(std::iter::once("expect"))
             .collect();
         self.allow(&t, &keys)?;
-        let op = self.op(kind, &t)?;
+        let op = (spec.parse)(self, &t)?;
         let expect = match t.get("expect") {
-            Some(e) => self.expect(e, kind, &op)?,
+            Some(e) => self.expect(e, spec, &op)?,
             None => Expect::default(),
         };
         let (line, col) = self.lines.line_col(self.text, v.span().start);
@@ -1777,656 +1471,17 @@ impl<'s> Parser<'s> {
         })
     }
 
-    fn op(&mut self, kind: OpKind, t: &Table<'_, '_>) -> Result<Op> {
-        Ok(match kind {
-            OpKind::Mmap => self.mmap(t)?,
-            OpKind::Munmap | OpKind::Mprotect | OpKind::Madvise => {
-                let at = self.addr(self.required(t, "at")?, "at")?;
-                let len_v = self.required(t, "len")?;
-                let len = self.len(len_v, "len")?;
-                self.check_range(&at, len, len_v)?;
-                match kind {
-                    OpKind::Munmap => Op::Munmap { at, len },
-                    OpKind::Mprotect => Op::Mprotect {
-                        at,
-                        len,
-                        prot: self.prot(self.required(t, "prot")?)?,
-                    },
-                    _ => Op::Madvise {
-                        at,
-                        len,
-                        advice: self.keyword(
-                            self.required(t, "advice")?,
-                            "advice",
-                            &[
-                                ("dontneed", Advice::DontNeed),
-                                ("hugepage", Advice::HugePage),
-                                ("nohugepage", Advice::NoHugePage),
-                                ("free", Advice::Free),
-                                ("collapse", Advice::Collapse),
-                            ],
-                        )?,
-                    },
-                }
-            }
-            OpKind::Store | OpKind::Load => {
-                let at = self.addr(self.required(t, "at")?, "at")?;
-                let len = match t.get("len") {
-                    Some(len_v) => {
-                        let len = self.len(len_v, "len")?;
-                        self.check_range(&at, len, len_v)?;
-                        Some(len)
-                    }
-                    None => None,
-                };
-                if kind == OpKind::Store {
-                    let pattern = self.pattern(self.required(t, "pattern")?, "pattern")?;
-                    Op::Store { at, len, pattern }
-                } else {
-                    Op::Load { at, len }
-                }
-            }
-            OpKind::Pwrite | OpKind::Pread => {
-                let file = self.name_ref(self.required(t, "file")?, "file", RefKind::File)?;
-                let offset = match t.get("offset") {
-                    Some(v) => self.size(v, "offset")?,
-                    None => 0,
-                };
-                let len_v = self.required(t, "len")?;
-                let len = self.len(len_v, "len")?;
-                self.check_end(offset, len, len_v, "file offset")?;
-                if kind == OpKind::Pwrite {
-                    let pattern = self.pattern(self.required(t, "pattern")?, "pattern")?;
-                    Op::Pwrite {
-                        file,
-                        offset,
-                        len,
-                        pattern,
-                    }
-                } else {
-                    Op::Pread { file, offset, len }
-                }
-            }
-            OpKind::Fork => {
-                let child_v = self.required(t, "child")?;
-                let child = self.name(child_v, "child")?;
-                self.define_process(&child, child_v.span())?;
-                self.children.insert(child.clone());
-                Op::Fork { child }
-            }
-            OpKind::Wait => Op::Wait {
-                child: self.name_ref(self.required(t, "child")?, "child", RefKind::Child)?,
-            },
-            OpKind::Exit => Op::Exit,
-            OpKind::Sleep => Op::Sleep(self.sleep(t)?),
-            OpKind::Open => {
-                let dev = self.name_ref(self.required(t, "dev")?, "dev", RefKind::Device)?;
-                let fd = self.name(self.required(t, "fd")?, "fd")?;
-                self.fds.insert(fd.clone());
-                Op::Open { dev, fd }
-            }
-            OpKind::Mremap => {
-                let at = self.addr(self.required(t, "at")?, "at")?;
-                let len_v = self.required(t, "len")?;
-                let len = self.len(len_v, "len")?;
-                self.check_range(&at, len, len_v)?;
-                let new_len = self.len(self.required(t, "new_len")?, "new_len")?;
-                let mut flags = peerdma_mm::MremapFlags::default();
-                if let Some(v) = t.get("flags") {
-                    let DeValue::Array(items) = v.get_ref() else {
-                        return Err(self.err(
-                            &v.span(),
-                            "expected a list like `[\"maymove\", \"fixed\"]` for `flags`",
-                        ));
-                    };
-                    for item in items {
-                        match item.get_ref() {
-                            DeValue::String(s) if s.as_ref() == "maymove" => flags.maymove = true,
-                            DeValue::String(s) if s.as_ref() == "fixed" => flags.fixed = true,
-                            DeValue::String(s) if s.as_ref() == "dontunmap" => {
-                                flags.dontunmap = true;
-                            }
-                            _ => {
-                                return Err(self.err(
-                                    &item.span(),
-                                    "expected an mremap flag: one of maymove, fixed, dontunmap",
-                                ));
-                            }
-                        }
-                    }
-                }
-                let to = match t.get("to") {
-                    Some(v) => Some(self.addr(v, "to")?),
-                    None => None,
-                };
-                let v = self.required(t, "name")?;
-                let name = self.string(v, "name")?;
-                if !is_mapping_name(name) {
-                    return Err(self.err(
-                        &v.span(),
-                        format!("expected a mapping name, found `{name}`"),
-                    ));
-                }
-                let name = name.to_owned();
-                self.define_mapping(&name, new_len);
-                Op::Mremap {
-                    at,
-                    len,
-                    new_len,
-                    flags,
-                    to,
-                    name,
-                }
-            }
-            OpKind::DmirrorFlags => {
-                let fd = self.name_ref(self.required(t, "fd")?, "fd", RefKind::Fd)?;
-                let v = self.required(t, "flags")?;
-                let DeValue::Array(items) = v.get_ref() else {
-                    return Err(self.err(
-                        &v.span(),
-                        "expected a list like `[\"fail_alloc\"]` for `flags`",
-                    ));
-                };
-                let mut fail_alloc = false;
-                for item in items {
-                    match item.get_ref() {
-                        DeValue::String(s) if s.as_ref() == "fail_alloc" => fail_alloc = true,
-                        _ => {
-                            return Err(
-                                self.err(&item.span(), "expected a dmirror flag: `fail_alloc`")
-                            );
-                        }
-                    }
-                }
-                Op::DmirrorFlags { fd, fail_alloc }
-            }
-            OpKind::P2pmemMmap => {
-                let dev = self.name_ref(self.required(t, "dev")?, "dev", RefKind::PciDevice)?;
-                let name = self.mapping_name(self.required(t, "name")?)?;
-                let len = self.len(self.required(t, "len")?, "len")?;
-                // A device file's mmap defaults to PROT_READ | PROT_WRITE.
-                let prot = t
-                    .get("prot")
-                    .map_or(Ok(Prot::READ_WRITE), |v| self.prot(v))?;
-                let shared = match t.get("flags") {
-                    Some(v) => {
-                        let DeValue::Array(items) = v.get_ref() else {
-                            return Err(self.err(
-                                &v.span(),
-                                format!(
-                                    "expected `[\"shared\"]` or `[\"private\"]` for `flags`, found {}",
-                                    describe(v.get_ref())
-                                ),
-                            ));
-                        };
-                        let mut chosen = Vec::with_capacity(items.len());
-                        for item in items {
-                            chosen.push(self.keyword(
-                                item,
-                                "flags",
-                                &[("shared", true), ("private", false)],
-                            )?);
-                        }
-                        let [shared] = chosen[..] else {
-                            return Err(self.err(
-                                &v.span(),
-                                "expected exactly one of `shared` or `private` in `flags`",
-                            ));
-                        };
-                        shared
-                    }
-                    None => true,
-                };
-                let offset = self.opt_size(t, "offset", 0)?;
-                self.define_mapping(&name, len);
-                Op::P2pmemMmap {
-                    dev,
-                    name,
-                    len,
-                    prot,
-                    shared,
-                    offset,
-                }
-            }
-            OpKind::BarMmap => {
-                let export =
-                    self.name_ref(self.required(t, "export")?, "export", RefKind::Export)?;
-                let name = self.mapping_name(self.required(t, "name")?)?;
-                let len = self.len(self.required(t, "len")?, "len")?;
-                let offset = self.opt_size(t, "offset", 0)?;
-                // A device file's mmap defaults to PROT_READ | PROT_WRITE.
-                let prot = t
-                    .get("prot")
-                    .map_or(Ok(Prot::READ_WRITE), |v| self.prot(v))?;
-                self.define_mapping(&name, len);
-                Op::BarMmap {
-                    export,
-                    name,
-                    offset,
-                    len,
-                    prot,
-                }
-            }
-            OpKind::DmaMap => {
-                let dev = self.name_ref(self.required(t, "dev")?, "dev", RefKind::PciDevice)?;
-                let at = self.addr(self.required(t, "at")?, "at")?;
-                let len_v = self.required(t, "len")?;
-                let len = self.len(len_v, "len")?;
-                self.check_range(&at, len, len_v)?;
-                let mode = match t.get("mode") {
-                    Some(v) => self.keyword(
-                        v,
-                        "mode",
-                        &[
-                            ("short-term", DmaMode::ShortTerm),
-                            ("long-term", DmaMode::LongTerm),
-                            ("mirror", DmaMode::Mirror),
-                        ],
-                    )?,
-                    None => DmaMode::ShortTerm,
-                };
-                let (mut write, mut p2p) = (false, false);
-                if let Some(v) = t.get("flags") {
-                    let DeValue::Array(items) = v.get_ref() else {
-                        return Err(self.err(
-                            &v.span(),
-                            format!(
-                                "expected a list of `dma.map` flags like `[\"write\", \"p2p\"]`, found {}",
-                                describe(v.get_ref())
-                            ),
-                        ));
-                    };
-                    for item in items {
-                        match self.keyword(item, "flags", &[("write", 0u8), ("p2p", 1u8)])? {
-                            0 => write = true,
-                            _ => p2p = true,
-                        }
-                    }
-                }
-                let name = self.name(self.required(t, "name")?, "name")?;
-                self.handles.insert(name.clone());
-                let longest = self.handle_lens.entry(name.clone()).or_insert(0);
-                *longest = (*longest).max(len);
-                Op::DmaMap {
-                    dev,
-                    at,
-                    len,
-                    mode,
-                    write,
-                    p2p,
-                    name,
-                }
-            }
-            OpKind::DmaSgWrite | OpKind::DmaSgRead => {
-                let handle =
-                    self.name_ref(self.required(t, "handle")?, "handle", RefKind::Handle)?;
-                let offset_v = t.get("offset");
-                let offset = offset_v
-                    .map(|v| self.size(v, "offset"))
-                    .transpose()?
-                    .unwrap_or(0);
-                if let Some(v) = offset_v
-                    && offset % PAGE_SIZE != 0
-                {
-                    return Err(self.err(
-                        &v.span(),
-                        format!("expected a page-aligned `offset`, found {offset:#x}"),
-                    ));
-                }
-                let len_v = t.get("len");
-                let len = len_v.map(|v| self.len(v, "len")).transpose()?;
-                if let (Some(v), Some(l)) = (len_v, len)
-                    && l % PAGE_SIZE != 0
-                {
-                    return Err(self.err(
-                        &v.span(),
-                        format!(
-                            "expected a whole number of 4 KiB pages for `len`, found {l} bytes"
-                        ),
-                    ));
-                }
-                self.handle_ranges.push(HandleRange {
-                    handle: handle.clone(),
-                    offset,
-                    len,
-                    offset_span: offset_v.map(Value::span),
-                    len_span: len_v.map(Value::span),
-                    handle_span: t.get("handle").map(Value::span).unwrap_or_default(),
-                });
-                if kind == OpKind::DmaSgWrite {
-                    let pattern = self.pattern(self.required(t, "pattern")?, "pattern")?;
-                    Op::DmaSgWrite {
-                        handle,
-                        offset,
-                        len,
-                        pattern,
-                    }
-                } else {
-                    Op::DmaSgRead {
-                        handle,
-                        offset,
-                        len,
-                    }
-                }
-            }
-            OpKind::DmaSgRelease => Op::DmaSgRelease {
-                handle: self.name_ref(self.required(t, "handle")?, "handle", RefKind::Handle)?,
-            },
-            OpKind::DeviceRemove => Op::DeviceRemove {
-                dev: self.name_ref(self.required(t, "dev")?, "dev", RefKind::PciDevice)?,
-            },
-            OpKind::DmabufMoveNotify => Op::DmabufMoveNotify {
-                export: self.name_ref(self.required(t, "export")?, "export", RefKind::Export)?,
-            },
-            OpKind::DmaRaw => {
-                let dev = self.name_ref(self.required(t, "dev")?, "dev", RefKind::PciDevice)?;
-                let addr_v = self.required(t, "addr")?;
-                let addr = self.uint(addr_v, "addr")?;
-                if addr % PAGE_SIZE != 0 {
-                    return Err(self.err(
-                        &addr_v.span(),
-                        format!("expected a page-aligned DMA address for `addr`, found {addr:#x}"),
-                    ));
-                }
-                let len = self.opt_len(t, "len", PAGE_SIZE)?;
-                if len % PAGE_SIZE != 0 {
-                    let span = t.get("len").map_or_else(|| t.span.clone(), Value::span);
-                    return Err(self.err(
-                        &span,
-                        format!(
-                            "expected a whole number of 4 KiB pages for `len`, found {len} bytes"
-                        ),
-                    ));
-                }
-                let pattern = t
-                    .get("pattern")
-                    .map(|v| self.pattern(v, "pattern"))
-                    .transpose()?;
-                Op::DmaRaw {
-                    dev,
-                    addr,
-                    len,
-                    pattern,
-                }
-            }
-            OpKind::Truncate => Op::Truncate {
-                file: self.name_ref(self.required(t, "file")?, "file", RefKind::File)?,
-                size: self.size(self.required(t, "size")?, "size")?,
-            },
-            OpKind::PunchHole => Op::PunchHole {
-                file: self.name_ref(self.required(t, "file")?, "file", RefKind::File)?,
-                offset: self.size(self.required(t, "offset")?, "offset")?,
-                len: self.len(self.required(t, "len")?, "len")?,
-            },
-            OpKind::Pin => {
-                let at = self.addr(self.required(t, "at")?, "at")?;
-                let pages = self.uint_as(
-                    self.required(t, "pages")?,
-                    "pages",
-                    "an integer number of pages",
-                )?;
-                let flags = self.gup_flags(self.required(t, "flags")?)?;
-                let name = self.string(self.required(t, "name")?, "name")?.to_owned();
-                self.pins.insert(name.clone());
-                Op::Pin {
-                    at,
-                    pages,
-                    flags,
-                    name,
-                }
-            }
-            OpKind::Unpin => Op::Unpin {
-                pin: self.name_ref(self.required(t, "pin")?, "pin", RefKind::Pin)?,
-            },
-            OpKind::DmaWrite => {
-                let pin = self.name_ref(self.required(t, "pin")?, "pin", RefKind::Pin)?;
-                let v = self.required(t, "pattern")?;
-                let text = self.string(v, "pattern")?;
-                let pattern = text
-                    .parse::<Pattern>()
-                    .map_err(|e| self.err(&v.span(), e.to_string()))?;
-                Op::DmaWrite { pin, pattern }
-            }
-            OpKind::Gup => {
-                let at = self.addr(self.required(t, "at")?, "at")?;
-                let pages = self.uint_as(
-                    self.required(t, "pages")?,
-                    "pages",
-                    "an integer number of pages",
-                )?;
-                let flags = self.gup_flags(self.required(t, "flags")?)?;
-                Op::Gup { at, pages, flags }
-            }
-            OpKind::DmirrorExclusive | OpKind::DmirrorCheckExclusive => {
-                let fd = self.name_ref(self.required(t, "fd")?, "fd", RefKind::Fd)?;
-                let at = self.addr(self.required(t, "at")?, "at")?;
-                let pages = self.uint_as(
-                    self.required(t, "pages")?,
-                    "pages",
-                    "an integer number of pages",
-                )?;
-                if kind == OpKind::DmirrorExclusive {
-                    Op::DmirrorExclusive { fd, at, pages }
-                } else {
-                    Op::DmirrorCheckExclusive { fd, at, pages }
-                }
-            }
-            OpKind::DmirrorRelease => Op::DmirrorRelease {
-                fd: self.name_ref(self.required(t, "fd")?, "fd", RefKind::Fd)?,
-            },
-            OpKind::DmirrorMigrateToDev | OpKind::DmirrorMigrateToSys => {
-                let fd = self.name_ref(self.required(t, "fd")?, "fd", RefKind::Fd)?;
-                let at = self.addr(self.required(t, "at")?, "at")?;
-                let pages = self.uint_as(
-                    self.required(t, "pages")?,
-                    "pages",
-                    "an integer number of pages",
-                )?;
-                if kind == OpKind::DmirrorMigrateToDev {
-                    let ptr = match t.get("ptr") {
-                        Some(v) => Some(self.addr(v, "ptr")?),
-                        None => None,
-                    };
-                    Op::DmirrorMigrateToDev { fd, at, pages, ptr }
-                } else {
-                    Op::DmirrorMigrateToSys { fd, at, pages }
-                }
-            }
-            OpKind::DmirrorMmap => {
-                let fd = self.name_ref(self.required(t, "fd")?, "fd", RefKind::Fd)?;
-                let name = self.mapping_name(self.required(t, "name")?)?;
-                let len = self.len(self.required(t, "len")?, "len")?;
-                let prot = self.prot(self.required(t, "prot")?)?;
-                self.define_mapping(&name, len);
-                Op::DmirrorMmap {
-                    fd,
-                    name,
-                    len,
-                    prot,
-                }
-            }
-            OpKind::Close => Op::Close {
-                fd: self.name_ref(self.required(t, "fd")?, "fd", RefKind::Fd)?,
-            },
-            OpKind::DmirrorRead | OpKind::DmirrorWrite | OpKind::DmirrorSnapshot => {
-                let fd = self.name_ref(self.required(t, "fd")?, "fd", RefKind::Fd)?;
-                let at = self.addr(self.required(t, "at")?, "at")?;
-                let pages = self.uint_as(
-                    self.required(t, "pages")?,
-                    "pages",
-                    "an integer number of pages",
-                )?;
-                match kind {
-                    OpKind::DmirrorRead => {
-                        let ptr = match t.get("ptr") {
-                            Some(v) => Some(self.addr(v, "ptr")?),
-                            None => None,
-                        };
-                        Op::DmirrorRead { fd, at, pages, ptr }
-                    }
-                    OpKind::DmirrorWrite => {
-                        let src = match (t.get("ptr"), t.get("pattern")) {
-                            (Some(ptr), None) => WriteSource::Ptr(self.addr(ptr, "ptr")?),
-                            (None, Some(p)) => WriteSource::Pattern(self.pattern(p, "pattern")?),
-                            _ => {
-                                return Err(self.err(
-                                    &t.span,
-                                    "a `dmirror.write` step needs exactly one source: `ptr` (an address) or \
-                                     `pattern`",
-                                ));
-                            }
-                        };
-                        Op::DmirrorWrite { fd, at, pages, src }
-                    }
-                    _ => Op::DmirrorSnapshot { fd, at, pages },
-                }
-            }
-        })
-    }
-
     /// Records a mapping name; symbolic offsets are checked against the longest length it is given.
-    fn define_mapping(&mut self, name: &str, len: u64) {
+    pub(crate) fn define_mapping(&mut self, name: &str, len: u64) {
         let longest = self.mappings.entry(name.to_owned()).or_insert(len);
         *longest = (*longest).max(len);
     }
 
-    fn mmap(&mut self, t: &Table<'_, '_>) -> Result<Op> {
-        let name = match t.get("name") {
-            Some(v) => {
-                let s = self.string(v, "name")?;
-                if !is_mapping_name(s) {
-                    return Err(self.err(
-                        &v.span(),
-                        format!(
-                            "expected a mapping name (a letter or `_`, then letters, digits or `_`) for `name`, \
-                             found `{s}`"
-                        ),
-                    ));
-                }
-                Some(s.to_owned())
-            }
-            None => None,
-        };
-        let len_v = self.required(t, "len")?;
-        let len = self.len(len_v, "len")?;
-        let prot = self.prot(self.required(t, "prot")?)?;
-        let flags_v = self.required(t, "flags")?;
-        let flags = self.mmap_flags(flags_v)?;
-        let at = match t.get("at") {
-            Some(v) => {
-                let at = self.addr(v, "at")?;
-                self.check_range(&at, len, len_v)?;
-                Some(at)
-            }
-            None => None,
-        };
-        let file = match t.get("file") {
-            Some(v) => {
-                if flags.anonymous {
-                    return Err(self.err(
-                        &v.span(),
-                        "a file mapping cannot be `anonymous`; expected either `anonymous` in `flags` or a \
-                         `file`",
-                    ));
-                }
-                Some(self.name_ref(v, "file", RefKind::File)?)
-            }
-            None => None,
-        };
-        if file.is_none() && !flags.anonymous {
-            return Err(self.err(
-                &flags_v.span(),
-                "expected `anonymous` in `flags`, or a `file` to map",
-            ));
-        }
-        let offset = match t.get("offset") {
-            Some(v) if file.is_none() => {
-                return Err(self.err(
-                    &v.span(),
-                    "`offset` is for file mappings; expected a `file` with it",
-                ));
-            }
-            Some(v) => {
-                let offset = self.size(v, "offset")?;
-                self.check_end(offset, len, len_v, "file offset")?;
-                offset
-            }
-            None => 0,
-        };
-        if (flags.fixed || flags.fixed_noreplace) && at.is_none() {
-            return Err(self.err(
-                &flags_v.span(),
-                "`fixed` and `fixed_noreplace` need an address; expected `at` with them",
-            ));
-        }
-        let align = match t.get("align") {
-            Some(v) => {
-                let align = self.size(v, "align")?;
-                if !align.is_power_of_two() {
-                    return Err(self.err(
-                        &v.span(),
-                        format!("expected a power of two for `align`, found {align:#x}"),
-                    ));
-                }
-                Some(align)
-            }
-            None => None,
-        };
-        if let Some(name) = &name {
-            self.define_mapping(name, len);
-        }
-        Ok(Op::Mmap {
-            name,
-            len,
-            prot,
-            flags,
-            at,
-            file,
-            offset,
-            align,
-        })
-    }
-
-    fn sleep(&self, t: &Table<'_, '_>) -> Result<SleepSpec> {
-        match (t.get("for"), t.get("random")) {
-            (Some(v), None) => Ok(SleepSpec::Fixed(self.time(v, "for")?)),
-            (None, Some(v)) => {
-                let pair = match v.get_ref() {
-                    DeValue::Array(items) if items.len() == 2 => Some((
-                        self.time(&items[0], "random")?,
-                        self.time(&items[1], "random")?,
-                    )),
-                    _ => None,
-                };
-                let Some((min, max)) = pair else {
-                    return Err(self.err(
-                        &v.span(),
-                        format!(
-                            "expected `random = [MIN, MAX]` (two times), found {}",
-                            describe(v.get_ref())
-                        ),
-                    ));
-                };
-                if min > max {
-                    return Err(self.err(
-                        &v.span(),
-                        format!("expected MIN <= MAX in `random`, found [{min}, {max}]"),
-                    ));
-                }
-                Ok(SleepSpec::Random(min, max))
-            }
-            _ => Err(self.err(
-                &t.span,
-                "a `sleep` step needs exactly one of `for = TIME` or `random = [MIN, MAX]`",
-            )),
-        }
-    }
-
     // ----- expectations -----
 
-    fn expect(&self, v: &Value<'_>, kind: OpKind, op: &Op) -> Result<Expect> {
+    fn expect(&self, v: &Value<'_>, spec: &OpSpec, op: &Op) -> Result<Expect> {
         let t = self.table(v, "an `expect` table like `{ errno = \"EFAULT\" }`")?;
-        let allowed = kind.expect_keys();
+        let allowed = spec.expect_keys;
         for (key, _) in &t.entries {
             let key_name: &str = key.get_ref().as_ref();
             if allowed.contains(&key_name) {
@@ -2435,7 +1490,7 @@ impl<'s> Parser<'s> {
             let message = if ALL_EXPECT_KEYS.contains(&key_name) {
                 format!(
                     "`expect.{key_name}` is not checked for a `{}` step; expected one of: {}",
-                    kind.name(),
+                    spec.name,
                     list(allowed.iter().copied())
                 )
             } else {
@@ -2468,10 +1523,7 @@ impl<'s> Parser<'s> {
         }
         if let Some(v) = t.get("value") {
             let value = self.uint(v, "value")?;
-            let len = match op {
-                Op::Load { len, .. } => *len,
-                _ => None,
-            };
+            let len = op.load_len();
             let Some(len @ (1 | 2 | 4 | 8)) = len else {
                 let found = len.map_or_else(|| "no `len`".to_owned(), |l| format!("len {l}"));
                 return Err(self.err(

@@ -11,20 +11,17 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::rc::Rc;
 
-use peerdma_core::{DeviceId, Errno, PAGE_SIZE, Pid, Range, SimDuration, SimTime, Va};
+use peerdma_core::{DeviceId, Errno, Pid, SimDuration, SimTime, Va};
 use peerdma_devices::{Dmirror, DmirrorCosts, DmirrorDevice, DmirrorMemory, DmirrorResult};
-use peerdma_dma::{DmaCosts, DmaOp, DmaSgFlags, DmaSgHandle, DmaSpace, Platform, get_user_dma_sg};
+use peerdma_dma::{DmaCosts, DmaSgHandle, DmaSpace, Platform};
 use peerdma_iommu::{DomainConfig, DomainType};
-use peerdma_mm::{
-    Advice as MmAdvice, DeviceGrant, FrameTranslation, Kernel, MmCosts, MmapArgs, Prot as MmProt,
-    Signal as MmSignal,
-};
+use peerdma_mm::{Kernel, MmCosts, Prot as MmProt, Signal as MmSignal};
 use peerdma_sim::{RngStream, RunOutcome, Sim, SimConfig, WaitQueue};
 
 use crate::ast::{
-    AddrExpr, Advice, DeviceKind, DeviceMemoryKind, DmaMode, Expect, IommuMode, Op, Scenario,
-    Signal, SleepSpec, Step, TimeMode, WriteSource,
+    AddrExpr, DeviceKind, DeviceMemoryKind, Expect, IommuMode, Scenario, Signal, Step, TimeMode,
 };
+use crate::error::RunError;
 use crate::report::{ExpectFailure, Outcome, Report, StepRecord};
 
 /// The device id DMA through `pin`s is attributed to (a generic DMA engine, not a declared device).
@@ -43,46 +40,56 @@ pub struct RunOptions {
 
 /// What a step produced, compared against its `expect`.
 #[derive(Clone, Debug, Default)]
-struct StepResult {
-    errno: Option<Errno>,
-    signal: Option<MmSignal>,
-    dm: Option<DmirrorResult>,
-    data: Option<Vec<u8>>,
+pub(crate) struct StepResult {
+    pub(crate) errno: Option<Errno>,
+    pub(crate) signal: Option<MmSignal>,
+    pub(crate) dm: Option<DmirrorResult>,
+    pub(crate) data: Option<Vec<u8>>,
     /// A `dma.map` handle's merged segments (`kind`, bytes) and first DMA address.
-    segments: Option<Vec<(String, u64)>>,
-    dma_addr: Option<u64>,
+    pub(crate) segments: Option<Vec<(String, u64)>>,
+    pub(crate) dma_addr: Option<u64>,
     /// Pages a `dma.map` step pinned.
-    pinned: Option<u64>,
+    pub(crate) pinned: Option<u64>,
 }
 
+/// A process of the scenario: its pid once it exists, and what its steps hold by name.
 #[derive(Debug, Default)]
-struct ProcState {
-    pid: Option<Pid>,
-    mappings: BTreeMap<String, (Va, u64)>,
-    fds: BTreeMap<String, Rc<Dmirror>>,
-    pins: BTreeMap<String, (peerdma_mm::PinnedPages, Va)>,
-    handles: BTreeMap<String, DmaSgHandle>,
-    live_threads: usize,
-    exited: bool,
+pub(crate) struct ProcState {
+    pub(crate) pid: Option<Pid>,
+    pub(crate) mappings: BTreeMap<String, (Va, u64)>,
+    pub(crate) fds: BTreeMap<String, Rc<Dmirror>>,
+    pub(crate) pins: BTreeMap<String, (peerdma_mm::PinnedPages, Va)>,
+    pub(crate) handles: BTreeMap<String, DmaSgHandle>,
+    pub(crate) live_threads: usize,
+    pub(crate) exited: bool,
 }
 
+/// What a step's op runs with: the world, the acting thread's process and its RNG stream.
+pub(crate) struct StepCx<'a> {
+    pub(crate) world: &'a World,
+    pub(crate) proc_name: &'a str,
+    pub(crate) pid: Pid,
+    pub(crate) rng: &'a mut RngStream,
+}
+
+/// The running scenario: the kernel, the platform, the processes and what the steps recorded.
 #[derive(Debug)]
-struct World {
-    kernel: Rc<Kernel>,
+pub(crate) struct World {
+    pub(crate) kernel: Rc<Kernel>,
     scn: Scenario,
-    procs: RefCell<BTreeMap<String, ProcState>>,
-    files: BTreeMap<String, u32>,
-    devices: BTreeMap<String, Rc<DmirrorDevice>>,
+    pub(crate) procs: RefCell<BTreeMap<String, ProcState>>,
+    pub(crate) files: BTreeMap<String, u32>,
+    pub(crate) devices: BTreeMap<String, Rc<DmirrorDevice>>,
     /// The DMA platform, when the scenario has a `[topology]`.
     platform: Option<Rc<Platform>>,
     /// `pci` devices by name.
-    pci: BTreeMap<String, DeviceId>,
+    pub(crate) pci: BTreeMap<String, DeviceId>,
     /// BAR exports by name.
-    exports: BTreeMap<String, peerdma_mm::MmioId>,
-    dma_page_cost: SimDuration,
+    pub(crate) exports: BTreeMap<String, peerdma_mm::MmioId>,
+    pub(crate) dma_page_cost: SimDuration,
     /// The access path of the scenario's DMA engine (`dma.write` through a pin).
-    dma_engine: DmaSpace,
-    proc_wq: WaitQueue,
+    pub(crate) dma_engine: DmaSpace,
+    pub(crate) proc_wq: WaitQueue,
     records: RefCell<Vec<StepRecord>>,
     failures: RefCell<Vec<ExpectFailure>>,
     expectations: RefCell<u64>,
@@ -139,8 +146,8 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
     let dma_costs = DmaCosts::from_timing(&timing);
     let (platform, pci, exports) = match build_platform(scn, &kernel, dma_costs) {
         Ok(p) => p,
-        Err(msg) => {
-            sim.stop(msg);
+        Err(e) => {
+            sim.stop(e.to_string());
             (None, BTreeMap::new(), BTreeMap::new())
         }
     };
@@ -189,11 +196,11 @@ fn build_platform(
     scn: &Scenario,
     kernel: &Rc<Kernel>,
     costs: DmaCosts,
-) -> Result<PlatformParts, String> {
+) -> Result<PlatformParts, RunError> {
     let Some(spec) = &scn.topology else {
         return Ok((None, BTreeMap::new(), BTreeMap::new()));
     };
-    let topo = spec.build().map_err(|e| e.to_string())?;
+    let topo = spec.build()?;
     let platform = Platform::new(kernel.clone(), topo, costs);
     let mut pci = BTreeMap::new();
     let mut exports = BTreeMap::new();
@@ -206,7 +213,10 @@ fn build_platform(
         let node = platform
             .topology()
             .lookup(node_name)
-            .ok_or_else(|| format!("device {}: no node {node_name}", d.name))?;
+            .ok_or_else(|| RunError::NoNode {
+                device: d.name.clone(),
+                node: node_name.to_owned(),
+            })?;
         let domain = DomainConfig::with_type(match d.iommu {
             IommuMode::Identity => DomainType::Identity,
             IommuMode::Dma => DomainType::Dma,
@@ -214,35 +224,35 @@ fn build_platform(
         });
         platform
             .add_device(id, node, &d.name, domain)
-            .map_err(|e| format!("device {}: {}", d.name, e.name()))?;
+            .map_err(|errno| RunError::AddDevice {
+                device: d.name.clone(),
+                errno,
+            })?;
         for r in &d.p2p {
             platform
                 .p2p_add_resource(id, r.bar, r.size, r.offset)
-                .map_err(|e| {
-                    format!(
-                        "device {}: pci_p2pdma_add_resource(bar {}, size {:#x}, offset {:#x}) failed with -{}",
-                        d.name,
-                        r.bar,
-                        r.size,
-                        r.offset,
-                        e.name()
-                    )
+                .map_err(|errno| RunError::P2pAddResource {
+                    device: d.name.clone(),
+                    bar: r.bar,
+                    size: r.size,
+                    offset: r.offset,
+                    errno,
                 })?;
             platform
                 .p2p_publish(id, r.publish)
-                .map_err(|e| e.name().to_owned())?;
+                .map_err(|errno| RunError::P2pPublish {
+                    device: d.name.clone(),
+                    errno,
+                })?;
         }
         for x in &d.exports {
             let mmio = platform
                 .export_bar(id, x.bar, x.offset, x.len, x.revocable)
-                .map_err(|e| {
-                    format!(
-                        "device {}: export `{}` does not fit BAR {}: -{}",
-                        d.name,
-                        x.name,
-                        x.bar,
-                        e.name()
-                    )
+                .map_err(|errno| RunError::ExportDoesNotFit {
+                    device: d.name.clone(),
+                    export: x.name.clone(),
+                    bar: x.bar,
+                    errno,
                 })?;
             exports.insert(x.name.clone(), mmio);
         }
@@ -303,7 +313,7 @@ impl World {
             }
             let res = self.step(&t.process, step, &mut rng).await;
             self.check(&t.name, step, &res, start);
-            if matches!(step.op, Op::Exit) {
+            if step.op.ends_thread() {
                 break;
             }
         }
@@ -313,12 +323,12 @@ impl World {
             st.live_threads -= 1;
             st.live_threads == 0 && !st.exited
         };
-        if last || matches!(t.steps.last().map(|s| &s.op), Some(Op::Exit)) {
+        if last || t.steps.last().is_some_and(|s| s.op.ends_thread()) {
             self.exit_process(&t.process).await;
         }
     }
 
-    async fn exit_process(&self, name: &str) {
+    pub(crate) async fn exit_process(&self, name: &str) {
         let (pid, fds) = {
             let mut p = self.procs.borrow_mut();
             let st = p.get_mut(name).expect("known process");
@@ -348,531 +358,62 @@ impl World {
     }
 
     /// Resolves an address expression in `proc_name`, with the length left in its mapping.
-    fn resolve(&self, proc_name: &str, a: &AddrExpr) -> Result<(Va, Option<u64>), String> {
+    pub(crate) fn resolve(
+        &self,
+        proc_name: &str,
+        a: &AddrExpr,
+    ) -> Result<(Va, Option<u64>), RunError> {
         match a {
             AddrExpr::Raw(v) => Ok((Va::from_raw(*v), None)),
             AddrExpr::Sym { name, offset } => {
                 let p = self.procs.borrow();
-                let (base, len) = *p[proc_name].mappings.get(name).ok_or_else(|| {
-                    format!(
-                        "mapping `{name}` does not exist in process `{proc_name}` at this point"
-                    )
+                let (base, len) =
+                    *p[proc_name]
+                        .mappings
+                        .get(name)
+                        .ok_or_else(|| RunError::NoMapping {
+                            name: name.clone(),
+                            process: proc_name.to_owned(),
+                        })?;
+                let off = u64::try_from(*offset).map_err(|_| RunError::NegativeOffset {
+                    name: name.clone(),
+                    offset: *offset,
                 })?;
-                let off = u64::try_from(*offset)
-                    .map_err(|_| format!("negative offset {offset} from `{name}`"))?;
                 Ok((base.add(off), Some(len.saturating_sub(off))))
             }
         }
     }
 
-    #[expect(
-        clippy::too_many_lines,
-        reason = "one arm per operation reads best in one place"
-    )]
+    /// Runs one step of a thread of `proc_name`: the op's family module does the work ([`crate::ops`]).
     async fn step(
         &self,
         proc_name: &str,
         step: &Step,
         rng: &mut RngStream,
-    ) -> Result<StepResult, String> {
-        let kernel = &self.kernel;
-        let pid = self.pid(proc_name);
-        let mut out = StepResult::default();
-        match &step.op {
-            Op::Mmap {
-                name,
-                len,
-                prot,
-                flags,
-                at,
-                file,
-                offset,
-                align,
-            } => {
-                let addr = match at {
-                    Some(a) => Some(self.resolve(proc_name, a)?.0),
-                    None => None,
-                };
-                let extra = align.unwrap_or(0);
-                let args = MmapArgs {
-                    addr,
-                    len: len.saturating_add(extra),
-                    prot: mm_prot(*prot),
-                    shared: flags.shared,
-                    private: !flags.shared,
-                    anonymous: flags.anonymous,
-                    fixed: flags.fixed,
-                    fixed_noreplace: flags.fixed_noreplace,
-                    populate: flags.populate,
-                    hugetlb: flags.hugetlb,
-                    file: file.as_ref().map(|f| self.files[f]),
-                    offset: *offset,
-                    name: name.clone(),
-                };
-                match kernel.mmap(pid, &args).await {
-                    Ok(va) => {
-                        let va = match align {
-                            Some(a) if *a > 0 => va.align_up(*a).expect("inside the reservation"),
-                            _ => va,
-                        };
-                        if let Some(n) = name {
-                            self.proc_mut(proc_name)
-                                .mappings
-                                .insert(n.clone(), (va, *len));
-                        }
-                    }
-                    Err(e) => out.errno = Some(e),
-                }
-            }
-            Op::Munmap { at, len } => {
-                let (va, _) = self.resolve(proc_name, at)?;
-                out.errno = kernel.munmap(pid, va, *len).await.err();
-            }
-            Op::Mprotect { at, len, prot } => {
-                let (va, _) = self.resolve(proc_name, at)?;
-                out.errno = kernel.mprotect(pid, va, *len, mm_prot(*prot)).await.err();
-            }
-            Op::Madvise { at, len, advice } => {
-                let (va, _) = self.resolve(proc_name, at)?;
-                let a = match advice {
-                    Advice::DontNeed => MmAdvice::DontNeed,
-                    Advice::HugePage => MmAdvice::HugePage,
-                    Advice::NoHugePage => MmAdvice::NoHugePage,
-                    Advice::Free => MmAdvice::Free,
-                    Advice::Collapse => MmAdvice::Collapse,
-                };
-                out.errno = kernel.madvise(pid, va, *len, a).await.err();
-            }
-            Op::Store { at, len, pattern } => {
-                let (va, rest) = self.resolve(proc_name, at)?;
-                let n = len.or(rest).ok_or("`store` at a raw address needs `len`")?;
-                let mut data = vec![0u8; usize::try_from(n).map_err(|_| "length too large")?];
-                pattern.fill(&mut data);
-                out.signal = kernel.store(pid, va, &data).await.err();
-            }
-            Op::Load { at, len } => {
-                let (va, rest) = self.resolve(proc_name, at)?;
-                let n = len.or(rest).ok_or("`load` at a raw address needs `len`")?;
-                let mut data = vec![0u8; usize::try_from(n).map_err(|_| "length too large")?];
-                match kernel.load(pid, va, &mut data).await {
-                    Ok(()) => out.data = Some(data),
-                    Err(s) => out.signal = Some(s),
-                }
-            }
-            Op::Pwrite {
-                file,
-                offset,
-                len,
-                pattern,
-            } => {
-                let mut data = vec![0u8; usize::try_from(*len).map_err(|_| "length too large")?];
-                pattern.fill(&mut data);
-                out.errno = kernel.pwrite(self.files[file], *offset, &data).await.err();
-            }
-            Op::Pread { file, offset, len } => {
-                let mut data = vec![0u8; usize::try_from(*len).map_err(|_| "length too large")?];
-                match kernel.pread(self.files[file], *offset, &mut data).await {
-                    Ok(_) => out.data = Some(data),
-                    Err(e) => out.errno = Some(e),
-                }
-            }
-            Op::Fork { child } => match kernel.fork(pid).await {
-                Ok(cpid) => {
-                    let mappings = self.procs.borrow()[proc_name].mappings.clone();
-                    let no_threads = {
-                        let mut procs = self.procs.borrow_mut();
-                        let st = procs.entry(child.clone()).or_default();
-                        st.pid = Some(cpid);
-                        st.mappings = mappings;
-                        st.live_threads == 0
-                    };
-                    self.proc_wq.wake_up_all();
-                    if no_threads {
-                        self.exit_process(child).await;
-                    }
-                }
-                Err(e) => out.errno = Some(e),
-            },
-            Op::Wait { child } => {
-                let procs = &self.procs;
-                self.proc_wq
-                    .wait_event(|| procs.borrow().get(child).is_some_and(|p| p.exited))
-                    .await;
-            }
-            Op::Exit => self.exit_process(proc_name).await,
-            Op::Sleep(s) => {
-                let d = match s {
-                    SleepSpec::Fixed(d) => *d,
-                    SleepSpec::Random(lo, hi) => {
-                        SimDuration(rng.between(lo.as_nanos(), hi.as_nanos()))
-                    }
-                };
-                kernel.sim.sleep(d).await;
-            }
-            Op::Open { dev, fd } => match Dmirror::open(&self.devices[dev], pid) {
-                Ok(m) => {
-                    self.proc_mut(proc_name).fds.insert(fd.clone(), m);
-                }
-                Err(e) => out.errno = Some(e),
-            },
-            Op::Close { fd } => {
-                let m = self.proc_mut(proc_name).fds.remove(fd);
-                match m {
-                    Some(m) => m.close().await,
-                    None => out.errno = Some(Errno::EBADF),
-                }
-            }
-            Op::DmirrorRead { fd, at, pages, ptr } => {
-                let m = self.fd(proc_name, fd)?;
-                let (va, _) = self.resolve(proc_name, at)?;
-                let res = m.read(va, *pages).await;
-                self.record_data(&mut out, pid, proc_name, ptr.as_ref(), res)
-                    .await?;
-            }
-            Op::DmirrorWrite { fd, at, pages, src } => {
-                let m = self.fd(proc_name, fd)?;
-                let (va, _) = self.resolve(proc_name, at)?;
-                let n = usize::try_from(pages.saturating_mul(PAGE_SIZE))
-                    .map_err(|_| "too many pages")?;
-                let mut data = vec![0u8; n.min(1 << 30)];
-                let copied = match src {
-                    WriteSource::Pattern(p) => {
-                        p.fill(&mut data);
-                        Ok(())
-                    }
-                    WriteSource::Ptr(p) => {
-                        let (srcva, _) = self.resolve(proc_name, p)?;
-                        kernel.copy_from_user(pid, srcva, &mut data).await
-                    }
-                };
-                match copied {
-                    Err(e) => out.errno = Some(e),
-                    Ok(()) => match m.write(va, *pages, &data).await {
-                        Ok(res) => out.dm = Some(res),
-                        Err(e) => out.errno = Some(e),
-                    },
-                }
-            }
-            Op::DmirrorMmap {
-                fd,
-                name,
-                len,
-                prot,
-            } => {
-                self.fd(proc_name, fd)?;
-                match kernel
-                    .mmap_driver_pages(pid, *len, mm_prot(*prot), false)
-                    .await
-                {
-                    Ok(va) => {
-                        self.proc_mut(proc_name)
-                            .mappings
-                            .insert(name.clone(), (va, *len));
-                    }
-                    Err(e) => out.errno = Some(e),
-                }
-            }
-            Op::DmirrorMigrateToDev { fd, at, pages, ptr } => {
-                let m = self.fd(proc_name, fd)?;
-                let (va, _) = self.resolve(proc_name, at)?;
-                let res = m.migrate_to_dev(va, *pages).await;
-                self.record_data(&mut out, pid, proc_name, ptr.as_ref(), res)
-                    .await?;
-            }
-            Op::DmirrorMigrateToSys { fd, at, pages } => {
-                let m = self.fd(proc_name, fd)?;
-                let (va, _) = self.resolve(proc_name, at)?;
-                match m.migrate_to_sys(va, *pages).await {
-                    Ok(res) => out.dm = Some(res),
-                    Err(e) => out.errno = Some(e),
-                }
-            }
-            Op::DmirrorExclusive { fd, at, pages } => {
-                let m = self.fd(proc_name, fd)?;
-                let (va, _) = self.resolve(proc_name, at)?;
-                let res = m.exclusive(va, *pages).await;
-                self.record_data(&mut out, pid, proc_name, None, res)
-                    .await?;
-            }
-            Op::DmirrorCheckExclusive { fd, at, pages } => {
-                let m = self.fd(proc_name, fd)?;
-                let (va, _) = self.resolve(proc_name, at)?;
-                if let Err(e) = m.check_exclusive(va, *pages).await {
-                    out.errno = Some(e);
-                }
-            }
-            Op::Mremap {
-                at,
-                len,
-                new_len,
-                flags,
-                to,
-                name,
-            } => {
-                let (va, _) = self.resolve(proc_name, at)?;
-                let mut flags = *flags;
-                if let Some(t) = to {
-                    flags.new_addr = Some(self.resolve(proc_name, t)?.0);
-                }
-                match kernel.mremap(pid, va, *len, *new_len, flags).await {
-                    Ok(nva) => {
-                        self.proc_mut(proc_name)
-                            .mappings
-                            .insert(name.clone(), (nva, *new_len));
-                    }
-                    Err(e) => out.errno = Some(e),
-                }
-            }
-            Op::Pin {
-                at,
-                pages,
-                flags,
-                name,
-            } => {
-                let (va, _) = self.resolve(proc_name, at)?;
-                match kernel.get_user_pages(pid, va, *pages, *flags).await {
-                    Ok(pinned) => {
-                        out.dm = Some(DmirrorResult {
-                            cpages: pinned.len() as u64,
-                            ..DmirrorResult::default()
-                        });
-                        self.proc_mut(proc_name)
-                            .pins
-                            .insert(name.clone(), (pinned, va));
-                    }
-                    Err(e) => out.errno = Some(e),
-                }
-            }
-            Op::Unpin { pin } => {
-                let p = self.proc_mut(proc_name).pins.remove(pin);
-                if p.is_none() {
-                    return Err(format!("pin `{pin}` is not held by process `{proc_name}`"));
-                }
-            }
-            Op::DmaWrite { pin, pattern } => {
-                let (frames, va) = {
-                    let procs = self.procs.borrow();
-                    let (p, va) = procs[proc_name].pins.get(pin).ok_or_else(|| {
-                        format!("pin `{pin}` is not held by process `{proc_name}`")
-                    })?;
-                    (p.frames().to_vec(), *va)
-                };
-                let mut data = vec![0u8; frames.len() * 4096];
-                pattern.fill(&mut data);
-                // The scenario's DMA engine writes through its pins one page at a time (one tag), each
-                // page landing `dma_page` after the previous one (peerdma_dma::space).
-                let mut ids = Vec::with_capacity(frames.len());
-                for (i, f) in frames.iter().enumerate() {
-                    let page_va = va.add(i as u64 * PAGE_SIZE);
-                    let t = FrameTranslation {
-                        frame: *f,
-                        generation: kernel.frame_generation(*f).unwrap_or(0),
-                        grant: DeviceGrant::Pin { pid, va: page_va },
-                    };
-                    let op = DmaOp::Write(data[i * 4096..(i + 1) * 4096].to_vec());
-                    match self
-                        .dma_engine
-                        .submit_frame(t, op, self.dma_page_cost)
-                        .await
-                    {
-                        Ok(id) => ids.push(id),
-                        Err(_) => break,
-                    }
-                }
-                for id in ids {
-                    // A refused landing is the oracle's to report; the step itself has no errno.
-                    let _ = self.dma_engine.wait(id).await;
-                }
-            }
-            Op::DmirrorFlags { fd, fail_alloc } => {
-                self.fd(proc_name, fd)?.set_flags(*fail_alloc);
-            }
-            Op::Truncate { file, size } => {
-                out.errno = kernel.truncate(self.files[file], *size).await.err();
-            }
-            Op::PunchHole { file, offset, len } => {
-                out.errno = kernel
-                    .punch_hole(self.files[file], *offset, *len)
-                    .await
-                    .err();
-            }
-            Op::Gup { at, pages, flags } => {
-                let (va, _) = self.resolve(proc_name, at)?;
-                match kernel.get_user_pages(pid, va, *pages, *flags).await {
-                    Ok(pinned) => {
-                        out.dm = Some(DmirrorResult {
-                            cpages: pinned.len() as u64,
-                            ..DmirrorResult::default()
-                        });
-                    }
-                    Err(e) => out.errno = Some(e),
-                }
-            }
-            Op::P2pmemMmap {
-                dev,
-                name,
-                len,
-                prot,
-                shared,
-                offset,
-            } => {
-                let platform = self.platform()?;
-                let pgoff = if offset % PAGE_SIZE == 0 {
-                    offset / PAGE_SIZE
-                } else {
-                    u64::MAX
-                };
-                let res = if pgoff == u64::MAX {
-                    Err(Errno::EINVAL)
-                } else {
-                    platform
-                        .p2pmem_mmap(pid, self.pci[dev], *len, mm_prot(*prot), *shared, pgoff)
-                        .await
-                };
-                self.record_mapping(&mut out, proc_name, name, *len, res);
-            }
-            Op::BarMmap {
-                export,
-                name,
-                offset,
-                len,
-                prot,
-            } => {
-                let platform = self.platform()?;
-                let res = platform
-                    .mmap_bar(pid, self.exports[export], *offset, *len, mm_prot(*prot))
-                    .await;
-                self.record_mapping(&mut out, proc_name, name, *len, res);
-            }
-            Op::DmaMap {
-                dev,
-                at,
-                len,
-                mode,
-                write,
-                p2p,
-                name,
-            } => {
-                let platform = self.platform()?;
-                let (va, _) = self.resolve(proc_name, at)?;
-                let range = Range::from_len(va, *len)
-                    .ok_or_else(|| format!("range at {va} of {len:#x} bytes wraps"))?;
-                let mut flags = DmaSgFlags::empty();
-                flags.set(DmaSgFlags::WRITE, *write);
-                flags.set(DmaSgFlags::P2P, *p2p);
-                flags.set(DmaSgFlags::LONGTERM, *mode == DmaMode::LongTerm);
-                flags.set(DmaSgFlags::MIRROR, *mode == DmaMode::Mirror);
-                match get_user_dma_sg(&platform, pid, range, self.pci[dev], flags).await {
-                    Ok(h) => {
-                        let segs = h.segments();
-                        out.dma_addr = segs.first().map(|s| s.addr.raw());
-                        out.segments = Some(
-                            segs.iter()
-                                .map(|s| (s.kind.name().to_owned(), s.len))
-                                .collect(),
-                        );
-                        out.pinned = Some(h.nr_pinned() as u64);
-                        self.proc_mut(proc_name).handles.insert(name.clone(), h);
-                    }
-                    Err(e) => out.errno = Some(e),
-                }
-            }
-            Op::DmaSgWrite {
-                handle,
-                offset,
-                len,
-                pattern,
-            } => {
-                let (h, bytes) = self.take_handle(proc_name, handle, *offset, *len)?;
-                let mut data = vec![0u8; bytes];
-                pattern.fill(&mut data);
-                out.errno = h.write(*offset, &data).await.err();
-                self.put_handle(proc_name, handle, h);
-            }
-            Op::DmaSgRead {
-                handle,
-                offset,
-                len,
-            } => {
-                let (h, bytes) = self.take_handle(proc_name, handle, *offset, *len)?;
-                match h.read(*offset, bytes).await {
-                    Ok(d) => out.data = Some(d),
-                    Err(e) => out.errno = Some(e),
-                }
-                self.put_handle(proc_name, handle, h);
-            }
-            Op::DmaSgRelease { handle } => {
-                let h = self
-                    .proc_mut(proc_name)
-                    .handles
-                    .remove(handle)
-                    .ok_or_else(|| {
-                        format!("dma handle `{handle}` is not held by process `{proc_name}`")
-                    })?;
-                h.release().await;
-            }
-            Op::DeviceRemove { dev } => {
-                let platform = self.platform()?;
-                out.errno = platform.remove_device(self.pci[dev]).await.err();
-            }
-            Op::DmabufMoveNotify { export } => {
-                self.platform()?.dmabuf_move_notify(self.exports[export]);
-            }
-            Op::DmaRaw {
-                dev,
-                addr,
-                len,
-                pattern,
-            } => {
-                let platform = self.platform()?;
-                let bytes = usize::try_from(*len).map_err(|_| format!("len {len:#x} too large"))?;
-                let mut buf = vec![0u8; bytes];
-                let data = pattern.as_ref().map(|p| {
-                    let mut d = vec![0u8; bytes];
-                    p.fill(&mut d);
-                    d
-                });
-                match platform
-                    .raw_dma(self.pci[dev], *addr, data.as_deref(), &mut buf)
-                    .await
-                {
-                    Ok(()) if data.is_none() => out.data = Some(buf),
-                    Ok(()) => {}
-                    Err(e) => out.errno = Some(e),
-                }
-            }
-            Op::DmirrorRelease { fd } => {
-                if let Err(e) = self.fd(proc_name, fd)?.release().await {
-                    out.errno = Some(e);
-                }
-            }
-            Op::DmirrorSnapshot { fd, at, pages } => {
-                let m = self.fd(proc_name, fd)?;
-                let (va, _) = self.resolve(proc_name, at)?;
-                let res = m.snapshot(va, *pages).await;
-                self.record_data(&mut out, pid, proc_name, None, res)
-                    .await?;
-            }
-        }
-        Ok(out)
+    ) -> Result<StepResult, RunError> {
+        let mut cx = StepCx {
+            world: self,
+            proc_name,
+            pid: self.pid(proc_name),
+            rng,
+        };
+        step.op.run(&mut cx).await
     }
 
     /// Returns the state of a process a running thread belongs to.
-    fn proc_mut(&self, proc_name: &str) -> std::cell::RefMut<'_, ProcState> {
+    pub(crate) fn proc_mut(&self, proc_name: &str) -> std::cell::RefMut<'_, ProcState> {
         std::cell::RefMut::map(self.procs.borrow_mut(), |p| {
             p.get_mut(proc_name)
                 .expect("a running thread's process is known")
         })
     }
 
-    fn platform(&self) -> Result<Rc<Platform>, String> {
-        self.platform
-            .clone()
-            .ok_or_else(|| "this step needs a `[topology]`".to_owned())
+    pub(crate) fn platform(&self) -> Result<Rc<Platform>, RunError> {
+        self.platform.clone().ok_or(RunError::NoTopology)
     }
 
     /// Records a new mapping under `name` (or the errno).
-    fn record_mapping(
+    pub(crate) fn record_mapping(
         &self,
         out: &mut StepResult,
         proc_name: &str,
@@ -892,26 +433,31 @@ impl World {
 
     /// Takes a handle out of its process for an access (so no borrow is held across the access's awaits)
     /// and returns it with the access length in bytes.
-    fn take_handle(
+    pub(crate) fn take_handle(
         &self,
         proc_name: &str,
         handle: &str,
         offset: u64,
         len: Option<u64>,
-    ) -> Result<(DmaSgHandle, usize), String> {
+    ) -> Result<(DmaSgHandle, usize), RunError> {
         let h = self
             .proc_mut(proc_name)
             .handles
             .remove(handle)
-            .ok_or_else(|| format!("dma handle `{handle}` is not held by process `{proc_name}`"))?;
+            .ok_or_else(|| RunError::NoHandle {
+                handle: handle.to_owned(),
+                process: proc_name.to_owned(),
+            })?;
         let total = h.range().len();
         let bytes = len.unwrap_or(total.saturating_sub(offset));
         if offset.checked_add(bytes).is_none_or(|e| e > total) {
-            let msg = format!(
-                "offset {offset:#x} + {bytes:#x} bytes passes the end of handle `{handle}` ({total:#x} bytes)"
-            );
             self.put_handle(proc_name, handle, h);
-            return Err(msg);
+            return Err(RunError::PastHandleEnd {
+                handle: handle.to_owned(),
+                offset,
+                bytes,
+                total,
+            });
         }
         Ok((
             h,
@@ -919,7 +465,7 @@ impl World {
         ))
     }
 
-    fn put_handle(&self, proc_name: &str, handle: &str, h: DmaSgHandle) {
+    pub(crate) fn put_handle(&self, proc_name: &str, handle: &str, h: DmaSgHandle) {
         self.proc_mut(proc_name)
             .handles
             .insert(handle.to_owned(), h);
@@ -927,14 +473,14 @@ impl World {
 
     /// Records the result of a dmirror command that returns data, copying the data to `ptr` first when the
     /// step names one (the driver's `copy_to_user` into the selftests' `buffer.mirror`).
-    async fn record_data(
+    pub(crate) async fn record_data(
         &self,
         out: &mut StepResult,
         pid: Pid,
         proc_name: &str,
         ptr: Option<&AddrExpr>,
         res: Result<DmirrorResult, Errno>,
-    ) -> Result<(), String> {
+    ) -> Result<(), RunError> {
         match res {
             Ok(res) => {
                 if let Some(p) = ptr {
@@ -951,16 +497,19 @@ impl World {
         Ok(())
     }
 
-    fn fd(&self, proc_name: &str, fd: &str) -> Result<Rc<Dmirror>, String> {
+    pub(crate) fn fd(&self, proc_name: &str, fd: &str) -> Result<Rc<Dmirror>, RunError> {
         self.procs.borrow()[proc_name]
             .fds
             .get(fd)
             .cloned()
-            .ok_or_else(|| format!("`{fd}` is not open in process `{proc_name}`"))
+            .ok_or_else(|| RunError::FdNotOpen {
+                fd: fd.to_owned(),
+                process: proc_name.to_owned(),
+            })
     }
 
     /// Checks a step's result against its `expect` and records the outcome.
-    fn check(&self, thread: &str, step: &Step, res: &Result<StepResult, String>, start: SimTime) {
+    fn check(&self, thread: &str, step: &Step, res: &Result<StepResult, RunError>, start: SimTime) {
         let mut fails = Vec::new();
         let e: &Expect = &step.expect;
         // Disarm the oracle whatever happened; what it saw is checked below.
@@ -969,9 +518,9 @@ impl World {
             .map(|_| self.kernel.state().oracle.take_expected());
         let summary;
         match res {
-            Err(msg) => {
-                summary = format!("error: {msg}");
-                fails.push(msg.clone());
+            Err(err) => {
+                summary = format!("error: {err}");
+                fails.push(err.to_string());
             }
             Ok(r) => {
                 summary = summarize(r);
@@ -1177,7 +726,8 @@ impl World {
     }
 }
 
-fn mm_prot(p: crate::ast::Prot) -> MmProt {
+/// Returns the kernel's protection bits for a scenario `prot`.
+pub(crate) fn mm_prot(p: crate::ast::Prot) -> MmProt {
     MmProt {
         read: p.read,
         write: p.write,

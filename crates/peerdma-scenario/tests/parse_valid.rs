@@ -5,6 +5,7 @@
 )]
 
 use peerdma_core::{Errno, SimDuration};
+use peerdma_scenario::ops::{DmaApiOp, DmirrorOp, FileOp, MemOp, P2pOp, ProcOp};
 use peerdma_scenario::{
     AddrExpr, Advice, DeviceKind, DeviceMemoryKind, DmaMode, Expect, ExportDecl, IommuMode, Loc,
     MmapFlags, Op, P2pDecl, Pattern, Prot, Segment, Signal, SleepSpec, TimeMode, WriteSource,
@@ -83,7 +84,7 @@ fn steps_keep_their_values_and_locations() {
     assert_eq!(steps[0].loc, Loc { line: 36, col: 3 });
     assert_eq!(
         steps[0].op,
-        Op::Mmap {
+        Op::Mem(MemOp::Mmap {
             name: Some("buf".into()),
             len: 4 << 20,
             prot: Prot::READ_WRITE,
@@ -95,38 +96,38 @@ fn steps_keep_their_values_and_locations() {
             file: None,
             offset: 0,
             align: None,
-        }
+        })
     );
     assert!(steps[0].expect.is_default());
     assert!(
-        matches!(&steps[1].op, Op::Mmap { align: Some(0x20_0000), flags, .. } if flags.populate)
+        matches!(&steps[1].op, Op::Mem(MemOp::Mmap { align: Some(0x20_0000), flags, .. }) if flags.populate)
     );
     assert!(matches!(
         &steps[2].op,
-        Op::Mmap { file: Some(f), offset: 4096, flags, .. } if f == "data" && flags.shared
+        Op::Mem(MemOp::Mmap { file: Some(f), offset: 4096, flags, .. }) if f == "data" && flags.shared
     ));
     assert_eq!(steps[3].loc, Loc { line: 41, col: 3 });
     assert!(matches!(
         &steps[3].op,
-        Op::Mmap { at: Some(AddrExpr::Raw(0x7f00_0000_0000)), flags, .. } if flags.fixed_noreplace
+        Op::Mem(MemOp::Mmap { at: Some(AddrExpr::Raw(0x7f00_0000_0000)), flags, .. }) if flags.fixed_noreplace
     ));
     assert_eq!(steps[3].expect.errno, Some(Some(Errno::EEXIST)));
     assert_eq!(
         steps[4].op,
-        Op::Munmap {
+        Op::Mem(MemOp::Munmap {
             at: AddrExpr::Sym {
                 name: "buf".into(),
                 offset: 2 << 20
             },
             len: 1 << 20
-        }
+        })
     );
     assert!(matches!(
         steps[6].op,
-        Op::Madvise {
+        Op::Mem(MemOp::Madvise {
             advice: Advice::HugePage,
             ..
-        }
+        })
     ));
     assert_eq!(steps[8].expect.signal, Some(Signal::Segv));
     assert_eq!(steps[9].expect.value, Some(0xffff_fbfc));
@@ -145,12 +146,12 @@ fn steps_keep_their_values_and_locations() {
     );
     assert!(matches!(
         &steps[11].op,
-        Op::Pwrite {
+        Op::File(FileOp::Pwrite {
             offset: 4096,
             len: 4096,
             pattern: Pattern::Byte(0x5a),
             ..
-        }
+        })
     ));
     assert_eq!(
         steps[14].expect,
@@ -163,18 +164,18 @@ fn steps_keep_their_values_and_locations() {
     );
     assert!(matches!(
         &steps[15].op,
-        Op::DmirrorWrite {
+        Op::Dmirror(DmirrorOp::Write {
             src: WriteSource::Pattern(_),
             pages: 1,
             ..
-        }
+        })
     ));
     assert!(matches!(
         &steps[16].op,
-        Op::DmirrorWrite {
+        Op::Dmirror(DmirrorOp::Write {
             src: WriteSource::Ptr(AddrExpr::Sym { offset: 4096, .. }),
             ..
-        }
+        })
     ));
     assert_eq!(steps[16].expect.errno, Some(None));
     assert_eq!(steps[17].expect.bytes, Some(vec![1, 0x0a, 0x11, 0]));
@@ -182,14 +183,16 @@ fn steps_keep_their_values_and_locations() {
     assert_eq!(steps[18].expect.errno, Some(Some(Errno::EINVAL)));
     assert_eq!(
         steps[21].op,
-        Op::Sleep(SleepSpec::Fixed(SimDuration::from_nanos(1_500)))
+        Op::Proc(ProcOp::Sleep(SleepSpec::Fixed(SimDuration::from_nanos(
+            1_500
+        ))))
     );
     assert_eq!(
         steps[22].op,
-        Op::Sleep(SleepSpec::Random(
+        Op::Proc(ProcOp::Sleep(SleepSpec::Random(
             SimDuration::from_micros(1),
             SimDuration::from_millis(2)
-        ))
+        )))
     );
     assert_eq!(s.threads[1].steps[0].expect.errno, Some(None));
 }
@@ -351,51 +354,51 @@ fn pci_devices_and_p2p_ops_parse_with_their_defaults() {
     let rw = Prot::READ_WRITE;
     assert_eq!(
         *ops[0],
-        Op::P2pmemMmap {
+        Op::P2p(P2pOp::P2pmemMmap {
             dev: "ssd".into(),
             name: "cmb".into(),
             len: 64 << 10,
             prot: rw,
             shared: true,
             offset: 0
-        },
+        }),
         "p2pmem.mmap defaults: rw, shared, offset 0"
     );
     assert_eq!(
         *ops[1],
-        Op::P2pmemMmap {
+        Op::P2p(P2pOp::P2pmemMmap {
             dev: "ssd".into(),
             name: "cmb2".into(),
             len: 8 << 10,
             prot: Prot::READ,
             shared: false,
             offset: 4 << 10
-        }
+        })
     );
     assert_eq!(steps[1].expect.errno, Some(Some(Errno::EINVAL)));
     assert_eq!(
         *ops[2],
-        Op::BarMmap {
+        Op::P2p(P2pOp::BarMmap {
             export: "vram".into(),
             name: "bar".into(),
             offset: 0,
             len: 64 << 10,
             prot: rw
-        }
+        })
     );
     assert_eq!(
         *ops[3],
-        Op::BarMmap {
+        Op::P2p(P2pOp::BarMmap {
             export: "pinned_vram".into(),
             name: "bar2".into(),
             offset: 8 << 10,
             len: 4 << 10,
             prot: Prot::READ
-        }
+        })
     );
     assert_eq!(
         *ops[5],
-        Op::DmaMap {
+        Op::Dma(DmaApiOp::Map {
             dev: "nic".into(),
             at: sym("cmb", 0),
             len: 64 << 10,
@@ -403,13 +406,13 @@ fn pci_devices_and_p2p_ops_parse_with_their_defaults() {
             write: false,
             p2p: false,
             name: "h".into()
-        },
+        }),
         "dma.map defaults: short-term, no flags"
     );
     assert!(steps[5].expect.is_default());
     assert_eq!(
         *ops[6],
-        Op::DmaMap {
+        Op::Dma(DmaApiOp::Map {
             dev: "nic".into(),
             at: sym("cmb", 4 << 10),
             len: 8 << 10,
@@ -417,7 +420,7 @@ fn pci_devices_and_p2p_ops_parse_with_their_defaults() {
             write: true,
             p2p: true,
             name: "lt".into()
-        }
+        })
     );
     assert_eq!(
         steps[6].expect,
@@ -434,57 +437,63 @@ fn pci_devices_and_p2p_ops_parse_with_their_defaults() {
     );
     assert!(matches!(
         ops[7],
-        Op::DmaMap {
+        Op::Dma(DmaApiOp::Map {
             mode: DmaMode::Mirror,
             ..
-        }
+        })
     ));
     assert_eq!(steps[7].expect.errno, Some(Some(Errno::EFAULT)));
     assert_eq!(
         *ops[8],
-        Op::DmaSgWrite {
+        Op::Dma(DmaApiOp::SgWrite {
             handle: "h".into(),
             offset: 0,
             len: None,
             pattern: "byte:0x5a".parse().unwrap()
-        },
+        }),
         "dma_sg.write defaults: offset 0, to the end of the range"
     );
     assert_eq!(
         *ops[9],
-        Op::DmaSgWrite {
+        Op::Dma(DmaApiOp::SgWrite {
             handle: "h".into(),
             offset: 4 << 10,
             len: Some(8 << 10),
             pattern: "u32:index".parse().unwrap()
-        }
+        })
     );
     assert_eq!(
         *ops[10],
-        Op::DmaSgRead {
+        Op::Dma(DmaApiOp::SgRead {
             handle: "h".into(),
             offset: 0,
             len: None
-        }
+        })
     );
     assert_eq!(steps[10].expect.data, Some("byte:0x5a".parse().unwrap()));
     assert_eq!(
         *ops[11],
-        Op::DmaSgRead {
+        Op::Dma(DmaApiOp::SgRead {
             handle: "h".into(),
             offset: 8 << 10,
             len: Some(4 << 10)
-        }
+        })
     );
     assert_eq!(steps[11].expect.errno, Some(Some(Errno::EIO)));
-    assert_eq!(*ops[12], Op::DmaSgRelease { handle: "h".into() });
+    assert_eq!(
+        *ops[12],
+        Op::Dma(DmaApiOp::SgRelease { handle: "h".into() })
+    );
     assert_eq!(
         *ops[13],
-        Op::DmabufMoveNotify {
+        Op::P2p(P2pOp::DmabufMoveNotify {
             export: "vram".into()
-        }
+        })
     );
-    assert_eq!(*ops[14], Op::DeviceRemove { dev: "gpu0".into() });
+    assert_eq!(
+        *ops[14],
+        Op::P2p(P2pOp::DeviceRemove { dev: "gpu0".into() })
+    );
     assert_eq!(steps[15].expect.signal, Some(Signal::Bus));
     assert_eq!(steps.len(), 16);
     assert_eq!(steps[6].loc, Loc { line: 84, col: 3 });

@@ -1,5 +1,6 @@
 //! `peerdma`: run, check and explore scenario files; size PCIe links (`link`); show a scenario's PCIe
-//! topology and its P2PDMA decisions (`topo`); list the timing-model parameters (`params`).
+//! topology and its P2PDMA decisions (`topo`); list the timing-model parameters (`params`) and the steps'
+//! ops (`ops`).
 //!
 //! Exit codes: 0 the run passed (or the file is valid), 1 an expectation failed or the oracle found a
 //! violation, 2 the input is invalid (a located error is printed) or a file could not be read or written.
@@ -10,6 +11,7 @@
 )]
 
 mod link;
+mod ops;
 mod params;
 mod topo;
 
@@ -90,6 +92,15 @@ enum Command {
         /// Prints a JSON array of `{key, unit, default, source, doc}` (`unit` "ns" or "count").
         #[arg(long)]
         json: bool,
+    },
+    /// Lists every op a scenario step can use: its keys, the `expect` keys it checks and what it does.
+    Ops {
+        /// Prints a JSON array of `{name, keys, expect_keys, doc_keys, doc}`.
+        #[arg(long, conflicts_with = "markdown")]
+        json: bool,
+        /// Prints the steps table of docs/scenario-format.md.
+        #[arg(long)]
+        markdown: bool,
     },
     /// Prints a scenario's `[topology]` tree and the P2PDMA map type, distance, path and bottleneck link of
     /// every (provider, client) pair of endpoints.
@@ -217,6 +228,17 @@ fn main() -> ExitCode {
             }
         }
         Command::Topo { file, json } => topo_command(&file, json),
+        Command::Ops { json, markdown } => {
+            let all = peerdma_scenario::OPS;
+            if json {
+                print!("{}", ops::render_json(all));
+            } else if markdown {
+                print!("{}", peerdma_scenario::ops::markdown_table());
+            } else {
+                print!("{}", ops::render_text(all));
+            }
+            ExitCode::SUCCESS
+        }
         Command::Params { json } => {
             let all = peerdma_scenario::params::all_params();
             if json {

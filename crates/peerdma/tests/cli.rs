@@ -824,3 +824,32 @@ fn params_text_shows_defaults_with_units() {
         "{line}"
     );
 }
+
+#[test]
+fn ops_lists_every_registered_op_once_and_its_markdown_is_the_format_doc_table() {
+    let out = peerdma(&["ops", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    let registered: Vec<&str> = peerdma_scenario::OPS.iter().map(|s| s.name).collect();
+    assert_eq!(names, registered);
+    assert!(names.contains(&"reclaim") && names.contains(&"dma_sg.read"));
+    let out = peerdma(&["ops", "--markdown"]);
+    assert_eq!(out.status.code(), Some(0));
+    let doc = std::fs::read_to_string(root().join("docs/scenario-format.md")).unwrap();
+    for row in text(&out.stdout).lines() {
+        assert!(
+            doc.lines().any(|l| l == row),
+            "not in the format doc: {row}"
+        );
+    }
+    let out = peerdma(&["ops"]);
+    assert!(
+        text(&out.stdout).contains("reclaim\n  keys:   pages, node\n  expect: errno, cpages\n")
+    );
+}
