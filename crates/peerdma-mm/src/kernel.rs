@@ -16,7 +16,7 @@
 //! (faults, COW copies, THPs, swap-ins) may land there; kernel/driver pages, hugetlb pages and page-cache
 //! pages never do ([`crate::phys::GfpZone::for_owner`]; hugetlb pages stay out because the model cannot
 //! migrate them). While a long-term GUP runs on an address space it holds the `memalloc_pin_save` scope
-//! ([`AddressSpace::memalloc_pin`]): that address space's anonymous allocations then avoid movable nodes
+//! (`AddressSpace::memalloc_pin`, [`Kernel::memalloc_pin_depth`]): that address space's anonymous allocations then avoid movable nodes
 //! too (faults, COW copies, THPs and swap-ins). *Simplification:* Linux's `PF_MEMALLOC_PIN` is a flag of the calling task; the model has no tasks
 //! and puts it on the address space, so another agent faulting in the same address space meanwhile also
 //! allocates outside movable memory (placement only, never correctness: the long-term loop re-checks).
@@ -111,35 +111,35 @@ pub struct MmapArgs {
 
 /// One process address space (`struct mm_struct`).
 #[derive(Debug)]
-pub struct AddressSpace {
+pub(crate) struct AddressSpace {
     /// The owning process.
-    pub pid: Pid,
+    pub(crate) pid: Pid,
     /// VMAs by start address.
-    pub vmas: BTreeMap<Va, Vma>,
+    pub(crate) vmas: BTreeMap<Va, Vma>,
     /// The CPU page table.
-    pub pt: PageTable,
+    pub(crate) pt: PageTable,
     /// Interval notifiers.
-    pub notifiers: NotifierState,
+    pub(crate) notifiers: NotifierState,
     /// `mmap_lock`.
-    pub mmap_lock: RwSem,
+    pub(crate) mmap_lock: RwSem,
     /// False once the process exited.
-    pub alive: bool,
+    pub(crate) alive: bool,
     /// The NUMA node its allocations prefer (the default local policy's node).
-    pub home_node: u32,
+    pub(crate) home_node: u32,
     /// Depth of `memalloc_pin_save` scopes open on it (long-term GUP): while non-zero its anonymous
     /// allocations avoid movable memory (module docs).
-    pub memalloc_pin: u32,
+    pub(crate) memalloc_pin: u32,
 }
 
 impl AddressSpace {
     /// Returns the VMA containing `va` (`vma_lookup`).
-    pub fn vma(&self, va: Va) -> Option<&Vma> {
+    pub(crate) fn vma(&self, va: Va) -> Option<&Vma> {
         let (_, v) = self.vmas.range(..=va).next_back()?;
         v.range.contains(va).then_some(v)
     }
 
     /// Returns the VMAs intersecting `r`, in order.
-    pub fn vmas_in(&self, r: Range<Va>) -> Vec<Vma> {
+    pub(crate) fn vmas_in(&self, r: Range<Va>) -> Vec<Vma> {
         let first = self
             .vmas
             .range(..=r.start)
@@ -154,7 +154,7 @@ impl AddressSpace {
     }
 
     /// Returns whether every byte of `r` lies in some VMA.
-    pub fn fully_mapped(&self, r: Range<Va>) -> bool {
+    pub(crate) fn fully_mapped(&self, r: Range<Va>) -> bool {
         let mut cur = r.start;
         for v in self.vmas_in(r) {
             if v.range.start > cur {
@@ -166,7 +166,7 @@ impl AddressSpace {
     }
 
     /// Returns the frame and write permission a *present* mapping gives `va`, if any.
-    pub fn translate(&self, va: Va) -> Option<(FrameId, bool, Leaf)> {
+    pub(crate) fn translate(&self, va: Va) -> Option<(FrameId, bool, Leaf)> {
         let leaf = self.pt.lookup(va)?;
         match leaf.pte {
             Pte::Present { write, .. } => Some((leaf.frame_at(va)?, write, leaf)),
@@ -177,21 +177,21 @@ impl AddressSpace {
 
 /// Mutable kernel state. Borrow it only between awaits.
 #[derive(Debug)]
-pub struct KernelState {
+pub(crate) struct KernelState {
     /// Physical memory.
-    pub phys: PhysMem,
+    pub(crate) phys: PhysMem,
     /// Address spaces by pid.
-    pub mms: BTreeMap<Pid, AddressSpace>,
+    pub(crate) mms: BTreeMap<Pid, AddressSpace>,
     /// Files by id.
-    pub files: Vec<File>,
+    pub(crate) files: Vec<File>,
     /// The coherence oracle.
-    pub oracle: Oracle,
+    pub(crate) oracle: Oracle,
     /// Transparent hugepage policy.
-    pub thp: ThpPolicy,
+    pub(crate) thp: ThpPolicy,
     /// The swap device and the anonymous LRU.
-    pub swap: crate::swap::Swap,
+    pub(crate) swap: crate::swap::Swap,
     /// P2P memory regions' removal state and MMIO ranges without struct pages.
-    pub p2p: crate::p2p::P2pState,
+    pub(crate) p2p: crate::p2p::P2pState,
     next_pid: u32,
     next_notifier: u64,
 }
@@ -201,23 +201,23 @@ impl KernelState {
     ///
     /// # Panics
     /// Panics for an unknown pid (pids come from [`Kernel::create_process`] / [`Kernel::fork`]).
-    pub fn mm(&self, pid: Pid) -> &AddressSpace {
+    pub(crate) fn mm(&self, pid: Pid) -> &AddressSpace {
         self.mms.get(&pid).expect("pid of a created process")
     }
 
     /// Returns the address space of `pid`, mutably.
-    pub fn mm_mut(&mut self, pid: Pid) -> &mut AddressSpace {
+    pub(crate) fn mm_mut(&mut self, pid: Pid) -> &mut AddressSpace {
         self.mms.get_mut(&pid).expect("pid of a created process")
     }
 
     /// Returns the home node of `pid` (0 for a pid with no address space).
-    pub fn home_node(&self, pid: Pid) -> u32 {
+    pub(crate) fn home_node(&self, pid: Pid) -> u32 {
         self.mms.get(&pid).map_or(0, |mm| mm.home_node)
     }
 
     /// Returns the zone limit of `pid`'s anonymous allocations: [`GfpZone::Movable`], or
     /// [`GfpZone::Normal`] inside a `memalloc_pin_save` scope (module docs).
-    pub fn anon_zone(&self, pid: Pid) -> GfpZone {
+    pub(crate) fn anon_zone(&self, pid: Pid) -> GfpZone {
         match self.mms.get(&pid) {
             Some(mm) if mm.memalloc_pin > 0 => GfpZone::Normal,
             _ => GfpZone::Movable,
@@ -233,7 +233,7 @@ impl KernelState {
     }
 
     /// Returns the logical page the oracle tracks for `va` in `pid` (see [`LogicalPage`]).
-    pub fn logical_page(&self, pid: Pid, va: Va) -> Option<LogicalPage> {
+    pub(crate) fn logical_page(&self, pid: Pid, va: Va) -> Option<LogicalPage> {
         let mm = self.mms.get(&pid)?;
         let vma = mm.vma(va)?;
         let vpn = va.page_number();
@@ -260,7 +260,7 @@ impl KernelState {
 
     /// Returns (creating zero-filled on demand) the page-cache frame of `file` at `pgoff`; `None` beyond EOF
     /// or when memory is exhausted.
-    pub fn file_page(&mut self, file: u32, pgoff: u64) -> Option<FrameId> {
+    pub(crate) fn file_page(&mut self, file: u32, pgoff: u64) -> Option<FrameId> {
         let f = &self.files[file as usize];
         if pgoff >= f.nr_pages() {
             return None;
@@ -441,7 +441,7 @@ impl Kernel {
     }
 
     /// Borrows the kernel state. Never hold the borrow across an `.await`.
-    pub fn state(&self) -> RefMut<'_, KernelState> {
+    pub(crate) fn state(&self) -> RefMut<'_, KernelState> {
         self.state.borrow_mut()
     }
 
@@ -511,7 +511,7 @@ impl Kernel {
     }
 
     /// Allocates a zero-filled anonymous RAM page with the allocation policy of `pid` (its home node, then
-    /// fallback, within [`KernelState::anon_zone`]), or of node 0 when no process is known (`None`: device
+    /// fallback, within `KernelState::anon_zone`), or of node 0 when no process is known (`None`: device
     /// eviction, for instance; movable memory allowed, as `GFP_HIGHUSER_MOVABLE`). Device memory migrating
     /// back to RAM allocates here.
     pub fn alloc_ram_page(&self, pid: Option<Pid>) -> Option<FrameId> {

@@ -14,6 +14,7 @@ pub mod device_access;
 pub mod file;
 pub mod gup;
 pub mod hmm;
+pub mod introspect;
 pub mod kernel;
 pub mod migrate;
 pub mod migrate_device;
@@ -29,12 +30,10 @@ pub mod vma;
 pub use costs::MmCosts;
 pub use device_access::{DeviceData, DeviceGrant, FrameTranslation};
 pub use gup::{GupFlags, PinnedPages, folio_is_longterm_pinnable};
-pub use kernel::{
-    AddressSpace, Advice, Kernel, KernelState, MmapArgs, MremapFlags, Signal, ThpPolicy,
-};
+pub use kernel::{Advice, Kernel, MmapArgs, MremapFlags, Signal, ThpPolicy};
 pub use migrate::{DevicePagemapOps, MigrateVma};
 pub use notifier::{IntervalNotifierOps, NotifierEvent, NotifierId, NotifierRange};
 pub use oracle::{LogicalPage, Violation, ViolationKind};
 pub use p2p::MmioId;
-pub use phys::{GfpZone, MemoryKind, MovableError};
+pub use phys::{FrameInfo, GfpZone, LruState, MemoryKind, MovableError};
 pub use vma::{Prot, VmFlags, Vma, VmaBacking};

@@ -172,6 +172,34 @@ pub enum LruState {
     Inactive,
 }
 
+/// A read-only snapshot of one frame's metadata, as other crates and tests see it (the model's
+/// `/proc/kpagecount` + `/proc/kpageflags`, fs/proc/page.c): a value, so holding it borrows nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameInfo {
+    /// What memory the frame is in.
+    pub kind: MemoryKind,
+    /// The RAM node, or `None` for device memory.
+    pub node: Option<u32>,
+    /// Whether the frame is in ZONE_MOVABLE.
+    pub zone_movable: bool,
+    /// Whether the frame is allocated.
+    pub allocated: bool,
+    /// Who owns it ([`FrameOwner::Free`] when free).
+    pub owner: FrameOwner,
+    /// References (mappings, page cache, pins with their bias, transient gets).
+    pub refcount: u32,
+    /// Page-table mappings.
+    pub mapcount: u32,
+    /// `page_maybe_dma_pinned`.
+    pub maybe_dma_pinned: bool,
+    /// `PG_locked` ([`Frame::locked`]).
+    pub locked: bool,
+    /// Dirty since last written back.
+    pub dirty: bool,
+    /// LRU membership.
+    pub lru: LruState,
+}
+
 /// The metadata of one 4 KiB frame.
 #[derive(Clone, Debug, Default)]
 pub struct Frame {
@@ -596,6 +624,24 @@ impl PhysMem {
     /// Returns whether `f` names a frame of this memory.
     pub fn exists(&self, f: FrameId) -> bool {
         f.0 < self.frames.len() as u64
+    }
+
+    /// Returns a snapshot of frame `f`'s metadata.
+    pub fn frame_info(&self, f: FrameId) -> FrameInfo {
+        let fr = self.frame(f);
+        FrameInfo {
+            kind: self.kind(f),
+            node: self.node_of(f),
+            zone_movable: self.is_zone_movable_page(f),
+            allocated: fr.is_allocated(),
+            owner: fr.owner(),
+            refcount: fr.refcount,
+            mapcount: fr.mapcount,
+            maybe_dma_pinned: fr.maybe_dma_pinned(),
+            locked: fr.locked,
+            dirty: fr.dirty,
+            lru: fr.lru,
+        }
     }
 
     /// Returns the kind of memory the frame is in.

@@ -25,7 +25,7 @@ use peerdma_core::{FrameId, PAGE_SIZE, Pid, Va};
 use crate::kernel::KernelState;
 use crate::pagetable::{Leaf, Pte};
 
-/// One page-table mapping of a frame, found by [`KernelState::rmap_walk`].
+/// One page-table mapping of a frame, found by `KernelState::rmap_walk`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Mapping {
     /// The address space.
@@ -41,7 +41,7 @@ pub struct Mapping {
 impl KernelState {
     /// Returns every mapping of the frames `want_fn` selects, in every live address space (the module's
     /// rules 1–4).
-    pub fn rmap_walk(&self, mut want_fn: impl FnMut(FrameId) -> bool) -> Vec<Mapping> {
+    pub(crate) fn rmap_walk(&self, mut want_fn: impl FnMut(FrameId) -> bool) -> Vec<Mapping> {
         let mut out = Vec::new();
         for mm in self.mms.values().filter(|m| m.alive) {
             for leaf in mm.pt.leaves(Va::from_raw(0), Va::from_raw(u64::MAX)) {

@@ -291,7 +291,7 @@ impl KernelState {
 
     /// Returns the number of pages of RAM node `node` on the active (`LruState::Active`) or inactive list;
     /// `LruState::None` counts nothing.
-    pub fn nr_lru_pages_node(&self, node: u32, list: LruState) -> u64 {
+    pub(crate) fn nr_lru_pages_node(&self, node: u32, list: LruState) -> u64 {
         let active = match list {
             LruState::None => return 0,
             LruState::Active => true,
@@ -307,7 +307,7 @@ impl KernelState {
 
     /// Returns the number of pages on the active (`LruState::Active`) or inactive list; `LruState::None`
     /// counts nothing.
-    pub fn nr_lru_pages(&self, list: LruState) -> u64 {
+    pub(crate) fn nr_lru_pages(&self, list: LruState) -> u64 {
         (0..self.phys.nr_nodes())
             .map(|n| self.nr_lru_pages_node(n, list))
             .sum()
