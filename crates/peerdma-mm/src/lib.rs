@@ -45,6 +45,5 @@ pub use mmap::MmapArgs;
 pub use mremap::MremapFlags;
 pub use notifier::{IntervalNotifierOps, NotifierEvent, NotifierId, NotifierRange};
 pub use oracle::{LogicalPage, Violation, ViolationKind};
-pub use p2p::MmioId;
 pub use phys::{FrameInfo, GfpZone, LruState, MemoryKind, MovableError};
-pub use vma::{Prot, VmFlags, Vma, VmaBacking};
+pub use vma::{MmioId, Prot, VmFlags, Vma, VmaBacking};

@@ -53,10 +53,15 @@ use std::collections::BTreeSet;
 
 use peerdma_core::{DeviceId, FrameId, PAGE_SIZE, PMD_SIZE, Pa};
 
-use crate::swap::{LOW_WATERMARK, MIN_WATERMARK};
-
 /// Refcount added by one FOLL_PIN (include/linux/mm.h `GUP_PIN_COUNTING_BIAS`).
 pub const GUP_PIN_COUNTING_BIAS: u32 = 1024;
+
+/// Free RAM pages below which a fault reclaims first (the node's low watermark; reclaim is
+/// [`crate::swap`]'s, the allocator's zonelist walk uses it here).
+pub const LOW_WATERMARK: u64 = 64;
+/// Free RAM pages below which [`crate::kernel::Kernel::reclaim_if_low`] runs further passes until one frees
+/// a page (the node's min watermark).
+pub const MIN_WATERMARK: u64 = 16;
 
 /// Frames per 2 MiB block.
 pub const FRAMES_PER_PMD: u64 = PMD_SIZE / PAGE_SIZE;
