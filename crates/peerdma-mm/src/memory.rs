@@ -480,28 +480,16 @@ impl KernelState {
     /// Removes every leaf of `pid` inside `r` (splitting PMD leaves that stick out), dropping frame
     /// references; returns the number of base pages zapped. `keep_file` leaves page-cache pages cached.
     pub(crate) fn zap_range(&mut self, pid: Pid, r: Range<Va>) -> u64 {
-        let leaves = self.mm(pid).pt.leaves(r.start, r.end);
+        // The page-table walk first (the cursor borrows the table), then the references, in the same order.
+        let mut removed = Vec::new();
+        let mut cursor = self.mm_mut(pid).pt.cursor_mut(r);
+        while cursor.find_next().is_some() {
+            removed.extend(cursor.unmap());
+        }
         let mut nr = 0;
-        for leaf in leaves {
-            let leaf_range =
-                Range::from_len(leaf.base, leaf.size.bytes()).expect("leaf inside user space");
-            if !r.contains_range(&leaf_range) {
-                self.mm_mut(pid).pt.split_pmd(leaf.base);
-                for page in leaf_range.intersection(&r).expect("leaf overlaps").pages() {
-                    if let Some(l) = self.mm_mut(pid).pt.clear(page) {
-                        nr += 1;
-                        self.drop_leaf_refs(&l);
-                    }
-                }
-                continue;
-            }
-            let l = self
-                .mm_mut(pid)
-                .pt
-                .clear(leaf.base)
-                .expect("leaf listed above");
+        for l in &removed {
             nr += l.size.nr_pages();
-            self.drop_leaf_refs(&l);
+            self.drop_leaf_refs(l);
         }
         nr
     }

@@ -3,7 +3,7 @@
 //!
 //! Linux counterpart: mm/mprotect.c (`do_mprotect_pkey`, `mprotect_fixup`, `change_protection`).
 
-use peerdma_core::{Errno, Pid, Range, Va};
+use peerdma_core::{Errno, Pid, Va};
 
 use crate::kernel::{Kernel, check_range};
 use crate::notifier::NotifierEvent;
@@ -26,7 +26,7 @@ impl Kernel {
         if !self.state().mm(pid).fully_mapped(r) {
             return Err(Errno::ENOMEM);
         }
-        let has_leaves = !self.state().mm(pid).pt.leaves(r.start, r.end).is_empty();
+        let has_leaves = self.state().mm(pid).pt.cursor(r).next().is_some();
         if has_leaves {
             self.invalidate_range_start(pid, r, NotifierEvent::ProtectionVma, None)
                 .await;
@@ -44,23 +44,9 @@ impl Kernel {
             // change_protection: removing write permission write-protects the entries; adding it does not make
             // them writable (the next write fault decides, COW included).
             if !prot.write {
-                for leaf in st.mm(pid).pt.leaves(r.start, r.end) {
-                    let leaf_range =
-                        Range::from_len(leaf.base, leaf.size.bytes()).expect("in user space");
-                    if r.contains_range(&leaf_range) {
-                        st.mm_mut(pid).pt.set_leaf(
-                            leaf.base,
-                            leaf.size,
-                            leaf.pte.with_write(false),
-                        );
-                    } else {
-                        st.mm_mut(pid).pt.split_pmd(leaf.base);
-                        for page in leaf_range.intersection(&r).expect("overlaps").pages() {
-                            if let Some(l) = st.mm(pid).pt.lookup(page) {
-                                st.mm_mut(pid).pt.set_pte(page, l.pte.with_write(false));
-                            }
-                        }
-                    }
+                let mut cursor = st.mm_mut(pid).pt.cursor_mut(r);
+                while cursor.find_next().is_some() {
+                    cursor.protect(|pte| pte.with_write(false));
                 }
             }
         }
