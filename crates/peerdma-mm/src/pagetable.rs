@@ -14,7 +14,9 @@
 //! [`CursorMut::find_next`] and changes the leaf it stands on — [`CursorMut::unmap`] removes it,
 //! [`CursorMut::protect`] rewrites its entry — splitting a 2 MiB leaf that sticks out of the range first, so
 //! an operation never touches a byte outside its range. [`Cursor`] (from [`PageTable::cursor`]) is the
-//! read-only walk. Users: zap (`crate::memory`) and mprotect (`crate::mprotect`).
+//! read-only walk, and [`PageTable::leaves`] collects one, so every range walk in the crate (zap,
+//! mprotect, fork's copy, mremap's move, khugepaged, the rmap walk, P2P removal) goes through the one
+//! walker. Changing walks: zap (`crate::memory`) and mprotect (`crate::mprotect`).
 
 use peerdma_core::{FrameId, PAGE_SHIFT, PageSize, Range, Va};
 
@@ -385,13 +387,16 @@ impl PageTable {
         }
     }
 
-    /// Returns the first leaf (in address order) that maps some address in `[start, end)`.
+    /// Returns the first leaf (in address order) that maps some address in `[start, end)`. The scan of each
+    /// table starts at the entry covering `start`, so a cursor step costs the depth of the table plus the
+    /// empty entries it skips.
     fn first_leaf(table: &Table, level: u32, base: u64, start: u64, end: u64) -> Option<Leaf> {
         if table.used == 0 {
             return None;
         }
         let span = 1u64 << (PAGE_SHIFT + LEVEL_BITS * (level - 1));
-        for (i, e) in table.entries.iter().enumerate() {
+        let first = usize::try_from(start.saturating_sub(base) / span).unwrap_or(ENTRIES);
+        for (i, e) in table.entries.iter().enumerate().skip(first) {
             let lo = base + i as u64 * span;
             let hi = lo.saturating_add(span);
             if hi <= start || lo >= end {
@@ -416,41 +421,15 @@ impl PageTable {
         None
     }
 
-    /// Returns every leaf that maps some address in `[start, end)`, in address order.
+    /// Returns every leaf that maps some address in `[start, end)`, in address order: the walk of a read-only
+    /// [`Cursor`], collected.
     pub fn leaves(&self, start: Va, end: Va) -> Vec<Leaf> {
-        let mut out = Vec::new();
-        Self::collect(&self.root, 4, 0, start.raw(), end.raw(), &mut out);
-        out
-    }
-
-    fn collect(table: &Table, level: u32, base: u64, start: u64, end: u64, out: &mut Vec<Leaf>) {
-        if table.used == 0 {
-            return;
+        Cursor {
+            pt: self,
+            va: start.raw(),
+            end: end.raw(),
         }
-        let span = 1u64 << (PAGE_SHIFT + LEVEL_BITS * (level - 1));
-        for (i, e) in table.entries.iter().enumerate() {
-            let lo = base + i as u64 * span;
-            let hi = lo.saturating_add(span);
-            if hi <= start || lo >= end {
-                continue;
-            }
-            match e {
-                Entry::Empty => {}
-                Entry::Table(t) => Self::collect(t, level - 1, lo, start, end, out),
-                Entry::Leaf(pte) => {
-                    let size = match level {
-                        1 => PageSize::Size4K,
-                        2 => PageSize::Size2M,
-                        _ => PageSize::Size1G,
-                    };
-                    out.push(Leaf {
-                        pte: *pte,
-                        size,
-                        base: Va::from_raw(lo),
-                    });
-                }
-            }
-        }
+        .collect()
     }
 }
 
@@ -656,6 +635,36 @@ mod tests {
         assert_eq!(found, vec![0x1000, 0x5000]);
     }
 
+    /// The reference walk the cursor is checked against: every leaf overlapping `[start, end)`, by recursion.
+    fn collect(table: &Table, level: u32, base: u64, start: u64, end: u64, out: &mut Vec<Leaf>) {
+        if table.used == 0 {
+            return;
+        }
+        let span = 1u64 << (PAGE_SHIFT + LEVEL_BITS * (level - 1));
+        for (i, e) in table.entries.iter().enumerate() {
+            let lo = base + i as u64 * span;
+            let hi = lo.saturating_add(span);
+            if hi <= start || lo >= end {
+                continue;
+            }
+            match e {
+                Entry::Empty => {}
+                Entry::Table(t) => collect(t, level - 1, lo, start, end, out),
+                Entry::Leaf(pte) => out.push(Leaf {
+                    pte: *pte,
+                    size: leaf_size(level),
+                    base: Va::from_raw(lo),
+                }),
+            }
+        }
+    }
+
+    fn reference_leaves(pt: &PageTable, r: Range<Va>) -> Vec<Leaf> {
+        let mut out = Vec::new();
+        collect(&pt.root, 4, 0, r.start.raw(), r.end.raw(), &mut out);
+        out
+    }
+
     /// A table with 4 KiB leaves on both sides of a PMD leaf, in two different PGD slots.
     fn mixed() -> (PageTable, Va) {
         let mut pt = PageTable::new();
@@ -672,7 +681,7 @@ mod tests {
     }
 
     #[test]
-    fn the_cursor_finds_what_leaves_lists() {
+    fn the_cursor_finds_every_leaf_a_full_recursive_walk_finds() {
         let (pt, pmd) = mixed();
         for r in [
             range(0, u64::MAX >> 16),
@@ -681,8 +690,9 @@ mod tests {
             range(0x5000_0000, 0x7f00_0000_1000),
             range(0x1000, 0x2000),
         ] {
-            let listed = pt.leaves(r.start, r.end);
+            let listed = reference_leaves(&pt, r);
             assert_eq!(pt.cursor(r).collect::<Vec<_>>(), listed, "{r}");
+            assert_eq!(pt.leaves(r.start, r.end), listed, "{r}");
             let mut copy = pt.clone();
             let mut c = copy.cursor_mut(r);
             let mut found = Vec::new();
