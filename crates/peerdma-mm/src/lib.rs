@@ -8,6 +8,13 @@
 //!
 //! Everything lives in one [`Kernel`] shared by the simulation's agents as `Rc<Kernel>`; its operations are
 //! `async` and yield to other agents exactly where Linux can sleep (see [`kernel`]).
+//!
+//! One module per kernel mechanism, named after its Linux file: [`memory`] (faults, COW, zap), [`mmap`],
+//! [`mprotect`], [`mremap`], [`madvise`], [`khugepaged`], [`fork`], [`filemap`], [`notifier`]
+//! (mmu_notifier), [`hmm`], [`gup`], [`migrate`], [`migrate_device`], [`rmap`], [`swap`] (vmscan),
+//! [`p2p`] (p2pdma), [`oracle`], with [`pagetable`] (the table and its range cursor), [`phys`] and [`vma`]
+//! below them. [`kernel`] is the facade over them; other crates ask it narrow questions ([`introspect`]) and
+//! never borrow its state. `tests/module_graph.rs` keeps the modules' imports acyclic.
 
 pub mod costs;
 pub mod device_access;
