@@ -442,11 +442,7 @@ impl DmirrorDevice {
     /// page; the mirrors lose their entries through the CLEAR invalidations of the rmap walk. Free pages are
     /// skipped, and pinned pages stay where they are.
     async fn evict_all(&self) -> u64 {
-        let (start, nr) = {
-            let st = self.kernel.state();
-            let r = &st.phys.regions()[self.region.get()];
-            (FrameId(r.start), r.nr_frames)
-        };
+        let (start, nr) = self.kernel.region_frames(self.region.get());
         let mut src = vec![0u64; usize::try_from(nr).expect("region size fits usize")];
         self.kernel.migrate_device_range(&mut src, start, nr).await;
         self.evict_collected(&mut src).await
@@ -459,7 +455,6 @@ impl DmirrorDevice {
         let mut src: Vec<u64> = {
             let mut owners = self.owners.borrow_mut();
             let mut lru = self.lru.borrow_mut();
-            let st = self.kernel.state();
             let mut chosen = std::collections::BTreeSet::new();
             let mut out = Vec::new();
             while out.len() < nr {
@@ -467,7 +462,7 @@ impl DmirrorDevice {
                 if !owners.contains_key(&f) || !chosen.insert(f) {
                     continue;
                 }
-                if !st.phys.frame(f).is_allocated() {
+                if !self.kernel.frame_info(f).allocated {
                     // Freed since (unmapped): page_free forgets it.
                     owners.remove(&f);
                     continue;
@@ -629,7 +624,7 @@ impl Dmirror {
         }
         let len = npages.checked_mul(PAGE_SIZE).ok_or(Errno::EINVAL)?;
         let r = Range::from_len(addr, len).ok_or(Errno::EINVAL)?;
-        if !self.sh.kernel.state().mm(self.sh.pid).alive {
+        if !self.sh.kernel.is_alive(self.sh.pid) {
             return Err(Errno::EINVAL);
         }
         Ok(r)
@@ -897,7 +892,7 @@ impl Dmirror {
     /// Returns the VMA at `addr` if it is readable: the per-chunk check of the migrate commands
     /// (`vma_lookup` + VM_READ, `EINVAL` otherwise — it also rejects holes).
     fn readable_vma(&self, addr: Va) -> Result<Vma, Errno> {
-        let vma = self.sh.kernel.state().mm(self.sh.pid).vma(addr).cloned();
+        let vma = self.sh.kernel.vma_at(self.sh.pid, addr);
         vma.filter(|v| v.flags.contains(VmFlags::READ))
             .ok_or(Errno::EINVAL)
     }
@@ -1058,14 +1053,13 @@ impl Dmirror {
             if k.interval_read_retry(self.sh.pid, id, range.notifier_seq) {
                 continue;
             }
-            let st = k.state();
-            let zero = st.phys.zero_page();
+            let zero = k.zero_page();
             return Ok(range
                 .hmm_pfns
                 .iter()
                 .map(|&w| {
                     let kind = if w & HMM_PFN_VALID != 0 {
-                        st.phys.kind(hmm_pfn_to_frame(w))
+                        k.memory_kind(hmm_pfn_to_frame(w))
                     } else {
                         MemoryKind::Ram { node: 0 }
                     };

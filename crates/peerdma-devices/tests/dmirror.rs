@@ -362,7 +362,7 @@ fn migrating_a_pfnmap_range_is_einval() {
 
 /// Returns the PTE of `pid` at `va`.
 fn pte(k: &Kernel, pid: peerdma_core::Pid, va: Va) -> Option<peerdma_mm::pagetable::Pte> {
-    k.state().mm(pid).pt.lookup(va).map(|l| l.pte)
+    k.pte_at(pid, va)
 }
 
 #[test]
@@ -417,9 +417,7 @@ fn after_fork_migrate_to_sys_or_a_cpu_fault_in_the_parent_moves_the_child_too() 
                     assert_eq!(pte(&k, child, va), p, "child page {i} on another page");
                 }
                 assert!(
-                    dev_frames
-                        .iter()
-                        .all(|&f| !k.state().phys.frame(f).is_allocated()),
+                    dev_frames.iter().all(|&f| !k.frame_info(f).allocated),
                     "device pages not freed"
                 );
                 let mut got = vec![0u8; data.len()];

@@ -56,7 +56,7 @@ fn with_device<T: 'static, F: Future<Output = T> + 'static>(
 }
 
 fn pte(k: &Kernel, pid: Pid, va: Va) -> Pte {
-    k.state().mm(pid).pt.lookup(va).unwrap().pte
+    k.pte_at(pid, va).unwrap()
 }
 
 async fn load(k: &Kernel, pid: Pid, va: Va, len: u64) -> Vec<u8> {
@@ -102,14 +102,10 @@ fn release_moves_a_page_shared_after_fork_to_one_read_only_ram_page_in_both_proc
             };
             assert_eq!(pte(&k, child, va), pte(&k, parent, va), "page {page}");
             assert!(matches!(k.memory_kind(ram), MemoryKind::Ram { .. }));
-            let st = k.state();
-            let fr = st.phys.frame(ram);
+            let fr = k.frame_info(ram);
             assert_eq!((fr.mapcount, fr.refcount), (2, 2), "page {page}");
         }
-        assert!(
-            !k.state().phys.frame(dev).is_allocated(),
-            "device page freed"
-        );
+        assert!(!k.frame_info(dev).allocated, "device page freed");
         assert!(load(&k, parent, buf, 2 * PAGE_SIZE).await == data);
         assert!(load(&k, child, buf, 2 * PAGE_SIZE).await == data);
 
@@ -176,7 +172,7 @@ fn release_leaves_a_pinned_coherent_page_in_device_memory() {
             panic!("second page not present");
         };
         assert!(matches!(k.memory_kind(other), MemoryKind::Ram { .. }));
-        assert!(!k.state().phys.frame(pinned).locked, "unlocked again");
+        assert!(!k.frame_info(pinned).locked, "unlocked again");
         assert!(load(&k, pid, buf, 2 * PAGE_SIZE).await == data);
 
         drop(pin);
@@ -202,10 +198,7 @@ fn migrate_device_range_skips_free_device_pages_and_restores_declined_ones() {
         let frames: Vec<FrameId> = (0..2)
             .map(|i| pte(&k, pid, buf.add(i * PAGE_SIZE)).frame().unwrap())
             .collect();
-        let start = {
-            let st = k.state();
-            FrameId(st.phys.regions()[st.phys.region_of(frames[0])].start)
-        };
+        let start = k.region_frames(k.region_of(frames[0])).0;
         let mut src = vec![0u64; 8];
 
         k.migrate_device_range(&mut src, start, 8).await;
@@ -216,7 +209,7 @@ fn migrate_device_range_skips_free_device_pages_and_restores_declined_ones() {
                 assert_eq!(s, migrate_pfn(f) | MIGRATE_PFN_MIGRATE, "{f}");
             } else {
                 assert_eq!(s, 0, "free {f} is skipped");
-                assert!(!k.state().phys.frame(f).is_allocated(), "{f} left free");
+                assert!(!k.frame_info(f).allocated, "{f} left free");
             }
         }
         for (i, &f) in (0u64..).zip(&frames) {
@@ -247,8 +240,7 @@ fn migrate_device_range_skips_free_device_pages_and_restores_declined_ones() {
                     write: true
                 }
             );
-            let st = k.state();
-            let fr = st.phys.frame(f);
+            let fr = k.frame_info(f);
             assert_eq!((fr.refcount, fr.mapcount, fr.locked), (1, 1, false));
         }
         let r = m.read(buf, 2).await.unwrap();

@@ -282,7 +282,7 @@ impl<D: MirrorDevice> HmmMirror<D> {
                 continue;
             }
             // Step 6.
-            k.state().oracle.mirror_install(retry, || {
+            k.mirror_install(retry, || {
                 format!("{} fault of {:#x}", dev.fault_label(), range.start)
             });
             break g;

@@ -255,9 +255,7 @@ impl DmaMirror {
         let k = &sh.platform.kernel;
         k.sim.count("mirror.faults", 1);
         let pfnmap = k
-            .state()
-            .mm(sh.pid)
-            .vma(r.start)
+            .vma_at(sh.pid, r.start)
             .is_some_and(|v| v.flags.intersects(VmFlags::PFNMAP | VmFlags::IO));
         if pfnmap {
             return self.bar_fault(r, write).await;
@@ -280,7 +278,7 @@ impl DmaMirror {
             let _m = lock.read().await;
             let mut out = Vec::new();
             for va in r.pages() {
-                let vma = k.state().mm(sh.pid).vma(va).cloned().ok_or(Errno::EFAULT)?;
+                let vma = k.vma_at(sh.pid, va).ok_or(Errno::EFAULT)?;
                 if write && !vma.flags.contains(VmFlags::WRITE) {
                     return Err(Errno::EPERM);
                 }

@@ -120,7 +120,7 @@ pub async fn get_user_dma_sg(
     }
     let mut va = range.start;
     while va < range.end {
-        let vma = platform.kernel.state().mm(pid).vma(va).cloned();
+        let vma = platform.kernel.vma_at(pid, va);
         let Some(vma) = vma else {
             return Err(Errno::EFAULT);
         };
@@ -237,10 +237,7 @@ async fn pinned_piece(
             .err()
             .unwrap_or(Errno::EFAULT));
     }
-    let pas: Vec<_> = {
-        let st = k.state();
-        pins.frames().iter().map(|&f| st.phys.frame_pa(f)).collect()
-    };
+    let pas: Vec<_> = pins.frames().iter().map(|&f| k.frame_pa(f)).collect();
     let sg = platform.map_sg(dev.id, &pas, flags.contains(DmaSgFlags::WRITE))?;
     k.spend(sg.cost).await;
     Ok(Piece::Pinned {
@@ -251,11 +248,10 @@ async fn pinned_piece(
 }
 
 fn piece_is_p2p(platform: &Platform, pid: Pid, piece: Range<Va>) -> bool {
-    let st = platform.kernel.state();
+    let k = &platform.kernel;
     piece.pages().any(|va| {
-        st.mm(pid)
-            .translate(va)
-            .is_some_and(|(f, _, _)| matches!(st.phys.kind(f), MemoryKind::P2pMem { .. }))
+        k.translate(pid, va)
+            .is_some_and(|(f, _)| matches!(k.memory_kind(f), MemoryKind::P2pMem { .. }))
     })
 }
 

@@ -81,13 +81,7 @@ fn race(seed: u64, injection: FenceInjection, mode: FenceMode) -> Race {
     let metrics = w.sim.metrics();
     Race {
         outcome,
-        violations: k
-            .state()
-            .oracle
-            .violations()
-            .iter()
-            .map(|v| v.kind)
-            .collect(),
+        violations: k.oracle_violations().iter().map(|v| v.kind).collect(),
         fence_waits: metrics.get("dma.fence_waits"),
         aborted: metrics.get("dma.aborted"),
         returned_with_requests_in_flight: in_flight_after.get(),

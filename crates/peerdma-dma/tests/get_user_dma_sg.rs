@@ -119,7 +119,7 @@ fn ram_in_identity_domain_gets_its_physical_address() {
             .await
             .unwrap();
         let f = frame_of(&k, pid, va);
-        let pa = k.state().phys.frame_pa(f);
+        let pa = k.frame_pa(f);
         (h.segments(), pa)
     });
     assert_eq!(segs.len(), 1);
@@ -250,11 +250,7 @@ fn device_private_is_migrated_to_ram_then_pinned_short_and_long_term() {
             k.store(pid, va, b"private").await.unwrap();
             let r = add_devmem(&k, true, 4);
             migrate_to_device(&k, pid, range(va, 1), r).await;
-            let before = {
-                let st = k.state();
-                let vma_pte = st.mm(pid).translate(va);
-                vma_pte.map(|(f, _, _)| st.phys.kind(f))
-            };
+            let before = k.translate(pid, va).map(|(f, _)| k.memory_kind(f));
             let h = get_user_dma_sg(&p, pid, range(va, 1), NIC, flags)
                 .await
                 .unwrap();
@@ -325,7 +321,7 @@ fn p2p_under_a_switch_gets_bus_addresses_at_phys_plus_bus_offset() {
             .await
             .unwrap();
         let f = frame_of(&k, pid, va);
-        let pa = k.state().phys.frame_pa(f);
+        let pa = k.frame_pa(f);
         let mapped = p.device(NIC).unwrap().domain().mapped_pages();
         (h.segments(), pa, mapped, h.nr_pinned())
     });
@@ -654,10 +650,7 @@ fn ram_then_hole_fails_with_nothing_pinned_or_mapped() {
             .map(|i| frame_of(&k, pid, va.add(pages(i))))
             .collect();
         let refs = |k: &peerdma_mm::Kernel| -> Vec<u32> {
-            frames
-                .iter()
-                .map(|&f| k.state().phys.frame(f).refcount)
-                .collect()
+            frames.iter().map(|&f| k.frame_info(f).refcount).collect()
         };
         let before = refs(&k);
         let r = get_user_dma_sg(&p, pid, range(va, 4), NIC, SHORT)
@@ -807,7 +800,7 @@ fn two_handles_on_one_page_hold_separate_pins() {
         let pid = k.create_process();
         let va = anon(&k, pid, 1, Prot::RW).await;
         let f = frame_of(&k, pid, va);
-        let refs = |k: &peerdma_mm::Kernel| k.state().phys.frame(f).refcount;
+        let refs = |k: &peerdma_mm::Kernel| k.frame_info(f).refcount;
         let a = get_user_dma_sg(&p, pid, range(va, 1), NIC, SHORT)
             .await
             .unwrap();

@@ -20,12 +20,11 @@ fn mixed(w: &World) -> Vec<Pa> {
         let pid = k.create_process();
         let va = anon(&k, pid, 2, Prot::RW).await;
         let ram = [frame_of(&k, pid, va), frame_of(&k, pid, va.add(PAGE_SIZE))];
-        let st = k.state();
         vec![
-            st.phys.frame_pa(ram[0]),
+            k.frame_pa(ram[0]),
             Pa::from_raw(NVME_BAR0 + PAGE_SIZE),
             Pa::from_raw(GPU_BAR0),
-            st.phys.frame_pa(ram[1]),
+            k.frame_pa(ram[1]),
         ]
     })
 }
@@ -211,7 +210,7 @@ fn lazy_domain_queues_the_release_and_flushes_on_the_next_use_after_the_timeout(
         let pid = k.create_process();
         let va = anon(&k, pid, 1, Prot::RW).await;
         let f = frame_of(&k, pid, va);
-        let pa = k.state().phys.frame_pa(f);
+        let pa = k.frame_pa(f);
         let d = p.device(NIC).unwrap();
         let mut out = Vec::new();
         for wait_ms in [1, 10] {

@@ -144,10 +144,7 @@ fn mirror_never_pins_so_the_pages_can_migrate_and_be_freed() {
         m.fault(range(va, 2), true).await.unwrap();
         let frames = [frame_of(&k, pid, va), frame_of(&k, pid, va.add(PAGE_SIZE))];
         let any_pinned = frames.iter().any(|&f| pinned(&k, f));
-        let refs: Vec<u32> = frames
-            .iter()
-            .map(|&f| k.state().phys.frame(f).refcount)
-            .collect();
+        let refs: Vec<u32> = frames.iter().map(|&f| k.frame_info(f).refcount).collect();
         let r = add_devmem(&k, false, 4);
         assert_eq!(migrate_to_device(&k, pid, range(va, 2), r).await, 2);
         let entries = m.nr_mapped();

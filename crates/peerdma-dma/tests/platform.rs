@@ -184,7 +184,7 @@ fn an_in_kernel_p2pmem_allocation_blocks_removal_until_freed() {
         Some(SimTime(5_000)),
         "removal waited for the free"
     );
-    assert!(p.kernel.state().oracle.violations().is_empty());
+    assert!(p.kernel.oracle_violations().is_empty());
 }
 
 /// Returns the simulated time of 8 rounds of get_user_dma_sg + release of 16 RAM pages for a NIC whose

@@ -264,7 +264,7 @@ fn p2pmem_mmap_tries_each_resource_in_order_and_keeps_the_allocate_file_errnos()
         let pid = k.create_process();
         let pa_of = |k: &Kernel, va: Va| {
             let f = frame_of(k, pid, va);
-            k.state().phys.frame_pa(f).raw()
+            k.frame_pa(f).raw()
         };
         let first = p
             .p2pmem_mmap(pid, GPU, P2P_LEN, Prot::RW, true, 0)

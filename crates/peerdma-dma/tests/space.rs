@@ -164,12 +164,10 @@ fn a_raw_read_of_a_reallocated_frame_is_a_use_after_free() {
             now.is_some_and(|g| g != gen0),
             "precondition: the frame is allocated again ({now:?})"
         );
-        k.state()
-            .oracle
-            .expect_violation(ViolationKind::UseAfterFree);
+        k.expect_violation(ViolationKind::UseAfterFree);
         let mut buf = vec![0u8; 4096];
         let r = p.raw_dma(NIC, addr, None, &mut buf).await;
-        (r, k.state().oracle.take_expected())
+        (r, k.take_expected_violations())
     });
     let (r, seen) = seen;
     assert_eq!(seen.len(), 1, "{seen:?}");

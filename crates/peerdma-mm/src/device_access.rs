@@ -21,11 +21,15 @@
 //! **Ownership (check 2)**: every translation remembers the frame's allocation generation when it was made
 //! (`Frame::generation`, bumped at each allocation). An access that reaches a free frame, or a frame freed
 //! and reallocated since (a different generation), is a use after free — reads included.
+//!
+//! The checks themselves (`check_frame_owned`, `check_pinned_frame`, `check_mirror_current`) are
+//! `KernelState` methods at the end of this module.
 
 use peerdma_core::{DeviceId, FrameId, Pa, Pid, Va};
 
 use crate::kernel::{Kernel, KernelState};
 use crate::oracle::ViolationKind;
+use crate::pagetable::Pte;
 
 /// How a device came to hold the translation it uses (module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,6 +188,96 @@ impl Kernel {
 }
 
 impl KernelState {
+    /// Oracle check 2 for a device translation: the frame is allocated, in the generation the translation
+    /// saw (not freed and reallocated since).
+    pub(crate) fn check_frame_owned(&mut self, dev: DeviceId, t: &FrameTranslation) -> bool {
+        let frame = t.frame;
+        let allocated = self.phys.exists(frame) && self.phys.frame(frame).is_allocated();
+        if allocated && self.phys.frame(frame).generation == t.generation {
+            return true;
+        }
+        let what = if allocated {
+            format!(
+                "{frame}, reallocated since the translation it used (generation {} then, {} now)",
+                t.generation,
+                self.phys.frame(frame).generation
+            )
+        } else {
+            format!("freed {frame}")
+        };
+        self.oracle.violation(
+            ViolationKind::UseAfterFree,
+            format!("device {} reached {what} ({:?})", dev.0, t.grant),
+        );
+        false
+    }
+
+    /// Oracle check 3 for DMA through a pin: the frame must be allocated and still pinned.
+    pub(crate) fn check_pinned_frame(&mut self, dev: DeviceId, frame: FrameId) -> bool {
+        let fr = self.phys.frame(frame);
+        if !fr.is_allocated() {
+            self.oracle.violation(
+                ViolationKind::UseAfterFree,
+                format!("device {} accessed freed {frame} through a pin", dev.0),
+            );
+            return false;
+        }
+        if !fr.maybe_dma_pinned() {
+            self.oracle.violation(
+                ViolationKind::PinBroken,
+                format!(
+                    "device {} accessed {frame} through a pin that no longer holds it",
+                    dev.0
+                ),
+            );
+            return false;
+        }
+        true
+    }
+
+    /// Oracle check 1 for a mirror translation at issue: the CPU page table maps `frame` at `va` now
+    /// (device-private and device-exclusive entries included), writable for a write.
+    pub(crate) fn check_mirror_current(
+        &mut self,
+        dev: DeviceId,
+        pid: Pid,
+        va: Va,
+        frame: FrameId,
+        write: bool,
+    ) -> bool {
+        let current = self.mms.get(&pid).and_then(|mm| {
+            mm.translate(va).or_else(|| {
+                let leaf = mm.pt.lookup(va)?;
+                match leaf.pte {
+                    Pte::DevicePrivate { write, .. } | Pte::DeviceExclusive { write, .. } => {
+                        Some((leaf.frame_at(va)?, write, leaf))
+                    }
+                    _ => None,
+                }
+            })
+        });
+        match current {
+            Some((f, w, _)) if f == frame && (w || !write) => {}
+            other => {
+                let now = match other {
+                    Some((f, w, _)) => format!("{f} ({})", if w { "rw" } else { "ro" }),
+                    None => "no present mapping".to_owned(),
+                };
+                self.oracle.violation(
+                    ViolationKind::StaleTranslation,
+                    format!(
+                        "device {} {} {frame} for pid {} va {va}, but the CPU page table maps {now}",
+                        dev.0,
+                        if write { "wrote" } else { "read" },
+                        pid.0
+                    ),
+                );
+                return false;
+            }
+        }
+        true
+    }
+
     /// The mirror rule at landing (module docs, grant 1): the translation is still valid when the page
     /// table maps the frame, or while an invalidation of that address is in progress.
     pub(crate) fn check_mirror_in_flight(

@@ -12,8 +12,8 @@
 //!    [`GUP_PIN_COUNTING_BIAS`] (never for the zero page).
 //! 4. FOLL_LONGTERM (`__gup_longterm_locked`, §2.4), as numbered steps:
 //!    1. The whole call runs inside a `memalloc_pin_save` scope on the address space
-//!       ([`crate::kernel::AddressSpace::memalloc_pin`], include/linux/sched/mm.h): pages it faults in avoid
-//!       movable memory from the start.
+//!       (`AddressSpace::memalloc_pin`, [`Kernel::memalloc_pin_depth`], include/linux/sched/mm.h): pages
+//!       it faults in avoid movable memory from the start.
 //!    2. Pin the range (steps 1–3 above).
 //!    3. `collect_longterm_unpinnable_folios` (mm/gup.c): the pages that are not long-term pinnable
 //!       ([`folio_is_longterm_pinnable`]): device-coherent pages and pages in movable memory

@@ -8,15 +8,31 @@
 //!
 //! Everything lives in one [`Kernel`] shared by the simulation's agents as `Rc<Kernel>`; its operations are
 //! `async` and yield to other agents exactly where Linux can sleep (see [`kernel`]).
+//!
+//! One module per kernel mechanism, named after its Linux file: [`memory`] (faults, COW, zap), [`mmap`],
+//! [`mprotect`], [`mremap`], [`madvise`], [`khugepaged`], [`fork`], [`filemap`], [`notifier`]
+//! (mmu_notifier), [`hmm`], [`gup`], [`migrate`], [`migrate_device`], [`rmap`], [`swap`] (vmscan),
+//! [`p2p`] (p2pdma), [`oracle`], with [`pagetable`] (the table and its range cursor), [`phys`] and [`vma`]
+//! below them. [`kernel`] is the facade over them; other crates ask it narrow questions ([`introspect`]) and
+//! never borrow its state. `tests/module_graph.rs` keeps the modules' imports acyclic.
 
 pub mod costs;
 pub mod device_access;
 pub mod file;
+pub mod filemap;
+pub mod fork;
 pub mod gup;
 pub mod hmm;
+pub mod introspect;
 pub mod kernel;
+pub mod khugepaged;
+pub mod madvise;
+pub mod memory;
 pub mod migrate;
 pub mod migrate_device;
+pub mod mmap;
+pub mod mprotect;
+pub mod mremap;
 pub mod notifier;
 pub mod oracle;
 pub mod p2p;
@@ -29,12 +45,12 @@ pub mod vma;
 pub use costs::MmCosts;
 pub use device_access::{DeviceData, DeviceGrant, FrameTranslation};
 pub use gup::{GupFlags, PinnedPages, folio_is_longterm_pinnable};
-pub use kernel::{
-    AddressSpace, Advice, Kernel, KernelState, MmapArgs, MremapFlags, Signal, ThpPolicy,
-};
+pub use kernel::{Kernel, Signal, ThpPolicy};
+pub use madvise::Advice;
 pub use migrate::{DevicePagemapOps, MigrateVma};
+pub use mmap::MmapArgs;
+pub use mremap::MremapFlags;
 pub use notifier::{IntervalNotifierOps, NotifierEvent, NotifierId, NotifierRange};
 pub use oracle::{LogicalPage, Violation, ViolationKind};
-pub use p2p::MmioId;
-pub use phys::{GfpZone, MemoryKind, MovableError};
-pub use vma::{Prot, VmFlags, Vma, VmaBacking};
+pub use phys::{FrameInfo, GfpZone, LruState, MemoryKind, MovableError};
+pub use vma::{MmioId, Prot, VmFlags, Vma, VmaBacking};

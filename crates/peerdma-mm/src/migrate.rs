@@ -3,6 +3,11 @@
 //! Linux counterparts: mm/migrate_device.c (`migrate_vma_setup` / `_pages` / `_finalize`), include/linux/memremap.h
 //! (`dev_pagemap`, `migrate_to_ram`), spec/linux-hmm.md §1.4–1.6.
 //!
+//! It also holds the pieces `migrate_vma` shares with the by-range migration of [`crate::migrate_device`]
+//! (which depends on this module, never the reverse): the `migrate_pfn` encoding, `mapping_entry`, the
+//! reference check of `migrate_device_unmap` (`migrate_unmap_check`) and `remove_migration_ptes`
+//! (mm/migrate.c).
+//!
 //! The protocol, as numbered steps (the caller holds `mmap_lock` for reading throughout):
 //! 1. [`Kernel::migrate_vma_setup`] validates the range (one VMA, not hugetlb/IO/PFNMAP/MIXEDMAP, `EINVAL`
 //!    otherwise), then:
@@ -43,15 +48,14 @@
 //! does not fire its second, insert-time notifier; there is no `fault_page` (the CPU fault path takes no
 //! page lock, so the collect step locks the faulting page like any other).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 
 use peerdma_core::{DeviceId, Errno, FrameId, PAGE_SIZE, PageSize, Pid, Range, Va};
 
-use crate::kernel::Kernel;
-use crate::migrate_device::{migrate_unmap_check, remove_migration_ptes};
+use crate::kernel::{Kernel, KernelState};
 use crate::notifier::NotifierEvent;
 use crate::pagetable::Pte;
 use crate::phys::{FrameOwner, MemoryKind};
@@ -492,4 +496,130 @@ impl Kernel {
         self.sim.count("migrate.pages", moved as u64);
         self.migration_wq.wake_up_all();
     }
+}
+
+/// The reference check of `migrate_device_unmap` (mm/migrate_device.c) after [`Kernel::try_to_migrate`], for
+/// the entries of `src_pfns` whose page is in `taken` (locked, with one reference of the caller's): a page
+/// still mapped somewhere other than by a migration entry, or with references beyond its migration entries
+/// and the caller's — a pin (`maybe_dma_pinned`), a GUP reference — cannot migrate. Its migration entries are
+/// restored everywhere (`remove_migration_ptes(src, src)`), it is unlocked, the caller's reference is dropped
+/// and its entry becomes 0. Returns the number of pages restored; the caller wakes the migration wait queue.
+pub(crate) fn migrate_unmap_check(
+    st: &mut KernelState,
+    src_pfns: &mut [u64],
+    taken: &BTreeSet<FrameId>,
+) -> usize {
+    let mut entries: BTreeMap<FrameId, Vec<(Pid, Va, bool)>> = BTreeMap::new();
+    let mut still_mapped: BTreeSet<FrameId> = BTreeSet::new();
+    for m in st.rmap_walk(|f| taken.contains(&f)) {
+        match m.leaf.pte {
+            Pte::Migration { write, .. } if m.leaf.size == PageSize::Size4K => {
+                entries
+                    .entry(m.frame)
+                    .or_default()
+                    .push((m.pid, m.va, write));
+            }
+            _ => {
+                still_mapped.insert(m.frame);
+            }
+        }
+    }
+    let mut restored = 0;
+    for s in src_pfns.iter_mut() {
+        let Some(f) = migrate_pfn_to_frame(*s).filter(|f| taken.contains(f)) else {
+            continue;
+        };
+        let mine = entries.get(&f).map_or(&[][..], Vec::as_slice);
+        let expected = u32::try_from(mine.len()).expect("mappings fit u32") + 1;
+        if !still_mapped.contains(&f) && st.phys.frame(f).refcount == expected {
+            continue;
+        }
+        let kind = st.phys.kind(f);
+        for &(pid, va, write) in mine {
+            st.mm_mut(pid).pt.set_pte(va, mapping_entry(kind, f, write));
+        }
+        st.phys.frame_mut(f).locked = false;
+        st.phys.put(f);
+        *s = 0;
+        restored += 1;
+    }
+    restored
+}
+
+/// `remove_migration_ptes` for every entry of `src_pfns` (step 5 of the module docs, shared with
+/// `migrate_vma_finalize`): each source page's migration entries, wherever the rmap walk finds them, get the
+/// destination (where the entry migrated: VALID, MIGRATE and a destination) or the source back, each with its
+/// own write bit; mapcount and refcount move with each mapping. The destination's allocation reference is
+/// dropped (an unused destination is freed), the source is unlocked and the caller's reference on it dropped
+/// (the last one frees it: `page_free`). Entries without a source page only drop their destination. Returns
+/// the number of pages migrated; the caller counts them and wakes the migration wait queue.
+pub(crate) fn remove_migration_ptes(
+    st: &mut KernelState,
+    src_pfns: &[u64],
+    dst_pfns: &[u64],
+) -> u64 {
+    let mut moved = 0u64;
+    let sources: BTreeSet<FrameId> = src_pfns
+        .iter()
+        .filter_map(|&s| migrate_pfn_to_frame(s))
+        .collect();
+    let mut entries: BTreeMap<FrameId, Vec<(Pid, Va, bool)>> = BTreeMap::new();
+    for m in st.rmap_walk(|f| sources.contains(&f)) {
+        if let Pte::Migration { write, .. } = m.leaf.pte
+            && m.leaf.size == PageSize::Size4K
+        {
+            entries
+                .entry(m.frame)
+                .or_default()
+                .push((m.pid, m.va, write));
+        }
+    }
+    for (&s, &d) in src_pfns.iter().zip(dst_pfns) {
+        let dst = migrate_pfn_to_frame(d);
+        let Some(src) = migrate_pfn_to_frame(s) else {
+            if let Some(d) = dst {
+                st.phys.put(d);
+            }
+            continue;
+        };
+        let migrated = s & (MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE)
+            == MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE
+            && dst.is_some();
+        let to = if migrated {
+            dst.expect("migrated")
+        } else {
+            src
+        };
+        let kind = st.phys.kind(to);
+        for &(pid, va, write) in entries.get(&src).map_or(&[][..], Vec::as_slice) {
+            st.mm_mut(pid)
+                .pt
+                .set_pte(va, mapping_entry(kind, to, write));
+            if migrated {
+                // The mapping's reference moves from the old page to the new one.
+                st.phys.get(to);
+                st.phys.frame_mut(to).mapcount += 1;
+                let fr = st.phys.frame_mut(src);
+                fr.mapcount = fr.mapcount.saturating_sub(1);
+                st.phys.put(src);
+            }
+        }
+        if let Some(d) = dst {
+            if migrated
+                && st.phys.frame(d).mapcount > 0
+                && matches!(st.phys.kind(d), MemoryKind::Ram { .. })
+            {
+                st.lru_add_new_anon(d);
+            }
+            // The caller's allocation reference; an unused destination is freed.
+            st.phys.put(d);
+        }
+        st.phys.frame_mut(src).locked = false;
+        // The caller's reference on the source: the last one frees the page (page_free).
+        st.phys.put(src);
+        if migrated {
+            moved += 1;
+        }
+    }
+    moved
 }

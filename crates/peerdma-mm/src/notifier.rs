@@ -15,6 +15,10 @@
 //! - A subscription inserted during an invalidation starts with the current odd sequence, so its first
 //!   `read_begin` waits; one inserted while idle starts at `seq - 1` (odd, different), so `read_retry` after
 //!   any later invalidation differs.
+//!
+//! The [`Kernel`] API over that state lives here too: `interval_notifier_insert` / `_remove`,
+//! `interval_read_begin` / `_read_retry` / `_set_seq`, `invalidate_range_start` / `_end` (calling the
+//! subscriptions outside any page-table update) and `zap_notify` (an invalidation around a zap).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -22,7 +26,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 
-use peerdma_core::{DeviceId, Pid, Range, Va};
+use peerdma_core::{DeviceId, Errno, Pid, Range, Va};
+
+use crate::kernel::Kernel;
+use crate::oracle::ViolationKind;
 
 /// Why an invalidation happens (`enum mmu_notifier_event`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -183,6 +190,135 @@ impl NotifierState {
         self.subs
             .get(&id)
             .is_some_and(|s| s.seq == self.seq && self.seq & 1 == 1)
+    }
+}
+
+impl Kernel {
+    /// Registers an interval notifier over `[start, start + len)` of `pid` (`mmu_interval_notifier_insert`).
+    ///
+    /// # Errors
+    /// `EOVERFLOW` for a zero length or a range that wraps; `EINVAL` when the process has exited (no
+    /// `mm_users` reference).
+    pub fn interval_notifier_insert(
+        &self,
+        pid: Pid,
+        start: Va,
+        len: u64,
+        ops: Rc<dyn IntervalNotifierOps>,
+    ) -> Result<NotifierId, Errno> {
+        let range = match Range::from_len(start, len) {
+            Some(r) if len > 0 => r,
+            _ => return Err(Errno::EOVERFLOW),
+        };
+        let mut st = self.state();
+        if !st.mm(pid).alive {
+            return Err(Errno::EINVAL);
+        }
+        let id = NotifierId(st.next_notifier);
+        st.next_notifier += 1;
+        st.mm_mut(pid).notifiers.insert(id, range, ops);
+        Ok(id)
+    }
+
+    /// Removes an interval notifier (`mmu_interval_notifier_remove`). If an invalidation is in progress it
+    /// waits for it to end, so that once this returns no callback runs or will run.
+    pub async fn interval_notifier_remove(&self, pid: Pid, id: NotifierId) {
+        let st = &self.state;
+        self.notifier_wq
+            .wait_event(|| st.borrow().mm(pid).notifiers.active == 0)
+            .await;
+        self.state().mm_mut(pid).notifiers.subs.remove(&id);
+    }
+
+    /// `mmu_interval_read_begin`: sleeps while the subscription is being invalidated, then returns its sequence.
+    pub async fn interval_read_begin(&self, pid: Pid, id: NotifierId) -> u64 {
+        let st = &self.state;
+        self.notifier_wq
+            .wait_event(|| !st.borrow().mm(pid).notifiers.read_begin_must_wait(id))
+            .await;
+        self.state()
+            .mm(pid)
+            .notifiers
+            .subs
+            .get(&id)
+            .map_or(0, |s| s.seq)
+    }
+
+    /// `mmu_interval_read_retry`: whether the subscription was invalidated since `read_begin` returned `seq`.
+    /// Call it under the driver lock that the invalidate callback also takes.
+    pub fn interval_read_retry(&self, pid: Pid, id: NotifierId, seq: u64) -> bool {
+        self.state()
+            .mm(pid)
+            .notifiers
+            .subs
+            .get(&id)
+            .is_none_or(|s| s.seq != seq)
+    }
+
+    /// `mmu_interval_set_seq`: called by the invalidate callback, under the driver lock.
+    pub fn interval_set_seq(&self, pid: Pid, id: NotifierId, cur_seq: u64) {
+        if let Some(s) = self.state().mm_mut(pid).notifiers.subs.get_mut(&id) {
+            s.seq = cur_seq;
+        }
+    }
+
+    /// Runs step 1 of an invalidation (see [`crate::notifier`]): calls every intersecting subscription.
+    pub async fn invalidate_range_start(
+        &self,
+        pid: Pid,
+        range: Range<Va>,
+        event: NotifierEvent,
+        owner: Option<DeviceId>,
+    ) {
+        let (hits, cur_seq) = self.state().mm_mut(pid).notifiers.range_start(range);
+        self.sim.trace("mmu_notifier.start", || {
+            format!("pid {} {range} {event:?} seq {cur_seq}", pid.0)
+        });
+        let nr = NotifierRange {
+            mm: pid,
+            range,
+            event,
+            owner,
+            blockable: true,
+        };
+        for (id, ops) in hits {
+            let ok = ops.invalidate(id, &nr, cur_seq).await;
+            if !ok {
+                // A false return in blockable context is a driver bug in Linux (WARN); the model reports it.
+                self.state().oracle.violation(
+                    ViolationKind::Protocol,
+                    format!(
+                        "notifier {} refused a blockable invalidation of {range}",
+                        ops.name()
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Runs step 3 of an invalidation: the last end makes the sequence even and wakes sleepers.
+    pub fn invalidate_range_end(&self, pid: Pid) {
+        let last = self.state().mm_mut(pid).notifiers.range_end();
+        if last {
+            self.notifier_wq.wake_up_all();
+        }
+    }
+
+    /// Zaps every entry of `r` inside an invalidation of kind `event` (start, zap, TLB shootdown, end);
+    /// returns the number of base pages zapped. Private anonymous contents are forgotten (they read zero again).
+    pub(crate) async fn zap_notify(&self, pid: Pid, r: Range<Va>, event: NotifierEvent) -> u64 {
+        self.invalidate_range_start(pid, r, event, None).await;
+        let nr = {
+            let mut st = self.state();
+            let nr = st.zap_range(pid, r);
+            st.oracle.forget_anon(pid, r);
+            nr
+        };
+        if nr > 0 {
+            self.spend(self.costs.tlb_shootdown).await;
+        }
+        self.invalidate_range_end(pid);
+        nr
     }
 }
 

@@ -47,9 +47,7 @@ use crate::vma::{Prot, VmFlags, VmaBacking};
 
 const PAGE_BYTES: usize = 4096;
 
-/// An MMIO range without struct pages registered with [`Kernel::add_mmio`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct MmioId(pub u32);
+pub use crate::vma::MmioId;
 
 /// One MMIO range (a BAR or part of one) without struct pages.
 #[derive(Debug)]

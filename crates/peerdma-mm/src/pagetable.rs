@@ -8,8 +8,17 @@
 //! page (`remap_pfn_range`), and the non-present kinds the kernel stores in a PTE (swap, migration,
 //! device-private, device-exclusive). The table itself only stores and finds entries;
 //! reference counting of the frames is the caller's (the fault and zap paths in `mm`).
+//!
+//! **Range walks go through a cursor** (the shape of Asterinas OSTD's `page_table::cursor`): a
+//! [`CursorMut`] over a range, from [`PageTable::cursor_mut`], steps from leaf to leaf with
+//! [`CursorMut::find_next`] and changes the leaf it stands on — [`CursorMut::unmap`] removes it,
+//! [`CursorMut::protect`] rewrites its entry — splitting a 2 MiB leaf that sticks out of the range first, so
+//! an operation never touches a byte outside its range. [`Cursor`] (from [`PageTable::cursor`]) is the
+//! read-only walk, and [`PageTable::leaves`] collects one, so every range walk in the crate (zap,
+//! mprotect, fork's copy, mremap's move, khugepaged, the rmap walk, P2P removal) goes through the one
+//! walker. Changing walks: zap (`crate::memory`) and mprotect (`crate::mprotect`).
 
-use peerdma_core::{FrameId, PAGE_SHIFT, PageSize, Va};
+use peerdma_core::{FrameId, PAGE_SHIFT, PageSize, Range, Va};
 
 const LEVEL_BITS: u32 = 9;
 const ENTRIES: usize = 1 << LEVEL_BITS;
@@ -359,19 +368,35 @@ impl PageTable {
         freed
     }
 
-    /// Returns every leaf that maps some address in `[start, end)`, in address order.
-    pub fn leaves(&self, start: Va, end: Va) -> Vec<Leaf> {
-        let mut out = Vec::new();
-        Self::collect(&self.root, 4, 0, start.raw(), end.raw(), &mut out);
-        out
+    /// Returns a read-only cursor over the leaves that map some address in `range`, in address order.
+    pub fn cursor(&self, range: Range<Va>) -> Cursor<'_> {
+        Cursor {
+            pt: self,
+            va: range.start.raw(),
+            end: range.end.raw(),
+        }
     }
 
-    fn collect(table: &Table, level: u32, base: u64, start: u64, end: u64, out: &mut Vec<Leaf>) {
+    /// Returns a cursor over `range` that can change the leaves it finds (module docs).
+    pub fn cursor_mut(&mut self, range: Range<Va>) -> CursorMut<'_> {
+        CursorMut {
+            pt: self,
+            range,
+            va: range.start.raw(),
+            cur: None,
+        }
+    }
+
+    /// Returns the first leaf (in address order) that maps some address in `[start, end)`. The scan of each
+    /// table starts at the entry covering `start`, so a cursor step costs the depth of the table plus the
+    /// empty entries it skips.
+    fn first_leaf(table: &Table, level: u32, base: u64, start: u64, end: u64) -> Option<Leaf> {
         if table.used == 0 {
-            return;
+            return None;
         }
         let span = 1u64 << (PAGE_SHIFT + LEVEL_BITS * (level - 1));
-        for (i, e) in table.entries.iter().enumerate() {
+        let first = usize::try_from(start.saturating_sub(base) / span).unwrap_or(ENTRIES);
+        for (i, e) in table.entries.iter().enumerate().skip(first) {
             let lo = base + i as u64 * span;
             let hi = lo.saturating_add(span);
             if hi <= start || lo >= end {
@@ -379,19 +404,139 @@ impl PageTable {
             }
             match e {
                 Entry::Empty => {}
-                Entry::Table(t) => Self::collect(t, level - 1, lo, start, end, out),
+                Entry::Table(t) => {
+                    if let Some(l) = Self::first_leaf(t, level - 1, lo, start, end) {
+                        return Some(l);
+                    }
+                }
                 Entry::Leaf(pte) => {
-                    let size = match level {
-                        1 => PageSize::Size4K,
-                        2 => PageSize::Size2M,
-                        _ => PageSize::Size1G,
-                    };
-                    out.push(Leaf {
+                    return Some(Leaf {
                         pte: *pte,
-                        size,
+                        size: leaf_size(level),
                         base: Va::from_raw(lo),
                     });
                 }
+            }
+        }
+        None
+    }
+
+    /// Returns every leaf that maps some address in `[start, end)`, in address order: the walk of a read-only
+    /// [`Cursor`], collected.
+    pub fn leaves(&self, start: Va, end: Va) -> Vec<Leaf> {
+        Cursor {
+            pt: self,
+            va: start.raw(),
+            end: end.raw(),
+        }
+        .collect()
+    }
+}
+
+/// The size a leaf at `level` maps.
+fn leaf_size(level: u32) -> PageSize {
+    match level {
+        1 => PageSize::Size4K,
+        2 => PageSize::Size2M,
+        _ => PageSize::Size1G,
+    }
+}
+
+/// A read-only walk over the leaves that map some address of a range, in address order (an iterator).
+#[derive(Debug)]
+pub struct Cursor<'a> {
+    pt: &'a PageTable,
+    /// The first address not yet walked past.
+    va: u64,
+    end: u64,
+}
+
+impl Iterator for Cursor<'_> {
+    type Item = Leaf;
+
+    fn next(&mut self) -> Option<Leaf> {
+        if self.va >= self.end {
+            return None;
+        }
+        let leaf = PageTable::first_leaf(&self.pt.root, 4, 0, self.va, self.end)?;
+        self.va = leaf.base.raw().saturating_add(leaf.size.bytes());
+        Some(leaf)
+    }
+}
+
+/// A walk over the leaves of a range that may change them (module docs). The cursor stands on the leaf the
+/// last [`CursorMut::find_next`] returned; [`CursorMut::unmap`] and [`CursorMut::protect`] act on it,
+/// limited to the range, and the next `find_next` continues after it.
+#[derive(Debug)]
+pub struct CursorMut<'a> {
+    pt: &'a mut PageTable,
+    range: Range<Va>,
+    /// The first address not yet walked past.
+    va: u64,
+    /// The leaf found last, as it was found.
+    cur: Option<Leaf>,
+}
+
+impl CursorMut<'_> {
+    /// Moves to the next leaf (in address order) that maps some address of the range and returns it; `None`
+    /// when there is none left.
+    pub fn find_next(&mut self) -> Option<Leaf> {
+        let end = self.range.end.raw();
+        self.cur = if self.va < end {
+            PageTable::first_leaf(&self.pt.root, 4, 0, self.va, end)
+        } else {
+            None
+        };
+        if let Some(leaf) = self.cur {
+            self.va = leaf.base.raw().saturating_add(leaf.size.bytes());
+        }
+        self.cur
+    }
+
+    /// The leaf the cursor stands on and the part of it inside the range (`None` when it lies wholly
+    /// inside).
+    fn current(&self) -> (Leaf, Option<Range<Va>>) {
+        let leaf = self.cur.expect("find_next found a leaf");
+        let leaf_range =
+            Range::from_len(leaf.base, leaf.size.bytes()).expect("leaf inside user space");
+        let part = (!self.range.contains_range(&leaf_range))
+            .then(|| leaf_range.intersection(&self.range).expect("leaf overlaps"));
+        (leaf, part)
+    }
+
+    /// Removes the mappings of the current leaf that lie inside the range and returns the removed leaves in
+    /// address order: the leaf itself when it lies wholly inside, else (a 2 MiB leaf sticking out) the leaf is
+    /// split and the 4 KiB entries inside the range are removed.
+    ///
+    /// # Panics
+    /// Panics when the last `find_next` found nothing.
+    pub fn unmap(&mut self) -> Vec<Leaf> {
+        let (leaf, part) = self.current();
+        let Some(part) = part else {
+            return vec![self.pt.clear(leaf.base).expect("leaf found by find_next")];
+        };
+        self.pt.split_pmd(leaf.base);
+        part.pages()
+            .filter_map(|page| self.pt.clear(page))
+            .collect()
+    }
+
+    /// Rewrites the entries of the current leaf that lie inside the range with `op`: the leaf's entry when it
+    /// lies wholly inside, else (a 2 MiB leaf sticking out) the leaf is split and each 4 KiB entry inside the
+    /// range is rewritten.
+    ///
+    /// # Panics
+    /// Panics when the last `find_next` found nothing.
+    pub fn protect(&mut self, op: impl Fn(Pte) -> Pte) {
+        let (leaf, part) = self.current();
+        let Some(part) = part else {
+            self.pt.set_leaf(leaf.base, leaf.size, op(leaf.pte));
+            return;
+        };
+        self.pt.split_pmd(leaf.base);
+        for page in part.pages() {
+            if let Some(l) = self.pt.lookup(page) {
+                self.pt.set_pte(page, op(l.pte));
             }
         }
     }
@@ -488,5 +633,122 @@ mod tests {
             .map(|l| l.base.raw())
             .collect();
         assert_eq!(found, vec![0x1000, 0x5000]);
+    }
+
+    /// The reference walk the cursor is checked against: every leaf overlapping `[start, end)`, by recursion.
+    fn collect(table: &Table, level: u32, base: u64, start: u64, end: u64, out: &mut Vec<Leaf>) {
+        if table.used == 0 {
+            return;
+        }
+        let span = 1u64 << (PAGE_SHIFT + LEVEL_BITS * (level - 1));
+        for (i, e) in table.entries.iter().enumerate() {
+            let lo = base + i as u64 * span;
+            let hi = lo.saturating_add(span);
+            if hi <= start || lo >= end {
+                continue;
+            }
+            match e {
+                Entry::Empty => {}
+                Entry::Table(t) => collect(t, level - 1, lo, start, end, out),
+                Entry::Leaf(pte) => out.push(Leaf {
+                    pte: *pte,
+                    size: leaf_size(level),
+                    base: Va::from_raw(lo),
+                }),
+            }
+        }
+    }
+
+    fn reference_leaves(pt: &PageTable, r: Range<Va>) -> Vec<Leaf> {
+        let mut out = Vec::new();
+        collect(&pt.root, 4, 0, r.start.raw(), r.end.raw(), &mut out);
+        out
+    }
+
+    /// A table with 4 KiB leaves on both sides of a PMD leaf, in two different PGD slots.
+    fn mixed() -> (PageTable, Va) {
+        let mut pt = PageTable::new();
+        let pmd = Va::from_raw(0x4000_0000);
+        pt.set_pte(Va::from_raw(0x3fff_e000), present(1));
+        pt.set_pmd(pmd, present(512));
+        pt.set_pte(pmd.add(0x20_0000), present(2));
+        pt.set_pte(Va::from_raw(0x7f00_0000_0000), present(3));
+        (pt, pmd)
+    }
+
+    fn range(start: u64, end: u64) -> Range<Va> {
+        Range::new(Va::from_raw(start), Va::from_raw(end))
+    }
+
+    #[test]
+    fn the_cursor_finds_every_leaf_a_full_recursive_walk_finds() {
+        let (pt, pmd) = mixed();
+        for r in [
+            range(0, u64::MAX >> 16),
+            range(0x3fff_f000, 0x4000_1000),
+            range(pmd.raw() + 0x1000, pmd.raw() + 0x20_1000),
+            range(0x5000_0000, 0x7f00_0000_1000),
+            range(0x1000, 0x2000),
+        ] {
+            let listed = reference_leaves(&pt, r);
+            assert_eq!(pt.cursor(r).collect::<Vec<_>>(), listed, "{r}");
+            assert_eq!(pt.leaves(r.start, r.end), listed, "{r}");
+            let mut copy = pt.clone();
+            let mut c = copy.cursor_mut(r);
+            let mut found = Vec::new();
+            while let Some(l) = c.find_next() {
+                found.push(l);
+            }
+            assert_eq!(found, listed, "{r}");
+        }
+    }
+
+    #[test]
+    fn unmap_splits_a_pmd_leaf_sticking_out_and_removes_only_the_range() {
+        let (mut pt, pmd) = mixed();
+        let r = range(pmd.raw() + 0x1f_e000, pmd.raw() + 0x20_1000);
+        let mut c = pt.cursor_mut(r);
+        let mut removed = Vec::new();
+        while c.find_next().is_some() {
+            removed.extend(c.unmap());
+        }
+        let bases: Vec<u64> = removed.iter().map(|l| l.base.raw()).collect();
+        assert_eq!(
+            bases,
+            [
+                pmd.raw() + 0x1f_e000,
+                pmd.raw() + 0x1f_f000,
+                pmd.raw() + 0x20_0000
+            ]
+        );
+        assert!(removed.iter().all(|l| l.size == PageSize::Size4K));
+        assert_eq!(removed[0].pte, present(512 + 510));
+        assert_eq!(
+            pt.lookup(pmd.add(0x1f_d000)).unwrap().pte,
+            present(512 + 509)
+        );
+        assert_eq!(pt.leaves(r.start, r.end), []);
+    }
+
+    #[test]
+    fn protect_rewrites_a_whole_leaf_or_the_part_inside_the_range() {
+        let (mut pt, pmd) = mixed();
+        let ro = |p: Pte| p.with_write(false);
+        let mut c = pt.cursor_mut(range(pmd.raw(), pmd.raw() + 0x20_0000));
+        while c.find_next().is_some() {
+            c.protect(ro);
+        }
+        let leaf = pt.lookup(pmd).unwrap();
+        assert_eq!((leaf.size, leaf.pte), (PageSize::Size2M, ro(present(512))));
+        // Now a range that cuts the PMD leaf: it is split, the part outside keeps its entry.
+        pt.set_pmd(pmd, present(512));
+        let mut c = pt.cursor_mut(range(pmd.raw() + 0x1000, pmd.raw() + 0x3000));
+        while c.find_next().is_some() {
+            c.protect(ro);
+        }
+        assert_eq!(pt.lookup(pmd).unwrap().pte, present(512));
+        assert_eq!(pt.lookup(pmd.add(0x1000)).unwrap().pte, ro(present(513)));
+        assert_eq!(pt.lookup(pmd.add(0x2000)).unwrap().pte, ro(present(514)));
+        assert_eq!(pt.lookup(pmd.add(0x3000)).unwrap().pte, present(515));
     }
 }

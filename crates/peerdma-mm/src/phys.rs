@@ -53,10 +53,15 @@ use std::collections::BTreeSet;
 
 use peerdma_core::{DeviceId, FrameId, PAGE_SIZE, PMD_SIZE, Pa};
 
-use crate::swap::{LOW_WATERMARK, MIN_WATERMARK};
-
 /// Refcount added by one FOLL_PIN (include/linux/mm.h `GUP_PIN_COUNTING_BIAS`).
 pub const GUP_PIN_COUNTING_BIAS: u32 = 1024;
+
+/// Free RAM pages below which a fault reclaims first (the node's low watermark; reclaim is
+/// [`crate::swap`]'s, the allocator's zonelist walk uses it here).
+pub const LOW_WATERMARK: u64 = 64;
+/// Free RAM pages below which [`crate::kernel::Kernel::reclaim_if_low`] runs further passes until one frees
+/// a page (the node's min watermark).
+pub const MIN_WATERMARK: u64 = 16;
 
 /// Frames per 2 MiB block.
 pub const FRAMES_PER_PMD: u64 = PMD_SIZE / PAGE_SIZE;
@@ -170,6 +175,34 @@ pub enum LruState {
     Active,
     /// The inactive list.
     Inactive,
+}
+
+/// A read-only snapshot of one frame's metadata, as other crates and tests see it (the model's
+/// `/proc/kpagecount` + `/proc/kpageflags`, fs/proc/page.c): a value, so holding it borrows nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameInfo {
+    /// What memory the frame is in.
+    pub kind: MemoryKind,
+    /// The RAM node, or `None` for device memory.
+    pub node: Option<u32>,
+    /// Whether the frame is in ZONE_MOVABLE.
+    pub zone_movable: bool,
+    /// Whether the frame is allocated.
+    pub allocated: bool,
+    /// Who owns it ([`FrameOwner::Free`] when free).
+    pub owner: FrameOwner,
+    /// References (mappings, page cache, pins with their bias, transient gets).
+    pub refcount: u32,
+    /// Page-table mappings.
+    pub mapcount: u32,
+    /// `page_maybe_dma_pinned`.
+    pub maybe_dma_pinned: bool,
+    /// `PG_locked` ([`Frame::locked`]).
+    pub locked: bool,
+    /// Dirty since last written back.
+    pub dirty: bool,
+    /// LRU membership.
+    pub lru: LruState,
 }
 
 /// The metadata of one 4 KiB frame.
@@ -596,6 +629,24 @@ impl PhysMem {
     /// Returns whether `f` names a frame of this memory.
     pub fn exists(&self, f: FrameId) -> bool {
         f.0 < self.frames.len() as u64
+    }
+
+    /// Returns a snapshot of frame `f`'s metadata.
+    pub fn frame_info(&self, f: FrameId) -> FrameInfo {
+        let fr = self.frame(f);
+        FrameInfo {
+            kind: self.kind(f),
+            node: self.node_of(f),
+            zone_movable: self.is_zone_movable_page(f),
+            allocated: fr.is_allocated(),
+            owner: fr.owner(),
+            refcount: fr.refcount,
+            mapcount: fr.mapcount,
+            maybe_dma_pinned: fr.maybe_dma_pinned(),
+            locked: fr.locked,
+            dirty: fr.dirty,
+            lru: fr.lru,
+        }
     }
 
     /// Returns the kind of memory the frame is in.

@@ -19,13 +19,16 @@
 //! ([`crate::migrate_device`], device-private, device-coherent and device-exclusive mappings of device pages,
 //! then the migration entries that replaced them) and the unmap and finalize steps of `migrate_vma`
 //! ([`crate::migrate`], the other mappings of each collected page, e.g. another process's after `fork`).
+//!
+//! It also keeps the per-frame mapping accounting every mapping change goes through: `map_frame` /
+//! `unmap_frame` (`folio_add_*_rmap` + `folio_get`, `folio_remove_rmap_*` + `folio_put`).
 
 use peerdma_core::{FrameId, PAGE_SIZE, Pid, Va};
 
 use crate::kernel::KernelState;
 use crate::pagetable::{Leaf, Pte};
 
-/// One page-table mapping of a frame, found by [`KernelState::rmap_walk`].
+/// One page-table mapping of a frame, found by `KernelState::rmap_walk`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Mapping {
     /// The address space.
@@ -41,7 +44,7 @@ pub struct Mapping {
 impl KernelState {
     /// Returns every mapping of the frames `want_fn` selects, in every live address space (the module's
     /// rules 1–4).
-    pub fn rmap_walk(&self, mut want_fn: impl FnMut(FrameId) -> bool) -> Vec<Mapping> {
+    pub(crate) fn rmap_walk(&self, mut want_fn: impl FnMut(FrameId) -> bool) -> Vec<Mapping> {
         let mut out = Vec::new();
         for mm in self.mms.values().filter(|m| m.alive) {
             for leaf in mm.pt.leaves(Va::from_raw(0), Va::from_raw(u64::MAX)) {
@@ -65,5 +68,26 @@ impl KernelState {
             }
         }
         out
+    }
+}
+
+impl KernelState {
+    /// Drops one mapping of `frame` (mapcount and reference).
+    pub(crate) fn unmap_frame(&mut self, frame: FrameId) {
+        if frame == self.phys.zero_page() {
+            return;
+        }
+        let fr = self.phys.frame_mut(frame);
+        fr.mapcount = fr.mapcount.saturating_sub(1);
+        self.phys.put(frame);
+    }
+
+    /// Adds one mapping of `frame`.
+    pub(crate) fn map_frame(&mut self, frame: FrameId) {
+        if frame == self.phys.zero_page() {
+            return;
+        }
+        self.phys.get(frame);
+        self.phys.frame_mut(frame).mapcount += 1;
     }
 }

@@ -100,14 +100,12 @@ use crate::notifier::NotifierEvent;
 use crate::pagetable::Pte;
 use crate::phys::{Frame, FrameOwner, LruState, PhysMem};
 
-/// Free RAM pages below which a fault reclaims first.
-pub const LOW_WATERMARK: u64 = 64;
+pub use crate::phys::{LOW_WATERMARK, MIN_WATERMARK};
+
 /// Pages reclaimed per pass.
 pub const RECLAIM_BATCH: u64 = 32;
 /// Pages moved from the active to the inactive list per pass (include/linux/swap.h `SWAP_CLUSTER_MAX`).
 pub const SWAP_CLUSTER_MAX: u64 = 32;
-/// Free RAM pages below which [`Kernel::reclaim_if_low`] runs further passes until one frees a page.
-pub const MIN_WATERMARK: u64 = 16;
 /// Reclaim passes [`Kernel::reclaim_if_low`] runs at most.
 pub const MAX_RECLAIM_PASSES: u32 = 3;
 
@@ -291,7 +289,7 @@ impl KernelState {
 
     /// Returns the number of pages of RAM node `node` on the active (`LruState::Active`) or inactive list;
     /// `LruState::None` counts nothing.
-    pub fn nr_lru_pages_node(&self, node: u32, list: LruState) -> u64 {
+    pub(crate) fn nr_lru_pages_node(&self, node: u32, list: LruState) -> u64 {
         let active = match list {
             LruState::None => return 0,
             LruState::Active => true,
@@ -307,7 +305,7 @@ impl KernelState {
 
     /// Returns the number of pages on the active (`LruState::Active`) or inactive list; `LruState::None`
     /// counts nothing.
-    pub fn nr_lru_pages(&self, list: LruState) -> u64 {
+    pub(crate) fn nr_lru_pages(&self, list: LruState) -> u64 {
         (0..self.phys.nr_nodes())
             .map(|n| self.nr_lru_pages_node(n, list))
             .sum()

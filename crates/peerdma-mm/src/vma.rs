@@ -6,7 +6,10 @@
 use bitflags::bitflags;
 use peerdma_core::{Range, Va};
 
-use crate::p2p::MmioId;
+/// An MMIO range without struct pages registered with [`crate::kernel::Kernel::add_mmio`] (defined here,
+/// below [`crate::p2p`], because a PFNMAP VMA's backing names it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MmioId(pub u32);
 
 bitflags! {
     /// `vm_flags` bits the model uses (include/linux/mm.h).

@@ -27,13 +27,7 @@ fn run<T: 'static, F: Future<Output = T> + 'static>(
     let (o, fut) = (out.clone(), f(k.clone()));
     sim.spawn("test", async move { *o.borrow_mut() = Some(fut.await) });
     sim.run();
-    let kinds = k
-        .state()
-        .oracle
-        .violations()
-        .iter()
-        .map(|v| v.kind)
-        .collect();
+    let kinds = k.oracle_violations().iter().map(|v| v.kind).collect();
     (out.borrow_mut().take(), kinds)
 }
 
@@ -53,7 +47,7 @@ fn a_mirror_write_lands_while_the_page_table_still_maps_the_frame() {
     let (landed, violations) = run(|k| async move {
         let pid = k.create_process();
         let va = k.mmap(pid, &anon_page()).await.unwrap();
-        let (frame, _, _) = k.state().mm(pid).translate(va).unwrap();
+        let (frame, _) = k.translate(pid, va).unwrap();
         let t = FrameTranslation {
             frame,
             generation: k.frame_generation(frame).unwrap(),
@@ -76,7 +70,7 @@ fn a_mirror_write_landing_after_munmap_completed_is_a_stale_translation() {
     let (landed, violations) = run(|k| async move {
         let pid = k.create_process();
         let va = k.mmap(pid, &anon_page()).await.unwrap();
-        let (frame, _, _) = k.state().mm(pid).translate(va).unwrap();
+        let (frame, _) = k.translate(pid, va).unwrap();
         let t = FrameTranslation {
             frame,
             generation: k.frame_generation(frame).unwrap(),
@@ -98,7 +92,7 @@ fn a_raw_read_of_a_reallocated_frame_is_a_use_after_free() {
         let pid = k.create_process();
         let va = k.mmap(pid, &anon_page()).await.unwrap();
         k.store(pid, va, &[1]).await.unwrap();
-        let (frame, _, _) = k.state().mm(pid).translate(va).unwrap();
+        let (frame, _) = k.translate(pid, va).unwrap();
         let t = FrameTranslation {
             frame,
             generation: k.frame_generation(frame).unwrap(),

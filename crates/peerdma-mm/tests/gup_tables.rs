@@ -55,7 +55,7 @@ fn file_map(file: u32, n: u64, prot: Prot, shared: bool) -> MmapArgs {
 }
 
 fn frame_of(k: &Kernel, pid: Pid, va: Va) -> Option<FrameId> {
-    k.state().mm(pid).translate(va).map(|(f, _, _)| f)
+    k.translate(pid, va).map(|(f, _)| f)
 }
 
 /// Every kind of mapping the tables need, in one address space.
@@ -152,13 +152,30 @@ async fn maps(k: &Rc<Kernel>) -> Maps {
     }
 }
 
+/// Pagemap callbacks for device-coherent memory: the CPU reaches it directly, so `migrate_to_ram` is never
+/// called.
+#[derive(Debug)]
+struct NoPagemapOps;
+
+impl peerdma_mm::DevicePagemapOps for NoPagemapOps {
+    fn migrate_to_ram<'a>(
+        &'a self,
+        _pid: Pid,
+        _va: Va,
+        _frame: FrameId,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), ()>> + 'a>> {
+        unreachable!("device-coherent memory never faults to RAM")
+    }
+}
+
 /// Maps one anonymous page and migrates it into device-coherent memory (MIGRATE_VMA_SELECT_SYSTEM).
 async fn coherent_page(k: &Rc<Kernel>, pid: Pid) -> Va {
     let owner = DeviceId(6);
-    let r = k
-        .state()
-        .phys
-        .add_region(MemoryKind::DeviceCoherent { owner }, 16);
+    let r = k.add_device_memory(
+        MemoryKind::DeviceCoherent { owner },
+        16 * PAGE_SIZE,
+        Rc::new(NoPagemapOps),
+    );
     let va = k.mmap(pid, &anon(1, Prot::RW)).await.unwrap();
     k.store(pid, va, &[0x5a]).await.unwrap();
     let mut m = MigrateVma::new(
@@ -241,9 +258,9 @@ fn check(rows: Vec<Row>) {
         for r in rows {
             let va = (r.va)(&m);
             let frame = frame_of(&k, m.pid, va);
-            let before = frame.map(|f| k.state().phys.frame(f).refcount);
+            let before = frame.map(|f| k.frame_info(f).refcount);
             let got = k.get_user_pages(m.pid, va, r.nr, r.flags).await;
-            let held = frame.map(|f| k.state().phys.frame(f).refcount);
+            let held = frame.map(|f| k.frame_info(f).refcount);
             let got_len = got
                 .as_ref()
                 .map(peerdma_mm::PinnedPages::len)
@@ -256,7 +273,7 @@ fn check(rows: Vec<Row>) {
                 ));
             }
             drop(got);
-            let after = frame.map(|f| k.state().phys.frame(f).refcount);
+            let after = frame.map(|f| k.frame_info(f).refcount);
             if after != before && r.delta.is_some() {
                 failures.push(format!("{}: refcount not restored on release", r.name));
             }
@@ -489,9 +506,9 @@ fn gup_grab_of_a_page_with_refcount_zero_is_enomem_before_the_p2p_check() {
         let mut out = Vec::new();
         for (va, flags) in [(m.anon_rw, F::GET), (m.p2p, F::GET), (m.p2p, F::PIN)] {
             let f = frame_of(&k, m.pid, va).unwrap();
-            let saved = std::mem::replace(&mut k.state().phys.frame_mut(f).refcount, 0);
+            let saved = k.set_frame_refcount(f, 0);
             let got = k.get_user_pages(m.pid, va, 1, flags).await.map(|p| p.len());
-            k.state().phys.frame_mut(f).refcount = saved;
+            k.set_frame_refcount(f, saved);
             out.push(got);
         }
         out
@@ -614,7 +631,7 @@ fn longterm_pin_migrates_only_unpinnable_folios() {
                 .unwrap();
             let f = pin.frames()[0];
             let mut b = [0u8; 1];
-            k.state().phys.read(f, 0, &mut b);
+            k.read_frame(f, 0, &mut b);
             out.push((f == before, k.memory_kind(f), b[0]));
         }
         (out[0], out[1])

@@ -161,7 +161,7 @@ fn munmap_in_the_middle_splits_the_vma_and_later_access_faults_with_sigsegv() {
         k.munmap(pid, buf.add(2 * PAGE_SIZE), 2 * PAGE_SIZE)
             .await
             .unwrap();
-        let nr = k.state().mm(pid).vmas.len();
+        let nr = k.vmas(pid).len();
         let sig = k.store(pid, buf.add(2 * PAGE_SIZE), &[1]).await;
         let ok = k.store(pid, buf.add(5 * PAGE_SIZE), &[1]).await;
         (nr, sig, ok)
@@ -262,19 +262,16 @@ fn pins_use_the_bias_release_on_drop_and_make_fork_copy_for_the_child() {
             .await
             .unwrap();
         let frame = pin.frames()[0];
-        let pinned = k.state().phys.frame(frame).maybe_dma_pinned();
+        let pinned = k.frame_info(frame).maybe_dma_pinned;
         let child = k.fork(pid).await.unwrap();
-        let (pf, cf) = {
-            let st = k.state();
-            (
-                st.mm(pid).translate(buf).unwrap(),
-                st.mm(child).translate(buf).unwrap(),
-            )
-        };
+        let (pf, cf) = (
+            k.translate(pid, buf).unwrap(),
+            k.translate(child, buf).unwrap(),
+        );
         let mut b = [0u8; 1];
         k.load(child, buf, &mut b).await.unwrap();
         drop(pin);
-        let after_drop = k.state().phys.frame(frame).maybe_dma_pinned();
+        let after_drop = k.frame_info(frame).maybe_dma_pinned;
         (
             pinned,
             after_drop,
@@ -314,7 +311,7 @@ fn read_only_pin_of_a_cow_shared_page_unshares_it_so_dma_survives_the_parents_wr
         let mut p = [0u8; 1];
         k.load(pid, buf, &mut p).await.unwrap();
         drop(pin);
-        let v = k.state().oracle.violations().len();
+        let v = k.oracle_violations().len();
         (c[0], p[0], v)
     });
     assert_eq!((child_sees, parent_sees, violations), (1, 5, 0));
@@ -380,8 +377,8 @@ fn anonymous_memory_twice_the_ram_swaps_out_and_back_in_intact() {
             let stored = k.store(pid, buf, &data).await;
             let mut back = vec![0u8; data.len()];
             let loaded = k.load(pid, buf, &mut back).await;
-            let free = k.state().phys.nr_free(0);
-            let slots = k.state().swap.nr_slots();
+            let free = k.nr_free_node(0);
+            let slots = k.nr_swap_slots();
             *out.borrow_mut() = Some((
                 stored.is_ok() && loaded.is_ok() && back == data,
                 free,

@@ -96,7 +96,7 @@ fn complete(k: &Kernel, src: &mut [u64]) {
 }
 
 fn pte(k: &Kernel, pid: Pid, va: Va) -> Option<Pte> {
-    k.state().mm(pid).pt.lookup(va).map(|l| l.pte)
+    k.pte_at(pid, va)
 }
 
 #[test]
@@ -135,12 +135,11 @@ fn fork_during_a_device_range_migration_copies_its_migration_entries() {
         };
         assert_eq!(pte(&k, child, va), pte(&k, parent, va));
         {
-            let st = k.state();
             assert_eq!(
-                (st.phys.frame(ram).mapcount, st.phys.frame(ram).refcount),
+                (k.frame_info(ram).mapcount, k.frame_info(ram).refcount),
                 (2, 2)
             );
-            assert!(!st.phys.frame(dev).is_allocated(), "device page freed");
+            assert!(!k.frame_info(dev).allocated, "device page freed");
         }
         for pid in [parent, child] {
             let mut buf = vec![0u8; 4096];
@@ -209,7 +208,7 @@ fn a_cpu_fault_on_a_page_a_range_migration_holds_waits_for_it() {
                 polls += 1;
                 assert!(polls < 1000, "never saw the locked window");
                 if let Some((va, dev)) = shared.get()
-                    && k.state().phys.frame(dev).locked
+                    && k.frame_info(dev).locked
                     && matches!(pte(&k, pid, va), Some(Pte::DevicePrivate { .. }))
                 {
                     break va;

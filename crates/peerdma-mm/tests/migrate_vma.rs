@@ -110,7 +110,7 @@ fn run<F: Future<Output = ()> + 'static>(f: impl FnOnce(Rc<Kernel>, usize) -> F)
 }
 
 fn pte(k: &Kernel, pid: Pid, va: Va) -> Option<Pte> {
-    k.state().mm(pid).pt.lookup(va).map(|l| l.pte)
+    k.pte_at(pid, va)
 }
 
 /// Maps one written anonymous page of `pid`; returns its address and data.
@@ -174,13 +174,12 @@ async fn both_on_one_ram_page(
         "child on another page"
     );
     {
-        let st = k.state();
         assert_eq!(
-            (st.phys.frame(ram).mapcount, st.phys.frame(ram).refcount),
+            (k.frame_info(ram).mapcount, k.frame_info(ram).refcount),
             (2, 2)
         );
-        assert!(!st.phys.frame(dev).is_allocated(), "device page not freed");
-        assert!(!st.phys.frame(dev).locked);
+        assert!(!k.frame_info(dev).allocated, "device page not freed");
+        assert!(!k.frame_info(dev).locked);
     }
     for pid in [parent, child] {
         let mut buf = vec![0u8; 4096];
@@ -259,7 +258,7 @@ fn parent_write_after_fork_migrates_both_then_breaks_cow_in_the_parent_only() {
             panic!("child left on the device page: {:?}", pte(&k, child, va));
         };
         assert_ne!(mine, theirs);
-        assert!(!k.state().phys.frame(dev).is_allocated());
+        assert!(!k.frame_info(dev).allocated);
         let mut buf = vec![0u8; 4096];
         k.load(child, va, &mut buf).await.unwrap();
         assert!(buf == data, "the child sees the parent's write");
@@ -296,10 +295,9 @@ fn migrating_a_page_shared_after_fork_to_the_device_moves_both_mappings() {
         assert_eq!(pte(&k, child, va), pte(&k, parent, va));
         let old = migrate_pfn_to_frame(src[0]).unwrap();
         {
-            let st = k.state();
-            assert!(!st.phys.frame(old).is_allocated(), "old RAM page not freed");
+            assert!(!k.frame_info(old).allocated, "old RAM page not freed");
             assert_eq!(
-                (st.phys.frame(dev).mapcount, st.phys.frame(dev).refcount),
+                (k.frame_info(dev).mapcount, k.frame_info(dev).refcount),
                 (2, 2)
             );
         }
@@ -346,12 +344,11 @@ fn a_page_with_a_gup_reference_is_restored_in_every_mapping() {
             panic!("not present");
         };
         {
-            let st = k.state();
             assert_eq!(
-                (st.phys.frame(frame).mapcount, st.phys.frame(frame).refcount),
+                (k.frame_info(frame).mapcount, k.frame_info(frame).refcount),
                 (2, 3)
             );
-            assert!(!st.phys.frame(frame).locked);
+            assert!(!k.frame_info(frame).locked);
         }
         // The child's mapping was unmapped (CLEAR) before the check restored it.
         assert_eq!(rec.0.borrow().len(), 1);
@@ -388,7 +385,7 @@ fn a_pinned_page_is_not_migrated() {
         let Some(Pte::Present { frame, .. }) = before else {
             panic!("not present");
         };
-        assert!(!k.state().phys.frame(frame).locked);
+        assert!(!k.frame_info(frame).locked);
         drop(pin);
         let mut buf = vec![0u8; 4096];
         k.load(pid, va, &mut buf).await.unwrap();
@@ -456,7 +453,7 @@ fn a_child_fault_while_the_parent_migrates_the_page_waits_and_lands_on_the_same_
                 polls += 1;
                 assert!(polls < 1000, "never saw the locked window");
                 if let Some((_, child, va, dev)) = shared.get()
-                    && k.state().phys.frame(dev).locked
+                    && k.frame_info(dev).locked
                     && matches!(pte(&k, child, va), Some(Pte::DevicePrivate { .. }))
                 {
                     break (child, va);
@@ -475,7 +472,6 @@ fn a_child_fault_while_the_parent_migrates_the_page_waits_and_lands_on_the_same_
         panic!("parent not present");
     };
     assert_eq!(pte(&k, child, va), pte(&k, parent, va));
-    let st = k.state();
-    assert_eq!(st.phys.frame(ram).mapcount, 2);
-    assert!(!st.phys.frame(dev).is_allocated());
+    assert_eq!(k.frame_info(ram).mapcount, 2);
+    assert!(!k.frame_info(dev).allocated);
 }

@@ -66,7 +66,7 @@ async fn movable_buffer(k: &Kernel, n: u64) -> (Pid, Va) {
 }
 
 fn frame_of(k: &Kernel, pid: Pid, va: Va) -> FrameId {
-    k.state().mm(pid).translate(va).unwrap().0
+    k.translate(pid, va).unwrap().0
 }
 
 fn frames(k: &Kernel, pid: Pid, buf: Va, n: u64) -> Vec<FrameId> {
@@ -75,9 +75,11 @@ fn frames(k: &Kernel, pid: Pid, buf: Va, n: u64) -> Vec<FrameId> {
 
 /// (node, in ZONE_MOVABLE) of each frame.
 fn placement(k: &Kernel, fs: &[FrameId]) -> Vec<(Option<u32>, bool)> {
-    let st = k.state();
     fs.iter()
-        .map(|&f| (st.phys.node_of(f), st.phys.is_zone_movable_page(f)))
+        .map(|&f| {
+            let info = k.frame_info(f);
+            (info.node, info.zone_movable)
+        })
         .collect()
 }
 
@@ -121,13 +123,7 @@ const LONGTERM: F = F::PIN.union(F::LONGTERM).union(F::WRITE);
 fn node_0_and_used_or_missing_nodes_cannot_be_made_movable() {
     let sim = Sim::new(SimConfig::default());
     let k = Kernel::new_numa(&sim, &[PMD_SIZE, PMD_SIZE, PMD_SIZE], MmCosts::zero());
-    {
-        let mut st = k.state();
-        let r = st.phys.node_region(2);
-        st.phys
-            .alloc(r, peerdma_mm::phys::FrameOwner::Anon)
-            .unwrap();
-    }
+    k.alloc_page(k.node_region(2)).unwrap();
     assert_eq!(k.set_node_movable(0), Err(MovableError::BootNode));
     assert_eq!(
         k.set_node_movable(3),
@@ -138,11 +134,8 @@ fn node_0_and_used_or_missing_nodes_cannot_be_made_movable() {
     );
     assert_eq!(k.set_node_movable(2), Err(MovableError::InUse { node: 2 }));
     assert_eq!(k.set_node_movable(1), Ok(()));
-    let st = k.state();
     assert_eq!(
-        (0..3)
-            .map(|n| st.phys.is_node_movable(n))
-            .collect::<Vec<_>>(),
+        (0..3).map(|n| k.is_node_movable(n)).collect::<Vec<_>>(),
         [false, true, false]
     );
 }
@@ -189,14 +182,8 @@ fn a_longterm_pin_migrates_movable_pages_out_keeps_their_data_and_pins_the_new_f
         let pinned = pin.frames().to_vec();
         let mapped = frames(&k, pid, buf, 4);
         let placed = placement(&k, &pinned);
-        let all_pinned = {
-            let st = k.state();
-            pinned.iter().all(|&f| st.phys.frame(f).maybe_dma_pinned())
-        };
-        let old_freed = {
-            let st = k.state();
-            before.iter().all(|&f| !st.phys.frame(f).is_allocated())
-        };
+        let all_pinned = pinned.iter().all(|&f| k.frame_info(f).maybe_dma_pinned);
+        let old_freed = before.iter().all(|&f| !k.frame_info(f).allocated);
         let data = first_bytes(&k, pid, buf, 4).await;
         let seen = rec.0.borrow().clone();
         drop(pin);
@@ -271,11 +258,11 @@ fn with_no_free_page_outside_movable_memory_a_longterm_pin_is_enomem_and_pins_no
         let before = frames(&k, pid, buf, 4);
         // Fill node 0 with driver pages: nothing outside movable memory is left.
         let drv = k.create_process();
-        let free0 = k.state().phys.nr_free_node(0);
+        let free0 = k.nr_free_node(0);
         k.mmap_driver_pages(drv, free0 * PAGE_SIZE, Prot::RW, true)
             .await
             .unwrap();
-        assert_eq!(k.state().phys.nr_free_node(0), 0);
+        assert_eq!(k.nr_free_node(0), 0);
 
         let r = k
             .get_user_pages(pid, buf, 4, LONGTERM)
@@ -283,10 +270,7 @@ fn with_no_free_page_outside_movable_memory_a_longterm_pin_is_enomem_and_pins_no
             .map(|p| p.len());
 
         let after = frames(&k, pid, buf, 4);
-        let refcounts: Vec<u32> = {
-            let st = k.state();
-            after.iter().map(|&f| st.phys.frame(f).refcount).collect()
-        };
+        let refcounts: Vec<u32> = after.iter().map(|&f| k.frame_info(f).refcount).collect();
         let data = first_bytes(&k, pid, buf, 4).await;
         (r, after == before, refcounts, data)
     });
@@ -310,7 +294,7 @@ fn a_longterm_pin_of_untouched_pages_faults_them_outside_movable_memory_under_th
         // memalloc_pin_restore: the next fault is the home node's again.
         k.store(pid, page(buf, 2), &[1]).await.unwrap();
         let later_at = placement(&k, &[frame_of(&k, pid, page(buf, 2))]);
-        let scope_closed = k.state().mm(pid).memalloc_pin == 0;
+        let scope_closed = k.memalloc_pin_depth(pid) == 0;
         (pinned_at, later_at, scope_closed)
     });
     assert_eq!(pinned_at, [(Some(0), false); 2]);
@@ -334,7 +318,7 @@ fn kernel_driver_pages_never_land_on_a_movable_node() {
             .unwrap();
         let placed = placement(&k, &frames(&k, pid, va, 2));
         // Node 0 full: a driver mapping is refused although node 1 has room.
-        let free0 = k.state().phys.nr_free_node(0);
+        let free0 = k.nr_free_node(0);
         k.mmap_driver_pages(pid, free0 * PAGE_SIZE, Prot::RW, true)
             .await
             .unwrap();

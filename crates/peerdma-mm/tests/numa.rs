@@ -62,28 +62,23 @@ fn stamp(i: u64) -> u8 {
 
 /// Returns the node of the page `va` maps, or `None` when it is not resident.
 fn node_of(k: &Kernel, pid: Pid, va: Va) -> Option<u32> {
-    let st = k.state();
-    let (frame, _, _) = st.mm(pid).translate(va)?;
-    st.phys.node_of(frame)
+    let (frame, _) = k.translate(pid, va)?;
+    k.frame_info(frame).node
 }
 
 fn free(k: &Kernel) -> Vec<u64> {
-    let st = k.state();
-    (0..st.phys.nr_nodes())
-        .map(|n| st.phys.nr_free_node(n))
-        .collect()
+    (0..k.nr_nodes()).map(|n| k.nr_free_node(n)).collect()
 }
 
 #[test]
 fn one_ram_region_per_node_with_the_zero_page_on_node_0() {
     let (out, _) = run(&[4 << 20, 8 << 20], |k| async move {
-        let st = k.state();
-        let zero = st.phys.zero_page();
+        let zero = k.zero_page();
         (
-            st.phys.nr_nodes(),
-            st.phys.node_of(zero),
-            st.phys.nr_free_node(0),
-            st.phys.nr_free_node(1),
+            k.nr_nodes(),
+            k.frame_info(zero).node,
+            k.nr_free_node(0),
+            k.nr_free_node(1),
         )
     });
     assert_eq!(out, (2, Some(0), NODE_FRAMES - 1, 2 * NODE_FRAMES));
@@ -182,11 +177,10 @@ fn each_node_keeps_its_own_lru_lists() {
         let b = k.mmap(far, &anon(5)).await.unwrap();
         touch(&k, near, a, 0, 3).await;
         touch(&k, far, b, 0, 5).await;
-        let st = k.state();
         let lists: Vec<u64> = (0..2)
-            .map(|n| st.nr_lru_pages_node(n, LruState::Inactive))
+            .map(|n| k.nr_lru_pages_node(n, LruState::Inactive))
             .collect();
-        (lists, st.nr_lru_pages(LruState::Inactive))
+        (lists, k.nr_lru_pages(LruState::Inactive))
     });
     assert_eq!(lists, [3, 5]);
     assert_eq!(total, 8, "the global count sums the nodes");
@@ -217,8 +211,7 @@ fn device_pages_come_back_with_the_process_policy_or_node_0() {
         k.set_home_node(pid, 1).unwrap();
         let a = k.alloc_ram_page(Some(pid)).unwrap();
         let b = k.alloc_ram_page(None).unwrap();
-        let st = k.state();
-        (st.phys.node_of(a), st.phys.node_of(b))
+        (k.frame_info(a).node, k.frame_info(b).node)
     });
     assert_eq!((with_pid, without), (Some(1), Some(0)));
 }

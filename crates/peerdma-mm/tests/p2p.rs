@@ -54,7 +54,7 @@ fn p2p_region(k: &Kernel, nr_pages: u64) -> usize {
 }
 
 fn frame_of(k: &Kernel, pid: Pid, va: Va) -> Option<FrameId> {
-    k.state().mm(pid).translate(va).map(|(f, _, _)| f)
+    k.translate(pid, va).map(|(f, _)| f)
 }
 
 /// Records every invalidation event it sees.
@@ -137,13 +137,14 @@ fn p2pmem_mmap_inserts_every_page_eagerly_from_one_contiguous_run() {
         let frames: Vec<FrameId> = (0..3)
             .map(|i| frame_of(&k, pid, va.add(pages(i))).unwrap())
             .collect();
-        let st = k.state();
         let counts: Vec<(u32, u32)> = frames
             .iter()
-            .map(|f| (st.phys.frame(*f).refcount, st.phys.frame(*f).mapcount))
+            .map(|f| {
+                let info = k.frame_info(*f);
+                (info.refcount, info.mapcount)
+            })
             .collect();
-        let pa0 = st.phys.frame_pa(frames[0]);
-        drop(st);
+        let pa0 = k.frame_pa(frames[0]);
         (frames, counts, k.p2p_memory_free_pages(r), pa0)
     });
     assert_eq!(va_frames[1].0, va_frames[0].0 + 1);
@@ -196,8 +197,8 @@ fn p2pmem_fork_shares_the_pages_and_the_pool_gets_them_back_when_both_are_gone()
         let f = frame_of(&k, pid, va).unwrap();
         let shared = frame_of(&k, child, va) == Some(f);
         let counts = {
-            let st = k.state();
-            (st.phys.frame(f).refcount, st.phys.frame(f).mapcount)
+            let info = k.frame_info(f);
+            (info.refcount, info.mapcount)
         };
         k.store(child, va.add(4), b"!").await.unwrap();
         let mut free = vec![k.p2p_memory_free_pages(r)];
@@ -234,7 +235,7 @@ fn p2pmem_cpu_load_and_store_reach_the_bar_bytes() {
         k.load(pid, va.add(PAGE_SIZE - 2), &mut b).await.unwrap();
         let f = frame_of(&k, pid, va.add(PAGE_SIZE)).unwrap();
         let mut d = [0u8; 2];
-        k.state().phys.read(f, 0, &mut d);
+        k.read_frame(f, 0, &mut d);
         (b, d)
     });
     assert_eq!(read, [1, 2, 3, 4]);
@@ -272,9 +273,9 @@ fn gup_of_p2pmem_needs_foll_pci_p2pdma_and_a_later_p2p_page_ends_the_walk() {
             (low, 4, F::PIN | F::WRITE | F::PCI_P2PDMA),
         ] {
             let f = frame_of(&k, pid, p2p).unwrap();
-            let refs_before = k.state().phys.frame(f).refcount;
+            let refs_before = k.frame_info(f).refcount;
             let got = k.get_user_pages(pid, va, n, flags).await;
-            let refs_held = k.state().phys.frame(f).refcount;
+            let refs_held = k.frame_info(f).refcount;
             out.push((got.map(|p| p.len()), refs_held - refs_before));
         }
         out
@@ -373,7 +374,7 @@ fn removing_p2p_memory_zaps_mappings_and_waits_for_pins_to_drop() {
         sim.spawn("io", async move {
             s.sleep(SimDuration::from_micros(20)).await;
             // Mid-removal: the mappings are gone, the pinned page is still out of the pool.
-            let va = k.state().mm(pid).vmas.keys().next().copied().unwrap();
+            let va = k.vmas(pid)[0].range.start;
             let mut b = [0u8; 1];
             let sig = k.load(pid, va, &mut b).await;
             let again = k.mmap_p2pmem(pid, r, pages(1), Prot::RW, true, 0).await;
@@ -400,7 +401,7 @@ fn removing_p2p_memory_zaps_mappings_and_waits_for_pins_to_drop() {
         *rec.0.borrow(),
         [(NotifierEvent::Clear, Range::from_len(va, pages(3)).unwrap())]
     );
-    assert_eq!(k.state().mm(pid).vmas.len(), 1, "the VMA stays");
+    assert_eq!(k.vmas(pid).len(), 1, "the VMA stays");
 }
 
 #[test]
@@ -452,7 +453,7 @@ fn pfnmap_mmio_maps_raw_pfns_that_cpu_and_peers_share() {
         let mut cpu = [0u8; 1];
         k.load(pid, va.add(PAGE_SIZE + 8), &mut cpu).await.unwrap();
         let follow = k.follow_pfnmap(pid, va.add(PAGE_SIZE + 8));
-        let pte = k.state().mm(pid).pt.lookup(va).unwrap().pte;
+        let pte = k.pte_at(pid, va).unwrap();
         (
             cpu,
             peer,
@@ -548,15 +549,9 @@ fn revoking_mmio_zaps_pfn_entries_and_a_later_peer_access_is_a_violation() {
         let cpu = k.load(pid, va, &mut b).await;
         let again = k.mmap_pfnmap_mmio(pid, bar, 0, pages(1), Prot::RW).await;
         let follow = k.follow_pfnmap(pid, va);
-        let vmas = k.state().mm(pid).vmas.len();
+        let vmas = k.vmas(pid).len();
         let peer = k.mmio_read(DeviceId(3), Pa::from_raw(BAR + 0x1000_0000), &mut b);
-        let kinds: Vec<ViolationKind> = k
-            .state()
-            .oracle
-            .violations()
-            .iter()
-            .map(|v| v.kind)
-            .collect();
+        let kinds: Vec<ViolationKind> = k.oracle_violations().iter().map(|v| v.kind).collect();
         (events, cpu, again, follow, vmas, peer, kinds, va)
     });
     let (events, cpu, again, follow, vmas, peer, kinds, va) = v.unwrap();

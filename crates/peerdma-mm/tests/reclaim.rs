@@ -58,9 +58,8 @@ async fn populate(k: &Kernel, n: u64) -> (Pid, Va) {
 
 /// Returns the LRU list of the page `va` maps, or `None` when it is not resident.
 fn lru_of(k: &Kernel, pid: Pid, va: Va) -> Option<LruState> {
-    let st = k.state();
-    let (frame, _, _) = st.mm(pid).translate(va)?;
-    Some(st.phys.frame(frame).lru)
+    let (frame, _) = k.translate(pid, va)?;
+    Some(k.frame_info(frame).lru)
 }
 
 #[test]
@@ -114,10 +113,9 @@ fn low_inactive_list_is_refilled_from_the_active_tail_and_a_reused_page_reactiva
         // active tail (the first four) is deactivated until the lists are even (ratio 1 below 1 GiB).
         k.reclaim(32).await;
         let lists = |k: &Kernel| {
-            let st = k.state();
             (
-                st.nr_lru_pages(LruState::Inactive),
-                st.nr_lru_pages(LruState::Active),
+                k.nr_lru_pages(LruState::Inactive),
+                k.nr_lru_pages(LruState::Active),
             )
         };
         let after_two = (
@@ -176,7 +174,7 @@ fn pinned_page_is_never_swapped_and_is_activated_instead() {
             k.reclaim(32).await;
             kept &= lru_of(&k, pid, buf).is_some();
         }
-        let frame_same = k.state().mm(pid).translate(buf).map(|t| t.0) == Some(frame);
+        let frame_same = k.translate(pid, buf).map(|t| t.0) == Some(frame);
         drop(pin);
         let swapped_after_unpin = k.reclaim(32).await;
         (kept, frame_same, swapped_after_unpin)
@@ -250,14 +248,14 @@ fn hot_working_set_stays_resident_while_a_larger_stream_passes_through() {
 fn a_page_locked_by_a_migration_is_skipped_by_reclaim() {
     let ((kept, swapped_after_unlock), m) = run(64 << 20, |k| async move {
         let (pid, buf) = populate(&k, 2).await;
-        let frame = k.state().mm(pid).translate(buf).unwrap().0;
-        k.state().phys.frame_mut(frame).locked = true;
+        let frame = k.translate(pid, buf).unwrap().0;
+        k.set_frame_locked(frame, true);
         let mut kept = true;
         for _ in 0..6 {
             k.reclaim(32).await;
-            kept &= k.state().mm(pid).translate(buf).map(|t| t.0) == Some(frame);
+            kept &= k.translate(pid, buf).map(|t| t.0) == Some(frame);
         }
-        k.state().phys.frame_mut(frame).locked = false;
+        k.set_frame_locked(frame, false);
         let mut swapped = 0;
         for _ in 0..3 {
             swapped += k.reclaim(32).await;

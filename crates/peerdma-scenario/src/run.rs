@@ -309,7 +309,7 @@ impl World {
             }
             let start = self.kernel.sim.now();
             if let Some(kind) = step.expect.violation {
-                self.kernel.state().oracle.expect_violation(kind);
+                self.kernel.expect_violation(kind);
             }
             let res = self.step(&t.process, step, &mut rng).await;
             self.check(&t.name, step, &res, start);
@@ -513,9 +513,7 @@ impl World {
         let mut fails = Vec::new();
         let e: &Expect = &step.expect;
         // Disarm the oracle whatever happened; what it saw is checked below.
-        let seen = e
-            .violation
-            .map(|_| self.kernel.state().oracle.take_expected());
+        let seen = e.violation.map(|_| self.kernel.take_expected_violations());
         let summary;
         match res {
             Err(err) => {
@@ -692,7 +690,7 @@ impl World {
 
     fn finish(&self, sim: &Sim, seed: u64, explore: bool, outcome: &RunOutcome) -> Report {
         self.count_iommu_stats(sim);
-        let violations = self.kernel.state().oracle.violations().to_vec();
+        let violations = self.kernel.oracle_violations();
         let failures = self.failures.borrow().clone();
         let outcome = if let Some(v) = violations.first() {
             Outcome::OracleViolation(v.to_string())

@@ -189,12 +189,8 @@ impl World {
 
     /// Asserts the oracle has recorded no violation.
     pub fn assert_no_violation(&self) {
-        let st = self.k.state();
-        assert!(
-            st.oracle.violations().is_empty(),
-            "oracle: {:?}",
-            st.oracle.violations()
-        );
+        let violations = self.k.oracle_violations();
+        assert!(violations.is_empty(), "oracle: {violations:?}");
     }
 
     /// Returns the number of IOVA pages mapped in the NIC's domain.
@@ -268,18 +264,18 @@ pub async fn file_shared(k: &Kernel, pid: Pid, file: u32, n: u64) -> Va {
 
 /// Returns the frame mapped at `va`.
 pub fn frame_of(k: &Kernel, pid: Pid, va: Va) -> FrameId {
-    k.state().mm(pid).translate(va).map(|(f, _, _)| f).unwrap()
+    k.translate(pid, va).map(|(f, _)| f).unwrap()
 }
 
 /// Returns the kind of the frame mapped at `va` (or the frame a device-private entry names).
 pub fn kind_at(k: &Kernel, pid: Pid, va: Va) -> MemoryKind {
     let f = frame_of(k, pid, va);
-    k.state().phys.kind(f)
+    k.memory_kind(f)
 }
 
 /// Returns whether the frame may be DMA-pinned (`page_maybe_dma_pinned`).
 pub fn pinned(k: &Kernel, f: FrameId) -> bool {
-    k.state().phys.frame(f).maybe_dma_pinned()
+    k.frame_info(f).maybe_dma_pinned
 }
 
 /// A device memory region whose `migrate_to_ram` copies the page back to RAM (node 0).

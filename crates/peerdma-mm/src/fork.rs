@@ -1,0 +1,199 @@
+//! `fork` and `exit`: copying an address space (VMAs and page-table leaves, COW write-protection inside a
+//! PROTECTION_PAGE invalidation, the copy of pinned anonymous pages, swap and migration entries) and
+//! tearing one down.
+//!
+//! Linux counterpart: kernel/fork.c `dup_mm` → mm/mmap.c `dup_mmap` → mm/memory.c `copy_page_range` /
+//! `copy_present_pte` (with `folio_try_dup_anon_rmap` refusing to share a maybe-pinned page), and
+//! kernel/exit.c → mm/mmap.c `exit_mmap`.
+
+use peerdma_core::{Errno, FrameId, PageSize, Pid, Range, Va};
+
+use crate::kernel::{Kernel, KernelState, TASK_SIZE};
+use crate::notifier::NotifierEvent;
+use crate::pagetable::{Leaf, Pte};
+use crate::phys::FrameOwner;
+use crate::vma::{VmFlags, Vma};
+
+impl Kernel {
+    /// `fork(2)`: copies the address space with copy-on-write for private mappings. Returns the child's pid.
+    ///
+    /// Private writable pages are write-protected in the parent, which fires MMU_NOTIFY_PROTECTION_PAGE over
+    /// each COW VMA (mm/memory.c `copy_page_range`). An anonymous exclusive page that may be DMA-pinned is
+    /// copied for the child at once instead (`copy_present_page`), so the pinned page stays the parent's.
+    pub async fn fork(&self, pid: Pid) -> Result<Pid, Errno> {
+        self.spend(self.costs.syscall).await;
+        let lock = self.mmap_lock(pid);
+        let _g = lock.write().await;
+        let child = self.create_process();
+        {
+            // The child runs where the parent ran: it inherits the home node (and Linux's mempolicy).
+            let mut st = self.state();
+            let home = st.home_node(pid);
+            st.mm_mut(child).home_node = home;
+        }
+        let vmas: Vec<Vma> = self.state().mm(pid).vmas.values().cloned().collect();
+        let mut copies = 0u64;
+        for vma in vmas {
+            if vma.flags.contains(VmFlags::DONTCOPY) {
+                continue;
+            }
+            let cow = !vma.is_shared();
+            let leaves = self
+                .state()
+                .mm(pid)
+                .pt
+                .leaves(vma.range.start, vma.range.end);
+            let needs_wp = cow && leaves.iter().any(|l| l.pte.is_write());
+            if needs_wp {
+                self.invalidate_range_start(pid, vma.range, NotifierEvent::ProtectionPage, None)
+                    .await;
+            }
+            {
+                let mut st = self.state();
+                st.mm_mut(child).vmas.insert(vma.range.start, vma.clone());
+                for leaf in leaves {
+                    copies += st.copy_leaf(pid, child, &vma, leaf);
+                }
+                if cow {
+                    st.oracle.copy_anon(pid, child, vma.range);
+                }
+            }
+            if needs_wp {
+                self.invalidate_range_end(pid);
+            }
+        }
+        self.spend(self.costs.page_copy.saturating_mul(copies))
+            .await;
+        self.sim
+            .trace("fork", || format!("pid {} -> {}", pid.0, child.0));
+        Ok(child)
+    }
+
+    /// Tears the address space down at exit: MMU_NOTIFY_RELEASE to every interval, then every mapping goes.
+    pub async fn exit(&self, pid: Pid) {
+        let lock = self.mmap_lock(pid);
+        let _g = lock.write().await;
+        if !self.state().mm(pid).alive {
+            return;
+        }
+        let all = Range::new(Va::from_raw(0), Va::from_raw(u64::MAX));
+        self.invalidate_range_start(pid, all, NotifierEvent::Release, None)
+            .await;
+        {
+            let mut st = self.state();
+            st.zap_range(pid, Range::new(Va::from_raw(0), Va::from_raw(TASK_SIZE)));
+            st.mm_mut(pid).vmas.clear();
+            st.mm_mut(pid).alive = false;
+            st.oracle.forget_anon(pid, all);
+        }
+        self.invalidate_range_end(pid);
+        self.sim.trace("exit", || format!("pid {}", pid.0));
+    }
+}
+
+impl KernelState {
+    /// Copies one leaf from `parent` to `child` for fork; returns the number of pages copied eagerly.
+    pub(crate) fn copy_leaf(&mut self, parent: Pid, child: Pid, vma: &Vma, leaf: Leaf) -> u64 {
+        if let Pte::Swap { slot, write } = leaf.pte {
+            // A swap entry is shared by parent and child (swap_duplicate), read-only for COW.
+            self.swap.dup(slot);
+            let cow = !vma.is_shared();
+            self.mm_mut(child).pt.set_pte(
+                leaf.base,
+                Pte::Swap {
+                    slot,
+                    write: write && !cow,
+                },
+            );
+            if cow && write {
+                self.mm_mut(parent)
+                    .pt
+                    .set_pte(leaf.base, Pte::Swap { slot, write: false });
+            }
+            return 0;
+        }
+        let mut leaf = leaf;
+        if let Pte::DeviceExclusive { frame, write } = leaf.pte {
+            // Current kernels restore a device-exclusive entry before copying it (spec §1.7); fork's
+            // PROTECTION_PAGE invalidation has already told the device.
+            let pte = Pte::Present {
+                frame,
+                write,
+                special: false,
+            };
+            self.mm_mut(parent).pt.set_pte(leaf.base, pte);
+            leaf.pte = pte;
+        }
+        if let Pte::DevicePrivate { frame, write } | Pte::Migration { frame, write } = leaf.pte {
+            // copy_nonpresent_pte: device-private entries are copied as such (spec §1.6), and so are the
+            // migration entries a migration that reaches this process through the rmap walk, without its
+            // mmap_lock (crate::migrate_device, migrate_vma's unmap step), leaves for fork to meet (its finalize
+            // finds both through the rmap walk). For COW both sides become read-only.
+            for i in 0..leaf.size.nr_pages() {
+                self.map_frame(FrameId(frame.0 + i));
+            }
+            let cow = !vma.is_shared();
+            self.mm_mut(child).pt.set_leaf(
+                leaf.base,
+                leaf.size,
+                leaf.pte.with_write(write && !cow),
+            );
+            if cow && write {
+                self.mm_mut(parent)
+                    .pt
+                    .set_leaf(leaf.base, leaf.size, leaf.pte.with_write(false));
+            }
+            return 0;
+        }
+        let Pte::Present {
+            frame,
+            write,
+            special,
+        } = leaf.pte
+        else {
+            // Other non-present entries are not produced by fork's callers yet.
+            return 0;
+        };
+        if special {
+            self.mm_mut(child).pt.set_pte(leaf.base, leaf.pte);
+            return 0;
+        }
+        let cow = !vma.is_shared();
+        if cow && leaf.size == PageSize::Size4K {
+            let f = self.phys.frame(frame);
+            if f.owner() == FrameOwner::Anon && f.maybe_dma_pinned() && f.mapcount == 1 {
+                // copy_present_page: the pinned page stays the parent's; the child gets a copy now.
+                if let Ok(new) = self.alloc_anon_for(child) {
+                    self.phys.copy_frame(frame, new);
+                    self.phys.frame_mut(new).mapcount = 1;
+                    self.mm_mut(child).pt.set_pte(
+                        leaf.base,
+                        Pte::Present {
+                            frame: new,
+                            write,
+                            special: false,
+                        },
+                    );
+                    return 1;
+                }
+            }
+        }
+        for i in 0..leaf.size.nr_pages() {
+            self.map_frame(FrameId(frame.0 + i));
+        }
+        let new_write = write && !cow;
+        let child_pte = Pte::Present {
+            frame,
+            write: new_write,
+            special: false,
+        };
+        let wp = leaf.pte.with_write(false);
+        self.mm_mut(child)
+            .pt
+            .set_leaf(leaf.base, leaf.size, child_pte);
+        if cow && write {
+            self.mm_mut(parent).pt.set_leaf(leaf.base, leaf.size, wp);
+        }
+        0
+    }
+}

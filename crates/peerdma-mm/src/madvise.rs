@@ -1,0 +1,90 @@
+//! `madvise(2)`: MADV_DONTNEED (zap inside a CLEAR invalidation), MADV_FREE, MADV_HUGEPAGE /
+//! MADV_NOHUGEPAGE (VMA flags) and MADV_COLLAPSE (handed to [`crate::khugepaged`]).
+//!
+//! Linux counterpart: mm/madvise.c (`madvise_dontneed_free`, `madvise_behavior`).
+
+use peerdma_core::{Errno, Pid, Va};
+
+use crate::kernel::{Kernel, check_range};
+use crate::notifier::NotifierEvent;
+use crate::vma::VmFlags;
+
+/// `madvise` advice values the model implements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Advice {
+    /// MADV_DONTNEED.
+    DontNeed,
+    /// MADV_HUGEPAGE.
+    HugePage,
+    /// MADV_NOHUGEPAGE.
+    NoHugePage,
+    /// MADV_FREE: the pages may be discarded lazily. The model keeps them (reclaim does not discard clean lazily
+    /// freed pages yet), which only makes their contents last longer than Linux guarantees.
+    Free,
+    /// MADV_COLLAPSE: collapse each fully mapped, 2 MiB-aligned block of anonymous pages into a THP.
+    Collapse,
+}
+
+impl Kernel {
+    /// `madvise(2)` with MADV_DONTNEED, MADV_HUGEPAGE or MADV_NOHUGEPAGE.
+    ///
+    /// # Errors
+    /// `EINVAL` for an unaligned address; `ENOMEM` when part of the range is not mapped.
+    pub async fn madvise(&self, pid: Pid, addr: Va, len: u64, advice: Advice) -> Result<(), Errno> {
+        self.spend(self.costs.syscall).await;
+        let r = check_range(addr, len)?;
+        let lock = self.mmap_lock(pid);
+        match advice {
+            Advice::DontNeed => {
+                let _g = lock.read().await;
+                if !self.state().mm(pid).fully_mapped(r) {
+                    return Err(Errno::ENOMEM);
+                }
+                // madvise_dontneed_free_valid_vma (mm/madvise.c): raw PFN mappings cannot be zapped this way.
+                if self
+                    .state()
+                    .mm(pid)
+                    .vmas_in(r)
+                    .iter()
+                    .any(|v| v.flags.contains(VmFlags::PFNMAP))
+                {
+                    return Err(Errno::EINVAL);
+                }
+                self.zap_notify(pid, r, NotifierEvent::Clear).await;
+            }
+            Advice::Free => {
+                let _g = lock.read().await;
+                if !self.state().mm(pid).fully_mapped(r) {
+                    return Err(Errno::ENOMEM);
+                }
+            }
+            Advice::Collapse => {
+                let _g = lock.read().await;
+                if !self.state().mm(pid).fully_mapped(r) {
+                    return Err(Errno::ENOMEM);
+                }
+                self.collapse_range(pid, r).await;
+            }
+            Advice::HugePage | Advice::NoHugePage => {
+                let _g = lock.write().await;
+                if !self.state().mm(pid).fully_mapped(r) {
+                    return Err(Errno::ENOMEM);
+                }
+                let mut st = self.state();
+                for start in st.split_at(pid, r) {
+                    let v = st
+                        .mm_mut(pid)
+                        .vmas
+                        .get_mut(&start)
+                        .expect("split_at returns VMA starts");
+                    if advice == Advice::HugePage {
+                        v.flags = (v.flags - VmFlags::NOHUGEPAGE) | VmFlags::HUGEPAGE;
+                    } else {
+                        v.flags = (v.flags - VmFlags::HUGEPAGE) | VmFlags::NOHUGEPAGE;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,577 @@
+//! CPU faults and CPU access to user memory: `load` / `store` (and `copy_from_user` / `copy_to_user`)
+//! walk the page table and fault on a miss; `handle_mm_fault` dispatches on the entry it finds (none:
+//! `do_missing_page` — anonymous, shmem/file, hugetlb and THP faults; swap: swap-in; migration: wait;
+//! device-private: `migrate_to_ram`; write to a read-only present page: `do_wp_page`, the COW rules with
+//! the pinned-page and exclusive-anon reuse checks); zapping a range of the page table (`zap_range`).
+//!
+//! Linux counterpart: mm/memory.c (`handle_mm_fault`, `do_anonymous_page`, `do_fault`, `do_wp_page`,
+//! `do_swap_page`, `zap_pte_range`), mm/huge_memory.c (`do_huge_pmd_anonymous_page`) and mm/hugetlb.c
+//! (`hugetlb_fault`); spec/linux-hmm.md §1.6 for the device-private fault.
+
+use peerdma_core::{Errno, FrameId, PAGE_SIZE, PMD_SIZE, PageSize, Pid, Range, Va};
+
+use crate::kernel::{FaultResult, Kernel, KernelState, Signal, ThpPolicy};
+use crate::notifier::NotifierEvent;
+use crate::oracle::{LogicalPage, ViolationKind};
+use crate::pagetable::{Leaf, Pte};
+use crate::phys::{FRAMES_PER_PMD, FrameOwner, GfpZone};
+use crate::vma::{VmFlags, Vma, VmaBacking};
+
+pub(crate) enum Access<'a> {
+    Read(&'a mut [u8]),
+    Write(&'a [u8]),
+}
+
+impl Access<'_> {
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Access::Read(b) => b.len(),
+            Access::Write(d) => d.len(),
+        }
+    }
+}
+
+impl Kernel {
+    /// CPU load of `buf.len()` bytes at `addr` (faulting pages in as needed).
+    pub async fn load(&self, pid: Pid, addr: Va, buf: &mut [u8]) -> Result<(), Signal> {
+        self.cpu_access(pid, addr, Access::Read(buf)).await
+    }
+
+    /// CPU store of `data` at `addr`.
+    pub async fn store(&self, pid: Pid, addr: Va, data: &[u8]) -> Result<(), Signal> {
+        self.cpu_access(pid, addr, Access::Write(data)).await
+    }
+
+    pub(crate) async fn cpu_access(
+        &self,
+        pid: Pid,
+        addr: Va,
+        mut access: Access<'_>,
+    ) -> Result<(), Signal> {
+        let lock = self.mmap_lock(pid);
+        let _g = lock.read().await;
+        let len = access.len();
+        let write = matches!(access, Access::Write(_));
+        let mut pos = 0usize;
+        let mut pages = 0u64;
+        while pos < len {
+            let va = addr.checked_add(pos as u64).ok_or(Signal::Segv { addr })?;
+            let in_page = usize::try_from(va.page_offset()).expect("< 4096");
+            let n = (4096 - in_page).min(len - pos);
+            let page = va.align_down(PAGE_SIZE);
+            loop {
+                let hit = {
+                    let mut st = self.state();
+                    let allowed = st.mm(pid).vma(page).is_some_and(|v| {
+                        if write {
+                            v.flags.contains(VmFlags::WRITE)
+                        } else {
+                            v.flags.contains(VmFlags::READ)
+                        }
+                    });
+                    let pfn_leaf = st
+                        .mm(pid)
+                        .pt
+                        .lookup(page)
+                        .filter(|l| matches!(l.pte, Pte::Pfn { .. }));
+                    if let Some(leaf) = pfn_leaf {
+                        // A raw PFN entry: the access goes to MMIO bytes, not a frame.
+                        let Pte::Pfn { pfn, write: w } = leaf.pte else {
+                            unreachable!("filtered above")
+                        };
+                        if allowed && (w || !write) {
+                            let pa = peerdma_core::Pa::from_raw(
+                                pfn * PAGE_SIZE + (page.raw() - leaf.base.raw()) + in_page as u64,
+                            );
+                            let ok = match &mut access {
+                                Access::Read(buf) => {
+                                    st.p2p.mmio_read_bytes(pa, &mut buf[pos..pos + n])
+                                }
+                                Access::Write(data) => {
+                                    st.p2p.mmio_write_bytes(pa, &data[pos..pos + n])
+                                }
+                            };
+                            if !ok {
+                                return Err(Signal::Bus { addr: va });
+                            }
+                            true
+                        } else {
+                            false
+                        }
+                    } else {
+                        match st.mm(pid).translate(page) {
+                            Some((frame, w, _)) if allowed && (w || !write) => {
+                                // The MMU sets the PTE young bit (crate::swap: one bit per frame).
+                                st.phys.frame_mut(frame).accessed = true;
+                                match &mut access {
+                                    Access::Read(buf) => {
+                                        st.oracle_check_cpu(pid, page, frame, false);
+                                        st.phys.read(frame, in_page, &mut buf[pos..pos + n]);
+                                    }
+                                    Access::Write(data) => {
+                                        st.phys.write(frame, in_page, &data[pos..pos + n]);
+                                        st.oracle_check_cpu(pid, page, frame, true);
+                                    }
+                                }
+                                true
+                            }
+                            _ => false,
+                        }
+                    }
+                };
+                if hit {
+                    break;
+                }
+                self.handle_mm_fault(pid, page, write).await?;
+            }
+            pos += n;
+            pages += 1;
+        }
+        self.spend(self.costs.page_access.saturating_mul(pages))
+            .await;
+        Ok(())
+    }
+
+    /// Resolves a CPU fault on `va` (`handle_mm_fault`): demand-zero, page-cache, huge page and
+    /// copy-on-write faults. Returns once the access can be retried, or with the signal the access raises.
+    pub async fn handle_mm_fault(&self, pid: Pid, va: Va, write: bool) -> FaultResult {
+        let va = va.align_down(PAGE_SIZE);
+        self.sim.count("cpu.faults", 1);
+        self.spend(self.costs.cpu_fault).await;
+        let vma = self
+            .state()
+            .mm(pid)
+            .vma(va)
+            .cloned()
+            .ok_or(Signal::Segv { addr: va })?;
+        let need = if write { VmFlags::WRITE } else { VmFlags::READ };
+        if !vma.flags.contains(need) {
+            return Err(Signal::Segv { addr: va });
+        }
+        let leaf = self.state().mm(pid).pt.lookup(va);
+        match leaf {
+            None => {
+                self.reclaim_if_low_for(pid).await;
+                self.do_missing_page(pid, &vma, va, write)
+            }
+            Some(leaf) => match leaf.pte {
+                Pte::Present { write: true, .. } => Ok(()),
+                Pte::Present { write: false, .. } if !write => Ok(()),
+                Pte::Present { .. } => self.do_wp_page(pid, &vma, va, leaf).await,
+                Pte::DevicePrivate { frame, .. } => {
+                    self.do_device_private_fault(pid, va, frame).await
+                }
+                Pte::DeviceExclusive { .. } => {
+                    // restore_exclusive_pte: the device loses its atomic mapping through an EXCLUSIVE
+                    // invalidation with no owner, then the original PTE comes back (spec §1.7).
+                    let page = Range::from_len(va, PAGE_SIZE).expect("page in user space");
+                    self.invalidate_range_start(pid, page, NotifierEvent::Exclusive, None)
+                        .await;
+                    {
+                        let mut st = self.state();
+                        if let Some(Pte::DeviceExclusive { frame, write }) =
+                            st.mm(pid).pt.lookup(va).map(|l| l.pte)
+                        {
+                            st.mm_mut(pid).pt.set_pte(
+                                va,
+                                Pte::Present {
+                                    frame,
+                                    write,
+                                    special: false,
+                                },
+                            );
+                        }
+                    }
+                    self.invalidate_range_end(pid);
+                    Ok(())
+                }
+                Pte::Migration { .. } => {
+                    // Wait for the migration to finish, then let the access retry (migration_entry_wait).
+                    let st = &self.state;
+                    self.migration_wq
+                        .wait_event(|| {
+                            !matches!(
+                                st.borrow().mm(pid).pt.lookup(va).map(|l| l.pte),
+                                Some(Pte::Migration { .. })
+                            )
+                        })
+                        .await;
+                    Ok(())
+                }
+                Pte::Swap { slot, write } => self
+                    .swap_in(pid, va, slot, write)
+                    .await
+                    .map_err(|()| Signal::Bus { addr: va }),
+                Pte::Pfn { write: w, .. } => {
+                    // wp_pfn_shared: a PFNMAP VMA is shared, so a write fault just makes the entry writable.
+                    if write && !w {
+                        let mut st = self.state();
+                        st.mm_mut(pid).pt.set_pte(va, leaf.pte.with_write(true));
+                    }
+                    Ok(())
+                }
+            },
+        }
+    }
+
+    /// A CPU access to a device-private entry: the owning pagemap migrates the page back to RAM
+    /// (`do_swap_page` → `pgmap->ops->migrate_to_ram`, spec §1.6); the access then retries.
+    pub(crate) async fn do_device_private_fault(
+        &self,
+        pid: Pid,
+        va: Va,
+        frame: FrameId,
+    ) -> FaultResult {
+        if self.state().phys.frame(frame).locked {
+            // A migration holds the page (crate::migrate, crate::migrate_device): do_swap_page's trylock fails;
+            // wait for the unlock, then the access retries against whatever entry is there now.
+            let st = &self.state;
+            self.migration_wq
+                .wait_event(|| !st.borrow().phys.frame(frame).locked)
+                .await;
+            return Ok(());
+        }
+        let region = self.state().phys.region_of(frame);
+        let ops = self.pgmaps.borrow().get(&region).cloned();
+        let Some(ops) = ops else {
+            return Err(Signal::Bus { addr: va });
+        };
+        self.sim.count("cpu.migrate_to_ram", 1);
+        ops.migrate_to_ram(pid, va, frame)
+            .await
+            .map_err(|()| Signal::Bus { addr: va })
+    }
+
+    /// A fault on a none entry: anonymous zero page or new page (THP where eligible), page-cache page, or
+    /// COW copy of a page-cache page for a write to a private file mapping.
+    pub(crate) fn do_missing_page(&self, pid: Pid, vma: &Vma, va: Va, write: bool) -> FaultResult {
+        let mut st = self.state();
+        match vma.backing {
+            // Driver, P2P memory and PFNMAP VMAs are populated at mmap time and have no fault handler: an entry
+            // that is gone (zapped at unbind or revoke) stays gone.
+            VmaBacking::Driver | VmaBacking::P2pMem { .. } | VmaBacking::Mmio { .. } => {
+                Err(Signal::Bus { addr: va })
+            }
+            VmaBacking::Anon => {
+                if vma.flags.contains(VmFlags::HUGETLB) {
+                    return st.hugetlb_fault(pid, vma, va);
+                }
+                if !write {
+                    let zero = st.phys.zero_page();
+                    st.mm_mut(pid).pt.set_pte(
+                        va,
+                        Pte::Present {
+                            frame: zero,
+                            write: false,
+                            special: false,
+                        },
+                    );
+                    return Ok(());
+                }
+                if st.thp_eligible(pid, vma, va) {
+                    let base = va.align_down(PMD_SIZE);
+                    let home = st.home_node(pid);
+                    let zone = st.anon_zone(pid);
+                    if let Ok(head) = st.phys.alloc_pmd_node_in(home, FrameOwner::Anon, zone) {
+                        for i in 0..FRAMES_PER_PMD {
+                            let f = st.phys.frame_mut(FrameId(head.0 + i));
+                            f.mapcount = 1;
+                            f.lru = crate::phys::LruState::Active;
+                        }
+                        st.mm_mut(pid).pt.set_pmd(
+                            base,
+                            Pte::Present {
+                                frame: head,
+                                write: true,
+                                special: false,
+                            },
+                        );
+                        self.sim.count("thp.fault_alloc", 1);
+                        return Ok(());
+                    }
+                    self.sim.count("thp.fault_fallback", 1);
+                }
+                let frame = st
+                    .alloc_anon_for(pid)
+                    .map_err(|_| Signal::Bus { addr: va })?;
+                st.phys.frame_mut(frame).mapcount = 1;
+                st.lru_add_new_anon(frame);
+                st.mm_mut(pid).pt.set_pte(
+                    va,
+                    Pte::Present {
+                        frame,
+                        write: true,
+                        special: false,
+                    },
+                );
+                Ok(())
+            }
+            VmaBacking::File { .. } => {
+                let (file, pgoff) = vma.file_pgoff(va).expect("file VMA");
+                let cache = st.file_page(file, pgoff).ok_or(Signal::Bus { addr: va })?;
+                if write && !vma.is_shared() {
+                    // Private file write fault: COW from the page cache into a new anonymous page.
+                    let frame = st
+                        .alloc_anon_for(pid)
+                        .map_err(|_| Signal::Bus { addr: va })?;
+                    st.phys.copy_frame(cache, frame);
+                    st.phys.frame_mut(frame).mapcount = 1;
+                    st.lru_add_new_anon(frame);
+                    st.mm_mut(pid).pt.set_pte(
+                        va,
+                        Pte::Present {
+                            frame,
+                            write: true,
+                            special: false,
+                        },
+                    );
+                    if let Some(e) = st.oracle.expected(LogicalPage::File { file, pgoff }) {
+                        st.oracle.record(
+                            LogicalPage::Anon {
+                                pid,
+                                vpn: va.page_number(),
+                            },
+                            e,
+                        );
+                    }
+                    return Ok(());
+                }
+                st.map_frame(cache);
+                let w = write && vma.is_shared();
+                st.mm_mut(pid).pt.set_pte(
+                    va,
+                    Pte::Present {
+                        frame: cache,
+                        write: w,
+                        special: false,
+                    },
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// A write fault on a present read-only entry (`do_wp_page`): make a shared mapping writable, reuse an
+    /// exclusive anonymous page, or copy (firing MMU_NOTIFY_CLEAR on the page being replaced).
+    pub(crate) async fn do_wp_page(&self, pid: Pid, vma: &Vma, va: Va, leaf: Leaf) -> FaultResult {
+        if vma.is_shared() {
+            let mut st = self.state();
+            st.mm_mut(pid)
+                .pt
+                .set_leaf(leaf.base, leaf.size, leaf.pte.with_write(true));
+            return Ok(());
+        }
+        if leaf.size != PageSize::Size4K {
+            let mut st = self.state();
+            let head = leaf.pte.frame().expect("present");
+            let exclusive = (0..FRAMES_PER_PMD).all(|i| {
+                let f = st.phys.frame(FrameId(head.0 + i));
+                f.refcount == 1 && f.owner() == FrameOwner::Anon
+            });
+            if exclusive {
+                st.mm_mut(pid)
+                    .pt
+                    .set_pmd(leaf.base, leaf.pte.with_write(true));
+                return Ok(());
+            }
+            // Shared THP: split the PMD mapping and COW only the faulting base page (do_huge_pmd_wp_page).
+            st.mm_mut(pid).pt.split_pmd(va);
+        }
+        let (frame, zero, reuse) = {
+            let st = self.state();
+            let (frame, _, _) = st.mm(pid).translate(va).expect("present entry");
+            let f = st.phys.frame(frame);
+            let zero = frame == st.phys.zero_page();
+            // wp_can_reuse_anon_folio: reuse an exclusive anonymous page. The model's "exclusive" is one
+            // mapping and no references beyond pins (fork never shares a pinned exclusive page: it copies it for
+            // the child), so a pinned page is reused, never replaced under its DMA.
+            let exclusive = f.owner() == FrameOwner::Anon
+                && f.mapcount <= 1
+                && f.refcount % crate::phys::GUP_PIN_COUNTING_BIAS == 1;
+            (frame, zero, !zero && exclusive)
+        };
+        if reuse {
+            let mut st = self.state();
+            st.mm_mut(pid).pt.set_pte(
+                va,
+                Pte::Present {
+                    frame,
+                    write: true,
+                    special: false,
+                },
+            );
+            self.sim.count("cpu.cow_reuse", 1);
+            return Ok(());
+        }
+        // Oracle check 3: a COW must never replace a page a device may be writing through a pin.
+        {
+            let mut st = self.state();
+            if st.oracle.enabled() && !zero && st.phys.frame(frame).maybe_dma_pinned() {
+                st.oracle.violation(
+                    ViolationKind::PinBroken,
+                    format!("COW replaced pinned {frame} at pid {} va {va}: DMA through the pin is lost", pid.0),
+                );
+            }
+        }
+        // wp_page_copy: allocate, copy, then replace the entry inside a CLEAR invalidation.
+        let new = self
+            .state()
+            .alloc_anon_for(pid)
+            .map_err(|_| Signal::Bus { addr: va })?;
+        if !zero {
+            self.state().phys.copy_frame(frame, new);
+            self.spend(self.costs.page_copy).await;
+        }
+        let page = Range::from_len(va, PAGE_SIZE).expect("page in user space");
+        self.invalidate_range_start(pid, page, NotifierEvent::Clear, None)
+            .await;
+        {
+            let mut st = self.state();
+            // pte_same: if the entry changed while we slept, drop the copy and let the access retry.
+            let same = st
+                .mm(pid)
+                .translate(va)
+                .is_some_and(|(f, w, _)| f == frame && !w);
+            if same {
+                // A COW of a page-cache page moves the page's identity from the file to this process.
+                if let FrameOwner::File { file, pgoff } = st.phys.frame(frame).owner()
+                    && let Some(e) = st.oracle.expected(LogicalPage::File { file, pgoff })
+                {
+                    st.oracle.record(
+                        LogicalPage::Anon {
+                            pid,
+                            vpn: va.page_number(),
+                        },
+                        e,
+                    );
+                }
+                st.phys.frame_mut(new).mapcount = 1;
+                st.lru_add_new_anon(new);
+                st.mm_mut(pid).pt.set_pte(
+                    va,
+                    Pte::Present {
+                        frame: new,
+                        write: true,
+                        special: false,
+                    },
+                );
+                st.unmap_frame(frame);
+                self.sim.count("cpu.cow_copy", 1);
+            } else {
+                st.phys.put(new);
+            }
+        }
+        self.invalidate_range_end(pid);
+        Ok(())
+    }
+
+    /// Copies `buf.len()` bytes from user memory (`copy_from_user`): a fault that cannot be resolved is EFAULT.
+    pub async fn copy_from_user(&self, pid: Pid, addr: Va, buf: &mut [u8]) -> Result<(), Errno> {
+        self.load(pid, addr, buf).await.map_err(|_| Errno::EFAULT)
+    }
+
+    /// Copies `data` to user memory (`copy_to_user`).
+    pub async fn copy_to_user(&self, pid: Pid, addr: Va, data: &[u8]) -> Result<(), Errno> {
+        self.store(pid, addr, data).await.map_err(|_| Errno::EFAULT)
+    }
+}
+
+impl KernelState {
+    /// Removes every leaf of `pid` inside `r` (splitting PMD leaves that stick out), dropping frame
+    /// references; returns the number of base pages zapped. `keep_file` leaves page-cache pages cached.
+    pub(crate) fn zap_range(&mut self, pid: Pid, r: Range<Va>) -> u64 {
+        // The page-table walk first (the cursor borrows the table), then the references, in the same order.
+        let mut removed = Vec::new();
+        let mut cursor = self.mm_mut(pid).pt.cursor_mut(r);
+        while cursor.find_next().is_some() {
+            removed.extend(cursor.unmap());
+        }
+        let mut nr = 0;
+        for l in &removed {
+            nr += l.size.nr_pages();
+            self.drop_leaf_refs(l);
+        }
+        nr
+    }
+
+    pub(crate) fn drop_leaf_refs(&mut self, l: &Leaf) {
+        if let Pte::Swap { slot, .. } = l.pte {
+            self.swap.free(slot);
+            return;
+        }
+        let special = matches!(l.pte, Pte::Present { special: true, .. });
+        if special {
+            return;
+        }
+        if let Some(f) = l.pte.frame() {
+            for i in 0..l.size.nr_pages() {
+                self.unmap_frame(FrameId(f.0 + i));
+            }
+        }
+    }
+
+    pub(crate) fn thp_eligible(&self, pid: Pid, vma: &Vma, va: Va) -> bool {
+        let wanted = match self.thp {
+            ThpPolicy::Always => !vma.flags.contains(VmFlags::NOHUGEPAGE),
+            ThpPolicy::Madvise => vma.flags.contains(VmFlags::HUGEPAGE),
+            ThpPolicy::Never => false,
+        };
+        if !wanted {
+            return false;
+        }
+        let base = va.align_down(PMD_SIZE);
+        let r = Range::from_len(base, PMD_SIZE).expect("in user space");
+        vma.range.contains_range(&r) && self.mm(pid).pt.leaves(r.start, r.end).is_empty()
+    }
+
+    pub(crate) fn hugetlb_fault(&mut self, pid: Pid, vma: &Vma, va: Va) -> FaultResult {
+        let base = va.align_down(PMD_SIZE);
+        if !self.mm(pid).pt.leaves(base, base.add(PMD_SIZE)).is_empty() {
+            return Ok(());
+        }
+        let home = self.home_node(pid);
+        // Hugetlb pool pages stay out of movable memory: the model cannot migrate them.
+        let head = self
+            .phys
+            .alloc_pmd_node_in(home, FrameOwner::Anon, GfpZone::Normal)
+            .map_err(|_| Signal::Bus { addr: va })?;
+        for i in 0..FRAMES_PER_PMD {
+            self.phys.frame_mut(FrameId(head.0 + i)).mapcount = 1;
+        }
+        let write = vma.flags.contains(VmFlags::WRITE);
+        self.mm_mut(pid).pt.set_pmd(
+            base,
+            Pte::Present {
+                frame: head,
+                write,
+                special: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// Oracle checks on a CPU access of `frame` at `va` (after the write for stores).
+    pub(crate) fn oracle_check_cpu(&mut self, pid: Pid, va: Va, frame: FrameId, write: bool) {
+        if !self.oracle.enabled() {
+            return;
+        }
+        if !self.phys.frame(frame).is_allocated() {
+            self.oracle.violation(
+                ViolationKind::UseAfterFree,
+                format!("CPU access of freed {frame} at {va}"),
+            );
+            return;
+        }
+        let Some(key) = self.logical_page(pid, va) else {
+            return;
+        };
+        let h = self.phys.content_hash(frame);
+        if write {
+            self.oracle.record(key, h);
+        } else {
+            self.oracle.check_read(key, h, || {
+                format!("CPU read of pid {} va {va} ({frame})", pid.0)
+            });
+        }
+    }
+}
