@@ -227,15 +227,9 @@ async fn pinned_piece(
     }
     let nr = piece.nr_pages();
     let pins = k.get_user_pages(pid, piece.start, nr, gup).await?;
-    if (pins.len() as u64) < nr {
+    if let Some(e) = pins.stopped_by() {
         // A partial pin: the errno is the one of the first page GUP could not take.
-        let at = piece.start.add(pins.len() as u64 * PAGE_SIZE);
-        drop(pins);
-        return Err(k
-            .get_user_pages(pid, at, 1, gup)
-            .await
-            .err()
-            .unwrap_or(Errno::EFAULT));
+        return Err(e);
     }
     let pas: Vec<_> = pins.frames().iter().map(|&f| k.frame_pa(f)).collect();
     let sg = platform.map_sg(dev.id, &pas, flags.contains(DmaSgFlags::WRITE))?;

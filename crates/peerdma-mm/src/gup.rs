@@ -95,6 +95,8 @@ pub struct PinnedPages {
     kernel: Rc<Kernel>,
     frames: Vec<FrameId>,
     pin: bool,
+    /// Why the walk stopped before the last page asked for (a partial result).
+    stopped_by: Option<Errno>,
 }
 
 impl fmt::Debug for PinnedPages {
@@ -102,6 +104,7 @@ impl fmt::Debug for PinnedPages {
         f.debug_struct("PinnedPages")
             .field("frames", &self.frames)
             .field("pin", &self.pin)
+            .field("stopped_by", &self.stopped_by)
             .finish_non_exhaustive()
     }
 }
@@ -110,6 +113,12 @@ impl PinnedPages {
     /// Returns the frames, one per page taken (possibly fewer than asked: a partial result).
     pub fn frames(&self) -> &[FrameId] {
         &self.frames
+    }
+
+    /// Returns, for a partial result, the errno of the first page the walk could not take (what a second
+    /// GUP starting at that page would return, without making one); `None` when every page was taken.
+    pub fn stopped_by(&self) -> Option<Errno> {
+        self.stopped_by
     }
 
     /// Returns the number of pages taken.
@@ -231,7 +240,7 @@ impl Kernel {
             .contains(GupFlags::LONGTERM)
             .then(|| MemallocPinScope::save(self, pid));
         loop {
-            let frames = self.grab_range(pid, range, flags).await?;
+            let (frames, stopped_by) = self.grab_range(pid, range, flags).await?;
             // The walk and the refcount update of every page taken (`dma.pin_page`), under mmap_lock.
             self.spend(self.costs.pin_page.saturating_mul(frames.len() as u64))
                 .await;
@@ -241,6 +250,7 @@ impl Kernel {
                     kernel: self.clone(),
                     frames,
                     pin,
+                    stopped_by,
                 });
             }
             // collect_longterm_unpinnable_folios: device-coherent memory must stay evictable, ZONE_MOVABLE
@@ -266,6 +276,7 @@ impl Kernel {
                     kernel: self.clone(),
                     frames,
                     pin,
+                    stopped_by,
                 });
             }
             release(self, &frames, pin);
@@ -295,13 +306,14 @@ impl Kernel {
         }
     }
 
-    /// Walks `range` taking one reference (or pin) per page; returns the frames taken.
+    /// Walks `range` taking one reference (or pin) per page; returns the frames taken and, when it stopped
+    /// early, the errno of the page it could not take.
     async fn grab_range(
         &self,
         pid: Pid,
         range: Range<Va>,
         flags: GupFlags,
-    ) -> Result<Vec<FrameId>, Errno> {
+    ) -> Result<(Vec<FrameId>, Option<Errno>), Errno> {
         let write = flags.contains(GupFlags::WRITE);
         let mut frames = Vec::new();
         for va in range.pages() {
@@ -309,10 +321,10 @@ impl Kernel {
             match r {
                 Ok(f) => frames.push(f),
                 Err(e) if frames.is_empty() => return Err(e),
-                Err(_) => break,
+                Err(e) => return Ok((frames, Some(e))),
             }
         }
-        Ok(frames)
+        Ok((frames, None))
     }
 
     async fn grab_page(
