@@ -231,7 +231,7 @@ async fn pinned_piece(
         // A partial pin: the errno is the one of the first page GUP could not take.
         return Err(e);
     }
-    let pas: Vec<_> = pins.frames().iter().map(|&f| k.frame_pa(f)).collect();
+    let pas: Vec<_> = pins.pages().iter().map(|p| p.pa).collect();
     let sg = platform.map_sg(dev.id, &pas, flags.contains(DmaSgFlags::WRITE))?;
     k.spend(sg.cost).await;
     Ok(Piece::Pinned {

@@ -44,7 +44,7 @@ use std::fmt;
 use std::rc::Rc;
 
 use bitflags::bitflags;
-use peerdma_core::{DeviceId, Errno, FrameId, PAGE_SIZE, Pid, Range, Va};
+use peerdma_core::{DeviceId, Errno, FrameId, PAGE_SIZE, Pa, Pid, Range, Va};
 
 use crate::kernel::Kernel;
 use crate::migrate::{
@@ -90,6 +90,17 @@ impl GupFlags {
         .union(GupFlags::REMOTE);
 }
 
+/// One page a GUP took: what a DMA mapping needs of it ([`PinnedPages::pages`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PinnedPage {
+    /// The frame.
+    pub frame: FrameId,
+    /// Its CPU physical address.
+    pub pa: Pa,
+    /// The memory it is.
+    pub kind: MemoryKind,
+}
+
 /// References taken by GUP. Dropping it releases them (`put_page` / `unpin_user_page`).
 pub struct PinnedPages {
     kernel: Rc<Kernel>,
@@ -113,6 +124,21 @@ impl PinnedPages {
     /// Returns the frames, one per page taken (possibly fewer than asked: a partial result).
     pub fn frames(&self) -> &[FrameId] {
         &self.frames
+    }
+
+    /// Returns what a DMA mapping needs of each page taken, in order: its frame, its CPU physical address
+    /// and the kind of memory it is (the driver's `page_to_phys` / `is_pci_p2pdma_page` questions, answered
+    /// once here).
+    pub fn pages(&self) -> Vec<PinnedPage> {
+        let st = self.kernel.state();
+        self.frames
+            .iter()
+            .map(|&frame| PinnedPage {
+                frame,
+                pa: st.phys.frame_pa(frame),
+                kind: st.phys.kind(frame),
+            })
+            .collect()
     }
 
     /// Returns, for a partial result, the errno of the first page the walk could not take (what a second

@@ -44,7 +44,7 @@ pub mod vma;
 
 pub use costs::MmCosts;
 pub use device_access::{DeviceData, DeviceGrant, FrameTranslation};
-pub use gup::{GupFlags, PinnedPages, folio_is_longterm_pinnable};
+pub use gup::{GupFlags, PinnedPage, PinnedPages, folio_is_longterm_pinnable};
 pub use kernel::{Kernel, Signal, ThpPolicy};
 pub use madvise::Advice;
 pub use migrate::{DevicePagemapOps, MigrateVma};

@@ -1,5 +1,6 @@
 //! A partial GUP says why it stopped: the errno of the first page it could not take
-//! (`PinnedPages::stopped_by`), so a caller needs no second GUP to learn it.
+//! (`PinnedPages::stopped_by`), so a caller needs no second GUP to learn it; and it hands back each page's
+//! frame, physical address and memory kind (`PinnedPages::pages`).
 #![expect(
     clippy::tests_outside_test_module,
     reason = "an integration-test crate is all tests"
@@ -9,7 +10,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use peerdma_core::{Errno, PAGE_SIZE};
-use peerdma_mm::{GupFlags, Kernel, MmCosts, MmapArgs, Prot};
+use peerdma_mm::{GupFlags, Kernel, MemoryKind, MmCosts, MmapArgs, Prot};
 use peerdma_sim::{RunOutcome, Sim, SimConfig};
 
 #[test]
@@ -41,6 +42,12 @@ fn a_partial_pin_reports_the_errno_of_the_first_page_it_could_not_take() {
             .get_user_pages(pid, va, 2, GupFlags::PIN | GupFlags::WRITE)
             .await
             .expect("two pages pin");
+        // Each page comes back with its frame, physical address and memory kind.
+        for (p, &f) in whole.pages().iter().zip(whole.frames()) {
+            assert_eq!(p.frame, f);
+            assert_eq!(p.pa, k2.frame_pa(f));
+            assert!(matches!(p.kind, MemoryKind::Ram { .. }), "{:?}", p.kind);
+        }
         *o.borrow_mut() = Some((pins.frames().len(), pins.stopped_by(), whole.stopped_by()));
     });
     assert_eq!(sim.run(), RunOutcome::Completed);
