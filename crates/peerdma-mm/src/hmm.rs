@@ -16,7 +16,7 @@ use peerdma_core::{DeviceId, Errno, FrameId, PAGE_SIZE, PageSize, Pid, Range, Va
 
 use crate::kernel::{Kernel, KernelState};
 use crate::notifier::NotifierId;
-use crate::pagetable::Pte;
+use crate::pagetable::{Leaf, Pte};
 use crate::phys::MemoryKind;
 
 fn owner_of(d: Option<DeviceId>) -> DeviceId {
@@ -128,10 +128,13 @@ fn need_fault(req: u64, cpu: u64) -> Option<bool> {
     None
 }
 
+/// Classifies the page at `va`, whose page-table leaf (if any) is `leaf` (`hmm_vma_walk_pmd` /
+/// `hmm_vma_handle_pte` for one page).
 fn classify(
     st: &KernelState,
     pid: Pid,
     va: Va,
+    leaf: Option<Leaf>,
     req: u64,
     dev_owner: Option<DeviceId>,
 ) -> PageResult {
@@ -150,7 +153,7 @@ fn classify(
             PageResult::Out(HMM_PFN_ERROR)
         };
     }
-    let Some(leaf) = mm.pt.lookup(va) else {
+    let Some(leaf) = leaf else {
         return match need_fault(req, 0) {
             Some(w) => PageResult::Fault(w),
             None => PageResult::Out(0),
@@ -226,19 +229,40 @@ impl Kernel {
 
     /// One walk from `last`; `Ok(false)` after a fault (re-walk), `Ok(true)` when the range is done.
     async fn hmm_walk(&self, range: &mut HmmRange, last: &mut Va) -> Result<bool, Errno> {
-        let mut va = *last;
-        let mut walked = 0u64;
-        while va < range.end {
-            let idx = usize::try_from((va.raw() - range.start.raw()) / PAGE_SIZE)
-                .expect("index fits usize");
-            let req = (range.hmm_pfns[idx] & range.pfn_flags_mask) | range.default_flags;
-            let result = classify(&self.state(), range.pid, va, req, range.dev_private_owner);
-            walked += 1;
-            match result {
-                PageResult::Out(word) => {
-                    range.hmm_pfns[idx] = (range.hmm_pfns[idx] & HMM_PFN_INOUT_FLAGS) | word;
-                    va = va.add(PAGE_SIZE);
+        // The walk proper: one page-table cursor pass from `last` (`walk_page_range`), classifying every
+        // page — the holes between the cursor's leaves included — until one needs a fault or fails.
+        let (walked, stop) = {
+            let st = self.state();
+            let mut cursor = st.mm(range.pid).pt.cursor(Range::new(*last, range.end));
+            let mut next_leaf = cursor.next();
+            let mut va = *last;
+            let mut walked = 0u64;
+            let mut stop = None;
+            while va < range.end {
+                while next_leaf.is_some_and(|l| l.base.add(l.size.bytes()) <= va) {
+                    next_leaf = cursor.next();
                 }
+                let leaf = next_leaf.filter(|l| l.base <= va);
+                let idx = usize::try_from((va.raw() - range.start.raw()) / PAGE_SIZE)
+                    .expect("index fits usize");
+                let req = (range.hmm_pfns[idx] & range.pfn_flags_mask) | range.default_flags;
+                walked += 1;
+                match classify(&st, range.pid, va, leaf, req, range.dev_private_owner) {
+                    PageResult::Out(word) => {
+                        range.hmm_pfns[idx] = (range.hmm_pfns[idx] & HMM_PFN_INOUT_FLAGS) | word;
+                        va = va.add(PAGE_SIZE);
+                    }
+                    other => {
+                        stop = Some((va, other));
+                        break;
+                    }
+                }
+            }
+            (walked, stop)
+        };
+        if let Some((va, result)) = stop {
+            match result {
+                PageResult::Out(_) => unreachable!("the walk stops only on a fault or an error"),
                 PageResult::Efault => return Err(Errno::EFAULT),
                 PageResult::Fault(write) => {
                     *last = va;
@@ -262,8 +286,11 @@ impl Kernel {
                         let i = usize::try_from((page.raw() - range.start.raw()) / PAGE_SIZE)
                             .expect("fits");
                         let req = (range.hmm_pfns[i] & range.pfn_flags_mask) | range.default_flags;
-                        let r =
-                            classify(&self.state(), range.pid, page, req, range.dev_private_owner);
+                        let r = {
+                            let st = self.state();
+                            let leaf = st.mm(range.pid).pt.lookup(page);
+                            classify(&st, range.pid, page, leaf, req, range.dev_private_owner)
+                        };
                         match r {
                             PageResult::Fault(w) => {
                                 if w && !vma_write {
