@@ -50,7 +50,7 @@ use serde::{Deserialize, Serialize};
 
 pub use spec::{
     BarSpec, DownstreamPortSpec, EndpointSpec, HostBridgeSpec, NonPciSpec, RootPortSpec,
-    SocketSpec, SwitchSpec, TopologySpec,
+    SocketSpec, SwitchSpec, TopologySpec, parse_offset, parse_size_or_address,
 };
 
 use crate::link::{LinkConfig, LinkSpec};

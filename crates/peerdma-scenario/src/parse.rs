@@ -8,7 +8,9 @@
 //!    an unknown key is reported at the key itself with the keys that were expected; each value is
 //!    converted (sizes, times, addresses, patterns...) and reported at the value on failure. Definitions
 //!    (`[[file]]`, `[[device]]`, `[[process]]`, `mmap { name }`, `open { fd }`, `fork { child }`) are
-//!    collected, and every use of a name is recorded with its span.
+//!    collected, and every use of a name is recorded with its span. `[topology]` is walked the same way
+//!    (`parse/topology.rs`) into the `peerdma_pci` spec values, then built, and a tree error is reported
+//!    at the declaration of the node at fault.
 //! 3. Every recorded use is resolved against the definitions, in source order, so that a name may be used
 //!    before (in the file) the step that defines it: a mapping used by one thread may be created by another.
 //!
@@ -21,9 +23,6 @@ use std::path::Path;
 
 use peerdma_core::timing::ParamUnit;
 use peerdma_core::{Errno, PAGE_SIZE, SimDuration};
-use peerdma_pci::TopologySpec;
-use serde::Deserialize as _;
-use serde::de::IntoDeserializer as _;
 use toml::Spanned;
 use toml::de::{DeString, DeTable, DeValue};
 
@@ -36,6 +35,8 @@ use crate::ops::{self, OPS, Op, OpSpec};
 use crate::params;
 use crate::pattern::{Pattern, Segment};
 use crate::units;
+
+mod topology;
 
 type Result<T> = std::result::Result<T, ScenarioError>;
 pub(crate) type Value<'i> = Spanned<DeValue<'i>>;
@@ -704,10 +705,14 @@ impl<'s> Parser<'s> {
             let t = self.table(v, "the `[timing]` table")?;
             self.timing(&t, "", &mut timing)?;
         }
-        let topology = top.get("topology").map(|v| self.topology(v)).transpose()?;
-        self.topo = topology
-            .as_ref()
-            .map(|t| t.build().expect("validated by `topology`"));
+        let topology = match top.get("topology") {
+            Some(v) => {
+                let (spec, topo) = self.topology(v)?;
+                self.topo = Some(topo);
+                Some(spec)
+            }
+            None => None,
+        };
         let mut files = Vec::new();
         for t in self.array_of_tables(&top, "file")? {
             files.push(self.file(&t)?);
@@ -813,23 +818,6 @@ impl<'s> Parser<'s> {
             }
         }
         Ok(())
-    }
-
-    /// The `[topology]` table: deserialized with serde straight from the spanned tree (so `toml`'s errors
-    /// keep their position in the file), then built, so that an invalid tree is reported at the node's
-    /// declaration.
-    fn topology(&self, v: &Value<'_>) -> Result<TopologySpec> {
-        self.table(v, "the `[topology]` table")?;
-        let spec = TopologySpec::deserialize(v.clone().into_deserializer()).map_err(|e| {
-            let span = e.span().unwrap_or_else(|| v.span());
-            let message = e.message().trim_end().replace('\n', "; ");
-            self.err(&span, format!("invalid `[topology]`: {message}"))
-        })?;
-        if let Err(e) = spec.build() {
-            let span = topology_error_span(v, &e).unwrap_or_else(|| v.span());
-            return Err(self.err(&span, format!("invalid `[topology]`: {e}")));
-        }
-        Ok(spec)
     }
 
     fn sim(&self, v: &Value<'_>) -> Result<SimSettings> {
@@ -1860,85 +1848,4 @@ impl<'s> Parser<'s> {
             ),
         }
     }
-}
-
-// ----- locating topology errors -----
-
-/// Returns the `[[topology.*]]` tables (and switch `downstream` entries) that declare a node called `name`,
-/// in file order.
-fn topology_decls<'t, 'i>(topology: &'t Value<'i>, name: &str) -> Vec<&'t DeTable<'i>> {
-    fn tables<'t, 'i>(v: &'t Value<'i>) -> impl Iterator<Item = &'t DeTable<'i>> {
-        v.get_ref()
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|item| item.get_ref().as_table())
-    }
-    let named = |t: &DeTable<'_>| {
-        t.get("name")
-            .and_then(|n| n.get_ref().as_str())
-            .is_some_and(|n| n == name)
-    };
-    let Some(top) = topology.get_ref().as_table() else {
-        return Vec::new();
-    };
-    let mut found: Vec<&DeTable<'i>> = Vec::new();
-    for (_, list) in top {
-        for t in tables(list) {
-            if named(t) {
-                found.push(t);
-            }
-            if let Some(downstream) = t.get("downstream") {
-                found.extend(tables(downstream).filter(|d| named(d)));
-            }
-        }
-    }
-    let start = |t: &DeTable<'_>| t.get("name").map_or(usize::MAX, |n| n.span().start);
-    found.sort_by_key(|t| start(t));
-    found
-}
-
-/// Returns where a [`peerdma_pci::Error`] about a node points: the key of the node's declaration that is at
-/// fault (`bdf`, `parent`, `link`, the BAR with the index in question) or else its `name` value. For a
-/// duplicated name, its last declaration. `None` when the node is not found (the caller points at
-/// `[topology]`).
-fn topology_error_span(topology: &Value<'_>, err: &peerdma_pci::Error) -> Option<Range<usize>> {
-    use peerdma_pci::Error as E;
-    let decls = topology_decls(topology, err.node()?);
-    let decl = decls.last()?;
-    let key = |k: &str| decl.get(k).map(Spanned::span);
-    let bar = |index: u8| {
-        decl.get("bars")
-            .and_then(|b| b.get_ref().as_array())
-            .into_iter()
-            .flatten()
-            .find(|b| {
-                b.get_ref()
-                    .get("index")
-                    .and_then(|i| i.get_ref().as_integer())
-                    .and_then(|i| i128::from_str_radix(i.as_str(), i.radix()).ok())
-                    .is_some_and(|i| i == i128::from(index))
-            })
-            .map(Spanned::span)
-            .or_else(|| key("bars"))
-    };
-    let specific = match err {
-        E::MissingParent { .. }
-        | E::ParentRequired { .. }
-        | E::EndpointAsParent { .. }
-        | E::BadParent { .. }
-        | E::Cycle { .. } => key("parent"),
-        E::MissingBdf { .. } | E::DuplicateBdf { .. } => key("bdf"),
-        E::InvalidBar { index, .. } | E::OverlappingBars { index, .. } => bar(*index),
-        E::InvalidLink { .. } => key("link"),
-        E::AttributeNotAllowed { attribute, .. } => match *attribute {
-            "bars" => key("bars"),
-            "acs" => key("acs"),
-            "a bdf" => key("bdf"),
-            "a link" => key("link"),
-            _ => None,
-        },
-        E::DuplicateName { .. } | E::UnknownNode { .. } => None,
-    };
-    specific.or_else(|| key("name"))
 }

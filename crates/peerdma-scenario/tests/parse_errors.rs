@@ -1109,6 +1109,178 @@ kind"#,
     ]
 }
 
+/// Rows for `[topology]`: its keys, values and tree, each reported at its token with the wording it has
+/// always had.
+fn topology_rows() -> Vec<Row> {
+    let base = pci(&[]);
+    let nic_bdf = r#"bdf = "04:00.0""#;
+    vec![
+        row_at(
+            "unknown key in a topology node",
+            edit(
+                &base,
+                nic_bdf,
+                "bdf = \"04:00.0\"\nlnk = { gen = 3, width = 8 }",
+            ),
+            "^lnk = ",
+            "invalid `[topology]`: unknown field `lnk`, expected one of `name`, `parent`, `bdf`, `acs`, `link`, `bars`",
+        ),
+        row_at(
+            "unknown table in the topology",
+            edit(&base, "[[topology.socket]]", "[[topology.sockets]]"),
+            "[[topology.^sockets]]",
+            "invalid `[topology]`: unknown field `sockets`, expected one of `cpu_allows_all_host_bridges`, `socket`, \
+             `host_bridge`, `root_port`, `switch`, `endpoint`, `non_pci`",
+        ),
+        row_at(
+            "a topology list written as a table",
+            edit(&base, "[[topology.socket]]", "[topology.socket]"),
+            "^[topology.socket]",
+            "invalid `[topology]`: invalid type: map, expected a sequence",
+        ),
+        row_at(
+            "wrong type for a node name",
+            edit(&base, "name = \"nic0\"\nparent", "name = 5\nparent"),
+            "name = ^5",
+            "invalid `[topology]`: invalid type: integer `5`, expected a string",
+        ),
+        row_at(
+            "the keys of a topology table are read in sorted order",
+            edit(
+                &base,
+                "name = \"nic0\"\nparent",
+                "name = 5\naaa = 1\nparent",
+            ),
+            "^aaa = 1",
+            "invalid `[topology]`: unknown field `aaa`, expected one of",
+        ),
+        row_at(
+            "wrong type for the cpu flag",
+            edit(
+                &base,
+                "[topology]\n",
+                "[topology]\ncpu_allows_all_host_bridges = \"yes\"\n",
+            ),
+            "cpu_allows_all_host_bridges = ^\"yes\"",
+            "invalid `[topology]`: invalid type: string \"yes\", expected a boolean",
+        ),
+        row_at(
+            "topology node without a name",
+            edit(
+                &base,
+                "[[topology.socket]]\nname = \"s0\"\n",
+                "[[topology.socket]]\n",
+            ),
+            "^[[topology.socket]]",
+            "invalid `[topology]`: missing field `name`",
+        ),
+        row_at(
+            "bad bdf",
+            edit(&base, nic_bdf, r#"bdf = "04:00""#),
+            r#"bdf = ^"04:00""#,
+            "invalid `[topology]`: expected a BDF like `01:00.0`, found `04:00`",
+        ),
+        row_at(
+            "link generation out of range",
+            edit(
+                &base,
+                nic_bdf,
+                "bdf = \"04:00.0\"\nlink = { gen = 9, width = 8 }",
+            ),
+            "link = ^{ gen = 9",
+            "invalid `[topology]`: invalid link of node `nic0`: generation 9, expected 1..=7",
+        ),
+        row_at(
+            "link generation beyond a byte",
+            edit(
+                &base,
+                nic_bdf,
+                "bdf = \"04:00.0\"\nlink = { gen = 300, width = 8 }",
+            ),
+            "gen = ^300",
+            "invalid `[topology]`: invalid value: integer `300`, expected u8",
+        ),
+        row_at(
+            "link without a width",
+            edit(&base, nic_bdf, "bdf = \"04:00.0\"\nlink = { gen = 4 }"),
+            "link = ^{ gen = 4 }",
+            "invalid `[topology]`: missing field `width`",
+        ),
+        row_at(
+            "duplicate node name",
+            edit(&base, "name = \"nic0\"\nparent", "name = \"nvme0\"\nparent"),
+            "name = ^\"nvme0\"\nparent = \"sw0.d1\"",
+            "invalid `[topology]`: duplicate node name `nvme0`",
+        ),
+        row_at(
+            "unknown parent",
+            edit(&base, r#"parent = "sw0.d1""#, r#"parent = "sw0.d7""#),
+            r#"parent = ^"sw0.d7""#,
+            "invalid `[topology]`: node `nic0`: parent `sw0.d7` does not exist",
+        ),
+        row_at(
+            "unknown socket of a host bridge",
+            edit(&base, r#"socket = "s0""#, r#"socket = "s9""#),
+            r#"socket = ^"s9""#,
+            "invalid `[topology]`: node `hb0`: parent `s9` does not exist",
+        ),
+        row_at(
+            "bad size unit in a bar",
+            edit(&base, r#"size = "256MiB""#, r#"size = "256MB""#),
+            r#"size = ^"256MB""#,
+            "invalid `[topology]`: invalid size or address `256MB`",
+        ),
+        row_at(
+            "bar without an index",
+            edit(&base, "{ index = 2, size", "{ size"),
+            "bars = [ ^{ size",
+            "invalid `[topology]`: missing field `index`",
+        ),
+        row_at(
+            "bar index out of range",
+            edit(&base, "index = 2,", "index = 7,"),
+            "bars = [ ^{ index = 7",
+            "invalid `[topology]`: node `nvme0`: bar 7: index is not in 0..=5",
+        ),
+        row_at(
+            "unknown key in a downstream port",
+            edit(
+                &base,
+                r#"{ name = "sw0.d1", bdf = "02:01.0" }"#,
+                r#"{ name = "sw0.d1", bdf = "02:01.0", link = 1 }"#,
+            ),
+            "^link = 1",
+            "invalid `[topology]`: unknown field `link`, expected one of `name`, `bdf`, `acs`, `bars`",
+        ),
+        row_at(
+            "unknown key in an acs table",
+            edit(
+                &base,
+                r#"bdf = "00:01.0""#,
+                "bdf = \"00:01.0\"\nacs = { rr = true, xx = true }",
+            ),
+            "^xx = true",
+            "invalid `[topology]`: unknown field `xx`, expected one of `rr`, `cr`, `ec`",
+        ),
+        row_at(
+            "unknown whitelist entry",
+            edit(
+                &base,
+                r#"socket = "s0""#,
+                "socket = \"s0\"\nwhitelist = \"open\"",
+            ),
+            r#"whitelist = ^"open""#,
+            "invalid `[topology]`: unknown variant `open`, expected one of `not-listed`, `same-host-bridge-only`, \
+             `unrestricted`",
+        ),
+    ]
+}
+
+#[test]
+fn each_malformed_topology_is_reported_at_its_token() {
+    check_rows(topology_rows());
+}
+
 #[test]
 fn each_malformed_pci_input_is_reported_at_its_token() {
     check_rows(pci_rows());

@@ -1,5 +1,8 @@
-//! The serde description of a topology, as a scenario's `[topology]` section writes it, and its conversion
+//! The description of a topology, as a scenario's `[topology]` section writes it, and its conversion
 //! into a validated [`Topology`].
+//!
+//! The scenario parser (`peerdma-scenario`) builds these values with its own span-keeping walk of the
+//! document; the `serde` derives read the same description from any other TOML (`toml::from_str`).
 //!
 //! ```toml
 //! [topology]
@@ -307,8 +310,12 @@ fn de_opt_bdf<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Bdf
     de_bdf(d).map(Some)
 }
 
-/// Parses a size or address: decimal, `0x` hex, or decimal with a binary-unit suffix; `_` allowed.
-fn parse_u64(text: &str) -> std::result::Result<u64, String> {
+/// Parses a BAR size or address as `[topology]` writes it: decimal, `0x` hex, or decimal with a `B`, `KiB`,
+/// `MiB`, `GiB` or `TiB` suffix; `_` separators allowed.
+///
+/// # Errors
+/// The message for a value that is not a number, or that overflows 64 bits.
+pub fn parse_size_or_address(text: &str) -> std::result::Result<u64, String> {
     let t: String = text.trim().chars().filter(|&c| c != '_').collect();
     let err = || format!("invalid size or address `{text}`");
     if let Some(hex) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
@@ -324,10 +331,14 @@ fn parse_u64(text: &str) -> std::result::Result<u64, String> {
         .ok_or_else(|| format!("size `{text}` overflows 64 bits"))
 }
 
-fn parse_i64(text: &str) -> std::result::Result<i64, String> {
+/// Parses a BAR `bus_offset` as `[topology]` writes it: [`parse_size_or_address`] with an optional `-`.
+///
+/// # Errors
+/// The message for a value that is not a number, or that does not fit 64 signed bits.
+pub fn parse_offset(text: &str) -> std::result::Result<i64, String> {
     let t = text.trim();
     let (neg, body) = t.strip_prefix('-').map_or((false, t), |b| (true, b));
-    let magnitude = parse_u64(body)?;
+    let magnitude = parse_size_or_address(body)?;
     let err = || format!("offset `{text}` does not fit 64 signed bits");
     if neg {
         0i64.checked_sub_unsigned(magnitude).ok_or_else(err)
@@ -354,7 +365,7 @@ impl Visitor<'_> for U64Visitor {
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<u64, E> {
-        parse_u64(v).map_err(E::custom)
+        parse_size_or_address(v).map_err(E::custom)
     }
 }
 
@@ -376,7 +387,7 @@ impl Visitor<'_> for I64Visitor {
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<i64, E> {
-        parse_i64(v).map_err(E::custom)
+        parse_offset(v).map_err(E::custom)
     }
 }
 
@@ -394,15 +405,18 @@ mod tests {
 
     #[test]
     fn sizes_accept_units_hex_and_separators() {
-        assert_eq!(parse_u64("4096"), Ok(4096));
-        assert_eq!(parse_u64("16MiB"), Ok(16 << 20));
-        assert_eq!(parse_u64("2 GiB"), Ok(2 << 30));
-        assert_eq!(parse_u64("0x3800_0000_0000"), Ok(0x3800_0000_0000));
-        assert_eq!(parse_u64("64B"), Ok(64));
-        parse_u64("16MB").unwrap_err();
-        parse_u64("20000000TiB").unwrap_err();
-        assert_eq!(parse_i64("-0x1000"), Ok(-0x1000));
-        assert_eq!(parse_i64("-0x8000000000000000"), Ok(i64::MIN));
-        parse_i64("0x8000000000000000").unwrap_err();
+        assert_eq!(parse_size_or_address("4096"), Ok(4096));
+        assert_eq!(parse_size_or_address("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_size_or_address("2 GiB"), Ok(2 << 30));
+        assert_eq!(
+            parse_size_or_address("0x3800_0000_0000"),
+            Ok(0x3800_0000_0000)
+        );
+        assert_eq!(parse_size_or_address("64B"), Ok(64));
+        parse_size_or_address("16MB").unwrap_err();
+        parse_size_or_address("20000000TiB").unwrap_err();
+        assert_eq!(parse_offset("-0x1000"), Ok(-0x1000));
+        assert_eq!(parse_offset("-0x8000000000000000"), Ok(i64::MIN));
+        parse_offset("0x8000000000000000").unwrap_err();
     }
 }
