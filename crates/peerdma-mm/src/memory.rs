@@ -201,7 +201,7 @@ impl Kernel {
                 Pte::Swap { slot, write } => self
                     .swap_in(pid, va, slot, write)
                     .await
-                    .map_err(|()| Signal::Bus { addr: va }),
+                    .map_err(|f| f.signal(va)),
                 Pte::Pfn { write: w, .. } => {
                     // wp_pfn_shared: a PFNMAP VMA is shared, so a write fault just makes the entry writable.
                     if write && !w {
@@ -239,7 +239,7 @@ impl Kernel {
         self.sim.count("cpu.migrate_to_ram", 1);
         ops.migrate_to_ram(pid, va, frame)
             .await
-            .map_err(|()| Signal::Bus { addr: va })
+            .map_err(|f| f.signal(va))
     }
 
     /// A fault on a none entry: anonymous zero page or new page (THP where eligible), page-cache page, or

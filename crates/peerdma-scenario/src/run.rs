@@ -24,8 +24,12 @@ use crate::ast::{
 use crate::error::RunError;
 use crate::report::{ExpectFailure, Outcome, Report, StepRecord};
 
-/// The device id DMA through `pin`s is attributed to (a generic DMA engine, not a declared device).
-const DMA_ENGINE: DeviceId = DeviceId(u32::MAX);
+/// Returns the device id DMA through `pin`s is attributed to: a generic DMA engine, not a declared device,
+/// numbered right after the scenario's devices (which are numbered by their position in `[[device]]`), so
+/// that it is a real id no declared device has.
+fn dma_engine_id(scn: &Scenario) -> DeviceId {
+    DeviceId(u32::try_from(scn.devices.len()).expect("few devices"))
+}
 
 /// Command-line overrides of the scenario's `[sim]` table.
 #[derive(Clone, Debug, Default)]
@@ -164,7 +168,7 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
         procs: RefCell::new(procs),
         files,
         dma_page_cost: dm_costs.dma_page,
-        dma_engine: DmaSpace::new(&kernel, DMA_ENGINE, "dma_engine", 1),
+        dma_engine: DmaSpace::new(&kernel, dma_engine_id(scn), "dma_engine", 1),
         devices,
         platform,
         pci,
