@@ -15,11 +15,11 @@ use peerdma_core::{DeviceId, Errno, Pid, SimDuration, SimTime, Va};
 use peerdma_devices::{Dmirror, DmirrorCosts, DmirrorDevice, DmirrorMemory, DmirrorResult};
 use peerdma_dma::{DmaCosts, DmaSgHandle, DmaSpace, Platform};
 use peerdma_iommu::{DomainConfig, DomainType};
-use peerdma_mm::{Kernel, MmCosts, Prot as MmProt, Signal as MmSignal};
+use peerdma_mm::{Kernel, MmCosts, SigInfo};
 use peerdma_sim::{RngStream, RunOutcome, Sim, SimConfig, WaitQueue};
 
 use crate::ast::{
-    AddrExpr, DeviceKind, DeviceMemoryKind, Expect, IommuMode, Scenario, Signal, Step, TimeMode,
+    AddrExpr, DeviceKind, DeviceMemoryKind, Expect, IommuMode, Scenario, Step, TimeMode,
 };
 use crate::error::RunError;
 use crate::report::{ExpectFailure, Outcome, Report, StepRecord};
@@ -46,7 +46,7 @@ pub struct RunOptions {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct StepResult {
     pub(crate) errno: Option<Errno>,
-    pub(crate) signal: Option<MmSignal>,
+    pub(crate) signal: Option<SigInfo>,
     pub(crate) dm: Option<DmirrorResult>,
     pub(crate) data: Option<Vec<u8>>,
     /// A `dma.map` handle's merged segments (`kind`, bytes) and first DMA address.
@@ -547,16 +547,12 @@ impl World {
                     ));
                 }
                 match (e.signal, r.signal) {
-                    (None, Some(s)) => fails.push(format!("unexpected {}", signal_text(s))),
+                    (None, Some(s)) => fails.push(format!("unexpected {s}")),
                     (Some(want), None) => {
                         fails.push(format!("expected {}, the access completed", want.name()));
                     }
-                    (Some(want), Some(got)) if !signal_matches(want, got) => {
-                        fails.push(format!(
-                            "expected {}, got {}",
-                            want.name(),
-                            signal_text(got)
-                        ));
+                    (Some(want), Some(got)) if want != got.signo => {
+                        fails.push(format!("expected {}, got {got}", want.name()));
                     }
                     _ => {}
                 }
@@ -728,37 +724,14 @@ impl World {
     }
 }
 
-/// Returns the kernel's protection bits for a scenario `prot`.
-pub(crate) fn mm_prot(p: crate::ast::Prot) -> MmProt {
-    MmProt {
-        read: p.read,
-        write: p.write,
-        exec: p.exec,
-    }
-}
-
 fn errno_text(e: Option<Errno>) -> String {
     e.map_or_else(|| "success".to_owned(), |e| format!("-{}", e.name()))
-}
-
-fn signal_text(s: MmSignal) -> String {
-    match s {
-        MmSignal::Segv { addr } => format!("SIGSEGV at {addr}"),
-        MmSignal::Bus { addr } => format!("SIGBUS at {addr}"),
-    }
-}
-
-fn signal_matches(want: Signal, got: MmSignal) -> bool {
-    matches!(
-        (want, got),
-        (Signal::Segv, MmSignal::Segv { .. }) | (Signal::Bus, MmSignal::Bus { .. })
-    )
 }
 
 fn summarize(r: &StepResult) -> String {
     let mut s = errno_text(r.errno);
     if let Some(sig) = r.signal {
-        s = signal_text(sig);
+        s = sig.to_string();
     }
     if let Some(d) = &r.dm {
         let _ = write!(s, " cpages={} faults={}", d.cpages, d.faults);
