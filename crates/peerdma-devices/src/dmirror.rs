@@ -48,7 +48,7 @@ use peerdma_mm::migrate::{
 };
 use peerdma_mm::{
     DeviceData, DeviceGrant, DevicePagemapOps, FrameTranslation, IntervalNotifierOps, Kernel,
-    MemoryKind, MigrateVma, NotifierEvent, NotifierId, NotifierRange, VmFlags, Vma,
+    MemoryKind, MigrateVma, NotifierEvent, NotifierId, NotifierRange, VmFault, VmFlags, Vma,
 };
 use peerdma_sim::SimMutex;
 
@@ -375,9 +375,9 @@ impl DevicePagemapOps for PagemapOps {
         pid: Pid,
         va: Va,
         _frame: FrameId,
-    ) -> Pin<Box<dyn Future<Output = Result<(), ()>> + 'a>> {
+    ) -> Pin<Box<dyn Future<Output = Result<(), VmFault>> + 'a>> {
         Box::pin(async move {
-            let dev = self.0.upgrade().ok_or(())?;
+            let dev = self.0.upgrade().ok_or(VmFault::Sigbus)?;
             dev.migrate_to_ram(pid, va).await
         })
     }
@@ -423,12 +423,15 @@ impl DmirrorDevice {
         }
     }
 
-    /// `dmirror_devmem_fault`: migrates the faulting page back to system RAM.
-    async fn migrate_to_ram(&self, pid: Pid, va: Va) -> Result<(), ()> {
+    /// `dmirror_devmem_fault`: migrates the faulting page back to system RAM; [`VmFault::Sigbus`] when the
+    /// migration cannot be set up, as in test_hmm.c.
+    async fn migrate_to_ram(&self, pid: Pid, va: Va) -> Result<(), VmFault> {
         let k = &self.kernel;
-        let page = Range::from_len(va.align_down(PAGE_SIZE), PAGE_SIZE).ok_or(())?;
+        let page = Range::from_len(va.align_down(PAGE_SIZE), PAGE_SIZE).ok_or(VmFault::Sigbus)?;
         let mut m = MigrateVma::new(pid, page, self.select_flag(), self.id);
-        k.migrate_vma_setup(&mut m).await.map_err(|_| ())?;
+        k.migrate_vma_setup(&mut m)
+            .await
+            .map_err(|_| VmFault::Sigbus)?;
         self.kernel.reclaim_if_low_for(pid).await;
         let n = self.copy_to_sys(&mut m);
         k.spend(self.costs.dma_page.saturating_mul(n)).await;

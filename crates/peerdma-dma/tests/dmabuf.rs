@@ -11,7 +11,7 @@ use common::*;
 use peerdma_core::{Errno, PAGE_SIZE, Pa};
 use peerdma_dma::{DmaSgFlags as S, ImporterKind, SegKind, get_user_dma_sg};
 use peerdma_iommu::DomainType;
-use peerdma_mm::{Prot, Signal};
+use peerdma_mm::{Prot, SigInfo, Signal};
 
 fn bar2_pages(base: u64, n: u64) -> Vec<Pa> {
     (0..n).map(|i| Pa::from_raw(base + i * PAGE_SIZE)).collect()
@@ -189,7 +189,16 @@ fn removing_the_owner_revokes_importers_and_zaps_the_user_mapping() {
     assert_eq!(mapped_after, (false, 0, 0));
     assert_eq!(attach, Err(Errno::ENODEV));
     assert_eq!(access, Err(Errno::ENODEV));
-    assert!(matches!(cpu, Err(Signal::Bus { .. })), "{cpu:?}");
+    assert!(
+        matches!(
+            cpu,
+            Err(SigInfo {
+                signo: Signal::Bus,
+                ..
+            })
+        ),
+        "{cpu:?}"
+    );
     assert_eq!(revoked, 2, "the dynamic and the pinned importer");
 }
 

@@ -18,7 +18,7 @@ use peerdma_dma::{
     DmaCosts, DmaSgFlags as S, DmaSgHandle, ImporterKind, Platform, get_user_dma_sg,
 };
 use peerdma_iommu::{DomainConfig, DomainType};
-use peerdma_mm::{Kernel, MmCosts, Prot, Signal};
+use peerdma_mm::{Kernel, MmCosts, Prot, SigInfo, Signal};
 use peerdma_pci::topology::{Bar, TopologyBuilder, WhitelistEntry};
 use peerdma_sim::{RunOutcome, Sim, SimConfig};
 
@@ -101,7 +101,7 @@ fn remove_device_waits_for_the_dma_handle_and_zaps_the_process_mapping() {
             let sig = k.load(pid, va, &mut b).await;
             log.borrow_mut().push(format!(
                 "during: bus {} importer mapped {} free {}",
-                matches!(sig, Err(Signal::Bus { addr }) if addr == va),
+                matches!(sig, Err(SigInfo { signo: Signal::Bus, addr }) if addr == va),
                 p.dmabuf_is_mapped(mmio, att),
                 k.p2p_memory_free_pages(region)
             ));
@@ -153,7 +153,13 @@ fn remove_device_without_users_completes_without_waiting() {
         (k.sim.now().0, k.load(pid, va, &mut b).await)
     });
     assert_eq!(t.0, 0);
-    assert!(matches!(t.1, Err(Signal::Bus { .. })));
+    assert!(matches!(
+        t.1,
+        Err(SigInfo {
+            signo: Signal::Bus,
+            ..
+        })
+    ));
 }
 
 /// Three published providers under one switch with the client: all at distance 4.

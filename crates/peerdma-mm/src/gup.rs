@@ -44,7 +44,7 @@ use std::fmt;
 use std::rc::Rc;
 
 use bitflags::bitflags;
-use peerdma_core::{DeviceId, Errno, FrameId, PAGE_SIZE, Pa, Pid, Range, Va};
+use peerdma_core::{Errno, FrameId, PAGE_SIZE, Pa, Pid, Range, Va};
 
 use crate::kernel::Kernel;
 use crate::migrate::{
@@ -514,9 +514,7 @@ impl Kernel {
             return Ok(());
         }
         let page = Range::from_len(va, PAGE_SIZE).ok_or(Errno::ENOMEM)?;
-        // pgmap_owner matters only for device pages, which SELECT_SYSTEM does not pick.
-        let mut m = MigrateVma::new(pid, page, MIGRATE_VMA_SELECT_SYSTEM, DeviceId(0));
-        m.event_owner = None;
+        let mut m = MigrateVma::without_owner(pid, page, MIGRATE_VMA_SELECT_SYSTEM);
         self.migrate_vma_setup(&mut m)
             .await
             .map_err(|_| Errno::ENOMEM)?;

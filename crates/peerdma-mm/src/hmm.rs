@@ -18,10 +18,6 @@ use crate::kernel::{Kernel, KernelState};
 use crate::notifier::NotifierId;
 use crate::pagetable::{Leaf, Pte};
 use crate::phys::MemoryKind;
-
-fn owner_of(d: Option<DeviceId>) -> DeviceId {
-    d.unwrap_or(DeviceId(u32::MAX))
-}
 use crate::vma::VmFlags;
 
 /// HMM_PFN_VALID; as input, HMM_PFN_REQ_FAULT.
@@ -177,11 +173,9 @@ fn classify(
             PageResult::Out(frame.0 | cpu | order)
         }
         Pte::DevicePrivate { frame, write }
-            if st.phys.kind(frame)
-                == (MemoryKind::DevicePrivate {
-                    owner: owner_of(dev_owner),
-                })
-                && dev_owner.is_some() =>
+            if dev_owner.is_some_and(|owner| {
+                st.phys.kind(frame) == MemoryKind::DevicePrivate { owner }
+            }) =>
         {
             // A device-private page of the caller's own device is reported, never faulted — except a write
             // request on a read-only entry (spec §1.1). A PMD-level entry reports order 9 (≥ v6.19).

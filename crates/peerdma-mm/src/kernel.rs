@@ -68,19 +68,31 @@ pub enum ThpPolicy {
     Never,
 }
 
-/// How a CPU access ended when it could not complete.
+/// How a CPU access ended when it could not complete, and the signal number it carries (defined in
+/// `peerdma-core`).
+pub use peerdma_core::{SigInfo, Signal};
+
+/// Why a fault handler could not resolve a fault (Linux's `vm_fault_t` error bits), returned by
+/// [`crate::DevicePagemapOps::migrate_to_ram`] and the swap-in path.
+///
+/// The fault path turns either into SIGBUS at the faulting address ([`VmFault::signal`]).
+/// *Simplification:* Linux answers a user fault's `VM_FAULT_OOM` with `pagefault_out_of_memory` (the OOM
+/// killer, then a retry); the model has no OOM killer and delivers SIGBUS instead.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Signal {
-    /// SIGSEGV: no VMA, or the VMA forbids the access.
-    Segv {
-        /// The faulting address.
-        addr: Va,
-    },
-    /// SIGBUS: the VMA exists but nothing can back the page (beyond EOF, hugetlb pool empty, OOM).
-    Bus {
-        /// The faulting address.
-        addr: Va,
-    },
+pub enum VmFault {
+    /// `VM_FAULT_SIGBUS`: the page cannot be made accessible (the device is gone, the migration failed).
+    Sigbus,
+    /// `VM_FAULT_OOM`: no page could be allocated for it.
+    Oom,
+}
+
+impl VmFault {
+    /// Returns the signal a CPU access at `addr` gets for this fault result: SIGBUS for both (type docs).
+    pub fn signal(self, addr: Va) -> SigInfo {
+        match self {
+            Self::Sigbus | Self::Oom => SigInfo::bus(addr),
+        }
+    }
 }
 
 /// One process address space (`struct mm_struct`).
@@ -293,7 +305,7 @@ pub struct Kernel {
 }
 
 /// The outcome of a fault: the access can be retried, or it raised a signal.
-pub(crate) type FaultResult = Result<(), Signal>;
+pub(crate) type FaultResult = Result<(), SigInfo>;
 
 impl Kernel {
     /// Creates a kernel with `ram_bytes` of RAM on node 0 (one NUMA node).
@@ -446,4 +458,21 @@ pub(crate) fn check_range(addr: Va, len: u64) -> Result<Range<Va>, Errno> {
         return Err(Errno::EINVAL);
     }
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_fault_oom_is_delivered_as_sigbus_at_the_address() {
+        let addr = Va::from_raw(0x1000);
+        assert_eq!(VmFault::Oom.signal(addr), SigInfo::bus(addr));
+    }
+
+    #[test]
+    fn vm_fault_sigbus_is_sigbus_at_the_address() {
+        let addr = Va::from_raw(0x2000);
+        assert_eq!(VmFault::Sigbus.signal(addr), SigInfo::bus(addr));
+    }
 }

@@ -45,7 +45,7 @@ pub mod vma;
 pub use costs::MmCosts;
 pub use device_access::{DeviceData, DeviceGrant, FrameTranslation};
 pub use gup::{GupFlags, PinnedPage, PinnedPages, folio_is_longterm_pinnable};
-pub use kernel::{Kernel, Signal, ThpPolicy};
+pub use kernel::{Kernel, SigInfo, Signal, ThpPolicy, VmFault};
 pub use madvise::Advice;
 pub use migrate::{DevicePagemapOps, MigrateVma};
 pub use mmap::MmapArgs;

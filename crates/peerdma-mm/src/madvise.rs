@@ -9,21 +9,8 @@ use crate::kernel::{Kernel, check_range};
 use crate::notifier::NotifierEvent;
 use crate::vma::VmFlags;
 
-/// `madvise` advice values the model implements.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Advice {
-    /// MADV_DONTNEED.
-    DontNeed,
-    /// MADV_HUGEPAGE.
-    HugePage,
-    /// MADV_NOHUGEPAGE.
-    NoHugePage,
-    /// MADV_FREE: the pages may be discarded lazily. The model keeps them (reclaim does not discard clean lazily
-    /// freed pages yet), which only makes their contents last longer than Linux guarantees.
-    Free,
-    /// MADV_COLLAPSE: collapse each fully mapped, 2 MiB-aligned block of anonymous pages into a THP.
-    Collapse,
-}
+/// `madvise` advice values the model implements (defined in `peerdma-core`).
+pub use peerdma_core::Advice;
 
 impl Kernel {
     /// `madvise(2)` with MADV_DONTNEED, MADV_HUGEPAGE or MADV_NOHUGEPAGE.

@@ -10,7 +10,7 @@
 
 use peerdma_core::{Errno, FrameId, PAGE_SIZE, PMD_SIZE, PageSize, Pid, Range, Va};
 
-use crate::kernel::{FaultResult, Kernel, KernelState, Signal, ThpPolicy};
+use crate::kernel::{FaultResult, Kernel, KernelState, SigInfo, ThpPolicy};
 use crate::notifier::NotifierEvent;
 use crate::oracle::{LogicalPage, ViolationKind};
 use crate::pagetable::{Leaf, Pte};
@@ -33,12 +33,12 @@ impl Access<'_> {
 
 impl Kernel {
     /// CPU load of `buf.len()` bytes at `addr` (faulting pages in as needed).
-    pub async fn load(&self, pid: Pid, addr: Va, buf: &mut [u8]) -> Result<(), Signal> {
+    pub async fn load(&self, pid: Pid, addr: Va, buf: &mut [u8]) -> Result<(), SigInfo> {
         self.cpu_access(pid, addr, Access::Read(buf)).await
     }
 
     /// CPU store of `data` at `addr`.
-    pub async fn store(&self, pid: Pid, addr: Va, data: &[u8]) -> Result<(), Signal> {
+    pub async fn store(&self, pid: Pid, addr: Va, data: &[u8]) -> Result<(), SigInfo> {
         self.cpu_access(pid, addr, Access::Write(data)).await
     }
 
@@ -47,7 +47,7 @@ impl Kernel {
         pid: Pid,
         addr: Va,
         mut access: Access<'_>,
-    ) -> Result<(), Signal> {
+    ) -> Result<(), SigInfo> {
         let lock = self.mmap_lock(pid);
         let _g = lock.read().await;
         let len = access.len();
@@ -55,7 +55,7 @@ impl Kernel {
         let mut pos = 0usize;
         let mut pages = 0u64;
         while pos < len {
-            let va = addr.checked_add(pos as u64).ok_or(Signal::Segv { addr })?;
+            let va = addr.checked_add(pos as u64).ok_or(SigInfo::segv(addr))?;
             let in_page = usize::try_from(va.page_offset()).expect("< 4096");
             let n = (4096 - in_page).min(len - pos);
             let page = va.align_down(PAGE_SIZE);
@@ -92,7 +92,7 @@ impl Kernel {
                                 }
                             };
                             if !ok {
-                                return Err(Signal::Bus { addr: va });
+                                return Err(SigInfo::bus(va));
                             }
                             true
                         } else {
@@ -143,10 +143,10 @@ impl Kernel {
             .mm(pid)
             .vma(va)
             .cloned()
-            .ok_or(Signal::Segv { addr: va })?;
+            .ok_or(SigInfo::segv(va))?;
         let need = if write { VmFlags::WRITE } else { VmFlags::READ };
         if !vma.flags.contains(need) {
-            return Err(Signal::Segv { addr: va });
+            return Err(SigInfo::segv(va));
         }
         let leaf = self.state().mm(pid).pt.lookup(va);
         match leaf {
@@ -201,7 +201,7 @@ impl Kernel {
                 Pte::Swap { slot, write } => self
                     .swap_in(pid, va, slot, write)
                     .await
-                    .map_err(|()| Signal::Bus { addr: va }),
+                    .map_err(|f| f.signal(va)),
                 Pte::Pfn { write: w, .. } => {
                     // wp_pfn_shared: a PFNMAP VMA is shared, so a write fault just makes the entry writable.
                     if write && !w {
@@ -234,12 +234,12 @@ impl Kernel {
         let region = self.state().phys.region_of(frame);
         let ops = self.pgmaps.borrow().get(&region).cloned();
         let Some(ops) = ops else {
-            return Err(Signal::Bus { addr: va });
+            return Err(SigInfo::bus(va));
         };
         self.sim.count("cpu.migrate_to_ram", 1);
         ops.migrate_to_ram(pid, va, frame)
             .await
-            .map_err(|()| Signal::Bus { addr: va })
+            .map_err(|f| f.signal(va))
     }
 
     /// A fault on a none entry: anonymous zero page or new page (THP where eligible), page-cache page, or
@@ -250,7 +250,7 @@ impl Kernel {
             // Driver, P2P memory and PFNMAP VMAs are populated at mmap time and have no fault handler: an entry
             // that is gone (zapped at unbind or revoke) stays gone.
             VmaBacking::Driver | VmaBacking::P2pMem { .. } | VmaBacking::Mmio { .. } => {
-                Err(Signal::Bus { addr: va })
+                Err(SigInfo::bus(va))
             }
             VmaBacking::Anon => {
                 if vma.flags.contains(VmFlags::HUGETLB) {
@@ -291,9 +291,7 @@ impl Kernel {
                     }
                     self.sim.count("thp.fault_fallback", 1);
                 }
-                let frame = st
-                    .alloc_anon_for(pid)
-                    .map_err(|_| Signal::Bus { addr: va })?;
+                let frame = st.alloc_anon_for(pid).map_err(|_| SigInfo::bus(va))?;
                 st.phys.frame_mut(frame).mapcount = 1;
                 st.lru_add_new_anon(frame);
                 st.mm_mut(pid).pt.set_pte(
@@ -308,12 +306,10 @@ impl Kernel {
             }
             VmaBacking::File { .. } => {
                 let (file, pgoff) = vma.file_pgoff(va).expect("file VMA");
-                let cache = st.file_page(file, pgoff).ok_or(Signal::Bus { addr: va })?;
+                let cache = st.file_page(file, pgoff).ok_or(SigInfo::bus(va))?;
                 if write && !vma.is_shared() {
                     // Private file write fault: COW from the page cache into a new anonymous page.
-                    let frame = st
-                        .alloc_anon_for(pid)
-                        .map_err(|_| Signal::Bus { addr: va })?;
+                    let frame = st.alloc_anon_for(pid).map_err(|_| SigInfo::bus(va))?;
                     st.phys.copy_frame(cache, frame);
                     st.phys.frame_mut(frame).mapcount = 1;
                     st.lru_add_new_anon(frame);
@@ -417,7 +413,7 @@ impl Kernel {
         let new = self
             .state()
             .alloc_anon_for(pid)
-            .map_err(|_| Signal::Bus { addr: va })?;
+            .map_err(|_| SigInfo::bus(va))?;
         if !zero {
             self.state().phys.copy_frame(frame, new);
             self.spend(self.costs.page_copy).await;
@@ -534,7 +530,7 @@ impl KernelState {
         let head = self
             .phys
             .alloc_pmd_node_in(home, FrameOwner::Anon, GfpZone::Normal)
-            .map_err(|_| Signal::Bus { addr: va })?;
+            .map_err(|_| SigInfo::bus(va))?;
         for i in 0..FRAMES_PER_PMD {
             self.phys.frame_mut(FrameId(head.0 + i)).mapcount = 1;
         }

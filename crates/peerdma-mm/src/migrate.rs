@@ -55,7 +55,7 @@ use std::rc::Rc;
 
 use peerdma_core::{DeviceId, Errno, FrameId, PAGE_SIZE, PageSize, Pid, Range, Va};
 
-use crate::kernel::{Kernel, KernelState};
+use crate::kernel::{Kernel, KernelState, VmFault};
 use crate::notifier::NotifierEvent;
 use crate::pagetable::Pte;
 use crate::phys::{FrameOwner, MemoryKind};
@@ -110,8 +110,9 @@ pub struct MigrateVma {
     pub dst: Vec<u64>,
     /// MIGRATE_VMA_SELECT_* flags.
     pub flags: u32,
-    /// The driver's `pgmap_owner`.
-    pub pgmap_owner: DeviceId,
+    /// The driver's `pgmap_owner`: device pages of this owner are candidates. `None` for the core's own
+    /// migrations of system memory (long-term GUP), which select no device page.
+    pub pgmap_owner: Option<DeviceId>,
     /// Pages collected by setup.
     pub cpages: u64,
     /// The owner the MIGRATE invalidation reports (`pgmap_owner` for driver migrations, none for the core's
@@ -120,8 +121,19 @@ pub struct MigrateVma {
 }
 
 impl MigrateVma {
-    /// Creates the arguments for `[start, end)`.
+    /// Creates a driver's arguments for `[start, end)`, with `pgmap_owner` as both the owner of the device
+    /// pages it may select and the owner its MIGRATE invalidation reports.
     pub fn new(pid: Pid, range: Range<Va>, flags: u32, pgmap_owner: DeviceId) -> Self {
+        Self {
+            event_owner: Some(pgmap_owner),
+            pgmap_owner: Some(pgmap_owner),
+            ..Self::without_owner(pid, range, flags)
+        }
+    }
+
+    /// Creates the arguments for `[start, end)` of a migration the core starts itself, on behalf of no
+    /// driver: no `pgmap_owner` (no device page is selected) and a MIGRATE invalidation with no owner.
+    pub fn without_owner(pid: Pid, range: Range<Va>, flags: u32) -> Self {
         Self {
             pid,
             start: range.start,
@@ -129,9 +141,9 @@ impl MigrateVma {
             src: Vec::new(),
             dst: Vec::new(),
             flags,
-            pgmap_owner,
+            pgmap_owner: None,
             cpages: 0,
-            event_owner: Some(pgmap_owner),
+            event_owner: None,
         }
     }
 
@@ -144,13 +156,16 @@ impl MigrateVma {
 /// The driver side of a device memory region (`struct dev_pagemap_ops`).
 pub trait DevicePagemapOps: std::fmt::Debug {
     /// Migrates the device-private page `frame` mapped at `va` of `pid` back to system RAM (`migrate_to_ram`);
-    /// called from the CPU fault path with `mmap_lock` held for reading. `Err` is VM_FAULT_SIGBUS.
+    /// called from the CPU fault path with `mmap_lock` held for reading.
+    ///
+    /// # Errors
+    /// The `vm_fault_t` error the fault ends with ([`VmFault`]); the access then gets SIGBUS.
     fn migrate_to_ram<'a>(
         &'a self,
         pid: Pid,
         va: Va,
         frame: FrameId,
-    ) -> Pin<Box<dyn Future<Output = Result<(), ()>> + 'a>>;
+    ) -> Pin<Box<dyn Future<Output = Result<(), VmFault>> + 'a>>;
 }
 
 /// Returns the CPU page-table entry that maps `frame` of memory `kind`: a non-present device-private entry for
@@ -343,11 +358,12 @@ impl Kernel {
                     MemoryKind::Ram { .. } => m.flags & MIGRATE_VMA_SELECT_SYSTEM != 0,
                     MemoryKind::DevicePrivate { owner } => {
                         private
-                            && owner == m.pgmap_owner
+                            && m.pgmap_owner == Some(owner)
                             && m.flags & MIGRATE_VMA_SELECT_DEVICE_PRIVATE != 0
                     }
                     MemoryKind::DeviceCoherent { owner } => {
-                        owner == m.pgmap_owner && m.flags & MIGRATE_VMA_SELECT_DEVICE_COHERENT != 0
+                        m.pgmap_owner == Some(owner)
+                            && m.flags & MIGRATE_VMA_SELECT_DEVICE_COHERENT != 0
                     }
                     // P2P memory never migrates (it is a BAR, not memory the kernel can move).
                     MemoryKind::FsDax { .. } | MemoryKind::P2pMem { .. } => false,

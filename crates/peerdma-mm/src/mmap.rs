@@ -95,7 +95,7 @@ impl Kernel {
                 .ok_or(Errno::ENOMEM)?
         };
         let range = Range::from_len(start, len).expect("gap inside user space");
-        let mut flags = args.prot.vm_flags();
+        let mut flags = VmFlags::from(args.prot);
         if args.shared {
             flags |= VmFlags::SHARED;
         }
@@ -157,7 +157,7 @@ impl Kernel {
         prot: Prot,
         shared: bool,
     ) -> Result<Va, Errno> {
-        let mut flags = prot.vm_flags() | VmFlags::MIXEDMAP;
+        let mut flags = VmFlags::from(prot) | VmFlags::MIXEDMAP;
         if shared {
             flags |= VmFlags::SHARED;
         }
@@ -196,8 +196,11 @@ impl Kernel {
     /// access raises SIGBUS; GUP and `hmm_range_fault` refuse it). A BAR mapped with its entries is
     /// [`Kernel::mmap_pfnmap_mmio`] (`remap_pfn_range`).
     pub async fn mmap_pfnmap(&self, pid: Pid, len: u64, prot: Prot) -> Result<Va, Errno> {
-        let flags =
-            prot.vm_flags() | VmFlags::IO | VmFlags::PFNMAP | VmFlags::SHARED | VmFlags::DONTCOPY;
+        let flags = VmFlags::from(prot)
+            | VmFlags::IO
+            | VmFlags::PFNMAP
+            | VmFlags::SHARED
+            | VmFlags::DONTCOPY;
         let lock = self.mmap_lock(pid);
         let _g = lock.write().await;
         Ok(self.insert_driver_vma(pid, len, flags).await?.start)

@@ -39,7 +39,7 @@ impl Kernel {
                     .vmas
                     .get_mut(&start)
                     .expect("split_at returns VMA starts");
-                v.flags = (v.flags - VmFlags::PROT) | prot.vm_flags();
+                v.flags = (v.flags - VmFlags::PROT) | VmFlags::from(prot);
             }
             // change_protection: removing write permission write-protects the entries; adding it does not make
             // them writable (the next write fault decides, COW included).

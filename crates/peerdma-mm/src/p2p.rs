@@ -190,7 +190,7 @@ impl Kernel {
         if !self.p2p_region_live(region) {
             return Err(Errno::ENODEV);
         }
-        let flags = prot.vm_flags() | VmFlags::SHARED | VmFlags::MIXEDMAP;
+        let flags = VmFlags::from(prot) | VmFlags::SHARED | VmFlags::MIXEDMAP;
         let lock = self.mmap_lock(pid);
         let _g = lock.write().await;
         let range = self.insert_driver_vma(pid, len, flags).await?;
@@ -394,8 +394,11 @@ impl Kernel {
         if !offset.is_multiple_of(PAGE_SIZE) || len == 0 || !fits {
             return Err(Errno::EINVAL);
         }
-        let flags =
-            prot.vm_flags() | VmFlags::IO | VmFlags::PFNMAP | VmFlags::SHARED | VmFlags::DONTCOPY;
+        let flags = VmFlags::from(prot)
+            | VmFlags::IO
+            | VmFlags::PFNMAP
+            | VmFlags::SHARED
+            | VmFlags::DONTCOPY;
         let lock = self.mmap_lock(pid);
         let _g = lock.write().await;
         let range = self.insert_driver_vma(pid, len, flags).await?;

@@ -95,7 +95,7 @@ use std::collections::BTreeMap;
 
 use peerdma_core::{FrameId, PAGE_SIZE, PageSize, Pid, Range, Va};
 
-use crate::kernel::{Kernel, KernelState};
+use crate::kernel::{Kernel, KernelState, VmFault};
 use crate::notifier::NotifierEvent;
 use crate::pagetable::Pte;
 use crate::phys::{Frame, FrameOwner, LruState, PhysMem};
@@ -557,7 +557,16 @@ impl Kernel {
 
     /// `do_swap_page`: brings the page of `slot` back for `va` of `pid`, on a node chosen from `pid`'s home
     /// node ([`crate::phys::PhysMem::alloc_node`]).
-    pub(crate) async fn swap_in(&self, pid: Pid, va: Va, slot: u64, write: bool) -> Result<(), ()> {
+    ///
+    /// # Errors
+    /// [`VmFault::Oom`] when no page can be allocated for it.
+    pub(crate) async fn swap_in(
+        &self,
+        pid: Pid,
+        va: Va,
+        slot: u64,
+        write: bool,
+    ) -> Result<(), VmFault> {
         self.reclaim_if_low_for(pid).await;
         self.spend(self.costs.swap_io).await;
         let mut st = self.state();
@@ -566,7 +575,7 @@ impl Kernel {
             return Ok(());
         }
         // Within the process's zone: a swap-in under a long-term pin's memalloc_pin scope avoids movable memory.
-        let frame = st.alloc_anon_for(pid).map_err(|_| ())?;
+        let frame = st.alloc_anon_for(pid).map_err(|_| VmFault::Oom)?;
         if let Some(d) = st.swap.slots.get(&slot).and_then(|s| s.data.clone()) {
             st.phys.write(frame, 0, &d);
         }

@@ -47,48 +47,22 @@ impl VmFlags {
     pub const PROT: VmFlags = VmFlags::READ.union(VmFlags::WRITE).union(VmFlags::EXEC);
 }
 
-/// Memory protection as `mmap`/`mprotect` take it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Prot {
-    /// PROT_READ.
-    pub read: bool,
-    /// PROT_WRITE.
-    pub write: bool,
-    /// PROT_EXEC.
-    pub exec: bool,
-}
+/// Memory protection as `mmap`/`mprotect` take it (defined in `peerdma-core`, shared with the scenario
+/// language).
+pub use peerdma_core::Prot;
 
-impl Prot {
-    /// PROT_NONE.
-    pub const NONE: Prot = Prot {
-        read: false,
-        write: false,
-        exec: false,
-    };
-    /// PROT_READ.
-    pub const READ: Prot = Prot {
-        read: true,
-        write: false,
-        exec: false,
-    };
-    /// PROT_READ | PROT_WRITE.
-    pub const RW: Prot = Prot {
-        read: true,
-        write: true,
-        exec: false,
-    };
-
-    /// Returns the VMA flags for this protection. On x86-64 PROT_WRITE and PROT_EXEC imply read access
+impl From<Prot> for VmFlags {
+    /// Returns the VMA flags for a protection. On x86-64 PROT_WRITE and PROT_EXEC imply read access
     /// (`protection_map`), so they set VM_READ too.
-    pub fn vm_flags(self) -> VmFlags {
+    fn from(prot: Prot) -> Self {
         let mut f = VmFlags::empty();
-        if self.read || self.write || self.exec {
+        if prot.read || prot.write || prot.exec {
             f |= VmFlags::READ;
         }
-        if self.write {
+        if prot.write {
             f |= VmFlags::WRITE;
         }
-        if self.exec {
+        if prot.exec {
             f |= VmFlags::EXEC;
         }
         f

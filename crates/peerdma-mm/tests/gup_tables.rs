@@ -163,7 +163,7 @@ impl peerdma_mm::DevicePagemapOps for NoPagemapOps {
         _pid: Pid,
         _va: Va,
         _frame: FrameId,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), ()>> + 'a>> {
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), peerdma_mm::VmFault>> + 'a>> {
         unreachable!("device-coherent memory never faults to RAM")
     }
 }

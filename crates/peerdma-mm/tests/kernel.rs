@@ -17,7 +17,7 @@ use peerdma_mm::hmm::{
 };
 use peerdma_mm::{
     IntervalNotifierOps, Kernel, MmCosts, MmapArgs, NotifierEvent, NotifierId, NotifierRange, Prot,
-    Signal,
+    SigInfo, Signal,
 };
 use peerdma_sim::{RunOutcome, Sim, SimConfig};
 
@@ -167,7 +167,13 @@ fn munmap_in_the_middle_splits_the_vma_and_later_access_faults_with_sigsegv() {
         (nr, sig, ok)
     });
     assert_eq!(nr_vmas, 2);
-    assert!(matches!(sig, Err(Signal::Segv { .. })));
+    assert!(matches!(
+        sig,
+        Err(SigInfo {
+            signo: Signal::Segv,
+            ..
+        })
+    ));
     assert_eq!(ok, Ok(()));
 }
 

@@ -35,8 +35,8 @@ impl DevicePagemapOps for NoMigrateToRam {
         _pid: Pid,
         _va: Va,
         _frame: FrameId,
-    ) -> Pin<Box<dyn Future<Output = Result<(), ()>> + 'a>> {
-        Box::pin(async { Err(()) })
+    ) -> Pin<Box<dyn Future<Output = Result<(), peerdma_mm::VmFault>> + 'a>> {
+        Box::pin(async { Err(peerdma_mm::VmFault::Sigbus) })
     }
 }
 

@@ -61,10 +61,15 @@ impl DevicePagemapOps for ToRam {
         pid: Pid,
         va: Va,
         _frame: FrameId,
-    ) -> Pin<Box<dyn Future<Output = Result<(), ()>> + 'a>> {
+    ) -> Pin<Box<dyn Future<Output = Result<(), peerdma_mm::VmFault>> + 'a>> {
         Box::pin(async move {
-            let k = self.kernel.borrow().upgrade().ok_or(())?;
-            let page = Range::from_len(va.align_down(PAGE_SIZE), PAGE_SIZE).ok_or(())?;
+            let k = self
+                .kernel
+                .borrow()
+                .upgrade()
+                .ok_or(peerdma_mm::VmFault::Sigbus)?;
+            let page = Range::from_len(va.align_down(PAGE_SIZE), PAGE_SIZE)
+                .ok_or(peerdma_mm::VmFault::Sigbus)?;
             migrate(&k, pid, page, MIGRATE_VMA_SELECT_DEVICE_PRIVATE, 0).await;
             Ok(())
         })

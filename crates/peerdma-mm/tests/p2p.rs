@@ -18,7 +18,7 @@ use peerdma_mm::hmm::{
 };
 use peerdma_mm::{
     GupFlags as F, IntervalNotifierOps, Kernel, MmCosts, MmapArgs, NotifierEvent, NotifierId,
-    NotifierRange, PinnedPages, Prot, Signal, ViolationKind,
+    NotifierRange, PinnedPages, Prot, SigInfo, Signal, ViolationKind,
 };
 use peerdma_sim::{RunOutcome, Sim, SimConfig};
 
@@ -392,7 +392,7 @@ fn removing_p2p_memory_zaps_mappings_and_waits_for_pins_to_drop() {
     assert_eq!(
         *log.borrow(),
         [
-            format!("during: Err(Bus {{ addr: {va:?} }}) Err(ENODEV) free 3"),
+            format!("during: Err(SigInfo {{ signo: Bus, addr: {va:?} }}) Err(ENODEV) free 3"),
             "unpinned at 50000".to_owned(),
             "removed at 50000 free 4".to_owned(),
         ]
@@ -529,7 +529,16 @@ fn gup_and_hmm_refuse_a_pfnmap_mmio_vma_and_fork_does_not_copy_it() {
     });
     assert_eq!(gup, Err(Errno::EFAULT));
     assert_eq!(hmm, Err(Errno::EFAULT));
-    assert!(matches!(child, Err(Signal::Segv { .. })), "VM_DONTCOPY");
+    assert!(
+        matches!(
+            child,
+            Err(SigInfo {
+                signo: Signal::Segv,
+                ..
+            })
+        ),
+        "VM_DONTCOPY"
+    );
 }
 
 #[test]
@@ -559,7 +568,7 @@ fn revoking_mmio_zaps_pfn_entries_and_a_later_peer_access_is_a_violation() {
         events,
         [(NotifierEvent::Clear, Range::from_len(va, pages(2)).unwrap())]
     );
-    assert_eq!(cpu, Err(Signal::Bus { addr: va }));
+    assert_eq!(cpu, Err(SigInfo::bus(va)));
     assert_eq!(again, Err(Errno::ENODEV));
     assert_eq!(follow, None);
     assert_eq!(vmas, 1, "the VMA stays");

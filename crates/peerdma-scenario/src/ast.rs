@@ -19,6 +19,11 @@ pub use crate::ops::Op;
 use crate::pattern::Pattern;
 use crate::units::{self, UnitError};
 
+/// The words of the scenario language that name kernel vocabulary: `prot` (`"none"`, `"r"`, `"rw"`, `"rx"`,
+/// `"rwx"`, `"w"`...; the `Display` of [`Prot`] is this spelling), `madvise`'s `advice` and `expect.signal`
+/// (`"SIGSEGV"`, `"SIGBUS"`). They are `peerdma-core`'s types; the parser maps the spellings to them.
+pub use peerdma_core::{Advice, Prot, Signal};
+
 /// A whole scenario: settings, declarations and threads, in file order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scenario {
@@ -312,31 +317,6 @@ impl Expect {
     }
 }
 
-/// A signal a CPU access can raise.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Signal {
-    /// `"SIGSEGV"`: segmentation fault.
-    Segv,
-    /// `"SIGBUS"`: bus error (an access to a mapping whose memory is gone, e.g. a revoked BAR).
-    Bus,
-}
-
-impl Signal {
-    /// Returns the signal's name (`"SIGSEGV"`).
-    pub const fn name(self) -> &'static str {
-        match self {
-            Self::Segv => "SIGSEGV",
-            Self::Bus => "SIGBUS",
-        }
-    }
-}
-
-impl fmt::Display for Signal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
 /// An address: raw, or relative to a named mapping.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AddrExpr {
@@ -436,53 +416,6 @@ impl FromStr for AddrExpr {
     }
 }
 
-/// Page protections (`prot`): `"none"`, `"r"`, `"rw"`, `"rx"`, `"rwx"`, `"w"`...
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Prot {
-    /// `PROT_READ`.
-    pub read: bool,
-    /// `PROT_WRITE`.
-    pub write: bool,
-    /// `PROT_EXEC`.
-    pub exec: bool,
-}
-
-impl Prot {
-    /// `PROT_NONE`.
-    pub const NONE: Self = Self {
-        read: false,
-        write: false,
-        exec: false,
-    };
-    /// `PROT_READ`.
-    pub const READ: Self = Self {
-        read: true,
-        write: false,
-        exec: false,
-    };
-    /// `PROT_READ | PROT_WRITE`.
-    pub const READ_WRITE: Self = Self {
-        read: true,
-        write: true,
-        exec: false,
-    };
-}
-
-impl fmt::Display for Prot {
-    /// Prints the scenario spelling: `none`, `r`, `rw`, `rx`, `rwx`...
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if *self == Self::NONE {
-            return f.write_str("none");
-        }
-        for (set, c) in [(self.read, 'r'), (self.write, 'w'), (self.exec, 'x')] {
-            if set {
-                write!(f, "{c}")?;
-            }
-        }
-        Ok(())
-    }
-}
-
 /// `mmap` flags. Exactly one of `private`/`shared` was written (`shared == false` means `MAP_PRIVATE`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct MmapFlags {
@@ -498,21 +431,6 @@ pub struct MmapFlags {
     pub populate: bool,
     /// `MAP_HUGETLB`.
     pub hugetlb: bool,
-}
-
-/// `madvise` advice.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Advice {
-    /// `"dontneed"`: `MADV_DONTNEED`.
-    DontNeed,
-    /// `"hugepage"`: `MADV_HUGEPAGE`.
-    HugePage,
-    /// `"nohugepage"`: `MADV_NOHUGEPAGE`.
-    NoHugePage,
-    /// `MADV_FREE`.
-    Free,
-    /// `MADV_COLLAPSE`.
-    Collapse,
 }
 
 /// How long a `sleep` step sleeps.
@@ -618,7 +536,7 @@ mod tests {
     #[test]
     fn prot_prints_scenario_spelling() {
         assert_eq!(Prot::NONE.to_string(), "none");
-        assert_eq!(Prot::READ_WRITE.to_string(), "rw");
+        assert_eq!(Prot::RW.to_string(), "rw");
         let rx = Prot {
             read: true,
             write: false,

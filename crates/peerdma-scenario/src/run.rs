@@ -15,17 +15,21 @@ use peerdma_core::{DeviceId, Errno, Pid, SimDuration, SimTime, Va};
 use peerdma_devices::{Dmirror, DmirrorCosts, DmirrorDevice, DmirrorMemory, DmirrorResult};
 use peerdma_dma::{DmaCosts, DmaSgHandle, DmaSpace, Platform};
 use peerdma_iommu::{DomainConfig, DomainType};
-use peerdma_mm::{Kernel, MmCosts, Prot as MmProt, Signal as MmSignal};
+use peerdma_mm::{Kernel, MmCosts, SigInfo};
 use peerdma_sim::{RngStream, RunOutcome, Sim, SimConfig, WaitQueue};
 
 use crate::ast::{
-    AddrExpr, DeviceKind, DeviceMemoryKind, Expect, IommuMode, Scenario, Signal, Step, TimeMode,
+    AddrExpr, DeviceKind, DeviceMemoryKind, Expect, IommuMode, Scenario, Step, TimeMode,
 };
 use crate::error::RunError;
 use crate::report::{ExpectFailure, Outcome, Report, StepRecord};
 
-/// The device id DMA through `pin`s is attributed to (a generic DMA engine, not a declared device).
-const DMA_ENGINE: DeviceId = DeviceId(u32::MAX);
+/// Returns the device id DMA through `pin`s is attributed to: a generic DMA engine, not a declared device,
+/// numbered right after the scenario's devices (which are numbered by their position in `[[device]]`), so
+/// that it is a real id no declared device has.
+fn dma_engine_id(scn: &Scenario) -> DeviceId {
+    DeviceId(u32::try_from(scn.devices.len()).expect("few devices"))
+}
 
 /// Command-line overrides of the scenario's `[sim]` table.
 #[derive(Clone, Debug, Default)]
@@ -42,7 +46,7 @@ pub struct RunOptions {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct StepResult {
     pub(crate) errno: Option<Errno>,
-    pub(crate) signal: Option<MmSignal>,
+    pub(crate) signal: Option<SigInfo>,
     pub(crate) dm: Option<DmirrorResult>,
     pub(crate) data: Option<Vec<u8>>,
     /// A `dma.map` handle's merged segments (`kind`, bytes) and first DMA address.
@@ -164,7 +168,7 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
         procs: RefCell::new(procs),
         files,
         dma_page_cost: dm_costs.dma_page,
-        dma_engine: DmaSpace::new(&kernel, DMA_ENGINE, "dma_engine", 1),
+        dma_engine: DmaSpace::new(&kernel, dma_engine_id(scn), "dma_engine", 1),
         devices,
         platform,
         pci,
@@ -543,16 +547,12 @@ impl World {
                     ));
                 }
                 match (e.signal, r.signal) {
-                    (None, Some(s)) => fails.push(format!("unexpected {}", signal_text(s))),
+                    (None, Some(s)) => fails.push(format!("unexpected {s}")),
                     (Some(want), None) => {
                         fails.push(format!("expected {}, the access completed", want.name()));
                     }
-                    (Some(want), Some(got)) if !signal_matches(want, got) => {
-                        fails.push(format!(
-                            "expected {}, got {}",
-                            want.name(),
-                            signal_text(got)
-                        ));
+                    (Some(want), Some(got)) if want != got.signo => {
+                        fails.push(format!("expected {}, got {got}", want.name()));
                     }
                     _ => {}
                 }
@@ -724,37 +724,14 @@ impl World {
     }
 }
 
-/// Returns the kernel's protection bits for a scenario `prot`.
-pub(crate) fn mm_prot(p: crate::ast::Prot) -> MmProt {
-    MmProt {
-        read: p.read,
-        write: p.write,
-        exec: p.exec,
-    }
-}
-
 fn errno_text(e: Option<Errno>) -> String {
     e.map_or_else(|| "success".to_owned(), |e| format!("-{}", e.name()))
-}
-
-fn signal_text(s: MmSignal) -> String {
-    match s {
-        MmSignal::Segv { addr } => format!("SIGSEGV at {addr}"),
-        MmSignal::Bus { addr } => format!("SIGBUS at {addr}"),
-    }
-}
-
-fn signal_matches(want: Signal, got: MmSignal) -> bool {
-    matches!(
-        (want, got),
-        (Signal::Segv, MmSignal::Segv { .. }) | (Signal::Bus, MmSignal::Bus { .. })
-    )
 }
 
 fn summarize(r: &StepResult) -> String {
     let mut s = errno_text(r.errno);
     if let Some(sig) = r.signal {
-        s = signal_text(sig);
+        s = sig.to_string();
     }
     if let Some(d) = &r.dm {
         let _ = write!(s, " cpages={} faults={}", d.cpages, d.faults);

@@ -87,7 +87,7 @@ fn steps_keep_their_values_and_locations() {
         Op::Mem(MemOp::Mmap {
             name: Some("buf".into()),
             len: 4 << 20,
-            prot: Prot::READ_WRITE,
+            prot: Prot::RW,
             flags: MmapFlags {
                 anonymous: true,
                 ..MmapFlags::default()
@@ -351,7 +351,7 @@ fn pci_devices_and_p2p_ops_parse_with_their_defaults() {
 
     let steps = &s.threads[0].steps;
     let ops: Vec<&Op> = steps.iter().map(|st| &st.op).collect();
-    let rw = Prot::READ_WRITE;
+    let rw = Prot::RW;
     assert_eq!(
         *ops[0],
         Op::P2p(P2pOp::P2pmemMmap {

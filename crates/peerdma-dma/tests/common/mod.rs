@@ -291,12 +291,15 @@ impl DevicePagemapOps for DevMem {
         pid: Pid,
         va: Va,
         _frame: FrameId,
-    ) -> Pin<Box<dyn Future<Output = Result<(), ()>> + 'a>> {
+    ) -> Pin<Box<dyn Future<Output = Result<(), peerdma_mm::VmFault>> + 'a>> {
         Box::pin(async move {
-            let k = self.k.upgrade().ok_or(())?;
-            let page = Range::from_len(va.align_down(PAGE_SIZE), PAGE_SIZE).ok_or(())?;
+            let k = self.k.upgrade().ok_or(peerdma_mm::VmFault::Sigbus)?;
+            let page = Range::from_len(va.align_down(PAGE_SIZE), PAGE_SIZE)
+                .ok_or(peerdma_mm::VmFault::Sigbus)?;
             let mut m = MigrateVma::new(pid, page, MIGRATE_VMA_SELECT_DEVICE_PRIVATE, DEVMEM_OWNER);
-            k.migrate_vma_setup(&mut m).await.map_err(|_| ())?;
+            k.migrate_vma_setup(&mut m)
+                .await
+                .map_err(|_| peerdma_mm::VmFault::Sigbus)?;
             for i in 0..m.src.len() {
                 if m.src[i] & MIGRATE_PFN_MIGRATE == 0 {
                     continue;
@@ -304,7 +307,7 @@ impl DevicePagemapOps for DevMem {
                 let Some(src) = migrate_pfn_to_frame(m.src[i]) else {
                     continue;
                 };
-                let dst = k.alloc_page(0).ok_or(())?;
+                let dst = k.alloc_page(0).ok_or(peerdma_mm::VmFault::Sigbus)?;
                 k.copy_page(src, dst);
                 m.dst[i] = migrate_pfn(dst) | (m.src[i] & MIGRATE_PFN_WRITE);
             }

@@ -14,7 +14,7 @@ use super::{Op, OpSpec};
 use crate::ast::{AddrExpr, Prot, WriteSource};
 use crate::error::{RunError, ScenarioError};
 use crate::parse::{Parser, RefKind, Table};
-use crate::run::{StepCx, StepResult, mm_prot};
+use crate::run::{StepCx, StepResult};
 
 type Result<T> = std::result::Result<T, ScenarioError>;
 
@@ -426,10 +426,7 @@ impl DmirrorOp {
                 prot,
             } => {
                 w.fd(proc_name, fd)?;
-                match kernel
-                    .mmap_driver_pages(pid, *len, mm_prot(*prot), false)
-                    .await
-                {
+                match kernel.mmap_driver_pages(pid, *len, *prot, false).await {
                     Ok(va) => {
                         w.proc_mut(proc_name)
                             .mappings

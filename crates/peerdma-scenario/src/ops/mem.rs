@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 
 use peerdma_core::Errno;
 use peerdma_devices::DmirrorResult;
-use peerdma_mm::{Advice as MmAdvice, MmapArgs};
+use peerdma_mm::MmapArgs;
 use toml::de::DeValue;
 
 use super::{Op, OpSpec};
@@ -19,7 +19,7 @@ use crate::ast::{AddrExpr, Advice, MmapFlags};
 use crate::error::{RunError, ScenarioError};
 use crate::parse::{Parser, RefKind, Table, Value, describe, is_mapping_name, list};
 use crate::pattern::Pattern;
-use crate::run::{StepCx, StepResult, mm_prot};
+use crate::run::{StepCx, StepResult};
 
 type Result<T> = std::result::Result<T, ScenarioError>;
 
@@ -536,7 +536,7 @@ impl MemOp {
                 let args = MmapArgs {
                     addr,
                     len: len.saturating_add(extra),
-                    prot: mm_prot(*prot),
+                    prot: *prot,
                     shared: flags.shared,
                     private: !flags.shared,
                     anonymous: flags.anonymous,
@@ -567,18 +567,11 @@ impl MemOp {
             }
             Self::Mprotect { at, len, prot } => {
                 let (va, _) = w.resolve(proc_name, at)?;
-                out.errno = kernel.mprotect(pid, va, *len, mm_prot(*prot)).await.err();
+                out.errno = kernel.mprotect(pid, va, *len, *prot).await.err();
             }
             Self::Madvise { at, len, advice } => {
                 let (va, _) = w.resolve(proc_name, at)?;
-                let a = match advice {
-                    Advice::DontNeed => MmAdvice::DontNeed,
-                    Advice::HugePage => MmAdvice::HugePage,
-                    Advice::NoHugePage => MmAdvice::NoHugePage,
-                    Advice::Free => MmAdvice::Free,
-                    Advice::Collapse => MmAdvice::Collapse,
-                };
-                out.errno = kernel.madvise(pid, va, *len, a).await.err();
+                out.errno = kernel.madvise(pid, va, *len, *advice).await.err();
             }
             Self::Store { at, len, pattern } => {
                 let (va, rest) = w.resolve(proc_name, at)?;

@@ -12,7 +12,7 @@ use super::{Op, OpSpec};
 use crate::ast::Prot;
 use crate::error::{RunError, ScenarioError};
 use crate::parse::{Parser, RefKind, Table, describe};
-use crate::run::{StepCx, StepResult, mm_prot};
+use crate::run::{StepCx, StepResult};
 
 type Result<T> = std::result::Result<T, ScenarioError>;
 
@@ -129,7 +129,7 @@ pub enum P2pOp {
 
 /// Reads `prot`; a device file's mmap defaults to PROT_READ | PROT_WRITE.
 fn default_rw(p: &Parser<'_>, t: &Table<'_, '_>) -> Result<Prot> {
-    t.get("prot").map_or(Ok(Prot::READ_WRITE), |v| p.prot(v))
+    t.get("prot").map_or(Ok(Prot::RW), |v| p.prot(v))
 }
 
 fn parse_p2pmem_mmap(p: &mut Parser<'_>, t: &Table<'_, '_>) -> Result<Op> {
@@ -211,7 +211,7 @@ impl P2pOp {
                     Err(Errno::EINVAL)
                 } else {
                     platform
-                        .p2pmem_mmap(pid, w.pci[dev], *len, mm_prot(*prot), *shared, pgoff)
+                        .p2pmem_mmap(pid, w.pci[dev], *len, *prot, *shared, pgoff)
                         .await
                 };
                 w.record_mapping(&mut out, proc_name, name, *len, res);
@@ -225,7 +225,7 @@ impl P2pOp {
             } => {
                 let platform = w.platform()?;
                 let res = platform
-                    .mmap_bar(pid, w.exports[export], *offset, *len, mm_prot(*prot))
+                    .mmap_bar(pid, w.exports[export], *offset, *len, *prot)
                     .await;
                 w.record_mapping(&mut out, proc_name, name, *len, res);
             }
