@@ -280,14 +280,9 @@ impl Platform {
             .map_or(SimDuration::ZERO, |sg| sg.cost)
     }
 
-    /// Detaches an importer (`dma_buf_unmap_attachment` + `dma_buf_detach`).
-    pub fn dmabuf_detach(&self, mmio: MmioId, att: AttachId) {
-        let _ = self.dmabuf_detach_cost(mmio, att);
-    }
-
-    /// [`Platform::dmabuf_detach`], returning the unmap's CPU time (IO PTE clears, a strict domain's IOTLB
-    /// invalidation) for a caller that can spend it.
-    pub fn dmabuf_detach_cost(&self, mmio: MmioId, att: AttachId) -> SimDuration {
+    /// Detaches an importer (`dma_buf_unmap_attachment` + `dma_buf_detach`); returns the unmap's CPU time
+    /// (IO PTE clears, a strict domain's IOTLB invalidation) for the caller to spend.
+    pub fn dmabuf_detach(&self, mmio: MmioId, att: AttachId) -> SimDuration {
         let a = self
             .exports
             .borrow_mut()

@@ -44,7 +44,7 @@ use crate::dmabuf::{AttachId, ImporterKind};
 use crate::hmm_mirror::{HmmMirror, MirrorDevice, ProgramCost};
 use crate::map::{DmaSegment, MapTarget, MappedSg};
 use crate::platform::{DmaDevice, Platform};
-use crate::space::{DeviceAddr, DmaOp, DmaRequest, REQUEST_BYTES, RequestId};
+use crate::space::{DeviceAddr, DmaOp, DmaRequest, RequestId};
 
 /// What a device entry points at.
 #[derive(Debug)]
@@ -77,7 +77,7 @@ impl Shared {
                 .platform
                 .unmap_sg(self.dev.id, &mut sg)
                 .unwrap_or(SimDuration::ZERO),
-            Target::Bar { mmio, att } => self.platform.dmabuf_detach_cost(mmio, att),
+            Target::Bar { mmio, att } => self.platform.dmabuf_detach(mmio, att),
         }
     }
 }
@@ -348,51 +348,15 @@ impl DmaMirror {
     /// The errnos of [`DmaMirror::fault`]; `EFAULT` when the IOMMU faults or the oracle refuses an access;
     /// `ENODEV` for a revoked BAR.
     pub async fn access(&self, start: Va, ops: Vec<DmaOp>) -> Result<Vec<u8>, Errno> {
-        let sh = &self.sh;
         let start = start.align_down(PAGE_SIZE);
-        let nr_reads = ops.iter().filter(|o| !o.is_write()).count();
-        let mut data = vec![0u8; nr_reads * REQUEST_BYTES];
-        let mut pending: Vec<(usize, Option<usize>, DmaOp)> = Vec::with_capacity(ops.len());
-        let mut next_read = 0;
-        for op in ops {
-            let slot = (!op.is_write()).then(|| {
-                next_read += 1;
-                next_read - 1
-            });
-            pending.push((pending.len(), slot, op));
-        }
-        while !pending.is_empty() {
-            let mut issued = Vec::with_capacity(pending.len());
-            let mut first_err = None;
-            for (i, slot, op) in pending.drain(..) {
-                let va = start.add(i as u64 * PAGE_SIZE);
-                match self.issue(va, op.clone()).await {
-                    Ok(id) => issued.push((i, slot, op, id)),
-                    Err(e) => {
-                        first_err = Some(e);
-                        break;
-                    }
-                }
-                sh.platform.kernel.sim.sleep(SimDuration::ZERO).await;
-            }
-            let mut landed_err = None;
-            for (i, slot, op, id) in issued {
-                match sh.dev.space.wait(id).await {
-                    Ok(page) => {
-                        if let Some(j) = slot {
-                            data[j * REQUEST_BYTES..(j + 1) * REQUEST_BYTES].copy_from_slice(&page);
-                        }
-                    }
-                    // Aborted by an invalidation's fence: fault it back and issue it again.
-                    Err(Errno::EAGAIN) => pending.push((i, slot, op)),
-                    Err(e) => landed_err = landed_err.or(Some(e)),
-                }
-            }
-            if let Some(e) = first_err.or(landed_err) {
-                return Err(e);
-            }
-        }
-        Ok(data)
+        self.sh
+            .dev
+            .space
+            .run_batch(ops, async |i, op| {
+                self.issue(start.add(i as u64 * PAGE_SIZE), op).await
+            })
+            .await
+            .into_result()
     }
 
     /// Looks up (faulting as needed) the device entry for `va` and issues one request through it.

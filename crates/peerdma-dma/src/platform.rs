@@ -138,7 +138,7 @@ pub struct Platform {
     pub(crate) costs: DmaCosts,
     rng: RefCell<RngStream>,
     /// Devices with requests in flight per link, for bandwidth sharing ([`crate::space`]).
-    pub(crate) flows: LinkFlows,
+    flows: LinkFlows,
     /// The links a transfer crosses, per (provider or RAM, client) pair (`Platform::path_links`).
     pub(crate) links: RefCell<PathLinks>,
 }

@@ -414,7 +414,7 @@ impl DmaSgHandle {
                     drop(pins);
                 }
                 Piece::Bar { mmio, att, .. } => {
-                    cost += self.platform.dmabuf_detach_cost(mmio, att);
+                    cost += self.platform.dmabuf_detach(mmio, att);
                 }
             }
         }

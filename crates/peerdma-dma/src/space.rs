@@ -421,6 +421,62 @@ impl DmaSpace {
         Ok(id)
     }
 
+    /// Runs a batch of one-page requests, `ops[i]` for page `i`, through `issue_fn` (which translates and
+    /// issues page `i`'s request: the caller's way of finding its DMA address): issues them in order as tags
+    /// free up, yielding after each so devices issuing at the same instant interleave, stops issuing at the
+    /// first failure, waits for everything in flight, and issues again the requests a fence aborted.
+    pub(crate) async fn run_batch(
+        &self,
+        ops: Vec<DmaOp>,
+        mut issue_fn: impl AsyncFnMut(usize, DmaOp) -> Result<RequestId, Errno>,
+    ) -> DmaOutcome {
+        let mut read_at = Vec::with_capacity(ops.len());
+        let mut nr_reads = 0;
+        for op in &ops {
+            read_at.push((!op.is_write()).then_some(nr_reads));
+            nr_reads += usize::from(!op.is_write());
+        }
+        let mut out = DmaOutcome {
+            data: vec![0; nr_reads * REQUEST_BYTES],
+            ..DmaOutcome::default()
+        };
+        let sim = self.0.kernel.sim.clone();
+        let mut pending: Vec<(usize, DmaOp)> = ops.into_iter().enumerate().collect();
+        while !pending.is_empty() {
+            let mut issued = Vec::with_capacity(pending.len());
+            for (i, op) in pending.drain(..) {
+                self.wait_tag().await;
+                match issue_fn(i, op.clone()).await {
+                    Ok(id) => issued.push((i, op, id)),
+                    Err(errno) => {
+                        out.faults.push(DmaFault { index: i, errno });
+                        break;
+                    }
+                }
+                sim.sleep(SimDuration::ZERO).await;
+            }
+            for (i, op, id) in issued {
+                match self.wait(id).await {
+                    Ok(page) => {
+                        out.landed += 1;
+                        if let Some(j) = read_at[i] {
+                            out.data[j * REQUEST_BYTES..(j + 1) * REQUEST_BYTES]
+                                .copy_from_slice(&page);
+                        }
+                    }
+                    // Aborted by an invalidation's fence: issue it again (a mirror faults it back in).
+                    Err(Errno::EAGAIN) => pending.push((i, op)),
+                    Err(errno) => out.faults.push(DmaFault { index: i, errno }),
+                }
+            }
+            if !out.faults.is_empty() {
+                break;
+            }
+        }
+        out.faults.sort_by_key(|f| f.index);
+        out
+    }
+
     /// Waits for request `id` to land; returns the page it read (empty for a write).
     ///
     /// # Errors
@@ -662,43 +718,16 @@ impl Platform {
     /// Device `d` runs a batch of requests through its access path (module docs): issues them in order as
     /// tags free up, stops issuing at the first translation failure, and waits for everything in flight.
     pub async fn dma(&self, d: &DmaDevice, reqs: Vec<DmaRequest>) -> DmaOutcome {
-        let mut read_at = Vec::with_capacity(reqs.len());
-        let mut nr_reads = 0;
-        for r in &reqs {
-            read_at.push((!r.op.is_write()).then_some(nr_reads));
-            nr_reads += usize::from(!r.op.is_write());
-        }
-        let mut out = DmaOutcome {
-            data: vec![0; nr_reads * REQUEST_BYTES],
-            ..DmaOutcome::default()
-        };
-        let mut issued = Vec::with_capacity(reqs.len());
-        for (i, req) in reqs.into_iter().enumerate() {
-            d.space.wait_tag().await;
-            match self.dma_issue(d, req) {
-                Ok(id) => issued.push((i, id)),
-                Err(errno) => {
-                    out.faults.push(DmaFault { index: i, errno });
-                    break;
-                }
-            }
-            // Let devices issuing at the same instant interleave (module docs).
-            self.kernel.sim.sleep(SimDuration::ZERO).await;
-        }
-        let mut late = Vec::new();
-        for (i, id) in issued {
-            match d.space.wait(id).await {
-                Ok(page) => {
-                    out.landed += 1;
-                    if let Some(j) = read_at[i] {
-                        out.data[j * REQUEST_BYTES..(j + 1) * REQUEST_BYTES].copy_from_slice(&page);
-                    }
-                }
-                Err(errno) => late.push(DmaFault { index: i, errno }),
-            }
-        }
-        out.faults.extend(late);
-        out.faults.sort_by_key(|f| f.index);
-        out
+        let ops = reqs.iter().map(|r| r.op.clone()).collect();
+        d.space
+            .run_batch(ops, async |i, op| {
+                let req = DmaRequest {
+                    addr: reqs[i].addr,
+                    grant: reqs[i].grant,
+                    op,
+                };
+                self.dma_issue(d, req)
+            })
+            .await
     }
 }
