@@ -28,6 +28,7 @@ use peerdma_core::{DeviceId, Errno, PAGE_SIZE, Pa, Pid, Range, SimDuration, Va};
 use peerdma_mm::MmioId;
 use peerdma_mm::vma::Prot;
 
+use crate::error::DmaError;
 use crate::map::{MapTarget, MappedSg};
 use crate::platform::Platform;
 
@@ -83,9 +84,13 @@ impl Platform {
         offset: u64,
         len: u64,
         revocable: bool,
-    ) -> Result<MmioId, Errno> {
+    ) -> Result<MmioId, DmaError> {
         let d = self.device(owner)?;
-        let b = *self.topology().node(d.node).bar(bar).ok_or(Errno::EINVAL)?;
+        let b = *self
+            .topology()
+            .node(d.node)
+            .bar(bar)
+            .ok_or(DmaError::NoSuchBar { device: owner, bar })?;
         let len = if len == 0 {
             b.size.saturating_sub(offset)
         } else {
@@ -96,9 +101,10 @@ impl Platform {
             || !offset.is_multiple_of(PAGE_SIZE)
             || !len.is_multiple_of(PAGE_SIZE)
         {
-            return Err(Errno::EINVAL);
+            return Err(Errno::EINVAL.into());
         }
-        let range = Range::from_len(b.phys.add(offset), len).ok_or(Errno::EINVAL)?;
+        let range =
+            Range::from_len(b.phys.add(offset), len).ok_or(DmaError::Errno(Errno::EINVAL))?;
         let mmio = self.kernel.add_mmio(owner, range);
         self.exports.borrow_mut().by_mmio.insert(
             mmio,
@@ -125,10 +131,11 @@ impl Platform {
         offset: u64,
         len: u64,
         prot: Prot,
-    ) -> Result<Va, Errno> {
-        self.kernel
+    ) -> Result<Va, DmaError> {
+        Ok(self
+            .kernel
             .mmap_pfnmap_mmio(pid, mmio, offset, len, prot)
-            .await
+            .await?)
     }
 
     /// Returns the physical range of an export.
@@ -167,17 +174,20 @@ impl Platform {
         kind: ImporterKind,
         pas: Vec<Pa>,
         write: bool,
-    ) -> Result<AttachId, Errno> {
+    ) -> Result<AttachId, DmaError> {
         let (owner, range) = {
             let ex = self.exports.borrow();
-            let e = ex.by_mmio.get(&mmio).ok_or(Errno::ENODEV)?;
+            let e = ex
+                .by_mmio
+                .get(&mmio)
+                .ok_or(DmaError::Errno(Errno::ENODEV))?;
             if e.revoked {
-                return Err(Errno::ENODEV);
+                return Err(Errno::ENODEV.into());
             }
             (e.owner, e.range)
         };
         if pas.iter().any(|&p| !range.contains(p)) {
-            return Err(Errno::EINVAL);
+            return Err(Errno::EINVAL.into());
         }
         let sg = self.map_export_pages(owner, importer, &pas, write)?;
         let mut ex = self.exports.borrow_mut();
@@ -207,7 +217,7 @@ impl Platform {
         importer: DeviceId,
         pas: &[Pa],
         write: bool,
-    ) -> Result<MappedSg, Errno> {
+    ) -> Result<MappedSg, DmaError> {
         let own = self.device(owner)?;
         let imp = self.device(importer)?;
         let off = self
@@ -241,14 +251,20 @@ impl Platform {
         &self,
         mmio: MmioId,
         att: AttachId,
-    ) -> Result<Vec<crate::map::MappedPage>, Errno> {
+    ) -> Result<Vec<crate::map::MappedPage>, DmaError> {
         let (owner, importer, pas, write) = {
             let ex = self.exports.borrow();
-            let e = ex.by_mmio.get(&mmio).ok_or(Errno::ENODEV)?;
+            let e = ex
+                .by_mmio
+                .get(&mmio)
+                .ok_or(DmaError::Errno(Errno::ENODEV))?;
             if e.revoked {
-                return Err(Errno::ENODEV);
+                return Err(Errno::ENODEV.into());
             }
-            let a = e.attachments.get(&att).ok_or(Errno::ENODEV)?;
+            let a = e
+                .attachments
+                .get(&att)
+                .ok_or(DmaError::Errno(Errno::ENODEV))?;
             if let Some(sg) = &a.sg {
                 return Ok(sg.pages.clone());
             }

@@ -20,10 +20,13 @@
 //! - [`space`]: `DmaSpace`, the one path every device access takes, with DMA in flight and the fence
 //!   (DESIGN.md §4.8).
 //!
-//! Everything here returns Linux errnos ([`peerdma_core::Errno`]): a refused DMA mapping is a model outcome
-//! that scenarios compare one-to-one with the kernel, not a misuse of the API.
+//! Errors ([`error`]): outcomes Linux returns keep Linux's errno ([`DmaError::Errno`]), so a refused DMA
+//! mapping compares one-to-one with the kernel; a misuse of the API (a device never added, a range outside a
+//! handle) is a [`DmaError`] variant of its own. The device path itself ([`space`], the mirror loop's
+//! `hmm_range_fault`) reports per-request errnos as data.
 
 pub mod dmabuf;
+pub mod error;
 pub mod hmm_mirror;
 pub mod map;
 pub mod mirror;
@@ -32,6 +35,7 @@ pub mod sg;
 pub mod space;
 
 pub use dmabuf::{AttachId, ImporterKind};
+pub use error::DmaError;
 pub use hmm_mirror::{HMM_RANGE_DEFAULT_TIMEOUT, HmmMirror, MirrorDevice, ProgramCost};
 pub use map::{DmaAddr, DmaSegment, MappedSg, SegKind};
 pub use mirror::DmaMirror;

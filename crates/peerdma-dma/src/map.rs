@@ -29,6 +29,7 @@ use peerdma_mm::DeviceGrant;
 use peerdma_mm::oracle::ViolationKind;
 use peerdma_pci::{MapType, NodeId, p2p_distance};
 
+use crate::error::DmaError;
 use crate::platform::{DmaDevice, Platform};
 use crate::space::{DeviceAddr, DmaOp, DmaRequest};
 
@@ -177,7 +178,7 @@ impl Platform {
     /// # Errors
     /// `EREMOTEIO` when a page is P2P memory `dev` cannot reach; `ENOMEM` when the IOVA space is exhausted;
     /// `ENODEV` for an unknown device.
-    pub fn map_sg(&self, dev: DeviceId, pas: &[Pa], write: bool) -> Result<MappedSg, Errno> {
+    pub fn map_sg(&self, dev: DeviceId, pas: &[Pa], write: bool) -> Result<MappedSg, DmaError> {
         let d = self.device(dev)?;
         let targets: Vec<MapTarget> = pas
             .iter()
@@ -197,14 +198,14 @@ impl Platform {
         d: &Rc<DmaDevice>,
         targets: &[MapTarget],
         write: bool,
-    ) -> Result<MappedSg, Errno> {
+    ) -> Result<MappedSg, DmaError> {
         // Step 2.
         if targets
             .iter()
             .any(|t| matches!(t.class, Some((MapType::NotSupported, _))))
         {
             self.kernel.sim.count("dma.map_sg_eremoteio", 1);
-            return Err(Errno::EREMOTEIO);
+            return Err(Errno::EREMOTEIO.into());
         }
         let mut domain = d.domain_mut();
         domain.tick(self.kernel.sim.now());
@@ -297,7 +298,7 @@ impl Platform {
     ///
     /// # Errors
     /// `ENODEV` for an unknown device.
-    pub fn unmap_sg(&self, dev: DeviceId, sg: &mut MappedSg) -> Result<SimDuration, Errno> {
+    pub fn unmap_sg(&self, dev: DeviceId, sg: &mut MappedSg) -> Result<SimDuration, DmaError> {
         let d = self.device(dev)?;
         let mut cost = SimDuration::ZERO;
         if let Some((iova, len)) = sg.iova.take() {
@@ -447,11 +448,11 @@ impl Platform {
         addr: u64,
         data: Option<&[u8]>,
         buf: &mut [u8],
-    ) -> Result<(), Errno> {
+    ) -> Result<(), DmaError> {
         let d = self.device(dev)?;
         let len = data.map_or(buf.len(), <[u8]>::len);
         if !addr.is_multiple_of(PAGE_SIZE) || len == 0 || !len.is_multiple_of(4096) {
-            return Err(Errno::EINVAL);
+            return Err(Errno::EINVAL.into());
         }
         self.kernel.sim.count("dma.raw", 1);
         let write = data.is_some();

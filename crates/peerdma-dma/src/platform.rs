@@ -29,6 +29,7 @@ use peerdma_pci::{NodeId, P2pProviders, P2pResource, Topology};
 use peerdma_sim::RngStream;
 
 use crate::dmabuf::Exports;
+use crate::error::DmaError;
 use crate::space::{DmaSpace, LinkFlows};
 
 /// The default outstanding-request limit of a device ([`DmaCosts::max_outstanding`]).
@@ -184,13 +185,13 @@ impl Platform {
         node: NodeId,
         name: &str,
         domain: DomainConfig,
-    ) -> Result<Rc<DmaDevice>, Errno> {
+    ) -> Result<Rc<DmaDevice>, DmaError> {
         if self.topo.get(node).is_none_or(|n| !n.is_pci_function()) {
-            return Err(Errno::EINVAL);
+            return Err(DmaError::NotPciFunction(node));
         }
         let mut devs = self.devices.borrow_mut();
         if devs.contains_key(&id) || devs.values().any(|d| d.node == node) {
-            return Err(Errno::EEXIST);
+            return Err(DmaError::AlreadyAttached { id, node });
         }
         let d = Rc::new(DmaDevice {
             id,
@@ -213,8 +214,12 @@ impl Platform {
     ///
     /// # Errors
     /// `ENODEV` for an unknown device.
-    pub fn device(&self, id: DeviceId) -> Result<Rc<DmaDevice>, Errno> {
-        self.devices.borrow().get(&id).cloned().ok_or(Errno::ENODEV)
+    pub fn device(&self, id: DeviceId) -> Result<Rc<DmaDevice>, DmaError> {
+        self.devices
+            .borrow()
+            .get(&id)
+            .cloned()
+            .ok_or(DmaError::UnknownDevice(id))
     }
 
     /// Returns the device at PCI function `node`.
@@ -236,7 +241,7 @@ impl Platform {
         bar: u8,
         size: u64,
         offset: u64,
-    ) -> Result<P2pResource, Errno> {
+    ) -> Result<P2pResource, DmaError> {
         let d = self.device(dev)?;
         let res = self
             .providers
@@ -257,7 +262,7 @@ impl Platform {
     ///
     /// # Errors
     /// `ENODEV` for an unknown device.
-    pub fn p2p_publish(&self, dev: DeviceId, publish: bool) -> Result<(), Errno> {
+    pub fn p2p_publish(&self, dev: DeviceId, publish: bool) -> Result<(), DmaError> {
         let d = self.device(dev)?;
         self.providers.borrow_mut().publish(d.node, publish);
         Ok(())
@@ -268,7 +273,7 @@ impl Platform {
     ///
     /// # Errors
     /// `ENODEV` for an unknown client.
-    pub fn p2p_find_many(&self, clients: &[DeviceId]) -> Result<Option<DeviceId>, Errno> {
+    pub fn p2p_find_many(&self, clients: &[DeviceId]) -> Result<Option<DeviceId>, DmaError> {
         let nodes = clients
             .iter()
             .map(|&c| self.device(c).map(|d| d.node))
@@ -298,11 +303,11 @@ impl Platform {
         prot: Prot,
         shared: bool,
         pgoff: u64,
-    ) -> Result<Va, Errno> {
+    ) -> Result<Va, DmaError> {
         self.device(provider)?;
         let regions = self.p2p_regions(provider);
         if regions.is_empty() {
-            return Err(Errno::ENODEV);
+            return Err(Errno::ENODEV.into());
         }
         let mut last = Errno::ENOMEM;
         for r in regions {
@@ -312,10 +317,10 @@ impl Platform {
                 .await
             {
                 Err(Errno::ENOMEM) => last = Errno::ENOMEM,
-                other => return other,
+                other => return Ok(other?),
             }
         }
-        Err(last)
+        Err(last.into())
     }
 
     /// `pci_alloc_p2pmem`: `len` contiguous bytes of `provider`'s P2P memory for a driver's own use (chunks
@@ -324,19 +329,19 @@ impl Platform {
     ///
     /// # Errors
     /// `ENODEV` for a device without (live) P2P memory; `ENOMEM` when no chunk has `len` contiguous bytes.
-    pub fn p2pmem_alloc(&self, provider: DeviceId, len: u64) -> Result<Range<Pa>, Errno> {
+    pub fn p2pmem_alloc(&self, provider: DeviceId, len: u64) -> Result<Range<Pa>, DmaError> {
         let regions = self.p2p_regions(provider);
         if regions.is_empty() {
-            return Err(Errno::ENODEV);
+            return Err(Errno::ENODEV.into());
         }
         for r in regions {
             if let Some(first) = self.kernel.alloc_p2pmem(r, len) {
                 let pa = self.kernel.frame_pa(first);
                 let len = len.div_ceil(peerdma_core::PAGE_SIZE) * peerdma_core::PAGE_SIZE;
-                return Range::from_len(pa, len).ok_or(Errno::EINVAL);
+                return Range::from_len(pa, len).ok_or(DmaError::Errno(Errno::EINVAL));
             }
         }
-        Err(Errno::ENOMEM)
+        Err(Errno::ENOMEM.into())
     }
 
     /// `pci_free_p2pmem` of an allocation made by [`Platform::p2pmem_alloc`].
@@ -370,7 +375,7 @@ impl Platform {
     ///
     /// # Errors
     /// `ENODEV` for an unknown device.
-    pub async fn remove_device(self: &Rc<Self>, dev: DeviceId) -> Result<(), Errno> {
+    pub async fn remove_device(self: &Rc<Self>, dev: DeviceId) -> Result<(), DmaError> {
         let d = self.device(dev)?;
         self.kernel.sim.trace("p2pdma.remove", || d.name.clone());
         self.revoke_exports(dev).await;

@@ -34,6 +34,7 @@ use peerdma_mm::vma::VmFlags;
 use peerdma_mm::{DeviceGrant, MmioId};
 
 use crate::dmabuf::{AttachId, ImporterKind};
+use crate::error::DmaError;
 use crate::map::{DmaSegment, MappedPage, MappedSg};
 use crate::mirror::DmaMirror;
 use crate::platform::{DmaDevice, Platform};
@@ -100,10 +101,10 @@ pub async fn get_user_dma_sg(
     range: Range<Va>,
     initiator: DeviceId,
     flags: DmaSgFlags,
-) -> Result<DmaSgHandle, Errno> {
+) -> Result<DmaSgHandle, DmaError> {
     let dev = platform.device(initiator)?;
     if range.is_empty() || !range.start.is_page_aligned() || !range.end.is_page_aligned() {
-        return Err(Errno::EINVAL);
+        return Err(Errno::EINVAL.into());
     }
     let mut h = DmaSgHandle {
         platform: platform.clone(),
@@ -122,7 +123,7 @@ pub async fn get_user_dma_sg(
     while va < range.end {
         let vma = platform.kernel.vma_at(pid, va);
         let Some(vma) = vma else {
-            return Err(Errno::EFAULT);
+            return Err(Errno::EFAULT.into());
         };
         let end = vma.range.end.min(range.end);
         let piece = Range::new(va, end);
@@ -159,7 +160,7 @@ fn bar_piece(
     piece: Range<Va>,
     vm_flags: VmFlags,
     flags: DmaSgFlags,
-) -> Result<Piece, Errno> {
+) -> Result<Piece, DmaError> {
     // The exporter translates the user address with the access checked, as VFIO's `follow_fault_pfn` does
     // (drivers/vfio/vfio_iommu_type1.c: a write fault on a PFN entry that is not writable is -EFAULT) and as
     // GUP's `check_vma_flags` does for struct-page memory (spec/linux-p2p.md §2.3): a device write needs
@@ -167,7 +168,7 @@ fn bar_piece(
     if !vm_flags.contains(VmFlags::READ)
         || (flags.contains(DmaSgFlags::WRITE) && !vm_flags.contains(VmFlags::WRITE))
     {
-        return Err(Errno::EFAULT);
+        return Err(Errno::EFAULT.into());
     }
     let mut pas = Vec::new();
     let mut mmio = None;
@@ -175,17 +176,19 @@ fn bar_piece(
         let (m, pa) = platform
             .kernel
             .follow_pfnmap(pid, va)
-            .ok_or(Errno::EFAULT)?;
+            .ok_or(DmaError::Errno(Errno::EFAULT))?;
         if mmio.is_some_and(|x| x != m) {
-            return Err(Errno::EFAULT);
+            return Err(Errno::EFAULT.into());
         }
         mmio = Some(m);
         pas.push(pa);
     }
-    let mmio = mmio.ok_or(Errno::EFAULT)?;
-    let revocable = platform.export_revocable(mmio).ok_or(Errno::EFAULT)?;
+    let mmio = mmio.ok_or(DmaError::Errno(Errno::EFAULT))?;
+    let revocable = platform
+        .export_revocable(mmio)
+        .ok_or(DmaError::Errno(Errno::EFAULT))?;
     if flags.contains(DmaSgFlags::LONGTERM) && !revocable {
-        return Err(Errno::EOPNOTSUPP);
+        return Err(Errno::EOPNOTSUPP.into());
     }
     let kind = if revocable {
         ImporterKind::Dynamic
@@ -208,13 +211,13 @@ async fn pinned_piece(
     pid: Pid,
     piece: Range<Va>,
     flags: DmaSgFlags,
-) -> Result<Piece, Errno> {
+) -> Result<Piece, DmaError> {
     let k = &platform.kernel;
     let longterm = flags.contains(DmaSgFlags::LONGTERM);
     // P2P memory is never pinned long-term: FOLL_LONGTERM | FOLL_PCI_P2PDMA is EINVAL (mm/gup.c
     // is_valid_gup_args), so the pgmap can always be hot-unplugged.
     if longterm && piece_is_p2p(platform, pid, piece) {
-        return Err(Errno::EINVAL);
+        return Err(Errno::EINVAL.into());
     }
     let mut gup = GupFlags::PIN;
     if flags.contains(DmaSgFlags::WRITE) {
@@ -229,7 +232,7 @@ async fn pinned_piece(
     let pins = k.get_user_pages(pid, piece.start, nr, gup).await?;
     if let Some(e) = pins.stopped_by() {
         // A partial pin: the errno is the one of the first page GUP could not take.
-        return Err(e);
+        return Err(e.into());
     }
     let pas: Vec<_> = pins.pages().iter().map(|p| p.pa).collect();
     let sg = platform.map_sg(dev.id, &pas, flags.contains(DmaSgFlags::WRITE))?;
@@ -299,14 +302,15 @@ impl DmaSgHandle {
     /// # Errors
     /// `EINVAL` outside the range or not page-sized; `ENODEV` once a BAR piece is revoked; the mirror's
     /// fault errnos; `EFAULT` when the IOMMU faults.
-    pub async fn write(&self, offset: u64, data: &[u8]) -> Result<(), Errno> {
+    pub async fn write(&self, offset: u64, data: &[u8]) -> Result<(), DmaError> {
         let nr = self.check(offset, data.len())?;
         if let Some(m) = &self.mirror {
             let ops = data
                 .chunks(4096)
                 .map(|c| DmaOp::Write(c.to_vec()))
                 .collect();
-            return m.access(self.range.start.add(offset), ops).await.map(drop);
+            m.access(self.range.start.add(offset), ops).await?;
+            return Ok(());
         }
         let reqs = (0..nr)
             .map(|i| {
@@ -323,11 +327,11 @@ impl DmaSgHandle {
     ///
     /// # Errors
     /// As [`DmaSgHandle::write`].
-    pub async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, Errno> {
+    pub async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, DmaError> {
         let nr = self.check(offset, len)?;
         if let Some(m) = &self.mirror {
             let ops = (0..nr).map(|_| DmaOp::Read).collect();
-            return m.access(self.range.start.add(offset), ops).await;
+            return Ok(m.access(self.range.start.add(offset), ops).await?);
         }
         let reqs = (0..nr)
             .map(|i| {
@@ -335,21 +339,27 @@ impl DmaSgHandle {
                 self.request(va, DmaOp::Read)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        self.platform.dma(&self.dev, reqs).await.into_result()
+        Ok(self.platform.dma(&self.dev, reqs).await.into_result()?)
     }
 
-    fn check(&self, offset: u64, len: usize) -> Result<usize, Errno> {
-        let end = offset.checked_add(len as u64).ok_or(Errno::EINVAL)?;
-        if !offset.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(4096) || end > self.range.len()
-        {
-            return Err(Errno::EINVAL);
+    /// Checks that `len` bytes at `offset` are whole pages inside the range; returns the page count.
+    fn check(&self, offset: u64, len: usize) -> Result<usize, DmaError> {
+        let size = self.range.len();
+        let bad = DmaError::BadRange {
+            offset,
+            len: len as u64,
+            size,
+        };
+        let end = offset.checked_add(len as u64).ok_or(bad)?;
+        if !offset.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(4096) || end > size {
+            return Err(bad);
         }
         Ok(len / 4096)
     }
 
     /// The device's request for the page at `va`: through the DMA address its pin (or its attachment to a
     /// BAR export) gave it.
-    fn request(&self, va: Va, op: DmaOp) -> Result<DmaRequest, Errno> {
+    fn request(&self, va: Va, op: DmaOp) -> Result<DmaRequest, DmaError> {
         let mp = self.page(va)?;
         Ok(DmaRequest {
             addr: DeviceAddr::Dma(mp.addr),
@@ -359,7 +369,7 @@ impl DmaSgHandle {
     }
 
     /// Returns the mapped page for `va`.
-    fn page(&self, va: Va) -> Result<MappedPage, Errno> {
+    fn page(&self, va: Va) -> Result<MappedPage, DmaError> {
         for p in &self.pieces {
             match p {
                 Piece::Pinned { start, pins, sg } => {
@@ -387,7 +397,7 @@ impl DmaSgHandle {
                 }
             }
         }
-        Err(Errno::EINVAL)
+        Err(Errno::EINVAL.into())
     }
 
     /// Releases everything (rule 3), waiting for the mirror's notifier removal and spending the unmaps'

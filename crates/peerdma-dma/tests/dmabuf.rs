@@ -123,7 +123,7 @@ fn attach_from_an_unreachable_importer_is_eremoteio() {
             bar2_pages(NVME_BAR2, 1),
             false
         ),
-        Err(Errno::EREMOTEIO)
+        Err(Errno::EREMOTEIO.into())
     );
     assert_eq!(
         w.p.dmabuf_attach(
@@ -133,7 +133,7 @@ fn attach_from_an_unreachable_importer_is_eremoteio() {
             bar2_pages(NVME_BAR2 + PAGE_SIZE, 1),
             false
         ),
-        Err(Errno::EINVAL),
+        Err(Errno::EINVAL.into()),
         "a page outside the export"
     );
 }
@@ -187,8 +187,8 @@ fn removing_the_owner_revokes_importers_and_zaps_the_user_mapping() {
         )
     });
     assert_eq!(mapped_after, (false, 0, 0));
-    assert_eq!(attach, Err(Errno::ENODEV));
-    assert_eq!(access, Err(Errno::ENODEV));
+    assert_eq!(attach, Err(Errno::ENODEV.into()));
+    assert_eq!(access, Err(Errno::ENODEV.into()));
     assert!(
         matches!(
             cpu,

@@ -10,7 +10,7 @@ mod common;
 
 use common::*;
 use peerdma_core::{Errno, PAGE_SIZE, Va};
-use peerdma_dma::{DmaAddr, DmaSgFlags as S, SegKind, get_user_dma_sg};
+use peerdma_dma::{DmaAddr, DmaError, DmaSgFlags as S, SegKind, get_user_dma_sg};
 use peerdma_iommu::DomainType;
 use peerdma_mm::{MemoryKind, MmapArgs, Prot};
 
@@ -304,7 +304,7 @@ fn p2p_short_term_without_the_p2p_flag_is_eremoteio() {
             .await
             .map(|_| ())
     });
-    assert_eq!(r, Err(Errno::EREMOTEIO));
+    assert_eq!(r, Err(Errno::EREMOTEIO.into()));
     assert_eq!(w.nic_mapped_pages(), 0);
 }
 
@@ -390,7 +390,7 @@ fn p2p_behind_a_host_bridge_not_whitelisted_is_eremoteio_with_nothing_held() {
         let f = frame_of(&k, pid, va);
         (r, pinned(&k, f))
     });
-    assert_eq!(r, Err(Errno::EREMOTEIO));
+    assert_eq!(r, Err(Errno::EREMOTEIO.into()));
     assert!(!still_pinned);
     assert_eq!(w.nic_mapped_pages(), 0);
 }
@@ -409,7 +409,7 @@ fn p2p_long_term_is_einval() {
                 .await
                 .map(|_| ())
         });
-        assert_eq!(r, Err(Errno::EINVAL), "{flags:?}");
+        assert_eq!(r, Err(Errno::EINVAL.into()), "{flags:?}");
     }
 }
 
@@ -460,7 +460,7 @@ fn bar_export_not_revocable_is_refused_long_term_only() {
         (short, long)
     });
     assert_eq!(short, Ok(1));
-    assert_eq!(long, Err(Errno::EOPNOTSUPP));
+    assert_eq!(long, Err(Errno::EOPNOTSUPP.into()));
 }
 
 #[test]
@@ -474,7 +474,7 @@ fn pfnmap_without_an_export_is_efault() {
                 .await
                 .map(|_| ())
         });
-        assert_eq!(r, Err(Errno::EFAULT), "{flags:?}");
+        assert_eq!(r, Err(Errno::EFAULT.into()), "{flags:?}");
     }
 }
 
@@ -507,7 +507,7 @@ fn bar_mirror_goes_through_the_export_and_revocation_invalidates_it() {
     assert_eq!(segs, vec![SegKind::P2pBusAddr]);
     assert_eq!(
         after,
-        Err(Errno::EFAULT),
+        Err(Errno::EFAULT.into()),
         "revoked: the PFNMAP entry is gone"
     );
 }
@@ -537,7 +537,7 @@ fn fsdax_short_term_pins_and_long_term_is_eopnotsupp() {
     });
     assert!(matches!(kind, MemoryKind::FsDax { .. }));
     assert_eq!(short, Ok((2, SegKind::Ram)));
-    assert_eq!(long, Err(Errno::EOPNOTSUPP));
+    assert_eq!(long, Err(Errno::EOPNOTSUPP.into()));
     assert_eq!(
         mirror,
         (0, 3),
@@ -574,7 +574,7 @@ fn hole_prot_none_and_write_to_read_only_are_efault_when_pinning() {
                     .await
                     .map(|_| ())
             });
-            assert_eq!(r, Err(Errno::EFAULT), "{case:?} {flags:?}");
+            assert_eq!(r, Err(Errno::EFAULT.into()), "{case:?} {flags:?}");
         }
     }
 }
@@ -599,7 +599,7 @@ fn hole_prot_none_and_read_only_mirror_registers_and_faults_with_efault_or_eperm
             } else {
                 h.read(0, 4096).await.map(|_| ())
             };
-            out.push(r);
+            out.push(r.map_err(|e| e.errno()));
             h.release().await;
         }
         out
@@ -630,7 +630,12 @@ fn misaligned_or_empty_range_is_einval() {
             peerdma_core::Range::new(va, va.add(PAGE_SIZE + 8)),
         ] {
             for flags in [SHORT, LONG, S::MIRROR] {
-                out.push(get_user_dma_sg(&p, pid, r, NIC, flags).await.map(|_| ()));
+                out.push(
+                    get_user_dma_sg(&p, pid, r, NIC, flags)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.errno()),
+                );
             }
         }
         out
@@ -660,7 +665,7 @@ fn ram_then_hole_fails_with_nothing_pinned_or_mapped() {
         let any = frames.iter().any(|&f| pinned(&k, f));
         (r, before, after, any)
     });
-    assert_eq!(r, Err(Errno::EFAULT));
+    assert_eq!(r, Err(Errno::EFAULT.into()));
     assert_eq!(refs_after, refs_before);
     assert!(!pinned_after);
     assert_eq!(w.nic_mapped_pages(), 0);
@@ -697,7 +702,7 @@ fn ram_p2p_bar_then_unreachable_p2p_fail_with_everything_released() {
         let m = k.sim.metrics();
         (r, held, m.get("dmabuf.attach"), m.get("dma.unmap_sg"))
     });
-    assert_eq!(r, Err(Errno::EREMOTEIO));
+    assert_eq!(r, Err(Errno::EREMOTEIO.into()));
     assert_eq!(held, [false, false], "RAM and NVMe pages unpinned");
     assert_eq!(attached, 1, "the BAR piece was attached before the failure");
     assert_eq!(detached_all, 3, "and unmapped with the two pinned pieces");
@@ -731,7 +736,7 @@ fn partial_pin_inside_one_vma_is_released_and_fails_with_efault() {
         let fr = frame_of(&k, pid, va);
         (r, pinned(&k, fr))
     });
-    assert_eq!(r, Err(Errno::EFAULT));
+    assert_eq!(r, Err(Errno::EFAULT.into()));
     assert!(!first_pinned);
     assert_eq!(w.nic_mapped_pages(), 0);
 }
@@ -763,7 +768,8 @@ fn bar_mapped_read_only_or_prot_none_is_efault_for_the_refused_access() {
             out.push(
                 get_user_dma_sg(&p, pid, range(va, 1), NIC, flags)
                     .await
-                    .map(|h| h.segments().len()),
+                    .map(|h| h.segments().len())
+                    .map_err(|e| e.errno()),
             );
         }
         out
@@ -780,7 +786,7 @@ fn bar_mapped_read_only_or_prot_none_is_efault_for_the_refused_access() {
 }
 
 #[test]
-fn unknown_initiator_is_enodev() {
+fn unknown_initiator_is_a_typed_misuse_with_enodev() {
     let w = world(DomainType::Dma);
     let r = w.run(|k, p| async move {
         let pid = k.create_process();
@@ -789,7 +795,8 @@ fn unknown_initiator_is_enodev() {
             .await
             .map(|_| ())
     });
-    assert_eq!(r, Err(Errno::ENODEV));
+    assert_eq!(r, Err(DmaError::UnknownDevice(peerdma_core::DeviceId(99))));
+    assert_eq!(r.unwrap_err().errno(), Errno::ENODEV);
 }
 
 /// Rule 3 per handle: each handle owns its own pins, so dropping one leaves the other's in place.
@@ -846,7 +853,7 @@ fn dropping_a_mirror_handle_unregisters_it() {
 }
 
 #[test]
-fn device_access_outside_the_range_or_not_page_sized_is_einval() {
+fn device_access_outside_the_range_or_not_page_sized_is_a_bad_range() {
     let w = world(DomainType::Dma);
     let rows = w.run(|k, p| async move {
         let pid = k.create_process();
@@ -861,15 +868,18 @@ fn device_access_outside_the_range_or_not_page_sized_is_einval() {
             h.read(PAGE_SIZE, 4096).await.map(|_| ()),
         ]
     });
+    let bad = |offset, len| {
+        Err(DmaError::BadRange {
+            offset,
+            len,
+            size: 2 * PAGE_SIZE,
+        })
+    };
     assert_eq!(
         rows,
-        [
-            Err(Errno::EINVAL),
-            Err(Errno::EINVAL),
-            Err(Errno::EINVAL),
-            Ok(())
-        ]
+        [bad(PAGE_SIZE, 8192), bad(8, 4096), bad(0, 100), Ok(())]
     );
+    assert_eq!(bad(8, 4096).unwrap_err().errno(), Errno::EINVAL);
 }
 
 /// Row "RAM (file)", long-term column with write: FOLL_LONGTERM | FOLL_WRITE on a file mapping that needs
@@ -884,7 +894,7 @@ fn long_term_write_pin_of_a_writeback_file_mapping_is_efault() {
             .await
             .map(|_| ())
     });
-    assert_eq!(r, Err(Errno::EFAULT));
+    assert_eq!(r, Err(Errno::EFAULT.into()));
     assert_eq!(w.nic_mapped_pages(), 0);
 }
 
@@ -902,6 +912,6 @@ fn bar_export_unreachable_from_the_initiator_is_eremoteio() {
             .map(|_| ());
         (r, k.sim.metrics().get("dmabuf.attach"))
     });
-    assert_eq!(r, Err(Errno::EREMOTEIO));
+    assert_eq!(r, Err(Errno::EREMOTEIO.into()));
     assert_eq!(attached, 0);
 }

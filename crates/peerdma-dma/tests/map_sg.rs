@@ -10,7 +10,7 @@ mod common;
 
 use common::*;
 use peerdma_core::{Errno, Iova, PAGE_SIZE, Pa, SimDuration};
-use peerdma_dma::{DmaAddr, DmaSgFlags as S, SegKind, get_user_dma_sg};
+use peerdma_dma::{DmaAddr, DmaError, DmaSgFlags as S, SegKind, get_user_dma_sg};
 use peerdma_iommu::DomainType;
 use peerdma_mm::Prot;
 
@@ -131,7 +131,7 @@ fn not_supported_anywhere_in_the_list_is_eremoteio_with_nothing_mapped() {
         pas.insert(at, Pa::from_raw(ACC_BAR0));
         assert_eq!(
             w.p.map_sg(NIC, &pas, true).map(|sg| sg.nr_pages()),
-            Err(Errno::EREMOTEIO),
+            Err(Errno::EREMOTEIO.into()),
             "unreachable page at {at}"
         );
         let d = w.p.device(NIC).unwrap();
@@ -142,13 +142,15 @@ fn not_supported_anywhere_in_the_list_is_eremoteio_with_nothing_mapped() {
 }
 
 #[test]
-fn map_sg_for_an_unknown_device_is_enodev() {
+fn map_sg_for_an_unknown_device_is_a_typed_misuse_with_enodev() {
     let w = world(DomainType::Dma);
-    assert_eq!(
+    let err =
         w.p.map_sg(peerdma_core::DeviceId(77), &[Pa::from_raw(0)], false)
-            .map(|sg| sg.nr_pages()),
-        Err(Errno::ENODEV)
-    );
+            .unwrap_err();
+    assert_eq!(err, DmaError::UnknownDevice(peerdma_core::DeviceId(77)));
+    assert!(err.is_misuse());
+    assert_eq!(err.errno(), Errno::ENODEV);
+    assert_eq!(err.to_string(), "device 77 is not attached to the platform");
 }
 
 // ------------------------------------------------------------------------------ IOMMU through DMA
@@ -270,13 +272,22 @@ fn dma_into_an_exported_bar_takes_the_same_path_as_p2p_memory_of_that_device() {
 /// must be page-aligned and fit; a zero length means the rest of the BAR.
 #[test]
 fn export_bar_checks_the_bar_and_the_range() {
-    type Row = (u8, u64, u64, Result<(u64, u64), Errno>);
+    type Row = (u8, u64, u64, Result<(u64, u64), DmaError>);
+    let no_bar_1 = DmaError::NoSuchBar {
+        device: NVME,
+        bar: 1,
+    };
     let rows: &[Row] = &[
-        (1, 0, 0, Err(Errno::EINVAL)),                               // no BAR 1
-        (2, 0, 0x10_1000, Err(Errno::EINVAL)),                       // longer than the BAR
-        (2, 0xf_f000, 2 * PAGE_SIZE, Err(Errno::EINVAL)),            // runs past its end
-        (2, 8, PAGE_SIZE, Err(Errno::EINVAL)),                       // unaligned offset
-        (2, 0, 100, Err(Errno::EINVAL)),                             // unaligned length
+        (1, 0, 0, Err(no_bar_1)),                               // no BAR 1
+        (2, 0, 0x10_1000, Err(DmaError::Errno(Errno::EINVAL))), // longer than the BAR
+        (
+            2,
+            0xf_f000,
+            2 * PAGE_SIZE,
+            Err(DmaError::Errno(Errno::EINVAL)),
+        ), // runs past its end
+        (2, 8, PAGE_SIZE, Err(DmaError::Errno(Errno::EINVAL))), // unaligned offset
+        (2, 0, 100, Err(DmaError::Errno(Errno::EINVAL))),       // unaligned length
         (2, 0xf_e000, 0, Ok((NVME_BAR2 + 0xf_e000, 2 * PAGE_SIZE))), // the rest of the BAR
         (
             2,
@@ -306,15 +317,22 @@ fn add_device_refuses_a_non_function_node_and_a_taken_id_or_node() {
     assert_eq!(
         w.p.add_device(peerdma_core::DeviceId(50), sw, "hb", cfg())
             .map(|_| ()),
-        Err(Errno::EINVAL)
+        Err(DmaError::NotPciFunction(sw))
     );
     assert_eq!(
         w.p.add_device(NIC, gpu, "again", cfg()).map(|_| ()),
-        Err(Errno::EEXIST)
+        Err(DmaError::AlreadyAttached { id: NIC, node: gpu })
     );
-    assert_eq!(
+    let twin =
         w.p.add_device(peerdma_core::DeviceId(51), nic, "twin", cfg())
-            .map(|_| ()),
-        Err(Errno::EEXIST)
+            .map(|_| ())
+            .unwrap_err();
+    assert_eq!(twin.errno(), Errno::EEXIST);
+    assert_eq!(
+        twin,
+        DmaError::AlreadyAttached {
+            id: peerdma_core::DeviceId(51),
+            node: nic
+        }
     );
 }

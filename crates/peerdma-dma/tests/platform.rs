@@ -163,7 +163,7 @@ fn an_in_kernel_p2pmem_allocation_blocks_removal_until_freed() {
         );
         assert_eq!(
             p2.p2pmem_alloc(NVME, 2 << 20),
-            Err(peerdma_core::Errno::ENOMEM)
+            Err(peerdma_core::Errno::ENOMEM.into())
         );
         let (p3, s3) = (p2.clone(), s2.clone());
         s2.spawn("driver", async move {
@@ -174,7 +174,7 @@ fn an_in_kernel_p2pmem_allocation_blocks_removal_until_freed() {
         d2.set(Some(s2.now()));
         assert_eq!(
             p2.p2pmem_alloc(NVME, 4096),
-            Err(peerdma_core::Errno::ENODEV)
+            Err(peerdma_core::Errno::ENODEV.into())
         );
         assert_eq!(p2.p2p_find_many(&[NIC0]).unwrap(), None);
     });

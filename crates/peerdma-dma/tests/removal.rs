@@ -133,7 +133,11 @@ fn remove_device_waits_for_the_dma_handle_and_zaps_the_process_mapping() {
             p.p2p_find_many(&[NIC]).unwrap(),
         )
     });
-    assert_eq!(later.0, Err(Errno::ENODEV), "the provider state is gone");
+    assert_eq!(
+        later.0,
+        Err(Errno::ENODEV.into()),
+        "the provider state is gone"
+    );
     assert_ne!(later.1, Some(NVME), "a removed provider is never found");
     assert_eq!(w.sim.metrics().get("p2pdma.removals"), 1);
 }
@@ -290,7 +294,7 @@ fn p2pmem_mmap_tries_each_resource_in_order_and_keeps_the_allocate_file_errnos()
                 .await,
         ]
         .into_iter()
-        .map(|r| r.map(|_| ()))
+        .map(|r| r.map(|_| ()).map_err(|e| e.errno()))
         .collect();
         (first, second, errs)
     });

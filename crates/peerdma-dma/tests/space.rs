@@ -176,7 +176,7 @@ fn a_raw_read_of_a_reallocated_frame_is_a_use_after_free() {
         "{}",
         seen[0].detail
     );
-    assert_eq!(r, Err(peerdma_core::Errno::EFAULT));
+    assert_eq!(r, Err(peerdma_core::Errno::EFAULT.into()));
 }
 
 /// The same raw read while the frame is still the one the address was handed out for is no violation:

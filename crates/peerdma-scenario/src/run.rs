@@ -228,35 +228,35 @@ fn build_platform(
         });
         platform
             .add_device(id, node, &d.name, domain)
-            .map_err(|errno| RunError::AddDevice {
+            .map_err(|e| RunError::AddDevice {
                 device: d.name.clone(),
-                errno,
+                errno: e.errno(),
             })?;
         for r in &d.p2p {
             platform
                 .p2p_add_resource(id, r.bar, r.size, r.offset)
-                .map_err(|errno| RunError::P2pAddResource {
+                .map_err(|e| RunError::P2pAddResource {
                     device: d.name.clone(),
                     bar: r.bar,
                     size: r.size,
                     offset: r.offset,
-                    errno,
+                    errno: e.errno(),
                 })?;
             platform
                 .p2p_publish(id, r.publish)
-                .map_err(|errno| RunError::P2pPublish {
+                .map_err(|e| RunError::P2pPublish {
                     device: d.name.clone(),
-                    errno,
+                    errno: e.errno(),
                 })?;
         }
         for x in &d.exports {
             let mmio = platform
                 .export_bar(id, x.bar, x.offset, x.len, x.revocable)
-                .map_err(|errno| RunError::ExportDoesNotFit {
+                .map_err(|e| RunError::ExportDoesNotFit {
                     device: d.name.clone(),
                     export: x.name.clone(),
                     bar: x.bar,
-                    errno,
+                    errno: e.errno(),
                 })?;
             exports.insert(x.name.clone(), mmio);
         }

@@ -324,7 +324,7 @@ impl DmaApiOp {
                         out.pinned = Some(h.nr_pinned() as u64);
                         w.proc_mut(proc_name).handles.insert(name.clone(), h);
                     }
-                    Err(e) => out.errno = Some(e),
+                    Err(e) => out.errno = Some(e.errno()),
                 }
             }
             Self::SgWrite {
@@ -336,7 +336,7 @@ impl DmaApiOp {
                 let (h, bytes) = w.take_handle(proc_name, handle, *offset, *len)?;
                 let mut data = vec![0u8; bytes];
                 pattern.fill(&mut data);
-                out.errno = h.write(*offset, &data).await.err();
+                out.errno = h.write(*offset, &data).await.err().map(|e| e.errno());
                 w.put_handle(proc_name, handle, h);
             }
             Self::SgRead {
@@ -347,7 +347,7 @@ impl DmaApiOp {
                 let (h, bytes) = w.take_handle(proc_name, handle, *offset, *len)?;
                 match h.read(*offset, bytes).await {
                     Ok(d) => out.data = Some(d),
-                    Err(e) => out.errno = Some(e),
+                    Err(e) => out.errno = Some(e.errno()),
                 }
                 w.put_handle(proc_name, handle, h);
             }
@@ -383,7 +383,7 @@ impl DmaApiOp {
                 {
                     Ok(()) if data.is_none() => out.data = Some(buf),
                     Ok(()) => {}
-                    Err(e) => out.errno = Some(e),
+                    Err(e) => out.errno = Some(e.errno()),
                 }
             }
         }

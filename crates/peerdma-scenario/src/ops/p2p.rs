@@ -213,6 +213,7 @@ impl P2pOp {
                     platform
                         .p2pmem_mmap(pid, w.pci[dev], *len, *prot, *shared, pgoff)
                         .await
+                        .map_err(|e| e.errno())
                 };
                 w.record_mapping(&mut out, proc_name, name, *len, res);
             }
@@ -226,12 +227,17 @@ impl P2pOp {
                 let platform = w.platform()?;
                 let res = platform
                     .mmap_bar(pid, w.exports[export], *offset, *len, *prot)
-                    .await;
+                    .await
+                    .map_err(|e| e.errno());
                 w.record_mapping(&mut out, proc_name, name, *len, res);
             }
             Self::DeviceRemove { dev } => {
                 let platform = w.platform()?;
-                out.errno = platform.remove_device(w.pci[dev]).await.err();
+                out.errno = platform
+                    .remove_device(w.pci[dev])
+                    .await
+                    .err()
+                    .map(|e| e.errno());
             }
             Self::DmabufMoveNotify { export } => {
                 w.platform()?.dmabuf_move_notify(w.exports[export]);
