@@ -11,7 +11,7 @@ use peerdma_core::{Errno, FrameId, PAGE_SIZE, Pid, Range, Va};
 
 use crate::file::File;
 use crate::kernel::{Kernel, KernelState};
-use crate::notifier::NotifierEvent;
+use crate::mmu_notifier::NotifierEvent;
 use crate::oracle::LogicalPage;
 use crate::phys::{FrameOwner, MemoryKind};
 use crate::vma::VmaBacking;

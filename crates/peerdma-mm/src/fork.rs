@@ -9,7 +9,7 @@
 use peerdma_core::{Errno, FrameId, PageSize, Pid, Range, Va};
 
 use crate::kernel::{Kernel, KernelState, TASK_SIZE};
-use crate::notifier::NotifierEvent;
+use crate::mmu_notifier::NotifierEvent;
 use crate::pagetable::{Leaf, Pte};
 use crate::phys::FrameOwner;
 use crate::vma::{VmFlags, Vma};

@@ -15,7 +15,7 @@
 use peerdma_core::{DeviceId, Errno, FrameId, PAGE_SIZE, PageSize, Pid, Range, Va};
 
 use crate::kernel::{Kernel, KernelState};
-use crate::notifier::NotifierId;
+use crate::mmu_notifier::NotifierId;
 use crate::pagetable::{Leaf, Pte};
 use crate::phys::MemoryKind;
 use crate::vma::VmFlags;

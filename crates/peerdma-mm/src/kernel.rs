@@ -4,9 +4,9 @@
 //! checks). The mechanisms themselves are `impl Kernel` / `impl KernelState` blocks in one module each, named
 //! after Linux's mm/ files: [`crate::memory`] (faults, COW, zap), [`crate::mmap`], [`crate::mprotect`],
 //! [`crate::mremap`], [`crate::madvise`], [`crate::khugepaged`], [`crate::fork`] (fork and exit),
-//! [`crate::filemap`] (page cache, truncate), [`crate::notifier`] (mmu interval notifiers), [`crate::rmap`],
-//! [`crate::gup`], [`crate::hmm`], [`crate::migrate`], [`crate::migrate_device`], [`crate::swap`] (reclaim),
-//! [`crate::p2p`], [`crate::device_access`] (the oracle's device checks) and [`crate::introspect`] (the
+//! [`crate::filemap`] (page cache, truncate), [`crate::mmu_notifier`] (mmu interval notifiers), [`crate::rmap`],
+//! [`crate::gup`], [`crate::hmm`], [`crate::migrate`], [`crate::migrate_device`], [`crate::vmscan`] (reclaim),
+//! [`crate::p2pdma`], [`crate::device_access`] (the oracle's device checks) and [`crate::introspect`] (the
 //! narrow read-only questions other crates may ask). Other crates never borrow `KernelState`: it and
 //! `Kernel::state` are crate-private.
 //!
@@ -43,7 +43,7 @@ use peerdma_sim::{RwSem, Sim, WaitQueue};
 
 use crate::costs::MmCosts;
 use crate::file::File;
-use crate::notifier::NotifierState;
+use crate::mmu_notifier::NotifierState;
 use crate::oracle::{LogicalPage, Oracle};
 use crate::pagetable::{Leaf, PageTable, Pte};
 use crate::phys::{FrameOwner, GfpZone, MovableError, PhysMem};
@@ -175,9 +175,9 @@ pub(crate) struct KernelState {
     /// Transparent hugepage policy.
     pub(crate) thp: ThpPolicy,
     /// The swap device and the anonymous LRU.
-    pub(crate) swap: crate::swap::Swap,
+    pub(crate) swap: crate::vmscan::Swap,
     /// P2P memory regions' removal state and MMIO ranges without struct pages.
-    pub(crate) p2p: crate::p2p::P2pState,
+    pub(crate) p2p: crate::p2pdma::P2pState,
     next_pid: u32,
     pub(crate) next_notifier: u64,
 }
@@ -328,8 +328,8 @@ impl Kernel {
                 files: Vec::new(),
                 oracle: Oracle::new(sim.clone()),
                 thp: ThpPolicy::default(),
-                swap: crate::swap::Swap::default(),
-                p2p: crate::p2p::P2pState::default(),
+                swap: crate::vmscan::Swap::default(),
+                p2p: crate::p2pdma::P2pState::default(),
                 next_pid: 1,
                 next_notifier: 1,
             }),

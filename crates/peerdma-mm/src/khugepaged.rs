@@ -6,7 +6,7 @@
 use peerdma_core::{FrameId, PAGE_SIZE, PMD_SIZE, PageSize, Pid, Range, Va};
 
 use crate::kernel::Kernel;
-use crate::notifier::NotifierEvent;
+use crate::mmu_notifier::NotifierEvent;
 use crate::pagetable::Pte;
 use crate::phys::FrameOwner;
 

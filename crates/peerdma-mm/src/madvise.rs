@@ -6,7 +6,7 @@
 use peerdma_core::{Errno, Pid, Va};
 
 use crate::kernel::{Kernel, check_range};
-use crate::notifier::NotifierEvent;
+use crate::mmu_notifier::NotifierEvent;
 use crate::vma::VmFlags;
 
 /// `madvise` advice values the model implements (defined in `peerdma-core`).

@@ -11,7 +11,7 @@
 use peerdma_core::{Errno, FrameId, PAGE_SIZE, PMD_SIZE, PageSize, Pid, Range, Va};
 
 use crate::kernel::{FaultResult, Kernel, KernelState, SigInfo, ThpPolicy};
-use crate::notifier::NotifierEvent;
+use crate::mmu_notifier::NotifierEvent;
 use crate::oracle::{LogicalPage, ViolationKind};
 use crate::pagetable::{Leaf, Pte};
 use crate::phys::{FRAMES_PER_PMD, FrameOwner, GfpZone};
@@ -101,7 +101,7 @@ impl Kernel {
                     } else {
                         match st.mm(pid).translate(page) {
                             Some((frame, w, _)) if allowed && (w || !write) => {
-                                // The MMU sets the PTE young bit (crate::swap: one bit per frame).
+                                // The MMU sets the PTE young bit (crate::vmscan: one bit per frame).
                                 st.phys.frame_mut(frame).accessed = true;
                                 match &mut access {
                                     Access::Read(buf) => {

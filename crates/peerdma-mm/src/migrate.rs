@@ -56,7 +56,7 @@ use std::rc::Rc;
 use peerdma_core::{DeviceId, Errno, FrameId, PAGE_SIZE, PageSize, Pid, Range, Va};
 
 use crate::kernel::{Kernel, KernelState, VmFault};
-use crate::notifier::NotifierEvent;
+use crate::mmu_notifier::NotifierEvent;
 use crate::pagetable::Pte;
 use crate::phys::{FrameOwner, MemoryKind};
 use crate::vma::VmFlags;

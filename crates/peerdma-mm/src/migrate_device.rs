@@ -56,7 +56,7 @@ use crate::migrate::{
     MIGRATE_PFN_MIGRATE, migrate_pfn, migrate_pfn_to_frame, migrate_unmap_check,
     remove_migration_ptes,
 };
-use crate::notifier::NotifierEvent;
+use crate::mmu_notifier::NotifierEvent;
 use crate::pagetable::Pte;
 use crate::phys::MemoryKind;
 

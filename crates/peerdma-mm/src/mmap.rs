@@ -8,7 +8,7 @@
 use peerdma_core::{Errno, PAGE_SIZE, PMD_SIZE, Pid, Range, Va};
 
 use crate::kernel::{Kernel, MMAP_BASE, MMAP_MIN, TASK_SIZE, check_range};
-use crate::notifier::NotifierEvent;
+use crate::mmu_notifier::NotifierEvent;
 use crate::pagetable::Pte;
 use crate::phys::{FrameOwner, GfpZone};
 use crate::vma::{Prot, VmFlags, Vma, VmaBacking};

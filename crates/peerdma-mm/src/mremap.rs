@@ -6,7 +6,7 @@
 use peerdma_core::{Errno, PAGE_SIZE, PMD_SIZE, PageSize, Pid, Range, Va};
 
 use crate::kernel::{Kernel, TASK_SIZE};
-use crate::notifier::NotifierEvent;
+use crate::mmu_notifier::NotifierEvent;
 use crate::vma::VmFlags;
 
 /// `mremap` flags.

@@ -5,7 +5,7 @@
 //! - Each 4 KiB frame has a refcount, a mapcount (page-table mappings), a pin count kept the GUP way — a FOLL_PIN
 //!   adds [`GUP_PIN_COUNTING_BIAS`] to the refcount (mm/gup.c) and `maybe_dma_pinned` tests refcount ≥ bias —,
 //!   a dirty bit, an LRU state with the two aging bits reclaim reads (`accessed`, `referenced`; see
-//!   [`crate::swap`]), and who owns it (anonymous or a file's page cache).
+//!   [`crate::vmscan`]), and who owns it (anonymous or a file's page cache).
 //! - Data is real bytes, allocated lazily: a frame never written reads as zeros and holds no buffer.
 //! - RAM is one region per NUMA node (`MemoryKind::Ram { node }`): regions `0..nr_nodes` are the nodes, region
 //!   `n` is node `n`, and device regions come after them. Frame 0 of node 0 is the shared zero page: always
@@ -21,7 +21,7 @@
 //!   node is at the same distance in the model (a SLIT of 10 local, 20 remote), and `find_next_best_node`
 //!   (mm/page_alloc.c) breaks equal distances by penalising nodes below the local one ("prefer the next
 //!   node"); its `node_load` round-robin between zonelists is not modelled. Reclaim, which
-//!   runs only when the walk finds no node above a watermark, is [`crate::swap`]'s.
+//!   runs only when the walk finds no node above a watermark, is [`crate::vmscan`]'s.
 //! - A RAM node can be **movable** ([`PhysMem::set_node_movable`], [`Region::movable`]): all its memory is
 //!   ZONE_MOVABLE, as with the `movable_node` boot option or memory hotplugged and onlined movable
 //!   (mm/page_alloc.c, mm/memory_hotplug.c). `MemoryKind::Ram { node }` stays as it is; the zone is a
@@ -57,7 +57,7 @@ use peerdma_core::{DeviceId, FrameId, PAGE_SIZE, PMD_SIZE, Pa};
 pub const GUP_PIN_COUNTING_BIAS: u32 = 1024;
 
 /// Free RAM pages below which a fault reclaims first (the node's low watermark; reclaim is
-/// [`crate::swap`]'s, the allocator's zonelist walk uses it here).
+/// [`crate::vmscan`]'s, the allocator's zonelist walk uses it here).
 pub const LOW_WATERMARK: u64 = 64;
 /// Free RAM pages below which [`crate::kernel::Kernel::reclaim_if_low`] runs further passes until one frees
 /// a page (the node's min watermark).
@@ -164,7 +164,7 @@ pub enum FrameOwner {
 }
 
 /// LRU list membership (mm/vmscan.c; `PG_lru` + `PG_active`). Anonymous 4 KiB pages are on the lists of
-/// [`crate::swap`] (a page isolated by reclaim is on none); page-cache pages and THPs carry a state but sit on
+/// [`crate::vmscan`] (a page isolated by reclaim is on none); page-cache pages and THPs carry a state but sit on
 /// no list, as they are not reclaimed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum LruState {

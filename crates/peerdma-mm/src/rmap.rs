@@ -15,7 +15,7 @@
 //! 4. A 2 MiB leaf is reported once per sub-frame the caller asks for, each with its own 4 KiB address and
 //!    the whole leaf, so the caller can split it before replacing one page.
 //!
-//! Users: reclaim ([`crate::swap`], present 4 KiB mappings of its victims), device-range migration
+//! Users: reclaim ([`crate::vmscan`], present 4 KiB mappings of its victims), device-range migration
 //! ([`crate::migrate_device`], device-private, device-coherent and device-exclusive mappings of device pages,
 //! then the migration entries that replaced them) and the unmap and finalize steps of `migrate_vma`
 //! ([`crate::migrate`], the other mappings of each collected page, e.g. another process's after `fork`).

@@ -262,7 +262,7 @@ impl Kernel {
         }
     }
 
-    /// Runs step 1 of an invalidation (see [`crate::notifier`]): calls every intersecting subscription.
+    /// Runs step 1 of an invalidation (see [`crate::mmu_notifier`]): calls every intersecting subscription.
     pub async fn invalidate_range_start(
         &self,
         pid: Pid,

@@ -96,7 +96,7 @@ use std::collections::BTreeMap;
 use peerdma_core::{FrameId, PAGE_SIZE, PageSize, Pid, Range, Va};
 
 use crate::kernel::{Kernel, KernelState, VmFault};
-use crate::notifier::NotifierEvent;
+use crate::mmu_notifier::NotifierEvent;
 use crate::pagetable::Pte;
 use crate::phys::{Frame, FrameOwner, LruState, PhysMem};
 

@@ -39,7 +39,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use peerdma_core::{DeviceId, Errno, FrameId, PAGE_SIZE, Pa, Pid, Range, Va};
 
 use crate::kernel::Kernel;
-use crate::notifier::NotifierEvent;
+use crate::mmu_notifier::NotifierEvent;
 use crate::oracle::ViolationKind;
 use crate::pagetable::Pte;
 use crate::phys::{FrameOwner, MemoryKind, PhysMem};
