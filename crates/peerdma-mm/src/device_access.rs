@@ -28,7 +28,7 @@
 use peerdma_core::{DeviceId, FrameId, Pa, Pid, Va};
 
 use crate::kernel::{Kernel, KernelState};
-use crate::oracle::ViolationKind;
+use crate::oracle::{Oracle, ViolationKind};
 use crate::pagetable::Pte;
 
 /// How a device came to hold the translation it uses (module docs).
@@ -99,7 +99,7 @@ impl Kernel {
     /// Reports a violation the DMA layer detected (a stale IOTLB hit, a routing error, a landing after a
     /// fence that did not wait) to the oracle, which stops the run unless the kind is armed as expected.
     pub fn report_violation(&self, kind: ViolationKind, detail: String) {
-        self.state().oracle.violation(kind, detail);
+        self.oracle().violation(kind, detail);
     }
 
     /// Returns the generation of `frame` when it is allocated, `None` when it is free (or no such frame).
@@ -112,18 +112,19 @@ impl Kernel {
     /// The oracle's checks when device `dev` issues an access through `t` (module docs); returns whether
     /// the access may go on. A violation stops the run (unless armed as expected).
     pub fn device_issue(&self, dev: DeviceId, t: &FrameTranslation, write: bool) -> bool {
-        let mut st = self.state();
-        if !st.oracle.enabled() {
+        let st = self.state();
+        let mut oracle = self.oracle();
+        if !oracle.enabled() {
             return true;
         }
-        if !st.check_frame_owned(dev, t) {
+        if !st.check_frame_owned(&mut oracle, dev, t) {
             return false;
         }
         match t.grant {
             DeviceGrant::Mirror { pid, va } => {
-                st.check_mirror_current(dev, pid, va, t.frame, write)
+                st.check_mirror_current(&mut oracle, dev, pid, va, t.frame, write)
             }
-            DeviceGrant::Pin { .. } => st.check_pinned_frame(dev, t.frame),
+            DeviceGrant::Pin { .. } => st.check_pinned_frame(&mut oracle, dev, t.frame),
             DeviceGrant::Raw => true,
         }
     }
@@ -133,9 +134,11 @@ impl Kernel {
     /// moved.
     pub fn device_land(&self, dev: DeviceId, t: &FrameTranslation, data: DeviceData<'_>) -> bool {
         let mut st = self.state();
-        if st.oracle.enabled() {
+        let mut oracle = self.oracle();
+        if oracle.enabled() {
             if let DeviceGrant::Mirror { pid, va } = t.grant
                 && !st.check_mirror_in_flight(
+                    &mut oracle,
                     dev,
                     pid,
                     va,
@@ -145,10 +148,12 @@ impl Kernel {
             {
                 return false;
             }
-            if !st.check_frame_owned(dev, t) {
+            if !st.check_frame_owned(&mut oracle, dev, t) {
                 return false;
             }
-            if matches!(t.grant, DeviceGrant::Pin { .. }) && !st.check_pinned_frame(dev, t.frame) {
+            if matches!(t.grant, DeviceGrant::Pin { .. })
+                && !st.check_pinned_frame(&mut oracle, dev, t.frame)
+            {
                 return false;
             }
         }
@@ -170,14 +175,14 @@ impl Kernel {
                 st.phys.write(frame, 0, bytes);
                 if let Some(key) = key {
                     let h = st.phys.content_hash(frame);
-                    st.oracle.record(key, h);
+                    oracle.record(key, h);
                 }
             }
             DeviceData::Read(buf) => {
                 st.phys.read(frame, 0, buf);
                 if let Some(key) = key {
                     let h = st.phys.content_hash(frame);
-                    st.oracle.check_read(key, h, || {
+                    oracle.check_read(key, h, || {
                         format!("device {} read of {frame} ({:?})", dev.0, t.grant)
                     });
                 }
@@ -190,7 +195,12 @@ impl Kernel {
 impl KernelState {
     /// Oracle check 2 for a device translation: the frame is allocated, in the generation the translation
     /// saw (not freed and reallocated since).
-    pub(crate) fn check_frame_owned(&mut self, dev: DeviceId, t: &FrameTranslation) -> bool {
+    pub(crate) fn check_frame_owned(
+        &self,
+        oracle: &mut Oracle,
+        dev: DeviceId,
+        t: &FrameTranslation,
+    ) -> bool {
         let frame = t.frame;
         let allocated = self.phys.exists(frame) && self.phys.frame(frame).is_allocated();
         if allocated && self.phys.frame(frame).generation == t.generation {
@@ -205,7 +215,7 @@ impl KernelState {
         } else {
             format!("freed {frame}")
         };
-        self.oracle.violation(
+        oracle.violation(
             ViolationKind::UseAfterFree,
             format!("device {} reached {what} ({:?})", dev.0, t.grant),
         );
@@ -213,17 +223,22 @@ impl KernelState {
     }
 
     /// Oracle check 3 for DMA through a pin: the frame must be allocated and still pinned.
-    pub(crate) fn check_pinned_frame(&mut self, dev: DeviceId, frame: FrameId) -> bool {
+    pub(crate) fn check_pinned_frame(
+        &self,
+        oracle: &mut Oracle,
+        dev: DeviceId,
+        frame: FrameId,
+    ) -> bool {
         let fr = self.phys.frame(frame);
         if !fr.is_allocated() {
-            self.oracle.violation(
+            oracle.violation(
                 ViolationKind::UseAfterFree,
                 format!("device {} accessed freed {frame} through a pin", dev.0),
             );
             return false;
         }
         if !fr.maybe_dma_pinned() {
-            self.oracle.violation(
+            oracle.violation(
                 ViolationKind::PinBroken,
                 format!(
                     "device {} accessed {frame} through a pin that no longer holds it",
@@ -238,7 +253,8 @@ impl KernelState {
     /// Oracle check 1 for a mirror translation at issue: the CPU page table maps `frame` at `va` now
     /// (device-private and device-exclusive entries included), writable for a write.
     pub(crate) fn check_mirror_current(
-        &mut self,
+        &self,
+        oracle: &mut Oracle,
         dev: DeviceId,
         pid: Pid,
         va: Va,
@@ -263,7 +279,7 @@ impl KernelState {
                     Some((f, w, _)) => format!("{f} ({})", if w { "rw" } else { "ro" }),
                     None => "no present mapping".to_owned(),
                 };
-                self.oracle.violation(
+                oracle.violation(
                     ViolationKind::StaleTranslation,
                     format!(
                         "device {} {} {frame} for pid {} va {va}, but the CPU page table maps {now}",
@@ -281,7 +297,8 @@ impl KernelState {
     /// The mirror rule at landing (module docs, grant 1): the translation is still valid when the page
     /// table maps the frame, or while an invalidation of that address is in progress.
     pub(crate) fn check_mirror_in_flight(
-        &mut self,
+        &self,
+        oracle: &mut Oracle,
         dev: DeviceId,
         pid: Pid,
         va: Va,
@@ -292,6 +309,6 @@ impl KernelState {
             .mms
             .get(&pid)
             .is_some_and(|mm| mm.notifiers.invalidating(va));
-        invalidating || self.check_mirror_current(dev, pid, va, frame, write)
+        invalidating || self.check_mirror_current(oracle, dev, pid, va, frame, write)
     }
 }

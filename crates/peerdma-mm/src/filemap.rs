@@ -119,11 +119,11 @@ impl Kernel {
                 .await;
         }
         let mut st = self.state();
+        let mut oracle = self.oracle();
         for (pgoff, f) in frames {
             st.files[file as usize].pages.remove(&pgoff);
             st.phys.put(f);
-            st.oracle
-                .record(LogicalPage::File { file, pgoff }, crate::phys::ZERO_HASH);
+            oracle.record(LogicalPage::File { file, pgoff }, crate::phys::ZERO_HASH);
         }
     }
 
@@ -133,6 +133,7 @@ impl Kernel {
         let end = offset.checked_add(data.len() as u64).ok_or(Errno::EINVAL)?;
         {
             let mut st = self.state();
+            let mut oracle = self.oracle();
             if st.files[file as usize].size < end {
                 st.files[file as usize].size = end;
             }
@@ -147,7 +148,7 @@ impl Kernel {
                 let frame = st.file_page(file, pgoff).ok_or(Errno::ENOSPC)?;
                 st.phys.write(frame, in_page, &data[pos..pos + n]);
                 let h = st.phys.content_hash(frame);
-                st.oracle.record(LogicalPage::File { file, pgoff }, h);
+                oracle.record(LogicalPage::File { file, pgoff }, h);
                 pos += n;
             }
         }

@@ -50,12 +50,13 @@ impl Kernel {
             }
             {
                 let mut st = self.state();
+                let mut oracle = self.oracle();
                 st.mm_mut(child).vmas.insert(vma.range.start, vma.clone());
                 for leaf in leaves {
                     copies += st.copy_leaf(pid, child, &vma, leaf);
                 }
                 if cow {
-                    st.oracle.copy_anon(pid, child, vma.range);
+                    oracle.copy_anon(pid, child, vma.range);
                 }
             }
             if needs_wp {
@@ -81,10 +82,11 @@ impl Kernel {
             .await;
         {
             let mut st = self.state();
+            let mut oracle = self.oracle();
             st.zap_range(pid, Range::new(Va::from_raw(0), Va::from_raw(TASK_SIZE)));
             st.mm_mut(pid).vmas.clear();
             st.mm_mut(pid).alive = false;
-            st.oracle.forget_anon(pid, all);
+            oracle.forget_anon(pid, all);
         }
         self.invalidate_range_end(pid);
         self.sim.trace("exit", || format!("pid {}", pid.0));

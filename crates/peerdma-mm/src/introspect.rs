@@ -135,26 +135,26 @@ impl Kernel {
 impl Kernel {
     /// Returns the violations the oracle found so far (the run stops at the first).
     pub fn oracle_violations(&self) -> Vec<Violation> {
-        self.state().oracle.violations().to_vec()
+        self.oracle().violations().to_vec()
     }
 
     /// Arms the oracle for a violation of `kind` that is coming (a scenario step demonstrating what the
     /// oracle catches): until [`Kernel::take_expected_violations`], violations of that kind are kept apart as
     /// expected and do not stop the run.
     pub fn expect_violation(&self, kind: ViolationKind) {
-        self.state().oracle.expect_violation(kind);
+        self.oracle().expect_violation(kind);
     }
 
     /// Disarms the oracle and returns the expected violations it recorded since
     /// [`Kernel::expect_violation`].
     pub fn take_expected_violations(&self) -> Vec<Violation> {
-        self.state().oracle.take_expected()
+        self.oracle().take_expected()
     }
 
     /// The oracle's check 6: a mirror is about to program device entries for a range whose subscription
     /// `retry` says must be retried (`what` names the fault for the report).
     pub fn mirror_install(&self, retry: bool, what: impl FnOnce() -> String) {
-        self.state().oracle.mirror_install(retry, what);
+        self.oracle().mirror_install(retry, what);
     }
 }
 

@@ -170,8 +170,6 @@ pub(crate) struct KernelState {
     pub(crate) mms: BTreeMap<Pid, AddressSpace>,
     /// Files by id.
     pub(crate) files: Vec<File>,
-    /// The coherence oracle.
-    pub(crate) oracle: Oracle,
     /// Transparent hugepage policy.
     pub(crate) thp: ThpPolicy,
     /// The swap device and the anonymous LRU.
@@ -295,6 +293,8 @@ pub struct Kernel {
     /// Timing parameters.
     pub costs: MmCosts,
     pub(crate) state: RefCell<KernelState>,
+    /// The coherence oracle: it watches the model and owns only its shadow records.
+    oracle: RefCell<Oracle>,
     pub(crate) notifier_wq: WaitQueue,
     /// Wakes CPU accesses waiting on migration entries.
     pub(crate) migration_wq: WaitQueue,
@@ -326,13 +326,13 @@ impl Kernel {
                 phys: PhysMem::new_numa(node_sizes),
                 mms: BTreeMap::new(),
                 files: Vec::new(),
-                oracle: Oracle::new(sim.clone()),
                 thp: ThpPolicy::default(),
                 swap: crate::vmscan::Swap::default(),
                 p2p: crate::p2pdma::P2pState::default(),
                 next_pid: 1,
                 next_notifier: 1,
             }),
+            oracle: RefCell::new(Oracle::new(sim.clone())),
             notifier_wq: WaitQueue::new(sim),
             migration_wq: WaitQueue::new(sim),
             pin_wq: WaitQueue::new(sim),
@@ -343,6 +343,11 @@ impl Kernel {
     /// Borrows the kernel state. Never hold the borrow across an `.await`.
     pub(crate) fn state(&self) -> RefMut<'_, KernelState> {
         self.state.borrow_mut()
+    }
+
+    /// Borrows the coherence oracle. Never hold the borrow across an `.await`.
+    pub(crate) fn oracle(&self) -> RefMut<'_, Oracle> {
+        self.oracle.borrow_mut()
     }
 
     /// Sleeps for `d` (jittered) in simulated time.

@@ -12,7 +12,7 @@ use peerdma_core::{Errno, FrameId, PAGE_SIZE, PMD_SIZE, PageSize, Pid, Range, Va
 
 use crate::kernel::{FaultResult, Kernel, KernelState, SigInfo, ThpPolicy};
 use crate::mmu_notifier::NotifierEvent;
-use crate::oracle::{LogicalPage, ViolationKind};
+use crate::oracle::{LogicalPage, Oracle, ViolationKind};
 use crate::pagetable::{Leaf, Pte};
 use crate::phys::{FRAMES_PER_PMD, FrameOwner, GfpZone};
 use crate::vma::{VmFlags, Vma, VmaBacking};
@@ -62,6 +62,7 @@ impl Kernel {
             loop {
                 let hit = {
                     let mut st = self.state();
+                    let mut oracle = self.oracle();
                     let allowed = st.mm(pid).vma(page).is_some_and(|v| {
                         if write {
                             v.flags.contains(VmFlags::WRITE)
@@ -105,12 +106,12 @@ impl Kernel {
                                 st.phys.frame_mut(frame).accessed = true;
                                 match &mut access {
                                     Access::Read(buf) => {
-                                        st.oracle_check_cpu(pid, page, frame, false);
+                                        st.oracle_check_cpu(&mut oracle, pid, page, frame, false);
                                         st.phys.read(frame, in_page, &mut buf[pos..pos + n]);
                                     }
                                     Access::Write(data) => {
                                         st.phys.write(frame, in_page, &data[pos..pos + n]);
-                                        st.oracle_check_cpu(pid, page, frame, true);
+                                        st.oracle_check_cpu(&mut oracle, pid, page, frame, true);
                                     }
                                 }
                                 true
@@ -246,6 +247,7 @@ impl Kernel {
     /// COW copy of a page-cache page for a write to a private file mapping.
     pub(crate) fn do_missing_page(&self, pid: Pid, vma: &Vma, va: Va, write: bool) -> FaultResult {
         let mut st = self.state();
+        let mut oracle = self.oracle();
         match vma.backing {
             // Driver, P2P memory and PFNMAP VMAs are populated at mmap time and have no fault handler: an entry
             // that is gone (zapped at unbind or revoke) stays gone.
@@ -321,8 +323,8 @@ impl Kernel {
                             special: false,
                         },
                     );
-                    if let Some(e) = st.oracle.expected(LogicalPage::File { file, pgoff }) {
-                        st.oracle.record(
+                    if let Some(e) = oracle.expected(LogicalPage::File { file, pgoff }) {
+                        oracle.record(
                             LogicalPage::Anon {
                                 pid,
                                 vpn: va.page_number(),
@@ -401,9 +403,10 @@ impl Kernel {
         }
         // Oracle check 3: a COW must never replace a page a device may be writing through a pin.
         {
-            let mut st = self.state();
-            if st.oracle.enabled() && !zero && st.phys.frame(frame).maybe_dma_pinned() {
-                st.oracle.violation(
+            let st = self.state();
+            let mut oracle = self.oracle();
+            if oracle.enabled() && !zero && st.phys.frame(frame).maybe_dma_pinned() {
+                oracle.violation(
                     ViolationKind::PinBroken,
                     format!("COW replaced pinned {frame} at pid {} va {va}: DMA through the pin is lost", pid.0),
                 );
@@ -423,6 +426,7 @@ impl Kernel {
             .await;
         {
             let mut st = self.state();
+            let mut oracle = self.oracle();
             // pte_same: if the entry changed while we slept, drop the copy and let the access retry.
             let same = st
                 .mm(pid)
@@ -431,9 +435,9 @@ impl Kernel {
             if same {
                 // A COW of a page-cache page moves the page's identity from the file to this process.
                 if let FrameOwner::File { file, pgoff } = st.phys.frame(frame).owner()
-                    && let Some(e) = st.oracle.expected(LogicalPage::File { file, pgoff })
+                    && let Some(e) = oracle.expected(LogicalPage::File { file, pgoff })
                 {
-                    st.oracle.record(
+                    oracle.record(
                         LogicalPage::Anon {
                             pid,
                             vpn: va.page_number(),
@@ -547,12 +551,19 @@ impl KernelState {
     }
 
     /// Oracle checks on a CPU access of `frame` at `va` (after the write for stores).
-    pub(crate) fn oracle_check_cpu(&mut self, pid: Pid, va: Va, frame: FrameId, write: bool) {
-        if !self.oracle.enabled() {
+    pub(crate) fn oracle_check_cpu(
+        &self,
+        oracle: &mut Oracle,
+        pid: Pid,
+        va: Va,
+        frame: FrameId,
+        write: bool,
+    ) {
+        if !oracle.enabled() {
             return;
         }
         if !self.phys.frame(frame).is_allocated() {
-            self.oracle.violation(
+            oracle.violation(
                 ViolationKind::UseAfterFree,
                 format!("CPU access of freed {frame} at {va}"),
             );
@@ -563,9 +574,9 @@ impl KernelState {
         };
         let h = self.phys.content_hash(frame);
         if write {
-            self.oracle.record(key, h);
+            oracle.record(key, h);
         } else {
-            self.oracle.check_read(key, h, || {
+            oracle.check_read(key, h, || {
                 format!("CPU read of pid {} va {va} ({frame})", pid.0)
             });
         }

@@ -285,7 +285,7 @@ impl Kernel {
             let ok = ops.invalidate(id, &nr, cur_seq).await;
             if !ok {
                 // A false return in blockable context is a driver bug in Linux (WARN); the model reports it.
-                self.state().oracle.violation(
+                self.oracle().violation(
                     ViolationKind::Protocol,
                     format!(
                         "notifier {} refused a blockable invalidation of {range}",
@@ -310,8 +310,9 @@ impl Kernel {
         self.invalidate_range_start(pid, r, event, None).await;
         let nr = {
             let mut st = self.state();
+            let mut oracle = self.oracle();
             let nr = st.zap_range(pid, r);
-            st.oracle.forget_anon(pid, r);
+            oracle.forget_anon(pid, r);
             nr
         };
         if nr > 0 {

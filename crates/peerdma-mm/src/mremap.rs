@@ -109,6 +109,7 @@ impl Kernel {
             .await;
         {
             let mut st = self.state();
+            let mut oracle = self.oracle();
             // move_page_tables: PMD leaves move whole only when both ends are 2 MiB aligned.
             for leaf in st.mm(pid).pt.leaves(src.start, src.end) {
                 let off = leaf.base.raw() - old.raw();
@@ -130,7 +131,7 @@ impl Kernel {
                 st.remove_vmas(pid, old_r);
             }
             st.mm_mut(pid).vmas.insert(target, nv);
-            st.oracle.move_anon(pid, src, target);
+            oracle.move_anon(pid, src, target);
         }
         self.spend(self.costs.tlb_shootdown).await;
         self.invalidate_range_end(pid);

@@ -487,13 +487,14 @@ impl Kernel {
         len: usize,
         write: bool,
     ) -> Result<(), Errno> {
-        let mut st = self.state();
+        let st = self.state();
+        let mut oracle = self.oracle();
         let (id, removed, range, owner) = {
             let (id, m) = st.p2p.mmio_at(pa).ok_or(Errno::EFAULT)?;
             (id, m.removed, m.range, m.owner)
         };
         if removed {
-            st.oracle.violation(
+            oracle.violation(
                 ViolationKind::RemovedBar,
                 format!(
                     "device {} {} {:#x} of revoked mmio {} (owner device {})",
