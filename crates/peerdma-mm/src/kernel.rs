@@ -45,6 +45,7 @@ use crate::costs::MmCosts;
 use crate::file::File;
 use crate::mmu_notifier::NotifierState;
 use crate::oracle::{LogicalPage, Oracle};
+use crate::p2pdma::P2pState;
 use crate::pagetable::{Leaf, PageTable, Pte};
 use crate::phys::{FrameOwner, GfpZone, MovableError, PhysMem};
 use crate::vma::{Vma, VmaBacking};
@@ -174,8 +175,6 @@ pub(crate) struct KernelState {
     pub(crate) thp: ThpPolicy,
     /// The swap device and the anonymous LRU.
     pub(crate) swap: crate::vmscan::Swap,
-    /// P2P memory regions' removal state and MMIO ranges without struct pages.
-    pub(crate) p2p: crate::p2pdma::P2pState,
     next_pid: u32,
     pub(crate) next_notifier: u64,
 }
@@ -295,6 +294,8 @@ pub struct Kernel {
     pub(crate) state: RefCell<KernelState>,
     /// The coherence oracle: it watches the model and owns only its shadow records.
     oracle: RefCell<Oracle>,
+    /// P2P memory regions' removal state and MMIO ranges without struct pages.
+    p2p: RefCell<P2pState>,
     pub(crate) notifier_wq: WaitQueue,
     /// Wakes CPU accesses waiting on migration entries.
     pub(crate) migration_wq: WaitQueue,
@@ -328,11 +329,11 @@ impl Kernel {
                 files: Vec::new(),
                 thp: ThpPolicy::default(),
                 swap: crate::vmscan::Swap::default(),
-                p2p: crate::p2pdma::P2pState::default(),
                 next_pid: 1,
                 next_notifier: 1,
             }),
             oracle: RefCell::new(Oracle::new(sim.clone())),
+            p2p: RefCell::new(P2pState::default()),
             notifier_wq: WaitQueue::new(sim),
             migration_wq: WaitQueue::new(sim),
             pin_wq: WaitQueue::new(sim),
@@ -348,6 +349,11 @@ impl Kernel {
     /// Borrows the coherence oracle. Never hold the borrow across an `.await`.
     pub(crate) fn oracle(&self) -> RefMut<'_, Oracle> {
         self.oracle.borrow_mut()
+    }
+
+    /// Borrows the P2P state ([`crate::p2pdma`]). Never hold the borrow across an `.await`.
+    pub(crate) fn p2p(&self) -> RefMut<'_, P2pState> {
+        self.p2p.borrow_mut()
     }
 
     /// Sleeps for `d` (jittered) in simulated time.

@@ -62,6 +62,7 @@ impl Kernel {
             loop {
                 let hit = {
                     let mut st = self.state();
+                    let mut p2p = self.p2p();
                     let mut oracle = self.oracle();
                     let allowed = st.mm(pid).vma(page).is_some_and(|v| {
                         if write {
@@ -86,10 +87,10 @@ impl Kernel {
                             );
                             let ok = match &mut access {
                                 Access::Read(buf) => {
-                                    st.p2p.mmio_read_bytes(pa, &mut buf[pos..pos + n])
+                                    p2p.mmio_read_bytes(pa, &mut buf[pos..pos + n])
                                 }
                                 Access::Write(data) => {
-                                    st.p2p.mmio_write_bytes(pa, &data[pos..pos + n])
+                                    p2p.mmio_write_bytes(pa, &data[pos..pos + n])
                                 }
                             };
                             if !ok {

@@ -195,8 +195,9 @@ impl Kernel {
         let _g = lock.write().await;
         let range = self.insert_driver_vma(pid, len, flags).await?;
         let mut st = self.state();
+        let p2p = self.p2p();
         // The pgmap reference is dead once unbinding started (spec §1.7 table, row 5).
-        if st.p2p.is_region_removed(region) {
+        if p2p.is_region_removed(region) {
             st.remove_vmas(pid, range);
             return Err(Errno::ENODEV);
         }
@@ -264,11 +265,12 @@ impl Kernel {
 
     fn p2p_region_live(&self, region: usize) -> bool {
         let st = self.state();
+        let p2p = self.p2p();
         st.phys
             .regions()
             .get(region)
             .is_some_and(|r| matches!(r.kind, MemoryKind::P2pMem { .. }))
-            && !st.p2p.is_region_removed(region)
+            && !p2p.is_region_removed(region)
     }
 
     /// Removes P2P region `region` as the provider's unbind does (see the module docs for the steps): marks it
@@ -285,7 +287,7 @@ impl Kernel {
         if !is_p2p {
             return;
         }
-        self.state().p2p.removed_regions.insert(region);
+        self.p2p().removed_regions.insert(region);
         let nr_zapped = self
             .zap_backing(|b| b == VmaBacking::P2pMem { region })
             .await;
@@ -350,9 +352,9 @@ impl Kernel {
                 .checked_next_multiple_of(PAGE_SIZE)
                 .unwrap_or(u64::MAX - (PAGE_SIZE - 1)),
         );
-        let mut st = self.state();
-        let id = MmioId(u32::try_from(st.p2p.mmios.len()).expect("fewer than 2^32 ranges"));
-        st.p2p.mmios.push(Mmio {
+        let mut p2p = self.p2p();
+        let id = MmioId(u32::try_from(p2p.mmios.len()).expect("fewer than 2^32 ranges"));
+        p2p.mmios.push(Mmio {
             owner,
             range: Range::new(start, end.max(start)),
             removed: false,
@@ -378,8 +380,8 @@ impl Kernel {
         prot: Prot,
     ) -> Result<Va, Errno> {
         let bar = {
-            let st = self.state();
-            let m = st.p2p.mmio(mmio).ok_or(Errno::ENODEV)?;
+            let p2p = self.p2p();
+            let m = p2p.mmio(mmio).ok_or(Errno::ENODEV)?;
             if m.removed {
                 return Err(Errno::ENODEV);
             }
@@ -403,7 +405,8 @@ impl Kernel {
         let _g = lock.write().await;
         let range = self.insert_driver_vma(pid, len, flags).await?;
         let mut st = self.state();
-        if st.p2p.mmio(mmio).is_none_or(|m| m.removed) {
+        let p2p = self.p2p();
+        if p2p.mmio(mmio).is_none_or(|m| m.removed) {
             st.remove_vmas(pid, range);
             return Err(Errno::ENODEV);
         }
@@ -437,6 +440,7 @@ impl Kernel {
     /// has no entry (never mapped or zapped), or the range was revoked.
     pub fn follow_pfnmap(&self, pid: Pid, va: Va) -> Option<(MmioId, Pa)> {
         let st = self.state();
+        let p2p = self.p2p();
         let mm = st.mms.get(&pid)?;
         if !mm.vma(va)?.flags.contains(VmFlags::PFNMAP) {
             return None;
@@ -446,7 +450,7 @@ impl Kernel {
             return None;
         };
         let pa = Pa::from_raw(pfn * PAGE_SIZE + (va.raw() - leaf.base.raw()));
-        let (id, m) = st.p2p.mmio_at(pa)?;
+        let (id, m) = p2p.mmio_at(pa)?;
         (!m.removed).then_some((id, pa))
     }
 
@@ -458,9 +462,9 @@ impl Kernel {
     /// when `pa` is in no MMIO range or the access runs past its end.
     pub fn mmio_read(&self, dev: DeviceId, pa: Pa, buf: &mut [u8]) -> Result<(), Errno> {
         self.check_mmio_access(dev, pa, buf.len(), false)?;
-        let st = self.state();
+        let p2p = self.p2p();
         for (a, pos, n) in page_pieces(pa, buf.len()) {
-            let ok = st.p2p.mmio_read_bytes(a, &mut buf[pos..pos + n]);
+            let ok = p2p.mmio_read_bytes(a, &mut buf[pos..pos + n]);
             debug_assert!(ok, "checked above");
         }
         Ok(())
@@ -472,9 +476,9 @@ impl Kernel {
     /// As [`Kernel::mmio_read`].
     pub fn mmio_write(&self, dev: DeviceId, pa: Pa, data: &[u8]) -> Result<(), Errno> {
         self.check_mmio_access(dev, pa, data.len(), true)?;
-        let mut st = self.state();
+        let mut p2p = self.p2p();
         for (a, pos, n) in page_pieces(pa, data.len()) {
-            let ok = st.p2p.mmio_write_bytes(a, &data[pos..pos + n]);
+            let ok = p2p.mmio_write_bytes(a, &data[pos..pos + n]);
             debug_assert!(ok, "checked above");
         }
         Ok(())
@@ -487,10 +491,10 @@ impl Kernel {
         len: usize,
         write: bool,
     ) -> Result<(), Errno> {
-        let st = self.state();
+        let p2p = self.p2p();
         let mut oracle = self.oracle();
         let (id, removed, range, owner) = {
-            let (id, m) = st.p2p.mmio_at(pa).ok_or(Errno::EFAULT)?;
+            let (id, m) = p2p.mmio_at(pa).ok_or(Errno::EFAULT)?;
             (id, m.removed, m.range, m.owner)
         };
         if removed {
@@ -520,8 +524,8 @@ impl Kernel {
     /// unknown or already revoked range.
     pub async fn revoke_mmio(&self, mmio: MmioId) {
         {
-            let mut st = self.state();
-            let Some(m) = st.p2p.mmios.get_mut(mmio.0 as usize) else {
+            let mut p2p = self.p2p();
+            let Some(m) = p2p.mmios.get_mut(mmio.0 as usize) else {
                 return;
             };
             if m.removed {
