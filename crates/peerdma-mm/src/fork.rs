@@ -13,6 +13,7 @@ use crate::mmu_notifier::NotifierEvent;
 use crate::pagetable::{Leaf, Pte};
 use crate::phys::FrameOwner;
 use crate::vma::{VmFlags, Vma};
+use crate::vmscan::Swap;
 
 impl Kernel {
     /// `fork(2)`: copies the address space with copy-on-write for private mappings. Returns the child's pid.
@@ -50,10 +51,11 @@ impl Kernel {
             }
             {
                 let mut st = self.state();
+                let mut swap = self.swap();
                 let mut oracle = self.oracle();
                 st.mm_mut(child).vmas.insert(vma.range.start, vma.clone());
                 for leaf in leaves {
-                    copies += st.copy_leaf(pid, child, &vma, leaf);
+                    copies += st.copy_leaf(&mut swap, pid, child, &vma, leaf);
                 }
                 if cow {
                     oracle.copy_anon(pid, child, vma.range);
@@ -82,8 +84,13 @@ impl Kernel {
             .await;
         {
             let mut st = self.state();
+            let mut swap = self.swap();
             let mut oracle = self.oracle();
-            st.zap_range(pid, Range::new(Va::from_raw(0), Va::from_raw(TASK_SIZE)));
+            st.zap_range(
+                &mut swap,
+                pid,
+                Range::new(Va::from_raw(0), Va::from_raw(TASK_SIZE)),
+            );
             st.mm_mut(pid).vmas.clear();
             st.mm_mut(pid).alive = false;
             oracle.forget_anon(pid, all);
@@ -95,10 +102,17 @@ impl Kernel {
 
 impl KernelState {
     /// Copies one leaf from `parent` to `child` for fork; returns the number of pages copied eagerly.
-    pub(crate) fn copy_leaf(&mut self, parent: Pid, child: Pid, vma: &Vma, leaf: Leaf) -> u64 {
+    pub(crate) fn copy_leaf(
+        &mut self,
+        swap: &mut Swap,
+        parent: Pid,
+        child: Pid,
+        vma: &Vma,
+        leaf: Leaf,
+    ) -> u64 {
         if let Pte::Swap { slot, write } = leaf.pte {
             // A swap entry is shared by parent and child (swap_duplicate), read-only for COW.
-            self.swap.dup(slot);
+            swap.dup(slot);
             let cow = !vma.is_shared();
             self.mm_mut(child).pt.set_pte(
                 leaf.base,

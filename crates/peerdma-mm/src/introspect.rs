@@ -116,18 +116,19 @@ impl Kernel {
 
     /// Returns the number of swap slots in use.
     pub fn nr_swap_slots(&self) -> usize {
-        self.state().swap.nr_slots()
+        self.swap().nr_slots()
     }
 
     /// Returns the number of anonymous pages on the active or inactive list (`LruState::None` counts
     /// nothing).
     pub fn nr_lru_pages(&self, list: LruState) -> u64 {
-        self.state().nr_lru_pages(list)
+        self.swap().nr_lru_pages(&self.state().phys, list)
     }
 
     /// Returns the number of anonymous pages of RAM node `node` on the active or inactive list.
     pub fn nr_lru_pages_node(&self, node: u32, list: LruState) -> u64 {
-        self.state().nr_lru_pages_node(node, list)
+        self.swap()
+            .nr_lru_pages_node(&self.state().phys, node, list)
     }
 }
 

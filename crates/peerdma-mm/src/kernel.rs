@@ -49,6 +49,7 @@ use crate::p2pdma::P2pState;
 use crate::pagetable::{Leaf, PageTable, Pte};
 use crate::phys::{FrameOwner, GfpZone, MovableError, PhysMem};
 use crate::vma::{Vma, VmaBacking};
+use crate::vmscan::Swap;
 
 /// Lowest address `mmap` hands out without a hint (`mmap_min_addr` is far lower; this keeps reports readable).
 pub const MMAP_MIN: u64 = 0x1_0000_0000;
@@ -173,8 +174,6 @@ pub(crate) struct KernelState {
     pub(crate) files: Vec<File>,
     /// Transparent hugepage policy.
     pub(crate) thp: ThpPolicy,
-    /// The swap device and the anonymous LRU.
-    pub(crate) swap: crate::vmscan::Swap,
     next_pid: u32,
     pub(crate) next_notifier: u64,
 }
@@ -296,6 +295,8 @@ pub struct Kernel {
     oracle: RefCell<Oracle>,
     /// P2P memory regions' removal state and MMIO ranges without struct pages.
     p2p: RefCell<P2pState>,
+    /// The swap device and the anonymous LRU lists ([`crate::vmscan`]).
+    swap: RefCell<Swap>,
     pub(crate) notifier_wq: WaitQueue,
     /// Wakes CPU accesses waiting on migration entries.
     pub(crate) migration_wq: WaitQueue,
@@ -328,12 +329,12 @@ impl Kernel {
                 mms: BTreeMap::new(),
                 files: Vec::new(),
                 thp: ThpPolicy::default(),
-                swap: crate::vmscan::Swap::default(),
                 next_pid: 1,
                 next_notifier: 1,
             }),
             oracle: RefCell::new(Oracle::new(sim.clone())),
             p2p: RefCell::new(P2pState::default()),
+            swap: RefCell::new(Swap::default()),
             notifier_wq: WaitQueue::new(sim),
             migration_wq: WaitQueue::new(sim),
             pin_wq: WaitQueue::new(sim),
@@ -354,6 +355,11 @@ impl Kernel {
     /// Borrows the P2P state ([`crate::p2pdma`]). Never hold the borrow across an `.await`.
     pub(crate) fn p2p(&self) -> RefMut<'_, P2pState> {
         self.p2p.borrow_mut()
+    }
+
+    /// Borrows the swap device and LRU lists ([`crate::vmscan`]). Never hold the borrow across an `.await`.
+    pub(crate) fn swap(&self) -> RefMut<'_, Swap> {
+        self.swap.borrow_mut()
     }
 
     /// Sleeps for `d` (jittered) in simulated time.

@@ -16,6 +16,7 @@ use crate::oracle::{LogicalPage, Oracle, ViolationKind};
 use crate::pagetable::{Leaf, Pte};
 use crate::phys::{FRAMES_PER_PMD, FrameOwner, GfpZone};
 use crate::vma::{VmFlags, Vma, VmaBacking};
+use crate::vmscan::Swap;
 
 pub(crate) enum Access<'a> {
     Read(&'a mut [u8]),
@@ -248,6 +249,7 @@ impl Kernel {
     /// COW copy of a page-cache page for a write to a private file mapping.
     pub(crate) fn do_missing_page(&self, pid: Pid, vma: &Vma, va: Va, write: bool) -> FaultResult {
         let mut st = self.state();
+        let mut swap = self.swap();
         let mut oracle = self.oracle();
         match vma.backing {
             // Driver, P2P memory and PFNMAP VMAs are populated at mmap time and have no fault handler: an entry
@@ -296,7 +298,7 @@ impl Kernel {
                 }
                 let frame = st.alloc_anon_for(pid).map_err(|_| SigInfo::bus(va))?;
                 st.phys.frame_mut(frame).mapcount = 1;
-                st.lru_add_new_anon(frame);
+                swap.lru_add_new_anon(&mut st.phys, frame);
                 st.mm_mut(pid).pt.set_pte(
                     va,
                     Pte::Present {
@@ -315,7 +317,7 @@ impl Kernel {
                     let frame = st.alloc_anon_for(pid).map_err(|_| SigInfo::bus(va))?;
                     st.phys.copy_frame(cache, frame);
                     st.phys.frame_mut(frame).mapcount = 1;
-                    st.lru_add_new_anon(frame);
+                    swap.lru_add_new_anon(&mut st.phys, frame);
                     st.mm_mut(pid).pt.set_pte(
                         va,
                         Pte::Present {
@@ -427,6 +429,7 @@ impl Kernel {
             .await;
         {
             let mut st = self.state();
+            let mut swap = self.swap();
             let mut oracle = self.oracle();
             // pte_same: if the entry changed while we slept, drop the copy and let the access retry.
             let same = st
@@ -447,7 +450,7 @@ impl Kernel {
                     );
                 }
                 st.phys.frame_mut(new).mapcount = 1;
-                st.lru_add_new_anon(new);
+                swap.lru_add_new_anon(&mut st.phys, new);
                 st.mm_mut(pid).pt.set_pte(
                     va,
                     Pte::Present {
@@ -480,7 +483,7 @@ impl Kernel {
 impl KernelState {
     /// Removes every leaf of `pid` inside `r` (splitting PMD leaves that stick out), dropping frame
     /// references; returns the number of base pages zapped. `keep_file` leaves page-cache pages cached.
-    pub(crate) fn zap_range(&mut self, pid: Pid, r: Range<Va>) -> u64 {
+    pub(crate) fn zap_range(&mut self, swap: &mut Swap, pid: Pid, r: Range<Va>) -> u64 {
         // The page-table walk first (the cursor borrows the table), then the references, in the same order.
         let mut removed = Vec::new();
         let mut cursor = self.mm_mut(pid).pt.cursor_mut(r);
@@ -490,14 +493,14 @@ impl KernelState {
         let mut nr = 0;
         for l in &removed {
             nr += l.size.nr_pages();
-            self.drop_leaf_refs(l);
+            self.drop_leaf_refs(swap, l);
         }
         nr
     }
 
-    pub(crate) fn drop_leaf_refs(&mut self, l: &Leaf) {
+    pub(crate) fn drop_leaf_refs(&mut self, swap: &mut Swap, l: &Leaf) {
         if let Pte::Swap { slot, .. } = l.pte {
-            self.swap.free(slot);
+            swap.free(slot);
             return;
         }
         let special = matches!(l.pte, Pte::Present { special: true, .. });

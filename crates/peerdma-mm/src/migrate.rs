@@ -60,6 +60,7 @@ use crate::mmu_notifier::NotifierEvent;
 use crate::pagetable::Pte;
 use crate::phys::{FrameOwner, MemoryKind};
 use crate::vma::VmFlags;
+use crate::vmscan::Swap;
 
 /// MIGRATE_PFN_VALID: the entry names a page.
 pub const MIGRATE_PFN_VALID: u64 = 1 << 0;
@@ -458,6 +459,7 @@ impl Kernel {
     pub fn migrate_vma_finalize(&self, m: &mut MigrateVma) {
         {
             let mut st = self.state();
+            let mut swap = self.swap();
             let mut src_pfns = Vec::new();
             let mut dst_pfns = Vec::new();
             for i in 0..m.src.len() {
@@ -501,7 +503,7 @@ impl Kernel {
                 src_pfns.push(m.src[i]);
                 dst_pfns.push(m.dst[i]);
             }
-            remove_migration_ptes(&mut st, &src_pfns, &dst_pfns);
+            remove_migration_ptes(&mut st, &mut swap, &src_pfns, &dst_pfns);
         }
         let moved = m
             .src
@@ -571,6 +573,7 @@ pub(crate) fn migrate_unmap_check(
 /// the number of pages migrated; the caller counts them and wakes the migration wait queue.
 pub(crate) fn remove_migration_ptes(
     st: &mut KernelState,
+    swap: &mut Swap,
     src_pfns: &[u64],
     dst_pfns: &[u64],
 ) -> u64 {
@@ -625,7 +628,7 @@ pub(crate) fn remove_migration_ptes(
                 && st.phys.frame(d).mapcount > 0
                 && matches!(st.phys.kind(d), MemoryKind::Ram { .. })
             {
-                st.lru_add_new_anon(d);
+                swap.lru_add_new_anon(&mut st.phys, d);
             }
             // The caller's allocation reference; an unused destination is freed.
             st.phys.put(d);

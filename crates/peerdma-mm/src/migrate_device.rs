@@ -219,7 +219,8 @@ impl Kernel {
         assert_eq!(src_pfns.len(), dst_pfns.len(), "src and dst arrays differ");
         let moved = {
             let mut st = self.state();
-            remove_migration_ptes(&mut st, src_pfns, dst_pfns)
+            let mut swap = self.swap();
+            remove_migration_ptes(&mut st, &mut swap, src_pfns, dst_pfns)
         };
         if moved > 0 {
             self.sim.count("migrate.pages", moved);

@@ -310,8 +310,9 @@ impl Kernel {
         self.invalidate_range_start(pid, r, event, None).await;
         let nr = {
             let mut st = self.state();
+            let mut swap = self.swap();
             let mut oracle = self.oracle();
-            let nr = st.zap_range(pid, r);
+            let nr = st.zap_range(&mut swap, pid, r);
             oracle.forget_anon(pid, r);
             nr
         };

@@ -95,7 +95,7 @@ use std::collections::BTreeMap;
 
 use peerdma_core::{FrameId, PAGE_SIZE, PageSize, Pid, Range, Va};
 
-use crate::kernel::{Kernel, KernelState, VmFault};
+use crate::kernel::{Kernel, VmFault};
 use crate::mmu_notifier::NotifierEvent;
 use crate::pagetable::Pte;
 use crate::phys::{Frame, FrameOwner, LruState, PhysMem};
@@ -267,47 +267,42 @@ impl Swap {
     }
 }
 
-impl KernelState {
+impl Swap {
     /// Adds a new anonymous page, just mapped by a young PTE, to the head of its node's inactive list
     /// (`folio_add_lru_vma`, rule 1 of the module docs).
     ///
     /// # Panics
     /// Panics when `frame` is not RAM: only RAM pages go on an LRU list.
-    pub(crate) fn lru_add_new_anon(&mut self, frame: FrameId) {
-        let node = self
-            .phys
+    pub(crate) fn lru_add_new_anon(&mut self, phys: &mut PhysMem, frame: FrameId) {
+        let node = phys
             .node_of(frame)
             .expect("only RAM pages go on an LRU list");
-        let fr = self.phys.frame_mut(frame);
+        let fr = phys.frame_mut(frame);
         fr.accessed = true;
-        self.swap
-            .lru
-            .entry(node)
-            .or_default()
-            .add_head(fr, frame, false);
+        self.lru.entry(node).or_default().add_head(fr, frame, false);
     }
 
     /// Returns the number of pages of RAM node `node` on the active (`LruState::Active`) or inactive list;
     /// `LruState::None` counts nothing.
-    pub(crate) fn nr_lru_pages_node(&self, node: u32, list: LruState) -> u64 {
+    pub(crate) fn nr_lru_pages_node(&self, phys: &PhysMem, node: u32, list: LruState) -> u64 {
         let active = match list {
             LruState::None => return 0,
             LruState::Active => true,
             LruState::Inactive => false,
         };
-        self.swap.lru.get(&node).map_or(0, |lru| {
+        self.lru.get(&node).map_or(0, |lru| {
             lru.index
                 .iter()
-                .filter(|&(&f, &e)| e.active == active && AnonLru::current(&self.phys, f, e))
+                .filter(|&(&f, &e)| e.active == active && AnonLru::current(phys, f, e))
                 .count() as u64
         })
     }
 
     /// Returns the number of pages on the active (`LruState::Active`) or inactive list; `LruState::None`
     /// counts nothing.
-    pub(crate) fn nr_lru_pages(&self, list: LruState) -> u64 {
-        (0..self.phys.nr_nodes())
-            .map(|n| self.nr_lru_pages_node(n, list))
+    pub(crate) fn nr_lru_pages(&self, phys: &PhysMem, list: LruState) -> u64 {
+        (0..phys.nr_nodes())
+            .map(|n| self.nr_lru_pages_node(phys, n, list))
             .sum()
     }
 }
@@ -394,7 +389,8 @@ impl Kernel {
         let victims = {
             let mut guard = self.state();
             let st = &mut *guard;
-            let lru = st.swap.lru.entry(node).or_default();
+            let mut swap = self.swap();
+            let lru = swap.lru.entry(node).or_default();
             // Step 1: forget freed frames.
             lru.purge(&st.phys);
             // Step 2: shrink_inactive_list — scan the inactive tail, each page once.
@@ -466,17 +462,14 @@ impl Kernel {
         {
             let mut guard = self.state();
             let st = &mut *guard;
+            let mut swap = self.swap();
             for (&frame, &generation) in &victims {
                 let fr = st.phys.frame_mut(frame);
                 if fr.owner() == FrameOwner::Anon
                     && fr.generation == generation
                     && fr.lru == LruState::None
                 {
-                    st.swap
-                        .lru
-                        .entry(node)
-                        .or_default()
-                        .add_head(fr, frame, true);
+                    swap.lru.entry(node).or_default().add_head(fr, frame, true);
                     stats.activate += 1;
                 } else {
                     steal += 1;
@@ -525,6 +518,7 @@ impl Kernel {
                 .await;
             {
                 let mut st = self.state();
+                let mut swap = self.swap();
                 // The entry may have changed while the invalidation slept.
                 let still = st
                     .mm(pid)
@@ -533,13 +527,13 @@ impl Kernel {
                     .is_some_and(|l| l.pte.frame() == Some(frame) && l.pte.is_present());
                 if still && !st.phys.frame(frame).maybe_dma_pinned() {
                     let slot = if let Some(&s) = slots.get(&frame) {
-                        st.swap.dup(s);
+                        swap.dup(s);
                         s
                     } else {
-                        let s = st.swap.next;
-                        st.swap.next += 1;
+                        let s = swap.next;
+                        swap.next += 1;
                         let data = st.phys.data(frame).map(|d| d.to_vec().into_boxed_slice());
-                        st.swap.slots.insert(s, Slot { data, count: 1 });
+                        swap.slots.insert(s, Slot { data, count: 1 });
                         slots.insert(frame, s);
                         swapped += 1;
                         s
@@ -570,16 +564,17 @@ impl Kernel {
         self.reclaim_if_low_for(pid).await;
         self.spend(self.costs.swap_io).await;
         let mut st = self.state();
+        let mut swap = self.swap();
         // Another agent may have swapped it in meanwhile.
         if st.mm(pid).pt.lookup(va).map(|l| l.pte) != Some(Pte::Swap { slot, write }) {
             return Ok(());
         }
         // Within the process's zone: a swap-in under a long-term pin's memalloc_pin scope avoids movable memory.
         let frame = st.alloc_anon_for(pid).map_err(|_| VmFault::Oom)?;
-        if let Some(d) = st.swap.slots.get(&slot).and_then(|s| s.data.clone()) {
+        if let Some(d) = swap.slots.get(&slot).and_then(|s| s.data.clone()) {
             st.phys.write(frame, 0, &d);
         }
-        let exclusive = st.swap.count(slot) == 1;
+        let exclusive = swap.count(slot) == 1;
         st.phys.frame_mut(frame).mapcount = 1;
         st.mm_mut(pid).pt.set_pte(
             va,
@@ -589,8 +584,8 @@ impl Kernel {
                 special: false,
             },
         );
-        st.swap.free(slot);
-        st.lru_add_new_anon(frame);
+        swap.free(slot);
+        swap.lru_add_new_anon(&mut st.phys, frame);
         drop(st);
         self.sim.count("swap.in", 1);
         Ok(())
