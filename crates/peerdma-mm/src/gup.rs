@@ -384,7 +384,7 @@ impl Kernel {
         }
         if write && flags.contains(GupFlags::PIN | GupFlags::LONGTERM) && vma.is_shared() {
             let dirty_tracked = match vma.backing {
-                VmaBacking::File { file, .. } => !self.state().files[file as usize].shmem,
+                VmaBacking::File { file, .. } => !self.files().file(file).is_shmem(),
                 _ => false,
             };
             if dirty_tracked {

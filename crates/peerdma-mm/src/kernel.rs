@@ -42,7 +42,7 @@ use peerdma_core::{Errno, FrameId, PAGE_SIZE, Pid, Range, SimDuration, Va};
 use peerdma_sim::{RwSem, Sim, WaitQueue};
 
 use crate::costs::MmCosts;
-use crate::file::File;
+use crate::file::PageCache;
 use crate::mmu_notifier::NotifierState;
 use crate::oracle::{LogicalPage, Oracle};
 use crate::p2pdma::P2pState;
@@ -170,10 +170,6 @@ pub(crate) struct KernelState {
     pub(crate) phys: PhysMem,
     /// Address spaces by pid.
     pub(crate) mms: BTreeMap<Pid, AddressSpace>,
-    /// Files by id.
-    pub(crate) files: Vec<File>,
-    /// Transparent hugepage policy.
-    pub(crate) thp: ThpPolicy,
     next_pid: u32,
     pub(crate) next_notifier: u64,
 }
@@ -297,6 +293,10 @@ pub struct Kernel {
     p2p: RefCell<P2pState>,
     /// The swap device and the anonymous LRU lists ([`crate::vmscan`]).
     swap: RefCell<Swap>,
+    /// The files and their page caches ([`crate::filemap`]).
+    files: RefCell<PageCache>,
+    /// Transparent hugepage policy (the default, [`ThpPolicy::Madvise`]; nothing changes it yet).
+    pub(crate) thp: ThpPolicy,
     pub(crate) notifier_wq: WaitQueue,
     /// Wakes CPU accesses waiting on migration entries.
     pub(crate) migration_wq: WaitQueue,
@@ -327,14 +327,14 @@ impl Kernel {
             state: RefCell::new(KernelState {
                 phys: PhysMem::new_numa(node_sizes),
                 mms: BTreeMap::new(),
-                files: Vec::new(),
-                thp: ThpPolicy::default(),
                 next_pid: 1,
                 next_notifier: 1,
             }),
             oracle: RefCell::new(Oracle::new(sim.clone())),
             p2p: RefCell::new(P2pState::default()),
             swap: RefCell::new(Swap::default()),
+            files: RefCell::new(PageCache::default()),
+            thp: ThpPolicy::default(),
             notifier_wq: WaitQueue::new(sim),
             migration_wq: WaitQueue::new(sim),
             pin_wq: WaitQueue::new(sim),
@@ -360,6 +360,11 @@ impl Kernel {
     /// Borrows the swap device and LRU lists ([`crate::vmscan`]). Never hold the borrow across an `.await`.
     pub(crate) fn swap(&self) -> RefMut<'_, Swap> {
         self.swap.borrow_mut()
+    }
+
+    /// Borrows the files and their page caches. Never hold the borrow across an `.await`.
+    pub(crate) fn files(&self) -> RefMut<'_, PageCache> {
+        self.files.borrow_mut()
     }
 
     /// Sleeps for `d` (jittered) in simulated time.

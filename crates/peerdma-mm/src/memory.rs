@@ -251,6 +251,7 @@ impl Kernel {
         let mut st = self.state();
         let mut swap = self.swap();
         let mut oracle = self.oracle();
+        let mut files = self.files();
         match vma.backing {
             // Driver, P2P memory and PFNMAP VMAs are populated at mmap time and have no fault handler: an entry
             // that is gone (zapped at unbind or revoke) stays gone.
@@ -273,7 +274,7 @@ impl Kernel {
                     );
                     return Ok(());
                 }
-                if st.thp_eligible(pid, vma, va) {
+                if st.thp_eligible(self.thp, pid, vma, va) {
                     let base = va.align_down(PMD_SIZE);
                     let home = st.home_node(pid);
                     let zone = st.anon_zone(pid);
@@ -311,7 +312,9 @@ impl Kernel {
             }
             VmaBacking::File { .. } => {
                 let (file, pgoff) = vma.file_pgoff(va).expect("file VMA");
-                let cache = st.file_page(file, pgoff).ok_or(SigInfo::bus(va))?;
+                let cache = files
+                    .page(&mut st.phys, file, pgoff)
+                    .ok_or(SigInfo::bus(va))?;
                 if write && !vma.is_shared() {
                     // Private file write fault: COW from the page cache into a new anonymous page.
                     let frame = st.alloc_anon_for(pid).map_err(|_| SigInfo::bus(va))?;
@@ -514,8 +517,8 @@ impl KernelState {
         }
     }
 
-    pub(crate) fn thp_eligible(&self, pid: Pid, vma: &Vma, va: Va) -> bool {
-        let wanted = match self.thp {
+    pub(crate) fn thp_eligible(&self, thp: ThpPolicy, pid: Pid, vma: &Vma, va: Va) -> bool {
+        let wanted = match thp {
             ThpPolicy::Always => !vma.flags.contains(VmFlags::NOHUGEPAGE),
             ThpPolicy::Madvise => vma.flags.contains(VmFlags::HUGEPAGE),
             ThpPolicy::Never => false,

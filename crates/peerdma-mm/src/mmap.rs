@@ -103,10 +103,9 @@ impl Kernel {
             flags |= VmFlags::HUGETLB;
         }
         if args.file.is_some_and(|f| {
-            self.state()
-                .files
-                .get(f as usize)
-                .is_some_and(|f| f.dax_region.is_some())
+            self.files()
+                .get(f)
+                .is_some_and(|f| f.dax_region().is_some())
         }) {
             flags |= VmFlags::DAX;
         }
