@@ -30,6 +30,7 @@ use peerdma_core::{DeviceId, FrameId, Pa, Pid, Va};
 use crate::kernel::{Kernel, KernelState};
 use crate::oracle::{Oracle, ViolationKind};
 use crate::pagetable::Pte;
+use crate::phys::PhysMem;
 
 /// How a device came to hold the translation it uses (module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,14 +87,14 @@ impl Kernel {
     /// Returns the frame at physical address `pa` and its current allocation generation (`None` for MMIO
     /// without struct page or an address no region covers).
     pub fn frame_at_pa(&self, pa: Pa) -> Option<(FrameId, u64)> {
-        let st = self.state();
-        let f = st.phys.frame_at_pa(pa)?;
-        Some((f, st.phys.frame(f).generation))
+        let phys = self.phys();
+        let f = phys.frame_at_pa(pa)?;
+        Some((f, phys.frame(f).generation))
     }
 
     /// Returns the CPU physical address of `frame`.
     pub fn frame_pa(&self, frame: FrameId) -> Pa {
-        self.state().phys.frame_pa(frame)
+        self.phys().frame_pa(frame)
     }
 
     /// Reports a violation the DMA layer detected (a stale IOTLB hit, a routing error, a landing after a
@@ -104,27 +105,28 @@ impl Kernel {
 
     /// Returns the generation of `frame` when it is allocated, `None` when it is free (or no such frame).
     pub fn frame_generation(&self, frame: FrameId) -> Option<u64> {
-        let st = self.state();
-        (st.phys.exists(frame) && st.phys.frame(frame).is_allocated())
-            .then(|| st.phys.frame(frame).generation)
+        let phys = self.phys();
+        (phys.exists(frame) && phys.frame(frame).is_allocated())
+            .then(|| phys.frame(frame).generation)
     }
 
     /// The oracle's checks when device `dev` issues an access through `t` (module docs); returns whether
     /// the access may go on. A violation stops the run (unless armed as expected).
     pub fn device_issue(&self, dev: DeviceId, t: &FrameTranslation, write: bool) -> bool {
         let st = self.state();
+        let phys = self.phys();
         let mut oracle = self.oracle();
         if !oracle.enabled() {
             return true;
         }
-        if !st.check_frame_owned(&mut oracle, dev, t) {
+        if !st.check_frame_owned(&mut oracle, &phys, dev, t) {
             return false;
         }
         match t.grant {
             DeviceGrant::Mirror { pid, va } => {
                 st.check_mirror_current(&mut oracle, dev, pid, va, t.frame, write)
             }
-            DeviceGrant::Pin { .. } => st.check_pinned_frame(&mut oracle, dev, t.frame),
+            DeviceGrant::Pin { .. } => st.check_pinned_frame(&mut oracle, &phys, dev, t.frame),
             DeviceGrant::Raw => true,
         }
     }
@@ -133,7 +135,8 @@ impl Kernel {
     /// the data moves and the content record follows a write (or checks a read). Returns whether the data
     /// moved.
     pub fn device_land(&self, dev: DeviceId, t: &FrameTranslation, data: DeviceData<'_>) -> bool {
-        let mut st = self.state();
+        let st = self.state();
+        let mut phys = self.phys();
         let mut oracle = self.oracle();
         if oracle.enabled() {
             if let DeviceGrant::Mirror { pid, va } = t.grant
@@ -148,22 +151,22 @@ impl Kernel {
             {
                 return false;
             }
-            if !st.check_frame_owned(&mut oracle, dev, t) {
+            if !st.check_frame_owned(&mut oracle, &phys, dev, t) {
                 return false;
             }
             if matches!(t.grant, DeviceGrant::Pin { .. })
-                && !st.check_pinned_frame(&mut oracle, dev, t.frame)
+                && !st.check_pinned_frame(&mut oracle, &phys, dev, t.frame)
             {
                 return false;
             }
         }
         let frame = t.frame;
         let key = match t.grant {
-            DeviceGrant::Mirror { pid, va } => st.logical_page(pid, va),
+            DeviceGrant::Mirror { pid, va } => st.logical_page(&phys, pid, va),
             DeviceGrant::Pin { pid, va } => {
                 let mapped = st.mm(pid).translate(va).is_some_and(|(f, _, _)| f == frame);
                 if mapped {
-                    st.logical_page(pid, va)
+                    st.logical_page(&phys, pid, va)
                 } else {
                     None
                 }
@@ -172,16 +175,16 @@ impl Kernel {
         };
         match data {
             DeviceData::Write(bytes) => {
-                st.phys.write(frame, 0, bytes);
+                phys.write(frame, 0, bytes);
                 if let Some(key) = key {
-                    let h = st.phys.content_hash(frame);
+                    let h = phys.content_hash(frame);
                     oracle.record(key, h);
                 }
             }
             DeviceData::Read(buf) => {
-                st.phys.read(frame, 0, buf);
+                phys.read(frame, 0, buf);
                 if let Some(key) = key {
-                    let h = st.phys.content_hash(frame);
+                    let h = phys.content_hash(frame);
                     oracle.check_read(key, h, || {
                         format!("device {} read of {frame} ({:?})", dev.0, t.grant)
                     });
@@ -198,19 +201,20 @@ impl KernelState {
     pub(crate) fn check_frame_owned(
         &self,
         oracle: &mut Oracle,
+        phys: &PhysMem,
         dev: DeviceId,
         t: &FrameTranslation,
     ) -> bool {
         let frame = t.frame;
-        let allocated = self.phys.exists(frame) && self.phys.frame(frame).is_allocated();
-        if allocated && self.phys.frame(frame).generation == t.generation {
+        let allocated = phys.exists(frame) && phys.frame(frame).is_allocated();
+        if allocated && phys.frame(frame).generation == t.generation {
             return true;
         }
         let what = if allocated {
             format!(
                 "{frame}, reallocated since the translation it used (generation {} then, {} now)",
                 t.generation,
-                self.phys.frame(frame).generation
+                phys.frame(frame).generation
             )
         } else {
             format!("freed {frame}")
@@ -226,10 +230,11 @@ impl KernelState {
     pub(crate) fn check_pinned_frame(
         &self,
         oracle: &mut Oracle,
+        phys: &PhysMem,
         dev: DeviceId,
         frame: FrameId,
     ) -> bool {
-        let fr = self.phys.frame(frame);
+        let fr = phys.frame(frame);
         if !fr.is_allocated() {
             oracle.violation(
                 ViolationKind::UseAfterFree,

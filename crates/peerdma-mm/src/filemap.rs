@@ -23,8 +23,8 @@ impl Kernel {
     /// blocks are frames with struct pages that mappings reach directly, with no page cache in between.
     pub fn create_dax_file(&self, name: &str, size: u64) -> u32 {
         let id = self.create_file(name, size, false);
-        let mut st = self.state();
-        let r = st.phys.add_region(
+        let mut phys = self.phys();
+        let r = phys.add_region(
             MemoryKind::FsDax { file: id },
             size.div_ceil(PAGE_SIZE).max(1),
         );
@@ -93,21 +93,20 @@ impl Kernel {
         let dax = self.files().file(file).dax_region().is_some();
         if dax {
             // Only the file's own reference may remain before the blocks are reused.
-            let st = &self.state;
             self.pin_wq
                 .wait_event(|| {
                     frames
                         .iter()
-                        .all(|(_, f)| st.borrow().phys.frame(*f).refcount <= 1)
+                        .all(|(_, f)| self.phys().frame(*f).refcount <= 1)
                 })
                 .await;
         }
-        let mut st = self.state();
+        let mut phys = self.phys();
         let mut oracle = self.oracle();
         let mut files = self.files();
         for (pgoff, f) in frames {
             files.remove_page(file, pgoff);
-            st.phys.put(f);
+            phys.put(f);
             oracle.record(LogicalPage::File { file, pgoff }, crate::phys::ZERO_HASH);
         }
     }
@@ -117,7 +116,7 @@ impl Kernel {
         self.spend(self.costs.syscall).await;
         let end = offset.checked_add(data.len() as u64).ok_or(Errno::EINVAL)?;
         {
-            let mut st = self.state();
+            let mut phys = self.phys();
             let mut oracle = self.oracle();
             let mut files = self.files();
             files.extend_to(file, end);
@@ -129,9 +128,9 @@ impl Kernel {
                     usize::try_from(off % PAGE_SIZE).expect("< 4096"),
                 );
                 let n = (4096 - in_page).min(data.len() - pos);
-                let frame = files.page(&mut st.phys, file, pgoff).ok_or(Errno::ENOSPC)?;
-                st.phys.write(frame, in_page, &data[pos..pos + n]);
-                let h = st.phys.content_hash(frame);
+                let frame = files.page(&mut phys, file, pgoff).ok_or(Errno::ENOSPC)?;
+                phys.write(frame, in_page, &data[pos..pos + n]);
+                let h = phys.content_hash(frame);
                 oracle.record(LogicalPage::File { file, pgoff }, h);
                 pos += n;
             }
@@ -150,7 +149,7 @@ impl Kernel {
     pub async fn pread(&self, file: u32, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
         self.spend(self.costs.syscall).await;
         let n = {
-            let mut st = self.state();
+            let mut phys = self.phys();
             let mut files = self.files();
             let size = files.file(file).size();
             let n = usize::try_from(size.saturating_sub(offset).min(buf.len() as u64))
@@ -164,8 +163,8 @@ impl Kernel {
                     usize::try_from(off % PAGE_SIZE).expect("< 4096"),
                 );
                 let k = (4096 - in_page).min(n - pos);
-                let frame = files.page(&mut st.phys, file, pgoff).ok_or(Errno::ENOMEM)?;
-                st.phys.read(frame, in_page, &mut buf[pos..pos + k]);
+                let frame = files.page(&mut phys, file, pgoff).ok_or(Errno::ENOMEM)?;
+                phys.read(frame, in_page, &mut buf[pos..pos + k]);
                 pos += k;
             }
             n

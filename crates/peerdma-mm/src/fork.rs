@@ -11,7 +11,7 @@ use peerdma_core::{Errno, FrameId, PageSize, Pid, Range, Va};
 use crate::kernel::{Kernel, KernelState, TASK_SIZE};
 use crate::mmu_notifier::NotifierEvent;
 use crate::pagetable::{Leaf, Pte};
-use crate::phys::FrameOwner;
+use crate::phys::{FrameOwner, PhysMem};
 use crate::vma::{VmFlags, Vma};
 use crate::vmscan::Swap;
 
@@ -51,11 +51,12 @@ impl Kernel {
             }
             {
                 let mut st = self.state();
+                let mut phys = self.phys();
                 let mut swap = self.swap();
                 let mut oracle = self.oracle();
                 st.mm_mut(child).vmas.insert(vma.range.start, vma.clone());
                 for leaf in leaves {
-                    copies += st.copy_leaf(&mut swap, pid, child, &vma, leaf);
+                    copies += st.copy_leaf(&mut phys, &mut swap, pid, child, &vma, leaf);
                 }
                 if cow {
                     oracle.copy_anon(pid, child, vma.range);
@@ -84,9 +85,11 @@ impl Kernel {
             .await;
         {
             let mut st = self.state();
+            let mut phys = self.phys();
             let mut swap = self.swap();
             let mut oracle = self.oracle();
             st.zap_range(
+                &mut phys,
                 &mut swap,
                 pid,
                 Range::new(Va::from_raw(0), Va::from_raw(TASK_SIZE)),
@@ -104,6 +107,7 @@ impl KernelState {
     /// Copies one leaf from `parent` to `child` for fork; returns the number of pages copied eagerly.
     pub(crate) fn copy_leaf(
         &mut self,
+        phys: &mut PhysMem,
         swap: &mut Swap,
         parent: Pid,
         child: Pid,
@@ -146,7 +150,7 @@ impl KernelState {
             // mmap_lock (crate::migrate_device, migrate_vma's unmap step), leaves for fork to meet (its finalize
             // finds both through the rmap walk). For COW both sides become read-only.
             for i in 0..leaf.size.nr_pages() {
-                self.map_frame(FrameId(frame.0 + i));
+                phys.map_frame(FrameId(frame.0 + i));
             }
             let cow = !vma.is_shared();
             self.mm_mut(child).pt.set_leaf(
@@ -176,12 +180,12 @@ impl KernelState {
         }
         let cow = !vma.is_shared();
         if cow && leaf.size == PageSize::Size4K {
-            let f = self.phys.frame(frame);
+            let f = phys.frame(frame);
             if f.owner() == FrameOwner::Anon && f.maybe_dma_pinned() && f.mapcount == 1 {
                 // copy_present_page: the pinned page stays the parent's; the child gets a copy now.
-                if let Ok(new) = self.alloc_anon_for(child) {
-                    self.phys.copy_frame(frame, new);
-                    self.phys.frame_mut(new).mapcount = 1;
+                if let Ok(new) = self.alloc_anon_for(phys, child) {
+                    phys.copy_frame(frame, new);
+                    phys.frame_mut(new).mapcount = 1;
                     self.mm_mut(child).pt.set_pte(
                         leaf.base,
                         Pte::Present {
@@ -195,7 +199,7 @@ impl KernelState {
             }
         }
         for i in 0..leaf.size.nr_pages() {
-            self.map_frame(FrameId(frame.0 + i));
+            phys.map_frame(FrameId(frame.0 + i));
         }
         let new_write = write && !cow;
         let child_pte = Pte::Present {

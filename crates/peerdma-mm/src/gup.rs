@@ -130,13 +130,13 @@ impl PinnedPages {
     /// and the kind of memory it is (the driver's `page_to_phys` / `is_pci_p2pdma_page` questions, answered
     /// once here).
     pub fn pages(&self) -> Vec<PinnedPage> {
-        let st = self.kernel.state();
+        let phys = self.kernel.phys();
         self.frames
             .iter()
             .map(|&frame| PinnedPage {
                 frame,
-                pa: st.phys.frame_pa(frame),
-                kind: st.phys.kind(frame),
+                pa: phys.frame_pa(frame),
+                kind: phys.kind(frame),
             })
             .collect()
     }
@@ -166,16 +166,16 @@ impl Drop for PinnedPages {
 }
 
 fn release(kernel: &Kernel, frames: &[FrameId], pin: bool) {
-    let mut st = kernel.state();
-    let zero = st.phys.zero_page();
+    let mut phys = kernel.phys();
+    let zero = phys.zero_page();
     for &f in frames {
         if f == zero {
             continue;
         }
         if pin {
-            st.phys.frame_mut(f).refcount -= GUP_PIN_COUNTING_BIAS - 1;
+            phys.frame_mut(f).refcount -= GUP_PIN_COUNTING_BIAS - 1;
         }
-        st.phys.put(f);
+        phys.put(f);
     }
 }
 
@@ -282,17 +282,17 @@ impl Kernel {
             // collect_longterm_unpinnable_folios: device-coherent memory must stay evictable, ZONE_MOVABLE
             // migratable.
             let unpinnable: Vec<(usize, FrameId)> = {
-                let st = self.state();
-                let zero = st.phys.zero_page();
+                let phys = self.phys();
+                let zero = phys.zero_page();
                 frames
                     .iter()
                     .copied()
                     .enumerate()
                     .filter(|&(_, f)| {
                         !folio_is_longterm_pinnable(
-                            st.phys.kind(f),
+                            phys.kind(f),
                             f == zero,
-                            st.phys.is_zone_movable_page(f),
+                            phys.is_zone_movable_page(f),
                         )
                     })
                     .collect()
@@ -400,15 +400,16 @@ impl Kernel {
         loop {
             let hit = {
                 let st = self.state();
+                let phys = self.phys();
                 match st.mm(pid).translate(va) {
                     Some((frame, w, leaf)) => {
                         let f = leaf.frame_at(va).unwrap_or(frame);
-                        let exclusive_anon = f != st.phys.zero_page()
-                            && st.phys.frame(f).owner() == crate::phys::FrameOwner::Anon
-                            && st.phys.frame(f).mapcount <= 1
-                            && st.phys.frame(f).refcount % GUP_PIN_COUNTING_BIAS == 1;
-                        let shared_anon = f != st.phys.zero_page()
-                            && st.phys.frame(f).owner() == crate::phys::FrameOwner::Anon
+                        let exclusive_anon = f != phys.zero_page()
+                            && phys.frame(f).owner() == crate::phys::FrameOwner::Anon
+                            && phys.frame(f).mapcount <= 1
+                            && phys.frame(f).refcount % GUP_PIN_COUNTING_BIAS == 1;
+                        let shared_anon = f != phys.zero_page()
+                            && phys.frame(f).owner() == crate::phys::FrameOwner::Anon
                             && !exclusive_anon;
                         let ok = (w || !write || (force_cow && exclusive_anon))
                             && !(unshare && shared_anon);
@@ -418,17 +419,17 @@ impl Kernel {
                 }
             };
             if let Some(frame) = hit {
-                let mut st = self.state();
-                let zero = st.phys.zero_page();
+                let mut phys = self.phys();
+                let zero = phys.zero_page();
                 if frame != zero {
-                    if st.phys.frame(frame).refcount == 0 {
+                    if phys.frame(frame).refcount == 0 {
                         return Err(Errno::ENOMEM);
                     }
                     // try_grab_folio: a P2PDMA page only for callers that accept it (spec §2.4 step 2).
-                    if st.phys.is_p2pdma_page(frame) && !flags.contains(GupFlags::PCI_P2PDMA) {
+                    if phys.is_p2pdma_page(frame) && !flags.contains(GupFlags::PCI_P2PDMA) {
                         return Err(Errno::EREMOTEIO);
                     }
-                    let fr = st.phys.frame_mut(frame);
+                    let fr = phys.frame_mut(frame);
                     fr.refcount += if flags.contains(GupFlags::PIN) {
                         GUP_PIN_COUNTING_BIAS
                     } else {

@@ -67,17 +67,17 @@ impl Kernel {
 impl Kernel {
     /// Returns a snapshot of frame `frame`'s metadata.
     pub fn frame_info(&self, frame: FrameId) -> FrameInfo {
-        self.state().phys.frame_info(frame)
+        self.phys().frame_info(frame)
     }
 
     /// Returns the shared zero page.
     pub fn zero_page(&self) -> FrameId {
-        self.state().phys.zero_page()
+        self.phys().zero_page()
     }
 
     /// Returns the region `frame` is in.
     pub fn region_of(&self, frame: FrameId) -> usize {
-        self.state().phys.region_of(frame)
+        self.phys().region_of(frame)
     }
 
     /// Returns the first frame of region `region` and its number of frames.
@@ -85,8 +85,8 @@ impl Kernel {
     /// # Panics
     /// Panics for an unknown region.
     pub fn region_frames(&self, region: usize) -> (FrameId, u64) {
-        let st = self.state();
-        let r = &st.phys.regions()[region];
+        let phys = self.phys();
+        let r = &phys.regions()[region];
         (FrameId(r.start), r.nr_frames)
     }
 
@@ -95,23 +95,23 @@ impl Kernel {
     /// # Panics
     /// Panics when `node` is not below [`Kernel::nr_nodes`].
     pub fn node_region(&self, node: u32) -> usize {
-        self.state().phys.node_region(node)
+        self.phys().node_region(node)
     }
 
     /// Returns the number of free frames on RAM node `node` (`NR_FREE_PAGES` of the node).
     pub fn nr_free_node(&self, node: u32) -> u64 {
-        self.state().phys.nr_free_node(node)
+        self.phys().nr_free_node(node)
     }
 
     /// Returns whether RAM node `node` is movable (its memory is ZONE_MOVABLE).
     pub fn is_node_movable(&self, node: u32) -> bool {
-        self.state().phys.is_node_movable(node)
+        self.phys().is_node_movable(node)
     }
 
     /// Reads `buf.len()` bytes of frame `frame` at `offset` directly, as `/dev/mem` would: no page table, no
     /// oracle.
     pub fn read_frame(&self, frame: FrameId, offset: usize, buf: &mut [u8]) {
-        self.state().phys.read(frame, offset, buf);
+        self.phys().read(frame, offset, buf);
     }
 
     /// Returns the number of swap slots in use.
@@ -122,13 +122,12 @@ impl Kernel {
     /// Returns the number of anonymous pages on the active or inactive list (`LruState::None` counts
     /// nothing).
     pub fn nr_lru_pages(&self, list: LruState) -> u64 {
-        self.swap().nr_lru_pages(&self.state().phys, list)
+        self.swap().nr_lru_pages(&self.phys(), list)
     }
 
     /// Returns the number of anonymous pages of RAM node `node` on the active or inactive list.
     pub fn nr_lru_pages_node(&self, node: u32, list: LruState) -> u64 {
-        self.swap()
-            .nr_lru_pages_node(&self.state().phys, node, list)
+        self.swap().nr_lru_pages_node(&self.phys(), node, list)
     }
 }
 
@@ -164,13 +163,13 @@ impl Kernel {
     /// Sets or clears frame `frame`'s `PG_locked` (`folio_lock` / `folio_unlock` without waiting). The model
     /// holds the bit only while a migration holds the page; a test uses this to hold it longer.
     pub fn set_frame_locked(&self, frame: FrameId, locked: bool) {
-        self.state().phys.frame_mut(frame).locked = locked;
+        self.phys().frame_mut(frame).locked = locked;
     }
 
     /// Sets frame `frame`'s reference count to `refcount` and returns the previous count. The model never
     /// maps a frame whose count is 0 (a folio being freed); a test uses this to make that state, and must
     /// restore the count.
     pub fn set_frame_refcount(&self, frame: FrameId, refcount: u32) -> u32 {
-        std::mem::replace(&mut self.state().phys.frame_mut(frame).refcount, refcount)
+        std::mem::replace(&mut self.phys().frame_mut(frame).refcount, refcount)
     }
 }

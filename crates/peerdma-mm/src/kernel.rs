@@ -166,8 +166,6 @@ impl AddressSpace {
 /// Mutable kernel state. Borrow it only between awaits.
 #[derive(Debug)]
 pub(crate) struct KernelState {
-    /// Physical memory.
-    pub(crate) phys: PhysMem,
     /// Address spaces by pid.
     pub(crate) mms: BTreeMap<Pid, AddressSpace>,
     next_pid: u32,
@@ -204,14 +202,18 @@ impl KernelState {
 
     /// Allocates an anonymous RAM page for `pid`: its home node first, then fallback
     /// ([`PhysMem::alloc_node_in`]), within [`KernelState::anon_zone`].
-    pub(crate) fn alloc_anon_for(&mut self, pid: Pid) -> Result<FrameId, crate::phys::OutOfMemory> {
+    pub(crate) fn alloc_anon_for(
+        &self,
+        phys: &mut PhysMem,
+        pid: Pid,
+    ) -> Result<FrameId, crate::phys::OutOfMemory> {
         let home = self.home_node(pid);
         let zone = self.anon_zone(pid);
-        self.phys.alloc_node_in(home, FrameOwner::Anon, zone)
+        phys.alloc_node_in(home, FrameOwner::Anon, zone)
     }
 
     /// Returns the logical page the oracle tracks for `va` in `pid` (see [`LogicalPage`]).
-    pub(crate) fn logical_page(&self, pid: Pid, va: Va) -> Option<LogicalPage> {
+    pub(crate) fn logical_page(&self, phys: &PhysMem, pid: Pid, va: Va) -> Option<LogicalPage> {
         let mm = self.mms.get(&pid)?;
         let vma = mm.vma(va)?;
         let vpn = va.page_number();
@@ -227,7 +229,7 @@ impl KernelState {
                 // may since have migrated to device memory: any entry naming an anonymous frame counts).
                 let frame = mm.pt.lookup(va).and_then(|l| l.frame_at(va));
                 match frame {
-                    Some(f) if self.phys.frame(f).owner() == FrameOwner::Anon => {
+                    Some(f) if phys.frame(f).owner() == FrameOwner::Anon => {
                         Some(LogicalPage::Anon { pid, vpn })
                     }
                     _ => Some(LogicalPage::File { file, pgoff }),
@@ -289,6 +291,8 @@ pub struct Kernel {
     pub(crate) state: RefCell<KernelState>,
     /// The coherence oracle: it watches the model and owns only its shadow records.
     oracle: RefCell<Oracle>,
+    /// Physical memory: the frames (`struct page`s), their regions and the page allocator ([`crate::phys`]).
+    phys: RefCell<PhysMem>,
     /// P2P memory regions' removal state and MMIO ranges without struct pages.
     p2p: RefCell<P2pState>,
     /// The swap device and the anonymous LRU lists ([`crate::vmscan`]).
@@ -325,12 +329,12 @@ impl Kernel {
             sim: sim.clone(),
             costs,
             state: RefCell::new(KernelState {
-                phys: PhysMem::new_numa(node_sizes),
                 mms: BTreeMap::new(),
                 next_pid: 1,
                 next_notifier: 1,
             }),
             oracle: RefCell::new(Oracle::new(sim.clone())),
+            phys: RefCell::new(PhysMem::new_numa(node_sizes)),
             p2p: RefCell::new(P2pState::default()),
             swap: RefCell::new(Swap::default()),
             files: RefCell::new(PageCache::default()),
@@ -345,6 +349,11 @@ impl Kernel {
     /// Borrows the kernel state. Never hold the borrow across an `.await`.
     pub(crate) fn state(&self) -> RefMut<'_, KernelState> {
         self.state.borrow_mut()
+    }
+
+    /// Borrows physical memory. Never hold the borrow across an `.await`.
+    pub(crate) fn phys(&self) -> RefMut<'_, PhysMem> {
+        self.phys.borrow_mut()
     }
 
     /// Borrows the coherence oracle. Never hold the borrow across an `.await`.
@@ -396,7 +405,7 @@ impl Kernel {
 
     /// Returns the number of RAM (NUMA) nodes.
     pub fn nr_nodes(&self) -> u32 {
-        self.state().phys.nr_nodes()
+        self.phys().nr_nodes()
     }
 
     /// Sets the NUMA node `pid`'s allocations prefer from now on (the node of the CPU it runs on, under the
@@ -406,7 +415,8 @@ impl Kernel {
     /// `EINVAL` when `node` is not below [`Kernel::nr_nodes`] (as `set_mempolicy` refuses an offline node).
     pub fn set_home_node(&self, pid: Pid, node: u32) -> Result<(), Errno> {
         let mut st = self.state();
-        if node >= st.phys.nr_nodes() {
+        let phys = self.phys();
+        if node >= phys.nr_nodes() {
             return Err(Errno::EINVAL);
         }
         st.mm_mut(pid).home_node = node;
@@ -424,12 +434,12 @@ impl Kernel {
     /// # Errors
     /// [`MovableError`] for a node out of range, node 0, or a node already in use.
     pub fn set_node_movable(&self, node: u32) -> Result<(), MovableError> {
-        self.state().phys.set_node_movable(node)
+        self.phys().set_node_movable(node)
     }
 
     /// Returns whether frame `f` is in movable memory (`is_zone_movable_page`).
     pub fn is_zone_movable_page(&self, f: FrameId) -> bool {
-        self.state().phys.is_zone_movable_page(f)
+        self.phys().is_zone_movable_page(f)
     }
 
     /// Allocates a zero-filled anonymous RAM page with the allocation policy of `pid` (its home node, then
@@ -444,9 +454,10 @@ impl Kernel {
     /// Allocates a zero-filled anonymous RAM page as [`Kernel::alloc_ram_page`] does, limited to `zone`
     /// ([`GfpZone::Normal`]: never from a movable node, the destination of a long-term GUP migration).
     pub fn alloc_ram_page_in(&self, pid: Option<Pid>, zone: GfpZone) -> Option<FrameId> {
-        let mut st = self.state();
+        let st = self.state();
+        let mut phys = self.phys();
         let home = pid.map_or(0, |p| st.home_node(p));
-        st.phys.alloc_node_in(home, FrameOwner::Anon, zone).ok()
+        phys.alloc_node_in(home, FrameOwner::Anon, zone).ok()
     }
 
     /// Returns `pid`'s `mmap_lock`.

@@ -20,6 +20,7 @@ impl Kernel {
             let b = Range::from_len(block, PMD_SIZE).expect("inside r");
             let frames: Option<Vec<FrameId>> = {
                 let st = self.state();
+                let phys = self.phys();
                 let mm = st.mm(pid);
                 let anon = mm
                     .vma(block)
@@ -30,30 +31,32 @@ impl Kernel {
                     && leaves.iter().all(|l| {
                         l.size == PageSize::Size4K
                             && matches!(l.pte, Pte::Present { frame, special: false, .. }
-                                if st.phys.frame(frame).owner() == FrameOwner::Anon
-                                    && st.phys.frame(frame).mapcount == 1
-                                    && st.phys.frame(frame).refcount == 1)
+                                if phys.frame(frame).owner() == FrameOwner::Anon
+                                    && phys.frame(frame).mapcount == 1
+                                    && phys.frame(frame).refcount == 1)
                     });
                 ok.then(|| leaves.iter().filter_map(|l| l.pte.frame()).collect())
             };
             if let Some(frames) = frames {
                 let head = {
-                    let mut st = self.state();
+                    let st = self.state();
+                    let mut phys = self.phys();
                     let home = st.home_node(pid);
                     let zone = st.anon_zone(pid);
-                    st.phys.alloc_pmd_node_in(home, FrameOwner::Anon, zone)
+                    phys.alloc_pmd_node_in(home, FrameOwner::Anon, zone)
                 };
                 if let Ok(head) = head {
                     self.invalidate_range_start(pid, b, NotifierEvent::Clear, None)
                         .await;
                     {
                         let mut st = self.state();
+                        let mut phys = self.phys();
                         for (i, f) in frames.iter().enumerate() {
                             let dst = FrameId(head.0 + i as u64);
-                            st.phys.copy_frame(*f, dst);
-                            st.phys.frame_mut(dst).mapcount = 1;
+                            phys.copy_frame(*f, dst);
+                            phys.frame_mut(dst).mapcount = 1;
                             st.mm_mut(pid).pt.clear(block.add(i as u64 * PAGE_SIZE));
-                            st.unmap_frame(*f);
+                            phys.unmap_frame(*f);
                         }
                         st.mm_mut(pid).pt.set_pmd(
                             block,

@@ -14,7 +14,7 @@ use crate::kernel::{FaultResult, Kernel, KernelState, SigInfo, ThpPolicy};
 use crate::mmu_notifier::NotifierEvent;
 use crate::oracle::{LogicalPage, Oracle, ViolationKind};
 use crate::pagetable::{Leaf, Pte};
-use crate::phys::{FRAMES_PER_PMD, FrameOwner, GfpZone};
+use crate::phys::{FRAMES_PER_PMD, FrameOwner, GfpZone, PhysMem};
 use crate::vma::{VmFlags, Vma, VmaBacking};
 use crate::vmscan::Swap;
 
@@ -62,7 +62,8 @@ impl Kernel {
             let page = va.align_down(PAGE_SIZE);
             loop {
                 let hit = {
-                    let mut st = self.state();
+                    let st = self.state();
+                    let mut phys = self.phys();
                     let mut p2p = self.p2p();
                     let mut oracle = self.oracle();
                     let allowed = st.mm(pid).vma(page).is_some_and(|v| {
@@ -105,15 +106,29 @@ impl Kernel {
                         match st.mm(pid).translate(page) {
                             Some((frame, w, _)) if allowed && (w || !write) => {
                                 // The MMU sets the PTE young bit (crate::vmscan: one bit per frame).
-                                st.phys.frame_mut(frame).accessed = true;
+                                phys.frame_mut(frame).accessed = true;
                                 match &mut access {
                                     Access::Read(buf) => {
-                                        st.oracle_check_cpu(&mut oracle, pid, page, frame, false);
-                                        st.phys.read(frame, in_page, &mut buf[pos..pos + n]);
+                                        st.oracle_check_cpu(
+                                            &mut oracle,
+                                            &phys,
+                                            pid,
+                                            page,
+                                            frame,
+                                            false,
+                                        );
+                                        phys.read(frame, in_page, &mut buf[pos..pos + n]);
                                     }
                                     Access::Write(data) => {
-                                        st.phys.write(frame, in_page, &data[pos..pos + n]);
-                                        st.oracle_check_cpu(&mut oracle, pid, page, frame, true);
+                                        phys.write(frame, in_page, &data[pos..pos + n]);
+                                        st.oracle_check_cpu(
+                                            &mut oracle,
+                                            &phys,
+                                            pid,
+                                            page,
+                                            frame,
+                                            true,
+                                        );
                                     }
                                 }
                                 true
@@ -225,16 +240,15 @@ impl Kernel {
         va: Va,
         frame: FrameId,
     ) -> FaultResult {
-        if self.state().phys.frame(frame).locked {
+        if self.phys().frame(frame).locked {
             // A migration holds the page (crate::migrate, crate::migrate_device): do_swap_page's trylock fails;
             // wait for the unlock, then the access retries against whatever entry is there now.
-            let st = &self.state;
             self.migration_wq
-                .wait_event(|| !st.borrow().phys.frame(frame).locked)
+                .wait_event(|| !self.phys().frame(frame).locked)
                 .await;
             return Ok(());
         }
-        let region = self.state().phys.region_of(frame);
+        let region = self.phys().region_of(frame);
         let ops = self.pgmaps.borrow().get(&region).cloned();
         let Some(ops) = ops else {
             return Err(SigInfo::bus(va));
@@ -249,6 +263,7 @@ impl Kernel {
     /// COW copy of a page-cache page for a write to a private file mapping.
     pub(crate) fn do_missing_page(&self, pid: Pid, vma: &Vma, va: Va, write: bool) -> FaultResult {
         let mut st = self.state();
+        let mut phys = self.phys();
         let mut swap = self.swap();
         let mut oracle = self.oracle();
         let mut files = self.files();
@@ -260,10 +275,10 @@ impl Kernel {
             }
             VmaBacking::Anon => {
                 if vma.flags.contains(VmFlags::HUGETLB) {
-                    return st.hugetlb_fault(pid, vma, va);
+                    return st.hugetlb_fault(&mut phys, pid, vma, va);
                 }
                 if !write {
-                    let zero = st.phys.zero_page();
+                    let zero = phys.zero_page();
                     st.mm_mut(pid).pt.set_pte(
                         va,
                         Pte::Present {
@@ -278,9 +293,9 @@ impl Kernel {
                     let base = va.align_down(PMD_SIZE);
                     let home = st.home_node(pid);
                     let zone = st.anon_zone(pid);
-                    if let Ok(head) = st.phys.alloc_pmd_node_in(home, FrameOwner::Anon, zone) {
+                    if let Ok(head) = phys.alloc_pmd_node_in(home, FrameOwner::Anon, zone) {
                         for i in 0..FRAMES_PER_PMD {
-                            let f = st.phys.frame_mut(FrameId(head.0 + i));
+                            let f = phys.frame_mut(FrameId(head.0 + i));
                             f.mapcount = 1;
                             f.lru = crate::phys::LruState::Active;
                         }
@@ -297,9 +312,11 @@ impl Kernel {
                     }
                     self.sim.count("thp.fault_fallback", 1);
                 }
-                let frame = st.alloc_anon_for(pid).map_err(|_| SigInfo::bus(va))?;
-                st.phys.frame_mut(frame).mapcount = 1;
-                swap.lru_add_new_anon(&mut st.phys, frame);
+                let frame = st
+                    .alloc_anon_for(&mut phys, pid)
+                    .map_err(|_| SigInfo::bus(va))?;
+                phys.frame_mut(frame).mapcount = 1;
+                swap.lru_add_new_anon(&mut phys, frame);
                 st.mm_mut(pid).pt.set_pte(
                     va,
                     Pte::Present {
@@ -312,15 +329,15 @@ impl Kernel {
             }
             VmaBacking::File { .. } => {
                 let (file, pgoff) = vma.file_pgoff(va).expect("file VMA");
-                let cache = files
-                    .page(&mut st.phys, file, pgoff)
-                    .ok_or(SigInfo::bus(va))?;
+                let cache = files.page(&mut phys, file, pgoff).ok_or(SigInfo::bus(va))?;
                 if write && !vma.is_shared() {
                     // Private file write fault: COW from the page cache into a new anonymous page.
-                    let frame = st.alloc_anon_for(pid).map_err(|_| SigInfo::bus(va))?;
-                    st.phys.copy_frame(cache, frame);
-                    st.phys.frame_mut(frame).mapcount = 1;
-                    swap.lru_add_new_anon(&mut st.phys, frame);
+                    let frame = st
+                        .alloc_anon_for(&mut phys, pid)
+                        .map_err(|_| SigInfo::bus(va))?;
+                    phys.copy_frame(cache, frame);
+                    phys.frame_mut(frame).mapcount = 1;
+                    swap.lru_add_new_anon(&mut phys, frame);
                     st.mm_mut(pid).pt.set_pte(
                         va,
                         Pte::Present {
@@ -340,7 +357,7 @@ impl Kernel {
                     }
                     return Ok(());
                 }
-                st.map_frame(cache);
+                phys.map_frame(cache);
                 let w = write && vma.is_shared();
                 st.mm_mut(pid).pt.set_pte(
                     va,
@@ -367,9 +384,10 @@ impl Kernel {
         }
         if leaf.size != PageSize::Size4K {
             let mut st = self.state();
+            let phys = self.phys();
             let head = leaf.pte.frame().expect("present");
             let exclusive = (0..FRAMES_PER_PMD).all(|i| {
-                let f = st.phys.frame(FrameId(head.0 + i));
+                let f = phys.frame(FrameId(head.0 + i));
                 f.refcount == 1 && f.owner() == FrameOwner::Anon
             });
             if exclusive {
@@ -383,9 +401,10 @@ impl Kernel {
         }
         let (frame, zero, reuse) = {
             let st = self.state();
+            let phys = self.phys();
             let (frame, _, _) = st.mm(pid).translate(va).expect("present entry");
-            let f = st.phys.frame(frame);
-            let zero = frame == st.phys.zero_page();
+            let f = phys.frame(frame);
+            let zero = frame == phys.zero_page();
             // wp_can_reuse_anon_folio: reuse an exclusive anonymous page. The model's "exclusive" is one
             // mapping and no references beyond pins (fork never shares a pinned exclusive page: it copies it for
             // the child), so a pinned page is reused, never replaced under its DMA.
@@ -409,9 +428,9 @@ impl Kernel {
         }
         // Oracle check 3: a COW must never replace a page a device may be writing through a pin.
         {
-            let st = self.state();
+            let phys = self.phys();
             let mut oracle = self.oracle();
-            if oracle.enabled() && !zero && st.phys.frame(frame).maybe_dma_pinned() {
+            if oracle.enabled() && !zero && phys.frame(frame).maybe_dma_pinned() {
                 oracle.violation(
                     ViolationKind::PinBroken,
                     format!("COW replaced pinned {frame} at pid {} va {va}: DMA through the pin is lost", pid.0),
@@ -421,10 +440,10 @@ impl Kernel {
         // wp_page_copy: allocate, copy, then replace the entry inside a CLEAR invalidation.
         let new = self
             .state()
-            .alloc_anon_for(pid)
+            .alloc_anon_for(&mut self.phys(), pid)
             .map_err(|_| SigInfo::bus(va))?;
         if !zero {
-            self.state().phys.copy_frame(frame, new);
+            self.phys().copy_frame(frame, new);
             self.spend(self.costs.page_copy).await;
         }
         let page = Range::from_len(va, PAGE_SIZE).expect("page in user space");
@@ -432,6 +451,7 @@ impl Kernel {
             .await;
         {
             let mut st = self.state();
+            let mut phys = self.phys();
             let mut swap = self.swap();
             let mut oracle = self.oracle();
             // pte_same: if the entry changed while we slept, drop the copy and let the access retry.
@@ -441,7 +461,7 @@ impl Kernel {
                 .is_some_and(|(f, w, _)| f == frame && !w);
             if same {
                 // A COW of a page-cache page moves the page's identity from the file to this process.
-                if let FrameOwner::File { file, pgoff } = st.phys.frame(frame).owner()
+                if let FrameOwner::File { file, pgoff } = phys.frame(frame).owner()
                     && let Some(e) = oracle.expected(LogicalPage::File { file, pgoff })
                 {
                     oracle.record(
@@ -452,8 +472,8 @@ impl Kernel {
                         e,
                     );
                 }
-                st.phys.frame_mut(new).mapcount = 1;
-                swap.lru_add_new_anon(&mut st.phys, new);
+                phys.frame_mut(new).mapcount = 1;
+                swap.lru_add_new_anon(&mut phys, new);
                 st.mm_mut(pid).pt.set_pte(
                     va,
                     Pte::Present {
@@ -462,10 +482,10 @@ impl Kernel {
                         special: false,
                     },
                 );
-                st.unmap_frame(frame);
+                phys.unmap_frame(frame);
                 self.sim.count("cpu.cow_copy", 1);
             } else {
-                st.phys.put(new);
+                phys.put(new);
             }
         }
         self.invalidate_range_end(pid);
@@ -486,7 +506,13 @@ impl Kernel {
 impl KernelState {
     /// Removes every leaf of `pid` inside `r` (splitting PMD leaves that stick out), dropping frame
     /// references; returns the number of base pages zapped. `keep_file` leaves page-cache pages cached.
-    pub(crate) fn zap_range(&mut self, swap: &mut Swap, pid: Pid, r: Range<Va>) -> u64 {
+    pub(crate) fn zap_range(
+        &mut self,
+        phys: &mut PhysMem,
+        swap: &mut Swap,
+        pid: Pid,
+        r: Range<Va>,
+    ) -> u64 {
         // The page-table walk first (the cursor borrows the table), then the references, in the same order.
         let mut removed = Vec::new();
         let mut cursor = self.mm_mut(pid).pt.cursor_mut(r);
@@ -496,12 +522,12 @@ impl KernelState {
         let mut nr = 0;
         for l in &removed {
             nr += l.size.nr_pages();
-            self.drop_leaf_refs(swap, l);
+            Self::drop_leaf_refs(phys, swap, l);
         }
         nr
     }
 
-    pub(crate) fn drop_leaf_refs(&mut self, swap: &mut Swap, l: &Leaf) {
+    pub(crate) fn drop_leaf_refs(phys: &mut PhysMem, swap: &mut Swap, l: &Leaf) {
         if let Pte::Swap { slot, .. } = l.pte {
             swap.free(slot);
             return;
@@ -512,7 +538,7 @@ impl KernelState {
         }
         if let Some(f) = l.pte.frame() {
             for i in 0..l.size.nr_pages() {
-                self.unmap_frame(FrameId(f.0 + i));
+                phys.unmap_frame(FrameId(f.0 + i));
             }
         }
     }
@@ -531,19 +557,24 @@ impl KernelState {
         vma.range.contains_range(&r) && self.mm(pid).pt.leaves(r.start, r.end).is_empty()
     }
 
-    pub(crate) fn hugetlb_fault(&mut self, pid: Pid, vma: &Vma, va: Va) -> FaultResult {
+    pub(crate) fn hugetlb_fault(
+        &mut self,
+        phys: &mut PhysMem,
+        pid: Pid,
+        vma: &Vma,
+        va: Va,
+    ) -> FaultResult {
         let base = va.align_down(PMD_SIZE);
         if !self.mm(pid).pt.leaves(base, base.add(PMD_SIZE)).is_empty() {
             return Ok(());
         }
         let home = self.home_node(pid);
         // Hugetlb pool pages stay out of movable memory: the model cannot migrate them.
-        let head = self
-            .phys
+        let head = phys
             .alloc_pmd_node_in(home, FrameOwner::Anon, GfpZone::Normal)
             .map_err(|_| SigInfo::bus(va))?;
         for i in 0..FRAMES_PER_PMD {
-            self.phys.frame_mut(FrameId(head.0 + i)).mapcount = 1;
+            phys.frame_mut(FrameId(head.0 + i)).mapcount = 1;
         }
         let write = vma.flags.contains(VmFlags::WRITE);
         self.mm_mut(pid).pt.set_pmd(
@@ -561,6 +592,7 @@ impl KernelState {
     pub(crate) fn oracle_check_cpu(
         &self,
         oracle: &mut Oracle,
+        phys: &PhysMem,
         pid: Pid,
         va: Va,
         frame: FrameId,
@@ -569,17 +601,17 @@ impl KernelState {
         if !oracle.enabled() {
             return;
         }
-        if !self.phys.frame(frame).is_allocated() {
+        if !phys.frame(frame).is_allocated() {
             oracle.violation(
                 ViolationKind::UseAfterFree,
                 format!("CPU access of freed {frame} at {va}"),
             );
             return;
         }
-        let Some(key) = self.logical_page(pid, va) else {
+        let Some(key) = self.logical_page(phys, pid, va) else {
             return;
         };
-        let h = self.phys.content_hash(frame);
+        let h = phys.content_hash(frame);
         if write {
             oracle.record(key, h);
         } else {

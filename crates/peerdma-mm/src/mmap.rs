@@ -164,19 +164,19 @@ impl Kernel {
         let _g = lock.write().await;
         let range = self.insert_driver_vma(pid, len, flags).await?;
         let mut st = self.state();
+        let mut phys = self.phys();
         let nr = range.nr_pages();
         // Kernel pages (GFP_KERNEL) never come from movable memory.
-        if st.phys.nr_free_zone(GfpZone::Normal) < nr {
+        if phys.nr_free_zone(GfpZone::Normal) < nr {
             st.remove_vmas(pid, range);
             return Err(Errno::ENOMEM);
         }
         let home = st.home_node(pid);
         for page in range.pages() {
-            let frame = st
-                .phys
+            let frame = phys
                 .alloc_node(home, FrameOwner::Kernel)
                 .expect("counted free frames above");
-            st.phys.frame_mut(frame).mapcount = 1;
+            phys.frame_mut(frame).mapcount = 1;
             // vm_insert_page maps the page read-only in a private mapping; a write fault COWs it.
             let write = shared && prot.write;
             st.mm_mut(pid).pt.set_pte(

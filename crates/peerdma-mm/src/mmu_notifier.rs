@@ -310,9 +310,10 @@ impl Kernel {
         self.invalidate_range_start(pid, r, event, None).await;
         let nr = {
             let mut st = self.state();
+            let mut phys = self.phys();
             let mut swap = self.swap();
             let mut oracle = self.oracle();
-            let nr = st.zap_range(&mut swap, pid, r);
+            let nr = st.zap_range(&mut phys, &mut swap, pid, r);
             oracle.forget_anon(pid, r);
             nr
         };

@@ -145,8 +145,8 @@ impl Kernel {
     /// pages (`pci_p2pdma_add_resource` + `devm_memremap_pages`, spec §1.2) and returns the region index. The
     /// region's free frames are the provider's pool. `base` is rounded down and `len` up to whole pages.
     pub fn add_p2p_memory(&self, provider: DeviceId, base: Pa, len: u64) -> usize {
-        let mut st = self.state();
-        let r = st.phys.add_region_at(
+        let mut phys = self.phys();
+        let r = phys.add_region_at(
             MemoryKind::P2pMem { provider },
             len.div_ceil(PAGE_SIZE),
             base.align_down(PAGE_SIZE),
@@ -163,7 +163,7 @@ impl Kernel {
 
     /// Returns the number of free pages in the pool of P2P region `region` (`p2pmem/available` in pages).
     pub fn p2p_memory_free_pages(&self, region: usize) -> u64 {
-        self.state().phys.nr_free(region)
+        self.phys().nr_free(region)
     }
 
     /// `mmap` of the p2pmem `allocate` file of P2P region `region` (`p2pmem_alloc_mmap`, spec §1.7): takes
@@ -195,6 +195,7 @@ impl Kernel {
         let _g = lock.write().await;
         let range = self.insert_driver_vma(pid, len, flags).await?;
         let mut st = self.state();
+        let mut phys = self.phys();
         let p2p = self.p2p();
         // The pgmap reference is dead once unbinding started (spec §1.7 table, row 5).
         if p2p.is_region_removed(region) {
@@ -202,7 +203,7 @@ impl Kernel {
             return Err(Errno::ENODEV);
         }
         let nr = range.nr_pages();
-        let Ok(first) = st.phys.alloc_contiguous(region, nr, FrameOwner::Kernel) else {
+        let Ok(first) = phys.alloc_contiguous(region, nr, FrameOwner::Kernel) else {
             st.remove_vmas(pid, range);
             return Err(Errno::ENOMEM);
         };
@@ -214,7 +215,7 @@ impl Kernel {
         for (i, page) in range.pages().enumerate() {
             let frame = FrameId(first.0 + i as u64);
             // The allocation's reference becomes the PTE's (refcount 1, mapcount 1).
-            st.phys.frame_mut(frame).mapcount = 1;
+            phys.frame_mut(frame).mapcount = 1;
             st.mm_mut(pid).pt.set_pte(
                 page,
                 Pte::Present {
@@ -242,8 +243,7 @@ impl Kernel {
         }
         let nr = len.div_ceil(PAGE_SIZE);
         let first = self
-            .state()
-            .phys
+            .phys()
             .alloc_contiguous(region, nr, FrameOwner::Kernel)
             .ok()?;
         self.sim.count("p2pdma.alloc_pages", nr);
@@ -255,19 +255,18 @@ impl Kernel {
     pub fn free_p2pmem(&self, first: FrameId, len: u64) {
         let nr = len.div_ceil(PAGE_SIZE);
         {
-            let mut st = self.state();
+            let mut phys = self.phys();
             for i in 0..nr {
-                st.phys.put(FrameId(first.0 + i));
+                phys.put(FrameId(first.0 + i));
             }
         }
         self.pin_wq.wake_up_all();
     }
 
     fn p2p_region_live(&self, region: usize) -> bool {
-        let st = self.state();
+        let phys = self.phys();
         let p2p = self.p2p();
-        st.phys
-            .regions()
+        phys.regions()
             .get(region)
             .is_some_and(|r| matches!(r.kind, MemoryKind::P2pMem { .. }))
             && !p2p.is_region_removed(region)
@@ -279,8 +278,7 @@ impl Kernel {
     /// index that is not a P2P region.
     pub async fn remove_p2p_memory(&self, region: usize) {
         let is_p2p = self
-            .state()
-            .phys
+            .phys()
             .regions()
             .get(region)
             .is_some_and(|r| matches!(r.kind, MemoryKind::P2pMem { .. }));
@@ -291,9 +289,9 @@ impl Kernel {
         let nr_zapped = self
             .zap_backing(|b| b == VmaBacking::P2pMem { region })
             .await;
-        let total = self.state().phys.regions()[region].nr_frames;
+        let total = self.phys().regions()[region].nr_frames;
         self.pin_wq
-            .wait_event(|| self.state().phys.nr_free(region) == total)
+            .wait_event(|| self.phys().nr_free(region) == total)
             .await;
         self.sim.trace("p2pdma.remove", || {
             format!("region {region}: {nr_zapped} pages zapped, all {total} pages free")

@@ -748,6 +748,26 @@ impl PhysMem {
         true
     }
 
+    /// Adds one page-table mapping of `frame`: a reference and a mapcount (`folio_add_*_rmap` with the
+    /// mapping's `folio_get`); the zero page is not counted.
+    pub fn map_frame(&mut self, frame: FrameId) {
+        if frame == self.zero {
+            return;
+        }
+        self.get(frame);
+        self.frame_mut(frame).mapcount += 1;
+    }
+
+    /// Drops one page-table mapping of `frame` (mapcount and reference; the last reference frees it).
+    pub fn unmap_frame(&mut self, frame: FrameId) {
+        if frame == self.zero {
+            return;
+        }
+        let fr = self.frame_mut(frame);
+        fr.mapcount = fr.mapcount.saturating_sub(1);
+        self.put(frame);
+    }
+
     /// Sets who owns an allocated frame (the page cache adopting a page, for instance).
     pub fn set_owner(&mut self, f: FrameId, owner: FrameOwner) {
         self.frame_mut(f).owner = Some(owner);

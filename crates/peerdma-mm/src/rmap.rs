@@ -20,8 +20,8 @@
 //! then the migration entries that replaced them) and the unmap and finalize steps of `migrate_vma`
 //! ([`crate::migrate`], the other mappings of each collected page, e.g. another process's after `fork`).
 //!
-//! It also keeps the per-frame mapping accounting every mapping change goes through: `map_frame` /
-//! `unmap_frame` (`folio_add_*_rmap` + `folio_get`, `folio_remove_rmap_*` + `folio_put`).
+//! The per-frame mapping accounting every mapping change goes through, `PhysMem::map_frame` /
+//! `unmap_frame` (`folio_add_*_rmap` + `folio_get`, `folio_remove_rmap_*` + `folio_put`), lives with the frames in [`crate::phys`].
 
 use peerdma_core::{FrameId, PAGE_SIZE, Pid, Va};
 
@@ -68,26 +68,5 @@ impl KernelState {
             }
         }
         out
-    }
-}
-
-impl KernelState {
-    /// Drops one mapping of `frame` (mapcount and reference).
-    pub(crate) fn unmap_frame(&mut self, frame: FrameId) {
-        if frame == self.phys.zero_page() {
-            return;
-        }
-        let fr = self.phys.frame_mut(frame);
-        fr.mapcount = fr.mapcount.saturating_sub(1);
-        self.phys.put(frame);
-    }
-
-    /// Adds one mapping of `frame`.
-    pub(crate) fn map_frame(&mut self, frame: FrameId) {
-        if frame == self.phys.zero_page() {
-            return;
-        }
-        self.phys.get(frame);
-        self.phys.frame_mut(frame).mapcount += 1;
     }
 }

@@ -358,14 +358,14 @@ impl Kernel {
     }
 
     async fn reclaim_if_low_from(&self, home: u32) {
-        let order: Vec<u32> = self.state().phys.fallback_order(home).collect();
+        let order: Vec<u32> = self.phys().fallback_order(home).collect();
         for pass in 0..MAX_RECLAIM_PASSES {
             let watermark = if pass == 0 {
                 LOW_WATERMARK
             } else {
                 MIN_WATERMARK
             };
-            if self.state().phys.any_node_above(home, watermark) {
+            if self.phys().any_node_above(home, watermark) {
                 return;
             }
             for &node in &order {
@@ -387,12 +387,11 @@ impl Kernel {
     pub async fn reclaim_node(&self, node: u32, nr: u64) -> u64 {
         let mut stats = PassStats::default();
         let victims = {
-            let mut guard = self.state();
-            let st = &mut *guard;
+            let mut phys = self.phys();
             let mut swap = self.swap();
             let lru = swap.lru.entry(node).or_default();
             // Step 1: forget freed frames.
-            lru.purge(&st.phys);
+            lru.purge(&phys);
             // Step 2: shrink_inactive_list — scan the inactive tail, each page once.
             let mut victims: BTreeMap<FrameId, u64> = BTreeMap::new();
             for _ in 0..lru.len(false) {
@@ -402,11 +401,11 @@ impl Kernel {
                 let Some((frame, e)) = lru.pop_tail(false) else {
                     break;
                 };
-                if !AnonLru::current(&st.phys, frame, e) {
+                if !AnonLru::current(&phys, frame, e) {
                     continue;
                 }
                 stats.scan += 1;
-                let fr = st.phys.frame_mut(frame);
+                let fr = phys.frame_mut(frame);
                 // shrink_folio_list trylocks each folio: one a migration holds locked is kept for later.
                 if fr.locked {
                     lru.add_head(fr, frame, false);
@@ -441,10 +440,10 @@ impl Kernel {
                 let Some((frame, e)) = lru.pop_tail(true) else {
                     break;
                 };
-                if !AnonLru::current(&st.phys, frame, e) {
+                if !AnonLru::current(&phys, frame, e) {
                     continue;
                 }
-                let fr = st.phys.frame_mut(frame);
+                let fr = phys.frame_mut(frame);
                 // folio_referenced clears the young bits; an anonymous page is deactivated regardless.
                 fr.accessed = false;
                 lru.add_head(fr, frame, false);
@@ -460,11 +459,10 @@ impl Kernel {
         // Step 6: put back what could not be freed (unmap failed: activate_locked).
         let mut steal = 0;
         {
-            let mut guard = self.state();
-            let st = &mut *guard;
+            let mut phys = self.phys();
             let mut swap = self.swap();
             for (&frame, &generation) in &victims {
-                let fr = st.phys.frame_mut(frame);
+                let fr = phys.frame_mut(frame);
                 if fr.owner() == FrameOwner::Anon
                     && fr.generation == generation
                     && fr.lru == LruState::None
@@ -518,6 +516,7 @@ impl Kernel {
                 .await;
             {
                 let mut st = self.state();
+                let mut phys = self.phys();
                 let mut swap = self.swap();
                 // The entry may have changed while the invalidation slept.
                 let still = st
@@ -525,23 +524,23 @@ impl Kernel {
                     .pt
                     .lookup(va)
                     .is_some_and(|l| l.pte.frame() == Some(frame) && l.pte.is_present());
-                if still && !st.phys.frame(frame).maybe_dma_pinned() {
+                if still && !phys.frame(frame).maybe_dma_pinned() {
                     let slot = if let Some(&s) = slots.get(&frame) {
                         swap.dup(s);
                         s
                     } else {
                         let s = swap.next;
                         swap.next += 1;
-                        let data = st.phys.data(frame).map(|d| d.to_vec().into_boxed_slice());
+                        let data = phys.data(frame).map(|d| d.to_vec().into_boxed_slice());
                         swap.slots.insert(s, Slot { data, count: 1 });
                         slots.insert(frame, s);
                         swapped += 1;
                         s
                     };
                     st.mm_mut(pid).pt.set_pte(va, Pte::Swap { slot, write });
-                    let fr = st.phys.frame_mut(frame);
+                    let fr = phys.frame_mut(frame);
                     fr.mapcount = fr.mapcount.saturating_sub(1);
-                    st.phys.put(frame);
+                    phys.put(frame);
                 }
             }
             self.invalidate_range_end(pid);
@@ -564,18 +563,21 @@ impl Kernel {
         self.reclaim_if_low_for(pid).await;
         self.spend(self.costs.swap_io).await;
         let mut st = self.state();
+        let mut phys = self.phys();
         let mut swap = self.swap();
         // Another agent may have swapped it in meanwhile.
         if st.mm(pid).pt.lookup(va).map(|l| l.pte) != Some(Pte::Swap { slot, write }) {
             return Ok(());
         }
         // Within the process's zone: a swap-in under a long-term pin's memalloc_pin scope avoids movable memory.
-        let frame = st.alloc_anon_for(pid).map_err(|_| VmFault::Oom)?;
+        let frame = st
+            .alloc_anon_for(&mut phys, pid)
+            .map_err(|_| VmFault::Oom)?;
         if let Some(d) = swap.slots.get(&slot).and_then(|s| s.data.clone()) {
-            st.phys.write(frame, 0, &d);
+            phys.write(frame, 0, &d);
         }
         let exclusive = swap.count(slot) == 1;
-        st.phys.frame_mut(frame).mapcount = 1;
+        phys.frame_mut(frame).mapcount = 1;
         st.mm_mut(pid).pt.set_pte(
             va,
             Pte::Present {
@@ -585,8 +587,8 @@ impl Kernel {
             },
         );
         swap.free(slot);
-        swap.lru_add_new_anon(&mut st.phys, frame);
-        drop(st);
+        swap.lru_add_new_anon(&mut phys, frame);
+        drop((st, phys, swap));
         self.sim.count("swap.in", 1);
         Ok(())
     }
