@@ -23,11 +23,11 @@
 //! and reallocated since (a different generation), is a use after free — reads included.
 //!
 //! The checks themselves (`check_frame_owned`, `check_pinned_frame`, `check_mirror_current`) are
-//! `KernelState` methods at the end of this module.
+//! `Mms` methods at the end of this module.
 
 use peerdma_core::{DeviceId, FrameId, Pa, Pid, Va};
 
-use crate::kernel::{Kernel, KernelState};
+use crate::kernel::{Kernel, Mms};
 use crate::oracle::{Oracle, ViolationKind};
 use crate::pagetable::Pte;
 use crate::phys::PhysMem;
@@ -113,7 +113,7 @@ impl Kernel {
     /// The oracle's checks when device `dev` issues an access through `t` (module docs); returns whether
     /// the access may go on. A violation stops the run (unless armed as expected).
     pub fn device_issue(&self, dev: DeviceId, t: &FrameTranslation, write: bool) -> bool {
-        let st = self.state();
+        let st = self.mms();
         let phys = self.phys();
         let mut oracle = self.oracle();
         if !oracle.enabled() {
@@ -135,7 +135,7 @@ impl Kernel {
     /// the data moves and the content record follows a write (or checks a read). Returns whether the data
     /// moved.
     pub fn device_land(&self, dev: DeviceId, t: &FrameTranslation, data: DeviceData<'_>) -> bool {
-        let st = self.state();
+        let st = self.mms();
         let mut phys = self.phys();
         let mut oracle = self.oracle();
         if oracle.enabled() {
@@ -195,7 +195,7 @@ impl Kernel {
     }
 }
 
-impl KernelState {
+impl Mms {
     /// Oracle check 2 for a device translation: the frame is allocated, in the generation the translation
     /// saw (not freed and reallocated since).
     pub(crate) fn check_frame_owned(
@@ -266,9 +266,9 @@ impl KernelState {
         frame: FrameId,
         write: bool,
     ) -> bool {
-        let current = self.mms.get(&pid).and_then(|mm| {
+        let current = self.get(pid).and_then(|mm| {
             mm.translate(va).or_else(|| {
-                let leaf = mm.pt.lookup(va)?;
+                let leaf = mm.pt().lookup(va)?;
                 match leaf.pte {
                     Pte::DevicePrivate { write, .. } | Pte::DeviceExclusive { write, .. } => {
                         Some((leaf.frame_at(va)?, write, leaf))
@@ -311,9 +311,8 @@ impl KernelState {
         write: bool,
     ) -> bool {
         let invalidating = self
-            .mms
-            .get(&pid)
-            .is_some_and(|mm| mm.notifiers.invalidating(va));
+            .get(pid)
+            .is_some_and(|mm| mm.notifiers().invalidating(va));
         invalidating || self.check_mirror_current(oracle, dev, pid, va, frame, write)
     }
 }

@@ -64,11 +64,9 @@ impl Kernel {
         }
         // The i_mmap walk: every VMA of every process that maps this file range.
         let targets: Vec<(Pid, Range<Va>)> = {
-            let st = self.state();
-            st.mms
-                .values()
-                .filter(|mm| mm.alive)
-                .flat_map(|mm| mm.vmas.values().map(move |v| (mm.pid, v)))
+            let st = self.mms();
+            st.live()
+                .flat_map(|mm| mm.vmas().values().map(move |v| (mm.pid(), v)))
                 .filter_map(|(pid, v)| {
                     let VmaBacking::File { file: f, pgoff } = v.backing else {
                         return None;

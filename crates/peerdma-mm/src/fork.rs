@@ -8,7 +8,7 @@
 
 use peerdma_core::{Errno, FrameId, PageSize, Pid, Range, Va};
 
-use crate::kernel::{Kernel, KernelState, TASK_SIZE};
+use crate::kernel::{Kernel, Mms, TASK_SIZE};
 use crate::mmu_notifier::NotifierEvent;
 use crate::pagetable::{Leaf, Pte};
 use crate::phys::{FrameOwner, PhysMem};
@@ -25,14 +25,10 @@ impl Kernel {
         self.spend(self.costs.syscall).await;
         let lock = self.mmap_lock(pid);
         let _g = lock.write().await;
-        let child = self.create_process();
-        {
-            // The child runs where the parent ran: it inherits the home node (and Linux's mempolicy).
-            let mut st = self.state();
-            let home = st.home_node(pid);
-            st.mm_mut(child).home_node = home;
-        }
-        let vmas: Vec<Vma> = self.state().mm(pid).vmas.values().cloned().collect();
+        // The child runs where the parent ran: it inherits the home node (and Linux's mempolicy).
+        let home = self.home_node(pid);
+        let child = self.mms().create(&self.sim, home);
+        let vmas: Vec<Vma> = self.mms().mm(pid).vmas().values().cloned().collect();
         let mut copies = 0u64;
         for vma in vmas {
             if vma.flags.contains(VmFlags::DONTCOPY) {
@@ -40,9 +36,9 @@ impl Kernel {
             }
             let cow = !vma.is_shared();
             let leaves = self
-                .state()
+                .mms()
                 .mm(pid)
-                .pt
+                .pt()
                 .leaves(vma.range.start, vma.range.end);
             let needs_wp = cow && leaves.iter().any(|l| l.pte.is_write());
             if needs_wp {
@@ -50,11 +46,11 @@ impl Kernel {
                     .await;
             }
             {
-                let mut st = self.state();
+                let mut st = self.mms();
                 let mut phys = self.phys();
                 let mut swap = self.swap();
                 let mut oracle = self.oracle();
-                st.mm_mut(child).vmas.insert(vma.range.start, vma.clone());
+                st.mm_mut(child).insert_vma(vma.clone());
                 for leaf in leaves {
                     copies += st.copy_leaf(&mut phys, &mut swap, pid, child, &vma, leaf);
                 }
@@ -77,14 +73,14 @@ impl Kernel {
     pub async fn exit(&self, pid: Pid) {
         let lock = self.mmap_lock(pid);
         let _g = lock.write().await;
-        if !self.state().mm(pid).alive {
+        if !self.mms().mm(pid).is_alive() {
             return;
         }
         let all = Range::new(Va::from_raw(0), Va::from_raw(u64::MAX));
         self.invalidate_range_start(pid, all, NotifierEvent::Release, None)
             .await;
         {
-            let mut st = self.state();
+            let mut st = self.mms();
             let mut phys = self.phys();
             let mut swap = self.swap();
             let mut oracle = self.oracle();
@@ -94,8 +90,8 @@ impl Kernel {
                 pid,
                 Range::new(Va::from_raw(0), Va::from_raw(TASK_SIZE)),
             );
-            st.mm_mut(pid).vmas.clear();
-            st.mm_mut(pid).alive = false;
+            st.mm_mut(pid).clear_vmas();
+            st.mm_mut(pid).mark_exited();
             oracle.forget_anon(pid, all);
         }
         self.invalidate_range_end(pid);
@@ -103,7 +99,7 @@ impl Kernel {
     }
 }
 
-impl KernelState {
+impl Mms {
     /// Copies one leaf from `parent` to `child` for fork; returns the number of pages copied eagerly.
     pub(crate) fn copy_leaf(
         &mut self,
@@ -118,7 +114,7 @@ impl KernelState {
             // A swap entry is shared by parent and child (swap_duplicate), read-only for COW.
             swap.dup(slot);
             let cow = !vma.is_shared();
-            self.mm_mut(child).pt.set_pte(
+            self.mm_mut(child).pt_mut().set_pte(
                 leaf.base,
                 Pte::Swap {
                     slot,
@@ -127,7 +123,7 @@ impl KernelState {
             );
             if cow && write {
                 self.mm_mut(parent)
-                    .pt
+                    .pt_mut()
                     .set_pte(leaf.base, Pte::Swap { slot, write: false });
             }
             return 0;
@@ -141,7 +137,7 @@ impl KernelState {
                 write,
                 special: false,
             };
-            self.mm_mut(parent).pt.set_pte(leaf.base, pte);
+            self.mm_mut(parent).pt_mut().set_pte(leaf.base, pte);
             leaf.pte = pte;
         }
         if let Pte::DevicePrivate { frame, write } | Pte::Migration { frame, write } = leaf.pte {
@@ -153,15 +149,17 @@ impl KernelState {
                 phys.map_frame(FrameId(frame.0 + i));
             }
             let cow = !vma.is_shared();
-            self.mm_mut(child).pt.set_leaf(
+            self.mm_mut(child).pt_mut().set_leaf(
                 leaf.base,
                 leaf.size,
                 leaf.pte.with_write(write && !cow),
             );
             if cow && write {
-                self.mm_mut(parent)
-                    .pt
-                    .set_leaf(leaf.base, leaf.size, leaf.pte.with_write(false));
+                self.mm_mut(parent).pt_mut().set_leaf(
+                    leaf.base,
+                    leaf.size,
+                    leaf.pte.with_write(false),
+                );
             }
             return 0;
         }
@@ -175,7 +173,7 @@ impl KernelState {
             return 0;
         };
         if special {
-            self.mm_mut(child).pt.set_pte(leaf.base, leaf.pte);
+            self.mm_mut(child).pt_mut().set_pte(leaf.base, leaf.pte);
             return 0;
         }
         let cow = !vma.is_shared();
@@ -186,7 +184,7 @@ impl KernelState {
                 if let Ok(new) = self.alloc_anon_for(phys, child) {
                     phys.copy_frame(frame, new);
                     phys.frame_mut(new).mapcount = 1;
-                    self.mm_mut(child).pt.set_pte(
+                    self.mm_mut(child).pt_mut().set_pte(
                         leaf.base,
                         Pte::Present {
                             frame: new,
@@ -209,10 +207,12 @@ impl KernelState {
         };
         let wp = leaf.pte.with_write(false);
         self.mm_mut(child)
-            .pt
+            .pt_mut()
             .set_leaf(leaf.base, leaf.size, child_pte);
         if cow && write {
-            self.mm_mut(parent).pt.set_leaf(leaf.base, leaf.size, wp);
+            self.mm_mut(parent)
+                .pt_mut()
+                .set_leaf(leaf.base, leaf.size, wp);
         }
         0
     }

@@ -214,7 +214,7 @@ struct MemallocPinScope {
 
 impl MemallocPinScope {
     fn save(kernel: &Rc<Kernel>, pid: Pid) -> Self {
-        kernel.state().mm_mut(pid).memalloc_pin += 1;
+        kernel.mms().mm_mut(pid).memalloc_pin_save();
         Self {
             kernel: kernel.clone(),
             pid,
@@ -224,9 +224,9 @@ impl MemallocPinScope {
 
 impl Drop for MemallocPinScope {
     fn drop(&mut self) {
-        let mut st = self.kernel.state();
-        if let Some(mm) = st.mms.get_mut(&self.pid) {
-            mm.memalloc_pin -= 1;
+        let mut st = self.kernel.mms();
+        if let Some(mm) = st.get_mut(self.pid) {
+            mm.memalloc_pin_restore();
         }
     }
 }
@@ -360,7 +360,7 @@ impl Kernel {
         flags: GupFlags,
         write: bool,
     ) -> Result<FrameId, Errno> {
-        let vma = self.state().mm(pid).vma(va).cloned().ok_or(Errno::EFAULT)?;
+        let vma = self.mms().mm(pid).vma(va).cloned().ok_or(Errno::EFAULT)?;
         // check_vma_flags (§2.3).
         if vma.flags.intersects(VmFlags::IO | VmFlags::PFNMAP) {
             return Err(Errno::EFAULT);
@@ -399,7 +399,7 @@ impl Kernel {
         let unshare = flags.contains(GupFlags::PIN) && !write && vma.is_anonymous();
         loop {
             let hit = {
-                let st = self.state();
+                let st = self.mms();
                 let phys = self.phys();
                 match st.mm(pid).translate(va) {
                     Some((frame, w, leaf)) => {
@@ -441,20 +441,20 @@ impl Kernel {
             if flags.contains(GupFlags::NOFAULT) {
                 return Err(Errno::EFAULT);
             }
-            if force_cow || (unshare && self.state().mm(pid).translate(va).is_some()) {
+            if force_cow || (unshare && self.mms().mm(pid).translate(va).is_some()) {
                 self.handle_mm_fault(pid, va, false)
                     .await
                     .map_err(|_| Errno::EFAULT)?;
-                let leaf = self.state().mm(pid).pt.lookup(va).ok_or(Errno::EFAULT)?;
+                let leaf = self.mms().mm(pid).pt().lookup(va).ok_or(Errno::EFAULT)?;
                 self.do_wp_page(pid, &vma, va, leaf)
                     .await
                     .map_err(|_| Errno::EFAULT)?;
-                let mut st = self.state();
+                let mut st = self.mms();
                 // The copy stays read-only where the mapping or the old entry was.
-                if let Some(l) = st.mm(pid).pt.lookup(va)
+                if let Some(l) = st.mm(pid).pt().lookup(va)
                     && (force_cow || !vma.flags.contains(VmFlags::WRITE))
                 {
-                    st.mm_mut(pid).pt.set_pte(va, l.pte.with_write(false));
+                    st.mm_mut(pid).pt_mut().set_pte(va, l.pte.with_write(false));
                 }
                 continue;
             }

@@ -14,7 +14,7 @@
 
 use peerdma_core::{DeviceId, Errno, FrameId, PAGE_SIZE, PageSize, Pid, Range, Va};
 
-use crate::kernel::{Kernel, KernelState};
+use crate::kernel::{Kernel, Mms};
 use crate::mmu_notifier::NotifierId;
 use crate::pagetable::{Leaf, Pte};
 use crate::phys::{MemoryKind, PhysMem};
@@ -127,7 +127,7 @@ fn need_fault(req: u64, cpu: u64) -> Option<bool> {
 /// Classifies the page at `va`, whose page-table leaf (if any) is `leaf` (`hmm_vma_walk_pmd` /
 /// `hmm_vma_handle_pte` for one page).
 fn classify(
-    st: &KernelState,
+    st: &Mms,
     phys: &PhysMem,
     pid: Pid,
     va: Va,
@@ -226,9 +226,9 @@ impl Kernel {
         // The walk proper: one page-table cursor pass from `last` (`walk_page_range`), classifying every
         // page — the holes between the cursor's leaves included — until one needs a fault or fails.
         let (walked, stop) = {
-            let st = self.state();
+            let st = self.mms();
             let phys = self.phys();
-            let mut cursor = st.mm(range.pid).pt.cursor(Range::new(*last, range.end));
+            let mut cursor = st.mm(range.pid).pt().cursor(Range::new(*last, range.end));
             let mut next_leaf = cursor.next();
             let mut va = *last;
             let mut walked = 0u64;
@@ -270,7 +270,7 @@ impl Kernel {
                 PageResult::Fault(write) => {
                     *last = va;
                     let vma_write = self
-                        .state()
+                        .mms()
                         .mm(range.pid)
                         .vma(va)
                         .is_some_and(|v| v.flags.contains(VmFlags::WRITE));
@@ -290,9 +290,9 @@ impl Kernel {
                             .expect("fits");
                         let req = (range.hmm_pfns[i] & range.pfn_flags_mask) | range.default_flags;
                         let r = {
-                            let st = self.state();
+                            let st = self.mms();
                             let phys = self.phys();
-                            let leaf = st.mm(range.pid).pt.lookup(page);
+                            let leaf = st.mm(range.pid).pt().lookup(page);
                             classify(
                                 &st,
                                 &phys,

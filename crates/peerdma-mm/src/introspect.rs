@@ -19,7 +19,7 @@ use crate::vma::Vma;
 impl Kernel {
     /// Returns whether `pid` is a created process that has not exited.
     pub fn is_alive(&self, pid: Pid) -> bool {
-        self.state().mms.get(&pid).is_some_and(|mm| mm.alive)
+        self.mms().get(pid).is_some_and(|mm| mm.is_alive())
     }
 
     /// Returns (a copy of) the VMA of `pid` containing `va` (`vma_lookup`).
@@ -27,7 +27,7 @@ impl Kernel {
     /// # Panics
     /// Panics for an unknown pid.
     pub fn vma_at(&self, pid: Pid, va: Va) -> Option<Vma> {
-        self.state().mm(pid).vma(va).cloned()
+        self.mms().mm(pid).vma(va).cloned()
     }
 
     /// Returns (copies of) every VMA of `pid`, in address order (`/proc/<pid>/maps`).
@@ -35,7 +35,7 @@ impl Kernel {
     /// # Panics
     /// Panics for an unknown pid.
     pub fn vmas(&self, pid: Pid) -> Vec<Vma> {
-        self.state().mm(pid).vmas.values().cloned().collect()
+        self.mms().mm(pid).vmas().values().cloned().collect()
     }
 
     /// Returns the CPU page-table entry of the leaf covering `va` in `pid`, if any (`/proc/<pid>/pagemap`).
@@ -43,7 +43,7 @@ impl Kernel {
     /// # Panics
     /// Panics for an unknown pid.
     pub fn pte_at(&self, pid: Pid, va: Va) -> Option<Pte> {
-        self.state().mm(pid).pt.lookup(va).map(|l| l.pte)
+        self.mms().mm(pid).pt().lookup(va).map(|l| l.pte)
     }
 
     /// Returns the frame a *present* mapping gives `va` in `pid`, and whether it is writable.
@@ -51,7 +51,7 @@ impl Kernel {
     /// # Panics
     /// Panics for an unknown pid.
     pub fn translate(&self, pid: Pid, va: Va) -> Option<(FrameId, bool)> {
-        self.state()
+        self.mms()
             .mm(pid)
             .translate(va)
             .map(|(f, write, _)| (f, write))
@@ -59,7 +59,7 @@ impl Kernel {
 
     /// Returns the depth of `memalloc_pin_save` scopes open on `pid`'s address space (0 for an unknown pid).
     pub fn memalloc_pin_depth(&self, pid: Pid) -> u32 {
-        self.state().mms.get(&pid).map_or(0, |mm| mm.memalloc_pin)
+        self.mms().get(pid).map_or(0, |mm| mm.memalloc_pin_depth())
     }
 }
 

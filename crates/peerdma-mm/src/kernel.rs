@@ -1,13 +1,13 @@
 //! The kernel facade: [`Kernel`] (one per simulation, shared as `Rc<Kernel>`) and the state it guards
-//! (`KernelState`: physical memory, address spaces, files, swap, P2P state and the oracle), with construction,
+//! (`Mms`: physical memory, address spaces, files, swap, P2P state and the oracle), with construction,
 //! processes, NUMA placement and the helpers every mechanism shares (VMA lookup and splitting, range
-//! checks). The mechanisms themselves are `impl Kernel` / `impl KernelState` blocks in one module each, named
+//! checks). The mechanisms themselves are `impl Kernel` / `impl Mms` blocks in one module each, named
 //! after Linux's mm/ files: [`crate::memory`] (faults, COW, zap), [`crate::mmap`], [`crate::mprotect`],
 //! [`crate::mremap`], [`crate::madvise`], [`crate::khugepaged`], [`crate::fork`] (fork and exit),
 //! [`crate::filemap`] (page cache, truncate), [`crate::mmu_notifier`] (mmu interval notifiers), [`crate::rmap`],
 //! [`crate::gup`], [`crate::hmm`], [`crate::migrate`], [`crate::migrate_device`], [`crate::vmscan`] (reclaim),
 //! [`crate::p2pdma`], [`crate::device_access`] (the oracle's device checks) and [`crate::introspect`] (the
-//! narrow read-only questions other crates may ask). Other crates never borrow `KernelState`: it and
+//! narrow read-only questions other crates may ask). Other crates never borrow `Mms`: it and
 //! `Kernel::state` are crate-private.
 //!
 //! Every operation that can sleep in Linux is an `async fn` here, and sleeps at the same points: taking
@@ -43,7 +43,7 @@ use peerdma_sim::{RwSem, Sim, WaitQueue};
 
 use crate::costs::MmCosts;
 use crate::file::PageCache;
-use crate::mmu_notifier::NotifierState;
+use crate::mmu_notifier::{NotifierId, NotifierState};
 use crate::oracle::{LogicalPage, Oracle};
 use crate::p2pdma::P2pState;
 use crate::pagetable::{Leaf, PageTable, Pte};
@@ -101,25 +101,97 @@ impl VmFault {
 #[derive(Debug)]
 pub(crate) struct AddressSpace {
     /// The owning process.
-    pub(crate) pid: Pid,
+    pid: Pid,
     /// VMAs by start address.
-    pub(crate) vmas: BTreeMap<Va, Vma>,
+    vmas: BTreeMap<Va, Vma>,
     /// The CPU page table.
-    pub(crate) pt: PageTable,
+    pt: PageTable,
     /// Interval notifiers.
-    pub(crate) notifiers: NotifierState,
+    notifiers: NotifierState,
     /// `mmap_lock`.
-    pub(crate) mmap_lock: RwSem,
+    mmap_lock: RwSem,
     /// False once the process exited.
-    pub(crate) alive: bool,
+    alive: bool,
     /// The NUMA node its allocations prefer (the default local policy's node).
-    pub(crate) home_node: u32,
+    home_node: u32,
     /// Depth of `memalloc_pin_save` scopes open on it (long-term GUP): while non-zero its anonymous
     /// allocations avoid movable memory (module docs).
-    pub(crate) memalloc_pin: u32,
+    memalloc_pin: u32,
 }
 
 impl AddressSpace {
+    /// Returns the owning process.
+    pub(crate) fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// Returns the VMAs by start address.
+    pub(crate) fn vmas(&self) -> &BTreeMap<Va, Vma> {
+        &self.vmas
+    }
+
+    /// Inserts `vma` (which must not overlap another; callers clear the range first).
+    pub(crate) fn insert_vma(&mut self, vma: Vma) {
+        debug_assert!(self.vmas_in(vma.range).is_empty(), "overlapping VMA");
+        self.vmas.insert(vma.range.start, vma);
+    }
+
+    /// Returns the VMA starting at `start`, mutably (its flags or backing change; it may grow into a free
+    /// gap).
+    pub(crate) fn vma_mut(&mut self, start: Va) -> Option<&mut Vma> {
+        self.vmas.get_mut(&start)
+    }
+
+    /// Removes every VMA (exit).
+    pub(crate) fn clear_vmas(&mut self) {
+        self.vmas.clear();
+    }
+
+    /// Returns the CPU page table.
+    pub(crate) fn pt(&self) -> &PageTable {
+        &self.pt
+    }
+
+    /// Returns the CPU page table, mutably.
+    pub(crate) fn pt_mut(&mut self) -> &mut PageTable {
+        &mut self.pt
+    }
+
+    /// Returns the interval-notifier state.
+    pub(crate) fn notifiers(&self) -> &NotifierState {
+        &self.notifiers
+    }
+
+    /// Returns the interval-notifier state, mutably.
+    pub(crate) fn notifiers_mut(&mut self) -> &mut NotifierState {
+        &mut self.notifiers
+    }
+
+    /// Returns whether the process is still alive (not exited).
+    pub(crate) fn is_alive(&self) -> bool {
+        self.alive
+    }
+
+    /// Marks the process exited (its mappings are gone).
+    pub(crate) fn mark_exited(&mut self) {
+        self.alive = false;
+    }
+
+    /// Returns the depth of `memalloc_pin_save` scopes open on it.
+    pub(crate) fn memalloc_pin_depth(&self) -> u32 {
+        self.memalloc_pin
+    }
+
+    /// Opens a `memalloc_pin_save` scope.
+    pub(crate) fn memalloc_pin_save(&mut self) {
+        self.memalloc_pin += 1;
+    }
+
+    /// Closes a `memalloc_pin_save` scope (`memalloc_pin_restore`).
+    pub(crate) fn memalloc_pin_restore(&mut self) {
+        self.memalloc_pin -= 1;
+    }
+
     /// Returns the VMA containing `va` (`vma_lookup`).
     pub(crate) fn vma(&self, va: Va) -> Option<&Vma> {
         let (_, v) = self.vmas.range(..=va).next_back()?;
@@ -163,45 +235,85 @@ impl AddressSpace {
     }
 }
 
-/// Mutable kernel state. Borrow it only between awaits.
+/// Every process address space, by pid (the model's task list as far as mm sees it), with the id counters
+/// of processes and interval notifiers. Borrow it only between awaits.
 #[derive(Debug)]
-pub(crate) struct KernelState {
-    /// Address spaces by pid.
-    pub(crate) mms: BTreeMap<Pid, AddressSpace>,
+pub(crate) struct Mms {
+    by_pid: BTreeMap<Pid, AddressSpace>,
     next_pid: u32,
-    pub(crate) next_notifier: u64,
+    next_notifier: u64,
 }
 
-impl KernelState {
+impl Mms {
+    /// Creates an empty address space for a new process (running on `home_node`) and returns its pid.
+    pub(crate) fn create(&mut self, sim: &Sim, home_node: u32) -> Pid {
+        let pid = Pid(self.next_pid);
+        self.next_pid += 1;
+        let mm = AddressSpace {
+            pid,
+            vmas: BTreeMap::new(),
+            pt: PageTable::new(),
+            notifiers: NotifierState::default(),
+            mmap_lock: RwSem::new(sim, "mmap_lock"),
+            alive: true,
+            home_node,
+            memalloc_pin: 0,
+        };
+        self.by_pid.insert(pid, mm);
+        pid
+    }
+
+    /// Returns a fresh interval-notifier id.
+    pub(crate) fn new_notifier_id(&mut self) -> NotifierId {
+        let id = NotifierId(self.next_notifier);
+        self.next_notifier += 1;
+        id
+    }
+
+    /// Returns the address space of `pid`, if the process was created.
+    pub(crate) fn get(&self, pid: Pid) -> Option<&AddressSpace> {
+        self.by_pid.get(&pid)
+    }
+
+    /// Returns the address space of `pid` mutably, if the process was created.
+    pub(crate) fn get_mut(&mut self, pid: Pid) -> Option<&mut AddressSpace> {
+        self.by_pid.get_mut(&pid)
+    }
+
+    /// Returns the address spaces of live (not exited) processes, by pid.
+    pub(crate) fn live(&self) -> impl Iterator<Item = &AddressSpace> {
+        self.by_pid.values().filter(|mm| mm.alive)
+    }
+
     /// Returns the address space of `pid`.
     ///
     /// # Panics
     /// Panics for an unknown pid (pids come from [`Kernel::create_process`] / [`Kernel::fork`]).
     pub(crate) fn mm(&self, pid: Pid) -> &AddressSpace {
-        self.mms.get(&pid).expect("pid of a created process")
+        self.by_pid.get(&pid).expect("pid of a created process")
     }
 
     /// Returns the address space of `pid`, mutably.
     pub(crate) fn mm_mut(&mut self, pid: Pid) -> &mut AddressSpace {
-        self.mms.get_mut(&pid).expect("pid of a created process")
+        self.by_pid.get_mut(&pid).expect("pid of a created process")
     }
 
     /// Returns the home node of `pid` (0 for a pid with no address space).
     pub(crate) fn home_node(&self, pid: Pid) -> u32 {
-        self.mms.get(&pid).map_or(0, |mm| mm.home_node)
+        self.get(pid).map_or(0, |mm| mm.home_node)
     }
 
     /// Returns the zone limit of `pid`'s anonymous allocations: [`GfpZone::Movable`], or
     /// [`GfpZone::Normal`] inside a `memalloc_pin_save` scope (module docs).
     pub(crate) fn anon_zone(&self, pid: Pid) -> GfpZone {
-        match self.mms.get(&pid) {
+        match self.get(pid) {
             Some(mm) if mm.memalloc_pin > 0 => GfpZone::Normal,
             _ => GfpZone::Movable,
         }
     }
 
     /// Allocates an anonymous RAM page for `pid`: its home node first, then fallback
-    /// ([`PhysMem::alloc_node_in`]), within [`KernelState::anon_zone`].
+    /// ([`PhysMem::alloc_node_in`]), within [`Mms::anon_zone`].
     pub(crate) fn alloc_anon_for(
         &self,
         phys: &mut PhysMem,
@@ -214,7 +326,7 @@ impl KernelState {
 
     /// Returns the logical page the oracle tracks for `va` in `pid` (see [`LogicalPage`]).
     pub(crate) fn logical_page(&self, phys: &PhysMem, pid: Pid, va: Va) -> Option<LogicalPage> {
-        let mm = self.mms.get(&pid)?;
+        let mm = self.get(pid)?;
         let vma = mm.vma(va)?;
         let vpn = va.page_number();
         match vma.backing {
@@ -288,7 +400,8 @@ pub struct Kernel {
     pub sim: Sim,
     /// Timing parameters.
     pub costs: MmCosts,
-    pub(crate) state: RefCell<KernelState>,
+    /// Every address space: VMAs, page tables, interval notifiers ([`Mms`]).
+    mms: RefCell<Mms>,
     /// The coherence oracle: it watches the model and owns only its shadow records.
     oracle: RefCell<Oracle>,
     /// Physical memory: the frames (`struct page`s), their regions and the page allocator ([`crate::phys`]).
@@ -328,8 +441,8 @@ impl Kernel {
         Rc::new(Self {
             sim: sim.clone(),
             costs,
-            state: RefCell::new(KernelState {
-                mms: BTreeMap::new(),
+            mms: RefCell::new(Mms {
+                by_pid: BTreeMap::new(),
                 next_pid: 1,
                 next_notifier: 1,
             }),
@@ -346,9 +459,9 @@ impl Kernel {
         })
     }
 
-    /// Borrows the kernel state. Never hold the borrow across an `.await`.
-    pub(crate) fn state(&self) -> RefMut<'_, KernelState> {
-        self.state.borrow_mut()
+    /// Borrows the address spaces. Never hold the borrow across an `.await`.
+    pub(crate) fn mms(&self) -> RefMut<'_, Mms> {
+        self.mms.borrow_mut()
     }
 
     /// Borrows physical memory. Never hold the borrow across an `.await`.
@@ -386,21 +499,7 @@ impl Kernel {
 
     /// Creates a process with an empty address space.
     pub fn create_process(&self) -> Pid {
-        let mut st = self.state();
-        let pid = Pid(st.next_pid);
-        st.next_pid += 1;
-        let mm = AddressSpace {
-            pid,
-            vmas: BTreeMap::new(),
-            pt: PageTable::new(),
-            notifiers: NotifierState::default(),
-            mmap_lock: RwSem::new(&self.sim, "mmap_lock"),
-            alive: true,
-            home_node: 0,
-            memalloc_pin: 0,
-        };
-        st.mms.insert(pid, mm);
-        pid
+        self.mms().create(&self.sim, 0)
     }
 
     /// Returns the number of RAM (NUMA) nodes.
@@ -414,7 +513,7 @@ impl Kernel {
     /// # Errors
     /// `EINVAL` when `node` is not below [`Kernel::nr_nodes`] (as `set_mempolicy` refuses an offline node).
     pub fn set_home_node(&self, pid: Pid, node: u32) -> Result<(), Errno> {
-        let mut st = self.state();
+        let mut st = self.mms();
         let phys = self.phys();
         if node >= phys.nr_nodes() {
             return Err(Errno::EINVAL);
@@ -425,7 +524,7 @@ impl Kernel {
 
     /// Returns the NUMA node `pid`'s allocations prefer.
     pub fn home_node(&self, pid: Pid) -> u32 {
-        self.state().home_node(pid)
+        self.mms().home_node(pid)
     }
 
     /// Makes RAM node `node` movable (ZONE_MOVABLE; [`PhysMem::set_node_movable`]), before anything is
@@ -443,18 +542,18 @@ impl Kernel {
     }
 
     /// Allocates a zero-filled anonymous RAM page with the allocation policy of `pid` (its home node, then
-    /// fallback, within `KernelState::anon_zone`), or of node 0 when no process is known (`None`: device
+    /// fallback, within `Mms::anon_zone`), or of node 0 when no process is known (`None`: device
     /// eviction, for instance; movable memory allowed, as `GFP_HIGHUSER_MOVABLE`). Device memory migrating
     /// back to RAM allocates here.
     pub fn alloc_ram_page(&self, pid: Option<Pid>) -> Option<FrameId> {
-        let zone = pid.map_or(GfpZone::Movable, |p| self.state().anon_zone(p));
+        let zone = pid.map_or(GfpZone::Movable, |p| self.mms().anon_zone(p));
         self.alloc_ram_page_in(pid, zone)
     }
 
     /// Allocates a zero-filled anonymous RAM page as [`Kernel::alloc_ram_page`] does, limited to `zone`
     /// ([`GfpZone::Normal`]: never from a movable node, the destination of a long-term GUP migration).
     pub fn alloc_ram_page_in(&self, pid: Option<Pid>, zone: GfpZone) -> Option<FrameId> {
-        let st = self.state();
+        let st = self.mms();
         let mut phys = self.phys();
         let home = pid.map_or(0, |p| st.home_node(p));
         phys.alloc_node_in(home, FrameOwner::Anon, zone).ok()
@@ -462,7 +561,7 @@ impl Kernel {
 
     /// Returns `pid`'s `mmap_lock`.
     pub fn mmap_lock(&self, pid: Pid) -> RwSem {
-        self.state().mm(pid).mmap_lock.clone()
+        self.mms().mm(pid).mmap_lock.clone()
     }
 
     // ------------------------------------------------------------------------------------------ notifiers

@@ -19,13 +19,13 @@ impl Kernel {
         while block.raw().saturating_add(PMD_SIZE) <= r.end.raw() {
             let b = Range::from_len(block, PMD_SIZE).expect("inside r");
             let frames: Option<Vec<FrameId>> = {
-                let st = self.state();
+                let st = self.mms();
                 let phys = self.phys();
                 let mm = st.mm(pid);
                 let anon = mm
                     .vma(block)
                     .is_some_and(|v| v.is_anonymous() && v.range.contains_range(&b));
-                let leaves = mm.pt.leaves(b.start, b.end);
+                let leaves = mm.pt().leaves(b.start, b.end);
                 let ok = anon
                     && leaves.len() == 512
                     && leaves.iter().all(|l| {
@@ -39,7 +39,7 @@ impl Kernel {
             };
             if let Some(frames) = frames {
                 let head = {
-                    let st = self.state();
+                    let st = self.mms();
                     let mut phys = self.phys();
                     let home = st.home_node(pid);
                     let zone = st.anon_zone(pid);
@@ -49,16 +49,18 @@ impl Kernel {
                     self.invalidate_range_start(pid, b, NotifierEvent::Clear, None)
                         .await;
                     {
-                        let mut st = self.state();
+                        let mut st = self.mms();
                         let mut phys = self.phys();
                         for (i, f) in frames.iter().enumerate() {
                             let dst = FrameId(head.0 + i as u64);
                             phys.copy_frame(*f, dst);
                             phys.frame_mut(dst).mapcount = 1;
-                            st.mm_mut(pid).pt.clear(block.add(i as u64 * PAGE_SIZE));
+                            st.mm_mut(pid)
+                                .pt_mut()
+                                .clear(block.add(i as u64 * PAGE_SIZE));
                             phys.unmap_frame(*f);
                         }
-                        st.mm_mut(pid).pt.set_pmd(
+                        st.mm_mut(pid).pt_mut().set_pmd(
                             block,
                             Pte::Present {
                                 frame: head,

@@ -10,7 +10,7 @@
 
 use peerdma_core::{Errno, FrameId, PAGE_SIZE, PMD_SIZE, PageSize, Pid, Range, Va};
 
-use crate::kernel::{FaultResult, Kernel, KernelState, SigInfo, ThpPolicy};
+use crate::kernel::{FaultResult, Kernel, Mms, SigInfo, ThpPolicy};
 use crate::mmu_notifier::NotifierEvent;
 use crate::oracle::{LogicalPage, Oracle, ViolationKind};
 use crate::pagetable::{Leaf, Pte};
@@ -62,7 +62,7 @@ impl Kernel {
             let page = va.align_down(PAGE_SIZE);
             loop {
                 let hit = {
-                    let st = self.state();
+                    let st = self.mms();
                     let mut phys = self.phys();
                     let mut p2p = self.p2p();
                     let mut oracle = self.oracle();
@@ -75,7 +75,7 @@ impl Kernel {
                     });
                     let pfn_leaf = st
                         .mm(pid)
-                        .pt
+                        .pt()
                         .lookup(page)
                         .filter(|l| matches!(l.pte, Pte::Pfn { .. }));
                     if let Some(leaf) = pfn_leaf {
@@ -157,7 +157,7 @@ impl Kernel {
         self.sim.count("cpu.faults", 1);
         self.spend(self.costs.cpu_fault).await;
         let vma = self
-            .state()
+            .mms()
             .mm(pid)
             .vma(va)
             .cloned()
@@ -166,7 +166,7 @@ impl Kernel {
         if !vma.flags.contains(need) {
             return Err(SigInfo::segv(va));
         }
-        let leaf = self.state().mm(pid).pt.lookup(va);
+        let leaf = self.mms().mm(pid).pt().lookup(va);
         match leaf {
             None => {
                 self.reclaim_if_low_for(pid).await;
@@ -186,11 +186,11 @@ impl Kernel {
                     self.invalidate_range_start(pid, page, NotifierEvent::Exclusive, None)
                         .await;
                     {
-                        let mut st = self.state();
+                        let mut st = self.mms();
                         if let Some(Pte::DeviceExclusive { frame, write }) =
-                            st.mm(pid).pt.lookup(va).map(|l| l.pte)
+                            st.mm(pid).pt().lookup(va).map(|l| l.pte)
                         {
-                            st.mm_mut(pid).pt.set_pte(
+                            st.mm_mut(pid).pt_mut().set_pte(
                                 va,
                                 Pte::Present {
                                     frame,
@@ -205,11 +205,10 @@ impl Kernel {
                 }
                 Pte::Migration { .. } => {
                     // Wait for the migration to finish, then let the access retry (migration_entry_wait).
-                    let st = &self.state;
                     self.migration_wq
                         .wait_event(|| {
                             !matches!(
-                                st.borrow().mm(pid).pt.lookup(va).map(|l| l.pte),
+                                self.mms().mm(pid).pt().lookup(va).map(|l| l.pte),
                                 Some(Pte::Migration { .. })
                             )
                         })
@@ -223,8 +222,10 @@ impl Kernel {
                 Pte::Pfn { write: w, .. } => {
                     // wp_pfn_shared: a PFNMAP VMA is shared, so a write fault just makes the entry writable.
                     if write && !w {
-                        let mut st = self.state();
-                        st.mm_mut(pid).pt.set_pte(va, leaf.pte.with_write(true));
+                        let mut st = self.mms();
+                        st.mm_mut(pid)
+                            .pt_mut()
+                            .set_pte(va, leaf.pte.with_write(true));
                     }
                     Ok(())
                 }
@@ -262,7 +263,7 @@ impl Kernel {
     /// A fault on a none entry: anonymous zero page or new page (THP where eligible), page-cache page, or
     /// COW copy of a page-cache page for a write to a private file mapping.
     pub(crate) fn do_missing_page(&self, pid: Pid, vma: &Vma, va: Va, write: bool) -> FaultResult {
-        let mut st = self.state();
+        let mut st = self.mms();
         let mut phys = self.phys();
         let mut swap = self.swap();
         let mut oracle = self.oracle();
@@ -279,7 +280,7 @@ impl Kernel {
                 }
                 if !write {
                     let zero = phys.zero_page();
-                    st.mm_mut(pid).pt.set_pte(
+                    st.mm_mut(pid).pt_mut().set_pte(
                         va,
                         Pte::Present {
                             frame: zero,
@@ -299,7 +300,7 @@ impl Kernel {
                             f.mapcount = 1;
                             f.lru = crate::phys::LruState::Active;
                         }
-                        st.mm_mut(pid).pt.set_pmd(
+                        st.mm_mut(pid).pt_mut().set_pmd(
                             base,
                             Pte::Present {
                                 frame: head,
@@ -317,7 +318,7 @@ impl Kernel {
                     .map_err(|_| SigInfo::bus(va))?;
                 phys.frame_mut(frame).mapcount = 1;
                 swap.lru_add_new_anon(&mut phys, frame);
-                st.mm_mut(pid).pt.set_pte(
+                st.mm_mut(pid).pt_mut().set_pte(
                     va,
                     Pte::Present {
                         frame,
@@ -338,7 +339,7 @@ impl Kernel {
                     phys.copy_frame(cache, frame);
                     phys.frame_mut(frame).mapcount = 1;
                     swap.lru_add_new_anon(&mut phys, frame);
-                    st.mm_mut(pid).pt.set_pte(
+                    st.mm_mut(pid).pt_mut().set_pte(
                         va,
                         Pte::Present {
                             frame,
@@ -359,7 +360,7 @@ impl Kernel {
                 }
                 phys.map_frame(cache);
                 let w = write && vma.is_shared();
-                st.mm_mut(pid).pt.set_pte(
+                st.mm_mut(pid).pt_mut().set_pte(
                     va,
                     Pte::Present {
                         frame: cache,
@@ -376,14 +377,14 @@ impl Kernel {
     /// exclusive anonymous page, or copy (firing MMU_NOTIFY_CLEAR on the page being replaced).
     pub(crate) async fn do_wp_page(&self, pid: Pid, vma: &Vma, va: Va, leaf: Leaf) -> FaultResult {
         if vma.is_shared() {
-            let mut st = self.state();
+            let mut st = self.mms();
             st.mm_mut(pid)
-                .pt
+                .pt_mut()
                 .set_leaf(leaf.base, leaf.size, leaf.pte.with_write(true));
             return Ok(());
         }
         if leaf.size != PageSize::Size4K {
-            let mut st = self.state();
+            let mut st = self.mms();
             let phys = self.phys();
             let head = leaf.pte.frame().expect("present");
             let exclusive = (0..FRAMES_PER_PMD).all(|i| {
@@ -392,15 +393,15 @@ impl Kernel {
             });
             if exclusive {
                 st.mm_mut(pid)
-                    .pt
+                    .pt_mut()
                     .set_pmd(leaf.base, leaf.pte.with_write(true));
                 return Ok(());
             }
             // Shared THP: split the PMD mapping and COW only the faulting base page (do_huge_pmd_wp_page).
-            st.mm_mut(pid).pt.split_pmd(va);
+            st.mm_mut(pid).pt_mut().split_pmd(va);
         }
         let (frame, zero, reuse) = {
-            let st = self.state();
+            let st = self.mms();
             let phys = self.phys();
             let (frame, _, _) = st.mm(pid).translate(va).expect("present entry");
             let f = phys.frame(frame);
@@ -414,8 +415,8 @@ impl Kernel {
             (frame, zero, !zero && exclusive)
         };
         if reuse {
-            let mut st = self.state();
-            st.mm_mut(pid).pt.set_pte(
+            let mut st = self.mms();
+            st.mm_mut(pid).pt_mut().set_pte(
                 va,
                 Pte::Present {
                     frame,
@@ -439,7 +440,7 @@ impl Kernel {
         }
         // wp_page_copy: allocate, copy, then replace the entry inside a CLEAR invalidation.
         let new = self
-            .state()
+            .mms()
             .alloc_anon_for(&mut self.phys(), pid)
             .map_err(|_| SigInfo::bus(va))?;
         if !zero {
@@ -450,7 +451,7 @@ impl Kernel {
         self.invalidate_range_start(pid, page, NotifierEvent::Clear, None)
             .await;
         {
-            let mut st = self.state();
+            let mut st = self.mms();
             let mut phys = self.phys();
             let mut swap = self.swap();
             let mut oracle = self.oracle();
@@ -474,7 +475,7 @@ impl Kernel {
                 }
                 phys.frame_mut(new).mapcount = 1;
                 swap.lru_add_new_anon(&mut phys, new);
-                st.mm_mut(pid).pt.set_pte(
+                st.mm_mut(pid).pt_mut().set_pte(
                     va,
                     Pte::Present {
                         frame: new,
@@ -503,7 +504,7 @@ impl Kernel {
     }
 }
 
-impl KernelState {
+impl Mms {
     /// Removes every leaf of `pid` inside `r` (splitting PMD leaves that stick out), dropping frame
     /// references; returns the number of base pages zapped. `keep_file` leaves page-cache pages cached.
     pub(crate) fn zap_range(
@@ -515,7 +516,7 @@ impl KernelState {
     ) -> u64 {
         // The page-table walk first (the cursor borrows the table), then the references, in the same order.
         let mut removed = Vec::new();
-        let mut cursor = self.mm_mut(pid).pt.cursor_mut(r);
+        let mut cursor = self.mm_mut(pid).pt_mut().cursor_mut(r);
         while cursor.find_next().is_some() {
             removed.extend(cursor.unmap());
         }
@@ -554,7 +555,7 @@ impl KernelState {
         }
         let base = va.align_down(PMD_SIZE);
         let r = Range::from_len(base, PMD_SIZE).expect("in user space");
-        vma.range.contains_range(&r) && self.mm(pid).pt.leaves(r.start, r.end).is_empty()
+        vma.range.contains_range(&r) && self.mm(pid).pt().leaves(r.start, r.end).is_empty()
     }
 
     pub(crate) fn hugetlb_fault(
@@ -565,7 +566,12 @@ impl KernelState {
         va: Va,
     ) -> FaultResult {
         let base = va.align_down(PMD_SIZE);
-        if !self.mm(pid).pt.leaves(base, base.add(PMD_SIZE)).is_empty() {
+        if !self
+            .mm(pid)
+            .pt()
+            .leaves(base, base.add(PMD_SIZE))
+            .is_empty()
+        {
             return Ok(());
         }
         let home = self.home_node(pid);
@@ -577,7 +583,7 @@ impl KernelState {
             phys.frame_mut(FrameId(head.0 + i)).mapcount = 1;
         }
         let write = vma.flags.contains(VmFlags::WRITE);
-        self.mm_mut(pid).pt.set_pmd(
+        self.mm_mut(pid).pt_mut().set_pmd(
             base,
             Pte::Present {
                 frame: head,

@@ -55,7 +55,7 @@ use std::rc::Rc;
 
 use peerdma_core::{DeviceId, Errno, FrameId, PAGE_SIZE, PageSize, Pid, Range, Va};
 
-use crate::kernel::{Kernel, KernelState, VmFault};
+use crate::kernel::{Kernel, Mms, VmFault};
 use crate::mmu_notifier::NotifierEvent;
 use crate::pagetable::Pte;
 use crate::phys::{FrameOwner, MemoryKind, PhysMem};
@@ -197,10 +197,10 @@ impl Kernel {
     ) -> Result<FrameId, Errno> {
         let va = va.align_down(PAGE_SIZE);
         loop {
-            let cur = self.state().mm(pid).translate(va);
+            let cur = self.mms().mm(pid).translate(va);
             match cur {
                 Some((_, true, leaf)) if leaf.size == PageSize::Size4K => break,
-                Some((_, true, _)) => self.state().mm_mut(pid).pt.split_pmd(va),
+                Some((_, true, _)) => self.mms().mm_mut(pid).pt_mut().split_pmd(va),
                 _ => self
                     .handle_mm_fault(pid, va, true)
                     .await
@@ -211,12 +211,12 @@ impl Kernel {
         self.invalidate_range_start(pid, page, NotifierEvent::Exclusive, owner)
             .await;
         let res = {
-            let mut st = self.state();
+            let mut st = self.mms();
             let phys = self.phys();
             match st.mm(pid).translate(va) {
                 Some((frame, write, _)) if phys.frame(frame).owner() == FrameOwner::Anon => {
                     st.mm_mut(pid)
-                        .pt
+                        .pt_mut()
                         .set_pte(va, Pte::DeviceExclusive { frame, write });
                     Ok(frame)
                 }
@@ -272,7 +272,7 @@ impl Kernel {
             return Err(Errno::EINVAL);
         }
         let vma = self
-            .state()
+            .mms()
             .mm(m.pid)
             .vma(m.start)
             .cloned()
@@ -290,7 +290,7 @@ impl Kernel {
         self.invalidate_range_start(m.pid, range, NotifierEvent::Migrate, m.event_owner)
             .await;
         {
-            let mut st = self.state();
+            let mut st = self.mms();
             let mut phys = self.phys();
             let mut skip_to = 0;
             for i in 0..n {
@@ -298,7 +298,7 @@ impl Kernel {
                     continue;
                 }
                 let va = m.va(i);
-                let mut leaf = st.mm(m.pid).pt.lookup(va);
+                let mut leaf = st.mm(m.pid).pt().lookup(va);
                 // A whole PMD-mapped anonymous THP inside the range, with SELECT_COMPOUND: one compound entry.
                 if let Some(l) = leaf
                     && l.size == PageSize::Size2M
@@ -320,7 +320,7 @@ impl Kernel {
                     })
                 {
                     st.mm_mut(m.pid)
-                        .pt
+                        .pt_mut()
                         .set_pmd(va, Pte::Migration { frame, write });
                     m.src[i] = migrate_pfn(frame)
                         | MIGRATE_PFN_MIGRATE
@@ -331,8 +331,8 @@ impl Kernel {
                     continue;
                 }
                 if leaf.is_some_and(|l| l.size != PageSize::Size4K) {
-                    st.mm_mut(m.pid).pt.split_pmd(va);
-                    leaf = st.mm(m.pid).pt.lookup(va);
+                    st.mm_mut(m.pid).pt_mut().split_pmd(va);
+                    leaf = st.mm(m.pid).pt().lookup(va);
                 }
                 let Some(leaf) = leaf else {
                     if vma.is_anonymous() {
@@ -383,7 +383,7 @@ impl Kernel {
                 phys.get(frame);
                 phys.frame_mut(frame).locked = true;
                 st.mm_mut(m.pid)
-                    .pt
+                    .pt_mut()
                     .set_pte(va, Pte::Migration { frame, write });
                 m.src[i] = migrate_pfn(frame)
                     | MIGRATE_PFN_MIGRATE
@@ -403,7 +403,7 @@ impl Kernel {
             .collect();
         self.try_to_migrate(&taken).await;
         let restored = {
-            let mut st = self.state();
+            let mut st = self.mms();
             let mut phys = self.phys();
             migrate_unmap_check(&mut st, &mut phys, &mut m.src, &taken)
         };
@@ -416,7 +416,7 @@ impl Kernel {
 
     /// Step 3: `migrate_vma_pages`.
     pub fn migrate_vma_pages(&self, m: &mut MigrateVma) {
-        let mut st = self.state();
+        let mut st = self.mms();
         let mut phys = self.phys();
         let Some(vma) = st.mm(m.pid).vma(m.start).cloned() else {
             return;
@@ -436,7 +436,7 @@ impl Kernel {
             let va = m.va(i);
             let zero = phys.zero_page();
             let ok = vma.is_anonymous()
-                && match st.mm(m.pid).pt.lookup(va) {
+                && match st.mm(m.pid).pt().lookup(va) {
                     None => true,
                     Some(l) => {
                         l.pte
@@ -453,7 +453,7 @@ impl Kernel {
             }
             let write = vma.flags.contains(VmFlags::WRITE);
             let pte = mapping_entry(phys.kind(dst), dst, write);
-            st.mm_mut(m.pid).pt.set_pte(va, pte);
+            st.mm_mut(m.pid).pt_mut().set_pte(va, pte);
             phys.frame_mut(dst).mapcount = 1;
             m.dst[i] |= DST_CONSUMED;
         }
@@ -462,7 +462,7 @@ impl Kernel {
     /// Step 4: `migrate_vma_finalize`.
     pub fn migrate_vma_finalize(&self, m: &mut MigrateVma) {
         {
-            let mut st = self.state();
+            let mut st = self.mms();
             let mut phys = self.phys();
             let mut swap = self.swap();
             let mut src_pfns = Vec::new();
@@ -493,7 +493,7 @@ impl Kernel {
                         (src, m.src[i] & MIGRATE_PFN_WRITE != 0)
                     };
                     let pte = mapping_entry(phys.kind(frame), frame, write);
-                    st.mm_mut(m.pid).pt.set_pmd(va, pte);
+                    st.mm_mut(m.pid).pt_mut().set_pmd(va, pte);
                     if to.is_some() {
                         for k in 0..512 {
                             phys.frame_mut(FrameId(frame.0 + k)).mapcount = 1;
@@ -528,7 +528,7 @@ impl Kernel {
 /// restored everywhere (`remove_migration_ptes(src, src)`), it is unlocked, the caller's reference is dropped
 /// and its entry becomes 0. Returns the number of pages restored; the caller wakes the migration wait queue.
 pub(crate) fn migrate_unmap_check(
-    st: &mut KernelState,
+    st: &mut Mms,
     phys: &mut PhysMem,
     src_pfns: &mut [u64],
     taken: &BTreeSet<FrameId>,
@@ -560,7 +560,9 @@ pub(crate) fn migrate_unmap_check(
         }
         let kind = phys.kind(f);
         for &(pid, va, write) in mine {
-            st.mm_mut(pid).pt.set_pte(va, mapping_entry(kind, f, write));
+            st.mm_mut(pid)
+                .pt_mut()
+                .set_pte(va, mapping_entry(kind, f, write));
         }
         phys.frame_mut(f).locked = false;
         phys.put(f);
@@ -578,7 +580,7 @@ pub(crate) fn migrate_unmap_check(
 /// (the last one frees it: `page_free`). Entries without a source page only drop their destination. Returns
 /// the number of pages migrated; the caller counts them and wakes the migration wait queue.
 pub(crate) fn remove_migration_ptes(
-    st: &mut KernelState,
+    st: &mut Mms,
     phys: &mut PhysMem,
     swap: &mut Swap,
     src_pfns: &[u64],
@@ -619,7 +621,7 @@ pub(crate) fn remove_migration_ptes(
         let kind = phys.kind(to);
         for &(pid, va, write) in entries.get(&src).map_or(&[][..], Vec::as_slice) {
             st.mm_mut(pid)
-                .pt
+                .pt_mut()
                 .set_pte(va, mapping_entry(kind, to, write));
             if migrated {
                 // The mapping's reference moves from the old page to the new one.

@@ -95,7 +95,7 @@ impl Kernel {
     pub async fn migrate_device_pfns(&self, src_pfns: &mut [u64]) {
         // Step 1: take the pages.
         let taken: BTreeSet<FrameId> = {
-            let st = self.state();
+            let st = self.mms();
             let mut phys = self.phys();
             let wanted: BTreeSet<FrameId> = src_pfns.iter().map(|&p| FrameId(p)).collect();
             let busy: BTreeSet<FrameId> = st
@@ -133,7 +133,7 @@ impl Kernel {
         // Step 2: try_to_migrate, then the reference check of migrate_device_unmap.
         self.try_to_migrate(&taken).await;
         let restored = {
-            let mut st = self.state();
+            let mut st = self.mms();
             let mut phys = self.phys();
             migrate_unmap_check(&mut st, &mut phys, src_pfns, &taken)
         };
@@ -152,11 +152,11 @@ impl Kernel {
             return;
         }
         let mappings: Vec<(Pid, Va, FrameId)> = {
-            let mut st = self.state();
+            let mut st = self.mms();
             let walk = st.rmap_walk(|f| taken.contains(&f));
             for m in &walk {
                 if m.leaf.size != PageSize::Size4K && migratable_mapping(m.leaf.pte).is_some() {
-                    st.mm_mut(m.pid).pt.split_pmd(m.va);
+                    st.mm_mut(m.pid).pt_mut().split_pmd(m.va);
                 }
             }
             walk.into_iter()
@@ -169,12 +169,12 @@ impl Kernel {
             self.invalidate_range_start(pid, page, NotifierEvent::Clear, None)
                 .await;
             {
-                let mut st = self.state();
+                let mut st = self.mms();
                 let phys = self.phys();
                 // The entry may have changed while the invalidation slept (zapped, COW-broken).
                 let cur = st
                     .mm(pid)
-                    .pt
+                    .pt()
                     .lookup(va)
                     .filter(|l| l.size == PageSize::Size4K)
                     .and_then(|l| migratable_mapping(l.pte));
@@ -184,7 +184,7 @@ impl Kernel {
                     && !phys.frame(frame).maybe_dma_pinned()
                 {
                     st.mm_mut(pid)
-                        .pt
+                        .pt_mut()
                         .set_pte(va, Pte::Migration { frame, write });
                 }
             }
@@ -220,7 +220,7 @@ impl Kernel {
     pub fn migrate_device_finalize(&self, src_pfns: &[u64], dst_pfns: &[u64]) {
         assert_eq!(src_pfns.len(), dst_pfns.len(), "src and dst arrays differ");
         let moved = {
-            let mut st = self.state();
+            let mut st = self.mms();
             let mut phys = self.phys();
             let mut swap = self.swap();
             remove_migration_ptes(&mut st, &mut phys, &mut swap, src_pfns, dst_pfns)

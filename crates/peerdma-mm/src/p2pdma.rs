@@ -194,7 +194,7 @@ impl Kernel {
         let lock = self.mmap_lock(pid);
         let _g = lock.write().await;
         let range = self.insert_driver_vma(pid, len, flags).await?;
-        let mut st = self.state();
+        let mut st = self.mms();
         let mut phys = self.phys();
         let p2p = self.p2p();
         // The pgmap reference is dead once unbinding started (spec §1.7 table, row 5).
@@ -208,15 +208,14 @@ impl Kernel {
             return Err(Errno::ENOMEM);
         };
         st.mm_mut(pid)
-            .vmas
-            .get_mut(&range.start)
+            .vma_mut(range.start)
             .expect("inserted above")
             .backing = VmaBacking::P2pMem { region };
         for (i, page) in range.pages().enumerate() {
             let frame = FrameId(first.0 + i as u64);
             // The allocation's reference becomes the PTE's (refcount 1, mapcount 1).
             phys.frame_mut(frame).mapcount = 1;
-            st.mm_mut(pid).pt.set_pte(
+            st.mm_mut(pid).pt_mut().set_pte(
                 page,
                 Pte::Present {
                     frame,
@@ -304,24 +303,18 @@ impl Kernel {
     async fn zap_backing(&self, which_fn: impl Fn(VmaBacking) -> bool) -> u64 {
         let mut total = 0;
         loop {
-            let pids: Vec<Pid> = self
-                .state()
-                .mms
-                .values()
-                .filter(|mm| mm.alive)
-                .map(|mm| mm.pid)
-                .collect();
+            let pids: Vec<Pid> = self.mms().live().map(|mm| mm.pid()).collect();
             let mut pass = 0;
             for pid in pids {
                 let lock = self.mmap_lock(pid);
                 let _g = lock.read().await;
                 let targets: Vec<Range<Va>> = {
-                    let st = self.state();
+                    let st = self.mms();
                     let mm = st.mm(pid);
-                    mm.vmas
+                    mm.vmas()
                         .values()
                         .filter(|v| which_fn(v.backing))
-                        .filter(|v| !mm.pt.leaves(v.range.start, v.range.end).is_empty())
+                        .filter(|v| !mm.pt().leaves(v.range.start, v.range.end).is_empty())
                         .map(|v| v.range)
                         .collect()
                 };
@@ -402,15 +395,14 @@ impl Kernel {
         let lock = self.mmap_lock(pid);
         let _g = lock.write().await;
         let range = self.insert_driver_vma(pid, len, flags).await?;
-        let mut st = self.state();
+        let mut st = self.mms();
         let p2p = self.p2p();
         if p2p.mmio(mmio).is_none_or(|m| m.removed) {
             st.remove_vmas(pid, range);
             return Err(Errno::ENODEV);
         }
         st.mm_mut(pid)
-            .vmas
-            .get_mut(&range.start)
+            .vma_mut(range.start)
             .expect("inserted above")
             .backing = VmaBacking::Mmio {
             mmio,
@@ -418,7 +410,7 @@ impl Kernel {
         };
         let first_pfn = (bar.start.raw() + offset) / PAGE_SIZE;
         for (i, page) in range.pages().enumerate() {
-            st.mm_mut(pid).pt.set_pte(
+            st.mm_mut(pid).pt_mut().set_pte(
                 page,
                 Pte::Pfn {
                     pfn: first_pfn + i as u64,
@@ -437,13 +429,13 @@ impl Kernel {
     /// translating a user address does (`follow_pfnmap_start`); `None` when `va` is not in a VM_PFNMAP VMA,
     /// has no entry (never mapped or zapped), or the range was revoked.
     pub fn follow_pfnmap(&self, pid: Pid, va: Va) -> Option<(MmioId, Pa)> {
-        let st = self.state();
+        let st = self.mms();
         let p2p = self.p2p();
-        let mm = st.mms.get(&pid)?;
+        let mm = st.get(pid)?;
         if !mm.vma(va)?.flags.contains(VmFlags::PFNMAP) {
             return None;
         }
-        let leaf = mm.pt.lookup(va)?;
+        let leaf = mm.pt().lookup(va)?;
         let Pte::Pfn { pfn, .. } = leaf.pte else {
             return None;
         };

@@ -25,10 +25,10 @@
 
 use peerdma_core::{FrameId, PAGE_SIZE, Pid, Va};
 
-use crate::kernel::KernelState;
+use crate::kernel::Mms;
 use crate::pagetable::{Leaf, Pte};
 
-/// One page-table mapping of a frame, found by `KernelState::rmap_walk`.
+/// One page-table mapping of a frame, found by `Mms::rmap_walk`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Mapping {
     /// The address space.
@@ -41,13 +41,13 @@ pub struct Mapping {
     pub leaf: Leaf,
 }
 
-impl KernelState {
+impl Mms {
     /// Returns every mapping of the frames `want_fn` selects, in every live address space (the module's
     /// rules 1–4).
     pub(crate) fn rmap_walk(&self, mut want_fn: impl FnMut(FrameId) -> bool) -> Vec<Mapping> {
         let mut out = Vec::new();
-        for mm in self.mms.values().filter(|m| m.alive) {
-            for leaf in mm.pt.leaves(Va::from_raw(0), Va::from_raw(u64::MAX)) {
+        for mm in self.live() {
+            for leaf in mm.pt().leaves(Va::from_raw(0), Va::from_raw(u64::MAX)) {
                 if matches!(leaf.pte, Pte::Present { special: true, .. }) {
                     continue;
                 }
@@ -58,7 +58,7 @@ impl KernelState {
                     let frame = FrameId(head.0 + i);
                     if want_fn(frame) {
                         out.push(Mapping {
-                            pid: mm.pid,
+                            pid: mm.pid(),
                             va: leaf.base.add(i * PAGE_SIZE),
                             frame,
                             leaf,

@@ -495,7 +495,7 @@ impl Kernel {
     async fn swap_out(&self, victims: &BTreeMap<FrameId, u64>) -> u64 {
         // Step 4: every 4 KiB mapping of a victim, in every address space.
         let mappings: Vec<(Pid, Va, FrameId, bool)> = self
-            .state()
+            .mms()
             .rmap_walk(|f| victims.contains_key(&f))
             .into_iter()
             .filter_map(|m| match m.leaf.pte {
@@ -515,13 +515,13 @@ impl Kernel {
             self.invalidate_range_start(pid, page, NotifierEvent::Clear, None)
                 .await;
             {
-                let mut st = self.state();
+                let mut st = self.mms();
                 let mut phys = self.phys();
                 let mut swap = self.swap();
                 // The entry may have changed while the invalidation slept.
                 let still = st
                     .mm(pid)
-                    .pt
+                    .pt()
                     .lookup(va)
                     .is_some_and(|l| l.pte.frame() == Some(frame) && l.pte.is_present());
                 if still && !phys.frame(frame).maybe_dma_pinned() {
@@ -537,7 +537,9 @@ impl Kernel {
                         swapped += 1;
                         s
                     };
-                    st.mm_mut(pid).pt.set_pte(va, Pte::Swap { slot, write });
+                    st.mm_mut(pid)
+                        .pt_mut()
+                        .set_pte(va, Pte::Swap { slot, write });
                     let fr = phys.frame_mut(frame);
                     fr.mapcount = fr.mapcount.saturating_sub(1);
                     phys.put(frame);
@@ -562,11 +564,11 @@ impl Kernel {
     ) -> Result<(), VmFault> {
         self.reclaim_if_low_for(pid).await;
         self.spend(self.costs.swap_io).await;
-        let mut st = self.state();
+        let mut st = self.mms();
         let mut phys = self.phys();
         let mut swap = self.swap();
         // Another agent may have swapped it in meanwhile.
-        if st.mm(pid).pt.lookup(va).map(|l| l.pte) != Some(Pte::Swap { slot, write }) {
+        if st.mm(pid).pt().lookup(va).map(|l| l.pte) != Some(Pte::Swap { slot, write }) {
             return Ok(());
         }
         // Within the process's zone: a swap-in under a long-term pin's memalloc_pin scope avoids movable memory.
@@ -578,7 +580,7 @@ impl Kernel {
         }
         let exclusive = swap.count(slot) == 1;
         phys.frame_mut(frame).mapcount = 1;
-        st.mm_mut(pid).pt.set_pte(
+        st.mm_mut(pid).pt_mut().set_pte(
             va,
             Pte::Present {
                 frame,
