@@ -91,7 +91,7 @@ impl Kernel {
         let dax = self.files().file(file).dax_region().is_some();
         if dax {
             // Only the file's own reference may remain before the blocks are reused.
-            self.pin_wq
+            self.pin_wq()
                 .wait_event(|| {
                     frames
                         .iter()

@@ -161,7 +161,7 @@ impl PinnedPages {
 impl Drop for PinnedPages {
     fn drop(&mut self) {
         release(&self.kernel, &self.frames, self.pin);
-        self.kernel.pin_wq.wake_up_all();
+        self.kernel.pin_wq().wake_up_all();
     }
 }
 
@@ -306,7 +306,7 @@ impl Kernel {
                 });
             }
             release(self, &frames, pin);
-            self.pin_wq.wake_up_all();
+            self.pin_wq().wake_up_all();
             // migrate_longterm_unpinnable_folios: device-coherent folios one by one
             // (migrate_device_coherent_folio), movable RAM through migrate_pages, whose failure is ENOMEM.
             // (fsdax, the only other kind, never gets here: its VMA is refused with EOPNOTSUPP first.)

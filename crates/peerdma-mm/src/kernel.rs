@@ -1,18 +1,30 @@
-//! The kernel facade: [`Kernel`] (one per simulation, shared as `Rc<Kernel>`) and the state it guards
-//! (`Mms`: physical memory, address spaces, files, swap, P2P state and the oracle), with construction,
-//! processes, NUMA placement and the helpers every mechanism shares (VMA lookup and splitting, range
-//! checks). The mechanisms themselves are `impl Kernel` / `impl Mms` blocks in one module each, named
-//! after Linux's mm/ files: [`crate::memory`] (faults, COW, zap), [`crate::mmap`], [`crate::mprotect`],
-//! [`crate::mremap`], [`crate::madvise`], [`crate::khugepaged`], [`crate::fork`] (fork and exit),
-//! [`crate::filemap`] (page cache, truncate), [`crate::mmu_notifier`] (mmu interval notifiers), [`crate::rmap`],
-//! [`crate::gup`], [`crate::hmm`], [`crate::migrate`], [`crate::migrate_device`], [`crate::vmscan`] (reclaim),
+//! The kernel facade: [`Kernel`] (one per simulation, shared as `Rc<Kernel>`), with construction, processes,
+//! NUMA placement and the helpers every mechanism shares (VMA lookup and splitting, range checks).
+//!
+//! **Each subsystem owns its state, in a cell of its own.** `Kernel` holds one `RefCell` per subsystem and
+//! lends each through a crate-private borrow: `Kernel::mms` (every `AddressSpace` — VMAs, page table,
+//! interval notifiers — in the `Mms` table), `Kernel::phys` ([`PhysMem`]: frames, regions, the page
+//! allocator), `Kernel::swap` ([`crate::vmscan::Swap`]: swap slots and LRU lists), `Kernel::files` (the page
+//! cache, [`crate::file`]), `Kernel::p2p` ([`crate::p2pdma::P2pState`]) and `Kernel::oracle`
+//! ([`crate::oracle::Oracle`]). There is no borrow of the whole state. Every state type keeps its fields
+//! private and changes only through its own methods (`tests/state_privacy.rs` checks the sources); a
+//! mechanism borrows just the subsystems it touches, and a helper that needs several takes them as parameters
+//! (`Mms::zap_range(&mut PhysMem, &mut Swap, …)`), so its signature says what it changes. Two borrows of the
+//! same cell at once would panic: a mechanism borrows each cell once per atomic step, and a helper never
+//! borrows a cell itself.
+//!
+//! The mechanisms are `impl Kernel` / `impl Mms` blocks in one module each, named after Linux's mm/ files:
+//! [`crate::memory`] (faults, COW, zap), [`crate::mmap`], [`crate::mprotect`], [`crate::mremap`],
+//! [`crate::madvise`], [`crate::khugepaged`], [`crate::fork`] (fork and exit), [`crate::filemap`] (page cache,
+//! truncate), [`crate::mmu_notifier`] (mmu interval notifiers), [`crate::rmap`], [`crate::gup`],
+//! [`crate::hmm`], [`crate::migrate`], [`crate::migrate_device`], [`crate::vmscan`] (reclaim),
 //! [`crate::p2pdma`], [`crate::device_access`] (the oracle's device checks) and [`crate::introspect`] (the
-//! narrow read-only questions other crates may ask). Other crates never borrow `Mms`: it and
-//! `Kernel::state` are crate-private.
+//! narrow read-only questions other crates may ask). Other crates never borrow any of the cells: the state
+//! types and their accessors are crate-private.
 //!
 //! Every operation that can sleep in Linux is an `async fn` here, and sleeps at the same points: taking
 //! `mmap_lock`, calling interval-notifier callbacks (which take driver locks), and the time the operation
-//! costs. Between two `.await`s an operation is atomic; state lives in a `RefCell` that is never borrowed
+//! costs. Between two `.await`s an operation is atomic; state lives in `RefCell`s that are never borrowed
 //! across an `.await`.
 //!
 //! NUMA: RAM is one region per node ([`Kernel::new_numa`]). Each process has a home node (0 unless
@@ -393,6 +405,9 @@ impl Mms {
     }
 }
 
+/// The callbacks of each device memory region (`dev_pagemap`), by region index.
+type Pgmaps = BTreeMap<usize, Rc<dyn crate::migrate::DevicePagemapOps>>;
+
 /// The simulated kernel: one per simulation, shared by every agent as `Rc<Kernel>`.
 #[derive(Debug)]
 pub struct Kernel {
@@ -413,14 +428,15 @@ pub struct Kernel {
     /// The files and their page caches ([`crate::filemap`]).
     files: RefCell<PageCache>,
     /// Transparent hugepage policy (the default, [`ThpPolicy::Madvise`]; nothing changes it yet).
-    pub(crate) thp: ThpPolicy,
-    pub(crate) notifier_wq: WaitQueue,
+    thp: ThpPolicy,
+    /// Wakes waiters for an invalidation to end (`mmu_interval_notifier_remove`, `mmu_interval_read_begin`).
+    notifier_wq: WaitQueue,
     /// Wakes CPU accesses waiting on migration entries.
-    pub(crate) migration_wq: WaitQueue,
+    migration_wq: WaitQueue,
     /// Wakes waiters for pins to drop (DAX truncate).
-    pub(crate) pin_wq: WaitQueue,
+    pin_wq: WaitQueue,
     /// The callbacks of each device memory region (`dev_pagemap`), by region index.
-    pub(crate) pgmaps: RefCell<BTreeMap<usize, Rc<dyn crate::migrate::DevicePagemapOps>>>,
+    pgmaps: RefCell<Pgmaps>,
 }
 
 /// The outcome of a fault: the access can be retried, or it raised a signal.
@@ -457,6 +473,31 @@ impl Kernel {
             pin_wq: WaitQueue::new(sim),
             pgmaps: RefCell::new(BTreeMap::new()),
         })
+    }
+
+    /// Returns the transparent hugepage policy.
+    pub(crate) fn thp(&self) -> ThpPolicy {
+        self.thp
+    }
+
+    /// Returns the wait queue of invalidation ends.
+    pub(crate) fn notifier_wq(&self) -> &WaitQueue {
+        &self.notifier_wq
+    }
+
+    /// Returns the wait queue of migration-entry waiters (woken when a migration finishes).
+    pub(crate) fn migration_wq(&self) -> &WaitQueue {
+        &self.migration_wq
+    }
+
+    /// Returns the wait queue of pin-drop waiters (DAX truncate).
+    pub(crate) fn pin_wq(&self) -> &WaitQueue {
+        &self.pin_wq
+    }
+
+    /// Borrows the callbacks of each device memory region (`dev_pagemap`), by region index.
+    pub(crate) fn pgmaps(&self) -> RefMut<'_, Pgmaps> {
+        self.pgmaps.borrow_mut()
     }
 
     /// Borrows the address spaces. Never hold the borrow across an `.await`.

@@ -205,7 +205,7 @@ impl Kernel {
                 }
                 Pte::Migration { .. } => {
                     // Wait for the migration to finish, then let the access retry (migration_entry_wait).
-                    self.migration_wq
+                    self.migration_wq()
                         .wait_event(|| {
                             !matches!(
                                 self.mms().mm(pid).pt().lookup(va).map(|l| l.pte),
@@ -244,13 +244,13 @@ impl Kernel {
         if self.phys().frame(frame).locked {
             // A migration holds the page (crate::migrate, crate::migrate_device): do_swap_page's trylock fails;
             // wait for the unlock, then the access retries against whatever entry is there now.
-            self.migration_wq
+            self.migration_wq()
                 .wait_event(|| !self.phys().frame(frame).locked)
                 .await;
             return Ok(());
         }
         let region = self.phys().region_of(frame);
-        let ops = self.pgmaps.borrow().get(&region).cloned();
+        let ops = self.pgmaps().get(&region).cloned();
         let Some(ops) = ops else {
             return Err(SigInfo::bus(va));
         };
@@ -290,7 +290,7 @@ impl Kernel {
                     );
                     return Ok(());
                 }
-                if st.thp_eligible(self.thp, pid, vma, va) {
+                if st.thp_eligible(self.thp(), pid, vma, va) {
                     let base = va.align_down(PMD_SIZE);
                     let home = st.home_node(pid);
                     let zone = st.anon_zone(pid);

@@ -237,7 +237,7 @@ impl Kernel {
         ops: Rc<dyn DevicePagemapOps>,
     ) -> usize {
         let r = self.phys().add_region(kind, bytes / PAGE_SIZE);
-        self.pgmaps.borrow_mut().insert(r, ops);
+        self.pgmaps().insert(r, ops);
         r
     }
 
@@ -409,7 +409,7 @@ impl Kernel {
         };
         if restored > 0 {
             m.cpages -= restored as u64;
-            self.migration_wq.wake_up_all();
+            self.migration_wq().wake_up_all();
         }
         Ok(())
     }
@@ -517,7 +517,7 @@ impl Kernel {
             .filter(|(s, d)| **s & MIGRATE_PFN_MIGRATE != 0 && **d != 0)
             .count();
         self.sim.count("migrate.pages", moved as u64);
-        self.migration_wq.wake_up_all();
+        self.migration_wq().wake_up_all();
     }
 }
 

@@ -138,7 +138,7 @@ impl Kernel {
             migrate_unmap_check(&mut st, &mut phys, src_pfns, &taken)
         };
         if restored > 0 {
-            self.migration_wq.wake_up_all();
+            self.migration_wq().wake_up_all();
         }
     }
 
@@ -228,6 +228,6 @@ impl Kernel {
         if moved > 0 {
             self.sim.count("migrate.pages", moved);
         }
-        self.migration_wq.wake_up_all();
+        self.migration_wq().wake_up_all();
     }
 }

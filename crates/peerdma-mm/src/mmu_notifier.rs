@@ -222,7 +222,7 @@ impl Kernel {
     /// Removes an interval notifier (`mmu_interval_notifier_remove`). If an invalidation is in progress it
     /// waits for it to end, so that once this returns no callback runs or will run.
     pub async fn interval_notifier_remove(&self, pid: Pid, id: NotifierId) {
-        self.notifier_wq
+        self.notifier_wq()
             .wait_event(|| self.mms().mm(pid).notifiers().active == 0)
             .await;
         self.mms().mm_mut(pid).notifiers_mut().subs.remove(&id);
@@ -230,7 +230,7 @@ impl Kernel {
 
     /// `mmu_interval_read_begin`: sleeps while the subscription is being invalidated, then returns its sequence.
     pub async fn interval_read_begin(&self, pid: Pid, id: NotifierId) -> u64 {
-        self.notifier_wq
+        self.notifier_wq()
             .wait_event(|| !self.mms().mm(pid).notifiers().read_begin_must_wait(id))
             .await;
         self.mms()
@@ -297,7 +297,7 @@ impl Kernel {
     pub fn invalidate_range_end(&self, pid: Pid) {
         let last = self.mms().mm_mut(pid).notifiers_mut().range_end();
         if last {
-            self.notifier_wq.wake_up_all();
+            self.notifier_wq().wake_up_all();
         }
     }
 

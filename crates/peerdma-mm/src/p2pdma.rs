@@ -259,7 +259,7 @@ impl Kernel {
                 phys.put(FrameId(first.0 + i));
             }
         }
-        self.pin_wq.wake_up_all();
+        self.pin_wq().wake_up_all();
     }
 
     fn p2p_region_live(&self, region: usize) -> bool {
@@ -289,7 +289,7 @@ impl Kernel {
             .zap_backing(|b| b == VmaBacking::P2pMem { region })
             .await;
         let total = self.phys().regions()[region].nr_frames;
-        self.pin_wq
+        self.pin_wq()
             .wait_event(|| self.phys().nr_free(region) == total)
             .await;
         self.sim.trace("p2pdma.remove", || {

@@ -5,11 +5,11 @@
 //! items, grouped `use crate::{X::…, Y::…}` items and inline paths; comments, doc links included, are
 //! skipped) and asserts the graph is acyclic.
 //!
-//! **The one exception is the `kernel` facade.** `kernel.rs` defines `Kernel` and `KernelState`; every
-//! mechanism module adds its own `impl Kernel` / `impl KernelState` block and so names `crate::kernel`, and
-//! `KernelState` holds the state of the lower modules (`phys`, `vmscan`, `oracle`, `mmu_notifier`, …) and so names
+//! **The one exception is the `kernel` facade.** `kernel.rs` defines `Kernel` and `Mms`; every
+//! mechanism module adds its own `impl Kernel` / `impl Mms` block and so names `crate::kernel`, and
+//! `Kernel` holds the state of the lower modules (`phys`, `vmscan`, `oracle`, `mmu_notifier`, …) and so names
 //! them. Edges into and out of `kernel` are therefore left out. Calls between mechanisms go through methods
-//! of `Kernel` / `KernelState` (e.g. `madvise` calling `collapse_range`, defined in `khugepaged`), which name no
+//! of `Kernel` / `Mms` (e.g. `madvise` calling `collapse_range`, defined in `khugepaged`), which name no
 //! module and are not edges either: the graph is the one of *items* (types, constants, free functions) a
 //! module takes from another, and that one must stay a DAG, so a shared item lives in the lower module.
 //!
