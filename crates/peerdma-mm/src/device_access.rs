@@ -119,14 +119,14 @@ impl Kernel {
         if !oracle.enabled() {
             return true;
         }
-        if !st.check_frame_owned(&mut oracle, &phys, dev, t) {
+        if !check_frame_owned(&mut oracle, &phys, dev, t) {
             return false;
         }
         match t.grant {
             DeviceGrant::Mirror { pid, va } => {
                 st.check_mirror_current(&mut oracle, dev, pid, va, t.frame, write)
             }
-            DeviceGrant::Pin { .. } => st.check_pinned_frame(&mut oracle, &phys, dev, t.frame),
+            DeviceGrant::Pin { .. } => check_pinned_frame(&mut oracle, &phys, dev, t.frame),
             DeviceGrant::Raw => true,
         }
     }
@@ -151,11 +151,11 @@ impl Kernel {
             {
                 return false;
             }
-            if !st.check_frame_owned(&mut oracle, &phys, dev, t) {
+            if !check_frame_owned(&mut oracle, &phys, dev, t) {
                 return false;
             }
             if matches!(t.grant, DeviceGrant::Pin { .. })
-                && !st.check_pinned_frame(&mut oracle, &phys, dev, t.frame)
+                && !check_pinned_frame(&mut oracle, &phys, dev, t.frame)
             {
                 return false;
             }
@@ -196,65 +196,6 @@ impl Kernel {
 }
 
 impl Mms {
-    /// Oracle check 2 for a device translation: the frame is allocated, in the generation the translation
-    /// saw (not freed and reallocated since).
-    pub(crate) fn check_frame_owned(
-        &self,
-        oracle: &mut Oracle,
-        phys: &PhysMem,
-        dev: DeviceId,
-        t: &FrameTranslation,
-    ) -> bool {
-        let frame = t.frame;
-        let allocated = phys.exists(frame) && phys.frame(frame).is_allocated();
-        if allocated && phys.frame(frame).generation == t.generation {
-            return true;
-        }
-        let what = if allocated {
-            format!(
-                "{frame}, reallocated since the translation it used (generation {} then, {} now)",
-                t.generation,
-                phys.frame(frame).generation
-            )
-        } else {
-            format!("freed {frame}")
-        };
-        oracle.violation(
-            ViolationKind::UseAfterFree,
-            format!("device {} reached {what} ({:?})", dev.0, t.grant),
-        );
-        false
-    }
-
-    /// Oracle check 3 for DMA through a pin: the frame must be allocated and still pinned.
-    pub(crate) fn check_pinned_frame(
-        &self,
-        oracle: &mut Oracle,
-        phys: &PhysMem,
-        dev: DeviceId,
-        frame: FrameId,
-    ) -> bool {
-        let fr = phys.frame(frame);
-        if !fr.is_allocated() {
-            oracle.violation(
-                ViolationKind::UseAfterFree,
-                format!("device {} accessed freed {frame} through a pin", dev.0),
-            );
-            return false;
-        }
-        if !fr.maybe_dma_pinned() {
-            oracle.violation(
-                ViolationKind::PinBroken,
-                format!(
-                    "device {} accessed {frame} through a pin that no longer holds it",
-                    dev.0
-                ),
-            );
-            return false;
-        }
-        true
-    }
-
     /// Oracle check 1 for a mirror translation at issue: the CPU page table maps `frame` at `va` now
     /// (device-private and device-exclusive entries included), writable for a write.
     pub(crate) fn check_mirror_current(
@@ -315,4 +256,56 @@ impl Mms {
             .is_some_and(|mm| mm.notifiers().invalidating(va));
         invalidating || self.check_mirror_current(oracle, dev, pid, va, frame, write)
     }
+}
+
+/// Oracle check 2 for a device translation: the frame is allocated, in the generation the translation
+/// saw (not freed and reallocated since).
+fn check_frame_owned(
+    oracle: &mut Oracle,
+    phys: &PhysMem,
+    dev: DeviceId,
+    t: &FrameTranslation,
+) -> bool {
+    let frame = t.frame;
+    let allocated = phys.exists(frame) && phys.frame(frame).is_allocated();
+    if allocated && phys.frame(frame).generation == t.generation {
+        return true;
+    }
+    let what = if allocated {
+        format!(
+            "{frame}, reallocated since the translation it used (generation {} then, {} now)",
+            t.generation,
+            phys.frame(frame).generation
+        )
+    } else {
+        format!("freed {frame}")
+    };
+    oracle.violation(
+        ViolationKind::UseAfterFree,
+        format!("device {} reached {what} ({:?})", dev.0, t.grant),
+    );
+    false
+}
+
+/// Oracle check 3 for DMA through a pin: the frame must be allocated and still pinned.
+fn check_pinned_frame(oracle: &mut Oracle, phys: &PhysMem, dev: DeviceId, frame: FrameId) -> bool {
+    let fr = phys.frame(frame);
+    if !fr.is_allocated() {
+        oracle.violation(
+            ViolationKind::UseAfterFree,
+            format!("device {} accessed freed {frame} through a pin", dev.0),
+        );
+        return false;
+    }
+    if !fr.maybe_dma_pinned() {
+        oracle.violation(
+            ViolationKind::PinBroken,
+            format!(
+                "device {} accessed {frame} through a pin that no longer holds it",
+                dev.0
+            ),
+        );
+        return false;
+    }
+    true
 }

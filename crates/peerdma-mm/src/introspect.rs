@@ -9,7 +9,7 @@
 
 use peerdma_core::{FrameId, Pid, Va};
 
-use crate::kernel::Kernel;
+use crate::kernel::{AddressSpace, Kernel};
 use crate::oracle::{Violation, ViolationKind};
 use crate::pagetable::Pte;
 use crate::phys::{FrameInfo, LruState};
@@ -19,7 +19,7 @@ use crate::vma::Vma;
 impl Kernel {
     /// Returns whether `pid` is a created process that has not exited.
     pub fn is_alive(&self, pid: Pid) -> bool {
-        self.mms().get(pid).is_some_and(|mm| mm.is_alive())
+        self.mms().get(pid).is_some_and(AddressSpace::is_alive)
     }
 
     /// Returns (a copy of) the VMA of `pid` containing `va` (`vma_lookup`).
@@ -59,7 +59,9 @@ impl Kernel {
 
     /// Returns the depth of `memalloc_pin_save` scopes open on `pid`'s address space (0 for an unknown pid).
     pub fn memalloc_pin_depth(&self, pid: Pid) -> u32 {
-        self.mms().get(pid).map_or(0, |mm| mm.memalloc_pin_depth())
+        self.mms()
+            .get(pid)
+            .map_or(0, AddressSpace::memalloc_pin_depth)
     }
 }
 

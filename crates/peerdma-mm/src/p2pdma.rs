@@ -38,7 +38,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use peerdma_core::{DeviceId, Errno, FrameId, PAGE_SIZE, Pa, Pid, Range, Va};
 
-use crate::kernel::Kernel;
+use crate::kernel::{AddressSpace, Kernel};
 use crate::mmu_notifier::NotifierEvent;
 use crate::oracle::ViolationKind;
 use crate::pagetable::Pte;
@@ -303,7 +303,7 @@ impl Kernel {
     async fn zap_backing(&self, which_fn: impl Fn(VmaBacking) -> bool) -> u64 {
         let mut total = 0;
         loop {
-            let pids: Vec<Pid> = self.mms().live().map(|mm| mm.pid()).collect();
+            let pids: Vec<Pid> = self.mms().live().map(AddressSpace::pid).collect();
             let mut pass = 0;
             for pid in pids {
                 let lock = self.mmap_lock(pid);

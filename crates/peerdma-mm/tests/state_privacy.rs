@@ -53,7 +53,7 @@ fn struct_body<'a>(code: &'a str, name: &str) -> Option<Vec<&'a str>> {
             .unwrap_or(t);
         t.strip_prefix("struct ")
             .and_then(|r| r.strip_prefix(name))
-            .is_some_and(|r| r.starts_with(" {") || r.starts_with("<"))
+            .is_some_and(|r| r.starts_with(" {") || r.starts_with('<'))
     })?;
     Some(lines.take_while(|l| !l.starts_with('}')).collect())
 }
