@@ -8,11 +8,12 @@
 
 use peerdma_core::{Errno, FrameId, PageSize, Pid, Range, Va};
 
-use crate::kernel::{Kernel, KernelState, TASK_SIZE};
-use crate::notifier::NotifierEvent;
+use crate::kernel::{Kernel, Mms, TASK_SIZE};
+use crate::mmu_notifier::NotifierEvent;
 use crate::pagetable::{Leaf, Pte};
-use crate::phys::FrameOwner;
+use crate::phys::{FrameOwner, PhysMem};
 use crate::vma::{VmFlags, Vma};
+use crate::vmscan::Swap;
 
 impl Kernel {
     /// `fork(2)`: copies the address space with copy-on-write for private mappings. Returns the child's pid.
@@ -24,14 +25,10 @@ impl Kernel {
         self.spend(self.costs.syscall).await;
         let lock = self.mmap_lock(pid);
         let _g = lock.write().await;
-        let child = self.create_process();
-        {
-            // The child runs where the parent ran: it inherits the home node (and Linux's mempolicy).
-            let mut st = self.state();
-            let home = st.home_node(pid);
-            st.mm_mut(child).home_node = home;
-        }
-        let vmas: Vec<Vma> = self.state().mm(pid).vmas.values().cloned().collect();
+        // The child runs where the parent ran: it inherits the home node (and Linux's mempolicy).
+        let home = self.home_node(pid);
+        let child = self.mms().create(&self.sim, home);
+        let vmas: Vec<Vma> = self.mms().mm(pid).vmas().values().cloned().collect();
         let mut copies = 0u64;
         for vma in vmas {
             if vma.flags.contains(VmFlags::DONTCOPY) {
@@ -39,9 +36,9 @@ impl Kernel {
             }
             let cow = !vma.is_shared();
             let leaves = self
-                .state()
+                .mms()
                 .mm(pid)
-                .pt
+                .pt()
                 .leaves(vma.range.start, vma.range.end);
             let needs_wp = cow && leaves.iter().any(|l| l.pte.is_write());
             if needs_wp {
@@ -49,13 +46,16 @@ impl Kernel {
                     .await;
             }
             {
-                let mut st = self.state();
-                st.mm_mut(child).vmas.insert(vma.range.start, vma.clone());
+                let mut st = self.mms();
+                let mut phys = self.phys();
+                let mut swap = self.swap();
+                let mut oracle = self.oracle();
+                st.mm_mut(child).insert_vma(vma.clone());
                 for leaf in leaves {
-                    copies += st.copy_leaf(pid, child, &vma, leaf);
+                    copies += st.copy_leaf(&mut phys, &mut swap, pid, child, &vma, leaf);
                 }
                 if cow {
-                    st.oracle.copy_anon(pid, child, vma.range);
+                    oracle.copy_anon(pid, child, vma.range);
                 }
             }
             if needs_wp {
@@ -73,32 +73,48 @@ impl Kernel {
     pub async fn exit(&self, pid: Pid) {
         let lock = self.mmap_lock(pid);
         let _g = lock.write().await;
-        if !self.state().mm(pid).alive {
+        if !self.mms().mm(pid).is_alive() {
             return;
         }
         let all = Range::new(Va::from_raw(0), Va::from_raw(u64::MAX));
         self.invalidate_range_start(pid, all, NotifierEvent::Release, None)
             .await;
         {
-            let mut st = self.state();
-            st.zap_range(pid, Range::new(Va::from_raw(0), Va::from_raw(TASK_SIZE)));
-            st.mm_mut(pid).vmas.clear();
-            st.mm_mut(pid).alive = false;
-            st.oracle.forget_anon(pid, all);
+            let mut st = self.mms();
+            let mut phys = self.phys();
+            let mut swap = self.swap();
+            let mut oracle = self.oracle();
+            st.zap_range(
+                &mut phys,
+                &mut swap,
+                pid,
+                Range::new(Va::from_raw(0), Va::from_raw(TASK_SIZE)),
+            );
+            st.mm_mut(pid).clear_vmas();
+            st.mm_mut(pid).mark_exited();
+            oracle.forget_anon(pid, all);
         }
         self.invalidate_range_end(pid);
         self.sim.trace("exit", || format!("pid {}", pid.0));
     }
 }
 
-impl KernelState {
+impl Mms {
     /// Copies one leaf from `parent` to `child` for fork; returns the number of pages copied eagerly.
-    pub(crate) fn copy_leaf(&mut self, parent: Pid, child: Pid, vma: &Vma, leaf: Leaf) -> u64 {
+    pub(crate) fn copy_leaf(
+        &mut self,
+        phys: &mut PhysMem,
+        swap: &mut Swap,
+        parent: Pid,
+        child: Pid,
+        vma: &Vma,
+        leaf: Leaf,
+    ) -> u64 {
         if let Pte::Swap { slot, write } = leaf.pte {
             // A swap entry is shared by parent and child (swap_duplicate), read-only for COW.
-            self.swap.dup(slot);
+            swap.dup(slot);
             let cow = !vma.is_shared();
-            self.mm_mut(child).pt.set_pte(
+            self.mm_mut(child).pt_mut().set_pte(
                 leaf.base,
                 Pte::Swap {
                     slot,
@@ -107,7 +123,7 @@ impl KernelState {
             );
             if cow && write {
                 self.mm_mut(parent)
-                    .pt
+                    .pt_mut()
                     .set_pte(leaf.base, Pte::Swap { slot, write: false });
             }
             return 0;
@@ -121,7 +137,7 @@ impl KernelState {
                 write,
                 special: false,
             };
-            self.mm_mut(parent).pt.set_pte(leaf.base, pte);
+            self.mm_mut(parent).pt_mut().set_pte(leaf.base, pte);
             leaf.pte = pte;
         }
         if let Pte::DevicePrivate { frame, write } | Pte::Migration { frame, write } = leaf.pte {
@@ -130,18 +146,20 @@ impl KernelState {
             // mmap_lock (crate::migrate_device, migrate_vma's unmap step), leaves for fork to meet (its finalize
             // finds both through the rmap walk). For COW both sides become read-only.
             for i in 0..leaf.size.nr_pages() {
-                self.map_frame(FrameId(frame.0 + i));
+                phys.map_frame(FrameId(frame.0 + i));
             }
             let cow = !vma.is_shared();
-            self.mm_mut(child).pt.set_leaf(
+            self.mm_mut(child).pt_mut().set_leaf(
                 leaf.base,
                 leaf.size,
                 leaf.pte.with_write(write && !cow),
             );
             if cow && write {
-                self.mm_mut(parent)
-                    .pt
-                    .set_leaf(leaf.base, leaf.size, leaf.pte.with_write(false));
+                self.mm_mut(parent).pt_mut().set_leaf(
+                    leaf.base,
+                    leaf.size,
+                    leaf.pte.with_write(false),
+                );
             }
             return 0;
         }
@@ -155,18 +173,18 @@ impl KernelState {
             return 0;
         };
         if special {
-            self.mm_mut(child).pt.set_pte(leaf.base, leaf.pte);
+            self.mm_mut(child).pt_mut().set_pte(leaf.base, leaf.pte);
             return 0;
         }
         let cow = !vma.is_shared();
         if cow && leaf.size == PageSize::Size4K {
-            let f = self.phys.frame(frame);
+            let f = phys.frame(frame);
             if f.owner() == FrameOwner::Anon && f.maybe_dma_pinned() && f.mapcount == 1 {
                 // copy_present_page: the pinned page stays the parent's; the child gets a copy now.
-                if let Ok(new) = self.alloc_anon_for(child) {
-                    self.phys.copy_frame(frame, new);
-                    self.phys.frame_mut(new).mapcount = 1;
-                    self.mm_mut(child).pt.set_pte(
+                if let Ok(new) = self.alloc_anon_for(phys, child) {
+                    phys.copy_frame(frame, new);
+                    phys.frame_mut(new).mapcount = 1;
+                    self.mm_mut(child).pt_mut().set_pte(
                         leaf.base,
                         Pte::Present {
                             frame: new,
@@ -179,7 +197,7 @@ impl KernelState {
             }
         }
         for i in 0..leaf.size.nr_pages() {
-            self.map_frame(FrameId(frame.0 + i));
+            phys.map_frame(FrameId(frame.0 + i));
         }
         let new_write = write && !cow;
         let child_pte = Pte::Present {
@@ -189,10 +207,12 @@ impl KernelState {
         };
         let wp = leaf.pte.with_write(false);
         self.mm_mut(child)
-            .pt
+            .pt_mut()
             .set_leaf(leaf.base, leaf.size, child_pte);
         if cow && write {
-            self.mm_mut(parent).pt.set_leaf(leaf.base, leaf.size, wp);
+            self.mm_mut(parent)
+                .pt_mut()
+                .set_leaf(leaf.base, leaf.size, wp);
         }
         0
     }

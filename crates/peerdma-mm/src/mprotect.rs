@@ -6,7 +6,7 @@
 use peerdma_core::{Errno, Pid, Va};
 
 use crate::kernel::{Kernel, check_range};
-use crate::notifier::NotifierEvent;
+use crate::mmu_notifier::NotifierEvent;
 use crate::vma::{Prot, VmFlags};
 
 impl Kernel {
@@ -23,28 +23,25 @@ impl Kernel {
         let r = check_range(addr, len)?;
         let lock = self.mmap_lock(pid);
         let _g = lock.write().await;
-        if !self.state().mm(pid).fully_mapped(r) {
+        if !self.mms().mm(pid).fully_mapped(r) {
             return Err(Errno::ENOMEM);
         }
-        let has_leaves = self.state().mm(pid).pt.cursor(r).next().is_some();
+        let has_leaves = self.mms().mm(pid).pt().cursor(r).next().is_some();
         if has_leaves {
             self.invalidate_range_start(pid, r, NotifierEvent::ProtectionVma, None)
                 .await;
         }
         {
-            let mut st = self.state();
+            let mut st = self.mms();
             for start in st.split_at(pid, r) {
                 let mm = st.mm_mut(pid);
-                let v = mm
-                    .vmas
-                    .get_mut(&start)
-                    .expect("split_at returns VMA starts");
+                let v = mm.vma_mut(start).expect("split_at returns VMA starts");
                 v.flags = (v.flags - VmFlags::PROT) | VmFlags::from(prot);
             }
             // change_protection: removing write permission write-protects the entries; adding it does not make
             // them writable (the next write fault decides, COW included).
             if !prot.write {
-                let mut cursor = st.mm_mut(pid).pt.cursor_mut(r);
+                let mut cursor = st.mm_mut(pid).pt_mut().cursor_mut(r);
                 while cursor.find_next().is_some() {
                     cursor.protect(|pte| pte.with_write(false));
                 }
