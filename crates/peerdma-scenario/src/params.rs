@@ -12,13 +12,16 @@ use peerdma_dma::DmaCosts;
 use peerdma_iommu::IommuCosts;
 use peerdma_mm::MmCosts;
 
-/// Returns every parameter of the workspace: memory management, IOMMU, DMA, then the dmirror device.
+/// Returns every parameter of the workspace: memory management, IOMMU, DMA, the dmirror device, then the
+/// gpu device and its UVM fault servicing.
 pub fn all_params() -> Vec<ParamSpec> {
     [
         MmCosts::PARAMS,
         IommuCosts::PARAMS,
         DmaCosts::PARAMS,
         DmirrorCosts::PARAMS,
+        peerdma_devices::gpu::GpuCosts::PARAMS,
+        peerdma_devices::gpu::UvmCosts::PARAMS,
     ]
     .concat()
 }

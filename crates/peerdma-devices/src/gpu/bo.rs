@@ -26,8 +26,10 @@
 //! *Coarse:* the CPU's mapping of a buffer (TTM's `ttm_bo_vm_fault` over a VM_PFNMAP VMA, zapped by
 //! `unmap_mapping_range` on every move) is not modelled: the CPU and the GPU reach a buffer through
 //! [`crate::gpu::Gpu::bo_write`] / [`crate::gpu::Gpu::bo_read`], which always see the current placement. Moves
-//! are atomic in simulated time with respect to importers (the reservation lock), not fenced against an
-//! importer's DMA in flight.
+//! and importer accesses are serialized by the reservation lock (`dma_resv`): an importer's DMA holds it from
+//! its mapping to its completion, so a move waits for the importer's DMA in flight as TTM waits for the
+//! buffer's fences (*coarse:* one lock per GPU, and an importer waits for a move instead of pipelining
+//! behind its fence).
 
 use std::collections::BTreeMap;
 
@@ -322,6 +324,7 @@ impl Gpu {
         let size = self.bo_size(bo)?;
         let len = data.len() as u64;
         check_range(offset, len, size)?;
+        let _resv = self.resv.lock().await;
         let first = usize::try_from(offset / PAGE_SIZE).expect("fits");
         let chunks: Vec<Vec<u8>> = data.chunks(PAGE).map(<[u8]>::to_vec).collect();
         let frames: Vec<(FrameId, u64)> = {
@@ -349,6 +352,7 @@ impl Gpu {
     pub async fn bo_read(&self, bo: BoId, offset: u64, len: u64) -> Result<Vec<u8>> {
         let size = self.bo_size(bo)?;
         check_range(offset, len, size)?;
+        let _resv = self.resv.lock().await;
         let all = self.bo_contents(bo).await?;
         let first = usize::try_from(offset / PAGE_SIZE).expect("fits");
         let n = usize::try_from(len / PAGE_SIZE).expect("fits");
@@ -387,7 +391,10 @@ impl Gpu {
             id
         };
         self.platform.kernel.sim.count("dmabuf.attach", 1);
-        if let Err(e) = self.importer_map(id).await {
+        let resv = self.resv.lock().await;
+        let res = self.importer_map(id).await;
+        drop(resv);
+        if let Err(e) = res {
             self.bo_detach(id);
             return Err(e);
         }
@@ -411,7 +418,8 @@ impl Gpu {
     }
 
     /// Maps an attachment at its buffer's current place when it has no mapping (the dynamic importer's
-    /// "map again at the next access"); moves an invisible buffer into the window first.
+    /// "map again at the next access"); moves an invisible buffer into the window first. The reservation
+    /// lock is held.
     async fn importer_map(&self, att: BoAttach) -> Result<()> {
         let bo = {
             let st = self.bo.borrow();
@@ -436,7 +444,18 @@ impl Gpu {
             (imp.dev, imp.write, pas)
         };
         let sg = self.platform.map_sg(dev, &pas, write)?;
-        self.platform.kernel.sim.count("dmabuf.map", 1);
+        let k = &self.platform.kernel;
+        k.sim.count("dmabuf.map", 1);
+        for s in sg.segments() {
+            k.sim.count(
+                match s.kind {
+                    SegKind::P2pBusAddr => "dmabuf.mapped_pages.bus",
+                    SegKind::P2pThruHostBridge => "dmabuf.mapped_pages.host-bridge",
+                    SegKind::Ram => "dmabuf.mapped_pages.ram",
+                },
+                s.len / PAGE_SIZE,
+            );
+        }
         let mut st = self.bo.borrow_mut();
         if let Some(imp) = st.bos.get_mut(&bo).and_then(|b| b.importers.get_mut(&att)) {
             imp.sg = Some(sg);
@@ -460,6 +479,20 @@ impl Gpu {
             .get(&att)
             .and_then(|bo| st.bos[bo].importers.get(&att))
             .is_some_and(|i| i.revoked)
+    }
+
+    /// Returns the size of an attachment's buffer in bytes.
+    ///
+    /// # Errors
+    /// [`GpuError::UnknownAttach`].
+    pub fn bo_attach_size(&self, att: BoAttach) -> Result<u64> {
+        let bo = *self
+            .bo
+            .borrow()
+            .attach
+            .get(&att)
+            .ok_or(GpuError::UnknownAttach(att.0))?;
+        self.bo_size(bo)
     }
 
     /// Returns the merged segments of an attachment's current mapping (empty when it has none).
@@ -493,6 +526,8 @@ impl Gpu {
             .get(&att)
             .ok_or(GpuError::UnknownAttach(att.0))?;
         check_range(offset, len, self.bo_size(bo)?)?;
+        // The reservation lock, held until the DMA completes: a move waits for it (the importer's fence).
+        let _resv = self.resv.lock().await;
         self.importer_map(att).await?;
         let (dev, addrs): (DeviceId, Vec<DmaAddr>) = {
             let mut st = self.bo.borrow_mut();
@@ -530,6 +565,7 @@ impl Gpu {
     /// # Errors
     /// [`GpuError::UnknownBo`]; `ENOMEM`; `EFAULT` from the copy.
     pub async fn bo_evict(&self, bo: BoId) -> Result<()> {
+        let _resv = self.resv.lock().await;
         self.bo_move(bo, Placement::System).await
     }
 
@@ -541,6 +577,7 @@ impl Gpu {
     /// As [`Gpu::bo_evict`]; `ENOMEM` when VRAM cannot hold the buffer even empty.
     pub async fn bo_validate(&self, bo: BoId) -> Result<()> {
         let nr = self.bo_size(bo)? / PAGE_SIZE;
+        let _resv = self.resv.lock().await;
         if self.bo_placement(bo)? != Placement::System {
             return Ok(());
         }
@@ -569,6 +606,7 @@ impl Gpu {
     /// # Errors
     /// As [`Gpu::bo_evict`]; `ENOMEM` when invisible VRAM cannot take a buffer.
     pub async fn bo_set_visible(&self, bo: BoId, visible: bool) -> Result<()> {
+        let _resv = self.resv.lock().await;
         let place = self.bo_placement(bo)?;
         match (visible, place) {
             (true, Placement::Hidden | Placement::System) => {
@@ -588,7 +626,7 @@ impl Gpu {
             .map(|(id, _)| *id)
     }
 
-    /// Moves a buffer to `to` (module docs, steps 1–4); makes room in the window by moving its least
+    /// Moves a buffer to `to` (module docs, steps 1–4), the reservation lock held; makes room in the window by moving its least
     /// recently used buffers to invisible VRAM, or to system pages when that is full too.
     async fn bo_move(&self, bo: BoId, to: Placement) -> Result<()> {
         let nr = self.bo_size(bo)? / PAGE_SIZE;
@@ -687,11 +725,6 @@ impl Gpu {
         k.sim.count("dmabuf.move_notify", notified);
         k.sim.count("dmabuf.revoked_importers", revoked);
     }
-}
-
-/// Returns the kind name of a segment for step logs (`bus`, `ram`, `host-bridge`).
-pub fn seg_kind_name(k: SegKind) -> &'static str {
-    k.name()
 }
 
 fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {

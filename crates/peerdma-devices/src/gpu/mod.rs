@@ -35,6 +35,7 @@ use std::rc::Rc;
 use peerdma_core::timing::{ParamSpec, Timing};
 use peerdma_core::{DeviceId, Errno, PAGE_SIZE, SimDuration};
 use peerdma_dma::{DmaDevice, Platform};
+use peerdma_sim::SimMutex;
 
 pub use bo::{BoAttach, BoId, Placement};
 pub use pattern::{AccessPattern, KernelSpec};
@@ -165,6 +166,10 @@ pub struct Gpu {
     window_pages: u64,
     hidden_pages: u64,
     bo: RefCell<bo::BoState>,
+    /// The buffers' reservation lock (`dma_resv`): held by an importer's DMA from its mapping to its
+    /// completion and by every move, so a move waits for the DMA in flight (*coarse:* one lock for all
+    /// buffers of the GPU).
+    resv: SimMutex,
     injection: Cell<GpuInjection>,
 }
 
@@ -209,6 +214,7 @@ impl Gpu {
             cfg,
             window_region,
             bo: RefCell::new(bo::BoState::default()),
+            resv: SimMutex::new(&platform.kernel.sim, "gpu.resv"),
             injection: Cell::new(GpuInjection::None),
         }))
     }

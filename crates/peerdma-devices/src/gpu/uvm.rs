@@ -261,6 +261,11 @@ impl ManagedRange {
         self.start
     }
 
+    /// Returns the number of pages of the range.
+    pub fn nr_pages(&self) -> u64 {
+        self.nr_pages
+    }
+
     /// Returns the pages the UVM view holds resident on the GPU.
     pub fn nr_resident(&self) -> u64 {
         self.st.borrow().resident.len() as u64
