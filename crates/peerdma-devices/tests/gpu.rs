@@ -597,3 +597,39 @@ fn first_touch_migrates_and_cpu_access_migrates_back() {
     assert!(matches!(back, Some(MemoryKind::Ram { .. })), "{back:?}");
     assert_eq!(&bytes, b"cpu");
 }
+
+/// A peer's `hmm_range_fault` of a managed page the GPU holds migrates it back to RAM (mainline; the
+/// beyond-mainline P2P translation is not modelled).
+#[test]
+fn peer_mirror_fault_migrates_a_managed_page_back() {
+    let u = uvm_world();
+    let (before, after, data) = u.run(|k, pool| async move {
+        let pid = k.create_process();
+        let r = ManagedRange::new(&k, &pool, pid, 4 * PAGE_SIZE, uvm_cfg(8 << 20, false))
+            .await
+            .unwrap();
+        k.store(pid, r.start(), b"peer").await.unwrap();
+        let mut rng = RngStream::new(1, "k");
+        r.run_kernel(&kernel(AccessPattern::Sequential, 4, 1, false), &mut rng)
+            .await
+            .unwrap();
+        let kind = |k: &Kernel| k.translate(pid, r.start()).map(|(f, _)| k.memory_kind(f));
+        let before = kind(&k);
+        let peer = DmirrorDevice::new(
+            &k,
+            DeviceId(8),
+            DmirrorMemory::Private,
+            1 << 20,
+            DmirrorCosts::zero(),
+        );
+        let fd = peerdma_devices::Dmirror::open(&peer, pid).unwrap();
+        let res = fd.read(r.start(), 1).await.unwrap();
+        (before, kind(&k), res.data[..4].to_vec())
+    });
+    assert!(
+        matches!(before, None | Some(MemoryKind::DevicePrivate { .. })),
+        "{before:?}"
+    );
+    assert!(matches!(after, Some(MemoryKind::Ram { .. })), "{after:?}");
+    assert_eq!(data, b"peer");
+}

@@ -61,6 +61,10 @@ pub struct CostTables {
     pub dma: DmaCosts,
     /// The dmirror device.
     pub dmirror: DmirrorCosts,
+    /// The gpu device.
+    pub gpu: peerdma_devices::gpu::GpuCosts,
+    /// The gpu device's UVM fault servicing.
+    pub uvm: peerdma_devices::gpu::UvmCosts,
 }
 
 impl CostTables {
@@ -70,6 +74,8 @@ impl CostTables {
             mm: MmCosts::from_timing(timing),
             dma: DmaCosts::from_timing(timing),
             dmirror: DmirrorCosts::from_timing(timing),
+            gpu: peerdma_devices::gpu::GpuCosts::from_timing(timing),
+            uvm: peerdma_devices::gpu::UvmCosts::from_timing(timing),
         }
     }
 }

@@ -53,7 +53,12 @@ fn nic_follows_gpu_is_clean_over_many_seeds() {
     let scn = example("nic-follows-gpu.toml");
     for seed in 0..48 {
         let r = run_steps(&scn, Some(seed), true);
-        assert_eq!(r.outcome, Outcome::Passed, "seed {seed}: {}", r.render_text());
+        assert_eq!(
+            r.outcome,
+            Outcome::Passed,
+            "seed {seed}: {}",
+            r.render_text()
+        );
     }
 }
 

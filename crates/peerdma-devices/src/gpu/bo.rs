@@ -177,7 +177,7 @@ impl Gpu {
     /// Allocates `nr` pages in `p` and accounts them (`ENOMEM` when the pool runs dry).
     fn alloc_pages(&self, p: Placement, nr: u64) -> Result<Vec<BoPage>> {
         let k = &self.platform.kernel;
-        let mut out = Vec::with_capacity(usize::try_from(nr).expect("page count fits"));
+        let mut out = Vec::new();
         for _ in 0..nr {
             let page = match p {
                 Placement::Window => k.alloc_p2pmem(self.window_region, PAGE_SIZE),

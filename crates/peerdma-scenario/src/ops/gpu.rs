@@ -32,6 +32,9 @@ use crate::run::{StepCx, StepResult};
 
 type Result<T> = std::result::Result<T, ScenarioError>;
 
+/// The most page accesses one `gpu.kernel` step may make (its streams are built up front).
+const MAX_ACCESSES: u64 = 1 << 24;
+
 const BO: RefKind = RefKind::GpuName("bo");
 const ATTACH: RefKind = RefKind::GpuName("attachment");
 const RANGE: RefKind = RefKind::GpuName("managed range");
@@ -358,7 +361,7 @@ pub(crate) const KERNEL: OpSpec = OpSpec {
         "hot_percent",
     ],
     expect_keys: &["errno"],
-    doc_keys: "`range`, `pattern` (`\"sequential\"`, `\"strided\"`, `\"random\"`, `\"hot-set\"`), `accesses`, \
+    doc_keys: "`range`, `pattern` (`\"sequential\"`, `\"strided\"`, `\"random\"`, `\"hot-set\"`), `accesses` (at most 2^24), \
                `warps` (default 32), `write` (default false), `stride` (pages), `hot_pages`, `hot_percent`",
     doc: "runs a kernel as a page-access stream over a managed range: faults serviced by batches from the \
           fault buffer, prefetch, eviction of 2 MiB chunks; the step log shows its UVM counters and time",
@@ -395,11 +398,19 @@ pub(crate) const KERNEL: OpSpec = OpSpec {
             None => false,
         };
         let warps = u32::try_from(get(p, "warps", 32)?.clamp(1, 4096)).expect("clamped");
+        let accesses = get(p, "accesses", 0)?;
+        if accesses > MAX_ACCESSES {
+            let v = p.required(t, "accesses")?;
+            return Err(p.err(
+                &v.span(),
+                format!("expected at most {MAX_ACCESSES} accesses, found {accesses}"),
+            ));
+        }
         Ok(Op::Gpu(GpuOp::Kernel {
             range,
             spec: KernelSpec {
                 pattern,
-                nr_accesses: get(p, "accesses", 0)?,
+                nr_accesses: accesses,
                 warps,
                 write,
                 fatal_at: None,
