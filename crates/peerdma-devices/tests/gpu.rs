@@ -633,3 +633,62 @@ fn peer_mirror_fault_migrates_a_managed_page_back() {
     assert!(matches!(after, Some(MemoryKind::Ram { .. })), "{after:?}");
     assert_eq!(data, b"peer");
 }
+
+/// Migration to the GPU and eviction back under a live peer mirror: the GPU's migration invalidates the
+/// peer's entries (notifiers fire), eviction brings the chunk back to RAM, the peer faults again and finds
+/// the data, and the oracle stays clean.
+#[test]
+fn gpu_migration_and_eviction_invalidate_a_live_peer_mirror() {
+    let u = uvm_world();
+    let (before, after_migrate, evicted, data) = u.run(|k, pool| async move {
+        let pid = k.create_process();
+        // A pool of four pages: touching a second chunk evicts the first.
+        let r = ManagedRange::new(
+            &k,
+            &pool,
+            pid,
+            1024 * PAGE_SIZE,
+            uvm_cfg(4 * PAGE_SIZE, false),
+        )
+        .await
+        .unwrap();
+        k.store(pid, r.start(), b"shared").await.unwrap();
+        let peer = DmirrorDevice::new(
+            &k,
+            DeviceId(8),
+            DmirrorMemory::Private,
+            1 << 20,
+            DmirrorCosts::zero(),
+        );
+        let fd = peerdma_devices::Dmirror::open(&peer, pid).unwrap();
+        fd.read(r.start(), 4).await.unwrap();
+        let before = fd.nr_mirrored();
+        let mut rng = RngStream::new(1, "k");
+        r.run_kernel(&kernel(AccessPattern::Sequential, 4, 1, true), &mut rng)
+            .await
+            .unwrap();
+        let after_migrate = fd.nr_mirrored();
+        // Pages 0 and 512: the second is in another chunk, and the pool is full.
+        let s = r
+            .run_kernel(
+                &kernel(AccessPattern::Strided { stride: 512 }, 2, 1, false),
+                &mut rng,
+            )
+            .await
+            .unwrap();
+        let res = fd.read(r.start(), 1).await.unwrap();
+        (
+            before,
+            after_migrate,
+            s.chunks_evicted,
+            res.data[..6].to_vec(),
+        )
+    });
+    assert_eq!(before, 4);
+    assert_eq!(
+        after_migrate, 0,
+        "the migration invalidated every peer entry of the pages"
+    );
+    assert_eq!(evicted, 1);
+    assert_eq!(data, b"shared");
+}
