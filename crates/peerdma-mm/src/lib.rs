@@ -18,6 +18,7 @@
 
 pub mod costs;
 pub mod device_access;
+pub mod driver_page;
 pub mod file;
 pub mod filemap;
 pub mod fork;
