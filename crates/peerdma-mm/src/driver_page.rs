@@ -15,7 +15,7 @@ impl Kernel {
     /// Frees a page a driver allocated for itself (drops the allocation's reference; the frame returns to the
     /// free list when no other reference is left).
     pub fn free_driver_page(&self, frame: FrameId) {
-        self.state().phys.put(frame);
-        self.pin_wq.wake_up_all();
+        self.phys().put(frame);
+        self.pin_wq().wake_up_all();
     }
 }

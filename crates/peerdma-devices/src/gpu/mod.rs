@@ -34,7 +34,7 @@ use std::rc::Rc;
 
 use peerdma_core::timing::{ParamSpec, Timing};
 use peerdma_core::{DeviceId, Errno, PAGE_SIZE, SimDuration};
-use peerdma_dma::{DmaDevice, Platform};
+use peerdma_dma::{DmaDevice, DmaError, Platform};
 use peerdma_sim::SimMutex;
 
 pub use bo::{BoAttach, BoId, Placement};
@@ -74,11 +74,23 @@ pub enum GpuError {
     /// revoked importer, `EFAULT` for a failed DMA).
     #[error("{0}")]
     Errno(Errno),
+    /// A misuse of the DMA layer's API (an importer that is not attached to the platform, …).
+    #[error(transparent)]
+    Dma(DmaError),
 }
 
 impl From<Errno> for GpuError {
     fn from(e: Errno) -> Self {
         Self::Errno(e)
+    }
+}
+
+impl From<DmaError> for GpuError {
+    fn from(e: DmaError) -> Self {
+        match e {
+            DmaError::Errno(e) => Self::Errno(e),
+            misuse => Self::Dma(misuse),
+        }
     }
 }
 
