@@ -692,3 +692,174 @@ fn gpu_migration_and_eviction_invalidate_a_live_peer_mirror() {
     assert_eq!(evicted, 1);
     assert_eq!(data, b"shared");
 }
+
+// ------------------------------------------------------------------ the CPU mapping of a buffer (bo.rs step 0)
+
+/// A test notifier: records each invalidation's event and range.
+struct Recorder(
+    Rc<RefCell<Vec<(peerdma_mm::NotifierEvent, u64)>>>,
+    Rc<Kernel>,
+);
+
+impl peerdma_mm::IntervalNotifierOps for Recorder {
+    fn invalidate<'a>(
+        &'a self,
+        id: peerdma_mm::NotifierId,
+        range: &'a peerdma_mm::NotifierRange,
+        cur_seq: u64,
+    ) -> std::pin::Pin<Box<dyn Future<Output = bool> + 'a>> {
+        Box::pin(async move {
+            self.1.interval_set_seq(range.mm, id, cur_seq);
+            self.0
+                .borrow_mut()
+                .push((range.event, range.range.len() / PAGE_SIZE));
+            true
+        })
+    }
+    fn name(&self) -> String {
+        "recorder".into()
+    }
+}
+
+/// The CPU's mapping of a buffer follows it: stores through the mapping land in the window page, an eviction
+/// zaps the mapping (the notifier over it fires, CLEAR) and the next load faults in the system page with the
+/// data intact; a window move (another buffer takes the window) zaps it again and the next access faults
+/// the buffer back into the window.
+#[test]
+fn cpu_mapping_follows_eviction_and_window_moves() {
+    let w = world(16, Some(4), 1);
+    let (phases, events, retry) = w.run_clean(|gpu, k| async move {
+        let pid = k.create_process();
+        let a = gpu.bo_create(4 * PAGE_SIZE).unwrap();
+        let b = gpu.bo_create(4 * PAGE_SIZE).unwrap();
+        let va = gpu.bo_mmap(pid, a, peerdma_mm::Prot::RW).await.unwrap();
+        let seen = Rc::new(RefCell::new(Vec::new()));
+        let nid = k
+            .interval_notifier_insert(
+                pid,
+                va,
+                4 * PAGE_SIZE,
+                Rc::new(Recorder(seen.clone(), k.clone())),
+            )
+            .unwrap();
+        let seq = k.interval_read_begin(pid, nid).await;
+        let where_is = |k: &Kernel| {
+            k.translate(pid, va)
+                .map(|(f, _)| (k.memory_kind(f), k.frame_pa(f)))
+        };
+        k.store(pid, va, &pattern(4, 2)).await.unwrap();
+        let in_window = where_is(&k);
+        assert_eq!(
+            gpu.bo_read(a, 0, 4 * PAGE_SIZE).await.unwrap(),
+            pattern(4, 2)
+        );
+        gpu.bo_evict(a).await.unwrap();
+        assert!(
+            k.translate(pid, va).is_none(),
+            "the eviction zapped the CPU mapping"
+        );
+        let retry = k.interval_read_retry(pid, nid, seq);
+        let mut buf = vec![0u8; 4 * PG];
+        k.load(pid, va, &mut buf).await.unwrap();
+        assert_eq!(buf, pattern(4, 2), "the data moved with the buffer");
+        let in_system = where_is(&k);
+        k.store(pid, va.add(PAGE_SIZE), &pattern(1, 6))
+            .await
+            .unwrap();
+        gpu.bo_validate(a).await.unwrap();
+        assert!(k.translate(pid, va).is_none());
+        k.load(pid, va, &mut buf).await.unwrap();
+        let back = where_is(&k);
+        // B takes the window: A leaves it, its mapping is zapped; a CPU access faults A back in.
+        gpu.bo_set_visible(b, true).await.unwrap();
+        assert_eq!(gpu.bo_placement(a).unwrap(), Placement::Hidden);
+        assert!(
+            k.translate(pid, va).is_none(),
+            "the window move zapped the CPU mapping"
+        );
+        k.load(pid, va, &mut buf).await.unwrap();
+        let mut want = pattern(4, 2);
+        want[PG..2 * PG].copy_from_slice(&pattern(1, 6));
+        assert_eq!(buf, want);
+        let refaulted = (gpu.bo_placement(a).unwrap(), gpu.bo_placement(b).unwrap());
+        let ev = seen.borrow().clone();
+        ((in_window, in_system, back, refaulted), ev, retry)
+    });
+    let (in_window, in_system, back, refaulted) = phases;
+    let is_window = |x: Option<(MemoryKind, Pa)>| matches!(x, Some((MemoryKind::P2pMem { .. }, pa)) if pa.raw() >= BAR_PHYS && pa.raw() < BAR_PHYS + 4 * PAGE_SIZE);
+    assert!(is_window(in_window), "{in_window:?}");
+    assert!(
+        matches!(in_system, Some((MemoryKind::Ram { .. }, _))),
+        "{in_system:?}"
+    );
+    assert!(is_window(back), "{back:?}");
+    assert_eq!(refaulted, (Placement::Window, Placement::Hidden));
+    assert!(
+        retry,
+        "the notifier's sequence moved: a mirror of the range must retry"
+    );
+    assert!(
+        events.len() == 3
+            && events
+                .iter()
+                .all(|(e, _)| *e == peerdma_mm::NotifierEvent::Clear),
+        "{events:?}"
+    );
+    assert_eq!(
+        w.count("vm_object.faults"),
+        4 * 4,
+        "every page faults after the mapping and after each of the three moves"
+    );
+    assert_eq!(
+        w.count("gpu.bo_fault_moves"),
+        1,
+        "the last fault brought A back into the window"
+    );
+}
+
+/// The buffer's CPU entries are special (`vmf_insert_pfn_prot`): GUP refuses them, and a mirror's
+/// `hmm_range_fault` reports them as errors, so the mirror holds nothing of them; its notifier still fires.
+#[test]
+fn cpu_mapping_of_a_buffer_is_not_gupable() {
+    let w = world(16, Some(8), 1);
+    let r = w.run_clean(|gpu, k| async move {
+        let pid = k.create_process();
+        let a = gpu.bo_create(2 * PAGE_SIZE).unwrap();
+        let va = gpu.bo_mmap(pid, a, peerdma_mm::Prot::RW).await.unwrap();
+        k.store(pid, va, b"x").await.unwrap();
+        let peer = DmirrorDevice::new(
+            &k,
+            DeviceId(8),
+            DmirrorMemory::Private,
+            1 << 20,
+            DmirrorCosts::zero(),
+        );
+        let fd = peerdma_devices::Dmirror::open(&peer, pid).unwrap();
+        fd.read(va, 1)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("{e:?}"))
+    });
+    assert!(r.is_err(), "{r:?}");
+}
+
+/// The test-only switch: a move that skips zapping the CPU mapping leaves the process a stale entry to a
+/// freed window page, and the oracle reports its next access.
+#[test]
+fn skipping_the_cpu_unmap_is_caught_by_the_oracle() {
+    let w = world(16, Some(8), 1);
+    w.gpu.inject(GpuInjection::SkipCpuUnmap);
+    let (_, outcome) = w.run(|gpu, k| async move {
+        let pid = k.create_process();
+        let a = gpu.bo_create(2 * PAGE_SIZE).unwrap();
+        let va = gpu.bo_mmap(pid, a, peerdma_mm::Prot::RW).await.unwrap();
+        k.store(pid, va, b"x").await.unwrap();
+        gpu.bo_evict(a).await.unwrap();
+        let mut b = [0u8; 1];
+        let _ = k.load(pid, va, &mut b).await;
+    });
+    assert_ne!(outcome, RunOutcome::Completed);
+    let v = w.k.oracle_violations();
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert_eq!(v[0].kind, ViolationKind::UseAfterFree);
+}

@@ -343,7 +343,10 @@ impl Mms {
         let vpn = va.page_number();
         match vma.backing {
             VmaBacking::Anon => Some(LogicalPage::Anon { pid, vpn }),
-            VmaBacking::Driver | VmaBacking::P2pMem { .. } | VmaBacking::Mmio { .. } => None,
+            VmaBacking::Driver
+            | VmaBacking::P2pMem { .. }
+            | VmaBacking::Mmio { .. }
+            | VmaBacking::VmObject { .. } => None,
             VmaBacking::File { .. } => {
                 let (file, pgoff) = vma.file_pgoff(va)?;
                 if vma.is_shared() {
@@ -437,6 +440,8 @@ pub struct Kernel {
     pin_wq: WaitQueue,
     /// The callbacks of each device memory region (`dev_pagemap`), by region index.
     pgmaps: RefCell<Pgmaps>,
+    /// Drivers' mapping objects and their fault handlers ([`crate::vm_object`]).
+    vm_objects: RefCell<crate::vm_object::VmObjects>,
 }
 
 /// The outcome of a fault: the access can be retried, or it raised a signal.
@@ -472,6 +477,7 @@ impl Kernel {
             migration_wq: WaitQueue::new(sim),
             pin_wq: WaitQueue::new(sim),
             pgmaps: RefCell::new(BTreeMap::new()),
+            vm_objects: RefCell::new(BTreeMap::new()),
         })
     }
 
@@ -498,6 +504,11 @@ impl Kernel {
     /// Borrows the callbacks of each device memory region (`dev_pagemap`), by region index.
     pub(crate) fn pgmaps(&self) -> RefMut<'_, Pgmaps> {
         self.pgmaps.borrow_mut()
+    }
+
+    /// Borrows the drivers' mapping objects ([`crate::vm_object`]).
+    pub(crate) fn vm_objects(&self) -> RefMut<'_, crate::vm_object::VmObjects> {
+        self.vm_objects.borrow_mut()
     }
 
     /// Borrows the address spaces. Never hold the borrow across an `.await`.

@@ -40,6 +40,7 @@ pub mod p2pdma;
 pub mod pagetable;
 pub mod phys;
 pub mod rmap;
+pub mod vm_object;
 pub mod vma;
 pub mod vmscan;
 
@@ -54,4 +55,5 @@ pub use mmu_notifier::{IntervalNotifierOps, NotifierEvent, NotifierId, NotifierR
 pub use mremap::MremapFlags;
 pub use oracle::{LogicalPage, Violation, ViolationKind};
 pub use phys::{FrameInfo, GfpZone, LruState, MemoryKind, MovableError};
-pub use vma::{MmioId, Prot, VmFlags, Vma, VmaBacking};
+pub use vm_object::VmObjectOps;
+pub use vma::{MmioId, Prot, VmFlags, VmObjectId, Vma, VmaBacking};

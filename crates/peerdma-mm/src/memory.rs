@@ -168,6 +168,11 @@ impl Kernel {
         }
         let leaf = self.mms().mm(pid).pt().lookup(va);
         match leaf {
+            None if let VmaBacking::VmObject { obj, pgoff } = vma.backing => {
+                // vma->vm_ops->fault (crate::vm_object).
+                let idx = pgoff + (va.raw() - vma.range.start.raw()) / PAGE_SIZE;
+                self.do_vm_object_fault(pid, va, obj, idx, write).await
+            }
             None => {
                 self.reclaim_if_low_for(pid).await;
                 self.do_missing_page(pid, &vma, va, write)
@@ -274,6 +279,8 @@ impl Kernel {
             VmaBacking::Driver | VmaBacking::P2pMem { .. } | VmaBacking::Mmio { .. } => {
                 Err(SigInfo::bus(va))
             }
+            // Faulted in by the driver's handler before this point (handle_mm_fault).
+            VmaBacking::VmObject { .. } => Err(SigInfo::bus(va)),
             VmaBacking::Anon => {
                 if vma.flags.contains(VmFlags::HUGETLB) {
                     return st.hugetlb_fault(&mut phys, pid, vma, va);

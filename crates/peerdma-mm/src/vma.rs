@@ -11,6 +11,11 @@ use peerdma_core::{Range, Va};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct MmioId(pub u32);
 
+/// A driver's mapping object registered with [`crate::kernel::Kernel::register_vm_object`] (defined here,
+/// below [`crate::vm_object`], because a VMA's backing names it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VmObjectId(pub u32);
+
 bitflags! {
     /// `vm_flags` bits the model uses (include/linux/mm.h).
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -95,6 +100,14 @@ pub enum VmaBacking {
         /// The MMIO range.
         mmio: MmioId,
         /// Page offset of the VMA start inside the MMIO range.
+        pgoff: u64,
+    },
+    /// A driver's mapping object whose pages its fault handler inserts where they are now (TTM's
+    /// `ttm_bo_vm_fault`, VM_MIXEDMAP; [`crate::vm_object`]).
+    VmObject {
+        /// The object.
+        obj: VmObjectId,
+        /// Page offset of the VMA start inside the object.
         pgoff: u64,
     },
 }

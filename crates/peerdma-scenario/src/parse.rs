@@ -257,6 +257,8 @@ pub(crate) struct Parser<'s> {
     /// `gpu` devices, and the names `gpu.*` steps define, by what they name (`bo`, `attachment`, `range`).
     pub(crate) gpu_devices: BTreeSet<String>,
     pub(crate) gpu_names: BTreeMap<&'static str, BTreeSet<String>>,
+    /// Lengths of the GPU buffer objects defined so far (a `gpu.bo_mmap` mapping's length).
+    pub(crate) gpu_bo_lens: BTreeMap<String, u64>,
     /// The topology node of each `pci` device: node name -> device name.
     pci_nodes: BTreeMap<String, String>,
     exports: BTreeMap<String, Range<usize>>,
@@ -286,6 +288,7 @@ impl<'s> Parser<'s> {
             pci_devices: BTreeSet::new(),
             gpu_devices: BTreeSet::new(),
             gpu_names: BTreeMap::new(),
+            gpu_bo_lens: BTreeMap::new(),
             pci_nodes: BTreeMap::new(),
             exports: BTreeMap::new(),
             handles: BTreeSet::new(),

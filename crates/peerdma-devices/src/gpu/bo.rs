@@ -6,6 +6,10 @@
 //! (it has `move_notify`) or pinned.
 //!
 //! A move (eviction, validation back into VRAM, a window move), as numbered steps:
+//! 0. **Unmap the CPU** (`ttm_bo_unmap_virtual` → `unmap_mapping_range` over the buffer's mmap offset): every
+//!    process's mapping of the buffer loses its entries inside an MMU_NOTIFY_CLEAR invalidation, so interval
+//!    notifiers over it fire; the next CPU access faults (`ttm_bo_vm_fault`) and maps the page at its new
+//!    place ([`Gpu::bo_mmap`]).
 //! 1. **Invalidate the peers** (`dma_buf_move_notify` under the reservation lock, as amdgpu's
 //!    `amdgpu_bo_move_notify` does): every dynamic importer loses its mapping — its DMA addresses are
 //!    unmapped now — and maps again at its next access, at the new place; a pinned importer is **revoked**
@@ -23,21 +27,29 @@
 //! (TTM validates it into CPU/peer-visible VRAM, evicting the least recently used window buffer to
 //! invisible VRAM when the window is full).
 //!
-//! *Coarse:* the CPU's mapping of a buffer (TTM's `ttm_bo_vm_fault` over a VM_PFNMAP VMA, zapped by
-//! `unmap_mapping_range` on every move) is not modelled: the CPU and the GPU reach a buffer through
-//! [`crate::gpu::Gpu::bo_write`] / [`crate::gpu::Gpu::bo_read`], which always see the current placement. Moves
+//! **The CPU's mapping** ([`Gpu::bo_mmap`], TTM's `ttm_bo_mmap_obj` + `ttm_bo_vm_fault_reserved`): a
+//! VM_SHARED | VM_MIXEDMAP VMA (peerdma-mm's `vm_object`) whose fault handler takes the reservation lock and
+//! inserts the page where it is now — the window page (its BAR address) or the system page; a buffer in
+//! invisible VRAM is first moved into the window (`amdgpu_bo_fault_reserve_notify`). The entries are special
+//! (`vmf_insert_pfn_prot`): GUP and `hmm_range_fault` refuse them. *Coarse:* a buffer that cannot get into the
+//! window is not placed in GTT instead; the fault gets SIGBUS. [`crate::gpu::Gpu::bo_write`] /
+//! [`crate::gpu::Gpu::bo_read`] remain the GPU's own accesses, which always see the current placement. Moves
 //! and importer accesses are serialized by the reservation lock (`dma_resv`): an importer's DMA holds it from
 //! its mapping to its completion, so a move waits for the importer's DMA in flight as TTM waits for the
 //! buffer's fences (*coarse:* one lock per GPU, and an importer waits for a move instead of pipelining
 //! behind its fence).
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::{Rc, Weak};
 
-use peerdma_core::{DeviceId, Errno, FrameId, PAGE_SIZE, Pa};
+use peerdma_core::{DeviceId, Errno, FrameId, PAGE_SIZE, Pa, Pid, Va};
 use peerdma_dma::{
     DeviceAddr, DmaAddr, DmaOp, DmaRequest, DmaSegment, ImporterKind, MappedSg, SegKind,
 };
-use peerdma_mm::DeviceGrant;
+use peerdma_mm::vma::Prot;
+use peerdma_mm::{DeviceGrant, VmFault, VmObjectId, VmObjectOps};
 
 use super::{Gpu, GpuError, GpuInjection, Result};
 
@@ -97,6 +109,8 @@ struct Importer {
 
 #[derive(Debug)]
 struct Bo {
+    /// The buffer's mapping object once a process mapped it (`drm_vma_offset_node`).
+    vm_obj: Option<VmObjectId>,
     placement: Placement,
     pages: Vec<BoPage>,
     importers: BTreeMap<BoAttach, Importer>,
@@ -164,6 +178,7 @@ impl Gpu {
         st.bos.insert(
             id,
             Bo {
+                vm_obj: None,
                 placement: place,
                 pages,
                 importers: BTreeMap::new(),
@@ -658,6 +673,8 @@ impl Gpu {
             },
             1,
         );
+        // Step 0: every CPU mapping of the buffer (`ttm_bo_unmap_virtual`).
+        self.unmap_cpu(bo).await;
         // Step 1: the peers.
         self.invalidate_importers(bo);
         // Step 2: the GPU's own TLB.
@@ -689,6 +706,82 @@ impl Gpu {
             std::mem::replace(&mut b.pages, dst)
         };
         self.free_pages(from, old);
+        Ok(())
+    }
+
+    /// Step 0 of a move: zaps every CPU mapping of the buffer (`ttm_bo_unmap_virtual`).
+    async fn unmap_cpu(&self, bo: BoId) {
+        let (obj, nr) = {
+            let st = self.bo.borrow();
+            let b = &st.bos[&bo];
+            (b.vm_obj, b.pages.len() as u64)
+        };
+        let Some(obj) = obj else { return };
+        if self.injection.get() == GpuInjection::SkipCpuUnmap {
+            self.platform
+                .kernel
+                .sim
+                .count("gpu.injected_skipped_cpu_unmaps", 1);
+            return;
+        }
+        let nr = self.platform.kernel.unmap_mapping_range(obj, 0, nr).await;
+        self.platform
+            .kernel
+            .sim
+            .count("gpu.bo_cpu_pages_unmapped", nr);
+    }
+
+    /// `mmap` of a buffer by process `pid` (TTM's `ttm_bo_mmap_obj` through the DRM file's mmap offset): a
+    /// shared VM_MIXEDMAP VMA over the whole buffer whose pages fault in at the buffer's current place.
+    ///
+    /// # Errors
+    /// [`GpuError::UnknownBo`]; the mmap's errno (`ENOMEM` when no gap fits).
+    pub async fn bo_mmap(self: &Rc<Self>, pid: Pid, bo: BoId, prot: Prot) -> Result<Va> {
+        let size = self.bo_size(bo)?;
+        let obj = {
+            let existing = self.bo.borrow().bos[&bo].vm_obj;
+            match existing {
+                Some(o) => o,
+                None => {
+                    let o = self.platform.kernel.register_vm_object(Rc::new(BoVmOps {
+                        gpu: Rc::downgrade(self),
+                        bo,
+                    }));
+                    self.bo
+                        .borrow_mut()
+                        .bos
+                        .get_mut(&bo)
+                        .expect("checked")
+                        .vm_obj = Some(o);
+                    o
+                }
+            }
+        };
+        Ok(self
+            .platform
+            .kernel
+            .mmap_vm_object(pid, obj, 0, size, prot, true)
+            .await?)
+    }
+
+    /// `ttm_bo_vm_fault_reserved` for page `pgoff` of a buffer, at `va` of `pid`: under the reservation
+    /// lock, moves a buffer in invisible VRAM into the window, then inserts the page where it is.
+    async fn bo_vm_fault(&self, pid: Pid, va: Va, bo: BoId, pgoff: u64) -> Result<()> {
+        let _resv = self.resv.lock().await;
+        if self.bo_placement(bo)? == Placement::Hidden {
+            self.platform.kernel.sim.count("gpu.bo_fault_moves", 1);
+            self.bo_move(bo, Placement::Window).await?;
+        }
+        let frame = {
+            let mut st = self.bo.borrow_mut();
+            let b = st.bo(bo)?;
+            let i = usize::try_from(pgoff).map_err(|_| Errno::EFAULT)?;
+            match b.pages.get(i) {
+                Some(BoPage::Frame(f, _)) => *f,
+                _ => return Err(GpuError::Errno(Errno::EFAULT)),
+            }
+        };
+        self.platform.kernel.vmf_insert_frame(pid, va, frame);
         Ok(())
     }
 
@@ -724,6 +817,33 @@ impl Gpu {
         }
         k.sim.count("dmabuf.move_notify", notified);
         k.sim.count("dmabuf.revoked_importers", revoked);
+    }
+}
+
+/// A buffer's `vm_operations_struct` (`ttm_bo_vm_ops`).
+#[derive(Debug)]
+struct BoVmOps {
+    gpu: Weak<Gpu>,
+    bo: BoId,
+}
+
+impl VmObjectOps for BoVmOps {
+    fn fault<'a>(
+        &'a self,
+        pid: Pid,
+        va: Va,
+        pgoff: u64,
+        _write: bool,
+    ) -> Pin<Box<dyn Future<Output = std::result::Result<(), VmFault>> + 'a>> {
+        Box::pin(async move {
+            let gpu = self.gpu.upgrade().ok_or(VmFault::Sigbus)?;
+            gpu.bo_vm_fault(pid, va, self.bo, pgoff)
+                .await
+                .map_err(|e| match e {
+                    GpuError::Errno(Errno::ENOMEM) => VmFault::Oom,
+                    _ => VmFault::Sigbus,
+                })
+        })
     }
 }
 

@@ -165,6 +165,9 @@ pub enum GpuInjection {
     /// A buffer move skips telling its importers (no `move_notify`, no revocation): they keep their old
     /// addresses.
     SkipPeerInvalidation,
+    /// A buffer move skips zapping the CPU's mappings of the buffer (no `unmap_mapping_range`): processes
+    /// keep reaching the old pages.
+    SkipCpuUnmap,
 }
 
 /// A GPU on the platform (module docs).

@@ -22,6 +22,7 @@ use peerdma_devices::gpu::{
 use peerdma_devices::{DmirrorCosts, DmirrorDevice, DmirrorMemory};
 use peerdma_dma::{ImporterKind, Platform};
 use peerdma_mm::Kernel;
+use peerdma_mm::vma::Prot;
 
 use super::{Op, OpSpec};
 use crate::ast::{DeviceKind, Scenario};
@@ -165,6 +166,7 @@ pub(crate) const BO_CREATE: OpSpec = OpSpec {
         let dev = p.name_ref(p.required(t, "dev")?, "dev", RefKind::GpuDevice)?;
         let name = define(p, t, "bo")?;
         let len = page_len(p, t, "len")?;
+        p.gpu_bo_lens.insert(name.clone(), len);
         Ok(Op::Gpu(GpuOp::BoCreate { dev, name, len }))
     },
 };
@@ -245,6 +247,25 @@ pub(crate) const BO_WINDOW: OpSpec = OpSpec {
         let bo = p.name_ref(p.required(t, "bo")?, "bo", BO)?;
         let visible = p.boolean(p.required(t, "visible")?, "visible")?;
         Ok(Op::Gpu(GpuOp::BoWindow { bo, visible }))
+    },
+};
+
+/// `gpu.bo_mmap`.
+pub(crate) const BO_MMAP: OpSpec = OpSpec {
+    name: "gpu.bo_mmap",
+    keys: &["bo", "name"],
+    expect_keys: &["errno"],
+    doc_keys: "`bo`, `name` (a mapping of the acting process)",
+    doc: "the process maps the whole buffer (TTM's `ttm_bo_mmap_obj`: shared, VM_MIXEDMAP): a CPU access faults \
+          the page in where it is now (`ttm_bo_vm_fault`: the BAR window page, or the system page after \
+          eviction); every move zaps the mapping first (`unmap_mapping_range`, notifiers fire)",
+    parse: |p, t| {
+        let bo = p.name_ref(p.required(t, "bo")?, "bo", BO)?;
+        let v = p.required(t, "name")?;
+        let name = p.name(v, "name")?;
+        let len = p.gpu_bo_lens.get(&bo).copied().unwrap_or(0);
+        p.define_mapping(&name, len);
+        Ok(Op::Gpu(GpuOp::BoMmap { bo, name }))
     },
 };
 
@@ -482,6 +503,13 @@ pub enum GpuOp {
         /// Into the window (else out).
         visible: bool,
     },
+    /// `gpu.bo_mmap`.
+    BoMmap {
+        /// The buffer.
+        bo: String,
+        /// The mapping's name.
+        name: String,
+    },
     /// `gpu.dmabuf_attach`.
     DmabufAttach {
         /// The buffer.
@@ -609,6 +637,7 @@ impl GpuOp {
             Self::BoEvict { .. } => BO_EVICT.name,
             Self::BoValidate { .. } => BO_VALIDATE.name,
             Self::BoWindow { .. } => BO_WINDOW.name,
+            Self::BoMmap { .. } => BO_MMAP.name,
             Self::DmabufAttach { .. } => DMABUF_ATTACH.name,
             Self::DmabufDma { .. } => DMABUF_DMA.name,
             Self::ManagedAlloc { .. } => MANAGED_ALLOC.name,
@@ -671,6 +700,14 @@ impl GpuOp {
                 }
                 if let Ok(p) = gpu.bo_placement(id) {
                     out.note = Some(format!("placement={}", p.name()));
+                }
+            }
+            Self::BoMmap { bo, name } => {
+                let (gpu, id) = gw.bo(bo)?;
+                let len = gpu.bo_size(id).unwrap_or(0);
+                match gpu.bo_mmap(cx.pid, id, Prot::RW).await {
+                    Ok(va) => world.record_mapping(&mut out, cx.proc_name, name, len, Ok(va)),
+                    Err(e) => out.errno = Some(outcome(bo, e)?),
                 }
             }
             Self::DmabufAttach {

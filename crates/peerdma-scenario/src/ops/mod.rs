@@ -122,6 +122,7 @@ pub const OPS: &[OpSpec] = &[
     gpu::BO_EVICT,
     gpu::BO_VALIDATE,
     gpu::BO_WINDOW,
+    gpu::BO_MMAP,
     gpu::DMABUF_ATTACH,
     gpu::DMABUF_DMA,
     gpu::MANAGED_ALLOC,
