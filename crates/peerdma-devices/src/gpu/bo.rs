@@ -740,21 +740,20 @@ impl Gpu {
         let size = self.bo_size(bo)?;
         let obj = {
             let existing = self.bo.borrow().bos[&bo].vm_obj;
-            match existing {
-                Some(o) => o,
-                None => {
-                    let o = self.platform.kernel.register_vm_object(Rc::new(BoVmOps {
-                        gpu: Rc::downgrade(self),
-                        bo,
-                    }));
-                    self.bo
-                        .borrow_mut()
-                        .bos
-                        .get_mut(&bo)
-                        .expect("checked")
-                        .vm_obj = Some(o);
-                    o
-                }
+            if let Some(o) = existing {
+                o
+            } else {
+                let o = self.platform.kernel.register_vm_object(Rc::new(BoVmOps {
+                    gpu: Rc::downgrade(self),
+                    bo,
+                }));
+                self.bo
+                    .borrow_mut()
+                    .bos
+                    .get_mut(&bo)
+                    .expect("checked")
+                    .vm_obj = Some(o);
+                o
             }
         };
         Ok(self
