@@ -100,6 +100,12 @@ pub trait MirrorDevice: 'static {
         None
     }
 
+    /// Returns whether the device's `hmm_range_fault` calls ask for P2P translations of other devices'
+    /// device-private pages inside a BAR window (beyond mainline: [`HmmRange::allow_p2p`]).
+    fn allow_p2p(&self) -> bool {
+        false
+    }
+
     /// Returns whether to program entries without honouring `read_retry` (a deliberately broken driver,
     /// for tests of the oracle only).
     fn skip_read_retry(&self) -> bool {
@@ -253,6 +259,7 @@ impl<D: MirrorDevice> HmmMirror<D> {
         let flags = HMM_PFN_REQ_FAULT | if write { HMM_PFN_REQ_WRITE } else { 0 };
         let mut range = HmmRange::new(pid, self.notifier, 0, r, flags);
         range.dev_private_owner = dev.dev_private_owner();
+        range.allow_p2p = dev.allow_p2p();
         let deadline = k.sim.now() + HMM_RANGE_DEFAULT_TIMEOUT;
         let lock = k.mmap_lock(pid);
         let guard = loop {

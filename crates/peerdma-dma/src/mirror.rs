@@ -107,6 +107,14 @@ impl MirrorDevice for Shared {
         format!("mirror {}", self.dev.name)
     }
 
+    /// A DMA device's mirror asks for P2P translations of device-private pages (beyond mainline, as an
+    /// RDMA driver opting into `HMM_PFN_REQ_TRY_P2P` would). It changes nothing unless an owner placed its
+    /// device-private memory at BAR addresses (the GPU's `beyond_mainline_p2p` option, off by default); the
+    /// mapping then classifies the BAR page by the usual P2P rules.
+    fn allow_p2p(&self) -> bool {
+        true
+    }
+
     /// Fault step 7, under the mirror lock: DMA-maps each page and programs its entry; the mappings' CPU
     /// time is spent before the lock drops.
     fn program(&self, range: &HmmRange) -> Result<ProgramCost, Errno> {

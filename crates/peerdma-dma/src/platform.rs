@@ -258,6 +258,27 @@ impl Platform {
         Ok(res)
     }
 
+    /// Registers `size` bytes at `offset` of BAR `bar` of `dev` as a P2P provider range *without* P2P struct
+    /// pages: the caller places its own memory there (device-private VRAM a BAR window shows, for the
+    /// beyond-mainline HMM P2P option); mapping a page of it classifies by the same P2P rules (bus address,
+    /// host bridge, refused).
+    ///
+    /// # Errors
+    /// As [`Platform::p2p_add_resource`].
+    pub fn p2p_add_window(
+        &self,
+        dev: DeviceId,
+        bar: u8,
+        size: u64,
+        offset: u64,
+    ) -> Result<P2pResource, DmaError> {
+        let d = self.device(dev)?;
+        Ok(self
+            .providers
+            .borrow_mut()
+            .add_resource(&self.topo, d.node, bar, size, offset)?)
+    }
+
     /// Publishes `dev`'s P2P memory (step 2).
     ///
     /// # Errors

@@ -11,6 +11,15 @@
 //! 3. A page whose request is not met (`hmm_pte_need_fault`) records `last`, is faulted with
 //!    `handle_mm_fault` (a write request on a VMA without VM_WRITE is `EPERM` before any fault; a fault error
 //!    is `EFAULT`), and the walk restarts at step 1 — entries below `last` keep their output.
+//!
+//! **Beyond mainline** ([`HmmRange::allow_p2p`], off by default): the unmerged series "mm/hmm: HMM API to
+//! enable P2P DMA for device private pages" (Yonatan Maman, NVIDIA, v1 2024, v2 July 2025) adds a request flag
+//! (`HMM_PFN_REQ_TRY_P2P`) and a pagemap callback (`get_dma_pfn_for_device`) through which the owner of a
+//! device-private page hands out a DMA-able alias of it (a P2P page in its BAR). Modelled: a resident
+//! device-private page of another owner whose memory sits at a BAR address ([`Kernel::add_device_memory_at`])
+//! is reported VALID instead of faulted, so the caller maps its BAR (bus) address and the page stays where it
+//! is; the owner's migration or eviction invalidates the caller through its notifier as for any page. Mainline
+//! `hmm_vma_handle_pte` (mm/hmm.c) faults such a page, which migrates it to RAM through `migrate_to_ram`.
 
 use peerdma_core::{DeviceId, Errno, FrameId, PAGE_SIZE, PageSize, Pid, Range, Va};
 
@@ -74,6 +83,10 @@ pub struct HmmRange {
     pub pfn_flags_mask: u64,
     /// Device-private pages of this owner are reported, not faulted.
     pub dev_private_owner: Option<DeviceId>,
+    /// **Beyond mainline** (the unmerged HMM P2P series' `HMM_PFN_REQ_TRY_P2P`, module docs): a
+    /// device-private page of another owner that sits inside a BAR window is reported as a P2P page (its
+    /// frame, whose physical address is the BAR's) instead of being faulted (migrated to RAM). Off by default.
+    pub allow_p2p: bool,
 }
 
 impl HmmRange {
@@ -96,6 +109,7 @@ impl HmmRange {
             default_flags,
             pfn_flags_mask: 0,
             dev_private_owner: None,
+            allow_p2p: false,
         }
     }
 }
@@ -133,7 +147,7 @@ fn classify(
     va: Va,
     leaf: Option<Leaf>,
     req: u64,
-    dev_owner: Option<DeviceId>,
+    (dev_owner, allow_p2p): (Option<DeviceId>, bool),
 ) -> PageResult {
     let mm = st.mm(pid);
     let wants_fault = req & HMM_PFN_REQ_FAULT != 0;
@@ -188,6 +202,19 @@ fn classify(
                 PageResult::Out(f.0 | cpu | order)
             }
         }
+        Pte::DevicePrivate { frame, write } if allow_p2p && p2p_private_page(phys, frame) => {
+            // Beyond mainline (the HMM P2P series, `get_dma_pfn_for_device`): a resident page of another
+            // device's private memory inside its BAR window is reported with VALID as a P2P page — the
+            // caller DMA-maps its BAR address — instead of being migrated to RAM. The same invalidations
+            // (the owner's migration or eviction fires MIGRATE/CLEAR over it) take it away again.
+            let cpu = HMM_PFN_VALID | if write { HMM_PFN_WRITE } else { 0 };
+            if let Some(w) = need_fault(req, cpu) {
+                PageResult::Fault(w)
+            } else {
+                let f = leaf.frame_at(va).expect("device-private entry has a frame");
+                PageResult::Out(f.0 | cpu)
+            }
+        }
         // Swap, migration, device-exclusive and other-owner device-private entries read as "not present";
         // a fault request faults them in.
         _ => match need_fault(req, 0) {
@@ -195,6 +222,14 @@ fn classify(
             None => PageResult::Out(0),
         },
     }
+}
+
+/// Beyond mainline: whether device-private `frame` is resident (not locked by a migration) and sits at a
+/// BAR address (its region was added with [`Kernel::add_device_memory_at`]).
+fn p2p_private_page(phys: &PhysMem, frame: FrameId) -> bool {
+    matches!(phys.kind(frame), MemoryKind::DevicePrivate { .. })
+        && !phys.frame(frame).locked
+        && phys.regions()[phys.region_of(frame)].base_pa.is_some()
 }
 
 impl Kernel {
@@ -249,7 +284,7 @@ impl Kernel {
                     va,
                     leaf,
                     req,
-                    range.dev_private_owner,
+                    (range.dev_private_owner, range.allow_p2p),
                 ) {
                     PageResult::Out(word) => {
                         range.hmm_pfns[idx] = (range.hmm_pfns[idx] & HMM_PFN_INOUT_FLAGS) | word;
@@ -300,7 +335,7 @@ impl Kernel {
                                 page,
                                 leaf,
                                 req,
-                                range.dev_private_owner,
+                                (range.dev_private_owner, range.allow_p2p),
                             )
                         };
                         match r {

@@ -241,6 +241,22 @@ impl Kernel {
         r
     }
 
+    /// Adds `bytes` of device memory of `kind` whose pages sit at CPU physical address `base` — VRAM a BAR
+    /// window shows — with its pagemap callbacks; returns the region index. Only the beyond-mainline HMM P2P
+    /// option ([`crate::hmm`], [`crate::hmm::HmmRange::allow_p2p`]) makes a difference: a peer's
+    /// `hmm_range_fault` on such a device-private page gets the page's BAR address instead of migrating it.
+    pub fn add_device_memory_at(
+        &self,
+        kind: MemoryKind,
+        bytes: u64,
+        base: peerdma_core::Pa,
+        ops: Rc<dyn DevicePagemapOps>,
+    ) -> usize {
+        let r = self.phys().add_region_at(kind, bytes / PAGE_SIZE, base);
+        self.pgmaps().insert(r, ops);
+        r
+    }
+
     /// Allocates a zero-filled anonymous page in region `r`.
     pub fn alloc_page(&self, r: usize) -> Option<FrameId> {
         self.phys().alloc(r, FrameOwner::Anon).ok()
