@@ -392,6 +392,19 @@ impl DmirrorDevice {
         bytes: u64,
         costs: DmirrorCosts,
     ) -> Rc<Self> {
+        Self::new_at(kernel, id, memory, bytes, costs, None)
+    }
+
+    /// Creates device `id` as [`DmirrorDevice::new`] does; with `base`, its memory sits at that CPU physical
+    /// address (VRAM a BAR window shows: [`Kernel::add_device_memory_at`], the beyond-mainline HMM P2P option).
+    pub fn new_at(
+        kernel: &Rc<Kernel>,
+        id: DeviceId,
+        memory: DmirrorMemory,
+        bytes: u64,
+        costs: DmirrorCosts,
+        base: Option<peerdma_core::Pa>,
+    ) -> Rc<Self> {
         let dev = Rc::new(Self {
             kernel: kernel.clone(),
             id,
@@ -406,7 +419,11 @@ impl DmirrorDevice {
             DmirrorMemory::Private => MemoryKind::DevicePrivate { owner: id },
             DmirrorMemory::Coherent => MemoryKind::DeviceCoherent { owner: id },
         };
-        let r = kernel.add_device_memory(kind, bytes, Rc::new(PagemapOps(Rc::downgrade(&dev))));
+        let ops = Rc::new(PagemapOps(Rc::downgrade(&dev)));
+        let r = match base {
+            Some(b) => kernel.add_device_memory_at(kind, bytes, b, ops),
+            None => kernel.add_device_memory(kind, bytes, ops),
+        };
         dev.region.set(r);
         dev
     }

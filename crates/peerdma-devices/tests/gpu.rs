@@ -33,6 +33,7 @@ const PG: usize = 4096;
 struct World {
     sim: Sim,
     k: Rc<Kernel>,
+    p: Rc<Platform>,
     gpu: Rc<Gpu>,
 }
 
@@ -58,7 +59,8 @@ fn world(vram_pages: u64, window_pages: Option<u64>, seed: u64) -> World {
     b.endpoint("gpu", "dn0", Bdf::new(3, 0, 0).unwrap())
         .bar(Bar {
             index: 0,
-            size: vram_pages * PAGE_SIZE,
+            // Twice the VRAM: room after the window for a managed pool the BAR shows (beyond mainline).
+            size: 2 * vram_pages * PAGE_SIZE,
             phys: Pa::from_raw(BAR_PHYS),
             bus_offset: 0,
             prefetchable: true,
@@ -99,7 +101,7 @@ fn world(vram_pages: u64, window_pages: Option<u64>, seed: u64) -> World {
         },
     )
     .unwrap();
-    World { sim, k, gpu }
+    World { sim, k, p, gpu }
 }
 
 impl World {
@@ -862,4 +864,85 @@ fn skipping_the_cpu_unmap_is_caught_by_the_oracle() {
     let v = w.k.oracle_violations();
     assert_eq!(v.len(), 1, "{v:?}");
     assert_eq!(v[0].kind, ViolationKind::UseAfterFree);
+}
+
+// ------------------------------------------------------------ beyond mainline: P2P to device-private pages
+
+/// The beyond-mainline option (the unmerged HMM P2P series): off by default, a peer's `hmm_range_fault` on a
+/// managed page the GPU holds migrates it back to RAM and the peer maps RAM; on, the peer gets the page's
+/// BAR (bus) address and the page stays in VRAM — and the GPU's eviction of its chunk invalidates the peer,
+/// which then faults the page in from RAM, data intact, oracle clean.
+#[test]
+fn beyond_mainline_p2p_translation_of_device_private_pages() {
+    let mut seen = Vec::new();
+    for on in [false, true] {
+        let wld = world(16, Some(8), 1);
+        let plat = wld.p.clone();
+        let out = wld.run_clean(move |gpu, k| async move {
+            let pool = gpu
+                .managed_pool(8 * PAGE_SIZE, DmirrorCosts::zero(), on)
+                .unwrap();
+            let pid = k.create_process();
+            let managed = ManagedRange::new(
+                &k,
+                &pool,
+                pid,
+                1024 * PAGE_SIZE,
+                uvm_cfg(4 * PAGE_SIZE, false),
+            )
+            .await
+            .unwrap();
+            k.store(pid, managed.start(), b"vram").await.unwrap();
+            let mut rng = RngStream::new(1, "k");
+            managed
+                .run_kernel(&kernel(AccessPattern::Sequential, 4, 1, true), &mut rng)
+                .await
+                .unwrap();
+            let kind = |k: &Kernel| {
+                k.translate(pid, managed.start())
+                    .map(|(f, _)| k.memory_kind(f))
+            };
+            let dev_private =
+                |k: &Kernel| matches!(kind(k), None | Some(MemoryKind::DevicePrivate { .. }));
+            assert!(dev_private(&k), "the kernel migrated the page to the GPU");
+            let range = peerdma_core::Range::from_len(managed.start(), 4 * PAGE_SIZE).unwrap();
+            let mirror =
+                peerdma_dma::DmaMirror::register(&plat, plat.device(NIC).unwrap(), pid, range)
+                    .unwrap();
+            let mut buf = vec![0u8; PG];
+            mirror.read_page(managed.start(), &mut buf).await.unwrap();
+            assert_eq!(&buf[..4], b"vram");
+            let stayed = dev_private(&k);
+            let segs: Vec<SegKind> = mirror.segments().iter().map(|s| s.kind).collect();
+            // Pages 0 and 512: the second is in another chunk and the pool is full — chunk 0 is evicted.
+            let stats = managed
+                .run_kernel(
+                    &kernel(AccessPattern::Strided { stride: 512 }, 2, 1, false),
+                    &mut rng,
+                )
+                .await
+                .unwrap();
+            let after_evict = mirror.nr_mapped();
+            mirror.read_page(managed.start(), &mut buf).await.unwrap();
+            assert_eq!(&buf[..4], b"vram");
+            let segs_after: Vec<SegKind> = mirror.segments().iter().map(|s| s.kind).collect();
+            (stayed, segs, stats.chunks_evicted, after_evict, segs_after)
+        });
+        seen.push(out);
+    }
+    let (off, on) = (&seen[0], &seen[1]);
+    assert!(
+        !off.0,
+        "off (mainline): the peer's fault migrated the page back to RAM"
+    );
+    assert_eq!(off.1, [SegKind::Ram]);
+    assert!(on.0, "on: the page stayed in VRAM");
+    assert_eq!(
+        on.1,
+        [SegKind::P2pBusAddr],
+        "on: the peer holds the page's bus address"
+    );
+    assert_eq!(on.2, 1, "the GPU evicted the chunk");
+    assert_eq!(on.3, 0, "the eviction invalidated the peer's P2P entry");
+    assert_eq!(on.4, [SegKind::Ram], "the peer refaulted the page in RAM");
 }

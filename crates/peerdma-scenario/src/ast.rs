@@ -183,6 +183,10 @@ pub struct GpuDecl {
     pub window: Option<u64>,
     /// Device memory for managed ranges (`managed`, default `vram`).
     pub managed: u64,
+    /// **Beyond mainline** (`beyond_mainline_p2p`, default false): the managed pool sits in the BAR after the
+    /// window and peers' `hmm_range_fault` on its resident pages get their bus addresses (the unmerged HMM
+    /// P2P series) instead of migrating them.
+    pub beyond_mainline_p2p: bool,
     /// Test-only, never parsed: buffer moves skip their importers' invalidation
     /// (`peerdma_devices::gpu::GpuInjection::SkipPeerInvalidation`), so tests can show the oracle catches it.
     pub skip_peer_invalidation: bool,

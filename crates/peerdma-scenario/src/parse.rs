@@ -1048,6 +1048,7 @@ impl<'s> Parser<'s> {
                 "bar",
                 "bar_window",
                 "managed",
+                "beyond_mainline_p2p",
             ],
         )?;
         let name_v = self.required(t, "name")?;
@@ -1064,7 +1065,13 @@ impl<'s> Parser<'s> {
             ],
         )?;
         if kind != DeviceKind::Gpu {
-            for key in ["vram", "bar", "bar_window", "managed"] {
+            for key in [
+                "vram",
+                "bar",
+                "bar_window",
+                "managed",
+                "beyond_mainline_p2p",
+            ] {
                 if let Some(v) = t.get(key) {
                     return Err(self.err(
                         &v.span(),
@@ -1178,11 +1185,16 @@ impl<'s> Parser<'s> {
             Some(v) => page(self, v, "managed", self.len(v, "managed")?)?,
             None => vram,
         };
+        let beyond_mainline_p2p = match t.get("beyond_mainline_p2p") {
+            Some(v) => self.boolean(v, "beyond_mainline_p2p")?,
+            None => false,
+        };
         Ok(GpuDecl {
             vram,
             bar,
             window,
             managed,
+            beyond_mainline_p2p,
             skip_peer_invalidation: false,
         })
     }

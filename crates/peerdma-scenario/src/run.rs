@@ -159,8 +159,7 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
             (None, BTreeMap::new(), BTreeMap::new())
         }
     };
-    let gpu = match crate::ops::gpu::GpuWorld::build(scn, &kernel, platform.as_ref(), &pci, &timing)
-    {
+    let gpu = match crate::ops::gpu::GpuWorld::build(scn, platform.as_ref(), &pci, &timing) {
         Ok(g) => g,
         Err(e) => {
             sim.stop(e.to_string());

@@ -43,7 +43,13 @@ fn app_segment_kinds(r: &Report) -> Vec<String> {
 fn nic_segments_follow_the_gpu_buffer_bus_then_ram_then_bus() {
     let r = run_steps(&example("nic-follows-gpu.toml"), None, false);
     assert_eq!(r.outcome, Outcome::Passed, "{}", r.render_text());
-    assert_eq!(app_segment_kinds(&r), ["bus", "bus", "ram", "ram", "bus"]);
+    assert_eq!(
+        app_segment_kinds(&r),
+        ["bus", "bus", "ram", "ram", "bus", "bus"]
+    );
+    // The process's mapping of the buffer followed too: zapped at each move, refaulted at the new place.
+    assert!(r.metrics["gpu.bo_cpu_pages_unmapped"] > 0);
+    assert!(r.metrics["vm_object.faults"] > 0);
     assert!(r.metrics["dmabuf.mapped_pages.ram"] > 0);
     assert!(r.metrics["dmabuf.move_notify"] >= 2);
 }
@@ -145,4 +151,48 @@ fn a_window_larger_than_vram_is_an_input_error() {
     .replace("bar_window = \"256KiB\"", "bar_window = \"1MiB\"");
     let e = parse("t.toml", &text).unwrap_err().to_string();
     assert!(e.contains("larger than `vram`"), "{e}");
+}
+
+/// The beyond-mainline option is off by default: a NIC mirroring a managed range the GPU holds migrates the
+/// pages back to RAM and maps them through its IOMMU; with `beyond_mainline_p2p = true` it maps their bus
+/// addresses (no IOVA) and nothing migrates back; the data is the same either way.
+#[test]
+fn beyond_mainline_p2p_is_off_by_default_and_maps_bus_addresses_when_on() {
+    let text = include_str!("data/beyond-mainline-p2p.toml");
+    let on = parse("beyond-mainline-p2p.toml", text).unwrap();
+    let default = parse(
+        "default.toml",
+        &text.replace("beyond_mainline_p2p = true\n", ""),
+    )
+    .unwrap();
+    assert!(
+        on.devices
+            .iter()
+            .any(|d| d.gpu.as_ref().is_some_and(|g| g.beyond_mainline_p2p))
+    );
+    assert!(
+        default
+            .devices
+            .iter()
+            .all(|d| d.gpu.as_ref().is_none_or(|g| !g.beyond_mainline_p2p))
+    );
+    let m = |scn: &Scenario, k: &str| {
+        let r = run_steps(scn, None, false);
+        assert_eq!(r.outcome, Outcome::Passed, "{}", r.render_text());
+        r.metrics.get(k).copied().unwrap_or(0)
+    };
+    assert_eq!(m(&default, "cpu.migrate_to_ram"), 16);
+    assert_eq!(m(&default, "iommu.nic0.iova_allocs"), 16);
+    assert_eq!(m(&default, "gpu.beyond_mainline_p2p"), 0);
+    assert_eq!(m(&on, "cpu.migrate_to_ram"), 0, "the pages stayed in VRAM");
+    assert_eq!(
+        m(&on, "iommu.nic0.iova_allocs"),
+        0,
+        "bus addresses, no IOVA"
+    );
+    assert_eq!(
+        m(&on, "gpu.beyond_mainline_p2p"),
+        1,
+        "the report names the option"
+    );
 }

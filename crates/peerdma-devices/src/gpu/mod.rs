@@ -254,6 +254,61 @@ impl Gpu {
         self.injection.set(f);
     }
 
+    /// Creates the GPU's managed pool: `bytes` of device-private VRAM (a carve-out, [`uvm`]). With
+    /// `beyond_mainline_p2p` the pool sits in the BAR right after the buffer objects' window (registered as a
+    /// P2P provider range without struct pages), so a peer's `hmm_range_fault` on a resident managed page gets
+    /// its BAR address instead of migrating it (the unmerged HMM P2P series; off by default).
+    ///
+    /// # Errors
+    /// [`GpuError::WindowTooLarge`] when the BAR cannot show the pool after the window; the platform's errno.
+    pub fn managed_pool(
+        &self,
+        bytes: u64,
+        costs: crate::DmirrorCosts,
+        beyond_mainline_p2p: bool,
+    ) -> Result<Rc<crate::DmirrorDevice>> {
+        let k = &self.platform.kernel;
+        let base = if beyond_mainline_p2p {
+            let window = self.window_pages * PAGE_SIZE;
+            let bar = self
+                .platform
+                .topology()
+                .node(self.dev.node)
+                .bar(self.cfg.bar)
+                .ok_or(Errno::EINVAL)?
+                .size;
+            let bytes = bytes.next_multiple_of(PAGE_SIZE);
+            if window.checked_add(bytes).is_none_or(|end| end > bar) {
+                return Err(GpuError::WindowTooLarge {
+                    window: window.saturating_add(bytes),
+                    vram: self.cfg.vram,
+                    bar,
+                });
+            }
+            let res = self
+                .platform
+                .p2p_add_window(self.dev.id, self.cfg.bar, bytes, window)?;
+            k.sim.count("gpu.beyond_mainline_p2p", 1);
+            k.sim.trace("gpu.beyond_mainline_p2p", || {
+                format!(
+                    "managed pool at BAR {:#x} ({bytes:#x} bytes)",
+                    res.phys.start.raw()
+                )
+            });
+            Some(res.phys.start)
+        } else {
+            None
+        };
+        Ok(crate::DmirrorDevice::new_at(
+            k,
+            self.dev.id,
+            crate::DmirrorMemory::Private,
+            bytes,
+            costs,
+            base,
+        ))
+    }
+
     /// Invalidates the GPU's TLB after a page-table change (its cost is spent on the calling agent).
     async fn tlb_invalidate(&self) {
         let k = &self.platform.kernel;

@@ -19,9 +19,8 @@ use peerdma_devices::gpu::{
     AccessPattern, BoAttach, BoId, Gpu, GpuConfig, GpuCosts, GpuError, GpuInjection, KernelSpec,
     KernelStats, ManagedRange, UvmConfig, UvmCosts,
 };
-use peerdma_devices::{DmirrorCosts, DmirrorDevice, DmirrorMemory};
+use peerdma_devices::{DmirrorCosts, DmirrorDevice};
 use peerdma_dma::{ImporterKind, Platform};
-use peerdma_mm::Kernel;
 use peerdma_mm::vma::Prot;
 
 use super::{Op, OpSpec};
@@ -63,7 +62,6 @@ impl GpuWorld {
     /// Builds every `gpu` device of `scn` (already attached to the platform under `pci`).
     pub(crate) fn build(
         scn: &Scenario,
-        kernel: &Rc<Kernel>,
         platform: Option<&Rc<Platform>>,
         pci: &BTreeMap<String, DeviceId>,
         timing: &Timing,
@@ -97,13 +95,16 @@ impl GpuWorld {
             if g.skip_peer_invalidation {
                 gpu.inject(GpuInjection::SkipPeerInvalidation);
             }
-            let pool = DmirrorDevice::new(
-                kernel,
-                id,
-                DmirrorMemory::Private,
-                g.managed + 2 * (2 << 20),
-                DmirrorCosts::from_timing(timing),
-            );
+            let pool = gpu
+                .managed_pool(
+                    g.managed + 2 * (2 << 20),
+                    DmirrorCosts::from_timing(timing),
+                    g.beyond_mainline_p2p,
+                )
+                .map_err(|source| RunError::Gpu {
+                    device: d.name.clone(),
+                    source,
+                })?;
             out.gpus.insert(
                 d.name.clone(),
                 GpuDev {
