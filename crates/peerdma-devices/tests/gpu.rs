@@ -492,6 +492,11 @@ fn oversubscription_evicts_lru_chunks() {
     });
     assert!(s.chunks_evicted >= 1);
     assert_eq!(s.pages_evicted, 512 * s.chunks_evicted);
+    assert_eq!(
+        u.sim.metrics().get("gpu.tlb_invalidations"),
+        s.chunks_evicted,
+        "one GPU TLB invalidation per evicted chunk"
+    );
     assert!(resident <= 1024);
 }
 

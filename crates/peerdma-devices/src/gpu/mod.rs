@@ -97,7 +97,7 @@ impl From<DmaError> for GpuError {
 /// The result type of this module.
 pub type Result<T> = std::result::Result<T, GpuError>;
 
-const TLB_INVALIDATE: ParamSpec = ParamSpec::time(
+pub(crate) const TLB_INVALIDATE: ParamSpec = ParamSpec::time(
     "gpu.tlb_invalidate",
     2_000,
     "assumption (order of a GPU TLB invalidate + membar round trip)",

@@ -24,7 +24,8 @@
 //! 6. The **tree prefetcher** (when on) widens the migration inside each 2 MiB region: a 4 KiB fault fetches
 //!    its 64 KiB leaf, and every subtree that would then be at least half resident is fetched whole.
 //! 7. **Eviction**: when the managed pool cannot take the pages, the least recently used 2 MiB chunk is
-//!    migrated back to system memory, whole.
+//!    unmapped from the GPU, the GPU's TLB invalidated (`gpu.tlb_invalidate`), and the chunk migrated back
+//!    to system memory, whole (its notifier invalidates every peer mirroring it).
 //! 8. Migration (`migrate_vma` per contiguous run), the per-page servicing cost, then **replay**: the stalled
 //!    warps run again.
 //!
@@ -97,10 +98,13 @@ pub struct UvmCosts {
     pub local_access: SimDuration,
     /// A hit on a remote-mapped page (`uvm.remote_access`).
     pub remote_access: SimDuration,
+    /// One GPU TLB invalidation after an eviction unmapped a chunk from the GPU (the GPU's own parameter
+    /// `gpu.tlb_invalidate`, listed with [`super::GpuCosts`], not in [`UvmCosts::PARAMS`]).
+    pub tlb_invalidate: SimDuration,
 }
 
 impl UvmCosts {
-    /// The parameters these costs are built from, in field order.
+    /// The parameters these costs are built from, in field order (`tlb_invalidate` is the GPU's).
     pub const PARAMS: &[ParamSpec] = &[
         BATCH_OVERHEAD,
         FAULT_PAGE,
@@ -117,6 +121,7 @@ impl UvmCosts {
             replay: timing.time(&REPLAY),
             local_access: timing.time(&LOCAL_ACCESS),
             remote_access: timing.time(&REMOTE_ACCESS),
+            tlb_invalidate: timing.time(&super::TLB_INVALIDATE),
         }
     }
 
@@ -541,6 +546,10 @@ impl ManagedRange {
             let Some(ch) = victim else { break };
             let base = ch * CHUNK_PAGES;
             let n = CHUNK_PAGES.min(self.nr_pages - base);
+            // UVM unmaps the chunk from the GPU and invalidates the GPU's TLB (a batched invalidate for the
+            // block, `uvm_tlb_batch_invalidate`) before the copy engine moves it out.
+            k.sim.count("gpu.tlb_invalidations", 1);
+            k.spend(self.cfg.costs.tlb_invalidate).await;
             self.dm
                 .migrate_to_sys(self.start.add(base * PAGE_SIZE), n)
                 .await?;
