@@ -824,6 +824,97 @@ fn cpu_mapping_follows_eviction_and_window_moves() {
     );
 }
 
+/// A window move invalidates every CPU and peer mapping of the pages that left the window — and only
+/// those: A (least recently used) leaves the window for B; A's CPU mappings in two processes are zapped and
+/// its three importer attachments unmapped, while C, which stays in the window, keeps its CPU entry and its
+/// importer's mapping. Every stale holder then refaults at A's new place with the data intact.
+#[test]
+fn window_move_invalidates_every_cpu_and_peer_mapping_of_the_pages_that_left() {
+    let w = world(16, Some(8), 1);
+    let (a_gone, c_kept, a_back) = w.run_clean(|gpu, k| async move {
+        let (p1, p2) = (k.create_process(), k.create_process());
+        let a = gpu.bo_create(4 * PAGE_SIZE).unwrap();
+        let c = gpu.bo_create(4 * PAGE_SIZE).unwrap();
+        let b = gpu.bo_create(4 * PAGE_SIZE).unwrap();
+        assert_eq!(gpu.bo_placement(b).unwrap(), Placement::Hidden);
+        let va1 = gpu.bo_mmap(p1, a, peerdma_mm::Prot::RW).await.unwrap();
+        let va2 = gpu.bo_mmap(p2, a, peerdma_mm::Prot::RW).await.unwrap();
+        let vc = gpu.bo_mmap(p1, c, peerdma_mm::Prot::RW).await.unwrap();
+        k.store(p1, va1, &pattern(4, 3)).await.unwrap();
+        let mut buf = vec![0u8; 4 * PG];
+        k.load(p2, va2, &mut buf).await.unwrap();
+        let mut a_atts = Vec::new();
+        for (dev, write) in [(NIC, true), (NVME, false), (NIC, false)] {
+            let att = gpu
+                .bo_attach(a, dev, ImporterKind::Dynamic, write)
+                .await
+                .unwrap();
+            gpu.bo_dma(att, 0, 4 * PAGE_SIZE, None).await.unwrap();
+            a_atts.push(att);
+        }
+        let c_att = gpu
+            .bo_attach(c, NIC, ImporterKind::Dynamic, false)
+            .await
+            .unwrap();
+        gpu.bo_dma(c_att, 0, PAGE_SIZE, None).await.unwrap();
+        k.store(p1, vc, &pattern(1, 9)).await.unwrap();
+        // B takes the window: A (least recently used) leaves it.
+        gpu.bo_set_visible(b, true).await.unwrap();
+        assert_eq!(gpu.bo_placement(a).unwrap(), Placement::Hidden);
+        assert_eq!(gpu.bo_placement(c).unwrap(), Placement::Window);
+        let a_gone = (
+            (0..4).all(|i| k.translate(p1, va1.add(i * PAGE_SIZE)).is_none()),
+            (0..4).all(|i| k.translate(p2, va2.add(i * PAGE_SIZE)).is_none()),
+            a_atts.iter().all(|&att| !gpu.bo_is_mapped(att)),
+        );
+        let c_kept = (
+            k.translate(p1, vc).is_some(),
+            gpu.bo_is_mapped(c_att),
+            k.sim.metrics().get("dmabuf.move_notify"),
+        );
+        // Every stale holder refaults at A's new place, the data intact.
+        let mut back = Vec::new();
+        for &att in &a_atts {
+            back.push(gpu.bo_dma(att, 0, 4 * PAGE_SIZE, None).await.unwrap() == pattern(4, 3));
+        }
+        k.load(p2, va2, &mut buf).await.unwrap();
+        back.push(buf == pattern(4, 3));
+        (a_gone, c_kept, back)
+    });
+    assert_eq!(
+        a_gone,
+        (true, true, true),
+        "A's CPU mappings (both processes) and importers"
+    );
+    assert_eq!(
+        c_kept,
+        (true, true, 3),
+        "C stayed in the window: untouched; A's three importers were told, C's not"
+    );
+    assert!(a_back.iter().all(|&ok| ok), "{a_back:?}");
+}
+
+/// A buffer pushed out of the window goes to invisible VRAM only when that has room for it; otherwise to
+/// system pages, and the buffers in invisible VRAM stay (amdgpu_evict_flags).
+#[test]
+fn window_victim_goes_to_invisible_vram_only_when_it_fits() {
+    let w = world(8, Some(4), 1);
+    let places = w.run_clean(|gpu, _| async move {
+        let a = gpu.bo_create(4 * PAGE_SIZE).unwrap();
+        let x = gpu.bo_create(2 * PAGE_SIZE).unwrap();
+        let b = gpu.bo_create(2 * PAGE_SIZE).unwrap();
+        gpu.bo_evict(b).await.unwrap();
+        // Invisible VRAM has two free pages: B (two pages) would fit there, A (four) does not.
+        gpu.bo_set_visible(b, true).await.unwrap();
+        [a, x, b].map(|bo| gpu.bo_placement(bo).unwrap())
+    });
+    assert_eq!(
+        places,
+        [Placement::System, Placement::Hidden, Placement::Window]
+    );
+    assert_eq!(w.count("gpu.bo_evictions"), 2, "B's eviction, then A's");
+}
+
 /// The buffer's CPU entries are special (`vmf_insert_pfn_prot`): GUP refuses them, and a mirror's
 /// `hmm_range_fault` reports them as errors, so the mirror holds nothing of them; its notifier still fires.
 #[test]

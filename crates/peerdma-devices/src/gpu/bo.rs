@@ -653,12 +653,16 @@ impl Gpu {
             let Some(v) = self.lru_victim(bo, &[to]) else {
                 return Err(GpuError::Errno(Errno::ENOMEM));
             };
-            let dest =
-                if to == Placement::Window && self.room(&self.bo.borrow(), Placement::Hidden, nr) {
-                    Placement::Hidden
-                } else {
-                    Placement::System
-                };
+            // The victim goes to invisible VRAM when that has room for *it*, else to system pages — never
+            // evicting others from invisible VRAM (amdgpu_evict_flags: invisible VRAM first, GTT busy).
+            let victim_pages = self.bo_size(v)? / PAGE_SIZE;
+            let dest = if to == Placement::Window
+                && self.room(&self.bo.borrow(), Placement::Hidden, victim_pages)
+            {
+                Placement::Hidden
+            } else {
+                Placement::System
+            };
             Box::pin(self.bo_move(v, dest)).await?;
         }
         let k = self.platform.kernel.clone();
