@@ -101,7 +101,8 @@ fn figure(r: &Report, thread: &str, key: &str) -> u64 {
 }
 
 /// The directions UVM studies report (docs/gpu.md): the tree prefetcher cuts far faults and batches, and
-/// the kernel runs faster, even at 150% oversubscription where both versions evict.
+/// the kernel runs faster, even at 150% oversubscription where every version evicts; larger batches (more
+/// warps faulting at once) mean fewer batches and a shorter kernel.
 #[test]
 fn oversubscription_prefetch_lowers_faults_batches_and_kernel_time() {
     let r = run_steps(&example("gpu-oversubscription.toml"), None, false);
@@ -113,6 +114,12 @@ fn oversubscription_prefetch_lowers_faults_batches_and_kernel_time() {
     assert!(figure(&r, off, "evicted_chunks") > 0);
     assert!(figure(&r, on, "evicted_chunks") > 0);
     assert_eq!(figure(&r, off, "prefetched"), 0);
+    // Twice the warps put twice the faults in each batch: the same faults in half the batches, faster (the
+    // direction of Kim et al.'s batch-size result).
+    let more = "more-warps";
+    assert_eq!(figure(&r, more, "faults"), figure(&r, off, "faults"));
+    assert_eq!(figure(&r, more, "batches") * 2, figure(&r, off, "batches"));
+    assert!(figure(&r, more, "time") < figure(&r, off, "time"));
 }
 
 #[test]
