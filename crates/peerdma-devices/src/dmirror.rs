@@ -628,6 +628,11 @@ impl Dmirror {
         self.sh.pt.borrow().len()
     }
 
+    /// Returns whether the device page table has an entry for the page at `va`.
+    pub fn maps(&self, va: Va) -> bool {
+        self.sh.pt.borrow().contains_key(&va.page_number())
+    }
+
     /// Closes the file: removes the notifier (waiting for a running invalidation) and drops the mirror.
     pub async fn close(&self) {
         if self.closed.replace(true) {

@@ -605,8 +605,44 @@ fn first_touch_migrates_and_cpu_access_migrates_back() {
     assert_eq!(&bytes, b"cpu");
 }
 
+/// A page the CPU pulled back to RAM is no longer resident for the GPU: its next access faults and migrates
+/// it again (UVM's view follows the GPU page table, which the CPU fault's notifier cleared).
+#[test]
+fn a_page_the_cpu_pulled_back_faults_again_on_the_gpu() {
+    let u = uvm_world();
+    let (first, second, kind) = u.run(|k, pool| async move {
+        let pid = k.create_process();
+        let r = ManagedRange::new(&k, &pool, pid, 4 * PAGE_SIZE, uvm_cfg(8 << 20, false))
+            .await
+            .unwrap();
+        let mut rng = RngStream::new(1, "k");
+        let spec = kernel(AccessPattern::Sequential, 4, 1, false);
+        let first = r.run_kernel(&spec, &mut rng).await.unwrap();
+        let mut buf = [0u8; 4];
+        k.load(pid, r.start().add(PAGE_SIZE), &mut buf)
+            .await
+            .unwrap();
+        let second = r.run_kernel(&spec, &mut rng).await.unwrap();
+        let kind = k
+            .translate(pid, r.start().add(PAGE_SIZE))
+            .map(|(f, _)| k.memory_kind(f));
+        (first, second, kind)
+    });
+    assert_eq!((first.faults, first.pages_migrated), (4, 4));
+    assert_eq!(
+        (second.faults, second.pages_migrated, second.local_hits),
+        (1, 1, 4),
+        "only the pulled-back page faults, and migrates again"
+    );
+    assert!(
+        matches!(kind, None | Some(MemoryKind::DevicePrivate { .. })),
+        "{kind:?}"
+    );
+    assert_eq!(u.sim.metrics().get("uvm.pulled_back_pages"), 1);
+}
+
 /// A peer's `hmm_range_fault` of a managed page the GPU holds migrates it back to RAM (mainline; the
-/// beyond-mainline P2P translation is not modelled).
+/// beyond-mainline P2P translation is off by default).
 #[test]
 fn peer_mirror_fault_migrates_a_managed_page_back() {
     let u = uvm_world();

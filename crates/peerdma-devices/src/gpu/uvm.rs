@@ -9,8 +9,8 @@
 //! through the device-private page's `migrate_to_ram`.
 //!
 //! A kernel ([`ManagedRange::run_kernel`]) runs, as numbered steps:
-//! 1. Every warp issues its next page access. A page the GPU maps (resident, read-duplicated for a read,
-//!    remote-mapped) is a hit and costs a local or a remote access; any other access **faults**: the fault
+//! 1. Every warp issues its next page access. A page the GPU maps (resident with its GPU page-table entry
+//!    in place, read-duplicated for a read, remote-mapped) is a hit and costs a local or a remote access; any other access **faults**: the fault
 //!    goes into the **fault buffer** and the warp stalls. A full buffer drops the fault (**overflow**); the
 //!    warp faults again after the next replay.
 //! 2. When every warp has stalled or finished, the driver fetches a **batch** (up to `batch_size` entries)
@@ -33,8 +33,8 @@
 //! the run time for no observable gain); the warps' hit time is divided by their number (they run side by
 //! side). Read duplicates and remote mappings are UVM-level states: their data stays in the CPU's page, which
 //! is what a read of either returns, and the CPU's writes to a duplicated page are not seen by the model
-//! (UVM makes such a page read-only on the CPU). UVM's residency view is not updated when the CPU pulls a
-//! page back behind its back; the next GPU access then counts as a hit.
+//! (UVM makes such a page read-only on the CPU). A page the CPU or a peer pulled back to RAM leaves UVM's
+//! residency view only when the GPU next touches it (its chunk still counts for LRU until then).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
@@ -399,9 +399,15 @@ impl ManagedRange {
         Ok(stats)
     }
 
-    /// Step 1's lookup: `Some(remote)` when the GPU maps the page for this access.
+    /// Step 1's lookup: `Some(remote)` when the GPU maps the page for this access. A page UVM holds
+    /// resident whose GPU page-table entry is gone — the CPU or a peer faulted it back to RAM, and the
+    /// notifier erased the entry — is no longer resident: the access faults and migrates it again.
     fn hit(&self, page: u64, write: bool) -> Option<bool> {
         let mut st = self.st.borrow_mut();
+        if st.resident.contains(&page) && !self.dm.maps(self.start.add(page * PAGE_SIZE)) {
+            st.resident.remove(&page);
+            self.kernel.sim.count("uvm.pulled_back_pages", 1);
+        }
         if st.resident.contains(&page) {
             st.tick += 1;
             let t = st.tick;
