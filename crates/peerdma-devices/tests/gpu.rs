@@ -1078,3 +1078,67 @@ fn beyond_mainline_p2p_translation_of_device_private_pages() {
     assert_eq!(on.3, 0, "the eviction invalidated the peer's P2P entry");
     assert_eq!(on.4, [SegKind::Ram], "the peer refaulted the page in RAM");
 }
+
+/// The beyond-mainline option under races, over many seeds: a NIC reads a managed page by P2P while the GPU
+/// moves its chunk out and back (explicit prefetches of the other chunk evict it; the migrations take their
+/// calibrated time, the NIC's reads are spread over them); every read finds the data,
+/// the NIC's entries follow the page (bus address while it is in VRAM, RAM after eviction), and the oracle
+/// sees no stale translation.
+#[test]
+fn beyond_mainline_p2p_follows_evictions_over_many_seeds() {
+    let mut kinds_seen = std::collections::BTreeSet::new();
+    for seed in 0..24 {
+        let wld = world(16, Some(8), seed);
+        let plat = wld.p.clone();
+        let seen = wld.run_clean(move |gpu, k| async move {
+            let pool = gpu
+                .managed_pool(8 * PAGE_SIZE, DmirrorCosts::calibrated(), true)
+                .unwrap();
+            let pid = k.create_process();
+            let managed = ManagedRange::new(
+                &k,
+                &pool,
+                pid,
+                1024 * PAGE_SIZE,
+                uvm_cfg(4 * PAGE_SIZE, false),
+            )
+            .await
+            .unwrap();
+            k.store(pid, managed.start(), b"vram").await.unwrap();
+            managed.prefetch(0, 4).await.unwrap();
+            let range = peerdma_core::Range::from_len(managed.start(), PAGE_SIZE).unwrap();
+            let mirror = Rc::new(
+                peerdma_dma::DmaMirror::register(&plat, plat.device(NIC).unwrap(), pid, range)
+                    .unwrap(),
+            );
+            let seen = Rc::new(RefCell::new(Vec::new()));
+            let (m, s, start) = (mirror.clone(), seen.clone(), managed.start());
+            let m_k = k.clone();
+            k.sim.spawn("nic", async move {
+                for _ in 0..24 {
+                    let mut buf = vec![0u8; PG];
+                    m.read_page(start, &mut buf).await.unwrap();
+                    let kinds: Vec<SegKind> = m.segments().iter().map(|g| g.kind).collect();
+                    s.borrow_mut().push((buf[..4].to_vec(), kinds));
+                    // Spread the reads over the GPU's moves.
+                    m_k.sim
+                        .sleep(peerdma_core::SimDuration::from_nanos(1_700))
+                        .await;
+                }
+            });
+            for _ in 0..4 {
+                managed.prefetch(512, 4).await.unwrap();
+                managed.prefetch(0, 4).await.unwrap();
+            }
+            seen
+        });
+        for (data, kinds) in seen.borrow().iter() {
+            assert_eq!(data, b"vram", "seed {seed}");
+            kinds_seen.extend(kinds.iter().copied());
+        }
+    }
+    assert!(
+        kinds_seen.contains(&SegKind::P2pBusAddr) && kinds_seen.contains(&SegKind::Ram),
+        "the NIC's entry followed the page both ways: {kinds_seen:?}"
+    );
+}
