@@ -12,10 +12,11 @@
 //!    `handle_mm_fault` (a write request on a VMA without VM_WRITE is `EPERM` before any fault; a fault error
 //!    is `EFAULT`), and the walk restarts at step 1 — entries below `last` keep their output.
 //!
-//! **Beyond mainline** ([`HmmRange::allow_p2p`], off by default): the unmerged series "mm/hmm: HMM API to
-//! enable P2P DMA for device private pages" (Yonatan Maman, NVIDIA, v1 2024, v2 July 2025) adds a request flag
-//! (`HMM_PFN_REQ_TRY_P2P`) and a pagemap callback (`get_dma_pfn_for_device`) through which the owner of a
-//! device-private page hands out a DMA-able alias of it (a P2P page in its BAR). Modelled: a resident
+//! **Beyond mainline** ([`HmmRange::allow_p2p`], off by default): the unmerged series "GPU Direct RDMA (P2P
+//! DMA) for Device Private Pages" (Yonatan Maman, NVIDIA, v2 July 2025; patch "mm/hmm: HMM API to enable P2P
+//! DMA for device private pages") adds a request flag (`HMM_PFN_REQ_TRY_P2P`) and a pagemap callback
+//! (`get_dma_pfn_for_device`) through which the owner of a device-private page hands out a DMA-able alias of
+//! it (a P2P page in its BAR). Modelled: a resident
 //! device-private page of another owner whose memory sits at a BAR address ([`Kernel::add_device_memory_at`])
 //! is reported VALID instead of faulted, so the caller maps its BAR (bus) address and the page stays where it
 //! is; the owner's migration or eviction invalidates the caller through its notifier as for any page. Mainline

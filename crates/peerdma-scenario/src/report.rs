@@ -122,6 +122,17 @@ impl Report {
             self.events
         );
         let _ = writeln!(s, "  steps checked {}  result {verdict}", self.expectations);
+        if self
+            .metrics
+            .get("gpu.beyond_mainline_p2p")
+            .is_some_and(|&n| n > 0)
+        {
+            let _ = writeln!(
+                s,
+                "  BEYOND MAINLINE: peers map GPU device-private pages by P2P (the unmerged HMM P2P series; \
+                 mainline migrates them to RAM)"
+            );
+        }
         if !self.steps.is_empty() {
             let _ = writeln!(s, "\nsteps:");
             let _ = writeln!(

@@ -200,6 +200,13 @@ fn beyond_mainline_p2p_is_off_by_default_and_maps_bus_addresses_when_on() {
     assert_eq!(
         m(&on, "gpu.beyond_mainline_p2p"),
         1,
-        "the report names the option"
+        "the report counts the option"
     );
+    let banner = |scn: &Scenario| {
+        run_steps(scn, None, false)
+            .render_text()
+            .contains("BEYOND MAINLINE")
+    };
+    assert!(banner(&on), "the report names the option");
+    assert!(!banner(&default));
 }
