@@ -3,8 +3,10 @@
 //! the simulation engine, with the device's own translation state and timing.
 //!
 //! - [`dmirror`]: the Linux HMM test device (lib/test_hmm.c), the conformance vehicle.
+//! - [`rnic`]: an RDMA NIC with pinned, ODP and dma-buf memory regions (drivers/infiniband).
 
 pub mod dmirror;
+pub mod rnic;
 
 pub use dmirror::{
     Dmirror, DmirrorCosts, DmirrorDevice, DmirrorMemory, DmirrorResult, FaultInjection,
