@@ -68,9 +68,9 @@ use std::rc::{Rc, Weak};
 use peerdma_core::timing::{ParamSpec, Timing};
 use peerdma_core::{Errno, FrameId, PAGE_SIZE, Pid, Range, SimDuration, SimTime, Va};
 use peerdma_dma::{
-    AttachId, DeviceAddr, DmaAddr, DmaDevice, DmaOp, DmaRequest, DmaSgFlags,
-    DmaSgHandle, FenceInjection, HmmMirror, ImporterKind, MappedSg, MirrorDevice, Platform,
-    ProgramCost, RequestId, get_user_dma_sg,
+    AttachId, DeviceAddr, DmaAddr, DmaDevice, DmaOp, DmaRequest, DmaSgFlags, DmaSgHandle,
+    FenceInjection, HmmMirror, ImporterKind, MappedSg, MirrorDevice, Platform, ProgramCost,
+    RequestId, get_user_dma_sg,
 };
 use peerdma_mm::hmm::{HMM_PFN_REQ_WRITE, HMM_PFN_WRITE, HmmRange, hmm_pfn_to_frame};
 use peerdma_mm::notifier::NotifierRange;
@@ -82,6 +82,12 @@ pub const IMPLICIT_CHILD_SIZE: u64 = 1 << 30;
 
 /// The user address space an implicit MR covers (`TASK_SIZE` of x86-64 with 4-level paging, 128 TiB).
 pub const TASK_SIZE: u64 = 1 << 47;
+
+/// [`PAGE_SIZE`] as a `usize`.
+const PAGE_BYTES: usize = 4096;
+
+/// An implicit MR's children by 1 GiB slot.
+type Children = RefCell<BTreeMap<u64, Rc<OdpUmem>>>;
 
 /// `rnr_retry = 7`: retransmit after RNR NAKs forever.
 pub const RNR_RETRY_INFINITE: u8 = 7;
@@ -438,7 +444,7 @@ struct Umem {
     writable: bool,
     entries: RefCell<BTreeMap<u64, OdpEntry>>,
     /// Implicit child: its parent's children and its slot.
-    parent: Option<(Weak<RefCell<BTreeMap<u64, Rc<OdpUmem>>>>, u64)>,
+    parent: Option<(Weak<Children>, u64)>,
     ever_mapped: Cell<bool>,
     faulting: Cell<u32>,
     dead: Cell<bool>,
@@ -553,7 +559,9 @@ impl MirrorDevice for Umem {
                 async move {
                     let umem = &child.mirror.device().clone();
                     let g = umem.lock.lock().await;
-                    if umem.dead.get() || umem.faulting.get() > 0 || !umem.entries.borrow().is_empty()
+                    if umem.dead.get()
+                        || umem.faulting.get() > 0
+                        || !umem.entries.borrow().is_empty()
                     {
                         return;
                     }
@@ -593,7 +601,7 @@ impl OdpUmem {
         pid: Pid,
         range: Range<Va>,
         writable: bool,
-        parent: Option<(Weak<RefCell<BTreeMap<u64, Rc<OdpUmem>>>>, u64)>,
+        parent: Option<(Weak<Children>, u64)>,
     ) -> Result<Rc<Self>, Errno> {
         let umem = Rc::new(Umem {
             platform: platform.clone(),
@@ -645,7 +653,7 @@ impl OdpUmem {
 enum MrBacking {
     Pinned(DmaSgHandle),
     Odp(Rc<OdpUmem>),
-    Implicit(Rc<RefCell<BTreeMap<u64, Rc<OdpUmem>>>>),
+    Implicit(Rc<Children>),
     DmaBuf { mmio: MmioId, att: AttachId },
 }
 
@@ -816,7 +824,14 @@ impl Rnic {
             .ok_or(RnicError::UnknownPd(pd.0))
     }
 
-    fn insert_mr(&self, pd: PdId, pid: Pid, access: Access, range: Range<Va>, backing: MrBacking) -> MrKeys {
+    fn insert_mr(
+        &self,
+        pd: PdId,
+        pid: Pid,
+        access: Access,
+        range: Range<Va>,
+        backing: MrBacking,
+    ) -> MrKeys {
         let mut st = self.st.borrow_mut();
         st.next_key += 0x100;
         let key = st.next_key;
@@ -832,7 +847,10 @@ impl Rnic {
                 pending: Cell::new(0),
             }),
         );
-        MrKeys { lkey: key, rkey: key }
+        MrKeys {
+            lkey: key,
+            rkey: key,
+        }
     }
 
     /// `ibv_reg_mr(pd, addr, len, access)`: pinned, ODP, or implicit ODP (`addr = 0, len = u64::MAX` with
@@ -874,7 +892,14 @@ impl Rnic {
                 return Err(Errno::EINVAL.into());
             }
             let range = Range::new(start, end);
-            let umem = OdpUmem::new(&self.platform, &self.dev, pid, range, access.writable(), None)?;
+            let umem = OdpUmem::new(
+                &self.platform,
+                &self.dev,
+                pid,
+                range,
+                access.writable(),
+                None,
+            )?;
             self.count("rnic.reg_mr.odp", 1);
             return Ok(self.insert_mr(pd, pid, access, range, MrBacking::Odp(umem)));
         }
@@ -969,8 +994,9 @@ impl Rnic {
                 u.mirror.remove().await;
             }
             MrBacking::Implicit(children) => {
-                let all: Vec<Rc<OdpUmem>> =
-                    std::mem::take(&mut *children.borrow_mut()).into_values().collect();
+                let all: Vec<Rc<OdpUmem>> = std::mem::take(&mut *children.borrow_mut())
+                    .into_values()
+                    .collect();
                 for c in all {
                     c.umem().dead.set(true);
                     c.mirror.unmap_range(c.umem().range).await;
@@ -997,8 +1023,12 @@ impl Rnic {
             MrBacking::Implicit(c) => {
                 let c = c.borrow();
                 (
-                    c.values().map(|u| u.umem().entries.borrow().len() as u64).sum(),
-                    c.keys().map(|s| Va::from_raw(s * IMPLICIT_CHILD_SIZE)).collect(),
+                    c.values()
+                        .map(|u| u.umem().entries.borrow().len() as u64)
+                        .sum(),
+                    c.keys()
+                        .map(|s| Va::from_raw(s * IMPLICIT_CHILD_SIZE))
+                        .collect(),
                 )
             }
             MrBacking::DmaBuf { mmio, att } => (
@@ -1067,7 +1097,7 @@ impl Rnic {
         let op = |i: u64| match data {
             Some(d) => {
                 let o = usize::try_from(i * PAGE_SIZE).expect("fits");
-                DmaOp::Write(d[o..o + PAGE_SIZE as usize].to_vec())
+                DmaOp::Write(d[o..o + PAGE_BYTES].to_vec())
             }
             None => DmaOp::Read,
         };
@@ -1105,7 +1135,14 @@ impl Rnic {
         // ODP.
         let space = &self.dev.space;
         let mut issued: VecDeque<(u64, RequestId)> = VecDeque::new();
-        let mut out = vec![0u8; if write { 0 } else { usize::try_from(pages * PAGE_SIZE).expect("fits") }];
+        let mut out = vec![
+            0u8;
+            if write {
+                0
+            } else {
+                usize::try_from(pages * PAGE_SIZE).expect("fits")
+            }
+        ];
         let mut todo: VecDeque<u64> = (0..pages).collect();
         let mut result = Ok(());
         while let Some(i) = todo.pop_front() {
@@ -1113,7 +1150,7 @@ impl Rnic {
             // The device's tags.
             while space.nr_in_flight() >= space.max_outstanding() && !issued.is_empty() {
                 let (j, id) = issued.pop_front().expect("non-empty");
-                self.land(&mut out, j, space.wait(id).await, &mut todo, &mut result);
+                Self::land(&mut out, j, space.wait(id).await, &mut todo, &mut result);
             }
             let umem = match self.umem_for(mr, pva) {
                 Ok(u) => u,
@@ -1142,7 +1179,10 @@ impl Rnic {
             };
             let req = DmaRequest {
                 addr: DeviceAddr::Dma(addr),
-                grant: DeviceGrant::Mirror { pid: mr.pid, va: pva },
+                grant: DeviceGrant::Mirror {
+                    pid: mr.pid,
+                    va: pva,
+                },
                 op: op(i),
             };
             match self.platform.dma_issue(&self.dev, req) {
@@ -1156,18 +1196,18 @@ impl Rnic {
         }
         // What was issued still lands.
         while let Some((j, id)) = issued.pop_front() {
-            self.land(&mut out, j, space.wait(id).await, &mut todo, &mut result);
+            Self::land(&mut out, j, space.wait(id).await, &mut todo, &mut result);
         }
         if result.is_ok() && !todo.is_empty() {
             // Requests a fence aborted: issue them again.
             let again: Vec<u64> = todo.into_iter().collect();
             for i in again {
                 let d = data.map(|d| &d[usize::try_from(i * PAGE_SIZE).expect("fits")..]);
-                let d = d.map(|d| &d[..PAGE_SIZE as usize]);
+                let d = d.map(|d| &d[..PAGE_BYTES]);
                 let page = Box::pin(self.access(mr, va.add(i * PAGE_SIZE), 1, d, miss)).await?;
                 if !write {
                     let o = usize::try_from(i * PAGE_SIZE).expect("fits");
-                    out[o..o + PAGE_SIZE as usize].copy_from_slice(&page);
+                    out[o..o + PAGE_BYTES].copy_from_slice(&page);
                 }
             }
         }
@@ -1175,7 +1215,6 @@ impl Rnic {
     }
 
     fn land(
-        &self,
         out: &mut [u8],
         i: u64,
         r: Result<Vec<u8>, Errno>,
@@ -1186,7 +1225,7 @@ impl Rnic {
             Ok(page) => {
                 if !page.is_empty() {
                     let o = usize::try_from(i * PAGE_SIZE).expect("fits");
-                    out[o..o + PAGE_SIZE as usize].copy_from_slice(&page);
+                    out[o..o + PAGE_BYTES].copy_from_slice(&page);
                 }
             }
             Err(Errno::EAGAIN) => todo.push_back(i),
@@ -1332,7 +1371,12 @@ impl Rnic {
     ///
     /// # Errors
     /// Unknown QPs.
-    pub fn connect(self: &Rc<Self>, qp: QpId, remote: &Rc<Self>, rqp: QpId) -> Result<(), RnicError> {
+    pub fn connect(
+        self: &Rc<Self>,
+        qp: QpId,
+        remote: &Rc<Self>,
+        rqp: QpId,
+    ) -> Result<(), RnicError> {
         let a = self.qp(qp)?;
         let b = remote.qp(rqp)?;
         *a.remote.borrow_mut() = Some((Rc::downgrade(remote), rqp));
@@ -1399,7 +1443,13 @@ impl Rnic {
 
     fn complete(&self, cq: CqId, wc: Wc) {
         self.k().sim.trace("rnic.wc", || {
-            format!("{} cq{} wr {} {}", self.dev.name, cq.0, wc.wr_id, wc.status.name())
+            format!(
+                "{} cq{} wr {} {}",
+                self.dev.name,
+                cq.0,
+                wc.wr_id,
+                wc.status.name()
+            )
         });
         self.count(&format!("rnic.wc.{}", wc.status.name()), 1);
         if let Some(q) = self.st.borrow_mut().cqs.get_mut(&cq) {
@@ -1479,27 +1529,28 @@ impl Rnic {
         let payload = if dest {
             None
         } else {
-            match self.access(&mr, r.start, pages, None, Miss::Fault).await {
-                Ok(d) => Some(d),
-                Err(_) => {
-                    self.to_error(q);
-                    return (WcStatus::LocProtErr, 0);
-                }
-            }
+            let Ok(d) = self.access(&mr, r.start, pages, None, Miss::Fault).await else {
+                self.to_error(q);
+                return (WcStatus::LocProtErr, 0);
+            };
+            Some(d)
         };
         let mut rnr_left = q.attr.rnr_retry;
         let mut retry_left = q.attr.retry_cnt;
         loop {
             // Request packet(s) out.
             self.wire(if dest { 0 } else { pages }).await;
-            let answer = remote
-                .respond(rqp, wr, pages, payload.as_deref())
-                .await;
+            let answer = remote.respond(rqp, wr, pages, payload.as_deref()).await;
             match answer {
                 Answer::Ack(data) => {
                     // The ACK, or the READ response's data.
                     self.wire(if dest { pages } else { 0 }).await;
-                    if dest && self.access(&mr, r.start, pages, Some(&data), Miss::Fault).await.is_err() {
+                    if dest
+                        && self
+                            .access(&mr, r.start, pages, Some(&data), Miss::Fault)
+                            .await
+                            .is_err()
+                    {
                         self.to_error(q);
                         return (WcStatus::LocProtErr, 0);
                     }
@@ -1576,7 +1627,10 @@ impl Rnic {
                 let Some(r) = Range::from_len(wr.remote_addr, pages * PAGE_SIZE) else {
                     return Answer::AccessErr;
                 };
-                if mr.pd != q.pd || !mr.range.contains_range(&r) || !wr.remote_addr.is_page_aligned() {
+                if mr.pd != q.pd
+                    || !mr.range.contains_range(&r)
+                    || !wr.remote_addr.is_page_aligned()
+                {
                     return Answer::AccessErr;
                 }
                 (mr, r, right)
@@ -1666,4 +1720,3 @@ impl Rnic {
         });
     }
 }
-

@@ -2,6 +2,12 @@
 //! implicit ODP children, prefetch, dma-buf MRs, invalidation (fence, dirty) and the oracle.
 //!
 //! Two NICs under one switch (`nic0`, `nic1`), a GPU-like BAR exporter (`gpu`) for dma-buf MRs.
+#![expect(
+    clippy::tests_outside_test_module,
+    clippy::unwrap_used,
+    clippy::many_single_char_names,
+    reason = "a test harness: short names for the world's parts, panics are failures"
+)]
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -35,11 +41,17 @@ fn world_cfg(cfg: SimConfig, costs: RnicCosts) -> World {
 
 fn world_dma(cfg: SimConfig, costs: RnicCosts, dma: DmaCosts) -> World {
     let sim = Sim::new(cfg);
-    let k = Kernel::new(&sim, 64 << 20, MmCosts::zero());
+    let mm = if dma.timed {
+        MmCosts::calibrated()
+    } else {
+        MmCosts::zero()
+    };
+    let k = Kernel::new(&sim, 64 << 20, mm);
     let mut t = TopologyBuilder::new();
     t.host_bridge("hb0", WhitelistEntry::Unrestricted);
     t.root_port("rp0", "hb0").bdf(Bdf::new(0, 1, 0).unwrap());
-    t.switch_upstream("up", "rp0").bdf(Bdf::new(1, 0, 0).unwrap());
+    t.switch_upstream("up", "rp0")
+        .bdf(Bdf::new(1, 0, 0).unwrap());
     for (i, n) in ["dn0", "dn1", "dn2"].iter().enumerate() {
         t.switch_downstream(n, "up")
             .bdf(Bdf::new(2, u8::try_from(i).unwrap(), 0).unwrap());
@@ -63,8 +75,12 @@ fn world_dma(cfg: SimConfig, costs: RnicCosts, dma: DmaCosts) -> World {
     let p = Platform::new(k.clone(), topo, dma);
     let node = |n: &str| p.topology().lookup(n).unwrap();
     let dom = || DomainConfig::with_type(DomainType::Dma);
-    let d0 = p.add_device(DeviceId(1), node("nic0"), "nic0", dom()).unwrap();
-    let d1 = p.add_device(DeviceId(2), node("nic1"), "nic1", dom()).unwrap();
+    let d0 = p
+        .add_device(DeviceId(1), node("nic0"), "nic0", dom())
+        .unwrap();
+    let d1 = p
+        .add_device(DeviceId(2), node("nic1"), "nic1", dom())
+        .unwrap();
     p.add_device(GPU, node("gpu"), "gpu", dom()).unwrap();
     let a = Rnic::new(&p, d0, costs.clone());
     let b = Rnic::new(&p, d1, costs);
@@ -83,7 +99,12 @@ impl World {
         let out = Rc::new(RefCell::new(None));
         let (o, fut) = (
             out.clone(),
-            f(self.k.clone(), self.a.clone(), self.b.clone(), self.p.clone()),
+            f(
+                self.k.clone(),
+                self.a.clone(),
+                self.b.clone(),
+                self.p.clone(),
+            ),
         );
         self.sim
             .spawn("test", async move { *o.borrow_mut() = Some(fut.await) });
@@ -110,9 +131,7 @@ async fn anon(k: &Kernel, pid: Pid, pages: u64, populate: bool) -> Va {
     .unwrap()
 }
 
-const RW: Access = Access(
-    Access::LOCAL_WRITE.0 | Access::REMOTE_WRITE.0 | Access::REMOTE_READ.0,
-);
+const RW: Access = Access(Access::LOCAL_WRITE.0 | Access::REMOTE_WRITE.0 | Access::REMOTE_READ.0);
 
 fn odp() -> Access {
     RW | Access::ON_DEMAND
@@ -156,7 +175,11 @@ fn registration_rules_and_errnos() {
         let va = anon(&k, pid, 4, true).await;
         let mut out = Vec::new();
         // Remote write without local write.
-        out.push(a.reg_mr(pd, va, PAGE_SIZE, Access::REMOTE_WRITE).await.err());
+        out.push(
+            a.reg_mr(pd, va, PAGE_SIZE, Access::REMOTE_WRITE)
+                .await
+                .err(),
+        );
         // ODP wrapping interval.
         out.push(
             a.reg_mr(pd, Va::from_raw(u64::MAX - 10), 100, odp())
@@ -179,7 +202,11 @@ fn registration_rules_and_errnos() {
         );
         // Pinned zero length, pinned wrap.
         out.push(a.reg_mr(pd, va, 0, RW).await.err());
-        out.push(a.reg_mr(pd, Va::from_raw(u64::MAX - 10), 100, RW).await.err());
+        out.push(
+            a.reg_mr(pd, Va::from_raw(u64::MAX - 10), 100, RW)
+                .await
+                .err(),
+        );
         // Unknown PD.
         out.push(
             a.reg_mr(peerdma_devices::rnic::PdId(99), va, PAGE_SIZE, RW)
@@ -187,8 +214,14 @@ fn registration_rules_and_errnos() {
                 .err(),
         );
         // ODP over an unmapped range registers (nothing is faulted), as does implicit ODP.
-        let o = a.reg_mr(pd, va.add(64 * PAGE_SIZE), PAGE_SIZE, odp()).await.unwrap();
-        let i = a.reg_mr(pd, Va::from_raw(0), u64::MAX, odp()).await.unwrap();
+        let o = a
+            .reg_mr(pd, va.add(64 * PAGE_SIZE), PAGE_SIZE, odp())
+            .await
+            .unwrap();
+        let i = a
+            .reg_mr(pd, Va::from_raw(0), u64::MAX, odp())
+            .await
+            .unwrap();
         let p = a.reg_mr(pd, va, 4 * PAGE_SIZE, RW).await.unwrap();
         let kinds = (
             a.mr_info(o.lkey).unwrap(),
@@ -214,7 +247,11 @@ fn registration_rules_and_errnos() {
             Some(RnicError::UnknownPd(99)),
         ]
     );
-    assert_eq!((o.kind, o.nr_mapped), (MrKind::Odp, 0), "ODP pins and faults nothing");
+    assert_eq!(
+        (o.kind, o.nr_mapped),
+        (MrKind::Odp, 0),
+        "ODP pins and faults nothing"
+    );
     assert_eq!(ikind, MrKind::ImplicitOdp);
     assert_eq!((p.kind, p.nr_mapped), (MrKind::Pinned, 4));
     assert_eq!(busy, Some(RnicError::Errno(Errno::EBUSY)));
@@ -236,12 +273,16 @@ fn one_wr(
         let pdb = b.alloc_pd(pid);
         let _other = b.alloc_pd(pid);
         let src = anon(&k, pid, 2, true).await;
-        k.store(pid, src, &[0xab; PAGE_SIZE as usize]).await.unwrap();
+        k.store(pid, src, &[0xab; 4096]).await.unwrap();
         let dst = anon(&k, pid, 2, true).await;
         let la = a.reg_mr(pda, src, 2 * PAGE_SIZE, RW).await.unwrap();
         let mrb = b
             .reg_mr(
-                if same_pd { pdb } else { peerdma_devices::rnic::PdId(1) },
+                if same_pd {
+                    pdb
+                } else {
+                    peerdma_devices::rnic::PdId(1)
+                },
                 dst,
                 2 * PAGE_SIZE,
                 remote_access,
@@ -250,7 +291,11 @@ fn one_wr(
             .unwrap();
         let (qa, qb, cqa, _) = qps(&a, &b, pda.0, pdb.0, QpAttr::default());
         let rkey = if bad_key { 0xdead } else { mrb.rkey };
-        let at = if out_of_range { dst.add(PAGE_SIZE) } else { dst };
+        let at = if out_of_range {
+            dst.add(PAGE_SIZE)
+        } else {
+            dst
+        };
         let pages = if out_of_range { 2 } else { 1 };
         a.post_send(qa, wr(opcode, sge(la.lkey, src, pages), at, rkey))
             .unwrap();
@@ -315,7 +360,10 @@ fn local_key_errors_complete_with_loc_prot_err_and_later_wrs_are_flushed() {
         let va = anon(&k, pid, 2, true).await;
         let mrb = b.reg_mr(pdb, va, PAGE_SIZE, RW).await.unwrap();
         // A read-only local MR as the destination of a READ.
-        let la = a.reg_mr(pda, va, PAGE_SIZE, Access::REMOTE_READ).await.unwrap();
+        let la = a
+            .reg_mr(pda, va, PAGE_SIZE, Access::REMOTE_READ)
+            .await
+            .unwrap();
         let (qa, _, cqa, _) = qps(&a, &b, pda.0, pdb.0, QpAttr::default());
         let cq = peerdma_devices::rnic::CqId(cqa);
         a.post_send(qa, wr(WrOpcode::Read, sge(la.lkey, va, 1), va, mrb.rkey))
@@ -348,12 +396,17 @@ fn outstanding_wrs_are_bounded_per_qp() {
         let (qa, _, cqa, _) = qps(&a, &b, pda.0, pdb.0, attr);
         let w1 = wr(WrOpcode::Write, sge(la.lkey, va, 1), va, mrb.rkey);
         let r: Vec<_> = (0..3).map(|_| a.post_send(qa, w1).err()).collect();
-        a.wait_cq(peerdma_devices::rnic::CqId(cqa), 2).await.unwrap();
+        a.wait_cq(peerdma_devices::rnic::CqId(cqa), 2)
+            .await
+            .unwrap();
         (r, a.post_send(qa, w1).err())
     });
     assert_eq!(
         errs,
-        (vec![None, None, Some(RnicError::Errno(Errno::ENOMEM))], None)
+        (
+            vec![None, None, Some(RnicError::Errno(Errno::ENOMEM))],
+            None
+        )
     );
 }
 
@@ -378,7 +431,10 @@ fn odp_write(rnr_retry: u8, populate: bool, unmapped: bool) -> (WcStatus, u64, u
         let (qa, _, cqa, _) = qps(&a, &b, pda.0, pdb.0, attr);
         a.post_send(qa, wr(WrOpcode::Write, sge(la.lkey, src, 4), dst, mrb.rkey))
             .unwrap();
-        a.wait_cq(peerdma_devices::rnic::CqId(cqa), 1).await.unwrap()[0].status
+        a.wait_cq(peerdma_devices::rnic::CqId(cqa), 1)
+            .await
+            .unwrap()[0]
+            .status
     });
     let m = w.sim.metrics();
     (st, m.get("rnic.rnr_naks"), m.get("rnic.responder_faults"))
@@ -388,7 +444,11 @@ fn odp_write(rnr_retry: u8, populate: bool, unmapped: bool) -> (WcStatus, u64, u
 fn responder_fault_on_write_is_rnr_nak_then_retry_and_rnr_retry_limits_it() {
     let (st, naks, faults) = odp_write(RNR_INF, true, false);
     assert_eq!(st, WcStatus::Success);
-    assert_eq!((naks, faults), (1, 1), "one RNR NAK while the responder faulted");
+    assert_eq!(
+        (naks, faults),
+        (1, 1),
+        "one RNR NAK while the responder faulted"
+    );
     // rnr_retry = 0: the first RNR NAK ends the WR.
     let (st, naks, _) = odp_write(0, true, false);
     assert_eq!((st, naks), (WcStatus::RnrRetryExcErr, 1));
@@ -418,14 +478,27 @@ fn responder_fault_on_read_is_recovered_by_transport_retry_bounded_by_retry_cnt(
             let (qa, _, cqa, _) = qps(&a, &b, pda.0, pdb.0, attr);
             a.post_send(qa, wr(WrOpcode::Read, sge(la.lkey, dst, 1), src, mrb.rkey))
                 .unwrap();
-            let st = a.wait_cq(peerdma_devices::rnic::CqId(cqa), 1).await.unwrap()[0].status;
+            let st = a
+                .wait_cq(peerdma_devices::rnic::CqId(cqa), 1)
+                .await
+                .unwrap()[0]
+                .status;
             let mut b0 = [0u8; 1];
             k.load(pid, dst, &mut b0).await.unwrap();
             (st, b0[0])
         });
-        (st, data, w.sim.metrics().get("rnic.transport_retries"), w.sim.metrics().get("rnic.rnr_naks"))
+        (
+            st,
+            data,
+            w.sim.metrics().get("rnic.transport_retries"),
+            w.sim.metrics().get("rnic.rnr_naks"),
+        )
     };
-    assert_eq!(run(7), (WcStatus::Success, 0x5c, 1, 0), "no RNR NAK for a READ");
+    assert_eq!(
+        run(7),
+        (WcStatus::Success, 0x5c, 1, 0),
+        "no RNR NAK for a READ"
+    );
     assert_eq!(run(0), (WcStatus::RetryExcErr, 0, 1, 0));
 }
 
@@ -453,12 +526,23 @@ fn send_without_a_receive_is_rnr_and_with_one_lands() {
         let _ = (qb, cqb);
         b.post_recv(qb2, 99, sge(lb.lkey, dst, 1)).unwrap();
         a.post_send(qa, s).unwrap();
-        let st1 = a.wait_cq(peerdma_devices::rnic::CqId(cqa), 1).await.unwrap()[0].status;
-        let r = b.wait_cq(peerdma_devices::rnic::CqId(cqb2), 1).await.unwrap()[0];
+        let st1 = a
+            .wait_cq(peerdma_devices::rnic::CqId(cqa), 1)
+            .await
+            .unwrap()[0]
+            .status;
+        let r = b
+            .wait_cq(peerdma_devices::rnic::CqId(cqb2), 1)
+            .await
+            .unwrap()[0];
         (st0, st1, (r.wr_id, r.opcode, r.status))
     });
     assert_eq!(st0, WcStatus::RnrRetryExcErr);
-    assert_eq!(w.sim.metrics().get("rnic.rnr_naks"), 3, "rnr_retry = 2: three NAKs");
+    assert_eq!(
+        w.sim.metrics().get("rnic.rnr_naks"),
+        3,
+        "rnr_retry = 2: three NAKs"
+    );
     assert_eq!(st1, WcStatus::Success);
     assert_eq!(recv, (99, None, WcStatus::Success));
 }
@@ -472,7 +556,10 @@ fn implicit_children_are_made_on_demand_even_by_failing_faults_and_die_when_empt
         let src = anon(&k, pid, 2, true).await;
         let dst = anon(&k, pid, 2, true).await;
         let la = a.reg_mr(pda, src, 2 * PAGE_SIZE, RW).await.unwrap();
-        let imr = b.reg_mr(pdb, Va::from_raw(0), u64::MAX, odp()).await.unwrap();
+        let imr = b
+            .reg_mr(pdb, Va::from_raw(0), u64::MAX, odp())
+            .await
+            .unwrap();
         let (qa, _, cqa, _) = qps(&a, &b, pda.0, pdb.0, QpAttr::default());
         let cq = peerdma_devices::rnic::CqId(cqa);
         a.post_send(qa, wr(WrOpcode::Write, sge(la.lkey, src, 2), dst, imr.rkey))
@@ -482,9 +569,16 @@ fn implicit_children_are_made_on_demand_even_by_failing_faults_and_die_when_empt
         // A fault in an empty slot far away creates a child and fails.
         let hole = Va::from_raw(5 << 30);
         let (qa2, _, cqa2, _) = qps(&a, &b, pda.0, pdb.0, QpAttr::default());
-        a.post_send(qa2, wr(WrOpcode::Write, sge(la.lkey, src, 1), hole, imr.rkey))
-            .unwrap();
-        let st = a.wait_cq(peerdma_devices::rnic::CqId(cqa2), 1).await.unwrap()[0].status;
+        a.post_send(
+            qa2,
+            wr(WrOpcode::Write, sge(la.lkey, src, 1), hole, imr.rkey),
+        )
+        .unwrap();
+        let st = a
+            .wait_cq(peerdma_devices::rnic::CqId(cqa2), 1)
+            .await
+            .unwrap()[0]
+            .status;
         assert_eq!(st, WcStatus::RemAccessErr);
         let after_hole = b.mr_info(imr.lkey).unwrap().children;
         // Unmapping the written pages empties the first child: it is destroyed; the never-mapped one stays.
@@ -498,7 +592,11 @@ fn implicit_children_are_made_on_demand_even_by_failing_faults_and_die_when_empt
     let slot = |va: u64| Va::from_raw(va & !((1 << 30) - 1));
     assert_eq!(after_write.nr_mapped, 2);
     assert_eq!(after_write.children.len(), 1);
-    assert_eq!(after_hole.len(), 2, "the failing fault made a child: {after_hole:?}");
+    assert_eq!(
+        after_hole.len(),
+        2,
+        "the failing fault made a child: {after_hole:?}"
+    );
     assert_eq!(after_unmap, vec![slot(5 << 30)]);
     assert!(never);
     assert_eq!(w.sim.metrics().get("rnic.implicit_children_destroyed"), 1);
@@ -516,26 +614,50 @@ fn prefetch_rules_and_modes() {
         k.store(pid, va, &[1]).await.unwrap();
         let o = a.reg_mr(pd, va, 8 * PAGE_SIZE, odp()).await.unwrap();
         let ro = a
-            .reg_mr(pd, va, 8 * PAGE_SIZE, Access::REMOTE_READ | Access::ON_DEMAND)
+            .reg_mr(
+                pd,
+                va,
+                8 * PAGE_SIZE,
+                Access::REMOTE_READ | Access::ON_DEMAND,
+            )
             .await
             .unwrap();
         let pinned = a.reg_mr(pd, va, PAGE_SIZE, RW).await.unwrap();
         let s = |key| [sge(key, va, 8)];
         let errs = vec![
-            a.advise_mr(pd, Advice::Prefetch, true, &s(0x7777)).await.err(),
-            a.advise_mr(pd, Advice::Prefetch, true, &[sge(pinned.lkey, va, 1)]).await.err(),
-            a.advise_mr(other, Advice::Prefetch, true, &s(o.lkey)).await.err(),
-            a.advise_mr(pd, Advice::PrefetchWrite, true, &s(ro.lkey)).await.err(),
+            a.advise_mr(pd, Advice::Prefetch, true, &s(0x7777))
+                .await
+                .err(),
+            a.advise_mr(pd, Advice::Prefetch, true, &[sge(pinned.lkey, va, 1)])
+                .await
+                .err(),
+            a.advise_mr(other, Advice::Prefetch, true, &s(o.lkey))
+                .await
+                .err(),
+            a.advise_mr(pd, Advice::PrefetchWrite, true, &s(ro.lkey))
+                .await
+                .err(),
         ];
         a.advise_mr(pd, Advice::PrefetchNoFault, true, &s(o.lkey))
             .await
             .unwrap();
         let no_fault = a.mr_info(o.lkey).unwrap().nr_mapped;
-        a.advise_mr(pd, Advice::Prefetch, true, &s(o.lkey)).await.unwrap();
+        a.advise_mr(pd, Advice::Prefetch, true, &s(o.lkey))
+            .await
+            .unwrap();
         let read = a.mr_info(o.lkey).unwrap().nr_mapped;
         // Asynchronous: returns at once, maps later.
-        a.advise_mr(pd, Advice::PrefetchWrite, false, &s(ro.lkey.wrapping_add(0))).await.ok();
-        a.advise_mr(pd, Advice::Prefetch, false, &s(ro.lkey)).await.unwrap();
+        a.advise_mr(
+            pd,
+            Advice::PrefetchWrite,
+            false,
+            &s(ro.lkey.wrapping_add(0)),
+        )
+        .await
+        .ok();
+        a.advise_mr(pd, Advice::Prefetch, false, &s(ro.lkey))
+            .await
+            .unwrap();
         let before = a.mr_info(ro.lkey).unwrap().nr_mapped;
         k.sim.sleep(peerdma_core::SimDuration::from_micros(1)).await;
         let after = a.mr_info(ro.lkey).unwrap().nr_mapped;
@@ -544,7 +666,12 @@ fn prefetch_rules_and_modes() {
     let e = |x: Errno| Some(RnicError::Errno(x));
     assert_eq!(
         r.0,
-        vec![e(Errno::ENOENT), e(Errno::ENOENT), e(Errno::EPERM), e(Errno::EPERM)]
+        vec![
+            e(Errno::ENOENT),
+            e(Errno::ENOENT),
+            e(Errno::EPERM),
+            e(Errno::EPERM)
+        ]
     );
     assert_eq!(r.1, 1, "NO_FAULT maps only the page already present");
     assert_eq!(r.2, 8);
@@ -569,7 +696,12 @@ fn dmabuf_mr_loses_its_mapping_on_move_notify_and_the_next_access_rebuilds_it() 
         let mapped1 = b.mr_info(mrb.lkey).unwrap().nr_mapped;
         a.post_send(
             qa,
-            wr(WrOpcode::Write, sge(la.lkey, src, 1), Va::from_raw(PAGE_SIZE), mrb.rkey),
+            wr(
+                WrOpcode::Write,
+                sge(la.lkey, src, 1),
+                Va::from_raw(PAGE_SIZE),
+                mrb.rkey,
+            ),
         )
         .unwrap();
         let st = a.wait_cq(cq, 1).await.unwrap()[0].status;
@@ -606,7 +738,11 @@ fn dirtied(prot: Prot) -> (u64, u64) {
 
 #[test]
 fn invalidation_marks_cpu_writable_pages_dirty_even_if_only_read() {
-    assert_eq!(dirtied(Prot::RW), (2, 0), "read-only NIC entries of writable CPU pages");
+    assert_eq!(
+        dirtied(Prot::RW),
+        (2, 0),
+        "read-only NIC entries of writable CPU pages"
+    );
     assert_eq!(dirtied(Prot::READ), (0, 0));
 }
 
@@ -638,11 +774,18 @@ fn munmap_race(seed: u64, skip_fence: bool) -> Vec<String> {
             .await
             .unwrap();
         let (qa, _, cqa, _) = qps(&a, &b, pda.0, pdb.0, QpAttr::default());
-        a.post_send(qa, wr(WrOpcode::Write, sge(la.lkey, src, 16), dst, mrb.rkey))
-            .unwrap();
+        a.post_send(
+            qa,
+            wr(WrOpcode::Write, sge(la.lkey, src, 16), dst, mrb.rkey),
+        )
+        .unwrap();
         let k2 = k.clone();
         k.sim.spawn("unmapper", async move {
-            k2.sim.sleep(peerdma_core::SimDuration::from_nanos(4_000 + (seed * 97) % 8_000)).await;
+            k2.sim
+                .sleep(peerdma_core::SimDuration::from_nanos(
+                    12_000 + (seed * 97) % 16_000,
+                ))
+                .await;
             k2.munmap(pid, dst, 16 * PAGE_SIZE).await.unwrap();
         });
         let _ = a.wait_cq(peerdma_devices::rnic::CqId(cqa), 1).await;
@@ -662,4 +805,61 @@ fn odp_munmap_race_is_clean_over_seeds_and_skipping_the_fence_is_caught() {
     }
     let caught = (0..1000).find(|&s| !munmap_race(s, true).is_empty());
     assert!(caught.is_some(), "no seed showed the missing fence");
+}
+
+/// The shape of spec/numbers.md §3 (run with `--ignored --nocapture`): registration time, first-touch
+/// latency and steady-state time of 1-page RDMA READs from a 4 MiB MR, pinned vs ODP, in simulated time.
+#[test]
+#[ignore = "prints figures; run by hand"]
+fn figures_odp_vs_pinned() {
+    for on_demand in [false, true] {
+        let w = world_dma(
+            SimConfig::default(),
+            RnicCosts::calibrated(),
+            DmaCosts::calibrated(),
+        );
+        let r = w.run(move |k, a, b, _| async move {
+            let pid = k.create_process();
+            let (pda, pdb) = (a.alloc_pd(pid), b.alloc_pd(pid));
+            let pages_n: u64 = 1024;
+            let big = anon(&k, pid, pages_n, true).await;
+            let dst = anon(&k, pid, 1, true).await;
+            let la = a.reg_mr(pda, dst, PAGE_SIZE, RW).await.unwrap();
+            let t0 = k.sim.now();
+            let acc = if on_demand { odp() } else { RW };
+            let mr = b.reg_mr(pdb, big, pages_n * PAGE_SIZE, acc).await.unwrap();
+            let reg = k.sim.now().0 - t0.0;
+            let (qa, _, cqa, _) = qps(&a, &b, pda.0, pdb.0, QpAttr::default());
+            let cq = peerdma_devices::rnic::CqId(cqa);
+            let mut rng: u64;
+            let mut lat = Vec::new();
+            for round in 0..2 {
+                rng = 12345;
+                let t = k.sim.now();
+                for _ in 0..64 {
+                    rng = rng
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    let page = (rng >> 33) % pages_n;
+                    let at = big.add(page * PAGE_SIZE);
+                    a.post_send(qa, wr(WrOpcode::Read, sge(la.lkey, dst, 1), at, mr.rkey))
+                        .unwrap();
+                    a.wait_cq(cq, 1).await.unwrap();
+                    if round == 0 {
+                        lat.push(0);
+                    }
+                }
+                lat.push(k.sim.now().0 - t.0);
+            }
+            (reg, lat[64], lat[65])
+        });
+        eprintln!(
+            "{}: registration {} ns, 64 first-touch reads {} ns ({} ns each), 64 reads after {} ns",
+            if on_demand { "odp" } else { "pinned" },
+            r.0,
+            r.1,
+            r.1 / 64,
+            r.2
+        );
+    }
 }
