@@ -45,9 +45,12 @@
 //! - WRITE and SEND (and SEND with no receive posted): RNR NAK; the requester waits the RNR timer
 //!   (`rnic.rnr_timer`) and retransmits; `rnr_retry` retransmissions are allowed, 7 meaning infinite; once
 //!   exhausted the WR completes with `RNR_RETRY_EXC_ERR` and the QP goes to Error;
-//! - READ: an RNR NAK is not a valid answer to a READ request (InfiniBand spec, C9-xx), so mlx5's responder
-//!   drops it and the requester retransmits after its local ACK timeout (`rnic.ack_timeout`); `retry_cnt`
-//!   retransmissions are allowed; then `RETRY_EXC_ERR` and Error.
+//! - READ: the model's responder drops the request while it faults and the requester retransmits after its
+//!   local ACK timeout (`rnic.ack_timeout`); `retry_cnt` retransmissions are allowed; then `RETRY_EXC_ERR`
+//!   and Error. The kernel (mlx5/odp.c) only resolves the fault and resumes the QP; what the wire carries
+//!   is the HCA's. The model follows the InfiniBand rule that an RNR NAK answers only requests that need a
+//!   receive or write resources (SEND, RDMA WRITE), and the ODP paper (Lesokhin et al., ASPLOS'17), where a
+//!   READ responder fault costs the requester a transport timeout: the reason ODP faults are ms-scale.
 //!
 //! A background fault that fails (the VA is not mapped, a write to a read-only VMA) is remembered: the next
 //! retransmission is answered with a remote access error NAK (spec: the driver resumes the QP with error).

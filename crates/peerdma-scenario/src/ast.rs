@@ -229,6 +229,9 @@ pub enum DeviceKind {
     /// `"pci"`: a PCI function in `[topology]` with a DMA engine (a NIC, an NVMe controller, a GPU's copy
     /// engine: modelled alike), optionally providing P2P memory or exporting BARs.
     Pci,
+    /// `"rnic"`: a `pci` device that is also an RDMA NIC (`peerdma_devices::rnic`): memory regions, queue
+    /// pairs, completion queues (`rdma.*` ops).
+    Rnic,
 }
 
 /// The kind of `ZONE_DEVICE` memory a device has.
@@ -308,6 +311,8 @@ pub struct Expect {
     /// `violation`: the oracle must report a violation of this kind while the step runs (a step that
     /// demonstrates what the oracle catches); it is then expected and the run goes on.
     pub violation: Option<peerdma_mm::ViolationKind>,
+    /// `status`: an `rdma.poll`'s completion statuses, comma-separated.
+    pub status: Option<String>,
 }
 
 impl Expect {

@@ -8,6 +8,7 @@
 
 use peerdma_core::timing::{ParamSpec, Timing};
 use peerdma_devices::DmirrorCosts;
+use peerdma_devices::rnic::RnicCosts;
 use peerdma_dma::DmaCosts;
 use peerdma_iommu::IommuCosts;
 use peerdma_mm::MmCosts;
@@ -19,6 +20,7 @@ pub fn all_params() -> Vec<ParamSpec> {
         IommuCosts::PARAMS,
         DmaCosts::PARAMS,
         DmirrorCosts::PARAMS,
+        RnicCosts::PARAMS,
     ]
     .concat()
 }

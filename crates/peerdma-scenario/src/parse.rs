@@ -101,6 +101,7 @@ const ALL_EXPECT_KEYS: &[&str] = &[
     "pinned",
     "dma_addr",
     "violation",
+    "status",
 ];
 
 /// What a missing required key should hold, for the "needs `key`" message.
@@ -430,7 +431,7 @@ impl<'s> Parser<'s> {
             })
     }
 
-    fn boolean(&self, v: &Value<'_>, key: &str) -> Result<bool> {
+    pub(crate) fn boolean(&self, v: &Value<'_>, key: &str) -> Result<bool> {
         match v.get_ref() {
             DeValue::Boolean(b) => Ok(*b),
             other => Err(self.err(
@@ -1033,7 +1034,11 @@ impl<'s> Parser<'s> {
         let kind = self.keyword(
             self.required(t, "kind")?,
             "kind",
-            &[("dmirror", DeviceKind::Dmirror), ("pci", DeviceKind::Pci)],
+            &[
+                ("dmirror", DeviceKind::Dmirror),
+                ("pci", DeviceKind::Pci),
+                ("rnic", DeviceKind::Rnic),
+            ],
         )?;
         if kind == DeviceKind::Dmirror {
             for key in ["node", "iommu", "p2p", "export"] {
@@ -1081,7 +1086,7 @@ impl<'s> Parser<'s> {
             p2p: Vec::new(),
             exports: Vec::new(),
         };
-        if kind == DeviceKind::Pci {
+        if matches!(kind, DeviceKind::Pci | DeviceKind::Rnic) {
             self.pci_device(t, &name_v.span(), &mut decl)?;
         }
         Ok(decl)
@@ -1551,6 +1556,9 @@ impl<'s> Parser<'s> {
                 .map(|&k| (k.key(), k))
                 .collect();
             expect.violation = Some(self.keyword(v, "violation", &kinds)?);
+        }
+        if let Some(v) = t.get("status") {
+            expect.status = Some(self.string(v, "status")?.to_owned());
         }
         Ok(expect)
     }

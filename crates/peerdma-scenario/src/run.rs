@@ -54,6 +54,8 @@ pub(crate) struct StepResult {
     pub(crate) dma_addr: Option<u64>,
     /// Pages a `dma.map` step pinned.
     pub(crate) pinned: Option<u64>,
+    /// An `rdma.poll`'s completion statuses, comma-separated.
+    pub(crate) status: Option<String>,
 }
 
 /// A process of the scenario: its pid once it exists, and what its steps hold by name.
@@ -90,6 +92,10 @@ pub(crate) struct World {
     pub(crate) pci: BTreeMap<String, DeviceId>,
     /// BAR exports by name.
     pub(crate) exports: BTreeMap<String, peerdma_mm::MmioId>,
+    /// `rnic` devices by name.
+    pub(crate) rnics: BTreeMap<String, Rc<peerdma_devices::rnic::Rnic>>,
+    /// The RDMA objects the steps named.
+    pub(crate) rdma: RefCell<crate::ops::rdma::RdmaNames>,
     pub(crate) dma_page_cost: SimDuration,
     /// The access path of the scenario's DMA engine (`dma.write` through a pin).
     pub(crate) dma_engine: DmaSpace,
@@ -155,6 +161,7 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
             (None, BTreeMap::new(), BTreeMap::new())
         }
     };
+    let rnics = rnics(scn, platform.as_ref(), &timing);
     let mut procs = BTreeMap::new();
     for p in &scn.processes {
         procs.insert(p.clone(), ProcState::default());
@@ -171,6 +178,8 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
         dma_engine: DmaSpace::new(&kernel, dma_engine_id(scn), "dma_engine", 1),
         devices,
         platform,
+        rnics,
+        rdma: RefCell::default(),
         pci,
         exports,
         proc_wq: WaitQueue::new(&sim),
@@ -185,6 +194,31 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
     }
     let outcome = sim.run();
     world.finish(&sim, seed, explore, &outcome)
+}
+
+/// Makes the NIC model of every `rnic` device (after the platform attached it).
+fn rnics(
+    scn: &Scenario,
+    platform: Option<&Rc<Platform>>,
+    timing: &peerdma_core::Timing,
+) -> BTreeMap<String, Rc<peerdma_devices::rnic::Rnic>> {
+    let mut out = BTreeMap::new();
+    let Some(p) = platform else {
+        return out;
+    };
+    let costs = peerdma_devices::rnic::RnicCosts::from_timing(timing);
+    for (i, d) in scn.devices.iter().enumerate() {
+        let id = DeviceId(u32::try_from(i).expect("few devices"));
+        if d.kind == DeviceKind::Rnic
+            && let Ok(dev) = p.device(id)
+        {
+            out.insert(
+                d.name.clone(),
+                peerdma_devices::rnic::Rnic::new(p, dev, costs.clone()),
+            );
+        }
+    }
+    out
 }
 
 type PlatformParts = (
@@ -209,7 +243,7 @@ fn build_platform(
     let mut pci = BTreeMap::new();
     let mut exports = BTreeMap::new();
     for (i, d) in scn.devices.iter().enumerate() {
-        if d.kind != DeviceKind::Pci {
+        if !matches!(d.kind, DeviceKind::Pci | DeviceKind::Rnic) {
             continue;
         }
         let id = DeviceId(u32::try_from(i).expect("few devices"));
@@ -624,6 +658,14 @@ impl World {
                                 .map_or_else(|| "no segment".to_owned(), |a| format!("{a:#x}"))
                         ));
                     }
+                    if let Some(want) = &e.status
+                        && r.status.as_ref() != Some(want)
+                    {
+                        fails.push(format!(
+                            "expected status {want}, got {}",
+                            r.status.as_deref().unwrap_or("none")
+                        ));
+                    }
                     if let (Some(want), Some(d)) = (e.value, &r.data) {
                         let mut w = [0u8; 8];
                         let n = d.len().min(8);
@@ -745,6 +787,9 @@ fn summarize(r: &StepResult) -> String {
         if let Some(a) = r.dma_addr {
             let _ = write!(s, " dma_addr={a:#x}");
         }
+    }
+    if let Some(st) = &r.status {
+        let _ = write!(s, " status={st}");
     }
     s
 }
