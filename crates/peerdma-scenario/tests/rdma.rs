@@ -49,3 +49,34 @@ fn skipping_the_mrs_fence_is_reported_within_1000_seeds() {
         (0..1000).find(|&s| matches!(explore(&broken, s).outcome, Outcome::OracleViolation(_)));
     assert!(found.is_some(), "no seed showed the skipped fence");
 }
+
+#[test]
+fn odp_vs_pinned_example_has_the_published_shape() {
+    let text = include_str!("../../../examples/rdma-odp-vs-pinned.toml");
+    let scn = parse("rdma-odp-vs-pinned.toml", text).unwrap();
+    let r = run(
+        &scn,
+        &RunOptions {
+            step_log: true,
+            ..RunOptions::default()
+        },
+    );
+    assert_eq!(r.outcome, Outcome::Passed, "{:?}", r.failures);
+    // Durations of the steps at these lines of the example.
+    let took = |line: usize| {
+        let s = r.steps.iter().find(|s| s.line == line).unwrap();
+        s.end.0 - s.start.0
+    };
+    let (reg_pinned, reg_odp) = (took(68), took(69));
+    let (pinned64, first4, odp64) = (took(74), took(76), took(79));
+    assert!(reg_odp * 100 < reg_pinned, "{reg_odp} vs {reg_pinned}");
+    assert!(
+        first4 / 4 > 1_000 * (pinned64 / 64),
+        "{first4} vs {pinned64}"
+    );
+    assert!(
+        odp64.abs_diff(pinned64) * 10 < pinned64,
+        "{odp64} vs {pinned64}"
+    );
+    assert_eq!(r.metrics["rnic.transport_retries"], 4);
+}

@@ -28,8 +28,8 @@ type Result<T> = std::result::Result<T, ScenarioError>;
 #[derive(Debug, Default)]
 pub(crate) struct RdmaNames {
     pds: BTreeMap<(String, Pid), PdId>,
-    /// MR name → (device, lkey, start, registering process).
-    mrs: BTreeMap<String, (String, u32, Va, String)>,
+    /// MR name → (device, lkey, start, registering process, length).
+    mrs: BTreeMap<String, (String, u32, Va, String, u64)>,
     /// QP name → (device, QP, CQ).
     qps: BTreeMap<String, (String, QpId, CqId)>,
 }
@@ -190,12 +190,14 @@ pub(crate) const POST: OpSpec = OpSpec {
         "remote_at",
         "wr_id",
         "count",
+        "random",
     ],
     expect_keys: &["errno"],
     doc_keys: "`qp`, `opcode` (`\"write\"`, `\"read\"`, `\"send\"`), `mr` and `at` (the local buffer; `at` \
                defaults to the MR's start), `len`, `remote_mr` and `remote_at` (WRITE and READ; `remote_at` \
                is resolved in the MR owner's process, default its start), `wr_id`, `count` (post it so many \
-               times, default 1)",
+               times, default 1), `random` (each WR at a random whole-`len` offset of the remote MR, from the \
+               thread's random stream)",
     doc: "`ibv_post_send`: the WR runs in the background; `ENOMEM` when `max_send_wr` are outstanding",
     parse: |p, t| {
         let qp = p.name(p.required(t, "qp")?, "qp")?;
@@ -221,7 +223,12 @@ pub(crate) const POST: OpSpec = OpSpec {
         };
         let wr_id = t.get("wr_id").map(|v| p.uint(v, "wr_id")).transpose()?;
         let count = t.get("count").map(|v| p.uint(v, "count")).transpose()?;
+        let random = match t.get("random") {
+            Some(v) => p.boolean(v, "random")?,
+            None => false,
+        };
         Ok(Op::Rdma(RdmaOp::Post {
+            random,
             qp,
             opcode,
             mr,
@@ -401,6 +408,8 @@ pub enum RdmaOp {
         wr_id: u64,
         /// Times to post it.
         count: u64,
+        /// Each WR at a random offset of the remote MR.
+        random: bool,
     },
     /// `rdma.post_recv`.
     PostRecv {
@@ -451,7 +460,7 @@ impl World {
             .or_insert_with(|| nic.alloc_pd(pid)))
     }
 
-    fn mr_named(&self, mr: &str) -> std::result::Result<(String, u32, Va, String), RunError> {
+    fn mr_named(&self, mr: &str) -> std::result::Result<(String, u32, Va, String, u64), RunError> {
         self.rdma
             .borrow()
             .mrs
@@ -534,14 +543,14 @@ impl RdmaOp {
                     Ok(keys) => {
                         w.rdma.borrow_mut().mrs.insert(
                             name.clone(),
-                            (dev.clone(), keys.lkey, start, proc_name.to_owned()),
+                            (dev.clone(), keys.lkey, start, proc_name.to_owned(), *len),
                         );
                     }
                     Err(e) => out.errno = Some(e),
                 }
             }
             Self::DeregMr { mr } => {
-                let (dev, lkey, _, _) = w.mr_named(mr)?;
+                let (dev, lkey, _, _, _) = w.mr_named(mr)?;
                 w.rdma.borrow_mut().mrs.remove(mr);
                 out.errno = verbs(w.rnic(&dev)?.dereg_mr(lkey).await)?.err();
             }
@@ -552,7 +561,7 @@ impl RdmaOp {
                 len,
                 flush,
             } => {
-                let (dev, lkey, _, _) = w.mr_named(mr)?;
+                let (dev, lkey, _, _, _) = w.mr_named(mr)?;
                 let nic = w.rnic(&dev)?;
                 let pd = w.pd(&dev, pid)?;
                 let addr = w.resolve(proc_name, at)?.0;
@@ -593,26 +602,33 @@ impl RdmaOp {
                 remote_at,
                 wr_id,
                 count,
+                random,
             } => {
                 let (dev, q, _) = w.qp_named(qp)?;
                 let nic = w.rnic(&dev)?;
-                let (_, lkey, start, _) = w.mr_named(mr)?;
+                let (_, lkey, start, _, _) = w.mr_named(mr)?;
                 let addr = match at {
                     Some(a) => w.resolve(proc_name, a)?.0,
                     None => start,
                 };
-                let (remote_addr, rkey) = match remote_mr {
+                let (remote_addr, rkey, rlen) = match remote_mr {
                     Some(rm) => {
-                        let (_, rkey, rstart, owner) = w.mr_named(rm)?;
+                        let (_, rkey, rstart, owner, rlen) = w.mr_named(rm)?;
                         let ra = match remote_at {
                             Some(a) => w.resolve(&owner, a)?.0,
                             None => rstart,
                         };
-                        (ra, rkey)
+                        (ra, rkey, rlen)
                     }
-                    None => (Va::from_raw(0), 0),
+                    None => (Va::from_raw(0), 0, 0),
                 };
+                let slots = (rlen / len.max(&1)).max(1);
                 for _ in 0..*count {
+                    let remote_addr = if *random {
+                        remote_addr.add(cx.rng.below(slots) * len)
+                    } else {
+                        remote_addr
+                    };
                     let wr = SendWr {
                         wr_id: *wr_id,
                         opcode: *opcode,
@@ -639,7 +655,7 @@ impl RdmaOp {
             } => {
                 let (dev, q, _) = w.qp_named(qp)?;
                 let nic = w.rnic(&dev)?;
-                let (_, lkey, start, _) = w.mr_named(mr)?;
+                let (_, lkey, start, _, _) = w.mr_named(mr)?;
                 let addr = match at {
                     Some(a) => w.resolve(proc_name, a)?.0,
                     None => start,
