@@ -3,9 +3,11 @@
 //! the simulation engine, with the device's own translation state and timing.
 //!
 //! - [`dmirror`]: the Linux HMM test device (lib/test_hmm.c), the conformance vehicle.
+//! - [`nvme`]: an NVMe controller with O_DIRECT commands into RAM or peer memory (drivers/nvme/host/pci.c).
 //! - [`rnic`]: an RDMA NIC with pinned, ODP and dma-buf memory regions (drivers/infiniband).
 
 pub mod dmirror;
+pub mod nvme;
 pub mod rnic;
 
 pub use dmirror::{
