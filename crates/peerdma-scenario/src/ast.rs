@@ -168,6 +168,8 @@ pub struct DeviceDecl {
     pub p2p: Vec<P2pDecl>,
     /// BAR ranges a `pci` device exports as memory without struct page (`export = [...]`).
     pub exports: Vec<ExportDecl>,
+    /// An `nvme` device's queue accepts P2P memory (`QUEUE_FLAG_PCI_P2PDMA`; `p2p_queue`, default true).
+    pub p2p_queue: bool,
 }
 
 /// How a `pci` device's DMA is translated (`iommu = "..."`).
@@ -232,6 +234,9 @@ pub enum DeviceKind {
     /// `"rnic"`: a `pci` device that is also an RDMA NIC (`peerdma_devices::rnic`): memory regions, queue
     /// pairs, completion queues (`rdma.*` ops).
     Rnic,
+    /// `"nvme"`: a `pci` device that is also an NVMe controller (`peerdma_devices::nvme`): a namespace of
+    /// `size` bytes and O_DIRECT commands (`nvme.*` ops); its `p2p` entries are its CMB.
+    Nvme,
 }
 
 /// The kind of `ZONE_DEVICE` memory a device has.

@@ -8,6 +8,7 @@
 
 use peerdma_core::timing::{ParamSpec, Timing};
 use peerdma_devices::DmirrorCosts;
+use peerdma_devices::nvme::NvmeCosts;
 use peerdma_devices::rnic::RnicCosts;
 use peerdma_dma::DmaCosts;
 use peerdma_iommu::IommuCosts;
@@ -21,6 +22,7 @@ pub fn all_params() -> Vec<ParamSpec> {
         DmaCosts::PARAMS,
         DmirrorCosts::PARAMS,
         RnicCosts::PARAMS,
+        NvmeCosts::PARAMS,
     ]
     .concat()
 }

@@ -1024,7 +1024,15 @@ impl<'s> Parser<'s> {
         self.allow(
             t,
             &[
-                "name", "kind", "memory", "size", "node", "iommu", "p2p", "export",
+                "name",
+                "kind",
+                "memory",
+                "size",
+                "node",
+                "iommu",
+                "p2p",
+                "export",
+                "p2p_queue",
             ],
         )?;
         let name_v = self.required(t, "name")?;
@@ -1038,10 +1046,11 @@ impl<'s> Parser<'s> {
                 ("dmirror", DeviceKind::Dmirror),
                 ("pci", DeviceKind::Pci),
                 ("rnic", DeviceKind::Rnic),
+                ("nvme", DeviceKind::Nvme),
             ],
         )?;
         if kind == DeviceKind::Dmirror {
-            for key in ["node", "iommu", "p2p", "export"] {
+            for key in ["node", "iommu", "p2p", "export", "p2p_queue"] {
                 if let Some(v) = t.get(key) {
                     return Err(self.err(
                         &v.span(),
@@ -1085,8 +1094,15 @@ impl<'s> Parser<'s> {
             iommu: IommuMode::default(),
             p2p: Vec::new(),
             exports: Vec::new(),
+            p2p_queue: true,
         };
-        if matches!(kind, DeviceKind::Pci | DeviceKind::Rnic) {
+        if let Some(v) = t.get("p2p_queue") {
+            if kind != DeviceKind::Nvme {
+                return Err(self.err(&v.span(), "`p2p_queue` is for a `kind = \"nvme\"` device"));
+            }
+            decl.p2p_queue = self.boolean(v, "p2p_queue")?;
+        }
+        if matches!(kind, DeviceKind::Pci | DeviceKind::Rnic | DeviceKind::Nvme) {
             self.pci_device(t, &name_v.span(), &mut decl)?;
         }
         Ok(decl)

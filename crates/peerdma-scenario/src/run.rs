@@ -96,6 +96,8 @@ pub(crate) struct World {
     pub(crate) rnics: BTreeMap<String, Rc<peerdma_devices::rnic::Rnic>>,
     /// The RDMA objects the steps named.
     pub(crate) rdma: RefCell<crate::ops::rdma::RdmaNames>,
+    /// `nvme` devices by name.
+    pub(crate) nvmes: BTreeMap<String, Rc<peerdma_devices::nvme::Nvme>>,
     pub(crate) dma_page_cost: SimDuration,
     /// The access path of the scenario's DMA engine (`dma.write` through a pin).
     pub(crate) dma_engine: DmaSpace,
@@ -162,6 +164,7 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
         }
     };
     let rnics = rnics(scn, platform.as_ref(), &timing);
+    let nvmes = nvmes(scn, platform.as_ref(), &timing);
     let mut procs = BTreeMap::new();
     for p in &scn.processes {
         procs.insert(p.clone(), ProcState::default());
@@ -179,6 +182,7 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
         devices,
         platform,
         rnics,
+        nvmes,
         rdma: RefCell::default(),
         pci,
         exports,
@@ -221,6 +225,31 @@ fn rnics(
     out
 }
 
+/// Makes the controller model of every `nvme` device (after the platform attached it).
+fn nvmes(
+    scn: &Scenario,
+    platform: Option<&Rc<Platform>>,
+    timing: &peerdma_core::Timing,
+) -> BTreeMap<String, Rc<peerdma_devices::nvme::Nvme>> {
+    let mut out = BTreeMap::new();
+    let Some(p) = platform else {
+        return out;
+    };
+    let costs = peerdma_devices::nvme::NvmeCosts::from_timing(timing);
+    for (i, d) in scn.devices.iter().enumerate() {
+        let id = DeviceId(u32::try_from(i).expect("few devices"));
+        if d.kind == DeviceKind::Nvme
+            && let Ok(dev) = p.device(id)
+        {
+            out.insert(
+                d.name.clone(),
+                peerdma_devices::nvme::Nvme::new(p, dev, costs.clone(), d.size, d.p2p_queue),
+            );
+        }
+    }
+    out
+}
+
 type PlatformParts = (
     Option<Rc<Platform>>,
     BTreeMap<String, DeviceId>,
@@ -243,7 +272,10 @@ fn build_platform(
     let mut pci = BTreeMap::new();
     let mut exports = BTreeMap::new();
     for (i, d) in scn.devices.iter().enumerate() {
-        if !matches!(d.kind, DeviceKind::Pci | DeviceKind::Rnic) {
+        if !matches!(
+            d.kind,
+            DeviceKind::Pci | DeviceKind::Rnic | DeviceKind::Nvme
+        ) {
             continue;
         }
         let id = DeviceId(u32::try_from(i).expect("few devices"));

@@ -19,6 +19,7 @@ pub mod dmirror;
 pub mod file;
 pub mod gup;
 pub mod mem;
+pub mod nvme;
 pub mod p2p;
 pub mod proc;
 pub mod rdma;
@@ -28,6 +29,7 @@ pub use dmirror::DmirrorOp;
 pub use file::FileOp;
 pub use gup::GupOp;
 pub use mem::MemOp;
+pub use nvme::NvmeOp;
 pub use p2p::P2pOp;
 pub use proc::ProcOp;
 pub use rdma::RdmaOp;
@@ -125,6 +127,8 @@ pub const OPS: &[OpSpec] = &[
     rdma::POST_RECV,
     rdma::POLL,
     rdma::SKIP_FENCE,
+    nvme::READ,
+    nvme::WRITE,
 ];
 
 /// Returns the op named `name` (as written in `op = "..."`).
@@ -162,6 +166,8 @@ pub enum Op {
     P2p(P2pOp),
     /// RDMA verbs ops ([`rdma`]).
     Rdma(RdmaOp),
+    /// NVMe O_DIRECT ops ([`nvme`]).
+    Nvme(NvmeOp),
 }
 
 impl Op {
@@ -176,6 +182,7 @@ impl Op {
             Self::Dma(o) => o.name(),
             Self::P2p(o) => o.name(),
             Self::Rdma(o) => o.name(),
+            Self::Nvme(o) => o.name(),
         }
     }
 
@@ -203,6 +210,7 @@ impl Op {
             Self::Dma(o) => o.run(cx).await,
             Self::P2p(o) => o.run(cx).await,
             Self::Rdma(o) => o.run(cx).await,
+            Self::Nvme(o) => o.run(cx).await,
         }
     }
 }
