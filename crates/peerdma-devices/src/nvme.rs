@@ -249,18 +249,15 @@ impl Nvme {
                 Err(e) => return Err(e),
             };
             // Step 4.
-            let out = match &to_memory {
-                Some(data) => {
-                    k.sim.sleep(k.sim.jitter(self.costs.read_latency)).await;
-                    h.write(0, data).await.map(|()| Vec::new())
-                }
-                None => {
-                    let d = h
-                        .read(0, usize::try_from(len).map_err(|_| Errno::EINVAL)?)
-                        .await;
-                    k.sim.sleep(k.sim.jitter(self.costs.write_latency)).await;
-                    d
-                }
+            let out = if let Some(data) = &to_memory {
+                k.sim.sleep(k.sim.jitter(self.costs.read_latency)).await;
+                h.write(0, data).await.map(|()| Vec::new())
+            } else {
+                let d = h
+                    .read(0, usize::try_from(len).map_err(|_| Errno::EINVAL)?)
+                    .await;
+                k.sim.sleep(k.sim.jitter(self.costs.write_latency)).await;
+                d
             };
             // Step 5.
             h.release().await;

@@ -10,6 +10,7 @@
 #![expect(
     clippy::tests_outside_test_module,
     clippy::unwrap_used,
+    clippy::many_single_char_names,
     reason = "an integration-test crate is all tests"
 )]
 

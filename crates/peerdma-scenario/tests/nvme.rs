@@ -2,7 +2,6 @@
 //! the bounce fallback; the same with a queue that lacks P2P support fails at the pin.
 #![expect(
     clippy::tests_outside_test_module,
-    clippy::unwrap_used,
     reason = "an integration-test crate is all tests"
 )]
 
