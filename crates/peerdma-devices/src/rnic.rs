@@ -31,6 +31,10 @@
 //! read it (`ib_umem_odp_unmap_dma_pages`). Nothing is pinned. Every byte the NIC moves goes through its
 //! [`peerdma_dma::DmaSpace`], one request per page.
 //!
+//! Registration of an explicit ODP MR ends with mlx5's snapshot pass (`mlx5_ib_init_odp_mr`,
+//! `MLX5_PF_FLAGS_SNAPSHOT`): the pages the CPU page table already maps are mapped read-only in the NIC,
+//! nothing is faulted in; the first write to each still faults.
+//!
 //! Implicit ODP: the MR covers the whole user address space (`TASK_SIZE`, 47 bits here); children are ODP
 //! umems of 1 GiB slots (`MLX5_IMR_MTT_SIZE`) created by the first fault in the slot — even one that then
 //! fails — each with its own interval notifier. A child that an invalidation empties (it had mapped pages
@@ -522,8 +526,24 @@ impl MirrorDevice for Umem {
                     sg,
                 },
             );
-            if let Some(o) = old {
-                cost += self.release_entries(vec![o]);
+            // A page mapped again (a prefetch or a write upgrade of a mapped page): the old DMA mapping
+            // goes without dirtying; the dirty duty stays with the entry (hmm_dma_map_pfn keeps a mapped
+            // pfn's state).
+            if let Some(mut o) = old {
+                if o.frame == frame
+                    && o.cpu_writable
+                    && let Some(e) = self.entries.borrow_mut().get_mut(&vpn)
+                {
+                    e.cpu_writable = true;
+                }
+                if o.frame == frame {
+                    cost += self
+                        .platform
+                        .unmap_sg(self.dev.id, &mut o.sg)
+                        .unwrap_or(SimDuration::ZERO);
+                } else {
+                    cost += self.release_entries(vec![o]);
+                }
             }
         }
         if !range.hmm_pfns.is_empty() {
@@ -904,6 +924,10 @@ impl Rnic {
                 None,
             )?;
             self.count("rnic.reg_mr.odp", 1);
+            // mlx5_ib_init_odp_mr: one snapshot pass maps the pages already present, faulting nothing.
+            if self.snapshot(&umem, pid, range).await.is_err() {
+                self.count("rnic.snapshot_errors", 1);
+            }
             return Ok(self.insert_mr(pd, pid, access, range, MrBacking::Odp(umem)));
         }
         // ib_umem_get.
@@ -1293,6 +1317,29 @@ impl Rnic {
         Ok(())
     }
 
+    /// The snapshot mode of a fault (`MLX5_PF_FLAGS_SNAPSHOT`): maps, read-only, the runs of pages of `r`
+    /// that the CPU page table already has and the NIC has not, faulting nothing in.
+    async fn snapshot(&self, umem: &OdpUmem, pid: Pid, r: Range<Va>) -> Result<(), Errno> {
+        let wanted =
+            |p: Va| self.k().translate(pid, p).is_some() && umem.lookup(p, false).is_none();
+        let mut p = r.start;
+        while p < r.end {
+            if !wanted(p) {
+                p = p.add(PAGE_SIZE);
+                continue;
+            }
+            let start = p;
+            while p < r.end && wanted(p) {
+                p = p.add(PAGE_SIZE);
+            }
+            match umem.fault(Range::new(start, p), false).await {
+                Ok(()) | Err(Errno::EAGAIN) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     async fn prefetch(&self, mr: &Mr, r: Range<Va>, advice: Advice) -> Result<(), Errno> {
         let write = advice == Advice::PrefetchWrite;
         let mut va = r.start;
@@ -1300,16 +1347,7 @@ impl Rnic {
             let umem = self.umem_for(mr, va)?;
             let end = r.end.min(umem.umem().range.end);
             if advice == Advice::PrefetchNoFault {
-                // Snapshot: only the pages already present in the CPU page table.
-                for p in Range::new(va, end).pages() {
-                    if self.k().translate(mr.pid, p).is_some() && umem.lookup(p, false).is_none() {
-                        let one = Range::from_len(p, PAGE_SIZE).ok_or(Errno::EFAULT)?;
-                        match umem.fault(one, false).await {
-                            Ok(()) | Err(Errno::EAGAIN) => {}
-                            Err(e) => return Err(e),
-                        }
-                    }
-                }
+                self.snapshot(&umem, mr.pid, Range::new(va, end)).await?;
             } else {
                 match umem.fault(Range::new(va, end), write).await {
                     Ok(()) | Err(Errno::EAGAIN) => {}

@@ -467,10 +467,11 @@ fn responder_fault_on_read_is_recovered_by_transport_retry_bounded_by_retry_cnt(
             let pid = k.create_process();
             let (pda, pdb) = (a.alloc_pd(pid), b.alloc_pd(pid));
             let dst = anon(&k, pid, 1, true).await;
-            let src = anon(&k, pid, 1, true).await;
-            k.store(pid, src, &[0x5c; 16]).await.unwrap();
+            let src = anon(&k, pid, 1, false).await;
             let la = a.reg_mr(pda, dst, PAGE_SIZE, RW).await.unwrap();
+            // Registered before the CPU touches it: the snapshot maps nothing.
             let mrb = b.reg_mr(pdb, src, PAGE_SIZE, odp()).await.unwrap();
+            k.store(pid, src, &[0x5c; 16]).await.unwrap();
             let attr = QpAttr {
                 retry_cnt,
                 ..QpAttr::default()
@@ -638,10 +639,13 @@ fn prefetch_rules_and_modes() {
                 .await
                 .err(),
         ];
+        let snapshot = a.mr_info(o.lkey).unwrap().nr_mapped;
+        // The CPU touches page 1 after registration; NO_FAULT maps it (and nothing else).
+        k.store(pid, va.add(PAGE_SIZE), &[1]).await.unwrap();
         a.advise_mr(pd, Advice::PrefetchNoFault, true, &s(o.lkey))
             .await
             .unwrap();
-        let no_fault = a.mr_info(o.lkey).unwrap().nr_mapped;
+        let no_fault = (snapshot, a.mr_info(o.lkey).unwrap().nr_mapped);
         a.advise_mr(pd, Advice::Prefetch, true, &s(o.lkey))
             .await
             .unwrap();
@@ -673,9 +677,17 @@ fn prefetch_rules_and_modes() {
             e(Errno::EPERM)
         ]
     );
-    assert_eq!(r.1, 1, "NO_FAULT maps only the page already present");
+    assert_eq!(
+        r.1,
+        (1, 2),
+        "registration's snapshot maps page 0; NO_FAULT then maps only page 1"
+    );
     assert_eq!(r.2, 8);
-    assert_eq!((r.3, r.4), (0, 8));
+    assert_eq!(
+        (r.3, r.4),
+        (1, 8),
+        "asynchronous: only the snapshot before it runs"
+    );
 }
 
 #[test]

@@ -62,13 +62,18 @@ fn odp_vs_pinned_example_has_the_published_shape() {
         },
     );
     assert_eq!(r.outcome, Outcome::Passed, "{:?}", r.failures);
-    // Durations of the steps at these lines of the example.
-    let took = |line: usize| {
-        let s = r.steps.iter().find(|s| s.line == line).unwrap();
-        s.end.0 - s.start.0
+    // Durations of the example's registrations (dst, pinned, odp) and polls (pinned, ODP first touch, ODP
+    // after prefetch), in step order.
+    let took = |op: &str| -> Vec<u64> {
+        r.steps
+            .iter()
+            .filter(|s| s.op == op)
+            .map(|s| s.end.0 - s.start.0)
+            .collect()
     };
-    let (reg_pinned, reg_odp) = (took(68), took(69));
-    let (pinned64, first4, odp64) = (took(74), took(76), took(79));
+    let (regs, polls) = (took("rdma.reg_mr"), took("rdma.poll"));
+    let (reg_pinned, reg_odp) = (regs[1], regs[2]);
+    let (pinned64, first4, odp64) = (polls[0], polls[1], polls[2]);
     assert!(reg_odp * 100 < reg_pinned, "{reg_odp} vs {reg_pinned}");
     assert!(
         first4 / 4 > 1_000 * (pinned64 / 64),
