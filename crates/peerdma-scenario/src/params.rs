@@ -62,6 +62,10 @@ pub struct CostTables {
     pub dma: DmaCosts,
     /// The dmirror device.
     pub dmirror: DmirrorCosts,
+    /// The RDMA NIC.
+    pub rnic: RnicCosts,
+    /// The NVMe controller.
+    pub nvme: NvmeCosts,
 }
 
 impl CostTables {
@@ -71,6 +75,8 @@ impl CostTables {
             mm: MmCosts::from_timing(timing),
             dma: DmaCosts::from_timing(timing),
             dmirror: DmirrorCosts::from_timing(timing),
+            rnic: RnicCosts::from_timing(timing),
+            nvme: NvmeCosts::from_timing(timing),
         }
     }
 }
