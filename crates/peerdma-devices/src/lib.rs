@@ -4,9 +4,13 @@
 //!
 //! - [`dmirror`]: the Linux HMM test device (lib/test_hmm.c), the conformance vehicle.
 //! - [`gpu`]: a GPU whose memory moves under its peers (buffer objects, managed memory, UVM faults).
+//! - [`nvme`]: an NVMe controller with O_DIRECT commands into RAM or peer memory (drivers/nvme/host/pci.c).
+//! - [`rnic`]: an RDMA NIC with pinned, ODP and dma-buf memory regions (drivers/infiniband).
 
 pub mod dmirror;
 pub mod gpu;
+pub mod nvme;
+pub mod rnic;
 
 pub use dmirror::{
     Dmirror, DmirrorCosts, DmirrorDevice, DmirrorMemory, DmirrorResult, FaultInjection,

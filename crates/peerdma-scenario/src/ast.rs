@@ -168,6 +168,8 @@ pub struct DeviceDecl {
     pub p2p: Vec<P2pDecl>,
     /// BAR ranges a `pci` device exports as memory without struct page (`export = [...]`).
     pub exports: Vec<ExportDecl>,
+    /// An `nvme` device's queue accepts P2P memory (`QUEUE_FLAG_PCI_P2PDMA`; `p2p_queue`, default true).
+    pub p2p_queue: bool,
     /// A `gpu` device's memory and BAR window.
     pub gpu: Option<GpuDecl>,
 }
@@ -247,6 +249,12 @@ pub enum DeviceKind {
     /// `"pci"`: a PCI function in `[topology]` with a DMA engine (a NIC, an NVMe controller, a GPU's copy
     /// engine: modelled alike), optionally providing P2P memory or exporting BARs.
     Pci,
+    /// `"rnic"`: a `pci` device that is also an RDMA NIC (`peerdma_devices::rnic`): memory regions, queue
+    /// pairs, completion queues (`rdma.*` ops).
+    Rnic,
+    /// `"nvme"`: a `pci` device that is also an NVMe controller (`peerdma_devices::nvme`): a namespace of
+    /// `size` bytes and O_DIRECT commands (`nvme.*` ops); its `p2p` entries are its CMB.
+    Nvme,
     /// `"gpu"`: a PCI function with VRAM behind a BAR window, buffer objects and managed memory
     /// (`peerdma_devices::gpu`).
     Gpu,
@@ -329,6 +337,8 @@ pub struct Expect {
     /// `violation`: the oracle must report a violation of this kind while the step runs (a step that
     /// demonstrates what the oracle catches); it is then expected and the run goes on.
     pub violation: Option<peerdma_mm::ViolationKind>,
+    /// `status`: an `rdma.poll`'s completion statuses, comma-separated.
+    pub status: Option<String>,
 }
 
 impl Expect {

@@ -22,6 +22,18 @@ use peerdma_core::{Errno, Va};
 /// file at this point — and the kernel's refusals while the platform is assembled from `[topology]`.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    /// An `nvme.*` step misuses the controller (a range beyond the namespace, a device of another kind).
+    #[error("{what}")]
+    Nvme {
+        /// What went wrong.
+        what: String,
+    },
+    /// An `rdma.*` step names something that does not exist, or misuses the NIC's API.
+    #[error("{what}")]
+    Rdma {
+        /// What went wrong.
+        what: String,
+    },
     /// A symbolic address names a mapping the acting process does not have (yet, or any more).
     #[error("mapping `{name}` does not exist in process `{process}` at this point")]
     NoMapping {

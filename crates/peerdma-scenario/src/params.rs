@@ -8,6 +8,8 @@
 
 use peerdma_core::timing::{ParamSpec, Timing};
 use peerdma_devices::DmirrorCosts;
+use peerdma_devices::nvme::NvmeCosts;
+use peerdma_devices::rnic::RnicCosts;
 use peerdma_dma::DmaCosts;
 use peerdma_iommu::IommuCosts;
 use peerdma_mm::MmCosts;
@@ -20,6 +22,8 @@ pub fn all_params() -> Vec<ParamSpec> {
         IommuCosts::PARAMS,
         DmaCosts::PARAMS,
         DmirrorCosts::PARAMS,
+        RnicCosts::PARAMS,
+        NvmeCosts::PARAMS,
         peerdma_devices::gpu::GpuCosts::PARAMS,
         peerdma_devices::gpu::UvmCosts::PARAMS,
     ]
@@ -61,6 +65,10 @@ pub struct CostTables {
     pub dma: DmaCosts,
     /// The dmirror device.
     pub dmirror: DmirrorCosts,
+    /// The RDMA NIC.
+    pub rnic: RnicCosts,
+    /// The NVMe controller.
+    pub nvme: NvmeCosts,
     /// The gpu device.
     pub gpu: peerdma_devices::gpu::GpuCosts,
     /// The gpu device's UVM fault servicing.
@@ -74,6 +82,8 @@ impl CostTables {
             mm: MmCosts::from_timing(timing),
             dma: DmaCosts::from_timing(timing),
             dmirror: DmirrorCosts::from_timing(timing),
+            rnic: RnicCosts::from_timing(timing),
+            nvme: NvmeCosts::from_timing(timing),
             gpu: peerdma_devices::gpu::GpuCosts::from_timing(timing),
             uvm: peerdma_devices::gpu::UvmCosts::from_timing(timing),
         }

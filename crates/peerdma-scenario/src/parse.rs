@@ -102,6 +102,7 @@ const ALL_EXPECT_KEYS: &[&str] = &[
     "pinned",
     "dma_addr",
     "violation",
+    "status",
 ];
 
 /// What a missing required key should hold, for the "needs `key`" message.
@@ -1041,6 +1042,7 @@ impl<'s> Parser<'s> {
                 "iommu",
                 "p2p",
                 "export",
+                "p2p_queue",
                 "vram",
                 "bar",
                 "bar_window",
@@ -1057,6 +1059,8 @@ impl<'s> Parser<'s> {
             &[
                 ("dmirror", DeviceKind::Dmirror),
                 ("pci", DeviceKind::Pci),
+                ("rnic", DeviceKind::Rnic),
+                ("nvme", DeviceKind::Nvme),
                 ("gpu", DeviceKind::Gpu),
             ],
         )?;
@@ -1071,7 +1075,7 @@ impl<'s> Parser<'s> {
             }
         }
         if kind == DeviceKind::Dmirror {
-            for key in ["node", "iommu", "p2p", "export"] {
+            for key in ["node", "iommu", "p2p", "export", "p2p_queue"] {
                 if let Some(v) = t.get(key) {
                     return Err(self.err(
                         &v.span(),
@@ -1115,9 +1119,19 @@ impl<'s> Parser<'s> {
             iommu: IommuMode::default(),
             p2p: Vec::new(),
             exports: Vec::new(),
+            p2p_queue: true,
             gpu: None,
         };
-        if matches!(kind, DeviceKind::Pci | DeviceKind::Gpu) {
+        if let Some(v) = t.get("p2p_queue") {
+            if kind != DeviceKind::Nvme {
+                return Err(self.err(&v.span(), "`p2p_queue` is for a `kind = \"nvme\"` device"));
+            }
+            decl.p2p_queue = self.boolean(v, "p2p_queue")?;
+        }
+        if matches!(
+            kind,
+            DeviceKind::Pci | DeviceKind::Gpu | DeviceKind::Rnic | DeviceKind::Nvme
+        ) {
             self.pci_device(t, &name_v.span(), &mut decl)?;
         }
         if kind == DeviceKind::Gpu {
@@ -1648,6 +1662,9 @@ impl<'s> Parser<'s> {
                 .map(|&k| (k.key(), k))
                 .collect();
             expect.violation = Some(self.keyword(v, "violation", &kinds)?);
+        }
+        if let Some(v) = t.get("status") {
+            expect.status = Some(self.string(v, "status")?.to_owned());
         }
         Ok(expect)
     }

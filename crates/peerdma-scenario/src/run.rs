@@ -54,6 +54,8 @@ pub(crate) struct StepResult {
     pub(crate) dma_addr: Option<u64>,
     /// Pages a `dma.map` step pinned.
     pub(crate) pinned: Option<u64>,
+    /// An `rdma.poll`'s completion statuses, comma-separated.
+    pub(crate) status: Option<String>,
     /// Further outcome a step reports in the step log (a `gpu.*` step's placement or UVM counters).
     pub(crate) note: Option<String>,
 }
@@ -92,6 +94,12 @@ pub(crate) struct World {
     pub(crate) pci: BTreeMap<String, DeviceId>,
     /// BAR exports by name.
     pub(crate) exports: BTreeMap<String, peerdma_mm::MmioId>,
+    /// `rnic` devices by name.
+    pub(crate) rnics: BTreeMap<String, Rc<peerdma_devices::rnic::Rnic>>,
+    /// The RDMA objects the steps named.
+    pub(crate) rdma: RefCell<crate::ops::rdma::RdmaNames>,
+    /// `nvme` devices by name.
+    pub(crate) nvmes: BTreeMap<String, Rc<peerdma_devices::nvme::Nvme>>,
     /// `gpu` devices and what `gpu.*` steps created.
     pub(crate) gpu: crate::ops::gpu::GpuWorld,
     pub(crate) dma_page_cost: SimDuration,
@@ -159,6 +167,8 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
             (None, BTreeMap::new(), BTreeMap::new())
         }
     };
+    let rnics = rnics(scn, platform.as_ref(), &timing);
+    let nvmes = nvmes(scn, platform.as_ref(), &timing);
     let gpu = match crate::ops::gpu::GpuWorld::build(scn, &kernel, platform.as_ref(), &pci, &timing)
     {
         Ok(g) => g,
@@ -183,6 +193,9 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
         dma_engine: DmaSpace::new(&kernel, dma_engine_id(scn), "dma_engine", 1),
         devices,
         platform,
+        rnics,
+        nvmes,
+        rdma: RefCell::default(),
         pci,
         exports,
         gpu,
@@ -198,6 +211,56 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
     }
     let outcome = sim.run();
     world.finish(&sim, seed, explore, &outcome)
+}
+
+/// Makes the NIC model of every `rnic` device (after the platform attached it).
+fn rnics(
+    scn: &Scenario,
+    platform: Option<&Rc<Platform>>,
+    timing: &peerdma_core::Timing,
+) -> BTreeMap<String, Rc<peerdma_devices::rnic::Rnic>> {
+    let mut out = BTreeMap::new();
+    let Some(p) = platform else {
+        return out;
+    };
+    let costs = peerdma_devices::rnic::RnicCosts::from_timing(timing);
+    for (i, d) in scn.devices.iter().enumerate() {
+        let id = DeviceId(u32::try_from(i).expect("few devices"));
+        if d.kind == DeviceKind::Rnic
+            && let Ok(dev) = p.device(id)
+        {
+            out.insert(
+                d.name.clone(),
+                peerdma_devices::rnic::Rnic::new(p, dev, costs.clone()),
+            );
+        }
+    }
+    out
+}
+
+/// Makes the controller model of every `nvme` device (after the platform attached it).
+fn nvmes(
+    scn: &Scenario,
+    platform: Option<&Rc<Platform>>,
+    timing: &peerdma_core::Timing,
+) -> BTreeMap<String, Rc<peerdma_devices::nvme::Nvme>> {
+    let mut out = BTreeMap::new();
+    let Some(p) = platform else {
+        return out;
+    };
+    let costs = peerdma_devices::nvme::NvmeCosts::from_timing(timing);
+    for (i, d) in scn.devices.iter().enumerate() {
+        let id = DeviceId(u32::try_from(i).expect("few devices"));
+        if d.kind == DeviceKind::Nvme
+            && let Ok(dev) = p.device(id)
+        {
+            out.insert(
+                d.name.clone(),
+                peerdma_devices::nvme::Nvme::new(p, dev, costs.clone(), d.size, d.p2p_queue),
+            );
+        }
+    }
+    out
 }
 
 type PlatformParts = (
@@ -222,7 +285,10 @@ fn build_platform(
     let mut pci = BTreeMap::new();
     let mut exports = BTreeMap::new();
     for (i, d) in scn.devices.iter().enumerate() {
-        if !matches!(d.kind, DeviceKind::Pci | DeviceKind::Gpu) {
+        if !matches!(
+            d.kind,
+            DeviceKind::Pci | DeviceKind::Rnic | DeviceKind::Nvme | DeviceKind::Gpu
+        ) {
             continue;
         }
         let id = DeviceId(u32::try_from(i).expect("few devices"));
@@ -637,6 +703,14 @@ impl World {
                                 .map_or_else(|| "no segment".to_owned(), |a| format!("{a:#x}"))
                         ));
                     }
+                    if let Some(want) = &e.status
+                        && r.status.as_ref() != Some(want)
+                    {
+                        fails.push(format!(
+                            "expected status {want}, got {}",
+                            r.status.as_deref().unwrap_or("none")
+                        ));
+                    }
                     if let (Some(want), Some(d)) = (e.value, &r.data) {
                         let mut w = [0u8; 8];
                         let n = d.len().min(8);
@@ -758,6 +832,9 @@ fn summarize(r: &StepResult) -> String {
         if let Some(a) = r.dma_addr {
             let _ = write!(s, " dma_addr={a:#x}");
         }
+    }
+    if let Some(st) = &r.status {
+        let _ = write!(s, " status={st}");
     }
     if let Some(n) = &r.note {
         let _ = write!(s, " {n}");

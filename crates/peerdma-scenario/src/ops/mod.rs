@@ -20,8 +20,10 @@ pub mod file;
 pub mod gpu;
 pub mod gup;
 pub mod mem;
+pub mod nvme;
 pub mod p2p;
 pub mod proc;
+pub mod rdma;
 
 pub use dma::DmaApiOp;
 pub use dmirror::DmirrorOp;
@@ -29,8 +31,10 @@ pub use file::FileOp;
 pub use gpu::GpuOp;
 pub use gup::GupOp;
 pub use mem::MemOp;
+pub use nvme::NvmeOp;
 pub use p2p::P2pOp;
 pub use proc::ProcOp;
+pub use rdma::RdmaOp;
 
 use crate::error::{RunError, ScenarioError};
 use crate::parse::{Parser, Table};
@@ -116,6 +120,17 @@ pub const OPS: &[OpSpec] = &[
     p2p::DMABUF_MOVE_NOTIFY,
     dma::DMA_RAW,
     mem::RECLAIM,
+    rdma::REG_MR,
+    rdma::DEREG_MR,
+    rdma::ADVISE,
+    rdma::QP,
+    rdma::CONNECT,
+    rdma::POST,
+    rdma::POST_RECV,
+    rdma::POLL,
+    rdma::SKIP_FENCE,
+    nvme::READ,
+    nvme::WRITE,
     gpu::BO_CREATE,
     gpu::BO_WRITE,
     gpu::BO_READ,
@@ -162,6 +177,10 @@ pub enum Op {
     Dma(DmaApiOp),
     /// P2P provider and BAR-export ops ([`p2p`]).
     P2p(P2pOp),
+    /// RDMA verbs ops ([`rdma`]).
+    Rdma(RdmaOp),
+    /// NVMe O_DIRECT ops ([`nvme`]).
+    Nvme(NvmeOp),
     /// GPU buffer-object and managed-memory ops ([`gpu`]).
     Gpu(GpuOp),
 }
@@ -177,6 +196,8 @@ impl Op {
             Self::Gup(o) => o.name(),
             Self::Dma(o) => o.name(),
             Self::P2p(o) => o.name(),
+            Self::Rdma(o) => o.name(),
+            Self::Nvme(o) => o.name(),
             Self::Gpu(o) => o.name(),
         }
     }
@@ -204,6 +225,8 @@ impl Op {
             Self::Gup(o) => o.run(cx).await,
             Self::Dma(o) => o.run(cx).await,
             Self::P2p(o) => o.run(cx).await,
+            Self::Rdma(o) => o.run(cx).await,
+            Self::Nvme(o) => o.run(cx).await,
             Self::Gpu(o) => o.run(cx).await,
         }
     }
