@@ -12,14 +12,18 @@
 //! - [`iova`]: the top-down, size-aligned IOVA allocator;
 //! - [`pagetable`]: the IO page table and [`IommuProt`];
 //! - [`iotlb`]: the bounded LRU IOTLB and its cache rules (what is cached, when it is dropped, stale entries);
-//! - [`costs`]: [`IommuCosts`], which turns outcomes into simulated time.
+//! - [`costs`]: [`IommuCosts`], which turns outcomes into simulated time;
+//! - [`sva`]: SVA binding — global PASIDs per mm, SVA domains per (IOMMU, mm), attach handles, PASID tables;
+//! - [`ats`]: the device ATC of PCIe ATS and the shape of ATS invalidations;
+//! - [`pri`]: PCIe PRI page requests and the I/O page-fault queue (VT-d flavour).
 //!
 //! Everything here is plain data: no simulator, no async, no wall clock. Outcomes a device sees
 //! (translation faults, IOTLB misses, stale hits) are [`Translation`] values; [`Error`] means the caller
 //! misused the API.
 //!
-//! Not modelled yet (DESIGN.md §4.3 lists them): SVA / PASID domains, the device ATC (ATS) and invalidation
-//! completion, PRI / IOPF queues, large IO pages, per-CPU flush queues.
+//! SVA translation itself (walking the CPU page table), ATC invalidation completion and the PRI fault worker
+//! need the mm and the simulator: they live in the device layer (`peerdma-devices`' `sva` module), built on
+//! the plain data here. Not modelled: large IO pages, per-CPU flush queues, SMMUv3 stall-based faults.
 //!
 //! # Examples
 //! ```
@@ -38,14 +42,18 @@
 //! # Ok::<(), peerdma_iommu::Error>(())
 //! ```
 
+pub mod ats;
 pub mod costs;
 pub mod domain;
 pub mod iotlb;
 pub mod iova;
 pub mod pagetable;
+pub mod pri;
+pub mod sva;
 
 use peerdma_core::{Errno, Iova, Pa, Range};
 
+pub use ats::{Atc, AtcConfig, AtcLookup, AtcStats, AtsCompletion, invalidation_span};
 pub use costs::IommuCosts;
 pub use domain::{
     DomainConfig, DomainType, FaultReason, IommuDomain, IommuFault, IommuStats, Translation,
@@ -53,6 +61,11 @@ pub use domain::{
 };
 pub use iotlb::Iotlb;
 pub use pagetable::{IO_PAGE_TABLE_LEVELS, IommuProt};
+pub use pri::{
+    GroupId, PRQ_ENTRIES, PageRequest, PageResponse, PageResponseCode, PostOutcome, PriError,
+    PriGroup, PriQueue, PriStats,
+};
+pub use sva::{Pasid, PasidEntry, Sva, SvaBond, SvaDeviceInfo, SvaDomainId, SvaError, SvaHandle};
 
 /// A misuse of the IOMMU API or an invalid configuration. Device-side outcomes are [`Translation`]s, not
 /// errors.
