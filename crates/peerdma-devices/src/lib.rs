@@ -2,10 +2,17 @@
 //! [`peerdma_dma::hmm_mirror`]). Each model is a state machine driven by
 //! the simulation engine, with the device's own translation state and timing.
 //!
-//! - [`dmirror`]: the Linux HMM test device (lib/test_hmm.c), the conformance vehicle.
+//! - [`dmirror`]: the Linux HMM test device (lib/test_hmm.c), the conformance vehicle;
+//! - [`sva`]: an SVA accelerator (DSA / CAPI AFU shape) with its IOMMU side: PASID binding, an ATS device
+//!   ATC, PRI page requests and the secondary-TLB flush.
 
 pub mod dmirror;
+pub mod sva;
 
 pub use dmirror::{
     Dmirror, DmirrorCosts, DmirrorDevice, DmirrorMemory, DmirrorResult, FaultInjection,
+};
+pub use sva::{
+    CompletionRecord, CompletionStatus, Descriptor, JobId, SvaAccel, SvaAccelConfig, SvaCosts,
+    SvaDevError, SvaInjection, SvaIommu, SvaStats,
 };
