@@ -13,6 +13,6 @@ pub use dmirror::{
     Dmirror, DmirrorCosts, DmirrorDevice, DmirrorMemory, DmirrorResult, FaultInjection,
 };
 pub use sva::{
-    CompletionRecord, CompletionStatus, Descriptor, JobId, SvaAccel, SvaAccelConfig, SvaCosts,
-    SvaDevError, SvaInjection, SvaIommu, SvaStats,
+    CompletionRecord, CompletionStatus, Descriptor, JobId, Order, SvaAccel, SvaAccelConfig,
+    SvaCosts, SvaDevError, SvaInjection, SvaIommu, SvaStats,
 };

@@ -643,6 +643,41 @@ pub enum Descriptor {
     },
 }
 
+/// The order in which a descriptor visits its pages (the access pattern: streaming, strided, gather).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Order {
+    /// Page 0, 1, 2, ...
+    #[default]
+    Sequential,
+    /// Every `n`-th page, then the next residue: 0, n, 2n, ..., 1, n + 1, ...
+    Strided(u64),
+    /// A permutation drawn from the simulation's seeded RNG.
+    Random,
+}
+
+impl Order {
+    /// Returns the page indices of an `nr_pages` range in this order (`rng_fn(i)` draws below `i`).
+    pub fn pages(self, nr_pages: u64, mut rng_fn: impl FnMut(u64) -> u64) -> Vec<u64> {
+        match self {
+            Self::Sequential => (0..nr_pages).collect(),
+            Self::Strided(n) => {
+                let n = n.clamp(1, nr_pages.max(1));
+                (0..n)
+                    .flat_map(|r| (r..nr_pages).step_by(usize::try_from(n).unwrap_or(1)))
+                    .collect()
+            }
+            Self::Random => {
+                let mut v: Vec<u64> = (0..nr_pages).collect();
+                for i in (1..v.len()).rev() {
+                    let j = usize::try_from(rng_fn(i as u64 + 1)).unwrap_or(0);
+                    v.swap(i, j);
+                }
+                v
+            }
+        }
+    }
+}
+
 /// Completion status codes (DSA's where they exist: 1 success, 3 page fault; the others are this
 /// model's).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -953,6 +988,22 @@ impl SvaAccel {
         completion: Va,
         block_on_fault: bool,
     ) -> SvaDevResult<JobId> {
+        self.submit_ordered(pid, desc, Order::Sequential, completion, block_on_fault)
+    }
+
+    /// [`SvaAccel::submit`] with the pages visited in `order`. `bytes_completed` of a descriptor that stops
+    /// early counts the pages done before the failing one, whatever their order.
+    ///
+    /// # Errors
+    /// As [`SvaAccel::submit`].
+    pub fn submit_ordered(
+        &self,
+        pid: Pid,
+        desc: Descriptor,
+        order: Order,
+        completion: Va,
+        block_on_fault: bool,
+    ) -> SvaDevResult<JobId> {
         let inner = &self.0;
         let pasid = inner
             .bonds
@@ -987,8 +1038,13 @@ impl SvaAccel {
         );
         let me = self.clone();
         let sim = inner.iommu.0.kernel.sim.clone();
+        let len = match desc {
+            Descriptor::Copy { len, .. } | Descriptor::Fill { len, .. } => len,
+        };
+        let mut rng = sim.rng(&format!("{}.order", inner.name));
+        let pages = order.pages(len / PAGE_SIZE, |n| rng.between(0, n - 1));
         sim.spawn(format!("{}.job{}", inner.name, id.0), async move {
-            let rec = me.run(pid, pasid, desc, block_on_fault).await;
+            let rec = me.run(pid, pasid, desc, &pages, block_on_fault).await;
             me.finish(id, pid, pasid, completion, rec).await;
         });
         Ok(id)
@@ -1026,27 +1082,27 @@ impl SvaAccel {
         pid: Pid,
         pasid: Pasid,
         desc: Descriptor,
+        pages: &[u64],
         block_on_fault: bool,
     ) -> CompletionRecord {
-        let (len, src, dst, fill) = match desc {
-            Descriptor::Copy { src, dst, len } => (len, Some(src), dst, None),
-            Descriptor::Fill { dst, len, pattern } => (len, None, dst, Some(pattern)),
+        let dst = match desc {
+            Descriptor::Copy { dst, .. } | Descriptor::Fill { dst, .. } => dst,
         };
         let mut done = 0;
-        while done < len {
-            let data = match (src, fill) {
-                (Some(s), _) => match self
-                    .access(pid, pasid, s.add(done), None, block_on_fault)
+        for &i in pages {
+            let off = i * PAGE_SIZE;
+            let data = match desc {
+                Descriptor::Copy { src, .. } => match self
+                    .access(pid, pasid, src.add(off), None, block_on_fault)
                     .await
                 {
                     Ok(d) => d,
                     Err(stop) => return Self::stopped(stop, done),
                 },
-                (None, Some(p)) => p.to_le_bytes().repeat(512),
-                (None, None) => unreachable!("a descriptor has a source"),
+                Descriptor::Fill { pattern, .. } => pattern.to_le_bytes().repeat(512),
             };
             if let Err(stop) = self
-                .access(pid, pasid, dst.add(done), Some(data), block_on_fault)
+                .access(pid, pasid, dst.add(off), Some(data), block_on_fault)
                 .await
             {
                 return Self::stopped(stop, done);
@@ -1134,6 +1190,8 @@ impl SvaAccel {
         let k = &iommu.kernel;
         let write = data.is_some();
         let mut pri_rounds = 0u32;
+        // A completion just cached, used at once (no second lookup: the miss already counted).
+        let mut fresh = None;
         loop {
             // Step 1.
             match iommu.sva.borrow().entry(inner.id, pasid) {
@@ -1141,12 +1199,17 @@ impl SvaAccel {
                 _ => return Err(Stop::Aborted),
             }
             // Step 2.
-            let hit = match inner.atc.borrow_mut().lookup(pasid, va, write) {
-                AtcLookup::Hit(c) => Some(c),
-                AtcLookup::ReadOnly(_) | AtcLookup::Miss => None,
-            };
+            let hit =
+                fresh
+                    .take()
+                    .or_else(|| match inner.atc.borrow_mut().lookup(pasid, va, write) {
+                        AtcLookup::Hit(c) => {
+                            k.sim.count("sva.atc_hits", 1);
+                            Some(c)
+                        }
+                        AtcLookup::ReadOnly(_) | AtcLookup::Miss => None,
+                    });
             if let Some(c) = hit {
-                k.sim.count("sva.atc_hits", 1);
                 let page = (va.raw() >> PAGE_SHIFT) - c.base_page;
                 let (base, generation) = c.target;
                 let frame = FrameId(base.0 + page);
@@ -1196,16 +1259,15 @@ impl SvaAccel {
             {
                 // Completions are one page: the model does not ask the mm for its leaf size (the ATC
                 // itself holds larger ranges; see `peerdma_iommu::ats`).
-                inner.atc.borrow_mut().insert(
-                    pasid,
-                    AtsCompletion {
-                        target: (frame, generation),
-                        base_page: va.raw() >> PAGE_SHIFT,
-                        nr_pages: 1,
-                        read: true,
-                        write: writable,
-                    },
-                );
+                let c = AtsCompletion {
+                    target: (frame, generation),
+                    base_page: va.raw() >> PAGE_SHIFT,
+                    nr_pages: 1,
+                    read: true,
+                    write: writable,
+                };
+                inner.atc.borrow_mut().insert(pasid, c);
+                fresh = Some(c);
                 continue;
             }
             // Step 4: no translation.

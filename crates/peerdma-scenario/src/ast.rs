@@ -168,6 +168,35 @@ pub struct DeviceDecl {
     pub p2p: Vec<P2pDecl>,
     /// BAR ranges a `pci` device exports as memory without struct page (`export = [...]`).
     pub exports: Vec<ExportDecl>,
+    /// An `sva` device's geometry.
+    pub sva: SvaDecl,
+}
+
+/// The keys of a `kind = "sva"` device (the accelerator of `peerdma_devices::sva`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SvaDecl {
+    /// `atc_sets`: ATC sets.
+    pub atc_sets: u64,
+    /// `atc_ways`: ATC ways per set.
+    pub atc_ways: u64,
+    /// `wq_depth`: descriptors outstanding at most.
+    pub wq_depth: u64,
+    /// `prq_entries`: the page-request queue of the (one, shared) IOMMU unit; the smallest given wins.
+    pub prq_entries: u64,
+    /// `pasid_bits`: the device supports PASIDs below `1 << pasid_bits`.
+    pub pasid_bits: u64,
+}
+
+impl Default for SvaDecl {
+    fn default() -> Self {
+        Self {
+            atc_sets: 16,
+            atc_ways: 4,
+            wq_depth: 8,
+            prq_entries: 2048,
+            pasid_bits: 20,
+        }
+    }
 }
 
 /// How a `pci` device's DMA is translated (`iommu = "..."`).
@@ -229,6 +258,8 @@ pub enum DeviceKind {
     /// `"pci"`: a PCI function in `[topology]` with a DMA engine (a NIC, an NVMe controller, a GPU's copy
     /// engine: modelled alike), optionally providing P2P memory or exporting BARs.
     Pci,
+    /// `"sva"`: an SVA accelerator (work queues of copy/fill descriptors over user VAs, an ATS ATC, PRI).
+    Sva,
 }
 
 /// The kind of `ZONE_DEVICE` memory a device has.
@@ -308,6 +339,10 @@ pub struct Expect {
     /// `violation`: the oracle must report a violation of this kind while the step runs (a step that
     /// demonstrates what the oracle catches); it is then expected and the run goes on.
     pub violation: Option<peerdma_mm::ViolationKind>,
+    /// `atc_hit_pct = [MIN, MAX]`: an `sva.stats` step's ATC hit rate in percent, inclusive bounds.
+    pub atc_hit_pct: Option<(u64, u64)>,
+    /// `translation_requests = [MIN, MAX]`: an `sva.stats` step's ATS translation requests, inclusive bounds.
+    pub translation_requests: Option<(u64, u64)>,
 }
 
 impl Expect {

@@ -64,6 +64,14 @@ pub enum RunError {
         /// The acting process.
         process: String,
     },
+    /// An `sva` job the acting process did not submit (or already waited for).
+    #[error("sva job `{job}` is not pending in process `{process}`")]
+    NoSvaJob {
+        /// The job's name.
+        job: String,
+        /// The acting process.
+        process: String,
+    },
     /// A DMA handle the acting process does not hold.
     #[error("dma handle `{handle}` is not held by process `{process}`")]
     NoHandle {

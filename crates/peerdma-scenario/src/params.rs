@@ -1,24 +1,26 @@
 //! The registry of every timing-model parameter of the workspace: the one list a scenario's `[timing]` table
 //! is checked against and `peerdma params` prints.
 //!
-//! Each cost table owns its parameters (`PARAMS` on [`MmCosts`], [`IommuCosts`], [`DmaCosts`] and
-//! [`DmirrorCosts`]); this module only concatenates them, in that order. Keys are unique across the
+//! Each cost table owns its parameters (`PARAMS` on [`MmCosts`], [`IommuCosts`], [`DmaCosts`],
+//! [`DmirrorCosts`] and [`SvaCosts`]); this module only concatenates them, in that order. Keys are unique across the
 //! workspace (a unit test checks it). [`peerdma_core::timing`] states how a [`Timing`] turns defaults and
 //! overrides into values.
 
 use peerdma_core::timing::{ParamSpec, Timing};
-use peerdma_devices::DmirrorCosts;
+use peerdma_devices::{DmirrorCosts, SvaCosts};
 use peerdma_dma::DmaCosts;
 use peerdma_iommu::IommuCosts;
 use peerdma_mm::MmCosts;
 
-/// Returns every parameter of the workspace: memory management, IOMMU, DMA, then the dmirror device.
+/// Returns every parameter of the workspace: memory management, IOMMU, DMA, the dmirror device, then the SVA
+/// accelerator and its IOMMU side.
 pub fn all_params() -> Vec<ParamSpec> {
     [
         MmCosts::PARAMS,
         IommuCosts::PARAMS,
         DmaCosts::PARAMS,
         DmirrorCosts::PARAMS,
+        SvaCosts::PARAMS,
     ]
     .concat()
 }
@@ -58,6 +60,8 @@ pub struct CostTables {
     pub dma: DmaCosts,
     /// The dmirror device.
     pub dmirror: DmirrorCosts,
+    /// The SVA accelerator and its IOMMU side.
+    pub sva: SvaCosts,
 }
 
 impl CostTables {
@@ -67,6 +71,7 @@ impl CostTables {
             mm: MmCosts::from_timing(timing),
             dma: DmaCosts::from_timing(timing),
             dmirror: DmirrorCosts::from_timing(timing),
+            sva: SvaCosts::from_timing(timing),
         }
     }
 }

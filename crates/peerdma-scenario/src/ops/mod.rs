@@ -21,6 +21,7 @@ pub mod gup;
 pub mod mem;
 pub mod p2p;
 pub mod proc;
+pub mod sva;
 
 pub use dma::DmaApiOp;
 pub use dmirror::DmirrorOp;
@@ -29,6 +30,7 @@ pub use gup::GupOp;
 pub use mem::MemOp;
 pub use p2p::P2pOp;
 pub use proc::ProcOp;
+pub use sva::SvaOp;
 
 use crate::error::{RunError, ScenarioError};
 use crate::parse::{Parser, Table};
@@ -114,6 +116,11 @@ pub const OPS: &[OpSpec] = &[
     p2p::DMABUF_MOVE_NOTIFY,
     dma::DMA_RAW,
     mem::RECLAIM,
+    sva::BIND,
+    sva::UNBIND,
+    sva::SUBMIT,
+    sva::WAIT,
+    sva::STATS,
 ];
 
 /// Returns the op named `name` (as written in `op = "..."`).
@@ -149,6 +156,8 @@ pub enum Op {
     Dma(DmaApiOp),
     /// P2P provider and BAR-export ops ([`p2p`]).
     P2p(P2pOp),
+    /// SVA accelerator ops ([`sva`]).
+    Sva(SvaOp),
 }
 
 impl Op {
@@ -162,6 +171,7 @@ impl Op {
             Self::Gup(o) => o.name(),
             Self::Dma(o) => o.name(),
             Self::P2p(o) => o.name(),
+            Self::Sva(o) => o.name(),
         }
     }
 
@@ -188,6 +198,7 @@ impl Op {
             Self::Gup(o) => o.run(cx).await,
             Self::Dma(o) => o.run(cx).await,
             Self::P2p(o) => o.run(cx).await,
+            Self::Sva(o) => o.run(cx).await,
         }
     }
 }
