@@ -30,8 +30,8 @@ use peerdma_core::{DeviceId, Va};
 
 use crate::sva::Pasid;
 
-/// Entries of the VT-d page-request queue (`PRQ_SIZE`: 4 pages of 32-byte descriptors → 2,048 entries,
-/// drivers/iommu/intel/prq.c).
+/// Entries of the VT-d page-request queue (`PRQ_DEPTH`: `PRQ_ORDER` 4, i.e. 16 pages = 64 KiB of 32-byte
+/// descriptors → 2,048 entries; drivers/iommu/intel/iommu.h, used by drivers/iommu/intel/prq.c).
 pub const PRQ_ENTRIES: usize = 2048;
 
 /// One PCIe page request.
