@@ -1041,7 +1041,7 @@ impl SvaAccel {
         let len = match desc {
             Descriptor::Copy { len, .. } | Descriptor::Fill { len, .. } => len,
         };
-        let mut rng = sim.rng(&format!("{}.order", inner.name));
+        let mut rng = sim.rng(&format!("{}.order{}", inner.name, id.0));
         let pages = order.pages(len / PAGE_SIZE, |n| rng.between(0, n - 1));
         sim.spawn(format!("{}.job{}", inner.name, id.0), async move {
             let rec = me.run(pid, pasid, desc, &pages, block_on_fault).await;
