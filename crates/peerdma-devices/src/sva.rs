@@ -48,7 +48,8 @@
 //!
 //! *Coarse:* page-granular descriptors (addresses and lengths in whole 4 KiB pages; the completion record
 //! sits at the start of a page); one page request per group; one request in flight per descriptor;
-//! the ATC invalidation-completion timeout (SMMUv3 logs and proceeds, VT-d retries) is not modelled.
+//! of the ATC invalidation-completion timeout only SMMUv3's behaviour (wait [`ATC_INV_TIMEOUT`], log, go on)
+//! is modelled, behind [`SvaInjection::IgnoreAtcInvalidation`]; VT-d's retry is not.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -73,6 +74,10 @@ use peerdma_sim::WaitQueue;
 
 /// The end of the user address space the SVA notifier covers (x86-64 with 4-level paging: 128 TiB).
 const USER_VA_END: u64 = 1 << 47;
+
+/// How long the IOMMU driver waits for an ATC invalidation completion before it gives up
+/// (`ARM_SMMU_POLL_TIMEOUT_US`, 1 s, drivers/iommu/arm/arm-smmu-v3/arm-smmu-v3.c).
+pub const ATC_INV_TIMEOUT: SimDuration = SimDuration::from_millis(1000);
 
 /// Page requests one access sends before it gives up with `PageFault` (a SUCCESS answer — the automatic one
 /// after an overflow included — sends the device back to translating, which may fault again).
@@ -154,6 +159,10 @@ pub enum SvaInjection {
     None,
     /// The secondary-TLB flush does not wait for the ATC invalidation to complete (no fence).
     SkipAtcWait,
+    /// The device neither drops ATC entries nor sends invalidation completions (a broken or hung ATC). The
+    /// IOMMU driver behaves as SMMUv3 does: it waits [`ATC_INV_TIMEOUT`], logs the timeout and goes on, so
+    /// the device's later use of a stale entry is the oracle's to catch.
+    IgnoreAtcInvalidation,
     /// The fault worker answers each page group twice.
     RespondTwice,
 }
@@ -391,7 +400,8 @@ impl SvaIommu {
             .iter()
             .filter_map(|(d, p)| Some((inner.devices.borrow().get(d)?.upgrade()?, *p)))
             .collect();
-        for (d, pasid) in &devs {
+        let hung = inner.injection.get() == SvaInjection::IgnoreAtcInvalidation;
+        for (d, pasid) in devs.iter().filter(|_| !hung) {
             let mut atc = d.atc.borrow_mut();
             if full {
                 atc.invalidate_pasid(*pasid);
@@ -409,6 +419,16 @@ impl SvaIommu {
             )
         });
         if devs.is_empty() {
+            return;
+        }
+        if hung {
+            // No completion comes: SMMUv3's CMD_SYNC poll times out, the driver logs it and proceeds
+            // (VT-d would retry while the device is present: not modelled).
+            k.sim.sleep(ATC_INV_TIMEOUT).await;
+            k.sim.count("sva.atc_inv_timeouts", 1);
+            k.sim.trace("sva.flush", || {
+                format!("pid {} {r}: ATC invalidation timed out", mm.0)
+            });
             return;
         }
         if inner.injection.get() != SvaInjection::SkipAtcWait {

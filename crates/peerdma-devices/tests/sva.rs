@@ -734,3 +734,43 @@ fn a_device_write_to_a_cow_shared_page_raises_a_write_page_request_that_breaks_c
     );
     assert_eq!(k.oracle_violations(), vec![]);
 }
+
+#[test]
+fn an_atc_invalidation_timeout_proceeds_and_the_later_stale_use_is_flagged() {
+    let (sim, k, iommu) = setup(0, false);
+    let dev = accel(&iommu, 1, 0);
+    let io = iommu.clone();
+    let (k2, d2) = (k.clone(), dev.clone());
+    sim.spawn("main", async move {
+        let pid = k2.create_process();
+        let buf = k2
+            .mmap(pid, &anon(PAGE_SIZE, Prot::RW, true))
+            .await
+            .unwrap();
+        let comp = k2
+            .mmap(pid, &anon(PAGE_SIZE, Prot::RW, true))
+            .await
+            .unwrap();
+        d2.bind(pid).unwrap();
+        let fill = Descriptor::Fill {
+            dst: buf,
+            len: PAGE_SIZE,
+            pattern: 1,
+        };
+        let j = d2.submit(pid, fill, comp, true).unwrap();
+        d2.wait(j).await.unwrap();
+        io.inject(SvaInjection::IgnoreAtcInvalidation);
+        let t0 = k2.sim.now();
+        k2.munmap(pid, buf, PAGE_SIZE).await.unwrap();
+        assert!(k2.sim.now().0 - t0.0 >= peerdma_devices::sva::ATC_INV_TIMEOUT.as_nanos());
+        // The device still holds the entry: its next write reaches a page the process no longer maps.
+        let j = d2.submit(pid, fill, comp, true).unwrap();
+        let _ = d2.wait(j).await;
+    });
+    let outcome = sim.run();
+    assert!(
+        matches!(&outcome, RunOutcome::Stopped(r) if r.contains("stale translation") || r.contains("use after free")),
+        "{outcome:?}"
+    );
+    assert_eq!(sim.metrics().get("sva.atc_inv_timeouts"), 1);
+}
