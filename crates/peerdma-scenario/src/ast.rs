@@ -172,6 +172,8 @@ pub struct DeviceDecl {
     pub p2p_queue: bool,
     /// A `gpu` device's memory and BAR window.
     pub gpu: Option<GpuDecl>,
+    /// An `sva` device's geometry.
+    pub sva: SvaDecl,
 }
 
 /// The `gpu` keys of a `[[device]]` (`kind = "gpu"`).
@@ -188,6 +190,33 @@ pub struct GpuDecl {
     /// Test-only, never parsed: buffer moves skip their importers' invalidation
     /// (`peerdma_devices::gpu::GpuInjection::SkipPeerInvalidation`), so tests can show the oracle catches it.
     pub skip_peer_invalidation: bool,
+}
+
+/// The keys of a `kind = "sva"` device (the accelerator of `peerdma_devices::sva`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SvaDecl {
+    /// `atc_sets`: ATC sets.
+    pub atc_sets: u64,
+    /// `atc_ways`: ATC ways per set.
+    pub atc_ways: u64,
+    /// `wq_depth`: descriptors outstanding at most.
+    pub wq_depth: u64,
+    /// `prq_entries`: the page-request queue of the (one, shared) IOMMU unit; the smallest given wins.
+    pub prq_entries: u64,
+    /// `pasid_bits`: the device supports PASIDs below `1 << pasid_bits`.
+    pub pasid_bits: u64,
+}
+
+impl Default for SvaDecl {
+    fn default() -> Self {
+        Self {
+            atc_sets: 16,
+            atc_ways: 4,
+            wq_depth: 8,
+            prq_entries: 2048,
+            pasid_bits: 20,
+        }
+    }
 }
 
 /// How a `pci` device's DMA is translated (`iommu = "..."`).
@@ -258,6 +287,8 @@ pub enum DeviceKind {
     /// `"gpu"`: a PCI function with VRAM behind a BAR window, buffer objects and managed memory
     /// (`peerdma_devices::gpu`).
     Gpu,
+    /// `"sva"`: an SVA accelerator (work queues of copy/fill descriptors over user VAs, an ATS ATC, PRI).
+    Sva,
 }
 
 /// The kind of `ZONE_DEVICE` memory a device has.
@@ -339,6 +370,10 @@ pub struct Expect {
     pub violation: Option<peerdma_mm::ViolationKind>,
     /// `status`: an `rdma.poll`'s completion statuses, comma-separated.
     pub status: Option<String>,
+    /// `atc_hit_pct = [MIN, MAX]`: an `sva.stats` step's ATC hit rate in percent, inclusive bounds.
+    pub atc_hit_pct: Option<(u64, u64)>,
+    /// `translation_requests = [MIN, MAX]`: an `sva.stats` step's ATS translation requests, inclusive bounds.
+    pub translation_requests: Option<(u64, u64)>,
 }
 
 impl Expect {

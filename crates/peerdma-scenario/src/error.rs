@@ -93,6 +93,14 @@ pub enum RunError {
         #[source]
         source: peerdma_devices::gpu::GpuError,
     },
+    /// An `sva` job the acting process did not submit (or already waited for).
+    #[error("sva job `{job}` is not pending in process `{process}`")]
+    NoSvaJob {
+        /// The job's name.
+        job: String,
+        /// The acting process.
+        process: String,
+    },
     /// A DMA handle the acting process does not hold.
     #[error("dma handle `{handle}` is not held by process `{process}`")]
     NoHandle {

@@ -28,8 +28,8 @@ use toml::de::{DeString, DeTable, DeValue};
 
 use crate::ast::{
     AddrError, AddrExpr, DeviceDecl, DeviceKind, DeviceMemoryKind, Expect, ExportDecl, FileDecl,
-    GpuDecl, IommuMode, Loc, P2pDecl, Prot, Scenario, Signal, SimSettings, Step, ThreadDecl,
-    TimeMode,
+    GpuDecl, IommuMode, Loc, P2pDecl, Prot, Scenario, Signal, SimSettings, Step, SvaDecl,
+    ThreadDecl, TimeMode,
 };
 use crate::error::{LineIndex, ScenarioError};
 use crate::ops::{self, OPS, Op, OpSpec};
@@ -103,6 +103,8 @@ const ALL_EXPECT_KEYS: &[&str] = &[
     "dma_addr",
     "violation",
     "status",
+    "atc_hit_pct",
+    "translation_requests",
 ];
 
 /// What a missing required key should hold, for the "needs `key`" message.
@@ -225,6 +227,10 @@ pub(crate) enum RefKind {
     Process,
     /// The child of a `wait` step.
     Child,
+    /// A `kind = "sva"` device.
+    SvaDevice,
+    /// A job submitted by an `sva.submit` step.
+    SvaJob,
 }
 
 /// A use of a name, resolved after the whole file is read.
@@ -258,6 +264,9 @@ pub(crate) struct Parser<'s> {
     /// `gpu` devices, and the names `gpu.*` steps define, by what they name (`bo`, `attachment`, `range`).
     pub(crate) gpu_devices: BTreeSet<String>,
     pub(crate) gpu_names: BTreeMap<&'static str, BTreeSet<String>>,
+    sva_devices: BTreeSet<String>,
+    /// Jobs named by `sva.submit` steps.
+    pub(crate) sva_jobs: BTreeSet<String>,
     /// The topology node of each `pci` device: node name -> device name.
     pci_nodes: BTreeMap<String, String>,
     exports: BTreeMap<String, Range<usize>>,
@@ -287,6 +296,8 @@ impl<'s> Parser<'s> {
             pci_devices: BTreeSet::new(),
             gpu_devices: BTreeSet::new(),
             gpu_names: BTreeMap::new(),
+            sva_devices: BTreeSet::new(),
+            sva_jobs: BTreeSet::new(),
             pci_nodes: BTreeMap::new(),
             exports: BTreeMap::new(),
             handles: BTreeSet::new(),
@@ -1047,6 +1058,11 @@ impl<'s> Parser<'s> {
                 "bar",
                 "bar_window",
                 "managed",
+                "atc_sets",
+                "atc_ways",
+                "wq_depth",
+                "prq_entries",
+                "pasid_bits",
             ],
         )?;
         let name_v = self.required(t, "name")?;
@@ -1062,6 +1078,7 @@ impl<'s> Parser<'s> {
                 ("rnic", DeviceKind::Rnic),
                 ("nvme", DeviceKind::Nvme),
                 ("gpu", DeviceKind::Gpu),
+                ("sva", DeviceKind::Sva),
             ],
         )?;
         if kind != DeviceKind::Gpu {
@@ -1074,15 +1091,47 @@ impl<'s> Parser<'s> {
                 }
             }
         }
-        if kind == DeviceKind::Dmirror {
+        if matches!(kind, DeviceKind::Dmirror | DeviceKind::Sva) {
+            let what = if kind == DeviceKind::Sva {
+                "an `sva`"
+            } else {
+                "a `dmirror`"
+            };
             for key in ["node", "iommu", "p2p", "export", "p2p_queue"] {
                 if let Some(v) = t.get(key) {
                     return Err(self.err(
                         &v.span(),
-                        format!("`{key}` is for a `kind = \"pci\"` device, not a `dmirror`"),
+                        format!("`{key}` is for a `kind = \"pci\"` device, not {what}"),
                     ));
                 }
             }
+        }
+        let mut sva = SvaDecl::default();
+        for (key, field, lo, hi) in [
+            ("atc_sets", &mut sva.atc_sets, 1, 1 << 16),
+            ("atc_ways", &mut sva.atc_ways, 1, 1 << 10),
+            ("wq_depth", &mut sva.wq_depth, 1, 1 << 12),
+            ("prq_entries", &mut sva.prq_entries, 1, 1 << 16),
+            ("pasid_bits", &mut sva.pasid_bits, 1, 20),
+        ] {
+            let Some(v) = t.get(key) else { continue };
+            if kind != DeviceKind::Sva {
+                return Err(self.err(
+                    &v.span(),
+                    format!("`{key}` is for a `kind = \"sva\"` device"),
+                ));
+            }
+            let n = self.uint(v, key)?;
+            if !(lo..=hi).contains(&n) {
+                return Err(self.err(
+                    &v.span(),
+                    format!("expected {lo} to {hi} for `{key}`, found {n}"),
+                ));
+            }
+            *field = n;
+        }
+        if kind == DeviceKind::Sva {
+            self.sva_devices.insert(name.clone());
         }
         let memory = match t.get("memory") {
             Some(v) => self.keyword(
@@ -1121,6 +1170,7 @@ impl<'s> Parser<'s> {
             exports: Vec::new(),
             p2p_queue: true,
             gpu: None,
+            sva,
         };
         if let Some(v) = t.get("p2p_queue") {
             if kind != DeviceKind::Nvme {
@@ -1666,7 +1716,31 @@ impl<'s> Parser<'s> {
         if let Some(v) = t.get("status") {
             expect.status = Some(self.string(v, "status")?.to_owned());
         }
+        for (key, field) in [
+            ("atc_hit_pct", &mut expect.atc_hit_pct),
+            ("translation_requests", &mut expect.translation_requests),
+        ] {
+            if let Some(v) = t.get(key) {
+                *field = Some(self.bounds(v, key)?);
+            }
+        }
         Ok(expect)
+    }
+
+    /// An inclusive `[MIN, MAX]` pair of integers.
+    fn bounds(&self, v: &Value<'_>, key: &str) -> Result<(u64, u64)> {
+        let hint = format!("expected `[MIN, MAX]` (two integers, MIN <= MAX) for `{key}`");
+        let DeValue::Array(items) = v.get_ref() else {
+            return Err(self.err(&v.span(), hint));
+        };
+        let (Some(lo), Some(hi), 2) = (items.first(), items.get(1), items.len()) else {
+            return Err(self.err(&v.span(), hint));
+        };
+        let (lo, hi) = (self.uint(lo, key)?, self.uint(hi, key)?);
+        if lo > hi {
+            return Err(self.err(&v.span(), hint));
+        }
+        Ok((lo, hi))
     }
 
     /// `expect.segments`: `["bus:64KiB", "ram:8KiB"]`.
@@ -1935,6 +2009,18 @@ impl<'s> Parser<'s> {
                 "export",
                 self.exports.keys().map(String::as_str).collect(),
                 "declare it in a `pci` device's `export = [...]`",
+            ),
+            RefKind::SvaDevice if self.sva_devices.contains(name) => Ok(()),
+            RefKind::SvaDevice => unknown(
+                "sva device",
+                self.sva_devices.iter().map(String::as_str).collect(),
+                "declare it with `[[device]]` and `kind = \"sva\"`",
+            ),
+            RefKind::SvaJob if self.sva_jobs.contains(name) => Ok(()),
+            RefKind::SvaJob => unknown(
+                "sva job",
+                self.sva_jobs.iter().map(String::as_str).collect(),
+                "submit one with `{ op = \"sva.submit\", dev = ..., job = ..., ... }`",
             ),
             RefKind::Handle if self.handles.contains(name) => Ok(()),
             RefKind::Handle => unknown(

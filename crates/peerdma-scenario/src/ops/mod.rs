@@ -24,6 +24,7 @@ pub mod nvme;
 pub mod p2p;
 pub mod proc;
 pub mod rdma;
+pub mod sva;
 
 pub use dma::DmaApiOp;
 pub use dmirror::DmirrorOp;
@@ -35,6 +36,7 @@ pub use nvme::NvmeOp;
 pub use p2p::P2pOp;
 pub use proc::ProcOp;
 pub use rdma::RdmaOp;
+pub use sva::SvaOp;
 
 use crate::error::{RunError, ScenarioError};
 use crate::parse::{Parser, Table};
@@ -142,6 +144,11 @@ pub const OPS: &[OpSpec] = &[
     gpu::MANAGED_ALLOC,
     gpu::KERNEL,
     gpu::PREFETCH,
+    sva::BIND,
+    sva::UNBIND,
+    sva::SUBMIT,
+    sva::WAIT,
+    sva::STATS,
 ];
 
 /// Returns the op named `name` (as written in `op = "..."`).
@@ -183,6 +190,8 @@ pub enum Op {
     Nvme(NvmeOp),
     /// GPU buffer-object and managed-memory ops ([`gpu`]).
     Gpu(GpuOp),
+    /// SVA accelerator ops ([`sva`]).
+    Sva(SvaOp),
 }
 
 impl Op {
@@ -199,6 +208,7 @@ impl Op {
             Self::Rdma(o) => o.name(),
             Self::Nvme(o) => o.name(),
             Self::Gpu(o) => o.name(),
+            Self::Sva(o) => o.name(),
         }
     }
 
@@ -228,6 +238,7 @@ impl Op {
             Self::Rdma(o) => o.run(cx).await,
             Self::Nvme(o) => o.run(cx).await,
             Self::Gpu(o) => o.run(cx).await,
+            Self::Sva(o) => o.run(cx).await,
         }
     }
 }
