@@ -60,6 +60,7 @@ use crate::oracle::{LogicalPage, Oracle};
 use crate::p2pdma::P2pState;
 use crate::pagetable::{Leaf, PageTable, Pte};
 use crate::phys::{FrameOwner, GfpZone, MovableError, PhysMem};
+use crate::vm_object::VmObjects;
 use crate::vma::{Vma, VmaBacking};
 use crate::vmscan::Swap;
 
@@ -441,7 +442,7 @@ pub struct Kernel {
     /// The callbacks of each device memory region (`dev_pagemap`), by region index.
     pgmaps: RefCell<Pgmaps>,
     /// Drivers' mapping objects and their fault handlers ([`crate::vm_object`]).
-    vm_objects: RefCell<crate::vm_object::VmObjects>,
+    vm_objects: RefCell<VmObjects>,
 }
 
 /// The outcome of a fault: the access can be retried, or it raised a signal.
@@ -507,7 +508,7 @@ impl Kernel {
     }
 
     /// Borrows the drivers' mapping objects ([`crate::vm_object`]).
-    pub(crate) fn vm_objects(&self) -> RefMut<'_, crate::vm_object::VmObjects> {
+    pub(crate) fn vm_objects(&self) -> RefMut<'_, VmObjects> {
         self.vm_objects.borrow_mut()
     }
 

@@ -1,27 +1,33 @@
 //! The registry of every timing-model parameter of the workspace: the one list a scenario's `[timing]` table
 //! is checked against and `peerdma params` prints.
 //!
-//! Each cost table owns its parameters (`PARAMS` on [`MmCosts`], [`IommuCosts`], [`DmaCosts`] and
-//! [`DmirrorCosts`]); this module only concatenates them, in that order. Keys are unique across the
+//! Each cost table owns its parameters (`PARAMS` on [`MmCosts`], [`IommuCosts`], [`DmaCosts`],
+//! [`DmirrorCosts`] and [`SvaCosts`]); this module only concatenates them, in that order. Keys are unique across the
 //! workspace (a unit test checks it). [`peerdma_core::timing`] states how a [`Timing`] turns defaults and
 //! overrides into values.
 
 use peerdma_core::timing::{ParamSpec, Timing};
-use peerdma_devices::DmirrorCosts;
+use peerdma_devices::nvme::NvmeCosts;
+use peerdma_devices::rnic::RnicCosts;
+use peerdma_devices::{DmirrorCosts, SvaCosts};
 use peerdma_dma::DmaCosts;
 use peerdma_iommu::IommuCosts;
 use peerdma_mm::MmCosts;
 
-/// Returns every parameter of the workspace: memory management, IOMMU, DMA, the dmirror device, then the
-/// gpu device and its UVM fault servicing.
+/// Returns every parameter of the workspace: memory management, IOMMU, DMA, the dmirror device, the RDMA
+/// NIC, the NVMe controller, the gpu device and its UVM fault servicing, then the SVA accelerator and its
+/// IOMMU side.
 pub fn all_params() -> Vec<ParamSpec> {
     [
         MmCosts::PARAMS,
         IommuCosts::PARAMS,
         DmaCosts::PARAMS,
         DmirrorCosts::PARAMS,
+        RnicCosts::PARAMS,
+        NvmeCosts::PARAMS,
         peerdma_devices::gpu::GpuCosts::PARAMS,
         peerdma_devices::gpu::UvmCosts::PARAMS,
+        SvaCosts::PARAMS,
     ]
     .concat()
 }
@@ -61,10 +67,16 @@ pub struct CostTables {
     pub dma: DmaCosts,
     /// The dmirror device.
     pub dmirror: DmirrorCosts,
+    /// The RDMA NIC.
+    pub rnic: RnicCosts,
+    /// The NVMe controller.
+    pub nvme: NvmeCosts,
     /// The gpu device.
     pub gpu: peerdma_devices::gpu::GpuCosts,
     /// The gpu device's UVM fault servicing.
     pub uvm: peerdma_devices::gpu::UvmCosts,
+    /// The SVA accelerator and its IOMMU side.
+    pub sva: SvaCosts,
 }
 
 impl CostTables {
@@ -74,8 +86,11 @@ impl CostTables {
             mm: MmCosts::from_timing(timing),
             dma: DmaCosts::from_timing(timing),
             dmirror: DmirrorCosts::from_timing(timing),
+            rnic: RnicCosts::from_timing(timing),
+            nvme: NvmeCosts::from_timing(timing),
             gpu: peerdma_devices::gpu::GpuCosts::from_timing(timing),
             uvm: peerdma_devices::gpu::UvmCosts::from_timing(timing),
+            sva: SvaCosts::from_timing(timing),
         }
     }
 }

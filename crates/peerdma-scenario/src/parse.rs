@@ -28,8 +28,8 @@ use toml::de::{DeString, DeTable, DeValue};
 
 use crate::ast::{
     AddrError, AddrExpr, DeviceDecl, DeviceKind, DeviceMemoryKind, Expect, ExportDecl, FileDecl,
-    GpuDecl, IommuMode, Loc, P2pDecl, Prot, Scenario, Signal, SimSettings, Step, ThreadDecl,
-    TimeMode,
+    GpuDecl, IommuMode, Loc, P2pDecl, Prot, Scenario, Signal, SimSettings, Step, SvaDecl,
+    ThreadDecl, TimeMode,
 };
 use crate::error::{LineIndex, ScenarioError};
 use crate::ops::{self, OPS, Op, OpSpec};
@@ -102,6 +102,9 @@ const ALL_EXPECT_KEYS: &[&str] = &[
     "pinned",
     "dma_addr",
     "violation",
+    "status",
+    "atc_hit_pct",
+    "translation_requests",
 ];
 
 /// What a missing required key should hold, for the "needs `key`" message.
@@ -224,6 +227,10 @@ pub(crate) enum RefKind {
     Process,
     /// The child of a `wait` step.
     Child,
+    /// A `kind = "sva"` device.
+    SvaDevice,
+    /// A job submitted by an `sva.submit` step.
+    SvaJob,
 }
 
 /// A use of a name, resolved after the whole file is read.
@@ -259,6 +266,9 @@ pub(crate) struct Parser<'s> {
     pub(crate) gpu_names: BTreeMap<&'static str, BTreeSet<String>>,
     /// Lengths of the GPU buffer objects defined so far (a `gpu.bo_mmap` mapping's length).
     pub(crate) gpu_bo_lens: BTreeMap<String, u64>,
+    sva_devices: BTreeSet<String>,
+    /// Jobs named by `sva.submit` steps.
+    pub(crate) sva_jobs: BTreeSet<String>,
     /// The topology node of each `pci` device: node name -> device name.
     pci_nodes: BTreeMap<String, String>,
     exports: BTreeMap<String, Range<usize>>,
@@ -289,6 +299,8 @@ impl<'s> Parser<'s> {
             gpu_devices: BTreeSet::new(),
             gpu_names: BTreeMap::new(),
             gpu_bo_lens: BTreeMap::new(),
+            sva_devices: BTreeSet::new(),
+            sva_jobs: BTreeSet::new(),
             pci_nodes: BTreeMap::new(),
             exports: BTreeMap::new(),
             handles: BTreeSet::new(),
@@ -1044,11 +1056,17 @@ impl<'s> Parser<'s> {
                 "iommu",
                 "p2p",
                 "export",
+                "p2p_queue",
                 "vram",
                 "bar",
                 "bar_window",
                 "managed",
                 "beyond_mainline_p2p",
+                "atc_sets",
+                "atc_ways",
+                "wq_depth",
+                "prq_entries",
+                "pasid_bits",
             ],
         )?;
         let name_v = self.required(t, "name")?;
@@ -1061,7 +1079,10 @@ impl<'s> Parser<'s> {
             &[
                 ("dmirror", DeviceKind::Dmirror),
                 ("pci", DeviceKind::Pci),
+                ("rnic", DeviceKind::Rnic),
+                ("nvme", DeviceKind::Nvme),
                 ("gpu", DeviceKind::Gpu),
+                ("sva", DeviceKind::Sva),
             ],
         )?;
         if kind != DeviceKind::Gpu {
@@ -1080,15 +1101,47 @@ impl<'s> Parser<'s> {
                 }
             }
         }
-        if kind == DeviceKind::Dmirror {
-            for key in ["node", "iommu", "p2p", "export"] {
+        if matches!(kind, DeviceKind::Dmirror | DeviceKind::Sva) {
+            let what = if kind == DeviceKind::Sva {
+                "an `sva`"
+            } else {
+                "a `dmirror`"
+            };
+            for key in ["node", "iommu", "p2p", "export", "p2p_queue"] {
                 if let Some(v) = t.get(key) {
                     return Err(self.err(
                         &v.span(),
-                        format!("`{key}` is for a `kind = \"pci\"` device, not a `dmirror`"),
+                        format!("`{key}` is for a `kind = \"pci\"` device, not {what}"),
                     ));
                 }
             }
+        }
+        let mut sva = SvaDecl::default();
+        for (key, field, lo, hi) in [
+            ("atc_sets", &mut sva.atc_sets, 1, 1 << 16),
+            ("atc_ways", &mut sva.atc_ways, 1, 1 << 10),
+            ("wq_depth", &mut sva.wq_depth, 1, 1 << 12),
+            ("prq_entries", &mut sva.prq_entries, 1, 1 << 16),
+            ("pasid_bits", &mut sva.pasid_bits, 1, 20),
+        ] {
+            let Some(v) = t.get(key) else { continue };
+            if kind != DeviceKind::Sva {
+                return Err(self.err(
+                    &v.span(),
+                    format!("`{key}` is for a `kind = \"sva\"` device"),
+                ));
+            }
+            let n = self.uint(v, key)?;
+            if !(lo..=hi).contains(&n) {
+                return Err(self.err(
+                    &v.span(),
+                    format!("expected {lo} to {hi} for `{key}`, found {n}"),
+                ));
+            }
+            *field = n;
+        }
+        if kind == DeviceKind::Sva {
+            self.sva_devices.insert(name.clone());
         }
         let memory = match t.get("memory") {
             Some(v) => self.keyword(
@@ -1125,9 +1178,20 @@ impl<'s> Parser<'s> {
             iommu: IommuMode::default(),
             p2p: Vec::new(),
             exports: Vec::new(),
+            p2p_queue: true,
             gpu: None,
+            sva,
         };
-        if matches!(kind, DeviceKind::Pci | DeviceKind::Gpu) {
+        if let Some(v) = t.get("p2p_queue") {
+            if kind != DeviceKind::Nvme {
+                return Err(self.err(&v.span(), "`p2p_queue` is for a `kind = \"nvme\"` device"));
+            }
+            decl.p2p_queue = self.boolean(v, "p2p_queue")?;
+        }
+        if matches!(
+            kind,
+            DeviceKind::Pci | DeviceKind::Gpu | DeviceKind::Rnic | DeviceKind::Nvme
+        ) {
             self.pci_device(t, &name_v.span(), &mut decl)?;
         }
         if kind == DeviceKind::Gpu {
@@ -1664,7 +1728,34 @@ impl<'s> Parser<'s> {
                 .collect();
             expect.violation = Some(self.keyword(v, "violation", &kinds)?);
         }
+        if let Some(v) = t.get("status") {
+            expect.status = Some(self.string(v, "status")?.to_owned());
+        }
+        for (key, field) in [
+            ("atc_hit_pct", &mut expect.atc_hit_pct),
+            ("translation_requests", &mut expect.translation_requests),
+        ] {
+            if let Some(v) = t.get(key) {
+                *field = Some(self.bounds(v, key)?);
+            }
+        }
         Ok(expect)
+    }
+
+    /// An inclusive `[MIN, MAX]` pair of integers.
+    fn bounds(&self, v: &Value<'_>, key: &str) -> Result<(u64, u64)> {
+        let hint = format!("expected `[MIN, MAX]` (two integers, MIN <= MAX) for `{key}`");
+        let DeValue::Array(items) = v.get_ref() else {
+            return Err(self.err(&v.span(), hint));
+        };
+        let (Some(lo), Some(hi), 2) = (items.first(), items.get(1), items.len()) else {
+            return Err(self.err(&v.span(), hint));
+        };
+        let (lo, hi) = (self.uint(lo, key)?, self.uint(hi, key)?);
+        if lo > hi {
+            return Err(self.err(&v.span(), hint));
+        }
+        Ok((lo, hi))
     }
 
     /// `expect.segments`: `["bus:64KiB", "ram:8KiB"]`.
@@ -1933,6 +2024,18 @@ impl<'s> Parser<'s> {
                 "export",
                 self.exports.keys().map(String::as_str).collect(),
                 "declare it in a `pci` device's `export = [...]`",
+            ),
+            RefKind::SvaDevice if self.sva_devices.contains(name) => Ok(()),
+            RefKind::SvaDevice => unknown(
+                "sva device",
+                self.sva_devices.iter().map(String::as_str).collect(),
+                "declare it with `[[device]]` and `kind = \"sva\"`",
+            ),
+            RefKind::SvaJob if self.sva_jobs.contains(name) => Ok(()),
+            RefKind::SvaJob => unknown(
+                "sva job",
+                self.sva_jobs.iter().map(String::as_str).collect(),
+                "submit one with `{ op = \"sva.submit\", dev = ..., job = ..., ... }`",
             ),
             RefKind::Handle if self.handles.contains(name) => Ok(()),
             RefKind::Handle => unknown(

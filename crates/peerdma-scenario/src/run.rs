@@ -12,9 +12,12 @@ use std::fmt::Write as _;
 use std::rc::Rc;
 
 use peerdma_core::{DeviceId, Errno, Pid, SimDuration, SimTime, Va};
-use peerdma_devices::{Dmirror, DmirrorCosts, DmirrorDevice, DmirrorMemory, DmirrorResult};
+use peerdma_devices::{
+    Dmirror, DmirrorCosts, DmirrorDevice, DmirrorMemory, DmirrorResult, JobId, SvaAccel,
+    SvaAccelConfig, SvaCosts, SvaIommu,
+};
 use peerdma_dma::{DmaCosts, DmaSgHandle, DmaSpace, Platform};
-use peerdma_iommu::{DomainConfig, DomainType};
+use peerdma_iommu::{AtcConfig, DomainConfig, DomainType, SvaDeviceInfo};
 use peerdma_mm::{Kernel, MmCosts, SigInfo};
 use peerdma_sim::{RngStream, RunOutcome, Sim, SimConfig, WaitQueue};
 
@@ -54,8 +57,12 @@ pub(crate) struct StepResult {
     pub(crate) dma_addr: Option<u64>,
     /// Pages a `dma.map` step pinned.
     pub(crate) pinned: Option<u64>,
+    /// An `rdma.poll`'s completion statuses, comma-separated.
+    pub(crate) status: Option<String>,
     /// Further outcome a step reports in the step log (a `gpu.*` step's placement or UVM counters).
     pub(crate) note: Option<String>,
+    /// An `sva.stats` step's device ATC hit rate (percent) and translation requests.
+    pub(crate) sva_stats: Option<(u64, u64)>,
 }
 
 /// A process of the scenario: its pid once it exists, and what its steps hold by name.
@@ -66,6 +73,10 @@ pub(crate) struct ProcState {
     pub(crate) fds: BTreeMap<String, Rc<Dmirror>>,
     pub(crate) pins: BTreeMap<String, (peerdma_mm::PinnedPages, Va)>,
     pub(crate) handles: BTreeMap<String, DmaSgHandle>,
+    /// The `sva` devices this process is bound to (unbound when it exits, as closing the device file does).
+    pub(crate) sva_binds: Vec<String>,
+    /// Jobs submitted by `sva.submit`, by name: the device and the job.
+    pub(crate) sva_jobs: BTreeMap<String, (String, JobId)>,
     pub(crate) live_threads: usize,
     pub(crate) exited: bool,
 }
@@ -86,12 +97,20 @@ pub(crate) struct World {
     pub(crate) procs: RefCell<BTreeMap<String, ProcState>>,
     pub(crate) files: BTreeMap<String, u32>,
     pub(crate) devices: BTreeMap<String, Rc<DmirrorDevice>>,
+    /// `sva` devices by name.
+    pub(crate) sva: BTreeMap<String, SvaAccel>,
     /// The DMA platform, when the scenario has a `[topology]`.
     platform: Option<Rc<Platform>>,
     /// `pci` devices by name.
     pub(crate) pci: BTreeMap<String, DeviceId>,
     /// BAR exports by name.
     pub(crate) exports: BTreeMap<String, peerdma_mm::MmioId>,
+    /// `rnic` devices by name.
+    pub(crate) rnics: BTreeMap<String, Rc<peerdma_devices::rnic::Rnic>>,
+    /// The RDMA objects the steps named.
+    pub(crate) rdma: RefCell<crate::ops::rdma::RdmaNames>,
+    /// `nvme` devices by name.
+    pub(crate) nvmes: BTreeMap<String, Rc<peerdma_devices::nvme::Nvme>>,
     /// `gpu` devices and what `gpu.*` steps created.
     pub(crate) gpu: crate::ops::gpu::GpuWorld,
     pub(crate) dma_page_cost: SimDuration,
@@ -151,6 +170,8 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
             )
         })
         .collect();
+    let sva_iommu = SvaIommu::new(&kernel, SvaCosts::from_timing(&timing), 1 << 20);
+    let sva = build_sva(scn, &sva_iommu);
     let dma_costs = DmaCosts::from_timing(&timing);
     let (platform, pci, exports) = match build_platform(scn, &kernel, dma_costs) {
         Ok(p) => p,
@@ -159,6 +180,8 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
             (None, BTreeMap::new(), BTreeMap::new())
         }
     };
+    let rnics = rnics(scn, platform.as_ref(), &timing);
+    let nvmes = nvmes(scn, platform.as_ref(), &timing);
     let gpu = match crate::ops::gpu::GpuWorld::build(scn, platform.as_ref(), &pci, &timing) {
         Ok(g) => g,
         Err(e) => {
@@ -181,7 +204,11 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
         dma_page_cost: dm_costs.dma_page,
         dma_engine: DmaSpace::new(&kernel, dma_engine_id(scn), "dma_engine", 1),
         devices,
+        sva,
         platform,
+        rnics,
+        nvmes,
+        rdma: RefCell::default(),
         pci,
         exports,
         gpu,
@@ -197,6 +224,91 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
     }
     let outcome = sim.run();
     world.finish(&sim, seed, explore, &outcome)
+}
+
+/// Makes the NIC model of every `rnic` device (after the platform attached it).
+fn rnics(
+    scn: &Scenario,
+    platform: Option<&Rc<Platform>>,
+    timing: &peerdma_core::Timing,
+) -> BTreeMap<String, Rc<peerdma_devices::rnic::Rnic>> {
+    let mut out = BTreeMap::new();
+    let Some(p) = platform else {
+        return out;
+    };
+    let costs = peerdma_devices::rnic::RnicCosts::from_timing(timing);
+    for (i, d) in scn.devices.iter().enumerate() {
+        let id = DeviceId(u32::try_from(i).expect("few devices"));
+        if d.kind == DeviceKind::Rnic
+            && let Ok(dev) = p.device(id)
+        {
+            out.insert(
+                d.name.clone(),
+                peerdma_devices::rnic::Rnic::new(p, dev, costs.clone()),
+            );
+        }
+    }
+    out
+}
+
+/// Makes the controller model of every `nvme` device (after the platform attached it).
+fn nvmes(
+    scn: &Scenario,
+    platform: Option<&Rc<Platform>>,
+    timing: &peerdma_core::Timing,
+) -> BTreeMap<String, Rc<peerdma_devices::nvme::Nvme>> {
+    let mut out = BTreeMap::new();
+    let Some(p) = platform else {
+        return out;
+    };
+    let costs = peerdma_devices::nvme::NvmeCosts::from_timing(timing);
+    for (i, d) in scn.devices.iter().enumerate() {
+        let id = DeviceId(u32::try_from(i).expect("few devices"));
+        if d.kind == DeviceKind::Nvme
+            && let Ok(dev) = p.device(id)
+        {
+            out.insert(
+                d.name.clone(),
+                peerdma_devices::nvme::Nvme::new(p, dev, costs.clone(), d.size, d.p2p_queue),
+            );
+        }
+    }
+    out
+}
+
+/// Creates the `sva` devices, all behind one IOMMU unit (unit 0), each in its own IOMMU group; the unit's
+/// page-request queue is the smallest `prq_entries` given.
+fn build_sva(scn: &Scenario, iommu: &SvaIommu) -> BTreeMap<String, SvaAccel> {
+    let svas: Vec<(usize, &crate::ast::DeviceDecl)> = scn
+        .devices
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| d.kind == DeviceKind::Sva)
+        .collect();
+    if let Some(prq) = svas.iter().map(|(_, d)| d.sva.prq_entries).min() {
+        iommu.set_prq_entries(usize::try_from(prq).unwrap_or(usize::MAX));
+    }
+    svas.into_iter()
+        .map(|(i, d)| {
+            let id = u32::try_from(i).expect("few devices");
+            let cfg = SvaAccelConfig {
+                info: SvaDeviceInfo {
+                    group: Some(id),
+                    iommu: 0,
+                    max_pasids: 1 << d.sva.pasid_bits,
+                    domain_alloc_sva: true,
+                },
+                atc: AtcConfig {
+                    sets: usize::try_from(d.sva.atc_sets).unwrap_or(1),
+                    ways: usize::try_from(d.sva.atc_ways).unwrap_or(1),
+                },
+                wq_depth: usize::try_from(d.sva.wq_depth).unwrap_or(1),
+            };
+            let dev = SvaAccel::new(iommu, DeviceId(id), &d.name, cfg)
+                .expect("device ids are the declaration indices, each used once");
+            (d.name.clone(), dev)
+        })
+        .collect()
 }
 
 type PlatformParts = (
@@ -221,7 +333,10 @@ fn build_platform(
     let mut pci = BTreeMap::new();
     let mut exports = BTreeMap::new();
     for (i, d) in scn.devices.iter().enumerate() {
-        if !matches!(d.kind, DeviceKind::Pci | DeviceKind::Gpu) {
+        if !matches!(
+            d.kind,
+            DeviceKind::Pci | DeviceKind::Rnic | DeviceKind::Nvme | DeviceKind::Gpu
+        ) {
             continue;
         }
         let id = DeviceId(u32::try_from(i).expect("few devices"));
@@ -345,7 +460,7 @@ impl World {
     }
 
     pub(crate) async fn exit_process(&self, name: &str) {
-        let (pid, fds) = {
+        let (pid, fds, sva) = {
             let mut p = self.procs.borrow_mut();
             let st = p.get_mut(name).expect("known process");
             if st.exited {
@@ -358,12 +473,19 @@ impl World {
             (
                 st.pid.expect("running process"),
                 std::mem::take(&mut st.fds),
+                std::mem::take(&mut st.sva_binds),
             )
         };
         for m in fds.values() {
             m.close().await;
         }
         self.kernel.exit(pid).await;
+        // Closing the accelerator's file after the mm is gone: the SVA release already aborted its DMA.
+        for dev in sva {
+            if let Some(d) = self.sva.get(&dev) {
+                let _ = d.unbind(pid).await;
+            }
+        }
         self.proc_wq.wake_up_all();
     }
 
@@ -627,6 +749,21 @@ impl World {
                             fails.push(format!("expected pinned = {want}, got {got}"));
                         }
                     }
+                    for (key, bounds, got) in [
+                        ("atc_hit_pct", e.atc_hit_pct, r.sva_stats.map(|s| s.0)),
+                        (
+                            "translation_requests",
+                            e.translation_requests,
+                            r.sva_stats.map(|s| s.1),
+                        ),
+                    ] {
+                        if let Some((lo, hi)) = bounds {
+                            let got = got.unwrap_or(0);
+                            if !(lo..=hi).contains(&got) {
+                                fails.push(format!("expected {key} in [{lo}, {hi}], got {got}"));
+                            }
+                        }
+                    }
                     if let Some(want) = e.dma_addr
                         && r.dma_addr != Some(want)
                     {
@@ -634,6 +771,14 @@ impl World {
                             "expected dma_addr {want:#x}, got {}",
                             r.dma_addr
                                 .map_or_else(|| "no segment".to_owned(), |a| format!("{a:#x}"))
+                        ));
+                    }
+                    if let Some(want) = &e.status
+                        && r.status.as_ref() != Some(want)
+                    {
+                        fails.push(format!(
+                            "expected status {want}, got {}",
+                            r.status.as_deref().unwrap_or("none")
                         ));
                     }
                     if let (Some(want), Some(d)) = (e.value, &r.data) {
@@ -757,6 +902,9 @@ fn summarize(r: &StepResult) -> String {
         if let Some(a) = r.dma_addr {
             let _ = write!(s, " dma_addr={a:#x}");
         }
+    }
+    if let Some(st) = &r.status {
+        let _ = write!(s, " status={st}");
     }
     if let Some(n) = &r.note {
         let _ = write!(s, " {n}");
