@@ -1,6 +1,6 @@
 //! An RDMA NIC (RoCE/InfiniBand RC transport, mlx5-like): protection domains, memory regions — pinned,
-//! on-demand-paging (ODP) explicit and implicit, dma-buf backed — queue pairs with RDMA WRITE, READ and
-//! SEND, and completion queues.
+//! on-demand-paging (ODP) explicit and implicit, dma-buf backed (a BAR export, or a GPU buffer object that
+//! moves: [`Rnic::reg_gpu_bo_mr`]) — queue pairs with RDMA WRITE, READ and SEND, and completion queues.
 //!
 //! Linux counterparts: drivers/infiniband/core/umem.c (`ib_umem_get`: a long-term pin), umem_odp.c
 //! (`ib_umem_odp_get`, `ib_umem_odp_alloc_implicit`, `ib_umem_odp_map_dma_and_lock`,
@@ -204,6 +204,24 @@ pub enum RnicError {
     /// A misuse of the DMA layer's API.
     #[error(transparent)]
     Dma(DmaError),
+    /// No such GPU buffer object.
+    #[error("unknown GPU buffer object {0}")]
+    UnknownBo(u64),
+}
+
+impl From<crate::gpu::GpuError> for RnicError {
+    fn from(e: crate::gpu::GpuError) -> Self {
+        use crate::gpu::GpuError;
+        match e {
+            GpuError::Errno(e) => Self::Errno(e),
+            GpuError::Dma(e) => e.into(),
+            GpuError::UnknownBo(n) => Self::UnknownBo(n),
+            // A range outside the buffer or an unknown attachment: the verbs' EINVAL.
+            GpuError::BadRange { .. }
+            | GpuError::UnknownAttach(_)
+            | GpuError::WindowTooLarge { .. } => Self::Errno(Errno::EINVAL),
+        }
+    }
 }
 
 impl From<DmaError> for RnicError {
@@ -690,7 +708,15 @@ enum MrBacking {
     Pinned(DmaSgHandle),
     Odp(Rc<OdpUmem>),
     Implicit(Rc<Children>),
-    DmaBuf { mmio: MmioId, att: AttachId },
+    DmaBuf {
+        mmio: MmioId,
+        att: AttachId,
+    },
+    /// A dma-buf MR on a GPU buffer object: a dynamic importer of the GPU's TTM-style exporter.
+    GpuBo {
+        gpu: Rc<crate::gpu::Gpu>,
+        att: crate::gpu::BoAttach,
+    },
 }
 
 struct Mr {
@@ -712,7 +738,7 @@ impl Mr {
             MrBacking::Pinned(_) => MrKind::Pinned,
             MrBacking::Odp(_) => MrKind::Odp,
             MrBacking::Implicit(_) => MrKind::ImplicitOdp,
-            MrBacking::DmaBuf { .. } => MrKind::DmaBuf,
+            MrBacking::DmaBuf { .. } | MrBacking::GpuBo { .. } => MrKind::DmaBuf,
         }
     }
 }
@@ -1002,6 +1028,49 @@ impl Rnic {
         Ok(self.insert_mr(pd, pid, access, range, MrBacking::DmaBuf { mmio, att }))
     }
 
+    /// `ibv_reg_dmabuf_mr` on the dma-buf a GPU exported for buffer object `bo` (`ib_umem_dmabuf_get`: a
+    /// dynamic importer with `move_notify`, mapped now): `len` bytes from the buffer's start; the MR's
+    /// addresses are `[0, len)`. Every move of the buffer zaps the MR's translations (its `move_notify`);
+    /// the NIC's next access maps the buffer again where it is then ([`crate::gpu::Gpu::bo_dma`]).
+    ///
+    /// # Errors
+    /// `EINVAL` for a bad access or a length beyond the buffer; [`RnicError::UnknownBo`];
+    /// the attach's errnos (`EREMOTEIO` when the NIC cannot reach the window).
+    pub async fn reg_gpu_bo_mr(
+        &self,
+        pd: PdId,
+        gpu: &Rc<crate::gpu::Gpu>,
+        bo: crate::gpu::BoId,
+        len: u64,
+        access: Access,
+    ) -> Result<MrKeys, RnicError> {
+        let pid = self.pd_pid(pd)?;
+        if access.intersects(Access::REMOTE_WRITE | Access::REMOTE_ATOMIC)
+            && !access.contains(Access::LOCAL_WRITE)
+        {
+            return Err(Errno::EINVAL.into());
+        }
+        let r = page_range(Va::from_raw(0), len)?;
+        if r.end.raw() > gpu.bo_size(bo)? {
+            return Err(Errno::EINVAL.into());
+        }
+        let att = gpu
+            .bo_attach(bo, self.dev.id, ImporterKind::Dynamic, access.writable())
+            .await?;
+        self.count("rnic.reg_mr.dmabuf", 1);
+        let range = Range::new(Va::from_raw(0), Va::from_raw(len));
+        Ok(self.insert_mr(
+            pd,
+            pid,
+            access,
+            range,
+            MrBacking::GpuBo {
+                gpu: gpu.clone(),
+                att,
+            },
+        ))
+    }
+
     fn mr(&self, key: u32) -> Result<Rc<Mr>, RnicError> {
         self.st
             .borrow()
@@ -1047,6 +1116,7 @@ impl Rnic {
                 let cost = self.platform.dmabuf_detach(mmio, att);
                 self.k().spend(cost).await;
             }
+            MrBacking::GpuBo { gpu, att } => gpu.bo_detach(att),
         }
         Ok(())
     }
@@ -1073,6 +1143,14 @@ impl Rnic {
             }
             MrBacking::DmaBuf { mmio, att } => (
                 if self.platform.dmabuf_is_mapped(*mmio, *att) {
+                    mr.range.nr_pages()
+                } else {
+                    0
+                },
+                Vec::new(),
+            ),
+            MrBacking::GpuBo { gpu, att } => (
+                if gpu.bo_is_mapped(*att) {
                     mr.range.nr_pages()
                 } else {
                     0
@@ -1173,6 +1251,18 @@ impl Rnic {
                     });
                 }
                 return self.platform.dma(&self.dev, reqs).await.into_result();
+            }
+            MrBacking::GpuBo { gpu, att } => {
+                if !gpu.bo_is_mapped(*att) {
+                    // The MTTs were zapped by move_notify: this access faults and the mapping is rebuilt
+                    // at the buffer's current place (under the buffer's reservation lock).
+                    self.count("rnic.dmabuf_faults", 1);
+                }
+                let off = va.offset_from(mr.range.start);
+                return gpu
+                    .bo_dma(*att, off, pages * PAGE_SIZE, data)
+                    .await
+                    .map_err(|e| RnicError::from(e).errno());
             }
             MrBacking::Odp(_) | MrBacking::Implicit(_) => {}
         }
