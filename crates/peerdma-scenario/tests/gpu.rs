@@ -52,6 +52,30 @@ fn nic_segments_follow_the_gpu_buffer_bus_then_ram_then_bus() {
     assert!(r.metrics["vm_object.faults"] > 0);
     assert!(r.metrics["dmabuf.mapped_pages.ram"] > 0);
     assert!(r.metrics["dmabuf.move_notify"] >= 2);
+    // The RDMA NIC's dma-buf MR on gpu1's buffer: each of the two moves zapped it and the next WRITE
+    // rebuilt it; every WRITE completed and its data was read back by the GPU (the steps' expectations).
+    assert_eq!(r.metrics["rnic.dmabuf_faults"], 2);
+    assert_eq!(r.metrics["rnic.wc.success"], 3);
+}
+
+/// `rdma.reg_mr` on a GPU buffer object: `bo` excludes `export`, `implicit` and `offset`.
+#[test]
+fn rdma_reg_mr_on_a_bo_rejects_export_and_offset() {
+    let base = std::fs::read_to_string(format!(
+        "{}/../../examples/nic-follows-gpu.toml",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let line = r#"{ op = "rdma.reg_mr", dev = "rnic0", bo = "frame", len = "16KiB","#;
+    assert!(base.contains(line));
+    for (extra, msg) in [
+        (" offset = 4096,", "`offset` is for an `export` MR"),
+        (" implicit = true,", "not with `implicit` or `export`"),
+    ] {
+        let text = base.replace(line, &format!("{line}{extra}"));
+        let e = parse("t.toml", &text).unwrap_err().to_string();
+        assert!(e.contains(msg), "{e}");
+    }
 }
 
 #[test]

@@ -117,7 +117,8 @@ impl GpuWorld {
         Ok(out)
     }
 
-    fn bo(&self, name: &str) -> std::result::Result<(Rc<Gpu>, BoId), RunError> {
+    /// Returns the GPU and the buffer object a `gpu.bo_create` step named `name`.
+    pub(crate) fn bo(&self, name: &str) -> std::result::Result<(Rc<Gpu>, BoId), RunError> {
         let (dev, bo) =
             self.bos
                 .borrow()

@@ -38,14 +38,16 @@ pub(crate) struct RdmaNames {
 pub(crate) const REG_MR: OpSpec = OpSpec {
     name: "rdma.reg_mr",
     keys: &[
-        "dev", "at", "len", "implicit", "export", "offset", "access", "name",
+        "dev", "at", "len", "implicit", "export", "bo", "offset", "access", "name",
     ],
     expect_keys: &["errno"],
     doc_keys: "`dev` (an `rnic`), `at` and `len` (a user range), or `implicit = true` (the whole address \
-               space), or `export` with `offset` and `len` (a dma-buf MR); `access` (`\"local_write\"`, \
+               space), or `export` with `offset` and `len` (a dma-buf MR), or `bo` (a GPU buffer object) with \
+               `len` (a dma-buf MR on it, from its start); `access` (`\"local_write\"`, \
                `\"remote_write\"`, `\"remote_read\"`, `\"on_demand\"`, `\"hugetlb\"`), `name`",
-    doc: "`ibv_reg_mr` / `ibv_reg_dmabuf_mr`: pinned, ODP (`on_demand`), implicit ODP, or dma-buf; the \
-          registration errnos of the verbs",
+    doc: "`ibv_reg_mr` / `ibv_reg_dmabuf_mr`: pinned, ODP (`on_demand`), implicit ODP, or dma-buf (a BAR \
+          export, or a GPU buffer object whose moves the MR follows: `move_notify` zaps it, the next access \
+          maps the buffer where it is then); the registration errnos of the verbs",
     parse: |p, t| {
         let dev = p.name_ref(p.required(t, "dev")?, "dev", RefKind::PciDevice)?;
         let implicit = match t.get("implicit") {
@@ -56,8 +58,21 @@ pub(crate) const REG_MR: OpSpec = OpSpec {
             Some(v) => Some(p.name_ref(v, "export", RefKind::Export)?),
             None => None,
         };
-        let at = match (implicit, &export, t.get("at")) {
-            (false, None, _) => Some(p.addr(p.required(t, "at")?, "at")?),
+        let bo = match t.get("bo") {
+            Some(v) => {
+                if implicit || export.is_some() {
+                    return Err(p.err(
+                        &v.span(),
+                        "`bo` names a GPU buffer object MR: not with `implicit` or `export`",
+                    ));
+                }
+                Some(p.name_ref(v, "bo", RefKind::GpuName("bo"))?)
+            }
+            None => None,
+        };
+        let dmabuf = export.is_some() || bo.is_some();
+        let at = match (implicit, dmabuf, t.get("at")) {
+            (false, false, _) => Some(p.addr(p.required(t, "at")?, "at")?),
             (_, _, Some(v)) => {
                 return Err(p.err(
                     &v.span(),
@@ -71,6 +86,12 @@ pub(crate) const REG_MR: OpSpec = OpSpec {
             (false, _) => p.len(p.required(t, "len")?, "len")?,
         };
         let offset = match t.get("offset") {
+            Some(v) if bo.is_some() => {
+                return Err(p.err(
+                    &v.span(),
+                    "`offset` is for an `export` MR; a `bo` MR starts at the buffer's start",
+                ));
+            }
             Some(v) => p.uint(v, "offset")?,
             None => 0,
         };
@@ -81,6 +102,7 @@ pub(crate) const REG_MR: OpSpec = OpSpec {
             at,
             len,
             export,
+            bo,
             offset,
             access,
             name,
@@ -347,6 +369,8 @@ pub enum RdmaOp {
         len: u64,
         /// A dma-buf MR's export.
         export: Option<String>,
+        /// A dma-buf MR's GPU buffer object.
+        bo: Option<String>,
         /// Offset in the export.
         offset: u64,
         /// Access flags.
@@ -521,13 +545,20 @@ impl RdmaOp {
                 at,
                 len,
                 export,
+                bo,
                 offset,
                 access,
                 name,
             } => {
                 let nic = w.rnic(dev)?;
                 let pd = w.pd(dev, pid)?;
-                let (r, start) = if let Some(x) = export {
+                let (r, start) = if let Some(b) = bo {
+                    let (gpu, id) = w.gpu.bo(b)?;
+                    (
+                        nic.reg_gpu_bo_mr(pd, &gpu, id, *len, *access).await,
+                        Va::from_raw(0),
+                    )
+                } else if let Some(x) = export {
                     (
                         nic.reg_dmabuf_mr(pd, w.exports[x], *offset, *len, *access),
                         Va::from_raw(0),
