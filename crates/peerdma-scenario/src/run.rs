@@ -40,6 +40,8 @@ pub struct RunOptions {
     pub explore: Option<bool>,
     /// Record the step log in the report.
     pub step_log: bool,
+    /// Collect the trace ([`Report::trace`]); without it the run records no trace events.
+    pub trace: bool,
 }
 
 /// What a step produced, compared against its `expect`.
@@ -109,7 +111,7 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
         explore,
         jitter: scn.sim.jitter,
         time_limit: SimTime(scn.sim.time_limit.as_nanos()),
-        trace: true,
+        trace: opts.trace,
     });
     // Every cost table comes from one timing: `[sim] time` with the `[timing]` overrides.
     let timing = scn.timing();

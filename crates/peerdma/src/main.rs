@@ -13,6 +13,7 @@
 mod link;
 mod ops;
 mod params;
+mod sweep;
 mod topo;
 
 use std::path::{Path, PathBuf};
@@ -50,6 +51,35 @@ enum Command {
         /// Writes the trace in Chrome trace-event format to this file.
         #[arg(long)]
         trace: Option<PathBuf>,
+    },
+    /// Runs a scenario over every combination of swept parameter values and seeds, on worker threads, and
+    /// prints one JSON line per run (`{job, params, seed, report}`), in the same order and bytes whatever
+    /// `--jobs` and however `--shard` splits the runs (docs/sweeps.md).
+    ///
+    /// Example: `peerdma sweep examples/p2p-switch.toml --param dma.hop=100ns,200ns --seeds 4 --jobs 2`
+    Sweep {
+        /// The scenario file (TOML).
+        file: PathBuf,
+        /// A swept key and its values: `seed` or a timing parameter (`peerdma params`), times with units
+        /// (`dma.hop=100ns,1us`). Repeat for a product; the last given varies fastest.
+        #[arg(long = "param", value_name = "KEY=V1,V2,...")]
+        params: Vec<String>,
+        /// Runs each combination with N consecutive seeds from the scenario's `sim.seed` (or `--seed`).
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        seeds: u64,
+        /// The first seed (default: the scenario's `sim.seed`).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Turns schedule exploration on.
+        #[arg(long)]
+        explore: bool,
+        /// Worker threads (default: the host's available parallelism). Does not change the output.
+        #[arg(long, value_name = "N")]
+        jobs: Option<std::num::NonZeroUsize>,
+        /// Runs only shard I of N (from 0): a contiguous block of the runs; the shards' outputs concatenated
+        /// in order are the whole sweep's output.
+        #[arg(long, value_name = "I/N", default_value = "0/1")]
+        shard: peerdma_scenario::batch::Shard,
     },
     /// Validates a scenario without running it.
     Check {
@@ -180,6 +210,7 @@ fn main() -> ExitCode {
                 seed,
                 explore: explore.then_some(true),
                 step_log: steps,
+                trace: trace.is_some(),
             };
             let report = run(&scn, &opts);
             if json {
@@ -228,6 +259,23 @@ fn main() -> ExitCode {
             }
         }
         Command::Topo { file, json } => topo_command(&file, json),
+        Command::Sweep {
+            file,
+            params,
+            seeds,
+            seed,
+            explore,
+            jobs,
+            shard,
+        } => sweep::run(&sweep::SweepArgs {
+            file: &file,
+            params: &params,
+            seeds,
+            seed,
+            explore,
+            jobs,
+            shard,
+        }),
         Command::Ops { json, markdown } => {
             let all = peerdma_scenario::OPS;
             if json {
