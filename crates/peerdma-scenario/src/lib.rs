@@ -41,11 +41,11 @@ pub mod units;
 pub use ast::{
     AddrError, AddrExpr, Advice, DeviceDecl, DeviceKind, DeviceMemoryKind, DmaMode, Expect,
     ExportDecl, FileDecl, IommuMode, Loc, MmapFlags, P2pDecl, Prot, Scenario, Signal, SimSettings,
-    SleepSpec, Step, ThreadDecl, TimeMode, WriteSource,
+    SleepSpec, Step, ThreadDecl, TimeMode, Tolerance, WriteSource,
 };
 pub use error::{RunError, ScenarioError};
 pub use ops::{OPS, Op, OpSpec};
 pub use parse::{parse, parse_file};
 pub use pattern::{Mismatch, Pattern, PatternError, Segment};
 pub use report::{Outcome, Report};
-pub use run::{RunOptions, run};
+pub use run::{Progress, RunOptions, run};

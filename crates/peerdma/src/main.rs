@@ -13,6 +13,8 @@
 mod link;
 mod ops;
 mod params;
+mod plot;
+mod progress;
 mod sweep;
 mod topo;
 
@@ -22,9 +24,23 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use peerdma_scenario::{RunOptions, parse_file, run};
 
+/// Examples shown after `peerdma --help`.
+const EXAMPLES: &str = "\
+Examples:
+  peerdma run examples/quickstart.toml --steps
+  peerdma run examples/p2p-switch.toml --json --trace trace.json --plot plots --csv csv
+  peerdma check examples/fence.toml --json
+  peerdma sweep examples/iommu-lazy-window.toml --param iommu.iotlb_miss=26,100,200 --seeds 4 --jobs 4
+  peerdma topo examples/p2p-host-bridge.toml
+  peerdma link --gen 4 --width x16 --mps 256 --mrrs 512 --size 64,4KiB
+  peerdma completions bash > peerdma.bash
+
+The scenario format: docs/scenario-format.md. Reports, traces and plots: docs/reports.md.
+Sweeps: docs/sweeps.md. Calibration: docs/calibration.md.";
+
 /// Software VMA-focused peer-to-peer DMA: a deterministic simulator of Linux mm, HMM and device mirrors.
 #[derive(Debug, Parser)]
-#[command(name = "peerdma", version, about)]
+#[command(name = "peerdma", version, about, after_help = EXAMPLES)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -48,9 +64,19 @@ enum Command {
         /// Includes the log of every step in the report.
         #[arg(long)]
         steps: bool,
-        /// Writes the trace in Chrome trace-event format to this file.
-        #[arg(long)]
+        /// Writes the trace in Chrome trace-event format (Perfetto, chrome://tracing) to this file: a
+        /// process per simulated process and device, spans for steps and protocol phases, flows from
+        /// device faults to their resolution, counter tracks (docs/reports.md).
+        #[arg(long, value_name = "FILE")]
         trace: Option<PathBuf>,
+        /// Writes SVG charts into this directory: latency CDFs, DMA throughput, faults, residency and DMA
+        /// requests in flight over simulated time.
+        #[arg(long, value_name = "DIR")]
+        plot: Option<PathBuf>,
+        /// Writes the report as CSV files into this directory (summary, latency, bandwidth, iotlb, series,
+        /// steps).
+        #[arg(long, value_name = "DIR")]
+        csv: Option<PathBuf>,
     },
     /// Runs a scenario over every combination of swept parameter values and seeds, on worker threads, and
     /// prints one JSON line per run (`{job, params, seed, report}`), in the same order and bytes whatever
@@ -80,13 +106,25 @@ enum Command {
         /// in order are the whole sweep's output.
         #[arg(long, value_name = "I/N", default_value = "0/1")]
         shard: peerdma_scenario::batch::Shard,
+        /// Writes `sweep.svg` into this directory: each run's simulated time against the first swept
+        /// parameter, a line per seed.
+        #[arg(long, value_name = "DIR")]
+        plot: Option<PathBuf>,
     },
     /// Validates a scenario without running it.
     Check {
         /// The scenario file (TOML).
         file: PathBuf,
+        /// Prints `{file, ok, threads, devices}` or `{file, ok, error: {line, col, message}}` as JSON.
+        #[arg(long)]
+        json: bool,
     },
-    /// Prints the effective write and read bandwidth of a PCIe link for each payload size (spec/numbers.md §1).
+    /// Prints a completion script for a shell (`peerdma completions bash > peerdma.bash`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Prints the effective write and read bandwidth of a PCIe link for each payload size (docs/figures.md §1).
     Link {
         /// PCIe generation, 1-7.
         #[arg(long = "gen", value_name = "G")]
@@ -176,7 +214,19 @@ fn topo_command(file: &Path, json: bool) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { file } => match parse_file(&file) {
+        Command::Check { file, json } => match parse_file(&file) {
+            Ok(scn) if json => {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "file": file.display().to_string(),
+                        "ok": true,
+                        "threads": scn.threads.len(),
+                        "devices": scn.devices.len(),
+                    })
+                );
+                ExitCode::SUCCESS
+            }
             Ok(scn) => {
                 println!(
                     "{}: ok ({} thread(s), {} device(s))",
@@ -186,11 +236,27 @@ fn main() -> ExitCode {
                 );
                 ExitCode::SUCCESS
             }
+            Err(e) if json => {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "file": file.display().to_string(),
+                        "ok": false,
+                        "error": {"line": e.line, "col": e.col, "message": e.message},
+                    })
+                );
+                ExitCode::from(2)
+            }
             Err(e) => {
                 eprintln!("{}", e.render());
                 ExitCode::from(2)
             }
         },
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "peerdma", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
         Command::Run {
             file,
             seed,
@@ -198,6 +264,8 @@ fn main() -> ExitCode {
             json,
             steps,
             trace,
+            plot,
+            csv,
         } => {
             let scn = match parse_file(&file) {
                 Ok(s) => s,
@@ -211,8 +279,11 @@ fn main() -> ExitCode {
                 explore: explore.then_some(true),
                 step_log: steps,
                 trace: trace.is_some(),
+                progress: progress::for_terminal(),
             };
             let report = run(&scn, &opts);
+            // The progress bar (if any) goes away before the report prints.
+            drop(opts);
             if json {
                 println!("{}", report.to_json());
             } else {
@@ -222,6 +293,18 @@ fn main() -> ExitCode {
                 && let Err(e) = std::fs::write(&path, report.trace_chrome_json())
             {
                 eprintln!("error: cannot write trace {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+            if let Some(dir) = plot
+                && let Err(e) = plot::run_plots(&report, &dir)
+            {
+                eprintln!("error: cannot plot into {}: {e}", dir.display());
+                return ExitCode::from(2);
+            }
+            if let Some(dir) = csv
+                && let Err(e) = report.write_csv(&dir)
+            {
+                eprintln!("error: cannot write CSV into {}: {e}", dir.display());
                 return ExitCode::from(2);
             }
             ExitCode::from(u8::try_from(report.exit_code()).unwrap_or(1))
@@ -267,6 +350,7 @@ fn main() -> ExitCode {
             explore,
             jobs,
             shard,
+            plot,
         } => sweep::run(&sweep::SweepArgs {
             file: &file,
             params: &params,
@@ -275,6 +359,7 @@ fn main() -> ExitCode {
             explore,
             jobs,
             shard,
+            plot: plot.as_deref(),
         }),
         Command::Ops { json, markdown } => {
             let all = peerdma_scenario::OPS;

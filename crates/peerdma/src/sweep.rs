@@ -20,6 +20,7 @@ pub(crate) struct SweepArgs<'a> {
     pub(crate) explore: bool,
     pub(crate) jobs: Option<NonZeroUsize>,
     pub(crate) shard: Shard,
+    pub(crate) plot: Option<&'a Path>,
 }
 
 /// Runs the sweep; exit 0 when every run passed, 1 when one did not (its line says how), 2 on bad input.
@@ -57,6 +58,12 @@ pub(crate) fn run(a: &SweepArgs<'_>) -> ExitCode {
     };
     let workers = a.jobs.unwrap_or_else(batch::default_workers);
     let mut failed = false;
+    // (first swept value, seed, end time in ns) of each run, for the sweep plot.
+    let first_key = params
+        .iter()
+        .find(|p| p.key != "seed")
+        .map(|p| p.key.clone());
+    let mut points: Vec<(u64, u64, u64)> = Vec::new();
     let mut out = std::io::stdout().lock();
     let mut write_error = None;
     batch::run_ordered(
@@ -64,13 +71,16 @@ pub(crate) fn run(a: &SweepArgs<'_>) -> ExitCode {
         workers,
         |_, job| {
             let report = sweep::run_job(&scn, job, &opts);
+            let x = first_key.as_ref().map_or(job.seed, |k| job.params[k]);
             (
                 report.outcome == Outcome::Passed,
                 sweep::json_line(job, &report),
+                (x, job.seed, report.end_time.as_nanos()),
             )
         },
-        |_, (passed, line)| {
+        |_, (passed, line, point)| {
             failed |= !passed;
+            points.push(point);
             if write_error.is_none()
                 && let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush())
             {
@@ -81,6 +91,13 @@ pub(crate) fn run(a: &SweepArgs<'_>) -> ExitCode {
     if let Some(e) = write_error {
         eprintln!("error: cannot write the results: {e}");
         return ExitCode::from(2);
+    }
+    if let Some(dir) = a.plot {
+        let name = first_key.as_deref().unwrap_or("seed");
+        if let Err(e) = crate::plot::sweep_plot(dir, name, &points) {
+            eprintln!("error: cannot plot into {}: {e}", dir.display());
+            return ExitCode::from(2);
+        }
     }
     ExitCode::from(u8::from(failed))
 }
