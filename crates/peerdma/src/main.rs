@@ -132,11 +132,13 @@ enum Command {
         /// Negotiated width: x1, x2, x4, x8, x16 or x32.
         #[arg(long, value_name = "xN", value_parser = link::parse_width)]
         width: u8,
-        /// Max Payload Size in bytes (a power of two in 128..=4096; units allowed).
-        #[arg(long, value_name = "M", value_parser = link::parse_size_u32)]
+        /// Max Payload Size in bytes (a power of two in 128..=4096; units allowed). Default 256, as a
+        /// topology link's.
+        #[arg(long, value_name = "M", default_value = "256", value_parser = link::parse_size_u32)]
         mps: u32,
-        /// Max Read Request Size in bytes (a power of two in 128..=4096; units allowed).
-        #[arg(long, value_name = "R", value_parser = link::parse_size_u32)]
+        /// Max Read Request Size in bytes (a power of two in 128..=4096; units allowed). Default 512, as a
+        /// topology link's.
+        #[arg(long, value_name = "R", default_value = "512", value_parser = link::parse_size_u32)]
         mrrs: u32,
         /// Read Completion Boundary in bytes: 64, 128, 256 or 512.
         #[arg(long, value_name = "B", default_value = "64", value_parser = link::parse_size_u32)]
@@ -151,8 +153,11 @@ enum Command {
         #[arg(long, value_name = "S[,S...]", value_delimiter = ',', required = true)]
         size: Vec<String>,
         /// Prints JSON: the link parameters and one `{size, write_gbps, read_gbps}` per size.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "csv")]
         json: bool,
+        /// Prints CSV: `size,write_gbps,read_gbps`, one row per size (for a sweep of sizes).
+        #[arg(long)]
+        csv: bool,
     },
     /// Lists every timing-model parameter: key, default with unit, description and source (overridable in a
     /// scenario's `[timing]` table).
@@ -319,6 +324,7 @@ fn main() -> ExitCode {
             ecrc,
             size,
             json,
+            csv,
         } => {
             let args = link::LinkArgs {
                 generation,
@@ -330,7 +336,7 @@ fn main() -> ExitCode {
                 ecrc,
                 sizes: size,
             };
-            match link::run(&args, json) {
+            match link::run(&args, json, csv) {
                 Ok(out) => {
                     print!("{out}");
                     ExitCode::SUCCESS

@@ -78,3 +78,31 @@ fn completions_name_every_subcommand() {
         }
     }
 }
+
+#[test]
+fn link_defaults_mps_and_mrrs_like_a_topology_link_and_prints_csv() {
+    let out = peerdma(&[
+        "link",
+        "--gen",
+        "3",
+        "--width",
+        "x8",
+        "--size",
+        "64,256,4KiB",
+        "--csv",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let t = text(&out.stdout);
+    let rows: Vec<&str> = t.lines().collect();
+    assert_eq!(rows[0], "size,write_gbps,read_gbps");
+    // The docs/figures.md §1 reference rows (MPS 256, MRRS 512): 64 B 42.10 / 44.10, 4 KiB 52.92 / 53.69.
+    let row = |i: usize| -> Vec<f64> { rows[i].split(',').map(|x| x.parse().unwrap()).collect() };
+    for (i, size, write, read) in [(1, 64.0, 42.10, 44.10), (3, 4096.0, 52.92, 53.69)] {
+        let r = row(i);
+        assert!((r[0] - size).abs() < f64::EPSILON, "{t}");
+        assert!(
+            (r[1] - write).abs() < 0.005 && (r[2] - read).abs() < 0.005,
+            "{t}"
+        );
+    }
+}
