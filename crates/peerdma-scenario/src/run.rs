@@ -953,6 +953,7 @@ impl World {
             latency: measured.latency,
             bandwidth: measured.bandwidth,
             iotlb: measured.iotlb,
+            atc: measured.atc,
             trace_dropped: sim.trace_dropped(),
             trace,
             series: measured.series,
