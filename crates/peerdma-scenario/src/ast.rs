@@ -378,6 +378,55 @@ pub struct Expect {
     pub atc_hit_pct: Option<(u64, u64)>,
     /// `translation_requests = [MIN, MAX]`: an `sva.stats` step's ATS translation requests, inclusive bounds.
     pub translation_requests: Option<(u64, u64)>,
+    /// `duration`: the step's simulated duration (from its start to its end), checked within `tolerance`
+    /// (any op; a calibration scenario states the figure it reproduces this way).
+    pub duration: Option<SimDuration>,
+    /// `tolerance`: how far the duration may be from `duration` (exact when not written).
+    pub tolerance: Tolerance,
+}
+
+/// How far a measured value may be from the expected one (`expect.tolerance`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Tolerance {
+    /// Exactly the expected value.
+    #[default]
+    Exact,
+    /// Within this many nanoseconds either way (`tolerance = "10ns"`).
+    Absolute(SimDuration),
+    /// Within this many parts per million of the expected value either way (`tolerance = "2%"` is
+    /// 20 000).
+    RelativePpm(u64),
+}
+
+impl Tolerance {
+    /// Returns whether `got` is within this tolerance of `want`.
+    pub fn accepts(self, want: u64, got: u64) -> bool {
+        let diff = want.abs_diff(got);
+        match self {
+            Self::Exact => diff == 0,
+            Self::Absolute(d) => diff <= d.as_nanos(),
+            Self::RelativePpm(ppm) => {
+                u128::from(diff) * 1_000_000 <= u128::from(ppm) * u128::from(want)
+            }
+        }
+    }
+}
+
+impl fmt::Display for Tolerance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exact => f.write_str("exactly"),
+            Self::Absolute(d) => write!(f, "within {d}"),
+            Self::RelativePpm(ppm) => {
+                let pct = format!("{}.{:04}", ppm / 10_000, ppm % 10_000);
+                write!(
+                    f,
+                    "within {}%",
+                    pct.trim_end_matches('0').trim_end_matches('.')
+                )
+            }
+        }
+    }
 }
 
 impl Expect {

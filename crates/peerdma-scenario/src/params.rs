@@ -40,13 +40,31 @@ pub fn find(key: &str) -> Option<ParamSpec> {
 /// Returns the key closest to `key` by edit distance when it is close enough to be a likely typo (at most
 /// a third of its length, and at least 2, edits away).
 pub fn nearest(key: &str) -> Option<&'static str> {
-    let limit = (key.chars().count() / 3).max(2);
-    all_params()
+    nearest_in(key, all_params().iter().map(|p| p.key))
+}
+
+/// Returns the candidate closest to `word` by edit distance when it is close enough to be a likely typo
+/// (at most a third of its length, and at least 2, edits away), for "did you mean" hints (ops, keys).
+pub fn nearest_in<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    let limit = (word.chars().count() / 3).max(2);
+    candidates
         .into_iter()
-        .map(|p| (edit_distance(key, p.key), p.key))
+        .filter(|&c| c != word)
+        .map(|c| (edit_distance(word, c), c))
         .filter(|&(d, _)| d <= limit)
         .min()
-        .map(|(_, k)| k)
+        .map(|(_, c)| c)
+}
+
+/// Returns ` (did you mean `X`?)` for the candidate nearest `word`, or nothing.
+pub(crate) fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> String {
+    nearest_in(word, candidates).map_or_else(String::new, |n| format!(" (did you mean `{n}`?)"))
 }
 
 /// Returns whether some parameter's key starts with `prefix` followed by a dot (`mm` for `mm.cpu_fault`).
@@ -172,6 +190,21 @@ mod tests {
         }
         let tags = find("dma.max_outstanding").unwrap();
         assert_eq!((tags.unit, tags.default), (ParamUnit::Count, 256));
+    }
+
+    #[test]
+    fn a_typo_of_an_op_or_key_suggests_the_nearest_one() {
+        let ops = crate::OPS.iter().map(|s| s.name);
+        assert_eq!(
+            nearest_in("dmirror.raed", ops.clone()),
+            Some("dmirror.read")
+        );
+        assert_eq!(nearest_in("mlock", ops), None);
+        assert_eq!(
+            did_you_mean("patern", ["op", "at", "pattern"]),
+            " (did you mean `pattern`?)"
+        );
+        assert_eq!(did_you_mean("zzzzzz", ["op", "at"]), "");
     }
 
     #[test]

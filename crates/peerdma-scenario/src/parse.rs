@@ -29,7 +29,7 @@ use toml::de::{DeString, DeTable, DeValue};
 use crate::ast::{
     AddrError, AddrExpr, DeviceDecl, DeviceKind, DeviceMemoryKind, Expect, ExportDecl, FileDecl,
     GpuDecl, IommuMode, Loc, P2pDecl, Prot, Scenario, Signal, SimSettings, Step, SvaDecl,
-    ThreadDecl, TimeMode,
+    ThreadDecl, TimeMode, Tolerance,
 };
 use crate::error::{LineIndex, ScenarioError};
 use crate::ops::{self, OPS, Op, OpSpec};
@@ -105,7 +105,12 @@ const ALL_EXPECT_KEYS: &[&str] = &[
     "status",
     "atc_hit_pct",
     "translation_requests",
+    "duration",
+    "tolerance",
 ];
+
+/// The `expect` keys every op takes: the step's simulated duration, and how close it must be.
+const ANY_OP_EXPECT_KEYS: &[&str] = &["duration", "tolerance"];
 
 /// What a missing required key should hold, for the "needs `key`" message.
 fn key_hint(key: &str) -> &'static str {
@@ -338,10 +343,11 @@ impl<'s> Parser<'s> {
                 return Err(self.err(
                     &key.span(),
                     format!(
-                        "unknown key `{}` in {}; expected one of: {}",
+                        "unknown key `{}` in {}; expected one of: {}{}",
                         key.get_ref(),
                         t.what,
-                        list(keys.iter().copied())
+                        list(keys.iter().copied()),
+                        params::did_you_mean(key.get_ref(), keys.iter().copied())
                     ),
                 ));
             }
@@ -560,6 +566,41 @@ impl<'s> Parser<'s> {
                 ),
             )),
         }
+    }
+
+    /// `expect.tolerance`: a percentage (`"2%"`, `"0.5%"`) or a time (`"10ns"`).
+    fn tolerance(&self, v: &Value<'_>) -> Result<Tolerance> {
+        if let DeValue::String(s) = v.get_ref()
+            && let Some(pct) = s.trim().strip_suffix('%')
+        {
+            let bad = || {
+                self.err(
+                    &v.span(),
+                    format!("expected a percentage like `2%` or a time like `10ns` for `tolerance`, found `{s}`"),
+                )
+            };
+            let (int, frac) = pct.trim().split_once('.').unwrap_or((pct.trim(), ""));
+            if int.is_empty() && frac.is_empty() || frac.len() > 4 {
+                return Err(bad());
+            }
+            let whole: u64 = if int.is_empty() {
+                0
+            } else {
+                int.parse().map_err(|_| bad())?
+            };
+            let mut f = frac.to_owned();
+            while f.len() < 4 {
+                f.push('0');
+            }
+            let part: u64 = f.parse().map_err(|_| bad())?;
+            // 1% = 10 000 ppm; four decimals of a percent are whole ppm.
+            let ppm = whole
+                .checked_mul(10_000)
+                .and_then(|w| w.checked_add(part))
+                .ok_or_else(bad)?;
+            return Ok(Tolerance::RelativePpm(ppm));
+        }
+        Ok(Tolerance::Absolute(self.time(v, "tolerance")?))
     }
 
     /// An address: a raw one (integer or number string), or a symbolic one recorded for resolution.
@@ -1611,8 +1652,9 @@ impl<'s> Parser<'s> {
             self.err(
                 &op_v.span(),
                 format!(
-                    "unknown op `{op_name}`; expected one of: {}",
-                    list(OPS.iter().map(|s| s.name))
+                    "unknown op `{op_name}`; expected one of: {}{}",
+                    list(OPS.iter().map(|s| s.name)),
+                    params::did_you_mean(op_name, OPS.iter().map(|s| s.name))
                 ),
             )
         })?;
@@ -1648,7 +1690,7 @@ impl<'s> Parser<'s> {
         let allowed = spec.expect_keys;
         for (key, _) in &t.entries {
             let key_name: &str = key.get_ref().as_ref();
-            if allowed.contains(&key_name) {
+            if allowed.contains(&key_name) || ANY_OP_EXPECT_KEYS.contains(&key_name) {
                 continue;
             }
             let message = if ALL_EXPECT_KEYS.contains(&key_name) {
@@ -1659,8 +1701,12 @@ impl<'s> Parser<'s> {
                 )
             } else {
                 format!(
-                    "unknown key `{key_name}` in `expect`; expected one of: {}",
-                    list(allowed.iter().copied())
+                    "unknown key `{key_name}` in `expect`; expected one of: {}{}",
+                    list(allowed.iter().copied()),
+                    params::did_you_mean(
+                        key_name,
+                        allowed.iter().chain(ANY_OP_EXPECT_KEYS).copied()
+                    )
                 )
             };
             return Err(self.err(&key.span(), message));
@@ -1738,6 +1784,19 @@ impl<'s> Parser<'s> {
             if let Some(v) = t.get(key) {
                 *field = Some(self.bounds(v, key)?);
             }
+        }
+        if let Some(v) = t.get("duration") {
+            expect.duration = Some(self.time(v, "duration")?);
+        }
+        if let Some(v) = t.get("tolerance") {
+            if expect.duration.is_none() {
+                return Err(self.err(
+                    &v.span(),
+                    "`expect.tolerance` needs `expect.duration` (the value it is a tolerance of)"
+                        .to_owned(),
+                ));
+            }
+            expect.tolerance = self.tolerance(v)?;
         }
         Ok(expect)
     }

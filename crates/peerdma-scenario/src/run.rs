@@ -19,7 +19,7 @@ use peerdma_devices::{
 use peerdma_dma::{DmaCosts, DmaSgHandle, DmaSpace, Platform};
 use peerdma_iommu::{AtcConfig, DomainConfig, DomainType, SvaDeviceInfo};
 use peerdma_mm::{Kernel, MmCosts, SigInfo};
-use peerdma_sim::{RngStream, RunOutcome, Sim, SimConfig, WaitQueue};
+use peerdma_sim::{RngStream, RunOutcome, Sim, SimConfig, Track, WaitQueue};
 
 use crate::ast::{
     AddrExpr, DeviceKind, DeviceMemoryKind, Expect, IommuMode, Scenario, Step, TimeMode,
@@ -43,6 +43,21 @@ pub struct RunOptions {
     pub explore: Option<bool>,
     /// Record the step log in the report.
     pub step_log: bool,
+    /// Collect the trace ([`Report::trace`]); without it the run records no trace events.
+    pub trace: bool,
+    /// Called with (simulated time, events so far) every few thousand events: a progress display. It
+    /// changes nothing the run computes.
+    pub progress: Option<Progress>,
+}
+
+/// A progress callback for [`RunOptions::progress`].
+#[derive(Clone)]
+pub struct Progress(pub std::sync::Arc<dyn Fn(SimTime, u64) + Send + Sync>);
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Progress")
+    }
 }
 
 /// What a step produced, compared against its `expect`.
@@ -132,7 +147,7 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
         explore,
         jitter: scn.sim.jitter,
         time_limit: SimTime(scn.sim.time_limit.as_nanos()),
-        trace: true,
+        trace: opts.trace,
     });
     // Every cost table comes from one timing: `[sim] time` with the `[timing]` overrides.
     let timing = scn.timing();
@@ -221,6 +236,10 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
     {
         let w = world.clone();
         sim.spawn("init", async move { w.init().await });
+    }
+    if let Some(p) = &opts.progress {
+        let p = p.0.clone();
+        sim.set_progress(4096, move |now, events| p(now, events));
     }
     let outcome = sim.run();
     world.finish(&sim, seed, explore, &outcome)
@@ -442,8 +461,20 @@ impl World {
             if let Some(kind) = step.expect.violation {
                 self.kernel.expect_violation(kind);
             }
+            let span = self
+                .kernel
+                .sim
+                .span(step.op.name(), Track::Agent, || {
+                    vec![
+                        ("line", step.loc.line.into()),
+                        ("process", t.process.as_str().into()),
+                    ]
+                })
+                .with_histogram(format!("step.{}", step.op.name()));
             let res = self.step(&t.process, step, &mut rng).await;
+            drop(span);
             self.check(&t.name, step, &res, start);
+            self.sample_residency();
             if step.op.ends_thread() {
                 break;
             }
@@ -794,6 +825,15 @@ impl World {
             }
         }
         let sim = &self.kernel.sim;
+        if let Some(want) = e.duration {
+            let got = sim.now() - start;
+            if !e.tolerance.accepts(want.as_nanos(), got.as_nanos()) {
+                fails.push(format!(
+                    "expected a duration of {want} ({}), took {got}",
+                    e.tolerance
+                ));
+            }
+        }
         for message in &fails {
             self.failures.borrow_mut().push(ExpectFailure {
                 line: step.loc.line,
@@ -814,6 +854,30 @@ impl World {
                 result: summary,
                 ok: fails.is_empty(),
             });
+        }
+    }
+
+    /// Samples the residency gauges: pages in use on each RAM node (series `residency.node<N>`) and the
+    /// pages of each dmirror device's memory holding data (`residency.<device>`). Sampled after every step:
+    /// *coarse*, changes inside a step are not seen.
+    fn sample_residency(&self) {
+        let sim = &self.kernel.sim;
+        for (i, &bytes) in self.scn.sim.memory.iter().enumerate() {
+            let node = u32::try_from(i).expect("few nodes");
+            let used =
+                (bytes / peerdma_core::PAGE_SIZE).saturating_sub(self.kernel.nr_free_node(node));
+            sim.gauge(
+                Track::device(format!("node{i}")),
+                "residency",
+                i64::try_from(used).unwrap_or(i64::MAX),
+            );
+        }
+        for (name, d) in &self.devices {
+            sim.gauge(
+                Track::device(name.as_str()),
+                "residency",
+                i64::try_from(d.nr_resident()).unwrap_or(i64::MAX),
+            );
         }
     }
 
@@ -861,7 +925,16 @@ impl World {
             }
         };
         let trace = sim.take_trace();
+        let counters = sim.metrics().counters;
+        let measured = crate::report::Measured::new(sim.stats(), &counters);
+        let agent_processes = self
+            .scn
+            .threads
+            .iter()
+            .map(|t| (t.name.clone(), t.process.clone()))
+            .collect();
         Report {
+            schema_version: crate::report::SCHEMA_VERSION,
             scenario: self.scn.path.clone(),
             seed,
             explore,
@@ -874,9 +947,16 @@ impl World {
             events: sim.events_delivered(),
             expectations: *self.expectations.borrow(),
             failures,
-            metrics: sim.metrics().counters,
+            metrics: counters,
             steps: self.records.borrow().clone(),
+            latency: measured.latency,
+            bandwidth: measured.bandwidth,
+            iotlb: measured.iotlb,
+            atc: measured.atc,
+            trace_dropped: sim.trace_dropped(),
             trace,
+            series: measured.series,
+            agent_processes,
         }
     }
 }

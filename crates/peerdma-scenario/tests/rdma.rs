@@ -18,6 +18,7 @@ fn explore(text: &str, seed: u64) -> peerdma_scenario::Report {
             seed: Some(seed),
             explore: Some(true),
             step_log: false,
+            ..Default::default()
         },
     )
 }
