@@ -213,8 +213,8 @@ pub(crate) const BO_EVICT: OpSpec = OpSpec {
     keys: &["bo"],
     expect_keys: &["errno"],
     doc_keys: "`bo`",
-    doc: "TTM eviction to system pages: `move_notify` to every dynamic importer, revocation of pinned ones, \
-          GPU TLB invalidation, copy, free the VRAM",
+    doc: "TTM eviction to system pages: the CPU mappings zapped (`unmap_mapping_range`), `move_notify` to \
+          every dynamic importer, revocation of pinned ones, GPU TLB invalidation, copy, free the VRAM",
     parse: |p, t| {
         Ok(Op::Gpu(GpuOp::BoEvict {
             bo: p.name_ref(p.required(t, "bo")?, "bo", BO)?,
