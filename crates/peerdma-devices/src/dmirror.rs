@@ -364,6 +364,9 @@ pub struct DmirrorDevice {
     /// The device's access path: its reads and writes of mirrored pages take the one translate → memory
     /// → oracle path, with the CPU copy's cost instead of a transfer (test_hmm.c copies with the CPU).
     space: DmaSpace,
+    /// The cost of the owning GPU's TLB invalidation when a CPU or peer fault pulls a page back
+    /// ([`DmirrorDevice::set_tlb_invalidate`]; `None` for the test device, which has no TLB).
+    tlb_invalidate: Cell<Option<SimDuration>>,
 }
 
 /// Who a device page belongs to: the open file that migrated it (test_hmm.c keeps it in
@@ -422,6 +425,7 @@ impl DmirrorDevice {
             lru: RefCell::new(std::collections::VecDeque::new()),
             costs,
             space: DmaSpace::new(kernel, id, &format!("dmirror{}", id.0), 1),
+            tlb_invalidate: Cell::new(None),
         });
         let kind = match memory {
             DmirrorMemory::Private => MemoryKind::DevicePrivate { owner: id },
@@ -434,6 +438,14 @@ impl DmirrorDevice {
         };
         dev.region.set(r);
         dev
+    }
+
+    /// Makes this memory a GPU's: a page a CPU or peer fault pulls back (`migrate_to_ram`) costs the GPU a TLB
+    /// invalidation of `cost` after its entry is unmapped (counted as `gpu.tlb_invalidations`): the GPU
+    /// driver unmaps the page from the GPU and flushes its TLB before the copy (NVIDIA UVM's CPU-fault
+    /// service does so for the page's block).
+    pub fn set_tlb_invalidate(&self, cost: SimDuration) {
+        self.tlb_invalidate.set(Some(cost));
     }
 
     /// Returns the device id (`pgmap->owner`).
@@ -463,6 +475,10 @@ impl DmirrorDevice {
         k.migrate_vma_setup(&mut m)
             .await
             .map_err(|_| VmFault::Sigbus)?;
+        if let Some(cost) = self.tlb_invalidate.get() {
+            k.sim.count("gpu.tlb_invalidations", 1);
+            k.spend(cost).await;
+        }
         self.kernel.reclaim_if_low_for(pid).await;
         let n = self.copy_to_sys(&mut m);
         k.spend(self.costs.dma_page.saturating_mul(n)).await;

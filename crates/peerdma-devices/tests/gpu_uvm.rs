@@ -545,3 +545,33 @@ fn beyond_mainline_p2p_follows_evictions_over_many_seeds() {
         "the NIC's entry followed the page both ways: {kinds_seen:?}"
     );
 }
+
+/// A page the CPU pulls back from a GPU's managed pool costs the GPU one TLB invalidation (its entry is
+/// unmapped before the copy); the migration to the GPU costs none.
+#[test]
+fn a_cpu_pull_back_invalidates_the_gpu_tlb() {
+    let wld = world(16, Some(8), 1);
+    let (after_kernel, after_load) = wld.run_clean(move |gpu, k| async move {
+        let pool = gpu
+            .managed_pool(8 * PAGE_SIZE, DmirrorCosts::zero(), false)
+            .unwrap();
+        let pid = k.create_process();
+        let managed = ManagedRange::new(&k, &pool, pid, 4 * PAGE_SIZE, uvm_cfg(8 << 20, false))
+            .await
+            .unwrap();
+        let mut rng = RngStream::new(1, "k");
+        managed
+            .run_kernel(&kernel(AccessPattern::Sequential, 4, 1, false), &mut rng)
+            .await
+            .unwrap();
+        let tlb = |k: &Kernel| k.sim.metrics().get("gpu.tlb_invalidations");
+        let after_kernel = tlb(&k);
+        let mut buf = [0u8; 4];
+        k.load(pid, managed.start().add(PAGE_SIZE), &mut buf)
+            .await
+            .unwrap();
+        (after_kernel, tlb(&k))
+    });
+    assert_eq!(after_kernel, 0);
+    assert_eq!(after_load, 1);
+}

@@ -299,14 +299,16 @@ impl Gpu {
         } else {
             None
         };
-        Ok(crate::DmirrorDevice::new_at(
+        let pool = crate::DmirrorDevice::new_at(
             k,
             self.dev.id,
             crate::DmirrorMemory::Private,
             bytes,
             costs,
             base,
-        ))
+        );
+        pool.set_tlb_invalidate(self.cfg.costs.tlb_invalidate);
+        Ok(pool)
     }
 
     /// Invalidates the GPU's TLB after a page-table change (its cost is spent on the calling agent).
