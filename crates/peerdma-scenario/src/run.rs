@@ -764,7 +764,7 @@ impl World {
                         if *want != got {
                             let show = |v: &[(String, u64)]| {
                                 v.iter()
-                                    .map(|(k, l)| format!("{k}:{l:#x}"))
+                                    .map(|(k, l)| format!("{k}:{}", crate::units::format_size(*l)))
                                     .collect::<Vec<_>>()
                                     .join(", ")
                             };
@@ -977,7 +977,12 @@ fn summarize(r: &StepResult) -> String {
     if let Some(segs) = &r.segments {
         let _ = write!(s, " pinned={} segments=[", r.pinned.unwrap_or(0));
         for (i, (k, l)) in segs.iter().enumerate() {
-            let _ = write!(s, "{}{k}:{l:#x}", if i == 0 { "" } else { ", " });
+            let _ = write!(
+                s,
+                "{}{k}:{}",
+                if i == 0 { "" } else { ", " },
+                crate::units::format_size(*l)
+            );
         }
         s.push(']');
         if let Some(a) = r.dma_addr {
