@@ -147,6 +147,11 @@ impl PinnedPages {
         self.stopped_by
     }
 
+    /// Returns whether these are pins (FOLL_PIN) rather than plain references (FOLL_GET).
+    pub fn is_pin(&self) -> bool {
+        self.pin
+    }
+
     /// Returns the number of pages taken.
     pub fn len(&self) -> usize {
         self.frames.len()

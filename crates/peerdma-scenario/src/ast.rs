@@ -308,6 +308,15 @@ pub struct Expect {
     /// `violation`: the oracle must report a violation of this kind while the step runs (a step that
     /// demonstrates what the oracle catches); it is then expected and the run goes on.
     pub violation: Option<peerdma_mm::ViolationKind>,
+    /// `data = { one_of = [...] }`: the bytes read must match one of these patterns (racing steps under
+    /// exploration, whose outcome depends on the order).
+    pub data_one_of: Vec<Pattern>,
+    /// `counters = { "cpu.cow_copy" = 1 }`: how much each named metric counter grew while the step ran
+    /// (any step; other threads' work in that time counts too).
+    pub counters: Vec<(String, u64)>,
+    /// `events = { m = ["clear"] }`: the MMU notifier events (in order) that the mirror of each named
+    /// device file acted on while the step ran (any step; `[]` expects none).
+    pub events: Vec<(String, Vec<peerdma_mm::NotifierEvent>)>,
 }
 
 impl Expect {

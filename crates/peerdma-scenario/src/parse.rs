@@ -103,6 +103,22 @@ const ALL_EXPECT_KEYS: &[&str] = &[
     "violation",
 ];
 
+/// The `expect` keys every step may have, whatever its op: counters and notifier events are observed
+/// around the step, not returned by it.
+const EVERY_STEP_EXPECT_KEYS: &[&str] = &["counters", "events"];
+
+/// The MMU notifier events `expect.events` names (`MMU_NOTIFY_*`, include/linux/mmu_notifier.h).
+const NOTIFIER_EVENTS: &[(&str, peerdma_mm::NotifierEvent)] = &[
+    ("unmap", peerdma_mm::NotifierEvent::Unmap),
+    ("clear", peerdma_mm::NotifierEvent::Clear),
+    ("protection_vma", peerdma_mm::NotifierEvent::ProtectionVma),
+    ("protection_page", peerdma_mm::NotifierEvent::ProtectionPage),
+    ("soft_dirty", peerdma_mm::NotifierEvent::SoftDirty),
+    ("release", peerdma_mm::NotifierEvent::Release),
+    ("migrate", peerdma_mm::NotifierEvent::Migrate),
+    ("exclusive", peerdma_mm::NotifierEvent::Exclusive),
+];
+
 /// What a missing required key should hold, for the "needs `key`" message.
 fn key_hint(key: &str) -> &'static str {
     match key {
@@ -1472,7 +1488,7 @@ impl<'s> Parser<'s> {
         let allowed = spec.expect_keys;
         for (key, _) in &t.entries {
             let key_name: &str = key.get_ref().as_ref();
-            if allowed.contains(&key_name) {
+            if allowed.contains(&key_name) || EVERY_STEP_EXPECT_KEYS.contains(&key_name) {
                 continue;
             }
             let message = if ALL_EXPECT_KEYS.contains(&key_name) {
@@ -1504,7 +1520,38 @@ impl<'s> Parser<'s> {
             expect.faults = Some(self.uint(v, "faults")?);
         }
         if let Some(v) = t.get("data") {
-            expect.data = Some(self.pattern(v, "data")?);
+            if let DeValue::Table(_) = v.get_ref() {
+                expect.data_one_of = self.one_of(v)?;
+            } else {
+                expect.data = Some(self.pattern(v, "data")?);
+            }
+        }
+        if let Some(v) = t.get("counters") {
+            let c = self.table(v, "a table of counters like `{ \"cpu.cow_copy\" = 1 }`")?;
+            for (key, v) in &c.entries {
+                let name: &str = key.get_ref().as_ref();
+                expect.counters.push((name.to_owned(), self.uint(v, name)?));
+            }
+        }
+        if let Some(v) = t.get("events") {
+            let e = self.table(v, "a table of device files like `{ m = [\"clear\"] }`")?;
+            for (key, v) in &e.entries {
+                let fd: &str = key.get_ref().as_ref();
+                let DeValue::Array(items) = v.get_ref() else {
+                    return Err(self.err(
+                        &v.span(),
+                        format!(
+                            "expected a list of notifier events like `[\"clear\"]` for `events.{fd}`, found {}",
+                            describe(v.get_ref())
+                        ),
+                    ));
+                };
+                let mut events = Vec::with_capacity(items.len());
+                for item in items {
+                    events.push(self.keyword(item, "events", NOTIFIER_EVENTS)?);
+                }
+                expect.events.push((fd.to_owned(), events));
+            }
         }
         if let Some(v) = t.get("bytes") {
             expect.bytes = Some(self.bytes(v)?);
@@ -1553,6 +1600,34 @@ impl<'s> Parser<'s> {
             expect.violation = Some(self.keyword(v, "violation", &kinds)?);
         }
         Ok(expect)
+    }
+
+    /// `expect.data = { one_of = ["u32:1", "u32:2"] }`: at least one pattern.
+    fn one_of(&self, v: &Value<'_>) -> Result<Vec<Pattern>> {
+        let t = self.table(v, "a pattern or `{ one_of = [PATTERN, ...] }`")?;
+        self.allow(&t, &["one_of"])?;
+        let Some(list) = t.get("one_of") else {
+            return Err(self.err(
+                &t.span,
+                "expected `one_of = [PATTERN, ...]` in `data`, found an empty table",
+            ));
+        };
+        let DeValue::Array(items) = list.get_ref() else {
+            return Err(self.err(
+                &list.span(),
+                format!(
+                    "expected a list of patterns like `[\"byte:0x1\", \"byte:0x2\"]` for `one_of`, found {}",
+                    describe(list.get_ref())
+                ),
+            ));
+        };
+        if items.is_empty() {
+            return Err(self.err(
+                &list.span(),
+                "expected at least one pattern in `one_of`, found an empty list",
+            ));
+        }
+        items.iter().map(|i| self.pattern(i, "one_of")).collect()
     }
 
     /// `expect.segments`: `["bus:64KiB", "ram:8KiB"]`.

@@ -114,6 +114,7 @@ pub const OPS: &[OpSpec] = &[
     p2p::DMABUF_MOVE_NOTIFY,
     dma::DMA_RAW,
     mem::RECLAIM,
+    gup::DMA_READ,
 ];
 
 /// Returns the op named `name` (as written in `op = "..."`).
