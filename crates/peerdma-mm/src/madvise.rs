@@ -44,6 +44,23 @@ impl Kernel {
                 if !self.state().mm(pid).fully_mapped(r) {
                     return Err(Errno::ENOMEM);
                 }
+                // madvise_free_single_vma: private anonymous memory only.
+                if self
+                    .state()
+                    .mm(pid)
+                    .vmas_in(r)
+                    .iter()
+                    .any(|v| !v.is_anonymous() || v.is_shared())
+                {
+                    return Err(Errno::EINVAL);
+                }
+                // The pages stay mapped (clean, lazily freeable: *coarse*, the model never reclaims them
+                // as lazyfree), but the walk runs under an MMU_NOTIFY_CLEAR invalidation of the range, so
+                // mirrors drop it.
+                self.invalidate_range_start(pid, r, NotifierEvent::Clear, None)
+                    .await;
+                self.split_huge_pmds_cut_by(pid, r).await;
+                self.invalidate_range_end(pid);
             }
             Advice::Collapse => {
                 let _g = lock.read().await;

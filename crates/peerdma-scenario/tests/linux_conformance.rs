@@ -233,7 +233,6 @@ steps = [
 /// (private, may write) of the shared zero page or a page-cache page first gives the process its own
 /// anonymous page, so a later CPU write is seen through the pin.
 #[test]
-#[ignore = "fixed in phase B"]
 fn readonly_longterm_pin_unshares_the_zero_page_and_page_cache_pages() {
     passes(
         "unshare.toml",
@@ -275,7 +274,6 @@ steps = [
 /// pinned THP or hugetlb page for the child, so the parent keeps writing its pinned page and the child
 /// never writes into it.
 #[test]
-#[ignore = "fixed in phase B"]
 fn fork_copies_pinned_huge_pages_for_the_child() {
     passes(
         "fork_pinned_huge.toml",
@@ -316,7 +314,6 @@ steps = [
 /// Item 3, mm/mremap.c (`move_pgt_entry`, `split_huge_pmd`): moving part of a 2 MiB THP splits the PMD and
 /// moves only that part.
 #[test]
-#[ignore = "fixed in phase B"]
 fn partial_mremap_of_a_thp_splits_the_pmd() {
     passes(
         "mremap_thp.toml",
@@ -349,7 +346,6 @@ steps = [
 /// Item 4, mm/mremap.c: MREMAP_DONTUNMAP without MREMAP_FIXED moves the pages to a new address and leaves
 /// the old range mapped (a private anonymous range then reads zeros).
 #[test]
-#[ignore = "fixed in phase B"]
 fn mremap_dontunmap_without_fixed_moves_to_a_new_address() {
     passes(
         "dontunmap.toml",
@@ -374,7 +370,6 @@ steps = [
 
 /// Item 5, mm/madvise.c `madvise_free_single_vma`: MADV_FREE runs under an MMU_NOTIFY_CLEAR invalidation.
 #[test]
-#[ignore = "fixed in phase B"]
 fn madv_free_invalidates_mirrors_with_clear() {
     passes(
         "madv_free.toml",
@@ -391,7 +386,6 @@ fn madv_free_invalidates_mirrors_with_clear() {
 /// Item 6, mm/mprotect.c `can_change_pte_writable`: after `r` then `rw`, an exclusive anonymous page is
 /// writable at once (no write fault).
 #[test]
-#[ignore = "fixed in phase B"]
 fn mprotect_makes_exclusive_anonymous_ptes_writable_at_once() {
     passes(
         "mprotect_upgrade.toml",
@@ -410,7 +404,6 @@ fn mprotect_makes_exclusive_anonymous_ptes_writable_at_once() {
 /// Item 7, mm/mprotect.c `change_pte_range`: a writable device-private entry becomes read-only whatever the
 /// new protection (`rw` → `rwx` too); the next device write faults again.
 #[test]
-#[ignore = "fixed in phase B"]
 fn mprotect_downgrades_writable_device_private_entries() {
     passes(
         "mprotect_devpriv.toml",
@@ -429,7 +422,6 @@ fn mprotect_downgrades_writable_device_private_entries() {
 /// Item 8, mm/gup.c via `make_device_exclusive`: the page is taken with FOLL_GET | FOLL_WRITE |
 /// FOLL_SPLIT_PMD, so GUP's rules apply: a PFNMAP mapping is `EFAULT`.
 #[test]
-#[ignore = "fixed in phase B"]
 fn device_exclusive_of_a_pfnmap_is_efault() {
     passes(
         "exclusive_pfnmap.toml",
@@ -439,7 +431,6 @@ fn device_exclusive_of_a_pfnmap_is_efault() {
 
 /// Item 8: P2P memory is `EREMOTEIO` (GUP without FOLL_PCI_P2PDMA).
 #[test]
-#[ignore = "fixed in phase B"]
 fn device_exclusive_of_p2p_memory_is_eremoteio() {
     passes(
         "exclusive_p2p.toml",
@@ -449,7 +440,6 @@ fn device_exclusive_of_p2p_memory_is_eremoteio() {
 
 /// Item 8: a page that is not anonymous, or is hugetlb, is `EOPNOTSUPP`.
 #[test]
-#[ignore = "fixed in phase B"]
 fn device_exclusive_of_file_and_hugetlb_pages_is_eopnotsupp() {
     passes(
         "exclusive_file.toml",
@@ -530,7 +520,6 @@ steps = [
 /// Item 9: shmem, tmpfs and shared anonymous memory need no write-notify, so a read fault on MAP_SHARED
 /// maps the page writable: a device READ then WRITE takes no second fault.
 #[test]
-#[ignore = "fixed in phase B"]
 fn shared_shmem_read_faults_map_writable() {
     passes(
         "shmem_writable.toml",
@@ -547,7 +536,6 @@ fn shared_shmem_read_faults_map_writable() {
 /// Item 10, mm/huge_memory.c `__split_huge_pmd`: splitting a huge PMD fires MMU_NOTIFY_CLEAR over the whole
 /// 2 MiB, so a partial munmap of a mirrored THP invalidates the untouched half too.
 #[test]
-#[ignore = "fixed in phase B"]
 fn splitting_a_huge_pmd_clears_the_whole_2mib() {
     passes(
         "split_clear.toml",
@@ -564,26 +552,53 @@ fn splitting_a_huge_pmd_clears_the_whole_2mib() {
 }
 
 /// Item 11, mm/memory.c `copy_page_range` / `vma_needs_copy`: a mapping that needs no copy (no anon_vma:
-/// anonymous memory only ever read) fires nothing at fork and its mirror survives.
+/// anonymous memory only ever read, a private file mapping never written) fires nothing at fork and its
+/// mirror survives; the child refaults the same contents.
 #[test]
-#[ignore = "fixed in phase B"]
 fn fork_of_a_mapping_that_needs_no_copy_notifies_nothing() {
     passes(
         "fork_no_copy.toml",
-        &with_dmirror(
-            r#"  { op = "open", dev = "dmirror0", fd = "m" },
+        r#"
+[sim]
+time = "zero"
+
+[[file]]
+name = "f"
+size = "4 pages"
+pattern = "byte:0x11"
+
+[[device]]
+name = "dmirror0"
+kind = "dmirror"
+
+[[thread]]
+name = "t"
+steps = [
+  { op = "open", dev = "dmirror0", fd = "m" },
   { op = "mmap", name = "buf", len = "4 pages", prot = "rw", flags = ["private", "anonymous"] },
+  { op = "mmap", name = "fm", len = "4 pages", prot = "rw", flags = ["private"], file = "f" },
   { op = "dmirror.read", fd = "m", at = "buf", pages = 4, expect = { cpages = 4 } },
+  { op = "dmirror.read", fd = "m", at = "fm", pages = 4, expect = { cpages = 4, data = "byte:0x11" } },
   { op = "fork", child = "kid", expect = { events = { m = [] } } },
-  { op = "dmirror.read", fd = "m", at = "buf", pages = 4, expect = { cpages = 4, faults = 0 } },"#,
-        ),
+  { op = "dmirror.read", fd = "m", at = "buf", pages = 4, expect = { cpages = 4, faults = 0 } },
+  { op = "dmirror.read", fd = "m", at = "fm", pages = 4, expect = { cpages = 4, faults = 0 } },
+  { op = "wait", child = "kid" },
+]
+
+[[thread]]
+name = "k"
+process = "kid"
+steps = [
+  { op = "load", at = "buf", expect = { data = "zero" } },
+  { op = "load", at = "fm", expect = { data = "byte:0x11" } },
+]
+"#,
     );
 }
 
 /// Item 11: a COW mapping that must be copied fires MMU_NOTIFY_PROTECTION_PAGE also when none of its pages is
 /// writable any more.
 #[test]
-#[ignore = "fixed in phase B"]
 fn fork_of_a_readonly_cow_mapping_still_fires_protection_page() {
     passes(
         "fork_ro_cow.toml",
@@ -600,7 +615,6 @@ fn fork_of_a_readonly_cow_mapping_still_fires_protection_page() {
 
 /// Item 11: hugetlb's copy (`copy_hugetlb_page_range`) fires MMU_NOTIFY_CLEAR.
 #[test]
-#[ignore = "fixed in phase B"]
 fn fork_of_private_hugetlb_fires_clear() {
     passes(
         "fork_hugetlb.toml",
