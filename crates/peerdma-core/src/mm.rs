@@ -72,6 +72,10 @@ pub enum Advice {
     Free,
     /// MADV_COLLAPSE: collapse each fully mapped, 2 MiB-aligned block of anonymous pages into a THP.
     Collapse,
+    /// MADV_DONTFORK: the range is not inherited by a child (VM_DONTCOPY).
+    DontFork,
+    /// MADV_DOFORK: undo MADV_DONTFORK (`EINVAL` on a VM_IO mapping).
+    DoFork,
 }
 
 /// A signal a CPU access can raise (the signal number, `si_signo`).

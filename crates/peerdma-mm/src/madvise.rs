@@ -1,5 +1,6 @@
-//! `madvise(2)`: MADV_DONTNEED (zap inside a CLEAR invalidation), MADV_FREE, MADV_HUGEPAGE /
-//! MADV_NOHUGEPAGE (VMA flags) and MADV_COLLAPSE (handed to [`crate::khugepaged`]).
+//! `madvise(2)`: MADV_DONTNEED (zap inside a CLEAR invalidation), MADV_FREE (a CLEAR invalidation; the pages
+//! stay), MADV_HUGEPAGE / MADV_NOHUGEPAGE and MADV_DONTFORK / MADV_DOFORK (VMA flags) and MADV_COLLAPSE
+//! (handed to [`crate::khugepaged`]).
 //!
 //! Linux counterpart: mm/madvise.c (`madvise_dontneed_free`, `madvise_behavior`).
 
@@ -69,10 +70,21 @@ impl Kernel {
                 }
                 self.collapse_range(pid, r).await;
             }
-            Advice::HugePage | Advice::NoHugePage => {
+            Advice::HugePage | Advice::NoHugePage | Advice::DontFork | Advice::DoFork => {
                 let _g = lock.write().await;
                 if !self.state().mm(pid).fully_mapped(r) {
                     return Err(Errno::ENOMEM);
+                }
+                // madvise_vma_behavior: MADV_DOFORK cannot clear VM_DONTCOPY of a VM_IO mapping.
+                if advice == Advice::DoFork
+                    && self
+                        .state()
+                        .mm(pid)
+                        .vmas_in(r)
+                        .iter()
+                        .any(|v| v.flags.contains(VmFlags::IO))
+                {
+                    return Err(Errno::EINVAL);
                 }
                 let mut st = self.state();
                 for start in st.split_at(pid, r) {
@@ -81,11 +93,12 @@ impl Kernel {
                         .vmas
                         .get_mut(&start)
                         .expect("split_at returns VMA starts");
-                    if advice == Advice::HugePage {
-                        v.flags = (v.flags - VmFlags::NOHUGEPAGE) | VmFlags::HUGEPAGE;
-                    } else {
-                        v.flags = (v.flags - VmFlags::HUGEPAGE) | VmFlags::NOHUGEPAGE;
-                    }
+                    v.flags = match advice {
+                        Advice::HugePage => (v.flags - VmFlags::NOHUGEPAGE) | VmFlags::HUGEPAGE,
+                        Advice::NoHugePage => (v.flags - VmFlags::HUGEPAGE) | VmFlags::NOHUGEPAGE,
+                        Advice::DontFork => v.flags | VmFlags::DONTCOPY,
+                        _ => v.flags - VmFlags::DONTCOPY,
+                    };
                 }
             }
         }

@@ -147,6 +147,10 @@ pub struct FileDecl {
     pub pattern: Pattern,
     /// A DAX file on persistent memory (`dax = true`) instead of a page-cache file.
     pub dax: bool,
+    /// A tmpfs (shmem) file (`tmpfs = true`): no dirty tracking, so shared mappings need no write-notify
+    /// (a read fault maps the page writable) and long-term write pins of shared mappings are allowed.
+    /// Without it a file is on a file system with dirty tracking.
+    pub tmpfs: bool,
 }
 
 /// A `[[device]]`.

@@ -1013,7 +1013,7 @@ impl<'s> Parser<'s> {
     }
 
     fn file(&mut self, t: &Table<'_, '_>) -> Result<FileDecl> {
-        self.allow(t, &["name", "size", "pattern", "dax"])?;
+        self.allow(t, &["name", "size", "pattern", "dax", "tmpfs"])?;
         let name_v = self.required(t, "name")?;
         let name = self.name(name_v, "name")?;
         self.check_unique(&self.files, &name, &name_v.span(), "file")?;
@@ -1027,11 +1027,20 @@ impl<'s> Parser<'s> {
             Some(v) => self.boolean(v, "dax")?,
             None => false,
         };
+        let tmpfs = match t.get("tmpfs") {
+            Some(v) => self.boolean(v, "tmpfs")?,
+            None => false,
+        };
+        if dax && tmpfs {
+            let v = t.get("tmpfs").expect("read above");
+            return Err(self.err(&v.span(), "a file is either `dax` or `tmpfs`, not both"));
+        }
         Ok(FileDecl {
             name,
             size,
             pattern,
             dax,
+            tmpfs,
         })
     }
 

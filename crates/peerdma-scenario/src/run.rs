@@ -157,7 +157,7 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
         let id = if f.dax {
             kernel.create_dax_file(&f.name, f.size)
         } else {
-            kernel.create_file(&f.name, f.size, false)
+            kernel.create_file(&f.name, f.size, f.tmpfs)
         };
         files.insert(f.name.clone(), id);
     }

@@ -227,6 +227,41 @@ steps = [
     );
 }
 
+/// MADV_DONTFORK keeps a range from the child (VM_DONTCOPY), MADV_DOFORK undoes it (mm/madvise.c).
+#[test]
+fn madvise_dontfork_and_dofork() {
+    passes(
+        "dontfork.toml",
+        r#"
+[sim]
+time = "zero"
+
+[[thread]]
+name = "t"
+steps = [
+  { op = "mmap", name = "a", len = "2 pages", prot = "rw", flags = ["private", "anonymous"] },
+  { op = "mmap", name = "b", len = "2 pages", prot = "rw", flags = ["private", "anonymous"] },
+  { op = "store", at = "a", pattern = "byte:0x11" },
+  { op = "store", at = "b", pattern = "byte:0x22" },
+  { op = "madvise", at = "a+4KiB", len = "4KiB", advice = "dontfork" },
+  { op = "madvise", at = "b", len = "2 pages", advice = "dontfork" },
+  { op = "madvise", at = "b", len = "2 pages", advice = "dofork" },
+  { op = "fork", child = "kid" },
+  { op = "wait", child = "kid" },
+]
+
+[[thread]]
+name = "k"
+process = "kid"
+steps = [
+  { op = "load", at = "a", len = "4KiB", expect = { data = "byte:0x11" } },
+  { op = "load", at = "a+4KiB", len = "4KiB", expect = { signal = "SIGSEGV" } },
+  { op = "load", at = "b", expect = { data = "byte:0x22" } },
+]
+"#,
+    );
+}
+
 // ----- the numbered differences -----
 
 /// Item 1, mm/internal.h `gup_must_unshare` (since 6.2): a read-only FOLL_LONGTERM pin in a COW mapping
@@ -530,6 +565,46 @@ fn shared_shmem_read_faults_map_writable() {
   { op = "dmirror.snapshot", fd = "m", at = "buf", pages = 1, expect = { bytes = [0x02] } },
   { op = "dmirror.write", fd = "m", at = "buf", pages = 4, pattern = "byte:0x11", expect = { cpages = 4, faults = 0 } },"#,
         ),
+    );
+}
+
+/// Item 9 for named files: a tmpfs file's shared mapping is writable after a read fault, a dirty-tracked
+/// file's is not (its first write faults again, `do_page_mkwrite`).
+#[test]
+fn tmpfs_files_need_no_write_notify_other_files_do() {
+    passes(
+        "tmpfs.toml",
+        r#"
+[sim]
+time = "zero"
+
+[[file]]
+name = "shm"
+size = "1 page"
+tmpfs = true
+
+[[file]]
+name = "ext4"
+size = "1 page"
+
+[[device]]
+name = "dmirror0"
+kind = "dmirror"
+
+[[thread]]
+name = "t"
+steps = [
+  { op = "open", dev = "dmirror0", fd = "m" },
+  { op = "mmap", name = "a", len = "1 page", prot = "rw", flags = ["shared"], file = "shm" },
+  { op = "mmap", name = "b", len = "1 page", prot = "rw", flags = ["shared"], file = "ext4" },
+  { op = "load", at = "a" },
+  { op = "load", at = "b" },
+  { op = "dmirror.snapshot", fd = "m", at = "a", pages = 1, expect = { bytes = [0x02] } },
+  { op = "dmirror.snapshot", fd = "m", at = "b", pages = 1, expect = { bytes = [0x01] } },
+  { op = "store", at = "a", pattern = "byte:0x11", expect = { counters = { "cpu.faults" = 0 } } },
+  { op = "store", at = "b", pattern = "byte:0x11", expect = { counters = { "cpu.faults" = 1 } } },
+]
+"#,
     );
 }
 
