@@ -3,8 +3,10 @@
 //! the simulation engine, with the device's own translation state and timing.
 //!
 //! - [`dmirror`]: the Linux HMM test device (lib/test_hmm.c), the conformance vehicle.
+//! - [`gpu`]: a GPU whose memory moves under its peers (buffer objects, managed memory, UVM faults).
 
 pub mod dmirror;
+pub mod gpu;
 
 pub use dmirror::{
     Dmirror, DmirrorCosts, DmirrorDevice, DmirrorMemory, DmirrorResult, FaultInjection,

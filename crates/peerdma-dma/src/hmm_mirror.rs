@@ -53,7 +53,7 @@ use std::rc::Rc;
 use peerdma_core::{DeviceId, Errno, Pid, Range, SimDuration, Va};
 use peerdma_mm::Kernel;
 use peerdma_mm::hmm::{HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HmmRange};
-use peerdma_mm::notifier::{IntervalNotifierOps, NotifierId, NotifierRange};
+use peerdma_mm::mmu_notifier::{IntervalNotifierOps, NotifierId, NotifierRange};
 use peerdma_sim::{MutexGuard, SimMutex};
 
 /// `HMM_RANGE_DEFAULT_TIMEOUT`: the fault loop gives up with `EBUSY` after this long (1 s).

@@ -35,7 +35,7 @@ use std::pin::Pin;
 
 use peerdma_core::{Errno, PAGE_SIZE, Pid, Range, SimDuration, Va};
 use peerdma_mm::hmm::{HMM_PFN_WRITE, HmmRange, hmm_pfn_to_frame};
-use peerdma_mm::notifier::NotifierRange;
+use peerdma_mm::mmu_notifier::NotifierRange;
 use peerdma_mm::vma::VmFlags;
 use peerdma_mm::{DeviceGrant, Kernel, MmioId};
 use peerdma_sim::SimMutex;

@@ -23,13 +23,14 @@
 //! and reallocated since (a different generation), is a use after free — reads included.
 //!
 //! The checks themselves (`check_frame_owned`, `check_pinned_frame`, `check_mirror_current`) are
-//! `KernelState` methods at the end of this module.
+//! `Mms` methods at the end of this module.
 
 use peerdma_core::{DeviceId, FrameId, Pa, Pid, Va};
 
-use crate::kernel::{Kernel, KernelState};
-use crate::oracle::ViolationKind;
+use crate::kernel::{Kernel, Mms};
+use crate::oracle::{Oracle, ViolationKind};
 use crate::pagetable::Pte;
+use crate::phys::PhysMem;
 
 /// How a device came to hold the translation it uses (module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,44 +98,46 @@ impl Kernel {
     /// Returns the frame at physical address `pa` and its current allocation generation (`None` for MMIO
     /// without struct page or an address no region covers).
     pub fn frame_at_pa(&self, pa: Pa) -> Option<(FrameId, u64)> {
-        let st = self.state();
-        let f = st.phys.frame_at_pa(pa)?;
-        Some((f, st.phys.frame(f).generation))
+        let phys = self.phys();
+        let f = phys.frame_at_pa(pa)?;
+        Some((f, phys.frame(f).generation))
     }
 
     /// Returns the CPU physical address of `frame`.
     pub fn frame_pa(&self, frame: FrameId) -> Pa {
-        self.state().phys.frame_pa(frame)
+        self.phys().frame_pa(frame)
     }
 
     /// Reports a violation the DMA layer detected (a stale IOTLB hit, a routing error, a landing after a
     /// fence that did not wait) to the oracle, which stops the run unless the kind is armed as expected.
     pub fn report_violation(&self, kind: ViolationKind, detail: String) {
-        self.state().oracle.violation(kind, detail);
+        self.oracle().violation(kind, detail);
     }
 
     /// Returns the generation of `frame` when it is allocated, `None` when it is free (or no such frame).
     pub fn frame_generation(&self, frame: FrameId) -> Option<u64> {
-        let st = self.state();
-        (st.phys.exists(frame) && st.phys.frame(frame).is_allocated())
-            .then(|| st.phys.frame(frame).generation)
+        let phys = self.phys();
+        (phys.exists(frame) && phys.frame(frame).is_allocated())
+            .then(|| phys.frame(frame).generation)
     }
 
     /// The oracle's checks when device `dev` issues an access through `t` (module docs); returns whether
     /// the access may go on. A violation stops the run (unless armed as expected).
     pub fn device_issue(&self, dev: DeviceId, t: &FrameTranslation, write: bool) -> bool {
-        let mut st = self.state();
-        if !st.oracle.enabled() {
+        let st = self.mms();
+        let phys = self.phys();
+        let mut oracle = self.oracle();
+        if !oracle.enabled() {
             return true;
         }
-        if !st.check_frame_owned(dev, t) {
+        if !check_frame_owned(&mut oracle, &phys, dev, t) {
             return false;
         }
         match t.grant {
             DeviceGrant::Mirror { pid, va } => {
-                st.check_mirror_current(dev, pid, va, t.frame, write)
+                st.check_mirror_current(&mut oracle, dev, pid, va, t.frame, write)
             }
-            DeviceGrant::Pin { .. } => st.check_pinned_frame(dev, t.frame),
+            DeviceGrant::Pin { .. } => check_pinned_frame(&mut oracle, &phys, dev, t.frame),
             DeviceGrant::Ref { .. } | DeviceGrant::Raw => true,
         }
     }
@@ -143,10 +146,13 @@ impl Kernel {
     /// the data moves and the content record follows a write (or checks a read). Returns whether the data
     /// moved.
     pub fn device_land(&self, dev: DeviceId, t: &FrameTranslation, data: DeviceData<'_>) -> bool {
-        let mut st = self.state();
-        if st.oracle.enabled() {
+        let st = self.mms();
+        let mut phys = self.phys();
+        let mut oracle = self.oracle();
+        if oracle.enabled() {
             if let DeviceGrant::Mirror { pid, va } = t.grant
                 && !st.check_mirror_in_flight(
+                    &mut oracle,
                     dev,
                     pid,
                     va,
@@ -156,20 +162,22 @@ impl Kernel {
             {
                 return false;
             }
-            if !st.check_frame_owned(dev, t) {
+            if !check_frame_owned(&mut oracle, &phys, dev, t) {
                 return false;
             }
-            if matches!(t.grant, DeviceGrant::Pin { .. }) && !st.check_pinned_frame(dev, t.frame) {
+            if matches!(t.grant, DeviceGrant::Pin { .. })
+                && !check_pinned_frame(&mut oracle, &phys, dev, t.frame)
+            {
                 return false;
             }
         }
         let frame = t.frame;
         let key = match t.grant {
-            DeviceGrant::Mirror { pid, va } => st.logical_page(pid, va),
+            DeviceGrant::Mirror { pid, va } => st.logical_page(&phys, pid, va),
             DeviceGrant::Pin { pid, va } | DeviceGrant::Ref { pid, va } => {
                 let mapped = st.mm(pid).translate(va).is_some_and(|(f, _, _)| f == frame);
                 if mapped {
-                    st.logical_page(pid, va)
+                    st.logical_page(&phys, pid, va)
                 } else {
                     None
                 }
@@ -178,17 +186,17 @@ impl Kernel {
         };
         match data {
             DeviceData::Write(bytes) => {
-                st.phys.write(frame, 0, bytes);
+                phys.write(frame, 0, bytes);
                 if let Some(key) = key {
-                    let h = st.phys.content_hash(frame);
-                    st.oracle.record(key, h);
+                    let h = phys.content_hash(frame);
+                    oracle.record(key, h);
                 }
             }
             DeviceData::Read(buf) => {
-                st.phys.read(frame, 0, buf);
+                phys.read(frame, 0, buf);
                 if let Some(key) = key {
-                    let h = st.phys.content_hash(frame);
-                    st.oracle.check_read(key, h, || {
+                    let h = phys.content_hash(frame);
+                    oracle.check_read(key, h, || {
                         format!("device {} read of {frame} ({:?})", dev.0, t.grant)
                     });
                 }
@@ -198,67 +206,21 @@ impl Kernel {
     }
 }
 
-impl KernelState {
-    /// Oracle check 2 for a device translation: the frame is allocated, in the generation the translation
-    /// saw (not freed and reallocated since).
-    pub(crate) fn check_frame_owned(&mut self, dev: DeviceId, t: &FrameTranslation) -> bool {
-        let frame = t.frame;
-        let allocated = self.phys.exists(frame) && self.phys.frame(frame).is_allocated();
-        if allocated && self.phys.frame(frame).generation == t.generation {
-            return true;
-        }
-        let what = if allocated {
-            format!(
-                "{frame}, reallocated since the translation it used (generation {} then, {} now)",
-                t.generation,
-                self.phys.frame(frame).generation
-            )
-        } else {
-            format!("freed {frame}")
-        };
-        self.oracle.violation(
-            ViolationKind::UseAfterFree,
-            format!("device {} reached {what} ({:?})", dev.0, t.grant),
-        );
-        false
-    }
-
-    /// Oracle check 3 for DMA through a pin: the frame must be allocated and still pinned.
-    pub(crate) fn check_pinned_frame(&mut self, dev: DeviceId, frame: FrameId) -> bool {
-        let fr = self.phys.frame(frame);
-        if !fr.is_allocated() {
-            self.oracle.violation(
-                ViolationKind::UseAfterFree,
-                format!("device {} accessed freed {frame} through a pin", dev.0),
-            );
-            return false;
-        }
-        if !fr.maybe_dma_pinned() {
-            self.oracle.violation(
-                ViolationKind::PinBroken,
-                format!(
-                    "device {} accessed {frame} through a pin that no longer holds it",
-                    dev.0
-                ),
-            );
-            return false;
-        }
-        true
-    }
-
+impl Mms {
     /// Oracle check 1 for a mirror translation at issue: the CPU page table maps `frame` at `va` now
     /// (device-private and device-exclusive entries included), writable for a write.
     pub(crate) fn check_mirror_current(
-        &mut self,
+        &self,
+        oracle: &mut Oracle,
         dev: DeviceId,
         pid: Pid,
         va: Va,
         frame: FrameId,
         write: bool,
     ) -> bool {
-        let current = self.mms.get(&pid).and_then(|mm| {
+        let current = self.get(pid).and_then(|mm| {
             mm.translate(va).or_else(|| {
-                let leaf = mm.pt.lookup(va)?;
+                let leaf = mm.pt().lookup(va)?;
                 match leaf.pte {
                     Pte::DevicePrivate { write, .. } | Pte::DeviceExclusive { write, .. } => {
                         Some((leaf.frame_at(va)?, write, leaf))
@@ -274,7 +236,7 @@ impl KernelState {
                     Some((f, w, _)) => format!("{f} ({})", if w { "rw" } else { "ro" }),
                     None => "no present mapping".to_owned(),
                 };
-                self.oracle.violation(
+                oracle.violation(
                     ViolationKind::StaleTranslation,
                     format!(
                         "device {} {} {frame} for pid {} va {va}, but the CPU page table maps {now}",
@@ -292,7 +254,8 @@ impl KernelState {
     /// The mirror rule at landing (module docs, grant 1): the translation is still valid when the page
     /// table maps the frame, or while an invalidation of that address is in progress.
     pub(crate) fn check_mirror_in_flight(
-        &mut self,
+        &self,
+        oracle: &mut Oracle,
         dev: DeviceId,
         pid: Pid,
         va: Va,
@@ -300,9 +263,60 @@ impl KernelState {
         write: bool,
     ) -> bool {
         let invalidating = self
-            .mms
-            .get(&pid)
-            .is_some_and(|mm| mm.notifiers.invalidating(va));
-        invalidating || self.check_mirror_current(dev, pid, va, frame, write)
+            .get(pid)
+            .is_some_and(|mm| mm.notifiers().invalidating(va));
+        invalidating || self.check_mirror_current(oracle, dev, pid, va, frame, write)
     }
+}
+
+/// Oracle check 2 for a device translation: the frame is allocated, in the generation the translation
+/// saw (not freed and reallocated since).
+fn check_frame_owned(
+    oracle: &mut Oracle,
+    phys: &PhysMem,
+    dev: DeviceId,
+    t: &FrameTranslation,
+) -> bool {
+    let frame = t.frame;
+    let allocated = phys.exists(frame) && phys.frame(frame).is_allocated();
+    if allocated && phys.frame(frame).generation == t.generation {
+        return true;
+    }
+    let what = if allocated {
+        format!(
+            "{frame}, reallocated since the translation it used (generation {} then, {} now)",
+            t.generation,
+            phys.frame(frame).generation
+        )
+    } else {
+        format!("freed {frame}")
+    };
+    oracle.violation(
+        ViolationKind::UseAfterFree,
+        format!("device {} reached {what} ({:?})", dev.0, t.grant),
+    );
+    false
+}
+
+/// Oracle check 3 for DMA through a pin: the frame must be allocated and still pinned.
+fn check_pinned_frame(oracle: &mut Oracle, phys: &PhysMem, dev: DeviceId, frame: FrameId) -> bool {
+    let fr = phys.frame(frame);
+    if !fr.is_allocated() {
+        oracle.violation(
+            ViolationKind::UseAfterFree,
+            format!("device {} accessed freed {frame} through a pin", dev.0),
+        );
+        return false;
+    }
+    if !fr.maybe_dma_pinned() {
+        oracle.violation(
+            ViolationKind::PinBroken,
+            format!(
+                "device {} accessed {frame} through a pin that no longer holds it",
+                dev.0
+            ),
+        );
+        return false;
+    }
+    true
 }

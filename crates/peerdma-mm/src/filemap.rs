@@ -5,42 +5,30 @@
 //! Linux counterpart: mm/filemap.c (`filemap_get_folio`, `filemap_read`, `generic_perform_write`) and
 //! mm/truncate.c (`truncate_inode_pages_range`, `unmap_mapping_range`).
 
-use std::collections::BTreeMap;
+use peerdma_core::{Errno, PAGE_SIZE, Pid, Range, Va};
 
-use peerdma_core::{Errno, FrameId, PAGE_SIZE, Pid, Range, Va};
-
-use crate::file::File;
-use crate::kernel::{Kernel, KernelState};
-use crate::notifier::NotifierEvent;
+use crate::kernel::Kernel;
+use crate::mmu_notifier::NotifierEvent;
 use crate::oracle::LogicalPage;
-use crate::phys::{FrameOwner, MemoryKind};
+use crate::phys::MemoryKind;
 use crate::vma::VmaBacking;
 
 impl Kernel {
     /// Creates an in-memory file of `size` bytes and returns its id.
     pub fn create_file(&self, name: &str, size: u64, shmem: bool) -> u32 {
-        let mut st = self.state();
-        let id = u32::try_from(st.files.len()).expect("fewer than 2^32 files");
-        st.files.push(File {
-            name: name.to_owned(),
-            size,
-            pages: BTreeMap::new(),
-            shmem,
-            dax_region: None,
-        });
-        id
+        self.files().create(name, size, shmem)
     }
 
     /// Creates a DAX file of `size` bytes on a persistent-memory region of its own (MEMORY_DEVICE_FS_DAX): its
     /// blocks are frames with struct pages that mappings reach directly, with no page cache in between.
     pub fn create_dax_file(&self, name: &str, size: u64) -> u32 {
         let id = self.create_file(name, size, false);
-        let mut st = self.state();
-        let r = st.phys.add_region(
+        let mut phys = self.phys();
+        let r = phys.add_region(
             MemoryKind::FsDax { file: id },
             size.div_ceil(PAGE_SIZE).max(1),
         );
-        st.files[id as usize].dax_region = Some(r);
+        self.files().set_dax_region(id, r);
         id
     }
 
@@ -50,9 +38,9 @@ impl Kernel {
     pub async fn truncate(&self, file: u32, size: u64) -> Result<(), Errno> {
         self.spend(self.costs.syscall).await;
         let first = size.div_ceil(PAGE_SIZE);
-        let last = self.state().files[file as usize].nr_pages();
+        let last = self.files().file(file).nr_pages();
         self.remove_file_pages(file, first, last.max(first)).await;
-        self.state().files[file as usize].size = size;
+        self.files().set_size(file, size);
         Ok(())
     }
 
@@ -76,11 +64,9 @@ impl Kernel {
         }
         // The i_mmap walk: every VMA of every process that maps this file range.
         let targets: Vec<(Pid, Range<Va>)> = {
-            let st = self.state();
-            st.mms
-                .values()
-                .filter(|mm| mm.alive)
-                .flat_map(|mm| mm.vmas.values().map(move |v| (mm.pid, v)))
+            let st = self.mms();
+            st.live()
+                .flat_map(|mm| mm.vmas().values().map(move |v| (mm.pid(), v)))
                 .filter_map(|(pid, v)| {
                     let VmaBacking::File { file: f, pgoff } = v.backing else {
                         return None;
@@ -101,29 +87,25 @@ impl Kernel {
         for (pid, r) in targets {
             self.zap_notify(pid, r, NotifierEvent::Clear).await;
         }
-        let frames: Vec<(u64, FrameId)> = self.state().files[file as usize]
-            .pages
-            .range(first..last)
-            .map(|(k, v)| (*k, *v))
-            .collect();
-        let dax = self.state().files[file as usize].dax_region.is_some();
+        let frames = self.files().file(file).cached_pages(first, last);
+        let dax = self.files().file(file).dax_region().is_some();
         if dax {
             // Only the file's own reference may remain before the blocks are reused.
-            let st = &self.state;
-            self.pin_wq
+            self.pin_wq()
                 .wait_event(|| {
                     frames
                         .iter()
-                        .all(|(_, f)| st.borrow().phys.frame(*f).refcount <= 1)
+                        .all(|(_, f)| self.phys().frame(*f).refcount <= 1)
                 })
                 .await;
         }
-        let mut st = self.state();
+        let mut phys = self.phys();
+        let mut oracle = self.oracle();
+        let mut files = self.files();
         for (pgoff, f) in frames {
-            st.files[file as usize].pages.remove(&pgoff);
-            st.phys.put(f);
-            st.oracle
-                .record(LogicalPage::File { file, pgoff }, crate::phys::ZERO_HASH);
+            files.remove_page(file, pgoff);
+            phys.put(f);
+            oracle.record(LogicalPage::File { file, pgoff }, crate::phys::ZERO_HASH);
         }
     }
 
@@ -132,10 +114,10 @@ impl Kernel {
         self.spend(self.costs.syscall).await;
         let end = offset.checked_add(data.len() as u64).ok_or(Errno::EINVAL)?;
         {
-            let mut st = self.state();
-            if st.files[file as usize].size < end {
-                st.files[file as usize].size = end;
-            }
+            let mut phys = self.phys();
+            let mut oracle = self.oracle();
+            let mut files = self.files();
+            files.extend_to(file, end);
             let mut pos = 0usize;
             while pos < data.len() {
                 let off = offset + pos as u64;
@@ -144,10 +126,10 @@ impl Kernel {
                     usize::try_from(off % PAGE_SIZE).expect("< 4096"),
                 );
                 let n = (4096 - in_page).min(data.len() - pos);
-                let frame = st.file_page(file, pgoff).ok_or(Errno::ENOSPC)?;
-                st.phys.write(frame, in_page, &data[pos..pos + n]);
-                let h = st.phys.content_hash(frame);
-                st.oracle.record(LogicalPage::File { file, pgoff }, h);
+                let frame = files.page(&mut phys, file, pgoff).ok_or(Errno::ENOSPC)?;
+                phys.write(frame, in_page, &data[pos..pos + n]);
+                let h = phys.content_hash(frame);
+                oracle.record(LogicalPage::File { file, pgoff }, h);
                 pos += n;
             }
         }
@@ -165,8 +147,9 @@ impl Kernel {
     pub async fn pread(&self, file: u32, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
         self.spend(self.costs.syscall).await;
         let n = {
-            let mut st = self.state();
-            let size = st.files[file as usize].size;
+            let mut phys = self.phys();
+            let mut files = self.files();
+            let size = files.file(file).size();
             let n = usize::try_from(size.saturating_sub(offset).min(buf.len() as u64))
                 .expect("fits buffer");
             buf.fill(0);
@@ -178,8 +161,8 @@ impl Kernel {
                     usize::try_from(off % PAGE_SIZE).expect("< 4096"),
                 );
                 let k = (4096 - in_page).min(n - pos);
-                let frame = st.file_page(file, pgoff).ok_or(Errno::ENOMEM)?;
-                st.phys.read(frame, in_page, &mut buf[pos..pos + k]);
+                let frame = files.page(&mut phys, file, pgoff).ok_or(Errno::ENOMEM)?;
+                phys.read(frame, in_page, &mut buf[pos..pos + k]);
                 pos += k;
             }
             n
@@ -191,29 +174,5 @@ impl Kernel {
         )
         .await;
         Ok(n)
-    }
-}
-
-impl KernelState {
-    /// Returns (creating zero-filled on demand) the page-cache frame of `file` at `pgoff`; `None` beyond EOF
-    /// or when memory is exhausted.
-    pub(crate) fn file_page(&mut self, file: u32, pgoff: u64) -> Option<FrameId> {
-        let f = &self.files[file as usize];
-        if pgoff >= f.nr_pages() {
-            return None;
-        }
-        if let Some(&frame) = f.pages.get(&pgoff) {
-            return Some(frame);
-        }
-        let owner = FrameOwner::File { file, pgoff };
-        // A page-cache page belongs to no one process: node 0 first, then fallback.
-        let frame = match f.dax_region {
-            Some(region) => self.phys.alloc(region, owner),
-            None => self.phys.alloc_node(0, owner),
-        }
-        .ok()?;
-        self.phys.frame_mut(frame).lru = crate::phys::LruState::Inactive;
-        self.files[file as usize].pages.insert(pgoff, frame);
-        Some(frame)
     }
 }

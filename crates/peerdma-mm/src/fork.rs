@@ -10,11 +10,12 @@ use std::collections::BTreeSet;
 
 use peerdma_core::{Errno, FrameId, PMD_SIZE, PageSize, Pid, Range, Va};
 
-use crate::kernel::{Kernel, KernelState, TASK_SIZE};
-use crate::notifier::NotifierEvent;
+use crate::kernel::{Kernel, Mms, TASK_SIZE};
+use crate::mmu_notifier::NotifierEvent;
 use crate::pagetable::{Leaf, Pte};
-use crate::phys::{FRAMES_PER_PMD, FrameOwner, GfpZone};
+use crate::phys::{FRAMES_PER_PMD, FrameOwner, GfpZone, PhysMem};
 use crate::vma::{VmFlags, Vma, VmaBacking};
+use crate::vmscan::Swap;
 
 impl Kernel {
     /// `fork(2)`: copies the address space with copy-on-write for private mappings. Returns the child's pid.
@@ -28,23 +29,16 @@ impl Kernel {
         self.spend(self.costs.syscall).await;
         let lock = self.mmap_lock(pid);
         let _g = lock.write().await;
-        let child = self.create_process();
-        {
-            // The child runs where the parent ran: it inherits the home node (and Linux's mempolicy).
-            let mut st = self.state();
-            let home = st.home_node(pid);
-            st.mm_mut(child).home_node = home;
-        }
-        let vmas: Vec<Vma> = self.state().mm(pid).vmas.values().cloned().collect();
+        // The child runs where the parent ran: it inherits the home node (and Linux's mempolicy).
+        let home = self.home_node(pid);
+        let child = self.mms().create(&self.sim, home);
+        let vmas: Vec<Vma> = self.mms().mm(pid).vmas().values().cloned().collect();
         let mut copies = 0u64;
         for vma in vmas {
             if vma.flags.contains(VmFlags::DONTCOPY) {
                 continue;
             }
-            self.state()
-                .mm_mut(child)
-                .vmas
-                .insert(vma.range.start, vma.clone());
+            self.mms().mm_mut(child).insert_vma(vma.clone());
             // vma_needs_copy (mm/memory.c): only a mapping with an anon_vma, or a PFNMAP/MIXEDMAP one, has
             // its page tables copied; any other (a private file mapping never written, anonymous memory only
             // ever read, shmem) is refaulted by the child, and fork tells its notifiers nothing.
@@ -73,12 +67,13 @@ impl Kernel {
             let mut pinned_thps = BTreeSet::new();
             if cow && !hugetlb {
                 let huge: Vec<Va> = {
-                    let st = self.state();
+                    let st = self.mms();
+                    let phys = self.phys();
                     st.mm(pid)
-                        .pt
+                        .pt()
                         .leaves(vma.range.start, vma.range.end)
                         .into_iter()
-                        .filter(|l| l.size == PageSize::Size2M && st.thp_maybe_pinned(*l))
+                        .filter(|l| l.size == PageSize::Size2M && thp_maybe_pinned(&phys, *l))
                         .map(|l| l.base)
                         .collect()
                 };
@@ -88,18 +83,21 @@ impl Kernel {
                 }
             }
             let leaves = self
-                .state()
+                .mms()
                 .mm(pid)
-                .pt
+                .pt()
                 .leaves(vma.range.start, vma.range.end);
             {
-                let mut st = self.state();
+                let mut st = self.mms();
+                let mut phys = self.phys();
+                let mut swap = self.swap();
+                let mut oracle = self.oracle();
                 for leaf in leaves {
                     let force = pinned_thps.contains(&leaf.base.align_down(PMD_SIZE));
-                    copies += st.copy_leaf(pid, child, &vma, leaf, force);
+                    copies += st.copy_leaf(&mut phys, &mut swap, pid, child, &vma, leaf, force);
                 }
                 if cow {
-                    st.oracle.copy_anon(pid, child, vma.range);
+                    oracle.copy_anon(pid, child, vma.range);
                 }
             }
             if event.is_some() {
@@ -117,43 +115,57 @@ impl Kernel {
     pub async fn exit(&self, pid: Pid) {
         let lock = self.mmap_lock(pid);
         let _g = lock.write().await;
-        if !self.state().mm(pid).alive {
+        if !self.mms().mm(pid).is_alive() {
             return;
         }
         let all = Range::new(Va::from_raw(0), Va::from_raw(u64::MAX));
         self.invalidate_range_start(pid, all, NotifierEvent::Release, None)
             .await;
         {
-            let mut st = self.state();
-            st.zap_range(pid, Range::new(Va::from_raw(0), Va::from_raw(TASK_SIZE)));
-            st.mm_mut(pid).vmas.clear();
-            st.mm_mut(pid).alive = false;
-            st.oracle.forget_anon(pid, all);
+            let mut st = self.mms();
+            let mut phys = self.phys();
+            let mut swap = self.swap();
+            let mut oracle = self.oracle();
+            st.zap_range(
+                &mut phys,
+                &mut swap,
+                pid,
+                Range::new(Va::from_raw(0), Va::from_raw(TASK_SIZE)),
+            );
+            st.mm_mut(pid).clear_vmas();
+            st.mm_mut(pid).mark_exited();
+            oracle.forget_anon(pid, all);
         }
         self.invalidate_range_end(pid);
         self.sim.trace("exit", || format!("pid {}", pid.0));
     }
 }
 
-impl KernelState {
-    /// Returns whether some page of the anonymous PMD-mapped folio of `leaf` may be DMA-pinned
-    /// (`folio_maybe_dma_pinned` of the whole folio).
-    fn thp_maybe_pinned(&self, leaf: Leaf) -> bool {
-        let Some(head) = leaf.pte.frame() else {
-            return false;
-        };
-        matches!(leaf.pte, Pte::Present { special: false, .. })
-            && (0..FRAMES_PER_PMD).any(|i| {
-                let f = self.phys.frame(FrameId(head.0 + i));
-                f.owner() == FrameOwner::Anon && f.maybe_dma_pinned()
-            })
-    }
+/// Returns whether some page of the anonymous PMD-mapped folio of `leaf` may be DMA-pinned
+/// (`folio_maybe_dma_pinned` of the whole folio).
+fn thp_maybe_pinned(phys: &PhysMem, leaf: Leaf) -> bool {
+    let Some(head) = leaf.pte.frame() else {
+        return false;
+    };
+    matches!(leaf.pte, Pte::Present { special: false, .. })
+        && (0..FRAMES_PER_PMD).any(|i| {
+            let f = phys.frame(FrameId(head.0 + i));
+            f.owner() == FrameOwner::Anon && f.maybe_dma_pinned()
+        })
+}
 
+impl Mms {
     /// Copies one leaf from `parent` to `child` for fork; returns the number of pages copied eagerly.
     /// `force`: the page belongs to a folio that may be pinned, so an exclusive anonymous page is copied
     /// for the child even if this page itself holds no pin.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the cells fork borrows, the two processes, the VMA, the leaf and the folio's pin state"
+    )]
     pub(crate) fn copy_leaf(
         &mut self,
+        phys: &mut PhysMem,
+        swap: &mut Swap,
         parent: Pid,
         child: Pid,
         vma: &Vma,
@@ -162,9 +174,9 @@ impl KernelState {
     ) -> u64 {
         if let Pte::Swap { slot, write } = leaf.pte {
             // A swap entry is shared by parent and child (swap_duplicate), read-only for COW.
-            self.swap.dup(slot);
+            swap.dup(slot);
             let cow = !vma.is_shared();
-            self.mm_mut(child).pt.set_pte(
+            self.mm_mut(child).pt_mut().set_pte(
                 leaf.base,
                 Pte::Swap {
                     slot,
@@ -173,7 +185,7 @@ impl KernelState {
             );
             if cow && write {
                 self.mm_mut(parent)
-                    .pt
+                    .pt_mut()
                     .set_pte(leaf.base, Pte::Swap { slot, write: false });
             }
             return 0;
@@ -187,7 +199,7 @@ impl KernelState {
                 write,
                 special: false,
             };
-            self.mm_mut(parent).pt.set_pte(leaf.base, pte);
+            self.mm_mut(parent).pt_mut().set_pte(leaf.base, pte);
             leaf.pte = pte;
         }
         if let Pte::DevicePrivate { frame, write } | Pte::Migration { frame, write } = leaf.pte {
@@ -196,18 +208,20 @@ impl KernelState {
             // mmap_lock (crate::migrate_device, migrate_vma's unmap step), leaves for fork to meet (its finalize
             // finds both through the rmap walk). For COW both sides become read-only.
             for i in 0..leaf.size.nr_pages() {
-                self.map_frame(FrameId(frame.0 + i));
+                phys.map_frame(FrameId(frame.0 + i));
             }
             let cow = !vma.is_shared();
-            self.mm_mut(child).pt.set_leaf(
+            self.mm_mut(child).pt_mut().set_leaf(
                 leaf.base,
                 leaf.size,
                 leaf.pte.with_write(write && !cow),
             );
             if cow && write {
-                self.mm_mut(parent)
-                    .pt
-                    .set_leaf(leaf.base, leaf.size, leaf.pte.with_write(false));
+                self.mm_mut(parent).pt_mut().set_leaf(
+                    leaf.base,
+                    leaf.size,
+                    leaf.pte.with_write(false),
+                );
             }
             return 0;
         }
@@ -221,44 +235,42 @@ impl KernelState {
             return 0;
         };
         if special {
-            self.mm_mut(child).pt.set_pte(leaf.base, leaf.pte);
+            self.mm_mut(child).pt_mut().set_pte(leaf.base, leaf.pte);
             return 0;
         }
         let cow = !vma.is_shared();
-        if cow && leaf.size == PageSize::Size2M && vma.flags.contains(VmFlags::HUGETLB) {
+        if cow
+            && leaf.size == PageSize::Size2M
+            && vma.flags.contains(VmFlags::HUGETLB)
+            && thp_maybe_pinned(phys, leaf)
+        {
             // copy_hugetlb_page_range: a private hugetlb page that may be pinned is copied into a new
             // hugetlb page for the child at once; the parent keeps its entry as it was.
-            if self.thp_maybe_pinned(leaf) {
-                let home = self.home_node(child);
-                if let Ok(new) =
-                    self.phys
-                        .alloc_pmd_node_in(home, FrameOwner::Anon, GfpZone::Normal)
-                {
-                    for i in 0..FRAMES_PER_PMD {
-                        self.phys
-                            .copy_frame(FrameId(frame.0 + i), FrameId(new.0 + i));
-                        self.phys.frame_mut(FrameId(new.0 + i)).mapcount = 1;
-                    }
-                    self.mm_mut(child).pt.set_pmd(
-                        leaf.base,
-                        Pte::Present {
-                            frame: new,
-                            write,
-                            special: false,
-                        },
-                    );
-                    return FRAMES_PER_PMD;
+            let home = self.home_node(child);
+            if let Ok(new) = phys.alloc_pmd_node_in(home, FrameOwner::Anon, GfpZone::Normal) {
+                for i in 0..FRAMES_PER_PMD {
+                    phys.copy_frame(FrameId(frame.0 + i), FrameId(new.0 + i));
+                    phys.frame_mut(FrameId(new.0 + i)).mapcount = 1;
                 }
+                self.mm_mut(child).pt_mut().set_pmd(
+                    leaf.base,
+                    Pte::Present {
+                        frame: new,
+                        write,
+                        special: false,
+                    },
+                );
+                return FRAMES_PER_PMD;
             }
         }
         if cow && leaf.size == PageSize::Size4K {
-            let f = self.phys.frame(frame);
+            let f = phys.frame(frame);
             if f.owner() == FrameOwner::Anon && (force || f.maybe_dma_pinned()) && f.mapcount == 1 {
                 // copy_present_page: the pinned page stays the parent's; the child gets a copy now.
-                if let Ok(new) = self.alloc_anon_for(child) {
-                    self.phys.copy_frame(frame, new);
-                    self.phys.frame_mut(new).mapcount = 1;
-                    self.mm_mut(child).pt.set_pte(
+                if let Ok(new) = self.alloc_anon_for(phys, child) {
+                    phys.copy_frame(frame, new);
+                    phys.frame_mut(new).mapcount = 1;
+                    self.mm_mut(child).pt_mut().set_pte(
                         leaf.base,
                         Pte::Present {
                             frame: new,
@@ -271,7 +283,7 @@ impl KernelState {
             }
         }
         for i in 0..leaf.size.nr_pages() {
-            self.map_frame(FrameId(frame.0 + i));
+            phys.map_frame(FrameId(frame.0 + i));
         }
         let new_write = write && !cow;
         let child_pte = Pte::Present {
@@ -281,10 +293,12 @@ impl KernelState {
         };
         let wp = leaf.pte.with_write(false);
         self.mm_mut(child)
-            .pt
+            .pt_mut()
             .set_leaf(leaf.base, leaf.size, child_pte);
         if cow && write {
-            self.mm_mut(parent).pt.set_leaf(leaf.base, leaf.size, wp);
+            self.mm_mut(parent)
+                .pt_mut()
+                .set_leaf(leaf.base, leaf.size, wp);
         }
         0
     }

@@ -130,13 +130,13 @@ impl PinnedPages {
     /// and the kind of memory it is (the driver's `page_to_phys` / `is_pci_p2pdma_page` questions, answered
     /// once here).
     pub fn pages(&self) -> Vec<PinnedPage> {
-        let st = self.kernel.state();
+        let phys = self.kernel.phys();
         self.frames
             .iter()
             .map(|&frame| PinnedPage {
                 frame,
-                pa: st.phys.frame_pa(frame),
-                kind: st.phys.kind(frame),
+                pa: phys.frame_pa(frame),
+                kind: phys.kind(frame),
             })
             .collect()
     }
@@ -166,21 +166,21 @@ impl PinnedPages {
 impl Drop for PinnedPages {
     fn drop(&mut self) {
         release(&self.kernel, &self.frames, self.pin);
-        self.kernel.pin_wq.wake_up_all();
+        self.kernel.pin_wq().wake_up_all();
     }
 }
 
 fn release(kernel: &Kernel, frames: &[FrameId], pin: bool) {
-    let mut st = kernel.state();
-    let zero = st.phys.zero_page();
+    let mut phys = kernel.phys();
+    let zero = phys.zero_page();
     for &f in frames {
         if f == zero {
             continue;
         }
         if pin {
-            st.phys.frame_mut(f).refcount -= GUP_PIN_COUNTING_BIAS - 1;
+            phys.frame_mut(f).refcount -= GUP_PIN_COUNTING_BIAS - 1;
         }
-        st.phys.put(f);
+        phys.put(f);
     }
 }
 
@@ -219,7 +219,7 @@ struct MemallocPinScope {
 
 impl MemallocPinScope {
     fn save(kernel: &Rc<Kernel>, pid: Pid) -> Self {
-        kernel.state().mm_mut(pid).memalloc_pin += 1;
+        kernel.mms().mm_mut(pid).memalloc_pin_save();
         Self {
             kernel: kernel.clone(),
             pid,
@@ -229,9 +229,9 @@ impl MemallocPinScope {
 
 impl Drop for MemallocPinScope {
     fn drop(&mut self) {
-        let mut st = self.kernel.state();
-        if let Some(mm) = st.mms.get_mut(&self.pid) {
-            mm.memalloc_pin -= 1;
+        let mut st = self.kernel.mms();
+        if let Some(mm) = st.get_mut(self.pid) {
+            mm.memalloc_pin_restore();
         }
     }
 }
@@ -287,17 +287,17 @@ impl Kernel {
             // collect_longterm_unpinnable_folios: device-coherent memory must stay evictable, ZONE_MOVABLE
             // migratable.
             let unpinnable: Vec<(usize, FrameId)> = {
-                let st = self.state();
-                let zero = st.phys.zero_page();
+                let phys = self.phys();
+                let zero = phys.zero_page();
                 frames
                     .iter()
                     .copied()
                     .enumerate()
                     .filter(|&(_, f)| {
                         !folio_is_longterm_pinnable(
-                            st.phys.kind(f),
+                            phys.kind(f),
                             f == zero,
-                            st.phys.is_zone_movable_page(f),
+                            phys.is_zone_movable_page(f),
                         )
                     })
                     .collect()
@@ -311,7 +311,7 @@ impl Kernel {
                 });
             }
             release(self, &frames, pin);
-            self.pin_wq.wake_up_all();
+            self.pin_wq().wake_up_all();
             // migrate_longterm_unpinnable_folios: device-coherent folios one by one
             // (migrate_device_coherent_folio), movable RAM through migrate_pages, whose failure is ENOMEM.
             // (fsdax, the only other kind, never gets here: its VMA is refused with EOPNOTSUPP first.)
@@ -375,7 +375,7 @@ impl Kernel {
         flags: GupFlags,
         write: bool,
     ) -> Result<FrameId, Errno> {
-        let vma = self.state().mm(pid).vma(va).cloned().ok_or(Errno::EFAULT)?;
+        let vma = self.mms().mm(pid).vma(va).cloned().ok_or(Errno::EFAULT)?;
         // check_vma_flags (§2.3).
         if vma.flags.intersects(VmFlags::IO | VmFlags::PFNMAP) {
             return Err(Errno::EFAULT);
@@ -399,7 +399,7 @@ impl Kernel {
         }
         if write && flags.contains(GupFlags::PIN | GupFlags::LONGTERM) && vma.is_shared() {
             let dirty_tracked = match vma.backing {
-                VmaBacking::File { file, .. } => !self.state().files[file as usize].shmem,
+                VmaBacking::File { file, .. } => !self.files().file(file).is_shmem(),
                 _ => false,
             };
             if dirty_tracked {
@@ -419,20 +419,21 @@ impl Kernel {
             flags.contains(GupFlags::PIN | GupFlags::LONGTERM) && !write && !vma.is_shared();
         loop {
             let hit = {
-                let st = self.state();
+                let st = self.mms();
+                let phys = self.phys();
                 match st.mm(pid).translate(va) {
                     Some((frame, w, leaf)) => {
                         let f = leaf.frame_at(va).unwrap_or(frame);
-                        let exclusive_anon = f != st.phys.zero_page()
-                            && st.phys.frame(f).owner() == crate::phys::FrameOwner::Anon
-                            && st.phys.frame(f).mapcount <= 1
-                            && st.phys.frame(f).refcount % GUP_PIN_COUNTING_BIAS == 1;
-                        let shared_anon = f != st.phys.zero_page()
-                            && st.phys.frame(f).owner() == crate::phys::FrameOwner::Anon
+                        let exclusive_anon = f != phys.zero_page()
+                            && phys.frame(f).owner() == crate::phys::FrameOwner::Anon
+                            && phys.frame(f).mapcount <= 1
+                            && phys.frame(f).refcount % GUP_PIN_COUNTING_BIAS == 1;
+                        let shared_anon = f != phys.zero_page()
+                            && phys.frame(f).owner() == crate::phys::FrameOwner::Anon
                             && !exclusive_anon;
-                        let not_anon = f == st.phys.zero_page()
-                            || (st.phys.frame(f).owner() != crate::phys::FrameOwner::Anon
-                                && matches!(st.phys.kind(f), MemoryKind::Ram { .. }));
+                        let not_anon = f == phys.zero_page()
+                            || (phys.frame(f).owner() != crate::phys::FrameOwner::Anon
+                                && matches!(phys.kind(f), MemoryKind::Ram { .. }));
                         let ok = (w || !write || (force_cow && exclusive_anon))
                             && !(unshare && shared_anon)
                             && !(unshare_non_anon && !w && not_anon);
@@ -442,17 +443,17 @@ impl Kernel {
                 }
             };
             if let Some(frame) = hit {
-                let mut st = self.state();
-                let zero = st.phys.zero_page();
+                let mut phys = self.phys();
+                let zero = phys.zero_page();
                 if frame != zero {
-                    if st.phys.frame(frame).refcount == 0 {
+                    if phys.frame(frame).refcount == 0 {
                         return Err(Errno::ENOMEM);
                     }
                     // try_grab_folio: a P2PDMA page only for callers that accept it (spec §2.4 step 2).
-                    if st.phys.is_p2pdma_page(frame) && !flags.contains(GupFlags::PCI_P2PDMA) {
+                    if phys.is_p2pdma_page(frame) && !flags.contains(GupFlags::PCI_P2PDMA) {
                         return Err(Errno::EREMOTEIO);
                     }
-                    let fr = st.phys.frame_mut(frame);
+                    let fr = phys.frame_mut(frame);
                     fr.refcount += if flags.contains(GupFlags::PIN) {
                         GUP_PIN_COUNTING_BIAS
                     } else {
@@ -465,22 +466,22 @@ impl Kernel {
                 return Err(Errno::EFAULT);
             }
             if force_cow
-                || ((unshare || unshare_non_anon) && self.state().mm(pid).translate(va).is_some())
+                || ((unshare || unshare_non_anon) && self.mms().mm(pid).translate(va).is_some())
             {
                 self.handle_mm_fault(pid, va, false)
                     .await
                     .map_err(|_| Errno::EFAULT)?;
-                let leaf = self.state().mm(pid).pt.lookup(va).ok_or(Errno::EFAULT)?;
+                let leaf = self.mms().mm(pid).pt().lookup(va).ok_or(Errno::EFAULT)?;
                 self.do_wp_page(pid, &vma, va, leaf)
                     .await
                     .map_err(|_| Errno::EFAULT)?;
-                let mut st = self.state();
-                st.note_anon_vma(pid, va);
+                self.note_anon_vma(pid, va);
+                let mut st = self.mms();
                 // The copy stays read-only: a FOLL_FORCE write leaves the entry as the mapping has it, and
                 // an unshare never makes it writable (`wp_page_copy` / `wp_page_reuse` with
                 // FAULT_FLAG_UNSHARE); a later CPU write reuses the now-exclusive page.
-                if let Some(l) = st.mm(pid).pt.lookup(va) {
-                    st.mm_mut(pid).pt.set_pte(va, l.pte.with_write(false));
+                if let Some(l) = st.mm(pid).pt().lookup(va) {
+                    st.mm_mut(pid).pt_mut().set_pte(va, l.pte.with_write(false));
                 }
                 continue;
             }

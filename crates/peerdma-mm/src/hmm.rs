@@ -14,10 +14,10 @@
 
 use peerdma_core::{DeviceId, Errno, FrameId, PAGE_SIZE, PageSize, Pid, Range, Va};
 
-use crate::kernel::{Kernel, KernelState};
-use crate::notifier::NotifierId;
+use crate::kernel::{Kernel, Mms};
+use crate::mmu_notifier::NotifierId;
 use crate::pagetable::{Leaf, Pte};
-use crate::phys::MemoryKind;
+use crate::phys::{MemoryKind, PhysMem};
 use crate::vma::VmFlags;
 
 /// HMM_PFN_VALID; as input, HMM_PFN_REQ_FAULT.
@@ -127,7 +127,8 @@ fn need_fault(req: u64, cpu: u64) -> Option<bool> {
 /// Classifies the page at `va`, whose page-table leaf (if any) is `leaf` (`hmm_vma_walk_pmd` /
 /// `hmm_vma_handle_pte` for one page).
 fn classify(
-    st: &KernelState,
+    st: &Mms,
+    phys: &PhysMem,
     pid: Pid,
     va: Va,
     leaf: Option<Leaf>,
@@ -173,9 +174,8 @@ fn classify(
             PageResult::Out(frame.0 | cpu | order)
         }
         Pte::DevicePrivate { frame, write }
-            if dev_owner.is_some_and(|owner| {
-                st.phys.kind(frame) == MemoryKind::DevicePrivate { owner }
-            }) =>
+            if dev_owner
+                .is_some_and(|owner| phys.kind(frame) == MemoryKind::DevicePrivate { owner }) =>
         {
             // A device-private page of the caller's own device is reported, never faulted — except a write
             // request on a read-only entry (spec §1.1). A PMD-level entry reports order 9 (≥ v6.19).
@@ -226,8 +226,9 @@ impl Kernel {
         // The walk proper: one page-table cursor pass from `last` (`walk_page_range`), classifying every
         // page — the holes between the cursor's leaves included — until one needs a fault or fails.
         let (walked, stop) = {
-            let st = self.state();
-            let mut cursor = st.mm(range.pid).pt.cursor(Range::new(*last, range.end));
+            let st = self.mms();
+            let phys = self.phys();
+            let mut cursor = st.mm(range.pid).pt().cursor(Range::new(*last, range.end));
             let mut next_leaf = cursor.next();
             let mut va = *last;
             let mut walked = 0u64;
@@ -241,7 +242,15 @@ impl Kernel {
                     .expect("index fits usize");
                 let req = (range.hmm_pfns[idx] & range.pfn_flags_mask) | range.default_flags;
                 walked += 1;
-                match classify(&st, range.pid, va, leaf, req, range.dev_private_owner) {
+                match classify(
+                    &st,
+                    &phys,
+                    range.pid,
+                    va,
+                    leaf,
+                    req,
+                    range.dev_private_owner,
+                ) {
                     PageResult::Out(word) => {
                         range.hmm_pfns[idx] = (range.hmm_pfns[idx] & HMM_PFN_INOUT_FLAGS) | word;
                         va = va.add(PAGE_SIZE);
@@ -261,7 +270,7 @@ impl Kernel {
                 PageResult::Fault(write) => {
                     *last = va;
                     let vma_write = self
-                        .state()
+                        .mms()
                         .mm(range.pid)
                         .vma(va)
                         .is_some_and(|v| v.flags.contains(VmFlags::WRITE));
@@ -281,9 +290,18 @@ impl Kernel {
                             .expect("fits");
                         let req = (range.hmm_pfns[i] & range.pfn_flags_mask) | range.default_flags;
                         let r = {
-                            let st = self.state();
-                            let leaf = st.mm(range.pid).pt.lookup(page);
-                            classify(&st, range.pid, page, leaf, req, range.dev_private_owner)
+                            let st = self.mms();
+                            let phys = self.phys();
+                            let leaf = st.mm(range.pid).pt().lookup(page);
+                            classify(
+                                &st,
+                                &phys,
+                                range.pid,
+                                page,
+                                leaf,
+                                req,
+                                range.dev_private_owner,
+                            )
                         };
                         match r {
                             PageResult::Fault(w) => {

@@ -9,7 +9,7 @@
 
 use peerdma_core::{FrameId, Pid, Va};
 
-use crate::kernel::Kernel;
+use crate::kernel::{AddressSpace, Kernel};
 use crate::oracle::{Violation, ViolationKind};
 use crate::pagetable::Pte;
 use crate::phys::{FrameInfo, LruState};
@@ -19,7 +19,7 @@ use crate::vma::Vma;
 impl Kernel {
     /// Returns whether `pid` is a created process that has not exited.
     pub fn is_alive(&self, pid: Pid) -> bool {
-        self.state().mms.get(&pid).is_some_and(|mm| mm.alive)
+        self.mms().get(pid).is_some_and(AddressSpace::is_alive)
     }
 
     /// Returns (a copy of) the VMA of `pid` containing `va` (`vma_lookup`).
@@ -27,7 +27,7 @@ impl Kernel {
     /// # Panics
     /// Panics for an unknown pid.
     pub fn vma_at(&self, pid: Pid, va: Va) -> Option<Vma> {
-        self.state().mm(pid).vma(va).cloned()
+        self.mms().mm(pid).vma(va).cloned()
     }
 
     /// Returns (copies of) every VMA of `pid`, in address order (`/proc/<pid>/maps`).
@@ -35,7 +35,7 @@ impl Kernel {
     /// # Panics
     /// Panics for an unknown pid.
     pub fn vmas(&self, pid: Pid) -> Vec<Vma> {
-        self.state().mm(pid).vmas.values().cloned().collect()
+        self.mms().mm(pid).vmas().values().cloned().collect()
     }
 
     /// Returns the CPU page-table entry of the leaf covering `va` in `pid`, if any (`/proc/<pid>/pagemap`).
@@ -43,7 +43,7 @@ impl Kernel {
     /// # Panics
     /// Panics for an unknown pid.
     pub fn pte_at(&self, pid: Pid, va: Va) -> Option<Pte> {
-        self.state().mm(pid).pt.lookup(va).map(|l| l.pte)
+        self.mms().mm(pid).pt().lookup(va).map(|l| l.pte)
     }
 
     /// Returns the frame a *present* mapping gives `va` in `pid`, and whether it is writable.
@@ -51,7 +51,7 @@ impl Kernel {
     /// # Panics
     /// Panics for an unknown pid.
     pub fn translate(&self, pid: Pid, va: Va) -> Option<(FrameId, bool)> {
-        self.state()
+        self.mms()
             .mm(pid)
             .translate(va)
             .map(|(f, write, _)| (f, write))
@@ -59,7 +59,9 @@ impl Kernel {
 
     /// Returns the depth of `memalloc_pin_save` scopes open on `pid`'s address space (0 for an unknown pid).
     pub fn memalloc_pin_depth(&self, pid: Pid) -> u32 {
-        self.state().mms.get(&pid).map_or(0, |mm| mm.memalloc_pin)
+        self.mms()
+            .get(pid)
+            .map_or(0, AddressSpace::memalloc_pin_depth)
     }
 }
 
@@ -67,17 +69,17 @@ impl Kernel {
 impl Kernel {
     /// Returns a snapshot of frame `frame`'s metadata.
     pub fn frame_info(&self, frame: FrameId) -> FrameInfo {
-        self.state().phys.frame_info(frame)
+        self.phys().frame_info(frame)
     }
 
     /// Returns the shared zero page.
     pub fn zero_page(&self) -> FrameId {
-        self.state().phys.zero_page()
+        self.phys().zero_page()
     }
 
     /// Returns the region `frame` is in.
     pub fn region_of(&self, frame: FrameId) -> usize {
-        self.state().phys.region_of(frame)
+        self.phys().region_of(frame)
     }
 
     /// Returns the first frame of region `region` and its number of frames.
@@ -85,8 +87,8 @@ impl Kernel {
     /// # Panics
     /// Panics for an unknown region.
     pub fn region_frames(&self, region: usize) -> (FrameId, u64) {
-        let st = self.state();
-        let r = &st.phys.regions()[region];
+        let phys = self.phys();
+        let r = &phys.regions()[region];
         (FrameId(r.start), r.nr_frames)
     }
 
@@ -95,39 +97,39 @@ impl Kernel {
     /// # Panics
     /// Panics when `node` is not below [`Kernel::nr_nodes`].
     pub fn node_region(&self, node: u32) -> usize {
-        self.state().phys.node_region(node)
+        self.phys().node_region(node)
     }
 
     /// Returns the number of free frames on RAM node `node` (`NR_FREE_PAGES` of the node).
     pub fn nr_free_node(&self, node: u32) -> u64 {
-        self.state().phys.nr_free_node(node)
+        self.phys().nr_free_node(node)
     }
 
     /// Returns whether RAM node `node` is movable (its memory is ZONE_MOVABLE).
     pub fn is_node_movable(&self, node: u32) -> bool {
-        self.state().phys.is_node_movable(node)
+        self.phys().is_node_movable(node)
     }
 
     /// Reads `buf.len()` bytes of frame `frame` at `offset` directly, as `/dev/mem` would: no page table, no
     /// oracle.
     pub fn read_frame(&self, frame: FrameId, offset: usize, buf: &mut [u8]) {
-        self.state().phys.read(frame, offset, buf);
+        self.phys().read(frame, offset, buf);
     }
 
     /// Returns the number of swap slots in use.
     pub fn nr_swap_slots(&self) -> usize {
-        self.state().swap.nr_slots()
+        self.swap().nr_slots()
     }
 
     /// Returns the number of anonymous pages on the active or inactive list (`LruState::None` counts
     /// nothing).
     pub fn nr_lru_pages(&self, list: LruState) -> u64 {
-        self.state().nr_lru_pages(list)
+        self.swap().nr_lru_pages(&self.phys(), list)
     }
 
     /// Returns the number of anonymous pages of RAM node `node` on the active or inactive list.
     pub fn nr_lru_pages_node(&self, node: u32, list: LruState) -> u64 {
-        self.state().nr_lru_pages_node(node, list)
+        self.swap().nr_lru_pages_node(&self.phys(), node, list)
     }
 }
 
@@ -135,26 +137,26 @@ impl Kernel {
 impl Kernel {
     /// Returns the violations the oracle found so far (the run stops at the first).
     pub fn oracle_violations(&self) -> Vec<Violation> {
-        self.state().oracle.violations().to_vec()
+        self.oracle().violations().to_vec()
     }
 
     /// Arms the oracle for a violation of `kind` that is coming (a scenario step demonstrating what the
     /// oracle catches): until [`Kernel::take_expected_violations`], violations of that kind are kept apart as
     /// expected and do not stop the run.
     pub fn expect_violation(&self, kind: ViolationKind) {
-        self.state().oracle.expect_violation(kind);
+        self.oracle().expect_violation(kind);
     }
 
     /// Disarms the oracle and returns the expected violations it recorded since
     /// [`Kernel::expect_violation`].
     pub fn take_expected_violations(&self) -> Vec<Violation> {
-        self.state().oracle.take_expected()
+        self.oracle().take_expected()
     }
 
     /// The oracle's check 6: a mirror is about to program device entries for a range whose subscription
     /// `retry` says must be retried (`what` names the fault for the report).
     pub fn mirror_install(&self, retry: bool, what: impl FnOnce() -> String) {
-        self.state().oracle.mirror_install(retry, what);
+        self.oracle().mirror_install(retry, what);
     }
 }
 
@@ -163,13 +165,13 @@ impl Kernel {
     /// Sets or clears frame `frame`'s `PG_locked` (`folio_lock` / `folio_unlock` without waiting). The model
     /// holds the bit only while a migration holds the page; a test uses this to hold it longer.
     pub fn set_frame_locked(&self, frame: FrameId, locked: bool) {
-        self.state().phys.frame_mut(frame).locked = locked;
+        self.phys().frame_mut(frame).locked = locked;
     }
 
     /// Sets frame `frame`'s reference count to `refcount` and returns the previous count. The model never
     /// maps a frame whose count is 0 (a folio being freed); a test uses this to make that state, and must
     /// restore the count.
     pub fn set_frame_refcount(&self, frame: FrameId, refcount: u32) -> u32 {
-        std::mem::replace(&mut self.state().phys.frame_mut(frame).refcount, refcount)
+        std::mem::replace(&mut self.phys().frame_mut(frame).refcount, refcount)
     }
 }

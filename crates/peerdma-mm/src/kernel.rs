@@ -1,18 +1,30 @@
-//! The kernel facade: [`Kernel`] (one per simulation, shared as `Rc<Kernel>`) and the state it guards
-//! (`KernelState`: physical memory, address spaces, files, swap, P2P state and the oracle), with construction,
-//! processes, NUMA placement and the helpers every mechanism shares (VMA lookup and splitting, range
-//! checks). The mechanisms themselves are `impl Kernel` / `impl KernelState` blocks in one module each, named
-//! after Linux's mm/ files: [`crate::memory`] (faults, COW, zap), [`crate::mmap`], [`crate::mprotect`],
-//! [`crate::mremap`], [`crate::madvise`], [`crate::khugepaged`], [`crate::fork`] (fork and exit),
-//! [`crate::filemap`] (page cache, truncate), [`crate::notifier`] (mmu interval notifiers), [`crate::rmap`],
-//! [`crate::gup`], [`crate::hmm`], [`crate::migrate`], [`crate::migrate_device`], [`crate::swap`] (reclaim),
-//! [`crate::p2p`], [`crate::device_access`] (the oracle's device checks) and [`crate::introspect`] (the
-//! narrow read-only questions other crates may ask). Other crates never borrow `KernelState`: it and
-//! `Kernel::state` are crate-private.
+//! The kernel facade: [`Kernel`] (one per simulation, shared as `Rc<Kernel>`), with construction, processes,
+//! NUMA placement and the helpers every mechanism shares (VMA lookup and splitting, range checks).
+//!
+//! **Each subsystem owns its state, in a cell of its own.** `Kernel` holds one `RefCell` per subsystem and
+//! lends each through a crate-private borrow: `Kernel::mms` (every `AddressSpace` — VMAs, page table,
+//! interval notifiers — in the `Mms` table), `Kernel::phys` ([`PhysMem`]: frames, regions, the page
+//! allocator), `Kernel::swap` ([`crate::vmscan::Swap`]: swap slots and LRU lists), `Kernel::files` (the page
+//! cache, [`crate::file`]), `Kernel::p2p` ([`crate::p2pdma::P2pState`]) and `Kernel::oracle`
+//! ([`crate::oracle::Oracle`]). There is no borrow of the whole state. Every state type keeps its fields
+//! private and changes only through its own methods (`tests/state_privacy.rs` checks the sources); a
+//! mechanism borrows just the subsystems it touches, and a helper that needs several takes them as parameters
+//! (`Mms::zap_range(&mut PhysMem, &mut Swap, …)`), so its signature says what it changes. Two borrows of the
+//! same cell at once would panic: a mechanism borrows each cell once per atomic step, and a helper never
+//! borrows a cell itself.
+//!
+//! The mechanisms are `impl Kernel` / `impl Mms` blocks in one module each, named after Linux's mm/ files:
+//! [`crate::memory`] (faults, COW, zap), [`crate::mmap`], [`crate::mprotect`], [`crate::mremap`],
+//! [`crate::madvise`], [`crate::khugepaged`], [`crate::fork`] (fork and exit), [`crate::filemap`] (page cache,
+//! truncate), [`crate::mmu_notifier`] (mmu interval notifiers), [`crate::rmap`], [`crate::gup`],
+//! [`crate::hmm`], [`crate::migrate`], [`crate::migrate_device`], [`crate::vmscan`] (reclaim),
+//! [`crate::p2pdma`], [`crate::device_access`] (the oracle's device checks) and [`crate::introspect`] (the
+//! narrow read-only questions other crates may ask). Other crates never borrow any of the cells: the state
+//! types and their accessors are crate-private.
 //!
 //! Every operation that can sleep in Linux is an `async fn` here, and sleeps at the same points: taking
 //! `mmap_lock`, calling interval-notifier callbacks (which take driver locks), and the time the operation
-//! costs. Between two `.await`s an operation is atomic; state lives in a `RefCell` that is never borrowed
+//! costs. Between two `.await`s an operation is atomic; state lives in `RefCell`s that are never borrowed
 //! across an `.await`.
 //!
 //! NUMA: RAM is one region per node ([`Kernel::new_numa`]). Each process has a home node (0 unless
@@ -42,12 +54,14 @@ use peerdma_core::{Errno, FrameId, PAGE_SIZE, Pid, Range, SimDuration, Va};
 use peerdma_sim::{RwSem, Sim, WaitQueue};
 
 use crate::costs::MmCosts;
-use crate::file::File;
-use crate::notifier::NotifierState;
+use crate::file::PageCache;
+use crate::mmu_notifier::{NotifierId, NotifierState};
 use crate::oracle::{LogicalPage, Oracle};
+use crate::p2pdma::P2pState;
 use crate::pagetable::{Leaf, PageTable, Pte};
 use crate::phys::{FrameOwner, GfpZone, MovableError, PhysMem};
 use crate::vma::{Vma, VmaBacking};
+use crate::vmscan::Swap;
 
 /// Lowest address `mmap` hands out without a hint (`mmap_min_addr` is far lower; this keeps reports readable).
 pub const MMAP_MIN: u64 = 0x1_0000_0000;
@@ -99,25 +113,97 @@ impl VmFault {
 #[derive(Debug)]
 pub(crate) struct AddressSpace {
     /// The owning process.
-    pub(crate) pid: Pid,
+    pid: Pid,
     /// VMAs by start address.
-    pub(crate) vmas: BTreeMap<Va, Vma>,
+    vmas: BTreeMap<Va, Vma>,
     /// The CPU page table.
-    pub(crate) pt: PageTable,
+    pt: PageTable,
     /// Interval notifiers.
-    pub(crate) notifiers: NotifierState,
+    notifiers: NotifierState,
     /// `mmap_lock`.
-    pub(crate) mmap_lock: RwSem,
+    mmap_lock: RwSem,
     /// False once the process exited.
-    pub(crate) alive: bool,
+    alive: bool,
     /// The NUMA node its allocations prefer (the default local policy's node).
-    pub(crate) home_node: u32,
+    home_node: u32,
     /// Depth of `memalloc_pin_save` scopes open on it (long-term GUP): while non-zero its anonymous
     /// allocations avoid movable memory (module docs).
-    pub(crate) memalloc_pin: u32,
+    memalloc_pin: u32,
 }
 
 impl AddressSpace {
+    /// Returns the owning process.
+    pub(crate) fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// Returns the VMAs by start address.
+    pub(crate) fn vmas(&self) -> &BTreeMap<Va, Vma> {
+        &self.vmas
+    }
+
+    /// Inserts `vma` (which must not overlap another; callers clear the range first).
+    pub(crate) fn insert_vma(&mut self, vma: Vma) {
+        debug_assert!(self.vmas_in(vma.range).is_empty(), "overlapping VMA");
+        self.vmas.insert(vma.range.start, vma);
+    }
+
+    /// Returns the VMA starting at `start`, mutably (its flags or backing change; it may grow into a free
+    /// gap).
+    pub(crate) fn vma_mut(&mut self, start: Va) -> Option<&mut Vma> {
+        self.vmas.get_mut(&start)
+    }
+
+    /// Removes every VMA (exit).
+    pub(crate) fn clear_vmas(&mut self) {
+        self.vmas.clear();
+    }
+
+    /// Returns the CPU page table.
+    pub(crate) fn pt(&self) -> &PageTable {
+        &self.pt
+    }
+
+    /// Returns the CPU page table, mutably.
+    pub(crate) fn pt_mut(&mut self) -> &mut PageTable {
+        &mut self.pt
+    }
+
+    /// Returns the interval-notifier state.
+    pub(crate) fn notifiers(&self) -> &NotifierState {
+        &self.notifiers
+    }
+
+    /// Returns the interval-notifier state, mutably.
+    pub(crate) fn notifiers_mut(&mut self) -> &mut NotifierState {
+        &mut self.notifiers
+    }
+
+    /// Returns whether the process is still alive (not exited).
+    pub(crate) fn is_alive(&self) -> bool {
+        self.alive
+    }
+
+    /// Marks the process exited (its mappings are gone).
+    pub(crate) fn mark_exited(&mut self) {
+        self.alive = false;
+    }
+
+    /// Returns the depth of `memalloc_pin_save` scopes open on it.
+    pub(crate) fn memalloc_pin_depth(&self) -> u32 {
+        self.memalloc_pin
+    }
+
+    /// Opens a `memalloc_pin_save` scope.
+    pub(crate) fn memalloc_pin_save(&mut self) {
+        self.memalloc_pin += 1;
+    }
+
+    /// Closes a `memalloc_pin_save` scope (`memalloc_pin_restore`).
+    pub(crate) fn memalloc_pin_restore(&mut self) {
+        self.memalloc_pin -= 1;
+    }
+
     /// Returns the VMA containing `va` (`vma_lookup`).
     pub(crate) fn vma(&self, va: Va) -> Option<&Vma> {
         let (_, v) = self.vmas.range(..=va).next_back()?;
@@ -161,66 +247,98 @@ impl AddressSpace {
     }
 }
 
-/// Mutable kernel state. Borrow it only between awaits.
+/// Every process address space, by pid (the model's task list as far as mm sees it), with the id counters
+/// of processes and interval notifiers. Borrow it only between awaits.
 #[derive(Debug)]
-pub(crate) struct KernelState {
-    /// Physical memory.
-    pub(crate) phys: PhysMem,
-    /// Address spaces by pid.
-    pub(crate) mms: BTreeMap<Pid, AddressSpace>,
-    /// Files by id.
-    pub(crate) files: Vec<File>,
-    /// The coherence oracle.
-    pub(crate) oracle: Oracle,
-    /// Transparent hugepage policy.
-    pub(crate) thp: ThpPolicy,
-    /// The swap device and the anonymous LRU.
-    pub(crate) swap: crate::swap::Swap,
-    /// P2P memory regions' removal state and MMIO ranges without struct pages.
-    pub(crate) p2p: crate::p2p::P2pState,
+pub(crate) struct Mms {
+    by_pid: BTreeMap<Pid, AddressSpace>,
     next_pid: u32,
-    pub(crate) next_notifier: u64,
+    next_notifier: u64,
 }
 
-impl KernelState {
+impl Mms {
+    /// Creates an empty address space for a new process (running on `home_node`) and returns its pid.
+    pub(crate) fn create(&mut self, sim: &Sim, home_node: u32) -> Pid {
+        let pid = Pid(self.next_pid);
+        self.next_pid += 1;
+        let mm = AddressSpace {
+            pid,
+            vmas: BTreeMap::new(),
+            pt: PageTable::new(),
+            notifiers: NotifierState::default(),
+            mmap_lock: RwSem::new(sim, "mmap_lock"),
+            alive: true,
+            home_node,
+            memalloc_pin: 0,
+        };
+        self.by_pid.insert(pid, mm);
+        pid
+    }
+
+    /// Returns a fresh interval-notifier id.
+    pub(crate) fn new_notifier_id(&mut self) -> NotifierId {
+        let id = NotifierId(self.next_notifier);
+        self.next_notifier += 1;
+        id
+    }
+
+    /// Returns the address space of `pid`, if the process was created.
+    pub(crate) fn get(&self, pid: Pid) -> Option<&AddressSpace> {
+        self.by_pid.get(&pid)
+    }
+
+    /// Returns the address space of `pid` mutably, if the process was created.
+    pub(crate) fn get_mut(&mut self, pid: Pid) -> Option<&mut AddressSpace> {
+        self.by_pid.get_mut(&pid)
+    }
+
+    /// Returns the address spaces of live (not exited) processes, by pid.
+    pub(crate) fn live(&self) -> impl Iterator<Item = &AddressSpace> {
+        self.by_pid.values().filter(|mm| mm.alive)
+    }
+
     /// Returns the address space of `pid`.
     ///
     /// # Panics
     /// Panics for an unknown pid (pids come from [`Kernel::create_process`] / [`Kernel::fork`]).
     pub(crate) fn mm(&self, pid: Pid) -> &AddressSpace {
-        self.mms.get(&pid).expect("pid of a created process")
+        self.by_pid.get(&pid).expect("pid of a created process")
     }
 
     /// Returns the address space of `pid`, mutably.
     pub(crate) fn mm_mut(&mut self, pid: Pid) -> &mut AddressSpace {
-        self.mms.get_mut(&pid).expect("pid of a created process")
+        self.by_pid.get_mut(&pid).expect("pid of a created process")
     }
 
     /// Returns the home node of `pid` (0 for a pid with no address space).
     pub(crate) fn home_node(&self, pid: Pid) -> u32 {
-        self.mms.get(&pid).map_or(0, |mm| mm.home_node)
+        self.get(pid).map_or(0, |mm| mm.home_node)
     }
 
     /// Returns the zone limit of `pid`'s anonymous allocations: [`GfpZone::Movable`], or
     /// [`GfpZone::Normal`] inside a `memalloc_pin_save` scope (module docs).
     pub(crate) fn anon_zone(&self, pid: Pid) -> GfpZone {
-        match self.mms.get(&pid) {
+        match self.get(pid) {
             Some(mm) if mm.memalloc_pin > 0 => GfpZone::Normal,
             _ => GfpZone::Movable,
         }
     }
 
     /// Allocates an anonymous RAM page for `pid`: its home node first, then fallback
-    /// ([`PhysMem::alloc_node_in`]), within [`KernelState::anon_zone`].
-    pub(crate) fn alloc_anon_for(&mut self, pid: Pid) -> Result<FrameId, crate::phys::OutOfMemory> {
+    /// ([`PhysMem::alloc_node_in`]), within [`Mms::anon_zone`].
+    pub(crate) fn alloc_anon_for(
+        &self,
+        phys: &mut PhysMem,
+        pid: Pid,
+    ) -> Result<FrameId, crate::phys::OutOfMemory> {
         let home = self.home_node(pid);
         let zone = self.anon_zone(pid);
-        self.phys.alloc_node_in(home, FrameOwner::Anon, zone)
+        phys.alloc_node_in(home, FrameOwner::Anon, zone)
     }
 
     /// Returns the logical page the oracle tracks for `va` in `pid` (see [`LogicalPage`]).
-    pub(crate) fn logical_page(&self, pid: Pid, va: Va) -> Option<LogicalPage> {
-        let mm = self.mms.get(&pid)?;
+    pub(crate) fn logical_page(&self, phys: &PhysMem, pid: Pid, va: Va) -> Option<LogicalPage> {
+        let mm = self.get(pid)?;
         let vma = mm.vma(va)?;
         let vpn = va.page_number();
         match vma.backing {
@@ -235,7 +353,7 @@ impl KernelState {
                 // may since have migrated to device memory: any entry naming an anonymous frame counts).
                 let frame = mm.pt.lookup(va).and_then(|l| l.frame_at(va));
                 match frame {
-                    Some(f) if self.phys.frame(f).owner() == FrameOwner::Anon => {
+                    Some(f) if phys.frame(f).owner() == FrameOwner::Anon => {
                         Some(LogicalPage::Anon { pid, vpn })
                     }
                     _ => Some(LogicalPage::File { file, pgoff }),
@@ -287,6 +405,9 @@ impl KernelState {
     }
 }
 
+/// The callbacks of each device memory region (`dev_pagemap`), by region index.
+type Pgmaps = BTreeMap<usize, Rc<dyn crate::migrate::DevicePagemapOps>>;
+
 /// The simulated kernel: one per simulation, shared by every agent as `Rc<Kernel>`.
 #[derive(Debug)]
 pub struct Kernel {
@@ -294,14 +415,28 @@ pub struct Kernel {
     pub sim: Sim,
     /// Timing parameters.
     pub costs: MmCosts,
-    pub(crate) state: RefCell<KernelState>,
-    pub(crate) notifier_wq: WaitQueue,
+    /// Every address space: VMAs, page tables, interval notifiers ([`Mms`]).
+    mms: RefCell<Mms>,
+    /// The coherence oracle: it watches the model and owns only its shadow records.
+    oracle: RefCell<Oracle>,
+    /// Physical memory: the frames (`struct page`s), their regions and the page allocator ([`crate::phys`]).
+    phys: RefCell<PhysMem>,
+    /// P2P memory regions' removal state and MMIO ranges without struct pages.
+    p2p: RefCell<P2pState>,
+    /// The swap device and the anonymous LRU lists ([`crate::vmscan`]).
+    swap: RefCell<Swap>,
+    /// The files and their page caches ([`crate::filemap`]).
+    files: RefCell<PageCache>,
+    /// Transparent hugepage policy (the default, [`ThpPolicy::Madvise`]; nothing changes it yet).
+    thp: ThpPolicy,
+    /// Wakes waiters for an invalidation to end (`mmu_interval_notifier_remove`, `mmu_interval_read_begin`).
+    notifier_wq: WaitQueue,
     /// Wakes CPU accesses waiting on migration entries.
-    pub(crate) migration_wq: WaitQueue,
+    migration_wq: WaitQueue,
     /// Wakes waiters for pins to drop (DAX truncate).
-    pub(crate) pin_wq: WaitQueue,
+    pin_wq: WaitQueue,
     /// The callbacks of each device memory region (`dev_pagemap`), by region index.
-    pub(crate) pgmaps: RefCell<BTreeMap<usize, Rc<dyn crate::migrate::DevicePagemapOps>>>,
+    pgmaps: RefCell<Pgmaps>,
 }
 
 /// The outcome of a fault: the access can be retried, or it raised a signal.
@@ -322,17 +457,17 @@ impl Kernel {
         Rc::new(Self {
             sim: sim.clone(),
             costs,
-            state: RefCell::new(KernelState {
-                phys: PhysMem::new_numa(node_sizes),
-                mms: BTreeMap::new(),
-                files: Vec::new(),
-                oracle: Oracle::new(sim.clone()),
-                thp: ThpPolicy::default(),
-                swap: crate::swap::Swap::default(),
-                p2p: crate::p2p::P2pState::default(),
+            mms: RefCell::new(Mms {
+                by_pid: BTreeMap::new(),
                 next_pid: 1,
                 next_notifier: 1,
             }),
+            oracle: RefCell::new(Oracle::new(sim.clone())),
+            phys: RefCell::new(PhysMem::new_numa(node_sizes)),
+            p2p: RefCell::new(P2pState::default()),
+            swap: RefCell::new(Swap::default()),
+            files: RefCell::new(PageCache::default()),
+            thp: ThpPolicy::default(),
             notifier_wq: WaitQueue::new(sim),
             migration_wq: WaitQueue::new(sim),
             pin_wq: WaitQueue::new(sim),
@@ -340,9 +475,59 @@ impl Kernel {
         })
     }
 
-    /// Borrows the kernel state. Never hold the borrow across an `.await`.
-    pub(crate) fn state(&self) -> RefMut<'_, KernelState> {
-        self.state.borrow_mut()
+    /// Returns the transparent hugepage policy.
+    pub(crate) fn thp(&self) -> ThpPolicy {
+        self.thp
+    }
+
+    /// Returns the wait queue of invalidation ends.
+    pub(crate) fn notifier_wq(&self) -> &WaitQueue {
+        &self.notifier_wq
+    }
+
+    /// Returns the wait queue of migration-entry waiters (woken when a migration finishes).
+    pub(crate) fn migration_wq(&self) -> &WaitQueue {
+        &self.migration_wq
+    }
+
+    /// Returns the wait queue of pin-drop waiters (DAX truncate).
+    pub(crate) fn pin_wq(&self) -> &WaitQueue {
+        &self.pin_wq
+    }
+
+    /// Borrows the callbacks of each device memory region (`dev_pagemap`), by region index.
+    pub(crate) fn pgmaps(&self) -> RefMut<'_, Pgmaps> {
+        self.pgmaps.borrow_mut()
+    }
+
+    /// Borrows the address spaces. Never hold the borrow across an `.await`.
+    pub(crate) fn mms(&self) -> RefMut<'_, Mms> {
+        self.mms.borrow_mut()
+    }
+
+    /// Borrows physical memory. Never hold the borrow across an `.await`.
+    pub(crate) fn phys(&self) -> RefMut<'_, PhysMem> {
+        self.phys.borrow_mut()
+    }
+
+    /// Borrows the coherence oracle. Never hold the borrow across an `.await`.
+    pub(crate) fn oracle(&self) -> RefMut<'_, Oracle> {
+        self.oracle.borrow_mut()
+    }
+
+    /// Borrows the P2P state ([`crate::p2pdma`]). Never hold the borrow across an `.await`.
+    pub(crate) fn p2p(&self) -> RefMut<'_, P2pState> {
+        self.p2p.borrow_mut()
+    }
+
+    /// Borrows the swap device and LRU lists ([`crate::vmscan`]). Never hold the borrow across an `.await`.
+    pub(crate) fn swap(&self) -> RefMut<'_, Swap> {
+        self.swap.borrow_mut()
+    }
+
+    /// Borrows the files and their page caches. Never hold the borrow across an `.await`.
+    pub(crate) fn files(&self) -> RefMut<'_, PageCache> {
+        self.files.borrow_mut()
     }
 
     /// Sleeps for `d` (jittered) in simulated time.
@@ -355,26 +540,12 @@ impl Kernel {
 
     /// Creates a process with an empty address space.
     pub fn create_process(&self) -> Pid {
-        let mut st = self.state();
-        let pid = Pid(st.next_pid);
-        st.next_pid += 1;
-        let mm = AddressSpace {
-            pid,
-            vmas: BTreeMap::new(),
-            pt: PageTable::new(),
-            notifiers: NotifierState::default(),
-            mmap_lock: RwSem::new(&self.sim, "mmap_lock"),
-            alive: true,
-            home_node: 0,
-            memalloc_pin: 0,
-        };
-        st.mms.insert(pid, mm);
-        pid
+        self.mms().create(&self.sim, 0)
     }
 
     /// Returns the number of RAM (NUMA) nodes.
     pub fn nr_nodes(&self) -> u32 {
-        self.state().phys.nr_nodes()
+        self.phys().nr_nodes()
     }
 
     /// Sets the NUMA node `pid`'s allocations prefer from now on (the node of the CPU it runs on, under the
@@ -383,8 +554,9 @@ impl Kernel {
     /// # Errors
     /// `EINVAL` when `node` is not below [`Kernel::nr_nodes`] (as `set_mempolicy` refuses an offline node).
     pub fn set_home_node(&self, pid: Pid, node: u32) -> Result<(), Errno> {
-        let mut st = self.state();
-        if node >= st.phys.nr_nodes() {
+        let mut st = self.mms();
+        let phys = self.phys();
+        if node >= phys.nr_nodes() {
             return Err(Errno::EINVAL);
         }
         st.mm_mut(pid).home_node = node;
@@ -393,7 +565,7 @@ impl Kernel {
 
     /// Returns the NUMA node `pid`'s allocations prefer.
     pub fn home_node(&self, pid: Pid) -> u32 {
-        self.state().home_node(pid)
+        self.mms().home_node(pid)
     }
 
     /// Makes RAM node `node` movable (ZONE_MOVABLE; [`PhysMem::set_node_movable`]), before anything is
@@ -402,34 +574,35 @@ impl Kernel {
     /// # Errors
     /// [`MovableError`] for a node out of range, node 0, or a node already in use.
     pub fn set_node_movable(&self, node: u32) -> Result<(), MovableError> {
-        self.state().phys.set_node_movable(node)
+        self.phys().set_node_movable(node)
     }
 
     /// Returns whether frame `f` is in movable memory (`is_zone_movable_page`).
     pub fn is_zone_movable_page(&self, f: FrameId) -> bool {
-        self.state().phys.is_zone_movable_page(f)
+        self.phys().is_zone_movable_page(f)
     }
 
     /// Allocates a zero-filled anonymous RAM page with the allocation policy of `pid` (its home node, then
-    /// fallback, within `KernelState::anon_zone`), or of node 0 when no process is known (`None`: device
+    /// fallback, within `Mms::anon_zone`), or of node 0 when no process is known (`None`: device
     /// eviction, for instance; movable memory allowed, as `GFP_HIGHUSER_MOVABLE`). Device memory migrating
     /// back to RAM allocates here.
     pub fn alloc_ram_page(&self, pid: Option<Pid>) -> Option<FrameId> {
-        let zone = pid.map_or(GfpZone::Movable, |p| self.state().anon_zone(p));
+        let zone = pid.map_or(GfpZone::Movable, |p| self.mms().anon_zone(p));
         self.alloc_ram_page_in(pid, zone)
     }
 
     /// Allocates a zero-filled anonymous RAM page as [`Kernel::alloc_ram_page`] does, limited to `zone`
     /// ([`GfpZone::Normal`]: never from a movable node, the destination of a long-term GUP migration).
     pub fn alloc_ram_page_in(&self, pid: Option<Pid>, zone: GfpZone) -> Option<FrameId> {
-        let mut st = self.state();
+        let st = self.mms();
+        let mut phys = self.phys();
         let home = pid.map_or(0, |p| st.home_node(p));
-        st.phys.alloc_node_in(home, FrameOwner::Anon, zone).ok()
+        phys.alloc_node_in(home, FrameOwner::Anon, zone).ok()
     }
 
     /// Returns `pid`'s `mmap_lock`.
     pub fn mmap_lock(&self, pid: Pid) -> RwSem {
-        self.state().mm(pid).mmap_lock.clone()
+        self.mms().mm(pid).mmap_lock.clone()
     }
 
     // ------------------------------------------------------------------------------------------ notifiers

@@ -6,7 +6,7 @@
 use peerdma_core::{FrameId, PAGE_SIZE, PMD_SIZE, PageSize, Pid, Range, Va};
 
 use crate::kernel::Kernel;
-use crate::notifier::NotifierEvent;
+use crate::mmu_notifier::NotifierEvent;
 use crate::pagetable::Pte;
 use crate::phys::FrameOwner;
 
@@ -19,43 +19,48 @@ impl Kernel {
         while block.raw().saturating_add(PMD_SIZE) <= r.end.raw() {
             let b = Range::from_len(block, PMD_SIZE).expect("inside r");
             let frames: Option<Vec<FrameId>> = {
-                let st = self.state();
+                let st = self.mms();
+                let phys = self.phys();
                 let mm = st.mm(pid);
                 let anon = mm
                     .vma(block)
                     .is_some_and(|v| v.is_anonymous() && v.range.contains_range(&b));
-                let leaves = mm.pt.leaves(b.start, b.end);
+                let leaves = mm.pt().leaves(b.start, b.end);
                 let ok = anon
                     && leaves.len() == 512
                     && leaves.iter().all(|l| {
                         l.size == PageSize::Size4K
                             && matches!(l.pte, Pte::Present { frame, special: false, .. }
-                                if st.phys.frame(frame).owner() == FrameOwner::Anon
-                                    && st.phys.frame(frame).mapcount == 1
-                                    && st.phys.frame(frame).refcount == 1)
+                                if phys.frame(frame).owner() == FrameOwner::Anon
+                                    && phys.frame(frame).mapcount == 1
+                                    && phys.frame(frame).refcount == 1)
                     });
                 ok.then(|| leaves.iter().filter_map(|l| l.pte.frame()).collect())
             };
             if let Some(frames) = frames {
                 let head = {
-                    let mut st = self.state();
+                    let st = self.mms();
+                    let mut phys = self.phys();
                     let home = st.home_node(pid);
                     let zone = st.anon_zone(pid);
-                    st.phys.alloc_pmd_node_in(home, FrameOwner::Anon, zone)
+                    phys.alloc_pmd_node_in(home, FrameOwner::Anon, zone)
                 };
                 if let Ok(head) = head {
                     self.invalidate_range_start(pid, b, NotifierEvent::Clear, None)
                         .await;
                     {
-                        let mut st = self.state();
+                        let mut st = self.mms();
+                        let mut phys = self.phys();
                         for (i, f) in frames.iter().enumerate() {
                             let dst = FrameId(head.0 + i as u64);
-                            st.phys.copy_frame(*f, dst);
-                            st.phys.frame_mut(dst).mapcount = 1;
-                            st.mm_mut(pid).pt.clear(block.add(i as u64 * PAGE_SIZE));
-                            st.unmap_frame(*f);
+                            phys.copy_frame(*f, dst);
+                            phys.frame_mut(dst).mapcount = 1;
+                            st.mm_mut(pid)
+                                .pt_mut()
+                                .clear(block.add(i as u64 * PAGE_SIZE));
+                            phys.unmap_frame(*f);
                         }
-                        st.mm_mut(pid).pt.set_pmd(
+                        st.mm_mut(pid).pt_mut().set_pmd(
                             block,
                             Pte::Present {
                                 frame: head,

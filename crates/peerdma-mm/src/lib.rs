@@ -10,14 +10,15 @@
 //! `async` and yield to other agents exactly where Linux can sleep (see [`kernel`]).
 //!
 //! One module per kernel mechanism, named after its Linux file: [`memory`] (faults, COW, zap), [`mmap`],
-//! [`mprotect`], [`mremap`], [`madvise`], [`khugepaged`], [`fork`], [`filemap`], [`notifier`]
-//! (mmu_notifier), [`hmm`], [`gup`], [`migrate`], [`migrate_device`], [`rmap`], [`swap`] (vmscan),
-//! [`p2p`] (p2pdma), [`oracle`], with [`pagetable`] (the table and its range cursor), [`phys`] and [`vma`]
+//! [`mprotect`], [`mremap`], [`madvise`], [`khugepaged`], [`fork`], [`filemap`], [`mmu_notifier`]
+//! (interval notifiers), [`hmm`], [`gup`], [`migrate`], [`migrate_device`], [`rmap`], [`vmscan`] (reclaim
+//! and swap), [`p2pdma`], [`oracle`], with [`pagetable`] (the table and its range cursor), [`phys`] and [`vma`]
 //! below them. [`kernel`] is the facade over them; other crates ask it narrow questions ([`introspect`]) and
 //! never borrow its state. `tests/module_graph.rs` keeps the modules' imports acyclic.
 
 pub mod costs;
 pub mod device_access;
+pub mod driver_page;
 pub mod file;
 pub mod filemap;
 pub mod fork;
@@ -31,16 +32,16 @@ pub mod memory;
 pub mod migrate;
 pub mod migrate_device;
 pub mod mmap;
+pub mod mmu_notifier;
 pub mod mprotect;
 pub mod mremap;
-pub mod notifier;
 pub mod oracle;
-pub mod p2p;
+pub mod p2pdma;
 pub mod pagetable;
 pub mod phys;
 pub mod rmap;
-pub mod swap;
 pub mod vma;
+pub mod vmscan;
 
 pub use costs::MmCosts;
 pub use device_access::{DeviceData, DeviceGrant, FrameTranslation};
@@ -49,8 +50,8 @@ pub use kernel::{Kernel, SigInfo, Signal, ThpPolicy, VmFault};
 pub use madvise::Advice;
 pub use migrate::{DevicePagemapOps, MigrateVma};
 pub use mmap::MmapArgs;
+pub use mmu_notifier::{IntervalNotifierOps, NotifierEvent, NotifierId, NotifierRange};
 pub use mremap::MremapFlags;
-pub use notifier::{IntervalNotifierOps, NotifierEvent, NotifierId, NotifierRange};
 pub use oracle::{LogicalPage, Violation, ViolationKind};
 pub use phys::{FrameInfo, GfpZone, LruState, MemoryKind, MovableError};
 pub use vma::{MmioId, Prot, VmFlags, Vma, VmaBacking};

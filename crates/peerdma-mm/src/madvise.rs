@@ -7,7 +7,7 @@
 use peerdma_core::{Errno, Pid, Va};
 
 use crate::kernel::{Kernel, check_range};
-use crate::notifier::NotifierEvent;
+use crate::mmu_notifier::NotifierEvent;
 use crate::vma::VmFlags;
 
 /// `madvise` advice values the model implements (defined in `peerdma-core`).
@@ -25,12 +25,12 @@ impl Kernel {
         match advice {
             Advice::DontNeed => {
                 let _g = lock.read().await;
-                if !self.state().mm(pid).fully_mapped(r) {
+                if !self.mms().mm(pid).fully_mapped(r) {
                     return Err(Errno::ENOMEM);
                 }
                 // madvise_dontneed_free_valid_vma (mm/madvise.c): raw PFN mappings cannot be zapped this way.
                 if self
-                    .state()
+                    .mms()
                     .mm(pid)
                     .vmas_in(r)
                     .iter()
@@ -42,12 +42,12 @@ impl Kernel {
             }
             Advice::Free => {
                 let _g = lock.read().await;
-                if !self.state().mm(pid).fully_mapped(r) {
+                if !self.mms().mm(pid).fully_mapped(r) {
                     return Err(Errno::ENOMEM);
                 }
                 // madvise_free_single_vma: private anonymous memory only.
                 if self
-                    .state()
+                    .mms()
                     .mm(pid)
                     .vmas_in(r)
                     .iter()
@@ -65,20 +65,20 @@ impl Kernel {
             }
             Advice::Collapse => {
                 let _g = lock.read().await;
-                if !self.state().mm(pid).fully_mapped(r) {
+                if !self.mms().mm(pid).fully_mapped(r) {
                     return Err(Errno::ENOMEM);
                 }
                 self.collapse_range(pid, r).await;
             }
             Advice::HugePage | Advice::NoHugePage | Advice::DontFork | Advice::DoFork => {
                 let _g = lock.write().await;
-                if !self.state().mm(pid).fully_mapped(r) {
+                if !self.mms().mm(pid).fully_mapped(r) {
                     return Err(Errno::ENOMEM);
                 }
                 // madvise_vma_behavior: MADV_DOFORK cannot clear VM_DONTCOPY of a VM_IO mapping.
                 if advice == Advice::DoFork
                     && self
-                        .state()
+                        .mms()
                         .mm(pid)
                         .vmas_in(r)
                         .iter()
@@ -86,12 +86,11 @@ impl Kernel {
                 {
                     return Err(Errno::EINVAL);
                 }
-                let mut st = self.state();
+                let mut st = self.mms();
                 for start in st.split_at(pid, r) {
                     let v = st
                         .mm_mut(pid)
-                        .vmas
-                        .get_mut(&start)
+                        .vma_mut(start)
                         .expect("split_at returns VMA starts");
                     v.flags = match advice {
                         Advice::HugePage => (v.flags - VmFlags::NOHUGEPAGE) | VmFlags::HUGEPAGE,

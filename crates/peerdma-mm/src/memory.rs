@@ -10,12 +10,13 @@
 
 use peerdma_core::{Errno, FrameId, PAGE_SIZE, PMD_SIZE, PageSize, Pid, Range, Va};
 
-use crate::kernel::{FaultResult, Kernel, KernelState, SigInfo, ThpPolicy};
-use crate::notifier::NotifierEvent;
-use crate::oracle::{LogicalPage, ViolationKind};
+use crate::kernel::{FaultResult, Kernel, Mms, SigInfo, ThpPolicy};
+use crate::mmu_notifier::NotifierEvent;
+use crate::oracle::{LogicalPage, Oracle, ViolationKind};
 use crate::pagetable::{Leaf, Pte};
-use crate::phys::{FRAMES_PER_PMD, FrameOwner, GfpZone};
+use crate::phys::{FRAMES_PER_PMD, FrameOwner, GfpZone, PhysMem};
 use crate::vma::{VmFlags, Vma, VmaBacking};
+use crate::vmscan::Swap;
 
 pub(crate) enum Access<'a> {
     Read(&'a mut [u8]),
@@ -36,14 +37,14 @@ impl Kernel {
     /// an MMU_NOTIFY_CLEAR invalidation of its whole 2 MiB — so a mirror drops the entries of the part an
     /// operation does not touch too. Returns whether a leaf was split.
     pub(crate) async fn split_huge_pmd(&self, pid: Pid, va: Va) -> bool {
-        let leaf = self.state().mm(pid).pt.lookup(va);
+        let leaf = self.mms().mm(pid).pt().lookup(va);
         let Some(leaf) = leaf.filter(|l| l.size == PageSize::Size2M) else {
             return false;
         };
         let huge = Range::from_len(leaf.base, PMD_SIZE).expect("a mapped PMD leaf fits");
         self.invalidate_range_start(pid, huge, NotifierEvent::Clear, None)
             .await;
-        self.state().mm_mut(pid).pt.split_pmd(leaf.base);
+        self.mms().mm_mut(pid).pt_mut().split_pmd(leaf.base);
         self.invalidate_range_end(pid);
         true
     }
@@ -54,9 +55,9 @@ impl Kernel {
     pub(crate) async fn split_huge_pmds_cut_by(&self, pid: Pid, r: Range<Va>) {
         for edge in [r.start, r.end] {
             let cut = self
-                .state()
+                .mms()
                 .mm(pid)
-                .pt
+                .pt()
                 .lookup(edge)
                 .is_some_and(|l| l.size == PageSize::Size2M && l.base != edge);
             if cut {
@@ -94,7 +95,10 @@ impl Kernel {
             let page = va.align_down(PAGE_SIZE);
             loop {
                 let hit = {
-                    let mut st = self.state();
+                    let st = self.mms();
+                    let mut phys = self.phys();
+                    let mut p2p = self.p2p();
+                    let mut oracle = self.oracle();
                     let allowed = st.mm(pid).vma(page).is_some_and(|v| {
                         if write {
                             v.flags.contains(VmFlags::WRITE)
@@ -104,7 +108,7 @@ impl Kernel {
                     });
                     let pfn_leaf = st
                         .mm(pid)
-                        .pt
+                        .pt()
                         .lookup(page)
                         .filter(|l| matches!(l.pte, Pte::Pfn { .. }));
                     if let Some(leaf) = pfn_leaf {
@@ -118,10 +122,10 @@ impl Kernel {
                             );
                             let ok = match &mut access {
                                 Access::Read(buf) => {
-                                    st.p2p.mmio_read_bytes(pa, &mut buf[pos..pos + n])
+                                    p2p.mmio_read_bytes(pa, &mut buf[pos..pos + n])
                                 }
                                 Access::Write(data) => {
-                                    st.p2p.mmio_write_bytes(pa, &data[pos..pos + n])
+                                    p2p.mmio_write_bytes(pa, &data[pos..pos + n])
                                 }
                             };
                             if !ok {
@@ -134,16 +138,30 @@ impl Kernel {
                     } else {
                         match st.mm(pid).translate(page) {
                             Some((frame, w, _)) if allowed && (w || !write) => {
-                                // The MMU sets the PTE young bit (crate::swap: one bit per frame).
-                                st.phys.frame_mut(frame).accessed = true;
+                                // The MMU sets the PTE young bit (crate::vmscan: one bit per frame).
+                                phys.frame_mut(frame).accessed = true;
                                 match &mut access {
                                     Access::Read(buf) => {
-                                        st.oracle_check_cpu(pid, page, frame, false);
-                                        st.phys.read(frame, in_page, &mut buf[pos..pos + n]);
+                                        st.oracle_check_cpu(
+                                            &mut oracle,
+                                            &phys,
+                                            pid,
+                                            page,
+                                            frame,
+                                            false,
+                                        );
+                                        phys.read(frame, in_page, &mut buf[pos..pos + n]);
                                     }
                                     Access::Write(data) => {
-                                        st.phys.write(frame, in_page, &data[pos..pos + n]);
-                                        st.oracle_check_cpu(pid, page, frame, true);
+                                        phys.write(frame, in_page, &data[pos..pos + n]);
+                                        st.oracle_check_cpu(
+                                            &mut oracle,
+                                            &phys,
+                                            pid,
+                                            page,
+                                            frame,
+                                            true,
+                                        );
                                     }
                                 }
                                 true
@@ -165,12 +183,41 @@ impl Kernel {
         Ok(())
     }
 
+    /// `anon_vma_prepare`: once an anonymous page (not the shared zero page) backs `va` in a private
+    /// mapping, its VMA has an anon_vma ([`VmFlags::ANON_VMA`]) for good.
+    pub(crate) fn note_anon_vma(&self, pid: Pid, va: Va) {
+        let mut st = self.mms();
+        let phys = self.phys();
+        let zero = phys.zero_page();
+        let anon = match st.mm(pid).pt().lookup(va).map(|l| (l, l.pte)) {
+            Some((l, Pte::Present { .. })) => l
+                .frame_at(va)
+                .is_some_and(|f| f != zero && phys.frame(f).owner() == FrameOwner::Anon),
+            Some((_, Pte::DevicePrivate { .. } | Pte::Swap { .. })) => true,
+            _ => false,
+        };
+        if !anon {
+            return;
+        }
+        let Some(start) = st
+            .mm(pid)
+            .vma(va)
+            .filter(|v| !v.is_shared())
+            .map(|v| v.range.start)
+        else {
+            return;
+        };
+        if let Some(v) = st.mm_mut(pid).vma_mut(start) {
+            v.flags |= VmFlags::ANON_VMA;
+        }
+    }
+
     /// Resolves a CPU fault on `va` (`handle_mm_fault`): demand-zero, page-cache, huge page and
     /// copy-on-write faults. Returns once the access can be retried, or with the signal the access raises.
     pub async fn handle_mm_fault(&self, pid: Pid, va: Va, write: bool) -> FaultResult {
         let res = self.handle_mm_fault_inner(pid, va, write).await;
         if res.is_ok() {
-            self.state().note_anon_vma(pid, va);
+            self.note_anon_vma(pid, va);
         }
         res
     }
@@ -180,7 +227,7 @@ impl Kernel {
         self.sim.count("cpu.faults", 1);
         self.spend(self.costs.cpu_fault).await;
         let vma = self
-            .state()
+            .mms()
             .mm(pid)
             .vma(va)
             .cloned()
@@ -189,7 +236,7 @@ impl Kernel {
         if !vma.flags.contains(need) {
             return Err(SigInfo::segv(va));
         }
-        let leaf = self.state().mm(pid).pt.lookup(va);
+        let leaf = self.mms().mm(pid).pt().lookup(va);
         match leaf {
             None => {
                 self.reclaim_if_low_for(pid).await;
@@ -209,11 +256,11 @@ impl Kernel {
                     self.invalidate_range_start(pid, page, NotifierEvent::Exclusive, None)
                         .await;
                     {
-                        let mut st = self.state();
+                        let mut st = self.mms();
                         if let Some(Pte::DeviceExclusive { frame, write }) =
-                            st.mm(pid).pt.lookup(va).map(|l| l.pte)
+                            st.mm(pid).pt().lookup(va).map(|l| l.pte)
                         {
-                            st.mm_mut(pid).pt.set_pte(
+                            st.mm_mut(pid).pt_mut().set_pte(
                                 va,
                                 Pte::Present {
                                     frame,
@@ -228,11 +275,10 @@ impl Kernel {
                 }
                 Pte::Migration { .. } => {
                     // Wait for the migration to finish, then let the access retry (migration_entry_wait).
-                    let st = &self.state;
-                    self.migration_wq
+                    self.migration_wq()
                         .wait_event(|| {
                             !matches!(
-                                st.borrow().mm(pid).pt.lookup(va).map(|l| l.pte),
+                                self.mms().mm(pid).pt().lookup(va).map(|l| l.pte),
                                 Some(Pte::Migration { .. })
                             )
                         })
@@ -246,8 +292,10 @@ impl Kernel {
                 Pte::Pfn { write: w, .. } => {
                     // wp_pfn_shared: a PFNMAP VMA is shared, so a write fault just makes the entry writable.
                     if write && !w {
-                        let mut st = self.state();
-                        st.mm_mut(pid).pt.set_pte(va, leaf.pte.with_write(true));
+                        let mut st = self.mms();
+                        st.mm_mut(pid)
+                            .pt_mut()
+                            .set_pte(va, leaf.pte.with_write(true));
                     }
                     Ok(())
                 }
@@ -263,17 +311,16 @@ impl Kernel {
         va: Va,
         frame: FrameId,
     ) -> FaultResult {
-        if self.state().phys.frame(frame).locked {
+        if self.phys().frame(frame).locked {
             // A migration holds the page (crate::migrate, crate::migrate_device): do_swap_page's trylock fails;
             // wait for the unlock, then the access retries against whatever entry is there now.
-            let st = &self.state;
-            self.migration_wq
-                .wait_event(|| !st.borrow().phys.frame(frame).locked)
+            self.migration_wq()
+                .wait_event(|| !self.phys().frame(frame).locked)
                 .await;
             return Ok(());
         }
-        let region = self.state().phys.region_of(frame);
-        let ops = self.pgmaps.borrow().get(&region).cloned();
+        let region = self.phys().region_of(frame);
+        let ops = self.pgmaps().get(&region).cloned();
         let Some(ops) = ops else {
             return Err(SigInfo::bus(va));
         };
@@ -286,7 +333,11 @@ impl Kernel {
     /// A fault on a none entry: anonymous zero page or new page (THP where eligible), page-cache page, or
     /// COW copy of a page-cache page for a write to a private file mapping.
     pub(crate) fn do_missing_page(&self, pid: Pid, vma: &Vma, va: Va, write: bool) -> FaultResult {
-        let mut st = self.state();
+        let mut st = self.mms();
+        let mut phys = self.phys();
+        let mut swap = self.swap();
+        let mut oracle = self.oracle();
+        let mut files = self.files();
         match vma.backing {
             // Driver, P2P memory and PFNMAP VMAs are populated at mmap time and have no fault handler: an entry
             // that is gone (zapped at unbind or revoke) stays gone.
@@ -295,11 +346,11 @@ impl Kernel {
             }
             VmaBacking::Anon => {
                 if vma.flags.contains(VmFlags::HUGETLB) {
-                    return st.hugetlb_fault(pid, vma, va);
+                    return st.hugetlb_fault(&mut phys, pid, vma, va);
                 }
                 if !write {
-                    let zero = st.phys.zero_page();
-                    st.mm_mut(pid).pt.set_pte(
+                    let zero = phys.zero_page();
+                    st.mm_mut(pid).pt_mut().set_pte(
                         va,
                         Pte::Present {
                             frame: zero,
@@ -309,17 +360,17 @@ impl Kernel {
                     );
                     return Ok(());
                 }
-                if st.thp_eligible(pid, vma, va) {
+                if st.thp_eligible(self.thp(), pid, vma, va) {
                     let base = va.align_down(PMD_SIZE);
                     let home = st.home_node(pid);
                     let zone = st.anon_zone(pid);
-                    if let Ok(head) = st.phys.alloc_pmd_node_in(home, FrameOwner::Anon, zone) {
+                    if let Ok(head) = phys.alloc_pmd_node_in(home, FrameOwner::Anon, zone) {
                         for i in 0..FRAMES_PER_PMD {
-                            let f = st.phys.frame_mut(FrameId(head.0 + i));
+                            let f = phys.frame_mut(FrameId(head.0 + i));
                             f.mapcount = 1;
                             f.lru = crate::phys::LruState::Active;
                         }
-                        st.mm_mut(pid).pt.set_pmd(
+                        st.mm_mut(pid).pt_mut().set_pmd(
                             base,
                             Pte::Present {
                                 frame: head,
@@ -332,10 +383,12 @@ impl Kernel {
                     }
                     self.sim.count("thp.fault_fallback", 1);
                 }
-                let frame = st.alloc_anon_for(pid).map_err(|_| SigInfo::bus(va))?;
-                st.phys.frame_mut(frame).mapcount = 1;
-                st.lru_add_new_anon(frame);
-                st.mm_mut(pid).pt.set_pte(
+                let frame = st
+                    .alloc_anon_for(&mut phys, pid)
+                    .map_err(|_| SigInfo::bus(va))?;
+                phys.frame_mut(frame).mapcount = 1;
+                swap.lru_add_new_anon(&mut phys, frame);
+                st.mm_mut(pid).pt_mut().set_pte(
                     va,
                     Pte::Present {
                         frame,
@@ -347,14 +400,16 @@ impl Kernel {
             }
             VmaBacking::File { .. } => {
                 let (file, pgoff) = vma.file_pgoff(va).expect("file VMA");
-                let cache = st.file_page(file, pgoff).ok_or(SigInfo::bus(va))?;
+                let cache = files.page(&mut phys, file, pgoff).ok_or(SigInfo::bus(va))?;
                 if write && !vma.is_shared() {
                     // Private file write fault: COW from the page cache into a new anonymous page.
-                    let frame = st.alloc_anon_for(pid).map_err(|_| SigInfo::bus(va))?;
-                    st.phys.copy_frame(cache, frame);
-                    st.phys.frame_mut(frame).mapcount = 1;
-                    st.lru_add_new_anon(frame);
-                    st.mm_mut(pid).pt.set_pte(
+                    let frame = st
+                        .alloc_anon_for(&mut phys, pid)
+                        .map_err(|_| SigInfo::bus(va))?;
+                    phys.copy_frame(cache, frame);
+                    phys.frame_mut(frame).mapcount = 1;
+                    swap.lru_add_new_anon(&mut phys, frame);
+                    st.mm_mut(pid).pt_mut().set_pte(
                         va,
                         Pte::Present {
                             frame,
@@ -362,8 +417,8 @@ impl Kernel {
                             special: false,
                         },
                     );
-                    if let Some(e) = st.oracle.expected(LogicalPage::File { file, pgoff }) {
-                        st.oracle.record(
+                    if let Some(e) = oracle.expected(LogicalPage::File { file, pgoff }) {
+                        oracle.record(
                             LogicalPage::Anon {
                                 pid,
                                 vpn: va.page_number(),
@@ -373,15 +428,15 @@ impl Kernel {
                     }
                     return Ok(());
                 }
-                st.map_frame(cache);
+                phys.map_frame(cache);
                 // A shared mapping's page is writable at once after a write fault, and after a read fault
                 // too where the mapping needs no write-notify (`vma_wants_writenotify` is false for shmem:
                 // `vm_page_prot` then allows writes); a file system with dirty tracking maps it read-only
                 // until the first write fault.
-                let no_writenotify = st.files[file as usize].shmem;
+                let no_writenotify = files.file(file).is_shmem();
                 let w = vma.is_shared()
                     && (write || (no_writenotify && vma.flags.contains(VmFlags::WRITE)));
-                st.mm_mut(pid).pt.set_pte(
+                st.mm_mut(pid).pt_mut().set_pte(
                     va,
                     Pte::Present {
                         frame: cache,
@@ -398,33 +453,35 @@ impl Kernel {
     /// exclusive anonymous page, or copy (firing MMU_NOTIFY_CLEAR on the page being replaced).
     pub(crate) async fn do_wp_page(&self, pid: Pid, vma: &Vma, va: Va, leaf: Leaf) -> FaultResult {
         if vma.is_shared() {
-            let mut st = self.state();
+            let mut st = self.mms();
             st.mm_mut(pid)
-                .pt
+                .pt_mut()
                 .set_leaf(leaf.base, leaf.size, leaf.pte.with_write(true));
             return Ok(());
         }
         if leaf.size != PageSize::Size4K {
-            let mut st = self.state();
+            let mut st = self.mms();
+            let phys = self.phys();
             let head = leaf.pte.frame().expect("present");
             let exclusive = (0..FRAMES_PER_PMD).all(|i| {
-                let f = st.phys.frame(FrameId(head.0 + i));
+                let f = phys.frame(FrameId(head.0 + i));
                 f.refcount == 1 && f.owner() == FrameOwner::Anon
             });
             if exclusive {
                 st.mm_mut(pid)
-                    .pt
+                    .pt_mut()
                     .set_pmd(leaf.base, leaf.pte.with_write(true));
                 return Ok(());
             }
             // Shared THP: split the PMD mapping and COW only the faulting base page (do_huge_pmd_wp_page).
-            st.mm_mut(pid).pt.split_pmd(va);
+            st.mm_mut(pid).pt_mut().split_pmd(va);
         }
         let (frame, zero, reuse) = {
-            let st = self.state();
+            let st = self.mms();
+            let phys = self.phys();
             let (frame, _, _) = st.mm(pid).translate(va).expect("present entry");
-            let f = st.phys.frame(frame);
-            let zero = frame == st.phys.zero_page();
+            let f = phys.frame(frame);
+            let zero = frame == phys.zero_page();
             // wp_can_reuse_anon_folio: reuse an exclusive anonymous page. The model's "exclusive" is one
             // mapping and no references beyond pins (fork never shares a pinned exclusive page: it copies it for
             // the child), so a pinned page is reused, never replaced under its DMA.
@@ -434,8 +491,8 @@ impl Kernel {
             (frame, zero, !zero && exclusive)
         };
         if reuse {
-            let mut st = self.state();
-            st.mm_mut(pid).pt.set_pte(
+            let mut st = self.mms();
+            st.mm_mut(pid).pt_mut().set_pte(
                 va,
                 Pte::Present {
                     frame,
@@ -448,9 +505,10 @@ impl Kernel {
         }
         // Oracle check 3: a COW must never replace a page a device may be writing through a pin.
         {
-            let mut st = self.state();
-            if st.oracle.enabled() && !zero && st.phys.frame(frame).maybe_dma_pinned() {
-                st.oracle.violation(
+            let phys = self.phys();
+            let mut oracle = self.oracle();
+            if oracle.enabled() && !zero && phys.frame(frame).maybe_dma_pinned() {
+                oracle.violation(
                     ViolationKind::PinBroken,
                     format!("COW replaced pinned {frame} at pid {} va {va}: DMA through the pin is lost", pid.0),
                 );
@@ -458,18 +516,21 @@ impl Kernel {
         }
         // wp_page_copy: allocate, copy, then replace the entry inside a CLEAR invalidation.
         let new = self
-            .state()
-            .alloc_anon_for(pid)
+            .mms()
+            .alloc_anon_for(&mut self.phys(), pid)
             .map_err(|_| SigInfo::bus(va))?;
         if !zero {
-            self.state().phys.copy_frame(frame, new);
+            self.phys().copy_frame(frame, new);
             self.spend(self.costs.page_copy).await;
         }
         let page = Range::from_len(va, PAGE_SIZE).expect("page in user space");
         self.invalidate_range_start(pid, page, NotifierEvent::Clear, None)
             .await;
         {
-            let mut st = self.state();
+            let mut st = self.mms();
+            let mut phys = self.phys();
+            let mut swap = self.swap();
+            let mut oracle = self.oracle();
             // pte_same: if the entry changed while we slept, drop the copy and let the access retry.
             let same = st
                 .mm(pid)
@@ -477,10 +538,10 @@ impl Kernel {
                 .is_some_and(|(f, w, _)| f == frame && !w);
             if same {
                 // A COW of a page-cache page moves the page's identity from the file to this process.
-                if let FrameOwner::File { file, pgoff } = st.phys.frame(frame).owner()
-                    && let Some(e) = st.oracle.expected(LogicalPage::File { file, pgoff })
+                if let FrameOwner::File { file, pgoff } = phys.frame(frame).owner()
+                    && let Some(e) = oracle.expected(LogicalPage::File { file, pgoff })
                 {
-                    st.oracle.record(
+                    oracle.record(
                         LogicalPage::Anon {
                             pid,
                             vpn: va.page_number(),
@@ -488,9 +549,9 @@ impl Kernel {
                         e,
                     );
                 }
-                st.phys.frame_mut(new).mapcount = 1;
-                st.lru_add_new_anon(new);
-                st.mm_mut(pid).pt.set_pte(
+                phys.frame_mut(new).mapcount = 1;
+                swap.lru_add_new_anon(&mut phys, new);
+                st.mm_mut(pid).pt_mut().set_pte(
                     va,
                     Pte::Present {
                         frame: new,
@@ -498,10 +559,10 @@ impl Kernel {
                         special: false,
                     },
                 );
-                st.unmap_frame(frame);
+                phys.unmap_frame(frame);
                 self.sim.count("cpu.cow_copy", 1);
             } else {
-                st.phys.put(new);
+                phys.put(new);
             }
         }
         self.invalidate_range_end(pid);
@@ -519,54 +580,33 @@ impl Kernel {
     }
 }
 
-impl KernelState {
-    /// `anon_vma_prepare`: once an anonymous page (not the shared zero page) backs `va` in a private
-    /// mapping, its VMA has an anon_vma ([`VmFlags::ANON_VMA`]) for good.
-    pub(crate) fn note_anon_vma(&mut self, pid: Pid, va: Va) {
-        let zero = self.phys.zero_page();
-        let anon = match self.mm(pid).pt.lookup(va).map(|l| (l, l.pte)) {
-            Some((l, Pte::Present { .. })) => l
-                .frame_at(va)
-                .is_some_and(|f| f != zero && self.phys.frame(f).owner() == FrameOwner::Anon),
-            Some((_, Pte::DevicePrivate { .. } | Pte::Swap { .. })) => true,
-            _ => false,
-        };
-        if !anon {
-            return;
-        }
-        let Some(start) = self
-            .mm(pid)
-            .vma(va)
-            .filter(|v| !v.is_shared())
-            .map(|v| v.range.start)
-        else {
-            return;
-        };
-        if let Some(v) = self.mm_mut(pid).vmas.get_mut(&start) {
-            v.flags |= VmFlags::ANON_VMA;
-        }
-    }
-
+impl Mms {
     /// Removes every leaf of `pid` inside `r` (splitting PMD leaves that stick out), dropping frame
     /// references; returns the number of base pages zapped. `keep_file` leaves page-cache pages cached.
-    pub(crate) fn zap_range(&mut self, pid: Pid, r: Range<Va>) -> u64 {
+    pub(crate) fn zap_range(
+        &mut self,
+        phys: &mut PhysMem,
+        swap: &mut Swap,
+        pid: Pid,
+        r: Range<Va>,
+    ) -> u64 {
         // The page-table walk first (the cursor borrows the table), then the references, in the same order.
         let mut removed = Vec::new();
-        let mut cursor = self.mm_mut(pid).pt.cursor_mut(r);
+        let mut cursor = self.mm_mut(pid).pt_mut().cursor_mut(r);
         while cursor.find_next().is_some() {
             removed.extend(cursor.unmap());
         }
         let mut nr = 0;
         for l in &removed {
             nr += l.size.nr_pages();
-            self.drop_leaf_refs(l);
+            Self::drop_leaf_refs(phys, swap, l);
         }
         nr
     }
 
-    pub(crate) fn drop_leaf_refs(&mut self, l: &Leaf) {
+    pub(crate) fn drop_leaf_refs(phys: &mut PhysMem, swap: &mut Swap, l: &Leaf) {
         if let Pte::Swap { slot, .. } = l.pte {
-            self.swap.free(slot);
+            swap.free(slot);
             return;
         }
         let special = matches!(l.pte, Pte::Present { special: true, .. });
@@ -575,13 +615,13 @@ impl KernelState {
         }
         if let Some(f) = l.pte.frame() {
             for i in 0..l.size.nr_pages() {
-                self.unmap_frame(FrameId(f.0 + i));
+                phys.unmap_frame(FrameId(f.0 + i));
             }
         }
     }
 
-    pub(crate) fn thp_eligible(&self, pid: Pid, vma: &Vma, va: Va) -> bool {
-        let wanted = match self.thp {
+    pub(crate) fn thp_eligible(&self, thp: ThpPolicy, pid: Pid, vma: &Vma, va: Va) -> bool {
+        let wanted = match thp {
             ThpPolicy::Always => !vma.flags.contains(VmFlags::NOHUGEPAGE),
             ThpPolicy::Madvise => vma.flags.contains(VmFlags::HUGEPAGE),
             ThpPolicy::Never => false,
@@ -591,25 +631,35 @@ impl KernelState {
         }
         let base = va.align_down(PMD_SIZE);
         let r = Range::from_len(base, PMD_SIZE).expect("in user space");
-        vma.range.contains_range(&r) && self.mm(pid).pt.leaves(r.start, r.end).is_empty()
+        vma.range.contains_range(&r) && self.mm(pid).pt().leaves(r.start, r.end).is_empty()
     }
 
-    pub(crate) fn hugetlb_fault(&mut self, pid: Pid, vma: &Vma, va: Va) -> FaultResult {
+    pub(crate) fn hugetlb_fault(
+        &mut self,
+        phys: &mut PhysMem,
+        pid: Pid,
+        vma: &Vma,
+        va: Va,
+    ) -> FaultResult {
         let base = va.align_down(PMD_SIZE);
-        if !self.mm(pid).pt.leaves(base, base.add(PMD_SIZE)).is_empty() {
+        if !self
+            .mm(pid)
+            .pt()
+            .leaves(base, base.add(PMD_SIZE))
+            .is_empty()
+        {
             return Ok(());
         }
         let home = self.home_node(pid);
         // Hugetlb pool pages stay out of movable memory: the model cannot migrate them.
-        let head = self
-            .phys
+        let head = phys
             .alloc_pmd_node_in(home, FrameOwner::Anon, GfpZone::Normal)
             .map_err(|_| SigInfo::bus(va))?;
         for i in 0..FRAMES_PER_PMD {
-            self.phys.frame_mut(FrameId(head.0 + i)).mapcount = 1;
+            phys.frame_mut(FrameId(head.0 + i)).mapcount = 1;
         }
         let write = vma.flags.contains(VmFlags::WRITE);
-        self.mm_mut(pid).pt.set_pmd(
+        self.mm_mut(pid).pt_mut().set_pmd(
             base,
             Pte::Present {
                 frame: head,
@@ -621,25 +671,33 @@ impl KernelState {
     }
 
     /// Oracle checks on a CPU access of `frame` at `va` (after the write for stores).
-    pub(crate) fn oracle_check_cpu(&mut self, pid: Pid, va: Va, frame: FrameId, write: bool) {
-        if !self.oracle.enabled() {
+    pub(crate) fn oracle_check_cpu(
+        &self,
+        oracle: &mut Oracle,
+        phys: &PhysMem,
+        pid: Pid,
+        va: Va,
+        frame: FrameId,
+        write: bool,
+    ) {
+        if !oracle.enabled() {
             return;
         }
-        if !self.phys.frame(frame).is_allocated() {
-            self.oracle.violation(
+        if !phys.frame(frame).is_allocated() {
+            oracle.violation(
                 ViolationKind::UseAfterFree,
                 format!("CPU access of freed {frame} at {va}"),
             );
             return;
         }
-        let Some(key) = self.logical_page(pid, va) else {
+        let Some(key) = self.logical_page(phys, pid, va) else {
             return;
         };
-        let h = self.phys.content_hash(frame);
+        let h = phys.content_hash(frame);
         if write {
-            self.oracle.record(key, h);
+            oracle.record(key, h);
         } else {
-            self.oracle.check_read(key, h, || {
+            oracle.check_read(key, h, || {
                 format!("CPU read of pid {} va {va} ({frame})", pid.0)
             });
         }

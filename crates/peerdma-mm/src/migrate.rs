@@ -55,11 +55,12 @@ use std::rc::Rc;
 
 use peerdma_core::{DeviceId, Errno, FrameId, PAGE_SIZE, PageSize, Pid, Range, Va};
 
-use crate::kernel::{Kernel, KernelState, VmFault};
-use crate::notifier::NotifierEvent;
+use crate::kernel::{Kernel, Mms, VmFault};
+use crate::mmu_notifier::NotifierEvent;
 use crate::pagetable::Pte;
-use crate::phys::{FrameOwner, MemoryKind};
+use crate::phys::{FrameOwner, MemoryKind, PhysMem};
 use crate::vma::VmFlags;
+use crate::vmscan::Swap;
 
 /// MIGRATE_PFN_VALID: the entry names a page.
 pub const MIGRATE_PFN_VALID: u64 = 1 << 0;
@@ -202,18 +203,19 @@ impl Kernel {
         loop {
             let frame = self.get_user_page_write(pid, va).await?;
             let (supported, cur) = {
-                let st = self.state();
+                let st = self.mms();
+                let phys = self.phys();
                 let hugetlb = st
                     .mm(pid)
                     .vma(va)
                     .is_some_and(|v| v.flags.contains(VmFlags::HUGETLB));
                 (
-                    st.phys.frame(frame).owner() == FrameOwner::Anon && !hugetlb,
+                    phys.frame(frame).owner() == FrameOwner::Anon && !hugetlb,
                     st.mm(pid).translate(va),
                 )
             };
             // The reference only kept the folio while it was looked at (`folio_put`).
-            self.state().phys.put(frame);
+            self.phys().put(frame);
             if !supported {
                 return Err(Errno::EOPNOTSUPP);
             }
@@ -221,7 +223,7 @@ impl Kernel {
                 Some((f, true, leaf)) if leaf.size == PageSize::Size4K && f == frame => break,
                 // FOLL_SPLIT_PMD: a PMD-mapped THP is split before its page is taken.
                 Some((_, _, leaf)) if leaf.size != PageSize::Size4K => {
-                    self.state().mm_mut(pid).pt.split_pmd(va);
+                    self.mms().mm_mut(pid).pt_mut().split_pmd(va);
                 }
                 _ => {}
             }
@@ -230,11 +232,12 @@ impl Kernel {
         self.invalidate_range_start(pid, page, NotifierEvent::Exclusive, owner)
             .await;
         let res = {
-            let mut st = self.state();
+            let mut st = self.mms();
+            let phys = self.phys();
             match st.mm(pid).translate(va) {
-                Some((frame, write, _)) if st.phys.frame(frame).owner() == FrameOwner::Anon => {
+                Some((frame, write, _)) if phys.frame(frame).owner() == FrameOwner::Anon => {
                     st.mm_mut(pid)
-                        .pt
+                        .pt_mut()
                         .set_pte(va, Pte::DeviceExclusive { frame, write });
                     Ok(frame)
                 }
@@ -254,29 +257,29 @@ impl Kernel {
         bytes: u64,
         ops: Rc<dyn DevicePagemapOps>,
     ) -> usize {
-        let r = self.state().phys.add_region(kind, bytes / PAGE_SIZE);
-        self.pgmaps.borrow_mut().insert(r, ops);
+        let r = self.phys().add_region(kind, bytes / PAGE_SIZE);
+        self.pgmaps().insert(r, ops);
         r
     }
 
     /// Allocates a zero-filled anonymous page in region `r`.
     pub fn alloc_page(&self, r: usize) -> Option<FrameId> {
-        self.state().phys.alloc(r, FrameOwner::Anon).ok()
+        self.phys().alloc(r, FrameOwner::Anon).ok()
     }
 
     /// Allocates 512 contiguous zero-filled anonymous pages (a THP) in region `r`; returns the head.
     pub fn alloc_pmd_page(&self, r: usize) -> Option<FrameId> {
-        self.state().phys.alloc_pmd(r, FrameOwner::Anon).ok()
+        self.phys().alloc_pmd(r, FrameOwner::Anon).ok()
     }
 
     /// Copies a page for a migration (the driver's copy step).
     pub fn copy_page(&self, src: FrameId, dst: FrameId) {
-        self.state().phys.copy_frame(src, dst);
+        self.phys().copy_frame(src, dst);
     }
 
     /// Returns the kind of memory `frame` is in.
     pub fn memory_kind(&self, frame: FrameId) -> MemoryKind {
-        self.state().phys.kind(frame)
+        self.phys().kind(frame)
     }
 
     /// Step 1: `migrate_vma_setup`.
@@ -290,7 +293,7 @@ impl Kernel {
             return Err(Errno::EINVAL);
         }
         let vma = self
-            .state()
+            .mms()
             .mm(m.pid)
             .vma(m.start)
             .cloned()
@@ -308,14 +311,15 @@ impl Kernel {
         self.invalidate_range_start(m.pid, range, NotifierEvent::Migrate, m.event_owner)
             .await;
         {
-            let mut st = self.state();
+            let mut st = self.mms();
+            let mut phys = self.phys();
             let mut skip_to = 0;
             for i in 0..n {
                 if i < skip_to {
                     continue;
                 }
                 let va = m.va(i);
-                let mut leaf = st.mm(m.pid).pt.lookup(va);
+                let mut leaf = st.mm(m.pid).pt().lookup(va);
                 // A whole PMD-mapped anonymous THP inside the range, with SELECT_COMPOUND: one compound entry.
                 if let Some(l) = leaf
                     && l.size == PageSize::Size2M
@@ -327,17 +331,17 @@ impl Kernel {
                         write,
                         special: false,
                     } = l.pte
-                    && matches!(st.phys.kind(frame), MemoryKind::Ram { .. })
+                    && matches!(phys.kind(frame), MemoryKind::Ram { .. })
                     && m.flags & MIGRATE_VMA_SELECT_SYSTEM != 0
                     && (0..512).all(|k| {
-                        let f = st.phys.frame(FrameId(frame.0 + k));
+                        let f = phys.frame(FrameId(frame.0 + k));
                         // Mapped only here: a THP shared after fork is split and migrated page by page,
                         // so try_to_migrate reaches its other mappings (a simplification of compound rmap).
                         f.owner() == FrameOwner::Anon && !f.maybe_dma_pinned() && f.mapcount == 1
                     })
                 {
                     st.mm_mut(m.pid)
-                        .pt
+                        .pt_mut()
                         .set_pmd(va, Pte::Migration { frame, write });
                     m.src[i] = migrate_pfn(frame)
                         | MIGRATE_PFN_MIGRATE
@@ -348,8 +352,8 @@ impl Kernel {
                     continue;
                 }
                 if leaf.is_some_and(|l| l.size != PageSize::Size4K) {
-                    st.mm_mut(m.pid).pt.split_pmd(va);
-                    leaf = st.mm(m.pid).pt.lookup(va);
+                    st.mm_mut(m.pid).pt_mut().split_pmd(va);
+                    leaf = st.mm(m.pid).pt().lookup(va);
                 }
                 let Some(leaf) = leaf else {
                     if vma.is_anonymous() {
@@ -367,14 +371,14 @@ impl Kernel {
                     Pte::DevicePrivate { frame, write } => (frame, write, true),
                     _ => continue,
                 };
-                if frame == st.phys.zero_page() {
+                if frame == phys.zero_page() {
                     if m.flags & MIGRATE_VMA_SELECT_SYSTEM != 0 && vma.is_anonymous() {
                         m.src[i] = MIGRATE_PFN_MIGRATE;
                         m.cpages += 1;
                     }
                     continue;
                 }
-                let selected = match st.phys.kind(frame) {
+                let selected = match phys.kind(frame) {
                     MemoryKind::Ram { .. } => m.flags & MIGRATE_VMA_SELECT_SYSTEM != 0,
                     MemoryKind::DevicePrivate { owner } => {
                         private
@@ -388,7 +392,7 @@ impl Kernel {
                     // P2P memory never migrates (it is a BAR, not memory the kernel can move).
                     MemoryKind::FsDax { .. } | MemoryKind::P2pMem { .. } => false,
                 };
-                let fr = st.phys.frame(frame);
+                let fr = phys.frame(frame);
                 // Only anonymous pages move; pinned pages stay (the refcount check of migrate_vma_unmap); a page
                 // a device-range migration holds locked is skipped (the trylock of migrate_vma_collect_pmd).
                 if !selected || fr.owner() != FrameOwner::Anon || fr.maybe_dma_pinned() || fr.locked
@@ -397,10 +401,10 @@ impl Kernel {
                 }
                 // folio_get + folio_trylock: the page stays locked and referenced until finalize (or until
                 // the reference check below gives it back).
-                st.phys.get(frame);
-                st.phys.frame_mut(frame).locked = true;
+                phys.get(frame);
+                phys.frame_mut(frame).locked = true;
                 st.mm_mut(m.pid)
-                    .pt
+                    .pt_mut()
                     .set_pte(va, Pte::Migration { frame, write });
                 m.src[i] = migrate_pfn(frame)
                     | MIGRATE_PFN_MIGRATE
@@ -420,19 +424,21 @@ impl Kernel {
             .collect();
         self.try_to_migrate(&taken).await;
         let restored = {
-            let mut st = self.state();
-            migrate_unmap_check(&mut st, &mut m.src, &taken)
+            let mut st = self.mms();
+            let mut phys = self.phys();
+            migrate_unmap_check(&mut st, &mut phys, &mut m.src, &taken)
         };
         if restored > 0 {
             m.cpages -= restored as u64;
-            self.migration_wq.wake_up_all();
+            self.migration_wq().wake_up_all();
         }
         Ok(())
     }
 
     /// Step 3: `migrate_vma_pages`.
     pub fn migrate_vma_pages(&self, m: &mut MigrateVma) {
-        let mut st = self.state();
+        let mut st = self.mms();
+        let mut phys = self.phys();
         let Some(vma) = st.mm(m.pid).vma(m.start).cloned() else {
             return;
         };
@@ -449,9 +455,9 @@ impl Kernel {
             }
             // No source page (hole or zero page): migrate_vma_insert_page, anonymous VMAs only.
             let va = m.va(i);
-            let zero = st.phys.zero_page();
+            let zero = phys.zero_page();
             let ok = vma.is_anonymous()
-                && match st.mm(m.pid).pt.lookup(va) {
+                && match st.mm(m.pid).pt().lookup(va) {
                     None => true,
                     Some(l) => {
                         l.pte
@@ -467,9 +473,9 @@ impl Kernel {
                 continue;
             }
             let write = vma.flags.contains(VmFlags::WRITE);
-            let pte = mapping_entry(st.phys.kind(dst), dst, write);
-            st.mm_mut(m.pid).pt.set_pte(va, pte);
-            st.phys.frame_mut(dst).mapcount = 1;
+            let pte = mapping_entry(phys.kind(dst), dst, write);
+            st.mm_mut(m.pid).pt_mut().set_pte(va, pte);
+            phys.frame_mut(dst).mapcount = 1;
             m.dst[i] |= DST_CONSUMED;
         }
     }
@@ -477,7 +483,9 @@ impl Kernel {
     /// Step 4: `migrate_vma_finalize`.
     pub fn migrate_vma_finalize(&self, m: &mut MigrateVma) {
         {
-            let mut st = self.state();
+            let mut st = self.mms();
+            let mut phys = self.phys();
+            let mut swap = self.swap();
             let mut src_pfns = Vec::new();
             let mut dst_pfns = Vec::new();
             for i in 0..m.src.len() {
@@ -486,7 +494,7 @@ impl Kernel {
                 let Some(src) = migrate_pfn_to_frame(m.src[i]) else {
                     // No source page: the destination was installed by migrate_vma_pages, or is unused.
                     if let (Some(d), false) = (dst, consumed) {
-                        st.phys.put(d);
+                        phys.put(d);
                     }
                     continue;
                 };
@@ -500,17 +508,17 @@ impl Kernel {
                     } else {
                         if let Some(d) = dst {
                             for k in 0..512 {
-                                st.phys.put(FrameId(d.0 + k));
+                                phys.put(FrameId(d.0 + k));
                             }
                         }
                         (src, m.src[i] & MIGRATE_PFN_WRITE != 0)
                     };
-                    let pte = mapping_entry(st.phys.kind(frame), frame, write);
-                    st.mm_mut(m.pid).pt.set_pmd(va, pte);
+                    let pte = mapping_entry(phys.kind(frame), frame, write);
+                    st.mm_mut(m.pid).pt_mut().set_pmd(va, pte);
                     if to.is_some() {
                         for k in 0..512 {
-                            st.phys.frame_mut(FrameId(frame.0 + k)).mapcount = 1;
-                            st.phys.put(FrameId(src.0 + k));
+                            phys.frame_mut(FrameId(frame.0 + k)).mapcount = 1;
+                            phys.put(FrameId(src.0 + k));
                         }
                     }
                     continue;
@@ -521,7 +529,7 @@ impl Kernel {
                 src_pfns.push(m.src[i]);
                 dst_pfns.push(m.dst[i]);
             }
-            remove_migration_ptes(&mut st, &src_pfns, &dst_pfns);
+            remove_migration_ptes(&mut st, &mut phys, &mut swap, &src_pfns, &dst_pfns);
         }
         let moved = m
             .src
@@ -530,7 +538,7 @@ impl Kernel {
             .filter(|(s, d)| **s & MIGRATE_PFN_MIGRATE != 0 && **d != 0)
             .count();
         self.sim.count("migrate.pages", moved as u64);
-        self.migration_wq.wake_up_all();
+        self.migration_wq().wake_up_all();
     }
 }
 
@@ -541,7 +549,8 @@ impl Kernel {
 /// restored everywhere (`remove_migration_ptes(src, src)`), it is unlocked, the caller's reference is dropped
 /// and its entry becomes 0. Returns the number of pages restored; the caller wakes the migration wait queue.
 pub(crate) fn migrate_unmap_check(
-    st: &mut KernelState,
+    st: &mut Mms,
+    phys: &mut PhysMem,
     src_pfns: &mut [u64],
     taken: &BTreeSet<FrameId>,
 ) -> usize {
@@ -567,15 +576,17 @@ pub(crate) fn migrate_unmap_check(
         };
         let mine = entries.get(&f).map_or(&[][..], Vec::as_slice);
         let expected = u32::try_from(mine.len()).expect("mappings fit u32") + 1;
-        if !still_mapped.contains(&f) && st.phys.frame(f).refcount == expected {
+        if !still_mapped.contains(&f) && phys.frame(f).refcount == expected {
             continue;
         }
-        let kind = st.phys.kind(f);
+        let kind = phys.kind(f);
         for &(pid, va, write) in mine {
-            st.mm_mut(pid).pt.set_pte(va, mapping_entry(kind, f, write));
+            st.mm_mut(pid)
+                .pt_mut()
+                .set_pte(va, mapping_entry(kind, f, write));
         }
-        st.phys.frame_mut(f).locked = false;
-        st.phys.put(f);
+        phys.frame_mut(f).locked = false;
+        phys.put(f);
         *s = 0;
         restored += 1;
     }
@@ -590,7 +601,9 @@ pub(crate) fn migrate_unmap_check(
 /// (the last one frees it: `page_free`). Entries without a source page only drop their destination. Returns
 /// the number of pages migrated; the caller counts them and wakes the migration wait queue.
 pub(crate) fn remove_migration_ptes(
-    st: &mut KernelState,
+    st: &mut Mms,
+    phys: &mut PhysMem,
+    swap: &mut Swap,
     src_pfns: &[u64],
     dst_pfns: &[u64],
 ) -> u64 {
@@ -614,7 +627,7 @@ pub(crate) fn remove_migration_ptes(
         let dst = migrate_pfn_to_frame(d);
         let Some(src) = migrate_pfn_to_frame(s) else {
             if let Some(d) = dst {
-                st.phys.put(d);
+                phys.put(d);
             }
             continue;
         };
@@ -626,33 +639,33 @@ pub(crate) fn remove_migration_ptes(
         } else {
             src
         };
-        let kind = st.phys.kind(to);
+        let kind = phys.kind(to);
         for &(pid, va, write) in entries.get(&src).map_or(&[][..], Vec::as_slice) {
             st.mm_mut(pid)
-                .pt
+                .pt_mut()
                 .set_pte(va, mapping_entry(kind, to, write));
             if migrated {
                 // The mapping's reference moves from the old page to the new one.
-                st.phys.get(to);
-                st.phys.frame_mut(to).mapcount += 1;
-                let fr = st.phys.frame_mut(src);
+                phys.get(to);
+                phys.frame_mut(to).mapcount += 1;
+                let fr = phys.frame_mut(src);
                 fr.mapcount = fr.mapcount.saturating_sub(1);
-                st.phys.put(src);
+                phys.put(src);
             }
         }
         if let Some(d) = dst {
             if migrated
-                && st.phys.frame(d).mapcount > 0
-                && matches!(st.phys.kind(d), MemoryKind::Ram { .. })
+                && phys.frame(d).mapcount > 0
+                && matches!(phys.kind(d), MemoryKind::Ram { .. })
             {
-                st.lru_add_new_anon(d);
+                swap.lru_add_new_anon(phys, d);
             }
             // The caller's allocation reference; an unused destination is freed.
-            st.phys.put(d);
+            phys.put(d);
         }
-        st.phys.frame_mut(src).locked = false;
+        phys.frame_mut(src).locked = false;
         // The caller's reference on the source: the last one frees the page (page_free).
-        st.phys.put(src);
+        phys.put(src);
         if migrated {
             moved += 1;
         }

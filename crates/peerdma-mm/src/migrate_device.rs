@@ -56,7 +56,7 @@ use crate::migrate::{
     MIGRATE_PFN_MIGRATE, migrate_pfn, migrate_pfn_to_frame, migrate_unmap_check,
     remove_migration_ptes,
 };
-use crate::notifier::NotifierEvent;
+use crate::mmu_notifier::NotifierEvent;
 use crate::pagetable::Pte;
 use crate::phys::MemoryKind;
 
@@ -95,8 +95,8 @@ impl Kernel {
     pub async fn migrate_device_pfns(&self, src_pfns: &mut [u64]) {
         // Step 1: take the pages.
         let taken: BTreeSet<FrameId> = {
-            let mut guard = self.state();
-            let st = &mut *guard;
+            let st = self.mms();
+            let mut phys = self.phys();
             let wanted: BTreeSet<FrameId> = src_pfns.iter().map(|&p| FrameId(p)).collect();
             let busy: BTreeSet<FrameId> = st
                 .rmap_walk(|f| wanted.contains(&f))
@@ -108,21 +108,21 @@ impl Kernel {
             for s in src_pfns.iter_mut() {
                 let f = FrameId(*s);
                 *s = 0;
-                if !st.phys.exists(f)
+                if !phys.exists(f)
                     || !matches!(
-                        st.phys.kind(f),
+                        phys.kind(f),
                         MemoryKind::DevicePrivate { .. } | MemoryKind::DeviceCoherent { .. }
                     )
                 {
                     continue;
                 }
-                let fr = st.phys.frame(f);
+                let fr = phys.frame(f);
                 // get_page_unless_zero + trylock_page.
                 if !fr.is_allocated() || fr.locked || busy.contains(&f) || !taken.insert(f) {
                     continue;
                 }
-                st.phys.get(f);
-                st.phys.frame_mut(f).locked = true;
+                phys.get(f);
+                phys.frame_mut(f).locked = true;
                 *s = migrate_pfn(f) | MIGRATE_PFN_MIGRATE;
             }
             taken
@@ -133,11 +133,12 @@ impl Kernel {
         // Step 2: try_to_migrate, then the reference check of migrate_device_unmap.
         self.try_to_migrate(&taken).await;
         let restored = {
-            let mut st = self.state();
-            migrate_unmap_check(&mut st, src_pfns, &taken)
+            let mut st = self.mms();
+            let mut phys = self.phys();
+            migrate_unmap_check(&mut st, &mut phys, src_pfns, &taken)
         };
         if restored > 0 {
-            self.migration_wq.wake_up_all();
+            self.migration_wq().wake_up_all();
         }
     }
 
@@ -151,11 +152,11 @@ impl Kernel {
             return;
         }
         let mappings: Vec<(Pid, Va, FrameId)> = {
-            let mut st = self.state();
+            let mut st = self.mms();
             let walk = st.rmap_walk(|f| taken.contains(&f));
             for m in &walk {
                 if m.leaf.size != PageSize::Size4K && migratable_mapping(m.leaf.pte).is_some() {
-                    st.mm_mut(m.pid).pt.split_pmd(m.va);
+                    st.mm_mut(m.pid).pt_mut().split_pmd(m.va);
                 }
             }
             walk.into_iter()
@@ -168,21 +169,22 @@ impl Kernel {
             self.invalidate_range_start(pid, page, NotifierEvent::Clear, None)
                 .await;
             {
-                let mut st = self.state();
+                let mut st = self.mms();
+                let phys = self.phys();
                 // The entry may have changed while the invalidation slept (zapped, COW-broken).
                 let cur = st
                     .mm(pid)
-                    .pt
+                    .pt()
                     .lookup(va)
                     .filter(|l| l.size == PageSize::Size4K)
                     .and_then(|l| migratable_mapping(l.pte));
                 // A pinned exclusive page cannot be shared for migration (folio_try_share_anon_rmap_pte).
                 if let Some((f, write)) = cur
                     && f == frame
-                    && !st.phys.frame(frame).maybe_dma_pinned()
+                    && !phys.frame(frame).maybe_dma_pinned()
                 {
                     st.mm_mut(pid)
-                        .pt
+                        .pt_mut()
                         .set_pte(va, Pte::Migration { frame, write });
                 }
             }
@@ -196,7 +198,7 @@ impl Kernel {
     /// Panics if the two arrays differ in length (a caller bug).
     pub fn migrate_device_pages(&self, src_pfns: &mut [u64], dst_pfns: &[u64]) {
         assert_eq!(src_pfns.len(), dst_pfns.len(), "src and dst arrays differ");
-        let mut st = self.state();
+        let mut phys = self.phys();
         for (s, &d) in src_pfns.iter_mut().zip(dst_pfns) {
             if *s & MIGRATE_PFN_MIGRATE == 0 {
                 continue;
@@ -206,8 +208,8 @@ impl Kernel {
                 continue;
             };
             // folio_migrate_mapping: the destination takes the page's place (an anonymous page here).
-            let owner = st.phys.frame(src).owner();
-            st.phys.set_owner(dst, owner);
+            let owner = phys.frame(src).owner();
+            phys.set_owner(dst, owner);
         }
     }
 
@@ -218,12 +220,14 @@ impl Kernel {
     pub fn migrate_device_finalize(&self, src_pfns: &[u64], dst_pfns: &[u64]) {
         assert_eq!(src_pfns.len(), dst_pfns.len(), "src and dst arrays differ");
         let moved = {
-            let mut st = self.state();
-            remove_migration_ptes(&mut st, src_pfns, dst_pfns)
+            let mut st = self.mms();
+            let mut phys = self.phys();
+            let mut swap = self.swap();
+            remove_migration_ptes(&mut st, &mut phys, &mut swap, src_pfns, dst_pfns)
         };
         if moved > 0 {
             self.sim.count("migrate.pages", moved);
         }
-        self.migration_wq.wake_up_all();
+        self.migration_wq().wake_up_all();
     }
 }

@@ -8,7 +8,7 @@
 use peerdma_core::{Errno, PAGE_SIZE, PMD_SIZE, Pid, Range, Va};
 
 use crate::kernel::{Kernel, MMAP_BASE, MMAP_MIN, TASK_SIZE, check_range};
-use crate::notifier::NotifierEvent;
+use crate::mmu_notifier::NotifierEvent;
 use crate::pagetable::Pte;
 use crate::phys::{FrameOwner, GfpZone};
 use crate::vma::{Prot, VmFlags, Vma, VmaBacking};
@@ -82,7 +82,7 @@ impl Kernel {
         let start = if fixed {
             let a = args.addr.expect("checked above");
             let r = Range::from_len(a, len).expect("checked above");
-            let overlaps = !self.state().mm(pid).vmas_in(r).is_empty();
+            let overlaps = !self.mms().mm(pid).vmas_in(r).is_empty();
             if overlaps {
                 if args.fixed_noreplace {
                     return Err(Errno::EEXIST);
@@ -103,10 +103,9 @@ impl Kernel {
             flags |= VmFlags::HUGETLB;
         }
         if args.file.is_some_and(|f| {
-            self.state()
-                .files
-                .get(f as usize)
-                .is_some_and(|f| f.dax_region.is_some())
+            self.files()
+                .get(f)
+                .is_some_and(|f| f.dax_region().is_some())
         }) {
             flags |= VmFlags::DAX;
         }
@@ -123,21 +122,18 @@ impl Kernel {
                 pgoff: args.offset / PAGE_SIZE,
             }
         };
-        self.state().mm_mut(pid).vmas.insert(
-            start,
-            Vma {
-                range,
-                flags,
-                backing,
-                name: args.name.clone(),
-            },
-        );
+        self.mms().mm_mut(pid).insert_vma(Vma {
+            range,
+            flags,
+            backing,
+            name: args.name.clone(),
+        });
         self.sim
             .trace("mmap", || format!("pid {} {range} {flags:?}", pid.0));
         if args.populate {
             let write = args.prot.write;
             for page in range.pages() {
-                if self.state().mm(pid).translate(page).is_some() {
+                if self.mms().mm(pid).translate(page).is_some() {
                     continue;
                 }
                 if self.handle_mm_fault(pid, page, write).await.is_err() {
@@ -164,23 +160,23 @@ impl Kernel {
         let lock = self.mmap_lock(pid);
         let _g = lock.write().await;
         let range = self.insert_driver_vma(pid, len, flags).await?;
-        let mut st = self.state();
+        let mut st = self.mms();
+        let mut phys = self.phys();
         let nr = range.nr_pages();
         // Kernel pages (GFP_KERNEL) never come from movable memory.
-        if st.phys.nr_free_zone(GfpZone::Normal) < nr {
+        if phys.nr_free_zone(GfpZone::Normal) < nr {
             st.remove_vmas(pid, range);
             return Err(Errno::ENOMEM);
         }
         let home = st.home_node(pid);
         for page in range.pages() {
-            let frame = st
-                .phys
+            let frame = phys
                 .alloc_node(home, FrameOwner::Kernel)
                 .expect("counted free frames above");
-            st.phys.frame_mut(frame).mapcount = 1;
+            phys.frame_mut(frame).mapcount = 1;
             // vm_insert_page maps the page read-only in a private mapping; a write fault COWs it.
             let write = shared && prot.write;
-            st.mm_mut(pid).pt.set_pte(
+            st.mm_mut(pid).pt_mut().set_pte(
                 page,
                 Pte::Present {
                     frame,
@@ -224,20 +220,17 @@ impl Kernel {
             .find_gap(pid, None, len, PAGE_SIZE)
             .ok_or(Errno::ENOMEM)?;
         let range = Range::from_len(start, len).expect("gap inside user space");
-        self.state().mm_mut(pid).vmas.insert(
-            start,
-            Vma {
-                range,
-                flags,
-                backing: VmaBacking::Driver,
-                name: None,
-            },
-        );
+        self.mms().mm_mut(pid).insert_vma(Vma {
+            range,
+            flags,
+            backing: VmaBacking::Driver,
+            name: None,
+        });
         Ok(range)
     }
 
     pub(crate) fn find_gap(&self, pid: Pid, hint: Option<Va>, len: u64, align: u64) -> Option<Va> {
-        let st = self.state();
+        let st = self.mms();
         let mm = st.mm(pid);
         if let Some(h) = hint
             && let Some(a) = h.align_up(align)
@@ -250,7 +243,7 @@ impl Kernel {
         }
         // Top-down below MMAP_BASE (arch_get_unmapped_area_topdown).
         let mut top = MMAP_BASE;
-        for (_, v) in mm.vmas.range(..Va::from_raw(MMAP_BASE)).rev() {
+        for (_, v) in mm.vmas().range(..Va::from_raw(MMAP_BASE)).rev() {
             let gap_start = v.range.end.raw();
             if let Some(cand) = top.checked_sub(len).map(|c| c & !(align - 1))
                 && cand >= gap_start
@@ -272,13 +265,13 @@ impl Kernel {
         let r = check_range(addr, len)?;
         let lock = self.mmap_lock(pid);
         let g = lock.write().await;
-        if self.state().mm(pid).vmas_in(r).is_empty() {
+        if self.mms().mm(pid).vmas_in(r).is_empty() {
             return Ok(());
         }
         // Detach the VMAs under the write lock, then downgrade and zap under the read lock, as
         // do_vmi_align_munmap does (mm/vma.c): device faults holding mmap_lock for reading can run alongside
         // the zap and its invalidation.
-        self.state().remove_vmas(pid, r);
+        self.mms().remove_vmas(pid, r);
         let _r = g.downgrade();
         self.unmap_region(pid, r).await;
         Ok(())
@@ -286,10 +279,10 @@ impl Kernel {
 
     /// Unmaps `r` with the write lock held (MAP_FIXED over existing mappings).
     pub(crate) async fn do_munmap(&self, pid: Pid, r: Range<Va>) {
-        if self.state().mm(pid).vmas_in(r).is_empty() {
+        if self.mms().mm(pid).vmas_in(r).is_empty() {
             return;
         }
-        self.state().remove_vmas(pid, r);
+        self.mms().remove_vmas(pid, r);
         self.unmap_region(pid, r).await;
     }
 

@@ -5,10 +5,11 @@
 
 use peerdma_core::{Errno, Pid, Va};
 
-use crate::kernel::{Kernel, KernelState, check_range};
-use crate::notifier::NotifierEvent;
+use crate::file::PageCache;
+use crate::kernel::{Kernel, Mms, check_range};
+use crate::mmu_notifier::NotifierEvent;
 use crate::pagetable::Pte;
-use crate::phys::FrameOwner;
+use crate::phys::{FrameOwner, PhysMem};
 use crate::vma::{Prot, VmFlags, VmaBacking};
 
 impl Kernel {
@@ -25,10 +26,10 @@ impl Kernel {
         let r = check_range(addr, len)?;
         let lock = self.mmap_lock(pid);
         let _g = lock.write().await;
-        if !self.state().mm(pid).fully_mapped(r) {
+        if !self.mms().mm(pid).fully_mapped(r) {
             return Err(Errno::ENOMEM);
         }
-        let has_leaves = self.state().mm(pid).pt.cursor(r).next().is_some();
+        let has_leaves = self.mms().mm(pid).pt().cursor(r).next().is_some();
         if has_leaves {
             self.invalidate_range_start(pid, r, NotifierEvent::ProtectionVma, None)
                 .await;
@@ -36,19 +37,16 @@ impl Kernel {
             self.split_huge_pmds_cut_by(pid, r).await;
         }
         {
-            let mut st = self.state();
+            let mut st = self.mms();
             for start in st.split_at(pid, r) {
                 let mm = st.mm_mut(pid);
-                let v = mm
-                    .vmas
-                    .get_mut(&start)
-                    .expect("split_at returns VMA starts");
+                let v = mm.vma_mut(start).expect("split_at returns VMA starts");
                 v.flags = (v.flags - VmFlags::PROT) | VmFlags::from(prot);
             }
             // change_pte_range: removing write permission write-protects the entries. A writable
             // device-private or migration entry becomes read-only whatever the new protection (the next
             // device write faults again).
-            let mut cursor = st.mm_mut(pid).pt.cursor_mut(r);
+            let mut cursor = st.mm_mut(pid).pt_mut().cursor_mut(r);
             while cursor.find_next().is_some() {
                 cursor.protect(|pte| match pte {
                     Pte::DevicePrivate { .. } | Pte::Migration { .. } => pte.with_write(false),
@@ -61,7 +59,7 @@ impl Kernel {
             // a private mapping, any page of a shared mapping without write-notify (shmem); others wait for
             // the next write fault (COW, or the file system's dirty tracking).
             if prot.write {
-                st.make_writable_where_no_fault_needed(pid, r);
+                st.make_writable_where_no_fault_needed(&self.phys(), &self.files(), pid, r);
             }
         }
         if has_leaves {
@@ -74,15 +72,21 @@ impl Kernel {
     }
 }
 
-impl KernelState {
+impl Mms {
     /// The MM_CP_TRY_CHANGE_WRITABLE pass of `change_pte_range` over `r` of `pid` (mm/mprotect.c): makes
     /// writable each present, read-only entry that `can_change_pte_writable` allows — in a private mapping
     /// an exclusive anonymous page (not the zero page, not a page-cache page, not one shared after fork);
     /// in a shared mapping of a file without dirty tracking (shmem, tmpfs, shared anonymous memory), every
     /// page. A PMD leaf is made writable only when all of its pages qualify.
-    fn make_writable_where_no_fault_needed(&mut self, pid: Pid, r: peerdma_core::Range<Va>) {
-        let zero = self.phys.zero_page();
-        let leaves = self.mm(pid).pt.leaves(r.start, r.end);
+    fn make_writable_where_no_fault_needed(
+        &mut self,
+        phys: &PhysMem,
+        files: &PageCache,
+        pid: Pid,
+        r: peerdma_core::Range<Va>,
+    ) {
+        let zero = phys.zero_page();
+        let leaves = self.mm(pid).pt().leaves(r.start, r.end);
         for leaf in leaves {
             let Pte::Present {
                 frame,
@@ -102,19 +106,19 @@ impl KernelState {
                 continue;
             }
             let ok = if vma.is_shared() {
-                matches!(vma.backing, VmaBacking::File { file, .. } if self.files[file as usize].shmem)
+                matches!(vma.backing, VmaBacking::File { file, .. } if files.file(file).is_shmem())
             } else {
                 let nr = leaf.size.bytes() / peerdma_core::PAGE_SIZE;
                 (0..nr).all(|i| {
                     let f = peerdma_core::FrameId(frame.0 + i);
                     f != zero
-                        && self.phys.frame(f).owner() == FrameOwner::Anon
-                        && self.phys.frame(f).mapcount <= 1
+                        && phys.frame(f).owner() == FrameOwner::Anon
+                        && phys.frame(f).mapcount <= 1
                 })
             };
             if ok {
                 self.mm_mut(pid)
-                    .pt
+                    .pt_mut()
                     .set_leaf(leaf.base, leaf.size, leaf.pte.with_write(true));
             }
         }

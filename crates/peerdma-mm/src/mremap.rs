@@ -6,7 +6,7 @@
 use peerdma_core::{Errno, PAGE_SIZE, PMD_SIZE, PageSize, Pid, Range, Va};
 
 use crate::kernel::{Kernel, TASK_SIZE};
-use crate::notifier::NotifierEvent;
+use crate::mmu_notifier::NotifierEvent;
 use crate::vma::VmFlags;
 
 /// `mremap` flags.
@@ -55,12 +55,7 @@ impl Kernel {
         let old_r = Range::from_len(old, old_len).ok_or(Errno::EINVAL)?;
         let lock = self.mmap_lock(pid);
         let _g = lock.write().await;
-        let vma = self
-            .state()
-            .mm(pid)
-            .vma(old)
-            .cloned()
-            .ok_or(Errno::EFAULT)?;
+        let vma = self.mms().mm(pid).vma(old).cloned().ok_or(Errno::EFAULT)?;
         if !vma.range.contains_range(&old_r) {
             return Err(Errno::EFAULT);
         }
@@ -90,14 +85,13 @@ impl Kernel {
         } else {
             let grow = Range::new(old_r.end, old.add(new_len));
             if vma.range.end == old_r.end
-                && self.state().mm(pid).vmas_in(grow).is_empty()
+                && self.mms().mm(pid).vmas_in(grow).is_empty()
                 && grow.end.raw() <= TASK_SIZE
             {
-                let mut st = self.state();
+                let mut st = self.mms();
                 let v = st
                     .mm_mut(pid)
-                    .vmas
-                    .get_mut(&vma.range.start)
+                    .vma_mut(vma.range.start)
                     .expect("looked up above");
                 v.range.end = grow.end;
                 return Ok(old);
@@ -114,7 +108,7 @@ impl Kernel {
             .await;
         // move_page_tables: a PMD leaf moves whole only when it lies wholly inside the moved range and its
         // new place is 2 MiB aligned; any other is split first (`split_huge_pmd`, a CLEAR of its 2 MiB).
-        let leaves = self.state().mm(pid).pt.leaves(src.start, src.end);
+        let leaves = self.mms().mm(pid).pt().leaves(src.start, src.end);
         for leaf in leaves {
             if leaf.size == PageSize::Size4K {
                 continue;
@@ -126,12 +120,13 @@ impl Kernel {
             }
         }
         {
-            let mut st = self.state();
-            for leaf in st.mm(pid).pt.leaves(src.start, src.end) {
+            let mut st = self.mms();
+            let mut oracle = self.oracle();
+            for leaf in st.mm(pid).pt().leaves(src.start, src.end) {
                 let off = leaf.base.raw() - old.raw();
-                st.mm_mut(pid).pt.clear(leaf.base);
+                st.mm_mut(pid).pt_mut().clear(leaf.base);
                 st.mm_mut(pid)
-                    .pt
+                    .pt_mut()
                     .set_leaf(target.add(off), leaf.size, leaf.pte);
             }
             let new_vma = vma.slice(Range::from_len(old, moved).expect("inside"));
@@ -140,8 +135,8 @@ impl Kernel {
             if !flags.dontunmap {
                 st.remove_vmas(pid, old_r);
             }
-            st.mm_mut(pid).vmas.insert(target, nv);
-            st.oracle.move_anon(pid, src, target);
+            st.mm_mut(pid).insert_vma(nv);
+            oracle.move_anon(pid, src, target);
         }
         self.spend(self.costs.tlb_shootdown).await;
         self.invalidate_range_end(pid);

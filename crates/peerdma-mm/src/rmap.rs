@@ -15,20 +15,20 @@
 //! 4. A 2 MiB leaf is reported once per sub-frame the caller asks for, each with its own 4 KiB address and
 //!    the whole leaf, so the caller can split it before replacing one page.
 //!
-//! Users: reclaim ([`crate::swap`], present 4 KiB mappings of its victims), device-range migration
+//! Users: reclaim ([`crate::vmscan`], present 4 KiB mappings of its victims), device-range migration
 //! ([`crate::migrate_device`], device-private, device-coherent and device-exclusive mappings of device pages,
 //! then the migration entries that replaced them) and the unmap and finalize steps of `migrate_vma`
 //! ([`crate::migrate`], the other mappings of each collected page, e.g. another process's after `fork`).
 //!
-//! It also keeps the per-frame mapping accounting every mapping change goes through: `map_frame` /
-//! `unmap_frame` (`folio_add_*_rmap` + `folio_get`, `folio_remove_rmap_*` + `folio_put`).
+//! The per-frame mapping accounting every mapping change goes through, `PhysMem::map_frame` /
+//! `unmap_frame` (`folio_add_*_rmap` + `folio_get`, `folio_remove_rmap_*` + `folio_put`), lives with the frames in [`crate::phys`].
 
 use peerdma_core::{FrameId, PAGE_SIZE, Pid, Va};
 
-use crate::kernel::KernelState;
+use crate::kernel::Mms;
 use crate::pagetable::{Leaf, Pte};
 
-/// One page-table mapping of a frame, found by `KernelState::rmap_walk`.
+/// One page-table mapping of a frame, found by `Mms::rmap_walk`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Mapping {
     /// The address space.
@@ -41,13 +41,13 @@ pub struct Mapping {
     pub leaf: Leaf,
 }
 
-impl KernelState {
+impl Mms {
     /// Returns every mapping of the frames `want_fn` selects, in every live address space (the module's
     /// rules 1–4).
     pub(crate) fn rmap_walk(&self, mut want_fn: impl FnMut(FrameId) -> bool) -> Vec<Mapping> {
         let mut out = Vec::new();
-        for mm in self.mms.values().filter(|m| m.alive) {
-            for leaf in mm.pt.leaves(Va::from_raw(0), Va::from_raw(u64::MAX)) {
+        for mm in self.live() {
+            for leaf in mm.pt().leaves(Va::from_raw(0), Va::from_raw(u64::MAX)) {
                 if matches!(leaf.pte, Pte::Present { special: true, .. }) {
                     continue;
                 }
@@ -58,7 +58,7 @@ impl KernelState {
                     let frame = FrameId(head.0 + i);
                     if want_fn(frame) {
                         out.push(Mapping {
-                            pid: mm.pid,
+                            pid: mm.pid(),
                             va: leaf.base.add(i * PAGE_SIZE),
                             frame,
                             leaf,
@@ -68,26 +68,5 @@ impl KernelState {
             }
         }
         out
-    }
-}
-
-impl KernelState {
-    /// Drops one mapping of `frame` (mapcount and reference).
-    pub(crate) fn unmap_frame(&mut self, frame: FrameId) {
-        if frame == self.phys.zero_page() {
-            return;
-        }
-        let fr = self.phys.frame_mut(frame);
-        fr.mapcount = fr.mapcount.saturating_sub(1);
-        self.phys.put(frame);
-    }
-
-    /// Adds one mapping of `frame`.
-    pub(crate) fn map_frame(&mut self, frame: FrameId) {
-        if frame == self.phys.zero_page() {
-            return;
-        }
-        self.phys.get(frame);
-        self.phys.frame_mut(frame).mapcount += 1;
     }
 }

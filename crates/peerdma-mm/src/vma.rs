@@ -7,7 +7,7 @@ use bitflags::bitflags;
 use peerdma_core::{Range, Va};
 
 /// An MMIO range without struct pages registered with [`crate::kernel::Kernel::add_mmio`] (defined here,
-/// below [`crate::p2p`], because a PFNMAP VMA's backing names it).
+/// below [`crate::p2pdma`], because a PFNMAP VMA's backing names it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct MmioId(pub u32);
 

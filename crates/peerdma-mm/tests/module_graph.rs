@@ -5,11 +5,11 @@
 //! items, grouped `use crate::{X::…, Y::…}` items and inline paths; comments, doc links included, are
 //! skipped) and asserts the graph is acyclic.
 //!
-//! **The one exception is the `kernel` facade.** `kernel.rs` defines `Kernel` and `KernelState`; every
-//! mechanism module adds its own `impl Kernel` / `impl KernelState` block and so names `crate::kernel`, and
-//! `KernelState` holds the state of the lower modules (`phys`, `swap`, `oracle`, `notifier`, …) and so names
+//! **The one exception is the `kernel` facade.** `kernel.rs` defines `Kernel` and `Mms`; every
+//! mechanism module adds its own `impl Kernel` / `impl Mms` block and so names `crate::kernel`, and
+//! `Kernel` holds the state of the lower modules (`phys`, `vmscan`, `oracle`, `mmu_notifier`, …) and so names
 //! them. Edges into and out of `kernel` are therefore left out. Calls between mechanisms go through methods
-//! of `Kernel` / `KernelState` (e.g. `madvise` calling `collapse_range`, defined in `khugepaged`), which name no
+//! of `Kernel` / `Mms` (e.g. `madvise` calling `collapse_range`, defined in `khugepaged`), which name no
 //! module and are not edges either: the graph is the one of *items* (types, constants, free functions) a
 //! module takes from another, and that one must stay a DAG, so a shared item lives in the lower module.
 //!
@@ -177,7 +177,15 @@ fn mm_modules_form_a_dag_apart_from_the_kernel_facade() {
     let g = graph();
     // The reader sees the crate: the mechanism modules are there and name what they use.
     for m in [
-        "kernel", "memory", "mmap", "fork", "phys", "vma", "notifier",
+        "kernel",
+        "memory",
+        "mmap",
+        "fork",
+        "phys",
+        "vma",
+        "mmu_notifier",
+        "vmscan",
+        "p2pdma",
     ] {
         assert!(g.contains_key(m), "module {m} not found in {g:?}");
     }

@@ -13,7 +13,7 @@ use std::rc::Rc;
 
 use peerdma_core::{Errno, PAGE_SIZE, Pid, Va};
 use peerdma_mm::phys::LruState;
-use peerdma_mm::swap::LOW_WATERMARK;
+use peerdma_mm::vmscan::LOW_WATERMARK;
 use peerdma_mm::{Kernel, MmCosts, MmapArgs, Prot};
 use peerdma_sim::{Metrics, RunOutcome, Sim, SimConfig};
 

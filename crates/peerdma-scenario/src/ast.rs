@@ -172,6 +172,24 @@ pub struct DeviceDecl {
     pub p2p: Vec<P2pDecl>,
     /// BAR ranges a `pci` device exports as memory without struct page (`export = [...]`).
     pub exports: Vec<ExportDecl>,
+    /// A `gpu` device's memory and BAR window.
+    pub gpu: Option<GpuDecl>,
+}
+
+/// The `gpu` keys of a `[[device]]` (`kind = "gpu"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuDecl {
+    /// VRAM bytes for buffer objects (`vram`).
+    pub vram: u64,
+    /// The BAR that exposes VRAM (`bar`, default 0).
+    pub bar: u8,
+    /// Bytes the BAR window shows (`bar_window`); `None`: a resizable BAR showing all of `vram`.
+    pub window: Option<u64>,
+    /// Device memory for managed ranges (`managed`, default `vram`).
+    pub managed: u64,
+    /// Test-only, never parsed: buffer moves skip their importers' invalidation
+    /// (`peerdma_devices::gpu::GpuInjection::SkipPeerInvalidation`), so tests can show the oracle catches it.
+    pub skip_peer_invalidation: bool,
 }
 
 /// How a `pci` device's DMA is translated (`iommu = "..."`).
@@ -233,6 +251,9 @@ pub enum DeviceKind {
     /// `"pci"`: a PCI function in `[topology]` with a DMA engine (a NIC, an NVMe controller, a GPU's copy
     /// engine: modelled alike), optionally providing P2P memory or exporting BARs.
     Pci,
+    /// `"gpu"`: a PCI function with VRAM behind a BAR window, buffer objects and managed memory
+    /// (`peerdma_devices::gpu`).
+    Gpu,
 }
 
 /// The kind of `ZONE_DEVICE` memory a device has.

@@ -64,6 +64,23 @@ pub enum RunError {
         /// The acting process.
         process: String,
     },
+    /// A `gpu.*` step names a buffer, attachment or managed range no earlier step created.
+    #[error("{what} `{name}` does not exist at this point")]
+    NoGpuObject {
+        /// What kind of object (`bo`, `attachment`, `range`).
+        what: &'static str,
+        /// Its name.
+        name: String,
+    },
+    /// The GPU model refused a step's arguments or the device's declaration.
+    #[error("gpu `{device}`")]
+    Gpu {
+        /// The device.
+        device: String,
+        /// The refusal.
+        #[source]
+        source: peerdma_devices::gpu::GpuError,
+    },
     /// A DMA handle the acting process does not hold.
     #[error("dma handle `{handle}` is not held by process `{process}`")]
     NoHandle {

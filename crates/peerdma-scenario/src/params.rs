@@ -12,13 +12,16 @@ use peerdma_dma::DmaCosts;
 use peerdma_iommu::IommuCosts;
 use peerdma_mm::MmCosts;
 
-/// Returns every parameter of the workspace: memory management, IOMMU, DMA, then the dmirror device.
+/// Returns every parameter of the workspace: memory management, IOMMU, DMA, the dmirror device, then the
+/// gpu device and its UVM fault servicing.
 pub fn all_params() -> Vec<ParamSpec> {
     [
         MmCosts::PARAMS,
         IommuCosts::PARAMS,
         DmaCosts::PARAMS,
         DmirrorCosts::PARAMS,
+        peerdma_devices::gpu::GpuCosts::PARAMS,
+        peerdma_devices::gpu::UvmCosts::PARAMS,
     ]
     .concat()
 }
@@ -58,6 +61,10 @@ pub struct CostTables {
     pub dma: DmaCosts,
     /// The dmirror device.
     pub dmirror: DmirrorCosts,
+    /// The gpu device.
+    pub gpu: peerdma_devices::gpu::GpuCosts,
+    /// The gpu device's UVM fault servicing.
+    pub uvm: peerdma_devices::gpu::UvmCosts,
 }
 
 impl CostTables {
@@ -67,6 +74,8 @@ impl CostTables {
             mm: MmCosts::from_timing(timing),
             dma: DmaCosts::from_timing(timing),
             dmirror: DmirrorCosts::from_timing(timing),
+            gpu: peerdma_devices::gpu::GpuCosts::from_timing(timing),
+            uvm: peerdma_devices::gpu::UvmCosts::from_timing(timing),
         }
     }
 }

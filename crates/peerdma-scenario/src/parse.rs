@@ -28,7 +28,8 @@ use toml::de::{DeString, DeTable, DeValue};
 
 use crate::ast::{
     AddrError, AddrExpr, DeviceDecl, DeviceKind, DeviceMemoryKind, Expect, ExportDecl, FileDecl,
-    IommuMode, Loc, P2pDecl, Prot, Scenario, Signal, SimSettings, Step, ThreadDecl, TimeMode,
+    GpuDecl, IommuMode, Loc, P2pDecl, Prot, Scenario, Signal, SimSettings, Step, ThreadDecl,
+    TimeMode,
 };
 use crate::error::{LineIndex, ScenarioError};
 use crate::ops::{self, OPS, Op, OpSpec};
@@ -231,6 +232,10 @@ pub(crate) enum RefKind {
     Export,
     /// A handle held by a `dma.map` step.
     Handle,
+    /// A `gpu` device.
+    GpuDevice,
+    /// A name a `gpu.*` step defined (`bo`, `attachment`, `range`).
+    GpuName(&'static str),
     /// The process of a `[[thread]]`.
     Process,
     /// The child of a `wait` step.
@@ -265,6 +270,9 @@ pub(crate) struct Parser<'s> {
     /// The built `[topology]`, to check `pci` devices against.
     topo: Option<peerdma_pci::Topology>,
     pci_devices: BTreeSet<String>,
+    /// `gpu` devices, and the names `gpu.*` steps define, by what they name (`bo`, `attachment`, `range`).
+    pub(crate) gpu_devices: BTreeSet<String>,
+    pub(crate) gpu_names: BTreeMap<&'static str, BTreeSet<String>>,
     /// The topology node of each `pci` device: node name -> device name.
     pci_nodes: BTreeMap<String, String>,
     exports: BTreeMap<String, Range<usize>>,
@@ -292,6 +300,8 @@ impl<'s> Parser<'s> {
             pins: BTreeSet::new(),
             topo: None,
             pci_devices: BTreeSet::new(),
+            gpu_devices: BTreeSet::new(),
+            gpu_names: BTreeMap::new(),
             pci_nodes: BTreeMap::new(),
             exports: BTreeMap::new(),
             handles: BTreeSet::new(),
@@ -446,7 +456,7 @@ impl<'s> Parser<'s> {
             })
     }
 
-    fn boolean(&self, v: &Value<'_>, key: &str) -> Result<bool> {
+    pub(crate) fn boolean(&self, v: &Value<'_>, key: &str) -> Result<bool> {
         match v.get_ref() {
             DeValue::Boolean(b) => Ok(*b),
             other => Err(self.err(
@@ -1048,7 +1058,18 @@ impl<'s> Parser<'s> {
         self.allow(
             t,
             &[
-                "name", "kind", "memory", "size", "node", "iommu", "p2p", "export",
+                "name",
+                "kind",
+                "memory",
+                "size",
+                "node",
+                "iommu",
+                "p2p",
+                "export",
+                "vram",
+                "bar",
+                "bar_window",
+                "managed",
             ],
         )?;
         let name_v = self.required(t, "name")?;
@@ -1058,8 +1079,22 @@ impl<'s> Parser<'s> {
         let kind = self.keyword(
             self.required(t, "kind")?,
             "kind",
-            &[("dmirror", DeviceKind::Dmirror), ("pci", DeviceKind::Pci)],
+            &[
+                ("dmirror", DeviceKind::Dmirror),
+                ("pci", DeviceKind::Pci),
+                ("gpu", DeviceKind::Gpu),
+            ],
         )?;
+        if kind != DeviceKind::Gpu {
+            for key in ["vram", "bar", "bar_window", "managed"] {
+                if let Some(v) = t.get(key) {
+                    return Err(self.err(
+                        &v.span(),
+                        format!("`{key}` is for a `kind = \"gpu\"` device"),
+                    ));
+                }
+            }
+        }
         if kind == DeviceKind::Dmirror {
             for key in ["node", "iommu", "p2p", "export"] {
                 if let Some(v) = t.get(key) {
@@ -1105,11 +1140,73 @@ impl<'s> Parser<'s> {
             iommu: IommuMode::default(),
             p2p: Vec::new(),
             exports: Vec::new(),
+            gpu: None,
         };
-        if kind == DeviceKind::Pci {
+        if matches!(kind, DeviceKind::Pci | DeviceKind::Gpu) {
             self.pci_device(t, &name_v.span(), &mut decl)?;
         }
+        if kind == DeviceKind::Gpu {
+            decl.gpu = Some(self.gpu_device(t, &name_v.span())?);
+            self.gpu_devices.insert(decl.name.clone());
+        }
         Ok(decl)
+    }
+
+    /// The `gpu` keys of a `[[device]]`: `vram` (required), `bar`, `bar_window`, `managed`.
+    fn gpu_device(&mut self, t: &Table<'_, '_>, name_span: &Range<usize>) -> Result<GpuDecl> {
+        let Some(v) = t.get("vram") else {
+            return Err(self.err(name_span, "a `kind = \"gpu\"` device needs `vram`"));
+        };
+        let vram = self.len(v, "vram")?;
+        let page = |this: &Self, v: &Value<'_>, key: &str, n: u64| -> Result<u64> {
+            if n.is_multiple_of(PAGE_SIZE) {
+                Ok(n)
+            } else {
+                Err(this.err(
+                    &v.span(),
+                    format!("expected a whole number of 4 KiB pages for `{key}`, found {n} bytes"),
+                ))
+            }
+        };
+        let vram = page(self, v, "vram", vram)?;
+        let bar = match t.get("bar") {
+            Some(v) => {
+                let b = self.uint_as(v, "bar", "a BAR index 0-5")?;
+                u8::try_from(b).ok().filter(|b| *b <= 5).ok_or_else(|| {
+                    self.err(
+                        &v.span(),
+                        format!("expected a BAR index 0-5 for `bar`, found {b}"),
+                    )
+                })?
+            }
+            None => 0,
+        };
+        let window = match t.get("bar_window") {
+            Some(v) => {
+                let w = page(self, v, "bar_window", self.len(v, "bar_window")?)?;
+                if w > vram {
+                    return Err(self.err(
+                        &v.span(),
+                        format!(
+                            "`bar_window` ({w:#x} bytes) is larger than `vram` ({vram:#x} bytes)"
+                        ),
+                    ));
+                }
+                Some(w)
+            }
+            None => None,
+        };
+        let managed = match t.get("managed") {
+            Some(v) => page(self, v, "managed", self.len(v, "managed")?)?,
+            None => vram,
+        };
+        Ok(GpuDecl {
+            vram,
+            bar,
+            window,
+            managed,
+            skip_peer_invalidation: false,
+        })
     }
 
     /// The `pci` keys of a `[[device]]`: its topology node, IOMMU mode, P2P resources and BAR exports.
@@ -1911,6 +2008,25 @@ impl<'s> Parser<'s> {
                 "dma handle",
                 self.handles.iter().map(String::as_str).collect(),
                 "take one with `{ op = \"dma.map\", dev = ..., at = ..., len = ..., name = ... }`",
+            ),
+            RefKind::GpuDevice if self.gpu_devices.contains(name) => Ok(()),
+            RefKind::GpuDevice => unknown(
+                "gpu device",
+                self.gpu_devices.iter().map(String::as_str).collect(),
+                "declare it with `[[device]]` and `kind = \"gpu\"`",
+            ),
+            RefKind::GpuName(what)
+                if self.gpu_names.get(what).is_some_and(|s| s.contains(name)) =>
+            {
+                Ok(())
+            }
+            RefKind::GpuName(what) => unknown(
+                what,
+                self.gpu_names
+                    .get(what)
+                    .map(|s| s.iter().map(String::as_str).collect())
+                    .unwrap_or_default(),
+                "define it with a `gpu.*` step's `name`",
             ),
             RefKind::Fd if self.fds.contains(name) => Ok(()),
             RefKind::Fd => unknown(

@@ -58,6 +58,8 @@ pub(crate) struct StepResult {
     pub(crate) dma_addr: Option<u64>,
     /// Pages a `dma.map` step pinned.
     pub(crate) pinned: Option<u64>,
+    /// Further outcome a step reports in the step log (a `gpu.*` step's placement or UVM counters).
+    pub(crate) note: Option<String>,
 }
 
 /// What a step's `expect.counters` / `expect.events` look at: counter values and mirrors' event logs
@@ -121,6 +123,8 @@ pub(crate) struct World {
     pub(crate) pci: BTreeMap<String, DeviceId>,
     /// BAR exports by name.
     pub(crate) exports: BTreeMap<String, peerdma_mm::MmioId>,
+    /// `gpu` devices and what `gpu.*` steps created.
+    pub(crate) gpu: crate::ops::gpu::GpuWorld,
     pub(crate) dma_page_cost: SimDuration,
     /// The access path of the scenario's DMA engine (`dma.write` through a pin).
     pub(crate) dma_engine: DmaSpace,
@@ -186,6 +190,14 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
             (None, BTreeMap::new(), BTreeMap::new())
         }
     };
+    let gpu = match crate::ops::gpu::GpuWorld::build(scn, &kernel, platform.as_ref(), &pci, &timing)
+    {
+        Ok(g) => g,
+        Err(e) => {
+            sim.stop(e.to_string());
+            crate::ops::gpu::GpuWorld::default()
+        }
+    };
     let mut procs = BTreeMap::new();
     for p in &scn.processes {
         procs.insert(p.clone(), ProcState::default());
@@ -204,6 +216,7 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
         platform,
         pci,
         exports,
+        gpu,
         proc_wq: WaitQueue::new(&sim),
         records: RefCell::new(Vec::new()),
         failures: RefCell::new(Vec::new()),
@@ -240,7 +253,7 @@ fn build_platform(
     let mut pci = BTreeMap::new();
     let mut exports = BTreeMap::new();
     for (i, d) in scn.devices.iter().enumerate() {
-        if d.kind != DeviceKind::Pci {
+        if !matches!(d.kind, DeviceKind::Pci | DeviceKind::Gpu) {
             continue;
         }
         let id = DeviceId(u32::try_from(i).expect("few devices"));
@@ -885,6 +898,9 @@ fn summarize(r: &StepResult) -> String {
         if let Some(a) = r.dma_addr {
             let _ = write!(s, " dma_addr={a:#x}");
         }
+    }
+    if let Some(n) = &r.note {
+        let _ = write!(s, " {n}");
     }
     s
 }

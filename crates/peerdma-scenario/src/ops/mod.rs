@@ -17,6 +17,7 @@
 pub mod dma;
 pub mod dmirror;
 pub mod file;
+pub mod gpu;
 pub mod gup;
 pub mod mem;
 pub mod p2p;
@@ -25,6 +26,7 @@ pub mod proc;
 pub use dma::DmaApiOp;
 pub use dmirror::DmirrorOp;
 pub use file::FileOp;
+pub use gpu::GpuOp;
 pub use gup::GupOp;
 pub use mem::MemOp;
 pub use p2p::P2pOp;
@@ -114,6 +116,17 @@ pub const OPS: &[OpSpec] = &[
     p2p::DMABUF_MOVE_NOTIFY,
     dma::DMA_RAW,
     mem::RECLAIM,
+    gpu::BO_CREATE,
+    gpu::BO_WRITE,
+    gpu::BO_READ,
+    gpu::BO_EVICT,
+    gpu::BO_VALIDATE,
+    gpu::BO_WINDOW,
+    gpu::DMABUF_ATTACH,
+    gpu::DMABUF_DMA,
+    gpu::MANAGED_ALLOC,
+    gpu::KERNEL,
+    gpu::PREFETCH,
     gup::DMA_READ,
 ];
 
@@ -150,6 +163,8 @@ pub enum Op {
     Dma(DmaApiOp),
     /// P2P provider and BAR-export ops ([`p2p`]).
     P2p(P2pOp),
+    /// GPU buffer-object and managed-memory ops ([`gpu`]).
+    Gpu(GpuOp),
 }
 
 impl Op {
@@ -163,6 +178,7 @@ impl Op {
             Self::Gup(o) => o.name(),
             Self::Dma(o) => o.name(),
             Self::P2p(o) => o.name(),
+            Self::Gpu(o) => o.name(),
         }
     }
 
@@ -189,6 +205,7 @@ impl Op {
             Self::Gup(o) => o.run(cx).await,
             Self::Dma(o) => o.run(cx).await,
             Self::P2p(o) => o.run(cx).await,
+            Self::Gpu(o) => o.run(cx).await,
         }
     }
 }

@@ -94,11 +94,11 @@ pub type NotifierHit = (NotifierId, Rc<dyn IntervalNotifierOps>);
 #[derive(Clone)]
 pub struct Subscription {
     /// The interval `[start, end)`.
-    pub range: Range<Va>,
+    range: Range<Va>,
     /// The subscription's own sequence (`mni->invalidate_seq`).
-    pub seq: u64,
+    seq: u64,
     /// The driver callbacks.
-    pub ops: Rc<dyn IntervalNotifierOps>,
+    ops: Rc<dyn IntervalNotifierOps>,
 }
 
 impl fmt::Debug for Subscription {
@@ -115,15 +115,15 @@ impl fmt::Debug for Subscription {
 #[derive(Debug)]
 pub struct NotifierState {
     /// `invalidate_seq`.
-    pub seq: u64,
+    seq: u64,
     /// `active_invalidate_ranges`.
-    pub active: u32,
+    active: u32,
     /// The ranges of the invalidations started since `active` was last zero (the oracle's "an
     /// invalidation of this address is in progress"; cleared when the last one ends, so a range that
     /// ended while another is still active counts until then — a conservative simplification).
     active_ranges: Vec<Range<Va>>,
     /// The interval tree (kept sorted by id; lookups scan, intervals are few).
-    pub subs: BTreeMap<NotifierId, Subscription>,
+    subs: BTreeMap<NotifierId, Subscription>,
 }
 
 impl Default for NotifierState {
@@ -210,35 +210,32 @@ impl Kernel {
             Some(r) if len > 0 => r,
             _ => return Err(Errno::EOVERFLOW),
         };
-        let mut st = self.state();
-        if !st.mm(pid).alive {
+        let mut st = self.mms();
+        if !st.mm(pid).is_alive() {
             return Err(Errno::EINVAL);
         }
-        let id = NotifierId(st.next_notifier);
-        st.next_notifier += 1;
-        st.mm_mut(pid).notifiers.insert(id, range, ops);
+        let id = st.new_notifier_id();
+        st.mm_mut(pid).notifiers_mut().insert(id, range, ops);
         Ok(id)
     }
 
     /// Removes an interval notifier (`mmu_interval_notifier_remove`). If an invalidation is in progress it
     /// waits for it to end, so that once this returns no callback runs or will run.
     pub async fn interval_notifier_remove(&self, pid: Pid, id: NotifierId) {
-        let st = &self.state;
-        self.notifier_wq
-            .wait_event(|| st.borrow().mm(pid).notifiers.active == 0)
+        self.notifier_wq()
+            .wait_event(|| self.mms().mm(pid).notifiers().active == 0)
             .await;
-        self.state().mm_mut(pid).notifiers.subs.remove(&id);
+        self.mms().mm_mut(pid).notifiers_mut().subs.remove(&id);
     }
 
     /// `mmu_interval_read_begin`: sleeps while the subscription is being invalidated, then returns its sequence.
     pub async fn interval_read_begin(&self, pid: Pid, id: NotifierId) -> u64 {
-        let st = &self.state;
-        self.notifier_wq
-            .wait_event(|| !st.borrow().mm(pid).notifiers.read_begin_must_wait(id))
+        self.notifier_wq()
+            .wait_event(|| !self.mms().mm(pid).notifiers().read_begin_must_wait(id))
             .await;
-        self.state()
+        self.mms()
             .mm(pid)
-            .notifiers
+            .notifiers()
             .subs
             .get(&id)
             .map_or(0, |s| s.seq)
@@ -247,9 +244,9 @@ impl Kernel {
     /// `mmu_interval_read_retry`: whether the subscription was invalidated since `read_begin` returned `seq`.
     /// Call it under the driver lock that the invalidate callback also takes.
     pub fn interval_read_retry(&self, pid: Pid, id: NotifierId, seq: u64) -> bool {
-        self.state()
+        self.mms()
             .mm(pid)
-            .notifiers
+            .notifiers()
             .subs
             .get(&id)
             .is_none_or(|s| s.seq != seq)
@@ -257,12 +254,12 @@ impl Kernel {
 
     /// `mmu_interval_set_seq`: called by the invalidate callback, under the driver lock.
     pub fn interval_set_seq(&self, pid: Pid, id: NotifierId, cur_seq: u64) {
-        if let Some(s) = self.state().mm_mut(pid).notifiers.subs.get_mut(&id) {
+        if let Some(s) = self.mms().mm_mut(pid).notifiers_mut().subs.get_mut(&id) {
             s.seq = cur_seq;
         }
     }
 
-    /// Runs step 1 of an invalidation (see [`crate::notifier`]): calls every intersecting subscription.
+    /// Runs step 1 of an invalidation (see [`crate::mmu_notifier`]): calls every intersecting subscription.
     pub async fn invalidate_range_start(
         &self,
         pid: Pid,
@@ -270,7 +267,7 @@ impl Kernel {
         event: NotifierEvent,
         owner: Option<DeviceId>,
     ) {
-        let (hits, cur_seq) = self.state().mm_mut(pid).notifiers.range_start(range);
+        let (hits, cur_seq) = self.mms().mm_mut(pid).notifiers_mut().range_start(range);
         self.sim.trace("mmu_notifier.start", || {
             format!("pid {} {range} {event:?} seq {cur_seq}", pid.0)
         });
@@ -285,7 +282,7 @@ impl Kernel {
             let ok = ops.invalidate(id, &nr, cur_seq).await;
             if !ok {
                 // A false return in blockable context is a driver bug in Linux (WARN); the model reports it.
-                self.state().oracle.violation(
+                self.oracle().violation(
                     ViolationKind::Protocol,
                     format!(
                         "notifier {} refused a blockable invalidation of {range}",
@@ -298,9 +295,9 @@ impl Kernel {
 
     /// Runs step 3 of an invalidation: the last end makes the sequence even and wakes sleepers.
     pub fn invalidate_range_end(&self, pid: Pid) {
-        let last = self.state().mm_mut(pid).notifiers.range_end();
+        let last = self.mms().mm_mut(pid).notifiers_mut().range_end();
         if last {
-            self.notifier_wq.wake_up_all();
+            self.notifier_wq().wake_up_all();
         }
     }
 
@@ -311,9 +308,12 @@ impl Kernel {
         // zap_pmd_range: a PMD leaf the range cuts is split first, inside its own CLEAR of the whole 2 MiB.
         self.split_huge_pmds_cut_by(pid, r).await;
         let nr = {
-            let mut st = self.state();
-            let nr = st.zap_range(pid, r);
-            st.oracle.forget_anon(pid, r);
+            let mut st = self.mms();
+            let mut phys = self.phys();
+            let mut swap = self.swap();
+            let mut oracle = self.oracle();
+            let nr = st.zap_range(&mut phys, &mut swap, pid, r);
+            oracle.forget_anon(pid, r);
             nr
         };
         if nr > 0 {

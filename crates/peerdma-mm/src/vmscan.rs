@@ -95,8 +95,8 @@ use std::collections::BTreeMap;
 
 use peerdma_core::{FrameId, PAGE_SIZE, PageSize, Pid, Range, Va};
 
-use crate::kernel::{Kernel, KernelState, VmFault};
-use crate::notifier::NotifierEvent;
+use crate::kernel::{Kernel, VmFault};
+use crate::mmu_notifier::NotifierEvent;
 use crate::pagetable::Pte;
 use crate::phys::{Frame, FrameOwner, LruState, PhysMem};
 
@@ -267,47 +267,42 @@ impl Swap {
     }
 }
 
-impl KernelState {
+impl Swap {
     /// Adds a new anonymous page, just mapped by a young PTE, to the head of its node's inactive list
     /// (`folio_add_lru_vma`, rule 1 of the module docs).
     ///
     /// # Panics
     /// Panics when `frame` is not RAM: only RAM pages go on an LRU list.
-    pub(crate) fn lru_add_new_anon(&mut self, frame: FrameId) {
-        let node = self
-            .phys
+    pub(crate) fn lru_add_new_anon(&mut self, phys: &mut PhysMem, frame: FrameId) {
+        let node = phys
             .node_of(frame)
             .expect("only RAM pages go on an LRU list");
-        let fr = self.phys.frame_mut(frame);
+        let fr = phys.frame_mut(frame);
         fr.accessed = true;
-        self.swap
-            .lru
-            .entry(node)
-            .or_default()
-            .add_head(fr, frame, false);
+        self.lru.entry(node).or_default().add_head(fr, frame, false);
     }
 
     /// Returns the number of pages of RAM node `node` on the active (`LruState::Active`) or inactive list;
     /// `LruState::None` counts nothing.
-    pub(crate) fn nr_lru_pages_node(&self, node: u32, list: LruState) -> u64 {
+    pub(crate) fn nr_lru_pages_node(&self, phys: &PhysMem, node: u32, list: LruState) -> u64 {
         let active = match list {
             LruState::None => return 0,
             LruState::Active => true,
             LruState::Inactive => false,
         };
-        self.swap.lru.get(&node).map_or(0, |lru| {
+        self.lru.get(&node).map_or(0, |lru| {
             lru.index
                 .iter()
-                .filter(|&(&f, &e)| e.active == active && AnonLru::current(&self.phys, f, e))
+                .filter(|&(&f, &e)| e.active == active && AnonLru::current(phys, f, e))
                 .count() as u64
         })
     }
 
     /// Returns the number of pages on the active (`LruState::Active`) or inactive list; `LruState::None`
     /// counts nothing.
-    pub(crate) fn nr_lru_pages(&self, list: LruState) -> u64 {
-        (0..self.phys.nr_nodes())
-            .map(|n| self.nr_lru_pages_node(n, list))
+    pub(crate) fn nr_lru_pages(&self, phys: &PhysMem, list: LruState) -> u64 {
+        (0..phys.nr_nodes())
+            .map(|n| self.nr_lru_pages_node(phys, n, list))
             .sum()
     }
 }
@@ -363,14 +358,14 @@ impl Kernel {
     }
 
     async fn reclaim_if_low_from(&self, home: u32) {
-        let order: Vec<u32> = self.state().phys.fallback_order(home).collect();
+        let order: Vec<u32> = self.phys().fallback_order(home).collect();
         for pass in 0..MAX_RECLAIM_PASSES {
             let watermark = if pass == 0 {
                 LOW_WATERMARK
             } else {
                 MIN_WATERMARK
             };
-            if self.state().phys.any_node_above(home, watermark) {
+            if self.phys().any_node_above(home, watermark) {
                 return;
             }
             for &node in &order {
@@ -392,11 +387,11 @@ impl Kernel {
     pub async fn reclaim_node(&self, node: u32, nr: u64) -> u64 {
         let mut stats = PassStats::default();
         let victims = {
-            let mut guard = self.state();
-            let st = &mut *guard;
-            let lru = st.swap.lru.entry(node).or_default();
+            let mut phys = self.phys();
+            let mut swap = self.swap();
+            let lru = swap.lru.entry(node).or_default();
             // Step 1: forget freed frames.
-            lru.purge(&st.phys);
+            lru.purge(&phys);
             // Step 2: shrink_inactive_list — scan the inactive tail, each page once.
             let mut victims: BTreeMap<FrameId, u64> = BTreeMap::new();
             for _ in 0..lru.len(false) {
@@ -406,11 +401,11 @@ impl Kernel {
                 let Some((frame, e)) = lru.pop_tail(false) else {
                     break;
                 };
-                if !AnonLru::current(&st.phys, frame, e) {
+                if !AnonLru::current(&phys, frame, e) {
                     continue;
                 }
                 stats.scan += 1;
-                let fr = st.phys.frame_mut(frame);
+                let fr = phys.frame_mut(frame);
                 // shrink_folio_list trylocks each folio: one a migration holds locked is kept for later.
                 if fr.locked {
                     lru.add_head(fr, frame, false);
@@ -445,10 +440,10 @@ impl Kernel {
                 let Some((frame, e)) = lru.pop_tail(true) else {
                     break;
                 };
-                if !AnonLru::current(&st.phys, frame, e) {
+                if !AnonLru::current(&phys, frame, e) {
                     continue;
                 }
-                let fr = st.phys.frame_mut(frame);
+                let fr = phys.frame_mut(frame);
                 // folio_referenced clears the young bits; an anonymous page is deactivated regardless.
                 fr.accessed = false;
                 lru.add_head(fr, frame, false);
@@ -464,19 +459,15 @@ impl Kernel {
         // Step 6: put back what could not be freed (unmap failed: activate_locked).
         let mut steal = 0;
         {
-            let mut guard = self.state();
-            let st = &mut *guard;
+            let mut phys = self.phys();
+            let mut swap = self.swap();
             for (&frame, &generation) in &victims {
-                let fr = st.phys.frame_mut(frame);
+                let fr = phys.frame_mut(frame);
                 if fr.owner() == FrameOwner::Anon
                     && fr.generation == generation
                     && fr.lru == LruState::None
                 {
-                    st.swap
-                        .lru
-                        .entry(node)
-                        .or_default()
-                        .add_head(fr, frame, true);
+                    swap.lru.entry(node).or_default().add_head(fr, frame, true);
                     stats.activate += 1;
                 } else {
                     steal += 1;
@@ -504,7 +495,7 @@ impl Kernel {
     async fn swap_out(&self, victims: &BTreeMap<FrameId, u64>) -> u64 {
         // Step 4: every 4 KiB mapping of a victim, in every address space.
         let mappings: Vec<(Pid, Va, FrameId, bool)> = self
-            .state()
+            .mms()
             .rmap_walk(|f| victims.contains_key(&f))
             .into_iter()
             .filter_map(|m| match m.leaf.pte {
@@ -524,30 +515,34 @@ impl Kernel {
             self.invalidate_range_start(pid, page, NotifierEvent::Clear, None)
                 .await;
             {
-                let mut st = self.state();
+                let mut st = self.mms();
+                let mut phys = self.phys();
+                let mut swap = self.swap();
                 // The entry may have changed while the invalidation slept.
                 let still = st
                     .mm(pid)
-                    .pt
+                    .pt()
                     .lookup(va)
                     .is_some_and(|l| l.pte.frame() == Some(frame) && l.pte.is_present());
-                if still && !st.phys.frame(frame).maybe_dma_pinned() {
+                if still && !phys.frame(frame).maybe_dma_pinned() {
                     let slot = if let Some(&s) = slots.get(&frame) {
-                        st.swap.dup(s);
+                        swap.dup(s);
                         s
                     } else {
-                        let s = st.swap.next;
-                        st.swap.next += 1;
-                        let data = st.phys.data(frame).map(|d| d.to_vec().into_boxed_slice());
-                        st.swap.slots.insert(s, Slot { data, count: 1 });
+                        let s = swap.next;
+                        swap.next += 1;
+                        let data = phys.data(frame).map(|d| d.to_vec().into_boxed_slice());
+                        swap.slots.insert(s, Slot { data, count: 1 });
                         slots.insert(frame, s);
                         swapped += 1;
                         s
                     };
-                    st.mm_mut(pid).pt.set_pte(va, Pte::Swap { slot, write });
-                    let fr = st.phys.frame_mut(frame);
+                    st.mm_mut(pid)
+                        .pt_mut()
+                        .set_pte(va, Pte::Swap { slot, write });
+                    let fr = phys.frame_mut(frame);
                     fr.mapcount = fr.mapcount.saturating_sub(1);
-                    st.phys.put(frame);
+                    phys.put(frame);
                 }
             }
             self.invalidate_range_end(pid);
@@ -569,19 +564,23 @@ impl Kernel {
     ) -> Result<(), VmFault> {
         self.reclaim_if_low_for(pid).await;
         self.spend(self.costs.swap_io).await;
-        let mut st = self.state();
+        let mut st = self.mms();
+        let mut phys = self.phys();
+        let mut swap = self.swap();
         // Another agent may have swapped it in meanwhile.
-        if st.mm(pid).pt.lookup(va).map(|l| l.pte) != Some(Pte::Swap { slot, write }) {
+        if st.mm(pid).pt().lookup(va).map(|l| l.pte) != Some(Pte::Swap { slot, write }) {
             return Ok(());
         }
         // Within the process's zone: a swap-in under a long-term pin's memalloc_pin scope avoids movable memory.
-        let frame = st.alloc_anon_for(pid).map_err(|_| VmFault::Oom)?;
-        if let Some(d) = st.swap.slots.get(&slot).and_then(|s| s.data.clone()) {
-            st.phys.write(frame, 0, &d);
+        let frame = st
+            .alloc_anon_for(&mut phys, pid)
+            .map_err(|_| VmFault::Oom)?;
+        if let Some(d) = swap.slots.get(&slot).and_then(|s| s.data.clone()) {
+            phys.write(frame, 0, &d);
         }
-        let exclusive = st.swap.count(slot) == 1;
-        st.phys.frame_mut(frame).mapcount = 1;
-        st.mm_mut(pid).pt.set_pte(
+        let exclusive = swap.count(slot) == 1;
+        phys.frame_mut(frame).mapcount = 1;
+        st.mm_mut(pid).pt_mut().set_pte(
             va,
             Pte::Present {
                 frame,
@@ -589,9 +588,9 @@ impl Kernel {
                 special: false,
             },
         );
-        st.swap.free(slot);
-        st.lru_add_new_anon(frame);
-        drop(st);
+        swap.free(slot);
+        swap.lru_add_new_anon(&mut phys, frame);
+        drop((st, phys, swap));
         self.sim.count("swap.in", 1);
         Ok(())
     }

@@ -38,8 +38,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use peerdma_core::{DeviceId, Errno, FrameId, PAGE_SIZE, Pa, Pid, Range, Va};
 
-use crate::kernel::Kernel;
-use crate::notifier::NotifierEvent;
+use crate::kernel::{AddressSpace, Kernel};
+use crate::mmu_notifier::NotifierEvent;
 use crate::oracle::ViolationKind;
 use crate::pagetable::Pte;
 use crate::phys::{FrameOwner, MemoryKind, PhysMem};
@@ -145,8 +145,8 @@ impl Kernel {
     /// pages (`pci_p2pdma_add_resource` + `devm_memremap_pages`, spec §1.2) and returns the region index. The
     /// region's free frames are the provider's pool. `base` is rounded down and `len` up to whole pages.
     pub fn add_p2p_memory(&self, provider: DeviceId, base: Pa, len: u64) -> usize {
-        let mut st = self.state();
-        let r = st.phys.add_region_at(
+        let mut phys = self.phys();
+        let r = phys.add_region_at(
             MemoryKind::P2pMem { provider },
             len.div_ceil(PAGE_SIZE),
             base.align_down(PAGE_SIZE),
@@ -163,7 +163,7 @@ impl Kernel {
 
     /// Returns the number of free pages in the pool of P2P region `region` (`p2pmem/available` in pages).
     pub fn p2p_memory_free_pages(&self, region: usize) -> u64 {
-        self.state().phys.nr_free(region)
+        self.phys().nr_free(region)
     }
 
     /// `mmap` of the p2pmem `allocate` file of P2P region `region` (`p2pmem_alloc_mmap`, spec §1.7): takes
@@ -194,27 +194,28 @@ impl Kernel {
         let lock = self.mmap_lock(pid);
         let _g = lock.write().await;
         let range = self.insert_driver_vma(pid, len, flags).await?;
-        let mut st = self.state();
+        let mut st = self.mms();
+        let mut phys = self.phys();
+        let p2p = self.p2p();
         // The pgmap reference is dead once unbinding started (spec §1.7 table, row 5).
-        if st.p2p.is_region_removed(region) {
+        if p2p.is_region_removed(region) {
             st.remove_vmas(pid, range);
             return Err(Errno::ENODEV);
         }
         let nr = range.nr_pages();
-        let Ok(first) = st.phys.alloc_contiguous(region, nr, FrameOwner::Kernel) else {
+        let Ok(first) = phys.alloc_contiguous(region, nr, FrameOwner::Kernel) else {
             st.remove_vmas(pid, range);
             return Err(Errno::ENOMEM);
         };
         st.mm_mut(pid)
-            .vmas
-            .get_mut(&range.start)
+            .vma_mut(range.start)
             .expect("inserted above")
             .backing = VmaBacking::P2pMem { region };
         for (i, page) in range.pages().enumerate() {
             let frame = FrameId(first.0 + i as u64);
             // The allocation's reference becomes the PTE's (refcount 1, mapcount 1).
-            st.phys.frame_mut(frame).mapcount = 1;
-            st.mm_mut(pid).pt.set_pte(
+            phys.frame_mut(frame).mapcount = 1;
+            st.mm_mut(pid).pt_mut().set_pte(
                 page,
                 Pte::Present {
                     frame,
@@ -241,8 +242,7 @@ impl Kernel {
         }
         let nr = len.div_ceil(PAGE_SIZE);
         let first = self
-            .state()
-            .phys
+            .phys()
             .alloc_contiguous(region, nr, FrameOwner::Kernel)
             .ok()?;
         self.sim.count("p2pdma.alloc_pages", nr);
@@ -254,21 +254,21 @@ impl Kernel {
     pub fn free_p2pmem(&self, first: FrameId, len: u64) {
         let nr = len.div_ceil(PAGE_SIZE);
         {
-            let mut st = self.state();
+            let mut phys = self.phys();
             for i in 0..nr {
-                st.phys.put(FrameId(first.0 + i));
+                phys.put(FrameId(first.0 + i));
             }
         }
-        self.pin_wq.wake_up_all();
+        self.pin_wq().wake_up_all();
     }
 
     fn p2p_region_live(&self, region: usize) -> bool {
-        let st = self.state();
-        st.phys
-            .regions()
+        let phys = self.phys();
+        let p2p = self.p2p();
+        phys.regions()
             .get(region)
             .is_some_and(|r| matches!(r.kind, MemoryKind::P2pMem { .. }))
-            && !st.p2p.is_region_removed(region)
+            && !p2p.is_region_removed(region)
     }
 
     /// Removes P2P region `region` as the provider's unbind does (see the module docs for the steps): marks it
@@ -277,21 +277,20 @@ impl Kernel {
     /// index that is not a P2P region.
     pub async fn remove_p2p_memory(&self, region: usize) {
         let is_p2p = self
-            .state()
-            .phys
+            .phys()
             .regions()
             .get(region)
             .is_some_and(|r| matches!(r.kind, MemoryKind::P2pMem { .. }));
         if !is_p2p {
             return;
         }
-        self.state().p2p.removed_regions.insert(region);
+        self.p2p().removed_regions.insert(region);
         let nr_zapped = self
             .zap_backing(|b| b == VmaBacking::P2pMem { region })
             .await;
-        let total = self.state().phys.regions()[region].nr_frames;
-        self.pin_wq
-            .wait_event(|| self.state().phys.nr_free(region) == total)
+        let total = self.phys().regions()[region].nr_frames;
+        self.pin_wq()
+            .wait_event(|| self.phys().nr_free(region) == total)
             .await;
         self.sim.trace("p2pdma.remove", || {
             format!("region {region}: {nr_zapped} pages zapped, all {total} pages free")
@@ -304,24 +303,18 @@ impl Kernel {
     async fn zap_backing(&self, which_fn: impl Fn(VmaBacking) -> bool) -> u64 {
         let mut total = 0;
         loop {
-            let pids: Vec<Pid> = self
-                .state()
-                .mms
-                .values()
-                .filter(|mm| mm.alive)
-                .map(|mm| mm.pid)
-                .collect();
+            let pids: Vec<Pid> = self.mms().live().map(AddressSpace::pid).collect();
             let mut pass = 0;
             for pid in pids {
                 let lock = self.mmap_lock(pid);
                 let _g = lock.read().await;
                 let targets: Vec<Range<Va>> = {
-                    let st = self.state();
+                    let st = self.mms();
                     let mm = st.mm(pid);
-                    mm.vmas
+                    mm.vmas()
                         .values()
                         .filter(|v| which_fn(v.backing))
-                        .filter(|v| !mm.pt.leaves(v.range.start, v.range.end).is_empty())
+                        .filter(|v| !mm.pt().leaves(v.range.start, v.range.end).is_empty())
                         .map(|v| v.range)
                         .collect()
                 };
@@ -350,9 +343,9 @@ impl Kernel {
                 .checked_next_multiple_of(PAGE_SIZE)
                 .unwrap_or(u64::MAX - (PAGE_SIZE - 1)),
         );
-        let mut st = self.state();
-        let id = MmioId(u32::try_from(st.p2p.mmios.len()).expect("fewer than 2^32 ranges"));
-        st.p2p.mmios.push(Mmio {
+        let mut p2p = self.p2p();
+        let id = MmioId(u32::try_from(p2p.mmios.len()).expect("fewer than 2^32 ranges"));
+        p2p.mmios.push(Mmio {
             owner,
             range: Range::new(start, end.max(start)),
             removed: false,
@@ -378,8 +371,8 @@ impl Kernel {
         prot: Prot,
     ) -> Result<Va, Errno> {
         let bar = {
-            let st = self.state();
-            let m = st.p2p.mmio(mmio).ok_or(Errno::ENODEV)?;
+            let p2p = self.p2p();
+            let m = p2p.mmio(mmio).ok_or(Errno::ENODEV)?;
             if m.removed {
                 return Err(Errno::ENODEV);
             }
@@ -402,14 +395,14 @@ impl Kernel {
         let lock = self.mmap_lock(pid);
         let _g = lock.write().await;
         let range = self.insert_driver_vma(pid, len, flags).await?;
-        let mut st = self.state();
-        if st.p2p.mmio(mmio).is_none_or(|m| m.removed) {
+        let mut st = self.mms();
+        let p2p = self.p2p();
+        if p2p.mmio(mmio).is_none_or(|m| m.removed) {
             st.remove_vmas(pid, range);
             return Err(Errno::ENODEV);
         }
         st.mm_mut(pid)
-            .vmas
-            .get_mut(&range.start)
+            .vma_mut(range.start)
             .expect("inserted above")
             .backing = VmaBacking::Mmio {
             mmio,
@@ -417,7 +410,7 @@ impl Kernel {
         };
         let first_pfn = (bar.start.raw() + offset) / PAGE_SIZE;
         for (i, page) in range.pages().enumerate() {
-            st.mm_mut(pid).pt.set_pte(
+            st.mm_mut(pid).pt_mut().set_pte(
                 page,
                 Pte::Pfn {
                     pfn: first_pfn + i as u64,
@@ -436,17 +429,18 @@ impl Kernel {
     /// translating a user address does (`follow_pfnmap_start`); `None` when `va` is not in a VM_PFNMAP VMA,
     /// has no entry (never mapped or zapped), or the range was revoked.
     pub fn follow_pfnmap(&self, pid: Pid, va: Va) -> Option<(MmioId, Pa)> {
-        let st = self.state();
-        let mm = st.mms.get(&pid)?;
+        let st = self.mms();
+        let p2p = self.p2p();
+        let mm = st.get(pid)?;
         if !mm.vma(va)?.flags.contains(VmFlags::PFNMAP) {
             return None;
         }
-        let leaf = mm.pt.lookup(va)?;
+        let leaf = mm.pt().lookup(va)?;
         let Pte::Pfn { pfn, .. } = leaf.pte else {
             return None;
         };
         let pa = Pa::from_raw(pfn * PAGE_SIZE + (va.raw() - leaf.base.raw()));
-        let (id, m) = st.p2p.mmio_at(pa)?;
+        let (id, m) = p2p.mmio_at(pa)?;
         (!m.removed).then_some((id, pa))
     }
 
@@ -458,9 +452,9 @@ impl Kernel {
     /// when `pa` is in no MMIO range or the access runs past its end.
     pub fn mmio_read(&self, dev: DeviceId, pa: Pa, buf: &mut [u8]) -> Result<(), Errno> {
         self.check_mmio_access(dev, pa, buf.len(), false)?;
-        let st = self.state();
+        let p2p = self.p2p();
         for (a, pos, n) in page_pieces(pa, buf.len()) {
-            let ok = st.p2p.mmio_read_bytes(a, &mut buf[pos..pos + n]);
+            let ok = p2p.mmio_read_bytes(a, &mut buf[pos..pos + n]);
             debug_assert!(ok, "checked above");
         }
         Ok(())
@@ -472,9 +466,9 @@ impl Kernel {
     /// As [`Kernel::mmio_read`].
     pub fn mmio_write(&self, dev: DeviceId, pa: Pa, data: &[u8]) -> Result<(), Errno> {
         self.check_mmio_access(dev, pa, data.len(), true)?;
-        let mut st = self.state();
+        let mut p2p = self.p2p();
         for (a, pos, n) in page_pieces(pa, data.len()) {
-            let ok = st.p2p.mmio_write_bytes(a, &data[pos..pos + n]);
+            let ok = p2p.mmio_write_bytes(a, &data[pos..pos + n]);
             debug_assert!(ok, "checked above");
         }
         Ok(())
@@ -487,13 +481,14 @@ impl Kernel {
         len: usize,
         write: bool,
     ) -> Result<(), Errno> {
-        let mut st = self.state();
+        let p2p = self.p2p();
+        let mut oracle = self.oracle();
         let (id, removed, range, owner) = {
-            let (id, m) = st.p2p.mmio_at(pa).ok_or(Errno::EFAULT)?;
+            let (id, m) = p2p.mmio_at(pa).ok_or(Errno::EFAULT)?;
             (id, m.removed, m.range, m.owner)
         };
         if removed {
-            st.oracle.violation(
+            oracle.violation(
                 ViolationKind::RemovedBar,
                 format!(
                     "device {} {} {:#x} of revoked mmio {} (owner device {})",
@@ -519,8 +514,8 @@ impl Kernel {
     /// unknown or already revoked range.
     pub async fn revoke_mmio(&self, mmio: MmioId) {
         {
-            let mut st = self.state();
-            let Some(m) = st.p2p.mmios.get_mut(mmio.0 as usize) else {
+            let mut p2p = self.p2p();
+            let Some(m) = p2p.mmios.get_mut(mmio.0 as usize) else {
                 return;
             };
             if m.removed {

@@ -1,0 +1,202 @@
+//! Unit tests of [`super::PhysMem`]: allocation, references, regions and the NUMA/zone allocator.
+
+use super::*;
+
+#[test]
+fn zero_page_is_reserved_and_reads_zero() {
+    let pm = PhysMem::new(4 * PMD_SIZE);
+    let z = pm.zero_page();
+    assert_eq!(pm.frame(z).owner(), FrameOwner::Zero);
+    let mut buf = [1u8; 16];
+    pm.read(z, 0, &mut buf);
+    assert_eq!(buf, [0u8; 16]);
+}
+
+#[test]
+fn put_to_zero_frees_and_realloc_bumps_generation() {
+    let mut pm = PhysMem::new(4 * PMD_SIZE);
+    let f = pm.alloc(0, FrameOwner::Anon).unwrap();
+    let gen0 = pm.frame(f).generation;
+    pm.write(f, 0, &[7]);
+    pm.get(f);
+    assert!(!pm.put(f));
+    assert!(pm.put(f));
+    assert!(!pm.frame(f).is_allocated());
+    let g = pm.alloc(0, FrameOwner::Anon).unwrap();
+    assert_eq!(g, f, "lowest free frame is reused first");
+    assert!(pm.frame(g).generation > gen0);
+    let mut b = [9u8; 1];
+    pm.read(g, 0, &mut b);
+    assert_eq!(b, [0], "a reallocated frame is zero-filled");
+}
+
+#[test]
+fn pmd_allocation_is_aligned_and_contiguous() {
+    let mut pm = PhysMem::new(8 * PMD_SIZE);
+    let head = pm.alloc_pmd(0, FrameOwner::Anon).unwrap();
+    assert_eq!(head.0 % FRAMES_PER_PMD, 0);
+    assert_ne!(head, FrameId(0), "block 0 holds the zero page");
+    for i in 0..FRAMES_PER_PMD {
+        assert_eq!(pm.frame(FrameId(head.0 + i)).refcount, 1);
+    }
+}
+
+#[test]
+fn pin_bias_marks_maybe_dma_pinned() {
+    let mut pm = PhysMem::new(2 * PMD_SIZE);
+    let f = pm.alloc(0, FrameOwner::Anon).unwrap();
+    assert!(!pm.frame(f).maybe_dma_pinned());
+    pm.frame_mut(f).refcount += GUP_PIN_COUNTING_BIAS;
+    assert!(pm.frame(f).maybe_dma_pinned());
+}
+
+#[test]
+fn bar_region_frames_sit_at_the_bar_address_and_ram_frames_at_their_number() {
+    let mut pm = PhysMem::new(2 * PMD_SIZE);
+    let base = Pa::from_raw(0xe000_0000);
+    let r = pm.add_region_at(
+        MemoryKind::P2pMem {
+            provider: DeviceId(1),
+        },
+        3,
+        base,
+    );
+    assert_eq!(pm.nr_free(r), 3, "padding frames are not allocatable");
+    let first = FrameId(pm.regions()[r].start);
+    assert_eq!(pm.frame_pa(first), base);
+    assert_eq!(pm.frame_pa(FrameId(first.0 + 2)), base.add(2 * PAGE_SIZE));
+    assert_eq!(
+        pm.frame_at_pa(base.add(2 * PAGE_SIZE + 5)),
+        Some(FrameId(first.0 + 2))
+    );
+    assert_eq!(pm.frame_at_pa(base.add(3 * PAGE_SIZE)), None);
+    assert_eq!(pm.frame_pa(FrameId(7)), FrameId(7).pa());
+    assert_eq!(pm.frame_at_pa(FrameId(7).pa()), Some(FrameId(7)));
+}
+
+#[test]
+fn contiguous_allocation_is_first_fit_lowest_address() {
+    let mut pm = PhysMem::new(2 * PMD_SIZE);
+    let r = pm.add_region_at(
+        MemoryKind::P2pMem {
+            provider: DeviceId(1),
+        },
+        8,
+        Pa::from_raw(0),
+    );
+    let start = pm.regions()[r].start;
+    let first = pm.alloc_contiguous(r, 2, FrameOwner::Kernel).unwrap();
+    let second = pm.alloc_contiguous(r, 3, FrameOwner::Kernel).unwrap();
+    assert_eq!((first.0, second.0), (start, start + 2));
+    pm.put(first);
+    pm.put(FrameId(first.0 + 1));
+    // The 2-frame hole at the bottom is too small for 3; the run after b fits.
+    let third = pm.alloc_contiguous(r, 3, FrameOwner::Kernel).unwrap();
+    assert_eq!(third.0, start + 5);
+    let fourth = pm.alloc_contiguous(r, 2, FrameOwner::Kernel).unwrap();
+    assert_eq!(fourth.0, start, "the lowest fitting hole first");
+    assert_eq!(
+        pm.alloc_contiguous(r, 1, FrameOwner::Kernel),
+        Err(OutOfMemory { region: r })
+    );
+}
+
+#[test]
+fn fallback_order_is_home_then_the_next_nodes_wrapping_round() {
+    let pm = PhysMem::new_numa(&[PMD_SIZE, PMD_SIZE, PMD_SIZE]);
+    assert_eq!(pm.fallback_order(0).collect::<Vec<_>>(), [0, 1, 2]);
+    assert_eq!(pm.fallback_order(1).collect::<Vec<_>>(), [1, 2, 0]);
+    assert_eq!(pm.fallback_order(2).collect::<Vec<_>>(), [2, 0, 1]);
+    assert_eq!(
+        (0..3).map(|n| pm.regions()[n].kind).collect::<Vec<_>>(),
+        (0..3)
+            .map(|node| MemoryKind::Ram { node })
+            .collect::<Vec<_>>(),
+        "region n is node n"
+    );
+}
+
+#[test]
+fn node_choice_steps_down_the_watermarks_before_taking_the_last_pages() {
+    let mut pm = PhysMem::new_numa(&[PMD_SIZE, PMD_SIZE]);
+    let take = |pm: &mut PhysMem, node: u32, keep: u64| {
+        while pm.nr_free_node(node) > keep {
+            pm.alloc(pm.node_region(node), FrameOwner::Anon).unwrap();
+        }
+    };
+    // Home node 1 below low, node 0 above it: node 0.
+    take(&mut pm, 1, LOW_WATERMARK - 1);
+    assert_eq!(pm.pick_node(1), Some(0));
+    // Both below low, node 0 also below min: home node 1 (above min) is next.
+    take(&mut pm, 0, MIN_WATERMARK - 1);
+    assert_eq!(pm.pick_node(1), Some(1));
+    assert_eq!(
+        pm.pick_node(0),
+        Some(1),
+        "node 0 is below min, node 1 above"
+    );
+    // Both below min: the home node while it has any page, then the other.
+    take(&mut pm, 1, 1);
+    assert_eq!(pm.pick_node(1), Some(1));
+    take(&mut pm, 1, 0);
+    assert_eq!(pm.pick_node(1), Some(0));
+    let f = pm.alloc_node(1, FrameOwner::Anon).unwrap();
+    assert_eq!(pm.node_of(f), Some(0));
+    take(&mut pm, 0, 0);
+    assert_eq!(
+        pm.alloc_node(1, FrameOwner::Anon),
+        Err(OutOfMemory { region: 1 })
+    );
+}
+
+#[test]
+fn a_thp_falls_back_to_the_next_node_with_a_free_block() {
+    let mut pm = PhysMem::new_numa(&[PMD_SIZE, 2 * PMD_SIZE]);
+    // Node 0's only block holds the zero page.
+    let head = pm.alloc_pmd_node(0, FrameOwner::Anon).unwrap();
+    assert_eq!(pm.node_of(head), Some(1));
+}
+
+#[test]
+fn kernel_and_page_cache_pages_skip_movable_nodes_and_anonymous_pages_do_not() {
+    let mut pm = PhysMem::new_numa(&[2 * PMD_SIZE, PMD_SIZE, PMD_SIZE]);
+    pm.set_node_movable(1).unwrap();
+    assert_eq!(pm.zonelist(1, GfpZone::Movable), [1, 2, 0]);
+    assert_eq!(pm.zonelist(1, GfpZone::Normal), [2, 0]);
+    let node = |pm: &mut PhysMem, owner| {
+        let f = pm.alloc_node(1, owner).unwrap();
+        (pm.node_of(f), pm.is_zone_movable_page(f))
+    };
+    assert_eq!(node(&mut pm, FrameOwner::Anon), (Some(1), true));
+    assert_eq!(node(&mut pm, FrameOwner::Kernel), (Some(2), false));
+    assert_eq!(
+        node(&mut pm, FrameOwner::File { file: 0, pgoff: 0 }),
+        (Some(2), false)
+    );
+    let thp = pm.alloc_pmd_node(1, FrameOwner::Anon).unwrap();
+    assert_eq!(
+        pm.node_of(thp),
+        Some(0),
+        "node 1 and 2 have no free 2 MiB block"
+    );
+    assert_eq!(
+        pm.alloc_pmd_node_in(1, FrameOwner::Anon, GfpZone::Normal),
+        Err(OutOfMemory { region: 1 })
+    );
+    assert_eq!(
+        pm.nr_free_zone(GfpZone::Movable) - pm.nr_free_zone(GfpZone::Normal),
+        pm.nr_free_node(1)
+    );
+}
+
+#[test]
+fn exhaustion_is_reported_not_panicked() {
+    let mut pm = PhysMem::new(PMD_SIZE);
+    for _ in 0..FRAMES_PER_PMD - 1 {
+        pm.alloc(0, FrameOwner::Anon).unwrap();
+    }
+    assert_eq!(
+        pm.alloc(0, FrameOwner::Anon),
+        Err(OutOfMemory { region: 0 })
+    );
+}
