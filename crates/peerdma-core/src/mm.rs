@@ -76,6 +76,10 @@ pub enum Advice {
     DontFork,
     /// MADV_DOFORK: undo MADV_DONTFORK (`EINVAL` on a VM_IO mapping).
     DoFork,
+    /// MADV_COLD: deactivate the private pages of the range (they go first at the next reclaim).
+    Cold,
+    /// MADV_PAGEOUT: reclaim the private pages of the range now (anonymous pages go to swap).
+    PageOut,
 }
 
 /// A signal a CPU access can raise (the signal number, `si_signo`).

@@ -1,6 +1,6 @@
 //! `madvise(2)`: MADV_DONTNEED (zap inside a CLEAR invalidation), MADV_FREE (a CLEAR invalidation; the pages
-//! stay), MADV_HUGEPAGE / MADV_NOHUGEPAGE and MADV_DONTFORK / MADV_DOFORK (VMA flags) and MADV_COLLAPSE
-//! (handed to [`crate::khugepaged`]).
+//! stay), MADV_COLD / MADV_PAGEOUT (handed to [`crate::vmscan`]), MADV_HUGEPAGE / MADV_NOHUGEPAGE and
+//! MADV_DONTFORK / MADV_DOFORK (VMA flags) and MADV_COLLAPSE (handed to [`crate::khugepaged`]).
 //!
 //! Linux counterpart: mm/madvise.c (`madvise_dontneed_free`, `madvise_behavior`).
 
@@ -14,10 +14,12 @@ use crate::vma::VmFlags;
 pub use peerdma_core::Advice;
 
 impl Kernel {
-    /// `madvise(2)` with MADV_DONTNEED, MADV_HUGEPAGE or MADV_NOHUGEPAGE.
+    /// `madvise(2)` with one of the [`Advice`] values.
     ///
     /// # Errors
-    /// `EINVAL` for an unaligned address; `ENOMEM` when part of the range is not mapped.
+    /// `EINVAL` for an unaligned address, for MADV_DONTNEED of a PFNMAP mapping, MADV_FREE outside private
+    /// anonymous memory, MADV_COLD / MADV_PAGEOUT of a PFNMAP or hugetlb mapping and MADV_DOFORK of a VM_IO
+    /// one; `ENOMEM` when part of the range is not mapped.
     pub async fn madvise(&self, pid: Pid, addr: Va, len: u64, advice: Advice) -> Result<(), Errno> {
         self.spend(self.costs.syscall).await;
         let r = check_range(addr, len)?;
@@ -62,6 +64,24 @@ impl Kernel {
                     .await;
                 self.split_huge_pmds_cut_by(pid, r).await;
                 self.invalidate_range_end(pid);
+            }
+            Advice::Cold | Advice::PageOut => {
+                let _g = lock.read().await;
+                if !self.mms().mm(pid).fully_mapped(r) {
+                    return Err(Errno::ENOMEM);
+                }
+                // can_madv_lru_vma (mm/madvise.c): VM_LOCKED (not modelled), VM_PFNMAP and hugetlb are refused.
+                if self
+                    .mms()
+                    .mm(pid)
+                    .vmas_in(r)
+                    .iter()
+                    .any(|v| v.flags.intersects(VmFlags::PFNMAP | VmFlags::HUGETLB))
+                {
+                    return Err(Errno::EINVAL);
+                }
+                self.cold_or_pageout(pid, r, advice == Advice::PageOut)
+                    .await;
             }
             Advice::Collapse => {
                 let _g = lock.read().await;

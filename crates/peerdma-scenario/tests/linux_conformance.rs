@@ -262,6 +262,59 @@ steps = [
     );
 }
 
+/// MADV_PAGEOUT reclaims the private anonymous pages of a range now — a THP too (split first) — under CLEAR
+/// invalidations, skipping pages another process maps; MADV_COLD only deactivates them (mm/madvise.c).
+#[test]
+fn madvise_pageout_reclaims_private_pages_now_and_cold_only_deactivates() {
+    let report = passes(
+        "pageout.toml",
+        r#"
+[sim]
+time = "zero"
+
+[[device]]
+name = "dmirror0"
+kind = "dmirror"
+
+[[thread]]
+name = "t"
+steps = [
+  { op = "open", dev = "dmirror0", fd = "m" },
+  { op = "mmap", name = "thp", len = "2MiB", align = "2MiB", prot = "rw", flags = ["private", "anonymous"] },
+  { op = "madvise", at = "thp", len = "2MiB", advice = "hugepage" },
+  { op = "store", at = "thp", pattern = "u32:index" },
+  { op = "mmap", name = "sh", len = "2 pages", prot = "rw", flags = ["private", "anonymous"] },
+  { op = "store", at = "sh", pattern = "byte:0x11" },
+  { op = "mmap", name = "thp2", len = "2MiB", align = "2MiB", prot = "rw", flags = ["private", "anonymous"] },
+  { op = "madvise", at = "thp2", len = "2MiB", advice = "hugepage" },
+  { op = "store", at = "thp2", pattern = "byte:0x22" },
+  { op = "fork", child = "kid" },
+  # Pages the child maps too are left alone: no swap, no split of the shared THP (the mirror keeps it).
+  { op = "madvise", at = "sh", len = "2 pages", advice = "pageout", expect = { counters = { "swap.out" = 0 } } },
+  { op = "madvise", at = "sh", len = "2 pages", advice = "cold", expect = { counters = { "swap.out" = 0 } } },
+  { op = "dmirror.read", fd = "m", at = "thp2", pages = 512, expect = { cpages = 512 } },
+  { op = "madvise", at = "thp2", len = "2MiB", advice = "pageout", expect = { counters = { "swap.out" = 0 } } },
+  { op = "dmirror.read", fd = "m", at = "thp2", pages = 512, expect = { cpages = 512, faults = 0 } },
+  { op = "dmirror.read", fd = "m", at = "thp", pages = 512, expect = { cpages = 512 } },
+  { op = "wait", child = "kid" },
+  { op = "madvise", at = "thp", len = "2MiB", advice = "pageout", expect = { counters = { "swap.out" = 512 } } },
+  { op = "load", at = "thp", expect = { data = "u32:index", counters = { "swap.in" = 512 } } },
+  # The invalidations dropped the mirror's entries: the device faults again.
+  { op = "dmirror.read", fd = "m", at = "thp", pages = 512, expect = { cpages = 512, faults = 1 } },
+]
+
+[[thread]]
+name = "k"
+process = "kid"
+steps = [
+  { op = "sleep", for = "1ms" },
+  { op = "load", at = "sh", expect = { data = "byte:0x11" } },
+]
+"#,
+    );
+    assert!(report.metrics.get("lru.deactivate").copied().unwrap_or(0) == 0);
+}
+
 // ----- the numbered differences -----
 
 /// Item 1, mm/internal.h `gup_must_unshare` (since 6.2): a read-only FOLL_LONGTERM pin in a COW mapping

@@ -71,7 +71,7 @@ pub(crate) const MADVISE: OpSpec = OpSpec {
     keys: &["at", "len", "advice"],
     expect_keys: &["errno"],
     doc_keys: "`at`, `len`, `advice` (`\"dontneed\"`, `\"hugepage\"`, `\"nohugepage\"`, `\"free\"`, \
-               `\"collapse\"`, `\"dontfork\"`, `\"dofork\"`)",
+               `\"collapse\"`, `\"dontfork\"`, `\"dofork\"`, `\"cold\"`, `\"pageout\"`)",
     doc: "`madvise(2)`",
     parse: |p, t| {
         let (at, len) = range(p, t)?;
@@ -86,6 +86,8 @@ pub(crate) const MADVISE: OpSpec = OpSpec {
                 ("collapse", Advice::Collapse),
                 ("dontfork", Advice::DontFork),
                 ("dofork", Advice::DoFork),
+                ("cold", Advice::Cold),
+                ("pageout", Advice::PageOut),
             ],
         )?;
         Ok(Op::Mem(MemOp::Madvise { at, len, advice }))
