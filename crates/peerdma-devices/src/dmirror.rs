@@ -50,7 +50,15 @@ use peerdma_mm::{
     DeviceData, DeviceGrant, DevicePagemapOps, FrameTranslation, IntervalNotifierOps, Kernel,
     MemoryKind, MigrateVma, NotifierEvent, NotifierId, NotifierRange, VmFault, VmFlags, Vma,
 };
-use peerdma_sim::SimMutex;
+use peerdma_sim::{SimMutex, TraceArg, Track};
+
+/// A fault's result as a trace field: `ok` or the errno's name.
+fn errno_arg(res: Result<(), Errno>) -> TraceArg {
+    match res {
+        Ok(()) => "ok".into(),
+        Err(e) => e.name().into(),
+    }
+}
 
 /// Pages per fault/snapshot chunk (test_hmm.c works in 64-page pieces).
 pub const CHUNK_PAGES: u64 = 64;
@@ -419,6 +427,12 @@ impl DmirrorDevice {
         self.id
     }
 
+    /// Returns the number of pages of this device's memory holding data (allocated to a mirror): its
+    /// residency.
+    pub fn nr_resident(&self) -> usize {
+        self.owners.borrow().len()
+    }
+
     fn select_flag(&self) -> u32 {
         match self.memory {
             DmirrorMemory::Private => MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
@@ -750,21 +764,46 @@ impl Dmirror {
     async fn fault(&self, r: Range<Va>, write: bool) -> Result<(), Errno> {
         let k = &self.sh.kernel;
         k.sim.count("dmirror.faults", 1);
+        let track = Track::device(self.sh.device.space.name());
+        let mut span = k.sim.span("device.fault", track.clone(), || {
+            vec![
+                ("va", TraceArg::Hex(r.start.raw())),
+                ("pages", (r.len() / PAGE_SIZE).into()),
+                ("write", write.into()),
+            ]
+        });
+        let nr = k.sim.counter("dmirror.faults");
+        k.sim.gauge(
+            track.clone(),
+            "device.faults",
+            i64::try_from(nr).unwrap_or(i64::MAX),
+        );
+        let flow = k.sim.flow_begin("device.fault", track);
         let mut addr = r.start;
+        let mut res = Ok(());
         while addr < r.end {
             let next = addr.add(CHUNK_PAGES * PAGE_SIZE).min(r.end);
-            self.mirror
-                .range_fault(Range::new(addr, next), write)
-                .await?;
+            res = self.mirror.range_fault(Range::new(addr, next), write).await;
+            if res.is_err() {
+                break;
+            }
             addr = next;
         }
-        Ok(())
+        // The fault resolves in the faulting thread's context (hmm_range_fault ran there).
+        k.sim.flow_end(flow, Track::Agent);
+        span.add_end_args(|| vec![("result", errno_arg(res))]);
+        res
     }
 
     /// HMM_DMIRROR_MIGRATE_TO_DEV: migrates `npages` at `addr` into this device's memory, then reads the
     /// range from the device page table without faulting (`-ENOENT` if any page is not there).
     pub async fn migrate_to_dev(&self, addr: Va, npages: u64) -> Result<DmirrorResult, Errno> {
         let k = &self.sh.kernel;
+        let _span = k.sim.span(
+            "migrate.to_device",
+            Track::device(self.sh.device.space.name()),
+            || vec![("va", TraceArg::Hex(addr.raw())), ("pages", npages.into())],
+        );
         k.spend(self.sh.costs.ioctl).await;
         let r = self.check(addr, npages)?;
         let dev = &self.sh.device;
@@ -920,6 +959,11 @@ impl Dmirror {
     /// `cpages` counts the pages migrated.
     pub async fn migrate_to_sys(&self, addr: Va, npages: u64) -> Result<DmirrorResult, Errno> {
         let k = &self.sh.kernel;
+        let _span = k.sim.span(
+            "migrate.to_ram",
+            Track::device(self.sh.device.space.name()),
+            || vec![("va", TraceArg::Hex(addr.raw())), ("pages", npages.into())],
+        );
         k.spend(self.sh.costs.ioctl).await;
         let r = self.check(addr, npages)?;
         let dev = &self.sh.device;

@@ -284,6 +284,21 @@ impl Platform {
         Ok(pages)
     }
 
+    /// Returns the DMA address of page `i` of an attachment, mapping it again first for a dynamic importer
+    /// that lost its mapping to `move_notify` (an importer's fault path, e.g. an RDMA dma-buf MR).
+    ///
+    /// # Errors
+    /// As `dmabuf_mapping`; `EINVAL` for a page outside the attachment.
+    pub fn dmabuf_page_addr(
+        &self,
+        mmio: MmioId,
+        att: AttachId,
+        i: usize,
+    ) -> Result<crate::map::DmaAddr, Errno> {
+        let pages = self.dmabuf_mapping(mmio, att)?;
+        pages.get(i).map(|p| p.addr).ok_or(Errno::EINVAL)
+    }
+
     /// Returns the CPU time the current mapping of an attachment took (its IO PTE writes; 0 for an unknown
     /// or unmapped attachment), for the async caller of [`Platform::dmabuf_attach`] to spend.
     pub fn dmabuf_map_cost(&self, mmio: MmioId, att: AttachId) -> SimDuration {

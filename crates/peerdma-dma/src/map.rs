@@ -140,6 +140,11 @@ impl MappedSg {
         self.pages.len()
     }
 
+    /// Returns the CPU time the mapping took (IO PTE updates), for a caller outside this crate to spend.
+    pub fn cost(&self) -> SimDuration {
+        self.cost
+    }
+
     /// Returns the DMA address of page `i`.
     pub fn page_addr(&self, i: usize) -> Option<DmaAddr> {
         self.pages.get(i).map(|p| p.addr)

@@ -38,7 +38,7 @@ use peerdma_mm::hmm::{HMM_PFN_WRITE, HmmRange, hmm_pfn_to_frame};
 use peerdma_mm::mmu_notifier::NotifierRange;
 use peerdma_mm::vma::VmFlags;
 use peerdma_mm::{DeviceGrant, Kernel, MmioId};
-use peerdma_sim::SimMutex;
+use peerdma_sim::{SimMutex, TraceArg, Track};
 
 use crate::dmabuf::{AttachId, ImporterKind};
 use crate::hmm_mirror::{HmmMirror, MirrorDevice, ProgramCost};
@@ -254,13 +254,39 @@ impl DmaMirror {
         let sh = &self.sh;
         let k = &sh.platform.kernel;
         k.sim.count("mirror.faults", 1);
+        let track = Track::device(sh.dev.name.as_str());
+        let mut span = k.sim.span("device.fault", track.clone(), || {
+            vec![
+                ("va", TraceArg::Hex(r.start.raw())),
+                ("pages", (r.len() / PAGE_SIZE).into()),
+                ("write", write.into()),
+            ]
+        });
+        let nr = k.sim.counter("mirror.faults");
+        k.sim.gauge(
+            track.clone(),
+            "device.faults",
+            i64::try_from(nr).unwrap_or(i64::MAX),
+        );
+        let flow = k.sim.flow_begin("device.fault", track);
         let pfnmap = k
             .vma_at(sh.pid, r.start)
             .is_some_and(|v| v.flags.intersects(VmFlags::PFNMAP | VmFlags::IO));
-        if pfnmap {
-            return self.bar_fault(r, write).await;
-        }
-        self.mirror.range_fault(r, write).await
+        let res = if pfnmap {
+            self.bar_fault(r, write).await
+        } else {
+            self.mirror.range_fault(r, write).await
+        };
+        // The fault resolves in the faulting thread's context.
+        k.sim.flow_end(flow, Track::Agent);
+        span.add_end_args(|| {
+            let result: TraceArg = match res {
+                Ok(()) => "ok".into(),
+                Err(e) => e.name().into(),
+            };
+            vec![("result", result)]
+        });
+        res
     }
 
     /// The fault of a range in a PFNMAP VMA: `hmm_range_fault` refuses it, so the mirror goes through the

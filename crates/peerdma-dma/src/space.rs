@@ -45,11 +45,12 @@ use std::fmt;
 use std::rc::Rc;
 
 use peerdma_core::{DeviceId, Errno, FrameId, PAGE_SIZE, Pa, Pid, Range, SimDuration, SimTime, Va};
+use peerdma_iommu::DomainType;
 use peerdma_mm::oracle::ViolationKind;
 use peerdma_mm::{DeviceData, DeviceGrant, FrameTranslation, Kernel};
 use peerdma_pci::NodeId;
 use peerdma_pci::link::{fair_share_gbps, time_at_gbps};
-use peerdma_sim::WaitQueue;
+use peerdma_sim::{TraceArg, TraceArgs, Track, WaitQueue};
 
 use crate::map::DmaAddr;
 use crate::platform::{DmaDevice, Platform};
@@ -179,6 +180,21 @@ pub(crate) struct Issue {
     pub(crate) latency: SimDuration,
     /// The links it crosses (registered with [`DmaSpace::register_links`]).
     pub(crate) links: Rc<[NodeId]>,
+    /// The access path it takes, for the per-path byte counts ([`path`]).
+    pub(crate) path: &'static str,
+}
+
+/// Names of the access paths a request can take (the report's bandwidth-per-path rows).
+pub mod path {
+    /// A frame the device reaches without translation by the IOMMU: its own page table's frame, a pin
+    /// without topology, or RAM through an identity (passthrough) domain.
+    pub const LOCAL: &str = "local";
+    /// RAM through an IOMMU-translated (DMA or DMA-FQ) domain.
+    pub const IOMMU: &str = "iommu";
+    /// Peer memory by PCI bus address, turning around at a common switch (P2PDMA `BUS_ADDR`).
+    pub const P2P_BUS_ADDR: &str = "p2p_bus_addr";
+    /// Peer memory through the host bridge (P2PDMA `THRU_HOST_BRIDGE`: a CPU physical address or IOVA).
+    pub const P2P_HOST_BRIDGE: &str = "p2p_host_bridge";
 }
 
 /// How a request ended.
@@ -198,6 +214,10 @@ struct InFlight {
     links: Rc<[NodeId]>,
     /// The invalidation that removed its translation completed while it was in flight.
     stale: bool,
+    /// When it was issued.
+    issued_at: SimTime,
+    /// Its access path ([`path`]).
+    path: &'static str,
 }
 
 #[derive(Debug, Default)]
@@ -211,6 +231,8 @@ struct SpaceState {
     link_users: BTreeMap<NodeId, u32>,
     /// The frame and generation each DMA address page was last handed to the device for.
     issued: BTreeMap<u64, (FrameId, u64)>,
+    /// Bytes landed so far (the `dma.bytes` gauge).
+    landed_bytes: u64,
 }
 
 /// Returns whether `f` holds a mirror translation of `range` of `pid`.
@@ -276,6 +298,20 @@ impl DmaSpace {
     /// Returns the device.
     pub fn device(&self) -> DeviceId {
         self.0.dev
+    }
+
+    /// Returns the device's name (its trace track and its rows in the report's per-path bandwidth).
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    /// Samples the `dma.outstanding` gauge of this device (requests in flight).
+    fn sample_outstanding(&self, n: usize) {
+        self.0.kernel.sim.gauge(
+            Track::device(self.0.name.as_str()),
+            "dma.outstanding",
+            i64::try_from(n).unwrap_or(i64::MAX),
+        );
     }
 
     /// Returns the outstanding-request limit.
@@ -383,10 +419,13 @@ impl DmaSpace {
                     land_at,
                     links: req.links,
                     stale: false,
+                    issued_at: sim.now(),
+                    path: req.path,
                 },
             );
             (id, land_at)
         };
+        self.sample_outstanding(self.nr_in_flight());
         let space = self.clone();
         sim.spawn_at(land_at, format!("{}.dma", inner.name), async move {
             space.land(id);
@@ -416,6 +455,7 @@ impl DmaSpace {
             wire: k.sim.jitter(wire),
             latency: SimDuration::ZERO,
             links: Rc::from([]),
+            path: path::LOCAL,
         });
         k.sim.sleep(SimDuration::ZERO).await;
         Ok(id)
@@ -441,6 +481,14 @@ impl DmaSpace {
             ..DmaOutcome::default()
         };
         let sim = self.0.kernel.sim.clone();
+        let nr_writes = ops.iter().filter(|op| op.is_write()).count();
+        let mut span = sim.span("dma.transfer", Track::device(self.0.name.as_str()), || {
+            vec![
+                ("requests", ops.len().into()),
+                ("reads", nr_reads.into()),
+                ("writes", nr_writes.into()),
+            ]
+        });
         let mut pending: Vec<(usize, DmaOp)> = ops.into_iter().enumerate().collect();
         while !pending.is_empty() {
             let mut issued = Vec::with_capacity(pending.len());
@@ -474,6 +522,12 @@ impl DmaSpace {
             }
         }
         out.faults.sort_by_key(|f| f.index);
+        span.add_end_args(|| {
+            vec![
+                ("landed", out.landed.into()),
+                ("faults", out.faults.len().into()),
+            ]
+        });
         out
     }
 
@@ -605,18 +659,63 @@ impl DmaSpace {
             (Ok(()), DmaOp::Read) => Landing::Read(page.to_vec()),
             (Ok(()), DmaOp::Write(_)) => Landing::Written,
         };
-        k.sim.trace("dma.land", || {
-            let what = if f.op.is_write() { "write" } else { "read" };
-            match (&landing, f.target) {
-                (Landing::Failed(e), _) => format!("{what} failed: {e}"),
-                (_, Target::Frame(t)) => format!("{what} {} ({:?})", t.frame, t.grant),
-                (_, Target::Mmio(pa)) => format!("{what} mmio {:#x}", pa.raw()),
-            }
-        });
+        k.sim
+            .instant("dma.land", Track::device(inner.name.as_str()), || {
+                let mut args: TraceArgs = vec![
+                    ("op", if f.op.is_write() { "write" } else { "read" }.into()),
+                    ("path", f.path.into()),
+                ];
+                match f.target {
+                    Target::Frame(t) => args.push(("frame", t.frame.to_string().into())),
+                    Target::Mmio(pa) => args.push(("mmio", TraceArg::Hex(pa.raw()))),
+                }
+                match f.grant {
+                    DeviceGrant::Mirror { pid, va } => {
+                        args.extend([
+                            ("grant", "mirror".into()),
+                            ("pid", pid.0.into()),
+                            ("va", TraceArg::Hex(va.raw())),
+                        ]);
+                    }
+                    DeviceGrant::Pin { pid, va } => {
+                        args.extend([
+                            ("grant", "pin".into()),
+                            ("pid", pid.0.into()),
+                            ("va", TraceArg::Hex(va.raw())),
+                        ]);
+                    }
+                    DeviceGrant::Ref { pid, va } => {
+                        args.extend([
+                            ("grant", "ref".into()),
+                            ("pid", pid.0.into()),
+                            ("va", TraceArg::Hex(va.raw())),
+                        ]);
+                    }
+                    DeviceGrant::Raw => args.push(("grant", "raw".into())),
+                }
+                if let Landing::Failed(e) = &landing {
+                    args.push(("error", e.name().into()));
+                }
+                args
+            });
         if !matches!(landing, Landing::Failed(_)) {
             k.sim.count("dma.bytes", REQUEST_BYTES as u64);
+            k.sim
+                .transfer(&inner.name, f.path, REQUEST_BYTES as u64, f.issued_at);
+            let landed = {
+                let mut st = inner.st.borrow_mut();
+                st.landed_bytes += REQUEST_BYTES as u64;
+                st.landed_bytes
+            };
+            k.sim.gauge(
+                Track::device(inner.name.as_str()),
+                "dma.bytes",
+                i64::try_from(landed).unwrap_or(i64::MAX),
+            );
         }
+        k.sim.latency("dma.request", k.sim.now() - f.issued_at);
         inner.st.borrow_mut().done.insert(id, landing);
+        self.sample_outstanding(self.nr_in_flight());
         inner.wq.wake_up_all();
     }
 }
@@ -630,6 +729,7 @@ impl Platform {
         let k = &self.kernel;
         let write = req.op.is_write();
         // Step 1: translate.
+        let translated = d.domain().domain_type() != DomainType::Identity;
         let (target, pa, cost) = match req.addr {
             DeviceAddr::Dma(addr) => {
                 let res = self.resolve(d, addr, write).ok_or(Errno::EFAULT)?;
@@ -679,6 +779,12 @@ impl Platform {
         let topo = self.topology();
         let provider = topo.bar_at(pa).map(|(owner, _)| owner);
         let links = self.path_links(provider, d.node);
+        let access_path = match (req.addr, provider) {
+            (DeviceAddr::Dma(DmaAddr::Bus(_)), _) => path::P2P_BUS_ADDR,
+            (DeviceAddr::Dma(DmaAddr::Iova(_)), Some(_)) => path::P2P_HOST_BRIDGE,
+            (DeviceAddr::Dma(DmaAddr::Iova(_)), None) if translated => path::IOMMU,
+            _ => path::LOCAL,
+        };
         let shares = d.space.register_links(&links);
         let (wire, latency) = if self.costs.timed {
             let gbps = links
@@ -712,6 +818,7 @@ impl Platform {
             wire,
             latency,
             links,
+            path: access_path,
         }))
     }
 

@@ -214,7 +214,13 @@ fn mirror_fault_racing_an_invalidation_never_installs_a_stale_entry() {
             .rev()
             .find_map(|e| match e.kind {
                 "test.cpu_store" => Some("C"),
-                "dma.land" if e.detail.starts_with("write") => Some("D"),
+                "dma.land"
+                    if e.args
+                        .iter()
+                        .any(|(k, v)| *k == "op" && *v == peerdma_sim::TraceArg::from("write")) =>
+                {
+                    Some("D")
+                }
                 _ => None,
             })
             .unwrap();

@@ -12,14 +12,18 @@
 //! - [`iova`]: the top-down, size-aligned IOVA allocator;
 //! - [`pagetable`]: the IO page table and [`IommuProt`];
 //! - [`iotlb`]: the bounded LRU IOTLB and its cache rules (what is cached, when it is dropped, stale entries);
-//! - [`costs`]: [`IommuCosts`], which turns outcomes into simulated time.
+//! - [`costs`]: [`IommuCosts`], which turns outcomes into simulated time;
+//! - [`sva`]: SVA binding — global PASIDs per mm, SVA domains per (IOMMU, mm), attach handles, PASID tables;
+//! - [`ats`]: the device ATC of PCIe ATS and the shape of ATS invalidations;
+//! - [`pri`]: PCIe PRI page requests and the I/O page-fault queue (VT-d flavour).
 //!
 //! Everything here is plain data: no simulator, no async, no wall clock. Outcomes a device sees
 //! (translation faults, IOTLB misses, stale hits) are [`Translation`] values; [`Error`] means the caller
 //! misused the API.
 //!
-//! Not modelled yet (DESIGN.md §4.3 lists them): SVA / PASID domains, the device ATC (ATS) and invalidation
-//! completion, PRI / IOPF queues, large IO pages, per-CPU flush queues.
+//! SVA translation itself (walking the CPU page table), ATC invalidation completion and the PRI fault worker
+//! need the mm and the simulator: they live in the device layer (`peerdma-devices`' `sva` module), built on
+//! the plain data here. Not modelled: large IO pages, per-CPU flush queues, SMMUv3 stall-based faults.
 //!
 //! # Examples
 //! ```
@@ -37,15 +41,75 @@
 //! assert!(matches!(dom.translate(iova, true), Translation::Fault(_)));
 //! # Ok::<(), peerdma_iommu::Error>(())
 //! ```
+//!
+//! # A custom ATS device
+//! The SVA, ATS and PRI pieces are plain data a device model drives itself. A device that caches
+//! translations of its process (PASID), asks the IOMMU on a miss, sends a page request when the page is
+//! not mapped, and obeys invalidations (here the "IOMMU walk" is a closure over a toy page table):
+//! ```
+//! use peerdma_core::{DeviceId, Pid, Range, Va};
+//! use peerdma_iommu::{Atc, AtcConfig, AtcLookup, AtsCompletion, PageRequest, PageResponseCode};
+//! use peerdma_iommu::{Pasid, PriQueue, Sva, SvaDeviceInfo, PRQ_ENTRIES};
+//!
+//! struct MyDevice { id: DeviceId, pasid: Pasid, atc: Atc<u64> }
+//!
+//! impl MyDevice {
+//!     /// Translates `va` for a write: ATC, then a translation request, then a page request.
+//!     fn translate(&mut self, va: Va, walk: impl Fn(u64) -> Option<u64>, prq: &mut PriQueue) -> Option<u64> {
+//!         if let AtcLookup::Hit(c) = self.atc.lookup(self.pasid, va, true) {
+//!             return Some(c.target);
+//!         }
+//!         let page = va.raw() >> 12;
+//!         match walk(page) {
+//!             Some(pa) => {
+//!                 let c = AtsCompletion { target: pa, base_page: page, nr_pages: 1, read: true, write: true };
+//!                 self.atc.insert(self.pasid, c);
+//!                 Some(pa)
+//!             }
+//!             None => {
+//!                 let req = PageRequest { dev: self.id, pasid: Some(self.pasid), addr: va, write: true, grpid: 0, last: true };
+//!                 prq.post(req);
+//!                 None // wait for the group's response, then translate again
+//!             }
+//!         }
+//!     }
+//! }
+//!
+//! let mut sva = Sva::new(1 << 20);
+//! let dev = DeviceId(7);
+//! let info = SvaDeviceInfo { group: Some(0), iommu: 0, max_pasids: 1 << 20, domain_alloc_sva: true };
+//! sva.add_device(dev, info)?;
+//! let bond = sva.bind(dev, Pid(1))?;
+//! let mut d = MyDevice { id: dev, pasid: bond.pasid, atc: Atc::new(AtcConfig::default()) };
+//! let mut prq = PriQueue::new(PRQ_ENTRIES);
+//! let va = Va::from_raw(0x7000);
+//!
+//! // Not mapped yet: a page request; the fault worker answers its group once.
+//! assert_eq!(d.translate(va, |_| None, &mut prq), None);
+//! let group = prq.drain_hw().remove(0);
+//! assert_eq!(prq.respond(group.id, PageResponseCode::Success)?.code, PageResponseCode::Success);
+//! // Mapped now: a translation request fills the ATC, and the next access hits.
+//! assert_eq!(d.translate(va, |p| Some(p + 100), &mut prq), Some(107));
+//! assert_eq!(d.translate(va, |_| None, &mut prq), Some(107));
+//! // The secondary-TLB flush of pages 5..9 invalidates the aligned span 0..16 and drops the entry.
+//! let (base, nr, dropped) = d.atc.invalidate(d.pasid, Range::new(Va::from_raw(0x5000), Va::from_raw(0x9000)));
+//! assert_eq!((base, nr, dropped), (0, 16, 1));
+//! assert!(sva.unbind(bond.handle)?);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
+pub mod ats;
 pub mod costs;
 pub mod domain;
 pub mod iotlb;
 pub mod iova;
 pub mod pagetable;
+pub mod pri;
+pub mod sva;
 
 use peerdma_core::{Errno, Iova, Pa, Range};
 
+pub use ats::{Atc, AtcConfig, AtcLookup, AtcStats, AtsCompletion, invalidation_span};
 pub use costs::IommuCosts;
 pub use domain::{
     DomainConfig, DomainType, FaultReason, IommuDomain, IommuFault, IommuStats, Translation,
@@ -53,6 +117,11 @@ pub use domain::{
 };
 pub use iotlb::Iotlb;
 pub use pagetable::{IO_PAGE_TABLE_LEVELS, IommuProt};
+pub use pri::{
+    GroupId, PRQ_ENTRIES, PageRequest, PageResponse, PageResponseCode, PostOutcome, PriError,
+    PriGroup, PriQueue, PriStats,
+};
+pub use sva::{Pasid, PasidEntry, Sva, SvaBond, SvaDeviceInfo, SvaDomainId, SvaError, SvaHandle};
 
 /// A misuse of the IOMMU API or an invalid configuration. Device-side outcomes are [`Translation`]s, not
 /// errors.

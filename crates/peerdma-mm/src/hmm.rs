@@ -14,6 +14,8 @@
 
 use peerdma_core::{DeviceId, Errno, FrameId, PAGE_SIZE, PageSize, Pid, Range, Va};
 
+use peerdma_sim::{TraceArg, Track};
+
 use crate::kernel::{Kernel, Mms};
 use crate::mmu_notifier::NotifierId;
 use crate::pagetable::{Leaf, Pte};
@@ -208,6 +210,13 @@ impl Kernel {
             self.mmap_lock(range.pid).readers() > 0 || self.mmap_lock(range.pid).is_write_locked(),
             "hmm_range_fault without mmap_lock"
         );
+        let _span = self.sim.span("hmm_range_fault", Track::Agent, || {
+            vec![
+                ("pid", range.pid.0.into()),
+                ("start", TraceArg::Hex(range.start.raw())),
+                ("end", TraceArg::Hex(range.end.raw())),
+            ]
+        });
         let mut last = range.start;
         loop {
             if self.interval_read_retry(range.pid, range.notifier, range.notifier_seq) {

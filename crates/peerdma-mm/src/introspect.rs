@@ -72,6 +72,12 @@ impl Kernel {
         self.phys().frame_info(frame)
     }
 
+    /// `set_page_dirty`: a driver that held a writable DMA mapping of `frame` marks it dirty when it unmaps
+    /// it (drivers/infiniband/core/umem_odp.c `ib_umem_odp_unmap_dma_pages`).
+    pub fn set_page_dirty(&self, frame: FrameId) {
+        self.phys().frame_mut(frame).dirty = true;
+    }
+
     /// Returns the shared zero page.
     pub fn zero_page(&self) -> FrameId {
         self.phys().zero_page()

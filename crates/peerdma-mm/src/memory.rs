@@ -10,6 +10,8 @@
 
 use peerdma_core::{Errno, FrameId, PAGE_SIZE, PMD_SIZE, PageSize, Pid, Range, Va};
 
+use peerdma_sim::{TraceArg, Track};
+
 use crate::kernel::{FaultResult, Kernel, Mms, SigInfo, ThpPolicy};
 use crate::mmu_notifier::NotifierEvent;
 use crate::oracle::{LogicalPage, Oracle, ViolationKind};
@@ -225,6 +227,19 @@ impl Kernel {
     async fn handle_mm_fault_inner(&self, pid: Pid, va: Va, write: bool) -> FaultResult {
         let va = va.align_down(PAGE_SIZE);
         self.sim.count("cpu.faults", 1);
+        let n = self.sim.counter("cpu.faults");
+        self.sim.gauge(
+            Track::Agent,
+            "cpu.faults",
+            i64::try_from(n).unwrap_or(i64::MAX),
+        );
+        let _span = self.sim.span("cpu.fault", Track::Agent, || {
+            vec![
+                ("pid", pid.0.into()),
+                ("va", TraceArg::Hex(va.raw())),
+                ("write", write.into()),
+            ]
+        });
         self.spend(self.costs.cpu_fault).await;
         let vma = self
             .mms()
@@ -325,6 +340,9 @@ impl Kernel {
             return Err(SigInfo::bus(va));
         };
         self.sim.count("cpu.migrate_to_ram", 1);
+        let _span = self.sim.span("migrate.to_ram", Track::Agent, || {
+            vec![("pid", pid.0.into()), ("va", TraceArg::Hex(va.raw()))]
+        });
         ops.migrate_to_ram(pid, va, frame)
             .await
             .map_err(|f| f.signal(va))

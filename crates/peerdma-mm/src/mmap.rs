@@ -128,8 +128,10 @@ impl Kernel {
             backing,
             name: args.name.clone(),
         });
-        self.sim
-            .trace("mmap", || format!("pid {} {range} {flags:?}", pid.0));
+        self.sim.trace("mmap", || {
+            let names: Vec<&str> = flags.iter_names().map(|(n, _)| n).collect();
+            format!("pid {} {range} {}", pid.0, names.join("|"))
+        });
         if args.populate {
             let write = args.prot.write;
             for page in range.pages() {

@@ -28,6 +28,8 @@ use std::rc::Rc;
 
 use peerdma_core::{DeviceId, Errno, Pid, Range, Va};
 
+use peerdma_sim::{TraceArg, Track};
+
 use crate::kernel::Kernel;
 use crate::oracle::ViolationKind;
 
@@ -268,8 +270,15 @@ impl Kernel {
         owner: Option<DeviceId>,
     ) {
         let (hits, cur_seq) = self.mms().mm_mut(pid).notifiers_mut().range_start(range);
-        self.sim.trace("mmu_notifier.start", || {
-            format!("pid {} {range} {event:?} seq {cur_seq}", pid.0)
+        let _span = self.sim.span("mmu_notifier.invalidate", Track::Agent, || {
+            vec![
+                ("pid", pid.0.into()),
+                ("start", TraceArg::Hex(range.start.raw())),
+                ("end", TraceArg::Hex(range.end.raw())),
+                ("event", format!("{event:?}").into()),
+                ("seq", cur_seq.into()),
+                ("subscriptions", hits.len().into()),
+            ]
         });
         let nr = NotifierRange {
             mm: pid,

@@ -67,7 +67,7 @@ impl Kernel {
             self.invalidate_range_end(pid);
         }
         self.sim
-            .trace("mprotect", || format!("pid {} {r} {prot:?}", pid.0));
+            .trace("mprotect", || format!("pid {} {r} {prot}", pid.0));
         Ok(())
     }
 }

@@ -172,8 +172,12 @@ pub struct DeviceDecl {
     pub p2p: Vec<P2pDecl>,
     /// BAR ranges a `pci` device exports as memory without struct page (`export = [...]`).
     pub exports: Vec<ExportDecl>,
+    /// An `nvme` device's queue accepts P2P memory (`QUEUE_FLAG_PCI_P2PDMA`; `p2p_queue`, default true).
+    pub p2p_queue: bool,
     /// A `gpu` device's memory and BAR window.
     pub gpu: Option<GpuDecl>,
+    /// An `sva` device's geometry.
+    pub sva: SvaDecl,
 }
 
 /// The `gpu` keys of a `[[device]]` (`kind = "gpu"`).
@@ -190,6 +194,33 @@ pub struct GpuDecl {
     /// Test-only, never parsed: buffer moves skip their importers' invalidation
     /// (`peerdma_devices::gpu::GpuInjection::SkipPeerInvalidation`), so tests can show the oracle catches it.
     pub skip_peer_invalidation: bool,
+}
+
+/// The keys of a `kind = "sva"` device (the accelerator of `peerdma_devices::sva`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SvaDecl {
+    /// `atc_sets`: ATC sets.
+    pub atc_sets: u64,
+    /// `atc_ways`: ATC ways per set.
+    pub atc_ways: u64,
+    /// `wq_depth`: descriptors outstanding at most.
+    pub wq_depth: u64,
+    /// `prq_entries`: the page-request queue of the (one, shared) IOMMU unit; the smallest given wins.
+    pub prq_entries: u64,
+    /// `pasid_bits`: the device supports PASIDs below `1 << pasid_bits`.
+    pub pasid_bits: u64,
+}
+
+impl Default for SvaDecl {
+    fn default() -> Self {
+        Self {
+            atc_sets: 16,
+            atc_ways: 4,
+            wq_depth: 8,
+            prq_entries: 2048,
+            pasid_bits: 20,
+        }
+    }
 }
 
 /// How a `pci` device's DMA is translated (`iommu = "..."`).
@@ -251,9 +282,17 @@ pub enum DeviceKind {
     /// `"pci"`: a PCI function in `[topology]` with a DMA engine (a NIC, an NVMe controller, a GPU's copy
     /// engine: modelled alike), optionally providing P2P memory or exporting BARs.
     Pci,
+    /// `"rnic"`: a `pci` device that is also an RDMA NIC (`peerdma_devices::rnic`): memory regions, queue
+    /// pairs, completion queues (`rdma.*` ops).
+    Rnic,
+    /// `"nvme"`: a `pci` device that is also an NVMe controller (`peerdma_devices::nvme`): a namespace of
+    /// `size` bytes and O_DIRECT commands (`nvme.*` ops); its `p2p` entries are its CMB.
+    Nvme,
     /// `"gpu"`: a PCI function with VRAM behind a BAR window, buffer objects and managed memory
     /// (`peerdma_devices::gpu`).
     Gpu,
+    /// `"sva"`: an SVA accelerator (work queues of copy/fill descriptors over user VAs, an ATS ATC, PRI).
+    Sva,
 }
 
 /// The kind of `ZONE_DEVICE` memory a device has.
@@ -342,6 +381,61 @@ pub struct Expect {
     /// `events = { m = ["clear"] }`: the MMU notifier events (in order) that the mirror of each named
     /// device file acted on while the step ran (any step; `[]` expects none).
     pub events: Vec<(String, Vec<peerdma_mm::NotifierEvent>)>,
+    /// `status`: an `rdma.poll`'s completion statuses, comma-separated.
+    pub status: Option<String>,
+    /// `atc_hit_pct = [MIN, MAX]`: an `sva.stats` step's ATC hit rate in percent, inclusive bounds.
+    pub atc_hit_pct: Option<(u64, u64)>,
+    /// `translation_requests = [MIN, MAX]`: an `sva.stats` step's ATS translation requests, inclusive bounds.
+    pub translation_requests: Option<(u64, u64)>,
+    /// `duration`: the step's simulated duration (from its start to its end), checked within `tolerance`
+    /// (any op; a calibration scenario states the figure it reproduces this way).
+    pub duration: Option<SimDuration>,
+    /// `tolerance`: how far the duration may be from `duration` (exact when not written).
+    pub tolerance: Tolerance,
+}
+
+/// How far a measured value may be from the expected one (`expect.tolerance`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Tolerance {
+    /// Exactly the expected value.
+    #[default]
+    Exact,
+    /// Within this many nanoseconds either way (`tolerance = "10ns"`).
+    Absolute(SimDuration),
+    /// Within this many parts per million of the expected value either way (`tolerance = "2%"` is
+    /// 20 000).
+    RelativePpm(u64),
+}
+
+impl Tolerance {
+    /// Returns whether `got` is within this tolerance of `want`.
+    pub fn accepts(self, want: u64, got: u64) -> bool {
+        let diff = want.abs_diff(got);
+        match self {
+            Self::Exact => diff == 0,
+            Self::Absolute(d) => diff <= d.as_nanos(),
+            Self::RelativePpm(ppm) => {
+                u128::from(diff) * 1_000_000 <= u128::from(ppm) * u128::from(want)
+            }
+        }
+    }
+}
+
+impl fmt::Display for Tolerance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exact => f.write_str("exactly"),
+            Self::Absolute(d) => write!(f, "within {d}"),
+            Self::RelativePpm(ppm) => {
+                let pct = format!("{}.{:04}", ppm / 10_000, ppm % 10_000);
+                write!(
+                    f,
+                    "within {}%",
+                    pct.trim_end_matches('0').trim_end_matches('.')
+                )
+            }
+        }
+    }
 }
 
 impl Expect {

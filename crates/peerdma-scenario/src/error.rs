@@ -22,6 +22,18 @@ use peerdma_core::{Errno, Va};
 /// file at this point — and the kernel's refusals while the platform is assembled from `[topology]`.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    /// An `nvme.*` step misuses the controller (a range beyond the namespace, a device of another kind).
+    #[error("{what}")]
+    Nvme {
+        /// What went wrong.
+        what: String,
+    },
+    /// An `rdma.*` step names something that does not exist, or misuses the NIC's API.
+    #[error("{what}")]
+    Rdma {
+        /// What went wrong.
+        what: String,
+    },
     /// A symbolic address names a mapping the acting process does not have (yet, or any more).
     #[error("mapping `{name}` does not exist in process `{process}` at this point")]
     NoMapping {
@@ -80,6 +92,14 @@ pub enum RunError {
         /// The refusal.
         #[source]
         source: peerdma_devices::gpu::GpuError,
+    },
+    /// An `sva` job the acting process did not submit (or already waited for).
+    #[error("sva job `{job}` is not pending in process `{process}`")]
+    NoSvaJob {
+        /// The job's name.
+        job: String,
+        /// The acting process.
+        process: String,
     },
     /// A DMA handle the acting process does not hold.
     #[error("dma handle `{handle}` is not held by process `{process}`")]

@@ -15,6 +15,9 @@
 //! [`OPS`] lists every op once. [`run()`] executes a scenario; a step that cannot run as written is a
 //! [`RunError`].
 //!
+//! [`batch`] runs many runs on worker threads with their results in job order; [`sweep`] builds the job
+//! list of a parameter sweep (`peerdma sweep`).
+//!
 //! # Examples
 //! ```
 //! let err = peerdma_scenario::parse("s.toml", "[sim]\njitter = 2.0\n").unwrap_err();
@@ -24,6 +27,7 @@
 //! ```
 
 pub mod ast;
+pub mod batch;
 pub mod error;
 pub mod ops;
 pub mod params;
@@ -31,16 +35,17 @@ pub mod parse;
 pub mod pattern;
 pub mod report;
 pub mod run;
+pub mod sweep;
 pub mod units;
 
 pub use ast::{
     AddrError, AddrExpr, Advice, DeviceDecl, DeviceKind, DeviceMemoryKind, DmaMode, Expect,
     ExportDecl, FileDecl, IommuMode, Loc, MmapFlags, P2pDecl, Prot, Scenario, Signal, SimSettings,
-    SleepSpec, Step, ThreadDecl, TimeMode, WriteSource,
+    SleepSpec, Step, ThreadDecl, TimeMode, Tolerance, WriteSource,
 };
 pub use error::{RunError, ScenarioError};
 pub use ops::{OPS, Op, OpSpec};
 pub use parse::{parse, parse_file};
 pub use pattern::{Mismatch, Pattern, PatternError, Segment};
 pub use report::{Outcome, Report};
-pub use run::{RunOptions, run};
+pub use run::{Progress, RunOptions, run};

@@ -1,27 +1,33 @@
 //! The registry of every timing-model parameter of the workspace: the one list a scenario's `[timing]` table
 //! is checked against and `peerdma params` prints.
 //!
-//! Each cost table owns its parameters (`PARAMS` on [`MmCosts`], [`IommuCosts`], [`DmaCosts`] and
-//! [`DmirrorCosts`]); this module only concatenates them, in that order. Keys are unique across the
+//! Each cost table owns its parameters (`PARAMS` on [`MmCosts`], [`IommuCosts`], [`DmaCosts`],
+//! [`DmirrorCosts`] and [`SvaCosts`]); this module only concatenates them, in that order. Keys are unique across the
 //! workspace (a unit test checks it). [`peerdma_core::timing`] states how a [`Timing`] turns defaults and
 //! overrides into values.
 
 use peerdma_core::timing::{ParamSpec, Timing};
-use peerdma_devices::DmirrorCosts;
+use peerdma_devices::nvme::NvmeCosts;
+use peerdma_devices::rnic::RnicCosts;
+use peerdma_devices::{DmirrorCosts, SvaCosts};
 use peerdma_dma::DmaCosts;
 use peerdma_iommu::IommuCosts;
 use peerdma_mm::MmCosts;
 
-/// Returns every parameter of the workspace: memory management, IOMMU, DMA, the dmirror device, then the
-/// gpu device and its UVM fault servicing.
+/// Returns every parameter of the workspace: memory management, IOMMU, DMA, the dmirror device, the RDMA
+/// NIC, the NVMe controller, the gpu device and its UVM fault servicing, then the SVA accelerator and its
+/// IOMMU side.
 pub fn all_params() -> Vec<ParamSpec> {
     [
         MmCosts::PARAMS,
         IommuCosts::PARAMS,
         DmaCosts::PARAMS,
         DmirrorCosts::PARAMS,
+        RnicCosts::PARAMS,
+        NvmeCosts::PARAMS,
         peerdma_devices::gpu::GpuCosts::PARAMS,
         peerdma_devices::gpu::UvmCosts::PARAMS,
+        SvaCosts::PARAMS,
     ]
     .concat()
 }
@@ -34,13 +40,31 @@ pub fn find(key: &str) -> Option<ParamSpec> {
 /// Returns the key closest to `key` by edit distance when it is close enough to be a likely typo (at most
 /// a third of its length, and at least 2, edits away).
 pub fn nearest(key: &str) -> Option<&'static str> {
-    let limit = (key.chars().count() / 3).max(2);
-    all_params()
+    nearest_in(key, all_params().iter().map(|p| p.key))
+}
+
+/// Returns the candidate closest to `word` by edit distance when it is close enough to be a likely typo
+/// (at most a third of its length, and at least 2, edits away), for "did you mean" hints (ops, keys).
+pub fn nearest_in<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    let limit = (word.chars().count() / 3).max(2);
+    candidates
         .into_iter()
-        .map(|p| (edit_distance(key, p.key), p.key))
+        .filter(|&c| c != word)
+        .map(|c| (edit_distance(word, c), c))
         .filter(|&(d, _)| d <= limit)
         .min()
-        .map(|(_, k)| k)
+        .map(|(_, c)| c)
+}
+
+/// Returns ` (did you mean `X`?)` for the candidate nearest `word`, or nothing.
+pub(crate) fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> String {
+    nearest_in(word, candidates).map_or_else(String::new, |n| format!(" (did you mean `{n}`?)"))
 }
 
 /// Returns whether some parameter's key starts with `prefix` followed by a dot (`mm` for `mm.cpu_fault`).
@@ -61,10 +85,16 @@ pub struct CostTables {
     pub dma: DmaCosts,
     /// The dmirror device.
     pub dmirror: DmirrorCosts,
+    /// The RDMA NIC.
+    pub rnic: RnicCosts,
+    /// The NVMe controller.
+    pub nvme: NvmeCosts,
     /// The gpu device.
     pub gpu: peerdma_devices::gpu::GpuCosts,
     /// The gpu device's UVM fault servicing.
     pub uvm: peerdma_devices::gpu::UvmCosts,
+    /// The SVA accelerator and its IOMMU side.
+    pub sva: SvaCosts,
 }
 
 impl CostTables {
@@ -74,8 +104,11 @@ impl CostTables {
             mm: MmCosts::from_timing(timing),
             dma: DmaCosts::from_timing(timing),
             dmirror: DmirrorCosts::from_timing(timing),
+            rnic: RnicCosts::from_timing(timing),
+            nvme: NvmeCosts::from_timing(timing),
             gpu: peerdma_devices::gpu::GpuCosts::from_timing(timing),
             uvm: peerdma_devices::gpu::UvmCosts::from_timing(timing),
+            sva: SvaCosts::from_timing(timing),
         }
     }
 }
@@ -157,6 +190,21 @@ mod tests {
         }
         let tags = find("dma.max_outstanding").unwrap();
         assert_eq!((tags.unit, tags.default), (ParamUnit::Count, 256));
+    }
+
+    #[test]
+    fn a_typo_of_an_op_or_key_suggests_the_nearest_one() {
+        let ops = crate::OPS.iter().map(|s| s.name);
+        assert_eq!(
+            nearest_in("dmirror.raed", ops.clone()),
+            Some("dmirror.read")
+        );
+        assert_eq!(nearest_in("mlock", ops), None);
+        assert_eq!(
+            did_you_mean("patern", ["op", "at", "pattern"]),
+            " (did you mean `pattern`?)"
+        );
+        assert_eq!(did_you_mean("zzzzzz", ["op", "at"]), "");
     }
 
     #[test]

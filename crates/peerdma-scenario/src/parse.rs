@@ -28,8 +28,8 @@ use toml::de::{DeString, DeTable, DeValue};
 
 use crate::ast::{
     AddrError, AddrExpr, DeviceDecl, DeviceKind, DeviceMemoryKind, Expect, ExportDecl, FileDecl,
-    GpuDecl, IommuMode, Loc, P2pDecl, Prot, Scenario, Signal, SimSettings, Step, ThreadDecl,
-    TimeMode,
+    GpuDecl, IommuMode, Loc, P2pDecl, Prot, Scenario, Signal, SimSettings, Step, SvaDecl,
+    ThreadDecl, TimeMode, Tolerance,
 };
 use crate::error::{LineIndex, ScenarioError};
 use crate::ops::{self, OPS, Op, OpSpec};
@@ -102,6 +102,11 @@ const ALL_EXPECT_KEYS: &[&str] = &[
     "pinned",
     "dma_addr",
     "violation",
+    "status",
+    "atc_hit_pct",
+    "translation_requests",
+    "duration",
+    "tolerance",
 ];
 
 /// The `expect` keys every step may have, whatever its op: counters and notifier events are observed
@@ -119,6 +124,9 @@ const NOTIFIER_EVENTS: &[(&str, peerdma_mm::NotifierEvent)] = &[
     ("migrate", peerdma_mm::NotifierEvent::Migrate),
     ("exclusive", peerdma_mm::NotifierEvent::Exclusive),
 ];
+
+/// The `expect` keys every op takes: the step's simulated duration, and how close it must be.
+const ANY_OP_EXPECT_KEYS: &[&str] = &["duration", "tolerance"];
 
 /// What a missing required key should hold, for the "needs `key`" message.
 fn key_hint(key: &str) -> &'static str {
@@ -240,6 +248,10 @@ pub(crate) enum RefKind {
     Process,
     /// The child of a `wait` step.
     Child,
+    /// A `kind = "sva"` device.
+    SvaDevice,
+    /// A job submitted by an `sva.submit` step.
+    SvaJob,
 }
 
 /// A use of a name, resolved after the whole file is read.
@@ -273,6 +285,9 @@ pub(crate) struct Parser<'s> {
     /// `gpu` devices, and the names `gpu.*` steps define, by what they name (`bo`, `attachment`, `range`).
     pub(crate) gpu_devices: BTreeSet<String>,
     pub(crate) gpu_names: BTreeMap<&'static str, BTreeSet<String>>,
+    sva_devices: BTreeSet<String>,
+    /// Jobs named by `sva.submit` steps.
+    pub(crate) sva_jobs: BTreeSet<String>,
     /// The topology node of each `pci` device: node name -> device name.
     pci_nodes: BTreeMap<String, String>,
     exports: BTreeMap<String, Range<usize>>,
@@ -302,6 +317,8 @@ impl<'s> Parser<'s> {
             pci_devices: BTreeSet::new(),
             gpu_devices: BTreeSet::new(),
             gpu_names: BTreeMap::new(),
+            sva_devices: BTreeSet::new(),
+            sva_jobs: BTreeSet::new(),
             pci_nodes: BTreeMap::new(),
             exports: BTreeMap::new(),
             handles: BTreeSet::new(),
@@ -339,10 +356,11 @@ impl<'s> Parser<'s> {
                 return Err(self.err(
                     &key.span(),
                     format!(
-                        "unknown key `{}` in {}; expected one of: {}",
+                        "unknown key `{}` in {}; expected one of: {}{}",
                         key.get_ref(),
                         t.what,
-                        list(keys.iter().copied())
+                        list(keys.iter().copied()),
+                        params::did_you_mean(key.get_ref(), keys.iter().copied())
                     ),
                 ));
             }
@@ -561,6 +579,41 @@ impl<'s> Parser<'s> {
                 ),
             )),
         }
+    }
+
+    /// `expect.tolerance`: a percentage (`"2%"`, `"0.5%"`) or a time (`"10ns"`).
+    fn tolerance(&self, v: &Value<'_>) -> Result<Tolerance> {
+        if let DeValue::String(s) = v.get_ref()
+            && let Some(pct) = s.trim().strip_suffix('%')
+        {
+            let bad = || {
+                self.err(
+                    &v.span(),
+                    format!("expected a percentage like `2%` or a time like `10ns` for `tolerance`, found `{s}`"),
+                )
+            };
+            let (int, frac) = pct.trim().split_once('.').unwrap_or((pct.trim(), ""));
+            if int.is_empty() && frac.is_empty() || frac.len() > 4 {
+                return Err(bad());
+            }
+            let whole: u64 = if int.is_empty() {
+                0
+            } else {
+                int.parse().map_err(|_| bad())?
+            };
+            let mut f = frac.to_owned();
+            while f.len() < 4 {
+                f.push('0');
+            }
+            let part: u64 = f.parse().map_err(|_| bad())?;
+            // 1% = 10 000 ppm; four decimals of a percent are whole ppm.
+            let ppm = whole
+                .checked_mul(10_000)
+                .and_then(|w| w.checked_add(part))
+                .ok_or_else(bad)?;
+            return Ok(Tolerance::RelativePpm(ppm));
+        }
+        Ok(Tolerance::Absolute(self.time(v, "tolerance")?))
     }
 
     /// An address: a raw one (integer or number string), or a symbolic one recorded for resolution.
@@ -1066,10 +1119,16 @@ impl<'s> Parser<'s> {
                 "iommu",
                 "p2p",
                 "export",
+                "p2p_queue",
                 "vram",
                 "bar",
                 "bar_window",
                 "managed",
+                "atc_sets",
+                "atc_ways",
+                "wq_depth",
+                "prq_entries",
+                "pasid_bits",
             ],
         )?;
         let name_v = self.required(t, "name")?;
@@ -1082,7 +1141,10 @@ impl<'s> Parser<'s> {
             &[
                 ("dmirror", DeviceKind::Dmirror),
                 ("pci", DeviceKind::Pci),
+                ("rnic", DeviceKind::Rnic),
+                ("nvme", DeviceKind::Nvme),
                 ("gpu", DeviceKind::Gpu),
+                ("sva", DeviceKind::Sva),
             ],
         )?;
         if kind != DeviceKind::Gpu {
@@ -1095,15 +1157,47 @@ impl<'s> Parser<'s> {
                 }
             }
         }
-        if kind == DeviceKind::Dmirror {
-            for key in ["node", "iommu", "p2p", "export"] {
+        if matches!(kind, DeviceKind::Dmirror | DeviceKind::Sva) {
+            let what = if kind == DeviceKind::Sva {
+                "an `sva`"
+            } else {
+                "a `dmirror`"
+            };
+            for key in ["node", "iommu", "p2p", "export", "p2p_queue"] {
                 if let Some(v) = t.get(key) {
                     return Err(self.err(
                         &v.span(),
-                        format!("`{key}` is for a `kind = \"pci\"` device, not a `dmirror`"),
+                        format!("`{key}` is for a `kind = \"pci\"` device, not {what}"),
                     ));
                 }
             }
+        }
+        let mut sva = SvaDecl::default();
+        for (key, field, lo, hi) in [
+            ("atc_sets", &mut sva.atc_sets, 1, 1 << 16),
+            ("atc_ways", &mut sva.atc_ways, 1, 1 << 10),
+            ("wq_depth", &mut sva.wq_depth, 1, 1 << 12),
+            ("prq_entries", &mut sva.prq_entries, 1, 1 << 16),
+            ("pasid_bits", &mut sva.pasid_bits, 1, 20),
+        ] {
+            let Some(v) = t.get(key) else { continue };
+            if kind != DeviceKind::Sva {
+                return Err(self.err(
+                    &v.span(),
+                    format!("`{key}` is for a `kind = \"sva\"` device"),
+                ));
+            }
+            let n = self.uint(v, key)?;
+            if !(lo..=hi).contains(&n) {
+                return Err(self.err(
+                    &v.span(),
+                    format!("expected {lo} to {hi} for `{key}`, found {n}"),
+                ));
+            }
+            *field = n;
+        }
+        if kind == DeviceKind::Sva {
+            self.sva_devices.insert(name.clone());
         }
         let memory = match t.get("memory") {
             Some(v) => self.keyword(
@@ -1140,9 +1234,20 @@ impl<'s> Parser<'s> {
             iommu: IommuMode::default(),
             p2p: Vec::new(),
             exports: Vec::new(),
+            p2p_queue: true,
             gpu: None,
+            sva,
         };
-        if matches!(kind, DeviceKind::Pci | DeviceKind::Gpu) {
+        if let Some(v) = t.get("p2p_queue") {
+            if kind != DeviceKind::Nvme {
+                return Err(self.err(&v.span(), "`p2p_queue` is for a `kind = \"nvme\"` device"));
+            }
+            decl.p2p_queue = self.boolean(v, "p2p_queue")?;
+        }
+        if matches!(
+            kind,
+            DeviceKind::Pci | DeviceKind::Gpu | DeviceKind::Rnic | DeviceKind::Nvme
+        ) {
             self.pci_device(t, &name_v.span(), &mut decl)?;
         }
         if kind == DeviceKind::Gpu {
@@ -1557,8 +1662,9 @@ impl<'s> Parser<'s> {
             self.err(
                 &op_v.span(),
                 format!(
-                    "unknown op `{op_name}`; expected one of: {}",
-                    list(OPS.iter().map(|s| s.name))
+                    "unknown op `{op_name}`; expected one of: {}{}",
+                    list(OPS.iter().map(|s| s.name)),
+                    params::did_you_mean(op_name, OPS.iter().map(|s| s.name))
                 ),
             )
         })?;
@@ -1594,7 +1700,10 @@ impl<'s> Parser<'s> {
         let allowed = spec.expect_keys;
         for (key, _) in &t.entries {
             let key_name: &str = key.get_ref().as_ref();
-            if allowed.contains(&key_name) || EVERY_STEP_EXPECT_KEYS.contains(&key_name) {
+            if allowed.contains(&key_name)
+                || EVERY_STEP_EXPECT_KEYS.contains(&key_name)
+                || ANY_OP_EXPECT_KEYS.contains(&key_name)
+            {
                 continue;
             }
             let message = if ALL_EXPECT_KEYS.contains(&key_name) {
@@ -1605,8 +1714,12 @@ impl<'s> Parser<'s> {
                 )
             } else {
                 format!(
-                    "unknown key `{key_name}` in `expect`; expected one of: {}",
-                    list(allowed.iter().copied())
+                    "unknown key `{key_name}` in `expect`; expected one of: {}{}",
+                    list(allowed.iter().copied()),
+                    params::did_you_mean(
+                        key_name,
+                        allowed.iter().chain(ANY_OP_EXPECT_KEYS).copied()
+                    )
                 )
             };
             return Err(self.err(&key.span(), message));
@@ -1705,6 +1818,30 @@ impl<'s> Parser<'s> {
                 .collect();
             expect.violation = Some(self.keyword(v, "violation", &kinds)?);
         }
+        if let Some(v) = t.get("status") {
+            expect.status = Some(self.string(v, "status")?.to_owned());
+        }
+        for (key, field) in [
+            ("atc_hit_pct", &mut expect.atc_hit_pct),
+            ("translation_requests", &mut expect.translation_requests),
+        ] {
+            if let Some(v) = t.get(key) {
+                *field = Some(self.bounds(v, key)?);
+            }
+        }
+        if let Some(v) = t.get("duration") {
+            expect.duration = Some(self.time(v, "duration")?);
+        }
+        if let Some(v) = t.get("tolerance") {
+            if expect.duration.is_none() {
+                return Err(self.err(
+                    &v.span(),
+                    "`expect.tolerance` needs `expect.duration` (the value it is a tolerance of)"
+                        .to_owned(),
+                ));
+            }
+            expect.tolerance = self.tolerance(v)?;
+        }
         Ok(expect)
     }
 
@@ -1734,6 +1871,22 @@ impl<'s> Parser<'s> {
             ));
         }
         items.iter().map(|i| self.pattern(i, "one_of")).collect()
+    }
+
+    /// An inclusive `[MIN, MAX]` pair of integers.
+    fn bounds(&self, v: &Value<'_>, key: &str) -> Result<(u64, u64)> {
+        let hint = format!("expected `[MIN, MAX]` (two integers, MIN <= MAX) for `{key}`");
+        let DeValue::Array(items) = v.get_ref() else {
+            return Err(self.err(&v.span(), hint));
+        };
+        let (Some(lo), Some(hi), 2) = (items.first(), items.get(1), items.len()) else {
+            return Err(self.err(&v.span(), hint));
+        };
+        let (lo, hi) = (self.uint(lo, key)?, self.uint(hi, key)?);
+        if lo > hi {
+            return Err(self.err(&v.span(), hint));
+        }
+        Ok((lo, hi))
     }
 
     /// `expect.segments`: `["bus:64KiB", "ram:8KiB"]`.
@@ -2002,6 +2155,18 @@ impl<'s> Parser<'s> {
                 "export",
                 self.exports.keys().map(String::as_str).collect(),
                 "declare it in a `pci` device's `export = [...]`",
+            ),
+            RefKind::SvaDevice if self.sva_devices.contains(name) => Ok(()),
+            RefKind::SvaDevice => unknown(
+                "sva device",
+                self.sva_devices.iter().map(String::as_str).collect(),
+                "declare it with `[[device]]` and `kind = \"sva\"`",
+            ),
+            RefKind::SvaJob if self.sva_jobs.contains(name) => Ok(()),
+            RefKind::SvaJob => unknown(
+                "sva job",
+                self.sva_jobs.iter().map(String::as_str).collect(),
+                "submit one with `{ op = \"sva.submit\", dev = ..., job = ..., ... }`",
             ),
             RefKind::Handle if self.handles.contains(name) => Ok(()),
             RefKind::Handle => unknown(

@@ -16,11 +16,14 @@ use std::fmt::Write as _;
 use std::rc::Rc;
 
 use peerdma_core::{DeviceId, Errno, Pid, SimDuration, SimTime, Va};
-use peerdma_devices::{Dmirror, DmirrorCosts, DmirrorDevice, DmirrorMemory, DmirrorResult};
+use peerdma_devices::{
+    Dmirror, DmirrorCosts, DmirrorDevice, DmirrorMemory, DmirrorResult, JobId, SvaAccel,
+    SvaAccelConfig, SvaCosts, SvaIommu,
+};
 use peerdma_dma::{DmaCosts, DmaSgHandle, DmaSpace, Platform};
-use peerdma_iommu::{DomainConfig, DomainType};
+use peerdma_iommu::{AtcConfig, DomainConfig, DomainType, SvaDeviceInfo};
 use peerdma_mm::{Kernel, MmCosts, SigInfo};
-use peerdma_sim::{RngStream, RunOutcome, Sim, SimConfig, WaitQueue};
+use peerdma_sim::{RngStream, RunOutcome, Sim, SimConfig, Track, WaitQueue};
 
 use crate::ast::{
     AddrExpr, DeviceKind, DeviceMemoryKind, Expect, IommuMode, Scenario, Step, TimeMode,
@@ -44,6 +47,21 @@ pub struct RunOptions {
     pub explore: Option<bool>,
     /// Record the step log in the report.
     pub step_log: bool,
+    /// Collect the trace ([`Report::trace`]); without it the run records no trace events.
+    pub trace: bool,
+    /// Called with (simulated time, events so far) every few thousand events: a progress display. It
+    /// changes nothing the run computes.
+    pub progress: Option<Progress>,
+}
+
+/// A progress callback for [`RunOptions::progress`].
+#[derive(Clone)]
+pub struct Progress(pub std::sync::Arc<dyn Fn(SimTime, u64) + Send + Sync>);
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Progress")
+    }
 }
 
 /// What a step produced, compared against its `expect`.
@@ -58,8 +76,12 @@ pub(crate) struct StepResult {
     pub(crate) dma_addr: Option<u64>,
     /// Pages a `dma.map` step pinned.
     pub(crate) pinned: Option<u64>,
+    /// An `rdma.poll`'s completion statuses, comma-separated.
+    pub(crate) status: Option<String>,
     /// Further outcome a step reports in the step log (a `gpu.*` step's placement or UVM counters).
     pub(crate) note: Option<String>,
+    /// An `sva.stats` step's device ATC hit rate (percent) and translation requests.
+    pub(crate) sva_stats: Option<(u64, u64)>,
 }
 
 /// What a step's `expect.counters` / `expect.events` look at: counter values and mirrors' event logs
@@ -97,6 +119,10 @@ pub(crate) struct ProcState {
     pub(crate) fds: BTreeMap<String, Rc<Dmirror>>,
     pub(crate) pins: BTreeMap<String, (peerdma_mm::PinnedPages, Va)>,
     pub(crate) handles: BTreeMap<String, DmaSgHandle>,
+    /// The `sva` devices this process is bound to (unbound when it exits, as closing the device file does).
+    pub(crate) sva_binds: Vec<String>,
+    /// Jobs submitted by `sva.submit`, by name: the device and the job.
+    pub(crate) sva_jobs: BTreeMap<String, (String, JobId)>,
     pub(crate) live_threads: usize,
     pub(crate) exited: bool,
 }
@@ -117,12 +143,20 @@ pub(crate) struct World {
     pub(crate) procs: RefCell<BTreeMap<String, ProcState>>,
     pub(crate) files: BTreeMap<String, u32>,
     pub(crate) devices: BTreeMap<String, Rc<DmirrorDevice>>,
+    /// `sva` devices by name.
+    pub(crate) sva: BTreeMap<String, SvaAccel>,
     /// The DMA platform, when the scenario has a `[topology]`.
     platform: Option<Rc<Platform>>,
     /// `pci` devices by name.
     pub(crate) pci: BTreeMap<String, DeviceId>,
     /// BAR exports by name.
     pub(crate) exports: BTreeMap<String, peerdma_mm::MmioId>,
+    /// `rnic` devices by name.
+    pub(crate) rnics: BTreeMap<String, Rc<peerdma_devices::rnic::Rnic>>,
+    /// The RDMA objects the steps named.
+    pub(crate) rdma: RefCell<crate::ops::rdma::RdmaNames>,
+    /// `nvme` devices by name.
+    pub(crate) nvmes: BTreeMap<String, Rc<peerdma_devices::nvme::Nvme>>,
     /// `gpu` devices and what `gpu.*` steps created.
     pub(crate) gpu: crate::ops::gpu::GpuWorld,
     pub(crate) dma_page_cost: SimDuration,
@@ -144,7 +178,7 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
         explore,
         jitter: scn.sim.jitter,
         time_limit: SimTime(scn.sim.time_limit.as_nanos()),
-        trace: true,
+        trace: opts.trace,
     });
     // Every cost table comes from one timing: `[sim] time` with the `[timing]` overrides.
     let timing = scn.timing();
@@ -182,6 +216,8 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
             )
         })
         .collect();
+    let sva_iommu = SvaIommu::new(&kernel, SvaCosts::from_timing(&timing), 1 << 20);
+    let sva = build_sva(scn, &sva_iommu);
     let dma_costs = DmaCosts::from_timing(&timing);
     let (platform, pci, exports) = match build_platform(scn, &kernel, dma_costs) {
         Ok(p) => p,
@@ -190,6 +226,8 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
             (None, BTreeMap::new(), BTreeMap::new())
         }
     };
+    let rnics = rnics(scn, platform.as_ref(), &timing);
+    let nvmes = nvmes(scn, platform.as_ref(), &timing);
     let gpu = match crate::ops::gpu::GpuWorld::build(scn, &kernel, platform.as_ref(), &pci, &timing)
     {
         Ok(g) => g,
@@ -213,7 +251,11 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
         dma_page_cost: dm_costs.dma_page,
         dma_engine: DmaSpace::new(&kernel, dma_engine_id(scn), "dma_engine", 1),
         devices,
+        sva,
         platform,
+        rnics,
+        nvmes,
+        rdma: RefCell::default(),
         pci,
         exports,
         gpu,
@@ -227,8 +269,97 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
         let w = world.clone();
         sim.spawn("init", async move { w.init().await });
     }
+    if let Some(p) = &opts.progress {
+        let p = p.0.clone();
+        sim.set_progress(4096, move |now, events| p(now, events));
+    }
     let outcome = sim.run();
     world.finish(&sim, seed, explore, &outcome)
+}
+
+/// Makes the NIC model of every `rnic` device (after the platform attached it).
+fn rnics(
+    scn: &Scenario,
+    platform: Option<&Rc<Platform>>,
+    timing: &peerdma_core::Timing,
+) -> BTreeMap<String, Rc<peerdma_devices::rnic::Rnic>> {
+    let mut out = BTreeMap::new();
+    let Some(p) = platform else {
+        return out;
+    };
+    let costs = peerdma_devices::rnic::RnicCosts::from_timing(timing);
+    for (i, d) in scn.devices.iter().enumerate() {
+        let id = DeviceId(u32::try_from(i).expect("few devices"));
+        if d.kind == DeviceKind::Rnic
+            && let Ok(dev) = p.device(id)
+        {
+            out.insert(
+                d.name.clone(),
+                peerdma_devices::rnic::Rnic::new(p, dev, costs.clone()),
+            );
+        }
+    }
+    out
+}
+
+/// Makes the controller model of every `nvme` device (after the platform attached it).
+fn nvmes(
+    scn: &Scenario,
+    platform: Option<&Rc<Platform>>,
+    timing: &peerdma_core::Timing,
+) -> BTreeMap<String, Rc<peerdma_devices::nvme::Nvme>> {
+    let mut out = BTreeMap::new();
+    let Some(p) = platform else {
+        return out;
+    };
+    let costs = peerdma_devices::nvme::NvmeCosts::from_timing(timing);
+    for (i, d) in scn.devices.iter().enumerate() {
+        let id = DeviceId(u32::try_from(i).expect("few devices"));
+        if d.kind == DeviceKind::Nvme
+            && let Ok(dev) = p.device(id)
+        {
+            out.insert(
+                d.name.clone(),
+                peerdma_devices::nvme::Nvme::new(p, dev, costs.clone(), d.size, d.p2p_queue),
+            );
+        }
+    }
+    out
+}
+
+/// Creates the `sva` devices, all behind one IOMMU unit (unit 0), each in its own IOMMU group; the unit's
+/// page-request queue is the smallest `prq_entries` given.
+fn build_sva(scn: &Scenario, iommu: &SvaIommu) -> BTreeMap<String, SvaAccel> {
+    let svas: Vec<(usize, &crate::ast::DeviceDecl)> = scn
+        .devices
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| d.kind == DeviceKind::Sva)
+        .collect();
+    if let Some(prq) = svas.iter().map(|(_, d)| d.sva.prq_entries).min() {
+        iommu.set_prq_entries(usize::try_from(prq).unwrap_or(usize::MAX));
+    }
+    svas.into_iter()
+        .map(|(i, d)| {
+            let id = u32::try_from(i).expect("few devices");
+            let cfg = SvaAccelConfig {
+                info: SvaDeviceInfo {
+                    group: Some(id),
+                    iommu: 0,
+                    max_pasids: 1 << d.sva.pasid_bits,
+                    domain_alloc_sva: true,
+                },
+                atc: AtcConfig {
+                    sets: usize::try_from(d.sva.atc_sets).unwrap_or(1),
+                    ways: usize::try_from(d.sva.atc_ways).unwrap_or(1),
+                },
+                wq_depth: usize::try_from(d.sva.wq_depth).unwrap_or(1),
+            };
+            let dev = SvaAccel::new(iommu, DeviceId(id), &d.name, cfg)
+                .expect("device ids are the declaration indices, each used once");
+            (d.name.clone(), dev)
+        })
+        .collect()
 }
 
 type PlatformParts = (
@@ -253,7 +384,10 @@ fn build_platform(
     let mut pci = BTreeMap::new();
     let mut exports = BTreeMap::new();
     for (i, d) in scn.devices.iter().enumerate() {
-        if !matches!(d.kind, DeviceKind::Pci | DeviceKind::Gpu) {
+        if !matches!(
+            d.kind,
+            DeviceKind::Pci | DeviceKind::Rnic | DeviceKind::Nvme | DeviceKind::Gpu
+        ) {
             continue;
         }
         let id = DeviceId(u32::try_from(i).expect("few devices"));
@@ -359,10 +493,22 @@ impl World {
             if let Some(kind) = step.expect.violation {
                 self.kernel.expect_violation(kind);
             }
+            let span = self
+                .kernel
+                .sim
+                .span(step.op.name(), Track::Agent, || {
+                    vec![
+                        ("line", step.loc.line.into()),
+                        ("process", t.process.as_str().into()),
+                    ]
+                })
+                .with_histogram(format!("step.{}", step.op.name()));
             let before = self.observe(&t.process, &step.expect);
             let res = self.step(&t.process, step, &mut rng).await;
+            drop(span);
             let observed = self.observed_since(&t.process, &step.expect, &before);
             self.check(&t.name, step, &res, start, &observed);
+            self.sample_residency();
             if step.op.ends_thread() {
                 break;
             }
@@ -379,7 +525,7 @@ impl World {
     }
 
     pub(crate) async fn exit_process(&self, name: &str) {
-        let (pid, fds) = {
+        let (pid, fds, sva) = {
             let mut p = self.procs.borrow_mut();
             let st = p.get_mut(name).expect("known process");
             if st.exited {
@@ -392,12 +538,19 @@ impl World {
             (
                 st.pid.expect("running process"),
                 std::mem::take(&mut st.fds),
+                std::mem::take(&mut st.sva_binds),
             )
         };
         for m in fds.into_values() {
             self.put_fd(m, Some(pid)).await;
         }
         self.kernel.exit(pid).await;
+        // Closing the accelerator's file after the mm is gone: the SVA release already aborted its DMA.
+        for dev in sva {
+            if let Some(d) = self.sva.get(&dev) {
+                let _ = d.unbind(pid).await;
+            }
+        }
         self.proc_wq.wake_up_all();
     }
 
@@ -768,6 +921,21 @@ impl World {
                             fails.push(format!("expected pinned = {want}, got {got}"));
                         }
                     }
+                    for (key, bounds, got) in [
+                        ("atc_hit_pct", e.atc_hit_pct, r.sva_stats.map(|s| s.0)),
+                        (
+                            "translation_requests",
+                            e.translation_requests,
+                            r.sva_stats.map(|s| s.1),
+                        ),
+                    ] {
+                        if let Some((lo, hi)) = bounds {
+                            let got = got.unwrap_or(0);
+                            if !(lo..=hi).contains(&got) {
+                                fails.push(format!("expected {key} in [{lo}, {hi}], got {got}"));
+                            }
+                        }
+                    }
                     if let Some(want) = e.dma_addr
                         && r.dma_addr != Some(want)
                     {
@@ -775,6 +943,14 @@ impl World {
                             "expected dma_addr {want:#x}, got {}",
                             r.dma_addr
                                 .map_or_else(|| "no segment".to_owned(), |a| format!("{a:#x}"))
+                        ));
+                    }
+                    if let Some(want) = &e.status
+                        && r.status.as_ref() != Some(want)
+                    {
+                        fails.push(format!(
+                            "expected status {want}, got {}",
+                            r.status.as_deref().unwrap_or("none")
                         ));
                     }
                     if let (Some(want), Some(d)) = (e.value, &r.data) {
@@ -790,6 +966,15 @@ impl World {
             }
         }
         let sim = &self.kernel.sim;
+        if let Some(want) = e.duration {
+            let got = sim.now() - start;
+            if !e.tolerance.accepts(want.as_nanos(), got.as_nanos()) {
+                fails.push(format!(
+                    "expected a duration of {want} ({}), took {got}",
+                    e.tolerance
+                ));
+            }
+        }
         for message in &fails {
             self.failures.borrow_mut().push(ExpectFailure {
                 line: step.loc.line,
@@ -810,6 +995,30 @@ impl World {
                 result: summary,
                 ok: fails.is_empty(),
             });
+        }
+    }
+
+    /// Samples the residency gauges: pages in use on each RAM node (series `residency.node<N>`) and the
+    /// pages of each dmirror device's memory holding data (`residency.<device>`). Sampled after every step:
+    /// *coarse*, changes inside a step are not seen.
+    fn sample_residency(&self) {
+        let sim = &self.kernel.sim;
+        for (i, &bytes) in self.scn.sim.memory.iter().enumerate() {
+            let node = u32::try_from(i).expect("few nodes");
+            let used =
+                (bytes / peerdma_core::PAGE_SIZE).saturating_sub(self.kernel.nr_free_node(node));
+            sim.gauge(
+                Track::device(format!("node{i}")),
+                "residency",
+                i64::try_from(used).unwrap_or(i64::MAX),
+            );
+        }
+        for (name, d) in &self.devices {
+            sim.gauge(
+                Track::device(name.as_str()),
+                "residency",
+                i64::try_from(d.nr_resident()).unwrap_or(i64::MAX),
+            );
         }
     }
 
@@ -857,7 +1066,16 @@ impl World {
             }
         };
         let trace = sim.take_trace();
+        let counters = sim.metrics().counters;
+        let measured = crate::report::Measured::new(sim.stats(), &counters);
+        let agent_processes = self
+            .scn
+            .threads
+            .iter()
+            .map(|t| (t.name.clone(), t.process.clone()))
+            .collect();
         Report {
+            schema_version: crate::report::SCHEMA_VERSION,
             scenario: self.scn.path.clone(),
             seed,
             explore,
@@ -870,9 +1088,15 @@ impl World {
             events: sim.events_delivered(),
             expectations: *self.expectations.borrow(),
             failures,
-            metrics: sim.metrics().counters,
+            metrics: counters,
             steps: self.records.borrow().clone(),
+            latency: measured.latency,
+            bandwidth: measured.bandwidth,
+            iotlb: measured.iotlb,
+            trace_dropped: sim.trace_dropped(),
             trace,
+            series: measured.series,
+            agent_processes,
         }
     }
 }
@@ -898,6 +1122,9 @@ fn summarize(r: &StepResult) -> String {
         if let Some(a) = r.dma_addr {
             let _ = write!(s, " dma_addr={a:#x}");
         }
+    }
+    if let Some(st) = &r.status {
+        let _ = write!(s, " status={st}");
     }
     if let Some(n) = &r.note {
         let _ = write!(s, " {n}");

@@ -23,6 +23,7 @@ fn run_steps(scn: &Scenario, seed: Option<u64>, explore: bool) -> Report {
             seed,
             explore: Some(explore),
             step_log: true,
+            ..Default::default()
         },
     )
 }

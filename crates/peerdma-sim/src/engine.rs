@@ -6,13 +6,17 @@ use std::collections::BinaryHeap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::task::{Context, Poll, Waker};
 
 use peerdma_core::{SimDuration, SimTime};
 
 use crate::rng::RngStream;
-use crate::trace::{Metrics, TraceEvent};
+use crate::stats::Stats;
+use crate::trace::{Metrics, Phase, TraceArgs, TraceEvent, Track};
+
+/// Trace records a run keeps by default before it drops new ones ([`Sim::set_trace_cap`]).
+pub const DEFAULT_TRACE_CAP: usize = 2_000_000;
 
 /// Identifies one agent (task) of a simulation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -87,9 +91,17 @@ struct Inner {
     jitter_rng: RngStream,
     stopped: Option<String>,
     trace: Vec<TraceEvent>,
+    trace_cap: usize,
+    trace_dropped: u64,
+    next_flow: u64,
     metrics: Metrics,
+    stats: Stats,
     events: u64,
+    progress: Option<(u64, ProgressFn)>,
 }
+
+/// A progress callback ([`Sim::set_progress`]).
+type ProgressFn = Box<dyn FnMut(SimTime, u64)>;
 
 /// A handle on one simulation. Cloning it is cheap; every clone drives the same engine.
 #[derive(Clone)]
@@ -124,8 +136,13 @@ impl Sim {
                 jitter_rng,
                 stopped: None,
                 trace: Vec::new(),
+                trace_cap: DEFAULT_TRACE_CAP,
+                trace_dropped: 0,
+                next_flow: 0,
                 metrics: Metrics::default(),
+                stats: Stats::default(),
                 events: 0,
+                progress: None,
             })),
         }
     }
@@ -260,27 +277,164 @@ impl Sim {
         self.inner.borrow().stopped.clone()
     }
 
-    /// Records a trace event attributed to the current agent.
+    /// Records a trace event attributed to the current agent: an instant on its track with free-text
+    /// details (prefer [`Sim::instant`], whose fields are readable in a trace viewer).
     pub fn trace(&self, kind: &'static str, detail: impl FnOnce() -> String) {
-        let mut inner = self.inner.borrow_mut();
-        if !inner.cfg.trace {
+        if !self.tracing() {
             return;
         }
-        let agent = inner
-            .current
-            .map_or_else(|| "engine".to_owned(), |c| inner.tasks[c].name.clone());
-        let time = inner.now;
-        inner.trace.push(TraceEvent {
-            time,
-            agent,
+        let detail = detail();
+        self.inner.borrow_mut().push_event(
             kind,
-            detail: detail(),
-        });
+            detail,
+            Phase::Instant,
+            Track::Agent,
+            Vec::new(),
+            false,
+        );
+    }
+
+    /// Returns whether this run records a trace ([`SimConfig::trace`]): model code may skip building
+    /// trace-only data when it does not.
+    pub fn tracing(&self) -> bool {
+        self.inner.borrow().cfg.trace
+    }
+
+    /// Caps the trace at `cap` records: past it, new records are dropped (and counted,
+    /// [`Sim::trace_dropped`]), except the ends of spans and flows already begun, so what is kept stays
+    /// matched.
+    pub fn set_trace_cap(&self, cap: usize) {
+        self.inner.borrow_mut().trace_cap = cap;
+    }
+
+    /// Returns how many trace records the cap dropped.
+    pub fn trace_dropped(&self) -> u64 {
+        self.inner.borrow().trace_dropped
+    }
+
+    /// Records an instant `kind` on `track` with readable fields.
+    pub fn instant(&self, kind: &'static str, track: Track, args: impl FnOnce() -> TraceArgs) {
+        if !self.tracing() {
+            return;
+        }
+        let args = args();
+        self.inner
+            .borrow_mut()
+            .push_event(kind, String::new(), Phase::Instant, track, args, false);
+    }
+
+    /// Begins a span `kind` on `track` (a CPU fault, an invalidation, a DMA batch...): it ends when the
+    /// returned guard is dropped or [`Span::end`]ed, and its duration is recorded in the latency histogram
+    /// `kind` whether or not a trace is kept. Spans of one agent on one track nest like its calls do.
+    pub fn span(&self, kind: &'static str, track: Track, args: impl FnOnce() -> TraceArgs) -> Span {
+        let mut inner = self.inner.borrow_mut();
+        let start = inner.now;
+        let recorded = inner.cfg.trace
+            && inner.push_event(
+                kind,
+                String::new(),
+                Phase::Begin,
+                track.clone(),
+                args(),
+                false,
+            );
+        Span {
+            sim: Rc::downgrade(&self.inner),
+            kind,
+            track,
+            start,
+            recorded,
+            end_args: Vec::new(),
+            histogram: None,
+        }
+    }
+
+    /// Starts a flow (an arrow in a trace viewer) from `track` now: a device fault to its resolution, a
+    /// request to its completion. End it with [`Sim::flow_end`] where it resolves.
+    pub fn flow_begin(&self, kind: &'static str, track: Track) -> Flow {
+        let mut inner = self.inner.borrow_mut();
+        let id = inner.next_flow;
+        inner.next_flow += 1;
+        let recorded = inner.cfg.trace
+            && inner.push_event(
+                kind,
+                String::new(),
+                Phase::FlowStart(id),
+                track,
+                Vec::new(),
+                false,
+            );
+        Flow { id, kind, recorded }
+    }
+
+    /// Ends `flow` on `track` now.
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "ending a flow consumes it, so it cannot end twice"
+    )]
+    pub fn flow_end(&self, flow: Flow, track: Track) {
+        let Flow { id, kind, recorded } = flow;
+        if recorded {
+            self.inner.borrow_mut().push_event(
+                kind,
+                String::new(),
+                Phase::FlowEnd(id),
+                track,
+                Vec::new(),
+                true,
+            );
+        }
+    }
+
+    /// Samples gauge `name` (residency, requests in flight, queue depth) at `value` now: a counter track of
+    /// `track`'s process in the trace, and a point of the series `name` (or `name.<device>` for a device
+    /// track) in [`Sim::stats`].
+    pub fn gauge(&self, track: Track, name: &'static str, value: i64) {
+        let mut inner = self.inner.borrow_mut();
+        let now = inner.now;
+        let series = match &track {
+            Track::Agent => name.to_owned(),
+            Track::Device(d) => format!("{name}.{d}"),
+        };
+        inner.stats.record_sample(&series, now, value);
+        if inner.cfg.trace {
+            inner.push_event(
+                name,
+                String::new(),
+                Phase::Counter(value),
+                track,
+                Vec::new(),
+                false,
+            );
+        }
+    }
+
+    /// Records one duration in the latency histogram `name` (without a trace span).
+    pub fn latency(&self, name: &str, d: SimDuration) {
+        self.inner.borrow_mut().stats.record_latency(name, d);
+    }
+
+    /// Records `bytes` moved by `device` over access path `path` (`local`, `iommu`, `p2p_bus_addr`,
+    /// `p2p_host_bridge`...), issued at `start` and landed now.
+    pub fn transfer(&self, device: &str, path: &'static str, bytes: u64, start: SimTime) {
+        let mut inner = self.inner.borrow_mut();
+        let now = inner.now;
+        inner.stats.record_transfer(device, path, bytes, start, now);
+    }
+
+    /// Returns a copy of the run's statistics (latency histograms, transfers, series).
+    pub fn stats(&self) -> Stats {
+        self.inner.borrow().stats.clone()
     }
 
     /// Adds `n` to the metric counter `name`.
     pub fn count(&self, name: &str, n: u64) {
         self.inner.borrow_mut().metrics.add(name, n);
+    }
+
+    /// Returns the counter `name` (0 if it never moved), without copying the others.
+    pub fn counter(&self, name: &str) -> u64 {
+        self.inner.borrow().metrics.get(name)
     }
 
     /// Returns a copy of the metrics.
@@ -298,6 +452,31 @@ impl Sim {
         self.inner.borrow().events
     }
 
+    /// Calls `f(now, events delivered)` every `every` events while the run goes on (a progress display; it
+    /// must not touch the simulation). Host-side only: it changes nothing the run computes.
+    pub fn set_progress(&self, every: u64, f: impl FnMut(SimTime, u64) + 'static) {
+        self.inner.borrow_mut().progress = Some((every.max(1), Box::new(f)));
+    }
+
+    fn report_progress(&self) {
+        let (now, events, due) = {
+            let inner = self.inner.borrow();
+            let due = inner
+                .progress
+                .as_ref()
+                .is_some_and(|(every, _)| inner.events.is_multiple_of(*every));
+            (inner.now, inner.events, due)
+        };
+        if due {
+            // Taken out while it runs, so the callback may read the engine.
+            let p = self.inner.borrow_mut().progress.take();
+            if let Some((every, mut f)) = p {
+                f(now, events);
+                self.inner.borrow_mut().progress = Some((every, f));
+            }
+        }
+    }
+
     /// Runs until every agent finishes, a deadlock, the time limit, or [`Sim::stop`].
     pub fn run(&self) -> RunOutcome {
         loop {
@@ -305,7 +484,10 @@ impl Sim {
                 return RunOutcome::Stopped(reason);
             }
             match self.next_event() {
-                NextEvent::Task(id) => self.poll_task(id),
+                NextEvent::Task(id) => {
+                    self.poll_task(id);
+                    self.report_progress();
+                }
                 NextEvent::PastLimit => return RunOutcome::TimeLimit,
                 NextEvent::Empty => {
                     let inner = self.inner.borrow();
@@ -387,6 +569,36 @@ impl Sim {
 }
 
 impl Inner {
+    /// Appends a trace record on behalf of the current agent; returns whether it was kept (`force` keeps it
+    /// past the cap: the end of something begun).
+    fn push_event(
+        &mut self,
+        kind: &'static str,
+        detail: String,
+        phase: Phase,
+        track: Track,
+        args: TraceArgs,
+        force: bool,
+    ) -> bool {
+        if !force && self.trace.len() >= self.trace_cap {
+            self.trace_dropped += 1;
+            return false;
+        }
+        let agent = self
+            .current
+            .map_or_else(|| "engine".to_owned(), |c| self.tasks[c].name.clone());
+        self.trace.push(TraceEvent {
+            time: self.now,
+            agent,
+            kind,
+            detail,
+            phase,
+            track,
+            args,
+        });
+        true
+    }
+
     fn schedule(&mut self, id: usize, at: SimTime) {
         if self.tasks[id].scheduled || self.tasks[id].done {
             return;
@@ -396,6 +608,86 @@ impl Inner {
         let seq = self.seq;
         self.queue.push(Reverse((at, seq, id)));
     }
+}
+
+/// A span in progress ([`Sim::span`]): ends when dropped, recording its duration under its kind.
+#[must_use = "a span ends when dropped: bind it to a variable for the work it covers"]
+pub struct Span {
+    sim: Weak<RefCell<Inner>>,
+    kind: &'static str,
+    track: Track,
+    start: SimTime,
+    recorded: bool,
+    end_args: TraceArgs,
+    histogram: Option<String>,
+}
+
+impl fmt::Debug for Span {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Span")
+            .field("kind", &self.kind)
+            .field("start", &self.start)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Span {
+    /// Adds fields known only at the end (pages faulted, an errno) to the span's end record.
+    pub fn add_end_args(&mut self, args: impl FnOnce() -> TraceArgs) {
+        if self.recorded {
+            self.end_args.extend(args());
+        }
+    }
+
+    /// Records the span's duration in the latency histogram `name` instead of its kind's (a step's span is
+    /// named after its op but measured under `step.<op>`).
+    pub fn with_histogram(mut self, name: String) -> Self {
+        self.histogram = Some(name);
+        self
+    }
+
+    /// Ends the span now.
+    pub fn end(self) {}
+
+    /// Returns when it began.
+    pub fn start(&self) -> SimTime {
+        self.start
+    }
+}
+
+impl Drop for Span {
+    fn drop(&mut self) {
+        // A span dropped while the engine is being torn down or borrowed records nothing.
+        let Some(inner) = self.sim.upgrade() else {
+            return;
+        };
+        let Ok(mut inner) = inner.try_borrow_mut() else {
+            return;
+        };
+        let d = SimDuration(inner.now.0.saturating_sub(self.start.0));
+        let hist = self.histogram.as_deref().unwrap_or(self.kind);
+        inner.stats.record_latency(hist, d);
+        if self.recorded {
+            let args = std::mem::take(&mut self.end_args);
+            inner.push_event(
+                self.kind,
+                String::new(),
+                Phase::End,
+                self.track.clone(),
+                args,
+                true,
+            );
+        }
+    }
+}
+
+/// A flow in progress ([`Sim::flow_begin`]); pass it to [`Sim::flow_end`].
+#[derive(Debug)]
+#[must_use = "a flow is ended with Sim::flow_end"]
+pub struct Flow {
+    id: u64,
+    kind: &'static str,
+    recorded: bool,
 }
 
 /// The future returned by [`Sim::sleep`].

@@ -17,10 +17,12 @@
 
 mod engine;
 mod rng;
+mod stats;
 mod sync;
 mod trace;
 
-pub use engine::{RunOutcome, Sim, SimConfig, TaskId};
+pub use engine::{DEFAULT_TRACE_CAP, Flow, RunOutcome, Sim, SimConfig, Span, TaskId};
 pub use rng::{RngStream, stream_seed};
+pub use stats::{SERIES_CAP, Series, Stats, Transfer};
 pub use sync::{Completion, MutexGuard, ReadGuard, RwSem, SimMutex, WaitQueue, WriteGuard};
-pub use trace::{Metrics, TraceEvent};
+pub use trace::{Metrics, Phase, TraceArg, TraceArgs, TraceEvent, Track};

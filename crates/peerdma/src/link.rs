@@ -98,8 +98,15 @@ pub(crate) fn link_name(link: &LinkConfig) -> String {
 }
 
 /// Runs `peerdma link`: returns the table (or JSON) to print, or the message of an invalid parameter.
-pub(crate) fn run(args: &LinkArgs, as_json: bool) -> Result<String, String> {
+pub(crate) fn run(args: &LinkArgs, as_json: bool, as_csv: bool) -> Result<String, String> {
     let (link, rows) = evaluate(args)?;
+    if as_csv {
+        let mut out = String::from("size,write_gbps,read_gbps\n");
+        for r in &rows {
+            let _ = writeln!(out, "{},{:.4},{:.4}", r.size, r.write_gbps, r.read_gbps);
+        }
+        return Ok(out);
+    }
     if as_json {
         let sizes: Vec<_> = rows
             .iter()

@@ -13,6 +13,9 @@
 mod link;
 mod ops;
 mod params;
+mod plot;
+mod progress;
+mod sweep;
 mod topo;
 
 use std::path::{Path, PathBuf};
@@ -21,9 +24,23 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use peerdma_scenario::{RunOptions, parse_file, run};
 
+/// Examples shown after `peerdma --help`.
+const EXAMPLES: &str = "\
+Examples:
+  peerdma run examples/quickstart.toml --steps
+  peerdma run examples/p2p-switch.toml --json --trace trace.json --plot plots --csv csv
+  peerdma check examples/fence.toml --json
+  peerdma sweep examples/iommu-lazy-window.toml --param iommu.iotlb_miss=26,100,200 --seeds 4 --jobs 4
+  peerdma topo examples/p2p-host-bridge.toml
+  peerdma link --gen 4 --width x16 --mps 256 --mrrs 512 --size 64,4KiB
+  peerdma completions bash > peerdma.bash
+
+The scenario format: docs/scenario-format.md. Reports, traces and plots: docs/reports.md.
+Sweeps: docs/sweeps.md. Calibration: docs/calibration.md.";
+
 /// Software VMA-focused peer-to-peer DMA: a deterministic simulator of Linux mm, HMM and device mirrors.
 #[derive(Debug, Parser)]
-#[command(name = "peerdma", version, about)]
+#[command(name = "peerdma", version, about, after_help = EXAMPLES)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -47,16 +64,67 @@ enum Command {
         /// Includes the log of every step in the report.
         #[arg(long)]
         steps: bool,
-        /// Writes the trace in Chrome trace-event format to this file.
-        #[arg(long)]
+        /// Writes the trace in Chrome trace-event format (Perfetto, chrome://tracing) to this file: a
+        /// process per simulated process and device, spans for steps and protocol phases, flows from
+        /// device faults to their resolution, counter tracks (docs/reports.md).
+        #[arg(long, value_name = "FILE")]
         trace: Option<PathBuf>,
+        /// Writes SVG charts into this directory: latency CDFs, DMA throughput, faults, residency and DMA
+        /// requests in flight over simulated time.
+        #[arg(long, value_name = "DIR")]
+        plot: Option<PathBuf>,
+        /// Writes the report as CSV files into this directory (summary, latency, bandwidth, iotlb, series,
+        /// steps).
+        #[arg(long, value_name = "DIR")]
+        csv: Option<PathBuf>,
+    },
+    /// Runs a scenario over every combination of swept parameter values and seeds, on worker threads, and
+    /// prints one JSON line per run (`{job, params, seed, report}`), in the same order and bytes whatever
+    /// `--jobs` and however `--shard` splits the runs (docs/sweeps.md).
+    ///
+    /// Example: `peerdma sweep examples/p2p-switch.toml --param dma.hop=100ns,200ns --seeds 4 --jobs 2`
+    Sweep {
+        /// The scenario file (TOML).
+        file: PathBuf,
+        /// A swept key and its values: `seed` or a timing parameter (`peerdma params`), times with units
+        /// (`dma.hop=100ns,1us`). Repeat for a product; the last given varies fastest.
+        #[arg(long = "param", value_name = "KEY=V1,V2,...")]
+        params: Vec<String>,
+        /// Runs each combination with N consecutive seeds from the scenario's `sim.seed` (or `--seed`).
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        seeds: u64,
+        /// The first seed (default: the scenario's `sim.seed`).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Turns schedule exploration on.
+        #[arg(long)]
+        explore: bool,
+        /// Worker threads (default: the host's available parallelism). Does not change the output.
+        #[arg(long, value_name = "N")]
+        jobs: Option<std::num::NonZeroUsize>,
+        /// Runs only shard I of N (from 0): a contiguous block of the runs; the shards' outputs concatenated
+        /// in order are the whole sweep's output.
+        #[arg(long, value_name = "I/N", default_value = "0/1")]
+        shard: peerdma_scenario::batch::Shard,
+        /// Writes `sweep.svg` into this directory: each run's simulated time against the first swept
+        /// parameter, a line per seed.
+        #[arg(long, value_name = "DIR")]
+        plot: Option<PathBuf>,
     },
     /// Validates a scenario without running it.
     Check {
         /// The scenario file (TOML).
         file: PathBuf,
+        /// Prints `{file, ok, threads, devices}` or `{file, ok, error: {line, col, message}}` as JSON.
+        #[arg(long)]
+        json: bool,
     },
-    /// Prints the effective write and read bandwidth of a PCIe link for each payload size (spec/numbers.md §1).
+    /// Prints a completion script for a shell (`peerdma completions bash > peerdma.bash`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Prints the effective write and read bandwidth of a PCIe link for each payload size (docs/figures.md §1).
     Link {
         /// PCIe generation, 1-7.
         #[arg(long = "gen", value_name = "G")]
@@ -64,11 +132,13 @@ enum Command {
         /// Negotiated width: x1, x2, x4, x8, x16 or x32.
         #[arg(long, value_name = "xN", value_parser = link::parse_width)]
         width: u8,
-        /// Max Payload Size in bytes (a power of two in 128..=4096; units allowed).
-        #[arg(long, value_name = "M", value_parser = link::parse_size_u32)]
+        /// Max Payload Size in bytes (a power of two in 128..=4096; units allowed). Default 256, as a
+        /// topology link's.
+        #[arg(long, value_name = "M", default_value = "256", value_parser = link::parse_size_u32)]
         mps: u32,
-        /// Max Read Request Size in bytes (a power of two in 128..=4096; units allowed).
-        #[arg(long, value_name = "R", value_parser = link::parse_size_u32)]
+        /// Max Read Request Size in bytes (a power of two in 128..=4096; units allowed). Default 512, as a
+        /// topology link's.
+        #[arg(long, value_name = "R", default_value = "512", value_parser = link::parse_size_u32)]
         mrrs: u32,
         /// Read Completion Boundary in bytes: 64, 128, 256 or 512.
         #[arg(long, value_name = "B", default_value = "64", value_parser = link::parse_size_u32)]
@@ -83,8 +153,11 @@ enum Command {
         #[arg(long, value_name = "S[,S...]", value_delimiter = ',', required = true)]
         size: Vec<String>,
         /// Prints JSON: the link parameters and one `{size, write_gbps, read_gbps}` per size.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "csv")]
         json: bool,
+        /// Prints CSV: `size,write_gbps,read_gbps`, one row per size (for a sweep of sizes).
+        #[arg(long)]
+        csv: bool,
     },
     /// Lists every timing-model parameter: key, default with unit, description and source (overridable in a
     /// scenario's `[timing]` table).
@@ -146,7 +219,19 @@ fn topo_command(file: &Path, json: bool) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { file } => match parse_file(&file) {
+        Command::Check { file, json } => match parse_file(&file) {
+            Ok(scn) if json => {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "file": file.display().to_string(),
+                        "ok": true,
+                        "threads": scn.threads.len(),
+                        "devices": scn.devices.len(),
+                    })
+                );
+                ExitCode::SUCCESS
+            }
             Ok(scn) => {
                 println!(
                     "{}: ok ({} thread(s), {} device(s))",
@@ -156,11 +241,27 @@ fn main() -> ExitCode {
                 );
                 ExitCode::SUCCESS
             }
+            Err(e) if json => {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "file": file.display().to_string(),
+                        "ok": false,
+                        "error": {"line": e.line, "col": e.col, "message": e.message},
+                    })
+                );
+                ExitCode::from(2)
+            }
             Err(e) => {
                 eprintln!("{}", e.render());
                 ExitCode::from(2)
             }
         },
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "peerdma", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
         Command::Run {
             file,
             seed,
@@ -168,6 +269,8 @@ fn main() -> ExitCode {
             json,
             steps,
             trace,
+            plot,
+            csv,
         } => {
             let scn = match parse_file(&file) {
                 Ok(s) => s,
@@ -180,8 +283,12 @@ fn main() -> ExitCode {
                 seed,
                 explore: explore.then_some(true),
                 step_log: steps,
+                trace: trace.is_some(),
+                progress: progress::for_terminal(),
             };
             let report = run(&scn, &opts);
+            // The progress bar (if any) goes away before the report prints.
+            drop(opts);
             if json {
                 println!("{}", report.to_json());
             } else {
@@ -191,6 +298,18 @@ fn main() -> ExitCode {
                 && let Err(e) = std::fs::write(&path, report.trace_chrome_json())
             {
                 eprintln!("error: cannot write trace {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+            if let Some(dir) = plot
+                && let Err(e) = plot::run_plots(&report, &dir)
+            {
+                eprintln!("error: cannot plot into {}: {e}", dir.display());
+                return ExitCode::from(2);
+            }
+            if let Some(dir) = csv
+                && let Err(e) = report.write_csv(&dir)
+            {
+                eprintln!("error: cannot write CSV into {}: {e}", dir.display());
                 return ExitCode::from(2);
             }
             ExitCode::from(u8::try_from(report.exit_code()).unwrap_or(1))
@@ -205,6 +324,7 @@ fn main() -> ExitCode {
             ecrc,
             size,
             json,
+            csv,
         } => {
             let args = link::LinkArgs {
                 generation,
@@ -216,7 +336,7 @@ fn main() -> ExitCode {
                 ecrc,
                 sizes: size,
             };
-            match link::run(&args, json) {
+            match link::run(&args, json, csv) {
                 Ok(out) => {
                     print!("{out}");
                     ExitCode::SUCCESS
@@ -228,6 +348,25 @@ fn main() -> ExitCode {
             }
         }
         Command::Topo { file, json } => topo_command(&file, json),
+        Command::Sweep {
+            file,
+            params,
+            seeds,
+            seed,
+            explore,
+            jobs,
+            shard,
+            plot,
+        } => sweep::run(&sweep::SweepArgs {
+            file: &file,
+            params: &params,
+            seeds,
+            seed,
+            explore,
+            jobs,
+            shard,
+            plot: plot.as_deref(),
+        }),
         Command::Ops { json, markdown } => {
             let all = peerdma_scenario::OPS;
             if json {

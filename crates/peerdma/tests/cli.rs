@@ -853,3 +853,33 @@ fn ops_lists_every_registered_op_once_and_its_markdown_is_the_format_doc_table()
         text(&out.stdout).contains("reclaim\n  keys:   pages, node\n  expect: errno, cpages\n")
     );
 }
+
+#[test]
+fn sva_munmap_race_is_explored_without_violations() {
+    // The accelerator streams while the process munmaps, mprotects and forks: every seed must pass with the
+    // oracle clean, and the first fill must both finish and be cut short by the munmap across seeds.
+    let mut first_fill = std::collections::BTreeSet::new();
+    for seed in 0..24 {
+        let s = seed.to_string();
+        let out = peerdma(&[
+            "run",
+            "examples/sva-munmap-race.toml",
+            "--steps",
+            "--seed",
+            &s,
+        ]);
+        let o = text(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "seed {seed}:\n{o}");
+        let wait = o
+            .lines()
+            .find(|l| l.contains("sva.wait"))
+            .unwrap()
+            .to_owned();
+        first_fill.insert(wait.contains("cpages=64"));
+    }
+    assert_eq!(
+        first_fill.len(),
+        2,
+        "the munmap never raced the fill both ways"
+    );
+}

@@ -20,8 +20,11 @@ pub mod file;
 pub mod gpu;
 pub mod gup;
 pub mod mem;
+pub mod nvme;
 pub mod p2p;
 pub mod proc;
+pub mod rdma;
+pub mod sva;
 
 pub use dma::DmaApiOp;
 pub use dmirror::DmirrorOp;
@@ -29,8 +32,11 @@ pub use file::FileOp;
 pub use gpu::GpuOp;
 pub use gup::GupOp;
 pub use mem::MemOp;
+pub use nvme::NvmeOp;
 pub use p2p::P2pOp;
 pub use proc::ProcOp;
+pub use rdma::RdmaOp;
+pub use sva::SvaOp;
 
 use crate::error::{RunError, ScenarioError};
 use crate::parse::{Parser, Table};
@@ -116,6 +122,17 @@ pub const OPS: &[OpSpec] = &[
     p2p::DMABUF_MOVE_NOTIFY,
     dma::DMA_RAW,
     mem::RECLAIM,
+    rdma::REG_MR,
+    rdma::DEREG_MR,
+    rdma::ADVISE,
+    rdma::QP,
+    rdma::CONNECT,
+    rdma::POST,
+    rdma::POST_RECV,
+    rdma::POLL,
+    rdma::SKIP_FENCE,
+    nvme::READ,
+    nvme::WRITE,
     gpu::BO_CREATE,
     gpu::BO_WRITE,
     gpu::BO_READ,
@@ -128,6 +145,11 @@ pub const OPS: &[OpSpec] = &[
     gpu::KERNEL,
     gpu::PREFETCH,
     gup::DMA_READ,
+    sva::BIND,
+    sva::UNBIND,
+    sva::SUBMIT,
+    sva::WAIT,
+    sva::STATS,
 ];
 
 /// Returns the op named `name` (as written in `op = "..."`).
@@ -163,8 +185,14 @@ pub enum Op {
     Dma(DmaApiOp),
     /// P2P provider and BAR-export ops ([`p2p`]).
     P2p(P2pOp),
+    /// RDMA verbs ops ([`rdma`]).
+    Rdma(RdmaOp),
+    /// NVMe O_DIRECT ops ([`nvme`]).
+    Nvme(NvmeOp),
     /// GPU buffer-object and managed-memory ops ([`gpu`]).
     Gpu(GpuOp),
+    /// SVA accelerator ops ([`sva`]).
+    Sva(SvaOp),
 }
 
 impl Op {
@@ -178,7 +206,10 @@ impl Op {
             Self::Gup(o) => o.name(),
             Self::Dma(o) => o.name(),
             Self::P2p(o) => o.name(),
+            Self::Rdma(o) => o.name(),
+            Self::Nvme(o) => o.name(),
             Self::Gpu(o) => o.name(),
+            Self::Sva(o) => o.name(),
         }
     }
 
@@ -205,7 +236,10 @@ impl Op {
             Self::Gup(o) => o.run(cx).await,
             Self::Dma(o) => o.run(cx).await,
             Self::P2p(o) => o.run(cx).await,
+            Self::Rdma(o) => o.run(cx).await,
+            Self::Nvme(o) => o.run(cx).await,
             Self::Gpu(o) => o.run(cx).await,
+            Self::Sva(o) => o.run(cx).await,
         }
     }
 }
