@@ -159,6 +159,8 @@ pub struct Report {
     pub bandwidth: Vec<PathBandwidth>,
     /// IOTLB hit rates per device with an IOMMU domain that translated something.
     pub iotlb: Vec<IotlbRate>,
+    /// ATS ATC hit rates per SVA device that looked something up (`sva.<device>.atc_{hits,misses}`).
+    pub atc: Vec<IotlbRate>,
     /// Trace records dropped past the trace cap (0 when the trace is complete or not kept).
     pub trace_dropped: u64,
     /// The trace (empty unless the run was asked for one).
@@ -237,6 +239,7 @@ pub(crate) struct Measured {
     pub(crate) latency: BTreeMap<String, LatencySummary>,
     pub(crate) bandwidth: Vec<PathBandwidth>,
     pub(crate) iotlb: Vec<IotlbRate>,
+    pub(crate) atc: Vec<IotlbRate>,
     pub(crate) series: BTreeMap<String, Series>,
 }
 
@@ -259,52 +262,54 @@ impl Measured {
                 gbps: t.gbps(),
             })
             .collect();
-        let mut iotlb = Vec::new();
-        for (k, &hits) in counters {
-            let Some(dev) = k
-                .strip_prefix("iommu.")
-                .and_then(|r| r.strip_suffix(".iotlb_hits"))
-            else {
-                continue;
-            };
-            let misses = counters
-                .get(&format!("iommu.{dev}.iotlb_misses"))
-                .copied()
-                .unwrap_or(0);
-            #[expect(clippy::cast_precision_loss, reason = "a rate")]
-            let hit_rate = hits as f64 / (hits + misses) as f64;
-            iotlb.push(IotlbRate {
-                device: dev.to_owned(),
-                hits,
-                misses,
-                hit_rate,
-            });
-        }
-        // A device with misses only has no `iotlb_hits` counter (zero counters are not kept).
-        for (k, &misses) in counters {
-            let Some(dev) = k
-                .strip_prefix("iommu.")
-                .and_then(|r| r.strip_suffix(".iotlb_misses"))
-            else {
-                continue;
-            };
-            if !iotlb.iter().any(|r| r.device == dev) {
-                iotlb.push(IotlbRate {
-                    device: dev.to_owned(),
-                    hits: 0,
-                    misses,
-                    hit_rate: 0.0,
-                });
-            }
-        }
-        iotlb.sort_by(|a, b| a.device.cmp(&b.device));
+        let iotlb = hit_rates(counters, "iommu.", ".iotlb_hits", ".iotlb_misses");
+        let atc = hit_rates(counters, "sva.", ".atc_hits", ".atc_misses");
         Self {
             latency,
             bandwidth,
             iotlb,
+            atc,
             series: stats.series,
         }
     }
+}
+
+/// Returns the hit rate of every device with a `<prefix><device><hits>` or `<prefix><device><misses>`
+/// counter (a counter that never moved is absent, so a device may have only one of them), by device.
+fn hit_rates(
+    counters: &BTreeMap<String, u64>,
+    prefix: &str,
+    hits: &str,
+    misses: &str,
+) -> Vec<IotlbRate> {
+    let mut by_dev: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    for (k, &n) in counters {
+        let Some(rest) = k.strip_prefix(prefix) else {
+            continue;
+        };
+        if let Some(dev) = rest.strip_suffix(hits) {
+            by_dev.entry(dev).or_default().0 = n;
+        } else if let Some(dev) = rest.strip_suffix(misses) {
+            by_dev.entry(dev).or_default().1 = n;
+        }
+    }
+    by_dev
+        .into_iter()
+        .map(|(dev, (hits, misses))| {
+            #[expect(clippy::cast_precision_loss, reason = "a rate")]
+            let hit_rate = if hits + misses == 0 {
+                0.0
+            } else {
+                hits as f64 / (hits + misses) as f64
+            };
+            IotlbRate {
+                device: dev.to_owned(),
+                hits,
+                misses,
+                hit_rate,
+            }
+        })
+        .collect()
 }
 
 impl Report {
@@ -453,14 +458,17 @@ impl Report {
                 );
             }
         }
-        if !self.iotlb.is_empty() {
-            let _ = writeln!(s, "\niotlb:");
+        for (title, rates) in [("iotlb", &self.iotlb), ("atc", &self.atc)] {
+            if rates.is_empty() {
+                continue;
+            }
+            let _ = writeln!(s, "\n{title}:");
             let _ = writeln!(
                 s,
                 "  {:<16} {:>9} {:>9} {:>9}",
                 "device", "hits", "misses", "hit rate"
             );
-            for r in &self.iotlb {
+            for r in rates {
                 let _ = writeln!(
                     s,
                     "  {:<16} {:>9} {:>9} {:>8.1}%",
@@ -545,18 +553,20 @@ impl Report {
             );
         }
         put("bandwidth.csv", t)?;
-        let mut t = String::from("device,hits,misses,hit_rate\n");
-        for r in &self.iotlb {
-            let _ = writeln!(
-                t,
-                "{},{},{},{:.6}",
-                csv_field(&r.device),
-                r.hits,
-                r.misses,
-                r.hit_rate
-            );
+        for (file, rates) in [("iotlb.csv", &self.iotlb), ("atc.csv", &self.atc)] {
+            let mut t = String::from("device,hits,misses,hit_rate\n");
+            for r in rates {
+                let _ = writeln!(
+                    t,
+                    "{},{},{},{:.6}",
+                    csv_field(&r.device),
+                    r.hits,
+                    r.misses,
+                    r.hit_rate
+                );
+            }
+            put(file, t)?;
         }
-        put("iotlb.csv", t)?;
         let mut t = String::from("series,time_ns,value\n");
         for (k, ser) in &self.series {
             for (time, v) in &ser.points {

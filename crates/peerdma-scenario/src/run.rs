@@ -904,7 +904,7 @@ impl World {
                         if *want != got {
                             let show = |v: &[(String, u64)]| {
                                 v.iter()
-                                    .map(|(k, l)| format!("{k}:{l:#x}"))
+                                    .map(|(k, l)| format!("{k}:{}", crate::units::format_size(*l)))
                                     .collect::<Vec<_>>()
                                     .join(", ")
                             };
@@ -1093,6 +1093,7 @@ impl World {
             latency: measured.latency,
             bandwidth: measured.bandwidth,
             iotlb: measured.iotlb,
+            atc: measured.atc,
             trace_dropped: sim.trace_dropped(),
             trace,
             series: measured.series,
@@ -1116,7 +1117,12 @@ fn summarize(r: &StepResult) -> String {
     if let Some(segs) = &r.segments {
         let _ = write!(s, " pinned={} segments=[", r.pinned.unwrap_or(0));
         for (i, (k, l)) in segs.iter().enumerate() {
-            let _ = write!(s, "{}{k}:{l:#x}", if i == 0 { "" } else { ", " });
+            let _ = write!(
+                s,
+                "{}{k}:{}",
+                if i == 0 { "" } else { ", " },
+                crate::units::format_size(*l)
+            );
         }
         s.push(']');
         if let Some(a) = r.dma_addr {

@@ -187,3 +187,46 @@ fn the_schema_rejects_a_report_with_an_undocumented_field_or_a_wrong_version() {
     report["undocumented"] = Value::from(1);
     assert!(!v.is_valid(&report));
 }
+
+#[test]
+fn the_atc_table_reports_each_sva_device_hit_rate_from_its_own_lookups() {
+    let out = peerdma(&["run", "examples/sva-atc-sizing.toml", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let atc = report["atc"].as_array().unwrap();
+    let rate = |dev: &str| {
+        let r = atc.iter().find(|r| r["device"] == dev).unwrap();
+        let (hits, misses) = (r["hits"].as_u64().unwrap(), r["misses"].as_u64().unwrap());
+        // Every miss is one ATS translation request of that device.
+        assert_eq!(
+            report["metrics"][format!("sva.{dev}.atc_misses")].as_u64(),
+            Some(misses)
+        );
+        #[expect(clippy::cast_precision_loss, reason = "a rate")]
+        let want = hits as f64 / (hits + misses) as f64;
+        assert!((r["hit_rate"].as_f64().unwrap() - want).abs() < 1e-9);
+        want
+    };
+    let (small, medium, large) = (rate("small"), rate("medium"), rate("large"));
+    // The example's three ATC sizes over one access pattern: a bigger ATC never hits less.
+    assert!(
+        small <= medium && medium < large,
+        "{small} {medium} {large}"
+    );
+    // The per-device counts add up to the global ones.
+    let sum = |key: &str| atc.iter().map(|r| r[key].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(
+        report["metrics"]["sva.atc_hits"].as_u64(),
+        Some(sum("hits"))
+    );
+    assert_eq!(
+        report["metrics"]["sva.atc_misses"].as_u64(),
+        Some(sum("misses"))
+    );
+    let text = peerdma(&["run", "examples/sva-atc-sizing.toml"]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("\natc:\n"));
+}

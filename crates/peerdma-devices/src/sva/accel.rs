@@ -43,6 +43,9 @@ pub(super) struct AccelInner {
     pub(super) next_grpid: Cell<u16>,
     pub(super) responses: RefCell<BTreeMap<GroupKey, PageResponseCode>>,
     pub(super) wq: WaitQueue,
+    /// The per-device counter names of its ATC lookups (`sva.<name>.atc_hits` / `atc_misses`), made once.
+    pub(super) hits_counter: String,
+    pub(super) misses_counter: String,
 }
 
 /// The SVA accelerator (module docs). Cloning shares it.
@@ -95,6 +98,8 @@ impl SvaAccel {
             next_grpid: Cell::new(0),
             responses: RefCell::default(),
             wq: WaitQueue::new(&k.sim),
+            hits_counter: format!("sva.{name}.atc_hits"),
+            misses_counter: format!("sva.{name}.atc_misses"),
         });
         iommu
             .0
@@ -485,6 +490,7 @@ impl SvaAccel {
                     .or_else(|| match inner.atc.borrow_mut().lookup(pasid, va, write) {
                         AtcLookup::Hit(c) => {
                             k.sim.count("sva.atc_hits", 1);
+                            k.sim.count(&inner.hits_counter, 1);
                             Some(c)
                         }
                         AtcLookup::ReadOnly(_) | AtcLookup::Miss => None,
@@ -516,6 +522,7 @@ impl SvaAccel {
             }
             // Step 3: a translation request.
             k.sim.count("sva.atc_misses", 1);
+            k.sim.count(&inner.misses_counter, 1);
             k.sim.count("sva.translation_requests", 1);
             iommu.stats.borrow_mut().translation_requests += 1;
             k.sim.sleep(iommu.costs.ats_translation).await;
