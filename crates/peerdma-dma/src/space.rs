@@ -685,6 +685,13 @@ impl DmaSpace {
                             ("va", TraceArg::Hex(va.raw())),
                         ]);
                     }
+                    DeviceGrant::Ref { pid, va } => {
+                        args.extend([
+                            ("grant", "ref".into()),
+                            ("pid", pid.0.into()),
+                            ("va", TraceArg::Hex(va.raw())),
+                        ]);
+                    }
                     DeviceGrant::Raw => args.push(("grant", "raw".into())),
                 }
                 if let Landing::Failed(e) = &landing {
