@@ -72,6 +72,14 @@ pub enum Advice {
     Free,
     /// MADV_COLLAPSE: collapse each fully mapped, 2 MiB-aligned block of anonymous pages into a THP.
     Collapse,
+    /// MADV_DONTFORK: the range is not inherited by a child (VM_DONTCOPY).
+    DontFork,
+    /// MADV_DOFORK: undo MADV_DONTFORK (`EINVAL` on a VM_IO mapping).
+    DoFork,
+    /// MADV_COLD: deactivate the private pages of the range (they go first at the next reclaim).
+    Cold,
+    /// MADV_PAGEOUT: reclaim the private pages of the range now (anonymous pages go to swap).
+    PageOut,
 }
 
 /// A signal a CPU access can raise (the signal number, `si_signo`).

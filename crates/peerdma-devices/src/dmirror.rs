@@ -209,6 +209,8 @@ struct Shared {
     pt: RefCell<BTreeMap<u64, PtEntry>>,
     costs: DmirrorCosts,
     injection: Cell<FaultInjection>,
+    /// Every notifier event the mirror acted on (zapped its range for), in order.
+    events: RefCell<Vec<NotifierEvent>>,
 }
 
 impl Shared {
@@ -310,6 +312,7 @@ impl MirrorDevice for Shared {
     }
 
     fn invalidated(&self, range: &NotifierRange, erased: &u64) {
+        self.events.borrow_mut().push(range.event);
         self.kernel.sim.trace("dmirror.invalidate", || {
             format!(
                 "dev {} {} {:?} erased {erased}",
@@ -623,6 +626,7 @@ impl Dmirror {
             pt: RefCell::new(BTreeMap::new()),
             costs: device.costs.clone(),
             injection: Cell::new(FaultInjection::None),
+            events: RefCell::new(Vec::new()),
         });
         let mirror = HmmMirror::register(
             sh.clone(),
@@ -651,6 +655,18 @@ impl Dmirror {
     /// Injects a driver bug (tests of the oracle only).
     pub fn inject(&self, f: FaultInjection) {
         self.sh.injection.set(f);
+    }
+
+    /// Returns the process whose address space this file mirrors: the opener's, also when the file is
+    /// used from a child that inherited it across `fork` (the notifier was registered on the opener's mm).
+    pub fn opener(&self) -> Pid {
+        self.sh.pid
+    }
+
+    /// Returns every MMU notifier event the mirror has acted on (erased its range for), in order; the
+    /// driver's own MIGRATE events, which it ignores, are not among them.
+    pub fn events(&self) -> Vec<NotifierEvent> {
+        self.sh.events.borrow().clone()
     }
 
     /// Returns the number of entries in the device page table.

@@ -362,7 +362,7 @@ impl Platform {
             DmaAddr::Bus(bus) => {
                 let (res, pa) = self
                     .topology()
-                    .bar_at_bus(bus)
+                    .bar_at_bus(d.node, bus)
                     .map(|(id, _, pa)| (id, pa))?;
                 let has_provider_state = self.providers.borrow().resource_at(pa).is_some();
                 let mt = if has_provider_state {
@@ -465,16 +465,16 @@ impl Platform {
             .map(|i| {
                 let a = addr + i as u64 * PAGE_SIZE;
                 let bus = BusAddr::from_raw(a);
-                let routed_peer = self
-                    .topology()
-                    .bar_at_bus(bus)
-                    .is_some_and(|(owner, _, _)| {
-                        self.providers.borrow_mut().provider_map_type(
-                            self.topology(),
-                            owner,
-                            d.node,
-                        ) == MapType::BusAddr
-                    });
+                let routed_peer =
+                    self.topology()
+                        .bar_at_bus(d.node, bus)
+                        .is_some_and(|(owner, _, _)| {
+                            self.providers.borrow_mut().provider_map_type(
+                                self.topology(),
+                                owner,
+                                d.node,
+                            ) == MapType::BusAddr
+                        });
                 let dma = if routed_peer {
                     DmaAddr::Bus(bus)
                 } else {

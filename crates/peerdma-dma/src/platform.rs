@@ -24,7 +24,7 @@ use peerdma_core::{DeviceId, Errno, Pa, Pid, Range, SimDuration, Va};
 use peerdma_iommu::{DomainConfig, IommuCosts, IommuDomain};
 use peerdma_mm::kernel::Kernel;
 use peerdma_mm::vma::Prot;
-use peerdma_pci::link::DEFAULT_HOP_LATENCY;
+use peerdma_pci::link::{DEFAULT_HOP_LATENCY, REMOTE_SOCKET_LATENCY};
 use peerdma_pci::{NodeId, P2pProviders, P2pResource, Topology};
 use peerdma_sim::RngStream;
 
@@ -40,6 +40,13 @@ const HOP: ParamSpec = ParamSpec::time(
     DEFAULT_HOP_LATENCY.as_nanos(),
     "vendor figure [B]: Gen5 switch port to port ≈ 115 ns (peerdma_pci::link::DEFAULT_HOP_LATENCY)",
     "latency of crossing one PCIe switch or root port",
+);
+const REMOTE_SOCKET: ParamSpec = ParamSpec::time(
+    "dma.remote_socket",
+    REMOTE_SOCKET_LATENCY.as_nanos(),
+    "docs/figures.md §2: a DMA read of a buffer on the other socket takes about 107 ns longer (Neugebauer \
+     et al., SIGCOMM 2018)",
+    "extra latency of a DMA request to RAM on another NUMA node than the device's (the socket interconnect)",
 );
 const MAX_OUTSTANDING: ParamSpec = ParamSpec::count(
     "dma.max_outstanding",
@@ -62,11 +69,13 @@ pub struct DmaCosts {
     /// with Extended Tag enabled, PCIe base spec §2.2.6.2; spec/numbers.md §2: throughput under misses
     /// follows from latency × outstanding requests). Used by the access path ([`crate::space`]).
     pub max_outstanding: u32,
+    /// Extra latency of a request to RAM on a NUMA node other than the device's (`dma.remote_socket`).
+    pub remote_socket: SimDuration,
 }
 
 impl DmaCosts {
     /// The parameters of the DMA layer itself, in field order (the IOMMU's are [`IommuCosts::PARAMS`]).
-    pub const PARAMS: &[ParamSpec] = &[HOP, MAX_OUTSTANDING];
+    pub const PARAMS: &[ParamSpec] = &[HOP, MAX_OUTSTANDING, REMOTE_SOCKET];
 
     /// Returns the costs `timing` gives, the IOMMU's included. Zero mode also turns link time off.
     pub fn from_timing(timing: &Timing) -> Self {
@@ -75,6 +84,7 @@ impl DmaCosts {
             hop: timing.time(&HOP),
             timed: !timing.is_zero(),
             max_outstanding: u32::try_from(timing.count(&MAX_OUTSTANDING)).unwrap_or(u32::MAX),
+            remote_socket: timing.time(&REMOTE_SOCKET),
         }
     }
 
@@ -97,6 +107,9 @@ pub struct DmaDevice {
     pub node: NodeId,
     /// Its name.
     pub name: String,
+    /// Its NUMA node (`dev_to_node`): the socket its host bridge sits on, as the index of that socket
+    /// among the topology's sockets (socket k holds NUMA node k); `None` without a socket.
+    pub numa_node: Option<u32>,
     pub(crate) domain: RefCell<IommuDomain>,
     /// Its access path and requests in flight.
     pub space: DmaSpace,
@@ -193,10 +206,22 @@ impl Platform {
         if devs.contains_key(&id) || devs.values().any(|d| d.node == node) {
             return Err(DmaError::AlreadyAttached { id, node });
         }
+        let numa_node = self
+            .topo
+            .host_bridge_of(node)
+            .and_then(|hb| self.topo.socket_of(hb))
+            .and_then(|socket| {
+                self.topo
+                    .nodes()
+                    .filter(|(_, n)| n.kind() == peerdma_pci::NodeKind::Socket)
+                    .position(|(s, _)| s == socket)
+            })
+            .and_then(|i| u32::try_from(i).ok());
         let d = Rc::new(DmaDevice {
             id,
             node,
             name: name.to_owned(),
+            numa_node,
             domain: RefCell::new(IommuDomain::new(domain)),
             space: DmaSpace::with_flows(
                 &self.kernel,

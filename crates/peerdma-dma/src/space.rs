@@ -24,7 +24,8 @@
 //! **DMA in flight.** Each device has at most [`crate::DmaCosts::max_outstanding`] requests in flight (tags);
 //! issuing one more waits for a landing. A request's landing time is closed-form:
 //! `start = max(now + translation cost, the device's pipe free time for that direction)`,
-//! `land = start + wire time + hops × hop latency`, where the wire time is 4 KiB at the smallest fair share,
+//! `land = start + wire time + hops × hop latency (+ the remote-socket delta for RAM on another NUMA node
+//! than the device's)`, where the wire time is 4 KiB at the smallest fair share,
 //! among the links crossed, of the link's effective bandwidth for 4 KiB payloads (`peerdma_pci::link`): a
 //! link shared by N devices with requests in flight gives each 1/N. So one device pipelines up to its
 //! bottleneck link's bandwidth, translation and hop latencies hide behind the data, and several devices
@@ -47,7 +48,7 @@ use std::rc::Rc;
 use peerdma_core::{DeviceId, Errno, FrameId, PAGE_SIZE, Pa, Pid, Range, SimDuration, SimTime, Va};
 use peerdma_iommu::DomainType;
 use peerdma_mm::oracle::ViolationKind;
-use peerdma_mm::{DeviceData, DeviceGrant, FrameTranslation, Kernel};
+use peerdma_mm::{DeviceData, DeviceGrant, FrameTranslation, Kernel, MemoryKind};
 use peerdma_pci::NodeId;
 use peerdma_pci::link::{fair_share_gbps, time_at_gbps};
 use peerdma_sim::{TraceArg, TraceArgs, Track, WaitQueue};
@@ -684,6 +685,13 @@ impl DmaSpace {
                             ("va", TraceArg::Hex(va.raw())),
                         ]);
                     }
+                    DeviceGrant::Ref { pid, va } => {
+                        args.extend([
+                            ("grant", "ref".into()),
+                            ("pid", pid.0.into()),
+                            ("va", TraceArg::Hex(va.raw())),
+                        ]);
+                    }
                     DeviceGrant::Raw => args.push(("grant", "raw".into())),
                 }
                 if let Landing::Failed(e) = &landing {
@@ -799,7 +807,17 @@ impl Platform {
                 SimDuration::ZERO
             };
             let hops = u64::try_from(links.len()).expect("few links");
-            (wire, self.costs.hop.saturating_mul(hops))
+            // RAM on another NUMA node than the device's: the request crosses the socket interconnect.
+            let remote = match &target {
+                Target::Frame(t) => match (k.memory_kind(t.frame), d.numa_node) {
+                    (MemoryKind::Ram { node }, Some(dev_node)) if node != dev_node => {
+                        self.costs.remote_socket
+                    }
+                    _ => SimDuration::ZERO,
+                },
+                Target::Mmio(_) => SimDuration::ZERO,
+            };
+            (wire, self.costs.hop.saturating_mul(hops) + remote)
         } else {
             (SimDuration::ZERO, SimDuration::ZERO)
         };

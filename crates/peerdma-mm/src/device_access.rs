@@ -49,6 +49,15 @@ pub enum DeviceGrant {
         /// The page's virtual address when it was pinned.
         va: Va,
     },
+    /// A plain page reference (FOLL_GET, as `vmsplice` takes) the driver holds for `va` of `pid`: the frame
+    /// stays allocated, but nothing keeps it in the mapping — a COW may replace it there, after which the
+    /// reference still reaches the old frame, as in Linux.
+    Ref {
+        /// The process the reference was taken in.
+        pid: Pid,
+        /// The page's virtual address when it was taken.
+        va: Va,
+    },
     /// A raw DMA address with no handle behind it.
     Raw,
 }
@@ -57,7 +66,9 @@ impl DeviceGrant {
     /// Returns the process and page a mirror or pin grant is for.
     pub fn page(self) -> Option<(Pid, Va)> {
         match self {
-            Self::Mirror { pid, va } | Self::Pin { pid, va } => Some((pid, va)),
+            Self::Mirror { pid, va } | Self::Pin { pid, va } | Self::Ref { pid, va } => {
+                Some((pid, va))
+            }
             Self::Raw => None,
         }
     }
@@ -127,7 +138,7 @@ impl Kernel {
                 st.check_mirror_current(&mut oracle, dev, pid, va, t.frame, write)
             }
             DeviceGrant::Pin { .. } => check_pinned_frame(&mut oracle, &phys, dev, t.frame),
-            DeviceGrant::Raw => true,
+            DeviceGrant::Ref { .. } | DeviceGrant::Raw => true,
         }
     }
 
@@ -163,7 +174,7 @@ impl Kernel {
         let frame = t.frame;
         let key = match t.grant {
             DeviceGrant::Mirror { pid, va } => st.logical_page(&phys, pid, va),
-            DeviceGrant::Pin { pid, va } => {
+            DeviceGrant::Pin { pid, va } | DeviceGrant::Ref { pid, va } => {
                 let mapped = st.mm(pid).translate(va).is_some_and(|(f, _, _)| f == frame);
                 if mapped {
                     st.logical_page(&phys, pid, va)

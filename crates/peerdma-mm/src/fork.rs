@@ -6,21 +6,25 @@
 //! `copy_present_pte` (with `folio_try_dup_anon_rmap` refusing to share a maybe-pinned page), and
 //! kernel/exit.c → mm/mmap.c `exit_mmap`.
 
-use peerdma_core::{Errno, FrameId, PageSize, Pid, Range, Va};
+use std::collections::BTreeSet;
+
+use peerdma_core::{Errno, FrameId, PMD_SIZE, PageSize, Pid, Range, Va};
 
 use crate::kernel::{Kernel, Mms, TASK_SIZE};
 use crate::mmu_notifier::NotifierEvent;
 use crate::pagetable::{Leaf, Pte};
-use crate::phys::{FrameOwner, PhysMem};
-use crate::vma::{VmFlags, Vma};
+use crate::phys::{FRAMES_PER_PMD, FrameOwner, GfpZone, PhysMem};
+use crate::vma::{VmFlags, Vma, VmaBacking};
 use crate::vmscan::Swap;
 
 impl Kernel {
     /// `fork(2)`: copies the address space with copy-on-write for private mappings. Returns the child's pid.
     ///
     /// Private writable pages are write-protected in the parent, which fires MMU_NOTIFY_PROTECTION_PAGE over
-    /// each COW VMA (mm/memory.c `copy_page_range`). An anonymous exclusive page that may be DMA-pinned is
-    /// copied for the child at once instead (`copy_present_page`), so the pinned page stays the parent's.
+    /// each COW VMA whose page tables must be copied (mm/memory.c `copy_page_range`; hugetlb's copy fires
+    /// MMU_NOTIFY_CLEAR). An anonymous exclusive page that may be DMA-pinned is copied for the child at once
+    /// instead (`copy_present_page`), so the pinned page stays the parent's — a pinned THP is split and
+    /// copied (`copy_huge_pmd`), a pinned hugetlb page copied whole (`copy_hugetlb_page_range`).
     pub async fn fork(&self, pid: Pid) -> Result<Pid, Errno> {
         self.spend(self.costs.syscall).await;
         let lock = self.mmap_lock(pid);
@@ -34,31 +38,69 @@ impl Kernel {
             if vma.flags.contains(VmFlags::DONTCOPY) {
                 continue;
             }
+            self.mms().mm_mut(child).insert_vma(vma.clone());
+            // vma_needs_copy (mm/memory.c): only a mapping with an anon_vma, or a PFNMAP/MIXEDMAP one, has
+            // its page tables copied; any other (a private file mapping never written, anonymous memory only
+            // ever read, shmem) is refaulted by the child, and fork tells its notifiers nothing.
+            let needs_copy = vma
+                .flags
+                .intersects(VmFlags::ANON_VMA | VmFlags::PFNMAP | VmFlags::MIXEDMAP)
+                || !matches!(vma.backing, VmaBacking::Anon | VmaBacking::File { .. });
+            if !needs_copy {
+                continue;
+            }
             let cow = !vma.is_shared();
+            let hugetlb = vma.flags.contains(VmFlags::HUGETLB);
+            // copy_page_range fires MMU_NOTIFY_PROTECTION_PAGE over a COW mapping whether or not a page in
+            // it is still writable; copy_hugetlb_page_range fires MMU_NOTIFY_CLEAR.
+            let event = cow.then_some(if hugetlb {
+                NotifierEvent::Clear
+            } else {
+                NotifierEvent::ProtectionPage
+            });
+            if let Some(event) = event {
+                self.invalidate_range_start(pid, vma.range, event, None)
+                    .await;
+            }
+            // copy_huge_pmd: a THP that may be pinned cannot be shared with the child; its PMD is split and
+            // its pages are copied for the child one by one (the pin counts for the whole folio).
+            let mut pinned_thps = BTreeSet::new();
+            if cow && !hugetlb {
+                let huge: Vec<Va> = {
+                    let st = self.mms();
+                    let phys = self.phys();
+                    st.mm(pid)
+                        .pt()
+                        .leaves(vma.range.start, vma.range.end)
+                        .into_iter()
+                        .filter(|l| l.size == PageSize::Size2M && thp_maybe_pinned(&phys, *l))
+                        .map(|l| l.base)
+                        .collect()
+                };
+                for base in huge {
+                    self.split_huge_pmd(pid, base).await;
+                    pinned_thps.insert(base);
+                }
+            }
             let leaves = self
                 .mms()
                 .mm(pid)
                 .pt()
                 .leaves(vma.range.start, vma.range.end);
-            let needs_wp = cow && leaves.iter().any(|l| l.pte.is_write());
-            if needs_wp {
-                self.invalidate_range_start(pid, vma.range, NotifierEvent::ProtectionPage, None)
-                    .await;
-            }
             {
                 let mut st = self.mms();
                 let mut phys = self.phys();
                 let mut swap = self.swap();
                 let mut oracle = self.oracle();
-                st.mm_mut(child).insert_vma(vma.clone());
                 for leaf in leaves {
-                    copies += st.copy_leaf(&mut phys, &mut swap, pid, child, &vma, leaf);
+                    let force = pinned_thps.contains(&leaf.base.align_down(PMD_SIZE));
+                    copies += st.copy_leaf(&mut phys, &mut swap, pid, child, &vma, leaf, force);
                 }
                 if cow {
                     oracle.copy_anon(pid, child, vma.range);
                 }
             }
-            if needs_wp {
+            if event.is_some() {
                 self.invalidate_range_end(pid);
             }
         }
@@ -99,8 +141,27 @@ impl Kernel {
     }
 }
 
+/// Returns whether some page of the anonymous PMD-mapped folio of `leaf` may be DMA-pinned
+/// (`folio_maybe_dma_pinned` of the whole folio).
+fn thp_maybe_pinned(phys: &PhysMem, leaf: Leaf) -> bool {
+    let Some(head) = leaf.pte.frame() else {
+        return false;
+    };
+    matches!(leaf.pte, Pte::Present { special: false, .. })
+        && (0..FRAMES_PER_PMD).any(|i| {
+            let f = phys.frame(FrameId(head.0 + i));
+            f.owner() == FrameOwner::Anon && f.maybe_dma_pinned()
+        })
+}
+
 impl Mms {
     /// Copies one leaf from `parent` to `child` for fork; returns the number of pages copied eagerly.
+    /// `force`: the page belongs to a folio that may be pinned, so an exclusive anonymous page is copied
+    /// for the child even if this page itself holds no pin.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the cells fork borrows, the two processes, the VMA, the leaf and the folio's pin state"
+    )]
     pub(crate) fn copy_leaf(
         &mut self,
         phys: &mut PhysMem,
@@ -109,6 +170,7 @@ impl Mms {
         child: Pid,
         vma: &Vma,
         leaf: Leaf,
+        force: bool,
     ) -> u64 {
         if let Pte::Swap { slot, write } = leaf.pte {
             // A swap entry is shared by parent and child (swap_duplicate), read-only for COW.
@@ -177,9 +239,33 @@ impl Mms {
             return 0;
         }
         let cow = !vma.is_shared();
+        if cow
+            && leaf.size == PageSize::Size2M
+            && vma.flags.contains(VmFlags::HUGETLB)
+            && thp_maybe_pinned(phys, leaf)
+        {
+            // copy_hugetlb_page_range: a private hugetlb page that may be pinned is copied into a new
+            // hugetlb page for the child at once; the parent keeps its entry as it was.
+            let home = self.home_node(child);
+            if let Ok(new) = phys.alloc_pmd_node_in(home, FrameOwner::Anon, GfpZone::Normal) {
+                for i in 0..FRAMES_PER_PMD {
+                    phys.copy_frame(FrameId(frame.0 + i), FrameId(new.0 + i));
+                    phys.frame_mut(FrameId(new.0 + i)).mapcount = 1;
+                }
+                self.mm_mut(child).pt_mut().set_pmd(
+                    leaf.base,
+                    Pte::Present {
+                        frame: new,
+                        write,
+                        special: false,
+                    },
+                );
+                return FRAMES_PER_PMD;
+            }
+        }
         if cow && leaf.size == PageSize::Size4K {
             let f = phys.frame(frame);
-            if f.owner() == FrameOwner::Anon && f.maybe_dma_pinned() && f.mapcount == 1 {
+            if f.owner() == FrameOwner::Anon && (force || f.maybe_dma_pinned()) && f.mapcount == 1 {
                 // copy_present_page: the pinned page stays the parent's; the child gets a copy now.
                 if let Ok(new) = self.alloc_anon_for(phys, child) {
                     phys.copy_frame(frame, new);

@@ -147,6 +147,11 @@ impl PinnedPages {
         self.stopped_by
     }
 
+    /// Returns whether these are pins (FOLL_PIN) rather than plain references (FOLL_GET).
+    pub fn is_pin(&self) -> bool {
+        self.pin
+    }
+
     /// Returns the number of pages taken.
     pub fn len(&self) -> usize {
         self.frames.len()
@@ -353,6 +358,16 @@ impl Kernel {
         Ok((frames, None))
     }
 
+    /// `get_user_page_vma_remote(mm, addr, FOLL_GET | FOLL_WRITE, ..)` for one page, the caller holding
+    /// `mmap_lock`: one reference on the page at `va`, faulted in writable, with GUP's per-VMA and per-page
+    /// checks (what `make_device_exclusive` takes the page with). The caller drops the reference.
+    ///
+    /// # Errors
+    /// GUP's errno (`EFAULT`, `EREMOTEIO`, ...).
+    pub(crate) async fn get_user_page_write(&self, pid: Pid, va: Va) -> Result<FrameId, Errno> {
+        self.grab_page(pid, va, GupFlags::GET, true).await
+    }
+
     async fn grab_page(
         &self,
         pid: Pid,
@@ -394,9 +409,14 @@ impl Kernel {
         // FOLL_FORCE write to a read-only private mapping: break COW into an exclusive anonymous page that
         // stays read-only in the CPU page table (`can_follow_write_pte`).
         let force_cow = write && !vma.flags.contains(VmFlags::WRITE);
-        // gup_must_unshare: a read-only PIN of a COW-shared anonymous page first unshares it
-        // (FAULT_FLAG_UNSHARE), so the pinned page is exclusive and a later write reuses it.
+        // gup_must_unshare (mm/internal.h): a read-only PIN of a COW-shared anonymous page first unshares it
+        // (FAULT_FLAG_UNSHARE), so the pinned page is exclusive and a later write reuses it. Since 6.2 a
+        // read-only FOLL_LONGTERM pin in a COW mapping (`is_cow_mapping`: private and may-write — every
+        // private mapping here, whatever its current protection) also unshares a page that is not anonymous:
+        // the shared zero page or a page-cache page, so a later CPU write is seen through the pin.
         let unshare = flags.contains(GupFlags::PIN) && !write && vma.is_anonymous();
+        let unshare_non_anon =
+            flags.contains(GupFlags::PIN | GupFlags::LONGTERM) && !write && !vma.is_shared();
         loop {
             let hit = {
                 let st = self.mms();
@@ -411,8 +431,12 @@ impl Kernel {
                         let shared_anon = f != phys.zero_page()
                             && phys.frame(f).owner() == crate::phys::FrameOwner::Anon
                             && !exclusive_anon;
+                        let not_anon = f == phys.zero_page()
+                            || (phys.frame(f).owner() != crate::phys::FrameOwner::Anon
+                                && matches!(phys.kind(f), MemoryKind::Ram { .. }));
                         let ok = (w || !write || (force_cow && exclusive_anon))
-                            && !(unshare && shared_anon);
+                            && !(unshare && shared_anon)
+                            && !(unshare_non_anon && !w && not_anon);
                         ok.then_some(f)
                     }
                     None => None,
@@ -441,7 +465,9 @@ impl Kernel {
             if flags.contains(GupFlags::NOFAULT) {
                 return Err(Errno::EFAULT);
             }
-            if force_cow || (unshare && self.mms().mm(pid).translate(va).is_some()) {
+            if force_cow
+                || ((unshare || unshare_non_anon) && self.mms().mm(pid).translate(va).is_some())
+            {
                 self.handle_mm_fault(pid, va, false)
                     .await
                     .map_err(|_| Errno::EFAULT)?;
@@ -449,11 +475,12 @@ impl Kernel {
                 self.do_wp_page(pid, &vma, va, leaf)
                     .await
                     .map_err(|_| Errno::EFAULT)?;
+                self.note_anon_vma(pid, va);
                 let mut st = self.mms();
-                // The copy stays read-only where the mapping or the old entry was.
-                if let Some(l) = st.mm(pid).pt().lookup(va)
-                    && (force_cow || !vma.flags.contains(VmFlags::WRITE))
-                {
+                // The copy stays read-only: a FOLL_FORCE write leaves the entry as the mapping has it, and
+                // an unshare never makes it writable (`wp_page_copy` / `wp_page_reuse` with
+                // FAULT_FLAG_UNSHARE); a later CPU write reuses the now-exclusive page.
+                if let Some(l) = st.mm(pid).pt().lookup(va) {
                     st.mm_mut(pid).pt_mut().set_pte(va, l.pte.with_write(false));
                 }
                 continue;

@@ -35,6 +35,39 @@ impl Access<'_> {
 }
 
 impl Kernel {
+    /// `__split_huge_pmd` (mm/huge_memory.c): splits the PMD leaf covering `va`, if any, into 512 PTEs inside
+    /// an MMU_NOTIFY_CLEAR invalidation of its whole 2 MiB — so a mirror drops the entries of the part an
+    /// operation does not touch too. Returns whether a leaf was split.
+    pub(crate) async fn split_huge_pmd(&self, pid: Pid, va: Va) -> bool {
+        let leaf = self.mms().mm(pid).pt().lookup(va);
+        let Some(leaf) = leaf.filter(|l| l.size == PageSize::Size2M) else {
+            return false;
+        };
+        let huge = Range::from_len(leaf.base, PMD_SIZE).expect("a mapped PMD leaf fits");
+        self.invalidate_range_start(pid, huge, NotifierEvent::Clear, None)
+            .await;
+        self.mms().mm_mut(pid).pt_mut().split_pmd(leaf.base);
+        self.invalidate_range_end(pid);
+        true
+    }
+
+    /// Splits (with [`Kernel::split_huge_pmd`]) every PMD leaf that `r` cuts: one that covers `r.start` or
+    /// `r.end` without starting there (`split_huge_pmd_address` at a VMA split, `zap_pmd_range` of part of
+    /// a PMD).
+    pub(crate) async fn split_huge_pmds_cut_by(&self, pid: Pid, r: Range<Va>) {
+        for edge in [r.start, r.end] {
+            let cut = self
+                .mms()
+                .mm(pid)
+                .pt()
+                .lookup(edge)
+                .is_some_and(|l| l.size == PageSize::Size2M && l.base != edge);
+            if cut {
+                self.split_huge_pmd(pid, edge).await;
+            }
+        }
+    }
+
     /// CPU load of `buf.len()` bytes at `addr` (faulting pages in as needed).
     pub async fn load(&self, pid: Pid, addr: Va, buf: &mut [u8]) -> Result<(), SigInfo> {
         self.cpu_access(pid, addr, Access::Read(buf)).await
@@ -152,9 +185,46 @@ impl Kernel {
         Ok(())
     }
 
+    /// `anon_vma_prepare`: once an anonymous page (not the shared zero page) backs `va` in a private
+    /// mapping, its VMA has an anon_vma ([`VmFlags::ANON_VMA`]) for good.
+    pub(crate) fn note_anon_vma(&self, pid: Pid, va: Va) {
+        let mut st = self.mms();
+        let phys = self.phys();
+        let zero = phys.zero_page();
+        let anon = match st.mm(pid).pt().lookup(va).map(|l| (l, l.pte)) {
+            Some((l, Pte::Present { .. })) => l
+                .frame_at(va)
+                .is_some_and(|f| f != zero && phys.frame(f).owner() == FrameOwner::Anon),
+            Some((_, Pte::DevicePrivate { .. } | Pte::Swap { .. })) => true,
+            _ => false,
+        };
+        if !anon {
+            return;
+        }
+        let Some(start) = st
+            .mm(pid)
+            .vma(va)
+            .filter(|v| !v.is_shared())
+            .map(|v| v.range.start)
+        else {
+            return;
+        };
+        if let Some(v) = st.mm_mut(pid).vma_mut(start) {
+            v.flags |= VmFlags::ANON_VMA;
+        }
+    }
+
     /// Resolves a CPU fault on `va` (`handle_mm_fault`): demand-zero, page-cache, huge page and
     /// copy-on-write faults. Returns once the access can be retried, or with the signal the access raises.
     pub async fn handle_mm_fault(&self, pid: Pid, va: Va, write: bool) -> FaultResult {
+        let res = self.handle_mm_fault_inner(pid, va, write).await;
+        if res.is_ok() {
+            self.note_anon_vma(pid, va);
+        }
+        res
+    }
+
+    async fn handle_mm_fault_inner(&self, pid: Pid, va: Va, write: bool) -> FaultResult {
         let va = va.align_down(PAGE_SIZE);
         self.sim.count("cpu.faults", 1);
         let n = self.sim.counter("cpu.faults");
@@ -384,7 +454,13 @@ impl Kernel {
                     return Ok(());
                 }
                 phys.map_frame(cache);
-                let w = write && vma.is_shared();
+                // A shared mapping's page is writable at once after a write fault, and after a read fault
+                // too where the mapping needs no write-notify (`vma_wants_writenotify` is false for shmem:
+                // `vm_page_prot` then allows writes); a file system with dirty tracking maps it read-only
+                // until the first write fault.
+                let no_writenotify = files.file(file).is_shmem();
+                let w = vma.is_shared()
+                    && (write || (no_writenotify && vma.flags.contains(VmFlags::WRITE)));
                 st.mm_mut(pid).pt_mut().set_pte(
                     va,
                     Pte::Present {

@@ -183,12 +183,16 @@ pub(crate) fn mapping_entry(kind: MemoryKind, frame: FrameId, write: bool) -> Pt
 }
 
 impl Kernel {
-    /// `make_device_exclusive(mm, addr, owner)` for one page (spec §1.7): faults the page in writable, fires
-    /// MMU_NOTIFY_EXCLUSIVE with `owner`, and replaces the PTE by a device-exclusive entry; returns the frame.
-    /// The caller holds `mmap_lock` for reading. Any later CPU access restores the PTE (see the fault path).
+    /// `make_device_exclusive(mm, addr, owner)` for one page (spec §1.7, mm/rmap.c): takes the page through
+    /// GUP with FOLL_GET | FOLL_WRITE | FOLL_SPLIT_PMD (`get_user_page_vma_remote`), so GUP's rules apply,
+    /// fires MMU_NOTIFY_EXCLUSIVE with `owner`, and replaces the PTE by a device-exclusive entry; returns the
+    /// frame. The caller holds `mmap_lock` for reading. Any later CPU access restores the PTE (see the fault
+    /// path).
     ///
     /// # Errors
-    /// `EFAULT` when the page cannot be faulted in writable; `EOPNOTSUPP` for a page that is not anonymous.
+    /// GUP's errno: `EFAULT` for a hole, a PFNMAP/IO mapping or one the page cannot be written through,
+    /// `EREMOTEIO` for P2P memory (no FOLL_PCI_P2PDMA); `EOPNOTSUPP` for a page that is not anonymous or is
+    /// hugetlb.
     pub async fn make_device_exclusive(
         &self,
         pid: Pid,
@@ -197,14 +201,31 @@ impl Kernel {
     ) -> Result<FrameId, Errno> {
         let va = va.align_down(PAGE_SIZE);
         loop {
-            let cur = self.mms().mm(pid).translate(va);
+            let frame = self.get_user_page_write(pid, va).await?;
+            let (supported, cur) = {
+                let st = self.mms();
+                let phys = self.phys();
+                let hugetlb = st
+                    .mm(pid)
+                    .vma(va)
+                    .is_some_and(|v| v.flags.contains(VmFlags::HUGETLB));
+                (
+                    phys.frame(frame).owner() == FrameOwner::Anon && !hugetlb,
+                    st.mm(pid).translate(va),
+                )
+            };
+            // The reference only kept the folio while it was looked at (`folio_put`).
+            self.phys().put(frame);
+            if !supported {
+                return Err(Errno::EOPNOTSUPP);
+            }
             match cur {
-                Some((_, true, leaf)) if leaf.size == PageSize::Size4K => break,
-                Some((_, true, _)) => self.mms().mm_mut(pid).pt_mut().split_pmd(va),
-                _ => self
-                    .handle_mm_fault(pid, va, true)
-                    .await
-                    .map_err(|_| Errno::EFAULT)?,
+                Some((f, true, leaf)) if leaf.size == PageSize::Size4K && f == frame => break,
+                // FOLL_SPLIT_PMD: a PMD-mapped THP is split before its page is taken.
+                Some((_, _, leaf)) if leaf.size != PageSize::Size4K => {
+                    self.mms().mm_mut(pid).pt_mut().split_pmd(va);
+                }
+                _ => {}
             }
         }
         let page = Range::from_len(va, PAGE_SIZE).ok_or(Errno::EFAULT)?;

@@ -288,8 +288,11 @@ impl Kernel {
         self.unmap_region(pid, r).await;
     }
 
-    /// `unmap_region`: notifier UNMAP, zap, TLB shootdown, notifier end. The VMAs are already detached.
+    /// `unmap_region`: notifier UNMAP, zap, TLB shootdown, notifier end. The VMAs are already detached; a
+    /// THP the range cuts was split when its VMA was (`vma_adjust_trans_huge` → `split_huge_pmd_address`,
+    /// a CLEAR over its whole 2 MiB before the UNMAP).
     pub(crate) async fn unmap_region(&self, pid: Pid, r: Range<Va>) {
+        self.split_huge_pmds_cut_by(pid, r).await;
         let nr = self.zap_notify(pid, r, NotifierEvent::Unmap).await;
         self.sim
             .trace("munmap", || format!("pid {} {r} ({nr} pages)", pid.0));

@@ -314,6 +314,8 @@ impl Kernel {
     /// returns the number of base pages zapped. Private anonymous contents are forgotten (they read zero again).
     pub(crate) async fn zap_notify(&self, pid: Pid, r: Range<Va>, event: NotifierEvent) -> u64 {
         self.invalidate_range_start(pid, r, event, None).await;
+        // zap_pmd_range: a PMD leaf the range cuts is split first, inside its own CLEAR of the whole 2 MiB.
+        self.split_huge_pmds_cut_by(pid, r).await;
         let nr = {
             let mut st = self.mms();
             let mut phys = self.phys();

@@ -63,7 +63,9 @@ impl Kernel {
         if new_len > old_len && vma.flags.contains(VmFlags::PFNMAP) {
             return Err(Errno::EFAULT);
         }
-        if !flags.fixed && new_len <= old_len {
+        // MREMAP_DONTUNMAP always moves (`mremap_to`), to `new_addr` with MREMAP_FIXED or else to a fresh
+        // unmapped area, leaving the old range mapped and empty.
+        if !flags.fixed && !flags.dontunmap && new_len <= old_len {
             if new_len < old_len {
                 let tail = Range::new(old.add(new_len), old_r.end);
                 self.do_munmap(pid, tail).await;
@@ -77,6 +79,9 @@ impl Kernel {
             }
             self.do_munmap(pid, t).await;
             to
+        } else if flags.dontunmap {
+            self.find_gap(pid, None, new_len, PAGE_SIZE)
+                .ok_or(Errno::ENOMEM)?
         } else {
             let grow = Range::new(old_r.end, old.add(new_len));
             if vma.range.end == old_r.end
@@ -101,16 +106,22 @@ impl Kernel {
         let src = Range::from_len(old, moved).expect("inside old range");
         self.invalidate_range_start(pid, src, NotifierEvent::Unmap, None)
             .await;
+        // move_page_tables: a PMD leaf moves whole only when it lies wholly inside the moved range and its
+        // new place is 2 MiB aligned; any other is split first (`split_huge_pmd`, a CLEAR of its 2 MiB).
+        let leaves = self.mms().mm(pid).pt().leaves(src.start, src.end);
+        for leaf in leaves {
+            if leaf.size == PageSize::Size4K {
+                continue;
+            }
+            let inside = leaf.base >= src.start && leaf.base.add(PMD_SIZE) <= src.end;
+            let aligned = inside && target.add(leaf.base.raw() - old.raw()).is_aligned(PMD_SIZE);
+            if !aligned {
+                self.split_huge_pmd(pid, leaf.base).await;
+            }
+        }
         {
             let mut st = self.mms();
             let mut oracle = self.oracle();
-            // move_page_tables: PMD leaves move whole only when both ends are 2 MiB aligned.
-            for leaf in st.mm(pid).pt().leaves(src.start, src.end) {
-                let off = leaf.base.raw() - old.raw();
-                if leaf.size != PageSize::Size4K && !target.add(off).is_aligned(PMD_SIZE) {
-                    st.mm_mut(pid).pt_mut().split_pmd(leaf.base);
-                }
-            }
             for leaf in st.mm(pid).pt().leaves(src.start, src.end) {
                 let off = leaf.base.raw() - old.raw();
                 st.mm_mut(pid).pt_mut().clear(leaf.base);

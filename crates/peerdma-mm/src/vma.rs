@@ -44,6 +44,11 @@ bitflags! {
         const DONTCOPY = 1 << 10;
         /// A filesystem-DAX mapping (`vma_is_fsdax`).
         const DAX = 1 << 11;
+        /// Not a `vm_flags` bit: the VMA has an `anon_vma` (`vma->anon_vma`), which `anon_vma_prepare` sets
+        /// up when the first anonymous page goes into a private mapping (a write fault, a COW, a private
+        /// hugetlb fault) and which stays for the VMA's life; split and moved VMAs keep it. fork copies the
+        /// page tables only of a mapping that has one (or is PFNMAP/MIXEDMAP): `vma_needs_copy`.
+        const ANON_VMA = 1 << 12;
     }
 }
 

@@ -86,6 +86,9 @@
 //! trip; Linux has no vmstat for it — its `pgrotated` counts pages rotated at writeback end), `swap.out`
 //! (pages written to swap) and `swap.in`.
 //!
+//! MADV_COLD and MADV_PAGEOUT act on these lists from a process's side (the `pageout` submodule:
+//! `folio_deactivate`, `reclaim_pages`).
+//!
 //! Simplifications: only private anonymous 4 KiB pages are on the lists and reclaimed (THPs and clean
 //! page-cache pages are not); scanning costs no simulated time; there is no swap cache — each mapping that
 //! faults a shared slot back in gets its own copy, read-only while the slot is still shared. Device memory
@@ -101,6 +104,8 @@ use crate::pagetable::Pte;
 use crate::phys::{Frame, FrameOwner, LruState, PhysMem};
 
 pub use crate::phys::{LOW_WATERMARK, MIN_WATERMARK};
+
+mod pageout;
 
 /// Pages reclaimed per pass.
 pub const RECLAIM_BATCH: u64 = 32;
@@ -175,6 +180,13 @@ impl AnonLru {
         } else {
             LruState::Inactive
         };
+    }
+
+    /// Returns whether `frame` (with metadata `fr`) is on the active list.
+    fn is_active(&self, fr: &Frame, frame: FrameId) -> bool {
+        self.index.get(&frame).is_some_and(|e| {
+            e.active && e.generation == fr.generation && fr.lru == LruState::Active
+        })
     }
 
     /// Takes `frame` off its list, if it is on one.

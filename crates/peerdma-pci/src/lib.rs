@@ -160,7 +160,7 @@ pub enum Error {
         /// The first one.
         other: String,
         /// The PCI domain (segment) of the host bridge above both.
-        domain: u16,
+        domain: u32,
         /// The BDF.
         bdf: Bdf,
     },

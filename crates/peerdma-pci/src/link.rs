@@ -66,8 +66,8 @@ pub const ECRC_BYTES: u32 = 4;
 /// tested constant.
 pub const DEFAULT_HOP_LATENCY: SimDuration = SimDuration::from_nanos(115);
 
-/// Extra latency when a transfer crosses to the other socket: ≈ 107 ns per small read
-/// (`spec/numbers.md` §2, \[M\]).
+/// Extra latency when a transfer crosses to the other socket: ≈ 107 ns per small read (docs/figures.md §2;
+/// the DMA layer's `dma.remote_socket` default).
 pub const REMOTE_SOCKET_LATENCY: SimDuration = SimDuration::from_nanos(107);
 
 /// Default Max Payload Size of a [`LinkSpec`] (the numbers.md §1 reference configuration).

@@ -137,7 +137,7 @@ impl P2pProviders {
     /// Returns the providers with published memory in bus order (domain, then BDF), the order
     /// `pci_get_device` iterates them.
     pub fn published(&self, topo: &Topology) -> Vec<NodeId> {
-        let mut v: Vec<(u16, Option<Bdf>, NodeId)> = self
+        let mut v: Vec<(u32, Option<Bdf>, NodeId)> = self
             .providers
             .iter()
             .filter(|(_, p)| p.published)
@@ -306,14 +306,49 @@ mod tests {
     #[test]
     fn a_bus_address_is_delivered_to_its_bar_at_bus_minus_offset() {
         let t = topo();
-        let (id, bar, pa) = t.bar_at_bus(BusAddr::from_raw(0x1_1000_2000)).unwrap();
-        assert_eq!((t.name(id), bar.index), ("nvme", 0));
+        let nic = id(&t, "nic");
+        let (found, bar, pa) = t.bar_at_bus(nic, BusAddr::from_raw(0x1_1000_2000)).unwrap();
+        assert_eq!((t.name(found), bar.index), ("nvme", 0));
         assert_eq!(pa, Pa::from_raw(0x1_0000_2000));
         // The nvme BAR's CPU address is not its bus address (offset 0x1000_0000): nothing answers there
         // but the nic's BAR, which starts right after the nvme's in CPU space.
-        assert!(t.bar_at_bus(BusAddr::from_raw(0x1_0000_2000)).is_none());
-        let (nic, _, _) = t.bar_at_bus(BusAddr::from_raw(0x1_0010_0000)).unwrap();
-        assert_eq!(t.name(nic), "nic");
+        assert!(
+            t.bar_at_bus(nic, BusAddr::from_raw(0x1_0000_2000))
+                .is_none()
+        );
+        let (found, _, _) = t
+            .bar_at_bus(id(&t, "nvme"), BusAddr::from_raw(0x1_0010_0000))
+            .unwrap();
+        assert_eq!(t.name(found), "nic");
+    }
+
+    /// Two host bridges whose bus ranges overlap with different offsets (POWER PHBs, arm64 host
+    /// controllers): a bus address names a BAR only inside the initiator's own host bridge, whichever host
+    /// bridge was declared first.
+    #[test]
+    fn a_bus_address_resolves_only_below_the_initiators_host_bridge() {
+        let mut b = TopologyBuilder::new();
+        b.host_bridge("hb0", WhitelistEntry::NotListed);
+        b.host_bridge("hb1", WhitelistEntry::NotListed).domain(1);
+        b.root_port("rp0", "hb0").bdf(Bdf::new(0, 1, 0).unwrap());
+        b.root_port("rp1", "hb1").bdf(Bdf::new(0, 1, 0).unwrap());
+        // Both BARs sit at bus address 0x8000_0000 of their own host bridge.
+        b.endpoint("gpu", "rp0", Bdf::new(1, 0, 0).unwrap())
+            .bar(bar(2, 0x2_0000_0000, 0x10_0000, -0x1_8000_0000));
+        b.endpoint("nvme", "rp1", Bdf::new(1, 0, 0).unwrap())
+            .bar(bar(0, 0x3_0000_0000, 0x10_0000, -0x2_8000_0000));
+        b.endpoint("nic", "rp1", Bdf::new(2, 0, 0).unwrap());
+        b.endpoint("fpga", "rp0", Bdf::new(2, 0, 0).unwrap());
+        let t = b.build().unwrap();
+        let bus = BusAddr::from_raw(0x8000_1000);
+        let (found, _, pa) = t.bar_at_bus(id(&t, "nic"), bus).unwrap();
+        assert_eq!((t.name(found), pa), ("nvme", Pa::from_raw(0x3_0000_1000)));
+        let (found, _, pa) = t.bar_at_bus(id(&t, "fpga"), bus).unwrap();
+        assert_eq!((t.name(found), pa), ("gpu", Pa::from_raw(0x2_0000_1000)));
+        assert!(
+            t.bar_at_bus(id(&t, "hb0"), bus).is_none(),
+            "not a PCI function"
+        );
     }
 
     #[test]

@@ -100,8 +100,10 @@ pub enum WhitelistEntry {
 pub struct HostBridge {
     /// Its whitelist entry.
     pub whitelist: WhitelistEntry,
-    /// Its PCI domain (segment); BDFs are unique per domain.
-    pub domain: u16,
+    /// Its PCI domain (segment); BDFs are unique per domain. Linux numbers domains with an `int`: ACPI
+    /// segments are 16-bit, but a VMD controller puts its domains from 0x10000 up
+    /// (`drivers/pci/controller/vmd.c`, `vmd_find_free_domain`), so the model takes 32 bits.
+    pub domain: u32,
 }
 
 /// What a node is.
@@ -392,7 +394,7 @@ impl Topology {
     }
 
     /// Returns the PCI function with `bdf` in PCI `domain`.
-    pub fn by_bdf(&self, domain: u16, bdf: Bdf) -> Option<NodeId> {
+    pub fn by_bdf(&self, domain: u32, bdf: Bdf) -> Option<NodeId> {
         self.ids().find(|&id| {
             let n = self.node(id);
             n.bdf == Some(bdf) && self.domain_of(id) == Some(domain)
@@ -484,7 +486,7 @@ impl Topology {
     ///
     /// # Panics
     /// Panics if `id` does not come from this topology.
-    pub fn domain_of(&self, id: NodeId) -> Option<u16> {
+    pub fn domain_of(&self, id: NodeId) -> Option<u32> {
         self.host_bridge_of(id)
             .and_then(|hb| self.node(hb).host_bridge())
             .map(|hb| hb.domain)
@@ -523,10 +525,26 @@ impl Topology {
         bar.contains(pa).then_some((id, bar))
     }
 
-    /// Returns the BAR whose PCI bus range contains `bus`, its function, and the CPU physical address `bus`
-    /// stands for (`bus - bus_offset`): where the fabric delivers a transaction at that bus address.
-    pub fn bar_at_bus(&self, bus: BusAddr) -> Option<(NodeId, &Bar, Pa)> {
+    /// Returns the BAR whose PCI bus range contains `bus` *in the bus address space of `initiator`'s host
+    /// bridge*, its function, and the CPU physical address `bus` stands for (`bus - bus_offset`): where the
+    /// fabric delivers a transaction that `initiator` issues at that bus address.
+    ///
+    /// Bus addresses are per host bridge: each host bridge translates its own windows (the
+    /// `pci_host_bridge` windows whose offsets `pcibios_resource_to_bus` applies), and two host bridges
+    /// may have overlapping bus ranges with different offsets (POWER PHBs, arm64 host controllers). A
+    /// transaction a function issues at a bus address is routed inside its own hierarchy, so only the BARs
+    /// below the same host bridge can answer it (`drivers/pci/p2pdma.c` hands out a bus address only for
+    /// BUS_ADDR, which needs a common upstream bridge). `None` when `initiator` has no host bridge (a
+    /// non-PCI node) or no BAR below it answers.
+    ///
+    /// # Panics
+    /// Panics if `initiator` does not come from this topology.
+    pub fn bar_at_bus(&self, initiator: NodeId, bus: BusAddr) -> Option<(NodeId, &Bar, Pa)> {
+        let hb = self.host_bridge_of(self.find_pci_dev(initiator)?)?;
         self.nodes().find_map(|(id, n)| {
+            if !n.kind.is_pci_function() || self.host_bridge_of(id) != Some(hb) {
+                return None;
+            }
             n.bars().iter().find_map(|b| {
                 b.bus_range().contains(bus).then(|| {
                     let pa = bus.raw().checked_add_signed(-b.bus_offset)?;
@@ -572,7 +590,7 @@ pub struct NodeDecl {
     name: String,
     kind: NodeKind,
     parent: Option<String>,
-    domain: Option<u16>,
+    domain: Option<u32>,
     bdf: Option<Bdf>,
     acs: Option<AcsCtrl>,
     link: Option<LinkSpec>,
@@ -600,7 +618,7 @@ impl NodeDecl {
     }
 
     /// Sets the PCI domain of a host bridge.
-    pub fn domain(&mut self, domain: u16) -> &mut Self {
+    pub fn domain(&mut self, domain: u32) -> &mut Self {
         self.domain = Some(domain);
         self
     }
@@ -965,7 +983,7 @@ impl TopologyBuilder {
 }
 
 fn check_bdfs(topo: &Topology) -> Result<()> {
-    let mut seen: BTreeMap<(u16, Bdf), NodeId> = BTreeMap::new();
+    let mut seen: BTreeMap<(u32, Bdf), NodeId> = BTreeMap::new();
     for id in topo.ids() {
         let Some(bdf) = topo.node(id).bdf else {
             continue;

@@ -147,6 +147,10 @@ pub struct FileDecl {
     pub pattern: Pattern,
     /// A DAX file on persistent memory (`dax = true`) instead of a page-cache file.
     pub dax: bool,
+    /// A tmpfs (shmem) file (`tmpfs = true`): no dirty tracking, so shared mappings need no write-notify
+    /// (a read fault maps the page writable) and long-term write pins of shared mappings are allowed.
+    /// Without it a file is on a file system with dirty tracking.
+    pub tmpfs: bool,
 }
 
 /// A `[[device]]`.
@@ -372,6 +376,15 @@ pub struct Expect {
     /// `violation`: the oracle must report a violation of this kind while the step runs (a step that
     /// demonstrates what the oracle catches); it is then expected and the run goes on.
     pub violation: Option<peerdma_mm::ViolationKind>,
+    /// `data = { one_of = [...] }`: the bytes read must match one of these patterns (racing steps under
+    /// exploration, whose outcome depends on the order).
+    pub data_one_of: Vec<Pattern>,
+    /// `counters = { "cpu.cow_copy" = 1 }`: how much each named metric counter grew while the step ran
+    /// (any step; other threads' work in that time counts too).
+    pub counters: Vec<(String, u64)>,
+    /// `events = { m = ["clear"] }`: the MMU notifier events (in order) that the mirror of each named
+    /// device file acted on while the step ran (any step; `[]` expects none).
+    pub events: Vec<(String, Vec<peerdma_mm::NotifierEvent>)>,
     /// `status`: an `rdma.poll`'s completion statuses, comma-separated.
     pub status: Option<String>,
     /// `atc_hit_pct = [MIN, MAX]`: an `sva.stats` step's ATC hit rate in percent, inclusive bounds.

@@ -109,6 +109,22 @@ const ALL_EXPECT_KEYS: &[&str] = &[
     "tolerance",
 ];
 
+/// The `expect` keys every step may have, whatever its op: counters and notifier events are observed
+/// around the step, not returned by it.
+const EVERY_STEP_EXPECT_KEYS: &[&str] = &["counters", "events"];
+
+/// The MMU notifier events `expect.events` names (`MMU_NOTIFY_*`, include/linux/mmu_notifier.h).
+const NOTIFIER_EVENTS: &[(&str, peerdma_mm::NotifierEvent)] = &[
+    ("unmap", peerdma_mm::NotifierEvent::Unmap),
+    ("clear", peerdma_mm::NotifierEvent::Clear),
+    ("protection_vma", peerdma_mm::NotifierEvent::ProtectionVma),
+    ("protection_page", peerdma_mm::NotifierEvent::ProtectionPage),
+    ("soft_dirty", peerdma_mm::NotifierEvent::SoftDirty),
+    ("release", peerdma_mm::NotifierEvent::Release),
+    ("migrate", peerdma_mm::NotifierEvent::Migrate),
+    ("exclusive", peerdma_mm::NotifierEvent::Exclusive),
+];
+
 /// The `expect` keys every op takes: the step's simulated duration, and how close it must be.
 const ANY_OP_EXPECT_KEYS: &[&str] = &["duration", "tolerance"];
 
@@ -1063,7 +1079,7 @@ impl<'s> Parser<'s> {
     }
 
     fn file(&mut self, t: &Table<'_, '_>) -> Result<FileDecl> {
-        self.allow(t, &["name", "size", "pattern", "dax"])?;
+        self.allow(t, &["name", "size", "pattern", "dax", "tmpfs"])?;
         let name_v = self.required(t, "name")?;
         let name = self.name(name_v, "name")?;
         self.check_unique(&self.files, &name, &name_v.span(), "file")?;
@@ -1077,11 +1093,20 @@ impl<'s> Parser<'s> {
             Some(v) => self.boolean(v, "dax")?,
             None => false,
         };
+        let tmpfs = match t.get("tmpfs") {
+            Some(v) => self.boolean(v, "tmpfs")?,
+            None => false,
+        };
+        if dax && tmpfs {
+            let v = t.get("tmpfs").expect("read above");
+            return Err(self.err(&v.span(), "a file is either `dax` or `tmpfs`, not both"));
+        }
         Ok(FileDecl {
             name,
             size,
             pattern,
             dax,
+            tmpfs,
         })
     }
 
@@ -1690,7 +1715,10 @@ impl<'s> Parser<'s> {
         let allowed = spec.expect_keys;
         for (key, _) in &t.entries {
             let key_name: &str = key.get_ref().as_ref();
-            if allowed.contains(&key_name) || ANY_OP_EXPECT_KEYS.contains(&key_name) {
+            if allowed.contains(&key_name)
+                || EVERY_STEP_EXPECT_KEYS.contains(&key_name)
+                || ANY_OP_EXPECT_KEYS.contains(&key_name)
+            {
                 continue;
             }
             let message = if ALL_EXPECT_KEYS.contains(&key_name) {
@@ -1726,7 +1754,38 @@ impl<'s> Parser<'s> {
             expect.faults = Some(self.uint(v, "faults")?);
         }
         if let Some(v) = t.get("data") {
-            expect.data = Some(self.pattern(v, "data")?);
+            if let DeValue::Table(_) = v.get_ref() {
+                expect.data_one_of = self.one_of(v)?;
+            } else {
+                expect.data = Some(self.pattern(v, "data")?);
+            }
+        }
+        if let Some(v) = t.get("counters") {
+            let c = self.table(v, "a table of counters like `{ \"cpu.cow_copy\" = 1 }`")?;
+            for (key, v) in &c.entries {
+                let name: &str = key.get_ref().as_ref();
+                expect.counters.push((name.to_owned(), self.uint(v, name)?));
+            }
+        }
+        if let Some(v) = t.get("events") {
+            let e = self.table(v, "a table of device files like `{ m = [\"clear\"] }`")?;
+            for (key, v) in &e.entries {
+                let fd: &str = key.get_ref().as_ref();
+                let DeValue::Array(items) = v.get_ref() else {
+                    return Err(self.err(
+                        &v.span(),
+                        format!(
+                            "expected a list of notifier events like `[\"clear\"]` for `events.{fd}`, found {}",
+                            describe(v.get_ref())
+                        ),
+                    ));
+                };
+                let mut events = Vec::with_capacity(items.len());
+                for item in items {
+                    events.push(self.keyword(item, "events", NOTIFIER_EVENTS)?);
+                }
+                expect.events.push((fd.to_owned(), events));
+            }
         }
         if let Some(v) = t.get("bytes") {
             expect.bytes = Some(self.bytes(v)?);
@@ -1799,6 +1858,34 @@ impl<'s> Parser<'s> {
             expect.tolerance = self.tolerance(v)?;
         }
         Ok(expect)
+    }
+
+    /// `expect.data = { one_of = ["u32:1", "u32:2"] }`: at least one pattern.
+    fn one_of(&self, v: &Value<'_>) -> Result<Vec<Pattern>> {
+        let t = self.table(v, "a pattern or `{ one_of = [PATTERN, ...] }`")?;
+        self.allow(&t, &["one_of"])?;
+        let Some(list) = t.get("one_of") else {
+            return Err(self.err(
+                &t.span,
+                "expected `one_of = [PATTERN, ...]` in `data`, found an empty table",
+            ));
+        };
+        let DeValue::Array(items) = list.get_ref() else {
+            return Err(self.err(
+                &list.span(),
+                format!(
+                    "expected a list of patterns like `[\"byte:0x1\", \"byte:0x2\"]` for `one_of`, found {}",
+                    describe(list.get_ref())
+                ),
+            ));
+        };
+        if items.is_empty() {
+            return Err(self.err(
+                &list.span(),
+                "expected at least one pattern in `one_of`, found an empty list",
+            ));
+        }
+        items.iter().map(|i| self.pattern(i, "one_of")).collect()
     }
 
     /// An inclusive `[MIN, MAX]` pair of integers.

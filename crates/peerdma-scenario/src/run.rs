@@ -3,8 +3,12 @@
 //!
 //! Threads start when their process exists (a forked child's threads start at the `fork`). A process exits
 //! when its last thread finishes or a thread runs `exit`; `wait` in the parent returns then. Mapping names are
-//! per process and inherited by a forked child; device files (`open`) are per process and not inherited (a
-//! child opens its own, as the HMM selftests do: the mirror binds to the opener's address space).
+//! per process and inherited by a forked child; so are open device files (`open`), as file descriptors
+//! are: a child's `dmirror.*` steps may use an inherited fd, which still mirrors the *opener's* address
+//! space (the notifier was registered on the opener's mm, `mmu_interval_notifier_insert` in
+//! lib/test_hmm.c's open). A file is released when its last holder closes it or exits; once its opener has
+//! exited it answers `EINVAL` (test_hmm.c's `mmget_not_zero` fails), which the model gets by releasing it
+//! when the opener exits.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -78,6 +82,33 @@ pub(crate) struct StepResult {
     pub(crate) note: Option<String>,
     /// An `sva.stats` step's device ATC hit rate (percent) and translation requests.
     pub(crate) sva_stats: Option<(u64, u64)>,
+}
+
+/// What a step's `expect.counters` / `expect.events` look at: counter values and mirrors' event logs
+/// (before the step), or their growth (after it), plus what could not be observed.
+#[derive(Debug, Default)]
+pub(crate) struct Observed {
+    counters: Vec<u64>,
+    events: Vec<Vec<peerdma_mm::NotifierEvent>>,
+    errors: Vec<String>,
+}
+
+/// Prints events as `expect.events` spells them: `[clear, protection_page]`.
+fn events_text(events: &[peerdma_mm::NotifierEvent]) -> String {
+    let names: Vec<&str> = events
+        .iter()
+        .map(|e| match e {
+            peerdma_mm::NotifierEvent::Unmap => "unmap",
+            peerdma_mm::NotifierEvent::Clear => "clear",
+            peerdma_mm::NotifierEvent::ProtectionVma => "protection_vma",
+            peerdma_mm::NotifierEvent::ProtectionPage => "protection_page",
+            peerdma_mm::NotifierEvent::SoftDirty => "soft_dirty",
+            peerdma_mm::NotifierEvent::Release => "release",
+            peerdma_mm::NotifierEvent::Migrate => "migrate",
+            peerdma_mm::NotifierEvent::Exclusive => "exclusive",
+        })
+        .collect();
+    format!("[{}]", names.join(", "))
 }
 
 /// A process of the scenario: its pid once it exists, and what its steps hold by name.
@@ -164,7 +195,7 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
         let id = if f.dax {
             kernel.create_dax_file(&f.name, f.size)
         } else {
-            kernel.create_file(&f.name, f.size, false)
+            kernel.create_file(&f.name, f.size, f.tmpfs)
         };
         files.insert(f.name.clone(), id);
     }
@@ -471,9 +502,11 @@ impl World {
                     ]
                 })
                 .with_histogram(format!("step.{}", step.op.name()));
+            let before = self.observe(&t.process, &step.expect);
             let res = self.step(&t.process, step, &mut rng).await;
             drop(span);
-            self.check(&t.name, step, &res, start);
+            let observed = self.observed_since(&t.process, &step.expect, &before);
+            self.check(&t.name, step, &res, start, &observed);
             self.sample_residency();
             if step.op.ends_thread() {
                 break;
@@ -507,8 +540,8 @@ impl World {
                 std::mem::take(&mut st.sva_binds),
             )
         };
-        for m in fds.values() {
-            m.close().await;
+        for m in fds.into_values() {
+            self.put_fd(m, Some(pid)).await;
         }
         self.kernel.exit(pid).await;
         // Closing the accelerator's file after the mm is gone: the SVA release already aborted its DMA.
@@ -518,6 +551,19 @@ impl World {
             }
         }
         self.proc_wq.wake_up_all();
+    }
+
+    /// Drops one holder's reference to an open device file (`close`, or the holder's exit: `exiting` is
+    /// then its pid): the file is released when no live process holds it any more, or when its opener exits.
+    pub(crate) async fn put_fd(&self, m: Rc<Dmirror>, exiting: Option<Pid>) {
+        let held_elsewhere = self
+            .procs
+            .borrow()
+            .values()
+            .any(|p| !p.exited && p.fds.values().any(|o| Rc::ptr_eq(o, &m)));
+        if !held_elsewhere || exiting == Some(m.opener()) {
+            m.close().await;
+        }
     }
 
     fn pid(&self, proc_name: &str) -> Pid {
@@ -677,9 +723,91 @@ impl World {
             })
     }
 
+    /// What `expect.counters` and `expect.events` compare, read before the step runs: each named counter's
+    /// value and the number of events each named device file's mirror had seen.
+    fn observe(&self, proc_name: &str, e: &Expect) -> Observed {
+        if e.counters.is_empty() && e.events.is_empty() {
+            return Observed::default();
+        }
+        let m = self.kernel.sim.metrics();
+        Observed {
+            counters: e.counters.iter().map(|(n, _)| m.get(n)).collect(),
+            events: e
+                .events
+                .iter()
+                .map(|(fd, _)| {
+                    let procs = self.procs.borrow();
+                    procs[proc_name]
+                        .fds
+                        .get(fd)
+                        .map(|f| f.events())
+                        .unwrap_or_default()
+                })
+                .collect(),
+            errors: Vec::new(),
+        }
+    }
+
+    /// The counters' growth and the events seen since `before` (same order as the expectation's lists).
+    fn observed_since(&self, proc_name: &str, e: &Expect, before: &Observed) -> Observed {
+        if e.counters.is_empty() && e.events.is_empty() {
+            return Observed::default();
+        }
+        let now = self.observe(proc_name, e);
+        let mut errors = Vec::new();
+        let events = e
+            .events
+            .iter()
+            .zip(now.events.iter().zip(&before.events))
+            .map(|((fd, _), (now, then))| {
+                let known = self.procs.borrow()[proc_name].fds.contains_key(fd);
+                if !known {
+                    errors.push(format!(
+                        "`events.{fd}`: no open device file `{fd}` in `{proc_name}`"
+                    ));
+                }
+                now.get(then.len()..).unwrap_or_default().to_vec()
+            })
+            .collect();
+        Observed {
+            counters: now
+                .counters
+                .iter()
+                .zip(&before.counters)
+                .map(|(n, b)| n.saturating_sub(*b))
+                .collect(),
+            events,
+            errors,
+        }
+    }
+
     /// Checks a step's result against its `expect` and records the outcome.
-    fn check(&self, thread: &str, step: &Step, res: &Result<StepResult, RunError>, start: SimTime) {
+    fn check(
+        &self,
+        thread: &str,
+        step: &Step,
+        res: &Result<StepResult, RunError>,
+        start: SimTime,
+        observed: &Observed,
+    ) {
         let mut fails = Vec::new();
+        fails.extend(observed.errors.iter().cloned());
+        for ((name, want), got) in step.expect.counters.iter().zip(&observed.counters) {
+            if got != want {
+                fails.push(format!(
+                    "expected counter `{name}` to grow by {want}, it grew by {got}"
+                ));
+            }
+        }
+        for ((fd, want), got) in step.expect.events.iter().zip(&observed.events) {
+            if got != want {
+                fails.push(format!(
+                    "expected the mirror of `{fd}` to see {}, it saw {}",
+                    events_text(want),
+                    events_text(got)
+                ));
+            }
+        }
         let e: &Expect = &step.expect;
         // Disarm the oracle whatever happened; what it saw is checked below.
         let seen = e.violation.map(|_| self.kernel.take_expected_violations());
@@ -734,6 +862,18 @@ impl World {
                             fails.push(format!("expected faults = {want}, got {got}"));
                         }
                     }
+                    if let Some(d) = &r.data
+                        && !e.data_one_of.is_empty()
+                        && !e.data_one_of.iter().any(|p| p.check(d).is_ok())
+                    {
+                        let names: Vec<String> =
+                            e.data_one_of.iter().map(|p| format!("`{p}`")).collect();
+                        fails.push(format!(
+                            "data matches none of {} (first bytes {:02x?})",
+                            names.join(", "),
+                            &d[..d.len().min(8)]
+                        ));
+                    }
                     if let (Some(p), Some(d)) = (&e.data, &r.data)
                         && let Err(m) = p.check(d)
                     {
@@ -763,7 +903,7 @@ impl World {
                         if *want != got {
                             let show = |v: &[(String, u64)]| {
                                 v.iter()
-                                    .map(|(k, l)| format!("{k}:{l:#x}"))
+                                    .map(|(k, l)| format!("{k}:{}", crate::units::format_size(*l)))
                                     .collect::<Vec<_>>()
                                     .join(", ")
                             };
@@ -976,7 +1116,12 @@ fn summarize(r: &StepResult) -> String {
     if let Some(segs) = &r.segments {
         let _ = write!(s, " pinned={} segments=[", r.pinned.unwrap_or(0));
         for (i, (k, l)) in segs.iter().enumerate() {
-            let _ = write!(s, "{}{k}:{l:#x}", if i == 0 { "" } else { ", " });
+            let _ = write!(
+                s,
+                "{}{k}:{}",
+                if i == 0 { "" } else { ", " },
+                crate::units::format_size(*l)
+            );
         }
         s.push(']');
         if let Some(a) = r.dma_addr {

@@ -208,6 +208,22 @@ fn parse_quantity(text: &str, quantity: Quantity) -> Result<u64, UnitError> {
     }
 }
 
+/// Spells `bytes` the way a scenario writes a size: in the largest binary unit that divides it (`"256KiB"`,
+/// `"2MiB"`), else in bytes (`"1000B"`); [`parse_size`] reads it back.
+pub fn format_size(bytes: u64) -> String {
+    for (unit, n) in [
+        ("TiB", 1u64 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ] {
+        if bytes != 0 && bytes.is_multiple_of(n) {
+            return format!("{}{unit}", bytes / n);
+        }
+    }
+    format!("{bytes}B")
+}
+
 /// Returns the size in bytes that `text` spells (`"4KiB"`, `"0x1000"`, `"16 pages"`, `"1.5KiB"`).
 ///
 /// # Errors
@@ -257,6 +273,22 @@ pub fn parse_number(text: &str) -> Result<u64, UnitError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn format_size_spells_what_parse_size_reads_back() {
+        for (n, text) in [
+            (0, "0B"),
+            (1000, "1000B"),
+            (4096, "4KiB"),
+            (256 << 10, "256KiB"),
+            (3 << 20, "3MiB"),
+            ((1 << 30) + 4096, "1048580KiB"),
+            (1 << 40, "1TiB"),
+        ] {
+            assert_eq!(format_size(n), text);
+            assert_eq!(parse_size(text), Ok(n));
+        }
+    }
 
     #[test]
     fn plain_integers_are_bytes() {

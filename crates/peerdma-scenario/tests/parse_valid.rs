@@ -270,6 +270,52 @@ bars = [ { index = 2, size = "1MiB", phys = "0x1000_0000" } ]
     assert!(parse("t.toml", "[sim]\n").unwrap().topology.is_none());
 }
 
+/// PCI domain numbers are an `int` in Linux: a VMD controller's domains start at 0x10000
+/// (`drivers/pci/controller/vmd.c`), past the 16 bits of an ACPI segment; the same BDF may appear in
+/// such a domain and in domain 0.
+#[test]
+fn pci_domains_take_32_bits_as_vmd_domains_do() {
+    let text = r#"
+[[topology.host_bridge]]
+name = "hb0"
+
+[[topology.host_bridge]]
+name = "vmd0"
+domain = 0x10000
+
+[[topology.root_port]]
+name = "rp0"
+parent = "hb0"
+
+[[topology.root_port]]
+name = "vrp0"
+parent = "vmd0"
+
+[[topology.endpoint]]
+name = "nvme0"
+parent = "rp0"
+bdf = "01:00.0"
+
+[[topology.endpoint]]
+name = "nvme1"
+parent = "vrp0"
+bdf = "01:00.0"
+"#;
+    let scn = parse("t.toml", text).unwrap();
+    let topo = scn.topology.unwrap().build().unwrap();
+    let nvme1 = topo.lookup("nvme1").unwrap();
+    assert_eq!(topo.domain_of(nvme1), Some(0x10000));
+    let bdf = peerdma_core::Bdf::new(1, 0, 0).unwrap();
+    assert_eq!(topo.by_bdf(0x10000, bdf), Some(nvme1));
+    assert_eq!(topo.by_bdf(0, bdf), topo.lookup("nvme0"));
+    let err = parse(
+        "t.toml",
+        "[[topology.host_bridge]]\nname = \"hb0\"\ndomain = 0x100000000\n",
+    )
+    .unwrap_err();
+    assert!(err.message.contains("expected u32"), "{err}");
+}
+
 #[test]
 fn topology_build_errors_point_at_the_node() {
     let text = "[[topology.host_bridge]]\nname = \"hb0\"\n\n[[topology.root_port]]\nname = \"rp0\"\nparent = \"hb1\"\n";

@@ -24,7 +24,7 @@ fn names_a_process_does_not_hold_are_run_errors_with_the_process() {
     assert_eq!(
         got,
         [
-            "28:3 dmirror.read: `d0` is not open in process `kid`",
+            "30:3 dmirror.read: `d0` is not open in process `kid`",
             "14:3 store: `store` at a raw address needs `len`",
             "15:3 load: mapping `kbuf` does not exist in process `main` at this point",
             "19:3 unpin: pin `p` is not held by process `main`",

@@ -144,7 +144,7 @@ fn run_json_reports_the_dma_map_segments_of_the_p2p_switch_example() {
     // The CMB alone: 16 pinned P2P pages, one bus-address segment at the BAR's bus address (no IOVA).
     assert_eq!(
         maps[0].1,
-        "success pinned=16 segments=[bus:0x10000] dma_addr=0x380000000000"
+        "success pinned=16 segments=[bus:64KiB] dma_addr=0x380000000000"
     );
     // Without FOLL_PCI_P2PDMA, and long-term: refused.
     assert_eq!(maps[1].1, "-EREMOTEIO");
@@ -152,7 +152,7 @@ fn run_json_reports_the_dma_map_segments_of_the_p2p_switch_example() {
     // The CMB then a RAM page: one list, bus addresses then an IOVA.
     assert_eq!(
         maps[3].1,
-        "success pinned=17 segments=[bus:0x10000, ram:0x1000] dma_addr=0x380000000000"
+        "success pinned=17 segments=[bus:64KiB, ram:4KiB] dma_addr=0x380000000000"
     );
     assert!(maps.windows(2).all(|w| w[0].0 < w[1].0), "{maps:?}");
     // Counters: every map_sg is unmapped by the end of the run.

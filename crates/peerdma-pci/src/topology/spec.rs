@@ -15,7 +15,7 @@
 //! name = "hb0"
 //! socket = "s0"                                # optional
 //! whitelist = "unrestricted"                   # "not-listed" (default), "same-host-bridge-only", "unrestricted"
-//! domain = 0                                   # optional PCI domain
+//! domain = 0                                   # optional PCI domain (32-bit: VMD domains start at 0x10000)
 //!
 //! [[topology.root_port]]
 //! name = "rp0"
@@ -104,7 +104,7 @@ pub struct HostBridgeSpec {
     pub whitelist: WhitelistEntry,
     /// Its PCI domain.
     #[serde(default)]
-    pub domain: u16,
+    pub domain: u32,
 }
 
 /// A root port.

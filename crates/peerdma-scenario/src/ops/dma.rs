@@ -7,7 +7,7 @@
 //! (see "P2P and DMA ops" in `docs/scenario-format.md`).
 
 use peerdma_core::{PAGE_SIZE, Range};
-use peerdma_dma::{DmaSgFlags, get_user_dma_sg};
+use peerdma_dma::{DmaSgFlags, DmaSgHandle, get_user_dma_sg};
 use toml::de::DeValue;
 
 use super::{Op, OpSpec};
@@ -35,9 +35,11 @@ pub(crate) const DMA_MAP: OpSpec = OpSpec {
 pub(crate) const DMA_SG_WRITE: OpSpec = OpSpec {
     name: "dma_sg.write",
     keys: &["handle", "offset", "len", "pattern"],
-    expect_keys: &["errno", "violation"],
+    expect_keys: &["errno", "violation", "segments", "dma_addr"],
     doc_keys: "`handle`, `offset` (default 0), `len` (default: to the end of the range), `pattern`",
-    doc: "the device writes the pattern through the handle (IOMMU and fabric routing applied)",
+    doc: "the device writes the pattern through the handle (IOMMU and fabric routing applied); for a mirror \
+          handle the report shows, and `expect.segments`/`dma_addr` check, the DMA addresses the mirror has \
+          programmed after the access",
     parse: |p, t| {
         let (handle, offset, len) = handle_range(p, t)?;
         let pattern = p.pattern(p.required(t, "pattern")?, "pattern")?;
@@ -54,9 +56,10 @@ pub(crate) const DMA_SG_WRITE: OpSpec = OpSpec {
 pub(crate) const DMA_SG_READ: OpSpec = OpSpec {
     name: "dma_sg.read",
     keys: &["handle", "offset", "len"],
-    expect_keys: &["errno", "data", "violation"],
+    expect_keys: &["errno", "data", "violation", "segments", "dma_addr"],
     doc_keys: "`handle`, `offset` (default 0), `len` (default: to the end)",
-    doc: "the device reads through the handle; `expect.data` checks the bytes",
+    doc: "the device reads through the handle; `expect.data` checks the bytes; for a mirror handle, as for \
+          `dma_sg.write`, the DMA addresses the mirror has programmed",
     parse: |p, t| {
         let (handle, offset, len) = handle_range(p, t)?;
         Ok(Op::Dma(DmaApiOp::SgRead {
@@ -314,13 +317,7 @@ impl DmaApiOp {
                 flags.set(DmaSgFlags::MIRROR, *mode == DmaMode::Mirror);
                 match get_user_dma_sg(&platform, pid, range, w.pci[dev], flags).await {
                     Ok(h) => {
-                        let segs = h.segments();
-                        out.dma_addr = segs.first().map(|s| s.addr.raw());
-                        out.segments = Some(
-                            segs.iter()
-                                .map(|s| (s.kind.name().to_owned(), s.len))
-                                .collect(),
-                        );
+                        record_segments(&mut out, &h);
                         out.pinned = Some(h.nr_pinned() as u64);
                         w.proc_mut(proc_name).handles.insert(name.clone(), h);
                     }
@@ -337,6 +334,7 @@ impl DmaApiOp {
                 let mut data = vec![0u8; bytes];
                 pattern.fill(&mut data);
                 out.errno = h.write(*offset, &data).await.err().map(|e| e.errno());
+                mirror_segments(&mut out, &h);
                 w.put_handle(proc_name, handle, h);
             }
             Self::SgRead {
@@ -349,6 +347,7 @@ impl DmaApiOp {
                     Ok(d) => out.data = Some(d),
                     Err(e) => out.errno = Some(e.errno()),
                 }
+                mirror_segments(&mut out, &h);
                 w.put_handle(proc_name, handle, h);
             }
             Self::SgRelease { handle } => {
@@ -388,5 +387,24 @@ impl DmaApiOp {
             }
         }
         Ok(out)
+    }
+}
+
+/// Records a handle's current merged segments and first DMA address in the step's result.
+fn record_segments(out: &mut StepResult, h: &DmaSgHandle) {
+    let segs = h.segments();
+    out.dma_addr = segs.first().map(|s| s.addr.raw());
+    out.segments = Some(
+        segs.iter()
+            .map(|s| (s.kind.name().to_owned(), s.len))
+            .collect(),
+    );
+}
+
+/// For a mirror handle, records the DMA addresses its mirror has programmed so far (after a device access
+/// faulted them in): what the device would use, shown in the step's report.
+fn mirror_segments(out: &mut StepResult, h: &DmaSgHandle) {
+    if h.is_mirror() {
+        record_segments(out, h);
     }
 }

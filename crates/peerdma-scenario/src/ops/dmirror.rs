@@ -371,14 +371,19 @@ impl DmirrorOp {
         match self {
             Self::Open { dev, fd } => match Dmirror::open(&w.devices[dev], pid) {
                 Ok(m) => {
-                    w.proc_mut(proc_name).fds.insert(fd.clone(), m);
+                    // A name already in use (an inherited file) is rebound, as `dup2` would: the old
+                    // file loses this holder.
+                    let old = w.proc_mut(proc_name).fds.insert(fd.clone(), m);
+                    if let Some(old) = old {
+                        w.put_fd(old, None).await;
+                    }
                 }
                 Err(e) => out.errno = Some(e),
             },
             Self::Close { fd } => {
                 let m = w.proc_mut(proc_name).fds.remove(fd);
                 match m {
-                    Some(m) => m.close().await,
+                    Some(m) => w.put_fd(m, None).await,
                     None => out.errno = Some(peerdma_core::Errno::EBADF),
                 }
             }

@@ -1,9 +1,12 @@
-//! GUP and pin ops: `gup`, `pin`, `unpin`, `dma.write`.
+//! GUP and pin ops: `gup`, `pin`, `unpin`, `dma.write`, `dma.read`.
 //!
 //! `gup` takes references with FOLL_* flags and drops them at once (the kernel's `gup_test` ioctls); `pin`
 //! holds them under a name until `unpin` or the process exits (`mm/gup.c`: `pin_user_pages`,
-//! `__gup_longterm_locked`'s migration out of ZONE_MOVABLE). `dma.write` is the short-term pin discipline:
-//! the scenario's generic DMA engine writes through a held pin's frames, one page at a time.
+//! `__gup_longterm_locked`'s migration out of ZONE_MOVABLE). With `flags = ["get"]` a `pin` holds plain
+//! FOLL_GET references, as `vmsplice` does: no pin bias, so COW and fork treat the pages as unpinned.
+//! `dma.write` and `dma.read` are the short-term pin discipline: the scenario's generic DMA engine writes or
+//! reads through a held pin's (or reference's) frames, one page at a time — what a reader of the pipe, or
+//! a device holding the pin, sees after the CPU has written.
 
 use peerdma_core::PAGE_SIZE;
 use peerdma_devices::DmirrorResult;
@@ -87,6 +90,20 @@ pub(crate) const DMA_WRITE: OpSpec = OpSpec {
     },
 };
 
+/// `dma.read`.
+pub(crate) const DMA_READ: OpSpec = OpSpec {
+    name: "dma.read",
+    keys: &["pin"],
+    expect_keys: &["errno", "data"],
+    doc_keys: "`pin`",
+    doc: "a DMA engine reads every page of a held pin or FOLL_GET reference (the frames it holds, whatever \
+          the page tables map now); check with `expect.data`",
+    parse: |p, t| {
+        let pin = p.name_ref(p.required(t, "pin")?, "pin", RefKind::Pin)?;
+        Ok(Op::Gup(GupOp::DmaRead { pin }))
+    },
+};
+
 /// The GUP and pin ops.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GupOp {
@@ -122,6 +139,11 @@ pub enum GupOp {
         pin: String,
         /// What to write, laid out over the pinned pages in order.
         pattern: Pattern,
+    },
+    /// `dma.read`: a DMA engine reads every page of a held pin or reference.
+    DmaRead {
+        /// The pin's name.
+        pin: String,
     },
 }
 
@@ -190,6 +212,7 @@ impl GupOp {
             Self::Pin { .. } => PIN.name,
             Self::Unpin { .. } => UNPIN.name,
             Self::DmaWrite { .. } => DMA_WRITE.name,
+            Self::DmaRead { .. } => DMA_READ.name,
         }
     }
 
@@ -243,19 +266,40 @@ impl GupOp {
                     });
                 }
             }
+            Self::DmaRead { pin } => {
+                let (frames, va, is_pin) = held(cx, pin)?;
+                let mut ids = Vec::with_capacity(frames.len());
+                for (i, f) in frames.iter().enumerate() {
+                    let t = FrameTranslation {
+                        frame: *f,
+                        generation: kernel.frame_generation(*f).unwrap_or(0),
+                        grant: grant(is_pin, pid, va.add(i as u64 * PAGE_SIZE)),
+                    };
+                    match w
+                        .dma_engine
+                        .submit_frame(t, DmaOp::Read, w.dma_page_cost)
+                        .await
+                    {
+                        Ok(id) => ids.push(id),
+                        Err(e) => {
+                            out.errno = Some(e);
+                            break;
+                        }
+                    }
+                }
+                let mut data = Vec::with_capacity(frames.len() * 4096);
+                for id in ids {
+                    match w.dma_engine.wait(id).await {
+                        Ok(d) => data.extend_from_slice(&d),
+                        Err(e) => {
+                            out.errno.get_or_insert(e);
+                        }
+                    }
+                }
+                out.data = Some(data);
+            }
             Self::DmaWrite { pin, pattern } => {
-                let (frames, va) = {
-                    let procs = w.procs.borrow();
-                    let (p, va) =
-                        procs[proc_name]
-                            .pins
-                            .get(pin)
-                            .ok_or_else(|| RunError::NoPin {
-                                pin: pin.clone(),
-                                process: proc_name.to_owned(),
-                            })?;
-                    (p.frames().to_vec(), *va)
-                };
+                let (frames, va, is_pin) = held(cx, pin)?;
                 let mut data = vec![0u8; frames.len() * 4096];
                 pattern.fill(&mut data);
                 // The scenario's DMA engine writes through its pins one page at a time (one tag), each
@@ -266,7 +310,7 @@ impl GupOp {
                     let t = FrameTranslation {
                         frame: *f,
                         generation: kernel.frame_generation(*f).unwrap_or(0),
-                        grant: DeviceGrant::Pin { pid, va: page_va },
+                        grant: grant(is_pin, pid, page_va),
                     };
                     let op = DmaOp::Write(data[i * 4096..(i + 1) * 4096].to_vec());
                     match w.dma_engine.submit_frame(t, op, w.dma_page_cost).await {
@@ -281,5 +325,31 @@ impl GupOp {
             }
         }
         Ok(out)
+    }
+}
+
+/// Returns the frames of the held pin `pin` of the acting process, the address it was taken at and
+/// whether it is a pin (not a FOLL_GET reference).
+fn held(
+    cx: &StepCx<'_>,
+    pin: &str,
+) -> std::result::Result<(Vec<peerdma_core::FrameId>, peerdma_core::Va, bool), RunError> {
+    let procs = cx.world.procs.borrow();
+    let (p, va) = procs[cx.proc_name]
+        .pins
+        .get(pin)
+        .ok_or_else(|| RunError::NoPin {
+            pin: pin.to_owned(),
+            process: cx.proc_name.to_owned(),
+        })?;
+    Ok((p.frames().to_vec(), *va, p.is_pin()))
+}
+
+/// The grant a DMA through a held pin (or FOLL_GET reference) of page `va` of `pid` uses.
+fn grant(pin: bool, pid: peerdma_core::Pid, va: peerdma_core::Va) -> DeviceGrant {
+    if pin {
+        DeviceGrant::Pin { pid, va }
+    } else {
+        DeviceGrant::Ref { pid, va }
     }
 }

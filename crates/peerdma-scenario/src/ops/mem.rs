@@ -71,7 +71,7 @@ pub(crate) const MADVISE: OpSpec = OpSpec {
     keys: &["at", "len", "advice"],
     expect_keys: &["errno"],
     doc_keys: "`at`, `len`, `advice` (`\"dontneed\"`, `\"hugepage\"`, `\"nohugepage\"`, `\"free\"`, \
-               `\"collapse\"`)",
+               `\"collapse\"`, `\"dontfork\"`, `\"dofork\"`, `\"cold\"`, `\"pageout\"`)",
     doc: "`madvise(2)`",
     parse: |p, t| {
         let (at, len) = range(p, t)?;
@@ -84,6 +84,10 @@ pub(crate) const MADVISE: OpSpec = OpSpec {
                 ("nohugepage", Advice::NoHugePage),
                 ("free", Advice::Free),
                 ("collapse", Advice::Collapse),
+                ("dontfork", Advice::DontFork),
+                ("dofork", Advice::DoFork),
+                ("cold", Advice::Cold),
+                ("pageout", Advice::PageOut),
             ],
         )?;
         Ok(Op::Mem(MemOp::Madvise { at, len, advice }))

@@ -145,6 +145,7 @@ pub const OPS: &[OpSpec] = &[
     gpu::MANAGED_ALLOC,
     gpu::KERNEL,
     gpu::PREFETCH,
+    gup::DMA_READ,
     sva::BIND,
     sva::UNBIND,
     sva::SUBMIT,

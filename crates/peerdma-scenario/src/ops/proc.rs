@@ -21,7 +21,7 @@ pub(crate) const FORK: OpSpec = OpSpec {
     keys: &["child"],
     expect_keys: &["errno"],
     doc_keys: "`child` (process name)",
-    doc: "`fork(2)`; the child process's threads start",
+    doc: "`fork(2)`; the child process's threads start; it inherits the mapping names and the open device files (an inherited `fd` still mirrors the opener's address space)",
     parse: |p, t| {
         let child_v = p.required(t, "child")?;
         let child = p.name(child_v, "child")?;
@@ -140,12 +140,20 @@ impl ProcOp {
         match self {
             Self::Fork { child } => match kernel.fork(pid).await {
                 Ok(cpid) => {
-                    let mappings = w.procs.borrow()[proc_name].mappings.clone();
+                    let (mappings, fds) = {
+                        let procs = w.procs.borrow();
+                        (
+                            procs[proc_name].mappings.clone(),
+                            procs[proc_name].fds.clone(),
+                        )
+                    };
                     let no_threads = {
                         let mut procs = w.procs.borrow_mut();
                         let st = procs.entry(child.clone()).or_default();
                         st.pid = Some(cpid);
                         st.mappings = mappings;
+                        // Open files are inherited as file descriptors are (they still mirror the opener).
+                        st.fds = fds;
                         st.live_threads == 0
                     };
                     w.proc_wq.wake_up_all();

@@ -295,7 +295,7 @@ impl Parser<'_> {
                 "name" => name = Some(self.de_string(v)?),
                 "socket" => socket = Some(self.de_string(v)?),
                 "whitelist" => whitelist = Some(self.de_enum(v, WHITELIST)?),
-                _ => domain = Some(self.de_uint(v, "u16", u16::MAX.into())?),
+                _ => domain = Some(self.de_uint(v, "u32", u32::MAX.into())?),
             }
         }
         let name = self.present(&f, "name", name)?;
@@ -304,7 +304,7 @@ impl Parser<'_> {
             name,
             socket,
             whitelist: whitelist.unwrap_or_default(),
-            domain: domain.and_then(|d| u16::try_from(d).ok()).unwrap_or(0),
+            domain: domain.and_then(|d| u32::try_from(d).ok()).unwrap_or(0),
         })
     }
 
