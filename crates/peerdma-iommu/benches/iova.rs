@@ -7,6 +7,9 @@
 //! - `iova_random`: a pseudo-randomly chosen live allocation is freed, then a page allocated.
 //! - `iova_fill`: the allocator is filled top-down to N live pages; one iteration allocates one more page
 //!   below them and frees it again (growth at the bottom of a dense region).
+//! - `btree_random_floor`: not the allocator: the same random sequence of one removal and one insertion on
+//!   a plain `BTreeMap` of N page numbers, the floor that any ordered index pays at that population
+//!   (mostly cache misses), to tell the allocator's growth from the memory hierarchy's.
 #![expect(clippy::unwrap_used, reason = "benchmark harness")]
 
 use std::hint::black_box;
@@ -74,6 +77,23 @@ fn iova(c: &mut Criterion) {
                 let i = usize::try_from(next(&mut rng) % live.len() as u64).unwrap();
                 a.free(live[i]).unwrap();
                 live[i] = black_box(a.alloc(1, u64::MAX).unwrap().0);
+            });
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("btree_random_floor");
+    for (n, label) in sizes() {
+        let (_, mut live) = populated(n);
+        let mut map: std::collections::BTreeMap<u64, u64> = live.iter().map(|&p| (p, 1)).collect();
+        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+        g.bench_with_input(BenchmarkId::from_parameter(label), &n, |b, _| {
+            b.iter(|| {
+                let i = usize::try_from(next(&mut rng) % live.len() as u64).unwrap();
+                let pfn = live[i];
+                map.remove(&pfn).unwrap();
+                map.insert(pfn, 1);
+                live[i] = black_box(pfn);
             });
         });
     }

@@ -77,10 +77,11 @@ pub struct IovaAllocator {
     slots: BTreeMap<u64, Slot>,
     /// The non-empty free holes `[bottom, top)` between slots, keyed by `top`, value `bottom`.
     holes: BTreeMap<u64, u64>,
-    /// `cached_node`: first page of a slot, `None` for the anchor above the window.
-    cached: Option<u64>,
+    /// `cached_node`: first and last page of a slot, `None` for the anchor above the window (a cached
+    /// slot never changes size: freeing it moves the cache first).
+    cached: Option<(u64, u64)>,
     /// `cached32_node`, likewise.
-    cached32: Option<u64>,
+    cached32: Option<(u64, u64)>,
     /// `max32_alloc_size`: requests this large or larger under a 32-bit limit fail at once.
     max32_alloc_size: u64,
     nr_allocations: usize,
@@ -158,10 +159,7 @@ impl IovaAllocator {
             return None;
         }
         let cached = if is32 { self.cached32 } else { self.cached };
-        let (cached_lo, retry_pfn) = match cached {
-            Some(lo) => (lo, lo + self.slots[&lo].nr_pages - 1),
-            None => (u64::MAX, u64::MAX),
-        };
+        let (cached_lo, retry_pfn) = cached.unwrap_or((u64::MAX, u64::MAX));
         let found = self
             .search(size, mask, limit.min(cached_lo), self.start_pfn)
             .or_else(|| {
@@ -175,10 +173,11 @@ impl IovaAllocator {
         };
         self.insert(pfn, size, false);
         self.nr_allocations += 1;
+        let node = Some((pfn, pfn + size - 1));
         if pfn + size - 1 < DMA_32BIT_PFN {
-            self.cached32 = Some(pfn);
+            self.cached32 = node;
         } else {
-            self.cached = Some(pfn);
+            self.cached = node;
         }
         Some((pfn, size))
     }
@@ -265,21 +264,25 @@ impl IovaAllocator {
     /// Frees the allocation that starts at `start_pfn` and returns its page count, updating the cached
     /// nodes and `max32_alloc_size` first (rule 5 and 7 of the module docs).
     pub fn free(&mut self, start_pfn: u64) -> Result<u64, SlotError> {
-        let n = match self.slots.get(&start_pfn) {
-            None => return Err(SlotError::NotAllocated),
-            Some(slot) if slot.reserved => return Err(SlotError::Reserved),
-            Some(slot) => slot.nr_pages,
+        // One lookup finds the range and its rb_next.
+        let mut from = self.slots.range(start_pfn..);
+        let n = match from.next() {
+            Some((&lo, slot)) if lo == start_pfn && slot.reserved => {
+                return Err(SlotError::Reserved);
+            }
+            Some((&lo, slot)) if lo == start_pfn => slot.nr_pages,
+            _ => return Err(SlotError::NotAllocated),
         };
+        let next = from.next().map(|(&lo, s)| (lo, lo + s.nr_pages - 1));
         let hi = start_pfn + n - 1;
-        let next = self.slots.range(start_pfn + 1..).next().map(|(&lo, _)| lo);
-        let cached32_lo = self.cached32.unwrap_or(u64::MAX);
-        if self.cached32 == Some(start_pfn) || (hi < DMA_32BIT_PFN && start_pfn >= cached32_lo) {
+        let cached32_lo = self.cached32.map_or(u64::MAX, |c| c.0);
+        if cached32_lo == start_pfn || (hi < DMA_32BIT_PFN && start_pfn >= cached32_lo) {
             self.cached32 = next;
         }
         if start_pfn < DMA_32BIT_PFN {
             self.max32_alloc_size = DMA_32BIT_PFN;
         }
-        if start_pfn >= self.cached.unwrap_or(u64::MAX) {
+        if start_pfn >= self.cached.map_or(u64::MAX, |c| c.0) {
             self.cached = next;
         }
         self.remove(start_pfn, n);

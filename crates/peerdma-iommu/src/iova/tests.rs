@@ -125,12 +125,12 @@ fn the_two_cached_nodes_are_independent() {
     let mut a = IovaAllocator::new(1, DMA_32BIT_PFN + 4);
     assert_eq!(a.alloc(1, u64::MAX), Some((DMA_32BIT_PFN + 3, 1)));
     assert_eq!(a.alloc(1, DMA_32BIT_PFN), Some((DMA_32BIT_PFN - 1, 1)));
-    assert_eq!(a.cached32, Some(DMA_32BIT_PFN - 1));
+    assert_eq!(a.cached32, Some((DMA_32BIT_PFN - 1, DMA_32BIT_PFN - 1)));
     assert_eq!(a.alloc(1, u64::MAX), Some((DMA_32BIT_PFN + 2, 1)));
     // Four pages fit neither in [DMA32, DMA32 + 2) nor above DMA32 - 1: the 64-bit walk goes below 4 GiB.
     assert_eq!(a.alloc(4, u64::MAX), Some((DMA_32BIT_PFN - 8, 4)));
-    assert_eq!(a.cached, Some(DMA_32BIT_PFN + 2));
-    assert_eq!(a.cached32, Some(DMA_32BIT_PFN - 8));
+    assert_eq!(a.cached, Some((DMA_32BIT_PFN + 2, DMA_32BIT_PFN + 2)));
+    assert_eq!(a.cached32, Some((DMA_32BIT_PFN - 8, DMA_32BIT_PFN - 5)));
     // The 32-bit search continues below its own cached node, past the free [DMA32 - 4, DMA32 - 1).
     assert_eq!(a.alloc(2, DMA_32BIT_PFN), Some((DMA_32BIT_PFN - 10, 2)));
 }
