@@ -12,9 +12,10 @@
 //!   IOTLB invalidation and the IOVA free to the flush queue.
 //!
 //! The DMA-API mapping protocol, as dma-iommu runs it:
-//! 1. [`IommuDomain::alloc_iova`] reserves IOVA space (top-down, size-aligned; see [`crate::iova`]). The
-//!    DMA layer may first try [`IommuDomain::alloc_iova_limit`] below 4 GiB and fall back to the full
-//!    aperture, as `iommu_dma_alloc_iova` does for PCI devices unless `iommu.forcedac=1`.
+//! 1. [`IommuDomain::alloc_iova`] reserves IOVA space (top-down from a cached node, size-aligned; see
+//!    [`crate::iova`]). The DMA layer may first try [`IommuDomain::alloc_iova_limit`] below 4 GiB and
+//!    fall back to the full aperture, as `iommu_dma_alloc_iova` does for PCI devices unless
+//!    `iommu.forcedac=1`.
 //! 2. [`IommuDomain::map`] writes the PTEs. The range must lie inside one live IOVA allocation (one not
 //!    freed and not waiting on the flush queue); this is the model's use-after-free check on IOVAs.
 //!    On failure the DMA layer gives the space back with [`IommuDomain::free_iova`].
@@ -352,7 +353,8 @@ impl IommuDomain {
 
     /// Allocates IOVA space for `size` bytes anywhere in the aperture (iova.c `alloc_iova_fast`):
     /// `size` is rounded up to whole pages, then below 32 pages to a power of two; the range is
-    /// size-aligned and the highest one that fits below the aperture end.
+    /// size-aligned and the highest one that fits below iova.c's cached node, retried from the aperture
+    /// end when that search fails (see [`crate::iova`]; no per-CPU rcache).
     ///
     /// # Errors
     /// [`Error::IdentityDomain`] for identity domains, [`Error::ZeroSize`], and

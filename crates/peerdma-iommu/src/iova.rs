@@ -1,9 +1,10 @@
-//! The IOVA allocator of a DMA domain (drivers/iommu/iova.c: `alloc_iova`, `alloc_iova_fast`, `free_iova`,
-//! `reserve_iova`).
+//! The IOVA allocator of a DMA domain (drivers/iommu/iova.c: `alloc_iova`, `free_iova`, `reserve_iova`,
+//! and the size rounding of `alloc_iova_fast`).
 //!
 //! The allocator hands out page-granular ranges of I/O virtual address space inside a window
 //! `[start, end)` (half-open, like every range in peerdma). It keeps the allocated ranges in a `BTreeMap`
-//! keyed by first page number, the way iova.c keeps them in an rbtree.
+//! keyed by first page number, the way iova.c keeps them in an rbtree, and searches it the way
+//! `__alloc_and_insert_iova_range` walks that rbtree.
 //!
 //! Rules, as in Linux:
 //! 1. **Size rounding** (`alloc_iova_fast`): a request of fewer than 32 pages
@@ -12,23 +13,53 @@
 //! 2. **Size alignment** (`alloc_iova(.., size_aligned = true)`): the first page number is a multiple of the
 //!    page count rounded up to a power of two, so a 4-page range starts on a 16 KiB boundary and a 33-page
 //!    range on a 256 KiB boundary.
-//! 3. **Top-down**: the search starts at the limit (the window end, or a lower limit such as 4 GiB for the
-//!    DMA layer's 32-bit-first attempt) and returns the *highest* aligned hole that fits.
-//! 4. **Exhaustion** is a `None`; the domain turns it into [`Error::IovaExhausted`](crate::Error), ENOMEM.
-//! 5. **Reserved ranges** (`reserve_iova`: the MSI window, PCI host-bridge windows) are never handed out and
-//!    cannot be freed.
+//! 3. **Top-down from a cached node** (`__get_cached_rbnode`): the search starts just below a cached
+//!    node and returns the *highest* aligned hole below it that fits under the limit (the window end, or a
+//!    lower limit such as 4 GiB for the DMA layer's 32-bit-first attempt). There are two cached nodes:
+//!    `cached32_node` serves limits at or below 4 GiB ([`DMA_32BIT_PFN`]), `cached_node` the others; both
+//!    start at the anchor above the window.
+//! 4. **Cache update on allocation** (`__cached_rbnode_insert_update`): a new range that ends below 4 GiB
+//!    becomes `cached32_node`, any other `cached_node`. So once the search has moved below a hole, that
+//!    hole is skipped by later searches, even one that would fit it.
+//! 5. **Cache update on free** (`__cached_rbnode_delete_update`): freeing the cached node, or a range at or
+//!    above it (for `cached32_node`: one that also ends below 4 GiB), moves the cache to the next range
+//!    above the freed one, so the freed hole is the first one the next search sees.
+//! 6. **Retry** (`retry_pfn`): when the search from the cached node reaches the bottom of the window
+//!    without a fit, it is retried once from the limit down to just above the cached node. The two passes
+//!    together cover every hole below the limit.
+//! 7. **32-bit fast failure** (`max32_alloc_size`): a failed search records its size; until a range
+//!    starting below 4 GiB is freed, every request of that size or more with a limit at or below 4 GiB
+//!    fails at once, without searching, even under a higher 32-bit limit than the one that failed.
+//! 8. **Exhaustion** is a `None`; the domain turns it into [`Error::IovaExhausted`](crate::Error), ENOMEM.
+//! 9. **Reserved ranges** (`reserve_iova`: the MSI window, PCI host-bridge windows) are never handed out and
+//!    cannot be freed; reserving does not move the cached nodes.
 //!
-//! Coarse: Linux starts its search below a cached node (`cached_node`, `cached32_node`) and retries from the
-//! top only on failure, and `alloc_iova_fast` first pops a recently freed range of the same size from the
-//! per-CPU rcache magazines. This model always returns the highest fitting hole; after a free, that is the
-//! same range the rcache would hand back in the common LIFO case, but long-running fragmentation patterns
-//! can differ.
+//! Cost: besides the ranges, the allocator indexes the free holes between them by their top. The search
+//! of rule 3 visits the holes below the starting point top-down, exactly the candidates the rbtree walk
+//! tests, but without stepping over the ranges that touch each other, so an allocation or free costs
+//! O(log n) plus one step per non-empty hole too small or too misaligned for the request (iova.c steps over
+//! every range in between).
+//!
+//! Coarse: `alloc_iova_fast` first pops a recently freed range of the same size class (up to 32 pages)
+//! from the per-CPU rcache magazines and their depot, and `free_iova_fast` pushes it there, leaving the
+//! range in the rbtree. This model has no rcache: a free returns the range to the tree at once (so it
+//! resets `max32_alloc_size` and moves the cached nodes, which an rcache hit does not do) and an allocation
+//! always searches the tree. The results agree when a freed range is the highest hole below the cached
+//! node (LIFO unmapping, or a freed range above the cached node); they differ when a range below holes is
+//! freed: the rcache would hand it back first, this model the highest hole below the cached node. Linux's
+//! `reserve_iova` also merges a reservation into overlapping ones; this model refuses the overlap.
 
 use std::collections::BTreeMap;
+
+use peerdma_core::PAGE_SHIFT;
 
 /// Requests below this many pages are rounded up to a power of two (iova.c: `IOVA_RANGE_CACHE_MAX_SIZE` 6,
 /// so `1 << 5`).
 pub const IOVA_ROUNDUP_LIMIT_PAGES: u64 = 1 << 5;
+
+/// The first page number above 4 GiB (iova.c `dma_32bit_pfn`: `1 << (32 - iova_shift)` with 4 KiB
+/// granules). Limits at or below it use `cached32_node` and the `max32_alloc_size` fast failure.
+pub const DMA_32BIT_PFN: u64 = 1 << (32 - PAGE_SHIFT);
 
 /// One allocated range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,12 +68,23 @@ struct Slot {
     reserved: bool,
 }
 
-/// A top-down, size-aligned IOVA allocator over page numbers.
+/// A top-down, size-aligned IOVA allocator over page numbers, with iova.c's cached nodes.
 #[derive(Clone, Debug)]
 pub struct IovaAllocator {
     start_pfn: u64,
     end_pfn: u64,
+    /// Allocations and reservations by first page number (iova.c's rbtree).
     slots: BTreeMap<u64, Slot>,
+    /// The non-empty free holes `[bottom, top)` between slots, keyed by `top`, value `bottom`.
+    holes: BTreeMap<u64, u64>,
+    /// `cached_node`: first and last page of a slot, `None` for the anchor above the window (a cached
+    /// slot never changes size: freeing it moves the cache first).
+    cached: Option<(u64, u64)>,
+    /// `cached32_node`, likewise.
+    cached32: Option<(u64, u64)>,
+    /// `max32_alloc_size`: requests this large or larger under a 32-bit limit fail at once.
+    max32_alloc_size: u64,
+    nr_allocations: usize,
 }
 
 /// What [`IovaAllocator::reserve`] or [`IovaAllocator::free`] found in the way.
@@ -71,12 +113,23 @@ pub fn rounded_pages(nr_pages: u64) -> u64 {
 }
 
 impl IovaAllocator {
-    /// Creates an allocator over the page numbers `[start_pfn, end_pfn)`.
+    /// Creates an allocator over the page numbers `[start_pfn, end_pfn)` (iova.c `init_iova_domain`: both
+    /// cached nodes at the anchor, `max32_alloc_size` at 4 GiB worth of pages).
     pub fn new(start_pfn: u64, end_pfn: u64) -> Self {
+        let end_pfn = end_pfn.max(start_pfn);
+        let mut holes = BTreeMap::new();
+        if start_pfn < end_pfn {
+            holes.insert(end_pfn, start_pfn);
+        }
         Self {
             start_pfn,
-            end_pfn: end_pfn.max(start_pfn),
+            end_pfn,
             slots: BTreeMap::new(),
+            holes,
+            cached: None,
+            cached32: None,
+            max32_alloc_size: DMA_32BIT_PFN,
+            nr_allocations: 0,
         }
     }
 
@@ -91,44 +144,103 @@ impl IovaAllocator {
     }
 
     /// Allocates `nr_pages` pages (before rounding) below `limit_pfn` and returns the first page number and
-    /// the rounded page count, or `None` when no aligned hole fits.
+    /// the rounded page count, or `None` when the search (with its retry) finds no aligned hole or the
+    /// 32-bit fast failure applies (rules 3 to 8 of the module docs).
     pub fn alloc(&mut self, nr_pages: u64, limit_pfn: u64) -> Option<(u64, u64)> {
         if nr_pages == 0 {
             return None;
         }
         let size = rounded_pages(nr_pages);
-        let align = size.checked_next_power_of_two()?;
-        let mask = !(align - 1);
-        let mut high = limit_pfn.min(self.end_pfn);
-        let fits = |high: u64, low: u64| -> Option<u64> {
-            let cand = high.checked_sub(size)? & mask;
-            (cand >= low).then_some(cand)
-        };
-        for (&lo, slot) in self.slots.range(..high).rev() {
-            let end = lo + slot.nr_pages;
-            if end < high
-                && let Some(cand) = fits(high, end.max(self.start_pfn))
-            {
-                self.slots.insert(
-                    cand,
-                    Slot {
-                        nr_pages: size,
-                        reserved: false,
-                    },
-                );
-                return Some((cand, size));
-            }
-            high = high.min(lo);
+        let mask = !(size.checked_next_power_of_two()? - 1);
+        // dma-iommu clamps the limit to the aperture before calling into iova.c.
+        let limit = limit_pfn.min(self.end_pfn);
+        let is32 = limit <= DMA_32BIT_PFN;
+        if is32 && size >= self.max32_alloc_size {
+            return None;
         }
-        let cand = fits(high, self.start_pfn)?;
-        self.slots.insert(
-            cand,
-            Slot {
-                nr_pages: size,
-                reserved: false,
-            },
-        );
-        Some((cand, size))
+        let cached = if is32 { self.cached32 } else { self.cached };
+        let (cached_lo, retry_pfn) = cached.unwrap_or((u64::MAX, u64::MAX));
+        let found = self
+            .search(size, mask, limit.min(cached_lo), self.start_pfn)
+            .or_else(|| {
+                (retry_pfn < limit)
+                    .then(|| self.search(size, mask, limit, retry_pfn + 1))
+                    .flatten()
+            });
+        let Some(pfn) = found else {
+            self.max32_alloc_size = size;
+            return None;
+        };
+        self.insert(pfn, size, false);
+        self.nr_allocations += 1;
+        let node = Some((pfn, pfn + size - 1));
+        if pfn + size - 1 < DMA_32BIT_PFN {
+            self.cached32 = node;
+        } else {
+            self.cached = node;
+        }
+        Some((pfn, size))
+    }
+
+    /// The walk of `__alloc_and_insert_iova_range` below `high`: the holes in top-down order, each one's
+    /// candidate the highest aligned start that ends at or below `min(hole top, high)`. Candidates only go
+    /// down, so the walk stops at the first one below `low`; a hole holds its candidate when the candidate
+    /// is not below the hole's bottom.
+    fn search(&self, size: u64, mask: u64, high: u64, low: u64) -> Option<u64> {
+        let straddling = self
+            .holes
+            .range(high..)
+            .next()
+            .filter(|&(_, &bottom)| bottom < high);
+        for (&top, &bottom) in straddling.into_iter().chain(self.holes.range(..high).rev()) {
+            let cand = top.min(high).checked_sub(size)? & mask;
+            if cand < low {
+                return None;
+            }
+            if cand >= bottom {
+                return Some(cand);
+            }
+        }
+        None
+    }
+
+    /// Puts a slot into the tree, splitting the hole it lies in.
+    fn insert(&mut self, lo: u64, nr_pages: u64, reserved: bool) {
+        let end = lo + nr_pages;
+        if let Some((&top, &bottom)) = self.holes.range(lo + 1..).next()
+            && bottom <= lo
+            && end <= top
+        {
+            self.holes.remove(&top);
+            if bottom < lo {
+                self.holes.insert(lo, bottom);
+            }
+            if end < top {
+                self.holes.insert(top, end);
+            }
+        }
+        self.slots.insert(lo, Slot { nr_pages, reserved });
+    }
+
+    /// Takes a slot out of the tree, merging the holes on either side of it.
+    fn remove(&mut self, lo: u64, nr_pages: u64) {
+        let end = lo + nr_pages;
+        self.slots.remove(&lo);
+        let bottom = self.holes.remove(&lo).unwrap_or(lo);
+        let above = self
+            .holes
+            .range(end + 1..)
+            .next()
+            .filter(|&(_, &b)| b == end)
+            .map(|(&t, _)| t);
+        let top = match above {
+            Some(t) => {
+                self.holes.remove(&t);
+                t
+            }
+            None => end,
+        };
+        self.holes.insert(top, bottom);
     }
 
     /// Reserves `[start_pfn, start_pfn + nr_pages)` so that it is never allocated. The part outside the
@@ -145,27 +257,37 @@ impl IovaAllocator {
                 nr_pages: n,
             });
         }
-        self.slots.insert(
-            start,
-            Slot {
-                nr_pages: end - start,
-                reserved: true,
-            },
-        );
+        self.insert(start, end - start, true);
         Ok(())
     }
 
-    /// Frees the allocation that starts at `start_pfn` and returns its page count.
+    /// Frees the allocation that starts at `start_pfn` and returns its page count, updating the cached
+    /// nodes and `max32_alloc_size` first (rule 5 and 7 of the module docs).
     pub fn free(&mut self, start_pfn: u64) -> Result<u64, SlotError> {
-        match self.slots.get(&start_pfn) {
-            None => Err(SlotError::NotAllocated),
-            Some(slot) if slot.reserved => Err(SlotError::Reserved),
-            Some(slot) => {
-                let n = slot.nr_pages;
-                self.slots.remove(&start_pfn);
-                Ok(n)
+        // One lookup finds the range and its rb_next.
+        let mut from = self.slots.range(start_pfn..);
+        let n = match from.next() {
+            Some((&lo, slot)) if lo == start_pfn && slot.reserved => {
+                return Err(SlotError::Reserved);
             }
+            Some((&lo, slot)) if lo == start_pfn => slot.nr_pages,
+            _ => return Err(SlotError::NotAllocated),
+        };
+        let next = from.next().map(|(&lo, s)| (lo, lo + s.nr_pages - 1));
+        let hi = start_pfn + n - 1;
+        let cached32_lo = self.cached32.map_or(u64::MAX, |c| c.0);
+        if cached32_lo == start_pfn || (hi < DMA_32BIT_PFN && start_pfn >= cached32_lo) {
+            self.cached32 = next;
         }
+        if start_pfn < DMA_32BIT_PFN {
+            self.max32_alloc_size = DMA_32BIT_PFN;
+        }
+        if start_pfn >= self.cached.map_or(u64::MAX, |c| c.0) {
+            self.cached = next;
+        }
+        self.remove(start_pfn, n);
+        self.nr_allocations -= 1;
+        Ok(n)
     }
 
     /// Returns the allocation (not reservation) that starts at `start_pfn`, as its page count.
@@ -184,7 +306,7 @@ impl IovaAllocator {
 
     /// Returns the number of allocations (reservations excluded).
     pub fn nr_allocations(&self) -> usize {
-        self.slots.values().filter(|s| !s.reserved).count()
+        self.nr_allocations
     }
 
     fn first_overlap(&self, start: u64, end: u64) -> Option<(u64, u64)> {
@@ -201,61 +323,4 @@ impl IovaAllocator {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn small_requests_round_up_to_a_power_of_two() {
-        assert_eq!(rounded_pages(1), 1);
-        assert_eq!(rounded_pages(3), 4);
-        assert_eq!(rounded_pages(31), 32);
-        assert_eq!(rounded_pages(32), 32);
-        assert_eq!(rounded_pages(33), 33);
-    }
-
-    #[test]
-    fn allocation_is_top_down_from_the_limit() {
-        let mut a = IovaAllocator::new(1, 1 << 20);
-        assert_eq!(a.alloc(1, u64::MAX), Some(((1 << 20) - 1, 1)));
-        assert_eq!(a.alloc(1, u64::MAX), Some(((1 << 20) - 2, 1)));
-        assert_eq!(a.alloc(1, 0x100), Some((0xff, 1)));
-    }
-
-    #[test]
-    fn large_requests_are_aligned_to_the_next_power_of_two() {
-        let mut a = IovaAllocator::new(1, 1 << 20);
-        let (pfn, n) = a.alloc(33, u64::MAX).unwrap();
-        assert_eq!(n, 33);
-        assert_eq!(pfn % 64, 0);
-        assert_eq!(pfn, (1 << 20) - 64);
-    }
-
-    #[test]
-    fn holes_between_allocations_are_found() {
-        let mut a = IovaAllocator::new(1, 16);
-        let top = a.alloc(4, u64::MAX).unwrap();
-        let mid = a.alloc(4, u64::MAX).unwrap();
-        let low = a.alloc(4, u64::MAX).unwrap();
-        assert_eq!((top.0, mid.0, low.0), (12, 8, 4));
-        a.free(8).unwrap();
-        assert_eq!(a.alloc(4, u64::MAX), Some((8, 4)));
-        // [1, 4) holds three pages: a 4-page request no longer fits, a 2-page one does at 2.
-        assert_eq!(a.alloc(4, u64::MAX), None);
-        assert_eq!(a.alloc(2, u64::MAX), Some((2, 2)));
-    }
-
-    #[test]
-    fn reserved_ranges_are_skipped_and_never_freed() {
-        let mut a = IovaAllocator::new(1, 16);
-        a.reserve(8, 8).unwrap();
-        assert_eq!(a.alloc(4, u64::MAX), Some((4, 4)));
-        assert_eq!(a.free(8), Err(SlotError::Reserved));
-        assert_eq!(
-            a.reserve(6, 1),
-            Err(SlotError::Overlap {
-                start_pfn: 4,
-                nr_pages: 4
-            })
-        );
-    }
-}
+mod tests;

@@ -1,5 +1,6 @@
-//! Property tests of `IommuDomain` against a naive reference: a page bitmap for the IOVA space (highest
-//! size-aligned fit, iova.c rules) and a list of queued allocations for the flush queue.
+//! Property tests of `IommuDomain` against a naive reference: a literal model of iova.c's tree walk for
+//! the IOVA space (cached node, retry, size-aligned fit; `support/iova_walk.rs`) and a list of queued
+//! allocations for the flush queue.
 #![expect(
     clippy::tests_outside_test_module,
     clippy::unwrap_used,
@@ -7,10 +8,13 @@
 )]
 
 use peerdma_core::{Iova, PAGE_SIZE, Pa, Range, SimDuration, SimTime};
+use peerdma_iommu::iova::{DMA_32BIT_PFN, rounded_pages};
 use peerdma_iommu::{DomainConfig, DomainType, IommuDomain, IommuProt, Translation};
 use proptest::prelude::*;
 
 const NR_PAGES: u64 = 128;
+/// First and last page of the reserved window.
+const RESERVED: (u64, u64) = (88, 91);
 const PA_BASE: u64 = 0x10_0000_0000;
 
 #[derive(Clone, Debug)]
@@ -37,28 +41,8 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// The naive allocator: the highest aligned start whose pages are all free, in `[1, NR_PAGES)`.
-fn reference_alloc(used: &[bool], nr_pages: u64) -> Option<(u64, u64)> {
-    let size = if nr_pages < 32 {
-        nr_pages.next_power_of_two()
-    } else {
-        nr_pages
-    };
-    let align = size.next_power_of_two();
-    let mut cand = NR_PAGES.checked_sub(size)? / align * align;
-    loop {
-        if cand >= 1 && (cand..cand + size).all(|p| !used[usize::try_from(p).unwrap()]) {
-            return Some((cand, size));
-        }
-        cand = cand.checked_sub(align)?;
-    }
-}
-
-fn mark(used: &mut [bool], (start, size): (u64, u64), value: bool) {
-    for p in start..start + size {
-        used[usize::try_from(p).unwrap()] = value;
-    }
-}
+#[path = "support/iova_walk.rs"]
+mod iova_walk;
 
 fn run(domain_type: DomainType, ops: &[Op]) -> Result<(), TestCaseError> {
     let mut dom = IommuDomain::new(DomainConfig {
@@ -67,7 +51,15 @@ fn run(domain_type: DomainType, ops: &[Op]) -> Result<(), TestCaseError> {
         fq_size: 3,
         ..DomainConfig::with_type(domain_type)
     });
-    let mut used = vec![false; usize::try_from(NR_PAGES).unwrap()];
+    // dma-iommu never hands out page 0.
+    let mut iovad = iova_walk::Naive::new(1, NR_PAGES);
+    // A reserved window in the middle (like dma-iommu's MSI window), which splits the space in two.
+    dom.reserve_iova(Range::new(
+        Iova::from_raw(RESERVED.0 * PAGE_SIZE),
+        Iova::from_raw((RESERVED.1 + 1) * PAGE_SIZE),
+    ))
+    .unwrap();
+    iovad.reserve(RESERVED.0, RESERVED.1);
     // (start page, rounded size, mapped pages) of allocations still held by the "driver".
     let mut held: Vec<(u64, u64, u64)> = Vec::new();
     let mut queued: Vec<(u64, u64)> = Vec::new();
@@ -79,12 +71,11 @@ fn run(domain_type: DomainType, ops: &[Op]) -> Result<(), TestCaseError> {
         let mut flushed = false;
         match *op {
             Op::Alloc(n) => {
-                let expected = reference_alloc(&used, n);
+                let expected = iovad.alloc(n, u64::MAX).map(|s| (s, rounded_pages(n)));
                 match dom.alloc_iova(n * PAGE_SIZE) {
                     Ok(iova) => {
                         let (start, size) = expected.expect("reference found space too");
                         prop_assert_eq!(iova.page_number(), start);
-                        mark(&mut used, (start, size), true);
                         dom.map(
                             iova,
                             Pa::from_raw(next_pa),
@@ -113,13 +104,13 @@ fn run(domain_type: DomainType, ops: &[Op]) -> Result<(), TestCaseError> {
                     // An overdue timeout flushes the older entries before this one is queued.
                     if flushed && dom.fq_len() != 0 {
                         for q in queued.drain(..) {
-                            mark(&mut used, q, false);
+                            iovad.free(q.0);
                         }
                         flushed = false;
                     }
                     queued.push((start, size));
                 } else {
-                    mark(&mut used, (start, size), false);
+                    iovad.free(start);
                 }
             }
             Op::Translate(a, page, write) if !ever.is_empty() => {
@@ -157,7 +148,7 @@ fn run(domain_type: DomainType, ops: &[Op]) -> Result<(), TestCaseError> {
         if flushed {
             prop_assert_eq!(dom.fq_len(), 0);
             for q in queued.drain(..) {
-                mark(&mut used, q, false);
+                iovad.free(q.0);
             }
         }
         prop_assert_eq!(dom.fq_len(), queued.len());
