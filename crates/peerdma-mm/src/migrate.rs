@@ -329,55 +329,68 @@ impl Kernel {
         {
             let mut st = self.mms();
             let mut phys = self.phys();
-            let mut skip_to = 0;
-            for i in 0..n {
-                if i < skip_to {
-                    continue;
+            let anon = vma.is_anonymous();
+            let start = m.start;
+            let index =
+                |va: Va| usize::try_from((va.raw() - start.raw()) / PAGE_SIZE).expect("in range");
+            // migrate_vma_collect_hole: an unmapped page of an anonymous VMA migrates as a fresh page.
+            let holes = |m: &mut MigrateVma, from: usize, to: usize| {
+                if anon {
+                    for s in &mut m.src[from..to] {
+                        *s = MIGRATE_PFN_MIGRATE;
+                    }
+                    m.cpages += (to - from) as u64;
                 }
-                let va = m.va(i);
-                let mut leaf = st.mm(m.pid).pt().lookup(va);
-                // A whole PMD-mapped anonymous THP inside the range, with SELECT_COMPOUND: one compound entry.
-                if let Some(l) = leaf
-                    && l.size == PageSize::Size2M
-                    && m.flags & MIGRATE_VMA_SELECT_COMPOUND != 0
-                    && l.base == va
-                    && i + 512 <= n
-                    && let Pte::Present {
-                        frame,
-                        write,
-                        special: false,
-                    } = l.pte
-                    && matches!(phys.kind(frame), MemoryKind::Ram { .. })
-                    && m.flags & MIGRATE_VMA_SELECT_SYSTEM != 0
-                    && (0..512).all(|k| {
-                        let f = phys.frame(FrameId(frame.0 + k));
-                        // Mapped only here: a THP shared after fork is split and migrated page by page,
-                        // so try_to_migrate reaches its other mappings (a simplification of compound rmap).
-                        f.owner() == FrameOwner::Anon && !f.maybe_dma_pinned() && f.mapcount == 1
-                    })
-                {
-                    st.mm_mut(m.pid)
-                        .pt_mut()
-                        .set_pmd(va, Pte::Migration { frame, write });
-                    m.src[i] = migrate_pfn(frame)
-                        | MIGRATE_PFN_MIGRATE
-                        | MIGRATE_PFN_COMPOUND
-                        | if write { MIGRATE_PFN_WRITE } else { 0 };
-                    m.cpages += 512;
-                    skip_to = i + 512;
-                    continue;
-                }
-                if leaf.is_some_and(|l| l.size != PageSize::Size4K) {
-                    st.mm_mut(m.pid).pt_mut().split_pmd(va);
-                    leaf = st.mm(m.pid).pt().lookup(va);
-                }
-                let Some(leaf) = leaf else {
-                    if vma.is_anonymous() {
-                        m.src[i] = MIGRATE_PFN_MIGRATE;
-                        m.cpages += 1;
+            };
+            // The one walker: leaves in address order, holes between them.
+            let mut cur = st.mm_mut(m.pid).pt_mut().cursor_mut(range);
+            let mut next = 0;
+            while let Some(leaf) = cur.find_next() {
+                let i = index(leaf.base.max(m.start));
+                holes(m, next, i);
+                next = i + 1;
+                if leaf.size != PageSize::Size4K {
+                    // A whole PMD-mapped anonymous THP inside the range, with SELECT_COMPOUND: one compound
+                    // entry.
+                    if m.flags & MIGRATE_VMA_SELECT_COMPOUND != 0
+                        && m.flags & MIGRATE_VMA_SELECT_SYSTEM != 0
+                        && leaf.size == PageSize::Size2M
+                        && leaf.base >= m.start
+                        && i + 512 <= n
+                        && let Pte::Present {
+                            frame,
+                            write,
+                            special: false,
+                        } = leaf.pte
+                        && matches!(phys.kind(frame), MemoryKind::Ram { .. })
+                        && (0..512).all(|k| {
+                            let f = phys.frame(FrameId(frame.0 + k));
+                            // Mapped only here: a THP shared after fork is split and migrated page by page,
+                            // so try_to_migrate reaches its other mappings (a simplification of compound rmap).
+                            f.owner() == FrameOwner::Anon
+                                && !f.maybe_dma_pinned()
+                                && f.mapcount == 1
+                        })
+                    {
+                        cur.set(Pte::Migration { frame, write });
+                        m.src[i] = migrate_pfn(frame)
+                            | MIGRATE_PFN_MIGRATE
+                            | MIGRATE_PFN_COMPOUND
+                            | if write { MIGRATE_PFN_WRITE } else { 0 };
+                        m.cpages += 512;
+                        next = i + 512;
+                        continue;
+                    }
+                    if leaf.size == PageSize::Size2M {
+                        // split_huge_pmd, then the walk visits its base pages.
+                        cur.split();
+                        next = i;
+                    } else {
+                        // A 1 GiB leaf (hugetlb, refused above): nothing to collect.
+                        next = index(Va::from_raw(leaf.base.raw() + leaf.size.bytes()).min(m.end));
                     }
                     continue;
-                };
+                }
                 let (frame, write, private) = match leaf.pte {
                     Pte::Present {
                         frame,
@@ -388,7 +401,7 @@ impl Kernel {
                     _ => continue,
                 };
                 if frame == phys.zero_page() {
-                    if m.flags & MIGRATE_VMA_SELECT_SYSTEM != 0 && vma.is_anonymous() {
+                    if m.flags & MIGRATE_VMA_SELECT_SYSTEM != 0 && anon {
                         m.src[i] = MIGRATE_PFN_MIGRATE;
                         m.cpages += 1;
                     }
@@ -419,14 +432,13 @@ impl Kernel {
                 // the reference check below gives it back).
                 phys.get(frame);
                 phys.frame_mut(frame).locked = true;
-                st.mm_mut(m.pid)
-                    .pt_mut()
-                    .set_pte(va, Pte::Migration { frame, write });
+                cur.set(Pte::Migration { frame, write });
                 m.src[i] = migrate_pfn(frame)
                     | MIGRATE_PFN_MIGRATE
                     | if write { MIGRATE_PFN_WRITE } else { 0 };
                 m.cpages += 1;
             }
+            holes(m, next, n);
         }
         self.invalidate_range_end(m.pid);
         // migrate_vma_unmap: the pages' other mappings (other processes after fork) become migration entries

@@ -12,7 +12,8 @@
 //! **Range walks go through a cursor** (the shape of Asterinas OSTD's `page_table::cursor`): a
 //! [`CursorMut`] over a range, from [`PageTable::cursor_mut`], steps from leaf to leaf with
 //! [`CursorMut::find_next`] and changes the leaf it stands on — [`CursorMut::unmap`] removes it,
-//! [`CursorMut::protect`] rewrites its entry — splitting a 2 MiB leaf that sticks out of the range first, so
+//! [`CursorMut::protect`] rewrites its entry, [`CursorMut::set`] replaces it, [`CursorMut::split`] breaks a
+//! 2 MiB leaf into base pages for the walk to visit — splitting a 2 MiB leaf that sticks out of the range first, so
 //! an operation never touches a byte outside its range. [`Cursor`] (from [`PageTable::cursor`]) is the
 //! read-only walk, and [`PageTable::leaves`] collects one, so every range walk in the crate (zap,
 //! mprotect, fork's copy, mremap's move, khugepaged, the rmap walk, P2P removal) goes through the one
@@ -519,6 +520,31 @@ impl CursorMut<'_> {
         part.pages()
             .filter_map(|page| self.pt.clear(page))
             .collect()
+    }
+
+    /// Replaces the entry of the current leaf (same size, same place) with `pte`: a migration entry for the
+    /// page it found, for instance.
+    ///
+    /// # Panics
+    /// Panics when the last `find_next` found nothing.
+    pub fn set(&mut self, pte: Pte) {
+        let leaf = self.cur.expect("find_next found a leaf");
+        self.pt.set_leaf(leaf.base, leaf.size, pte);
+        self.cur = Some(Leaf { pte, ..leaf });
+    }
+
+    /// Splits the current 2 MiB leaf into 512 4 KiB entries and steps back so that the next `find_next`
+    /// returns the first of them inside the range (`split_huge_pmd` in a walk that handles base pages only).
+    ///
+    /// # Panics
+    /// Panics when the last `find_next` found nothing.
+    pub fn split(&mut self) {
+        let leaf = self.cur.expect("find_next found a leaf");
+        if leaf.size == PageSize::Size2M {
+            self.pt.split_pmd(leaf.base);
+            self.va = leaf.base.raw().max(self.range.start.raw());
+            self.cur = None;
+        }
     }
 
     /// Rewrites the entries of the current leaf that lie inside the range with `op`: the leaf's entry when it

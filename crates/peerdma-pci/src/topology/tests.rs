@@ -3,7 +3,7 @@
 use peerdma_core::{Bdf, BusAddr, Pa};
 
 use super::*;
-use crate::LinkParam;
+use crate::{LinkParam, LinkSpec};
 
 fn bdf(bus: u8, dev: u8, func: u8) -> Bdf {
     Bdf::new(bus, dev, func).unwrap()
