@@ -1,4 +1,5 @@
-//! Benchmarks of the mm model's hot paths: the CPU anonymous fault path and a page-table walk.
+//! Benchmarks of the mm model's hot paths: the CPU anonymous fault path, a page-table walk and the oracle's
+//! page content hash.
 #![expect(clippy::unwrap_used, reason = "benchmark harness")]
 
 use std::hint::black_box;
@@ -70,5 +71,20 @@ fn pagetable_walk(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, anon_fault, pagetable_walk);
+/// Hashes one 4 KiB page the way the oracle does at every CPU or device access: a page of data, and the
+/// all-zero page (which must hash to the zero hash).
+fn page_hash(c: &mut Criterion) {
+    let data: Vec<u8> = (0..PAGE_SIZE)
+        .map(|i| u8::try_from(i * 31 % 251).unwrap())
+        .collect();
+    let zero = vec![0u8; 4096];
+    c.bench_function("hash_page_data", |b| {
+        b.iter(|| black_box(peerdma_mm::phys::hash_bytes(black_box(&data))));
+    });
+    c.bench_function("hash_page_zero", |b| {
+        b.iter(|| black_box(peerdma_mm::phys::hash_bytes(black_box(&zero))));
+    });
+}
+
+criterion_group!(benches, anon_fault, pagetable_walk, page_hash);
 criterion_main!(benches);

@@ -200,3 +200,31 @@ fn exhaustion_is_reported_not_panicked() {
         Err(OutOfMemory { region: 0 })
     );
 }
+
+#[test]
+fn the_page_hash_is_zero_only_for_zero_pages_and_sees_every_byte() {
+    let zero = vec![0u8; 4096];
+    assert_eq!(hash_bytes(&zero), ZERO_HASH);
+    let base: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+    let h = hash_bytes(&base);
+    assert_ne!(h, ZERO_HASH);
+    assert_eq!(h & 1, 1);
+    // One changed byte in each lane, at the start, the middle and the end of the page.
+    for pos in [0, 1, 8, 16, 24, 31, 32, 2047, 4095] {
+        let mut d = base.clone();
+        d[pos] ^= 0x40;
+        assert_ne!(hash_bytes(&d), h, "byte {pos}");
+        let mut z = zero.clone();
+        z[pos] = 1;
+        assert_ne!(hash_bytes(&z), ZERO_HASH, "byte {pos} of a zero page");
+    }
+    // Two words swapped between lanes, or moved within a lane, change the hash.
+    let mut d = base.clone();
+    d.copy_within(0..8, 8);
+    d[..8].copy_from_slice(&base[8..16]);
+    assert_ne!(hash_bytes(&d), h);
+    let mut d = base.clone();
+    d.copy_within(0..8, 32);
+    d[..8].copy_from_slice(&base[32..40]);
+    assert_ne!(hash_bytes(&d), h);
+}
