@@ -199,9 +199,10 @@ impl Platform {
         write: bool,
     ) -> Result<MappedSg, Errno> {
         // Step 2.
-        if targets
-            .iter()
-            .any(|t| matches!(t.class, Some((MapType::NotSupported, _))))
+        if !peerdma_core::mutation::active(peerdma_core::mutation::Mutation::RouteNotSupported)
+            && targets
+                .iter()
+                .any(|t| matches!(t.class, Some((MapType::NotSupported, _))))
         {
             self.kernel.sim.count("dma.map_sg_eremoteio", 1);
             return Err(Errno::EREMOTEIO);

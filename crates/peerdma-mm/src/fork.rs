@@ -161,7 +161,11 @@ impl KernelState {
         let cow = !vma.is_shared();
         if cow && leaf.size == PageSize::Size4K {
             let f = self.phys.frame(frame);
-            if f.owner() == FrameOwner::Anon && f.maybe_dma_pinned() && f.mapcount == 1 {
+            let pinned = f.maybe_dma_pinned()
+                && !peerdma_core::mutation::active(
+                    peerdma_core::mutation::Mutation::SkipPinCheckCow,
+                );
+            if f.owner() == FrameOwner::Anon && pinned && f.mapcount == 1 {
                 // copy_present_page: the pinned page stays the parent's; the child gets a copy now.
                 if let Ok(new) = self.alloc_anon_for(child) {
                     self.phys.copy_frame(frame, new);

@@ -257,6 +257,9 @@ impl Kernel {
 
     /// `mmu_interval_set_seq`: called by the invalidate callback, under the driver lock.
     pub fn interval_set_seq(&self, pid: Pid, id: NotifierId, cur_seq: u64) {
+        if peerdma_core::mutation::active(peerdma_core::mutation::Mutation::SkipSeqBump) {
+            return;
+        }
         if let Some(s) = self.state().mm_mut(pid).notifiers.subs.get_mut(&id) {
             s.seq = cur_seq;
         }
@@ -271,6 +274,8 @@ impl Kernel {
         owner: Option<DeviceId>,
     ) {
         let (hits, cur_seq) = self.state().mm_mut(pid).notifiers.range_start(range);
+        // Exploration may preempt here: the sequence is odd, the callbacks have not run yet.
+        self.sim.preempt_point().await;
         self.sim.trace("mmu_notifier.start", || {
             format!("pid {} {range} {event:?} seq {cur_seq}", pid.0)
         });
@@ -307,10 +312,12 @@ impl Kernel {
     /// Zaps every entry of `r` inside an invalidation of kind `event` (start, zap, TLB shootdown, end);
     /// returns the number of base pages zapped. Private anonymous contents are forgotten (they read zero again).
     pub(crate) async fn zap_notify(&self, pid: Pid, r: Range<Va>, event: NotifierEvent) -> u64 {
+        let early = peerdma_core::mutation::active(peerdma_core::mutation::Mutation::EarlyFree)
+            .then(|| self.state().zap_range(pid, r));
         self.invalidate_range_start(pid, r, event, None).await;
         let nr = {
             let mut st = self.state();
-            let nr = st.zap_range(pid, r);
+            let nr = early.unwrap_or_else(|| st.zap_range(pid, r));
             st.oracle.forget_anon(pid, r);
             nr
         };

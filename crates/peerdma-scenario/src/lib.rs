@@ -25,6 +25,7 @@
 
 pub mod ast;
 pub mod error;
+pub mod explore;
 pub mod ops;
 pub mod params;
 pub mod parse;
@@ -35,8 +36,8 @@ pub mod units;
 
 pub use ast::{
     AddrError, AddrExpr, Advice, DeviceDecl, DeviceKind, DeviceMemoryKind, DmaMode, Expect,
-    ExportDecl, FileDecl, IommuMode, Loc, MmapFlags, P2pDecl, Prot, Scenario, Signal, SimSettings,
-    SleepSpec, Step, ThreadDecl, TimeMode, WriteSource,
+    ExportDecl, FileDecl, IommuMode, Limits, Loc, MmapFlags, P2pDecl, Prot, Scenario, Signal,
+    SimSettings, SleepSpec, Step, ThreadDecl, TimeMode, WriteSource,
 };
 pub use error::{RunError, ScenarioError};
 pub use ops::{OPS, Op, OpSpec};

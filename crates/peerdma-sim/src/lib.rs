@@ -20,7 +20,7 @@ mod rng;
 mod sync;
 mod trace;
 
-pub use engine::{RunOutcome, Sim, SimConfig, TaskId};
+pub use engine::{RunOutcome, Sim, SimConfig, TaskId, Watchdog};
 pub use rng::{RngStream, stream_seed};
 pub use sync::{Completion, MutexGuard, ReadGuard, RwSem, SimMutex, WaitQueue, WriteGuard};
 pub use trace::{Metrics, TraceEvent};
