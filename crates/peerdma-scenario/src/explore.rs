@@ -11,13 +11,16 @@
 //! `peerdma run FILE --explore --seed N` (the command [`replay_command`] prints).
 //!
 //! Distinct interleavings are counted by [`crate::Report::schedule_hash`], a hash of the order in which
-//! agents ran. The seeds run through [`for_each_seed`], the one place a parallel runner plugs in.
+//! agents ran. The seeds run on the one parallel runner ([`crate::batch`], shared with `peerdma sweep`)
+//! through [`for_each_seed`]; the summary and the first failure are the same whatever the number of jobs.
 
 use std::collections::BTreeSet;
+use std::num::NonZeroUsize;
 
 use peerdma_core::mutation::{self, Mutation};
 
 use crate::ast::Scenario;
+use crate::batch::map_ordered;
 use crate::report::{Outcome, Report};
 use crate::run::{RunOptions, run};
 
@@ -28,7 +31,7 @@ pub struct ExploreOptions {
     pub first_seed: u64,
     /// How many seeds, from `first_seed` on.
     pub seeds: u64,
-    /// Host threads to run seeds on (the runner may run them one at a time; see [`for_each_seed`]).
+    /// Host threads to run seeds on (0 counts as 1).
     pub jobs: usize,
     /// Mutation switches on during every run (test-only: [`peerdma_core::mutation`]).
     pub mutations: Vec<Mutation>,
@@ -69,30 +72,40 @@ pub struct ExploreSummary {
     pub first_failure: Option<SeedFailure>,
 }
 
-/// Runs `f` for each seed of `seeds` in order and returns the first `Some` it gives, with its seed; `f`
-/// is not called for later seeds. This is the runner's interface: today it runs seeds one at a time on the
-/// calling thread (`jobs` is accepted for the parallel runner shared with `peerdma sweep`, which must keep
-/// this contract: the result is the *lowest* seed's, whatever the number of jobs).
-pub fn for_each_seed<T>(
+/// Runs `work` for the seeds of `seeds` on `jobs` worker threads ([`crate::batch::map_ordered`], the one
+/// parallel runner) and hands each result to `visit` **in seed order**, until `visit` returns `false`.
+/// Seeds run in blocks of `4 × jobs`, so at most one block's worth of seeds past the stopping one is run and
+/// discarded; what `visit` sees is the same whatever `jobs` is.
+pub fn for_each_seed<R: Send>(
     seeds: std::ops::Range<u64>,
-    _jobs: usize,
-    mut f: impl FnMut(u64) -> Option<T>,
-) -> Option<(u64, T)> {
-    for seed in seeds {
-        if let Some(t) = f(seed) {
-            return Some((seed, t));
+    jobs: NonZeroUsize,
+    work: impl Fn(u64) -> R + Sync,
+    mut visit: impl FnMut(u64, R) -> bool,
+) {
+    let block = jobs.get().saturating_mul(4) as u64;
+    let mut next = seeds.start;
+    while next < seeds.end {
+        let end = next.saturating_add(block).min(seeds.end);
+        let chunk: Vec<u64> = (next..end).collect();
+        let results = map_ordered(&chunk, jobs, |_, &seed| work(seed));
+        for (seed, r) in chunk.into_iter().zip(results) {
+            if !visit(seed, r) {
+                return;
+            }
         }
+        next = end;
     }
-    None
 }
 
 /// Explores `scn` over `opts.seeds` seeds and stops at the first failure.
 pub fn explore(scn: &Scenario, opts: &ExploreOptions) -> ExploreSummary {
-    mutation::set(&opts.mutations);
     let mut hashes = BTreeSet::new();
     let mut summary = ExploreSummary::default();
     let end = opts.first_seed.saturating_add(opts.seeds);
-    let failure = for_each_seed(opts.first_seed..end, opts.jobs, |seed| {
+    let jobs = NonZeroUsize::new(opts.jobs).unwrap_or(NonZeroUsize::MIN);
+    let work = |seed: u64| {
+        // The switches are per host thread: set them in the worker that runs this seed.
+        mutation::set(&opts.mutations);
         let report = run(
             scn,
             &RunOptions {
@@ -102,19 +115,22 @@ pub fn explore(scn: &Scenario, opts: &ExploreOptions) -> ExploreSummary {
                 trace: false,
             },
         );
+        mutation::set(&[]);
+        report
+    };
+    for_each_seed(opts.first_seed..end, jobs, work, |seed, report| {
         summary.runs += 1;
         summary.events += report.events;
         hashes.insert(report.schedule_hash);
         if report.outcome == Outcome::Passed {
             summary.passed += 1;
-            None
+            true
         } else {
-            Some(report)
+            summary.first_failure = Some(SeedFailure { seed, report });
+            false
         }
     });
-    mutation::set(&[]);
     summary.distinct_schedules = hashes.len();
-    summary.first_failure = failure.map(|(seed, report)| SeedFailure { seed, report });
     summary
 }
 

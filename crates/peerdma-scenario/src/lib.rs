@@ -15,6 +15,9 @@
 //! [`OPS`] lists every op once. [`run()`] executes a scenario; a step that cannot run as written is a
 //! [`RunError`].
 //!
+//! [`batch`] runs many runs on worker threads with their results in job order; [`sweep`] builds the job
+//! list of a parameter sweep (`peerdma sweep`).
+//!
 //! # Examples
 //! ```
 //! let err = peerdma_scenario::parse("s.toml", "[sim]\njitter = 2.0\n").unwrap_err();
@@ -24,6 +27,7 @@
 //! ```
 
 pub mod ast;
+pub mod batch;
 pub mod error;
 pub mod explore;
 pub mod ops;
@@ -32,6 +36,7 @@ pub mod parse;
 pub mod pattern;
 pub mod report;
 pub mod run;
+pub mod sweep;
 pub mod units;
 
 pub use ast::{

@@ -32,7 +32,7 @@ fn dma_engine_id(scn: &Scenario) -> DeviceId {
 }
 
 /// Command-line overrides of the scenario's `[sim]` table.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct RunOptions {
     /// Overrides `sim.seed`.
     pub seed: Option<u64>,
@@ -40,19 +40,8 @@ pub struct RunOptions {
     pub explore: Option<bool>,
     /// Record the step log in the report.
     pub step_log: bool,
-    /// Record the trace (off: `peerdma explore` runs many seeds and prints none).
+    /// Collect the trace ([`Report::trace`]); without it the run records no trace events.
     pub trace: bool,
-}
-
-impl Default for RunOptions {
-    fn default() -> Self {
-        Self {
-            seed: None,
-            explore: None,
-            step_log: false,
-            trace: true,
-        }
-    }
 }
 
 /// What a step produced, compared against its `expect`.

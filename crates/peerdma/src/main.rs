@@ -13,6 +13,7 @@
 mod link;
 mod ops;
 mod params;
+mod sweep;
 mod topo;
 
 use std::path::{Path, PathBuf};
@@ -124,12 +125,41 @@ enum Command {
         /// The first seed.
         #[arg(long, default_value_t = 0)]
         first_seed: u64,
-        /// Host threads to run seeds on.
-        #[arg(long, default_value_t = 1)]
-        jobs: usize,
+        /// Worker threads (default: the host's available parallelism). Does not change the output.
+        #[arg(long, value_name = "N")]
+        jobs: Option<std::num::NonZeroUsize>,
         /// Test-only: removes one protocol step (a mutation switch; `peerdma_core::mutation`).
         #[arg(long, hide = true, value_parser = parse_mutation)]
         mutate: Vec<Mutation>,
+    },
+    /// Runs a scenario over every combination of swept parameter values and seeds, on worker threads, and
+    /// prints one JSON line per run (`{job, params, seed, report}`), in the same order and bytes whatever
+    /// `--jobs` and however `--shard` splits the runs (docs/sweeps.md).
+    ///
+    /// Example: `peerdma sweep examples/p2p-switch.toml --param dma.hop=100ns,200ns --seeds 4 --jobs 2`
+    Sweep {
+        /// The scenario file (TOML).
+        file: PathBuf,
+        /// A swept key and its values: `seed` or a timing parameter (`peerdma params`), times with units
+        /// (`dma.hop=100ns,1us`). Repeat for a product; the last given varies fastest.
+        #[arg(long = "param", value_name = "KEY=V1,V2,...")]
+        params: Vec<String>,
+        /// Runs each combination with N consecutive seeds from the scenario's `sim.seed` (or `--seed`).
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        seeds: u64,
+        /// The first seed (default: the scenario's `sim.seed`).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Turns schedule exploration on.
+        #[arg(long)]
+        explore: bool,
+        /// Worker threads (default: the host's available parallelism). Does not change the output.
+        #[arg(long, value_name = "N")]
+        jobs: Option<std::num::NonZeroUsize>,
+        /// Runs only shard I of N (from 0): a contiguous block of the runs; the shards' outputs concatenated
+        /// in order are the whole sweep's output.
+        #[arg(long, value_name = "I/N", default_value = "0/1")]
+        shard: peerdma_scenario::batch::Shard,
     },
     /// Validates a scenario without running it.
     Check {
@@ -260,7 +290,7 @@ fn main() -> ExitCode {
                 seed,
                 explore: explore.then_some(true),
                 step_log: steps,
-                trace: true,
+                trace: trace.is_some(),
             };
             mutation::set(&mutate);
             let report = run(&scn, &opts);
@@ -322,10 +352,29 @@ fn main() -> ExitCode {
             &ExploreOptions {
                 first_seed,
                 seeds,
-                jobs,
+                jobs: jobs
+                    .unwrap_or_else(peerdma_scenario::batch::default_workers)
+                    .get(),
                 mutations: mutate,
             },
         ),
+        Command::Sweep {
+            file,
+            params,
+            seeds,
+            seed,
+            explore,
+            jobs,
+            shard,
+        } => sweep::run(&sweep::SweepArgs {
+            file: &file,
+            params: &params,
+            seeds,
+            seed,
+            explore,
+            jobs,
+            shard,
+        }),
         Command::Ops { json, markdown } => {
             let all = peerdma_scenario::OPS;
             if json {
