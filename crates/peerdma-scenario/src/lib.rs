@@ -30,6 +30,7 @@ pub mod ast;
 pub mod batch;
 pub mod error;
 pub mod explore;
+pub mod fuzzing;
 pub mod ops;
 pub mod params;
 pub mod parse;
