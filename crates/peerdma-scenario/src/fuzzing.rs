@@ -10,6 +10,8 @@
 //!   process with a dmirror device; every step accepts any errno, so only a panic, a limit or an oracle
 //!   violation is news. Returns the report so a caller can look for violations.
 
+use std::fmt::Write as _;
+
 use crate::ast::{Limits, Scenario};
 use crate::parse::parse;
 use crate::report::Report;
@@ -125,15 +127,17 @@ pub fn op_sequence_text(bytes: &[u8]) -> String {
         "[sim]\nmemory = \"16MiB\"\nexplore = true\n\n[[device]]\nname = \"mirror0\"\nkind = \"dmirror\"\nsize = \"4MiB\"\n",
     );
     for (i, steps) in threads.iter().enumerate() {
-        text.push_str(&format!("\n[[thread]]\nname = \"t{i}\"\nsteps = [\n"));
+        let _ = write!(text, "\n[[thread]]\nname = \"t{i}\"\nsteps = [\n");
         if i == 0 {
-            text.push_str(&format!(
-                "  {{ op = \"mmap\", at = \"{BASE:#x}\", len = \"16 pages\", prot = \"rw\", flags = [\"private\", \"anonymous\", \"fixed\"] }},\n"
-            ));
+            let _ = writeln!(
+                text,
+                "  {{ op = \"mmap\", at = \"{BASE:#x}\", len = \"16 pages\", prot = \"rw\", flags = [\"private\", \"anonymous\", \"fixed\"] }},"
+            );
         }
-        text.push_str(&format!(
-            "  {{ op = \"open\", dev = \"mirror0\", fd = \"m{i}\" }},\n"
-        ));
+        let _ = writeln!(
+            text,
+            "  {{ op = \"open\", dev = \"mirror0\", fd = \"m{i}\" }},"
+        );
         for s in steps {
             text.push_str("  ");
             text.push_str(s);

@@ -18,7 +18,7 @@ fn scenario(rel: &str) -> Scenario {
         .join("../..")
         .join(rel);
     let mut s = parse_file(&path).unwrap_or_else(|e| panic!("{}", e.render()));
-    s.path = rel.to_owned();
+    rel.clone_into(&mut s.path);
     s
 }
 
@@ -32,6 +32,7 @@ const PROTOCOL: &[(&str, usize)] = &[
     ("scenarios/protocol/odp-munmap.toml", 50),
     ("scenarios/protocol/p2p-not-supported.toml", 50),
     ("scenarios/protocol/pin-migrate.toml", 2),
+    ("scenarios/protocol/p2p-remove.toml", 10),
     ("scenarios/fork_after_pin.toml", 3),
     ("examples/fence.toml", 50),
     ("examples/iommu-lazy-window.toml", 1),
@@ -112,8 +113,8 @@ fn every_mutation_switch_is_caught_within_1000_seeds() {
         // watch migrations of pinned pages (DESIGN.md §7.3 is checked at device access), so the scenario's
         // data expectation catches it (the DMA wrote to the page the process no longer maps).
         match (m, &f.report.outcome) {
-            (_, Outcome::OracleViolation(_)) => {}
-            (Mutation::SkipPinCheckMigrate, Outcome::ExpectationFailed) => {}
+            (_, Outcome::OracleViolation(_))
+            | (Mutation::SkipPinCheckMigrate, Outcome::ExpectationFailed) => {}
             (_, other) => panic!("{}: {other:?}", m.name()),
         }
         covered.push(m);
@@ -125,7 +126,7 @@ fn every_mutation_switch_is_caught_within_1000_seeds() {
 #[test]
 fn a_failing_seed_replays_identically_and_the_replay_command_names_it() {
     let scn = scenario("scenarios/protocol/dmirror-munmap.toml");
-    let s = explore(
+    let summary = explore(
         &scn,
         &ExploreOptions {
             seeds: 1_000,
@@ -134,8 +135,8 @@ fn a_failing_seed_replays_identically_and_the_replay_command_names_it() {
             ..ExploreOptions::default()
         },
     );
-    let f = s.first_failure.expect("caught");
-    assert_eq!(s.runs, f.seed + 1, "stops at the first failing seed");
+    let f = summary.first_failure.expect("caught");
+    assert_eq!(summary.runs, f.seed + 1, "stops at the first failing seed");
     let replay = || {
         let _on = peerdma_core::mutation::enable(Mutation::SkipReadRetry);
         run(
@@ -147,12 +148,12 @@ fn a_failing_seed_replays_identically_and_the_replay_command_names_it() {
             },
         )
     };
-    let (a, b) = (replay(), replay());
-    assert_eq!(a.render_text(), f.report.render_text());
-    assert_eq!(a.render_text(), b.render_text());
-    assert_eq!(a.schedule_hash, f.report.schedule_hash);
-    let Outcome::OracleViolation(v) = &a.outcome else {
-        panic!("{:?}", a.outcome)
+    let (first, second) = (replay(), replay());
+    assert_eq!(first.render_text(), f.report.render_text());
+    assert_eq!(first.render_text(), second.render_text());
+    assert_eq!(first.schedule_hash, f.report.schedule_hash);
+    let Outcome::OracleViolation(v) = &first.outcome else {
+        panic!("{:?}", first.outcome)
     };
     // The report names the step (file:line:col) and the pending threads.
     assert!(
