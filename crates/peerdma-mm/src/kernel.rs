@@ -610,8 +610,13 @@ impl Kernel {
     // ------------------------------------------------------------------------------------------ syscalls
 
     /// Yields to every agent runnable now: a point where work on other CPUs interleaves with this one.
+    /// With exploration on, it is also where the engine may preempt ([`peerdma_sim::Sim::preempt_point`]).
     pub async fn preempt_point(&self) {
-        self.sim.sleep(SimDuration::ZERO).await;
+        if self.sim.exploring() {
+            self.sim.preempt_point().await;
+        } else {
+            self.sim.sleep(SimDuration::ZERO).await;
+        }
     }
 
     // ------------------------------------------------------------------------------------------ CPU access

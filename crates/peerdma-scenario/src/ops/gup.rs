@@ -256,7 +256,7 @@ impl GupOp {
                             })?;
                     (p.frames().to_vec(), *va)
                 };
-                let mut data = vec![0u8; frames.len() * 4096];
+                let mut data = w.host_buffer(frames.len() as u64 * 4096)?;
                 pattern.fill(&mut data);
                 // The scenario's DMA engine writes through its pins one page at a time (one tag), each
                 // page landing `dma_page` after the previous one (peerdma_dma::space).
