@@ -237,6 +237,10 @@ pub struct DeviceDecl {
     pub gpu: Option<GpuDecl>,
     /// An `sva` device's geometry.
     pub sva: SvaDecl,
+    /// A `dmirror` device's notifier handles its own MIGRATE events like any other invalidation
+    /// (`own_migrations = "invalidate"`) instead of ignoring them as lib/test_hmm.c does (`"ignore"`, the
+    /// default; [`peerdma_devices::dmirror::DmirrorDevice::set_invalidate_own_migrations`]).
+    pub invalidate_own_migrations: bool,
 }
 
 /// The `gpu` keys of a `[[device]]` (`kind = "gpu"`).

@@ -1217,6 +1217,7 @@ impl<'s> Parser<'s> {
                 "wq_depth",
                 "prq_entries",
                 "pasid_bits",
+                "own_migrations",
             ],
         )?;
         let name_v = self.required(t, "name")?;
@@ -1326,7 +1327,21 @@ impl<'s> Parser<'s> {
             p2p_queue: true,
             gpu: None,
             sva,
+            invalidate_own_migrations: false,
         };
+        if let Some(v) = t.get("own_migrations") {
+            if kind != DeviceKind::Dmirror {
+                return Err(self.err(
+                    &v.span(),
+                    "`own_migrations` is for a `kind = \"dmirror\"` device",
+                ));
+            }
+            decl.invalidate_own_migrations = self.keyword(
+                v,
+                "own_migrations",
+                &[("ignore", false), ("invalidate", true)],
+            )?;
+        }
         if let Some(v) = t.get("p2p_queue") {
             if kind != DeviceKind::Nvme {
                 return Err(self.err(&v.span(), "`p2p_queue` is for a `kind = \"nvme\"` device"));

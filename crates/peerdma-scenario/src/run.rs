@@ -192,10 +192,9 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
                 DeviceMemoryKind::Coherent => DmirrorMemory::Coherent,
             };
             let id = DeviceId(u32::try_from(i).expect("few devices"));
-            (
-                d.name.clone(),
-                DmirrorDevice::new(&kernel, id, mem, d.size, dm_costs.clone()),
-            )
+            let dev = DmirrorDevice::new(&kernel, id, mem, d.size, dm_costs.clone());
+            dev.set_invalidate_own_migrations(d.invalidate_own_migrations);
+            (d.name.clone(), dev)
         })
         .collect();
     let sva_iommu = SvaIommu::new(&kernel, SvaCosts::from_timing(&timing), 1 << 20);
