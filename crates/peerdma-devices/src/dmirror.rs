@@ -648,6 +648,17 @@ impl Dmirror {
         self.sh.pt.borrow().len()
     }
 
+    /// Returns the device page-table entries in address order: `(va, frame, writable)`, `writable` for
+    /// WRITE and ATOMIC entries (introspection, for tests of what a mirror may hold).
+    pub fn entries(&self) -> Vec<(Va, FrameId, bool)> {
+        self.sh
+            .pt
+            .borrow()
+            .iter()
+            .map(|(&vpn, e)| (Va::from_raw(vpn << PAGE_SHIFT), e.frame, e.tag != Tag::Read))
+            .collect()
+    }
+
     /// Closes the file: removes the notifier (waiting for a running invalidation) and drops the mirror.
     pub async fn close(&self) {
         if self.closed.replace(true) {
