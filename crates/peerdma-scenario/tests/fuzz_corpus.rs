@@ -149,6 +149,28 @@ fn dmirror_fault_programs_a_page_a_cpu_fault_is_migrating_back() {
     assert_eq!(r.outcome, Outcome::Passed, "{}", r.render_text());
 }
 
+/// A third test_hmm.c race, found by the random op-sequence loop and minimised
+/// (`fuzz/regressions/dmirror-migrate-vs-dontneed.toml`): a MADV_DONTNEED zaps the migration entries of a
+/// MIGRATE_TO_DEV in progress, `dmirror_migrate_finalize_and_map` still programs the device pages (no
+/// `read_retry`), and `migrate_vma_finalize` frees them. The oracle must report the read-back, whichever
+/// `own_migrations` mode (the switch does not cover this race).
+#[test]
+fn dmirror_migrate_to_dev_programs_pages_a_dontneed_zapped() {
+    let path = "fuzz/regressions/dmirror-migrate-vs-dontneed.toml";
+    let text = std::fs::read_to_string(root().join(path)).unwrap();
+    for t in [text.clone(), invalidating_own_migrations(&text)] {
+        let r = run_text(path, &t);
+        match &r.outcome {
+            Outcome::OracleViolation(v) => {
+                assert!(v.contains("use after free"), "{v}");
+                assert!(v.contains("device 0 reached freed"), "{v}");
+                assert!(v.contains("by t0"), "the migrating thread's read-back: {v}");
+            }
+            other => panic!("the oracle missed test_hmm.c's migrate/DONTNEED race: {other:?}"),
+        }
+    }
+}
+
 /// A tiny xorshift generator: the loop needs no quality, only speed and a seed.
 struct Rng(u64);
 
