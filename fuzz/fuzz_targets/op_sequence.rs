@@ -4,7 +4,9 @@
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let r = peerdma_scenario::fuzzing::op_sequence(data);
-    // OPEN finding (fuzz/regressions/op-sequence-uaf-1.toml): some programs make the oracle report a dmirror
-    // read of a freed frame; turn this on once it is fixed.
-    let _ = r;
+    // The driver's dmirror devices invalidate their own migrations (test_hmm.c's own two races are pinned
+    // by fuzz/regressions/): any oracle violation is a finding.
+    if let peerdma_scenario::Outcome::OracleViolation(v) = &r.outcome {
+        panic!("oracle violation: {v}\n{}", peerdma_scenario::fuzzing::op_sequence_text(data));
+    }
 });

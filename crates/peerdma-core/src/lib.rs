@@ -9,6 +9,7 @@ pub mod addr;
 pub mod errno;
 pub mod ids;
 pub mod mm;
+pub mod mutation;
 pub mod page;
 pub mod time;
 pub mod timing;

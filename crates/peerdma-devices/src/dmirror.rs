@@ -11,7 +11,8 @@
 //!   back as they are); program `pt` from the pfns (`dmirror_do_fault`), the page-table writes' time spent
 //!   after the driver lock drops; [`FaultInjection::SkipReadRetry`] programs despite a retry, and the oracle
 //!   reports it;
-//! - invalidate: ignore MIGRATE events this device owns; erase the `pt` entries of the range —
+//! - invalidate: ignore MIGRATE events this device owns (test_hmm.c's rule and its two races:
+//!   [`DmirrorDevice::set_invalidate_own_migrations`]); erase the `pt` entries of the range —
 //!   `[start >> 12, end >> 12]` inclusive, exactly as test_hmm.c's `xa_for_each_range` does, so one page past
 //!   the range goes too; no fence (the model's device accesses are synchronous under the driver lock) and
 //!   nothing to DMA-unmap (test_hmm.c's device reaches pages by PFN).
@@ -259,9 +260,14 @@ impl MirrorDevice for Shared {
         self.injection.get() == FaultInjection::SkipReadRetry
     }
 
-    /// The driver's own migrations manage its page table (spec §2.3).
+    /// The driver's own migrations manage its page table (spec §2.3): test_hmm.c's
+    /// `dmirror_interval_invalidate` returns at once — before `mmu_interval_set_seq` — for a MIGRATE event
+    /// whose owner is `dmirror->mdevice`, the *device*, which every file open on it shares. Unless the
+    /// device is set to invalidate its own migrations ([`DmirrorDevice::set_invalidate_own_migrations`]).
     fn ignores(&self, range: &NotifierRange) -> bool {
-        range.event == NotifierEvent::Migrate && range.owner == Some(self.dev)
+        range.event == NotifierEvent::Migrate
+            && range.owner == Some(self.dev)
+            && !self.device.invalidate_own.get()
     }
 
     /// `dmirror_do_fault`: programs `pt` from the pfns (under the driver lock); the page-table writes' time
@@ -370,6 +376,8 @@ pub struct DmirrorDevice {
     /// The cost of the owning GPU's TLB invalidation when a CPU or peer fault pulls a page back
     /// ([`DmirrorDevice::set_tlb_invalidate`]; `None` for the test device, which has no TLB).
     tlb_invalidate: Cell<Option<SimDuration>>,
+    /// Whether the files' notifiers handle this device's own MIGRATE events like any invalidation.
+    invalidate_own: Cell<bool>,
 }
 
 /// Who a device page belongs to: the open file that migrated it (test_hmm.c keeps it in
@@ -429,6 +437,7 @@ impl DmirrorDevice {
             costs,
             space: DmaSpace::new(kernel, id, &format!("dmirror{}", id.0), 1),
             tlb_invalidate: Cell::new(None),
+            invalidate_own: Cell::new(false),
         });
         let kind = match memory {
             DmirrorMemory::Private => MemoryKind::DevicePrivate { owner: id },
@@ -454,6 +463,20 @@ impl DmirrorDevice {
     /// Returns the device id (`pgmap->owner`).
     pub fn id(&self) -> DeviceId {
         self.id
+    }
+
+    /// Makes every file's notifier handle this device's own MIGRATE events like any other invalidation
+    /// (erase the range, set the sequence) when `on`; by default they are ignored, as lib/test_hmm.c does.
+    ///
+    /// test_hmm.c's rule has two races, both reproduced by the model and reported by the oracle: a second
+    /// file open on the same device keeps entries for pages another file migrated away (their frames
+    /// freed), and a file's fault may program an entry for its own device page while a CPU fault migrates
+    /// that page back to RAM (the ignored event set no sequence, so `read_retry` does not fire, and
+    /// `dmirror_devmem_fault_alloc_and_copy` erased the entry before it was programmed). With `on`, the
+    /// driver skips nothing and both are gone; MIGRATE_TO_DEV still programs its entries after
+    /// `migrate_vma_pages`.
+    pub fn set_invalidate_own_migrations(&self, on: bool) {
+        self.invalidate_own.set(on);
     }
 
     /// Returns the number of pages of this device's memory holding data (allocated to a mirror): its
@@ -677,6 +700,17 @@ impl Dmirror {
     /// Returns whether the device page table has an entry for the page at `va`.
     pub fn maps(&self, va: Va) -> bool {
         self.sh.pt.borrow().contains_key(&va.page_number())
+    }
+
+    /// Returns the device page-table entries in address order: `(va, frame, writable)`, `writable` for
+    /// WRITE and ATOMIC entries (introspection, for tests of what a mirror may hold).
+    pub fn entries(&self) -> Vec<(Va, FrameId, bool)> {
+        self.sh
+            .pt
+            .borrow()
+            .iter()
+            .map(|(&vpn, e)| (Va::from_raw(vpn << PAGE_SHIFT), e.frame, e.tag != Tag::Read))
+            .collect()
     }
 
     /// Closes the file: removes the notifier (waiting for a running invalidation) and drops the mirror.

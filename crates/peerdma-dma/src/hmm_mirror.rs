@@ -283,7 +283,10 @@ impl<D: MirrorDevice> HmmMirror<D> {
             // Step 5.
             let g = dev.driver_lock().lock().await;
             let retry = k.interval_read_retry(pid, self.notifier, range.notifier_seq);
-            if retry && !dev.skip_read_retry() {
+            if retry
+                && !dev.skip_read_retry()
+                && !peerdma_core::mutation::active(peerdma_core::mutation::Mutation::SkipReadRetry)
+            {
                 drop(g);
                 k.sim.count(&format!("{}.retries", D::COUNTER_PREFIX), 1);
                 continue;

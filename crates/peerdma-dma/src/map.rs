@@ -205,9 +205,10 @@ impl Platform {
         write: bool,
     ) -> Result<MappedSg, DmaError> {
         // Step 2.
-        if targets
-            .iter()
-            .any(|t| matches!(t.class, Some((MapType::NotSupported, _))))
+        if !peerdma_core::mutation::active(peerdma_core::mutation::Mutation::RouteNotSupported)
+            && targets
+                .iter()
+                .any(|t| matches!(t.class, Some((MapType::NotSupported, _))))
         {
             self.kernel.sim.count("dma.map_sg_eremoteio", 1);
             return Err(Errno::EREMOTEIO.into());
@@ -344,15 +345,19 @@ impl Platform {
                                 ),
                             );
                         }
+                        self.check_iova_route(d, iova, pa);
                         Some(Resolved {
                             pa,
                             cost: c.iotlb_hit,
                         })
                     }
-                    Translation::Miss { pa, levels } => Some(Resolved {
-                        pa,
-                        cost: c.iotlb_miss + c.walk_per_level.saturating_mul(u64::from(levels)),
-                    }),
+                    Translation::Miss { pa, levels } => {
+                        self.check_iova_route(d, iova, pa);
+                        Some(Resolved {
+                            pa,
+                            cost: c.iotlb_miss + c.walk_per_level.saturating_mul(u64::from(levels)),
+                        })
+                    }
                     Translation::Fault(_) => {
                         self.kernel.sim.count("iommu.faults", 1);
                         None
@@ -427,6 +432,34 @@ impl Platform {
             .borrow_mut()
             .insert((provider, client), links.clone());
         links
+    }
+
+    /// Oracle check 5 for an IOVA access that lands in P2P memory: the provider–client pair's map type must
+    /// allow a transfer, so NOT_SUPPORTED never carries data whatever address the device was given
+    /// (`map_sg` refuses such a pair; this catches a mapping that got through anyway).
+    fn check_iova_route(&self, d: &DmaDevice, iova: Iova, pa: Pa) {
+        let Some((res, _)) = self.topology().bar_at(pa) else {
+            return;
+        };
+        if self.providers.borrow().resource_at(pa).is_none() {
+            return;
+        }
+        let mt = self
+            .providers
+            .borrow_mut()
+            .map_type(self.topology(), res, d.node);
+        if mt == MapType::NotSupported {
+            self.violation(
+                ViolationKind::Routing,
+                format!(
+                    "{} reached P2P memory at {:#x} through IOVA {:#x}, but the pair's map type is \
+                     NOT_SUPPORTED",
+                    d.name,
+                    pa.raw(),
+                    iova.raw()
+                ),
+            );
+        }
     }
 
     pub(crate) fn violation(&self, kind: ViolationKind, detail: String) {

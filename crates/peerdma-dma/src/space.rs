@@ -557,6 +557,7 @@ impl DmaSpace {
         let inner = &self.0;
         let covers = |f: &InFlight| covers(f, pid, range);
         match (inner.injection.get(), inner.fence_mode.get()) {
+            _ if peerdma_core::mutation::active(peerdma_core::mutation::Mutation::SkipFence) => {}
             (FenceInjection::SkipWait, _) => {}
             (FenceInjection::None, FenceMode::Abort) => {
                 let aborted: Vec<RequestId> = inner

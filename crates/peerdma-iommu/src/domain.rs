@@ -555,7 +555,11 @@ impl IommuDomain {
 
         match self.cfg.domain_type {
             DomainType::Dma => {
-                self.iotlb.invalidate_range(start_pfn, end_pfn);
+                if !peerdma_core::mutation::active(
+                    peerdma_core::mutation::Mutation::SkipStrictFlush,
+                ) {
+                    self.iotlb.invalidate_range(start_pfn, end_pfn);
+                }
                 self.stats.range_invalidations += 1;
                 self.iovad
                     .free(start_pfn)

@@ -265,7 +265,11 @@ impl Mms {
         }
         if cow && leaf.size == PageSize::Size4K {
             let f = phys.frame(frame);
-            if f.owner() == FrameOwner::Anon && (force || f.maybe_dma_pinned()) && f.mapcount == 1 {
+            let pinned = f.maybe_dma_pinned()
+                && !peerdma_core::mutation::active(
+                    peerdma_core::mutation::Mutation::SkipPinCheckCow,
+                );
+            if f.owner() == FrameOwner::Anon && (force || pinned) && f.mapcount == 1 {
                 // copy_present_page: the pinned page stays the parent's; the child gets a copy now.
                 if let Ok(new) = self.alloc_anon_for(phys, child) {
                     phys.copy_frame(frame, new);

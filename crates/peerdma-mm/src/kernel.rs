@@ -226,7 +226,20 @@ impl AddressSpace {
             .collect()
     }
 
-    /// Returns whether every byte of `r` lies in some VMA.
+    /// Returns the end of the part of `r` that VMAs cover without a hole from `r.start` (`r.start` when the
+    /// first page is unmapped): how far `mprotect` gets before its ENOMEM.
+    pub(crate) fn mapped_prefix_end(&self, r: Range<Va>) -> Va {
+        let mut cur = r.start;
+        for v in self.vmas_in(r) {
+            if v.range.start > cur {
+                break;
+            }
+            cur = v.range.end;
+        }
+        cur.min(r.end)
+    }
+
+    /// Returns whether every page of `r` lies in some VMA.
     pub(crate) fn fully_mapped(&self, r: Range<Va>) -> bool {
         let mut cur = r.start;
         for v in self.vmas_in(r) {
@@ -622,8 +635,13 @@ impl Kernel {
     // ------------------------------------------------------------------------------------------ syscalls
 
     /// Yields to every agent runnable now: a point where work on other CPUs interleaves with this one.
+    /// With exploration on, it is also where the engine may preempt ([`peerdma_sim::Sim::preempt_point`]).
     pub async fn preempt_point(&self) {
-        self.sim.sleep(SimDuration::ZERO).await;
+        if self.sim.exploring() {
+            self.sim.preempt_point().await;
+        } else {
+            self.sim.sleep(SimDuration::ZERO).await;
+        }
     }
 
     // ------------------------------------------------------------------------------------------ CPU access

@@ -19,7 +19,8 @@ impl Kernel {
     /// # Errors
     /// `EINVAL` for an unaligned address, for MADV_DONTNEED of a PFNMAP mapping, MADV_FREE outside private
     /// anonymous memory, MADV_COLD / MADV_PAGEOUT of a PFNMAP or hugetlb mapping and MADV_DOFORK of a VM_IO
-    /// one; `ENOMEM` when part of the range is not mapped.
+    /// one; `ENOMEM` when part of the range is not mapped (MADV_DONTNEED still zaps the mapped parts, as
+    /// mm/madvise.c does).
     pub async fn madvise(&self, pid: Pid, addr: Va, len: u64, advice: Advice) -> Result<(), Errno> {
         self.spend(self.costs.syscall).await;
         let r = check_range(addr, len)?;
@@ -27,20 +28,26 @@ impl Kernel {
         match advice {
             Advice::DontNeed => {
                 let _g = lock.read().await;
-                if !self.mms().mm(pid).fully_mapped(r) {
+                let vmas = self.mms().mm(pid).vmas_in(r);
+                if vmas.is_empty() {
                     return Err(Errno::ENOMEM);
                 }
                 // madvise_dontneed_free_valid_vma (mm/madvise.c): raw PFN mappings cannot be zapped this way.
-                if self
-                    .mms()
-                    .mm(pid)
-                    .vmas_in(r)
-                    .iter()
-                    .any(|v| v.flags.contains(VmFlags::PFNMAP))
-                {
+                if vmas.iter().any(|v| v.flags.contains(VmFlags::PFNMAP)) {
                     return Err(Errno::EINVAL);
                 }
-                self.zap_notify(pid, r, NotifierEvent::Clear).await;
+                // madvise_walk_vmas: every VMA in the range is zapped; a hole only makes the result ENOMEM.
+                let fully = self.mms().mm(pid).fully_mapped(r);
+                for v in vmas {
+                    let part = peerdma_core::Range::new(
+                        v.range.start.max(r.start),
+                        v.range.end.min(r.end),
+                    );
+                    self.zap_notify(pid, part, NotifierEvent::Clear).await;
+                }
+                if !fully {
+                    return Err(Errno::ENOMEM);
+                }
             }
             Advice::Free => {
                 let _g = lock.read().await;

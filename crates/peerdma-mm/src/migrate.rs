@@ -424,8 +424,11 @@ impl Kernel {
                 let fr = phys.frame(frame);
                 // Only anonymous pages move; pinned pages stay (the refcount check of migrate_vma_unmap); a page
                 // a device-range migration holds locked is skipped (the trylock of migrate_vma_collect_pmd).
-                if !selected || fr.owner() != FrameOwner::Anon || fr.maybe_dma_pinned() || fr.locked
-                {
+                let pinned = fr.maybe_dma_pinned()
+                    && !peerdma_core::mutation::active(
+                        peerdma_core::mutation::Mutation::SkipPinCheckMigrate,
+                    );
+                if !selected || fr.owner() != FrameOwner::Anon || pinned || fr.locked {
                     continue;
                 }
                 // folio_get + folio_trylock: the page stays locked and referenced until finalize (or until
@@ -604,7 +607,9 @@ pub(crate) fn migrate_unmap_check(
         };
         let mine = entries.get(&f).map_or(&[][..], Vec::as_slice);
         let expected = u32::try_from(mine.len()).expect("mappings fit u32") + 1;
-        if !still_mapped.contains(&f) && phys.frame(f).refcount == expected {
+        let skip_pin_check =
+            peerdma_core::mutation::active(peerdma_core::mutation::Mutation::SkipPinCheckMigrate);
+        if !still_mapped.contains(&f) && (phys.frame(f).refcount == expected || skip_pin_check) {
             continue;
         }
         let kind = phys.kind(f);

@@ -256,6 +256,9 @@ impl Kernel {
 
     /// `mmu_interval_set_seq`: called by the invalidate callback, under the driver lock.
     pub fn interval_set_seq(&self, pid: Pid, id: NotifierId, cur_seq: u64) {
+        if peerdma_core::mutation::active(peerdma_core::mutation::Mutation::SkipSeqBump) {
+            return;
+        }
         if let Some(s) = self.mms().mm_mut(pid).notifiers_mut().subs.get_mut(&id) {
             s.seq = cur_seq;
         }
@@ -270,6 +273,8 @@ impl Kernel {
         owner: Option<DeviceId>,
     ) {
         let (hits, cur_seq) = self.mms().mm_mut(pid).notifiers_mut().range_start(range);
+        // Exploration may preempt here: the sequence is odd, the callbacks have not run yet.
+        self.sim.preempt_point().await;
         let _span = self.sim.span("mmu_notifier.invalidate", Track::Agent, || {
             vec![
                 ("pid", pid.0.into()),
@@ -313,6 +318,11 @@ impl Kernel {
     /// Zaps every entry of `r` inside an invalidation of kind `event` (start, zap, TLB shootdown, end);
     /// returns the number of base pages zapped. Private anonymous contents are forgotten (they read zero again).
     pub(crate) async fn zap_notify(&self, pid: Pid, r: Range<Va>, event: NotifierEvent) -> u64 {
+        let early = peerdma_core::mutation::active(peerdma_core::mutation::Mutation::EarlyFree)
+            .then(|| {
+                self.mms()
+                    .zap_range(&mut self.phys(), &mut self.swap(), pid, r)
+            });
         self.invalidate_range_start(pid, r, event, None).await;
         // zap_pmd_range: a PMD leaf the range cuts is split first, inside its own CLEAR of the whole 2 MiB.
         self.split_huge_pmds_cut_by(pid, r).await;
@@ -321,7 +331,7 @@ impl Kernel {
             let mut phys = self.phys();
             let mut swap = self.swap();
             let mut oracle = self.oracle();
-            let nr = st.zap_range(&mut phys, &mut swap, pid, r);
+            let nr = early.unwrap_or_else(|| st.zap_range(&mut phys, &mut swap, pid, r));
             oracle.forget_anon(pid, r);
             nr
         };

@@ -17,7 +17,7 @@ impl Kernel {
     ///
     /// # Errors
     /// `EINVAL` for an unaligned address or a range outside user space; `ENOMEM` when part of the range is
-    /// not mapped.
+    /// not mapped (after changing the VMAs before the first hole, as mm/mprotect.c does).
     pub async fn mprotect(&self, pid: Pid, addr: Va, len: u64, prot: Prot) -> Result<(), Errno> {
         self.spend(self.costs.syscall).await;
         if len == 0 && addr.is_page_aligned() {
@@ -26,9 +26,14 @@ impl Kernel {
         let r = check_range(addr, len)?;
         let lock = self.mmap_lock(pid);
         let _g = lock.write().await;
-        if !self.mms().mm(pid).fully_mapped(r) {
+        // do_mprotect_pkey: ENOMEM at once when the first page is unmapped; otherwise the VMAs up to the
+        // first hole change and the call still fails with ENOMEM.
+        let end = self.mms().mm(pid).mapped_prefix_end(r);
+        if end == r.start {
             return Err(Errno::ENOMEM);
         }
+        let hole = end < r.end;
+        let r = peerdma_core::Range::new(r.start, end);
         let has_leaves = self.mms().mm(pid).pt().cursor(r).next().is_some();
         if has_leaves {
             self.invalidate_range_start(pid, r, NotifierEvent::ProtectionVma, None)
@@ -68,7 +73,7 @@ impl Kernel {
         }
         self.sim
             .trace("mprotect", || format!("pid {} {r} {prot}", pid.0));
-        Ok(())
+        if hole { Err(Errno::ENOMEM) } else { Ok(()) }
     }
 }
 

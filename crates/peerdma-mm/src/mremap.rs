@@ -53,6 +53,19 @@ impl Kernel {
             .checked_next_multiple_of(PAGE_SIZE)
             .ok_or(Errno::EINVAL)?;
         let old_r = Range::from_len(old, old_len).ok_or(Errno::EINVAL)?;
+        // The MREMAP_FIXED target's parameters are checked before the VMA is looked up (mm/mremap.c:
+        // `check_mremap_params`, `mremap_to` in older kernels): an unaligned, out-of-range or overlapping
+        // target is EINVAL even when the old range is not mapped.
+        let fixed_target = match flags.new_addr.filter(|_| flags.fixed) {
+            Some(to) => {
+                let t = Range::from_len(to, new_len).ok_or(Errno::EINVAL)?;
+                if !to.is_page_aligned() || t.overlaps(&old_r) || t.end.raw() > TASK_SIZE {
+                    return Err(Errno::EINVAL);
+                }
+                Some(t)
+            }
+            None => None,
+        };
         let lock = self.mmap_lock(pid);
         let _g = lock.write().await;
         let vma = self.mms().mm(pid).vma(old).cloned().ok_or(Errno::EFAULT)?;
@@ -72,13 +85,9 @@ impl Kernel {
             }
             return Ok(old);
         }
-        let target = if let Some(to) = flags.new_addr.filter(|_| flags.fixed) {
-            let t = Range::from_len(to, new_len).ok_or(Errno::EINVAL)?;
-            if !to.is_page_aligned() || t.overlaps(&old_r) || t.end.raw() > TASK_SIZE {
-                return Err(Errno::EINVAL);
-            }
+        let target = if let Some(t) = fixed_target {
             self.do_munmap(pid, t).await;
-            to
+            t.start
         } else if flags.dontunmap {
             self.find_gap(pid, None, new_len, PAGE_SIZE)
                 .ok_or(Errno::ENOMEM)?

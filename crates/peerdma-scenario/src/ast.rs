@@ -52,6 +52,23 @@ pub struct Scenario {
 }
 
 impl Scenario {
+    /// Checks that the scenario has something to run: an empty file, or one without any `[[thread]]`, is an
+    /// error for `peerdma run`, `check` and `explore` (it would "pass" having checked nothing). A file with
+    /// only a `[topology]` is still valid input for `peerdma topo`.
+    ///
+    /// # Errors
+    /// A [`crate::ScenarioError`] at line 1 when there is no thread.
+    pub fn check_runnable(&self) -> Result<(), crate::ScenarioError> {
+        if self.threads.is_empty() {
+            return Err(crate::ScenarioError::whole_file(
+                &self.path,
+                "the scenario has no `[[thread]]`: nothing to run; expected at least one `[[thread]]` \
+                 with `steps`",
+            ));
+        }
+        Ok(())
+    }
+
     /// Returns the timing every cost table of the run is built from: the `[sim] time` mode with the
     /// `[timing]` overrides (which zero mode ignores for time parameters).
     pub fn timing(&self) -> peerdma_core::Timing {
@@ -111,6 +128,8 @@ pub struct SimSettings {
     /// anonymous user pages are allocated there; kernel/driver, hugetlb and page-cache pages never are, and a
     /// FOLL_LONGTERM pin migrates pages out of them first. Default none.
     pub movable: Vec<u32>,
+    /// What one run may use (`[sim.limits]`).
+    pub limits: Limits,
 }
 
 impl Default for SimSettings {
@@ -123,6 +142,50 @@ impl Default for SimSettings {
             time_limit: SimDuration::from_millis(60_000),
             memory: vec![1 << 30],
             movable: Vec::new(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// The resources one run may use (`[sim.limits]`): every size, length and count of a scenario is checked
+/// against them, at parse time where the value is written in the file and at run time otherwise, so that
+/// no input makes the tool allocate without bound, run away or crash. Reaching one at run time stops the run
+/// with [`crate::Outcome::Limit`], naming the limit and the step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// `host_memory`: the most bytes of host memory one step may ask for at once (a `store`'s data, a
+    /// `load`'s or a device read's buffer, a `[[file]]`'s contents). Default 1 GiB.
+    pub host_memory: u64,
+    /// `memory`: the most simulated memory (the sum of `[sim] memory`, each device's and file's `size`).
+    /// Default 64 GiB (the model keeps per-frame metadata for all of it).
+    pub memory: u64,
+    /// `steps`: the most steps all threads may run together. Default 10,000,000.
+    pub steps: u64,
+    /// `events`: the most engine events. Default 100,000,000.
+    pub events: u64,
+    /// `trace`: the most trace events recorded. Default 10,000,000.
+    pub trace: u64,
+    /// `wall_time`: the most host (wall-clock) time one run may take, in nanoseconds; `0` means no limit.
+    /// Default 10 minutes. A run stopped by it is the one outcome that depends on the host.
+    pub wall_time: SimDuration,
+}
+
+impl Limits {
+    /// The default `host_memory`: 1 GiB.
+    pub const DEFAULT_HOST_MEMORY: u64 = 1 << 30;
+    /// The default simulated `memory`: 64 GiB.
+    pub const DEFAULT_MEMORY: u64 = 64 << 30;
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            host_memory: Self::DEFAULT_HOST_MEMORY,
+            memory: Self::DEFAULT_MEMORY,
+            steps: 10_000_000,
+            events: 100_000_000,
+            trace: 10_000_000,
+            wall_time: SimDuration::from_millis(600_000),
         }
     }
 }
@@ -178,6 +241,10 @@ pub struct DeviceDecl {
     pub gpu: Option<GpuDecl>,
     /// An `sva` device's geometry.
     pub sva: SvaDecl,
+    /// A `dmirror` device's notifier handles its own MIGRATE events like any other invalidation
+    /// (`own_migrations = "invalidate"`) instead of ignoring them as lib/test_hmm.c does (`"ignore"`, the
+    /// default; [`peerdma_devices::dmirror::DmirrorDevice::set_invalidate_own_migrations`]).
+    pub invalidate_own_migrations: bool,
 }
 
 /// The `gpu` keys of a `[[device]]` (`kind = "gpu"`).

@@ -68,6 +68,22 @@ pub enum RunError {
         /// The length in bytes.
         len: u64,
     },
+    /// A step asks for more host memory at once than `[sim.limits] host_memory` allows.
+    #[error(
+        "the step needs {bytes:#x} bytes of host memory, over the limit of {limit:#x} (`[sim.limits] host_memory`)"
+    )]
+    HostMemoryLimit {
+        /// The bytes asked for.
+        bytes: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The threads ran more steps than `[sim.limits] steps` allows.
+    #[error("step limit reached: {limit} steps run (`[sim.limits] steps`)")]
+    StepLimit {
+        /// The limit.
+        limit: u64,
+    },
     /// A pin the acting process does not hold.
     #[error("pin `{pin}` is not held by process `{process}`")]
     NoPin {
@@ -200,6 +216,26 @@ pub enum RunError {
     },
 }
 
+impl RunError {
+    /// Returns whether this error is a resource limit of `[sim.limits]` (the run stops, naming it).
+    pub fn is_limit(&self) -> bool {
+        matches!(self, Self::HostMemoryLimit { .. } | Self::StepLimit { .. })
+    }
+
+    /// Returns the errno a kernel would give for this misuse of a handle the process does not hold (a second
+    /// unpin, a DMA handle used after its release, a closed device file: `EBADF`; an access past a handle's
+    /// end: `EINVAL`), so that a step's `expect = { errno = ... }` can name it. `None` for other errors.
+    pub fn misuse_errno(&self) -> Option<Errno> {
+        match self {
+            Self::NoPin { .. } | Self::NoHandle { .. } | Self::FdNotOpen { .. } => {
+                Some(Errno::EBADF)
+            }
+            Self::PastHandleEnd { .. } => Some(Errno::EINVAL),
+            _ => None,
+        }
+    }
+}
+
 /// An input error in a scenario file, at a 1-based line and column.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{path}:{line}:{col}: {message}")]
@@ -226,6 +262,18 @@ impl ScenarioError {
             col: pos.col,
             message: message.into(),
             source_line: Some(pos.source_line.to_owned()),
+        }
+    }
+
+    /// Creates an error about the file as a whole (line 1, column 1, no source line), such as a scenario
+    /// with nothing to run.
+    pub fn whole_file(path: &str, message: impl Into<String>) -> Self {
+        Self {
+            path: path.to_owned(),
+            line: 1,
+            col: 1,
+            message: message.into(),
+            source_line: None,
         }
     }
 

@@ -29,6 +29,8 @@
 pub mod ast;
 pub mod batch;
 pub mod error;
+pub mod explore;
+pub mod fuzzing;
 pub mod ops;
 pub mod params;
 pub mod parse;
@@ -40,8 +42,8 @@ pub mod units;
 
 pub use ast::{
     AddrError, AddrExpr, Advice, DeviceDecl, DeviceKind, DeviceMemoryKind, DmaMode, Expect,
-    ExportDecl, FileDecl, IommuMode, Loc, MmapFlags, P2pDecl, Prot, Scenario, Signal, SimSettings,
-    SleepSpec, Step, ThreadDecl, TimeMode, Tolerance, WriteSource,
+    ExportDecl, FileDecl, IommuMode, Limits, Loc, MmapFlags, P2pDecl, Prot, Scenario, Signal,
+    SimSettings, SleepSpec, Step, ThreadDecl, TimeMode, Tolerance, WriteSource,
 };
 pub use error::{RunError, ScenarioError};
 pub use ops::{OPS, Op, OpSpec};

@@ -28,7 +28,7 @@ use toml::de::{DeString, DeTable, DeValue};
 
 use crate::ast::{
     AddrError, AddrExpr, DeviceDecl, DeviceKind, DeviceMemoryKind, Expect, ExportDecl, FileDecl,
-    GpuDecl, IommuMode, Loc, P2pDecl, Prot, Scenario, Signal, SimSettings, Step, SvaDecl,
+    GpuDecl, IommuMode, Limits, Loc, P2pDecl, Prot, Scenario, Signal, SimSettings, Step, SvaDecl,
     ThreadDecl, TimeMode, Tolerance,
 };
 use crate::error::{LineIndex, ScenarioError};
@@ -81,10 +81,33 @@ pub fn parse(path: &str, text: &str) -> Result<Scenario> {
 /// Returns a [`ScenarioError`] at line 0 when the file cannot be read, or the first input error of
 /// [`parse`].
 pub fn parse_file(path: &Path) -> Result<Scenario> {
+    use std::io::Read as _;
     let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ScenarioError::io(&shown, &e))?;
+    let file = std::fs::File::open(path).map_err(|e| ScenarioError::io(&shown, &e))?;
+    // Read at most one byte past the limit: a larger input (or `/dev/zero`) is refused, not read whole.
+    let mut bytes = Vec::new();
+    file.take(MAX_INPUT_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| ScenarioError::io(&shown, &e))?;
+    if bytes.len() as u64 > MAX_INPUT_BYTES {
+        return Err(ScenarioError::io(
+            &shown,
+            &std::io::Error::other(format!(
+                "the file is larger than the input limit of {MAX_INPUT_BYTES} bytes"
+            )),
+        ));
+    }
+    let text = String::from_utf8(bytes).map_err(|e| {
+        ScenarioError::io(
+            &shown,
+            &std::io::Error::new(std::io::ErrorKind::InvalidData, e.utf8_error()),
+        )
+    })?;
     parse(&shown, &text)
 }
+
+/// The largest scenario file [`parse_file`] reads: 16 MiB (the biggest bundled scenario is a few KiB).
+pub const MAX_INPUT_BYTES: u64 = 16 << 20;
 
 /// The most NUMA nodes `[sim] memory` may list (`MAX_NUMNODES` of a kernel built with `NODES_SHIFT` 6).
 const MAX_NODES: usize = 64;
@@ -299,6 +322,10 @@ pub(crate) struct Parser<'s> {
     /// `dma_sg.read`/`dma_sg.write` ranges, checked against their handle's length once the file is read.
     pub(crate) handle_ranges: Vec<HandleRange>,
     refs: Vec<NameRef>,
+    /// `[sim.limits]`, read first: later sizes are checked against it.
+    limits: Limits,
+    /// Simulated memory declared so far (`[sim] memory`, devices, files), checked against `limits.memory`.
+    sim_memory: u64,
 }
 
 impl<'s> Parser<'s> {
@@ -328,7 +355,27 @@ impl<'s> Parser<'s> {
             handle_lens: BTreeMap::new(),
             handle_ranges: Vec::new(),
             refs: Vec::new(),
+            limits: Limits::default(),
+            sim_memory: 0,
         }
+    }
+
+    /// Adds `bytes` of simulated memory declared at `span` (`what`) and checks the total against
+    /// `[sim.limits] memory`.
+    fn add_sim_memory(&mut self, bytes: u64, span: &Range<usize>, what: &str) -> Result<()> {
+        let total = self.sim_memory.saturating_add(bytes);
+        if total > self.limits.memory {
+            return Err(self.err(
+                span,
+                format!(
+                    "{what} brings the simulated memory to {total:#x} bytes, over the limit of {:#x} \
+                     (`[sim.limits] memory`)",
+                    self.limits.memory
+                ),
+            ));
+        }
+        self.sim_memory = total;
+        Ok(())
     }
 
     /// Returns an error at the start of `span`.
@@ -782,6 +829,8 @@ impl<'s> Parser<'s> {
             Some(v) => self.sim(v)?,
             None => SimSettings::default(),
         };
+        self.limits = sim.limits;
+        self.sim_memory = sim.memory.iter().fold(0u64, |a, &m| a.saturating_add(m));
         let mut timing = BTreeMap::new();
         if let Some(v) = top.get("timing") {
             let t = self.table(v, "the `[timing]` table")?;
@@ -914,9 +963,13 @@ impl<'s> Parser<'s> {
                 "time_limit",
                 "memory",
                 "movable",
+                "limits",
             ],
         )?;
         let mut sim = SimSettings::default();
+        if let Some(v) = t.get("limits") {
+            sim.limits = self.limits(v)?;
+        }
         if let Some(v) = t.get("seed") {
             sim.seed = self.uint(v, "seed")?;
         }
@@ -962,7 +1015,54 @@ impl<'s> Parser<'s> {
         if let Some(v) = t.get("movable") {
             sim.movable = self.movable_nodes(v, sim.memory.len())?;
         }
+        let total = sim.memory.iter().fold(0u64, |a, &m| a.saturating_add(m));
+        if total > sim.limits.memory {
+            let span = t.get("memory").map_or(0..0, Spanned::span);
+            return Err(self.err(
+                &span,
+                format!(
+                    "`memory` adds up to {total:#x} bytes, over the limit of {:#x} (`[sim.limits] memory`)",
+                    sim.limits.memory
+                ),
+            ));
+        }
         Ok(sim)
+    }
+
+    /// `[sim.limits]`: each key optional, each a size, a count or (`wall_time`) a time.
+    fn limits(&self, v: &Value<'_>) -> Result<Limits> {
+        let t = self.table(v, "the `[sim.limits]` table")?;
+        self.allow(
+            &t,
+            &[
+                "host_memory",
+                "memory",
+                "steps",
+                "events",
+                "trace",
+                "wall_time",
+            ],
+        )?;
+        let mut l = Limits::default();
+        if let Some(v) = t.get("host_memory") {
+            l.host_memory = self.size(v, "host_memory")?;
+        }
+        if let Some(v) = t.get("memory") {
+            l.memory = self.size(v, "memory")?;
+        }
+        if let Some(v) = t.get("steps") {
+            l.steps = self.uint(v, "steps")?;
+        }
+        if let Some(v) = t.get("events") {
+            l.events = self.uint(v, "events")?;
+        }
+        if let Some(v) = t.get("trace") {
+            l.trace = self.uint(v, "trace")?;
+        }
+        if let Some(v) = t.get("wall_time") {
+            l.wall_time = self.time(v, "wall_time")?;
+        }
+        Ok(l)
     }
 
     /// `[sim] movable`: a list of NUMA node ids whose memory is ZONE_MOVABLE, each below the node count, not
@@ -1084,7 +1184,20 @@ impl<'s> Parser<'s> {
         let name = self.name(name_v, "name")?;
         self.check_unique(&self.files, &name, &name_v.span(), "file")?;
         self.files.insert(name.clone(), name_v.span());
-        let size = self.size(self.required(t, "size")?, "size")?;
+        let size_v = self.required(t, "size")?;
+        let size = self.size(size_v, "size")?;
+        // The file's contents are filled in host memory once (its `pattern`) and live in simulated memory.
+        if size > self.limits.host_memory {
+            return Err(self.err(
+                &size_v.span(),
+                format!(
+                    "a file of {size:#x} bytes is over the host memory limit of {:#x} \
+                     (`[sim.limits] host_memory`)",
+                    self.limits.host_memory
+                ),
+            ));
+        }
+        self.add_sim_memory(size, &size_v.span(), "this file")?;
         let pattern = match t.get("pattern") {
             Some(v) => self.pattern(v, "pattern")?,
             None => Pattern::Zero,
@@ -1133,6 +1246,7 @@ impl<'s> Parser<'s> {
                 "wq_depth",
                 "prq_entries",
                 "pasid_bits",
+                "own_migrations",
             ],
         )?;
         let name_v = self.required(t, "name")?;
@@ -1231,6 +1345,7 @@ impl<'s> Parser<'s> {
                         ),
                     ));
                 }
+                self.add_sim_memory(size, &v.span(), "this device's `size`")?;
                 size
             }
             None => 256 << 20,
@@ -1247,7 +1362,21 @@ impl<'s> Parser<'s> {
             p2p_queue: true,
             gpu: None,
             sva,
+            invalidate_own_migrations: false,
         };
+        if let Some(v) = t.get("own_migrations") {
+            if kind != DeviceKind::Dmirror {
+                return Err(self.err(
+                    &v.span(),
+                    "`own_migrations` is for a `kind = \"dmirror\"` device",
+                ));
+            }
+            decl.invalidate_own_migrations = self.keyword(
+                v,
+                "own_migrations",
+                &[("ignore", false), ("invalidate", true)],
+            )?;
+        }
         if let Some(v) = t.get("p2p_queue") {
             if kind != DeviceKind::Nvme {
                 return Err(self.err(&v.span(), "`p2p_queue` is for a `kind = \"nvme\"` device"));
@@ -1643,6 +1772,18 @@ impl<'s> Parser<'s> {
             .iter()
             .map(|item| self.step(item))
             .collect::<Result<Vec<_>>>()?;
+        if let Some(i) = steps.iter().position(|s| s.op.ends_thread())
+            && let Some(after) = items.get(i + 1)
+        {
+            return Err(self.err(
+                &after.span(),
+                format!(
+                    "this step comes after the `exit` at line {} and would never run; expected `exit` to be \
+                     the thread's last step",
+                    steps[i].loc.line
+                ),
+            ));
+        }
         Ok(ThreadDecl {
             name,
             process,

@@ -84,8 +84,12 @@ pub enum Outcome {
     OracleViolation(String),
     /// Threads were still blocked with nothing left to wake them.
     Deadlock(Vec<String>),
-    /// Simulated time passed `sim.time_limit`.
-    TimeLimit,
+    /// Simulated time passed `sim.time_limit`; the detail names the limit and the pending threads with the
+    /// step each is in.
+    TimeLimit(String),
+    /// A resource limit of `[sim.limits]` was reached, or the clock would overflow: the detail names the
+    /// limit (and the step, for a step's request). Exit code 2, like an invalid input.
+    Limit(String),
     /// The run was stopped for another reason.
     Stopped(String),
 }
@@ -145,6 +149,10 @@ pub struct Report {
     pub end_time: SimTime,
     /// Engine events delivered.
     pub events: u64,
+    /// A hash of the order in which agents ran ([`peerdma_sim::Sim::schedule_hash`]): `peerdma explore`
+    /// counts distinct interleavings with it. Not part of the printed report.
+    #[serde(skip)]
+    pub schedule_hash: u64,
     /// Steps whose expectations were checked.
     pub expectations: u64,
     /// Failed expectations, in the order they failed.
@@ -313,9 +321,14 @@ fn hit_rates(
 }
 
 impl Report {
-    /// Returns the process exit code: 0 when the run passed, 1 otherwise.
+    /// Returns the process exit code: 0 when the run passed, 2 when it stopped at a limit (the input asked
+    /// for more than `[sim.limits]` allows), 1 otherwise.
     pub fn exit_code(&self) -> i32 {
-        i32::from(self.outcome != Outcome::Passed)
+        match self.outcome {
+            Outcome::Passed => 0,
+            Outcome::Limit(_) => 2,
+            _ => 1,
+        }
     }
 
     /// Renders the report for a terminal.
@@ -328,7 +341,8 @@ impl Report {
             }
             Outcome::OracleViolation(v) => format!("ORACLE VIOLATION\n  {v}"),
             Outcome::Deadlock(b) => format!("DEADLOCK (blocked: {})", b.join(", ")),
-            Outcome::TimeLimit => "TIME LIMIT reached".to_owned(),
+            Outcome::TimeLimit(d) => format!("TIME LIMIT reached: {d}"),
+            Outcome::Limit(d) => format!("LIMIT reached: {d}"),
             Outcome::Stopped(r) => format!("STOPPED: {r}"),
         };
         let _ = writeln!(s, "peerdma run: {}", self.scenario);

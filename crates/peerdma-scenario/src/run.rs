@@ -82,6 +82,8 @@ pub(crate) struct StepResult {
     pub(crate) note: Option<String>,
     /// An `sva.stats` step's device ATC hit rate (percent) and translation requests.
     pub(crate) sva_stats: Option<(u64, u64)>,
+    /// The misuse behind `errno`, when the step used a handle its process does not hold.
+    pub(crate) misuse: Option<String>,
 }
 
 /// What a step's `expect.counters` / `expect.events` look at: counter values and mirrors' event logs
@@ -167,18 +169,29 @@ pub(crate) struct World {
     failures: RefCell<Vec<ExpectFailure>>,
     expectations: RefCell<u64>,
     step_log: bool,
+    /// The step each thread is running (or blocked in), by thread name: named by every report that stops a
+    /// run with threads still pending.
+    current: RefCell<BTreeMap<String, (crate::ast::Loc, &'static str)>>,
+    /// Steps run so far, against `[sim.limits] steps`.
+    steps_run: RefCell<u64>,
 }
 
 /// Runs `scn` to completion and returns its report.
 pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
     let seed = opts.seed.unwrap_or(scn.sim.seed);
     let explore = opts.explore.unwrap_or(scn.sim.explore);
+    let limits = scn.sim.limits;
     let sim = Sim::new(SimConfig {
         seed,
         explore,
         jitter: scn.sim.jitter,
         time_limit: SimTime(scn.sim.time_limit.as_nanos()),
         trace: opts.trace,
+        max_events: limits.events,
+        max_trace: usize::try_from(limits.trace).unwrap_or(usize::MAX),
+        preempt_per_256: EXPLORE_PREEMPT_PER_256,
+        preempt_max: EXPLORE_PREEMPT_MAX,
+        watchdog: wall_clock_watchdog(limits.wall_time),
     });
     // Every cost table comes from one timing: `[sim] time` with the `[timing]` overrides.
     let timing = scn.timing();
@@ -210,10 +223,9 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
                 DeviceMemoryKind::Coherent => DmirrorMemory::Coherent,
             };
             let id = DeviceId(u32::try_from(i).expect("few devices"));
-            (
-                d.name.clone(),
-                DmirrorDevice::new(&kernel, id, mem, d.size, dm_costs.clone()),
-            )
+            let dev = DmirrorDevice::new(&kernel, id, mem, d.size, dm_costs.clone());
+            dev.set_invalidate_own_migrations(d.invalidate_own_migrations);
+            (d.name.clone(), dev)
         })
         .collect();
     let sva_iommu = SvaIommu::new(&kernel, SvaCosts::from_timing(&timing), 1 << 20);
@@ -263,6 +275,8 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
         failures: RefCell::new(Vec::new()),
         expectations: RefCell::new(0),
         step_log: opts.step_log,
+        current: RefCell::new(BTreeMap::new()),
+        steps_run: RefCell::new(0),
     });
     {
         let w = world.clone();
@@ -361,6 +375,34 @@ fn build_sva(scn: &Scenario, iommu: &SvaIommu) -> BTreeMap<String, SvaAccel> {
         .collect()
 }
 
+/// With exploration on, the chance (in 1/256) that a yield point becomes a preemption ([`SimConfig`]).
+const EXPLORE_PREEMPT_PER_256: u32 = 64;
+/// The longest delay one exploration preemption adds: 20 µs, longer than a page fault or an invalidation
+/// (spec/numbers.md §3), so that another agent's whole protocol step can land in the window.
+const EXPLORE_PREEMPT_MAX: SimDuration = SimDuration::from_nanos(20_000);
+
+/// Returns the watchdog that stops a run past `limit` of host time (`[sim.limits] wall_time`; 0: none).
+/// The model never reads the host clock; only this check, between events, does.
+fn wall_clock_watchdog(limit: SimDuration) -> Option<peerdma_sim::Watchdog> {
+    if limit.as_nanos() == 0 {
+        return None;
+    }
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the wall-time limit is about the host, not the model; it only ever stops a run"
+    )]
+    let start = std::time::Instant::now();
+    let limit = std::time::Duration::from_nanos(limit.as_nanos());
+    Some(peerdma_sim::Watchdog(Rc::new(move || {
+        (start.elapsed() > limit).then(|| {
+            format!(
+                "wall-time limit of {} s reached (`[sim.limits] wall_time`)",
+                limit.as_secs_f64()
+            )
+        })
+    })))
+}
+
 type PlatformParts = (
     Option<Rc<Platform>>,
     BTreeMap<String, DeviceId>,
@@ -446,7 +488,13 @@ impl World {
     async fn init(self: Rc<Self>) {
         for f in &self.scn.files {
             let id = self.files[&f.name];
-            let mut data = vec![0u8; usize::try_from(f.size).expect("file fits memory")];
+            let Ok(mut data) = self.host_buffer(f.size) else {
+                self.kernel.sim.limit_reached(format!(
+                    "file {} of {:#x} bytes is over `[sim.limits] host_memory`",
+                    f.name, f.size
+                ));
+                return;
+            };
             f.pattern.fill(&mut data);
             if self.kernel.pwrite(id, 0, &data).await.is_err() {
                 self.kernel
@@ -492,6 +540,9 @@ impl World {
             if let Some(kind) = step.expect.violation {
                 self.kernel.expect_violation(kind);
             }
+            self.current
+                .borrow_mut()
+                .insert(t.name.clone(), (step.loc, step.op.name()));
             let span = self
                 .kernel
                 .sim
@@ -503,8 +554,19 @@ impl World {
                 })
                 .with_histogram(format!("step.{}", step.op.name()));
             let before = self.observe(&t.process, &step.expect);
-            let res = self.step(&t.process, step, &mut rng).await;
+            let res = match self.count_step() {
+                Ok(()) => self.step(&t.process, step, &mut rng).await,
+                Err(e) => Err(e),
+            };
             drop(span);
+            let res = match res {
+                Err(e) if e.misuse_errno().is_some() => Ok(StepResult {
+                    errno: e.misuse_errno(),
+                    misuse: Some(e.to_string()),
+                    ..StepResult::default()
+                }),
+                other => other,
+            };
             let observed = self.observed_since(&t.process, &step.expect, &before);
             self.check(&t.name, step, &res, start, &observed);
             self.sample_residency();
@@ -512,6 +574,7 @@ impl World {
                 break;
             }
         }
+        self.current.borrow_mut().remove(&t.name);
         let last = {
             let mut p = self.procs.borrow_mut();
             let st = p.get_mut(&t.process).expect("thread's process");
@@ -564,6 +627,54 @@ impl World {
         if !held_elsewhere || exiting == Some(m.opener()) {
             m.close().await;
         }
+    }
+
+    /// Counts one step against `[sim.limits] steps`.
+    fn count_step(&self) -> Result<(), RunError> {
+        let mut n = self.steps_run.borrow_mut();
+        *n += 1;
+        let limit = self.scn.sim.limits.steps;
+        if *n > limit {
+            return Err(RunError::StepLimit { limit });
+        }
+        Ok(())
+    }
+
+    /// Returns a zeroed host buffer of `bytes` for a step's data, or the `[sim.limits] host_memory` error:
+    /// no host allocation is sized by the input without this check.
+    pub(crate) fn host_buffer(&self, bytes: u64) -> Result<Vec<u8>, RunError> {
+        self.check_host(bytes)?;
+        Ok(vec![
+            0u8;
+            usize::try_from(bytes).expect(
+                "below the host memory limit, which fits usize"
+            )
+        ])
+    }
+
+    /// Checks that a step may ask for `bytes` of host memory at once (`[sim.limits] host_memory`).
+    pub(crate) fn check_host(&self, bytes: u64) -> Result<(), RunError> {
+        let limit = self.scn.sim.limits.host_memory;
+        if bytes > limit || usize::try_from(bytes).is_err() {
+            return Err(RunError::HostMemoryLimit { bytes, limit });
+        }
+        Ok(())
+    }
+
+    /// Describes every pending agent: a scenario thread with the step it is in (`file:line:col`, op), any
+    /// other agent (a device engine, a kernel worker) by name.
+    fn pending_report(&self, pending: &[String]) -> String {
+        let cur = self.current.borrow();
+        pending
+            .iter()
+            .map(|name| match cur.get(name) {
+                Some((loc, op)) => {
+                    format!("thread `{name}` in `{op}` at {}:{loc}", self.scn.path)
+                }
+                None => format!("`{name}`"),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     fn pid(&self, proc_name: &str) -> Pid {
@@ -815,6 +926,14 @@ impl World {
         match res {
             Err(err) => {
                 summary = format!("error: {err}");
+                if err.is_limit() {
+                    self.kernel.sim.limit_reached(format!(
+                        "{}:{}: step `{}` of thread `{thread}`: {err}",
+                        self.scn.path,
+                        step.loc,
+                        step.op.name()
+                    ));
+                }
                 fails.push(err.to_string());
             }
             Ok(r) => {
@@ -833,8 +952,12 @@ impl World {
                 let want_errno = e.errno.unwrap_or(None);
                 *self.expectations.borrow_mut() += 1;
                 if r.errno != want_errno && !e.any_errno {
+                    let why = r
+                        .misuse
+                        .as_ref()
+                        .map_or_else(String::new, |m| format!(" ({m})"));
                     fails.push(format!(
-                        "expected {}, got {}",
+                        "expected {}, got {}{why}",
                         errno_text(want_errno),
                         errno_text(r.errno)
                     ));
@@ -1054,13 +1177,33 @@ impl World {
         let violations = self.kernel.oracle_violations();
         let failures = self.failures.borrow().clone();
         let outcome = if let Some(v) = violations.first() {
-            Outcome::OracleViolation(v.to_string())
+            let mut s = v.to_string();
+            if let Some((loc, op)) = self.current.borrow().get(&v.agent) {
+                let _ = write!(s, "\n  in step `{op}` at {}:{loc}", self.scn.path);
+            }
+            let pending = sim.pending();
+            if !pending.is_empty() {
+                let _ = write!(s, "\n  while pending: {}", self.pending_report(&pending));
+            }
+            Outcome::OracleViolation(s)
         } else {
             match outcome {
                 RunOutcome::Completed if failures.is_empty() => Outcome::Passed,
                 RunOutcome::Completed => Outcome::ExpectationFailed,
                 RunOutcome::Deadlock { blocked } => Outcome::Deadlock(blocked.clone()),
-                RunOutcome::TimeLimit => Outcome::TimeLimit,
+                RunOutcome::TimeLimit { limit, pending } => Outcome::TimeLimit(format!(
+                    "time limit {} (`[sim] time_limit`) reached; pending: {}",
+                    SimDuration::from_nanos(limit.0),
+                    self.pending_report(pending)
+                )),
+                RunOutcome::Limit(r) => {
+                    let pending = sim.pending();
+                    Outcome::Limit(if pending.is_empty() {
+                        r.clone()
+                    } else {
+                        format!("{r}; pending: {}", self.pending_report(&pending))
+                    })
+                }
                 RunOutcome::Stopped(r) => Outcome::Stopped(r.clone()),
             }
         };
@@ -1085,6 +1228,7 @@ impl World {
             outcome,
             end_time: sim.now(),
             events: sim.events_delivered(),
+            schedule_hash: sim.schedule_hash(),
             expectations: *self.expectations.borrow(),
             failures,
             metrics: counters,

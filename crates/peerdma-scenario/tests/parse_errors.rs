@@ -865,6 +865,22 @@ kind"#,
             "`iommu` is for a `kind = \"pci\"` device, not a `dmirror`",
         ),
         row_at(
+            "own_migrations on a pci device",
+            edit(&base, r#"iommu = "dma""#, r#"own_migrations = "ignore""#),
+            r#"own_migrations = ^"ignore""#,
+            "`own_migrations` is for a `kind = \"dmirror\"` device",
+        ),
+        row_at(
+            "bad own_migrations keyword",
+            edit(
+                &base,
+                "kind = \"dmirror\"\n",
+                "kind = \"dmirror\"\nown_migrations = \"skip\"\n",
+            ),
+            r#"own_migrations = ^"skip""#,
+            "expected one of `ignore`, `invalidate` for `own_migrations`, found `skip`",
+        ),
+        row_at(
             "p2p BAR the node does not have",
             edit(&base, r"p2p = [ { bar = 2,", r"p2p = [ { bar = 4,"),
             "bar = ^4",

@@ -1,5 +1,7 @@
 //! Steps that parse but cannot run as written fail with a [`RunError`](peerdma_scenario::RunError) whose text
-//! is the step's failure message: the reports show it, so the text is fixed here.
+//! is the step's failure message: the reports show it, so the text is fixed here. A handle the process does
+//! not hold (a pin, a DMA handle, a device file) is an errno outcome (`-EBADF`, `-EINVAL` past a handle's
+//! end) that `expect` can name; unexpected, its message says which misuse it was.
 #![expect(
     clippy::tests_outside_test_module,
     reason = "an integration-test crate is all tests"
@@ -24,11 +26,11 @@ fn names_a_process_does_not_hold_are_run_errors_with_the_process() {
     assert_eq!(
         got,
         [
-            "30:3 dmirror.read: `d0` is not open in process `kid`",
+            "30:3 dmirror.read: expected success, got -EBADF (`d0` is not open in process `kid`)",
             "14:3 store: `store` at a raw address needs `len`",
             "15:3 load: mapping `kbuf` does not exist in process `main` at this point",
-            "19:3 unpin: pin `p` is not held by process `main`",
-            "20:3 dma.write: pin `p` is not held by process `main`",
+            "19:3 unpin: expected success, got -EBADF (pin `p` is not held by process `main`)",
+            "20:3 dma.write: expected success, got -EBADF (pin `p` is not held by process `main`)",
         ]
     );
 }
@@ -42,8 +44,8 @@ fn dma_handles_not_held_or_too_short_are_run_errors() {
     assert_eq!(
         got,
         [
-            "65:3 dma_sg.read: offset 0x4000 + 0x4000 bytes passes the end of handle `h` (0x4000 bytes)",
-            "67:3 dma_sg.release: dma handle `h` is not held by process `main`",
+            "65:3 dma_sg.read: expected success, got -EINVAL (offset 0x4000 + 0x4000 bytes passes the end of handle `h` (0x4000 bytes))",
+            "67:3 dma_sg.release: expected success, got -EBADF (dma handle `h` is not held by process `main`)",
         ]
     );
 }

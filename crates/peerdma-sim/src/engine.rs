@@ -35,6 +35,30 @@ pub struct SimConfig {
     pub time_limit: SimTime,
     /// Record trace events.
     pub trace: bool,
+    /// The run stops with [`RunOutcome::Limit`] once this many events have been delivered.
+    pub max_events: u64,
+    /// Trace events past this many are not recorded; the run stops with [`RunOutcome::Limit`].
+    pub max_trace: usize,
+    /// With exploration on, the probability (in 1/256) that a [`Sim::preempt_point`] (a protocol step
+    /// boundary) becomes a preemption: the agent is delayed by a random time up to
+    /// [`SimConfig::preempt_max`] drawn from the exploration stream, so that other agents' steps land in
+    /// the window. 0 turns preemption off.
+    pub preempt_per_256: u32,
+    /// The longest delay one exploration preemption adds.
+    pub preempt_max: SimDuration,
+    /// Consulted every 1,024 events: a reason to stop the run (a wall-clock budget kept by the caller,
+    /// which the model itself may not read) ends it with [`RunOutcome::Limit`].
+    pub watchdog: Option<Watchdog>,
+}
+
+/// A check the engine runs every 1,024 events; `Some(reason)` stops the run with [`RunOutcome::Limit`].
+#[derive(Clone)]
+pub struct Watchdog(pub Rc<dyn Fn() -> Option<String>>);
+
+impl fmt::Debug for Watchdog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Watchdog")
+    }
 }
 
 impl Default for SimConfig {
@@ -45,6 +69,11 @@ impl Default for SimConfig {
             jitter: 0.0,
             time_limit: SimTime(60_000_000_000),
             trace: true,
+            max_events: u64::MAX,
+            max_trace: usize::MAX,
+            preempt_per_256: 0,
+            preempt_max: SimDuration(0),
+            watchdog: None,
         }
     }
 }
@@ -60,7 +89,15 @@ pub enum RunOutcome {
         blocked: Vec<String>,
     },
     /// The next event lies beyond the time limit.
-    TimeLimit,
+    TimeLimit {
+        /// The time limit.
+        limit: SimTime,
+        /// Names of the agents that had not finished, in task order.
+        pending: Vec<String>,
+    },
+    /// A resource limit of [`SimConfig`] was reached (events, trace size, the watchdog) or the clock would
+    /// overflow; the reason names it.
+    Limit(String),
     /// [`Sim::stop`] was called (an oracle violation or a failed expectation).
     Stopped(String),
 }
@@ -90,6 +127,8 @@ struct Inner {
     explore_rng: RngStream,
     jitter_rng: RngStream,
     stopped: Option<String>,
+    limit: Option<String>,
+    schedule_hash: u64,
     trace: Vec<TraceEvent>,
     trace_cap: usize,
     trace_dropped: u64,
@@ -135,6 +174,8 @@ impl Sim {
                 explore_rng,
                 jitter_rng,
                 stopped: None,
+                limit: None,
+                schedule_hash: FNV_OFFSET,
                 trace: Vec::new(),
                 trace_cap: DEFAULT_TRACE_CAP,
                 trace_dropped: 0,
@@ -242,6 +283,33 @@ impl Sim {
         Sleep {
             sim: self.clone(),
             dur: d,
+            registered: false,
+        }
+    }
+
+    /// Returns a future for a protocol step boundary where another CPU's work may interleave: with
+    /// exploration off it completes at once (no event); with exploration on it yields to every agent ready
+    /// now and, with probability [`SimConfig::preempt_per_256`]/256, holds the agent back by a random delay
+    /// up to [`SimConfig::preempt_max`] (a preemption), drawn from the exploration stream.
+    pub fn preempt_point(&self) -> Sleep {
+        let mut inner = self.inner.borrow_mut();
+        if !inner.cfg.explore {
+            return Sleep {
+                sim: self.clone(),
+                dur: SimDuration(0),
+                registered: true,
+            };
+        }
+        let mut dur = SimDuration(0);
+        if inner.cfg.preempt_per_256 > 0
+            && inner.explore_rng.below(256) < u64::from(inner.cfg.preempt_per_256)
+        {
+            let max = inner.cfg.preempt_max.0;
+            dur = SimDuration(inner.explore_rng.below(max.saturating_add(1)));
+        }
+        Sleep {
+            sim: self.clone(),
+            dur,
             registered: false,
         }
     }
@@ -477,18 +545,70 @@ impl Sim {
         }
     }
 
-    /// Runs until every agent finishes, a deadlock, the time limit, or [`Sim::stop`].
+    /// Returns a hash of the order in which agents ran so far (FNV-1a over the agent of each event): two runs
+    /// with the same hash took the same interleaving.
+    pub fn schedule_hash(&self) -> u64 {
+        self.inner.borrow().schedule_hash
+    }
+
+    /// Returns the names of the agents that have not finished, in task order.
+    pub fn pending(&self) -> Vec<String> {
+        self.inner
+            .borrow()
+            .tasks
+            .iter()
+            .filter(|t| !t.done)
+            .map(|t| t.name.clone())
+            .collect()
+    }
+
+    /// Ends the run at the next event with [`RunOutcome::Limit`] and `reason` (the first reason wins).
+    pub fn limit_reached(&self, reason: impl Into<String>) {
+        let mut inner = self.inner.borrow_mut();
+        if inner.limit.is_none() {
+            inner.limit = Some(reason.into());
+        }
+    }
+
+    /// Runs until every agent finishes, a deadlock, the time limit, a resource limit, or [`Sim::stop`].
     pub fn run(&self) -> RunOutcome {
         loop {
             if let Some(reason) = self.stopped() {
                 return RunOutcome::Stopped(reason);
+            }
+            if let Some(reason) = self.inner.borrow().limit.clone() {
+                return RunOutcome::Limit(reason);
+            }
+            let (events, max_events, watchdog) = {
+                let inner = self.inner.borrow();
+                (
+                    inner.events,
+                    inner.cfg.max_events,
+                    inner.cfg.watchdog.clone(),
+                )
+            };
+            if events >= max_events {
+                return RunOutcome::Limit(format!(
+                    "event limit reached: {events} events delivered (`[sim.limits] events`)"
+                ));
+            }
+            if events % 1024 == 0
+                && let Some(w) = watchdog
+                && let Some(reason) = (w.0)()
+            {
+                return RunOutcome::Limit(reason);
             }
             match self.next_event() {
                 NextEvent::Task(id) => {
                     self.poll_task(id);
                     self.report_progress();
                 }
-                NextEvent::PastLimit => return RunOutcome::TimeLimit,
+                NextEvent::PastLimit => {
+                    return RunOutcome::TimeLimit {
+                        limit: self.inner.borrow().cfg.time_limit,
+                        pending: self.pending(),
+                    };
+                }
                 NextEvent::Empty => {
                     let inner = self.inner.borrow();
                     let blocked: Vec<String> = inner
@@ -541,6 +661,7 @@ impl Sim {
         }
         inner.now = time;
         inner.events += 1;
+        inner.schedule_hash = (inner.schedule_hash ^ chosen as u64).wrapping_mul(FNV_PRIME);
         inner.tasks[chosen].scheduled = false;
         NextEvent::Task(chosen)
     }
@@ -568,6 +689,10 @@ impl Sim {
     }
 }
 
+/// FNV-1a 64-bit offset basis and prime, for [`Sim::schedule_hash`].
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
 impl Inner {
     /// Appends a trace record on behalf of the current agent; returns whether it was kept (`force` keeps it
     /// past the cap: the end of something begun).
@@ -580,6 +705,15 @@ impl Inner {
         args: TraceArgs,
         force: bool,
     ) -> bool {
+        if !force && self.trace.len() >= self.cfg.max_trace {
+            if self.limit.is_none() {
+                self.limit = Some(format!(
+                    "trace limit reached: {} events recorded (`[sim.limits] trace`)",
+                    self.trace.len()
+                ));
+            }
+            return false;
+        }
         if !force && self.trace.len() >= self.trace_cap {
             self.trace_dropped += 1;
             return false;
@@ -708,8 +842,18 @@ impl Future for Sleep {
         self.registered = true;
         let mut inner = self.sim.inner.borrow_mut();
         let id = inner.current.expect("sleep awaited outside an agent");
-        let at = inner.now + self.dur;
-        inner.schedule(id, at);
+        let dur = self.dur;
+        let Some(at) = inner.now.0.checked_add(dur.0) else {
+            let name = inner.tasks[id].name.clone();
+            let now = inner.now;
+            if inner.limit.is_none() {
+                inner.limit = Some(format!(
+                    "clock overflow: agent `{name}` at {now} sleeps {dur}, past 2^64 ns"
+                ));
+            }
+            return Poll::Pending;
+        };
+        inner.schedule(id, SimTime(at));
         Poll::Pending
     }
 }
@@ -810,7 +954,13 @@ mod tests {
         });
         let s = sim.clone();
         sim.spawn("sleeper", async move { s.sleep(SimDuration(1_000)).await });
-        assert_eq!(sim.run(), RunOutcome::TimeLimit);
+        assert_eq!(
+            sim.run(),
+            RunOutcome::TimeLimit {
+                limit: SimTime(100),
+                pending: vec!["sleeper".to_owned()]
+            }
+        );
         assert_eq!(sim.now(), SimTime(0));
     }
 
@@ -840,5 +990,127 @@ mod tests {
             assert_eq!(x, b.jitter(SimDuration(1_000)));
             assert!((500..=1_500).contains(&x.0));
         }
+    }
+
+    #[test]
+    fn event_limit_stops_the_run_naming_the_limit() {
+        let sim = Sim::new(SimConfig {
+            max_events: 5,
+            ..SimConfig::default()
+        });
+        let s = sim.clone();
+        sim.spawn("spinner", async move {
+            loop {
+                s.sleep(SimDuration(1)).await;
+            }
+        });
+        let RunOutcome::Limit(reason) = sim.run() else {
+            panic!("expected a limit");
+        };
+        assert!(reason.contains("event limit"), "{reason}");
+        assert_eq!(sim.events_delivered(), 5);
+    }
+
+    #[test]
+    fn a_sleep_past_the_end_of_the_clock_is_an_overflow_not_a_saturation() {
+        let sim = Sim::new(SimConfig {
+            time_limit: SimTime(u64::MAX),
+            ..SimConfig::default()
+        });
+        let s = sim.clone();
+        sim.spawn("far", async move {
+            s.sleep(SimDuration(10)).await;
+            s.sleep(SimDuration(u64::MAX)).await;
+        });
+        let RunOutcome::Limit(reason) = sim.run() else {
+            panic!("expected a clock overflow");
+        };
+        assert!(
+            reason.contains("clock overflow") && reason.contains("`far`"),
+            "{reason}"
+        );
+        assert_eq!(sim.now(), SimTime(10));
+    }
+
+    #[test]
+    fn trace_limit_stops_the_run() {
+        let sim = Sim::new(SimConfig {
+            max_trace: 3,
+            ..SimConfig::default()
+        });
+        let s = sim.clone();
+        sim.spawn("tracer", async move {
+            for _ in 0..10 {
+                s.trace("x", String::new);
+                s.sleep(SimDuration(1)).await;
+            }
+        });
+        assert!(matches!(sim.run(), RunOutcome::Limit(r) if r.contains("trace limit")));
+        assert_eq!(sim.take_trace().len(), 3);
+    }
+
+    #[test]
+    fn watchdog_reason_ends_the_run() {
+        let sim = Sim::new(SimConfig {
+            watchdog: Some(Watchdog(Rc::new(|| Some("wall time".to_owned())))),
+            ..SimConfig::default()
+        });
+        let s = sim.clone();
+        sim.spawn("a", async move { s.sleep(SimDuration(1)).await });
+        assert_eq!(sim.run(), RunOutcome::Limit("wall time".to_owned()));
+    }
+
+    #[test]
+    fn schedule_hash_tells_interleavings_apart() {
+        let run = |seed| {
+            let sim = Sim::new(SimConfig {
+                seed,
+                explore: true,
+                ..SimConfig::default()
+            });
+            for name in ["a", "b", "c"] {
+                let s = sim.clone();
+                sim.spawn(name, async move {
+                    for _ in 0..3 {
+                        s.sleep(SimDuration(10)).await;
+                    }
+                });
+            }
+            assert_eq!(sim.run(), RunOutcome::Completed);
+            sim.schedule_hash()
+        };
+        assert_eq!(run(4), run(4));
+        let distinct: std::collections::BTreeSet<u64> = (0..32).map(run).collect();
+        assert!(distinct.len() > 8, "only {} interleavings", distinct.len());
+    }
+
+    #[test]
+    fn exploration_preempts_at_preempt_points_only() {
+        // Two agents pass preemption points in turn; without preemption they alternate at time 0. With
+        // preemption on, some seeds hold one back so that the other runs several steps in a row.
+        let run = |seed, per_256, explore| {
+            let sim = Sim::new(SimConfig {
+                seed,
+                explore,
+                preempt_per_256: per_256,
+                preempt_max: SimDuration(1_000),
+                ..SimConfig::default()
+            });
+            for name in ["a", "b"] {
+                let s = sim.clone();
+                sim.spawn(name, async move {
+                    for _ in 0..4 {
+                        s.preempt_point().await;
+                        s.sleep(SimDuration(0)).await;
+                    }
+                });
+            }
+            assert_eq!(sim.run(), RunOutcome::Completed);
+            (sim.now(), sim.events_delivered())
+        };
+        assert!((0..16).all(|seed| run(seed, 0, true).0 == SimTime(0)));
+        assert!((0..16).any(|seed| run(seed, 128, true).0 > SimTime(0)));
+        // Off exploration a preemption point costs nothing: one event per plain sleep (and the spawn).
+        assert_eq!(run(0, 128, false), (SimTime(0), 10));
     }
 }

@@ -21,7 +21,7 @@ mod stats;
 mod sync;
 mod trace;
 
-pub use engine::{DEFAULT_TRACE_CAP, Flow, RunOutcome, Sim, SimConfig, Span, TaskId};
+pub use engine::{DEFAULT_TRACE_CAP, Flow, RunOutcome, Sim, SimConfig, Span, TaskId, Watchdog};
 pub use rng::{RngStream, stream_seed};
 pub use stats::{SERIES_CAP, Series, Stats, Transfer};
 pub use sync::{Completion, MutexGuard, ReadGuard, RwSem, SimMutex, WaitQueue, WriteGuard};

@@ -22,7 +22,65 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use peerdma_scenario::{RunOptions, parse_file, run};
+use peerdma_core::mutation::{self, Mutation};
+use peerdma_scenario::explore::{ExploreOptions, explore, replay_command};
+use peerdma_scenario::{RunOptions, Scenario, parse_file, run};
+
+/// Parses a `--mutate` switch name.
+fn parse_mutation(s: &str) -> Result<Mutation, String> {
+    Mutation::from_name(s).ok_or_else(|| {
+        let names: Vec<&str> = Mutation::ALL.iter().map(|m| m.name()).collect();
+        format!(
+            "unknown mutation `{s}`; expected one of: {}",
+            names.join(", ")
+        )
+    })
+}
+
+/// Reads a scenario that has something to run, or prints the located error (exit 2).
+fn load(file: &Path) -> Result<Scenario, ExitCode> {
+    match parse_file(file).and_then(|s| s.check_runnable().map(|()| s)) {
+        Ok(s) => Ok(s),
+        Err(e) => {
+            eprintln!("{}", e.render());
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+/// `peerdma explore`.
+fn explore_command(file: &Path, opts: &ExploreOptions) -> ExitCode {
+    let scn = match load(file) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let summary = explore(&scn, opts);
+    let shown = file.display().to_string();
+    println!(
+        "peerdma explore: {shown}\n  seeds {}..{}  runs {}  passed {}  distinct interleavings {}  events {}",
+        opts.first_seed,
+        opts.first_seed.saturating_add(opts.seeds),
+        summary.runs,
+        summary.passed,
+        summary.distinct_schedules,
+        summary.events
+    );
+    match summary.first_failure {
+        None => {
+            println!("  every seed passed");
+            ExitCode::SUCCESS
+        }
+        Some(f) => {
+            println!("  FIRST FAILING SEED {}", f.seed);
+            print!("{}", f.report.render_text());
+            println!(
+                "  replay: {}",
+                replay_command(&shown, f.seed, &opts.mutations)
+            );
+            ExitCode::from(u8::try_from(f.report.exit_code()).unwrap_or(1))
+        }
+    }
+}
 
 /// Examples shown after `peerdma --help`.
 const EXAMPLES: &str = "\
@@ -77,6 +135,28 @@ enum Command {
         /// steps).
         #[arg(long, value_name = "DIR")]
         csv: Option<PathBuf>,
+        /// Test-only: removes one protocol step (a mutation switch; `peerdma_core::mutation`).
+        #[arg(long, hide = true, value_parser = parse_mutation)]
+        mutate: Vec<Mutation>,
+    },
+    /// Runs a scenario over many seeds with schedule exploration (random order of simultaneous events and
+    /// random preemptions at protocol step boundaries); stops at the first failing seed and prints its
+    /// report and the command that replays it.
+    Explore {
+        /// The scenario file (TOML).
+        file: PathBuf,
+        /// How many seeds to run.
+        #[arg(long, default_value_t = 1_000)]
+        seeds: u64,
+        /// The first seed.
+        #[arg(long, default_value_t = 0)]
+        first_seed: u64,
+        /// Worker threads (default: the host's available parallelism). Does not change the output.
+        #[arg(long, value_name = "N")]
+        jobs: Option<std::num::NonZeroUsize>,
+        /// Test-only: removes one protocol step (a mutation switch; `peerdma_core::mutation`).
+        #[arg(long, hide = true, value_parser = parse_mutation)]
+        mutate: Vec<Mutation>,
     },
     /// Runs a scenario over every combination of swept parameter values and seeds, on worker threads, and
     /// prints one JSON line per run (`{job, params, seed, report}`), in the same order and bytes whatever
@@ -219,44 +299,46 @@ fn topo_command(file: &Path, json: bool) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { file, json } => match parse_file(&file) {
-            Ok(scn) if json => {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "file": file.display().to_string(),
-                        "ok": true,
-                        "threads": scn.threads.len(),
-                        "devices": scn.devices.len(),
-                    })
-                );
-                ExitCode::SUCCESS
+        Command::Check { file, json } => {
+            match parse_file(&file).and_then(|s| s.check_runnable().map(|()| s)) {
+                Ok(scn) if json => {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "file": file.display().to_string(),
+                            "ok": true,
+                            "threads": scn.threads.len(),
+                            "devices": scn.devices.len(),
+                        })
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok(scn) => {
+                    println!(
+                        "{}: ok ({} thread(s), {} device(s))",
+                        file.display(),
+                        scn.threads.len(),
+                        scn.devices.len()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) if json => {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "file": file.display().to_string(),
+                            "ok": false,
+                            "error": {"line": e.line, "col": e.col, "message": e.message},
+                        })
+                    );
+                    ExitCode::from(2)
+                }
+                Err(e) => {
+                    eprintln!("{}", e.render());
+                    ExitCode::from(2)
+                }
             }
-            Ok(scn) => {
-                println!(
-                    "{}: ok ({} thread(s), {} device(s))",
-                    file.display(),
-                    scn.threads.len(),
-                    scn.devices.len()
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) if json => {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "file": file.display().to_string(),
-                        "ok": false,
-                        "error": {"line": e.line, "col": e.col, "message": e.message},
-                    })
-                );
-                ExitCode::from(2)
-            }
-            Err(e) => {
-                eprintln!("{}", e.render());
-                ExitCode::from(2)
-            }
-        },
+        }
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "peerdma", &mut std::io::stdout());
@@ -271,13 +353,11 @@ fn main() -> ExitCode {
             trace,
             plot,
             csv,
+            mutate,
         } => {
-            let scn = match parse_file(&file) {
+            let scn = match load(&file) {
                 Ok(s) => s,
-                Err(e) => {
-                    eprintln!("{}", e.render());
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
             let opts = RunOptions {
                 seed,
@@ -286,7 +366,9 @@ fn main() -> ExitCode {
                 trace: trace.is_some(),
                 progress: progress::for_terminal(),
             };
+            mutation::set(&mutate);
             let report = run(&scn, &opts);
+            mutation::set(&[]);
             // The progress bar (if any) goes away before the report prints.
             drop(opts);
             if json {
@@ -348,6 +430,23 @@ fn main() -> ExitCode {
             }
         }
         Command::Topo { file, json } => topo_command(&file, json),
+        Command::Explore {
+            file,
+            seeds,
+            first_seed,
+            jobs,
+            mutate,
+        } => explore_command(
+            &file,
+            &ExploreOptions {
+                first_seed,
+                seeds,
+                jobs: jobs
+                    .unwrap_or_else(peerdma_scenario::batch::default_workers)
+                    .get(),
+                mutations: mutate,
+            },
+        ),
         Command::Sweep {
             file,
             params,

@@ -434,6 +434,72 @@ fn missing_file_exits_2() {
     assert!(text(&out.stderr).contains("no/such/scenario.toml"));
 }
 
+#[test]
+fn an_endless_input_is_refused_at_the_size_limit_and_an_empty_one_is_an_error() {
+    let out = peerdma(&["check", "/dev/zero"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("larger than the input limit"),
+        "{}",
+        text(&out.stderr)
+    );
+    let empty = std::env::temp_dir().join(format!("peerdma-empty-{}.toml", std::process::id()));
+    std::fs::write(&empty, "").unwrap();
+    for cmd in ["check", "run", "explore"] {
+        let out = peerdma(&[cmd, empty.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{cmd}");
+        assert!(
+            text(&out.stderr).contains("no `[[thread]]`"),
+            "{cmd}: {}",
+            text(&out.stderr)
+        );
+    }
+    std::fs::remove_file(&empty).unwrap();
+}
+
+#[test]
+fn explore_prints_the_first_failing_seed_and_its_replay_command() {
+    let out = peerdma(&[
+        "explore",
+        "scenarios/protocol/dmirror-munmap.toml",
+        "--seeds",
+        "1000",
+        "--jobs",
+        "2",
+        "--mutate",
+        "skip_read_retry",
+    ]);
+    let o = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{o}");
+    let seed: u64 = o
+        .split("FIRST FAILING SEED ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{o}"));
+    let replay = format!(
+        "replay: peerdma run scenarios/protocol/dmirror-munmap.toml --explore --seed {seed} --mutate skip_read_retry"
+    );
+    assert!(o.contains(&replay), "{o}");
+    assert!(
+        o.contains("ORACLE VIOLATION") && o.contains("distinct interleavings"),
+        "{o}"
+    );
+    let s = seed.to_string();
+    let again = peerdma(&[
+        "run",
+        "scenarios/protocol/dmirror-munmap.toml",
+        "--explore",
+        "--seed",
+        &s,
+        "--mutate",
+        "skip_read_retry",
+    ]);
+    assert_eq!(again.status.code(), Some(1));
+    let report = text(&again.stdout);
+    assert!(o.contains(&report), "the replay differs:\n{report}");
+}
+
 /// `peerdma link --json` for one configuration and payload sizes: (size, write Gb/s, read Gb/s) per size.
 fn link_json(args: &[&str]) -> Vec<(u64, f64, f64)> {
     let mut all = vec!["link", "--json"];

@@ -331,7 +331,13 @@ impl DmaApiOp {
                 pattern,
             } => {
                 let (h, bytes) = w.take_handle(proc_name, handle, *offset, *len)?;
-                let mut data = vec![0u8; bytes];
+                let mut data = match w.host_buffer(bytes as u64) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        w.put_handle(proc_name, handle, h);
+                        return Err(e);
+                    }
+                };
                 pattern.fill(&mut data);
                 out.errno = h.write(*offset, &data).await.err().map(|e| e.errno());
                 mirror_segments(&mut out, &h);
@@ -343,6 +349,10 @@ impl DmaApiOp {
                 len,
             } => {
                 let (h, bytes) = w.take_handle(proc_name, handle, *offset, *len)?;
+                if let Err(e) = w.check_host(bytes as u64) {
+                    w.put_handle(proc_name, handle, h);
+                    return Err(e);
+                }
                 match h.read(*offset, bytes).await {
                     Ok(d) => out.data = Some(d),
                     Err(e) => out.errno = Some(e.errno()),
@@ -368,14 +378,15 @@ impl DmaApiOp {
                 pattern,
             } => {
                 let platform = w.platform()?;
-                let bytes =
-                    usize::try_from(*len).map_err(|_| RunError::LenTooLarge { len: *len })?;
-                let mut buf = vec![0u8; bytes];
-                let data = pattern.as_ref().map(|p| {
-                    let mut d = vec![0u8; bytes];
-                    p.fill(&mut d);
-                    d
-                });
+                let mut buf = w.host_buffer(*len)?;
+                let data = match pattern {
+                    Some(p) => {
+                        let mut d = w.host_buffer(*len)?;
+                        p.fill(&mut d);
+                        Some(d)
+                    }
+                    None => None,
+                };
                 match platform
                     .raw_dma(w.pci[dev], *addr, data.as_deref(), &mut buf)
                     .await

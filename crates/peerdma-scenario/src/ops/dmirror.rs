@@ -390,6 +390,7 @@ impl DmirrorOp {
             Self::Read { fd, at, pages, ptr } => {
                 let m = w.fd(proc_name, fd)?;
                 let (va, _) = w.resolve(proc_name, at)?;
+                w.check_host(pages.saturating_mul(PAGE_SIZE))?;
                 let res = m.read(va, *pages).await;
                 w.record_data(&mut out, pid, proc_name, ptr.as_ref(), res)
                     .await?;
@@ -397,9 +398,7 @@ impl DmirrorOp {
             Self::Write { fd, at, pages, src } => {
                 let m = w.fd(proc_name, fd)?;
                 let (va, _) = w.resolve(proc_name, at)?;
-                let n = usize::try_from(pages.saturating_mul(PAGE_SIZE))
-                    .map_err(|_| RunError::TooManyPages)?;
-                let mut data = vec![0u8; n.min(1 << 30)];
+                let mut data = w.host_buffer(pages.saturating_mul(PAGE_SIZE))?;
                 let copied = match src {
                     WriteSource::Pattern(p) => {
                         p.fill(&mut data);
@@ -421,6 +420,8 @@ impl DmirrorOp {
             Self::Snapshot { fd, at, pages } => {
                 let m = w.fd(proc_name, fd)?;
                 let (va, _) = w.resolve(proc_name, at)?;
+                // One byte per page comes back, and the walk visits every page: bound both.
+                w.check_host(*pages)?;
                 let res = m.snapshot(va, *pages).await;
                 w.record_data(&mut out, pid, proc_name, None, res).await?;
             }

@@ -155,14 +155,12 @@ impl FileOp {
                 len,
                 pattern,
             } => {
-                let mut data =
-                    vec![0u8; usize::try_from(*len).map_err(|_| RunError::LengthTooLarge)?];
+                let mut data = w.host_buffer(*len)?;
                 pattern.fill(&mut data);
                 out.errno = kernel.pwrite(w.files[file], *offset, &data).await.err();
             }
             Self::Pread { file, offset, len } => {
-                let mut data =
-                    vec![0u8; usize::try_from(*len).map_err(|_| RunError::LengthTooLarge)?];
+                let mut data = w.host_buffer(*len)?;
                 match kernel.pread(w.files[file], *offset, &mut data).await {
                     Ok(_) => out.data = Some(data),
                     Err(e) => out.errno = Some(e),

@@ -300,7 +300,7 @@ impl GupOp {
             }
             Self::DmaWrite { pin, pattern } => {
                 let (frames, va, is_pin) = held(cx, pin)?;
-                let mut data = vec![0u8; frames.len() * 4096];
+                let mut data = w.host_buffer(frames.len() as u64 * 4096)?;
                 pattern.fill(&mut data);
                 // The scenario's DMA engine writes through its pins one page at a time (one tag), each
                 // page landing `dma_page` after the previous one (peerdma_dma::space).

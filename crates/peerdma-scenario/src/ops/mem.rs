@@ -582,7 +582,7 @@ impl MemOp {
                 let n = len
                     .or(rest)
                     .ok_or(RunError::RawAddressNeedsLen { op: STORE.name })?;
-                let mut data = vec![0u8; usize::try_from(n).map_err(|_| RunError::LengthTooLarge)?];
+                let mut data = w.host_buffer(n)?;
                 pattern.fill(&mut data);
                 out.signal = kernel.store(pid, va, &data).await.err();
             }
@@ -591,7 +591,7 @@ impl MemOp {
                 let n = len
                     .or(rest)
                     .ok_or(RunError::RawAddressNeedsLen { op: LOAD.name })?;
-                let mut data = vec![0u8; usize::try_from(n).map_err(|_| RunError::LengthTooLarge)?];
+                let mut data = w.host_buffer(n)?;
                 match kernel.load(pid, va, &mut data).await {
                     Ok(()) => out.data = Some(data),
                     Err(s) => out.signal = Some(s),
