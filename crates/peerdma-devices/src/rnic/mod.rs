@@ -24,7 +24,7 @@
 //! error, the requester completes with `REM_ACCESS_ERR`, and both QPs go to Error.
 //!
 //! **ODP.** An ODP MR is a device of the one mirror loop ([`peerdma_dma::hmm_mirror`]), through the
-//! [`MirrorDevice`] of this module: program = DMA-map each returned pfn and write the MTT entry (device
+//! [`MirrorDevice`](peerdma_dma::MirrorDevice) of this module: program = DMA-map each returned pfn and write the MTT entry (device
 //! write only for a write fault, so a prefetch for read maps read-only: the "downgrade"); zap = clear the
 //! MTT entries; fence = the device path's fence ([`peerdma_dma::DmaSpace::fence`]); release = DMA-unmap
 //! and `set_page_dirty` every page whose CPU entry was writable when it was faulted, even if the NIC only

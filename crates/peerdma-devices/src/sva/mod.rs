@@ -8,7 +8,7 @@
 //!   intel/prq.c);
 //! - [`SvaAccel`]: the device — work queues of copy/fill descriptors over user VAs, a bounded number of
 //!   descriptors outstanding, an ATC ([`peerdma_iommu::ats`]), completion records written to user memory.
-//!   Its DMA goes through the one access path, [`DmaSpace`], with a [`DeviceGrant::Mirror`] grant: the
+//!   Its DMA goes through the one access path, [`DmaSpace`](peerdma_dma::DmaSpace), with a [`DeviceGrant::Mirror`](peerdma_mm::DeviceGrant::Mirror) grant: the
 //!   oracle's rule "a translation is valid until the invalidation that removes it completes" is exactly
 //!   the ATS contract.
 //!
@@ -31,7 +31,7 @@
 //!    aligned span covering the range;
 //! 3. the invalidation request and its completion message cost `sva.ats_invalidation`;
 //! 4. the completion is the device's **fence**: it is sent only after every request holding a dropped
-//!    translation has landed ([`DmaSpace::fence`]);
+//!    translation has landed ([`DmaSpace::fence`](peerdma_dma::DmaSpace::fence));
 //! 5. only then does the CPU side go on and free pages.
 //!
 //! *Reality argued with:* Linux calls the hook after the PTE changed (from the TLB flush); the model's mm
