@@ -1,4 +1,5 @@
-//! Benchmark of the engine's event loop: agents that sleep and contend for a simulated mutex.
+//! Benchmarks of the engine's event loop: agents that sleep and contend for a simulated mutex, and many agents
+//! ready at the same instants under exploration.
 
 use std::hint::black_box;
 
@@ -32,5 +33,31 @@ fn event_loop(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, event_loop);
+/// `n` agents that each sleep 1 ns ten times, all due at the same instants, with exploration on: every
+/// event is a random pick among up to `n` ready ones. Reported per iteration = 10 n events.
+fn same_instant_exploration(c: &mut Criterion) {
+    for n in [16u64, 1024] {
+        c.bench_function(&format!("engine_explore_{n}_ready_x10"), |b| {
+            b.iter(|| {
+                let sim = Sim::new(SimConfig {
+                    trace: false,
+                    explore: true,
+                    ..SimConfig::default()
+                });
+                for a in 0..n {
+                    let s = sim.clone();
+                    sim.spawn(format!("a{a}"), async move {
+                        for _ in 0..10 {
+                            s.sleep(SimDuration(1)).await;
+                        }
+                    });
+                }
+                black_box(sim.run());
+                black_box(sim.events_delivered())
+            });
+        });
+    }
+}
+
+criterion_group!(benches, event_loop, same_instant_exploration);
 criterion_main!(benches);

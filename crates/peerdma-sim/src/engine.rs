@@ -2,7 +2,7 @@
 
 use std::cell::RefCell;
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -122,6 +122,10 @@ struct Inner {
     now: SimTime,
     seq: u64,
     queue: BinaryHeap<Reverse<(SimTime, u64, usize)>>,
+    /// The events due at `now` not yet delivered, by sequence number (oldest first): taken from `queue` in
+    /// one go when time advances, and joined by events scheduled for `now` while they are delivered, so that
+    /// exploration picks among them by index instead of emptying and refilling the heap for every event.
+    ready: VecDeque<(u64, usize)>,
     tasks: Vec<Task>,
     current: Option<usize>,
     explore_rng: RngStream,
@@ -169,6 +173,7 @@ impl Sim {
                 now: SimTime::ZERO,
                 seq: 0,
                 queue: BinaryHeap::new(),
+                ready: VecDeque::new(),
                 tasks: Vec::new(),
                 current: None,
                 explore_rng,
@@ -455,36 +460,35 @@ impl Sim {
     /// Pops the next event.
     fn next_event(&self) -> NextEvent {
         let mut inner = self.inner.borrow_mut();
-        let Some(Reverse((time, seq, id))) = inner.queue.pop() else {
-            return NextEvent::Empty;
-        };
-        if time > inner.cfg.time_limit {
-            inner.queue.push(Reverse((time, seq, id)));
-            return NextEvent::PastLimit;
-        }
-        let mut chosen = id;
-        if inner.cfg.explore {
-            // Gather every event due at this instant and pick one at random; the rest go back with their
-            // sequence numbers, so their relative order is unchanged.
-            let mut same = vec![(seq, id)];
+        if inner.ready.is_empty() {
+            // Time advances: every event due at the next instant becomes ready, in sequence order.
+            let Some(&Reverse((time, _, _))) = inner.queue.peek() else {
+                return NextEvent::Empty;
+            };
+            if time > inner.cfg.time_limit {
+                return NextEvent::PastLimit;
+            }
             while let Some(&Reverse((t, s, i))) = inner.queue.peek() {
                 if t != time {
                     break;
                 }
                 inner.queue.pop();
-                same.push((s, i));
+                inner.ready.push_back((s, i));
             }
-            let n = same.len() as u64;
-            let pick =
-                usize::try_from(inner.explore_rng.below(n)).expect("index below a Vec length");
-            chosen = same[pick].1;
-            for (k, (s, i)) in same.into_iter().enumerate() {
-                if k != pick {
-                    inner.queue.push(Reverse((time, s, i)));
-                }
-            }
+            inner.now = time;
         }
-        inner.now = time;
+        // Without exploration the oldest ready event runs; with it, one of them at random (the others keep
+        // their relative order).
+        let pick = if inner.cfg.explore {
+            let n = inner.ready.len() as u64;
+            usize::try_from(inner.explore_rng.below(n)).expect("index below the ready count")
+        } else {
+            0
+        };
+        let (_, chosen) = inner
+            .ready
+            .remove(pick)
+            .expect("a ready event at the picked index");
         inner.events += 1;
         inner.schedule_hash = (inner.schedule_hash ^ chosen as u64).wrapping_mul(FNV_PRIME);
         inner.tasks[chosen].scheduled = false;
@@ -565,7 +569,12 @@ impl Inner {
         self.tasks[id].scheduled = true;
         self.seq += 1;
         let seq = self.seq;
-        self.queue.push(Reverse((at, seq, id)));
+        if at == self.now && !self.ready.is_empty() {
+            // Due at the instant being delivered: it joins the ready events (the newest, so last).
+            self.ready.push_back((seq, id));
+        } else {
+            self.queue.push(Reverse((at, seq, id)));
+        }
     }
 }
 
