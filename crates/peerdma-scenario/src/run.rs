@@ -169,8 +169,9 @@ pub(crate) struct World {
     failures: RefCell<Vec<ExpectFailure>>,
     expectations: RefCell<u64>,
     step_log: bool,
-    /// The step each thread is running (or blocked in), by thread name: named by every report that stops a
-    /// run with threads still pending.
+    /// The step each thread is running (or blocked in), or ran last once it has finished, by thread name:
+    /// named by every report that stops a run with threads still pending, and by an oracle violation, which
+    /// may be found as the step that caused it ends its thread.
     current: RefCell<BTreeMap<String, (crate::ast::Loc, &'static str)>>,
     /// Steps run so far, against `[sim.limits] steps`.
     steps_run: RefCell<u64>,
@@ -574,7 +575,6 @@ impl World {
                 break;
             }
         }
-        self.current.borrow_mut().remove(&t.name);
         let last = {
             let mut p = self.procs.borrow_mut();
             let st = p.get_mut(&t.process).expect("thread's process");

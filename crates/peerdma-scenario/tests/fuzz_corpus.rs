@@ -165,6 +165,11 @@ fn dmirror_migrate_to_dev_programs_pages_a_dontneed_zapped() {
                 assert!(v.contains("use after free"), "{v}");
                 assert!(v.contains("device 0 reached freed"), "{v}");
                 assert!(v.contains("by t0"), "the migrating thread's read-back: {v}");
+                // The step is named even though it was the thread's last (the thread ends with it).
+                assert!(
+                    v.contains(&format!("in step `dmirror.migrate_to_dev` at {path}:")),
+                    "{v}"
+                );
             }
             other => panic!("the oracle missed test_hmm.c's migrate/DONTNEED race: {other:?}"),
         }
