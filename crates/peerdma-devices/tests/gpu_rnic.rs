@@ -10,6 +10,8 @@
     reason = "an integration-test crate is all tests"
 )]
 
+mod common;
+
 use std::cell::RefCell;
 use std::future::Future;
 use std::rc::Rc;
@@ -23,7 +25,7 @@ use peerdma_dma::{DmaCosts, Platform};
 use peerdma_iommu::{DomainConfig, DomainType};
 use peerdma_mm::oracle::ViolationKind;
 use peerdma_mm::{Kernel, MmCosts, MmapArgs, Prot};
-use peerdma_pci::topology::{Bar, TopologyBuilder, WhitelistEntry};
+use peerdma_pci::topology::{Bar, TopologyBuilder};
 use peerdma_sim::{RunOutcome, Sim, SimConfig};
 
 const NIC: DeviceId = DeviceId(1);
@@ -51,14 +53,7 @@ fn world(seed: u64) -> World {
     });
     let k = Kernel::new(&sim, 64 << 20, MmCosts::zero());
     let mut b = TopologyBuilder::new();
-    b.host_bridge("hb0", WhitelistEntry::Unrestricted);
-    b.root_port("rp0", "hb0").bdf(Bdf::new(0, 1, 0).unwrap());
-    b.switch_upstream("up", "rp0")
-        .bdf(Bdf::new(1, 0, 0).unwrap());
-    for (i, n) in ["dn0", "dn1", "dn2"].iter().enumerate() {
-        b.switch_downstream(n, "up")
-            .bdf(Bdf::new(2, u8::try_from(i).unwrap(), 0).unwrap());
-    }
+    common::switch_fabric(&mut b);
     b.endpoint("gpu", "dn0", Bdf::new(3, 0, 0).unwrap())
         .bar(Bar {
             index: 0,

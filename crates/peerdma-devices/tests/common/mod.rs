@@ -34,6 +34,19 @@ pub struct World {
     pub gpu: Rc<Gpu>,
 }
 
+/// Declares the fabric every test world here shares: host bridge `hb0`, root port `rp0`, a switch (`up`)
+/// with three downstream ports `dn0`, `dn1`, `dn2` for the endpoints.
+pub fn switch_fabric(b: &mut TopologyBuilder) {
+    b.host_bridge("hb0", WhitelistEntry::Unrestricted);
+    b.root_port("rp0", "hb0").bdf(Bdf::new(0, 1, 0).unwrap());
+    b.switch_upstream("up", "rp0")
+        .bdf(Bdf::new(1, 0, 0).unwrap());
+    for (i, n) in ["dn0", "dn1", "dn2"].iter().enumerate() {
+        b.switch_downstream(n, "up")
+            .bdf(Bdf::new(2, u8::try_from(i).unwrap(), 0).unwrap());
+    }
+}
+
 /// hb0 ── rp0 ── up ─┬─ dn0 ── gpu (BAR0: the VRAM window)
 ///                   ├─ dn1 ── nic (DMA domain)
 ///                   └─ dn2 ── nvme (identity domain)
@@ -45,14 +58,7 @@ pub fn world(vram_pages: u64, window_pages: Option<u64>, seed: u64) -> World {
     });
     let k = Kernel::new(&sim, 64 << 20, MmCosts::zero());
     let mut b = TopologyBuilder::new();
-    b.host_bridge("hb0", WhitelistEntry::Unrestricted);
-    b.root_port("rp0", "hb0").bdf(Bdf::new(0, 1, 0).unwrap());
-    b.switch_upstream("up", "rp0")
-        .bdf(Bdf::new(1, 0, 0).unwrap());
-    for (i, n) in ["dn0", "dn1", "dn2"].iter().enumerate() {
-        b.switch_downstream(n, "up")
-            .bdf(Bdf::new(2, u8::try_from(i).unwrap(), 0).unwrap());
-    }
+    switch_fabric(&mut b);
     b.endpoint("gpu", "dn0", Bdf::new(3, 0, 0).unwrap())
         .bar(Bar {
             index: 0,
