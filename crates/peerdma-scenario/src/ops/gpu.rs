@@ -9,22 +9,16 @@
 //! process, so `store`/`load` reach it too); `gpu.kernel` runs an access pattern over it and `gpu.prefetch`
 //! migrates part of it explicitly.
 
-use std::cell::RefCell;
-use std::collections::BTreeMap;
 use std::rc::Rc;
 
-use peerdma_core::timing::Timing;
-use peerdma_core::{DeviceId, Errno, PAGE_SIZE};
+use peerdma_core::{Errno, PAGE_SIZE};
 use peerdma_devices::gpu::{
-    AccessPattern, BoAttach, BoId, Gpu, GpuConfig, GpuCosts, GpuError, GpuInjection, KernelSpec,
-    KernelStats, ManagedRange, UvmConfig, UvmCosts,
+    AccessPattern, BoAttach, BoId, Gpu, GpuError, KernelSpec, KernelStats, ManagedRange, UvmConfig,
 };
-use peerdma_devices::{DmirrorCosts, DmirrorDevice};
-use peerdma_dma::{ImporterKind, Platform};
+use peerdma_dma::ImporterKind;
 use peerdma_mm::vma::Prot;
 
 use super::{Op, OpSpec};
-use crate::ast::{DeviceKind, Scenario};
 use crate::error::{RunError, ScenarioError};
 use crate::parse::{Parser, RefKind, Table};
 use crate::pattern::Pattern;
@@ -39,122 +33,9 @@ const BO: RefKind = RefKind::GpuName("bo");
 const ATTACH: RefKind = RefKind::GpuName("attachment");
 const RANGE: RefKind = RefKind::GpuName("managed range");
 
-/// A GPU of the running scenario and what its steps created.
-#[derive(Debug)]
-pub(crate) struct GpuDev {
-    gpu: Rc<Gpu>,
-    pool: Rc<DmirrorDevice>,
-    /// Bytes of the managed pool.
-    managed: u64,
-}
+mod world;
 
-/// The GPUs of the running scenario and their buffers, attachments and managed ranges by name.
-#[derive(Debug, Default)]
-pub(crate) struct GpuWorld {
-    gpus: BTreeMap<String, GpuDev>,
-    bos: RefCell<BTreeMap<String, (String, BoId)>>,
-    attachments: RefCell<BTreeMap<String, (String, BoAttach)>>,
-    ranges: RefCell<BTreeMap<String, Rc<ManagedRange>>>,
-    uvm_costs: Option<UvmCosts>,
-}
-
-impl GpuWorld {
-    /// Builds every `gpu` device of `scn` (already attached to the platform under `pci`).
-    pub(crate) fn build(
-        scn: &Scenario,
-        platform: Option<&Rc<Platform>>,
-        pci: &BTreeMap<String, DeviceId>,
-        timing: &Timing,
-    ) -> std::result::Result<Self, RunError> {
-        let mut out = Self {
-            uvm_costs: Some(UvmCosts::from_timing(timing)),
-            ..Self::default()
-        };
-        let Some(platform) = platform else {
-            return Ok(out);
-        };
-        for d in &scn.devices {
-            let (DeviceKind::Gpu, Some(g)) = (d.kind, &d.gpu) else {
-                continue;
-            };
-            let id = pci[&d.name];
-            let gpu = Gpu::new(
-                platform,
-                id,
-                GpuConfig {
-                    vram: g.vram,
-                    bar: g.bar,
-                    window: g.window,
-                    costs: GpuCosts::from_timing(timing),
-                },
-            )
-            .map_err(|source| RunError::Gpu {
-                device: d.name.clone(),
-                source,
-            })?;
-            if g.skip_peer_invalidation {
-                gpu.inject(GpuInjection::SkipPeerInvalidation);
-            }
-            let pool = gpu
-                .managed_pool(
-                    g.managed + 2 * (2 << 20),
-                    DmirrorCosts::from_timing(timing),
-                    g.beyond_mainline_p2p,
-                )
-                .map_err(|source| RunError::Gpu {
-                    device: d.name.clone(),
-                    source,
-                })?;
-            out.gpus.insert(
-                d.name.clone(),
-                GpuDev {
-                    gpu,
-                    pool,
-                    managed: g.managed,
-                },
-            );
-        }
-        Ok(out)
-    }
-
-    /// Returns the GPU and the buffer object a `gpu.bo_create` step named `name`.
-    pub(crate) fn bo(&self, name: &str) -> std::result::Result<(Rc<Gpu>, BoId), RunError> {
-        let (dev, bo) =
-            self.bos
-                .borrow()
-                .get(name)
-                .cloned()
-                .ok_or_else(|| RunError::NoGpuObject {
-                    what: "bo",
-                    name: name.to_owned(),
-                })?;
-        Ok((self.gpus[&dev].gpu.clone(), bo))
-    }
-
-    fn attachment(&self, name: &str) -> std::result::Result<(Rc<Gpu>, BoAttach), RunError> {
-        let (dev, a) = self
-            .attachments
-            .borrow()
-            .get(name)
-            .cloned()
-            .ok_or_else(|| RunError::NoGpuObject {
-                what: "attachment",
-                name: name.to_owned(),
-            })?;
-        Ok((self.gpus[&dev].gpu.clone(), a))
-    }
-
-    fn range(&self, name: &str) -> std::result::Result<Rc<ManagedRange>, RunError> {
-        self.ranges
-            .borrow()
-            .get(name)
-            .cloned()
-            .ok_or_else(|| RunError::NoGpuObject {
-                what: "managed range",
-                name: name.to_owned(),
-            })
-    }
-}
+pub(crate) use world::GpuWorld;
 
 /// `gpu.bo_create`.
 pub(crate) const BO_CREATE: OpSpec = OpSpec {
