@@ -11,7 +11,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::rc::{Rc, Weak};
 
-use peerdma_core::{Advice, DeviceId, FrameId, PAGE_SIZE, Pid, Range, Va};
+use peerdma_core::{Advice, DeviceId, FrameId, PAGE_SIZE, PageSize, Pid, Range, Va};
 use proptest::prelude::*;
 
 use crate::kernel::Mms;
@@ -19,6 +19,7 @@ use crate::migrate::{
     MIGRATE_PFN_MIGRATE, MIGRATE_PFN_WRITE, MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
     MIGRATE_VMA_SELECT_SYSTEM, migrate_pfn, migrate_pfn_to_frame,
 };
+use crate::pagetable::Pte;
 use crate::{
     DevicePagemapOps, Kernel, MemoryKind, MigrateVma, MmCosts, MmapArgs, MremapFlags, Prot, VmFault,
 };
@@ -376,8 +377,7 @@ fn check(st: &Mms, seen: &mut BTreeSet<FrameId>, step: usize) -> Result<(), Stri
                 .leaves(Va::from_raw(0), Va::from_raw(u64::MAX))
                 .iter()
                 .filter(|l| {
-                    l.pte.frame().is_some()
-                        && !matches!(l.pte, crate::pagetable::Pte::Present { special: true, .. })
+                    l.pte.frame().is_some() && !matches!(l.pte, Pte::Present { special: true, .. })
                 })
                 .count()
         })
@@ -388,8 +388,9 @@ fn check(st: &Mms, seen: &mut BTreeSet<FrameId>, step: usize) -> Result<(), Stri
     Ok(())
 }
 
-/// Runs `ops` on a fresh kernel with 32 MiB of RAM and a device-private region, checking after each.
-fn run(ops: &[Op]) -> Result<usize, String> {
+/// Runs `ops` on a fresh kernel with 32 MiB of RAM and a device-private region, checking after each;
+/// returns the kinds of mapping seen along the way.
+fn run(ops: &[Op]) -> Result<BTreeSet<&'static str>, String> {
     let sim = Sim::new(SimConfig {
         trace: false,
         ..SimConfig::default()
@@ -403,12 +404,12 @@ fn run(ops: &[Op]) -> Result<usize, String> {
         ops_dev,
     );
     let dev_first = FrameId(k.phys().regions()[dev].start);
-    let out = Rc::new(RefCell::new(Ok(0)));
+    let out = Rc::new(RefCell::new(Ok(BTreeSet::new())));
     let (o, k2, ops) = (out.clone(), k.clone(), ops.to_vec());
     sim.spawn("ops", async move {
         let mut procs = Procs::default();
         let mut seen = BTreeSet::new();
-        let mut mapped = 0;
+        let mut seen_kinds = BTreeSet::new();
         for (step, op) in ops.iter().enumerate() {
             apply(&k2, dev, dev_first, &mut procs, op).await;
             let st = k2.mms();
@@ -417,12 +418,28 @@ fn run(ops: &[Op]) -> Result<usize, String> {
                 *o.borrow_mut() = Err(format!("{e}\nops {ops:?}"));
                 return;
             }
-            mapped = mapped.max(st.rmap_walk_all_leaves(|_| true).len());
+            let all = st.rmap_walk_all_leaves(|_| true);
+            for m in &all {
+                seen_kinds.insert(match m.leaf.pte {
+                    _ if m.leaf.size != PageSize::Size4K => "pmd",
+                    Pte::DevicePrivate { .. } => "device-private",
+                    _ => "4k",
+                });
+            }
+            if all
+                .iter()
+                .any(|m| all.iter().any(|n| n.frame == m.frame && n.pid != m.pid))
+            {
+                seen_kinds.insert("shared across processes");
+            }
+            if k2.swap().nr_slots() > 0 {
+                seen_kinds.insert("swap");
+            }
         }
-        *o.borrow_mut() = Ok(mapped);
+        *o.borrow_mut() = Ok(seen_kinds);
     });
     sim.run();
-    out.replace(Ok(0))
+    out.replace(Ok(BTreeSet::new()))
 }
 
 proptest! {
@@ -504,10 +521,16 @@ fn a_fixed_sequence_maps_thp_device_and_shared_pages() {
         },
         Op::Exit { p: 0 },
     ];
-    let mapped = run(&ops).unwrap();
-    assert!(
-        mapped > 512,
-        "the sequence mapped a THP ({mapped} mappings at most)"
+    let kinds = run(&ops).unwrap();
+    assert_eq!(
+        kinds.into_iter().collect::<Vec<_>>(),
+        [
+            "4k",
+            "device-private",
+            "pmd",
+            "shared across processes",
+            "swap"
+        ]
     );
 }
 
@@ -515,8 +538,7 @@ fn a_fixed_sequence_maps_thp_device_and_shared_pages() {
 /// at the page-table level (the operations above rarely map one frame twice in one address space).
 #[test]
 fn the_index_follows_a_frame_mapped_twice_a_pmd_leaf_and_skips_special_entries() {
-    use crate::pagetable::{PageTable, Pte};
-    use peerdma_core::PageSize;
+    use crate::pagetable::PageTable;
 
     fn found(pt: &PageTable, f: u64) -> Vec<u64> {
         let mut out = Vec::new();
