@@ -617,7 +617,7 @@ pub(crate) fn migrate_unmap_check(
 ) -> usize {
     let mut entries: BTreeMap<FrameId, Vec<(Pid, Va, bool)>> = BTreeMap::new();
     let mut still_mapped: BTreeSet<FrameId> = BTreeSet::new();
-    for m in st.rmap_walk(|f| taken.contains(&f)) {
+    for m in st.rmap_walk(taken.iter().copied()) {
         match m.leaf.pte {
             Pte::Migration { write, .. } if m.leaf.size == PageSize::Size4K => {
                 entries
@@ -676,7 +676,7 @@ pub(crate) fn remove_migration_ptes(
         .filter_map(|&s| migrate_pfn_to_frame(s))
         .collect();
     let mut entries: BTreeMap<FrameId, Vec<(Pid, Va, bool)>> = BTreeMap::new();
-    for m in st.rmap_walk(|f| sources.contains(&f)) {
+    for m in st.rmap_walk(sources.iter().copied()) {
         if let Pte::Migration { write, .. } = m.leaf.pte
             && m.leaf.size == PageSize::Size4K
         {
