@@ -817,14 +817,16 @@ impl World {
         res: Result<DmirrorResult, Errno>,
     ) -> Result<(), RunError> {
         match res {
-            Ok(res) => {
+            Ok(mut res) => {
                 if let Some(p) = ptr {
                     let (dst, _) = self.resolve(proc_name, p)?;
                     if let Err(e) = self.kernel.copy_to_user(pid, dst, &res.data).await {
                         out.errno = Some(e);
                     }
                 }
-                out.data = Some(res.data.clone());
+                // The device's buffer moves to the step's data (no second copy of it); the step keeps
+                // only the counts of the result.
+                out.data = Some(std::mem::take(&mut res.data));
                 out.dm = Some(res);
             }
             Err(e) => out.errno = Some(e),

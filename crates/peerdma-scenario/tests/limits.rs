@@ -121,6 +121,30 @@ fn a_store_over_the_host_memory_limit_streams_and_writes_every_page() {
     assert_eq!(r.exit_code(), 0, "{}", r.render_text());
 }
 
+/// A `pwrite` streams its pattern too: a write sixteen times `host_memory` into a one-page file runs,
+/// extends the file and puts every byte where the pattern says (reads of the first and last pages, each
+/// within the limit).
+#[test]
+fn a_pwrite_over_the_host_memory_limit_streams_and_writes_every_page() {
+    let text = r#"[sim.limits]
+host_memory = "64KiB"
+
+[[file]]
+name = "f"
+size = "4KiB"
+
+[[thread]]
+name = "t"
+steps = [
+  { op = "pwrite", file = "f", offset = 0, len = "1MiB", pattern = "u32:-index-3" },
+  { op = "pread", file = "f", offset = 0, len = "4KiB", expect = { data = "u32:-index-3" } },
+  { op = "pread", file = "f", offset = "1020KiB", len = "4KiB", expect = { data = "u32:-index-261123" } },
+]
+"#;
+    let r = run_text(text);
+    assert!(matches!(r.outcome, Outcome::Passed), "{}", r.render_text());
+}
+
 #[test]
 fn the_step_limit_stops_a_run() {
     let steps = "  { op = \"sleep\", for = \"1ns\" },\n".repeat(10);
