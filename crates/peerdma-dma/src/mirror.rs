@@ -23,7 +23,13 @@
 //!
 //! There is no pin anywhere: pages are free to migrate, swap or COW once an invalidation returns.
 //! *Coarse:* one IOVA mapping per page (no MR-wide IOVA reservation); dirty tracking of written pages is
-//! not modelled.
+//! not modelled. The per-page work is Linux's: mm/hmm.c `hmm_dma_map_pfn` links and syncs one page at a
+//! time (into a umem-wide IOVA span reserved by `dma_iova_try_alloc` when the device is behind an IOMMU,
+//! else `dma_map_page` per page), and `ib_umem_odp_unmap_dma_pages` unlinks page by page, each with its
+//! IOTLB sync — so a mirror fault or invalidation costs one IO PTE update (and, on unmap, one range
+//! invalidation) per page here too; only the IOVA addresses differ from the reserved-span layout. The
+//! device's table keeps each page's mapping inline (no per-page list) and an invalidation unmaps its
+//! pages through one borrow of the domain (`Platform::unmap_iovas`).
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
