@@ -288,7 +288,10 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
         sim.set_progress(4096, move |now, events| p(now, events));
     }
     let outcome = sim.run();
-    world.finish(&sim, seed, explore, &outcome)
+    let report = world.finish(&sim, seed, explore, &outcome);
+    // Pending agents (device workers, a stopped run's threads) hold the model in a cycle with the engine.
+    sim.shutdown();
+    report
 }
 
 /// Makes the NIC model of every `rnic` device (after the platform attached it).

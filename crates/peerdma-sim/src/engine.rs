@@ -400,6 +400,27 @@ impl Sim {
         }
     }
 
+    /// Drops every agent's future, the pending ones included, and every queued event: the run is over for
+    /// good. An agent's future holds `Rc`s of the model (the kernel, its devices, this engine), so an agent
+    /// still pending when a run ends (a device's worker loop, a thread blocked at a deadlock, every agent of
+    /// a stopped run) would otherwise keep the whole simulation alive in a reference cycle with the engine;
+    /// a process running many seeds would leak one simulation per seed. Call it once the report is taken.
+    pub fn shutdown(&self) {
+        let futures: Vec<BoxFuture> = {
+            let mut inner = self.inner.borrow_mut();
+            inner.queue.clear();
+            inner.ready.clear();
+            inner.progress = None;
+            inner
+                .tasks
+                .iter_mut()
+                .filter_map(|t| t.future.take())
+                .collect()
+        };
+        // Dropped outside the borrow: a future's destructor may reach the engine.
+        drop(futures);
+    }
+
     /// Runs until every agent finishes, a deadlock, the time limit, a resource limit, or [`Sim::stop`].
     pub fn run(&self) -> RunOutcome {
         loop {

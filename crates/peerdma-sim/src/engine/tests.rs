@@ -253,3 +253,24 @@ fn exploration_preempts_at_preempt_points_only() {
     // Off exploration a preemption point costs nothing: one event per plain sleep (and the spawn).
     assert_eq!(run(0, 128, false), (SimTime(0), 10));
 }
+
+/// An agent still pending when a run ends holds the engine (and whatever it captured) in a reference
+/// cycle; `shutdown` drops it, so the engine and the agent's state are freed with the last handle.
+#[test]
+fn shutdown_frees_what_a_pending_agent_holds() {
+    let sim = Sim::new(SimConfig::default());
+    let state = Rc::new(RefCell::new(0u32));
+    let watch = Rc::downgrade(&state);
+    let engine = Rc::downgrade(&sim.inner);
+    let s = sim.clone();
+    sim.spawn("stuck", async move {
+        *state.borrow_mut() += 1;
+        let _keep = (&s, &state);
+        std::future::pending::<()>().await;
+    });
+    assert!(matches!(sim.run(), RunOutcome::Deadlock { .. }));
+    sim.shutdown();
+    drop(sim);
+    assert!(watch.upgrade().is_none(), "the agent's state leaked");
+    assert!(engine.upgrade().is_none(), "the engine leaked");
+}
