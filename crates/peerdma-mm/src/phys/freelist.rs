@@ -1,27 +1,29 @@
 //! The free frames of one region, kept as ranges: a bump pointer over the never-allocated tail plus an
-//! ordered set of the frames freed below it.
+//! ordered map of the runs of frames freed below it.
 //!
 //! Linux counterpart: the buddy allocator's free lists (mm/page_alloc.c), which also cost nothing per free
 //! page beyond the `struct page` itself. The model hands frames out in one fixed order — lowest free frame
 //! first, THPs at the lowest free 2 MiB-aligned block, contiguous runs first fit — and this structure keeps
 //! exactly that order while a configured but never-used frame costs no host memory: every frame at or above
-//! `next` is free, and `freed` holds the free frames below it. The frame just below `next` is always in use
-//! (a frame freed there pulls `next` down, and with it every freed frame adjacent below), so a free run never
-//! straddles `next`.
+//! `next` is free, and `runs` holds the free frames below it as maximal runs (`start -> end`, exclusive), so
+//! a THP or a process's memory freed in address order is one entry. The frame just below `next` is always in
+//! use (a run freed up to `next` pulls `next` down), so a free run never reaches `next`.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 /// The free frames of a region (module docs).
 #[derive(Clone, Debug)]
 pub(super) struct FreeFrames {
     /// First frame of the region.
     start: u64,
-    /// Every frame in `next..end` is free and has never been handed out since it was last coalesced.
+    /// Every frame in `next..end` is free.
     next: u64,
     /// One past the last allocatable frame.
     end: u64,
-    /// The free frames below `next`.
-    freed: BTreeSet<u64>,
+    /// Maximal runs of free frames below `next`: start -> end (exclusive), not touching each other.
+    runs: BTreeMap<u64, u64>,
+    /// Frames in `runs`.
+    nr_runs_frames: u64,
 }
 
 impl FreeFrames {
@@ -31,30 +33,36 @@ impl FreeFrames {
             start,
             next: start,
             end,
-            freed: BTreeSet::new(),
+            runs: BTreeMap::new(),
+            nr_runs_frames: 0,
         }
     }
 
     /// Makes `end` the new end (never above the old one); frames at or above it are never handed out.
+    /// Only used on a fresh region.
     pub(super) fn truncate(&mut self, end: u64) {
+        debug_assert!(self.runs.is_empty() && self.next == self.start);
         self.end = self.end.min(end).max(self.next);
-        self.freed.retain(|&f| f < end);
     }
 
-    /// Host bytes held: one `u64` per frame freed below the bump pointer (B-tree node overhead aside).
+    /// Host bytes held: two `u64` per run of freed frames (B-tree node overhead aside).
     pub(super) fn host_bytes(&self) -> u64 {
-        (self.freed.len() * size_of::<u64>()) as u64
+        (self.runs.len() * 2 * size_of::<u64>()) as u64
     }
 
     /// Returns the number of free frames.
     pub(super) fn len(&self) -> u64 {
-        self.end - self.next + self.freed.len() as u64
+        self.end - self.next + self.nr_runs_frames
     }
 
     /// Takes the lowest free frame.
     pub(super) fn pop_first(&mut self) -> Option<u64> {
-        if let Some(f) = self.freed.pop_first() {
-            return Some(f);
+        if let Some((s, e)) = self.runs.pop_first() {
+            if s + 1 < e {
+                self.runs.insert(s + 1, e);
+            }
+            self.nr_runs_frames -= 1;
+            return Some(s);
         }
         (self.next < self.end).then(|| {
             self.next += 1;
@@ -64,15 +72,25 @@ impl FreeFrames {
 
     /// Returns frame `f` (in use, inside the region) to the free frames.
     pub(super) fn insert(&mut self, f: u64) {
-        debug_assert!(f >= self.start && f < self.next && !self.freed.contains(&f));
-        if f + 1 != self.next {
-            self.freed.insert(f);
-            return;
+        debug_assert!(f >= self.start && f < self.next);
+        let mut s = f;
+        let mut e = f + 1;
+        if let Some((&ps, &pe)) = self.runs.range(..=f).next_back() {
+            debug_assert!(pe <= f, "frame {f} freed twice");
+            if pe == f {
+                s = ps;
+                self.runs.remove(&ps);
+            }
         }
-        self.next = f;
-        while self.next > self.start && self.freed.last() == Some(&(self.next - 1)) {
-            self.freed.pop_last();
-            self.next -= 1;
+        if let Some(ne) = self.runs.remove(&e) {
+            e = ne;
+        }
+        self.nr_runs_frames += 1;
+        if e == self.next {
+            self.next = s;
+            self.nr_runs_frames -= e - s;
+        } else {
+            self.runs.insert(s, e);
         }
     }
 
@@ -81,14 +99,27 @@ impl FreeFrames {
     fn take(&mut self, first: u64, n: u64) {
         if first >= self.next {
             // The frames skipped between the bump pointer and the run stay free below it.
-            self.freed.extend(self.next..first);
-            self.next = first + n;
-        } else {
-            for f in first..first + n {
-                let was_free = self.freed.remove(&f);
-                debug_assert!(was_free, "frame {f} taken twice");
+            if first > self.next {
+                self.runs.insert(self.next, first);
+                self.nr_runs_frames += first - self.next;
             }
+            self.next = first + n;
+            return;
         }
+        let (&s, &e) = self
+            .runs
+            .range(..=first)
+            .next_back()
+            .expect("a run below the bump pointer holds the frames");
+        debug_assert!(first + n <= e, "frames {first}+{n} not free");
+        self.runs.remove(&s);
+        if s < first {
+            self.runs.insert(s, first);
+        }
+        if first + n < e {
+            self.runs.insert(first + n, e);
+        }
+        self.nr_runs_frames -= n;
     }
 
     /// Takes the lowest run of `n` (≥ 1) contiguous free frames, first fit; returns its first frame.
@@ -99,22 +130,11 @@ impl FreeFrames {
     }
 
     fn first_run(&self, n: u64) -> Option<u64> {
-        let mut run_start = 0;
-        let mut run_len = 0u64;
-        let mut prev: Option<u64> = None;
-        for &f in &self.freed {
-            if prev.is_some_and(|p| p + 1 == f) {
-                run_len += 1;
-            } else {
-                run_start = f;
-                run_len = 1;
-            }
-            prev = Some(f);
-            if run_len == n {
-                return Some(run_start);
-            }
-        }
-        (self.end - self.next >= n).then_some(self.next)
+        self.runs
+            .iter()
+            .find(|&(&s, &e)| e - s >= n)
+            .map(|(&s, _)| s)
+            .or_else(|| (self.end - self.next >= n).then_some(self.next))
     }
 
     /// Takes the lowest fully free block of `n` frames starting at a multiple of `n` (a THP); returns its
@@ -126,26 +146,22 @@ impl FreeFrames {
     }
 
     fn first_aligned_block(&self, n: u64) -> Option<u64> {
-        let mut from = self.start;
-        while let Some(&f) = self.freed.range(from..).next() {
-            let block = f.next_multiple_of(n);
-            if block + n > self.next {
-                break;
-            }
-            if self.freed.range(block..block + n).count() as u64 == n {
-                return Some(block);
-            }
-            // The next candidate block starts at or above `block + n`.
-            from = block + n;
-        }
-        let block = self.next.next_multiple_of(n);
-        (block + n <= self.end).then_some(block)
+        self.runs
+            .iter()
+            .map(|(&s, &e)| (s.next_multiple_of(n), e))
+            .find(|&(b, e)| b + n <= e)
+            .map(|(b, _)| b)
+            .or_else(|| {
+                let block = self.next.next_multiple_of(n);
+                (block + n <= self.end).then_some(block)
+            })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     /// A plain ordered set with the allocator's original rules: the reference the ranges must match.
     struct Reference(BTreeSet<u64>);
@@ -224,9 +240,29 @@ mod tests {
         f.insert(b);
         f.insert(a);
         assert!(
-            f.freed.is_empty(),
+            f.runs.is_empty(),
             "freeing the top coalesces into the bump pointer"
         );
         assert_eq!(f.next, 0);
+    }
+
+    /// Frames freed in address order below the bump pointer are one run, whatever their number.
+    #[test]
+    fn frames_freed_in_order_are_one_run() {
+        let mut f = FreeFrames::new(0, 1 << 20);
+        let first = f.take_first_aligned_block(512).unwrap();
+        let second = f.take_first_aligned_block(512).unwrap();
+        assert_eq!((first, second), (0, 512));
+        for fr in first..first + 512 {
+            f.insert(fr);
+        }
+        assert_eq!(f.runs.len(), 1);
+        assert_eq!(f.host_bytes(), 16);
+        assert_eq!(f.len(), (1 << 20) - 512);
+        assert_eq!(
+            f.take_first_aligned_block(512),
+            Some(0),
+            "the freed block is reused first"
+        );
     }
 }
