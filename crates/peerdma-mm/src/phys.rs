@@ -712,8 +712,7 @@ impl PhysMem {
 
     /// Copies the whole contents of `src` into `dst` (`copy_highpage`; in token mode the version).
     pub fn copy_frame(&mut self, src: FrameId, dst: FrameId) {
-        let c = self.store.content(src.0);
-        self.store.set_content(dst.0, c);
+        self.store.copy(src.0, dst.0);
         self.frame_mut(dst).dirty = true;
     }
 
@@ -722,7 +721,7 @@ impl PhysMem {
     pub fn content_hash(&self, f: FrameId) -> u64 {
         match self.store.mode() {
             DataMode::Token => self.store.version(f.0),
-            DataMode::Bytes => self.store.bytes(f.0).map_or(ZERO_HASH, |d| hash_bytes(d)),
+            DataMode::Bytes => self.store.bytes_hash(f.0),
         }
     }
 }

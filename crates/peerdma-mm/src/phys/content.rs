@@ -6,12 +6,16 @@
 //! frame that was never written costs nothing here:
 //! - **bytes** mode: a 4 KiB buffer per written page, reached from a table of 512 pointers per 2 MiB of
 //!   frames (allocated when a page of those 2 MiB is first written); a page never written reads as zeros.
+//!   The page's content hash ([`hash_bytes`], what the oracle compares) is kept with its bytes: computed on
+//!   the first hash after a write, reused until the next write, and copied with the page.
 //! - **token** mode (DESIGN.md §3, for terabyte runs): no bytes at all. Each page holds a 64-bit version,
 //!   0 while never written; every write stamps the page with a fresh version from one counter (so two writes
 //!   never leave the same stamp), and copies — COW, migration, swap, khugepaged — carry the stamp. Reads
 //!   return zeros, and the oracle compares versions where bytes mode compares content hashes
 //!   ([`super::PhysMem::content_hash`]). *Coarse:* a device or CPU copy made by reading bytes and writing
 //!   them elsewhere stamps the destination with a new version instead of carrying the source's.
+
+use std::cell::Cell;
 
 /// Frames per content chunk (2 MiB of frames).
 pub(super) const CHUNK: usize = 512;
@@ -41,7 +45,18 @@ pub enum PageContent {
     Token(u64),
 }
 
-type PageBox = Box<[u8; PAGE_BYTES]>;
+/// The hash slot of a page whose hash is not known: even and non-zero, which [`hash_bytes`] never returns.
+const HASH_UNKNOWN: u64 = 2;
+
+/// A written page: its bytes and their [`hash_bytes`], computed on the first read after a write and kept
+/// until the next write (the oracle hashes a page on every access; most accesses are reads).
+#[derive(Clone, Debug)]
+pub(super) struct PageBuf {
+    bytes: [u8; PAGE_BYTES],
+    hash: Cell<u64>,
+}
+
+type PageBox = Box<PageBuf>;
 
 /// The contents of all frames (module docs).
 #[derive(Clone, Debug)]
@@ -56,10 +71,10 @@ fn split(f: u64) -> (usize, usize) {
 }
 
 fn zero_page() -> PageBox {
-    vec![0u8; PAGE_BYTES]
-        .into_boxed_slice()
-        .try_into()
-        .expect("a page of bytes")
+    Box::new(PageBuf {
+        bytes: [0; PAGE_BYTES],
+        hash: Cell::new(ZERO_HASH),
+    })
 }
 
 impl Store {
@@ -81,7 +96,7 @@ impl Store {
     pub(super) fn bytes(&self, f: u64) -> Option<&[u8; PAGE_BYTES]> {
         let (c, i) = split(f);
         match self {
-            Store::Bytes(chunks) => chunks.get(c)?.as_ref()?[i].as_deref(),
+            Store::Bytes(chunks) => chunks.get(c)?.as_ref()?[i].as_deref().map(|p| &p.bytes),
             Store::Token(_) => None,
         }
     }
@@ -105,7 +120,70 @@ impl Store {
             chunks.resize_with(c + 1, || None);
         }
         let chunk = chunks[c].get_or_insert_with(|| Box::new(std::array::from_fn(|_| None)));
-        Some(chunk[i].get_or_insert_with(zero_page))
+        let page = chunk[i].get_or_insert_with(zero_page);
+        page.hash.set(HASH_UNKNOWN);
+        Some(&mut page.bytes)
+    }
+
+    /// The [`hash_bytes`] of frame `f`'s bytes ([`ZERO_HASH`] when never written), from the page's cache
+    /// when no write came since it was last computed.
+    pub(super) fn bytes_hash(&self, f: u64) -> u64 {
+        let (c, i) = split(f);
+        let Store::Bytes(chunks) = self else {
+            return ZERO_HASH;
+        };
+        let Some(page) = chunks
+            .get(c)
+            .and_then(Option::as_ref)
+            .and_then(|ch| ch[i].as_deref())
+        else {
+            return ZERO_HASH;
+        };
+        let h = page.hash.get();
+        if h != HASH_UNKNOWN {
+            return h;
+        }
+        let h = hash_bytes(&page.bytes);
+        page.hash.set(h);
+        h
+    }
+
+    /// Copies frame `src`'s contents over frame `dst`'s, the cached hash with them.
+    pub(super) fn copy(&mut self, src: u64, dst: u64) {
+        let (sc, si) = split(src);
+        let page = match self {
+            Store::Bytes(chunks) => chunks
+                .get(sc)
+                .and_then(Option::as_ref)
+                .and_then(|ch| ch[si].clone()),
+            Store::Token(_) => {
+                let v = self.version(src);
+                if v == 0 {
+                    self.clear(dst);
+                } else {
+                    self.set_version(dst, v);
+                }
+                return;
+            }
+        };
+        let (dc, di) = split(dst);
+        let Store::Bytes(chunks) = self else {
+            return;
+        };
+        match page {
+            None => {
+                if let Some(Some(ch)) = chunks.get_mut(dc) {
+                    ch[di] = None;
+                }
+            }
+            Some(p) => {
+                if chunks.len() <= dc {
+                    chunks.resize_with(dc + 1, || None);
+                }
+                chunks[dc].get_or_insert_with(|| Box::new(std::array::from_fn(|_| None)))[di] =
+                    Some(p);
+            }
+        }
     }
 
     /// Sets the version of frame `f` (token mode; ignored in bytes mode).
@@ -178,7 +256,7 @@ impl Store {
                     .flatten()
                     .map(|ch| {
                         size_of::<[Option<PageBox>; CHUNK]>()
-                            + ch.iter().flatten().count() * PAGE_BYTES
+                            + ch.iter().flatten().count() * size_of::<PageBuf>()
                     })
                     .sum();
                 (table + inner) as u64

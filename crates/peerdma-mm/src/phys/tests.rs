@@ -331,3 +331,35 @@ fn bytes_mode_contents_move_as_values_and_the_mode_is_fixed_once_written() {
     pm.read(b, 100, &mut buf);
     assert_eq!(buf, [5, 6]);
 }
+
+/// The content hash kept with a page follows every write: computed once after a write, recomputed after the
+/// next one, and carried by a copy.
+#[test]
+fn the_kept_hash_follows_writes_and_copies() {
+    let mut pm = PhysMem::new(4 * PMD_SIZE);
+    let a = pm.alloc(0, FrameOwner::Anon).unwrap();
+    let b = pm.alloc(0, FrameOwner::Anon).unwrap();
+    pm.write(a, 10, &[1, 2, 3]);
+    let h1 = pm.content_hash(a);
+    assert_eq!(h1, hash_bytes(pm.data(a).unwrap()));
+    assert_eq!(pm.content_hash(a), h1, "a second read gives the kept hash");
+    pm.write(a, 4095, &[9]);
+    let h2 = pm.content_hash(a);
+    assert_ne!(h2, h1);
+    assert_eq!(h2, hash_bytes(pm.data(a).unwrap()));
+    pm.copy_frame(a, b);
+    assert_eq!(pm.content_hash(b), h2);
+    pm.write(b, 0, &[7]);
+    assert_eq!(
+        pm.content_hash(a),
+        h2,
+        "writing the copy leaves the source alone"
+    );
+    assert_eq!(pm.content_hash(b), hash_bytes(pm.data(b).unwrap()));
+    pm.copy_frame(FrameId(pm.zero_page().0), b);
+    assert_eq!(
+        pm.content_hash(b),
+        ZERO_HASH,
+        "copying the zero page clears the copy"
+    );
+}
