@@ -17,6 +17,8 @@
 //!    pages, `(file, page offset)` for page-cache pages — updated on every write and carried over by fork
 //!    (private pages) and COW; a read whose frame hashes differently from the logical page's record is a
 //!    violation (a lost COW copy, a wrong frame, a torn migration). Unwritten anonymous memory must read zero.
+//!    In token mode ([`crate::phys::DataMode::Token`]) the "hash" is the page's version stamp, so the same
+//!    check compares versions. The records live in chunks of 64 logical pages (`oracle/shadow.rs`).
 //! 6. **Protocol** — invalidations end as often as they start; a mirror never programs an entry after
 //!    `read_retry` would have said retry ([`Oracle::mirror_install`]).
 //! 7. **No access to a removed BAR** — after `revoke_mmio` no peer DMA may reach the MMIO range
