@@ -323,6 +323,10 @@ pub struct PhysMem {
     store: Store,
     /// The last version stamped on a page (token mode).
     last_version: u64,
+    /// Frames freed while on an LRU list, not yet taken off it: Linux's final `folio_put` takes a folio off
+    /// its lruvec (`__page_cache_release` → `lruvec_del_folio`); the model logs it here and
+    /// [`crate::vmscan`] drains the log, so the LRU never walks its lists to find freed pages.
+    lru_freed: Vec<FrameId>,
 }
 
 /// The data mode cannot change: pages were written already ([`PhysMem::set_data_mode`]).
@@ -368,6 +372,7 @@ impl PhysMem {
             nr_nodes: u32::try_from(node_sizes.len()).expect("fewer than 2^32 nodes"),
             store: Store::new(mode),
             last_version: 0,
+            lru_freed: Vec::new(),
         };
         for (node, &bytes) in (0u32..).zip(node_sizes) {
             let nr = (bytes / PMD_SIZE).max(1) * FRAMES_PER_PMD;
@@ -621,6 +626,7 @@ impl PhysMem {
         }
         fr.set_owner(FrameOwner::Free);
         fr.mapcount = 0;
+        let on_lru = fr.lru != LruState::None;
         fr.lru = LruState::None;
         fr.accessed = false;
         fr.referenced = false;
@@ -628,7 +634,20 @@ impl PhysMem {
         self.store.clear(f.0);
         let region = self.region_of(f);
         self.regions[region].free.insert(f.0);
+        if on_lru {
+            self.lru_freed.push(f);
+        }
         true
+    }
+
+    /// Takes the log of frames freed while on an LRU list (the `lru_freed` field).
+    pub(crate) fn take_lru_freed(&mut self) -> Vec<FrameId> {
+        std::mem::take(&mut self.lru_freed)
+    }
+
+    /// Returns the log of frames freed while on an LRU list, not yet taken.
+    pub(crate) fn lru_freed(&self) -> &[FrameId] {
+        &self.lru_freed
     }
 
     /// Adds one page-table mapping of `frame`: a reference and a mapcount (`folio_add_*_rmap` with the
