@@ -593,6 +593,23 @@ impl Kernel {
         self.mms().home_node(pid)
     }
 
+    /// Chooses how page contents are kept ([`crate::phys::DataMode`]: bytes, or a version per page in
+    /// token mode), before any page is written.
+    ///
+    /// # Errors
+    /// [`crate::phys::DataModeError`] once a page was written.
+    pub fn set_data_mode(
+        &self,
+        mode: crate::phys::DataMode,
+    ) -> Result<(), crate::phys::DataModeError> {
+        self.phys().set_data_mode(mode)
+    }
+
+    /// Returns how page contents are kept.
+    pub fn data_mode(&self) -> crate::phys::DataMode {
+        self.phys().data_mode()
+    }
+
     /// Makes RAM node `node` movable (ZONE_MOVABLE; [`PhysMem::set_node_movable`]), before anything is
     /// allocated on it: from then on only anonymous pages land there, and long-term GUP migrates them out.
     ///

@@ -17,18 +17,22 @@
 //!    pages, `(file, page offset)` for page-cache pages — updated on every write and carried over by fork
 //!    (private pages) and COW; a read whose frame hashes differently from the logical page's record is a
 //!    violation (a lost COW copy, a wrong frame, a torn migration). Unwritten anonymous memory must read zero.
+//!    In token mode ([`crate::phys::DataMode::Token`]) the "hash" is the page's version stamp, so the same
+//!    check compares versions. The records live in chunks of 64 logical pages (`oracle/shadow.rs`).
 //! 6. **Protocol** — invalidations end as often as they start; a mirror never programs an entry after
 //!    `read_retry` would have said retry ([`Oracle::mirror_install`]).
 //! 7. **No access to a removed BAR** — after `revoke_mmio` no peer DMA may reach the MMIO range
 //!    ([`crate::Kernel::mmio_read`] / `mmio_write`).
 
-use std::collections::BTreeMap;
 use std::fmt;
 
 use peerdma_core::{Pid, Range, SimTime, Va};
 use peerdma_sim::Sim;
 
 use crate::phys::ZERO_HASH;
+
+mod shadow;
+use shadow::Shadow;
 
 /// The identity of a page of memory independent of which frame holds it now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -137,7 +141,7 @@ impl fmt::Display for Violation {
 pub struct Oracle {
     sim: Sim,
     enabled: bool,
-    shadow: BTreeMap<LogicalPage, u64>,
+    shadow: Shadow,
     violations: Vec<Violation>,
     /// The kind of violation a caller said is coming ([`Oracle::expect_violation`]).
     armed: Option<ViolationKind>,
@@ -151,7 +155,7 @@ impl Oracle {
         Self {
             sim,
             enabled: true,
-            shadow: BTreeMap::new(),
+            shadow: Shadow::default(),
             violations: Vec::new(),
             armed: None,
             expected: Vec::new(),
@@ -207,17 +211,17 @@ impl Oracle {
     /// Records that `page` now holds content with hash `h`.
     pub fn record(&mut self, page: LogicalPage, h: u64) {
         if h == ZERO_HASH && matches!(page, LogicalPage::Anon { .. }) {
-            self.shadow.remove(&page);
+            self.shadow.unset(page);
         } else {
-            self.shadow.insert(page, h);
+            self.shadow.set(page, h);
         }
     }
 
     /// Returns the content hash `page` must have: anonymous pages never written are zero; file pages never
     /// recorded are unknown (`None`).
     pub fn expected(&self, page: LogicalPage) -> Option<u64> {
-        match (self.shadow.get(&page), page) {
-            (Some(&h), _) => Some(h),
+        match (self.shadow.get(page), page) {
+            (Some(h), _) => Some(h),
             (None, LogicalPage::Anon { .. }) => Some(ZERO_HASH),
             (None, LogicalPage::File { .. }) => None,
         }
@@ -243,68 +247,40 @@ impl Oracle {
 
     /// Forgets private anonymous pages of `pid` inside `r` (munmap, MADV_DONTNEED, exit: they read zero again).
     pub fn forget_anon(&mut self, pid: Pid, r: Range<Va>) {
-        let lo = LogicalPage::Anon {
-            pid,
-            vpn: r.start.page_number(),
-        };
-        let hi = LogicalPage::Anon {
-            pid,
-            vpn: r.end.raw().div_ceil(4096),
-        };
-        let keys: Vec<LogicalPage> = self.shadow.range(lo..hi).map(|(k, _)| *k).collect();
-        for k in keys {
-            self.shadow.remove(&k);
-        }
+        self.shadow
+            .take_anon(pid, r.start.page_number(), r.end.raw().div_ceil(4096));
     }
 
     /// Moves the private anonymous pages of `pid` in `from` to start at `to` (mremap).
     pub fn move_anon(&mut self, pid: Pid, from: Range<Va>, to: Va) {
-        let lo = LogicalPage::Anon {
-            pid,
-            vpn: from.start.page_number(),
-        };
-        let hi = LogicalPage::Anon {
-            pid,
-            vpn: from.end.raw().div_ceil(4096),
-        };
-        let moved: Vec<(LogicalPage, u64)> =
-            self.shadow.range(lo..hi).map(|(k, h)| (*k, *h)).collect();
-        for (k, _) in &moved {
-            self.shadow.remove(k);
-        }
+        let moved =
+            self.shadow
+                .take_anon(pid, from.start.page_number(), from.end.raw().div_ceil(4096));
         let delta = to.page_number().wrapping_sub(from.start.page_number());
-        for (k, h) in moved {
-            if let LogicalPage::Anon { vpn, .. } = k {
-                self.shadow.insert(
-                    LogicalPage::Anon {
-                        pid,
-                        vpn: vpn.wrapping_add(delta),
-                    },
-                    h,
-                );
-            }
+        for (vpn, h) in moved {
+            self.shadow.set(
+                LogicalPage::Anon {
+                    pid,
+                    vpn: vpn.wrapping_add(delta),
+                },
+                h,
+            );
         }
     }
 
     /// Gives `child` a copy of `parent`'s private anonymous pages inside `r` (fork).
     pub fn copy_anon(&mut self, parent: Pid, child: Pid, r: Range<Va>) {
-        let lo = LogicalPage::Anon {
-            pid: parent,
-            vpn: r.start.page_number(),
-        };
-        let hi = LogicalPage::Anon {
-            pid: parent,
-            vpn: r.end.raw().div_ceil(4096),
-        };
-        let copies: Vec<(LogicalPage, u64)> = self
+        let copies = self
             .shadow
-            .range(lo..hi)
-            .filter_map(|(k, h)| match *k {
-                LogicalPage::Anon { vpn, .. } => Some((LogicalPage::Anon { pid: child, vpn }, *h)),
-                LogicalPage::File { .. } => None,
-            })
-            .collect();
-        self.shadow.extend(copies);
+            .anon_in(parent, r.start.page_number(), r.end.raw().div_ceil(4096));
+        for (vpn, h) in copies {
+            self.shadow.set(LogicalPage::Anon { pid: child, vpn }, h);
+        }
+    }
+
+    /// Returns the host bytes the shadow holds (its chunks' payload; B-tree nodes not counted).
+    pub fn host_bytes(&self) -> u64 {
+        self.shadow.host_bytes()
     }
 
     /// Check 6: a mirror is about to program entries for a range whose subscription `retry` says must be

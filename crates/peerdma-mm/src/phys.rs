@@ -6,7 +6,16 @@
 //!   adds [`GUP_PIN_COUNTING_BIAS`] to the refcount (mm/gup.c) and `maybe_dma_pinned` tests refcount ≥ bias —,
 //!   a dirty bit, an LRU state with the two aging bits reclaim reads (`accessed`, `referenced`; see
 //!   [`crate::vmscan`]), and who owns it (anonymous or a file's page cache).
-//! - Data is real bytes, allocated lazily: a frame never written reads as zeros and holds no buffer.
+//! - Data is real bytes, allocated lazily: a frame never written reads as zeros and holds no buffer. In
+//!   token mode ([`DataMode::Token`], DESIGN.md §3) a page holds a 64-bit version instead of bytes
+//!   (`phys/content.rs`).
+//! - Memory is allocated as it is used, not when it is configured (Linux allocates the whole memmap at
+//!   boot; the model's figures do not depend on it): frame metadata lives in chunks of 512 frames allocated
+//!   on a frame's first allocation (`phys/table.rs`), a [`Frame`] is 32 bytes, page contents are kept apart per
+//!   written page (`phys/content.rs`), and each region's free frames are ranges — a bump pointer plus the frames
+//!   freed below it (`phys/freelist.rs`) — so configured but never-used memory costs 12 bytes per 2 MiB. The
+//!   allocation order is the one a sorted set of free frames gives: lowest free frame first, THPs at the
+//!   lowest free 2 MiB block, contiguous runs first fit.
 //! - RAM is one region per NUMA node (`MemoryKind::Ram { node }`): regions `0..nr_nodes` are the nodes, region
 //!   `n` is node `n`, and device regions come after them. Frame 0 of node 0 is the shared zero page: always
 //!   allocated, never written, never freed.
@@ -17,11 +26,17 @@
 //! - Each allocation bumps the frame's `generation`, so a translation that recorded (frame, generation) can tell
 //!   a reused frame from the one it mapped (the oracle's use-after-free check).
 
-use std::collections::BTreeSet;
-
 use peerdma_core::{DeviceId, FrameId, PAGE_SIZE, PMD_SIZE, Pa};
 
+mod content;
+mod freelist;
 pub mod page_alloc;
+mod table;
+
+use content::Store;
+pub use content::{DataMode, PageContent, ZERO_HASH, hash_bytes};
+use freelist::FreeFrames;
+use table::FrameTable;
 
 /// Refcount added by one FOLL_PIN (include/linux/mm.h `GUP_PIN_COUNTING_BIAS`).
 pub const GUP_PIN_COUNTING_BIAS: u32 = 1024;
@@ -35,8 +50,6 @@ pub const MIN_WATERMARK: u64 = 16;
 
 /// Frames per 2 MiB block.
 pub const FRAMES_PER_PMD: u64 = PMD_SIZE / PAGE_SIZE;
-
-const PAGE_BYTES: usize = 4096;
 
 /// What kind of memory a region is (DESIGN.md §3 table).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -175,8 +188,8 @@ pub struct FrameInfo {
     pub lru: LruState,
 }
 
-/// The metadata of one 4 KiB frame.
-#[derive(Clone, Debug, Default)]
+/// The metadata of one 4 KiB frame: 32 bytes (the owner packed into its tag, file and page offset).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Frame {
     /// References (mappings, page cache, pins with their bias, transient gets).
     pub refcount: u32,
@@ -199,20 +212,81 @@ pub struct Frame {
     /// a device-range one, [`crate::migrate_device`]) holds the page, so another migration skips it and a CPU
     /// fault on it waits.
     pub locked: bool,
-    owner: Option<FrameOwner>,
-    region: u32,
-    data: Option<Box<[u8]>>,
+    /// [`FrameOwner`] variant: 0 free, 1 zero page, 2 anonymous, 3 file, 4 kernel.
+    owner_tag: u8,
+    /// Page offset bits 32..48 of a file owner.
+    owner_pgoff_hi: u16,
+    /// The file of a file owner.
+    owner_file: u32,
+    /// Page offset bits 0..32 of a file owner.
+    owner_pgoff_lo: u32,
+}
+
+impl Default for Frame {
+    fn default() -> Self {
+        Self::FREE
+    }
 }
 
 impl Frame {
+    /// A free frame that was never allocated.
+    pub const FREE: Frame = Frame {
+        refcount: 0,
+        mapcount: 0,
+        dirty: false,
+        lru: LruState::None,
+        accessed: false,
+        referenced: false,
+        generation: 0,
+        locked: false,
+        owner_tag: 0,
+        owner_pgoff_hi: 0,
+        owner_file: 0,
+        owner_pgoff_lo: 0,
+    };
+
+    /// The largest page offset a file owner can record: 2^48 pages (2^60 bytes).
+    pub const MAX_FILE_PGOFF: u64 = (1 << 48) - 1;
+
     /// Returns who owns the frame.
     pub fn owner(&self) -> FrameOwner {
-        self.owner.unwrap_or(FrameOwner::Free)
+        match self.owner_tag {
+            1 => FrameOwner::Zero,
+            2 => FrameOwner::Anon,
+            3 => FrameOwner::File {
+                file: self.owner_file,
+                pgoff: (u64::from(self.owner_pgoff_hi) << 32) | u64::from(self.owner_pgoff_lo),
+            },
+            4 => FrameOwner::Kernel,
+            _ => FrameOwner::Free,
+        }
+    }
+
+    /// Sets who owns the frame.
+    ///
+    /// # Panics
+    /// Panics for a file page offset above [`Frame::MAX_FILE_PGOFF`] (a file of more than 2^60 bytes).
+    fn set_owner(&mut self, owner: FrameOwner) {
+        let (tag, file, pgoff) = match owner {
+            FrameOwner::Free => (0, 0, 0),
+            FrameOwner::Zero => (1, 0, 0),
+            FrameOwner::Anon => (2, 0, 0),
+            FrameOwner::File { file, pgoff } => (3, file, pgoff),
+            FrameOwner::Kernel => (4, 0, 0),
+        };
+        assert!(
+            pgoff <= Self::MAX_FILE_PGOFF,
+            "file page offset {pgoff:#x} beyond 2^48 pages"
+        );
+        self.owner_tag = tag;
+        self.owner_file = file;
+        self.owner_pgoff_lo = (pgoff & 0xffff_ffff) as u32;
+        self.owner_pgoff_hi = u16::try_from(pgoff >> 32).expect("checked above");
     }
 
     /// Returns whether the frame is allocated.
     pub fn is_allocated(&self) -> bool {
-        !matches!(self.owner(), FrameOwner::Free)
+        self.owner_tag != 0
     }
 
     /// Returns whether the frame may be DMA-pinned (`folio_maybe_dma_pinned`, bias rule).
@@ -236,21 +310,29 @@ pub struct Region {
     /// The region is ZONE_MOVABLE: a movable RAM node ([`PhysMem::set_node_movable`]). Only anonymous pages
     /// are allocated here (module docs), and long-term GUP migrates them out before pinning.
     pub movable: bool,
-    free: BTreeSet<u64>,
+    free: FreeFrames,
 }
 
 /// All physical memory of a simulation.
 #[derive(Debug)]
 pub struct PhysMem {
-    frames: Vec<Frame>,
+    frames: FrameTable,
     regions: Vec<Region>,
     zero: FrameId,
     nr_nodes: u32,
+    store: Store,
+    /// The last version stamped on a page (token mode).
+    last_version: u64,
     /// Frames freed while on an LRU list, not yet taken off it: Linux's final `folio_put` takes a folio off
     /// its lruvec (`__page_cache_release` → `lruvec_del_folio`); the model logs it here and
     /// [`crate::vmscan`] drains the log, so the LRU never walks its lists to find freed pages.
     lru_freed: Vec<FrameId>,
 }
+
+/// The data mode cannot change: pages were written already ([`PhysMem::set_data_mode`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the data mode is chosen before any page is written")]
+pub struct DataModeError;
 
 /// An allocation request could not be met.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -269,17 +351,27 @@ impl PhysMem {
 
     /// Creates physical memory with one RAM region per NUMA node, node `n` of `node_sizes[n]` bytes (each
     /// rounded down to 2 MiB, at least 2 MiB); region `n` is node `n`. Frame 0 (on node 0) becomes the zero
-    /// page.
+    /// page. Contents are bytes ([`DataMode::Bytes`]).
     ///
     /// # Panics
     /// Panics when `node_sizes` is empty: a machine has at least one node.
     pub fn new_numa(node_sizes: &[u64]) -> Self {
+        Self::with_mode(node_sizes, DataMode::Bytes)
+    }
+
+    /// Creates physical memory as [`PhysMem::new_numa`] does, with page contents kept as `mode` says.
+    ///
+    /// # Panics
+    /// Panics when `node_sizes` is empty: a machine has at least one node.
+    pub fn with_mode(node_sizes: &[u64], mode: DataMode) -> Self {
         assert!(!node_sizes.is_empty(), "at least one RAM node");
         let mut pm = Self {
-            frames: Vec::new(),
+            frames: FrameTable::default(),
             regions: Vec::new(),
             zero: FrameId(0),
             nr_nodes: u32::try_from(node_sizes.len()).expect("fewer than 2^32 nodes"),
+            store: Store::new(mode),
+            last_version: 0,
             lru_freed: Vec::new(),
         };
         for (node, &bytes) in (0u32..).zip(node_sizes) {
@@ -291,33 +383,60 @@ impl PhysMem {
             .free
             .pop_first()
             .expect("a fresh region has free frames");
-        let f = &mut pm.frames[usize::try_from(zero).expect("frame index fits usize")];
-        f.owner = Some(FrameOwner::Zero);
+        let f = pm.frames.get_mut(zero);
+        f.set_owner(FrameOwner::Zero);
         f.refcount = 1;
         f.generation = 1;
         pm.zero = FrameId(zero);
         pm
     }
 
+    /// Returns how page contents are kept.
+    pub fn data_mode(&self) -> DataMode {
+        self.store.mode()
+    }
+
+    /// Chooses how page contents are kept, before any page is written (a scenario's `[sim] data`).
+    ///
+    /// # Errors
+    /// [`DataModeError`] once a page was written: its contents could not be carried over.
+    pub fn set_data_mode(&mut self, mode: DataMode) -> Result<(), DataModeError> {
+        if mode == self.store.mode() {
+            return Ok(());
+        }
+        if self.store.host_bytes() != 0 {
+            return Err(DataModeError);
+        }
+        self.store = Store::new(mode);
+        Ok(())
+    }
+
+    /// Returns an estimate of the host memory the frame metadata, the free lists and the page contents
+    /// hold, in bytes (heap blocks counted at their payload size, allocator overhead not included).
+    pub fn host_bytes(&self) -> u64 {
+        let free: u64 = self
+            .regions
+            .iter()
+            .map(|r| r.free.host_bytes())
+            .sum::<u64>();
+        self.frames.host_bytes() + self.store.host_bytes() + free
+    }
+
     /// Adds a region of `nr_frames` frames (rounded up to whole 2 MiB blocks) and returns its index.
     pub fn add_region(&mut self, kind: MemoryKind, nr_frames: u64) -> usize {
         let nr = nr_frames.div_ceil(FRAMES_PER_PMD) * FRAMES_PER_PMD;
         // Keep regions 2 MiB aligned in frame space so THP allocation can align.
-        let start = (self.frames.len() as u64).div_ceil(FRAMES_PER_PMD) * FRAMES_PER_PMD;
+        let start = self.frames.len().div_ceil(FRAMES_PER_PMD) * FRAMES_PER_PMD;
         let idx = self.regions.len();
-        let end = usize::try_from(start + nr).expect("frame count fits usize");
         let region = u32::try_from(idx).expect("fewer than 2^32 regions");
-        self.frames.resize_with(end, || Frame {
-            region,
-            ..Frame::default()
-        });
+        self.frames.grow(start + nr, region);
         self.regions.push(Region {
             kind,
             start,
             nr_frames: nr,
             base_pa: None,
             movable: false,
-            free: (start..start + nr).collect(),
+            free: FreeFrames::new(start, start + nr),
         });
         idx
     }
@@ -330,12 +449,11 @@ impl PhysMem {
         let idx = self.add_region(kind, nr_frames);
         let region = &mut self.regions[idx];
         let end = region.start + nr_frames;
-        region.free.retain(|&pfn| pfn < end);
+        region.free.truncate(end);
         region.nr_frames = nr_frames;
         region.base_pa = Some(base);
         idx
     }
-
     /// Returns the CPU physical address of frame `f`: `f.pa()` in the simulated physical map, or the BAR
     /// address for frames of a region with a [`Region::base_pa`].
     pub fn frame_pa(&self, f: FrameId) -> Pa {
@@ -379,24 +497,8 @@ impl PhysMem {
         if nr_frames == 0 {
             return Err(oom);
         }
-        let mut run_start = None;
-        let mut run_len = 0u64;
-        let mut prev = None;
-        for &pfn in &self.regions[r].free {
-            if prev.is_some_and(|p: u64| p + 1 == pfn) {
-                run_len += 1;
-            } else {
-                run_start = Some(pfn);
-                run_len = 1;
-            }
-            prev = Some(pfn);
-            if run_len == nr_frames {
-                break;
-            }
-        }
-        let first = run_start.filter(|_| run_len == nr_frames).ok_or(oom)?;
+        let first = self.regions[r].free.take_first_run(nr_frames).ok_or(oom)?;
         for pfn in first..first + nr_frames {
-            self.regions[r].free.remove(&pfn);
             self.init_frame(FrameId(pfn), owner);
         }
         Ok(FrameId(first))
@@ -412,17 +514,17 @@ impl PhysMem {
     /// # Panics
     /// Panics if the frame does not exist (an internal invariant: frame ids come from this allocator).
     pub fn frame(&self, f: FrameId) -> &Frame {
-        &self.frames[usize::try_from(f.0).expect("frame index fits usize")]
+        self.frames.get(f.0)
     }
 
     /// Returns the frame's metadata, mutably.
     pub fn frame_mut(&mut self, f: FrameId) -> &mut Frame {
-        &mut self.frames[usize::try_from(f.0).expect("frame index fits usize")]
+        self.frames.get_mut(f.0)
     }
 
     /// Returns whether `f` names a frame of this memory.
     pub fn exists(&self, f: FrameId) -> bool {
-        f.0 < self.frames.len() as u64
+        f.0 < self.frames.len()
     }
 
     /// Returns a snapshot of frame `f`'s metadata.
@@ -445,12 +547,12 @@ impl PhysMem {
 
     /// Returns the kind of memory the frame is in.
     pub fn kind(&self, f: FrameId) -> MemoryKind {
-        self.regions[self.frame(f).region as usize].kind
+        self.regions[self.region_of(f)].kind
     }
 
     /// Returns the index of the region holding `f`.
     pub fn region_of(&self, f: FrameId) -> usize {
-        self.frame(f).region as usize
+        self.frames.region(f.0) as usize
     }
 
     /// Returns the regions.
@@ -460,7 +562,7 @@ impl PhysMem {
 
     /// Returns the number of free frames in region `r`.
     pub fn nr_free(&self, r: usize) -> u64 {
-        self.regions[r].free.len() as u64
+        self.regions[r].free.len()
     }
 
     /// Allocates one zero-filled frame from region `r` with refcount 1 (lowest free frame first).
@@ -477,27 +579,20 @@ impl PhysMem {
     /// Allocates 512 contiguous, 2 MiB-aligned zero-filled frames (a THP) from region `r`; returns the head.
     /// Each sub-frame gets refcount 1.
     pub fn alloc_pmd(&mut self, r: usize, owner: FrameOwner) -> Result<FrameId, OutOfMemory> {
-        let region = &self.regions[r];
-        let mut head = None;
-        let mut block = region.start;
-        while block < region.start + region.nr_frames {
-            if region.free.range(block..block + FRAMES_PER_PMD).count() as u64 == FRAMES_PER_PMD {
-                head = Some(block);
-                break;
-            }
-            block += FRAMES_PER_PMD;
-        }
-        let head = head.ok_or(OutOfMemory { region: r })?;
+        let head = self.regions[r]
+            .free
+            .take_first_aligned_block(FRAMES_PER_PMD)
+            .ok_or(OutOfMemory { region: r })?;
         for pfn in head..head + FRAMES_PER_PMD {
-            self.regions[r].free.remove(&pfn);
             self.init_frame(FrameId(pfn), owner);
         }
         Ok(FrameId(head))
     }
 
     fn init_frame(&mut self, f: FrameId, owner: FrameOwner) {
+        self.store.clear(f.0);
         let fr = self.frame_mut(f);
-        fr.owner = Some(owner);
+        fr.set_owner(owner);
         fr.refcount = 1;
         fr.mapcount = 0;
         fr.dirty = false;
@@ -505,7 +600,6 @@ impl PhysMem {
         fr.accessed = false;
         fr.referenced = false;
         fr.generation += 1;
-        fr.data = None;
     }
 
     /// Takes a reference (`get_page`).
@@ -530,15 +624,15 @@ impl PhysMem {
         if fr.refcount > 0 {
             return false;
         }
-        fr.owner = Some(FrameOwner::Free);
+        fr.set_owner(FrameOwner::Free);
         fr.mapcount = 0;
         let on_lru = fr.lru != LruState::None;
         fr.lru = LruState::None;
         fr.accessed = false;
         fr.referenced = false;
         fr.dirty = false;
-        fr.data = None;
-        let region = fr.region as usize;
+        self.store.clear(f.0);
+        let region = self.region_of(f);
         self.regions[region].free.insert(f.0);
         if on_lru {
             self.lru_freed.push(f);
@@ -578,106 +672,77 @@ impl PhysMem {
 
     /// Sets who owns an allocated frame (the page cache adopting a page, for instance).
     pub fn set_owner(&mut self, f: FrameId, owner: FrameOwner) {
-        self.frame_mut(f).owner = Some(owner);
+        self.frame_mut(f).set_owner(owner);
     }
 
-    /// Returns the frame's bytes (`None` means all zero).
+    /// Returns the frame's bytes (`None` means all zero; always `None` in token mode).
     pub fn data(&self, f: FrameId) -> Option<&[u8]> {
-        self.frame(f).data.as_deref()
+        self.store.bytes(f.0).map(|b| &b[..])
     }
 
-    /// Copies `buf.len()` bytes at `offset` inside the frame into `buf`.
+    /// Returns the frame's version stamp (token mode; 0 while never written, and always 0 in bytes mode).
+    pub fn version(&self, f: FrameId) -> u64 {
+        self.store.version(f.0)
+    }
+
+    /// Returns the frame's contents as a value: what swap-out keeps and [`PhysMem::set_content`] puts back.
+    pub fn content(&self, f: FrameId) -> PageContent {
+        self.store.content(f.0)
+    }
+
+    /// Replaces the frame's contents with `c` (swap-in) and marks it dirty.
+    ///
+    /// # Panics
+    /// Panics when writing the zero page (a broken model invariant).
+    pub fn set_content(&mut self, f: FrameId, c: PageContent) {
+        assert!(f != self.zero, "write to the shared zero page");
+        self.frame_mut(f).dirty = true;
+        self.store.set_content(f.0, c);
+    }
+
+    /// Copies `buf.len()` bytes at `offset` inside the frame into `buf` (zeros in token mode).
     pub fn read(&self, f: FrameId, offset: usize, buf: &mut [u8]) {
-        match &self.frame(f).data {
+        match self.store.bytes(f.0) {
             Some(d) => buf.copy_from_slice(&d[offset..offset + buf.len()]),
             None => buf.fill(0),
         }
     }
 
-    /// Copies `buf` into the frame at `offset` and marks it dirty.
+    /// Copies `buf` into the frame at `offset` and marks it dirty; in token mode, stamps the frame with a
+    /// new version instead.
     ///
     /// # Panics
     /// Panics when writing the zero page: the fault path must have replaced it (a broken model invariant).
     pub fn write(&mut self, f: FrameId, offset: usize, buf: &[u8]) {
         assert!(f != self.zero, "write to the shared zero page");
-        let fr = self.frame_mut(f);
-        fr.dirty = true;
-        if fr.data.is_none() {
-            if buf.iter().all(|&b| b == 0) {
-                return;
-            }
-            fr.data = Some(vec![0u8; PAGE_BYTES].into_boxed_slice());
+        self.frame_mut(f).dirty = true;
+        if self.store.mode() == DataMode::Token {
+            self.last_version += 1;
+            self.store.set_version(f.0, self.last_version);
+            return;
         }
-        let d = fr.data.as_mut().expect("allocated above");
-        d[offset..offset + buf.len()].copy_from_slice(buf);
+        if self.store.bytes(f.0).is_none() && buf.iter().all(|&b| b == 0) {
+            return;
+        }
+        if let Some(d) = self.store.bytes_mut(f.0) {
+            d[offset..offset + buf.len()].copy_from_slice(buf);
+        }
     }
 
-    /// Copies the whole contents of `src` into `dst` (`copy_highpage`).
+    /// Copies the whole contents of `src` into `dst` (`copy_highpage`; in token mode the version).
     pub fn copy_frame(&mut self, src: FrameId, dst: FrameId) {
-        let data = self.frame(src).data.clone();
-        let fr = self.frame_mut(dst);
-        fr.data = data;
-        fr.dirty = true;
+        self.store.copy(src.0, dst.0);
+        self.frame_mut(dst).dirty = true;
     }
 
-    /// Returns a 64-bit content hash of the frame (FNV-1a over the bytes; all-zero frames hash to [`ZERO_HASH`]).
+    /// Returns a 64-bit content hash of the frame: [`hash_bytes`] of its bytes (all-zero frames hash to
+    /// [`ZERO_HASH`]), or in token mode its version (0, [`ZERO_HASH`], while never written).
     pub fn content_hash(&self, f: FrameId) -> u64 {
-        match &self.frame(f).data {
-            None => ZERO_HASH,
-            Some(d) => hash_bytes(d),
+        match self.store.mode() {
+            DataMode::Token => self.store.version(f.0),
+            DataMode::Bytes => self.store.bytes_hash(f.0),
         }
     }
-}
-
-/// The content hash of an all-zero page.
-pub const ZERO_HASH: u64 = 0;
-
-/// The multiplier of each lane of [`hash_bytes`] (FNV-1a's 64-bit prime).
-const HASH_PRIME: u64 = 0x0100_0000_01b3;
-
-/// Hashes a page of bytes; an all-zero page hashes to [`ZERO_HASH`], any other to an odd value.
-///
-/// Four independent FNV-1a-style lanes over 8-byte words (word `i` goes to lane `i % 4`), so the
-/// multiplications of neighbouring words do not wait for each other, and the all-zero test is an OR over
-/// the same words in the same pass (no second scan). The lanes are folded together at the end. The oracle
-/// compares these hashes only for equality, within one run: any well-mixed 64-bit function serves.
-pub fn hash_bytes(d: &[u8]) -> u64 {
-    let mut lanes: [u64; 4] = [
-        0xcbf2_9ce4_8422_2325,
-        0x8422_2325_cbf2_9ce4,
-        0x9e37_79b9_7f4a_7c15,
-        0x7f4a_7c15_9e37_79b9,
-    ];
-    let mut any = 0u64;
-    let word = |b: &[u8]| {
-        let mut w = [0u8; 8];
-        w[..b.len()].copy_from_slice(b);
-        u64::from_le_bytes(w)
-    };
-    let mut blocks = d.chunks_exact(32);
-    for block in &mut blocks {
-        for (lane, w) in lanes.iter_mut().zip(block.chunks_exact(8)) {
-            let w = word(w);
-            any |= w;
-            *lane = (*lane ^ w).wrapping_mul(HASH_PRIME);
-        }
-    }
-    for (lane, w) in lanes.iter_mut().zip(blocks.remainder().chunks(8)) {
-        let w = word(w);
-        any |= w;
-        *lane = (*lane ^ w).wrapping_mul(HASH_PRIME);
-    }
-    if any == 0 {
-        return ZERO_HASH;
-    }
-    let len = u64::try_from(d.len()).unwrap_or(u64::MAX);
-    let h = lanes
-        .iter()
-        .zip([0u32, 16, 32, 48])
-        .fold(len, |h, (&l, r)| {
-            (h ^ l.rotate_left(r)).wrapping_mul(HASH_PRIME)
-        });
-    (h ^ (h >> 29)) | 1
 }
 
 #[cfg(test)]

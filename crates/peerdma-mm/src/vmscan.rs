@@ -128,7 +128,7 @@ pub fn inactive_is_low(nr_inactive: u64, nr_active: u64) -> bool {
 /// One slot.
 #[derive(Debug, Clone)]
 struct Slot {
-    data: Option<Box<[u8]>>,
+    data: crate::phys::PageContent,
     count: u32,
 }
 
@@ -567,7 +567,7 @@ impl Kernel {
                     } else {
                         let s = swap.next;
                         swap.next += 1;
-                        let data = phys.data(frame).map(|d| d.to_vec().into_boxed_slice());
+                        let data = phys.content(frame);
                         swap.slots.insert(s, Slot { data, count: 1 });
                         slots.insert(frame, s);
                         swapped += 1;
@@ -611,8 +611,13 @@ impl Kernel {
         let frame = st
             .alloc_anon_for(&mut phys, pid)
             .map_err(|_| VmFault::Oom)?;
-        if let Some(d) = swap.slots.get(&slot).and_then(|s| s.data.clone()) {
-            phys.write(frame, 0, &d);
+        if let Some(d) = swap
+            .slots
+            .get(&slot)
+            .map(|s| s.data.clone())
+            .filter(|d| *d != crate::phys::PageContent::Zero)
+        {
+            phys.set_content(frame, d);
         }
         let exclusive = swap.count(slot) == 1;
         phys.frame_mut(frame).mapcount = 1;

@@ -130,6 +130,10 @@ pub struct SimSettings {
     pub movable: Vec<u32>,
     /// What one run may use (`[sim.limits]`).
     pub limits: Limits,
+    /// How page contents are kept (`data = "bytes"` or `"token"`): real bytes, or a 64-bit version per
+    /// page for terabyte runs, where steps that compare bytes (`expect.data`, `expect.value`) are refused.
+    /// Default bytes.
+    pub data: peerdma_mm::phys::DataMode,
 }
 
 impl Default for SimSettings {
@@ -143,6 +147,7 @@ impl Default for SimSettings {
             memory: vec![1 << 30],
             movable: Vec::new(),
             limits: Limits::default(),
+            data: peerdma_mm::phys::DataMode::Bytes,
         }
     }
 }

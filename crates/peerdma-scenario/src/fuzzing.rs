@@ -51,7 +51,7 @@ pub fn run_limited(mut scn: Scenario) -> Report {
 pub fn parse_and_run(bytes: &[u8]) -> Option<Report> {
     let text = String::from_utf8_lossy(bytes);
     let scn = parse("fuzz.toml", &text).ok()?;
-    // Frame metadata is allocated for all of the simulated memory up front: keep fuzzed runs small.
+    // Keep fuzzed runs small (a fuzzed step over gigabytes of memory runs for long).
     let total: u64 = scn.sim.memory.iter().fold(0, |a, &m| a.saturating_add(m));
     if total > 256 << 20 || scn.devices.iter().any(|d| d.size > 256 << 20) {
         return None;

@@ -324,6 +324,8 @@ pub(crate) struct Parser<'s> {
     refs: Vec<NameRef>,
     /// `[sim.limits]`, read first: later sizes are checked against it.
     limits: Limits,
+    /// `[sim] data = "token"`, read first: steps that compare bytes are refused.
+    token: bool,
     /// Simulated memory declared so far (`[sim] memory`, devices, files), checked against `limits.memory`.
     sim_memory: u64,
 }
@@ -357,6 +359,7 @@ impl<'s> Parser<'s> {
             refs: Vec::new(),
             limits: Limits::default(),
             sim_memory: 0,
+            token: false,
         }
     }
 
@@ -830,6 +833,7 @@ impl<'s> Parser<'s> {
             None => SimSettings::default(),
         };
         self.limits = sim.limits;
+        self.token = sim.data == peerdma_mm::phys::DataMode::Token;
         self.sim_memory = sim.memory.iter().fold(0u64, |a, &m| a.saturating_add(m));
         let mut timing = BTreeMap::new();
         if let Some(v) = top.get("timing") {
@@ -964,9 +968,20 @@ impl<'s> Parser<'s> {
                 "memory",
                 "movable",
                 "limits",
+                "data",
             ],
         )?;
         let mut sim = SimSettings::default();
+        if let Some(v) = t.get("data") {
+            sim.data = self.keyword(
+                v,
+                "data",
+                &[
+                    ("bytes", peerdma_mm::phys::DataMode::Bytes),
+                    ("token", peerdma_mm::phys::DataMode::Token),
+                ],
+            )?;
+        }
         if let Some(v) = t.get("limits") {
             sim.limits = self.limits(v)?;
         }
@@ -1856,6 +1871,16 @@ impl<'s> Parser<'s> {
         let allowed = spec.expect_keys;
         for (key, _) in &t.entries {
             let key_name: &str = key.get_ref().as_ref();
+            if self.token && matches!(key_name, "data" | "value") {
+                return Err(self.err(
+                    &key.span(),
+                    format!(
+                        "`expect.{key_name}` compares the bytes read, but `[sim] data = \"token\"` keeps a \
+                         version per page instead of bytes (reads return zeros); the oracle still checks \
+                         every read against the last write"
+                    ),
+                ));
+            }
             if allowed.contains(&key_name)
                 || EVERY_STEP_EXPECT_KEYS.contains(&key_name)
                 || ANY_OP_EXPECT_KEYS.contains(&key_name)

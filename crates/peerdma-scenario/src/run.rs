@@ -199,6 +199,9 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
     let mm_costs = MmCosts::from_timing(&timing);
     let dm_costs = DmirrorCosts::from_timing(&timing);
     let kernel = Kernel::new_numa(&sim, &scn.sim.memory, mm_costs);
+    kernel
+        .set_data_mode(scn.sim.data)
+        .expect("a fresh kernel has no page written");
     for &node in &scn.sim.movable {
         kernel
             .set_node_movable(node)

@@ -15,6 +15,7 @@ mod ops;
 mod params;
 mod plot;
 mod progress;
+mod resources;
 mod sweep;
 mod topo;
 
@@ -135,6 +136,10 @@ enum Command {
         /// steps).
         #[arg(long, value_name = "DIR")]
         csv: Option<PathBuf>,
+        /// Prints the host resources the run used (peak resident memory, wall time) to stderr, outside
+        /// the report.
+        #[arg(long)]
+        resources: bool,
         /// Test-only: removes one protocol step (a mutation switch; `peerdma_core::mutation`).
         #[arg(long, hide = true, value_parser = parse_mutation)]
         mutate: Vec<Mutation>,
@@ -353,8 +358,10 @@ fn main() -> ExitCode {
             trace,
             plot,
             csv,
+            resources,
             mutate,
         } => {
+            let started = resources::start();
             let scn = match load(&file) {
                 Ok(s) => s,
                 Err(code) => return code,
@@ -371,6 +378,12 @@ fn main() -> ExitCode {
             mutation::set(&[]);
             // The progress bar (if any) goes away before the report prints.
             drop(opts);
+            if resources {
+                eprintln!(
+                    "{}",
+                    resources::render(resources::peak_rss_bytes(), started.elapsed())
+                );
+            }
             if json {
                 println!("{}", report.to_json());
             } else {

@@ -83,7 +83,7 @@ impl PhysMem {
             return Err(MovableError::BootNode);
         }
         let r = self.node_region(node);
-        if self.regions[r].free.len() as u64 != self.regions[r].nr_frames {
+        if self.regions[r].free.len() != self.regions[r].nr_frames {
             return Err(MovableError::InUse { node });
         }
         self.regions[r].movable = true;

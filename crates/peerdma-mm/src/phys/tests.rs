@@ -228,3 +228,138 @@ fn the_page_hash_is_zero_only_for_zero_pages_and_sees_every_byte() {
     d[..8].copy_from_slice(&base[32..40]);
     assert_ne!(hash_bytes(&d), h);
 }
+
+/// A frame's metadata is 32 bytes, the owner with it.
+#[test]
+fn frame_metadata_is_32_bytes_and_keeps_a_file_owner() {
+    assert_eq!(size_of::<Frame>(), 32);
+    let mut pm = PhysMem::new(2 * PMD_SIZE);
+    let f = pm.alloc(0, FrameOwner::Kernel).unwrap();
+    let owner = FrameOwner::File {
+        file: 7,
+        pgoff: (3 << 32) | 5,
+    };
+    pm.set_owner(f, owner);
+    assert_eq!(pm.frame(f).owner(), owner);
+    assert_eq!(pm.frame_info(f).owner, owner);
+}
+
+/// Configured memory that is never used costs almost nothing: 1 TiB of RAM plus a 256 GiB device region hold
+/// a few MiB of tables (a pointer and a region number per 2 MiB, 12 bytes per 512 frames), and using a frame allocates one chunk.
+#[test]
+fn configured_but_unused_frames_cost_almost_nothing() {
+    let mut pm = PhysMem::new(1 << 40);
+    let dev = pm.add_region(
+        MemoryKind::DevicePrivate { owner: DeviceId(1) },
+        (256u64 << 30) / PAGE_SIZE,
+    );
+    let frames = pm.regions().iter().map(|r| r.nr_frames).sum::<u64>();
+    let before = pm.host_bytes();
+    assert!(
+        before * 32 < frames,
+        "{before} host bytes for {frames} frames: more than 1/32 byte per frame"
+    );
+    let f = pm.alloc(dev, FrameOwner::Anon).unwrap();
+    assert_eq!(pm.frame(f).refcount, 1);
+    let after = pm.host_bytes();
+    assert_eq!(after - before, 512 * 32, "one chunk of 512 frames");
+    assert_eq!(pm.nr_free(dev), (256u64 << 30) / PAGE_SIZE - 1);
+    // A frame never allocated reads as free, with no generation yet.
+    let far = FrameId(pm.regions()[dev].start + 100_000);
+    assert!(!pm.frame(far).is_allocated());
+    assert_eq!(pm.frame(far).generation, 0);
+    assert_eq!(
+        pm.kind(far),
+        MemoryKind::DevicePrivate { owner: DeviceId(1) }
+    );
+}
+
+/// Token mode: every write stamps a new version, a copy carries it, freeing forgets it, reads return zeros,
+/// and the content hash the oracle compares is the version.
+#[test]
+fn token_mode_keeps_a_version_per_page() {
+    let mut pm = PhysMem::with_mode(&[4 * PMD_SIZE], DataMode::Token);
+    assert_eq!(pm.data_mode(), DataMode::Token);
+    let a = pm.alloc(0, FrameOwner::Anon).unwrap();
+    let b = pm.alloc(0, FrameOwner::Anon).unwrap();
+    assert_eq!(pm.content_hash(a), ZERO_HASH);
+    pm.write(a, 0, &[1, 2, 3]);
+    let v1 = pm.version(a);
+    assert_ne!(v1, 0);
+    assert_eq!(pm.content_hash(a), v1);
+    pm.write(a, 0, &[1, 2, 3]);
+    let v2 = pm.version(a);
+    assert_ne!(v2, v1, "the same bytes written again are a new version");
+    let mut buf = [9u8; 4];
+    pm.read(a, 0, &mut buf);
+    assert_eq!(buf, [0; 4], "no bytes are kept");
+    assert!(pm.data(a).is_none());
+    pm.copy_frame(a, b);
+    assert_eq!(pm.version(b), v2);
+    let kept = pm.content(b);
+    assert_eq!(kept, PageContent::Token(v2));
+    assert!(pm.put(b));
+    assert_eq!(pm.version(b), 0, "a freed frame forgets its version");
+    let c = pm.alloc(0, FrameOwner::Anon).unwrap();
+    assert_eq!(c, b);
+    pm.set_content(c, kept);
+    assert_eq!(pm.content_hash(c), v2, "swap-in puts the version back");
+}
+
+/// Bytes mode keeps each written page once and gives it back with `content`/`set_content`; the mode can
+/// change only before a page is written.
+#[test]
+fn bytes_mode_contents_move_as_values_and_the_mode_is_fixed_once_written() {
+    let mut pm = PhysMem::new(4 * PMD_SIZE);
+    let a = pm.alloc(0, FrameOwner::Anon).unwrap();
+    assert_eq!(pm.content(a), PageContent::Zero);
+    pm.write(a, 0, &[0; 8]);
+    assert!(
+        pm.data(a).is_none(),
+        "zeros on an unwritten page allocate nothing"
+    );
+    assert_eq!(pm.set_data_mode(DataMode::Token), Ok(()));
+    assert_eq!(pm.set_data_mode(DataMode::Bytes), Ok(()));
+    pm.write(a, 100, &[5, 6]);
+    assert_eq!(pm.set_data_mode(DataMode::Token), Err(DataModeError));
+    let c = pm.content(a);
+    let h = pm.content_hash(a);
+    let b = pm.alloc(0, FrameOwner::Anon).unwrap();
+    pm.set_content(b, c);
+    assert_eq!(pm.content_hash(b), h);
+    let mut buf = [0u8; 2];
+    pm.read(b, 100, &mut buf);
+    assert_eq!(buf, [5, 6]);
+}
+
+/// The content hash kept with a page follows every write: computed once after a write, recomputed after the
+/// next one, and carried by a copy.
+#[test]
+fn the_kept_hash_follows_writes_and_copies() {
+    let mut pm = PhysMem::new(4 * PMD_SIZE);
+    let a = pm.alloc(0, FrameOwner::Anon).unwrap();
+    let b = pm.alloc(0, FrameOwner::Anon).unwrap();
+    pm.write(a, 10, &[1, 2, 3]);
+    let h1 = pm.content_hash(a);
+    assert_eq!(h1, hash_bytes(pm.data(a).unwrap()));
+    assert_eq!(pm.content_hash(a), h1, "a second read gives the kept hash");
+    pm.write(a, 4095, &[9]);
+    let h2 = pm.content_hash(a);
+    assert_ne!(h2, h1);
+    assert_eq!(h2, hash_bytes(pm.data(a).unwrap()));
+    pm.copy_frame(a, b);
+    assert_eq!(pm.content_hash(b), h2);
+    pm.write(b, 0, &[7]);
+    assert_eq!(
+        pm.content_hash(a),
+        h2,
+        "writing the copy leaves the source alone"
+    );
+    assert_eq!(pm.content_hash(b), hash_bytes(pm.data(b).unwrap()));
+    pm.copy_frame(FrameId(pm.zero_page().0), b);
+    assert_eq!(
+        pm.content_hash(b),
+        ZERO_HASH,
+        "copying the zero page clears the copy"
+    );
+}
