@@ -515,6 +515,26 @@ impl Kernel {
         &self.pin_wq
     }
 
+    /// Ends the simulation for good: drops every driver callback the kernel holds (interval notifiers of
+    /// every address space, device memory regions' `dev_pagemap` callbacks, drivers' mapping objects) and
+    /// every agent's future ([`peerdma_sim::Sim::shutdown`]). A driver's callback holds the kernel (an open
+    /// mirror's notifier, a device's pagemap), so without this a run that ends with a file still open keeps
+    /// the kernel, its devices and its engine alive in a reference cycle. Call it once the results are read.
+    pub fn shutdown(&self) {
+        let notifiers: Vec<_> = {
+            let mut mms = self.mms();
+            mms.by_pid
+                .values_mut()
+                .map(|mm| mm.notifiers_mut().take_all())
+                .collect()
+        };
+        let pgmaps = std::mem::take(&mut *self.pgmaps());
+        let objects = std::mem::take(&mut *self.vm_objects());
+        // Dropped outside the borrows: a callback's destructor may reach the kernel.
+        drop((notifiers, pgmaps, objects));
+        self.sim.shutdown();
+    }
+
     /// Borrows the callbacks of each device memory region (`dev_pagemap`), by region index.
     pub(crate) fn pgmaps(&self) -> RefMut<'_, Pgmaps> {
         self.pgmaps.borrow_mut()

@@ -140,6 +140,14 @@ impl Default for NotifierState {
 }
 
 impl NotifierState {
+    /// Removes every subscription and returns their callbacks (the kernel's shutdown drops them).
+    pub(crate) fn take_all(&mut self) -> Vec<Rc<dyn IntervalNotifierOps>> {
+        std::mem::take(&mut self.subs)
+            .into_values()
+            .map(|s| s.ops)
+            .collect()
+    }
+
     /// Inserts a subscription with the sequence rules of `mmu_interval_notifier_insert`.
     pub fn insert(&mut self, id: NotifierId, range: Range<Va>, ops: Rc<dyn IntervalNotifierOps>) {
         let seq = if self.active > 0 {

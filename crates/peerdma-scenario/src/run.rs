@@ -292,8 +292,9 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
     }
     let outcome = sim.run();
     let report = world.finish(&sim, seed, explore, &outcome);
-    // Pending agents (device workers, a stopped run's threads) hold the model in a cycle with the engine.
-    sim.shutdown();
+    // Pending agents (device workers, a stopped run's threads) and drivers' callbacks (an open mirror's
+    // notifier) hold the model in cycles with the kernel and the engine.
+    kernel.shutdown();
     report
 }
 
