@@ -66,6 +66,14 @@ fn quick_json_has_the_documented_schema_and_sane_numbers() {
     let reps = usize::try_from(cfg["reps"].as_u64().unwrap()).unwrap();
     assert!(reps >= 5, "at least 5 repetitions, got {reps}");
 
+    // Three simulated worlds per repetition are checked for leaks; the count is reported, not asserted
+    // (a leak is a library bug the bench reports).
+    let leak = &v["leak_check"];
+    assert_eq!(leak["worlds"].as_u64().unwrap(), 3 * reps as u64);
+    let not_freed = leak["not_freed_worlds"].as_array().unwrap();
+    assert_eq!(leak["not_freed"].as_u64().unwrap(), not_freed.len() as u64);
+    assert!(not_freed.len() <= 3 * reps);
+
     let figs = v["figures"].as_array().unwrap();
     let names: Vec<&str> = figs.iter().map(|f| f["name"].as_str().unwrap()).collect();
     let mut want: Vec<&str> = FIGURES.to_vec();

@@ -108,7 +108,13 @@ pub(crate) fn child(pages: u64, what: MemWhat) -> BenchResult<f64> {
 
 /// Runs `peerdma bench-memory` in a fresh process and returns its figure.
 pub(crate) fn measure(pages: u64, what: MemWhat) -> BenchResult<f64> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+    // /proc/self/exe runs this very binary even if the file was replaced (rebuilt) since it started.
+    let proc_exe = std::path::PathBuf::from("/proc/self/exe");
+    let exe = if proc_exe.exists() {
+        proc_exe
+    } else {
+        std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?
+    };
     let name = match what {
         MemWhat::Resident => "resident",
         MemWhat::Configured => "configured",

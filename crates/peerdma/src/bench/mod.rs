@@ -158,6 +158,9 @@ pub(crate) struct BenchRun {
     pub(crate) figures: Vec<Figure>,
     /// The ratios against the targets, in a fixed order.
     pub(crate) ratios: Vec<Ratio>,
+    /// Simulated worlds built for the figures (3 per repetition) and the ones that outlived every
+    /// handle (kept by a reference cycle: a leak), by figure world.
+    pub(crate) worlds: (u64, Vec<&'static str>),
     /// Figures not measured.
     pub(crate) unavailable: Vec<Unavailable>,
 }
@@ -414,6 +417,7 @@ pub(crate) fn measure(a: &BenchArgs) -> BenchResult<BenchRun> {
             .as_ref()
             .map(|_| (engine::SCALING.0, scaling_seeds)),
         load: (load_before, loadavg()),
+        worlds: (3 * reps as u64, sim::leaked_worlds()),
         figures: s.0,
         ratios: Vec::new(),
         unavailable,

@@ -87,6 +87,7 @@ pub(crate) fn json(r: &BenchRun) -> String {
             "scaling_scenario": r.scaling.map(|s| s.0),
             "scaling_seeds": r.scaling.map(|s| s.1),
         },
+        "leak_check": {"worlds": r.worlds.0, "not_freed": r.worlds.1.len(), "not_freed_worlds": r.worlds.1},
         "figures": figures,
         "ratios": ratios,
         "unavailable": unavailable,
@@ -168,6 +169,23 @@ pub(crate) fn text(r: &BenchRun) -> String {
             x.what
         );
     }
+    let _ = writeln!(
+        o,
+        "leak check: {} of {} simulated worlds outlived every handle{}",
+        r.worlds.1.len(),
+        r.worlds.0,
+        if r.worlds.1.is_empty() {
+            String::new()
+        } else {
+            let mut w = r.worlds.1.clone();
+            w.sort_unstable();
+            w.dedup();
+            format!(
+                " ({}: a reference cycle keeps them, memory grows with every repetition)",
+                w.join(", ")
+            )
+        }
+    );
     for u in &r.unavailable {
         let _ = writeln!(o, "not measured: {}: {}", u.name, u.why);
     }

@@ -81,6 +81,27 @@ fn run_agent<T: 'static>(
         .unwrap_or_else(|| Err("the bench agent did not finish".to_owned()))
 }
 
+/// Drops the engine of a finished world and checks that its kernel went with it: a kernel still alive
+/// once every handle is gone is kept by a reference cycle, and each repetition would leak a whole world
+/// (its page data included).
+fn check_freed(sim: Sim, kernel: &std::rc::Weak<Kernel>, world: &'static str) {
+    drop(sim);
+    if kernel.upgrade().is_some() {
+        LEAKED_WORLDS.with(|n| n.borrow_mut().push(world));
+    }
+}
+
+thread_local! {
+    /// Worlds whose kernel outlived every handle (see [`check_freed`]).
+    static LEAKED_WORLDS: RefCell<Vec<&'static str>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The simulated worlds of this run that were not freed (`cpu_fault`, `mirror`, `migration`), one entry
+/// per world.
+pub(crate) fn leaked_worlds() -> Vec<&'static str> {
+    LEAKED_WORLDS.with(|n| n.borrow().clone())
+}
+
 /// RAM for a world that holds `pages` resident pages: twice that plus 64 MiB, so reclaim never runs.
 fn ram_for(pages: u64) -> u64 {
     pages * PAGE_SIZE * 2 + (64 << 20)
@@ -104,7 +125,8 @@ async fn anon(k: &Kernel, pid: Pid, pages: u64, populate: bool) -> BenchResult<V
 pub(crate) fn cpu_fault(pages: u64) -> BenchResult<f64> {
     let sim = sim();
     let k = Kernel::new(&sim, ram_for(pages), MmCosts::zero());
-    run_agent(&sim, async move {
+    let weak = Rc::downgrade(&k);
+    let r = run_agent(&sim, async move {
         let pid = k.create_process();
         let buf = anon(&k, pid, pages, false).await?;
         let t = host_now();
@@ -118,7 +140,9 @@ pub(crate) fn cpu_fault(pages: u64) -> BenchResult<f64> {
             .await
             .map_err(|e| format!("munmap: {e}"))?;
         Ok(ns)
-    })
+    });
+    check_freed(sim, &weak, "cpu_fault");
+    r
 }
 
 /// One page-table walk (`PageTable::lookup`) per probe, `pages` probes spread over a table of `pages`
@@ -186,7 +210,8 @@ fn nic_platform(sim: &Sim, pages: u64) -> BenchResult<Rc<Platform>> {
 pub(crate) fn mirror(pages: u64, requests: u64) -> BenchResult<MirrorFigures> {
     let sim = sim();
     let p = nic_platform(&sim, pages)?;
-    run_agent(&sim, async move {
+    let weak = Rc::downgrade(&p.kernel);
+    let r = run_agent(&sim, async move {
         let k = p.kernel.clone();
         let pid = k.create_process();
         let va = anon(&k, pid, pages, true).await?;
@@ -233,7 +258,9 @@ pub(crate) fn mirror(pages: u64, requests: u64) -> BenchResult<MirrorFigures> {
             access_per_request,
             invalidate_per_page,
         })
-    })
+    });
+    check_freed(sim, &weak, "mirror");
+    r
 }
 
 /// Migration to device-private memory and back, ns per page each way, data copy included.
@@ -257,7 +284,8 @@ pub(crate) fn migration(pages: u64) -> BenchResult<MigrationFigures> {
         pages * PAGE_SIZE + (16 << 20),
         DmirrorCosts::zero(),
     );
-    run_agent(&sim, async move {
+    let weak = Rc::downgrade(&k);
+    let r = run_agent(&sim, async move {
         let pid = k.create_process();
         let buf = anon(&k, pid, pages, false).await?;
         k.madvise(pid, buf, pages * PAGE_SIZE, Advice::NoHugePage)
@@ -300,5 +328,7 @@ pub(crate) fn migration(pages: u64) -> BenchResult<MigrationFigures> {
             to_dev_per_page,
             to_sys_per_page,
         })
-    })
+    });
+    check_freed(sim, &weak, "migration");
+    r
 }
