@@ -324,6 +324,9 @@ pub(crate) fn migration(pages: u64) -> BenchResult<MigrationFigures> {
                 r.cpages
             ));
         }
+        // Closing the file unregisters its notifier (the kernel would otherwise keep the file, and the
+        // file the device and the kernel: a reference cycle).
+        m.close().await;
         Ok(MigrationFigures {
             to_dev_per_page,
             to_sys_per_page,
