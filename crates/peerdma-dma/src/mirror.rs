@@ -23,7 +23,13 @@
 //!
 //! There is no pin anywhere: pages are free to migrate, swap or COW once an invalidation returns.
 //! *Coarse:* one IOVA mapping per page (no MR-wide IOVA reservation); dirty tracking of written pages is
-//! not modelled.
+//! not modelled. The per-page work is Linux's: mm/hmm.c `hmm_dma_map_pfn` links and syncs one page at a
+//! time (into a umem-wide IOVA span reserved by `dma_iova_try_alloc` when the device is behind an IOMMU,
+//! else `dma_map_page` per page), and `ib_umem_odp_unmap_dma_pages` unlinks page by page, each with its
+//! IOTLB sync — so a mirror fault or invalidation costs one IO PTE update (and, on unmap, one range
+//! invalidation) per page here too; only the IOVA addresses differ from the reserved-span layout. The
+//! device's table keeps each page's mapping inline (no per-page list) and an invalidation unmaps its
+//! pages through one borrow of the domain (`Platform::unmap_iovas`).
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -33,7 +39,7 @@ use std::rc::Rc;
 use std::future::Future;
 use std::pin::Pin;
 
-use peerdma_core::{Errno, PAGE_SIZE, Pid, Range, SimDuration, Va};
+use peerdma_core::{Errno, Iova, PAGE_SIZE, Pid, Range, SimDuration, Va};
 use peerdma_mm::hmm::{HMM_PFN_WRITE, HmmRange, hmm_pfn_to_frame};
 use peerdma_mm::mmu_notifier::NotifierRange;
 use peerdma_mm::vma::VmFlags;
@@ -42,15 +48,20 @@ use peerdma_sim::{SimMutex, TraceArg, Track};
 
 use crate::dmabuf::{AttachId, ImporterKind};
 use crate::hmm_mirror::{HmmMirror, MirrorDevice, ProgramCost};
-use crate::map::{DmaSegment, MapTarget, MappedSg};
+use crate::map::{DmaSegment, MapTarget, MappedPage, MappedSg};
 use crate::platform::{DmaDevice, Platform};
 use crate::space::{DeviceAddr, DmaOp, DmaRequest, RequestId};
 
 /// What a device entry points at.
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug)]
 enum Target {
-    /// A page with struct page, DMA-mapped for the device.
-    Page { sg: MappedSg },
+    /// A page with struct page, DMA-mapped for the device: its one mapped page and the IOVA range its
+    /// `dma_map` allocated (`None`: an identity domain or a bus address), inline rather than a one-page
+    /// list, so that the per-page table allocates nothing per page.
+    Page {
+        page: MappedPage,
+        iova: Option<(Iova, u64)>,
+    },
     /// A page of a BAR without struct page, reached through a dynamic attachment to its export.
     Bar { mmio: MmioId, att: AttachId },
 }
@@ -73,10 +84,7 @@ impl Shared {
     /// DMA-unmaps (or detaches) one entry's target; returns the unmap's CPU time.
     fn release_target(&self, t: Target) -> SimDuration {
         match t {
-            Target::Page { mut sg, .. } => self
-                .platform
-                .unmap_sg(self.dev.id, &mut sg)
-                .unwrap_or(SimDuration::ZERO),
+            Target::Page { iova, .. } => self.platform.unmap_iovas(self.dev.id, &[iova]),
             Target::Bar { mmio, att } => self.platform.dmabuf_detach(mmio, att),
         }
     }
@@ -131,12 +139,13 @@ impl MirrorDevice for Shared {
             };
             let sg = self.platform.map_targets(&self.dev, &[target], write)?;
             cost += sg.cost;
+            let (page, iova) = sg.into_single().expect("one target maps one page");
             let vpn = range.start.page_number() + i as u64;
             let old = self.entries.borrow_mut().insert(
                 vpn,
                 Entry {
                     write,
-                    target: Target::Page { sg },
+                    target: Target::Page { page, iova },
                 },
             );
             if let Some(o) = old {
@@ -149,14 +158,17 @@ impl MirrorDevice for Shared {
         })
     }
 
-    /// Removes the entries of the pages `r` touches; their mappings stay until `release`.
+    /// Removes the entries of the pages `r` touches; their mappings stay until `release`. One walk of the
+    /// entries inside `r` (none outside it), and a range covering every entry takes the whole table.
     fn zap(&self, r: Range<Va>) -> Vec<Entry> {
         let mut e = self.entries.borrow_mut();
-        let keys: Vec<u64> = e
-            .range(r.start.page_number()..r.end.raw().div_ceil(PAGE_SIZE))
-            .map(|(k, _)| *k)
-            .collect();
-        keys.iter().filter_map(|k| e.remove(k)).collect()
+        let (lo, hi) = (r.start.page_number(), r.end.raw().div_ceil(PAGE_SIZE));
+        let covers_all = e.first_key_value().is_none_or(|(&k, _)| k >= lo)
+            && e.last_key_value().is_none_or(|(&k, _)| k < hi);
+        if covers_all {
+            return std::mem::take(&mut *e).into_values().collect();
+        }
+        e.extract_if(lo..hi, |_, _| true).map(|(_, v)| v).collect()
     }
 
     fn invalidated(&self, _range: &NotifierRange, zapped: &Vec<Entry>) {
@@ -171,12 +183,24 @@ impl MirrorDevice for Shared {
         Box::pin(self.dev.space.fence(self.pid, range))
     }
 
+    /// DMA-unmaps the zapped entries, page by page in address order as `ib_umem_odp_unmap_dma_pages`
+    /// does, the pages' IOVA ranges through one batch ([`Platform::unmap_sgs`]); returns the unmaps' CPU
+    /// time.
     fn release(&self, zapped: Vec<Entry>) -> SimDuration {
         let mut cost = SimDuration::ZERO;
+        let mut iovas = Vec::with_capacity(zapped.len());
         for en in zapped {
-            cost += self.release_target(en.target);
+            match en.target {
+                Target::Page { iova, .. } => iovas.push(iova),
+                Target::Bar { mmio, att } => {
+                    // Keep the order of the unmaps: the pages before this one go first.
+                    cost += self.platform.unmap_iovas(self.dev.id, &iovas);
+                    iovas.clear();
+                    cost += self.platform.dmabuf_detach(mmio, att);
+                }
+            }
         }
-        cost
+        cost + self.platform.unmap_iovas(self.dev.id, &iovas)
     }
 }
 
@@ -236,7 +260,7 @@ impl DmaMirror {
         let mut all = MappedSg::default();
         for e in self.sh.entries.borrow().values() {
             match &e.target {
-                Target::Page { sg, .. } => all.pages.extend(sg.pages.iter().copied()),
+                Target::Page { page, .. } => all.pages.push(*page),
                 Target::Bar { mmio, att } => {
                     if self.sh.platform.dmabuf_is_mapped(*mmio, *att)
                         && let Ok(p) = self.sh.platform.dmabuf_mapping(*mmio, *att)
@@ -406,7 +430,7 @@ impl DmaMirror {
                 .get(&va.page_number())
                 .filter(|e| e.write || !write)
                 .map(|e| match &e.target {
-                    Target::Page { sg } => Ok(sg.pages[0].addr),
+                    Target::Page { page, .. } => Ok(page.addr),
                     Target::Bar { mmio, att } => {
                         platform.dmabuf_mapping(*mmio, *att).map(|p| p[0].addr)
                     }

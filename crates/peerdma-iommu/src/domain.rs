@@ -529,7 +529,11 @@ impl IommuDomain {
             .allocation_at(start_pfn)
             .filter(|&n| end_pfn <= start_pfn + n)
             .ok_or(Error::NotAllocated { range })?;
-        if let Some(pfn) = self.pt.first_present(end_pfn, start_pfn + alloc_nr) {
+        // (A range that ends where its allocation ends has nothing past it to look at.)
+        if let Some(pfn) = (end_pfn < start_pfn + alloc_nr)
+            .then(|| self.pt.first_present(end_pfn, start_pfn + alloc_nr))
+            .flatten()
+        {
             return Err(Error::StillMapped {
                 iova: pfn_to_iova(pfn),
             });
@@ -548,9 +552,7 @@ impl IommuDomain {
             outcome.flushed = true;
             outcome.freed_iovas += freed;
         }
-        self.pt
-            .unmap(start_pfn, end_pfn - start_pfn)
-            .expect("every page was checked present");
+        self.pt.clear_checked(start_pfn, end_pfn - start_pfn);
         self.stats.mapped_pages = self.pt.nr_present();
 
         match self.cfg.domain_type {

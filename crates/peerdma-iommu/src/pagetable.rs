@@ -134,6 +134,15 @@ impl IoPageTable {
         Ok(())
     }
 
+    /// Clears the `nr_pages` PTEs from IOVA page `iova_pfn`, which the caller has checked are all present
+    /// (the domain's unmap checks them first, to name the first absent page before changing anything).
+    pub(crate) fn clear_checked(&mut self, iova_pfn: u64, nr_pages: u64) {
+        for pfn in iova_pfn..iova_pfn + nr_pages {
+            let was = self.ptes.remove(&pfn);
+            debug_assert!(was.is_some(), "IO PTE {pfn:#x} was checked present");
+        }
+    }
+
     /// Returns the leaf PTE for IOVA page `iova_pfn`.
     pub fn get(&self, iova_pfn: u64) -> Option<IoPte> {
         self.ptes.get(&iova_pfn).copied()

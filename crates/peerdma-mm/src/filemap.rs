@@ -111,23 +111,45 @@ impl Kernel {
 
     /// Writes `data` into `file` at `offset` through the page cache (`pwrite`). Writes past EOF extend it.
     pub async fn pwrite(&self, file: u32, offset: u64, data: &[u8]) -> Result<(), Errno> {
+        let mut copy = |pos: usize, chunk: &mut [u8]| {
+            chunk.copy_from_slice(&data[pos..pos + chunk.len()]);
+        };
+        self.pwrite_with(file, offset, data.len(), &mut copy).await
+    }
+
+    /// [`Kernel::pwrite`] of `len` bytes that `fill` produces a page at a time: `fill(pos, chunk)` writes
+    /// the bytes at positions `pos..pos + chunk.len()` of the write into `chunk` (zeroed first). The same
+    /// write, time and errors, holding at most one page of host memory.
+    ///
+    /// # Errors
+    /// As [`Kernel::pwrite`].
+    pub async fn pwrite_with(
+        &self,
+        file: u32,
+        offset: u64,
+        len: usize,
+        fill: &mut dyn FnMut(usize, &mut [u8]),
+    ) -> Result<(), Errno> {
         self.spend(self.costs.syscall).await;
-        let end = offset.checked_add(data.len() as u64).ok_or(Errno::EINVAL)?;
+        let end = offset.checked_add(len as u64).ok_or(Errno::EINVAL)?;
+        let mut chunk = [0u8; 4096];
         {
             let mut phys = self.phys();
             let mut oracle = self.oracle();
             let mut files = self.files();
             files.extend_to(file, end);
             let mut pos = 0usize;
-            while pos < data.len() {
+            while pos < len {
                 let off = offset + pos as u64;
                 let (pgoff, in_page) = (
                     off / PAGE_SIZE,
                     usize::try_from(off % PAGE_SIZE).expect("< 4096"),
                 );
-                let n = (4096 - in_page).min(data.len() - pos);
+                let n = (4096 - in_page).min(len - pos);
                 let frame = files.page(&mut phys, file, pgoff).ok_or(Errno::ENOSPC)?;
-                phys.write(frame, in_page, &data[pos..pos + n]);
+                chunk[..n].fill(0);
+                fill(pos, &mut chunk[..n]);
+                phys.write(frame, in_page, &chunk[..n]);
                 let h = phys.content_hash(frame);
                 oracle.record(LogicalPage::File { file, pgoff }, h);
                 pos += n;
@@ -136,7 +158,7 @@ impl Kernel {
         self.spend(
             self.costs
                 .page_access
-                .saturating_mul(data.len().div_ceil(4096) as u64),
+                .saturating_mul(len.div_ceil(4096) as u64),
         )
         .await;
         Ok(())

@@ -518,6 +518,7 @@ impl Kernel {
             return Err(Errno::EBUSY);
         }
         self.migrate_one_page_out_of(&mut m, pid)
+            .await
             .then_some(())
             .ok_or(Errno::EBUSY)
     }
@@ -550,11 +551,12 @@ impl Kernel {
             // Not collected (pinned, locked, not anonymous) or a different page by now: give back whatever
             // was collected.
             m.dst[0] = 0;
-            self.migrate_vma_pages(&mut m);
+            self.migrate_vma_pages(&mut m).await;
             self.migrate_vma_finalize(&mut m);
             return Err(Errno::ENOMEM);
         }
         self.migrate_one_page_out_of(&mut m, pid)
+            .await
             .then_some(())
             .ok_or(Errno::ENOMEM)
     }
@@ -562,7 +564,7 @@ impl Kernel {
     /// Allocates the destination of the one collected page of `m` outside movable memory, copies it and
     /// completes the migration; with no page to be had, declines it (the source is restored). Returns
     /// whether the page moved.
-    fn migrate_one_page_out_of(&self, m: &mut MigrateVma, pid: Pid) -> bool {
+    async fn migrate_one_page_out_of(&self, m: &mut MigrateVma, pid: Pid) -> bool {
         let src = migrate_pfn_to_frame(m.src[0]);
         let dst = src.and_then(|_| self.alloc_ram_page_in(Some(pid), GfpZone::Normal));
         m.dst[0] = 0;
@@ -571,7 +573,7 @@ impl Kernel {
             m.dst[0] = migrate_pfn(dst) | (m.src[0] & MIGRATE_PFN_WRITE);
         }
         let moved = m.dst[0] != 0;
-        self.migrate_vma_pages(m);
+        self.migrate_vma_pages(m).await;
         self.migrate_vma_finalize(m);
         moved
     }

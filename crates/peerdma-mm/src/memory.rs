@@ -23,6 +23,13 @@ use crate::vmscan::Swap;
 pub(crate) enum Access<'a> {
     Read(&'a mut [u8]),
     Write(&'a [u8]),
+    /// A write of `len` bytes produced a page at a time: `fill(pos, chunk)` writes the bytes at positions
+    /// `pos..pos + chunk.len()` of the whole write into `chunk` (zeroed first), so no buffer of the whole
+    /// write exists.
+    Fill {
+        len: usize,
+        fill: &'a mut dyn FnMut(usize, &mut [u8]),
+    },
 }
 
 impl Access<'_> {
@@ -30,6 +37,7 @@ impl Access<'_> {
         match self {
             Access::Read(b) => b.len(),
             Access::Write(d) => d.len(),
+            Access::Fill { len, .. } => *len,
         }
     }
 }
@@ -78,6 +86,20 @@ impl Kernel {
         self.cpu_access(pid, addr, Access::Write(data)).await
     }
 
+    /// CPU store of `len` bytes at `addr` whose contents `fill` produces a page at a time: `fill(pos, chunk)`
+    /// writes the bytes at positions `pos..pos + chunk.len()` of the store into `chunk` (zeroed first). The
+    /// same store as [`Kernel::store`] of the whole buffer — same faults, same lock, same time — without
+    /// the buffer: a streamed write holds at most one page of host memory.
+    pub async fn store_with(
+        &self,
+        pid: Pid,
+        addr: Va,
+        len: usize,
+        fill: &mut dyn FnMut(usize, &mut [u8]),
+    ) -> Result<(), SigInfo> {
+        self.cpu_access(pid, addr, Access::Fill { len, fill }).await
+    }
+
     pub(crate) async fn cpu_access(
         &self,
         pid: Pid,
@@ -87,14 +109,28 @@ impl Kernel {
         let lock = self.mmap_lock(pid);
         let _g = lock.read().await;
         let len = access.len();
-        let write = matches!(access, Access::Write(_));
+        let write = !matches!(access, Access::Read(_));
         let mut pos = 0usize;
         let mut pages = 0u64;
+        let mut chunk = [0u8; 4096];
         while pos < len {
             let va = addr.checked_add(pos as u64).ok_or(SigInfo::segv(addr))?;
             let in_page = usize::try_from(va.page_offset()).expect("< 4096");
             let n = (4096 - in_page).min(len - pos);
             let page = va.align_down(PAGE_SIZE);
+            // The bytes a write puts in this page.
+            let src: &[u8] = match &mut access {
+                Access::Read(_) => &[],
+                Access::Write(data) => {
+                    let data: &[u8] = data;
+                    &data[pos..pos + n]
+                }
+                Access::Fill { fill, .. } => {
+                    chunk[..n].fill(0);
+                    fill(pos, &mut chunk[..n]);
+                    &chunk[..n]
+                }
+            };
             loop {
                 let hit = {
                     let st = self.mms();
@@ -126,8 +162,8 @@ impl Kernel {
                                 Access::Read(buf) => {
                                     p2p.mmio_read_bytes(pa, &mut buf[pos..pos + n])
                                 }
-                                Access::Write(data) => {
-                                    p2p.mmio_write_bytes(pa, &data[pos..pos + n])
+                                Access::Write(_) | Access::Fill { .. } => {
+                                    p2p.mmio_write_bytes(pa, src)
                                 }
                             };
                             if !ok {
@@ -154,8 +190,8 @@ impl Kernel {
                                         );
                                         phys.read(frame, in_page, &mut buf[pos..pos + n]);
                                     }
-                                    Access::Write(data) => {
-                                        phys.write(frame, in_page, &data[pos..pos + n]);
+                                    Access::Write(_) | Access::Fill { .. } => {
+                                        phys.write(frame, in_page, src);
                                         st.oracle_check_cpu(
                                             &mut oracle,
                                             &phys,

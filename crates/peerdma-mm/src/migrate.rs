@@ -467,7 +467,37 @@ impl Kernel {
     }
 
     /// Step 3: `migrate_vma_pages`.
-    pub fn migrate_vma_pages(&self, m: &mut MigrateVma) {
+    ///
+    /// An entry with no source page (a hole or the zero page) gets its new page inserted into the CPU page
+    /// table here (`migrate_vma_insert_page`), not by finalize's `remove_migration_ptes`: collection left no
+    /// migration entry there, so a mirror may have mapped the hole's zero page since setup's invalidation
+    /// ended. As `__migrate_device_pages` (mm/migrate_device.c) does, the first such entry opens one
+    /// MMU_NOTIFY_MIGRATE invalidation (with the migration's owner) from its address to the end of the
+    /// range, closed after the last insertion.
+    pub async fn migrate_vma_pages(&self, m: &mut MigrateVma) {
+        let first_hole = (0..m.src.len()).find(|&i| {
+            m.src[i] & MIGRATE_PFN_MIGRATE != 0
+                && m.src[i] & MIGRATE_PFN_VALID == 0
+                && migrate_pfn_to_frame(m.dst[i]).is_some()
+        });
+        let notified = match first_hole {
+            Some(i) if self.mms().mm(m.pid).vma(m.start).is_some() => {
+                let range = Range::new(m.va(i), m.end);
+                self.invalidate_range_start(m.pid, range, NotifierEvent::Migrate, m.event_owner)
+                    .await;
+                true
+            }
+            _ => false,
+        };
+        self.migrate_vma_insert_pages(m);
+        if notified {
+            self.invalidate_range_end(m.pid);
+        }
+    }
+
+    /// The loop of `migrate_vma_pages` without the notifier: declines entries with no destination, inserts
+    /// the new pages of holes and zero pages (`migrate_vma_insert_page`).
+    fn migrate_vma_insert_pages(&self, m: &mut MigrateVma) {
         let mut st = self.mms();
         let mut phys = self.phys();
         let Some(vma) = st.mm(m.pid).vma(m.start).cloned() else {
@@ -587,7 +617,7 @@ pub(crate) fn migrate_unmap_check(
 ) -> usize {
     let mut entries: BTreeMap<FrameId, Vec<(Pid, Va, bool)>> = BTreeMap::new();
     let mut still_mapped: BTreeSet<FrameId> = BTreeSet::new();
-    for m in st.rmap_walk(|f| taken.contains(&f)) {
+    for m in st.rmap_walk(taken.iter().copied()) {
         match m.leaf.pte {
             Pte::Migration { write, .. } if m.leaf.size == PageSize::Size4K => {
                 entries
@@ -646,7 +676,7 @@ pub(crate) fn remove_migration_ptes(
         .filter_map(|&s| migrate_pfn_to_frame(s))
         .collect();
     let mut entries: BTreeMap<FrameId, Vec<(Pid, Va, bool)>> = BTreeMap::new();
-    for m in st.rmap_walk(|f| sources.contains(&f)) {
+    for m in st.rmap_walk(sources.iter().copied()) {
         if let Pte::Migration { write, .. } = m.leaf.pte
             && m.leaf.size == PageSize::Size4K
         {

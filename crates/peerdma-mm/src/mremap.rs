@@ -112,6 +112,13 @@ impl Kernel {
                 .ok_or(Errno::ENOMEM)?
         };
         let moved = old_len.min(new_len);
+        // A move that shrinks unmaps the old tail first (`mremap_to`, mm/mremap.c: after the FIXED target's
+        // munmap, before `move_vma`), so its entries are zapped inside their own UNMAP invalidation rather
+        // than left behind when the old VMA goes.
+        if !flags.dontunmap && old_len > new_len {
+            self.do_munmap(pid, Range::new(old.add(moved), old_r.end))
+                .await;
+        }
         let src = Range::from_len(old, moved).expect("inside old range");
         self.invalidate_range_start(pid, src, NotifierEvent::Unmap, None)
             .await;
@@ -142,17 +149,13 @@ impl Kernel {
             let mut nv = new_vma.clone();
             nv.range = Range::from_len(target, new_len).expect("checked above");
             if !flags.dontunmap {
-                st.remove_vmas(pid, old_r);
+                st.remove_vmas(pid, src);
             }
             st.mm_mut(pid).insert_vma(nv);
             oracle.move_anon(pid, src, target);
         }
         self.spend(self.costs.tlb_shootdown).await;
         self.invalidate_range_end(pid);
-        if !flags.dontunmap && old_len > new_len {
-            self.do_munmap(pid, Range::new(old.add(moved), old_r.end))
-                .await;
-        }
         self.sim
             .trace("mremap", || format!("pid {} {old_r} -> {target}", pid.0));
         Ok(target)

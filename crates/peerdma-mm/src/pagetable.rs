@@ -16,10 +16,18 @@
 //! 2 MiB leaf into base pages for the walk to visit — splitting a 2 MiB leaf that sticks out of the range first, so
 //! an operation never touches a byte outside its range. [`Cursor`] (from [`PageTable::cursor`]) is the
 //! read-only walk, and [`PageTable::leaves`] collects one, so every range walk in the crate (zap,
-//! mprotect, fork's copy, mremap's move, khugepaged, the rmap walk, P2P removal) goes through the one
-//! walker. Changing walks: zap (`crate::memory`) and mprotect (`crate::mprotect`).
+//! mprotect, fork's copy, mremap's move, khugepaged, P2P removal) goes through the one walker. Changing
+//! walks: zap (`crate::memory`) and mprotect (`crate::mprotect`).
+//!
+//! **The table keeps a reverse index** of the frames its leaves name ([`rmap_index`]): the two places a leaf
+//! changes (installing an entry, clearing one) update it, so [`crate::rmap`] finds a frame's mappings with
+//! a lookup per address space instead of walking every leaf.
 
 use peerdma_core::{FrameId, PAGE_SHIFT, PageSize, Range, Va};
+
+use rmap_index::PtRmap;
+
+pub(crate) mod rmap_index;
 
 const LEVEL_BITS: u32 = 9;
 const ENTRIES: usize = 1 << LEVEL_BITS;
@@ -171,6 +179,8 @@ impl Table {
 pub struct PageTable {
     root: Table,
     nr_tables: usize,
+    /// The reverse index of the frames the leaves name ([`crate::rmap`]), kept by `set_at` and `clear`.
+    rmap: PtRmap,
 }
 
 impl Default for PageTable {
@@ -191,7 +201,13 @@ impl PageTable {
         Self {
             root: Table::new(),
             nr_tables: 1,
+            rmap: PtRmap::default(),
         }
+    }
+
+    /// Returns the reverse index of the frames this table maps.
+    pub(crate) fn rmap(&self) -> &PtRmap {
+        &self.rmap
     }
 
     /// Returns the number of page-table pages (PGD included), the `mm->pgtables_bytes` / 4 KiB figure.
@@ -287,6 +303,12 @@ impl PageTable {
             }
         };
         self.nr_tables = self.nr_tables.saturating_add_signed(nr_new);
+        let size = leaf_size(leaf_level);
+        let base = va.align_down(size.bytes());
+        if let Some(p) = prev {
+            self.rmap.remove(p, base, size);
+        }
+        self.rmap.add(pte, base, size);
         prev
     }
 
@@ -344,6 +366,7 @@ impl PageTable {
         };
         let freed = Self::clear_in(&mut self.root, va, 4, level);
         self.nr_tables -= freed;
+        self.rmap.remove(leaf.pte, leaf.base, leaf.size);
         Some(leaf)
     }
 

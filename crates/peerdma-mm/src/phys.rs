@@ -246,6 +246,10 @@ pub struct PhysMem {
     regions: Vec<Region>,
     zero: FrameId,
     nr_nodes: u32,
+    /// Frames freed while on an LRU list, not yet taken off it: Linux's final `folio_put` takes a folio off
+    /// its lruvec (`__page_cache_release` → `lruvec_del_folio`); the model logs it here and
+    /// [`crate::vmscan`] drains the log, so the LRU never walks its lists to find freed pages.
+    lru_freed: Vec<FrameId>,
 }
 
 /// An allocation request could not be met.
@@ -276,6 +280,7 @@ impl PhysMem {
             regions: Vec::new(),
             zero: FrameId(0),
             nr_nodes: u32::try_from(node_sizes.len()).expect("fewer than 2^32 nodes"),
+            lru_freed: Vec::new(),
         };
         for (node, &bytes) in (0u32..).zip(node_sizes) {
             let nr = (bytes / PMD_SIZE).max(1) * FRAMES_PER_PMD;
@@ -527,6 +532,7 @@ impl PhysMem {
         }
         fr.owner = Some(FrameOwner::Free);
         fr.mapcount = 0;
+        let on_lru = fr.lru != LruState::None;
         fr.lru = LruState::None;
         fr.accessed = false;
         fr.referenced = false;
@@ -534,7 +540,20 @@ impl PhysMem {
         fr.data = None;
         let region = fr.region as usize;
         self.regions[region].free.insert(f.0);
+        if on_lru {
+            self.lru_freed.push(f);
+        }
         true
+    }
+
+    /// Takes the log of frames freed while on an LRU list (the `lru_freed` field).
+    pub(crate) fn take_lru_freed(&mut self) -> Vec<FrameId> {
+        std::mem::take(&mut self.lru_freed)
+    }
+
+    /// Returns the log of frames freed while on an LRU list, not yet taken.
+    pub(crate) fn lru_freed(&self) -> &[FrameId] {
+        &self.lru_freed
     }
 
     /// Adds one page-table mapping of `frame`: a reference and a mapcount (`folio_add_*_rmap` with the

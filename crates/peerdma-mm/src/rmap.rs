@@ -1,19 +1,28 @@
-//! The reverse map, modelled as a page-table walk: every mapping of a set of frames, in every live address
-//! space.
+//! The reverse map: every mapping of a set of frames, in every live address space.
 //!
-//! Linux counterpart: mm/rmap.c (`rmap_walk`, reached through `try_to_unmap`, `try_to_migrate` and
-//! `remove_migration_ptes`). Linux finds a page's mappings through its `anon_vma` chain or its file's
-//! `i_mmap` tree; the model keeps no such links and walks the page tables of all address spaces instead
-//! (MGLRU walks page tables too). The result is the same set of mappings, found at a cost the model does not
-//! charge.
+//! Linux counterpart: mm/rmap.c (`rmap_walk`, `rmap_walk_anon`, `rmap_walk_file`, reached through
+//! `try_to_unmap`, `try_to_migrate` and `remove_migration_ptes`). Linux goes from a page to the VMAs that
+//! may map it (`folio->mapping`: the `anon_vma` of a fork family or the file's `i_mmap` tree), computes the
+//! address from `folio->index` (`vma_address`) and looks it up in that VMA's page table, so the cost follows
+//! the page's own mappings. The model gets the same cost with a reverse index kept by each page table
+//! ([`crate::pagetable::rmap_index`]): every leaf the table stores or removes updates it (`folio_add_anon_rmap_pte`,
+//! `folio_remove_rmap_pte` at the one place entries change), and the walk asks each live address space's
+//! index for the wanted frames instead of walking every leaf. The result is the set of mappings a walk of
+//! all page tables finds, in the same order (the test oracle below keeps that walk); the model charges no
+//! simulated time for it.
 //!
 //! Rules:
-//! 1. Address spaces are visited in pid order and leaves in address order, so the result is deterministic.
+//! 1. Address spaces are visited in pid order and mappings reported in address order within each, so the
+//!    result is deterministic.
 //! 2. Exited address spaces are skipped (their tables are empty anyway).
 //! 3. Special present entries (raw PFNs without `struct page` semantics) and entries that name no frame
 //!    (swap, PFNMAP) are never reported.
-//! 4. A 2 MiB leaf is reported once per sub-frame the caller asks for, each with its own 4 KiB address and
-//!    the whole leaf, so the caller can split it before replacing one page.
+//! 4. A 2 MiB leaf is reported once per wanted sub-frame, each with its own 4 KiB address and the whole
+//!    leaf, so the caller can split it before replacing one page.
+//!
+//! Coarse modelling: the walk asks every live address space (a hash lookup per wanted frame each), where
+//! Linux visits only the VMAs of the page's `anon_vma` or file; with one process, or a fork family, that is
+//! the same set.
 //!
 //! Users: reclaim ([`crate::vmscan`], present 4 KiB mappings of its victims), device-range migration
 //! ([`crate::migrate_device`], device-private, device-coherent and device-exclusive mappings of device pages,
@@ -21,12 +30,16 @@
 //! ([`crate::migrate`], the other mappings of each collected page, e.g. another process's after `fork`).
 //!
 //! The per-frame mapping accounting every mapping change goes through, `PhysMem::map_frame` /
-//! `unmap_frame` (`folio_add_*_rmap` + `folio_get`, `folio_remove_rmap_*` + `folio_put`), lives with the frames in [`crate::phys`].
+//! `unmap_frame` (`folio_add_*_rmap` + `folio_get`, `folio_remove_rmap_*` + `folio_put`), lives with the
+//! frames in [`crate::phys`].
 
-use peerdma_core::{FrameId, PAGE_SIZE, Pid, Va};
+use peerdma_core::{FrameId, Pid, Va};
 
 use crate::kernel::Mms;
-use crate::pagetable::{Leaf, Pte};
+use crate::pagetable::Leaf;
+
+#[cfg(test)]
+mod tests;
 
 /// One page-table mapping of a frame, found by `Mms::rmap_walk`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,9 +55,50 @@ pub struct Mapping {
 }
 
 impl Mms {
-    /// Returns every mapping of the frames `want_fn` selects, in every live address space (the module's
+    /// Returns every mapping of `frames` (duplicates allowed) in every live address space (the module's
     /// rules 1–4).
-    pub(crate) fn rmap_walk(&self, mut want_fn: impl FnMut(FrameId) -> bool) -> Vec<Mapping> {
+    pub(crate) fn rmap_walk(&self, frames: impl IntoIterator<Item = FrameId>) -> Vec<Mapping> {
+        let mut frames: Vec<FrameId> = frames.into_iter().collect();
+        frames.sort_unstable();
+        frames.dedup();
+        let mut out = Vec::new();
+        let mut hits: Vec<(Va, FrameId)> = Vec::new();
+        for mm in self.live() {
+            let pt = mm.pt();
+            if pt.rmap().is_empty() {
+                continue;
+            }
+            hits.clear();
+            for &f in &frames {
+                pt.rmap().find(f, &mut hits);
+            }
+            hits.sort_unstable();
+            for &(va, frame) in &hits {
+                let leaf = pt
+                    .lookup(va)
+                    .expect("the rmap index names a mapped address");
+                out.push(Mapping {
+                    pid: mm.pid(),
+                    va,
+                    frame,
+                    leaf,
+                });
+            }
+        }
+        out
+    }
+
+    /// The walk the index replaced, kept as the tests' oracle: every leaf of every live address space, in
+    /// pid then address order, reporting the frames `want_fn` selects (rules 1–4).
+    #[cfg(test)]
+    pub(crate) fn rmap_walk_all_leaves(
+        &self,
+        mut want_fn: impl FnMut(FrameId) -> bool,
+    ) -> Vec<Mapping> {
+        use peerdma_core::PAGE_SIZE;
+
+        use crate::pagetable::Pte;
+
         let mut out = Vec::new();
         for mm in self.live() {
             for leaf in mm.pt().leaves(Va::from_raw(0), Va::from_raw(u64::MAX)) {

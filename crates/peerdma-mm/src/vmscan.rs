@@ -45,12 +45,13 @@
 //! # The reclaim pass
 //!
 //! Run by the faulting task, like direct reclaim, as numbered steps:
-//! 1. Drop list entries of frames freed since they were added (the model finds them lazily; Linux takes a
-//!    page off its list when it is freed).
+//! 1. Drop the list entries of frames freed since they were added: Linux takes a page off its list when it
+//!    is freed; the model's [`PhysMem::put`] logs such frames and the pass (and every addition) drains the
+//!    log, one lookup per freed frame, so no pass walks the lists.
 //! 2. Scan the inactive tail (rules 2 and 3 above), isolating the reclaim candidates.
 //! 3. Age the active list (rule 4).
-//! 4. Find every mapping of the candidates with the model's rmap walk ([`crate::rmap`]: the page tables of
-//!    all address spaces; MGLRU walks page tables too).
+//! 4. Find every mapping of the candidates with the model's rmap walk ([`crate::rmap`]: each address space's
+//!    reverse index, a lookup per candidate, not a walk of the page tables).
 //! 5. Replace each mapping inside a CLEAR invalidation, so mirrors drop their translations before the page
 //!    goes, and write the page to a swap slot (shared by every mapping, with a count); the last mapping
 //!    frees the frame.
@@ -94,13 +95,14 @@
 //! faults a shared slot back in gets its own copy, read-only while the slot is still shared. Device memory
 //! under pressure is evicted back to RAM by its driver (`peerdma-devices` dmirror), not by this module.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use peerdma_core::{FrameId, PAGE_SIZE, PageSize, Pid, Range, Va};
 
 use crate::kernel::{Kernel, VmFault};
 use crate::mmu_notifier::NotifierEvent;
 use crate::pagetable::Pte;
+use crate::pagetable::rmap_index::FrameHashMap;
 use crate::phys::{Frame, FrameOwner, LruState, PhysMem};
 
 pub use crate::phys::{LOW_WATERMARK, MIN_WATERMARK};
@@ -142,13 +144,15 @@ struct LruEntry {
 /// The anonymous active and inactive lists of one RAM node (`lruvec`).
 ///
 /// Each list maps a sequence number to a frame: the smallest number is the tail (oldest), and adding at the
-/// head takes a fresh, larger one. Entries of frames freed since are dropped lazily, at the start of each
-/// reclaim pass.
+/// head takes a fresh, larger one, so adding, rotating, isolating and removing a page cost O(log n); the
+/// index from frame to entry is a hash table (O(1)). A frame freed while on a list is logged by
+/// [`PhysMem::put`] and its entry dropped when the log is drained ([`Swap::drain_freed`]: at the start of
+/// each reclaim pass and before each addition), so no operation walks the lists.
 #[derive(Debug, Default)]
 pub struct AnonLru {
     inactive: BTreeMap<u64, FrameId>,
     active: BTreeMap<u64, FrameId>,
-    index: BTreeMap<FrameId, LruEntry>,
+    index: FrameHashMap<FrameId, LruEntry>,
     next_seq: u64,
 }
 
@@ -218,20 +222,18 @@ impl AnonLru {
         fr.owner() == FrameOwner::Anon && fr.generation == e.generation && fr.lru == state
     }
 
-    /// Drops the entries of frames freed (or reused) since they were added.
-    fn purge(&mut self, phys: &PhysMem) {
-        let stale: Vec<FrameId> = self
-            .index
-            .iter()
-            .filter(|&(&f, &e)| !Self::current(phys, f, e))
-            .map(|(&f, _)| f)
-            .collect();
-        for f in stale {
-            self.remove(f);
+    /// Drops the entry of `frame`, freed since it was added, unless the frame came back to a list as a new
+    /// page since (its entry is then current).
+    fn forget_freed(&mut self, phys: &PhysMem, frame: FrameId) {
+        if let Some(&e) = self.index.get(&frame)
+            && !Self::current(phys, frame, e)
+        {
+            self.remove(frame);
         }
     }
 
-    /// Returns the number of entries on a list (including stale ones not yet purged).
+    /// Returns the number of entries on a list (including those of frames freed since the log of freed
+    /// frames was last drained).
     fn len(&self, active: bool) -> u64 {
         if active {
             self.active.len() as u64
@@ -289,9 +291,20 @@ impl Swap {
         let node = phys
             .node_of(frame)
             .expect("only RAM pages go on an LRU list");
+        self.drain_freed(phys);
         let fr = phys.frame_mut(frame);
         fr.accessed = true;
         self.lru.entry(node).or_default().add_head(fr, frame, false);
+    }
+
+    /// Takes the entries of the frames freed while on a list off their lists (the log [`PhysMem::put`]
+    /// keeps; Linux's `lruvec_del_folio` at the final put). Each logged frame costs one lookup.
+    pub(crate) fn drain_freed(&mut self, phys: &mut PhysMem) {
+        for f in phys.take_lru_freed() {
+            if let Some(lru) = phys.node_of(f).and_then(|n| self.lru.get_mut(&n)) {
+                lru.forget_freed(phys, f);
+            }
+        }
     }
 
     /// Returns the number of pages of RAM node `node` on the active (`LruState::Active`) or inactive list;
@@ -302,12 +315,23 @@ impl Swap {
             LruState::Active => true,
             LruState::Inactive => false,
         };
-        self.lru.get(&node).map_or(0, |lru| {
-            lru.index
-                .iter()
-                .filter(|&(&f, &e)| e.active == active && AnonLru::current(phys, f, e))
-                .count() as u64
-        })
+        let Some(lru) = self.lru.get(&node) else {
+            return 0;
+        };
+        // The lists less the entries of logged frames not drained yet (each frame once).
+        let stale = phys
+            .lru_freed()
+            .iter()
+            .filter(|&&f| phys.node_of(f) == Some(node))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .filter(|&&f| {
+                lru.index
+                    .get(&f)
+                    .is_some_and(|&e| e.active == active && !AnonLru::current(phys, f, e))
+            })
+            .count() as u64;
+        lru.len(active) - stale
     }
 
     /// Returns the number of pages on the active (`LruState::Active`) or inactive list; `LruState::None`
@@ -401,9 +425,9 @@ impl Kernel {
         let victims = {
             let mut phys = self.phys();
             let mut swap = self.swap();
-            let lru = swap.lru.entry(node).or_default();
             // Step 1: forget freed frames.
-            lru.purge(&phys);
+            swap.drain_freed(&mut phys);
+            let lru = swap.lru.entry(node).or_default();
             // Step 2: shrink_inactive_list — scan the inactive tail, each page once.
             let mut victims: BTreeMap<FrameId, u64> = BTreeMap::new();
             for _ in 0..lru.len(false) {
@@ -508,7 +532,7 @@ impl Kernel {
         // Step 4: every 4 KiB mapping of a victim, in every address space.
         let mappings: Vec<(Pid, Va, FrameId, bool)> = self
             .mms()
-            .rmap_walk(|f| victims.contains_key(&f))
+            .rmap_walk(victims.keys().copied())
             .into_iter()
             .filter_map(|m| match m.leaf.pte {
                 Pte::Present {
@@ -604,6 +628,45 @@ impl Kernel {
         swap.lru_add_new_anon(&mut phys, frame);
         drop((st, phys, swap));
         self.sim.count("swap.in", 1);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+impl Swap {
+    /// Checks the LRU against a walk of every entry (the purge the log of freed frames replaced): the counts
+    /// [`Swap::nr_lru_pages_node`] gives equal the current entries of each list, and once the log is drained
+    /// every entry is current. Returns a description of the first difference.
+    pub(crate) fn check_lru(&mut self, phys: &mut PhysMem) -> Result<(), String> {
+        for node in 0..phys.nr_nodes() {
+            for (list, active) in [(LruState::Inactive, false), (LruState::Active, true)] {
+                let walk = self.lru.get(&node).map_or(0, |lru| {
+                    lru.index
+                        .iter()
+                        .filter(|&(&f, &e)| e.active == active && AnonLru::current(phys, f, e))
+                        .count() as u64
+                });
+                let counted = self.nr_lru_pages_node(phys, node, list);
+                if walk != counted {
+                    return Err(format!(
+                        "node {node} {list:?}: {counted} counted, {walk} current"
+                    ));
+                }
+            }
+        }
+        self.drain_freed(phys);
+        for (node, lru) in &self.lru {
+            if lru.index.len() as u64 != lru.len(false) + lru.len(true) {
+                return Err(format!("node {node}: index and lists differ"));
+            }
+            if let Some((f, _)) = lru
+                .index
+                .iter()
+                .find(|&(&f, &e)| !AnonLru::current(phys, f, e))
+            {
+                return Err(format!("node {node}: stale entry of {f} after the drain"));
+            }
+        }
         Ok(())
     }
 }

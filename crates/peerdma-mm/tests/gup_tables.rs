@@ -194,7 +194,7 @@ async fn coherent_page(k: &Rc<Kernel>, pid: Pid) -> Va {
         let old = peerdma_mm::migrate::migrate_pfn_to_frame(m.src[0]).unwrap();
         k.copy_page(old, dst);
         m.dst[0] = migrate_pfn(dst) | MIGRATE_PFN_WRITE;
-        k.migrate_vma_pages(&mut m);
+        k.migrate_vma_pages(&mut m).await;
         k.migrate_vma_finalize(&mut m);
     }
     let f = frame_of(k, pid, va).unwrap();

@@ -74,7 +74,7 @@ async fn page_on_device(k: &Kernel, r: usize, pid: Pid) -> (Va, Vec<u8>, FrameId
     let dst = k.alloc_page(r).unwrap();
     k.copy_page(src, dst);
     m.dst[0] = migrate_pfn(dst) | (m.src[0] & MIGRATE_PFN_WRITE);
-    k.migrate_vma_pages(&mut m);
+    k.migrate_vma_pages(&mut m).await;
     k.migrate_vma_finalize(&mut m);
     (va, data, dst)
 }

@@ -43,7 +43,7 @@ async fn migrate(k: &Kernel, pid: Pid, range: Range<Va>, flags: u32, r: usize) -
         k.copy_page(src, dst);
         m.dst[i] = migrate_pfn(dst) | (m.src[i] & MIGRATE_PFN_WRITE);
     }
-    k.migrate_vma_pages(&mut m);
+    k.migrate_vma_pages(&mut m).await;
     let src = m.src.clone();
     k.migrate_vma_finalize(&mut m);
     src
@@ -479,4 +479,78 @@ fn a_child_fault_while_the_parent_migrates_the_page_waits_and_lands_on_the_same_
     assert_eq!(pte(&k, child, va), pte(&k, parent, va));
     assert_eq!(k.frame_info(ram).mapcount, 2);
     assert!(!k.frame_info(dev).allocated);
+}
+
+/// A hole and a zero-page mapping have no source page: `migrate_vma_pages` inserts their new device pages
+/// itself, and so opens one MMU_NOTIFY_MIGRATE invalidation (with the migration's owner) from the first such
+/// address to the end of the range (`__migrate_device_pages`, mm/migrate_device.c). A mirror that mapped the
+/// zero page after setup's invalidation ended must see it.
+#[test]
+fn inserting_over_a_hole_or_the_zero_page_invalidates_the_mirrors() {
+    run(|k, r| async move {
+        let pid = k.create_process();
+        let args = MmapArgs {
+            len: 3 * PAGE_SIZE,
+            prot: Prot::RW,
+            private: true,
+            anonymous: true,
+            ..MmapArgs::default()
+        };
+        let va = k.mmap(pid, &args).await.unwrap();
+        // Page 0 written (a source page), page 1 read (the zero page), page 2 never touched (a hole).
+        k.store(pid, va, &[7u8; 16]).await.unwrap();
+        let mut buf = [0u8; 16];
+        k.load(pid, va.add(PAGE_SIZE), &mut buf).await.unwrap();
+        let rec = Rc::new(Recorder::default());
+        k.interval_notifier_insert(pid, va, 3 * PAGE_SIZE, rec.clone())
+            .unwrap();
+        let range = Range::from_len(va, 3 * PAGE_SIZE).unwrap();
+        let mut m = MigrateVma::new(pid, range, MIGRATE_VMA_SELECT_SYSTEM, OWNER);
+        k.migrate_vma_setup(&mut m).await.unwrap();
+        assert_eq!(m.cpages, 3, "the page, the zero page and the hole");
+        assert_eq!(rec.0.borrow().len(), 1, "setup's own invalidation");
+        for i in 0..3 {
+            let dst = k.alloc_page(r).unwrap();
+            if let Some(src) = migrate_pfn_to_frame(m.src[i]) {
+                k.copy_page(src, dst);
+            }
+            m.dst[i] = migrate_pfn(dst) | MIGRATE_PFN_WRITE;
+        }
+        k.migrate_vma_pages(&mut m).await;
+        assert_eq!(
+            rec.0.borrow()[1..],
+            [(
+                NotifierEvent::Migrate,
+                Some(OWNER),
+                Range::new(va.add(PAGE_SIZE), va.add(3 * PAGE_SIZE))
+            )],
+            "one MIGRATE invalidation from the zero page to the end"
+        );
+        k.migrate_vma_finalize(&mut m);
+        for i in 0..3 {
+            assert!(
+                matches!(
+                    pte(&k, pid, va.add(i * PAGE_SIZE)),
+                    Some(Pte::DevicePrivate { write: true, .. })
+                ),
+                "page {i} not on the device"
+            );
+        }
+        // With only source pages, `migrate_vma_pages` opens no invalidation.
+        let (va2, _) = written_page(&k, pid).await;
+        let before = rec.0.borrow().len();
+        migrate(
+            &k,
+            pid,
+            Range::from_len(va2, PAGE_SIZE).unwrap(),
+            MIGRATE_VMA_SELECT_SYSTEM,
+            r,
+        )
+        .await;
+        assert_eq!(
+            rec.0.borrow().len(),
+            before,
+            "outside the notifier's range: nothing"
+        );
+    });
 }

@@ -153,8 +153,9 @@ impl Default for SimSettings {
 /// with [`crate::Outcome::Limit`], naming the limit and the step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// `host_memory`: the most bytes of host memory one step may ask for at once (a `store`'s data, a
-    /// `load`'s or a device read's buffer, a `[[file]]`'s contents). Default 1 GiB.
+    /// `host_memory`: the most bytes of host memory one step may ask for at once (a `load`'s or a device
+    /// read's buffer, a `[[file]]`'s contents; a `store` streams its pattern a page at a time and needs no
+    /// buffer). Default 1 GiB.
     pub host_memory: u64,
     /// `memory`: the most simulated memory (the sum of `[sim] memory`, each device's and file's `size`).
     /// Default 64 GiB (the model keeps per-frame metadata for all of it).

@@ -100,6 +100,45 @@ impl Pattern {
         self.fill_at(buf, 0);
     }
 
+    /// Writes bytes `offset..offset + out.len()` of the pattern laid over a buffer of `total` bytes into
+    /// `out`: the same bytes [`Pattern::fill`] of the whole buffer puts there (bytes no segment covers are
+    /// left as they are), without the whole buffer — a streamed `store` fills one page at a time.
+    ///
+    /// # Examples
+    /// ```
+    /// use peerdma_scenario::Pattern;
+    /// let p: Pattern = "u32:index".parse().unwrap();
+    /// let mut whole = [0u8; 16];
+    /// p.fill(&mut whole);
+    /// let mut part = [0u8; 6];
+    /// p.fill_window(16, 5, &mut part);
+    /// assert_eq!(part, whole[5..11]);
+    /// ```
+    pub fn fill_window(&self, total: usize, offset: usize, out: &mut [u8]) {
+        self.window_at(total, 0, offset, out);
+    }
+
+    /// [`Pattern::fill_window`] of a pattern whose buffer starts at position `base` of the whole buffer.
+    fn window_at(&self, total: usize, base: usize, offset: usize, out: &mut [u8]) {
+        match self {
+            Self::Segments(segments) => {
+                let end = offset.saturating_add(out.len());
+                for (start, stop, pattern) in layout(segments, total) {
+                    let (lo, hi) = (start.max(offset), stop.min(end));
+                    if lo < hi {
+                        pattern.window_at(
+                            stop - start,
+                            base.wrapping_add(start),
+                            lo - start,
+                            &mut out[lo - offset..hi - offset],
+                        );
+                    }
+                }
+            }
+            _ => self.fill_at(out, base.wrapping_add(offset)),
+        }
+    }
+
     /// Compares `buf` against the pattern, positions counted from `buf[0]`.
     ///
     /// # Errors
@@ -579,5 +618,66 @@ mod tests {
             p.to_string(),
             r#"[{ len = 4096, pattern = "zero" }, { pattern = "u32:index" }]"#
         );
+    }
+    /// Every window of every chunk size, at unaligned offsets, equals the same bytes of the whole fill —
+    /// including segment lists (nested, with and without a tail, and bytes past the last segment, which
+    /// neither writes).
+    #[test]
+    fn fill_window_equals_the_same_bytes_of_the_whole_fill() {
+        let inner = Pattern::Segments(vec![
+            Segment {
+                len: Some(3),
+                pattern: pattern("byte:0x11"),
+            },
+            Segment {
+                len: None,
+                pattern: pattern("u32:-index-2"),
+            },
+        ]);
+        let seg = |tail: bool| {
+            Pattern::Segments(vec![
+                Segment {
+                    len: Some(4099),
+                    pattern: pattern("u32:index+7"),
+                },
+                Segment {
+                    len: Some(10),
+                    pattern: inner.clone(),
+                },
+                Segment {
+                    len: if tail { None } else { Some(4097) },
+                    pattern: pattern("byte:0x5a"),
+                },
+            ])
+        };
+        let patterns = [
+            pattern("zero"),
+            pattern("byte:0x3c"),
+            pattern("u32:index"),
+            pattern("u32:-index-9"),
+            pattern("u32:0xdeadbeef"),
+            seg(true),
+            seg(false),
+        ];
+        for p in &patterns {
+            for total in [1, 5, 4096, 3 * 4096 + 3, 16_385] {
+                let whole = filled(p, total);
+                for chunk in [1, 3, 4096, 4093] {
+                    for start in [0, 1, 2, 4098] {
+                        let mut got = vec![0xaa; start.min(total)];
+                        got.copy_from_slice(&whole[..start.min(total)]);
+                        let mut off = start.min(total);
+                        while off < total {
+                            let n = chunk.min(total - off);
+                            let mut buf = vec![0xaa; n];
+                            p.fill_window(total, off, &mut buf);
+                            got.extend_from_slice(&buf);
+                            off += n;
+                        }
+                        assert_eq!(got, whole, "{p} total {total} chunk {chunk} from {start}");
+                    }
+                }
+            }
+        }
     }
 }

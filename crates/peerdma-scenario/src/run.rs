@@ -652,6 +652,15 @@ impl World {
         ])
     }
 
+    /// Returns `bytes` as a host length for a step that streams its data (no buffer of it is built, so
+    /// `[sim.limits] host_memory` does not bound it), or the limit's error when it does not fit `usize`.
+    pub(crate) fn streamed_len(&self, bytes: u64) -> Result<usize, RunError> {
+        usize::try_from(bytes).map_err(|_| RunError::HostMemoryLimit {
+            bytes,
+            limit: self.scn.sim.limits.host_memory,
+        })
+    }
+
     /// Checks that a step may ask for `bytes` of host memory at once (`[sim.limits] host_memory`).
     pub(crate) fn check_host(&self, bytes: u64) -> Result<(), RunError> {
         let limit = self.scn.sim.limits.host_memory;
@@ -808,14 +817,16 @@ impl World {
         res: Result<DmirrorResult, Errno>,
     ) -> Result<(), RunError> {
         match res {
-            Ok(res) => {
+            Ok(mut res) => {
                 if let Some(p) = ptr {
                     let (dst, _) = self.resolve(proc_name, p)?;
                     if let Err(e) = self.kernel.copy_to_user(pid, dst, &res.data).await {
                         out.errno = Some(e);
                     }
                 }
-                out.data = Some(res.data.clone());
+                // The device's buffer moves to the step's data (no second copy of it); the step keeps
+                // only the counts of the result.
+                out.data = Some(std::mem::take(&mut res.data));
                 out.dm = Some(res);
             }
             Err(e) => out.errno = Some(e),

@@ -85,11 +85,11 @@ fn an_empty_scenario_is_not_runnable() {
 }
 
 #[test]
-fn a_store_over_the_host_memory_limit_stops_the_run_naming_the_limit_and_the_step() {
+fn a_load_over_the_host_memory_limit_stops_the_run_naming_the_limit_and_the_step() {
     let text = format!(
         "[sim.limits]\nhost_memory = \"64KiB\"\n{}",
         thread(&format!(
-            "{MAP}\n  {{ op = \"mmap\", name = \"big\", len = \"1TiB\", prot = \"rw\", flags = [\"private\", \"anonymous\"] }},\n  {{ op = \"store\", at = \"big\", pattern = \"zero\" }},\n  {{ op = \"store\", at = \"buf\", pattern = \"zero\" }},"
+            "{MAP}\n  {{ op = \"mmap\", name = \"big\", len = \"1TiB\", prot = \"rw\", flags = [\"private\", \"anonymous\"] }},\n  {{ op = \"load\", at = \"big\" }},\n  {{ op = \"store\", at = \"buf\", pattern = \"zero\" }},"
         ))
     );
     let r = run_text(&text);
@@ -97,10 +97,52 @@ fn a_store_over_the_host_memory_limit_stops_the_run_naming_the_limit_and_the_ste
         panic!("{}", r.render_text())
     };
     assert!(
-        why.contains("l.toml:8:3") && why.contains("`store`") && why.contains("host_memory"),
+        why.contains("l.toml:8:3") && why.contains("`load`") && why.contains("host_memory"),
         "{why}"
     );
     assert_eq!(r.exit_code(), 2);
+}
+
+/// A `store` streams its pattern a page at a time (no host buffer of the whole store): a store sixteen
+/// times `host_memory` runs, and every byte lands where the pattern puts it — checked by loads, each
+/// within the limit, of the first page, a page in the middle and the last page.
+#[test]
+fn a_store_over_the_host_memory_limit_streams_and_writes_every_page() {
+    let store = r#"  { op = "mmap", name = "big", len = "1MiB", prot = "rw", flags = ["private", "anonymous"] },
+  { op = "store", at = "big", pattern = [{ len = "4KiB", pattern = "byte:0x11" }, { len = "1016KiB", pattern = "u32:index" }, { pattern = "byte:0x5a" }] },
+  { op = "load", at = "big", len = "4KiB", expect = { data = "byte:0x11" } },
+  { op = "load", at = "big+4KiB", len = "8KiB", expect = { data = "u32:index+1024" } },
+  { op = "load", at = "big+1020KiB", len = "4KiB", expect = { data = "byte:0x5a" } },"#;
+    let r = run_text(&format!(
+        "[sim.limits]\nhost_memory = \"64KiB\"\n{}",
+        thread(store)
+    ));
+    assert!(matches!(r.outcome, Outcome::Passed), "{}", r.render_text());
+    assert_eq!(r.exit_code(), 0, "{}", r.render_text());
+}
+
+/// A `pwrite` streams its pattern too: a write sixteen times `host_memory` into a one-page file runs,
+/// extends the file and puts every byte where the pattern says (reads of the first and last pages, each
+/// within the limit).
+#[test]
+fn a_pwrite_over_the_host_memory_limit_streams_and_writes_every_page() {
+    let text = r#"[sim.limits]
+host_memory = "64KiB"
+
+[[file]]
+name = "f"
+size = "4KiB"
+
+[[thread]]
+name = "t"
+steps = [
+  { op = "pwrite", file = "f", offset = 0, len = "1MiB", pattern = "u32:-index-3" },
+  { op = "pread", file = "f", offset = 0, len = "4KiB", expect = { data = "u32:-index-3" } },
+  { op = "pread", file = "f", offset = "1020KiB", len = "4KiB", expect = { data = "u32:-index-261123" } },
+]
+"#;
+    let r = run_text(text);
+    assert!(matches!(r.outcome, Outcome::Passed), "{}", r.render_text());
 }
 
 #[test]

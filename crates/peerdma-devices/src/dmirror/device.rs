@@ -134,8 +134,9 @@ impl DmirrorDevice {
     /// freed), and a file's fault may program an entry for its own device page while a CPU fault migrates
     /// that page back to RAM (the ignored event set no sequence, so `read_retry` does not fire, and
     /// `dmirror_devmem_fault_alloc_and_copy` erased the entry before it was programmed). With `on`, the
-    /// driver skips nothing and both are gone; MIGRATE_TO_DEV still programs its entries after
-    /// `migrate_vma_pages`.
+    /// driver skips nothing and both are gone; and MIGRATE_TO_DEV reads the sequence after setup and
+    /// checks it before programming its entries, so a MADV_DONTNEED that zapped the chunk during the copy
+    /// (test_hmm.c's third race) leaves them unprogrammed.
     pub fn set_invalidate_own_migrations(&self, on: bool) {
         self.invalidate_own.set(on);
     }
@@ -169,7 +170,7 @@ impl DmirrorDevice {
         self.kernel.reclaim_if_low_for(pid).await;
         let n = self.copy_to_sys(&mut m);
         k.spend(self.costs.dma_page.saturating_mul(n)).await;
-        k.migrate_vma_pages(&mut m);
+        k.migrate_vma_pages(&mut m).await;
         k.migrate_vma_finalize(&mut m);
         Ok(())
     }

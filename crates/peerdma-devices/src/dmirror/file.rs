@@ -313,6 +313,18 @@ impl Dmirror {
                     dev.id,
                 );
                 k.migrate_vma_setup(&mut m).await?;
+                // A driver that invalidates its own migrations can also tell whether anything else
+                // invalidated the chunk while it copied: a sequence read once setup's own invalidation has
+                // ended, checked under the driver lock before programming (test_hmm.c takes none, and
+                // programs pages that a concurrent MADV_DONTNEED left unmapped and finalize then frees).
+                let seq = if dev.invalidate_own.get() {
+                    Some(
+                        k.interval_read_begin(self.sh.pid, self.mirror.notifier())
+                            .await,
+                    )
+                } else {
+                    None
+                };
                 let mut copied = 0;
                 for i in 0..m.src.len() {
                     if m.src[i] & MIGRATE_PFN_MIGRATE == 0 {
@@ -360,11 +372,18 @@ impl Dmirror {
                     m.dst[i] = migrate_pfn(dst) | if write { MIGRATE_PFN_WRITE } else { 0 };
                 }
                 k.spend(self.sh.costs.dma_page.saturating_mul(copied)).await;
-                k.migrate_vma_pages(&mut m);
+                k.migrate_vma_pages(&mut m).await;
                 {
                     let _g = self.sh.lock.lock().await;
                     let mut pt = self.sh.pt.borrow_mut();
+                    let stale = seq.is_some_and(|seq| {
+                        k.interval_read_retry(self.sh.pid, self.mirror.notifier(), seq)
+                    });
                     for i in 0..m.src.len() {
+                        if stale {
+                            // Invalidated since setup: leave the entries to the next device fault.
+                            break;
+                        }
                         if m.src[i] & MIGRATE_PFN_MIGRATE == 0 {
                             continue;
                         }
@@ -472,7 +491,7 @@ impl Dmirror {
             k.reclaim_if_low_for(self.sh.pid).await;
             let n = dev.copy_to_sys(&mut m);
             k.spend(self.sh.costs.dma_page.saturating_mul(n)).await;
-            k.migrate_vma_pages(&mut m);
+            k.migrate_vma_pages(&mut m).await;
             res.cpages += m
                 .src
                 .iter()

@@ -311,7 +311,7 @@ impl DevicePagemapOps for DevMem {
                 k.copy_page(src, dst);
                 m.dst[i] = migrate_pfn(dst) | (m.src[i] & MIGRATE_PFN_WRITE);
             }
-            k.migrate_vma_pages(&mut m);
+            k.migrate_vma_pages(&mut m).await;
             k.migrate_vma_finalize(&mut m);
             Ok(())
         })
@@ -358,7 +358,7 @@ pub async fn migrate_to_device(k: &Kernel, pid: Pid, r: Range<Va>, region: usize
         m.dst[i] = migrate_pfn(dst) | (m.src[i] & MIGRATE_PFN_WRITE);
         moved += 1;
     }
-    k.migrate_vma_pages(&mut m);
+    k.migrate_vma_pages(&mut m).await;
     k.migrate_vma_finalize(&mut m);
     moved
 }

@@ -155,9 +155,14 @@ impl FileOp {
                 len,
                 pattern,
             } => {
-                let mut data = w.host_buffer(*len)?;
-                pattern.fill(&mut data);
-                out.errno = kernel.pwrite(w.files[file], *offset, &data).await.err();
+                // Streamed a page at a time, as `store`: no host buffer of the whole write.
+                let total = w.streamed_len(*len)?;
+                let mut fill =
+                    |pos: usize, chunk: &mut [u8]| pattern.fill_window(total, pos, chunk);
+                out.errno = kernel
+                    .pwrite_with(w.files[file], *offset, total, &mut fill)
+                    .await
+                    .err();
             }
             Self::Pread { file, offset, len } => {
                 let mut data = w.host_buffer(*len)?;

@@ -582,9 +582,12 @@ impl MemOp {
                 let n = len
                     .or(rest)
                     .ok_or(RunError::RawAddressNeedsLen { op: STORE.name })?;
-                let mut data = w.host_buffer(n)?;
-                pattern.fill(&mut data);
-                out.signal = kernel.store(pid, va, &data).await.err();
+                // Streamed a page at a time: no host buffer of the whole store exists, so a store is not
+                // bounded by `[sim.limits] host_memory`.
+                let total = w.streamed_len(n)?;
+                let mut fill =
+                    |pos: usize, chunk: &mut [u8]| pattern.fill_window(total, pos, chunk);
+                out.signal = kernel.store_with(pid, va, total, &mut fill).await.err();
             }
             Self::Load { at, len } => {
                 let (va, rest) = w.resolve(proc_name, at)?;
