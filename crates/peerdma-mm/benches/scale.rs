@@ -59,7 +59,7 @@ async fn migrate(k: &Kernel, pid: Pid, range: Range<Va>, flags: u32, r: usize) {
         k.copy_page(src, dst);
         m.dst[i] = migrate_pfn(dst) | (m.src[i] & MIGRATE_PFN_WRITE);
     }
-    k.migrate_vma_pages(&mut m);
+    k.migrate_vma_pages(&mut m).await;
     k.migrate_vma_finalize(&mut m);
 }
 
