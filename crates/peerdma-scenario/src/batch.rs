@@ -26,15 +26,14 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::num::NonZeroUsize;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, PoisonError, mpsc};
 
 /// Runs `work(index, job)` for every job on `workers` threads and calls `emit(index, result)` on the
 /// calling thread for each result **in job order** (index 0 first), as soon as every earlier result has
 /// been emitted. With one worker the jobs run on the calling thread, one after the other.
 ///
-/// Workers take the next job index from a shared counter, so a slow job does not hold up the others; at most
-/// `workers` results wait in the reorder buffer beyond the ones already computed out of order.
+/// Workers take the next job index from a shared counter, so a slow job does not hold up the others.
 pub fn run_ordered<J, R, W, E>(jobs: &[J], workers: NonZeroUsize, work: W, mut emit: E)
 where
     J: Sync,
@@ -42,24 +41,68 @@ where
     W: Fn(usize, &J) -> R + Sync,
     E: FnMut(usize, R),
 {
-    let workers = workers.get().min(jobs.len().max(1));
+    run_indexed_until(
+        jobs.len(),
+        workers,
+        |i| work(i, &jobs[i]),
+        |i, r| {
+            emit(i, r);
+            true
+        },
+    );
+}
+
+/// How far past the next result to emit a worker may start jobs, in multiples of the worker count: enough
+/// that workers never wait when jobs take similar times, and a bound on the results held for reordering
+/// (and on the work thrown away after a stop) when one job is much slower than the others.
+const RUN_AHEAD_PER_WORKER: usize = 4;
+
+/// Runs `work(i)` for `i` in `0..count` on `workers` threads and calls `emit(i, result)` on the calling
+/// thread in index order, until `emit` returns `false`: then no further index is started, and results
+/// computed past the stopping one are dropped. What `emit` sees is the same whatever `workers` is.
+///
+/// The workers live for the whole batch and take the next index from a shared counter, so there is no
+/// barrier between groups of jobs; a worker only waits when it is `4 × workers` jobs ahead of the next
+/// result to emit (a slow job holds the others' results), which bounds the reorder buffer and the work
+/// discarded after a stop.
+pub fn run_indexed_until<R, W, E>(count: usize, workers: NonZeroUsize, work: W, mut emit: E)
+where
+    R: Send,
+    W: Fn(usize) -> R + Sync,
+    E: FnMut(usize, R) -> bool,
+{
+    let workers = workers.get().min(count.max(1));
     if workers == 1 {
-        for (i, j) in jobs.iter().enumerate() {
-            emit(i, work(i, j));
+        for i in 0..count {
+            if !emit(i, work(i)) {
+                return;
+            }
         }
         return;
     }
+    let window = workers.saturating_mul(RUN_AHEAD_PER_WORKER);
     let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    // The number of results emitted so far; workers wait on it when too far ahead.
+    let emitted = (Mutex::new(0usize), Condvar::new());
     let (tx, rx) = mpsc::channel::<(usize, R)>();
     std::thread::scope(|s| {
         for _ in 0..workers {
             let tx = tx.clone();
-            let (next, work) = (&next, &work);
+            let (next, stop, work, emitted) = (&next, &stop, &work, &emitted);
             s.spawn(move || {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(job) = jobs.get(i) else { break };
-                    if tx.send((i, work(i, job))).is_err() {
+                    if i >= count {
+                        break;
+                    }
+                    let (lock, cv) = emitted;
+                    let mut done = lock.lock().unwrap_or_else(PoisonError::into_inner);
+                    while !stop.load(Ordering::Relaxed) && i >= done.saturating_add(window) {
+                        done = cv.wait(done).unwrap_or_else(PoisonError::into_inner);
+                    }
+                    drop(done);
+                    if stop.load(Ordering::Relaxed) || tx.send((i, work(i))).is_err() {
                         break;
                     }
                 }
@@ -69,11 +112,22 @@ where
         let mut pending: BTreeMap<usize, R> = BTreeMap::new();
         let mut due = 0;
         for (i, r) in rx {
+            if stop.load(Ordering::Relaxed) {
+                // Drain what the workers still send, so that they all end.
+                continue;
+            }
             pending.insert(i, r);
             while let Some(r) = pending.remove(&due) {
-                emit(due, r);
+                if !emit(due, r) {
+                    stop.store(true, Ordering::Relaxed);
+                    pending.clear();
+                    break;
+                }
                 due += 1;
             }
+            let (lock, cv) = &emitted;
+            *lock.lock().unwrap_or_else(PoisonError::into_inner) = due;
+            cv.notify_all();
         }
     });
 }
@@ -180,6 +234,38 @@ mod tests {
             assert!(seen.iter().enumerate().all(|(k, (i, _))| k == *i));
             let got: Vec<_> = seen.into_iter().map(|(_, r)| r).collect();
             assert_eq!(got, one, "{w} workers");
+        }
+    }
+
+    #[test]
+    fn a_stop_ends_the_batch_at_the_same_index_whatever_the_workers() {
+        use std::sync::atomic::AtomicUsize;
+        for w in [1, 2, 3, 8] {
+            let started = AtomicUsize::new(0);
+            let mut seen = Vec::new();
+            run_indexed_until(
+                1_000,
+                nz(w),
+                |i| {
+                    started.fetch_add(1, Ordering::Relaxed);
+                    i * 3
+                },
+                |i, r| {
+                    seen.push((i, r));
+                    r != 60
+                },
+            );
+            assert_eq!(
+                seen,
+                (0..=20).map(|i| (i, i * 3)).collect::<Vec<_>>(),
+                "{w} workers"
+            );
+            // Stopped early: at most the run-ahead window (and one job per worker) past the stop ran.
+            let started = started.load(Ordering::Relaxed);
+            assert!(
+                started <= 21 + RUN_AHEAD_PER_WORKER * w + w,
+                "{w} workers started {started} jobs"
+            );
         }
     }
 

@@ -20,7 +20,7 @@ use std::num::NonZeroUsize;
 use peerdma_core::mutation::{self, Mutation};
 
 use crate::ast::Scenario;
-use crate::batch::map_ordered;
+use crate::batch::run_indexed_until;
 use crate::report::{Outcome, Report};
 use crate::run::{RunOptions, run};
 
@@ -72,29 +72,25 @@ pub struct ExploreSummary {
     pub first_failure: Option<SeedFailure>,
 }
 
-/// Runs `work` for the seeds of `seeds` on `jobs` worker threads ([`crate::batch::map_ordered`], the one
-/// parallel runner) and hands each result to `visit` **in seed order**, until `visit` returns `false`.
-/// Seeds run in blocks of `4 × jobs`, so at most one block's worth of seeds past the stopping one is run and
-/// discarded; what `visit` sees is the same whatever `jobs` is.
+/// Runs `work` for the seeds of `seeds` on `jobs` worker threads ([`crate::batch::run_indexed_until`], the
+/// one parallel runner) and hands each result to `visit` **in seed order**, until `visit` returns
+/// `false`. The workers stay busy across the whole range (no barrier between groups of seeds); after a
+/// stop, the seeds already started past the stopping one finish and are discarded. What `visit` sees is
+/// the same whatever `jobs` is.
 pub fn for_each_seed<R: Send>(
     seeds: std::ops::Range<u64>,
     jobs: NonZeroUsize,
     work: impl Fn(u64) -> R + Sync,
     mut visit: impl FnMut(u64, R) -> bool,
 ) {
-    let block = jobs.get().saturating_mul(4) as u64;
-    let mut next = seeds.start;
-    while next < seeds.end {
-        let end = next.saturating_add(block).min(seeds.end);
-        let chunk: Vec<u64> = (next..end).collect();
-        let results = map_ordered(&chunk, jobs, |_, &seed| work(seed));
-        for (seed, r) in chunk.into_iter().zip(results) {
-            if !visit(seed, r) {
-                return;
-            }
-        }
-        next = end;
-    }
+    let start = seeds.start;
+    let count = usize::try_from(seeds.end.saturating_sub(start)).unwrap_or(usize::MAX);
+    run_indexed_until(
+        count,
+        jobs,
+        |i| work(start + i as u64),
+        |i, r| visit(start + i as u64, r),
+    );
 }
 
 /// Explores `scn` over `opts.seeds` seeds and stops at the first failure.

@@ -10,6 +10,7 @@
     reason = "a command line prints its results"
 )]
 
+mod bench;
 mod link;
 mod ops;
 mod params;
@@ -203,6 +204,40 @@ enum Command {
         /// Prints `{file, ok, threads, devices}` or `{file, ok, error: {line, col, message}}` as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Measures the simulator's host cost per operation (faults, page-table walks, mirror faults and
+    /// invalidations, device accesses, migrations, engine events, memory per page) side by side with the
+    /// real kernel's (anonymous fault, munmap, MADV_DONTNEED, memcpy) and prints the ratios against the
+    /// performance targets; each figure is the median of interleaved repetitions (docs/performance.md).
+    Bench {
+        /// Prints JSON (schema `peerdma-bench/1`, docs/performance.md) instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Repetitions per figure (at least 5).
+        #[arg(long, value_name = "N", default_value_t = 5)]
+        reps: usize,
+        /// Pages per operation (default 65,536; 1,024 with --quick). Migration moves at most 16,384.
+        #[arg(long, value_name = "N")]
+        pages: Option<u64>,
+        /// A small, fast run (1,024 pages, a short engine scenario), for tests.
+        #[arg(long)]
+        quick: bool,
+        /// Also measures the parallel runner: a many-seed exploration on 1 worker and on 2.
+        #[arg(long)]
+        scaling: bool,
+        /// Seeds of the --scaling exploration (default 1,000; 40 with --quick).
+        #[arg(long, value_name = "N")]
+        seeds: Option<u64>,
+    },
+    /// Measures one memory figure of `peerdma bench` in this fresh process and prints it (internal).
+    #[command(hide = true)]
+    BenchMemory {
+        /// Pages.
+        #[arg(long)]
+        pages: u64,
+        /// What to measure.
+        #[arg(long, value_enum)]
+        what: bench::MemWhat,
     },
     /// Prints a completion script for a shell (`peerdma completions bash > peerdma.bash`).
     Completions {
@@ -443,6 +478,31 @@ fn main() -> ExitCode {
             }
         }
         Command::Topo { file, json } => topo_command(&file, json),
+        Command::Bench {
+            json,
+            reps,
+            pages,
+            quick,
+            scaling,
+            seeds,
+        } => bench::command(&bench::BenchArgs {
+            json,
+            reps,
+            pages,
+            quick,
+            scaling,
+            seeds,
+        }),
+        Command::BenchMemory { pages, what } => match bench::memory_child(pages, what) {
+            Ok(v) => {
+                println!("{v}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        },
         Command::Explore {
             file,
             seeds,
