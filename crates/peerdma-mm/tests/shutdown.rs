@@ -16,7 +16,9 @@ use peerdma_sim::{RunOutcome, Sim, SimConfig};
 
 /// A driver's notifier that holds the kernel, as a mirror's does.
 #[derive(Debug)]
-struct HoldsKernel(Rc<Kernel>);
+struct HoldsKernel(
+    #[expect(dead_code, reason = "held, never read: the reference is the point")] Rc<Kernel>,
+);
 
 impl IntervalNotifierOps for HoldsKernel {
     fn invalidate<'a>(
