@@ -36,13 +36,12 @@ fn rss_bytes() -> BenchResult<u64> {
     Ok(pages * 4096)
 }
 
-/// The kernel of a token-mode world, when the library has that mode.
-///
-/// HOOK: token data mode (DESIGN §3, `[sim] data = "token"`: a 64-bit version per page instead of its
-/// bytes) is not in the library this bench was built against; once it is, build the kernel in that mode
-/// here and the figure and its target (≤ 32 B per page in all) are measured and checked like the others.
-fn token_kernel(_sim: &Sim, _ram: u64) -> Option<std::rc::Rc<Kernel>> {
-    None
+/// The kernel of a token-mode world (DESIGN §3, `[sim] data = "token"`: a 64-bit version per page instead
+/// of its bytes); `None` if the library refuses the mode.
+fn token_kernel(sim: &Sim, ram: u64) -> Option<std::rc::Rc<Kernel>> {
+    let k = Kernel::new(sim, ram, MmCosts::zero());
+    k.set_data_mode(peerdma_mm::phys::DataMode::Token).ok()?;
+    Some(k)
 }
 
 /// Whether this build has token data mode (see [`token_kernel`]).
