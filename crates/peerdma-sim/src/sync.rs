@@ -300,6 +300,8 @@ pub struct ReadGuard {
 /// Holds an [`RwSem`] for writing.
 pub struct WriteGuard {
     sem: RwSem,
+    /// Set by [`WriteGuard::downgrade`]: the hold became a read hold, so dropping releases nothing.
+    downgraded: bool,
 }
 
 impl RwGuard for ReadGuard {
@@ -310,7 +312,10 @@ impl RwGuard for ReadGuard {
 
 impl RwGuard for WriteGuard {
     fn make(sem: RwSem) -> Self {
-        Self { sem }
+        Self {
+            sem,
+            downgraded: false,
+        }
     }
 }
 
@@ -334,6 +339,9 @@ impl Drop for ReadGuard {
 
 impl Drop for WriteGuard {
     fn drop(&mut self) {
+        if self.downgraded {
+            return;
+        }
         self.sem.release(Kind::Write);
     }
 }
@@ -342,8 +350,12 @@ impl WriteGuard {
     /// Turns the write hold into a read hold without letting a writer in between (`downgrade_write`),
     /// and grants the readers queued at the head.
     pub fn downgrade(self) -> ReadGuard {
-        let sem = self.sem.clone();
-        std::mem::forget(self);
+        // Not `mem::forget(self)`: that would leak the guard's reference to the semaphore (and, through
+        // it, the whole simulation).
+        let mut this = self;
+        this.downgraded = true;
+        let sem = this.sem.clone();
+        drop(this);
         let mut woken = Vec::new();
         {
             let mut st = sem.state.borrow_mut();

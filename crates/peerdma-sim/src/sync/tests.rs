@@ -130,6 +130,40 @@ fn rwsem_downgrade_admits_queued_readers_but_not_writers() {
     assert_eq!(*log.borrow(), ["downgraded", "r+10"]);
 }
 
+/// A downgraded write hold gives its reference to the semaphore back: nothing of the simulation outlives
+/// its last handle (`mem::forget` of the guard leaked the semaphore, and through it the engine, on every
+/// munmap).
+#[test]
+fn rwsem_downgrade_leaks_nothing() {
+    let sim = Sim::new(SimConfig::default());
+    let sem = RwSem::new(&sim, "s");
+    let watch = Rc::downgrade(&sem.state);
+    {
+        let sem = sem.clone();
+        sim.spawn("d", async move {
+            let g = sem.write().await;
+            drop(g.downgrade());
+        });
+    }
+    {
+        let (s, sem) = (sim.clone(), sem.clone());
+        sim.spawn("w", async move {
+            s.sleep(SimDuration(1)).await;
+            let _w = sem.write().await;
+        });
+    }
+    assert_eq!(
+        sim.run(),
+        RunOutcome::Completed,
+        "the write lock is free again"
+    );
+    drop((sem, sim));
+    assert!(
+        watch.upgrade().is_none(),
+        "the semaphore (and the engine it holds) leaked"
+    );
+}
+
 #[test]
 fn completion_banks_and_releases() {
     let sim = Sim::new(SimConfig::default());
