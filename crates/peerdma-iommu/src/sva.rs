@@ -125,7 +125,9 @@ struct Domain {
 pub struct Sva {
     /// Global PASIDs available: `[FIRST_GLOBAL_PASID, pasid_limit)`.
     pasid_limit: u32,
-    free_pasids: BTreeSet<u32>,
+    /// The global PASIDs in use (`iommu_global_pasid_ida`): an IDA hands out the lowest free ID, so only the
+    /// used ones are kept (the free space is `1 << 20` IDs).
+    used_pasids: BTreeSet<u32>,
     devices: BTreeMap<DeviceId, SvaDeviceInfo>,
     /// `mm->iommu_mm->pasid`.
     mm_pasid: BTreeMap<Pid, Pasid>,
@@ -149,7 +151,7 @@ impl Sva {
     pub fn new(nr_pasids: u32) -> Self {
         Self {
             pasid_limit: nr_pasids,
-            free_pasids: (FIRST_GLOBAL_PASID..nr_pasids).collect(),
+            used_pasids: BTreeSet::new(),
             devices: BTreeMap::new(),
             mm_pasid: BTreeMap::new(),
             released: BTreeSet::new(),
@@ -201,7 +203,8 @@ impl Sva {
 
     /// Returns the number of global PASIDs free.
     pub fn nr_free_pasids(&self) -> usize {
-        self.free_pasids.len()
+        let space = self.pasid_limit.saturating_sub(FIRST_GLOBAL_PASID) as usize;
+        space - self.used_pasids.len()
     }
 
     /// Returns the number of SVA domains.
@@ -231,10 +234,10 @@ impl Sva {
             Some(p) => p,
             None => {
                 let limit = info.max_pasids.min(self.pasid_limit);
-                let Some(p) = self.free_pasids.range(..limit).next().copied() else {
+                let Some(p) = self.lowest_free_pasid(limit) else {
                     return errno(Errno::ENOSPC);
                 };
-                self.free_pasids.remove(&p);
+                self.used_pasids.insert(p);
                 self.mm_pasid.insert(mm, Pasid(p));
                 Pasid(p)
             }
@@ -355,13 +358,25 @@ impl Sva {
         changed
     }
 
+    /// The lowest global PASID below `limit` not in use (`ida_alloc_range`'s choice), if any.
+    fn lowest_free_pasid(&self, limit: u32) -> Option<u32> {
+        let mut candidate = FIRST_GLOBAL_PASID;
+        for &used in self.used_pasids.range(FIRST_GLOBAL_PASID..) {
+            if used != candidate {
+                break;
+            }
+            candidate += 1;
+        }
+        (candidate < limit.min(self.pasid_limit)).then_some(candidate)
+    }
+
     fn maybe_drop_pasid(&mut self, mm: Pid) {
         if !self.released.contains(&mm) || self.domains.values().any(|d| d.mm == mm) {
             return;
         }
         self.released.remove(&mm);
         if let Some(p) = self.mm_pasid.remove(&mm) {
-            self.free_pasids.insert(p.0);
+            self.used_pasids.remove(&p.0);
         }
     }
 
@@ -552,6 +567,25 @@ mod tests {
     }
 
     #[test]
+    fn a_freed_pasid_in_the_middle_is_the_next_one_handed_out() {
+        // The IDA hands out the lowest free ID, wherever the gap is (ida_alloc_range).
+        let mut s = sva_with(&[(A, info(0, 0, 16))]);
+        let pasids: Vec<Pasid> = (1..=3).map(|p| s.bind(A, Pid(p)).unwrap().pasid).collect();
+        assert_eq!(pasids, vec![Pasid(1), Pasid(2), Pasid(3)]);
+        let free_before = s.nr_free_pasids();
+        s.mm_release(Pid(2));
+        let h = s
+            .handles
+            .iter()
+            .find(|(_, h)| h.pasid == Pasid(2))
+            .map(|(k, _)| *k);
+        s.unbind(h.unwrap()).unwrap();
+        assert_eq!(s.nr_free_pasids(), free_before + 1);
+        assert_eq!(s.bind(A, Pid(4)).unwrap().pasid, Pasid(2));
+        assert_eq!(s.bind(A, Pid(5)).unwrap().pasid, Pasid(4));
+    }
+
+    #[test]
     fn exit_while_bound_aborts_requests_and_keeps_the_pasid_until_unbind() {
         let mut s = sva_with(&[(A, info(0, 0, 16))]);
         let a = s.bind(A, P1).unwrap();
@@ -565,7 +599,7 @@ mod tests {
         s.unbind(a.handle).unwrap();
         assert_eq!(s.mm_pasid(P1), None);
         assert!(
-            s.free_pasids.contains(&a.pasid.0),
+            !s.used_pasids.contains(&a.pasid.0),
             "freed after the last unbind"
         );
     }
