@@ -233,6 +233,9 @@ enum Command {
         /// `peerdma-bench-sweep/1`. With --quick, tiny sizes.
         #[arg(long, conflicts_with_all = ["pages", "scaling", "seeds"])]
         sweep: bool,
+        /// With --sweep, only this dimension (for profiling one of them).
+        #[arg(long, value_name = "DIMENSION", requires = "sweep", value_parser = ["pages", "mirrors", "devices", "processes", "pasids"])]
+        only: Option<String>,
     },
     /// Measures one memory figure of `peerdma bench` in this fresh process and prints it (internal).
     #[command(hide = true)]
@@ -488,8 +491,14 @@ fn main() -> ExitCode {
             reps,
             quick,
             sweep: true,
+            only,
             ..
-        } => bench::sweep_command(&bench::SweepArgs { json, reps, quick }),
+        } => bench::sweep_command(&bench::SweepArgs {
+            json,
+            reps,
+            quick,
+            only,
+        }),
         Command::Bench {
             json,
             reps,
@@ -498,6 +507,7 @@ fn main() -> ExitCode {
             scaling,
             seeds,
             sweep: false,
+            ..
         } => bench::command(&bench::BenchArgs {
             json,
             reps,

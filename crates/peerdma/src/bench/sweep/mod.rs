@@ -31,6 +31,33 @@ pub(crate) const SLOW_S: f64 = 60.0;
 /// Growth within this factor of the smallest size counts as "stays flat".
 pub(crate) const FLAT: f64 = 1.5;
 
+/// A stopwatch on this thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`), not the wall clock: the simulation
+/// runs on one thread, and on a shared machine a run of seconds is preempted where one of microseconds is
+/// not, so wall time would make the large sizes look slower by the machine's load alone.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Stopwatch(std::time::Duration);
+
+impl Stopwatch {
+    /// This thread's CPU time so far.
+    fn now() -> std::time::Duration {
+        let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+        std::time::Duration::new(
+            u64::try_from(t.tv_sec).unwrap_or(0),
+            u32::try_from(t.tv_nsec).unwrap_or(0),
+        )
+    }
+
+    /// Starts it.
+    pub(crate) fn start() -> Self {
+        Self(Self::now())
+    }
+
+    /// CPU time since [`Stopwatch::start`].
+    pub(crate) fn elapsed(self) -> std::time::Duration {
+        Self::now().saturating_sub(self.0)
+    }
+}
+
 /// One timed operation of a world: its name and host ns per operation.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Op {
@@ -45,7 +72,7 @@ impl Op {
 }
 
 /// The arguments of `peerdma bench --sweep`.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct SweepArgs {
     /// JSON instead of the table.
     pub(crate) json: bool,
@@ -53,6 +80,8 @@ pub(crate) struct SweepArgs {
     pub(crate) reps: usize,
     /// Tiny sizes, for tests.
     pub(crate) quick: bool,
+    /// Only this dimension (`None`: all five).
+    pub(crate) only: Option<String>,
 }
 
 /// One measured point: an operation at one size of one dimension.
@@ -249,7 +278,11 @@ fn plan(quick: bool, reps: usize) -> (Vec<Job>, Vec<(&'static str, String)>) {
 /// Runs the sweep.
 pub(crate) fn measure(a: &SweepArgs) -> BenchResult<SweepRun> {
     let reps = a.reps.max(5);
-    let (jobs, params) = plan(a.quick, reps);
+    let (mut jobs, mut params) = plan(a.quick, reps);
+    if let Some(d) = &a.only {
+        jobs.retain(|j| j.dimension == d);
+        params.retain(|(p, _)| p == d);
+    }
     let load_before = super::loadavg();
     let mut points: Vec<Point> = Vec::new();
     let mut skipped: Vec<Skipped> = Vec::new();
@@ -307,18 +340,18 @@ pub(crate) fn measure(a: &SweepArgs) -> BenchResult<SweepRun> {
             }
         }
     }
-    // By dimension, then operation in the order the worlds report them, then size.
-    let mut op_order: Vec<&'static str> = Vec::new();
+    // By dimension, then operation in the order the dimension's worlds report them, then size.
+    let mut op_order: Vec<(&'static str, &'static str)> = Vec::new();
     for p in &points {
-        if !op_order.contains(&p.op) {
-            op_order.push(p.op);
+        if !op_order.contains(&(p.dimension, p.op)) {
+            op_order.push((p.dimension, p.op));
         }
     }
-    let op_rank = |op: &str| op_order.iter().position(|o| *o == op);
+    let op_rank = |p: &Point| op_order.iter().position(|o| *o == (p.dimension, p.op));
     points.sort_by(|a, b| {
         dim_rank(a.dimension)
             .cmp(&dim_rank(b.dimension))
-            .then(op_rank(a.op).cmp(&op_rank(b.op)))
+            .then(op_rank(a).cmp(&op_rank(b)))
             .then(a.size.cmp(&b.size))
     });
     Ok(SweepRun {

@@ -14,9 +14,9 @@ use peerdma_iommu::{AtcConfig, SvaDeviceInfo};
 use peerdma_mm::Advice;
 use peerdma_pci::{P2pCache, distance_many, p2p_distance};
 
-use super::super::sim::{BenchResult, anon, host_now, per, run_agent, sim};
-use super::Op;
+use super::super::sim::{BenchResult, anon, per, run_agent, sim};
 use super::worlds::{dmirror, platform, prefault, ram, reclaim, round_trip, token_kernel, touch};
+use super::{Op, Stopwatch};
 
 /// `u32` id of device `i`.
 fn dev_id(i: usize) -> BenchResult<DeviceId> {
@@ -40,7 +40,7 @@ pub(super) fn mirrors(n: usize, pages: u64) -> BenchResult<Vec<Op>> {
             prefault(&m, all).await?;
             ms.push(m);
         }
-        let t = host_now();
+        let t = Stopwatch::start();
         k.madvise(pid, va, pages * PAGE_SIZE, Advice::DontNeed)
             .await
             .map_err(|e| format!("madvise: {e}"))?;
@@ -71,7 +71,7 @@ pub(super) fn devices(count: usize, pages: u64, calls: u64) -> BenchResult<Vec<O
             .map(|f| kern.frame_pa(f))
             .ok_or("out of RAM frames")?;
         let n64 = count as u64;
-        let t = host_now();
+        let t = Stopwatch::start();
         for c in 0..calls {
             let dev = dev_id(usize::try_from(c % n64).unwrap_or(0))?;
             let mut sg = plat
@@ -85,7 +85,7 @@ pub(super) fn devices(count: usize, pages: u64, calls: u64) -> BenchResult<Vec<O
         let map = per(t.elapsed(), calls);
 
         let topo = plat.topology();
-        let t = host_now();
+        let t = Stopwatch::start();
         for c in 0..calls {
             let from = usize::try_from(c % n64).unwrap_or(0);
             let to = usize::try_from((c * 7 + 3) % n64).unwrap_or(0);
@@ -94,7 +94,7 @@ pub(super) fn devices(count: usize, pages: u64, calls: u64) -> BenchResult<Vec<O
         let dist = per(t.elapsed(), calls);
 
         let rounds = (calls / n64).max(1);
-        let t = host_now();
+        let t = Stopwatch::start();
         for _ in 0..rounds {
             let mut cache = P2pCache::new();
             black_box(distance_many(topo, &mut cache, eps[0], &eps));
@@ -113,7 +113,7 @@ pub(super) fn devices(count: usize, pages: u64, calls: u64) -> BenchResult<Vec<O
                 .ok_or("range overflow")?;
             ms.push(DmaMirror::register(&plat, dev, pid, r).map_err(|e| format!("register: {e}"))?);
         }
-        let t = host_now();
+        let t = Stopwatch::start();
         for j in 0..slice {
             for (i, m) in ms.iter().enumerate() {
                 let page = va.add((i as u64 * slice + j) * PAGE_SIZE);
@@ -154,7 +154,7 @@ pub(super) fn processes(n: usize, pages: u64, other: u64) -> BenchResult<Vec<Op>
         }
         let pid = k.create_process();
         let buf = anon(&k, pid, pages, false).await?;
-        let t = host_now();
+        let t = Stopwatch::start();
         touch(&k, pid, buf, pages).await?;
         let fault = per(t.elapsed(), pages);
         let (to_dev, to_sys) = round_trip(&k, &dev, pid, buf, pages).await?;
@@ -205,7 +205,7 @@ pub(super) fn pasids(n: usize, pages: u64) -> BenchResult<Vec<Op>> {
             let comp = anon(&k, pid, 1, false).await?;
             procs.push((pid, buf, comp));
         }
-        let t = host_now();
+        let t = Stopwatch::start();
         for &(pid, _, _) in &procs {
             dev.bind(pid).map_err(|e| format!("bind: {e}"))?;
         }
@@ -213,7 +213,7 @@ pub(super) fn pasids(n: usize, pages: u64) -> BenchResult<Vec<Op>> {
         let &(pid, buf, comp) = procs.last().ok_or("no process")?;
         let mut passes = [0.0; 2];
         for (pass, slot) in passes.iter_mut().enumerate() {
-            let t = host_now();
+            let t = Stopwatch::start();
             let desc = Descriptor::Fill {
                 dst: buf,
                 len: pages * PAGE_SIZE,

@@ -19,8 +19,8 @@ use peerdma_mm::{Advice, Kernel, MmCosts};
 use peerdma_pci::{NodeId, Topology, TopologyBuilder, WhitelistEntry};
 use peerdma_sim::Sim;
 
-use super::super::sim::{BenchResult, anon, host_now, per, run_agent, sim};
-use super::Op;
+use super::super::sim::{BenchResult, anon, per, run_agent, sim};
+use super::{Op, Stopwatch};
 
 /// The dmirror device of the migration worlds.
 const DMIRROR: DeviceId = DeviceId(1000);
@@ -122,7 +122,7 @@ pub(super) async fn touch(k: &Kernel, pid: Pid, buf: Va, pages: u64) -> BenchRes
 /// Reclaims at least `pages` pages to swap in passes of 32 (direct reclaim's batch), stopping after four
 /// passes in a row that write nothing; returns ns per page written.
 pub(super) async fn reclaim(k: &Kernel, pages: u64) -> BenchResult<f64> {
-    let t = host_now();
+    let t = Stopwatch::start();
     let (mut out, mut idle) = (0, 0);
     while out < pages && idle < 4 {
         let n = k.reclaim(32).await;
@@ -142,7 +142,7 @@ pub(super) fn fault_reclaim(pages: u64) -> BenchResult<Vec<Op>> {
     run_agent(&sim, async move {
         let pid = k.create_process();
         let buf = anon(&k, pid, pages, false).await?;
-        let t = host_now();
+        let t = Stopwatch::start();
         touch(&k, pid, buf, pages).await?;
         let fault = per(t.elapsed(), pages);
         let rec = reclaim(&k, pages).await?;
@@ -163,7 +163,7 @@ pub(super) fn mirror(pages: u64) -> BenchResult<Vec<Op>> {
         let all = Range::from_len(va, pages * PAGE_SIZE).ok_or("range overflow")?;
         let dev = p.device(DeviceId(0)).map_err(|e| format!("device: {e}"))?;
         let m = DmaMirror::register(&p, dev, pid, all).map_err(|e| format!("register: {e}"))?;
-        let t = host_now();
+        let t = Stopwatch::start();
         for i in 0..pages {
             let one = Range::from_len(va.add(i * PAGE_SIZE), PAGE_SIZE).ok_or("range overflow")?;
             m.fault(one, true)
@@ -171,7 +171,7 @@ pub(super) fn mirror(pages: u64) -> BenchResult<Vec<Op>> {
                 .map_err(|e| format!("mirror fault: {e}"))?;
         }
         let fault = per(t.elapsed(), pages);
-        let t = host_now();
+        let t = Stopwatch::start();
         k.madvise(pid, va, pages * PAGE_SIZE, Advice::DontNeed)
             .await
             .map_err(|e| format!("madvise: {e}"))?;
@@ -212,7 +212,7 @@ pub(super) async fn round_trip(
         .await
         .map_err(|e| format!("madvise: {e}"))?;
     let m = Dmirror::open(dev, pid).map_err(|e| format!("dmirror open: {e}"))?;
-    let t = host_now();
+    let t = Stopwatch::start();
     let r = m
         .migrate_to_dev(buf, pages)
         .await
@@ -221,7 +221,7 @@ pub(super) async fn round_trip(
     if r.cpages != pages {
         return Err(format!("migrate_to_dev moved {} of {pages}", r.cpages));
     }
-    let t = host_now();
+    let t = Stopwatch::start();
     let r = m
         .migrate_to_sys(buf, pages)
         .await
@@ -264,7 +264,7 @@ pub(super) fn iova(pages: u64) -> BenchResult<Vec<Op>> {
             .collect::<Option<Vec<_>>>()
             .ok_or("out of RAM frames")?;
         let dev = DeviceId(0);
-        let t = host_now();
+        let t = Stopwatch::start();
         let mut sgs = Vec::with_capacity(pas.len());
         for pa in &pas {
             sgs.push(
@@ -273,7 +273,7 @@ pub(super) fn iova(pages: u64) -> BenchResult<Vec<Op>> {
             );
         }
         let map = per(t.elapsed(), pages);
-        let t = host_now();
+        let t = Stopwatch::start();
         for sg in &mut sgs {
             black_box(p.unmap_sg(dev, sg).map_err(|e| format!("unmap_sg: {e}"))?);
         }
