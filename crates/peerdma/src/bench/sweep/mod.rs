@@ -8,7 +8,7 @@
 //! sizes of 1 GiB and more run 3 repetitions (fewer than the others: each takes seconds). A world whose
 //! first run takes longer than [`SLOW_S`] seconds stops its dimension from growing further (the larger
 //! sizes are reported as skipped, with the time that stopped them). Every world runs in token data mode
-//! (`[sim] data = "token"`). Growth is the median at a size over the median at the dimension's smallest
+//! (`[sim] data = "token"`) and is timed on the thread's CPU clock ([`Stopwatch`]). Growth is the median at a size over the median at the dimension's smallest
 //! size, for the same operation.
 //!
 //! This is a host-side tool; it models no kernel mechanism itself.
@@ -392,5 +392,52 @@ pub(crate) fn command(a: &SweepArgs) -> ExitCode {
             eprintln!("error: peerdma bench --sweep: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Point, SweepRun, bytes_label};
+
+    fn point(dimension: &'static str, size: u64, op: &'static str, samples: &[f64]) -> Point {
+        Point {
+            dimension,
+            size,
+            label: size.to_string(),
+            op,
+            samples: samples.to_vec(),
+        }
+    }
+
+    #[test]
+    fn growth_is_over_the_same_ops_median_at_the_smallest_size_of_its_dimension() {
+        let run = SweepRun {
+            quick: true,
+            reps: 3,
+            load: (None, None),
+            points: vec![
+                point("pages", 4, "a", &[10.0, 30.0, 20.0]),
+                point("pages", 1, "a", &[5.0, 9.0, 10.0]),
+                point("pages", 1, "b", &[1.0, 1.0, 1.0]),
+                point("devices", 1, "a", &[100.0, 100.0, 100.0]),
+            ],
+            skipped: Vec::new(),
+            params: Vec::new(),
+        };
+        // The medians are 20 and 9: the base is the smallest size's, not the first listed.
+        assert!((run.growth(&run.points[0]) - 20.0 / 9.0).abs() < 1e-12);
+        assert!((run.growth(&run.points[1]) - 1.0).abs() < 1e-12);
+        assert!(
+            (run.growth(&run.points[3]) - 1.0).abs() < 1e-12,
+            "per dimension"
+        );
+    }
+
+    #[test]
+    fn sizes_read_in_binary_units() {
+        assert_eq!(bytes_label(64), "256 KiB");
+        assert_eq!(bytes_label(256), "1 MiB");
+        assert_eq!(bytes_label(262_144), "1 GiB");
+        assert_eq!(bytes_label(1_048_576), "4 GiB");
     }
 }

@@ -284,3 +284,33 @@ pub(super) fn iova(pages: u64) -> BenchResult<Vec<Op>> {
         ])
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use peerdma_pci::{MapType, p2p_distance};
+
+    use super::switch_tree;
+
+    #[test]
+    fn the_switch_tree_has_n_endpoints_at_one_depth_and_neighbours_are_nearer_than_strangers() {
+        for n in [1, 4, 16, 64] {
+            let (topo, eps) = switch_tree(n).unwrap();
+            assert_eq!(eps.len(), n);
+            let mut bdfs: Vec<_> = eps.iter().map(|&e| topo.node(e).bdf()).collect();
+            bdfs.sort();
+            bdfs.dedup();
+            assert_eq!(bdfs.len(), n, "every endpoint has its own BDF");
+            let depth = topo.upstream_chain(eps[0]).len();
+            for &e in &eps {
+                assert_eq!(topo.upstream_chain(e).len(), depth, "all at one depth");
+            }
+        }
+        let (topo, eps) = switch_tree(64).unwrap();
+        // ep0 and ep1 share a second-level switch; ep0 and ep63 meet only at the top switch.
+        let near = p2p_distance(&topo, eps[0], eps[1]);
+        let far = p2p_distance(&topo, eps[0], eps[63]);
+        assert_eq!(near.map_type, MapType::BusAddr);
+        assert_eq!(far.map_type, MapType::BusAddr);
+        assert!(near.distance < far.distance, "{near:?} {far:?}");
+    }
+}
