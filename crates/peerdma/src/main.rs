@@ -228,6 +228,14 @@ enum Command {
         /// Seeds of the --scaling exploration (default 1,000; 40 with --quick).
         #[arg(long, value_name = "N")]
         seeds: Option<u64>,
+        /// Measures instead how the cost per operation grows with size: pages touched (1 MiB to 4 GiB),
+        /// mirrors (1 to 8), devices (1 to 64), processes (1 to 256) and PASIDs (1 to 256); JSON schema
+        /// `peerdma-bench-sweep/1`. With --quick, tiny sizes.
+        #[arg(long, conflicts_with_all = ["pages", "scaling", "seeds"])]
+        sweep: bool,
+        /// With --sweep, only this dimension (for profiling one of them).
+        #[arg(long, value_name = "DIMENSION", requires = "sweep", value_parser = ["pages", "mirrors", "devices", "processes", "pasids"])]
+        only: Option<String>,
     },
     /// Measures one memory figure of `peerdma bench` in this fresh process and prints it (internal).
     #[command(hide = true)]
@@ -481,10 +489,25 @@ fn main() -> ExitCode {
         Command::Bench {
             json,
             reps,
+            quick,
+            sweep: true,
+            only,
+            ..
+        } => bench::sweep_command(&bench::SweepArgs {
+            json,
+            reps,
+            quick,
+            only,
+        }),
+        Command::Bench {
+            json,
+            reps,
             pages,
             quick,
             scaling,
             seeds,
+            sweep: false,
+            ..
         } => bench::command(&bench::BenchArgs {
             json,
             reps,

@@ -18,11 +18,13 @@ mod mem;
 mod real;
 mod render;
 mod sim;
+mod sweep;
 
 use std::process::ExitCode;
 
 pub(crate) use mem::{MemWhat, child as memory_child};
 use sim::BenchResult;
+pub(crate) use sweep::{SweepArgs, command as sweep_command};
 
 /// The JSON schema identifier; bumped when a field changes meaning or goes away.
 pub(crate) const SCHEMA: &str = "peerdma-bench/1";
@@ -427,7 +429,7 @@ pub(crate) fn measure(a: &BenchArgs) -> BenchResult<BenchRun> {
 }
 
 /// The 1-minute load average (`/proc/loadavg`), when readable.
-fn loadavg() -> Option<f64> {
+pub(super) fn loadavg() -> Option<f64> {
     std::fs::read_to_string("/proc/loadavg")
         .ok()?
         .split_whitespace()

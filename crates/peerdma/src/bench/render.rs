@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use super::{BenchRun, SCHEMA, Side};
 
 /// The machine: logical CPUs and the CPU model (`/proc/cpuinfo`).
-fn machine() -> (usize, String) {
+pub(super) fn machine() -> (usize, String) {
     let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()

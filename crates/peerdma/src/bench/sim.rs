@@ -54,7 +54,7 @@ pub(crate) fn per(elapsed: std::time::Duration, units: u64) -> f64 {
 }
 
 /// A fresh engine in zero-time mode without a trace.
-fn sim() -> Sim {
+pub(super) fn sim() -> Sim {
     Sim::new(SimConfig {
         trace: false,
         ..SimConfig::default()
@@ -62,7 +62,7 @@ fn sim() -> Sim {
 }
 
 /// Runs `body` as the only agent of `sim` and returns what it produced.
-fn run_agent<T: 'static>(
+pub(super) fn run_agent<T: 'static>(
     sim: &Sim,
     body: impl Future<Output = BenchResult<T>> + 'static,
 ) -> BenchResult<T> {
@@ -103,12 +103,12 @@ pub(crate) fn leaked_worlds() -> Vec<&'static str> {
 }
 
 /// RAM for a world that holds `pages` resident pages: twice that plus 64 MiB, so reclaim never runs.
-fn ram_for(pages: u64) -> u64 {
+pub(super) fn ram_for(pages: u64) -> u64 {
     pages * PAGE_SIZE * 2 + (64 << 20)
 }
 
 /// A private anonymous read-write mapping of `pages` pages.
-async fn anon(k: &Kernel, pid: Pid, pages: u64, populate: bool) -> BenchResult<Va> {
+pub(super) async fn anon(k: &Kernel, pid: Pid, pages: u64, populate: bool) -> BenchResult<Va> {
     let args = MmapArgs {
         len: pages * PAGE_SIZE,
         prot: Prot::RW,
