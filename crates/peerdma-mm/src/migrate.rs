@@ -536,7 +536,10 @@ impl Kernel {
             let write = vma.flags.contains(VmFlags::WRITE);
             let pte = mapping_entry(phys.kind(dst), dst, write);
             st.mm_mut(m.pid).pt_mut().set_pte(va, pte);
-            phys.frame_mut(dst).mapcount = 1;
+            let d = phys.frame_mut(dst);
+            d.mapcount = 1;
+            // migrate_vma_insert_page: folio_add_new_anon_rmap in the range's VMA.
+            d.set_anon_vma(m.pid);
             m.dst[i] |= DST_CONSUMED;
         }
     }
@@ -578,7 +581,13 @@ impl Kernel {
                     st.mm_mut(m.pid).pt_mut().set_pmd(va, pte);
                     if to.is_some() {
                         for k in 0..512 {
-                            phys.frame_mut(FrameId(frame.0 + k)).mapcount = 1;
+                            // folio_migrate_mapping: the destination takes the source's anon_vma.
+                            let anon_vma = phys.frame(FrameId(src.0 + k)).anon_vma();
+                            let d = phys.frame_mut(FrameId(frame.0 + k));
+                            d.mapcount = 1;
+                            if let Some(a) = anon_vma {
+                                d.set_anon_vma(a);
+                            }
                             phys.put(FrameId(src.0 + k));
                         }
                     }
@@ -617,7 +626,7 @@ pub(crate) fn migrate_unmap_check(
 ) -> usize {
     let mut entries: BTreeMap<FrameId, Vec<(Pid, Va, bool)>> = BTreeMap::new();
     let mut still_mapped: BTreeSet<FrameId> = BTreeSet::new();
-    for m in st.rmap_walk(taken.iter().copied()) {
+    for m in st.rmap_walk(phys, taken.iter().copied()) {
         match m.leaf.pte {
             Pte::Migration { write, .. } if m.leaf.size == PageSize::Size4K => {
                 entries
@@ -676,7 +685,7 @@ pub(crate) fn remove_migration_ptes(
         .filter_map(|&s| migrate_pfn_to_frame(s))
         .collect();
     let mut entries: BTreeMap<FrameId, Vec<(Pid, Va, bool)>> = BTreeMap::new();
-    for m in st.rmap_walk(sources.iter().copied()) {
+    for m in st.rmap_walk(phys, sources.iter().copied()) {
         if let Pte::Migration { write, .. } = m.leaf.pte
             && m.leaf.size == PageSize::Size4K
         {
@@ -703,6 +712,10 @@ pub(crate) fn remove_migration_ptes(
             src
         };
         let kind = phys.kind(to);
+        if migrated && let Some(a) = phys.frame(src).anon_vma() {
+            // folio_migrate_mapping: the destination takes the source's anon_vma.
+            phys.frame_mut(to).set_anon_vma(a);
+        }
         for &(pid, va, write) in entries.get(&src).map_or(&[][..], Vec::as_slice) {
             st.mm_mut(pid)
                 .pt_mut()
