@@ -178,7 +178,22 @@ pub(crate) struct World {
 }
 
 /// Runs `scn` to completion and returns its report.
+///
+/// Nothing of the run outlives it: a reference cycle that kept the kernel alive would leak a whole
+/// simulation per run (per seed of an exploration). Builds with debug assertions (the test suite) check it
+/// after every run.
 pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
+    let (report, kernel) = run_and_shut_down(scn, opts);
+    debug_assert!(
+        kernel.upgrade().is_none(),
+        "{}: the run's kernel outlived the run (a reference cycle leaks the simulation)",
+        scn.path
+    );
+    report
+}
+
+/// [`run`], returning also a weak handle of the run's kernel, which must be dead once every local is gone.
+fn run_and_shut_down(scn: &Scenario, opts: &RunOptions) -> (Report, std::rc::Weak<Kernel>) {
     let seed = opts.seed.unwrap_or(scn.sim.seed);
     let explore = opts.explore.unwrap_or(scn.sim.explore);
     let limits = scn.sim.limits;
@@ -295,7 +310,7 @@ pub fn run(scn: &Scenario, opts: &RunOptions) -> Report {
     // Pending agents (device workers, a stopped run's threads) and drivers' callbacks (an open mirror's
     // notifier) hold the model in cycles with the kernel and the engine.
     kernel.shutdown();
-    report
+    (report, Rc::downgrade(&kernel))
 }
 
 /// Makes the NIC model of every `rnic` device (after the platform attached it).

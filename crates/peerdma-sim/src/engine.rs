@@ -141,6 +141,8 @@ struct Inner {
     stats: Stats,
     events: u64,
     progress: Option<(u64, ProgressFn)>,
+    /// Set by [`Sim::shutdown`]: the run is over, an agent spawned from now on is dropped at once.
+    shut_down: bool,
 }
 
 /// A progress callback ([`Sim::set_progress`]).
@@ -189,6 +191,7 @@ impl Sim {
                 stats: Stats::default(),
                 events: 0,
                 progress: None,
+                shut_down: false,
             })),
         }
     }
@@ -233,6 +236,20 @@ impl Sim {
     ) -> TaskId {
         let mut inner = self.inner.borrow_mut();
         let id = inner.tasks.len();
+        if inner.shut_down {
+            // A destructor that hands work on to an agent (a released mirror's unregister) after the run:
+            // nothing runs any more, and the agent's future would hold the model in a cycle with the
+            // engine. Dropped outside the borrow: its destructor may reach the engine.
+            inner.tasks.push(Task {
+                name: name.into(),
+                future: None,
+                scheduled: false,
+                done: true,
+            });
+            drop(inner);
+            drop(future);
+            return TaskId(id);
+        }
         inner.tasks.push(Task {
             name: name.into(),
             future: Some(Box::pin(future)),
@@ -404,10 +421,12 @@ impl Sim {
     /// good. An agent's future holds `Rc`s of the model (the kernel, its devices, this engine), so an agent
     /// still pending when a run ends (a device's worker loop, a thread blocked at a deadlock, every agent of
     /// a stopped run) would otherwise keep the whole simulation alive in a reference cycle with the engine;
-    /// a process running many seeds would leak one simulation per seed. Call it once the report is taken.
+    /// a process running many seeds would leak one simulation per seed. Call it once the report is taken:
+    /// from then on an agent spawned (by a destructor) is dropped at once.
     pub fn shutdown(&self) {
         let futures: Vec<BoxFuture> = {
             let mut inner = self.inner.borrow_mut();
+            inner.shut_down = true;
             inner.queue.clear();
             inner.ready.clear();
             inner.progress = None;
@@ -417,7 +436,8 @@ impl Sim {
                 .filter_map(|t| t.future.take())
                 .collect()
         };
-        // Dropped outside the borrow: a future's destructor may reach the engine.
+        // Dropped outside the borrow: a future's destructor may reach the engine, even spawn an agent (a
+        // guard that hands its work on), which `shut_down` drops at once.
         drop(futures);
     }
 

@@ -134,9 +134,10 @@ impl DmirrorDevice {
     /// freed), and a file's fault may program an entry for its own device page while a CPU fault migrates
     /// that page back to RAM (the ignored event set no sequence, so `read_retry` does not fire, and
     /// `dmirror_devmem_fault_alloc_and_copy` erased the entry before it was programmed). With `on`, the
-    /// driver skips nothing and both are gone; and MIGRATE_TO_DEV reads the sequence after setup and
-    /// checks it before programming its entries, so a MADV_DONTNEED that zapped the chunk during the copy
-    /// (test_hmm.c's third race) leaves them unprogrammed.
+    /// driver skips nothing and both are gone; and MIGRATE_TO_DEV maps the migrated range through the
+    /// fault path after finalize instead of programming from the migration's arrays, so a MADV_DONTNEED
+    /// that zapped the chunk during the copy (test_hmm.c's third race) cannot leave an entry for a page
+    /// finalize freed.
     pub fn set_invalidate_own_migrations(&self, on: bool) {
         self.invalidate_own.set(on);
     }

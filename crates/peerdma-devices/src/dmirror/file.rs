@@ -288,6 +288,14 @@ impl Dmirror {
         k.spend(self.sh.costs.ioctl).await;
         let r = self.check(addr, npages)?;
         let dev = &self.sh.device;
+        // test_hmm.c programs the device page table from the migration's arrays before finalize
+        // (`dmirror_migrate_finalize_and_map`). That is racy: a MADV_DONTNEED that zaps the chunk's migration
+        // entries after setup makes finalize free a destination page already programmed (test_hmm.c's third
+        // race; no sequence read after setup can see it, as the zap may end before the read). A driver that
+        // invalidates its own migrations maps the range afterwards through its ordinary fault path
+        // instead (hmm_range_fault with its own device-private pages, the sequence check under the driver
+        // lock), as drivers that mirror after migrating do (nouveau, amdgpu).
+        let program = !dev.invalidate_own.get();
         {
             let lock = k.mmap_lock(self.sh.pid);
             let _m = lock.read().await;
@@ -313,18 +321,6 @@ impl Dmirror {
                     dev.id,
                 );
                 k.migrate_vma_setup(&mut m).await?;
-                // A driver that invalidates its own migrations can also tell whether anything else
-                // invalidated the chunk while it copied: a sequence read once setup's own invalidation has
-                // ended, checked under the driver lock before programming (test_hmm.c takes none, and
-                // programs pages that a concurrent MADV_DONTNEED left unmapped and finalize then frees).
-                let seq = if dev.invalidate_own.get() {
-                    Some(
-                        k.interval_read_begin(self.sh.pid, self.mirror.notifier())
-                            .await,
-                    )
-                } else {
-                    None
-                };
                 let mut copied = 0;
                 for i in 0..m.src.len() {
                     if m.src[i] & MIGRATE_PFN_MIGRATE == 0 {
@@ -376,14 +372,7 @@ impl Dmirror {
                 {
                     let _g = self.sh.lock.lock().await;
                     let mut pt = self.sh.pt.borrow_mut();
-                    let stale = seq.is_some_and(|seq| {
-                        k.interval_read_retry(self.sh.pid, self.mirror.notifier(), seq)
-                    });
                     for i in 0..m.src.len() {
-                        if stale {
-                            // Invalidated since setup: leave the entries to the next device fault.
-                            break;
-                        }
                         if m.src[i] & MIGRATE_PFN_MIGRATE == 0 {
                             continue;
                         }
@@ -402,15 +391,17 @@ impl Dmirror {
                         };
                         for j in 0..nr {
                             let (frame, va) = (FrameId(dst.0 + j), m.va(i).add(j * PAGE_SIZE));
-                            let generation = k.frame_generation(frame).unwrap_or(0);
-                            pt.insert(
-                                va.page_number(),
-                                PtEntry {
-                                    frame,
-                                    generation,
-                                    tag,
-                                },
-                            );
+                            if program {
+                                let generation = k.frame_generation(frame).unwrap_or(0);
+                                pt.insert(
+                                    va.page_number(),
+                                    PtEntry {
+                                        frame,
+                                        generation,
+                                        tag,
+                                    },
+                                );
+                            }
                             let owner = PageOwner {
                                 fd: Rc::downgrade(&self.sh),
                             };
@@ -422,6 +413,11 @@ impl Dmirror {
                 k.migrate_vma_finalize(&mut m);
                 addr = next;
             }
+        }
+        if !program {
+            // What the range holds now, mapped through the fault path; a page it cannot map (unmapped
+            // since) is missing from the device page table, and the read-back below says ENOENT.
+            let _ = self.fault(r, false).await;
         }
         let res = self.read_back(r, npages).await?;
         k.sim.count("dmirror.migrate_to_dev", 1);

@@ -274,3 +274,42 @@ fn shutdown_frees_what_a_pending_agent_holds() {
     assert!(watch.upgrade().is_none(), "the agent's state leaked");
     assert!(engine.upgrade().is_none(), "the engine leaked");
 }
+
+/// A pending agent's future may spawn another agent when dropped (a guard that hands its work on); that
+/// agent is dropped by `shutdown` too, or it would hold the engine and what it captured in a cycle.
+#[test]
+fn shutdown_frees_an_agent_spawned_while_dropping_another() {
+    struct SpawnOnDrop(Sim, Rc<RefCell<u32>>);
+    impl Drop for SpawnOnDrop {
+        fn drop(&mut self) {
+            let (s, state) = (self.0.clone(), self.1.clone());
+            self.0.spawn("handed-on", async move {
+                let _keep = (&s, &state);
+                std::future::pending::<()>().await;
+            });
+        }
+    }
+    let sim = Sim::new(SimConfig::default());
+    let state = Rc::new(RefCell::new(0u32));
+    let watch = Rc::downgrade(&state);
+    let guard = SpawnOnDrop(sim.clone(), state);
+    sim.spawn("stuck", async move {
+        let _guard = guard;
+        std::future::pending::<()>().await;
+    });
+    assert!(matches!(sim.run(), RunOutcome::Deadlock { .. }));
+    sim.shutdown();
+    // A destructor that runs after the shutdown (the model's last handles dropped) and spawns: dropped too.
+    let late = Rc::new(RefCell::new(0u32));
+    let late_watch = Rc::downgrade(&late);
+    drop(SpawnOnDrop(sim.clone(), late));
+    drop(sim);
+    assert!(
+        watch.upgrade().is_none(),
+        "the handed-on agent's state leaked"
+    );
+    assert!(
+        late_watch.upgrade().is_none(),
+        "the agent spawned after shutdown leaked"
+    );
+}
