@@ -10,7 +10,9 @@
 //! `PEERDMA_MM_BENCH_MAX_PAGES=<n>` skips populations above `n` pages (default 65,536; the quadratic code
 //! cannot run the large ones in reasonable time). `PEERDMA_MM_BENCH_ONESHOT=<k>` skips criterion and prints
 //! the per-page times of `k` round trips at each population instead (for code too slow for criterion's ten
-//! samples).
+//! samples). `PEERDMA_MM_BENCH_UNRELATED=<n>` (default 0) adds `n` unrelated processes, each with
+//! [`UNRELATED_PAGES`] written shared anonymous pages (mapped, and left alone by reclaim), created before the measured one: a reverse map that visits only
+//! the address spaces that may map a page costs the same with or without them.
 #![expect(clippy::unwrap_used, reason = "benchmark harness")]
 #![expect(
     clippy::disallowed_methods,
@@ -36,6 +38,16 @@ const OWNER: DeviceId = DeviceId(7);
 /// Pages per `migrate_vma` call to the device (a driver's chunk).
 const CHUNK: u64 = 512;
 const SIZES: [u64; 5] = [1 << 10, 1 << 14, 1 << 16, 1 << 18, 1 << 20];
+
+/// Written pages of each unrelated process (`PEERDMA_MM_BENCH_UNRELATED`).
+const UNRELATED_PAGES: u64 = 4;
+
+fn unrelated() -> u64 {
+    std::env::var("PEERDMA_MM_BENCH_UNRELATED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
 
 fn max_pages() -> u64 {
     std::env::var("PEERDMA_MM_BENCH_MAX_PAGES")
@@ -100,6 +112,8 @@ fn world(pages: u64, ram_pages: u64, device: bool) -> World {
         trace: false,
         ..SimConfig::default()
     });
+    let others = unrelated();
+    let ram_pages = ram_pages + others * UNRELATED_PAGES;
     let k = Kernel::new(&sim, ram_pages * PAGE_SIZE, MmCosts::zero());
     let dev = if device {
         let ops = Rc::new(ToRam::default());
@@ -115,6 +129,21 @@ fn world(pages: u64, ram_pages: u64, device: bool) -> World {
     let out = Rc::new(Cell::new((Pid(0), Va::from_raw(0))));
     let (o, k2) = (out.clone(), k.clone());
     sim.spawn("setup", async move {
+        for _ in 0..others {
+            let other = k2.create_process();
+            // Shared anonymous (shmem) pages: mapped, but never on the anonymous LRU, so reclaim leaves them.
+            let args = MmapArgs {
+                len: UNRELATED_PAGES * PAGE_SIZE,
+                prot: Prot::RW,
+                shared: true,
+                anonymous: true,
+                ..MmapArgs::default()
+            };
+            let b = k2.mmap(other, &args).await.unwrap();
+            for i in 0..UNRELATED_PAGES {
+                k2.store(other, b.add(i * PAGE_SIZE), &[2]).await.unwrap();
+            }
+        }
         let pid = k2.create_process();
         let args = MmapArgs {
             len: pages * PAGE_SIZE,

@@ -32,13 +32,14 @@ impl Kernel {
         // The child runs where the parent ran: it inherits the home node (and Linux's mempolicy).
         let home = self.home_node(pid);
         let child = self.mms().create(&self.sim, home);
+        self.mms().scopes_mut().note_fork(pid, child);
         let vmas: Vec<Vma> = self.mms().mm(pid).vmas().values().cloned().collect();
         let mut copies = 0u64;
         for vma in vmas {
             if vma.flags.contains(VmFlags::DONTCOPY) {
                 continue;
             }
-            self.mms().mm_mut(child).insert_vma(vma.clone());
+            self.mms().insert_vma(child, vma.clone());
             // vma_needs_copy (mm/memory.c): only a mapping with an anon_vma, or a PFNMAP/MIXEDMAP one, has
             // its page tables copied; any other (a private file mapping never written, anonymous memory only
             // ever read, shmem) is refaulted by the child, and fork tells its notifiers nothing.
@@ -250,7 +251,9 @@ impl Mms {
             if let Ok(new) = phys.alloc_pmd_node_in(home, FrameOwner::Anon, GfpZone::Normal) {
                 for i in 0..FRAMES_PER_PMD {
                     phys.copy_frame(FrameId(frame.0 + i), FrameId(new.0 + i));
-                    phys.frame_mut(FrameId(new.0 + i)).mapcount = 1;
+                    let f = phys.frame_mut(FrameId(new.0 + i));
+                    f.mapcount = 1;
+                    f.set_anon_vma(child);
                 }
                 self.mm_mut(child).pt_mut().set_pmd(
                     leaf.base,

@@ -22,6 +22,12 @@ impl Kernel {
         self.mms().get(pid).is_some_and(AddressSpace::is_alive)
     }
 
+    /// Returns how many address spaces the reverse map's walks (reclaim, migration) have visited since boot:
+    /// a cost figure, independent of processes unrelated to the pages walked ([`crate::rmap`]).
+    pub fn rmap_visits(&self) -> u64 {
+        self.mms().rmap_visits()
+    }
+
     /// Returns (a copy of) the VMA of `pid` containing `va` (`vma_lookup`).
     ///
     /// # Panics

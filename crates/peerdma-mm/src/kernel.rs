@@ -268,6 +268,8 @@ pub(crate) struct Mms {
     by_pid: BTreeMap<Pid, AddressSpace>,
     next_pid: u32,
     next_notifier: u64,
+    /// Which address spaces may map a page ([`crate::rmap`]).
+    scopes: crate::rmap::Scopes,
 }
 
 impl Mms {
@@ -287,6 +289,16 @@ impl Mms {
         };
         self.by_pid.insert(pid, mm);
         pid
+    }
+
+    /// Returns the links from pages to the address spaces that may map them ([`crate::rmap`]).
+    pub(crate) fn scopes(&self) -> &crate::rmap::Scopes {
+        &self.scopes
+    }
+
+    /// Returns the links from pages to address spaces, mutably (fork, VMA insertion).
+    pub(crate) fn scopes_mut(&mut self) -> &mut crate::rmap::Scopes {
+        &mut self.scopes
     }
 
     /// Returns a fresh interval-notifier id.
@@ -347,7 +359,10 @@ impl Mms {
     ) -> Result<FrameId, crate::phys::OutOfMemory> {
         let home = self.home_node(pid);
         let zone = self.anon_zone(pid);
-        phys.alloc_node_in(home, FrameOwner::Anon, zone)
+        let f = phys.alloc_node_in(home, FrameOwner::Anon, zone)?;
+        // folio_add_new_anon_rmap: the new page belongs to the faulting address space's anon_vma.
+        phys.frame_mut(f).set_anon_vma(pid);
+        Ok(f)
     }
 
     /// Returns the logical page the oracle tracks for `va` in `pid` (see [`LogicalPage`]).
@@ -480,6 +495,7 @@ impl Kernel {
                 by_pid: BTreeMap::new(),
                 next_pid: 1,
                 next_notifier: 1,
+                scopes: crate::rmap::Scopes::default(),
             }),
             oracle: RefCell::new(Oracle::new(sim.clone())),
             phys: RefCell::new(PhysMem::new_numa(node_sizes)),

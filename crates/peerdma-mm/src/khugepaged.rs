@@ -54,7 +54,9 @@ impl Kernel {
                         for (i, f) in frames.iter().enumerate() {
                             let dst = FrameId(head.0 + i as u64);
                             phys.copy_frame(*f, dst);
-                            phys.frame_mut(dst).mapcount = 1;
+                            let d = phys.frame_mut(dst);
+                            d.mapcount = 1;
+                            d.set_anon_vma(pid);
                             st.mm_mut(pid)
                                 .pt_mut()
                                 .clear(block.add(i as u64 * PAGE_SIZE));

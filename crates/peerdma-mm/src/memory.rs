@@ -429,6 +429,7 @@ impl Kernel {
                         for i in 0..FRAMES_PER_PMD {
                             let f = phys.frame_mut(FrameId(head.0 + i));
                             f.mapcount = 1;
+                            f.set_anon_vma(pid);
                             f.lru = crate::phys::LruState::Active;
                         }
                         st.mm_mut(pid).pt_mut().set_pmd(
@@ -717,7 +718,9 @@ impl Mms {
             .alloc_pmd_node_in(home, FrameOwner::Anon, GfpZone::Normal)
             .map_err(|_| SigInfo::bus(va))?;
         for i in 0..FRAMES_PER_PMD {
-            phys.frame_mut(FrameId(head.0 + i)).mapcount = 1;
+            let f = phys.frame_mut(FrameId(head.0 + i));
+            f.mapcount = 1;
+            f.set_anon_vma(pid);
         }
         let write = vma.flags.contains(VmFlags::WRITE);
         self.mm_mut(pid).pt_mut().set_pmd(

@@ -48,7 +48,7 @@
 //! does not fire its second, insert-time notifier; there is no `fault_page` (the CPU fault path takes no
 //! page lock, so the collect step locks the faulting page like any other).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -536,7 +536,10 @@ impl Kernel {
             let write = vma.flags.contains(VmFlags::WRITE);
             let pte = mapping_entry(phys.kind(dst), dst, write);
             st.mm_mut(m.pid).pt_mut().set_pte(va, pte);
-            phys.frame_mut(dst).mapcount = 1;
+            let d = phys.frame_mut(dst);
+            d.mapcount = 1;
+            // migrate_vma_insert_page: folio_add_new_anon_rmap in the range's VMA.
+            d.set_anon_vma(m.pid);
             m.dst[i] |= DST_CONSUMED;
         }
     }
@@ -578,7 +581,13 @@ impl Kernel {
                     st.mm_mut(m.pid).pt_mut().set_pmd(va, pte);
                     if to.is_some() {
                         for k in 0..512 {
-                            phys.frame_mut(FrameId(frame.0 + k)).mapcount = 1;
+                            // folio_migrate_mapping: the destination takes the source's anon_vma.
+                            let anon_vma = phys.frame(FrameId(src.0 + k)).anon_vma();
+                            let d = phys.frame_mut(FrameId(frame.0 + k));
+                            d.mapcount = 1;
+                            if let Some(a) = anon_vma {
+                                d.set_anon_vma(a);
+                            }
                             phys.put(FrameId(src.0 + k));
                         }
                     }
@@ -603,6 +612,17 @@ impl Kernel {
     }
 }
 
+/// One mapping of a page the migration walk found: its migration entry (address space, address, write bit),
+/// or `None` for a mapping that is not a 4 KiB migration entry.
+type MigrationEntry = (FrameId, Option<(Pid, Va, bool)>);
+
+/// The entries of `f` in `entries` (sorted by frame, stably: walk order within a frame).
+fn entries_of(entries: &[MigrationEntry], f: FrameId) -> &[MigrationEntry] {
+    let lo = entries.partition_point(|e| e.0 < f);
+    let hi = lo + entries[lo..].partition_point(|e| e.0 == f);
+    &entries[lo..hi]
+}
+
 /// The reference check of `migrate_device_unmap` (mm/migrate_device.c) after [`Kernel::try_to_migrate`], for
 /// the entries of `src_pfns` whose page is in `taken` (locked, with one reference of the caller's): a page
 /// still mapped somewhere other than by a migration entry, or with references beyond its migration entries
@@ -615,35 +635,34 @@ pub(crate) fn migrate_unmap_check(
     src_pfns: &mut [u64],
     taken: &BTreeSet<FrameId>,
 ) -> usize {
-    let mut entries: BTreeMap<FrameId, Vec<(Pid, Va, bool)>> = BTreeMap::new();
-    let mut still_mapped: BTreeSet<FrameId> = BTreeSet::new();
-    for m in st.rmap_walk(taken.iter().copied()) {
-        match m.leaf.pte {
+    // Each page's migration entries (in walk order) and whether it is still mapped otherwise: one sorted
+    // vector, no per-page allocation.
+    let mut entries: Vec<MigrationEntry> = st
+        .rmap_walk(phys, taken.iter().copied())
+        .into_iter()
+        .map(|m| match m.leaf.pte {
             Pte::Migration { write, .. } if m.leaf.size == PageSize::Size4K => {
-                entries
-                    .entry(m.frame)
-                    .or_default()
-                    .push((m.pid, m.va, write));
+                (m.frame, Some((m.pid, m.va, write)))
             }
-            _ => {
-                still_mapped.insert(m.frame);
-            }
-        }
-    }
+            _ => (m.frame, None),
+        })
+        .collect();
+    entries.sort_by_key(|e| e.0);
     let mut restored = 0;
     for s in src_pfns.iter_mut() {
         let Some(f) = migrate_pfn_to_frame(*s).filter(|f| taken.contains(f)) else {
             continue;
         };
-        let mine = entries.get(&f).map_or(&[][..], Vec::as_slice);
+        let mine = entries_of(&entries, f);
+        let still_mapped = mine.iter().any(|e| e.1.is_none());
         let expected = u32::try_from(mine.len()).expect("mappings fit u32") + 1;
         let skip_pin_check =
             peerdma_core::mutation::active(peerdma_core::mutation::Mutation::SkipPinCheckMigrate);
-        if !still_mapped.contains(&f) && (phys.frame(f).refcount == expected || skip_pin_check) {
+        if !still_mapped && (phys.frame(f).refcount == expected || skip_pin_check) {
             continue;
         }
         let kind = phys.kind(f);
-        for &(pid, va, write) in mine {
+        for &(pid, va, write) in mine.iter().filter_map(|e| e.1.as_ref()) {
             st.mm_mut(pid)
                 .pt_mut()
                 .set_pte(va, mapping_entry(kind, f, write));
@@ -671,21 +690,19 @@ pub(crate) fn remove_migration_ptes(
     dst_pfns: &[u64],
 ) -> u64 {
     let mut moved = 0u64;
-    let sources: BTreeSet<FrameId> = src_pfns
-        .iter()
-        .filter_map(|&s| migrate_pfn_to_frame(s))
+    let sources = src_pfns.iter().filter_map(|&s| migrate_pfn_to_frame(s));
+    // Each source's migration entries, in walk order: one sorted vector, no per-page allocation.
+    let mut entries: Vec<MigrationEntry> = st
+        .rmap_walk(phys, sources)
+        .into_iter()
+        .filter_map(|m| match m.leaf.pte {
+            Pte::Migration { write, .. } if m.leaf.size == PageSize::Size4K => {
+                Some((m.frame, Some((m.pid, m.va, write))))
+            }
+            _ => None,
+        })
         .collect();
-    let mut entries: BTreeMap<FrameId, Vec<(Pid, Va, bool)>> = BTreeMap::new();
-    for m in st.rmap_walk(sources.iter().copied()) {
-        if let Pte::Migration { write, .. } = m.leaf.pte
-            && m.leaf.size == PageSize::Size4K
-        {
-            entries
-                .entry(m.frame)
-                .or_default()
-                .push((m.pid, m.va, write));
-        }
-    }
+    entries.sort_by_key(|e| e.0);
     for (&s, &d) in src_pfns.iter().zip(dst_pfns) {
         let dst = migrate_pfn_to_frame(d);
         let Some(src) = migrate_pfn_to_frame(s) else {
@@ -703,7 +720,14 @@ pub(crate) fn remove_migration_ptes(
             src
         };
         let kind = phys.kind(to);
-        for &(pid, va, write) in entries.get(&src).map_or(&[][..], Vec::as_slice) {
+        if migrated && let Some(a) = phys.frame(src).anon_vma() {
+            // folio_migrate_mapping: the destination takes the source's anon_vma.
+            phys.frame_mut(to).set_anon_vma(a);
+        }
+        for &(pid, va, write) in entries_of(&entries, src)
+            .iter()
+            .filter_map(|e| e.1.as_ref())
+        {
             st.mm_mut(pid)
                 .pt_mut()
                 .set_pte(va, mapping_entry(kind, to, write));

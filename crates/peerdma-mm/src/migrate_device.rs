@@ -99,7 +99,7 @@ impl Kernel {
             let mut phys = self.phys();
             let wanted: BTreeSet<FrameId> = src_pfns.iter().map(|&p| FrameId(p)).collect();
             let busy: BTreeSet<FrameId> = st
-                .rmap_walk(wanted.iter().copied())
+                .rmap_walk(&phys, wanted.iter().copied())
                 .into_iter()
                 .filter(|m| matches!(m.leaf.pte, Pte::Migration { .. }))
                 .map(|m| m.frame)
@@ -153,7 +153,7 @@ impl Kernel {
         }
         let mappings: Vec<(Pid, Va, FrameId)> = {
             let mut st = self.mms();
-            let walk = st.rmap_walk(taken.iter().copied());
+            let walk = st.rmap_walk(&self.phys(), taken.iter().copied());
             for m in &walk {
                 if m.leaf.size != PageSize::Size4K && migratable_mapping(m.leaf.pte).is_some() {
                     st.mm_mut(m.pid).pt_mut().split_pmd(m.va);

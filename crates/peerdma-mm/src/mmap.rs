@@ -122,12 +122,15 @@ impl Kernel {
                 pgoff: args.offset / PAGE_SIZE,
             }
         };
-        self.mms().mm_mut(pid).insert_vma(Vma {
-            range,
-            flags,
-            backing,
-            name: args.name.clone(),
-        });
+        self.mms().insert_vma(
+            pid,
+            Vma {
+                range,
+                flags,
+                backing,
+                name: args.name.clone(),
+            },
+        );
         self.sim.trace("mmap", || {
             let names: Vec<&str> = flags.iter_names().map(|(n, _)| n).collect();
             format!("pid {} {range} {}", pid.0, names.join("|"))
@@ -222,12 +225,15 @@ impl Kernel {
             .find_gap(pid, None, len, PAGE_SIZE)
             .ok_or(Errno::ENOMEM)?;
         let range = Range::from_len(start, len).expect("gap inside user space");
-        self.mms().mm_mut(pid).insert_vma(Vma {
-            range,
-            flags,
-            backing: VmaBacking::Driver,
-            name: None,
-        });
+        self.mms().insert_vma(
+            pid,
+            Vma {
+                range,
+                flags,
+                backing: VmaBacking::Driver,
+                name: None,
+            },
+        );
         Ok(range)
     }
 

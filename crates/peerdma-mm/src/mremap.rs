@@ -151,7 +151,7 @@ impl Kernel {
             if !flags.dontunmap {
                 st.remove_vmas(pid, src);
             }
-            st.mm_mut(pid).insert_vma(nv);
+            st.insert_vma(pid, nv);
             oracle.move_anon(pid, src, target);
         }
         self.spend(self.costs.tlb_shootdown).await;

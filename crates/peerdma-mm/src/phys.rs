@@ -26,7 +26,7 @@
 //! - Each allocation bumps the frame's `generation`, so a translation that recorded (frame, generation) can tell
 //!   a reused frame from the one it mapped (the oracle's use-after-free check).
 
-use peerdma_core::{DeviceId, FrameId, PAGE_SIZE, PMD_SIZE, Pa};
+use peerdma_core::{DeviceId, FrameId, PAGE_SIZE, PMD_SIZE, Pa, Pid};
 
 mod content;
 mod freelist;
@@ -216,7 +216,8 @@ pub struct Frame {
     owner_tag: u8,
     /// Page offset bits 32..48 of a file owner.
     owner_pgoff_hi: u16,
-    /// The file of a file owner.
+    /// The file of a file owner; for an anonymous page, its anon_vma ([`Frame::anon_vma`]) as pid + 1, or 0
+    /// while it has none.
     owner_file: u32,
     /// Page offset bits 0..32 of a file owner.
     owner_pgoff_lo: u32,
@@ -282,6 +283,21 @@ impl Frame {
         self.owner_file = file;
         self.owner_pgoff_lo = (pgoff & 0xffff_ffff) as u32;
         self.owner_pgoff_hi = u16::try_from(pgoff >> 32).expect("checked above");
+    }
+
+    /// Returns the anon_vma of an anonymous page (`folio->mapping` of an anonymous folio, mm/rmap.c), named by
+    /// the address space it was created for: the page can be mapped only there and in the address spaces
+    /// forked from it since ([`crate::rmap`]). `None` for a page that is not anonymous or was never given one
+    /// (the reverse map then visits every address space).
+    pub fn anon_vma(&self) -> Option<Pid> {
+        (self.owner_tag == 2 && self.owner_file != 0).then(|| Pid(self.owner_file - 1))
+    }
+
+    /// Sets the anon_vma of an anonymous page (`__folio_set_anon`); no effect on any other frame.
+    pub(crate) fn set_anon_vma(&mut self, anon_vma: Pid) {
+        if self.owner_tag == 2 {
+            self.owner_file = anon_vma.0.saturating_add(1);
+        }
     }
 
     /// Returns whether the frame is allocated.

@@ -532,7 +532,7 @@ impl Kernel {
         // Step 4: every 4 KiB mapping of a victim, in every address space.
         let mappings: Vec<(Pid, Va, FrameId, bool)> = self
             .mms()
-            .rmap_walk(victims.keys().copied())
+            .rmap_walk(&self.phys(), victims.keys().copied())
             .into_iter()
             .filter_map(|m| match m.leaf.pte {
                 Pte::Present {
@@ -621,6 +621,12 @@ impl Kernel {
         }
         let exclusive = swap.count(slot) == 1;
         phys.frame_mut(frame).mapcount = 1;
+        if !exclusive {
+            // __folio_set_anon: other address spaces still hold the swap entry and will map this page, so it
+            // belongs to the oldest anon_vma of the family (`anon_vma->root`), which reaches all of them.
+            let root = st.scopes().family_root(pid);
+            phys.frame_mut(frame).set_anon_vma(root);
+        }
         st.mm_mut(pid).pt_mut().set_pte(
             va,
             Pte::Present {

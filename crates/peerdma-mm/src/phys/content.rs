@@ -7,7 +7,10 @@
 //! - **bytes** mode: a 4 KiB buffer per written page, reached from a table of 512 pointers per 2 MiB of
 //!   frames (allocated when a page of those 2 MiB is first written); a page never written reads as zeros.
 //!   The page's content hash ([`hash_bytes`], what the oracle compares) is kept with its bytes: computed on
-//!   the first hash after a write, reused until the next write, and copied with the page.
+//!   the first hash after a write, reused until the next write, and copied with the page. The buffers of
+//!   freed pages are kept for reuse, up to [`SPARE_MAX`] of them (2 MiB), so a migration or a COW that
+//!   frees one page as it fills another copies into a buffer already there instead of going through the
+//!   host allocator for every page (they count in [`Store::host_bytes`]).
 //! - **token** mode (DESIGN.md §3, for terabyte runs): no bytes at all. Each page holds a 64-bit version,
 //!   0 while never written; every write stamps the page with a fresh version from one counter (so two writes
 //!   never leave the same stamp), and copies — COW, migration, swap, khugepaged — carry the stamp. Reads
@@ -22,6 +25,9 @@ pub(super) const CHUNK: usize = 512;
 
 /// Bytes per page.
 pub(super) const PAGE_BYTES: usize = 4096;
+
+/// Freed page buffers kept for reuse (one 2 MiB chunk's worth: a `migrate_vma` chunk frees as many).
+pub(super) const SPARE_MAX: usize = 512;
 
 /// How page contents are modelled (`[sim] data`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -61,7 +67,8 @@ type PageBox = Box<PageBuf>;
 /// The contents of all frames (module docs).
 #[derive(Clone, Debug)]
 pub(super) enum Store {
-    Bytes(Vec<Option<Box<[Option<PageBox>; CHUNK]>>>),
+    /// The chunk tables, and the buffers of freed pages kept for reuse (at most [`SPARE_MAX`]).
+    Bytes(Vec<Option<Box<[Option<PageBox>; CHUNK]>>>, Vec<PageBox>),
     Token(Vec<Option<Box<[u64; CHUNK]>>>),
 }
 
@@ -80,14 +87,14 @@ fn zero_page() -> PageBox {
 impl Store {
     pub(super) fn new(mode: DataMode) -> Self {
         match mode {
-            DataMode::Bytes => Store::Bytes(Vec::new()),
+            DataMode::Bytes => Store::Bytes(Vec::new(), Vec::new()),
             DataMode::Token => Store::Token(Vec::new()),
         }
     }
 
     pub(super) fn mode(&self) -> DataMode {
         match self {
-            Store::Bytes(_) => DataMode::Bytes,
+            Store::Bytes(..) => DataMode::Bytes,
             Store::Token(_) => DataMode::Token,
         }
     }
@@ -96,7 +103,7 @@ impl Store {
     pub(super) fn bytes(&self, f: u64) -> Option<&[u8; PAGE_BYTES]> {
         let (c, i) = split(f);
         match self {
-            Store::Bytes(chunks) => chunks.get(c)?.as_ref()?[i].as_deref().map(|p| &p.bytes),
+            Store::Bytes(chunks, _) => chunks.get(c)?.as_ref()?[i].as_deref().map(|p| &p.bytes),
             Store::Token(_) => None,
         }
     }
@@ -106,21 +113,27 @@ impl Store {
         let (c, i) = split(f);
         match self {
             Store::Token(chunks) => chunks.get(c).and_then(Option::as_ref).map_or(0, |ch| ch[i]),
-            Store::Bytes(_) => 0,
+            Store::Bytes(..) => 0,
         }
     }
 
     /// The bytes of frame `f` for writing, allocated (zero-filled) if need be; `None` in token mode.
     pub(super) fn bytes_mut(&mut self, f: u64) -> Option<&mut [u8; PAGE_BYTES]> {
         let (c, i) = split(f);
-        let Store::Bytes(chunks) = self else {
+        let Store::Bytes(chunks, spare) = self else {
             return None;
         };
         if chunks.len() <= c {
             chunks.resize_with(c + 1, || None);
         }
         let chunk = chunks[c].get_or_insert_with(|| Box::new(std::array::from_fn(|_| None)));
-        let page = chunk[i].get_or_insert_with(zero_page);
+        let page = chunk[i].get_or_insert_with(|| match spare.pop() {
+            Some(mut p) => {
+                p.bytes.fill(0);
+                p
+            }
+            None => zero_page(),
+        });
         page.hash.set(HASH_UNKNOWN);
         Some(&mut page.bytes)
     }
@@ -129,7 +142,7 @@ impl Store {
     /// when no write came since it was last computed.
     pub(super) fn bytes_hash(&self, f: u64) -> u64 {
         let (c, i) = split(f);
-        let Store::Bytes(chunks) = self else {
+        let Store::Bytes(chunks, _) = self else {
             return ZERO_HASH;
         };
         let Some(page) = chunks
@@ -148,42 +161,53 @@ impl Store {
         h
     }
 
-    /// Copies frame `src`'s contents over frame `dst`'s, the cached hash with them.
+    /// Copies frame `src`'s contents over frame `dst`'s, the cached hash with them (into `dst`'s buffer or a
+    /// spare one when there is one).
     pub(super) fn copy(&mut self, src: u64, dst: u64) {
+        if src == dst {
+            return;
+        }
+        let Store::Bytes(chunks, spare) = self else {
+            let v = self.version(src);
+            if v == 0 {
+                self.clear(dst);
+            } else {
+                self.set_version(dst, v);
+            }
+            return;
+        };
         let (sc, si) = split(src);
-        let page = match self {
-            Store::Bytes(chunks) => chunks
-                .get(sc)
-                .and_then(Option::as_ref)
-                .and_then(|ch| ch[si].clone()),
-            Store::Token(_) => {
-                let v = self.version(src);
-                if v == 0 {
-                    self.clear(dst);
-                } else {
-                    self.set_version(dst, v);
+        let (dc, di) = split(dst);
+        let old = chunks
+            .get_mut(dc)
+            .and_then(Option::as_mut)
+            .and_then(|ch| ch[di].take());
+        let page = match chunks
+            .get(sc)
+            .and_then(Option::as_ref)
+            .and_then(|ch| ch[si].as_deref())
+        {
+            None => {
+                if let Some(p) = old
+                    && spare.len() < SPARE_MAX
+                {
+                    spare.push(p);
                 }
                 return;
             }
-        };
-        let (dc, di) = split(dst);
-        let Store::Bytes(chunks) = self else {
-            return;
-        };
-        match page {
-            None => {
-                if let Some(Some(ch)) = chunks.get_mut(dc) {
-                    ch[di] = None;
+            Some(s) => match old.or_else(|| spare.pop()) {
+                Some(mut p) => {
+                    p.bytes = s.bytes;
+                    p.hash.set(s.hash.get());
+                    p
                 }
-            }
-            Some(p) => {
-                if chunks.len() <= dc {
-                    chunks.resize_with(dc + 1, || None);
-                }
-                chunks[dc].get_or_insert_with(|| Box::new(std::array::from_fn(|_| None)))[di] =
-                    Some(p);
-            }
+                None => Box::new(s.clone()),
+            },
+        };
+        if chunks.len() <= dc {
+            chunks.resize_with(dc + 1, || None);
         }
+        chunks[dc].get_or_insert_with(|| Box::new(std::array::from_fn(|_| None)))[di] = Some(page);
     }
 
     /// Sets the version of frame `f` (token mode; ignored in bytes mode).
@@ -205,9 +229,12 @@ impl Store {
     pub(super) fn clear(&mut self, f: u64) {
         let (c, i) = split(f);
         match self {
-            Store::Bytes(chunks) => {
-                if let Some(Some(ch)) = chunks.get_mut(c) {
-                    ch[i] = None;
+            Store::Bytes(chunks, spare) => {
+                if let Some(Some(ch)) = chunks.get_mut(c)
+                    && let Some(p) = ch[i].take()
+                    && spare.len() < SPARE_MAX
+                {
+                    spare.push(p);
                 }
             }
             Store::Token(chunks) => {
@@ -221,7 +248,7 @@ impl Store {
     /// Returns the contents of frame `f` as a value.
     pub(super) fn content(&self, f: u64) -> PageContent {
         match self {
-            Store::Bytes(_) => self
+            Store::Bytes(..) => self
                 .bytes(f)
                 .map_or(PageContent::Zero, |b| PageContent::Bytes(Box::new(*b))),
             Store::Token(_) => match self.version(f) {
@@ -249,8 +276,10 @@ impl Store {
     /// [`super::PhysMem::host_bytes`]).
     pub(super) fn host_bytes(&self) -> u64 {
         match self {
-            Store::Bytes(chunks) => {
-                let table = chunks.capacity() * size_of::<Option<Box<[Option<PageBox>; CHUNK]>>>();
+            Store::Bytes(chunks, spare) => {
+                let table = chunks.capacity() * size_of::<Option<Box<[Option<PageBox>; CHUNK]>>>()
+                    + spare.capacity() * size_of::<PageBox>()
+                    + spare.len() * size_of::<PageBuf>();
                 let inner: usize = chunks
                     .iter()
                     .flatten()

@@ -363,3 +363,49 @@ fn the_kept_hash_follows_writes_and_copies() {
         "copying the zero page clears the copy"
     );
 }
+
+#[test]
+fn a_reused_page_buffer_never_shows_its_old_contents() {
+    let mut pm = PhysMem::new(4 * PMD_SIZE);
+    let full = [0xabu8; 4096];
+    // Freed written pages leave their buffers for reuse.
+    let old: Vec<FrameId> = (0..4)
+        .map(|_| {
+            let f = pm.alloc(0, FrameOwner::Anon).unwrap();
+            pm.write(f, 0, &full);
+            f
+        })
+        .collect();
+    let src = pm.alloc(0, FrameOwner::Anon).unwrap();
+    pm.write(src, 100, &[1, 2, 3]);
+    for f in old {
+        assert!(pm.put(f));
+    }
+    // A first write into a fresh frame: zeros around the bytes written.
+    let a = pm.alloc(0, FrameOwner::Anon).unwrap();
+    pm.write(a, 8, &[5]);
+    let mut b = [0u8; 4096];
+    pm.read(a, 0, &mut b);
+    assert!(
+        b.iter()
+            .enumerate()
+            .all(|(i, &x)| x == u8::from(i == 8) * 5)
+    );
+    // A copy into a fresh frame: exactly the source, hash included.
+    let c = pm.alloc(0, FrameOwner::Anon).unwrap();
+    pm.copy_frame(src, c);
+    pm.read(c, 0, &mut b);
+    let mut want = [0u8; 4096];
+    want[100..103].copy_from_slice(&[1, 2, 3]);
+    assert_eq!(b, want);
+    assert_eq!(pm.content_hash(c), pm.content_hash(src));
+    // A copy of a never-written page over a written one: zeros, and the buffer goes back for reuse.
+    let z = pm.alloc(0, FrameOwner::Anon).unwrap();
+    pm.copy_frame(z, c);
+    assert_eq!(pm.data(c), None);
+    assert_eq!(pm.content_hash(c), ZERO_HASH);
+    // Copying a frame onto itself keeps it.
+    pm.copy_frame(src, src);
+    pm.read(src, 0, &mut b);
+    assert_eq!(b, want);
+}

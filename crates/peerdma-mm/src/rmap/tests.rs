@@ -1,6 +1,6 @@
 //! The reverse index against the walk of every leaf it replaced ([`Mms::rmap_walk_all_leaves`]), over random
-//! sequences of the operations that change mappings: mmap (private, shared, THP-eligible), faults, fork,
-//! exit, mremap, munmap, mprotect, MADV_DONTNEED, MADV_COLLAPSE, migration to device-private memory and back
+//! sequences of the operations that change mappings: new unrelated processes, mmap (private, shared,
+//! THP-eligible), faults, fork, exit, mremap, munmap, mprotect, MADV_DONTNEED, MADV_COLLAPSE, migration to device-private memory and back
 //! (by CPU fault and by device-range eviction), reclaim to swap and swap-in, and THP splits (partial
 //! munmap / mprotect / DONTNEED of a 2 MiB leaf, migration of a THP's sub-page). The same runs check the LRU's
 //! log of freed frames against a walk of every LRU entry ([`crate::vmscan::Swap::check_lru`]).
@@ -20,6 +20,7 @@ use crate::migrate::{
     MIGRATE_VMA_SELECT_SYSTEM, migrate_pfn, migrate_pfn_to_frame,
 };
 use crate::pagetable::Pte;
+use crate::phys::PhysMem;
 use crate::{
     DevicePagemapOps, Kernel, MemoryKind, MigrateVma, MmCosts, MmapArgs, MremapFlags, Prot, VmFault,
 };
@@ -93,6 +94,8 @@ enum Op {
     Fork {
         p: usize,
     },
+    /// A new process, unrelated to the others (later `Mmap`s map into it).
+    Spawn,
     Exit {
         p: usize,
     },
@@ -152,6 +155,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(p, v, page, write)| Op::Touch { p, v, page, write }),
         (p.clone(), v.clone()).prop_map(|(p, v)| Op::TouchAll { p, v }),
         p.clone().prop_map(|p| Op::Fork { p }),
+        Just(Op::Spawn),
         p.clone().prop_map(|p| Op::Exit { p }),
         (p.clone(), v.clone(), 1u64..24).prop_map(|(p, v, pages)| Op::Mremap { p, v, pages }),
         (p.clone(), v.clone(), 0u64..1024, 1u64..8).prop_map(|(p, v, page, pages)| Op::Munmap {
@@ -273,6 +277,11 @@ async fn apply(k: &Rc<Kernel>, dev: usize, dev_first: FrameId, procs: &mut Procs
                 procs.0.push((child, vmas));
             }
         }
+        Op::Spawn => {
+            if procs.0.len() < 6 {
+                procs.0.push((k.create_process(), Vec::new()));
+            }
+        }
         Op::Exit { p } => {
             if let Some(i) = procs.pick(p) {
                 let (pid, _) = procs.0.remove(i);
@@ -355,16 +364,21 @@ async fn apply(k: &Rc<Kernel>, dev: usize, dev_first: FrameId, procs: &mut Procs
 
 /// Compares the index-based walk with the all-leaves walk for every frame mapped now or before, and for a
 /// few single frames. Returns a description of the first difference.
-fn check(st: &Mms, seen: &mut BTreeSet<FrameId>, step: usize) -> Result<(), String> {
+fn check(
+    st: &Mms,
+    phys: &PhysMem,
+    seen: &mut BTreeSet<FrameId>,
+    step: usize,
+) -> Result<(), String> {
     seen.extend(st.rmap_walk_all_leaves(|_| true).iter().map(|m| m.frame));
     let old = st.rmap_walk_all_leaves(|f| seen.contains(&f));
-    let new = st.rmap_walk(seen.iter().copied());
+    let new = st.rmap_walk(phys, seen.iter().copied());
     if old != new {
         return Err(format!("step {step}: all frames\nold {old:?}\nnew {new:?}"));
     }
     for &f in seen.iter().step_by(61) {
         let old = st.rmap_walk_all_leaves(|g| g == f);
-        let new = st.rmap_walk([f, f]);
+        let new = st.rmap_walk(phys, [f, f]);
         if old != new {
             return Err(format!("step {step}: frame {f}\nold {old:?}\nnew {new:?}"));
         }
@@ -414,7 +428,7 @@ fn run(ops: &[Op]) -> Result<BTreeSet<&'static str>, String> {
             apply(&k2, dev, dev_first, &mut procs, op).await;
             let st = k2.mms();
             let lru = k2.swap().check_lru(&mut k2.phys());
-            if let Err(e) = lru.and_then(|()| check(&st, &mut seen, step)) {
+            if let Err(e) = lru.and_then(|()| check(&st, &k2.phys(), &mut seen, step)) {
                 *o.borrow_mut() = Err(format!("{e}\nops {ops:?}"));
                 return;
             }
@@ -519,6 +533,14 @@ fn a_fixed_sequence_maps_thp_device_and_shared_pages() {
             page: 5,
             pages: 4,
         },
+        Op::Spawn,
+        Op::Mmap {
+            pages: 8,
+            shared: false,
+            huge: false,
+        },
+        Op::TouchAll { p: 2, v: 0 },
+        Op::Reclaim { nr: 32 },
         Op::Exit { p: 0 },
     ];
     let kinds = run(&ops).unwrap();
@@ -596,4 +618,82 @@ fn the_index_follows_a_frame_mapped_twice_a_pmd_leaf_and_skips_special_entries()
     assert_eq!(found(&pt, 1030), [base + 6 * PAGE_SIZE]);
     assert_eq!(found(&pt, 1024 + 511), [base + 511 * PAGE_SIZE]);
     assert_eq!(pt.rmap().len(), 1 + 512);
+}
+
+/// The walk visits the address spaces of a page's family, not every live one: moving a forked process's pages
+/// to device-private memory and back (by CPU fault and by device-range eviction) visits as many address
+/// spaces with 48 unrelated processes alive, each with pages of its own, as with none. The walk over every
+/// live address space that the reverse map replaced visits 50 per page with them.
+#[test]
+fn the_walk_visits_no_unrelated_address_space() {
+    fn visits(unrelated: usize) -> u64 {
+        let sim = Sim::new(SimConfig {
+            trace: false,
+            ..SimConfig::default()
+        });
+        let k = Kernel::new(&sim, 32 << 20, MmCosts::zero());
+        let ops_dev = Rc::new(ToRam::default());
+        *ops_dev.kernel.borrow_mut() = Rc::downgrade(&k);
+        let dev = k.add_device_memory(
+            MemoryKind::DevicePrivate { owner: OWNER },
+            DEVICE_PAGES * PAGE_SIZE,
+            ops_dev,
+        );
+        let dev_first = FrameId(k.phys().regions()[dev].start);
+        let out = Rc::new(RefCell::new(0));
+        let (o, k2) = (out.clone(), k.clone());
+        sim.spawn("visits", async move {
+            let args = |pages: u64| MmapArgs {
+                len: pages * PAGE_SIZE,
+                prot: Prot::RW,
+                private: true,
+                anonymous: true,
+                ..MmapArgs::default()
+            };
+            let pid = k2.create_process();
+            let va = k2.mmap(pid, &args(16)).await.unwrap();
+            for i in 0..16 {
+                k2.store(pid, va.add(i * PAGE_SIZE), &[1]).await.unwrap();
+            }
+            let child = k2.fork(pid).await.unwrap();
+            for _ in 0..unrelated {
+                let other = k2.create_process();
+                let b = k2.mmap(other, &args(4)).await.unwrap();
+                for i in 0..4 {
+                    k2.store(other, b.add(i * PAGE_SIZE), &[2]).await.unwrap();
+                }
+            }
+            let before = k2.rmap_visits();
+            let r = Range::from_len(va, 16 * PAGE_SIZE).unwrap();
+            migrate(&k2, pid, r, MIGRATE_VMA_SELECT_SYSTEM, dev).await;
+            for i in 0..16 {
+                k2.load(child, va.add(i * PAGE_SIZE), &mut [0])
+                    .await
+                    .unwrap();
+            }
+            migrate(&k2, pid, r, MIGRATE_VMA_SELECT_SYSTEM, dev).await;
+            apply(
+                &k2,
+                dev,
+                dev_first,
+                &mut Procs::default(),
+                &Op::Evict {
+                    first: 0,
+                    pages: DEVICE_PAGES,
+                },
+            )
+            .await;
+            for i in 0..16 {
+                let mut b = [0];
+                k2.load(pid, va.add(i * PAGE_SIZE), &mut b).await.unwrap();
+                assert_eq!(b, [1], "page {i} survived the round trips");
+            }
+            *o.borrow_mut() = k2.rmap_visits() - before;
+        });
+        sim.run();
+        out.replace(0)
+    }
+    let alone = visits(0);
+    assert!(alone > 0, "the migrations walked the reverse map");
+    assert_eq!(visits(48), alone);
 }
