@@ -226,3 +226,23 @@ fn the_result_does_not_depend_on_the_number_of_jobs() {
     };
     assert_eq!(go(1), go(3));
 }
+
+/// Seeds the 100,000-seed runs of the README flagged, replayed: each must pass now.
+/// - `gpu-migrate.toml` seed 2613: a CPU load pulled a page back from the GPU's memory while a kernel read
+///   it; the GPU's pool followed lib/test_hmm.c's rule (its own MIGRATE invalidations ignored) and kept
+///   the page mapped (the oracle: a read of a page the CPU page table no longer maps). The GPU's pool now
+///   handles its own migrations like any other invalidation.
+#[test]
+fn the_seeds_the_long_runs_flagged_pass() {
+    for (path, seed) in [("scenarios/protocol/gpu-migrate.toml", 2613)] {
+        let r = run(
+            &scenario(path),
+            &RunOptions {
+                seed: Some(seed),
+                explore: Some(true),
+                ..RunOptions::default()
+            },
+        );
+        assert_eq!(r.outcome, Outcome::Passed, "{path} seed {seed}");
+    }
+}
