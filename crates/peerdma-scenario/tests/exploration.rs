@@ -232,9 +232,11 @@ fn the_result_does_not_depend_on_the_number_of_jobs() {
 ///   it; the GPU's pool followed lib/test_hmm.c's rule (its own MIGRATE invalidations ignored) and kept
 ///   the page mapped (the oracle: a read of a page the CPU page table no longer maps). The GPU's pool now
 ///   handles its own migrations like any other invalidation.
+const FLAGGED_BY_LONG_RUNS: &[(&str, u64)] = &[("scenarios/protocol/gpu-migrate.toml", 2613)];
+
 #[test]
 fn the_seeds_the_long_runs_flagged_pass() {
-    for (path, seed) in [("scenarios/protocol/gpu-migrate.toml", 2613)] {
+    for &(path, seed) in FLAGGED_BY_LONG_RUNS {
         let r = run(
             &scenario(path),
             &RunOptions {
