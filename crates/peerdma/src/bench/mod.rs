@@ -528,23 +528,41 @@ fn ratios(r: &BenchRun) -> Vec<Ratio> {
 }
 
 /// `peerdma bench`: measures, prints the table or JSON; exit 0, or 1 when an operation failed.
+pub(crate) fn command(a: &BenchArgs) -> ExitCode {
+    print_run(
+        "peerdma bench",
+        a.json,
+        measure(a),
+        render::json,
+        render::text,
+    )
+}
+
+/// Prints a measured run as JSON or as the table (exit 0), or the error that stopped it (exit 1): the
+/// output of `peerdma bench` and of `peerdma bench --sweep`.
 #[expect(
     clippy::print_stdout,
     clippy::print_stderr,
     reason = "a command prints"
 )]
-pub(crate) fn command(a: &BenchArgs) -> ExitCode {
-    match measure(a) {
+pub(crate) fn print_run<R>(
+    command: &str,
+    json: bool,
+    run: BenchResult<R>,
+    as_json: fn(&R) -> String,
+    as_text: fn(&R) -> String,
+) -> ExitCode {
+    match run {
         Ok(run) => {
-            if a.json {
-                println!("{}", render::json(&run));
+            if json {
+                println!("{}", as_json(&run));
             } else {
-                print!("{}", render::text(&run));
+                print!("{}", as_text(&run));
             }
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: peerdma bench: {e}");
+            eprintln!("error: {command}: {e}");
             ExitCode::from(1)
         }
     }

@@ -22,6 +22,18 @@ pub(super) fn machine() -> (usize, String) {
     (cpus, model)
 }
 
+/// The `machine` object of both JSON documents (`peerdma bench`, `--sweep`): logical CPUs, CPU model, load
+/// average before and after the run.
+pub(super) fn machine_json(load: (Option<f64>, Option<f64>)) -> Value {
+    let (cpus, model) = machine();
+    json!({
+        "cpus": cpus,
+        "model": model,
+        "load_before": load.0,
+        "load_after": load.1,
+    })
+}
+
 /// A finite number as JSON, anything else as `null`.
 fn num(v: f64) -> Value {
     if v.is_finite() { json!(v) } else { Value::Null }
@@ -29,7 +41,6 @@ fn num(v: f64) -> Value {
 
 /// The JSON document (one object).
 pub(crate) fn json(r: &BenchRun) -> String {
-    let (cpus, model) = machine();
     let figures: Vec<Value> = r
         .figures
         .iter()
@@ -71,12 +82,7 @@ pub(crate) fn json(r: &BenchRun) -> String {
         .collect();
     json!({
         "schema": SCHEMA,
-        "machine": {
-            "cpus": cpus,
-            "model": model,
-            "load_before": r.load.0,
-            "load_after": r.load.1,
-        },
+        "machine": machine_json(r.load),
         "config": {
             "pages": r.pages,
             "migrate_pages": r.migrate_pages,

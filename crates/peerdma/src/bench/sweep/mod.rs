@@ -373,26 +373,14 @@ fn dim_rank(d: &str) -> usize {
 }
 
 /// `peerdma bench --sweep`: measures, prints the table or JSON; exit 0, or 1 when an operation failed.
-#[expect(
-    clippy::print_stdout,
-    clippy::print_stderr,
-    reason = "a command prints"
-)]
 pub(crate) fn command(a: &SweepArgs) -> ExitCode {
-    match measure(a) {
-        Ok(run) => {
-            if a.json {
-                println!("{}", render::json(&run));
-            } else {
-                print!("{}", render::text(&run));
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: peerdma bench --sweep: {e}");
-            ExitCode::from(1)
-        }
-    }
+    super::print_run(
+        "peerdma bench --sweep",
+        a.json,
+        measure(a),
+        render::json,
+        render::text,
+    )
 }
 
 #[cfg(test)]

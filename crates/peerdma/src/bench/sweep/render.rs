@@ -35,7 +35,6 @@ fn num(v: f64) -> Value {
 
 /// The JSON document (one object).
 pub(crate) fn json(r: &SweepRun) -> String {
-    let (cpus, model) = super::super::render::machine();
     let points: Vec<Value> = r
         .points
         .iter()
@@ -71,12 +70,7 @@ pub(crate) fn json(r: &SweepRun) -> String {
         .collect();
     json!({
         "schema": SCHEMA,
-        "machine": {
-            "cpus": cpus,
-            "model": model,
-            "load_before": r.load.0,
-            "load_after": r.load.1,
-        },
+        "machine": super::super::render::machine_json(r.load),
         "config": {
             "quick": r.quick,
             "reps": r.reps,
