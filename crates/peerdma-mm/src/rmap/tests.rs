@@ -402,9 +402,9 @@ fn check(
     Ok(())
 }
 
-/// Runs `ops` on a fresh kernel with 32 MiB of RAM and a device-private region, checking after each;
-/// returns the kinds of mapping seen along the way.
-fn run(ops: &[Op]) -> Result<BTreeSet<&'static str>, String> {
+/// A fresh engine and kernel with 32 MiB of RAM and a device-private region of [`DEVICE_PAGES`] whose
+/// `migrate_to_ram` is [`ToRam`]; returns the region's index and first frame too.
+fn world() -> (Sim, Rc<Kernel>, usize, FrameId) {
     let sim = Sim::new(SimConfig {
         trace: false,
         ..SimConfig::default()
@@ -418,6 +418,13 @@ fn run(ops: &[Op]) -> Result<BTreeSet<&'static str>, String> {
         ops_dev,
     );
     let dev_first = FrameId(k.phys().regions()[dev].start);
+    (sim, k, dev, dev_first)
+}
+
+/// Runs `ops` on a fresh kernel with 32 MiB of RAM and a device-private region, checking after each;
+/// returns the kinds of mapping seen along the way.
+fn run(ops: &[Op]) -> Result<BTreeSet<&'static str>, String> {
+    let (sim, k, dev, dev_first) = world();
     let out = Rc::new(RefCell::new(Ok(BTreeSet::new())));
     let (o, k2, ops) = (out.clone(), k.clone(), ops.to_vec());
     sim.spawn("ops", async move {
@@ -627,19 +634,7 @@ fn the_index_follows_a_frame_mapped_twice_a_pmd_leaf_and_skips_special_entries()
 #[test]
 fn the_walk_visits_no_unrelated_address_space() {
     fn visits(unrelated: usize) -> u64 {
-        let sim = Sim::new(SimConfig {
-            trace: false,
-            ..SimConfig::default()
-        });
-        let k = Kernel::new(&sim, 32 << 20, MmCosts::zero());
-        let ops_dev = Rc::new(ToRam::default());
-        *ops_dev.kernel.borrow_mut() = Rc::downgrade(&k);
-        let dev = k.add_device_memory(
-            MemoryKind::DevicePrivate { owner: OWNER },
-            DEVICE_PAGES * PAGE_SIZE,
-            ops_dev,
-        );
-        let dev_first = FrameId(k.phys().regions()[dev].start);
+        let (sim, k, dev, dev_first) = world();
         let out = Rc::new(RefCell::new(0));
         let (o, k2) = (out.clone(), k.clone());
         sim.spawn("visits", async move {
