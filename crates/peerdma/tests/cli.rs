@@ -7,20 +7,11 @@
     reason = "an integration-test crate is all tests"
 )]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+mod common;
 
-fn peerdma(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_peerdma"))
-        .current_dir(root())
-        .args(args)
-        .output()
-        .unwrap()
-}
+use common::{peerdma, root};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()

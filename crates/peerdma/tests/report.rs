@@ -7,22 +7,13 @@
     reason = "an integration-test crate is all tests"
 )]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
 use serde_json::Value;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use std::path::PathBuf;
 
-fn peerdma(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_peerdma"))
-        .current_dir(root())
-        .args(args)
-        .output()
-        .unwrap()
-}
+mod common;
+
+use common::{peerdma, root};
 
 fn examples() -> Vec<String> {
     let mut out: Vec<String> = std::fs::read_dir(root().join("examples"))

@@ -3,24 +3,12 @@
 //! `cargo test --release -p peerdma --test scale -- --ignored --nocapture`.
 #![expect(
     clippy::tests_outside_test_module,
-    clippy::unwrap_used,
     reason = "an integration-test crate is all tests"
 )]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn peerdma(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_peerdma"))
-        .current_dir(root())
-        .args(args)
-        .output()
-        .unwrap()
-}
+use common::{peerdma, root};
 
 const TERABYTE: &str = "scenarios/scale/terabyte.toml";
 

@@ -2,24 +2,12 @@
 //! splits it, each line is the run it names, and bad arguments exit 2 with a hint.
 #![expect(
     clippy::tests_outside_test_module,
-    clippy::unwrap_used,
     reason = "an integration-test crate is all tests"
 )]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn peerdma(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_peerdma"))
-        .current_dir(root())
-        .args(args)
-        .output()
-        .unwrap()
-}
+use common::peerdma;
 
 const FILE: &str = "examples/iommu-lazy-window.toml";
 /// Eight values of the IOTLB miss cost, the default (26 ns) among them.

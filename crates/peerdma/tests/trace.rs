@@ -8,22 +8,12 @@
 )]
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use serde_json::Value;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+mod common;
 
-fn peerdma(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_peerdma"))
-        .current_dir(root())
-        .args(args)
-        .output()
-        .unwrap()
-}
+use common::{peerdma, root};
 
 /// The examples and the top-level scenarios.
 fn files() -> Vec<String> {
