@@ -6,7 +6,8 @@
 //!   adds [`GUP_PIN_COUNTING_BIAS`] to the refcount (mm/gup.c) and `maybe_dma_pinned` tests refcount ≥ bias —,
 //!   a dirty bit, an LRU state with the two aging bits reclaim reads (`accessed`, `referenced`; see
 //!   [`crate::vmscan`]), and who owns it (anonymous or a file's page cache).
-//! - Data is real bytes, allocated lazily: a frame never written reads as zeros and holds no buffer. In
+//! - Data is real bytes, allocated lazily: a frame never written reads as zeros and holds no buffer, and a
+//!   page whose non-zero bytes fit a 12-byte window keeps them inline without a 4 KiB buffer. In
 //!   token mode ([`DataMode::Token`], DESIGN.md §3) a page holds a 64-bit version instead of bytes
 //!   (`phys/content.rs`).
 //! - Memory is allocated as it is used, not when it is configured (Linux allocates the whole memmap at
@@ -691,9 +692,13 @@ impl PhysMem {
         self.frame_mut(f).set_owner(owner);
     }
 
-    /// Returns the frame's bytes (`None` means all zero; always `None` in token mode).
-    pub fn data(&self, f: FrameId) -> Option<&[u8]> {
-        self.store.bytes(f.0).map(|b| &b[..])
+    /// Returns a copy of the frame's 4 KiB of bytes (`None` means all zero; always `None` in token mode).
+    pub fn data(&self, f: FrameId) -> Option<Vec<u8>> {
+        self.store.has_bytes(f.0).then(|| {
+            let mut b = vec![0u8; content::PAGE_BYTES];
+            self.store.read(f.0, 0, &mut b);
+            b
+        })
     }
 
     /// Returns the frame's version stamp (token mode; 0 while never written, and always 0 in bytes mode).
@@ -718,10 +723,7 @@ impl PhysMem {
 
     /// Copies `buf.len()` bytes at `offset` inside the frame into `buf` (zeros in token mode).
     pub fn read(&self, f: FrameId, offset: usize, buf: &mut [u8]) {
-        match self.store.bytes(f.0) {
-            Some(d) => buf.copy_from_slice(&d[offset..offset + buf.len()]),
-            None => buf.fill(0),
-        }
+        self.store.read(f.0, offset, buf);
     }
 
     /// Copies `buf` into the frame at `offset` and marks it dirty; in token mode, stamps the frame with a
@@ -737,12 +739,7 @@ impl PhysMem {
             self.store.set_version(f.0, self.last_version);
             return;
         }
-        if self.store.bytes(f.0).is_none() && buf.iter().all(|&b| b == 0) {
-            return;
-        }
-        if let Some(d) = self.store.bytes_mut(f.0) {
-            d[offset..offset + buf.len()].copy_from_slice(buf);
-        }
+        self.store.write(f.0, offset, buf);
     }
 
     /// Copies the whole contents of `src` into `dst` (`copy_highpage`; in token mode the version).

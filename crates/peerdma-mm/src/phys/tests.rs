@@ -341,12 +341,12 @@ fn the_kept_hash_follows_writes_and_copies() {
     let b = pm.alloc(0, FrameOwner::Anon).unwrap();
     pm.write(a, 10, &[1, 2, 3]);
     let h1 = pm.content_hash(a);
-    assert_eq!(h1, hash_bytes(pm.data(a).unwrap()));
+    assert_eq!(h1, hash_bytes(&pm.data(a).unwrap()));
     assert_eq!(pm.content_hash(a), h1, "a second read gives the kept hash");
     pm.write(a, 4095, &[9]);
     let h2 = pm.content_hash(a);
     assert_ne!(h2, h1);
-    assert_eq!(h2, hash_bytes(pm.data(a).unwrap()));
+    assert_eq!(h2, hash_bytes(&pm.data(a).unwrap()));
     pm.copy_frame(a, b);
     assert_eq!(pm.content_hash(b), h2);
     pm.write(b, 0, &[7]);
@@ -355,7 +355,7 @@ fn the_kept_hash_follows_writes_and_copies() {
         h2,
         "writing the copy leaves the source alone"
     );
-    assert_eq!(pm.content_hash(b), hash_bytes(pm.data(b).unwrap()));
+    assert_eq!(pm.content_hash(b), hash_bytes(&pm.data(b).unwrap()));
     pm.copy_frame(FrameId(pm.zero_page().0), b);
     assert_eq!(
         pm.content_hash(b),
@@ -408,4 +408,118 @@ fn a_reused_page_buffer_never_shows_its_old_contents() {
     pm.copy_frame(src, src);
     pm.read(src, 0, &mut b);
     assert_eq!(b, want);
+}
+
+/// One operation on a frame's contents for [`contents_match_a_plain_page_model`].
+#[derive(Clone, Debug)]
+enum ContentOp {
+    /// Writes `len` bytes at `offset` of frame `f`: byte `i` is `fill` when `i % every == 0`, else 0.
+    Write {
+        f: usize,
+        offset: usize,
+        len: usize,
+        fill: u8,
+        every: usize,
+    },
+    Copy {
+        src: usize,
+        dst: usize,
+    },
+    Clear {
+        f: usize,
+    },
+    /// `content` then `set_content` (swap-out, swap-in).
+    Roundtrip {
+        from: usize,
+        to: usize,
+    },
+}
+
+fn content_op() -> impl proptest::strategy::Strategy<Value = ContentOp> {
+    use proptest::prelude::*;
+    // Offsets near the page's edges and word boundaries, lengths around the inline limit.
+    let offset = prop_oneof![0usize..64, 4000usize..4096, 0usize..4096];
+    let len = prop_oneof![1usize..30, 1usize..200, Just(4096)];
+    prop_oneof![
+        6 => (0usize..3, offset, len, any::<u8>(), 1usize..40).prop_map(|(f, offset, len, fill, every)| {
+            let offset = offset.min(4095);
+            let len = len.min(4096 - offset);
+            ContentOp::Write { f, offset, len, fill, every }
+        }),
+        2 => (0usize..3, 0usize..3).prop_map(|(src, dst)| ContentOp::Copy { src, dst }),
+        1 => (0usize..3).prop_map(|f| ContentOp::Clear { f }),
+        1 => (0usize..3, 0usize..3).prop_map(|(from, to)| ContentOp::Roundtrip { from, to }),
+    ]
+}
+
+proptest::proptest! {
+    /// Pages kept inline and in buffers read, hash, copy and move exactly like a plain 4 KiB array per
+    /// page: every read of the whole page gives the model's bytes and the content hash is `hash_bytes` of
+    /// them (so the inline hash equals the whole-page one).
+    #[test]
+    fn contents_match_a_plain_page_model(ops in proptest::collection::vec(content_op(), 1..40)) {
+        let mut pm = PhysMem::new(4 * PMD_SIZE);
+        let frames: Vec<FrameId> = (0..3).map(|_| pm.alloc(0, FrameOwner::Anon).unwrap()).collect();
+        let mut model = vec![[0u8; 4096]; 3];
+        for op in ops {
+            match op {
+                ContentOp::Write { f, offset, len, fill, every } => {
+                    let data: Vec<u8> = (0..len).map(|i| if i % every == 0 { fill } else { 0 }).collect();
+                    pm.write(frames[f], offset, &data);
+                    model[f][offset..offset + len].copy_from_slice(&data);
+                }
+                ContentOp::Copy { src, dst } => {
+                    pm.copy_frame(frames[src], frames[dst]);
+                    model[dst] = model[src];
+                }
+                ContentOp::Clear { f } => {
+                    pm.store.clear(frames[f].0);
+                    model[f] = [0; 4096];
+                }
+                ContentOp::Roundtrip { from, to } => {
+                    let c = pm.content(frames[from]);
+                    pm.set_content(frames[to], c);
+                    model[to] = model[from];
+                }
+            }
+            for (f, want) in frames.iter().zip(&model) {
+                let mut got = [0u8; 4096];
+                pm.read(*f, 0, &mut got);
+                proptest::prop_assert_eq!(&got[..], &want[..]);
+                let mut part = [0u8; 20];
+                pm.read(*f, 4070, &mut part);
+                proptest::prop_assert_eq!(&part[..], &want[4070..4090]);
+                proptest::prop_assert_eq!(pm.content_hash(*f), hash_bytes(want));
+                if let Some(d) = pm.data(*f) {
+                    proptest::prop_assert_eq!(&d[..], &want[..]);
+                } else {
+                    proptest::prop_assert!(want.iter().all(|&b| b == 0));
+                }
+            }
+        }
+    }
+}
+
+/// A page written in a few bytes is kept inline (no 4 KiB buffer) until its non-zero bytes spread
+/// beyond the inline window; then it gets a buffer.
+#[test]
+fn small_writes_stay_inline_until_they_spread() {
+    let mut pm = PhysMem::new(4 * PMD_SIZE);
+    let a = pm.alloc(0, FrameOwner::Anon).unwrap();
+    let base = pm.host_bytes();
+    pm.write(a, 100, &[1]);
+    pm.write(a, 104, &[2, 0, 0, 3]);
+    let inline = pm.host_bytes();
+    // One slot table (and the chunk list's growth), no buffer.
+    assert!(
+        (base + 512 * 16..base + 512 * 16 + 1024).contains(&inline),
+        "{inline} bytes after {base}"
+    );
+    let mut b = [0u8; 12];
+    pm.read(a, 98, &mut b);
+    assert_eq!(b, [0, 0, 1, 0, 0, 0, 2, 0, 0, 3, 0, 0]);
+    pm.write(a, 200, &[4]);
+    assert!(pm.host_bytes() >= inline + 4096, "spread: a buffer");
+    pm.read(a, 98, &mut b);
+    assert_eq!(b, [0, 0, 1, 0, 0, 0, 2, 0, 0, 3, 0, 0]);
 }

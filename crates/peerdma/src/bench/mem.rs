@@ -15,7 +15,7 @@ use super::sim::BenchResult;
 /// What a child measures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum MemWhat {
-    /// Bytes per resident page written once, its 4 KiB of data included (bytes data mode).
+    /// Bytes per resident page written once in full, its 4 KiB of data included (bytes data mode).
     Resident,
     /// Bytes per configured RAM frame of a kernel with nothing resident.
     Configured,
@@ -88,8 +88,17 @@ pub(crate) fn child(pages: u64, what: MemWhat) -> BenchResult<f64> {
                 return;
             }
         };
+        // Bytes mode: every byte of the page non-zero, so the page needs its whole 4 KiB (a page
+        // written in a few bytes is kept inline without them, `peerdma_mm::phys`); token mode keeps a
+        // version whatever the write.
+        let page = [1u8; 4096];
+        let data: &[u8] = if what == MemWhat::Token {
+            &page[..1]
+        } else {
+            &page
+        };
         for i in 0..touch {
-            if let Err(e) = k2.store(pid, buf.add(i * PAGE_SIZE), &[1]).await {
+            if let Err(e) = k2.store(pid, buf.add(i * PAGE_SIZE), data).await {
                 *r2.borrow_mut() = Err(format!("store: {e:?}"));
                 return;
             }
