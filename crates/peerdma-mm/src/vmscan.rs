@@ -88,7 +88,8 @@
 //! (pages written to swap) and `swap.in`.
 //!
 //! MADV_COLD and MADV_PAGEOUT act on these lists from a process's side (the `pageout` submodule:
-//! `folio_deactivate`, `reclaim_pages`).
+//! `folio_deactivate`, `reclaim_pages`). The lists themselves are intrusive doubly linked lists through a
+//! dense per-frame table (the `lru` submodule), so adding, rotating, isolating and removing are O(1).
 //!
 //! Simplifications: only private anonymous 4 KiB pages are on the lists and reclaimed (THPs and clean
 //! page-cache pages are not); scanning costs no simulated time; there is no swap cache — each mapping that
@@ -102,12 +103,14 @@ use peerdma_core::{FrameId, PAGE_SIZE, PageSize, Pid, Range, Va};
 use crate::kernel::{Kernel, VmFault};
 use crate::mmu_notifier::NotifierEvent;
 use crate::pagetable::Pte;
-use crate::pagetable::rmap_index::FrameHashMap;
 use crate::phys::{Frame, FrameOwner, LruState, PhysMem};
 
 pub use crate::phys::{LOW_WATERMARK, MIN_WATERMARK};
 
+mod lru;
 mod pageout;
+
+pub use lru::AnonLru;
 
 /// Pages reclaimed per pass.
 pub const RECLAIM_BATCH: u64 = 32;
@@ -130,117 +133,6 @@ pub fn inactive_is_low(nr_inactive: u64, nr_active: u64) -> bool {
 struct Slot {
     data: crate::phys::PageContent,
     count: u32,
-}
-
-/// Where a frame sits on the LRU.
-#[derive(Clone, Copy, Debug)]
-struct LruEntry {
-    active: bool,
-    seq: u64,
-    /// The frame's generation when it was added: a freed and reallocated frame no longer matches.
-    generation: u64,
-}
-
-/// The anonymous active and inactive lists of one RAM node (`lruvec`).
-///
-/// Each list maps a sequence number to a frame: the smallest number is the tail (oldest), and adding at the
-/// head takes a fresh, larger one, so adding, rotating, isolating and removing a page cost O(log n); the
-/// index from frame to entry is a hash table (O(1)). A frame freed while on a list is logged by
-/// [`PhysMem::put`] and its entry dropped when the log is drained ([`Swap::drain_freed`]: at the start of
-/// each reclaim pass and before each addition), so no operation walks the lists.
-#[derive(Debug, Default)]
-pub struct AnonLru {
-    inactive: BTreeMap<u64, FrameId>,
-    active: BTreeMap<u64, FrameId>,
-    index: FrameHashMap<FrameId, LruEntry>,
-    next_seq: u64,
-}
-
-impl AnonLru {
-    fn list_mut(&mut self, active: bool) -> &mut BTreeMap<u64, FrameId> {
-        if active {
-            &mut self.active
-        } else {
-            &mut self.inactive
-        }
-    }
-
-    /// Puts `frame` at the head of a list (taking it off any list first) and records it in the frame.
-    fn add_head(&mut self, fr: &mut Frame, frame: FrameId, active: bool) {
-        self.remove(frame);
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.list_mut(active).insert(seq, frame);
-        self.index.insert(
-            frame,
-            LruEntry {
-                active,
-                seq,
-                generation: fr.generation,
-            },
-        );
-        fr.lru = if active {
-            LruState::Active
-        } else {
-            LruState::Inactive
-        };
-    }
-
-    /// Returns whether `frame` (with metadata `fr`) is on the active list.
-    fn is_active(&self, fr: &Frame, frame: FrameId) -> bool {
-        self.index.get(&frame).is_some_and(|e| {
-            e.active && e.generation == fr.generation && fr.lru == LruState::Active
-        })
-    }
-
-    /// Takes `frame` off its list, if it is on one.
-    fn remove(&mut self, frame: FrameId) {
-        if let Some(e) = self.index.remove(&frame) {
-            self.list_mut(e.active).remove(&e.seq);
-        }
-    }
-
-    /// Takes the tail (oldest) frame off a list.
-    fn pop_tail(&mut self, active: bool) -> Option<(FrameId, LruEntry)> {
-        let (_, frame) = self.list_mut(active).pop_first()?;
-        let e = self
-            .index
-            .remove(&frame)
-            .expect("listed frames are indexed");
-        Some((frame, e))
-    }
-
-    /// Returns whether the entry still describes the frame: allocated since as the same anonymous page and
-    /// not moved by anyone else.
-    fn current(phys: &PhysMem, frame: FrameId, e: LruEntry) -> bool {
-        let fr = phys.frame(frame);
-        let state = if e.active {
-            LruState::Active
-        } else {
-            LruState::Inactive
-        };
-        fr.owner() == FrameOwner::Anon && fr.generation == e.generation && fr.lru == state
-    }
-
-    /// Drops the entry of `frame`, freed since it was added, unless the frame came back to a list as a new
-    /// page since (its entry is then current).
-    fn forget_freed(&mut self, phys: &PhysMem, frame: FrameId) {
-        if let Some(&e) = self.index.get(&frame)
-            && !Self::current(phys, frame, e)
-        {
-            self.remove(frame);
-        }
-    }
-
-    /// Returns the number of entries on a list (including those of frames freed since the log of freed
-    /// frames was last drained).
-    fn len(&self, active: bool) -> u64 {
-        if active {
-            self.active.len() as u64
-        } else {
-            self.inactive.len() as u64
-        }
-    }
 }
 
 /// The swap device and the anonymous LRU.
@@ -326,9 +218,8 @@ impl Swap {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .filter(|&&f| {
-                lru.index
-                    .get(&f)
-                    .is_some_and(|&e| e.active == active && !AnonLru::current(phys, f, e))
+                lru.entry(f)
+                    .is_some_and(|e| e.active == active && !AnonLru::current(phys, f, e))
             })
             .count() as u64;
         lru.len(active) - stale
@@ -652,9 +543,9 @@ impl Swap {
         for node in 0..phys.nr_nodes() {
             for (list, active) in [(LruState::Inactive, false), (LruState::Active, true)] {
                 let walk = self.lru.get(&node).map_or(0, |lru| {
-                    lru.index
-                        .iter()
-                        .filter(|&(&f, &e)| e.active == active && AnonLru::current(phys, f, e))
+                    lru.entries()
+                        .into_iter()
+                        .filter(|&(f, e)| e.active == active && AnonLru::current(phys, f, e))
                         .count() as u64
                 });
                 let counted = self.nr_lru_pages_node(phys, node, list);
@@ -667,13 +558,13 @@ impl Swap {
         }
         self.drain_freed(phys);
         for (node, lru) in &self.lru {
-            if lru.index.len() as u64 != lru.len(false) + lru.len(true) {
+            if lru.entries().len() as u64 != lru.len(false) + lru.len(true) {
                 return Err(format!("node {node}: index and lists differ"));
             }
             if let Some((f, _)) = lru
-                .index
-                .iter()
-                .find(|&(&f, &e)| !AnonLru::current(phys, f, e))
+                .entries()
+                .into_iter()
+                .find(|&(f, e)| !AnonLru::current(phys, f, e))
             {
                 return Err(format!("node {node}: stale entry of {f} after the drain"));
             }

@@ -21,7 +21,7 @@ const STATE_TYPES: &[(&str, &str)] = &[
     ("kernel.rs", "AddressSpace"),
     ("phys.rs", "PhysMem"),
     ("vmscan.rs", "Swap"),
-    ("vmscan.rs", "AnonLru"),
+    ("vmscan/lru.rs", "AnonLru"),
     ("p2pdma.rs", "P2pState"),
     ("oracle.rs", "Oracle"),
     ("mmu_notifier.rs", "NotifierState"),
