@@ -285,7 +285,7 @@ impl Kernel {
     }
 
     async fn reclaim_if_low_from(&self, home: u32) {
-        let order: Vec<u32> = self.phys().fallback_order(home).collect();
+        let mut order: Vec<u32> = Vec::new();
         for pass in 0..MAX_RECLAIM_PASSES {
             let watermark = if pass == 0 {
                 LOW_WATERMARK
@@ -294,6 +294,9 @@ impl Kernel {
             };
             if self.phys().any_node_above(home, watermark) {
                 return;
+            }
+            if order.is_empty() {
+                order = self.phys().fallback_order(home).collect();
             }
             for &node in &order {
                 if self.reclaim_node(node, RECLAIM_BATCH).await > 0 {

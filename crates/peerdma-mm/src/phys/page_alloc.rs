@@ -152,6 +152,13 @@ impl PhysMem {
 
     /// Returns the node [`PhysMem::pick_node`] would, over the [`PhysMem::zonelist`] of `home` and `zone`.
     pub fn pick_node_in(&self, home: u32, zone: GfpZone) -> Option<u32> {
+        // The common case without building the zonelist: `home` heads it and is above the first watermark.
+        if home < self.nr_nodes
+            && (zone == GfpZone::Movable || !self.is_node_movable(home))
+            && self.nr_free_node(home) >= LOW_WATERMARK
+        {
+            return Some(home);
+        }
         let nodes = self.zonelist(home, zone);
         [LOW_WATERMARK, MIN_WATERMARK, 1]
             .into_iter()
