@@ -144,11 +144,9 @@ impl Kernel {
                             v.flags.contains(VmFlags::READ)
                         }
                     });
-                    let pfn_leaf = st
-                        .mm(pid)
-                        .pt()
-                        .lookup(page)
-                        .filter(|l| matches!(l.pte, Pte::Pfn { .. }));
+                    // One walk serves both kinds of entry the access can go through.
+                    let leaf = st.mm(pid).pt().lookup(page);
+                    let pfn_leaf = leaf.filter(|l| matches!(l.pte, Pte::Pfn { .. }));
                     if let Some(leaf) = pfn_leaf {
                         // A raw PFN entry: the access goes to MMIO bytes, not a frame.
                         let Pte::Pfn { pfn, write: w } = leaf.pte else {
@@ -174,8 +172,13 @@ impl Kernel {
                             false
                         }
                     } else {
-                        match st.mm(pid).translate(page) {
-                            Some((frame, w, _)) if allowed && (w || !write) => {
+                        // `AddressSpace::translate` of the entry walked above.
+                        let present = leaf.and_then(|l| match l.pte {
+                            Pte::Present { write: w, .. } => Some((l.frame_at(page)?, w)),
+                            _ => None,
+                        });
+                        match present {
+                            Some((frame, w)) if allowed && (w || !write) => {
                                 // The MMU sets the PTE young bit (crate::vmscan: one bit per frame).
                                 phys.frame_mut(frame).accessed = true;
                                 match &mut access {
@@ -225,6 +228,16 @@ impl Kernel {
     /// mapping, its VMA has an anon_vma ([`VmFlags::ANON_VMA`]) for good.
     pub(crate) fn note_anon_vma(&self, pid: Pid, va: Va) {
         let mut st = self.mms();
+        // A shared VMA never gets one, and one that has it keeps it (every fault after the first of a
+        // VMA): nothing to look at.
+        let Some(start) = st
+            .mm(pid)
+            .vma(va)
+            .filter(|v| !v.is_shared() && !v.flags.contains(VmFlags::ANON_VMA))
+            .map(|v| v.range.start)
+        else {
+            return;
+        };
         let phys = self.phys();
         let zero = phys.zero_page();
         let anon = match st.mm(pid).pt().lookup(va).map(|l| (l, l.pte)) {
@@ -237,14 +250,6 @@ impl Kernel {
         if !anon {
             return;
         }
-        let Some(start) = st
-            .mm(pid)
-            .vma(va)
-            .filter(|v| !v.is_shared())
-            .map(|v| v.range.start)
-        else {
-            return;
-        };
         if let Some(v) = st.mm_mut(pid).vma_mut(start) {
             v.flags |= VmFlags::ANON_VMA;
         }

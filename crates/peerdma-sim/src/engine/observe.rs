@@ -127,9 +127,10 @@ impl Sim {
     pub fn gauge(&self, track: Track, name: &'static str, value: i64) {
         let mut inner = self.inner.borrow_mut();
         let now = inner.now;
-        let series = match &track {
-            Track::Agent => name.to_owned(),
-            Track::Device(d) => format!("{name}.{d}"),
+        // An agent's series is named by `name` itself: no string to build on this path (a gauge per fault).
+        let series: std::borrow::Cow<'_, str> = match &track {
+            Track::Agent => name.into(),
+            Track::Device(d) => format!("{name}.{d}").into(),
         };
         inner.stats.record_sample(&series, now, value);
         if inner.cfg.trace {
