@@ -370,13 +370,22 @@ impl Store {
                 s
             }
             Some(Slot::Full(s)) => {
-                let mut p = match old {
-                    Slot::Full(p) => p,
-                    _ => take_buf(spare),
+                // Into `dst`'s buffer or a spare one (no need to zero it first), else a new one.
+                let reuse = match old {
+                    Slot::Full(p) => Some(p),
+                    _ => spare.pop(),
                 };
-                p.bytes = s.bytes;
-                p.hash.set(s.hash.get());
-                Slot::Full(p)
+                Slot::Full(match reuse {
+                    Some(mut p) => {
+                        p.bytes = s.bytes;
+                        p.hash.set(s.hash.get());
+                        p
+                    }
+                    None => Box::new(PageBuf {
+                        bytes: s.bytes,
+                        hash: Cell::new(s.hash.get()),
+                    }),
+                })
             }
         };
         *slot_mut(chunks, dst) = page;
