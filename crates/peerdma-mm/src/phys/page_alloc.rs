@@ -152,6 +152,14 @@ impl PhysMem {
 
     /// Returns the node [`PhysMem::pick_node`] would, over the [`PhysMem::zonelist`] of `home` and `zone`.
     pub fn pick_node_in(&self, home: u32, zone: GfpZone) -> Option<u32> {
+        // The usual answer without building the list: `home` heads its zonelist when the zone allows it, so
+        // at or above the low watermark it is the walk's first hit.
+        assert!(home < self.nr_nodes, "node {home} of {}", self.nr_nodes);
+        if (zone == GfpZone::Movable || !self.is_node_movable(home))
+            && self.nr_free_node(home) >= LOW_WATERMARK
+        {
+            return Some(home);
+        }
         let nodes = self.zonelist(home, zone);
         [LOW_WATERMARK, MIN_WATERMARK, 1]
             .into_iter()
