@@ -221,3 +221,115 @@ impl PageOwners {
         Some(o)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::rc::Weak;
+
+    use peerdma_core::FrameId;
+
+    use super::{DevicePt, PageOwners};
+    use crate::dmirror::device::PageOwner;
+    use crate::dmirror::{PtEntry, Tag};
+
+    /// A fixed xorshift sequence: the same operations on every run.
+    fn xorshift(s: &mut u64) -> u64 {
+        *s ^= *s << 13;
+        *s ^= *s >> 7;
+        *s ^= *s << 17;
+        *s
+    }
+
+    fn entry(frame: u64) -> PtEntry {
+        PtEntry {
+            frame: FrameId(frame),
+            generation: frame * 3,
+            tag: if frame.is_multiple_of(2) {
+                Tag::Read
+            } else {
+                Tag::Write
+            },
+        }
+    }
+
+    fn same(pt: &DevicePt, model: &BTreeMap<u64, u64>) {
+        assert_eq!(pt.len(), model.len());
+        let got: Vec<(u64, u64)> = pt.iter().map(|(v, e)| (v, e.frame.0)).collect();
+        let want: Vec<(u64, u64)> = model.iter().map(|(&v, &f)| (v, f)).collect();
+        assert_eq!(got, want);
+    }
+
+    /// The chunked page table holds exactly what an ordered map would after any mix of insertions,
+    /// removals, inclusive range removals (chunk-crossing, partial and empty ranges included) and lookups,
+    /// and lists its entries in the same order, over a whole range or a part.
+    #[test]
+    fn device_pt_behaves_as_an_ordered_map() {
+        let mut pt = DevicePt::default();
+        let mut model: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        for step in 0..20_000u64 {
+            let vpn = xorshift(&mut s) % 700;
+            match xorshift(&mut s) % 6 {
+                0..=2 => {
+                    pt.insert(vpn, entry(step));
+                    model.insert(vpn, step);
+                }
+                3 => assert_eq!(pt.remove(vpn).map(|e| e.frame.0), model.remove(&vpn)),
+                4 => {
+                    let last = vpn + xorshift(&mut s) % 150;
+                    let keys: Vec<u64> = model.range(vpn..=last).map(|(&k, _)| k).collect();
+                    for k in &keys {
+                        model.remove(k);
+                    }
+                    assert_eq!(pt.remove_range(vpn..=last), keys.len() as u64);
+                }
+                _ => {
+                    let end = vpn + xorshift(&mut s) % 150;
+                    let got: Vec<u64> = pt.range(vpn, end).map(|(v, _)| v).collect();
+                    let want: Vec<u64> = model.range(vpn..end).map(|(&k, _)| k).collect();
+                    assert_eq!(got, want);
+                    assert_eq!(pt.contains(vpn), model.contains_key(&vpn));
+                    assert_eq!(pt.get(vpn).map(|e| e.frame.0), model.get(&vpn).copied());
+                }
+            }
+            if step % 1000 == 0 {
+                same(&pt, &model);
+            }
+        }
+        same(&pt, &model);
+        let last = std::hint::black_box(4);
+        assert_eq!(
+            pt.remove_range(5..=last),
+            0,
+            "an empty range removes nothing"
+        );
+        pt.clear();
+        assert_eq!((pt.len(), pt.iter().count()), (0, 0));
+    }
+
+    /// The owner table counts, finds and removes owners as an ordered map keyed by frame would, and
+    /// ignores frames below its region.
+    #[test]
+    fn page_owners_behave_as_a_map() {
+        let base = 10_000u64;
+        let mut owners = PageOwners::new(FrameId(base));
+        let mut model: BTreeSet<u64> = BTreeSet::new();
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let owner = || PageOwner { fd: Weak::new() };
+        for _ in 0..10_000 {
+            let f = base + xorshift(&mut s) % 2_000;
+            if xorshift(&mut s).is_multiple_of(3) {
+                assert_eq!(owners.remove(FrameId(f)).is_some(), model.remove(&f));
+            } else {
+                owners.insert(FrameId(f), owner());
+                model.insert(f);
+            }
+            assert_eq!(owners.len(), model.len());
+            let probe = base + xorshift(&mut s) % 2_000;
+            assert_eq!(owners.contains(FrameId(probe)), model.contains(&probe));
+        }
+        assert!(!owners.contains(FrameId(base - 1)));
+        assert!(owners.remove(FrameId(3)).is_none());
+    }
+}
