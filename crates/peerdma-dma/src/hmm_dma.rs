@@ -74,6 +74,11 @@ impl DmaPfn {
     pub fn pa(&self) -> Pa {
         self.page.pa
     }
+
+    /// Returns whether the page was linked into the map's IOVA reservation.
+    pub fn is_linked(&self) -> bool {
+        self.undo == Undo::Unlink
+    }
 }
 
 /// A device's DMA map of one mirrored range (`struct hmm_dma_map`; module docs).
@@ -129,7 +134,7 @@ impl HmmDmaMap {
     }
 
     /// `hmm_dma_map_pfn` of page `idx` of the range, at physical address `pa` (step 2). Returns the mapped
-    /// page and the CPU time of the mapping.
+    /// page and the CPU time of the mapping. The caller counts the linked pages ([`HmmDmaMap::count_linked`]).
     ///
     /// # Errors
     /// `EREMOTEIO` for P2P memory the device cannot reach; `EINVAL` for an index outside the range;
@@ -201,7 +206,6 @@ impl HmmDmaMap {
         if let Some((frame, generation)) = p.kernel.frame_at_pa(pa) {
             d.space.record_issued(iova.raw(), frame, generation);
         }
-        p.kernel.sim.count("dma.iova_linked_pages", 1);
         let page = MappedPage {
             addr: DmaAddr::Iova(iova),
             pa,
@@ -218,6 +222,14 @@ impl HmmDmaMap {
             },
             p.costs.iommu.map(1),
         ))
+    }
+
+    /// Adds `n` pages linked by [`HmmDmaMap::map_pfn`] to the `dma.iova_linked_pages` counter (the caller
+    /// counts a fault's links once, not one counter update per page).
+    pub fn count_linked(&self, n: u64) {
+        if n > 0 {
+            self.platform.kernel.sim.count("dma.iova_linked_pages", n);
+        }
     }
 
     /// `hmm_dma_unmap_pfn` of each `(idx, page)` in order (step 3), through one borrow of the device's

@@ -94,7 +94,7 @@ impl Shared {
 }
 
 impl MirrorDevice for Shared {
-    type Zapped = Vec<(u64, Entry)>;
+    type Zapped = BTreeMap<u64, Entry>;
 
     const COUNTER_PREFIX: &'static str = "mirror";
 
@@ -133,6 +133,7 @@ impl MirrorDevice for Shared {
     /// unmapped first (the model's read-retry mutations can leave one).
     fn program(&self, range: &HmmRange) -> Result<ProgramCost, Errno> {
         let mut cost = SimDuration::ZERO;
+        let mut linked = 0;
         for (i, &w) in range.hmm_pfns.iter().enumerate() {
             let frame = hmm_pfn_to_frame(w);
             let write = w & HMM_PFN_WRITE != 0;
@@ -150,8 +151,12 @@ impl MirrorDevice for Shared {
                     cost += self.release_target(vpn, old.target);
                 }
             }
-            let (pfn, c) = self.map.map_pfn(vpn - self.first_vpn, pa)?;
+            let (pfn, c) = self
+                .map
+                .map_pfn(vpn - self.first_vpn, pa)
+                .inspect_err(|_| self.map.count_linked(linked))?;
             cost += c;
+            linked += u64::from(pfn.is_linked());
             self.entries.borrow_mut().insert(
                 vpn,
                 Entry {
@@ -160,6 +165,7 @@ impl MirrorDevice for Shared {
                 },
             );
         }
+        self.map.count_linked(linked);
         Ok(ProgramCost {
             locked: cost,
             unlocked: SimDuration::ZERO,
@@ -168,18 +174,18 @@ impl MirrorDevice for Shared {
 
     /// Removes the entries of the pages `r` touches; their mappings stay until `release`. One walk of the
     /// entries inside `r` (none outside it), and a range covering every entry takes the whole table.
-    fn zap(&self, r: Range<Va>) -> Vec<(u64, Entry)> {
+    fn zap(&self, r: Range<Va>) -> BTreeMap<u64, Entry> {
         let mut e = self.entries.borrow_mut();
         let (lo, hi) = (r.start.page_number(), r.end.raw().div_ceil(PAGE_SIZE));
         let covers_all = e.first_key_value().is_none_or(|(&k, _)| k >= lo)
             && e.last_key_value().is_none_or(|(&k, _)| k < hi);
         if covers_all {
-            return std::mem::take(&mut *e).into_iter().collect();
+            return std::mem::take(&mut *e);
         }
         e.extract_if(lo..hi, |_, _| true).collect()
     }
 
-    fn invalidated(&self, _range: &NotifierRange, zapped: &Vec<(u64, Entry)>) {
+    fn invalidated(&self, _range: &NotifierRange, zapped: &BTreeMap<u64, Entry>) {
         self.platform
             .kernel
             .sim
@@ -194,7 +200,19 @@ impl MirrorDevice for Shared {
     /// DMA-unmaps the zapped entries, page by page in address order as `ib_umem_odp_unmap_dma_pages`
     /// does (`hmm_dma_unmap_pfn` each: a linked page is unlinked with its own IOTLB sync, the reservation
     /// stays), the pages through one borrow of the domain; returns the unmaps' CPU time.
-    fn release(&self, zapped: Vec<(u64, Entry)>) -> SimDuration {
+    fn release(&self, zapped: BTreeMap<u64, Entry>) -> SimDuration {
+        let first = self.first_vpn;
+        if !zapped
+            .values()
+            .any(|e| matches!(e.target, Target::Bar { .. }))
+        {
+            return self
+                .map
+                .unmap_pfns(zapped.into_iter().filter_map(|(vpn, e)| match e.target {
+                    Target::Page(pfn) => Some((vpn - first, pfn)),
+                    Target::Bar { .. } => None,
+                }));
+        }
         let mut cost = SimDuration::ZERO;
         let mut pages = Vec::new();
         for (vpn, en) in zapped {
@@ -316,7 +334,12 @@ impl DmaMirror {
         let sh = &self.sh;
         let k = &sh.platform.kernel;
         k.sim.count("mirror.faults", 1);
-        let track = Track::device(sh.dev.name.as_str());
+        // The device's trace track; an untraced run records nothing on it, so it is not built then.
+        let track = if k.sim.tracing() {
+            Track::device(sh.dev.name.as_str())
+        } else {
+            Track::Agent
+        };
         let mut span = k.sim.span("device.fault", track.clone(), || {
             vec![
                 ("va", TraceArg::Hex(r.start.raw())),
@@ -325,8 +348,8 @@ impl DmaMirror {
             ]
         });
         let nr = k.sim.counter("mirror.faults");
-        k.sim.gauge(
-            track.clone(),
+        k.sim.gauge_device(
+            &sh.dev.name,
             "device.faults",
             i64::try_from(nr).unwrap_or(i64::MAX),
         );

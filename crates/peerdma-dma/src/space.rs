@@ -42,7 +42,13 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
+#[expect(
+    clippy::disallowed_types,
+    reason = "looked up by key only, never iterated into output; PageHasher has no random seed"
+)]
+use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
 
 use peerdma_core::{DeviceId, Errno, FrameId, PAGE_SIZE, Pa, Pid, Range, SimDuration, SimTime, Va};
@@ -230,10 +236,40 @@ struct SpaceState {
     pipe_free: [SimTime; 2],
     /// This device's requests in flight per link.
     link_users: BTreeMap<NodeId, u32>,
-    /// The frame and generation each DMA address page was last handed to the device for.
-    issued: BTreeMap<u64, (FrameId, u64)>,
+    /// The frame and generation each DMA address page was last handed to the device for (a hash table:
+    /// only looked up, never iterated, so its order cannot reach any output).
+    issued: PageHashMap<(FrameId, u64)>,
     /// Bytes landed so far (the `dma.bytes` gauge).
     landed_bytes: u64,
+}
+
+/// A hash table keyed by page number with [`PageHasher`]; its iteration order is deterministic but
+/// meaningless, and it is only looked up by key (CONVENTIONS).
+#[expect(
+    clippy::disallowed_types,
+    reason = "looked up by key only, never iterated into output; PageHasher has no random seed"
+)]
+type PageHashMap<V> = HashMap<u64, V, BuildHasherDefault<PageHasher>>;
+
+/// A hasher for page numbers: one multiply by the 64-bit golden ratio (Fibonacci hashing), enough for keys
+/// that are page numbers, much cheaper than the default SipHash on the per-page paths.
+#[derive(Default)]
+struct PageHasher(u64);
+
+impl Hasher for PageHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
 }
 
 /// Returns whether `f` holds a mirror translation of `range` of `pid`.
@@ -249,6 +285,8 @@ struct SpaceInner {
     kernel: Rc<Kernel>,
     dev: DeviceId,
     name: String,
+    /// The name of each request's landing agent (`<name>.dma`), spelled once.
+    landing_name: String,
     max_outstanding: usize,
     flows: LinkFlows,
     st: RefCell<SpaceState>,
@@ -288,6 +326,7 @@ impl DmaSpace {
             kernel: kernel.clone(),
             dev,
             name: name.to_owned(),
+            landing_name: format!("{name}.dma"),
             max_outstanding: usize::try_from(max_outstanding.max(1)).expect("u32 fits usize"),
             flows,
             st: RefCell::default(),
@@ -308,8 +347,8 @@ impl DmaSpace {
 
     /// Samples the `dma.outstanding` gauge of this device (requests in flight).
     fn sample_outstanding(&self, n: usize) {
-        self.0.kernel.sim.gauge(
-            Track::device(self.0.name.as_str()),
+        self.0.kernel.sim.gauge_device(
+            &self.0.name,
             "dma.outstanding",
             i64::try_from(n).unwrap_or(i64::MAX),
         );
@@ -428,7 +467,7 @@ impl DmaSpace {
         };
         self.sample_outstanding(self.nr_in_flight());
         let space = self.clone();
-        sim.spawn_at(land_at, format!("{}.dma", inner.name), async move {
+        sim.spawn_at(land_at, inner.landing_name.clone(), async move {
             space.land(id);
         });
         id
@@ -709,8 +748,8 @@ impl DmaSpace {
                 st.landed_bytes += REQUEST_BYTES as u64;
                 st.landed_bytes
             };
-            k.sim.gauge(
-                Track::device(inner.name.as_str()),
+            k.sim.gauge_device(
+                &inner.name,
                 "dma.bytes",
                 i64::try_from(landed).unwrap_or(i64::MAX),
             );

@@ -117,6 +117,7 @@ impl MirrorDevice for Umem {
         let write_fault = range.default_flags & HMM_PFN_REQ_WRITE != 0;
         let first = self.range.start.page_number();
         let mut cost = SimDuration::ZERO;
+        let mut linked = 0;
         for (i, &w) in range.hmm_pfns.iter().enumerate() {
             let frame = hmm_pfn_to_frame(w);
             let cpu_writable = w & HMM_PFN_WRITE != 0;
@@ -136,8 +137,12 @@ impl MirrorDevice for Umem {
                     cost += self.release_entries(vec![(vpn, old)]);
                 }
             }
-            let (pfn, c) = self.map.map_pfn(vpn - first, k.frame_pa(frame))?;
+            let (pfn, c) = self
+                .map
+                .map_pfn(vpn - first, k.frame_pa(frame))
+                .inspect_err(|_| self.map.count_linked(linked))?;
             cost += c;
+            linked += u64::from(pfn.is_linked());
             self.entries.borrow_mut().insert(
                 vpn,
                 OdpEntry {
@@ -151,6 +156,7 @@ impl MirrorDevice for Umem {
         if !range.hmm_pfns.is_empty() {
             self.ever_mapped.set(true);
         }
+        self.map.count_linked(linked);
         Ok(ProgramCost {
             locked: cost,
             unlocked: SimDuration::ZERO,
