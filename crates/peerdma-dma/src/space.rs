@@ -241,6 +241,8 @@ struct SpaceState {
     issued: PageHashMap<(FrameId, u64)>,
     /// Bytes landed so far (the `dma.bytes` gauge).
     landed_bytes: u64,
+    /// Page buffers reads land in, given back after use ([`DmaSpace::recycle`]).
+    spare: Vec<Vec<u8>>,
 }
 
 /// A hash table keyed by page number with [`PageHasher`]; its iteration order is deterministic but
@@ -551,6 +553,7 @@ impl DmaSpace {
                             out.data[j * REQUEST_BYTES..(j + 1) * REQUEST_BYTES]
                                 .copy_from_slice(&page);
                         }
+                        self.recycle(page);
                     }
                     // Aborted by an invalidation's fence: issue it again (a mirror faults it back in).
                     Err(Errno::EAGAIN) => pending.push((i, op)),
@@ -569,6 +572,15 @@ impl DmaSpace {
             ]
         });
         out
+    }
+
+    /// Gives a page buffer [`DmaSpace::wait`] returned back to the device's spare ones (at most one per
+    /// outstanding request are kept).
+    fn recycle(&self, page: Vec<u8>) {
+        let mut st = self.0.st.borrow_mut();
+        if page.len() == REQUEST_BYTES && st.spare.len() < self.0.max_outstanding {
+            st.spare.push(page);
+        }
     }
 
     /// Waits for request `id` to land; returns the page it read (empty for a write).
@@ -670,7 +682,18 @@ impl DmaSpace {
             k.sim.now(),
             "a request lands at its landing time"
         );
-        let mut page = [0u8; REQUEST_BYTES];
+        // A read lands in a page buffer from the device's spare ones (given back by `run_batch` once it
+        // has copied the page out), not a fresh allocation per request.
+        let mut page = if f.op.is_write() {
+            Vec::new()
+        } else {
+            inner
+                .st
+                .borrow_mut()
+                .spare
+                .pop()
+                .unwrap_or_else(|| vec![0u8; REQUEST_BYTES])
+        };
         let moved = match (f.target, &f.op) {
             _ if f.stale => {
                 k.report_violation(
@@ -697,48 +720,51 @@ impl DmaSpace {
         };
         let landing = match (moved, &f.op) {
             (Err(e), _) => Landing::Failed(e),
-            (Ok(()), DmaOp::Read) => Landing::Read(page.to_vec()),
+            (Ok(()), DmaOp::Read) => Landing::Read(page),
             (Ok(()), DmaOp::Write(_)) => Landing::Written,
         };
-        k.sim
-            .instant("dma.land", Track::device(inner.name.as_str()), || {
-                let mut args: TraceArgs = vec![
-                    ("op", if f.op.is_write() { "write" } else { "read" }.into()),
-                    ("path", f.path.into()),
-                ];
-                match f.target {
-                    Target::Frame(t) => args.push(("frame", t.frame.to_string().into())),
-                    Target::Mmio(pa) => args.push(("mmio", TraceArg::Hex(pa.raw()))),
-                }
-                match f.grant {
-                    DeviceGrant::Mirror { pid, va } => {
-                        args.extend([
-                            ("grant", "mirror".into()),
-                            ("pid", pid.0.into()),
-                            ("va", TraceArg::Hex(va.raw())),
-                        ]);
+        // (The trace record only: its track is not built for an untraced run.)
+        if k.sim.tracing() {
+            k.sim
+                .instant("dma.land", Track::device(inner.name.as_str()), || {
+                    let mut args: TraceArgs = vec![
+                        ("op", if f.op.is_write() { "write" } else { "read" }.into()),
+                        ("path", f.path.into()),
+                    ];
+                    match f.target {
+                        Target::Frame(t) => args.push(("frame", t.frame.to_string().into())),
+                        Target::Mmio(pa) => args.push(("mmio", TraceArg::Hex(pa.raw()))),
                     }
-                    DeviceGrant::Pin { pid, va } => {
-                        args.extend([
-                            ("grant", "pin".into()),
-                            ("pid", pid.0.into()),
-                            ("va", TraceArg::Hex(va.raw())),
-                        ]);
+                    match f.grant {
+                        DeviceGrant::Mirror { pid, va } => {
+                            args.extend([
+                                ("grant", "mirror".into()),
+                                ("pid", pid.0.into()),
+                                ("va", TraceArg::Hex(va.raw())),
+                            ]);
+                        }
+                        DeviceGrant::Pin { pid, va } => {
+                            args.extend([
+                                ("grant", "pin".into()),
+                                ("pid", pid.0.into()),
+                                ("va", TraceArg::Hex(va.raw())),
+                            ]);
+                        }
+                        DeviceGrant::Ref { pid, va } => {
+                            args.extend([
+                                ("grant", "ref".into()),
+                                ("pid", pid.0.into()),
+                                ("va", TraceArg::Hex(va.raw())),
+                            ]);
+                        }
+                        DeviceGrant::Raw => args.push(("grant", "raw".into())),
                     }
-                    DeviceGrant::Ref { pid, va } => {
-                        args.extend([
-                            ("grant", "ref".into()),
-                            ("pid", pid.0.into()),
-                            ("va", TraceArg::Hex(va.raw())),
-                        ]);
+                    if let Landing::Failed(e) = &landing {
+                        args.push(("error", e.name().into()));
                     }
-                    DeviceGrant::Raw => args.push(("grant", "raw".into())),
-                }
-                if let Landing::Failed(e) = &landing {
-                    args.push(("error", e.name().into()));
-                }
-                args
-            });
+                    args
+                });
+        }
         if !matches!(landing, Landing::Failed(_)) {
             k.sim.count("dma.bytes", REQUEST_BYTES as u64);
             k.sim
