@@ -9,6 +9,8 @@
 //! lib/test_hmm.c's open). A file is released when its last holder closes it or exits; once its opener has
 //! exited it answers `EINVAL` (test_hmm.c's `mmget_not_zero` fails), which the model gets by releasing it
 //! when the opener exits.
+//!
+//! Building the world is in `run/build.rs`; checking each step against its `expect`, in `run/check.rs`.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -17,19 +19,27 @@ use std::rc::Rc;
 
 use peerdma_core::{DeviceId, Errno, Pid, SimDuration, SimTime, Va};
 use peerdma_devices::{
-    Dmirror, DmirrorCosts, DmirrorDevice, DmirrorMemory, DmirrorResult, JobId, SvaAccel,
-    SvaAccelConfig, SvaCosts, SvaIommu,
+    Dmirror, DmirrorCosts, DmirrorDevice, DmirrorMemory, DmirrorResult, JobId, SvaAccel, SvaCosts,
+    SvaIommu,
 };
 use peerdma_dma::{DmaCosts, DmaSgHandle, DmaSpace, Platform};
-use peerdma_iommu::{AtcConfig, DomainConfig, DomainType, SvaDeviceInfo};
 use peerdma_mm::{Kernel, MmCosts, SigInfo};
 use peerdma_sim::{RngStream, RunOutcome, Sim, SimConfig, Track, WaitQueue};
 
-use crate::ast::{
-    AddrExpr, DeviceKind, DeviceMemoryKind, Expect, IommuMode, Scenario, Step, TimeMode,
-};
+use crate::ast::{AddrExpr, DeviceKind, DeviceMemoryKind, Scenario, Step, TimeMode};
 use crate::error::RunError;
 use crate::report::{ExpectFailure, Outcome, Report, StepRecord};
+
+mod build;
+mod check;
+
+use build::{build_platform, build_sva, nvmes, rnics, wall_clock_watchdog};
+
+/// With exploration on, the chance (in 1/256) that a yield point becomes a preemption ([`SimConfig`]).
+const EXPLORE_PREEMPT_PER_256: u32 = 64;
+/// The longest delay one exploration preemption adds: 20 µs, longer than a page fault or an invalidation
+/// (spec/numbers.md §3), so that another agent's whole protocol step can land in the window.
+const EXPLORE_PREEMPT_MAX: SimDuration = SimDuration::from_nanos(20_000);
 
 /// Returns the device id DMA through `pin`s is attributed to: a generic DMA engine, not a declared device,
 /// numbered right after the scenario's devices (which are numbered by their position in `[[device]]`), so
@@ -84,33 +94,6 @@ pub(crate) struct StepResult {
     pub(crate) sva_stats: Option<(u64, u64)>,
     /// The misuse behind `errno`, when the step used a handle its process does not hold.
     pub(crate) misuse: Option<String>,
-}
-
-/// What a step's `expect.counters` / `expect.events` look at: counter values and mirrors' event logs
-/// (before the step), or their growth (after it), plus what could not be observed.
-#[derive(Debug, Default)]
-pub(crate) struct Observed {
-    counters: Vec<u64>,
-    events: Vec<Vec<peerdma_mm::NotifierEvent>>,
-    errors: Vec<String>,
-}
-
-/// Prints events as `expect.events` spells them: `[clear, protection_page]`.
-fn events_text(events: &[peerdma_mm::NotifierEvent]) -> String {
-    let names: Vec<&str> = events
-        .iter()
-        .map(|e| match e {
-            peerdma_mm::NotifierEvent::Unmap => "unmap",
-            peerdma_mm::NotifierEvent::Clear => "clear",
-            peerdma_mm::NotifierEvent::ProtectionVma => "protection_vma",
-            peerdma_mm::NotifierEvent::ProtectionPage => "protection_page",
-            peerdma_mm::NotifierEvent::SoftDirty => "soft_dirty",
-            peerdma_mm::NotifierEvent::Release => "release",
-            peerdma_mm::NotifierEvent::Migrate => "migrate",
-            peerdma_mm::NotifierEvent::Exclusive => "exclusive",
-        })
-        .collect();
-    format!("[{}]", names.join(", "))
 }
 
 /// A process of the scenario: its pid once it exists, and what its steps hold by name.
@@ -311,200 +294,6 @@ fn run_and_shut_down(scn: &Scenario, opts: &RunOptions) -> (Report, std::rc::Wea
     // notifier) hold the model in cycles with the kernel and the engine.
     kernel.shutdown();
     (report, Rc::downgrade(&kernel))
-}
-
-/// Makes the NIC model of every `rnic` device (after the platform attached it).
-fn rnics(
-    scn: &Scenario,
-    platform: Option<&Rc<Platform>>,
-    timing: &peerdma_core::Timing,
-) -> BTreeMap<String, Rc<peerdma_devices::rnic::Rnic>> {
-    let mut out = BTreeMap::new();
-    let Some(p) = platform else {
-        return out;
-    };
-    let costs = peerdma_devices::rnic::RnicCosts::from_timing(timing);
-    for (i, d) in scn.devices.iter().enumerate() {
-        let id = DeviceId(u32::try_from(i).expect("few devices"));
-        if d.kind == DeviceKind::Rnic
-            && let Ok(dev) = p.device(id)
-        {
-            out.insert(
-                d.name.clone(),
-                peerdma_devices::rnic::Rnic::new(p, dev, costs.clone()),
-            );
-        }
-    }
-    out
-}
-
-/// Makes the controller model of every `nvme` device (after the platform attached it).
-fn nvmes(
-    scn: &Scenario,
-    platform: Option<&Rc<Platform>>,
-    timing: &peerdma_core::Timing,
-) -> BTreeMap<String, Rc<peerdma_devices::nvme::Nvme>> {
-    let mut out = BTreeMap::new();
-    let Some(p) = platform else {
-        return out;
-    };
-    let costs = peerdma_devices::nvme::NvmeCosts::from_timing(timing);
-    for (i, d) in scn.devices.iter().enumerate() {
-        let id = DeviceId(u32::try_from(i).expect("few devices"));
-        if d.kind == DeviceKind::Nvme
-            && let Ok(dev) = p.device(id)
-        {
-            out.insert(
-                d.name.clone(),
-                peerdma_devices::nvme::Nvme::new(p, dev, costs.clone(), d.size, d.p2p_queue),
-            );
-        }
-    }
-    out
-}
-
-/// Creates the `sva` devices, all behind one IOMMU unit (unit 0), each in its own IOMMU group; the unit's
-/// page-request queue is the smallest `prq_entries` given.
-fn build_sva(scn: &Scenario, iommu: &SvaIommu) -> BTreeMap<String, SvaAccel> {
-    let svas: Vec<(usize, &crate::ast::DeviceDecl)> = scn
-        .devices
-        .iter()
-        .enumerate()
-        .filter(|(_, d)| d.kind == DeviceKind::Sva)
-        .collect();
-    if let Some(prq) = svas.iter().map(|(_, d)| d.sva.prq_entries).min() {
-        iommu.set_prq_entries(usize::try_from(prq).unwrap_or(usize::MAX));
-    }
-    svas.into_iter()
-        .map(|(i, d)| {
-            let id = u32::try_from(i).expect("few devices");
-            let cfg = SvaAccelConfig {
-                info: SvaDeviceInfo {
-                    group: Some(id),
-                    iommu: 0,
-                    max_pasids: 1 << d.sva.pasid_bits,
-                    domain_alloc_sva: true,
-                },
-                atc: AtcConfig {
-                    sets: usize::try_from(d.sva.atc_sets).unwrap_or(1),
-                    ways: usize::try_from(d.sva.atc_ways).unwrap_or(1),
-                },
-                wq_depth: usize::try_from(d.sva.wq_depth).unwrap_or(1),
-            };
-            let dev = SvaAccel::new(iommu, DeviceId(id), &d.name, cfg)
-                .expect("device ids are the declaration indices, each used once");
-            (d.name.clone(), dev)
-        })
-        .collect()
-}
-
-/// With exploration on, the chance (in 1/256) that a yield point becomes a preemption ([`SimConfig`]).
-const EXPLORE_PREEMPT_PER_256: u32 = 64;
-/// The longest delay one exploration preemption adds: 20 µs, longer than a page fault or an invalidation
-/// (spec/numbers.md §3), so that another agent's whole protocol step can land in the window.
-const EXPLORE_PREEMPT_MAX: SimDuration = SimDuration::from_nanos(20_000);
-
-/// Returns the watchdog that stops a run past `limit` of host time (`[sim.limits] wall_time`; 0: none).
-/// The model never reads the host clock; only this check, between events, does.
-fn wall_clock_watchdog(limit: SimDuration) -> Option<peerdma_sim::Watchdog> {
-    if limit.as_nanos() == 0 {
-        return None;
-    }
-    #[expect(
-        clippy::disallowed_methods,
-        reason = "the wall-time limit is about the host, not the model; it only ever stops a run"
-    )]
-    let start = std::time::Instant::now();
-    let limit = std::time::Duration::from_nanos(limit.as_nanos());
-    Some(peerdma_sim::Watchdog(Rc::new(move || {
-        (start.elapsed() > limit).then(|| {
-            format!(
-                "wall-time limit of {} s reached (`[sim.limits] wall_time`)",
-                limit.as_secs_f64()
-            )
-        })
-    })))
-}
-
-type PlatformParts = (
-    Option<Rc<Platform>>,
-    BTreeMap<String, DeviceId>,
-    BTreeMap<String, peerdma_mm::MmioId>,
-);
-
-/// Builds the DMA platform from `[topology]` and the `pci` devices: attaches each to its PCI function with
-/// its IOMMU domain, adds its P2P resources and its BAR exports. An error is a run-time refusal of the
-/// kernel (a resource that does not fit its BAR), reported as the run's stop reason.
-fn build_platform(
-    scn: &Scenario,
-    kernel: &Rc<Kernel>,
-    costs: DmaCosts,
-) -> Result<PlatformParts, RunError> {
-    let Some(spec) = &scn.topology else {
-        return Ok((None, BTreeMap::new(), BTreeMap::new()));
-    };
-    let topo = spec.build()?;
-    let platform = Platform::new(kernel.clone(), topo, costs);
-    let mut pci = BTreeMap::new();
-    let mut exports = BTreeMap::new();
-    for (i, d) in scn.devices.iter().enumerate() {
-        if !matches!(
-            d.kind,
-            DeviceKind::Pci | DeviceKind::Rnic | DeviceKind::Nvme | DeviceKind::Gpu
-        ) {
-            continue;
-        }
-        let id = DeviceId(u32::try_from(i).expect("few devices"));
-        let node_name = d.node.as_deref().unwrap_or(&d.name);
-        let node = platform
-            .topology()
-            .lookup(node_name)
-            .ok_or_else(|| RunError::NoNode {
-                device: d.name.clone(),
-                node: node_name.to_owned(),
-            })?;
-        let domain = DomainConfig::with_type(match d.iommu {
-            IommuMode::Identity => DomainType::Identity,
-            IommuMode::Dma => DomainType::Dma,
-            IommuMode::DmaLazy => DomainType::DmaFq,
-        });
-        platform
-            .add_device(id, node, &d.name, domain)
-            .map_err(|e| RunError::AddDevice {
-                device: d.name.clone(),
-                errno: e.errno(),
-            })?;
-        for r in &d.p2p {
-            platform
-                .p2p_add_resource(id, r.bar, r.size, r.offset)
-                .map_err(|e| RunError::P2pAddResource {
-                    device: d.name.clone(),
-                    bar: r.bar,
-                    size: r.size,
-                    offset: r.offset,
-                    errno: e.errno(),
-                })?;
-            platform
-                .p2p_publish(id, r.publish)
-                .map_err(|e| RunError::P2pPublish {
-                    device: d.name.clone(),
-                    errno: e.errno(),
-                })?;
-        }
-        for x in &d.exports {
-            let mmio = platform
-                .export_bar(id, x.bar, x.offset, x.len, x.revocable)
-                .map_err(|e| RunError::ExportDoesNotFit {
-                    device: d.name.clone(),
-                    export: x.name.clone(),
-                    bar: x.bar,
-                    errno: e.errno(),
-                })?;
-            exports.insert(x.name.clone(), mmio);
-        }
-        pci.insert(d.name.clone(), id);
-    }
-    Ok((Some(platform), pci, exports))
 }
 
 impl World {
@@ -867,292 +656,6 @@ impl World {
             })
     }
 
-    /// What `expect.counters` and `expect.events` compare, read before the step runs: each named counter's
-    /// value and the number of events each named device file's mirror had seen.
-    fn observe(&self, proc_name: &str, e: &Expect) -> Observed {
-        if e.counters.is_empty() && e.events.is_empty() {
-            return Observed::default();
-        }
-        let m = self.kernel.sim.metrics();
-        Observed {
-            counters: e.counters.iter().map(|(n, _)| m.get(n)).collect(),
-            events: e
-                .events
-                .iter()
-                .map(|(fd, _)| {
-                    let procs = self.procs.borrow();
-                    procs[proc_name]
-                        .fds
-                        .get(fd)
-                        .map(|f| f.events())
-                        .unwrap_or_default()
-                })
-                .collect(),
-            errors: Vec::new(),
-        }
-    }
-
-    /// The counters' growth and the events seen since `before` (same order as the expectation's lists).
-    fn observed_since(&self, proc_name: &str, e: &Expect, before: &Observed) -> Observed {
-        if e.counters.is_empty() && e.events.is_empty() {
-            return Observed::default();
-        }
-        let now = self.observe(proc_name, e);
-        let mut errors = Vec::new();
-        let events = e
-            .events
-            .iter()
-            .zip(now.events.iter().zip(&before.events))
-            .map(|((fd, _), (now, then))| {
-                let known = self.procs.borrow()[proc_name].fds.contains_key(fd);
-                if !known {
-                    errors.push(format!(
-                        "`events.{fd}`: no open device file `{fd}` in `{proc_name}`"
-                    ));
-                }
-                now.get(then.len()..).unwrap_or_default().to_vec()
-            })
-            .collect();
-        Observed {
-            counters: now
-                .counters
-                .iter()
-                .zip(&before.counters)
-                .map(|(n, b)| n.saturating_sub(*b))
-                .collect(),
-            events,
-            errors,
-        }
-    }
-
-    /// Checks a step's result against its `expect` and records the outcome.
-    fn check(
-        &self,
-        thread: &str,
-        step: &Step,
-        res: &Result<StepResult, RunError>,
-        start: SimTime,
-        observed: &Observed,
-    ) {
-        let mut fails = Vec::new();
-        fails.extend(observed.errors.iter().cloned());
-        for ((name, want), got) in step.expect.counters.iter().zip(&observed.counters) {
-            if got != want {
-                fails.push(format!(
-                    "expected counter `{name}` to grow by {want}, it grew by {got}"
-                ));
-            }
-        }
-        for ((fd, want), got) in step.expect.events.iter().zip(&observed.events) {
-            if got != want {
-                fails.push(format!(
-                    "expected the mirror of `{fd}` to see {}, it saw {}",
-                    events_text(want),
-                    events_text(got)
-                ));
-            }
-        }
-        let e: &Expect = &step.expect;
-        // Disarm the oracle whatever happened; what it saw is checked below.
-        let seen = e.violation.map(|_| self.kernel.take_expected_violations());
-        let summary;
-        match res {
-            Err(err) => {
-                summary = format!("error: {err}");
-                if err.is_limit() {
-                    self.kernel.sim.limit_reached(format!(
-                        "{}:{}: step `{}` of thread `{thread}`: {err}",
-                        self.scn.path,
-                        step.loc,
-                        step.op.name()
-                    ));
-                }
-                fails.push(err.to_string());
-            }
-            Ok(r) => {
-                summary = summarize(r);
-                if let (Some(kind), Some(seen)) = (e.violation, &seen) {
-                    if seen.is_empty() {
-                        fails.push(format!(
-                            "expected the oracle to report a {kind} violation, it reported none"
-                        ));
-                    } else {
-                        self.kernel
-                            .sim
-                            .count("oracle.expected_violations", seen.len() as u64);
-                    }
-                }
-                let want_errno = e.errno.unwrap_or(None);
-                *self.expectations.borrow_mut() += 1;
-                if r.errno != want_errno && !e.any_errno {
-                    let why = r
-                        .misuse
-                        .as_ref()
-                        .map_or_else(String::new, |m| format!(" ({m})"));
-                    fails.push(format!(
-                        "expected {}, got {}{why}",
-                        errno_text(want_errno),
-                        errno_text(r.errno)
-                    ));
-                }
-                match (e.signal, r.signal) {
-                    (None, Some(s)) => fails.push(format!("unexpected {s}")),
-                    (Some(want), None) => {
-                        fails.push(format!("expected {}, the access completed", want.name()));
-                    }
-                    (Some(want), Some(got)) if want != got.signo => {
-                        fails.push(format!("expected {}, got {got}", want.name()));
-                    }
-                    _ => {}
-                }
-                if r.errno.is_none() {
-                    if let Some(want) = e.cpages {
-                        let got = r.dm.as_ref().map_or(0, |d| d.cpages);
-                        if got != want {
-                            fails.push(format!("expected cpages = {want}, got {got}"));
-                        }
-                    }
-                    if let Some(want) = e.faults {
-                        let got = r.dm.as_ref().map_or(0, |d| d.faults);
-                        if got != want {
-                            fails.push(format!("expected faults = {want}, got {got}"));
-                        }
-                    }
-                    if let Some(d) = &r.data
-                        && !e.data_one_of.is_empty()
-                        && !e.data_one_of.iter().any(|p| p.check(d).is_ok())
-                    {
-                        let names: Vec<String> =
-                            e.data_one_of.iter().map(|p| format!("`{p}`")).collect();
-                        fails.push(format!(
-                            "data matches none of {} (first bytes {:02x?})",
-                            names.join(", "),
-                            &d[..d.len().min(8)]
-                        ));
-                    }
-                    if let (Some(p), Some(d)) = (&e.data, &r.data)
-                        && let Err(m) = p.check(d)
-                    {
-                        fails.push(format!(
-                            "data differs from `{p}` at byte {:#x}: expected {:02x?}, found {:02x?}",
-                            m.offset, m.expected, m.found
-                        ));
-                    }
-                    if let (Some(want), Some(d)) = (&e.bytes, &r.data)
-                        && want != d
-                    {
-                        let i = want
-                            .iter()
-                            .zip(d)
-                            .position(|(a, b)| a != b)
-                            .unwrap_or(want.len().min(d.len()));
-                        fails.push(format!(
-                            "snapshot byte {i}: expected {}, got {} (expected {} bytes, got {})",
-                            want.get(i).map_or("none".into(), |b| format!("{b:#04x}")),
-                            d.get(i).map_or("none".into(), |b| format!("{b:#04x}")),
-                            want.len(),
-                            d.len()
-                        ));
-                    }
-                    if let Some(want) = &e.segments {
-                        let got = r.segments.clone().unwrap_or_default();
-                        if *want != got {
-                            let show = |v: &[(String, u64)]| {
-                                v.iter()
-                                    .map(|(k, l)| format!("{k}:{}", crate::units::format_size(*l)))
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            };
-                            fails.push(format!(
-                                "expected segments [{}], got [{}]",
-                                show(want),
-                                show(&got)
-                            ));
-                        }
-                    }
-                    if let Some(want) = e.pinned {
-                        let got = r.pinned.unwrap_or(0);
-                        if got != want {
-                            fails.push(format!("expected pinned = {want}, got {got}"));
-                        }
-                    }
-                    for (key, bounds, got) in [
-                        ("atc_hit_pct", e.atc_hit_pct, r.sva_stats.map(|s| s.0)),
-                        (
-                            "translation_requests",
-                            e.translation_requests,
-                            r.sva_stats.map(|s| s.1),
-                        ),
-                    ] {
-                        if let Some((lo, hi)) = bounds {
-                            let got = got.unwrap_or(0);
-                            if !(lo..=hi).contains(&got) {
-                                fails.push(format!("expected {key} in [{lo}, {hi}], got {got}"));
-                            }
-                        }
-                    }
-                    if let Some(want) = e.dma_addr
-                        && r.dma_addr != Some(want)
-                    {
-                        fails.push(format!(
-                            "expected dma_addr {want:#x}, got {}",
-                            r.dma_addr
-                                .map_or_else(|| "no segment".to_owned(), |a| format!("{a:#x}"))
-                        ));
-                    }
-                    if let Some(want) = &e.status
-                        && r.status.as_ref() != Some(want)
-                    {
-                        fails.push(format!(
-                            "expected status {want}, got {}",
-                            r.status.as_deref().unwrap_or("none")
-                        ));
-                    }
-                    if let (Some(want), Some(d)) = (e.value, &r.data) {
-                        let mut w = [0u8; 8];
-                        let n = d.len().min(8);
-                        w[..n].copy_from_slice(&d[..n]);
-                        let got = u64::from_le_bytes(w);
-                        if got != want {
-                            fails.push(format!("expected value {want:#x}, got {got:#x}"));
-                        }
-                    }
-                }
-            }
-        }
-        let sim = &self.kernel.sim;
-        if let Some(want) = e.duration {
-            let got = sim.now() - start;
-            if !e.tolerance.accepts(want.as_nanos(), got.as_nanos()) {
-                fails.push(format!(
-                    "expected a duration of {want} ({}), took {got}",
-                    e.tolerance
-                ));
-            }
-        }
-        for message in &fails {
-            self.failures.borrow_mut().push(ExpectFailure {
-                line: step.loc.line,
-                col: step.loc.col,
-                thread: thread.to_owned(),
-                op: step.op.name().to_owned(),
-                time: sim.now(),
-                message: message.clone(),
-            });
-        }
-        if self.step_log {
-            self.records.borrow_mut().push(StepRecord {
-                start,
-                end: sim.now(),
-                thread: thread.to_owned(),
-                op: step.op.name().to_owned(),
-                line: step.loc.line,
-                result: summary,
-                ok: fails.is_empty(),
-            });
-        }
-    }
-
     /// Samples the residency gauges: pages in use on each RAM node (series `residency.node<N>`) and the
     /// pages of each dmirror device's memory holding data (`residency.<device>`). Sampled after every step:
     /// *coarse*, changes inside a step are not seen.
@@ -1276,40 +779,4 @@ impl World {
             agent_processes,
         }
     }
-}
-
-fn errno_text(e: Option<Errno>) -> String {
-    e.map_or_else(|| "success".to_owned(), |e| format!("-{}", e.name()))
-}
-
-fn summarize(r: &StepResult) -> String {
-    let mut s = errno_text(r.errno);
-    if let Some(sig) = r.signal {
-        s = sig.to_string();
-    }
-    if let Some(d) = &r.dm {
-        let _ = write!(s, " cpages={} faults={}", d.cpages, d.faults);
-    }
-    if let Some(segs) = &r.segments {
-        let _ = write!(s, " pinned={} segments=[", r.pinned.unwrap_or(0));
-        for (i, (k, l)) in segs.iter().enumerate() {
-            let _ = write!(
-                s,
-                "{}{k}:{}",
-                if i == 0 { "" } else { ", " },
-                crate::units::format_size(*l)
-            );
-        }
-        s.push(']');
-        if let Some(a) = r.dma_addr {
-            let _ = write!(s, " dma_addr={a:#x}");
-        }
-    }
-    if let Some(st) = &r.status {
-        let _ = write!(s, " status={st}");
-    }
-    if let Some(n) = &r.note {
-        let _ = write!(s, " {n}");
-    }
-    s
 }
