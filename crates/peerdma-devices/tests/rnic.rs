@@ -875,3 +875,58 @@ fn figures_odp_vs_pinned() {
         );
     }
 }
+
+/// An ODP umem reserves the IOVA of its whole range at registration (`ib_init_umem_odp` →
+/// `hmm_dma_map_alloc`), links pages into it (a write upgrade of a mapped page links nothing again),
+/// unlinks them on invalidation without freeing it, and gives it back at deregistration.
+#[test]
+fn an_odp_umem_reserves_its_iova_at_registration_and_dereg_frees_it() {
+    let w = world();
+    let r = w.run(|k, a, _, p| async move {
+        let nic = p.device(DeviceId(1)).unwrap();
+        let dom = |nic: &peerdma_dma::DmaDevice| {
+            (
+                nic.domain().nr_iova_allocations(),
+                nic.domain().mapped_pages(),
+            )
+        };
+        let pid = k.create_process();
+        let pd = a.alloc_pd(pid);
+        let va = anon(&k, pid, 8, true).await;
+        let before = dom(&nic);
+        let o = a.reg_mr(pd, va, 8 * PAGE_SIZE, odp()).await.unwrap();
+        let registered = dom(&nic);
+        a.advise_mr(pd, Advice::PrefetchWrite, true, &[sge(o.lkey, va, 8)])
+            .await
+            .unwrap();
+        let prefetched = dom(&nic);
+        let linked = k.sim.metrics().get("dma.iova_linked_pages");
+        k.madvise(pid, va, 8 * PAGE_SIZE, peerdma_mm::Advice::DontNeed)
+            .await
+            .unwrap();
+        let invalidated = dom(&nic);
+        a.dereg_mr(o.lkey).await.unwrap();
+        (
+            before,
+            registered,
+            prefetched,
+            linked,
+            invalidated,
+            dom(&nic),
+        )
+    });
+    assert_eq!(r.0, (0, 0));
+    assert_eq!(
+        r.1,
+        (1, 8),
+        "one reservation; the snapshot linked the 8 present pages"
+    );
+    assert_eq!(r.2, (1, 8), "the write prefetch kept every mapping");
+    assert_eq!(r.3, 8, "no page was linked twice");
+    assert_eq!(
+        r.4,
+        (1, 0),
+        "the invalidation unlinked every page, the reservation stays"
+    );
+    assert_eq!(r.5, (0, 0), "deregistration freed it");
+}

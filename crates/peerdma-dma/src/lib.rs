@@ -13,6 +13,8 @@
 //! - [`map`]: `map_sg` / `unmap_sg` with P2P classification, and a device's access through a DMA address;
 //! - [`dmabuf`]: BAR memory without `struct page` exported to importers (dynamic with `move_notify`, or
 //!   pinned), revoked at removal;
+//! - [`hmm_dma`]: range-at-a-time DMA mapping of a mirrored range (`hmm_dma_map_*`: one IOVA reservation,
+//!   pages linked and unlinked one by one);
 //! - [`hmm_mirror`]: the one mirror loop (fault with `read_begin` / `read_retry`, invalidate with zap, fence
 //!   and DMA-unmap) that every mirroring device uses through [`MirrorDevice`];
 //! - [`mirror`]: the long-term coherent translation mirror of a DMA device (ODP/HMM pattern, no pins);
@@ -27,6 +29,7 @@
 
 pub mod dmabuf;
 pub mod error;
+pub mod hmm_dma;
 pub mod hmm_mirror;
 pub mod map;
 pub mod mirror;
@@ -36,6 +39,7 @@ pub mod space;
 
 pub use dmabuf::{AttachId, ImporterKind};
 pub use error::DmaError;
+pub use hmm_dma::{DmaPfn, HmmDmaMap};
 pub use hmm_mirror::{HMM_RANGE_DEFAULT_TIMEOUT, HmmMirror, MirrorDevice, ProgramCost};
 pub use map::{DmaAddr, DmaSegment, MappedSg, SegKind};
 pub use mirror::DmaMirror;

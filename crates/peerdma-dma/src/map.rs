@@ -34,7 +34,7 @@ use crate::platform::{DmaDevice, Platform};
 use crate::space::{DeviceAddr, DmaOp, DmaRequest};
 
 /// `DMA_BIT_MASK(32)`: the top of the 32-bit DMA space a PCI device's IOVAs come from first.
-const DMA_BIT_MASK_32: u64 = (1 << 32) - 1;
+pub(crate) const DMA_BIT_MASK_32: u64 = (1 << 32) - 1;
 
 /// A DMA address as the device is told it (`dma_addr_t`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -150,8 +150,8 @@ impl MappedSg {
         self.pages.get(i).map(|p| p.addr)
     }
 
-    /// Splits a list of one page into that page and its IOVA range (what [`Platform::unmap_iovas`]
-    /// releases), so that a per-page table holds no list; `None` unless it holds exactly one page.
+    /// Splits a list of one page into that page and its IOVA range (what its unmap releases), so that a
+    /// per-page table holds no list; `None` unless it holds exactly one page.
     pub(crate) fn into_single(mut self) -> Option<(MappedPage, Option<(Iova, u64)>)> {
         if self.pages.len() != 1 {
             return None;
@@ -327,31 +327,6 @@ impl Platform {
         sg.pages.clear();
         self.kernel.sim.count("dma.unmap_sg", 1);
         Ok(cost)
-    }
-
-    /// `dma_unmap_sg` of each of `lists` in order for `dev`, each given by its IOVA range (`None`: nothing
-    /// to unmap — an identity domain or bus addresses only): the same unmaps, costs and counters as
-    /// [`Platform::unmap_sg`] of each, with one borrow of the device's domain for all of them (a mirror's
-    /// invalidation unmapping its pages). Returns the summed CPU time (zero, and nothing unmapped, for a
-    /// device that is gone, as `unmap_sg`'s `ENODEV`).
-    pub(crate) fn unmap_iovas(&self, dev: DeviceId, lists: &[Option<(Iova, u64)>]) -> SimDuration {
-        if lists.is_empty() {
-            return SimDuration::ZERO;
-        }
-        let Ok(d) = self.device(dev) else {
-            return SimDuration::ZERO;
-        };
-        let now = self.kernel.sim.now();
-        let mut cost = SimDuration::ZERO;
-        let mut domain = d.domain_mut();
-        for &(iova, len) in lists.iter().flatten() {
-            let outcome = domain
-                .unmap(iova, len, now)
-                .expect("map_sg mapped this IOVA range");
-            cost += self.costs.iommu.unmap(&outcome);
-        }
-        self.kernel.sim.count("dma.unmap_sg", lists.len() as u64);
-        cost
     }
 
     /// Resolves a device access at `addr` to a physical address, with its translation cost; `None` when the

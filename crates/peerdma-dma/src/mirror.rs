@@ -1,35 +1,38 @@
 //! The long-term coherent translation mirror: a device mirrors a VA range of a process without pinning
 //! anything (DESIGN.md §4.4; `spec/linux-p2p.md` §4.2–§4.3 (mlx5 ODP), `spec/linux-hmm.md` §1.2).
 //!
-//! Linux counterparts: drivers/infiniband/core/umem_odp.c (`ib_umem_odp_map_dma_and_lock`,
-//! `ib_umem_odp_unmap_dma_pages`), drivers/infiniband/hw/mlx5/odp.c (`mlx5_ib_invalidate_range`), mm/hmm.c
-//! `hmm_dma_map_pfn` (P2P-aware per-page DMA mapping).
+//! Linux counterparts: drivers/infiniband/core/umem_odp.c (`ib_init_umem_odp`, `ib_umem_odp_map_dma_and_lock`,
+//! `ib_umem_odp_unmap_dma_pages`, `ib_umem_odp_release`), drivers/infiniband/hw/mlx5/odp.c
+//! (`mlx5_ib_invalidate_range`), mm/hmm.c `hmm_dma_map_alloc` / `hmm_dma_map_pfn` / `hmm_dma_unmap_pfn` /
+//! `hmm_dma_map_free` (P2P-aware range-at-a-time DMA mapping, [`crate::hmm_dma`]).
 //!
 //! The fault loop and the invalidation are the shared ones of [`crate::hmm_mirror`] (its numbered steps);
 //! this module supplies the ODP device side ([`MirrorDevice`]):
-//! - program (fault step 7): DMA-map every returned page for the device (P2P pages by their map type: bus
-//!   address, IOVA with the MMIO attribute, or `EREMOTEIO`) and program the device entries, spending the
-//!   mappings' CPU time under the mirror lock (`umem_mutex`);
+//! - program (fault step 7): DMA-map every returned page for the device (`hmm_dma_map_pfn`; P2P pages by
+//!   their map type: bus address, IOVA with the MMIO attribute, or `EREMOTEIO`) and program the device
+//!   entries, spending the mappings' CPU time under the mirror lock (`umem_mutex`);
 //! - zap (invalidate step 4): remove the device entries of the range; a notifier invalidation (not
 //!   `unregister`) counts them in `mirror.invalidated_pages`;
 //! - fence (invalidate step 5): wait until the device's in-flight requests holding a translation of the
 //!   range have landed ([`crate::space::DmaSpace::fence`]);
-//! - release (invalidate step 6): DMA-unmap (or detach) the zapped entries — after the zap and the fence:
-//!   the device must stop using the addresses before the IOMMU mapping goes.
+//! - release (invalidate step 6): DMA-unmap (`hmm_dma_unmap_pfn`) or detach the zapped entries — after the
+//!   zap and the fence: the device must stop using the addresses before the IOMMU mapping goes.
 //!
 //! A range in a PFNMAP VMA (a BAR without struct page) is mirrored through the BAR's owner instead of
 //! `hmm_range_fault`, which refuses it: each page is a dynamic attachment to the owner's export
 //! ([`crate::dmabuf`]), dropped by the same invalidations and revoked with the export.
 //!
 //! There is no pin anywhere: pages are free to migrate, swap or COW once an invalidation returns.
-//! *Coarse:* one IOVA mapping per page (no MR-wide IOVA reservation); dirty tracking of written pages is
-//! not modelled. The per-page work is Linux's: mm/hmm.c `hmm_dma_map_pfn` links and syncs one page at a
-//! time (into a umem-wide IOVA span reserved by `dma_iova_try_alloc` when the device is behind an IOMMU,
-//! else `dma_map_page` per page), and `ib_umem_odp_unmap_dma_pages` unlinks page by page, each with its
-//! IOTLB sync — so a mirror fault or invalidation costs one IO PTE update (and, on unmap, one range
-//! invalidation) per page here too; only the IOVA addresses differ from the reserved-span layout. The
-//! device's table keeps each page's mapping inline (no per-page list) and an invalidation unmaps its
-//! pages through one borrow of the domain (`Platform::unmap_iovas`).
+//!
+//! DMA mapping is range-at-a-time, as since Linux 6.15 ([`crate::hmm_dma`]): registration reserves the IOVA
+//! of the whole mirrored range once (`hmm_dma_map_alloc` → `dma_iova_try_alloc`), so page `i` of the range
+//! always sits at `base + i * PAGE_SIZE`; a fault links each page into it (`hmm_dma_map_pfn`; a page still
+//! mapped is not linked again), an invalidation unlinks each zapped page with its own IOTLB sync
+//! (`ib_umem_odp_unmap_dma_pages` → `hmm_dma_unmap_pfn` → `dma_iova_unlink`) and keeps the reservation, and
+//! `unregister` frees it (`hmm_dma_map_free`). A device without a translating domain, or one whose IOVA
+//! space has no room for the range, maps page by page with the regular DMA API instead. *Coarse:* dirty
+//! tracking of written pages is not modelled. The device's table keeps each page's mapping inline (no
+//! per-page list) and an invalidation unmaps its pages through one borrow of the domain.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -39,7 +42,7 @@ use std::rc::Rc;
 use std::future::Future;
 use std::pin::Pin;
 
-use peerdma_core::{Errno, Iova, PAGE_SIZE, Pid, Range, SimDuration, Va};
+use peerdma_core::{Errno, PAGE_SIZE, Pid, Range, SimDuration, Va};
 use peerdma_mm::hmm::{HMM_PFN_WRITE, HmmRange, hmm_pfn_to_frame};
 use peerdma_mm::mmu_notifier::NotifierRange;
 use peerdma_mm::vma::VmFlags;
@@ -47,21 +50,18 @@ use peerdma_mm::{DeviceGrant, Kernel, MmioId};
 use peerdma_sim::{SimMutex, TraceArg, Track};
 
 use crate::dmabuf::{AttachId, ImporterKind};
+use crate::hmm_dma::{DmaPfn, HmmDmaMap};
 use crate::hmm_mirror::{HmmMirror, MirrorDevice, ProgramCost};
-use crate::map::{DmaSegment, MapTarget, MappedPage, MappedSg};
+use crate::map::{DmaSegment, MappedSg};
 use crate::platform::{DmaDevice, Platform};
 use crate::space::{DeviceAddr, DmaOp, DmaRequest, RequestId};
 
 /// What a device entry points at.
 #[derive(Clone, Copy, Debug)]
 enum Target {
-    /// A page with struct page, DMA-mapped for the device: its one mapped page and the IOVA range its
-    /// `dma_map` allocated (`None`: an identity domain or a bus address), inline rather than a one-page
-    /// list, so that the per-page table allocates nothing per page.
-    Page {
-        page: MappedPage,
-        iova: Option<(Iova, u64)>,
-    },
+    /// A page with struct page, DMA-mapped for the device by the mirror's [`HmmDmaMap`], inline rather
+    /// than a one-page list, so that the per-page table allocates nothing per page.
+    Page(DmaPfn),
     /// A page of a BAR without struct page, reached through a dynamic attachment to its export.
     Bar { mmio: MmioId, att: AttachId },
 }
@@ -78,20 +78,23 @@ struct Shared {
     pid: Pid,
     lock: SimMutex,
     entries: RefCell<BTreeMap<u64, Entry>>,
+    /// The DMA map of the whole mirrored range (`struct hmm_dma_map`): index 0 is page `first_vpn`.
+    map: HmmDmaMap,
+    first_vpn: u64,
 }
 
 impl Shared {
-    /// DMA-unmaps (or detaches) one entry's target; returns the unmap's CPU time.
-    fn release_target(&self, t: Target) -> SimDuration {
+    /// DMA-unmaps (or detaches) the target of the entry of page `vpn`; returns the unmap's CPU time.
+    fn release_target(&self, vpn: u64, t: Target) -> SimDuration {
         match t {
-            Target::Page { iova, .. } => self.platform.unmap_iovas(self.dev.id, &[iova]),
+            Target::Page(pfn) => self.map.unmap_pfns([(vpn - self.first_vpn, pfn)]),
             Target::Bar { mmio, att } => self.platform.dmabuf_detach(mmio, att),
         }
     }
 }
 
 impl MirrorDevice for Shared {
-    type Zapped = Vec<Entry>;
+    type Zapped = BTreeMap<u64, Entry>;
 
     const COUNTER_PREFIX: &'static str = "mirror";
 
@@ -123,35 +126,46 @@ impl MirrorDevice for Shared {
         true
     }
 
-    /// Fault step 7, under the mirror lock: DMA-maps each page and programs its entry; the mappings' CPU
-    /// time is spent before the lock drops.
+    /// Fault step 7, under the mirror lock: DMA-maps each page (`hmm_dma_map_pfn`) and programs its entry;
+    /// the mappings' CPU time is spent before the lock drops. A page the device still maps at the same
+    /// physical address keeps its mapping (only the entry's permission follows the new pfn), as
+    /// `hmm_dma_map_pfn` returns the old address of a `HMM_PFN_DMA_MAPPED` pfn; any other old target is
+    /// unmapped first (the model's read-retry mutations can leave one).
     fn program(&self, range: &HmmRange) -> Result<ProgramCost, Errno> {
         let mut cost = SimDuration::ZERO;
+        let mut linked = 0;
         for (i, &w) in range.hmm_pfns.iter().enumerate() {
             let frame = hmm_pfn_to_frame(w);
             let write = w & HMM_PFN_WRITE != 0;
             let pa = self.platform.kernel.frame_pa(frame);
-            let class = self.platform.classify(&self.dev, pa);
-            let target = MapTarget {
-                pa,
-                class,
-                mmio: false,
-            };
-            let sg = self.platform.map_targets(&self.dev, &[target], write)?;
-            cost += sg.cost;
-            let (page, iova) = sg.into_single().expect("one target maps one page");
             let vpn = range.start.page_number() + i as u64;
-            let old = self.entries.borrow_mut().insert(
+            {
+                let mut entries = self.entries.borrow_mut();
+                if let Some(e) = entries.get_mut(&vpn) {
+                    if matches!(e.target, Target::Page(p) if p.pa() == pa) {
+                        e.write = write;
+                        continue;
+                    }
+                    let old = entries.remove(&vpn).expect("the entry was just found");
+                    drop(entries);
+                    cost += self.release_target(vpn, old.target);
+                }
+            }
+            let (pfn, c) = self
+                .map
+                .map_pfn(vpn - self.first_vpn, pa)
+                .inspect_err(|_| self.map.count_linked(linked))?;
+            cost += c;
+            linked += u64::from(pfn.is_linked());
+            self.entries.borrow_mut().insert(
                 vpn,
                 Entry {
                     write,
-                    target: Target::Page { page, iova },
+                    target: Target::Page(pfn),
                 },
             );
-            if let Some(o) = old {
-                cost += self.release_target(o.target);
-            }
         }
+        self.map.count_linked(linked);
         Ok(ProgramCost {
             locked: cost,
             unlocked: SimDuration::ZERO,
@@ -160,18 +174,18 @@ impl MirrorDevice for Shared {
 
     /// Removes the entries of the pages `r` touches; their mappings stay until `release`. One walk of the
     /// entries inside `r` (none outside it), and a range covering every entry takes the whole table.
-    fn zap(&self, r: Range<Va>) -> Vec<Entry> {
+    fn zap(&self, r: Range<Va>) -> BTreeMap<u64, Entry> {
         let mut e = self.entries.borrow_mut();
         let (lo, hi) = (r.start.page_number(), r.end.raw().div_ceil(PAGE_SIZE));
         let covers_all = e.first_key_value().is_none_or(|(&k, _)| k >= lo)
             && e.last_key_value().is_none_or(|(&k, _)| k < hi);
         if covers_all {
-            return std::mem::take(&mut *e).into_values().collect();
+            return std::mem::take(&mut *e);
         }
-        e.extract_if(lo..hi, |_, _| true).map(|(_, v)| v).collect()
+        e.extract_if(lo..hi, |_, _| true).collect()
     }
 
-    fn invalidated(&self, _range: &NotifierRange, zapped: &Vec<Entry>) {
+    fn invalidated(&self, _range: &NotifierRange, zapped: &BTreeMap<u64, Entry>) {
         self.platform
             .kernel
             .sim
@@ -184,23 +198,34 @@ impl MirrorDevice for Shared {
     }
 
     /// DMA-unmaps the zapped entries, page by page in address order as `ib_umem_odp_unmap_dma_pages`
-    /// does, the pages' IOVA ranges through one batch ([`Platform::unmap_sgs`]); returns the unmaps' CPU
-    /// time.
-    fn release(&self, zapped: Vec<Entry>) -> SimDuration {
+    /// does (`hmm_dma_unmap_pfn` each: a linked page is unlinked with its own IOTLB sync, the reservation
+    /// stays), the pages through one borrow of the domain; returns the unmaps' CPU time.
+    fn release(&self, zapped: BTreeMap<u64, Entry>) -> SimDuration {
+        let first = self.first_vpn;
+        if !zapped
+            .values()
+            .any(|e| matches!(e.target, Target::Bar { .. }))
+        {
+            return self
+                .map
+                .unmap_pfns(zapped.into_iter().filter_map(|(vpn, e)| match e.target {
+                    Target::Page(pfn) => Some((vpn - first, pfn)),
+                    Target::Bar { .. } => None,
+                }));
+        }
         let mut cost = SimDuration::ZERO;
-        let mut iovas = Vec::with_capacity(zapped.len());
-        for en in zapped {
+        let mut pages = Vec::new();
+        for (vpn, en) in zapped {
             match en.target {
-                Target::Page { iova, .. } => iovas.push(iova),
+                Target::Page(pfn) => pages.push((vpn - self.first_vpn, pfn)),
                 Target::Bar { mmio, att } => {
                     // Keep the order of the unmaps: the pages before this one go first.
-                    cost += self.platform.unmap_iovas(self.dev.id, &iovas);
-                    iovas.clear();
+                    cost += self.map.unmap_pfns(pages.drain(..));
                     cost += self.platform.dmabuf_detach(mmio, att);
                 }
             }
         }
-        cost + self.platform.unmap_iovas(self.dev.id, &iovas)
+        cost + self.map.unmap_pfns(pages)
     }
 }
 
@@ -222,25 +247,42 @@ impl fmt::Debug for DmaMirror {
 }
 
 impl DmaMirror {
-    /// Registers a mirror of `range` of `pid` for `dev` (`ib_umem_odp_get`): inserts the interval notifier;
-    /// nothing is faulted or pinned.
+    /// Registers a mirror of `range` of `pid` for `dev` (`ib_umem_odp_get` → `ib_init_umem_odp`): reserves
+    /// the IOVA of the whole range (`hmm_dma_map_alloc`; page by page later when the device has no
+    /// translating domain or the IOVA space has no room, which is not an error) and inserts the interval
+    /// notifier; nothing is faulted or pinned.
     ///
     /// # Errors
-    /// `EINVAL` when the process has exited, `EOVERFLOW` for a range that wraps.
+    /// `EINVAL` when the process has exited, `EOVERFLOW` for a range that wraps (the reservation is given
+    /// back).
     pub fn register(
         platform: &Rc<Platform>,
         dev: Rc<DmaDevice>,
         pid: Pid,
         range: Range<Va>,
     ) -> Result<Self, Errno> {
+        let first_vpn = range.start.page_number();
+        let nr_pages = range
+            .end
+            .raw()
+            .div_ceil(PAGE_SIZE)
+            .saturating_sub(first_vpn);
         let sh = Rc::new(Shared {
             platform: platform.clone(),
             lock: SimMutex::new(&platform.kernel.sim, "mirror.umem_mutex"),
+            map: HmmDmaMap::alloc(platform, &dev, nr_pages),
+            first_vpn,
             dev,
             pid,
             entries: RefCell::new(BTreeMap::new()),
         });
-        let mirror = HmmMirror::register(sh.clone(), range.start, range.len())?;
+        let mirror = match HmmMirror::register(sh.clone(), range.start, range.len()) {
+            Ok(m) => m,
+            Err(e) => {
+                sh.map.free()?;
+                return Err(e);
+            }
+        };
         platform.kernel.sim.count("mirror.registrations", 1);
         Ok(Self { sh, mirror, range })
     }
@@ -248,6 +290,12 @@ impl DmaMirror {
     /// Returns the mirrored range.
     pub fn range(&self) -> Range<Va> {
         self.range
+    }
+
+    /// Returns the IOVA range reserved for the whole mirrored range (`dma_iova_try_alloc`), `None` when the
+    /// mirror maps page by page (no translating domain, no room) or after `unregister`.
+    pub fn iova_reservation(&self) -> Option<(peerdma_core::Iova, u64)> {
+        self.sh.map.reservation()
     }
 
     /// Returns the number of pages the device has entries for now.
@@ -260,7 +308,7 @@ impl DmaMirror {
         let mut all = MappedSg::default();
         for e in self.sh.entries.borrow().values() {
             match &e.target {
-                Target::Page { page, .. } => all.pages.push(*page),
+                Target::Page(pfn) => all.pages.push(pfn.page),
                 Target::Bar { mmio, att } => {
                     if self.sh.platform.dmabuf_is_mapped(*mmio, *att)
                         && let Ok(p) = self.sh.platform.dmabuf_mapping(*mmio, *att)
@@ -286,7 +334,12 @@ impl DmaMirror {
         let sh = &self.sh;
         let k = &sh.platform.kernel;
         k.sim.count("mirror.faults", 1);
-        let track = Track::device(sh.dev.name.as_str());
+        // The device's trace track; an untraced run records nothing on it, so it is not built then.
+        let track = if k.sim.tracing() {
+            Track::device(sh.dev.name.as_str())
+        } else {
+            Track::Agent
+        };
         let mut span = k.sim.span("device.fault", track.clone(), || {
             vec![
                 ("va", TraceArg::Hex(r.start.raw())),
@@ -295,8 +348,8 @@ impl DmaMirror {
             ]
         });
         let nr = k.sim.counter("mirror.faults");
-        k.sim.gauge(
-            track.clone(),
+        k.sim.gauge_device(
+            &sh.dev.name,
             "device.faults",
             i64::try_from(nr).unwrap_or(i64::MAX),
         );
@@ -367,7 +420,7 @@ impl DmaMirror {
                 },
             );
             if let Some(o) = old {
-                cost += sh.release_target(o.target);
+                cost += sh.release_target(va.page_number(), o.target);
             }
         }
         // The attachments' IOMMU mappings are made under the mirror lock, like the page mappings.
@@ -430,7 +483,7 @@ impl DmaMirror {
                 .get(&va.page_number())
                 .filter(|e| e.write || !write)
                 .map(|e| match &e.target {
-                    Target::Page { page, .. } => Ok(page.addr),
+                    Target::Page(pfn) => Ok(pfn.addr()),
                     Target::Bar { mmio, att } => {
                         platform.dmabuf_mapping(*mmio, *att).map(|p| p[0].addr)
                     }
@@ -453,9 +506,12 @@ impl DmaMirror {
         }
     }
 
-    /// Unregisters the mirror: zaps and unmaps every entry, removes the notifier (`ib_umem_odp_release`).
+    /// Unregisters the mirror (`ib_umem_odp_release`): zaps and unmaps every entry, removes the notifier,
+    /// then frees the IOVA reservation (`hmm_dma_map_free`).
     pub async fn unregister(&self) {
         self.mirror.unmap_range(self.range).await;
         self.mirror.remove().await;
+        let freed = self.sh.map.free();
+        debug_assert!(freed.is_ok(), "every page was unmapped: {freed:?}");
     }
 }

@@ -42,7 +42,13 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
+#[expect(
+    clippy::disallowed_types,
+    reason = "looked up by key only, never iterated into output; PageHasher has no random seed"
+)]
+use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
 
 use peerdma_core::{DeviceId, Errno, FrameId, PAGE_SIZE, Pa, Pid, Range, SimDuration, SimTime, Va};
@@ -230,10 +236,42 @@ struct SpaceState {
     pipe_free: [SimTime; 2],
     /// This device's requests in flight per link.
     link_users: BTreeMap<NodeId, u32>,
-    /// The frame and generation each DMA address page was last handed to the device for.
-    issued: BTreeMap<u64, (FrameId, u64)>,
+    /// The frame and generation each DMA address page was last handed to the device for (a hash table:
+    /// only looked up, never iterated, so its order cannot reach any output).
+    issued: PageHashMap<(FrameId, u64)>,
     /// Bytes landed so far (the `dma.bytes` gauge).
     landed_bytes: u64,
+    /// Page buffers reads land in, given back after use ([`DmaSpace::recycle`]).
+    spare: Vec<Vec<u8>>,
+}
+
+/// A hash table keyed by page number with [`PageHasher`]; its iteration order is deterministic but
+/// meaningless, and it is only looked up by key (CONVENTIONS).
+#[expect(
+    clippy::disallowed_types,
+    reason = "looked up by key only, never iterated into output; PageHasher has no random seed"
+)]
+type PageHashMap<V> = HashMap<u64, V, BuildHasherDefault<PageHasher>>;
+
+/// A hasher for page numbers: one multiply by the 64-bit golden ratio (Fibonacci hashing), enough for keys
+/// that are page numbers, much cheaper than the default SipHash on the per-page paths.
+#[derive(Default)]
+struct PageHasher(u64);
+
+impl Hasher for PageHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
 }
 
 /// Returns whether `f` holds a mirror translation of `range` of `pid`.
@@ -249,6 +287,8 @@ struct SpaceInner {
     kernel: Rc<Kernel>,
     dev: DeviceId,
     name: String,
+    /// The name of each request's landing agent (`<name>.dma`), spelled once.
+    landing_name: String,
     max_outstanding: usize,
     flows: LinkFlows,
     st: RefCell<SpaceState>,
@@ -288,6 +328,7 @@ impl DmaSpace {
             kernel: kernel.clone(),
             dev,
             name: name.to_owned(),
+            landing_name: format!("{name}.dma"),
             max_outstanding: usize::try_from(max_outstanding.max(1)).expect("u32 fits usize"),
             flows,
             st: RefCell::default(),
@@ -308,8 +349,8 @@ impl DmaSpace {
 
     /// Samples the `dma.outstanding` gauge of this device (requests in flight).
     fn sample_outstanding(&self, n: usize) {
-        self.0.kernel.sim.gauge(
-            Track::device(self.0.name.as_str()),
+        self.0.kernel.sim.gauge_device(
+            &self.0.name,
             "dma.outstanding",
             i64::try_from(n).unwrap_or(i64::MAX),
         );
@@ -428,7 +469,7 @@ impl DmaSpace {
         };
         self.sample_outstanding(self.nr_in_flight());
         let space = self.clone();
-        sim.spawn_at(land_at, format!("{}.dma", inner.name), async move {
+        sim.spawn_at(land_at, inner.landing_name.clone(), async move {
             space.land(id);
         });
         id
@@ -512,6 +553,7 @@ impl DmaSpace {
                             out.data[j * REQUEST_BYTES..(j + 1) * REQUEST_BYTES]
                                 .copy_from_slice(&page);
                         }
+                        self.recycle(page);
                     }
                     // Aborted by an invalidation's fence: issue it again (a mirror faults it back in).
                     Err(Errno::EAGAIN) => pending.push((i, op)),
@@ -530,6 +572,15 @@ impl DmaSpace {
             ]
         });
         out
+    }
+
+    /// Gives a page buffer [`DmaSpace::wait`] returned back to the device's spare ones (at most one per
+    /// outstanding request are kept).
+    fn recycle(&self, page: Vec<u8>) {
+        let mut st = self.0.st.borrow_mut();
+        if page.len() == REQUEST_BYTES && st.spare.len() < self.0.max_outstanding {
+            st.spare.push(page);
+        }
     }
 
     /// Waits for request `id` to land; returns the page it read (empty for a write).
@@ -631,7 +682,18 @@ impl DmaSpace {
             k.sim.now(),
             "a request lands at its landing time"
         );
-        let mut page = [0u8; REQUEST_BYTES];
+        // A read lands in a page buffer from the device's spare ones (given back by `run_batch` once it
+        // has copied the page out), not a fresh allocation per request.
+        let mut page = if f.op.is_write() {
+            Vec::new()
+        } else {
+            inner
+                .st
+                .borrow_mut()
+                .spare
+                .pop()
+                .unwrap_or_else(|| vec![0u8; REQUEST_BYTES])
+        };
         let moved = match (f.target, &f.op) {
             _ if f.stale => {
                 k.report_violation(
@@ -658,48 +720,51 @@ impl DmaSpace {
         };
         let landing = match (moved, &f.op) {
             (Err(e), _) => Landing::Failed(e),
-            (Ok(()), DmaOp::Read) => Landing::Read(page.to_vec()),
+            (Ok(()), DmaOp::Read) => Landing::Read(page),
             (Ok(()), DmaOp::Write(_)) => Landing::Written,
         };
-        k.sim
-            .instant("dma.land", Track::device(inner.name.as_str()), || {
-                let mut args: TraceArgs = vec![
-                    ("op", if f.op.is_write() { "write" } else { "read" }.into()),
-                    ("path", f.path.into()),
-                ];
-                match f.target {
-                    Target::Frame(t) => args.push(("frame", t.frame.to_string().into())),
-                    Target::Mmio(pa) => args.push(("mmio", TraceArg::Hex(pa.raw()))),
-                }
-                match f.grant {
-                    DeviceGrant::Mirror { pid, va } => {
-                        args.extend([
-                            ("grant", "mirror".into()),
-                            ("pid", pid.0.into()),
-                            ("va", TraceArg::Hex(va.raw())),
-                        ]);
+        // (The trace record only: its track is not built for an untraced run.)
+        if k.sim.tracing() {
+            k.sim
+                .instant("dma.land", Track::device(inner.name.as_str()), || {
+                    let mut args: TraceArgs = vec![
+                        ("op", if f.op.is_write() { "write" } else { "read" }.into()),
+                        ("path", f.path.into()),
+                    ];
+                    match f.target {
+                        Target::Frame(t) => args.push(("frame", t.frame.to_string().into())),
+                        Target::Mmio(pa) => args.push(("mmio", TraceArg::Hex(pa.raw()))),
                     }
-                    DeviceGrant::Pin { pid, va } => {
-                        args.extend([
-                            ("grant", "pin".into()),
-                            ("pid", pid.0.into()),
-                            ("va", TraceArg::Hex(va.raw())),
-                        ]);
+                    match f.grant {
+                        DeviceGrant::Mirror { pid, va } => {
+                            args.extend([
+                                ("grant", "mirror".into()),
+                                ("pid", pid.0.into()),
+                                ("va", TraceArg::Hex(va.raw())),
+                            ]);
+                        }
+                        DeviceGrant::Pin { pid, va } => {
+                            args.extend([
+                                ("grant", "pin".into()),
+                                ("pid", pid.0.into()),
+                                ("va", TraceArg::Hex(va.raw())),
+                            ]);
+                        }
+                        DeviceGrant::Ref { pid, va } => {
+                            args.extend([
+                                ("grant", "ref".into()),
+                                ("pid", pid.0.into()),
+                                ("va", TraceArg::Hex(va.raw())),
+                            ]);
+                        }
+                        DeviceGrant::Raw => args.push(("grant", "raw".into())),
                     }
-                    DeviceGrant::Ref { pid, va } => {
-                        args.extend([
-                            ("grant", "ref".into()),
-                            ("pid", pid.0.into()),
-                            ("va", TraceArg::Hex(va.raw())),
-                        ]);
+                    if let Landing::Failed(e) = &landing {
+                        args.push(("error", e.name().into()));
                     }
-                    DeviceGrant::Raw => args.push(("grant", "raw".into())),
-                }
-                if let Landing::Failed(e) = &landing {
-                    args.push(("error", e.name().into()));
-                }
-                args
-            });
+                    args
+                });
+        }
         if !matches!(landing, Landing::Failed(_)) {
             k.sim.count("dma.bytes", REQUEST_BYTES as u64);
             k.sim
@@ -709,8 +774,8 @@ impl DmaSpace {
                 st.landed_bytes += REQUEST_BYTES as u64;
                 st.landed_bytes
             };
-            k.sim.gauge(
-                Track::device(inner.name.as_str()),
+            k.sim.gauge_device(
+                &inner.name,
                 "dma.bytes",
                 i64::try_from(landed).unwrap_or(i64::MAX),
             );

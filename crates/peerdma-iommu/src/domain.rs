@@ -589,6 +589,60 @@ impl IommuDomain {
         Ok(outcome)
     }
 
+    /// Unlinks `[iova, iova + len)` from a live IOVA allocation and keeps the allocation (dma-iommu.c
+    /// `dma_iova_unlink`, i.e. `__iommu_dma_iova_unlink` with `free_iova = false`): clears the PTEs and
+    /// syncs the IOTLB for the range before returning, in every paging domain — the flush queue is used
+    /// only when the IOVA is freed in the same call (`iotlb_gather.queued = free_iova && fq_domain`), so a
+    /// DmaFq domain invalidates here as a strict one does. The range may start anywhere inside the
+    /// allocation (a page of a `dma_iova_try_alloc` reservation); [`IommuDomain::free_iova`] releases the
+    /// allocation once nothing of it is linked (`dma_iova_free`).
+    ///
+    /// # Errors
+    /// [`Error::IdentityDomain`]; [`Error::ZeroSize`]; [`Error::Unaligned`] unless `iova` and `len` are
+    /// page aligned; [`Error::OutsideAperture`]; [`Error::NotAllocated`] unless the range lies inside one
+    /// live allocation; [`Error::NotMapped`] naming the first page not linked. On error nothing changes.
+    pub fn unlink(&mut self, iova: Iova, len: u64) -> Result<UnmapOutcome> {
+        self.paging("page table")?;
+        if len == 0 {
+            return Err(Error::ZeroSize);
+        }
+        if !iova.is_page_aligned() || !len.is_multiple_of(PAGE_SIZE) {
+            return Err(Error::Unaligned {
+                iova,
+                pa: Pa::from_raw(0),
+                len,
+            });
+        }
+        let range = self.checked_range(iova, len)?;
+        let start_pfn = iova.page_number();
+        let end_pfn = start_pfn + len / PAGE_SIZE;
+        let live = self
+            .iovad
+            .allocation_containing(start_pfn)
+            .filter(|&(lo, n)| end_pfn <= lo + n && !self.queued.contains(&lo));
+        if live.is_none() {
+            return Err(Error::NotAllocated { range });
+        }
+        if let Some(pfn) = (start_pfn..end_pfn).find(|&p| self.pt.get(p).is_none()) {
+            return Err(Error::NotMapped {
+                iova: pfn_to_iova(pfn),
+            });
+        }
+        self.pt.clear_checked(start_pfn, end_pfn - start_pfn);
+        self.stats.mapped_pages = self.pt.nr_present();
+        if !peerdma_core::mutation::active(peerdma_core::mutation::Mutation::SkipStrictFlush) {
+            self.iotlb.invalidate_range(start_pfn, end_pfn);
+        }
+        self.stats.range_invalidations += 1;
+        Ok(UnmapOutcome {
+            nr_pages: end_pfn - start_pfn,
+            invalidated_range: true,
+            queued: false,
+            flushed: false,
+            freed_iovas: 0,
+        })
+    }
+
     /// Runs the flush-queue timer (dma-iommu `fq_flush_timeout`): if the first queued entry was queued at
     /// least `fq_timeout` before `now`, flushes. Returns whether it flushed. Strict and identity domains
     /// never flush here.

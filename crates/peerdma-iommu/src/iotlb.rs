@@ -36,9 +36,10 @@ pub struct IotlbEntry {
 #[derive(Clone, Debug)]
 pub struct Iotlb {
     capacity: usize,
+    /// The cached pages; each entry's `stamp` orders them by last use (the smallest is the least recently
+    /// used: found by a scan at eviction, so a hit updates one entry and nothing else — the IOTLB is small,
+    /// 64 entries by default, and evictions happen only on misses, which walk anyway).
     entries: BTreeMap<u64, IotlbEntry>,
-    /// Use stamp → IOVA page number; the first key is the least recently used entry.
-    lru: BTreeMap<u64, u64>,
     next_stamp: u64,
 }
 
@@ -48,7 +49,6 @@ impl Iotlb {
         Self {
             capacity,
             entries: BTreeMap::new(),
-            lru: BTreeMap::new(),
             next_stamp: 0,
         }
     }
@@ -77,9 +77,7 @@ impl Iotlb {
     pub fn lookup(&mut self, iova_pfn: u64) -> Option<IotlbEntry> {
         let stamp = self.bump();
         let entry = self.entries.get_mut(&iova_pfn)?;
-        self.lru.remove(&entry.stamp);
         entry.stamp = stamp;
-        self.lru.insert(stamp, iova_pfn);
         Some(*entry)
     }
 
@@ -89,11 +87,14 @@ impl Iotlb {
             return None;
         }
         let stamp = self.bump();
-        if let Some(old) = self.entries.remove(&iova_pfn) {
-            self.lru.remove(&old.stamp);
-        }
+        self.entries.remove(&iova_pfn);
         let evicted = if self.entries.len() >= self.capacity {
-            let (_, victim) = self.lru.pop_first().expect("a full cache has an LRU entry");
+            let victim = self
+                .entries
+                .iter()
+                .min_by_key(|(_, e)| e.stamp)
+                .map(|(&pfn, _)| pfn)
+                .expect("a full cache has an LRU entry");
             self.entries.remove(&victim);
             Some(victim)
         } else {
@@ -107,29 +108,31 @@ impl Iotlb {
                 stamp,
             },
         );
-        self.lru.insert(stamp, iova_pfn);
         evicted
     }
 
     /// Drops every entry for IOVA pages in `[start_pfn, end_pfn)` and returns how many were dropped.
     pub fn invalidate_range(&mut self, start_pfn: u64, end_pfn: u64) -> usize {
-        let victims: Vec<(u64, u64)> = self
-            .entries
-            .range(start_pfn..end_pfn)
-            .map(|(&pfn, e)| (pfn, e.stamp))
-            .collect();
-        for (pfn, stamp) in &victims {
-            self.entries.remove(pfn);
-            self.lru.remove(stamp);
+        let before = self.entries.len();
+        if end_pfn.saturating_sub(start_pfn) == 1 {
+            self.entries.remove(&start_pfn);
+        } else {
+            let victims: Vec<u64> = self
+                .entries
+                .range(start_pfn..end_pfn)
+                .map(|(&pfn, _)| pfn)
+                .collect();
+            for pfn in &victims {
+                self.entries.remove(pfn);
+            }
         }
-        victims.len()
+        before - self.entries.len()
     }
 
     /// Drops every entry and returns how many were dropped.
     pub fn flush_all(&mut self) -> usize {
         let n = self.entries.len();
         self.entries.clear();
-        self.lru.clear();
         n
     }
 

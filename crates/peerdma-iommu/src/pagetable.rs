@@ -2,9 +2,11 @@
 //! per-vendor page-table formats behind them: drivers/iommu/intel/iommu.c, drivers/iommu/amd/io_pgtable.c,
 //! drivers/iommu/io-pgtable-arm.c).
 //!
-//! The table maps 4 KiB IOVA pages to 4 KiB physical pages with [`IommuProt`] permissions. It is stored
-//! flat, one `BTreeMap` entry per present leaf PTE keyed by IOVA page number; a walk is reported as
-//! [`IO_PAGE_TABLE_LEVELS`] levels, the depth of the 4-level (48-bit) x86 and Arm formats.
+//! The table maps 4 KiB IOVA pages to 4 KiB physical pages with [`IommuProt`] permissions. Its leaf entries
+//! sit in last-level tables of 512 (one 4 KiB table page each), found by table number; the upper levels are
+//! not stored, and a walk is reported as [`IO_PAGE_TABLE_LEVELS`] levels, the depth of the 4-level (48-bit)
+//! x86 and Arm formats. A last-level table, once allocated, stays when its entries are cleared (as an
+//! unmap leaves the table pages in place).
 //!
 //! Invariants:
 //! 1. A leaf is either absent or present with at least one of `read` / `write`.
@@ -82,10 +84,41 @@ pub enum PteConflict {
     Absent(u64),
 }
 
-/// A flat model of a 4-level IO page table.
+/// Leaf PTEs per last-level table: 512 entries of 8 bytes in a 4 KiB page, as in the x86 IO page tables.
+const PTES_PER_TABLE: u64 = SLOTS as u64;
+/// [`PTES_PER_TABLE`] as an array length.
+const SLOTS: usize = 512;
+
+/// One last-level table: its 512 leaf slots and how many of them are present.
+#[derive(Clone, Debug)]
+struct LeafTable {
+    slots: Box<[Option<IoPte>; SLOTS]>,
+    present: u32,
+}
+
+impl LeafTable {
+    fn new() -> Self {
+        Self {
+            slots: Box::new([None; SLOTS]),
+            present: 0,
+        }
+    }
+}
+
+/// Returns the table number and the slot of IOVA page `pfn`.
+fn split(pfn: u64) -> (u64, usize) {
+    let slot = usize::try_from(pfn % PTES_PER_TABLE).expect("a slot index fits usize");
+    (pfn / PTES_PER_TABLE, slot)
+}
+
+/// A model of a 4-level IO page table: the walk's levels are counted ([`IO_PAGE_TABLE_LEVELS`]), the leaf
+/// entries are kept in last-level tables of 512 (allocated on first use and kept once allocated, as an
+/// unmap leaves the table pages in place), indexed by table number, so a lookup, a map or a clear of one
+/// page is one index probe plus one slot access.
 #[derive(Clone, Debug, Default)]
 pub struct IoPageTable {
-    ptes: BTreeMap<u64, IoPte>,
+    tables: BTreeMap<u64, LeafTable>,
+    present: u64,
 }
 
 impl IoPageTable {
@@ -103,17 +136,24 @@ impl IoPageTable {
         prot: IommuProt,
     ) -> Result<(), PteConflict> {
         let end = iova_pfn + nr_pages;
-        if let Some((&pfn, _)) = self.ptes.range(iova_pfn..end).next() {
+        if let Some(pfn) = self.first_present(iova_pfn, end) {
             return Err(PteConflict::Present(pfn));
         }
-        for i in 0..nr_pages {
-            self.ptes.insert(
-                iova_pfn + i,
-                IoPte {
-                    pa_pfn: pa_pfn + i,
+        let mut pfn = iova_pfn;
+        while pfn < end {
+            let (t, first) = split(pfn);
+            let table = self.tables.entry(t).or_insert_with(LeafTable::new);
+            let n = (PTES_PER_TABLE - first as u64).min(end - pfn);
+            for i in 0..n {
+                let slot = first + usize::try_from(i).expect("a slot index fits usize");
+                table.slots[slot] = Some(IoPte {
+                    pa_pfn: pa_pfn + (pfn - iova_pfn) + i,
                     prot,
-                },
-            );
+                });
+            }
+            table.present += u32::try_from(n).expect("at most 512 slots");
+            self.present += n;
+            pfn += n;
         }
         Ok(())
     }
@@ -121,41 +161,64 @@ impl IoPageTable {
     /// Clears the `nr_pages` PTEs from IOVA page `iova_pfn`; every one of them must be present.
     pub fn unmap(&mut self, iova_pfn: u64, nr_pages: u64) -> Result<(), PteConflict> {
         let end = iova_pfn + nr_pages;
-        let present = self.ptes.range(iova_pfn..end).count();
-        if u64::try_from(present).expect("count fits u64") != nr_pages {
-            let first_absent = (iova_pfn..end)
-                .find(|p| !self.ptes.contains_key(p))
-                .expect("a page is absent when fewer PTEs than pages are present");
-            return Err(PteConflict::Absent(first_absent));
+        if let Some(p) = (iova_pfn..end).find(|&p| self.get(p).is_none()) {
+            return Err(PteConflict::Absent(p));
         }
-        for pfn in iova_pfn..end {
-            self.ptes.remove(&pfn);
-        }
+        self.clear_checked(iova_pfn, nr_pages);
         Ok(())
     }
 
     /// Clears the `nr_pages` PTEs from IOVA page `iova_pfn`, which the caller has checked are all present
     /// (the domain's unmap checks them first, to name the first absent page before changing anything).
     pub(crate) fn clear_checked(&mut self, iova_pfn: u64, nr_pages: u64) {
-        for pfn in iova_pfn..iova_pfn + nr_pages {
-            let was = self.ptes.remove(&pfn);
-            debug_assert!(was.is_some(), "IO PTE {pfn:#x} was checked present");
+        let end = iova_pfn + nr_pages;
+        let mut pfn = iova_pfn;
+        while pfn < end {
+            let (t, first) = split(pfn);
+            let n = (PTES_PER_TABLE - first as u64).min(end - pfn);
+            let table = self.tables.get_mut(&t);
+            debug_assert!(table.is_some(), "IO PTE {pfn:#x} was checked present");
+            if let Some(table) = table {
+                for i in 0..n {
+                    let slot = first + usize::try_from(i).expect("a slot index fits usize");
+                    let was = table.slots[slot].take();
+                    debug_assert!(was.is_some(), "IO PTE {:#x} was checked present", pfn + i);
+                    if was.is_some() {
+                        table.present -= 1;
+                        self.present -= 1;
+                    }
+                }
+            }
+            pfn += n;
         }
     }
 
     /// Returns the leaf PTE for IOVA page `iova_pfn`.
     pub fn get(&self, iova_pfn: u64) -> Option<IoPte> {
-        self.ptes.get(&iova_pfn).copied()
+        let (t, slot) = split(iova_pfn);
+        self.tables.get(&t).and_then(|table| table.slots[slot])
     }
 
     /// Returns the first present PTE's IOVA page number in `[start_pfn, end_pfn)`.
     pub fn first_present(&self, start_pfn: u64, end_pfn: u64) -> Option<u64> {
-        self.ptes.range(start_pfn..end_pfn).next().map(|(&p, _)| p)
+        if start_pfn >= end_pfn {
+            return None;
+        }
+        let (t0, _) = split(start_pfn);
+        let (t1, _) = split(end_pfn - 1);
+        self.tables
+            .range(t0..=t1)
+            .filter(|(_, table)| table.present > 0)
+            .find_map(|(&t, table)| {
+                let lo = (t * PTES_PER_TABLE).max(start_pfn);
+                let hi = ((t + 1) * PTES_PER_TABLE).min(end_pfn);
+                (lo..hi).find(|&p| table.slots[split(p).1].is_some())
+            })
     }
 
     /// Returns the number of present leaf PTEs.
     pub fn nr_present(&self) -> u64 {
-        u64::try_from(self.ptes.len()).expect("count fits u64")
+        self.present
     }
 }
 
@@ -183,6 +246,33 @@ mod tests {
         assert_eq!(t.nr_present(), 2);
         t.unmap(10, 2).unwrap();
         assert_eq!(t.nr_present(), 0);
+    }
+
+    #[test]
+    fn ranges_across_last_level_tables_map_find_and_clear_page_by_page() {
+        let mut t = IoPageTable::new();
+        // 4 pages straddling the boundary between tables 0 and 1 (pages 510..514).
+        t.map(510, 7, 4, IommuProt::READ_WRITE).unwrap();
+        assert_eq!(t.nr_present(), 4);
+        assert_eq!(t.get(513).map(|p| p.pa_pfn), Some(10));
+        assert_eq!(t.first_present(0, 2000), Some(510));
+        assert_eq!(t.first_present(512, 2000), Some(512));
+        assert_eq!(t.first_present(514, 2000), None);
+        assert_eq!(
+            t.map(400, 0, 111, IommuProt::READ),
+            Err(PteConflict::Present(510))
+        );
+        t.unmap(511, 2).unwrap();
+        assert_eq!((t.get(511), t.get(512)), (None, None));
+        assert_eq!(t.first_present(511, 2000), Some(513));
+        assert_eq!(t.nr_present(), 2);
+        // A table emptied and refilled, and a range far away.
+        t.unmap(510, 1).unwrap();
+        t.unmap(513, 1).unwrap();
+        assert_eq!(t.first_present(0, u64::MAX >> 12), None);
+        t.map(1 << 30, 5, 1, IommuProt::READ).unwrap();
+        assert_eq!(t.first_present(0, u64::MAX >> 12), Some(1 << 30));
+        assert_eq!(t.nr_present(), 1);
     }
 
     #[test]

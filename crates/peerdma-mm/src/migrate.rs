@@ -48,7 +48,6 @@
 //! does not fire its second, insert-time notifier; there is no `fault_page` (the CPU fault path takes no
 //! page lock, so the collect step locks the faulting page like any other).
 
-use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -59,6 +58,7 @@ use crate::kernel::{Kernel, Mms, VmFault};
 use crate::mmu_notifier::NotifierEvent;
 use crate::pagetable::Pte;
 use crate::phys::{FrameOwner, MemoryKind, PhysMem};
+use crate::rmap::Mapping;
 use crate::vma::VmFlags;
 use crate::vmscan::Swap;
 
@@ -447,17 +447,19 @@ impl Kernel {
         // migrate_vma_unmap: the pages' other mappings (other processes after fork) become migration entries
         // too, each under its own CLEAR invalidation; what cannot be fully unmapped, or holds extra references,
         // is restored everywhere and dropped from the migration.
-        let taken: BTreeSet<FrameId> = m
+        let mut taken: Vec<FrameId> = m
             .src
             .iter()
             .filter(|&&s| s & MIGRATE_PFN_COMPOUND == 0)
             .filter_map(|&s| migrate_pfn_to_frame(s))
             .collect();
-        self.try_to_migrate(&taken).await;
+        taken.sort_unstable();
+        taken.dedup();
+        let walk = self.try_to_migrate(&taken).await;
         let restored = {
             let mut st = self.mms();
             let mut phys = self.phys();
-            migrate_unmap_check(&mut st, &mut phys, &mut m.src, &taken)
+            migrate_unmap_check(&mut st, &mut phys, &mut m.src, &taken, walk)
         };
         if restored > 0 {
             m.cpages -= restored as u64;
@@ -624,21 +626,24 @@ fn entries_of(entries: &[MigrationEntry], f: FrameId) -> &[MigrationEntry] {
 }
 
 /// The reference check of `migrate_device_unmap` (mm/migrate_device.c) after [`Kernel::try_to_migrate`], for
-/// the entries of `src_pfns` whose page is in `taken` (locked, with one reference of the caller's): a page
+/// the entries of `src_pfns` whose page is in `taken` (sorted; locked, with one reference of the caller's): a page
 /// still mapped somewhere other than by a migration entry, or with references beyond its migration entries
 /// and the caller's — a pin (`maybe_dma_pinned`), a GUP reference — cannot migrate. Its migration entries are
 /// restored everywhere (`remove_migration_ptes(src, src)`), it is unlocked, the caller's reference is dropped
 /// and its entry becomes 0. Returns the number of pages restored; the caller wakes the migration wait queue.
+/// `walk` is the rmap walk of `taken` when the caller already has it for the current state
+/// ([`Kernel::try_to_migrate`] that changed nothing); `None` walks here.
 pub(crate) fn migrate_unmap_check(
     st: &mut Mms,
     phys: &mut PhysMem,
     src_pfns: &mut [u64],
-    taken: &BTreeSet<FrameId>,
+    taken: &[FrameId],
+    walk: Option<Vec<Mapping>>,
 ) -> usize {
     // Each page's migration entries (in walk order) and whether it is still mapped otherwise: one sorted
     // vector, no per-page allocation.
-    let mut entries: Vec<MigrationEntry> = st
-        .rmap_walk(phys, taken.iter().copied())
+    let walk = walk.unwrap_or_else(|| st.rmap_walk(phys, taken.iter().copied()));
+    let mut entries: Vec<MigrationEntry> = walk
         .into_iter()
         .map(|m| match m.leaf.pte {
             Pte::Migration { write, .. } if m.leaf.size == PageSize::Size4K => {
@@ -650,7 +655,7 @@ pub(crate) fn migrate_unmap_check(
     entries.sort_by_key(|e| e.0);
     let mut restored = 0;
     for s in src_pfns.iter_mut() {
-        let Some(f) = migrate_pfn_to_frame(*s).filter(|f| taken.contains(f)) else {
+        let Some(f) = migrate_pfn_to_frame(*s).filter(|f| taken.binary_search(f).is_ok()) else {
             continue;
         };
         let mine = entries_of(&entries, f);

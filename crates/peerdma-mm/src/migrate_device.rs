@@ -59,6 +59,7 @@ use crate::migrate::{
 use crate::mmu_notifier::NotifierEvent;
 use crate::pagetable::Pte;
 use crate::phys::MemoryKind;
+use crate::rmap::Mapping;
 
 /// Returns the frame and write bit of an entry that maps a page `try_to_migrate` can replace by a migration
 /// entry (device-private, present — system RAM or device-coherent —, device-exclusive).
@@ -131,11 +132,12 @@ impl Kernel {
             return;
         }
         // Step 2: try_to_migrate, then the reference check of migrate_device_unmap.
-        self.try_to_migrate(&taken).await;
+        let taken: Vec<FrameId> = taken.into_iter().collect();
+        let walk = self.try_to_migrate(&taken).await;
         let restored = {
             let mut st = self.mms();
             let mut phys = self.phys();
-            migrate_unmap_check(&mut st, &mut phys, src_pfns, &taken)
+            migrate_unmap_check(&mut st, &mut phys, src_pfns, &taken, walk)
         };
         if restored > 0 {
             self.migration_wq().wake_up_all();
@@ -147,13 +149,24 @@ impl Kernel {
     /// process, by a migration entry keeping that mapping's write bit, each inside its own MMU_NOTIFY_CLEAR
     /// invalidation with no owner (step 2 of the module docs). PMD leaves are split first. A pinned page's
     /// mapping is left alone (`folio_try_share_anon_rmap_pte` fails), so the reference check restores it.
-    pub(crate) async fn try_to_migrate(&self, taken: &BTreeSet<FrameId>) {
+    ///
+    /// `taken` is sorted. When no mapping needed replacing (every mapping of the pages is already a
+    /// migration entry, the usual case after `migrate_vma_setup`'s collect: Linux skips `try_to_migrate`
+    /// for a folio that is no longer `folio_mapped`), nothing changed and nothing slept, and the walk it
+    /// made is returned for [`migrate_unmap_check`] to use instead of walking again; `None` otherwise.
+    pub(crate) async fn try_to_migrate(&self, taken: &[FrameId]) -> Option<Vec<Mapping>> {
         if taken.is_empty() {
-            return;
+            return Some(Vec::new());
         }
         let mappings: Vec<(Pid, Va, FrameId)> = {
             let mut st = self.mms();
             let walk = st.rmap_walk(&self.phys(), taken.iter().copied());
+            if walk
+                .iter()
+                .all(|m| migratable_mapping(m.leaf.pte).is_none())
+            {
+                return Some(walk);
+            }
             for m in &walk {
                 if m.leaf.size != PageSize::Size4K && migratable_mapping(m.leaf.pte).is_some() {
                     st.mm_mut(m.pid).pt_mut().split_pmd(m.va);
@@ -190,6 +203,7 @@ impl Kernel {
             }
             self.invalidate_range_end(pid);
         }
+        None
     }
 
     /// `migrate_device_pages(src_pfns, dst_pfns, npages)`: step 4 of the module docs.

@@ -198,7 +198,8 @@ impl Mms {
             }
         }
         let mut out = Vec::new();
-        let mut hits: Vec<(Va, FrameId)> = Vec::new();
+        // Most frames have one mapping: room for that many hits up front, not a regrowth per doubling.
+        let mut hits: Vec<(Va, FrameId)> = Vec::with_capacity(frames.len());
         for (pid, gs) in visit {
             let Some(mm) = self.get(pid).filter(|mm| mm.is_alive()) else {
                 continue;
@@ -216,6 +217,7 @@ impl Mms {
                 }
             }
             hits.sort_unstable();
+            out.reserve(hits.len());
             for &(va, frame) in &hits {
                 let leaf = pt
                     .lookup(va)

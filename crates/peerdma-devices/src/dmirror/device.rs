@@ -2,7 +2,6 @@
 //! and the pagemap callbacks (test_hmm.c's `dmirror_device`, `dmirror_devmem_fault`, `dmirror_device_evict_chunk`).
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::{Rc, Weak};
@@ -15,6 +14,7 @@ use peerdma_mm::migrate::{
 };
 use peerdma_mm::{DevicePagemapOps, Kernel, MemoryKind, MigrateVma, VmFault};
 
+use super::tables::PageOwners;
 use super::{DmirrorCosts, DmirrorMemory, Shared};
 
 /// One dmirror device (`/dev/hmm_dmirrorN`) and its device memory (`dev_pagemap`): the device-private or
@@ -27,7 +27,7 @@ pub struct DmirrorDevice {
     pub(super) id: DeviceId,
     pub(super) memory: DmirrorMemory,
     pub(super) region: Cell<usize>,
-    pub(super) owners: RefCell<BTreeMap<FrameId, PageOwner>>,
+    pub(super) owners: RefCell<PageOwners>,
     /// Device pages in allocation order, for eviction under device memory pressure.
     pub(super) lru: RefCell<std::collections::VecDeque<FrameId>>,
     pub(super) costs: DmirrorCosts,
@@ -93,7 +93,7 @@ impl DmirrorDevice {
             id,
             memory,
             region: Cell::new(0),
-            owners: RefCell::new(BTreeMap::new()),
+            owners: RefCell::new(PageOwners::default()),
             lru: RefCell::new(std::collections::VecDeque::new()),
             costs,
             space: DmaSpace::new(kernel, id, &format!("dmirror{}", id.0), 1),
@@ -110,6 +110,7 @@ impl DmirrorDevice {
             None => kernel.add_device_memory(kind, bytes, ops),
         };
         dev.region.set(r);
+        *dev.owners.borrow_mut() = PageOwners::new(kernel.region_frames(r).0);
         dev
     }
 
@@ -198,12 +199,12 @@ impl DmirrorDevice {
             let mut out = Vec::new();
             while out.len() < nr {
                 let Some(f) = lru.pop_front() else { break };
-                if !owners.contains_key(&f) || !chosen.insert(f) {
+                if !owners.contains(f) || !chosen.insert(f) {
                     continue;
                 }
                 if !self.kernel.frame_info(f).allocated {
                     // Freed since (unmapped): page_free forgets it.
-                    owners.remove(&f);
+                    owners.remove(f);
                     continue;
                 }
                 out.push(f.0);
@@ -246,7 +247,7 @@ impl DmirrorDevice {
                 if s & MIGRATE_PFN_MIGRATE != 0
                     && let Some(f) = migrate_pfn_to_frame(s)
                 {
-                    owners.remove(&f);
+                    owners.remove(f);
                 }
             }
         }
@@ -272,10 +273,10 @@ impl DmirrorDevice {
             if let Some(fd) = self
                 .owners
                 .borrow_mut()
-                .remove(&src)
+                .remove(src)
                 .and_then(|o| o.fd.upgrade())
             {
-                fd.pt.borrow_mut().remove(&m.va(i).page_number());
+                fd.pt.borrow_mut().remove(m.va(i).page_number());
             }
             self.kernel.copy_page(src, dst);
             m.dst[i] = migrate_pfn(dst) | (m.src[i] & MIGRATE_PFN_WRITE);

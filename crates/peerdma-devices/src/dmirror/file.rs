@@ -2,7 +2,6 @@
 //! TO_SYS, SNAPSHOT, EXCLUSIVE, CHECK_EXCLUSIVE, RELEASE (lib/test_hmm.c).
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use peerdma_core::{
@@ -20,6 +19,7 @@ use peerdma_mm::{DeviceData, MemoryKind, MigrateVma, NotifierEvent, NotifierId, 
 use peerdma_sim::{SimMutex, TraceArg, Track};
 
 use super::device::{DmirrorDevice, PageOwner};
+use super::tables::DevicePt;
 use super::{
     CHUNK_PAGES, DmirrorMemory, DmirrorResult, EVICT_BATCH, FaultInjection, PtEntry, RANGE_TIMEOUT,
     Shared, SnapshotOps, Tag, errno_arg, prot,
@@ -49,7 +49,7 @@ impl Dmirror {
             dev: device.id,
             pid,
             lock: SimMutex::new(&kernel.sim, "dmirror.mutex"),
-            pt: RefCell::new(BTreeMap::new()),
+            pt: RefCell::new(DevicePt::default()),
             costs: device.costs.clone(),
             injection: Cell::new(FaultInjection::None),
             events: RefCell::new(Vec::new()),
@@ -102,7 +102,7 @@ impl Dmirror {
 
     /// Returns whether the device page table has an entry for the page at `va`.
     pub fn maps(&self, va: Va) -> bool {
-        self.sh.pt.borrow().contains_key(&va.page_number())
+        self.sh.pt.borrow().contains(va.page_number())
     }
 
     /// Returns the device page-table entries in address order: `(va, frame, writable)`, `writable` for
@@ -112,7 +112,7 @@ impl Dmirror {
             .pt
             .borrow()
             .iter()
-            .map(|(&vpn, e)| (Va::from_raw(vpn << PAGE_SHIFT), e.frame, e.tag != Tag::Read))
+            .map(|(vpn, e)| (Va::from_raw(vpn << PAGE_SHIFT), e.frame, e.tag != Tag::Read))
             .collect()
     }
 
@@ -174,7 +174,7 @@ impl Dmirror {
     ) -> bool {
         let pt = self.sh.pt.borrow();
         for va in Range::new(start, r.end).pages() {
-            let Some(e) = pt.get(&va.page_number()).copied() else {
+            let Some(e) = pt.get(va.page_number()) else {
                 return false;
             };
             let off = usize::try_from(va.raw() - r.start.raw()).expect("inside the bounce buffer");
@@ -217,7 +217,7 @@ impl Dmirror {
     pub(super) fn do_write(&self, r: Range<Va>, start: Va, data: &[u8], cpages: &mut u64) -> bool {
         let pt = self.sh.pt.borrow();
         for va in Range::new(start, r.end).pages() {
-            let Some(e) = pt.get(&va.page_number()).copied() else {
+            let Some(e) = pt.get(va.page_number()) else {
                 return false;
             };
             if e.tag == Tag::Read {
@@ -372,6 +372,8 @@ impl Dmirror {
                 {
                     let _g = self.sh.lock.lock().await;
                     let mut pt = self.sh.pt.borrow_mut();
+                    let mut owners = dev.owners.borrow_mut();
+                    let mut lru = dev.lru.borrow_mut();
                     for i in 0..m.src.len() {
                         if m.src[i] & MIGRATE_PFN_MIGRATE == 0 {
                             continue;
@@ -405,8 +407,8 @@ impl Dmirror {
                             let owner = PageOwner {
                                 fd: Rc::downgrade(&self.sh),
                             };
-                            dev.owners.borrow_mut().insert(frame, owner);
-                            dev.lru.borrow_mut().push_back(frame);
+                            owners.insert(frame, owner);
+                            lru.push_back(frame);
                         }
                     }
                 }
@@ -538,7 +540,7 @@ impl Dmirror {
         let _g = self.sh.lock.lock().await;
         let pt = self.sh.pt.borrow();
         let atomic = pt
-            .range(r.start.page_number()..r.end.page_number())
+            .range(r.start.page_number(), r.end.page_number())
             .any(|(_, e)| e.tag == Tag::Atomic);
         if atomic {
             Err(Errno::EPERM)

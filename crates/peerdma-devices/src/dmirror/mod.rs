@@ -24,7 +24,6 @@
 //! through the walk's CLEAR invalidations; no mirror page table is edited directly.
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -43,6 +42,7 @@ use peerdma_sim::{SimMutex, TraceArg};
 
 mod device;
 mod file;
+mod tables;
 
 pub use device::DmirrorDevice;
 pub use file::Dmirror;
@@ -201,7 +201,7 @@ pub(super) struct Shared {
     pub(super) dev: DeviceId,
     pub(super) pid: Pid,
     pub(super) lock: SimMutex,
-    pub(super) pt: RefCell<BTreeMap<u64, PtEntry>>,
+    pub(super) pt: RefCell<tables::DevicePt>,
     pub(super) costs: DmirrorCosts,
     pub(super) injection: Cell<FaultInjection>,
     /// Every notifier event the mirror acted on (zapped its range for), in order.
@@ -303,12 +303,7 @@ impl MirrorDevice for Shared {
     fn zap(&self, r: Range<Va>) -> u64 {
         let first = r.start.page_number();
         let last = r.end.page_number();
-        let mut pt = self.pt.borrow_mut();
-        let keys: Vec<u64> = pt.range(first..=last).map(|(k, _)| *k).collect();
-        for k in &keys {
-            pt.remove(k);
-        }
-        keys.len() as u64
+        self.pt.borrow_mut().remove_range(first..=last)
     }
 
     fn invalidated(&self, range: &NotifierRange, erased: &u64) {

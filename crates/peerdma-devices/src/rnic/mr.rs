@@ -233,6 +233,7 @@ impl Rnic {
             MrBacking::Odp(u) => {
                 u.mirror.unmap_range(u.umem().range).await;
                 u.mirror.remove().await;
+                u.umem().free_map();
             }
             MrBacking::Implicit(children) => {
                 let all: Vec<Rc<OdpUmem>> = std::mem::take(&mut *children.borrow_mut())
@@ -242,6 +243,7 @@ impl Rnic {
                     c.umem().dead.set(true);
                     c.mirror.unmap_range(c.umem().range).await;
                     c.mirror.remove().await;
+                    c.umem().free_map();
                 }
             }
             MrBacking::DmaBuf { mmio, att } => {

@@ -1,5 +1,13 @@
 //! ODP umems: the NIC side of the one mirror loop (drivers/infiniband/core/umem_odp.c,
 //! drivers/infiniband/hw/mlx5/odp.c).
+//!
+//! DMA mapping is range-at-a-time, as since Linux 6.15 ([`peerdma_dma::hmm_dma`]): a umem reserves the IOVA
+//! of its whole range when it is created (`ib_init_umem_odp` → `hmm_dma_map_alloc`; an implicit child its
+//! 1 GiB slot), a fault links each page at `base + index * PAGE_SIZE` (`hmm_dma_map_pfn`; a page still
+//! mapped — a prefetch, or a write upgrade — keeps its mapping), an invalidation unlinks each page with its
+//! own IOTLB sync (`hmm_dma_unmap_pfn` in `ib_umem_odp_unmap_dma_pages`), and the umem's release frees the
+//! reservation (`hmm_dma_map_free`). Without a translating domain, or without room in the IOVA space, the
+//! pages are mapped one by one with the regular DMA API.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -8,7 +16,9 @@ use std::pin::Pin;
 use std::rc::{Rc, Weak};
 
 use peerdma_core::{Errno, FrameId, PAGE_SIZE, Pid, Range, SimDuration, Va};
-use peerdma_dma::{DmaAddr, DmaDevice, HmmMirror, MappedSg, MirrorDevice, Platform, ProgramCost};
+use peerdma_dma::{
+    DmaAddr, DmaDevice, DmaPfn, HmmDmaMap, HmmMirror, MirrorDevice, Platform, ProgramCost,
+};
 use peerdma_mm::Kernel;
 use peerdma_mm::hmm::{HMM_PFN_REQ_WRITE, HMM_PFN_WRITE, HmmRange, hmm_pfn_to_frame};
 use peerdma_mm::mmu_notifier::NotifierRange;
@@ -23,7 +33,8 @@ pub(super) struct OdpEntry {
     pub(super) cpu_writable: bool,
     /// The NIC may write through it.
     pub(super) dev_write: bool,
-    pub(super) sg: MappedSg,
+    /// Its DMA mapping in the umem's map.
+    pub(super) pfn: DmaPfn,
 }
 
 /// An ODP umem (an explicit MR or an implicit child) as a [`MirrorDevice`].
@@ -35,6 +46,8 @@ pub(super) struct Umem {
     pub(super) range: Range<Va>,
     pub(super) writable: bool,
     pub(super) entries: RefCell<BTreeMap<u64, OdpEntry>>,
+    /// The DMA map of the whole range (`umem_odp->map`): index 0 is the range's first page.
+    pub(super) map: HmmDmaMap,
     /// Implicit child: its parent's children and its slot.
     pub(super) parent: Option<(Weak<Children>, u64)>,
     pub(super) ever_mapped: Cell<bool>,
@@ -43,14 +56,15 @@ pub(super) struct Umem {
 }
 
 impl Umem {
-    pub(super) fn release_entries(&self, zapped: Vec<OdpEntry>) -> SimDuration {
+    /// `ib_umem_odp_unmap_dma_pages` of the zapped `(page number, entry)`s, in address order: each page's
+    /// `hmm_dma_unmap_pfn`, then `set_page_dirty` when its CPU entry was writable.
+    pub(super) fn release_entries(&self, zapped: Vec<(u64, OdpEntry)>) -> SimDuration {
         let k = &self.platform.kernel;
-        let mut cost = SimDuration::ZERO;
-        for mut e in zapped {
-            cost += self
-                .platform
-                .unmap_sg(self.dev.id, &mut e.sg)
-                .unwrap_or(SimDuration::ZERO);
+        let first = self.range.start.page_number();
+        let cost = self
+            .map
+            .unmap_pfns(zapped.iter().map(|(vpn, e)| (vpn - first, e.pfn)));
+        for (_, e) in zapped {
             if e.cpu_writable && e.frame != k.zero_page() {
                 k.set_page_dirty(e.frame);
                 k.sim.count("rnic.dirtied_pages", 1);
@@ -58,10 +72,16 @@ impl Umem {
         }
         cost
     }
+
+    /// `hmm_dma_map_free` once the umem is released (every page unmapped).
+    pub(super) fn free_map(&self) {
+        let freed = self.map.free();
+        debug_assert!(freed.is_ok(), "every page was unmapped: {freed:?}");
+    }
 }
 
 impl MirrorDevice for Umem {
-    type Zapped = Vec<OdpEntry>;
+    type Zapped = Vec<(u64, OdpEntry)>;
 
     const COUNTER_PREFIX: &'static str = "rnic.odp";
 
@@ -85,71 +105,75 @@ impl MirrorDevice for Umem {
         format!("rnic {} odp", self.dev.name)
     }
 
-    /// `populate_mtt`: DMA-map each pfn and write its MTT entry, under `umem_mutex`.
+    /// `populate_mtt`: DMA-map each pfn (`hmm_dma_map_pfn`) and write its MTT entry, under `umem_mutex`.
+    /// A page the umem still maps (a prefetch or a write upgrade of a mapped page) keeps its DMA mapping
+    /// and its dirty duty, as `hmm_dma_map_pfn` returns the address of a `HMM_PFN_DMA_MAPPED` pfn; only the
+    /// MTT entry's permission follows the fault.
     fn program(&self, range: &HmmRange) -> Result<ProgramCost, Errno> {
         if self.dead.get() {
             return Err(Errno::EAGAIN);
         }
         let k = &self.platform.kernel;
         let write_fault = range.default_flags & HMM_PFN_REQ_WRITE != 0;
+        let first = self.range.start.page_number();
         let mut cost = SimDuration::ZERO;
+        let mut linked = 0;
         for (i, &w) in range.hmm_pfns.iter().enumerate() {
             let frame = hmm_pfn_to_frame(w);
             let cpu_writable = w & HMM_PFN_WRITE != 0;
             let dev_write = write_fault && cpu_writable && self.writable;
-            let sg = self
-                .platform
-                .map_sg(self.dev.id, &[k.frame_pa(frame)], dev_write)?;
-            cost += sg.cost();
             let vpn = range.start.page_number() + i as u64;
-            let old = self.entries.borrow_mut().insert(
+            {
+                let mut entries = self.entries.borrow_mut();
+                if let Some(e) = entries.get_mut(&vpn) {
+                    if e.frame == frame {
+                        e.cpu_writable |= cpu_writable;
+                        e.dev_write = dev_write;
+                        continue;
+                    }
+                    // Another frame (a read-retry mutation can leave one): unmap and dirty the old one.
+                    let old = entries.remove(&vpn).expect("the entry was just found");
+                    drop(entries);
+                    cost += self.release_entries(vec![(vpn, old)]);
+                }
+            }
+            let (pfn, c) = self
+                .map
+                .map_pfn(vpn - first, k.frame_pa(frame))
+                .inspect_err(|_| self.map.count_linked(linked))?;
+            cost += c;
+            linked += u64::from(pfn.is_linked());
+            self.entries.borrow_mut().insert(
                 vpn,
                 OdpEntry {
                     frame,
                     cpu_writable,
                     dev_write,
-                    sg,
+                    pfn,
                 },
             );
-            // A page mapped again (a prefetch or a write upgrade of a mapped page): the old DMA mapping
-            // goes without dirtying; the dirty duty stays with the entry (hmm_dma_map_pfn keeps a mapped
-            // pfn's state).
-            if let Some(mut o) = old {
-                if o.frame == frame
-                    && o.cpu_writable
-                    && let Some(e) = self.entries.borrow_mut().get_mut(&vpn)
-                {
-                    e.cpu_writable = true;
-                }
-                if o.frame == frame {
-                    cost += self
-                        .platform
-                        .unmap_sg(self.dev.id, &mut o.sg)
-                        .unwrap_or(SimDuration::ZERO);
-                } else {
-                    cost += self.release_entries(vec![o]);
-                }
-            }
         }
         if !range.hmm_pfns.is_empty() {
             self.ever_mapped.set(true);
         }
+        self.map.count_linked(linked);
         Ok(ProgramCost {
             locked: cost,
             unlocked: SimDuration::ZERO,
         })
     }
 
-    fn zap(&self, r: Range<Va>) -> Vec<OdpEntry> {
-        let mut e = self.entries.borrow_mut();
-        let keys: Vec<u64> = e
-            .range(r.start.page_number()..r.end.raw().div_ceil(PAGE_SIZE))
-            .map(|(k, _)| *k)
-            .collect();
-        keys.iter().filter_map(|k| e.remove(k)).collect()
+    fn zap(&self, r: Range<Va>) -> Vec<(u64, OdpEntry)> {
+        self.entries
+            .borrow_mut()
+            .extract_if(
+                r.start.page_number()..r.end.raw().div_ceil(PAGE_SIZE),
+                |_, _| true,
+            )
+            .collect()
     }
 
-    fn invalidated(&self, _range: &NotifierRange, zapped: &Vec<OdpEntry>) {
+    fn invalidated(&self, _range: &NotifierRange, zapped: &Vec<(u64, OdpEntry)>) {
         let k = &self.platform.kernel;
         k.sim.count("rnic.invalidated_pages", zapped.len() as u64);
         // mlx5: an implicit child that this invalidation emptied is destroyed by a work item.
@@ -178,6 +202,7 @@ impl MirrorDevice for Umem {
                     let removed = children.borrow_mut().remove(&slot);
                     if let Some(c) = removed {
                         c.mirror.remove().await;
+                        c.umem().free_map();
                         umem.platform
                             .kernel
                             .sim
@@ -192,7 +217,7 @@ impl MirrorDevice for Umem {
         Box::pin(self.dev.space.fence(self.pid, range))
     }
 
-    fn release(&self, zapped: Vec<OdpEntry>) -> SimDuration {
+    fn release(&self, zapped: Vec<(u64, OdpEntry)>) -> SimDuration {
         self.release_entries(zapped)
     }
 }
@@ -211,7 +236,9 @@ impl OdpUmem {
         writable: bool,
         parent: Option<(Weak<Children>, u64)>,
     ) -> Result<Rc<Self>, Errno> {
+        let nr_pages = range.end.raw().div_ceil(PAGE_SIZE) - range.start.page_number();
         let umem = Rc::new(Umem {
+            map: HmmDmaMap::alloc(platform, dev, nr_pages),
             platform: platform.clone(),
             dev: dev.clone(),
             pid,
@@ -224,7 +251,13 @@ impl OdpUmem {
             faulting: Cell::new(0),
             dead: Cell::new(false),
         });
-        let mirror = HmmMirror::register(umem, range.start, range.len())?;
+        let mirror = match HmmMirror::register(umem.clone(), range.start, range.len()) {
+            Ok(m) => m,
+            Err(e) => {
+                umem.free_map();
+                return Err(e);
+            }
+        };
         Ok(Rc::new(Self { mirror }))
     }
 
@@ -239,7 +272,7 @@ impl OdpUmem {
             .borrow()
             .get(&va.page_number())
             .filter(|e| e.dev_write || !write)
-            .and_then(|e| e.sg.page_addr(0))
+            .map(|e| e.pfn.addr())
     }
 
     /// Faults `r` into the NIC (`pagefault_real_mr`). `EAGAIN` when the umem died meanwhile.

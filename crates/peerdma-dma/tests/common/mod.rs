@@ -126,7 +126,16 @@ pub fn world_explore_timed(nic_domain: DomainType, seed: u64, costs: DmaCosts) -
     )
 }
 
+/// As [`world`], with the whole config of the NIC's domain (an aperture of its own, say).
+pub fn world_nic(nic: DomainConfig, costs: DmaCosts) -> World {
+    world_nic_sim(nic, SimConfig::default(), costs)
+}
+
 fn world_sim(nic_domain: DomainType, cfg: SimConfig, costs: DmaCosts) -> World {
+    world_nic_sim(DomainConfig::with_type(nic_domain), cfg, costs)
+}
+
+fn world_nic_sim(nic: DomainConfig, cfg: SimConfig, costs: DmaCosts) -> World {
     let sim = Sim::new(cfg);
     let k = Kernel::new(&sim, 64 << 20, MmCosts::zero());
     let mut b = TopologyBuilder::new();
@@ -156,8 +165,7 @@ fn world_sim(nic_domain: DomainType, cfg: SimConfig, costs: DmaCosts) -> World {
     let topo = b.build().unwrap();
     let p = Platform::new(k.clone(), topo, costs);
     let node = |n: &str| p.topology().lookup(n).unwrap();
-    p.add_device(NIC, node("nic"), "nic", DomainConfig::with_type(nic_domain))
-        .unwrap();
+    p.add_device(NIC, node("nic"), "nic", nic).unwrap();
     for (id, name) in [(NVME, "nvme"), (GPU, "gpu"), (ACC, "acc")] {
         p.add_device(
             id,

@@ -518,3 +518,64 @@ fn identity_domain_translates_iova_to_the_same_pa() {
         Errno::EINVAL
     );
 }
+
+#[test]
+fn unlink_clears_a_page_inside_an_allocation_syncs_at_once_and_keeps_the_iova() {
+    for ty in [DomainType::Dma, DomainType::DmaFq] {
+        let mut dom = domain(ty);
+        let base = mapped(&mut dom, 4, 0);
+        // Cache page 2's translation, then unlink it alone (not the allocation's first page).
+        let page2 = base.add(2 * PAGE_SIZE);
+        assert!(matches!(
+            dom.translate(page2, false),
+            Translation::Miss { .. }
+        ));
+        let out = dom.unlink(page2, PAGE_SIZE).unwrap();
+        assert_eq!(out.nr_pages, 1);
+        assert!(
+            out.invalidated_range,
+            "{ty:?}: dma_iova_unlink always syncs"
+        );
+        assert!(!out.queued && out.freed_iovas == 0, "{ty:?}");
+        assert_eq!(dom.fq_len(), 0, "{ty:?}: nothing goes on the flush queue");
+        assert!(
+            matches!(dom.translate(page2, false), Translation::Fault(_)),
+            "{ty:?}: the IOTLB entry went with the PTE"
+        );
+        assert_eq!(dom.mapped_pages(), 3);
+        assert_eq!(dom.nr_iova_allocations(), 1, "the reservation stays");
+        // Linked again at the same IOVA, then everything unlinked and the reservation freed.
+        dom.map(page2, Pa::from_raw(PA), PAGE_SIZE, IommuProt::READ_WRITE)
+            .unwrap();
+        assert_eq!(
+            dom.free_iova(base).unwrap_err(),
+            Error::StillMapped { iova: base }
+        );
+        dom.unlink(base, 4 * PAGE_SIZE).unwrap();
+        dom.free_iova(base).unwrap();
+        assert_eq!(dom.nr_iova_allocations(), 0);
+    }
+}
+
+#[test]
+fn unlink_refuses_what_is_not_linked_in_a_live_allocation() {
+    let mut dom = domain(DomainType::Dma);
+    let base = dom.alloc_iova(4 * PAGE_SIZE).unwrap();
+    assert_eq!(
+        dom.unlink(base, PAGE_SIZE).unwrap_err().errno(),
+        Errno::ENOENT
+    );
+    let outside = Iova::from_raw(base.raw() - PAGE_SIZE);
+    assert!(matches!(
+        dom.unlink(outside, PAGE_SIZE),
+        Err(Error::NotAllocated { .. })
+    ));
+    assert!(matches!(
+        dom.unlink(base.add(1), PAGE_SIZE),
+        Err(Error::Unaligned { .. })
+    ));
+    assert!(matches!(
+        domain(DomainType::Identity).unlink(base, PAGE_SIZE),
+        Err(Error::IdentityDomain { .. })
+    ));
+}

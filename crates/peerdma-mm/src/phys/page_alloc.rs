@@ -152,9 +152,10 @@ impl PhysMem {
 
     /// Returns the node [`PhysMem::pick_node`] would, over the [`PhysMem::zonelist`] of `home` and `zone`.
     pub fn pick_node_in(&self, home: u32, zone: GfpZone) -> Option<u32> {
-        // The common case without building the zonelist: `home` heads it and is above the first watermark.
-        if home < self.nr_nodes
-            && (zone == GfpZone::Movable || !self.is_node_movable(home))
+        // The usual answer without building the list: `home` heads its zonelist when the zone allows it, so
+        // at or above the low watermark it is the walk's first hit.
+        assert!(home < self.nr_nodes, "node {home} of {}", self.nr_nodes);
+        if (zone == GfpZone::Movable || !self.is_node_movable(home))
             && self.nr_free_node(home) >= LOW_WATERMARK
         {
             return Some(home);

@@ -11,6 +11,11 @@ use super::{Inner, Sim};
 use crate::stats::Stats;
 use crate::trace::{Metrics, Phase, TraceArgs, TraceEvent, Track};
 
+thread_local! {
+    /// The buffer a device gauge's series name is spelled in ([`Sim::gauge`]).
+    static SERIES_KEY: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
 impl Sim {
     /// Records a trace event attributed to the current agent: an instant on its track with free-text
     /// details (prefer [`Sim::instant`], whose fields are readable in a trace viewer).
@@ -127,18 +132,47 @@ impl Sim {
     pub fn gauge(&self, track: Track, name: &'static str, value: i64) {
         let mut inner = self.inner.borrow_mut();
         let now = inner.now;
-        // An agent's series is named by `name` itself: no string to build on this path (a gauge per fault).
-        let series: std::borrow::Cow<'_, str> = match &track {
-            Track::Agent => name.into(),
-            Track::Device(d) => format!("{name}.{d}").into(),
-        };
-        inner.stats.record_sample(&series, now, value);
+        match &track {
+            Track::Agent => inner.stats.record_sample(name, now, value),
+            // The series `<name>.<device>`, spelled in a reused buffer (no allocation per sample).
+            Track::Device(d) => SERIES_KEY.with_borrow_mut(|key| {
+                key.clear();
+                key.push_str(name);
+                key.push('.');
+                key.push_str(d);
+                inner.stats.record_sample(key, now, value);
+            }),
+        }
         if inner.cfg.trace {
             inner.push_event(
                 name,
                 String::new(),
                 Phase::Counter(value),
                 track,
+                Vec::new(),
+                false,
+            );
+        }
+    }
+
+    /// [`Sim::gauge`] on the track of device `device`: the same sample and trace event, without building
+    /// the track (and its name) unless the run is traced.
+    pub fn gauge_device(&self, device: &str, name: &'static str, value: i64) {
+        let mut inner = self.inner.borrow_mut();
+        let now = inner.now;
+        SERIES_KEY.with_borrow_mut(|key| {
+            key.clear();
+            key.push_str(name);
+            key.push('.');
+            key.push_str(device);
+            inner.stats.record_sample(key, now, value);
+        });
+        if inner.cfg.trace {
+            inner.push_event(
+                name,
+                String::new(),
+                Phase::Counter(value),
+                Track::device(device),
                 Vec::new(),
                 false,
             );
