@@ -15,6 +15,8 @@ const FIGURES: &[&str] = &[
     "cpu_fault",
     "linux_fault",
     "linux_munmap",
+    "cpu_fault_full_page",
+    "linux_fault_full_page",
     "pagetable_walk",
     "mirror_fault",
     "device_access",

@@ -255,6 +255,20 @@ pub(crate) fn measure(a: &BenchArgs) -> BenchResult<BenchRun> {
             fm.munmap,
         );
         s.push(
+            "cpu_fault_full_page",
+            Peerdma,
+            "ns",
+            "anonymous fault storing a whole 4 KiB page, per page",
+            sim::cpu_fault_full_page(pages)?,
+        );
+        s.push(
+            "linux_fault_full_page",
+            Linux,
+            "ns",
+            "anonymous fault storing a whole 4 KiB page, per page",
+            real::fault_full_page(pages)?,
+        );
+        s.push(
             "pagetable_walk",
             Peerdma,
             "ns",

@@ -3,6 +3,8 @@
 //!
 //! - anonymous write fault: one byte stored into each page of a fresh private anonymous mapping
 //!   (mm/memory.c `do_anonymous_page` per page);
+//! - anonymous fault of a whole page: a 4 KiB copy into each page of a fresh mapping (the fault, the
+//!   kernel's zeroing of the new page, then the copy over it);
 //! - munmap: dropping that mapping with every page resident (mm/vma.c `do_vmi_munmap` → `unmap_vmas` and
 //!   the page frees), per page;
 //! - MADV_DONTNEED: over a fully resident mapping (mm/madvise.c `madvise_dontneed_free` →
@@ -58,6 +60,21 @@ pub(crate) fn fault_munmap(pages: u64) -> BenchResult<FaultMunmap> {
     drop(m);
     let munmap = per(t.elapsed(), pages);
     Ok(FaultMunmap { fault, munmap })
+}
+
+/// Copies a whole 4 KiB page into each of `pages` pages of a fresh mapping (one write fault each, then the
+/// rest of the page written), ns per page.
+pub(crate) fn fault_full_page(pages: u64) -> BenchResult<f64> {
+    let mut m = map(pages)?;
+    let mut src = vec![1u8; PAGE];
+    let t = host_now();
+    for (i, page) in m.chunks_exact_mut(PAGE).enumerate() {
+        src[..8].copy_from_slice(&i.to_le_bytes());
+        page.copy_from_slice(black_box(&src));
+    }
+    let ns = per(t.elapsed(), pages);
+    black_box(m.first().copied());
+    Ok(ns)
 }
 
 /// MADV_DONTNEED over `pages` resident pages, ns per page.

@@ -135,7 +135,7 @@ pub(crate) fn text(r: &BenchRun) -> String {
     }
     let _ = writeln!(
         o,
-        "\n{:<20} {:<8} {:>12} {:>13} {:>25}  what",
+        "\n{:<21} {:<8} {:>12} {:>13} {:>25}  what",
         "figure", "side", "median", "per second", "min .. max"
     );
     for f in &r.figures {
@@ -150,7 +150,7 @@ pub(crate) fn text(r: &BenchRun) -> String {
         };
         let _ = writeln!(
             o,
-            "{:<20} {side:<8} {:>12} {rate:>13} {:>25}  {}",
+            "{:<21} {side:<8} {:>12} {rate:>13} {:>25}  {}",
             f.name,
             show(f.median(), f.unit),
             format!("{} .. {}", show(min, f.unit), show(max, f.unit)),
