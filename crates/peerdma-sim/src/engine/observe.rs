@@ -16,6 +16,18 @@ thread_local! {
     static SERIES_KEY: RefCell<String> = const { RefCell::new(String::new()) };
 }
 
+/// Records `value` at `now` in the series `<name>.<device>`, spelled in a reused buffer (no allocation per
+/// sample).
+fn record_device_sample(stats: &mut Stats, name: &str, device: &str, now: SimTime, value: i64) {
+    SERIES_KEY.with_borrow_mut(|key| {
+        key.clear();
+        key.push_str(name);
+        key.push('.');
+        key.push_str(device);
+        stats.record_sample(key, now, value);
+    });
+}
+
 impl Sim {
     /// Records a trace event attributed to the current agent: an instant on its track with free-text
     /// details (prefer [`Sim::instant`], whose fields are readable in a trace viewer).
@@ -134,14 +146,7 @@ impl Sim {
         let now = inner.now;
         match &track {
             Track::Agent => inner.stats.record_sample(name, now, value),
-            // The series `<name>.<device>`, spelled in a reused buffer (no allocation per sample).
-            Track::Device(d) => SERIES_KEY.with_borrow_mut(|key| {
-                key.clear();
-                key.push_str(name);
-                key.push('.');
-                key.push_str(d);
-                inner.stats.record_sample(key, now, value);
-            }),
+            Track::Device(d) => record_device_sample(&mut inner.stats, name, d, now, value),
         }
         if inner.cfg.trace {
             inner.push_event(
@@ -160,13 +165,7 @@ impl Sim {
     pub fn gauge_device(&self, device: &str, name: &'static str, value: i64) {
         let mut inner = self.inner.borrow_mut();
         let now = inner.now;
-        SERIES_KEY.with_borrow_mut(|key| {
-            key.clear();
-            key.push_str(name);
-            key.push('.');
-            key.push_str(device);
-            inner.stats.record_sample(key, now, value);
-        });
+        record_device_sample(&mut inner.stats, name, device, now, value);
         if inner.cfg.trace {
             inner.push_event(
                 name,
