@@ -591,24 +591,7 @@ impl Parser<'_> {
         let name = self.name(name_v, "name")?;
         self.define_process(&name, name_v.span())?;
         let node = match t.get("node") {
-            Some(v) => {
-                let node = self.uint(v, "node")?;
-                if node >= nr_nodes as u64 {
-                    let nodes = if nr_nodes == 1 {
-                        "the only node is 0".to_owned()
-                    } else {
-                        format!("nodes are 0 to {}", nr_nodes - 1)
-                    };
-                    return Err(self.err(
-                        &v.span(),
-                        format!(
-                            "expected a NUMA node below {nr_nodes} for `node` ({nodes}: one per `[sim] \
-                             memory` entry), found {node}"
-                        ),
-                    ));
-                }
-                Some(u32::try_from(node).expect("below the node count"))
-            }
+            Some(v) => Some(self.numa_node(v, "node", nr_nodes)?),
             None => None,
         };
         Ok((name, node))

@@ -226,28 +226,13 @@ impl Parser<'_> {
         };
         let mut nodes = Vec::new();
         for item in items {
-            let node = self.uint(item, "movable")?;
-            if node >= nr_nodes as u64 {
-                let nodes = if nr_nodes == 1 {
-                    "the only node is 0".to_owned()
-                } else {
-                    format!("nodes are 0 to {}", nr_nodes - 1)
-                };
-                return Err(self.err(
-                    &item.span(),
-                    format!(
-                        "expected a NUMA node below {nr_nodes} for `movable` ({nodes}: one per `[sim] \
-                         memory` entry), found {node}"
-                    ),
-                ));
-            }
+            let node = self.numa_node(item, "movable", nr_nodes)?;
             if node == 0 {
                 return Err(self.err(
                     &item.span(),
                     "node 0 cannot be `movable`: it holds the zero page and kernel memory",
                 ));
             }
-            let node = u32::try_from(node).expect("below the node count");
             if nodes.contains(&node) {
                 return Err(self.err(
                     &item.span(),

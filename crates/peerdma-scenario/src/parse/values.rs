@@ -12,6 +12,26 @@ use crate::units;
 use super::{NameRef, Parser, RefKind, Result, Table, Value, describe, is_name, key_hint, list};
 
 impl Parser<'_> {
+    /// A NUMA node number for `key`: an integer below `nr_nodes` (one node per `[sim] memory` entry).
+    pub(super) fn numa_node(&self, v: &Value<'_>, key: &str, nr_nodes: usize) -> Result<u32> {
+        let node = self.uint(v, key)?;
+        if node >= nr_nodes as u64 {
+            let nodes = if nr_nodes == 1 {
+                "the only node is 0".to_owned()
+            } else {
+                format!("nodes are 0 to {}", nr_nodes - 1)
+            };
+            return Err(self.err(
+                &v.span(),
+                format!(
+                    "expected a NUMA node below {nr_nodes} for `{key}` ({nodes}: one per `[sim] memory` \
+                     entry), found {node}"
+                ),
+            ));
+        }
+        Ok(u32::try_from(node).expect("below the node count"))
+    }
+
     pub(super) fn table<'t, 'i>(&self, v: &'t Value<'i>, what: &str) -> Result<Table<'t, 'i>> {
         match v.get_ref() {
             DeValue::Table(table) => Ok(Table::new(table, v.span(), what)),
