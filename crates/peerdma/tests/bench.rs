@@ -6,9 +6,11 @@
     reason = "an integration-test crate is all tests"
 )]
 
-use std::process::Command;
-
 use serde_json::Value;
+
+mod bench_common;
+
+use bench_common::{positive, run_bench};
 
 /// Every figure a run without `--scaling` reports, in order.
 const FIGURES: &[&str] = &[
@@ -35,25 +37,7 @@ const FIGURES: &[&str] = &[
 ];
 
 fn bench(args: &[&str]) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_peerdma"))
-        .arg("bench")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "peerdma bench {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn positive(v: &Value, what: &str) -> f64 {
-    let x = v
-        .as_f64()
-        .unwrap_or_else(|| panic!("{what} is not a number: {v}"));
-    assert!(x.is_finite() && x > 0.0, "{what} = {x}");
-    x
+    serde_json::from_slice(&run_bench(args).stdout).unwrap()
 }
 
 #[test]
@@ -169,16 +153,7 @@ fn quick_json_has_the_documented_schema_and_sane_numbers() {
 
 #[test]
 fn the_table_names_every_figure_and_target() {
-    let out = Command::new(env!("CARGO_BIN_EXE_peerdma"))
-        .args(["bench", "--quick", "--pages", "256"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
+    let text = String::from_utf8(run_bench(&["--quick", "--pages", "256"]).stdout).unwrap();
     assert!(text.starts_with("peerdma bench: 256 pages"), "{text}");
     for f in FIGURES {
         assert!(

@@ -3,13 +3,14 @@
 //! medians (timings themselves are not asserted: they depend on the machine).
 #![expect(
     clippy::tests_outside_test_module,
-    clippy::unwrap_used,
     reason = "an integration-test crate is all tests"
 )]
 
-use std::process::{Command, Output};
-
 use serde_json::Value;
+
+mod bench_common;
+
+use bench_common::{positive, run_bench};
 
 /// The quick sweep's dimensions, their sizes and their operations, in output order.
 const DIMENSIONS: &[(&str, &[u64], &[&str])] = &[
@@ -50,28 +51,6 @@ const DIMENSIONS: &[(&str, &[u64], &[&str])] = &[
     ),
 ];
 
-fn run(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_peerdma"))
-        .arg("bench")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "peerdma bench {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn positive(v: &Value, what: &str) -> f64 {
-    let x = v
-        .as_f64()
-        .unwrap_or_else(|| panic!("{what} is not a number: {v}"));
-    assert!(x.is_finite() && x > 0.0, "{what} = {x}");
-    x
-}
-
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
@@ -85,7 +64,8 @@ fn median(v: &[f64]) -> f64 {
 
 #[test]
 fn quick_sweep_json_has_every_dimension_size_and_op_with_sane_numbers() {
-    let v: Value = serde_json::from_slice(&run(&["--sweep", "--quick", "--json"]).stdout).unwrap();
+    let v: Value =
+        serde_json::from_slice(&run_bench(&["--sweep", "--quick", "--json"]).stdout).unwrap();
     assert_eq!(v["schema"], "peerdma-bench-sweep/1");
     assert!(v["machine"]["cpus"].as_u64().unwrap() >= 1);
     assert_eq!(v["config"]["quick"], true);
@@ -153,7 +133,7 @@ fn quick_sweep_json_has_every_dimension_size_and_op_with_sane_numbers() {
 
 #[test]
 fn quick_sweep_table_has_a_row_per_point() {
-    let text = String::from_utf8(run(&["--sweep", "--quick"]).stdout).unwrap();
+    let text = String::from_utf8(run_bench(&["--sweep", "--quick"]).stdout).unwrap();
     assert!(text.starts_with("peerdma bench --sweep:"), "{text}");
     for (d, sizes, ops) in DIMENSIONS {
         for op in *ops {
